@@ -1,0 +1,247 @@
+//! The command line: argument parsing, and the only place that prints.
+
+mod render;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::BuildOptions;
+use crate::project::{Project, ProjectError};
+use render::{CliReporter, Mode};
+
+/// The recipes `symb init --recipe NAME` can write.
+pub const RECIPES: [(&str, &str); 1] = [("symbiotic", include_str!("../../recipes/symbiotic.toml"))];
+
+#[derive(Debug, Parser)]
+#[command(name = "symb", version, about = "From a corpus of a new language to a language model running in a web browser")]
+pub struct Cli {
+    /// More logging (-v: reasons and cache hits; -vv: debug logs). RUST_LOG also works.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ManifestArg {
+    /// The manifest to use.
+    #[arg(short = 'm', long = "manifest", default_value = "symb.toml", value_name = "FILE")]
+    pub manifest: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the output folder: only stages whose inputs changed run.
+    Build {
+        #[command(flatten)]
+        manifest: ManifestArg,
+        /// Build only this stage (or dtype) and what it needs; the output folder is left as it is.
+        #[arg(long = "target", value_name = "T")]
+        targets: Vec<String>,
+        /// Run independent stages on N threads (default: the number of cores).
+        #[arg(short, long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Re-run this stage even if it is cached.
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// One JSON object per line on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show each stage as fresh or stale, and why.
+    Status {
+        #[command(flatten)]
+        manifest: ManifestArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph (a tree by default).
+    Graph {
+        #[command(flatten)]
+        manifest: ManifestArg,
+        /// Graphviz DOT.
+        #[arg(long, conflicts_with = "mermaid")]
+        dot: bool,
+        /// A Mermaid flowchart.
+        #[arg(long)]
+        mermaid: bool,
+    },
+    /// Write a symb.toml from a recipe into the current folder.
+    Init {
+        /// The recipe to start from.
+        #[arg(long, default_value = "symbiotic")]
+        recipe: String,
+        /// Where to write the manifest.
+        #[arg(default_value = "symb.toml")]
+        path: PathBuf,
+    },
+    /// Remove the output folder and the cache's contents.
+    Clean {
+        #[command(flatten)]
+        manifest: ManifestArg,
+    },
+    /// Remove cache entries the current manifest's plan does not use.
+    Gc {
+        #[command(flatten)]
+        manifest: ManifestArg,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Cache maintenance.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Re-hash every blob and check every action record; remove what is corrupt.
+    Verify {
+        #[command(flatten)]
+        manifest: ManifestArg,
+    },
+}
+
+/// Runs the command; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    init_logging(cli.verbose);
+    let verbose = cli.verbose > 0;
+    match cli.command {
+        Command::Build { manifest, targets, jobs, force, json } => build(&manifest.manifest, &targets, jobs, force, json, verbose),
+        Command::Status { manifest, json } => report(status(&manifest.manifest, json), json),
+        Command::Graph { manifest, dot, mermaid } => report(
+            Project::open(&manifest.manifest, &[]).map(|p| {
+                let text = if dot { p.plan.to_dot() } else if mermaid { p.plan.to_mermaid() } else { p.plan.to_tree() };
+                print!("{text}");
+            }),
+            false,
+        ),
+        Command::Init { recipe, path } => init(&recipe, &path),
+        Command::Clean { manifest } => report(
+            Project::open(&manifest.manifest, &[]).and_then(|p| p.clean()).map(|removed| {
+                for path in removed {
+                    eprintln!("     Removed {}", path.display());
+                }
+            }),
+            false,
+        ),
+        Command::Gc { manifest, dry_run } => report(
+            Project::open(&manifest.manifest, &[]).and_then(|p| p.gc(&Project::default_options(1), dry_run)).map(|r| {
+                let verb = if dry_run { "Would remove" } else { "Removed" };
+                eprintln!("{verb:>12} {} action records and {} blobs ({})", r.actions_removed, r.blobs_removed, render::bytes(r.bytes_freed));
+            }),
+            false,
+        ),
+        Command::Cache { command: CacheCommand::Verify { manifest } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
+            let _lock = p.cache.lock(|| {})?;
+            Ok(p.cache.verify()?)
+        }) {
+            Ok(r) => {
+                for line in r.corrupt.iter().chain(&r.missing) {
+                    eprintln!("     Corrupt {line}");
+                }
+                eprintln!("    Verified {} blobs and {} action records: {} corrupt, {} missing", r.blobs, r.actions, r.corrupt.len(), r.missing.len());
+                if r.corrupt.is_empty() && r.missing.is_empty() { 0 } else { 1 }
+            }
+            Err(e) => report::<()>(Err(e), false),
+        },
+    }
+}
+
+fn report<T>(result: Result<T, ProjectError>, json: bool) -> i32 {
+    match result {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            if json {
+                println!("{}", serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}));
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 | 1 => "warn",
+        _ => "symb=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<String>, json: bool, verbose: bool) -> i32 {
+    let project = match Project::open(manifest, targets) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            if json {
+                println!("{}", serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+            }
+            return e.exit_code();
+        }
+    };
+    for stage in &force {
+        if project.plan.stage(stage).is_none() {
+            eprintln!("error: `--force {stage}`: no such stage; the plan has: {}", project.plan.names().join(", "));
+            return 2;
+        }
+    }
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = BuildOptions { force: force.into_iter().collect(), ..Project::default_options(jobs) };
+    let mode = if json { Mode::Json } else if verbose { Mode::Verbose } else { Mode::Human };
+    let reporter = CliReporter::new(mode);
+    match project.build(&options, &reporter) {
+        Ok(report) => {
+            reporter.finish(&project, &report);
+            report.exit_code()
+        }
+        Err(e) => {
+            reporter.clear();
+            eprintln!("{e}");
+            if json {
+                println!("{}", serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
+    let project = Project::open(manifest, &[])?;
+    let states = project.status(&Project::default_options(1))?;
+    if json {
+        println!("{}", serde_json::json!({"stages": states, "fresh": states.iter().all(|s| s.fresh)}));
+    } else {
+        for state in &states {
+            if state.fresh {
+                println!("{:>12} {}", "Fresh", state.stage);
+            } else {
+                println!("{:>12} {}: {}", "Stale", state.stage, state.reason);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn init(recipe: &str, path: &Path) -> i32 {
+    let Some((_, text)) = RECIPES.iter().find(|(name, _)| *name == recipe) else {
+        let names: Vec<&str> = RECIPES.iter().map(|(n, _)| *n).collect();
+        eprintln!("error: unknown recipe `{recipe}`; available: {}", names.join(", "));
+        return 2;
+    };
+    if path.exists() {
+        eprintln!("error: `{}` already exists; symb init does not overwrite a manifest", path.display());
+        return 2;
+    }
+    if let Err(e) = std::fs::write(path, text) {
+        eprintln!("error: cannot write `{}`: {e}", path.display());
+        return 1;
+    }
+    eprintln!("     Created `{}` from the `{recipe}` recipe", path.display());
+    eprintln!("        Next put your corpus in `corpus/*.txt` (one document per line), then run `symb build`");
+    0
+}

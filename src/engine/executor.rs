@@ -1,0 +1,418 @@
+//! The executor: runs ready stages in parallel on a rayon pool, serves cache
+//! hits, and records why each stage ran.
+//!
+//! A stage becomes ready when all its dependencies have finished. It then
+//! computes its key from its settings, the digests of its external files (via
+//! the stat cache) and the digests of the upstream artifacts it reads. A key
+//! with a committed action record whose blobs are present is a hit. A miss
+//! runs the stage in a fresh work folder under the cache's `tmp/`; its files
+//! are moved into the blob store and the action record is committed last.
+//! A failed stage marks its dependents skipped; unrelated stages go on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::inputs::{StageInputs, explain};
+use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
+use crate::cache::{ActionRecord, Cache, CacheError, StatCache, write_json_atomic};
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Worker threads for independent stages (at least 1).
+    pub jobs: usize,
+    /// Stages to re-run even when cached.
+    pub force: BTreeSet<String>,
+    /// Mixed into every key.
+    pub salt: String,
+    /// Tool versions that go into every key (symb's own).
+    pub tools: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    Ran,
+    Cached,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageOutcome {
+    pub stage: String,
+    pub status: StageStatus,
+    /// Why it ran, failed or was skipped; empty for a cache hit.
+    pub reason: String,
+    pub seconds: f64,
+    /// The record of the artifacts, for `ran` and `cached`.
+    pub record: Option<ActionRecord>,
+    pub error: Option<StageError>,
+}
+
+#[derive(Debug)]
+pub struct BuildOutcome {
+    /// One outcome per stage, in plan order.
+    pub stages: Vec<StageOutcome>,
+}
+
+impl BuildOutcome {
+    /// The worst failure class among the stages, if any failed.
+    pub fn failure(&self) -> Option<FailureClass> {
+        self.stages.iter().filter_map(|s| s.error.as_ref().map(|e| e.class)).max()
+    }
+
+    pub fn get(&self, stage: &str) -> Option<&StageOutcome> {
+        self.stages.iter().find(|s| s.stage == stage)
+    }
+}
+
+/// The last inputs a stage of this project was built with.
+#[derive(Debug, Serialize, Deserialize)]
+struct StageRef {
+    /// The key of the last successful build of the stage.
+    key: String,
+    /// The inputs of that key, to explain the next change.
+    inputs: StageInputs,
+}
+
+struct Shared<'a> {
+    plan: &'a Plan,
+    cache: &'a Cache,
+    stat: &'a Mutex<StatCache>,
+    project: &'a str,
+    options: &'a BuildOptions,
+    reporter: &'a dyn Reporter,
+    state: Mutex<Schedule>,
+}
+
+struct Schedule {
+    waiting_on: BTreeMap<String, usize>,
+    outcomes: BTreeMap<String, StageOutcome>,
+}
+
+/// Runs the plan. Stage failures are in the outcome; an `Err` is returned
+/// only for failures of the cache itself.
+pub fn execute(
+    plan: &Plan,
+    cache: &Cache,
+    stat: &Mutex<StatCache>,
+    project: &str,
+    options: &BuildOptions,
+    reporter: &dyn Reporter,
+) -> Result<BuildOutcome, CacheError> {
+    let waiting_on = plan.stages().map(|s| (s.name().to_string(), s.dependencies().len())).collect();
+    let shared = Shared {
+        plan,
+        cache,
+        stat,
+        project,
+        options,
+        reporter,
+        state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }),
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(options.jobs.max(1))
+        .thread_name(|i| format!("symb-stage-{i}"))
+        .build()
+        .map_err(|e| CacheError::io("rayon thread pool", std::io::Error::other(e)))?;
+    let roots: Vec<String> = plan.stages().filter(|s| s.dependencies().is_empty()).map(|s| s.name().to_string()).collect();
+    pool.scope(|scope| {
+        for root in roots {
+            spawn(scope, &shared, root);
+        }
+    });
+    let Schedule { mut outcomes, .. } = shared.state.into_inner().expect("no worker panicked holding the lock");
+    let stages = plan.names().into_iter().map(|n| outcomes.remove(n).expect("every stage finished")).collect();
+    Ok(BuildOutcome { stages })
+}
+
+fn spawn<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, name: String) {
+    scope.spawn(move |scope| {
+        let stage = shared.plan.stage(&name).expect("scheduled stages are in the plan");
+        let outcome = run_stage(shared, stage);
+        shared.reporter.event(Event::StageFinished(&outcome));
+        let ready: Vec<String> = {
+            let mut state = shared.state.lock().expect("schedule lock");
+            state.outcomes.insert(name.clone(), outcome);
+            let mut ready = Vec::new();
+            for dependent in shared.plan.dependents(&name) {
+                let count = state.waiting_on.get_mut(dependent).expect("dependents are in the plan");
+                *count -= 1;
+                if *count == 0 {
+                    ready.push(dependent.to_string());
+                }
+            }
+            ready
+        };
+        for next in ready {
+            spawn(scope, shared, next);
+        }
+    });
+}
+
+fn outcome(stage: &str, status: StageStatus, reason: String, seconds: f64, record: Option<ActionRecord>, error: Option<StageError>) -> StageOutcome {
+    StageOutcome { stage: stage.to_string(), status, reason, seconds, record, error }
+}
+
+fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
+    let name = stage.name();
+    let started = Instant::now();
+    // Upstream artifacts: all dependencies finished; any failure skips us.
+    let mut upstream = Vec::new();
+    {
+        let state = shared.state.lock().expect("schedule lock");
+        for dependency in stage.dependencies() {
+            let done = &state.outcomes[&dependency];
+            match &done.record {
+                Some(record) => upstream.push(record.clone()),
+                None => {
+                    let why = if done.status == StageStatus::Skipped { "was skipped" } else { "failed" };
+                    return outcome(name, StageStatus::Skipped, format!("upstream `{dependency}` {why}"), 0.0, None, None);
+                }
+            }
+        }
+    }
+    let failed = |reason: String, error: StageError| outcome(name, StageStatus::Failed, reason, started.elapsed().as_secs_f64(), None, Some(error));
+    let mut inputs = match current_inputs(shared, stage, &upstream) {
+        Ok(inputs) => inputs,
+        Err(e) => return failed(String::new(), StageError::bad_input(e.to_string())),
+    };
+    let mut key = inputs.key();
+    let previous = load_ref(shared.cache, shared.project, name);
+    let forced = shared.options.force.contains(name);
+    if !forced && let Some(record) = shared.cache.lookup(&key) {
+        if previous.as_ref().map(|p| &p.key) != Some(&key)
+            && let Err(e) = save_ref(shared.cache, shared.project, name, &key, &inputs)
+        {
+            return failed(String::new(), e.into());
+        }
+        return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
+    }
+    let reason = if forced {
+        "forced by `--force`".to_string()
+    } else {
+        match &previous {
+            None => "no previous build".to_string(),
+            Some(previous) => {
+                let reasons = explain(name, &previous.inputs, &inputs);
+                if reasons.is_empty() { "its cached result is missing".to_string() } else { reasons.join("; ") }
+            }
+        }
+    };
+    shared.reporter.event(Event::StageStarted { stage: name, reason: &reason });
+    // The upstream blobs are about to be read: re-hash them first.
+    let paths = match ensure_inputs(shared, &mut upstream) {
+        Ok((paths, rebuilt)) => {
+            if rebuilt {
+                // An upstream stage was rebuilt from scratch; its bytes may differ.
+                match current_inputs(shared, stage, &upstream) {
+                    Ok(new) => inputs = new,
+                    Err(e) => return failed(reason, StageError::bad_input(e.to_string())),
+                }
+                key = inputs.key();
+                if !forced && let Some(record) = shared.cache.lookup(&key) {
+                    return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
+                }
+            }
+            paths
+        }
+        Err(error) => return failed(reason, error),
+    };
+    match run_miss(shared, stage, &key, &inputs, paths, started) {
+        Ok(record) => outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None),
+        Err(error) => failed(reason, error),
+    }
+}
+
+/// Re-hashes every upstream blob about to be read. A corrupt blob is deleted
+/// and its producer rebuilt (recursively), so corrupt bytes are never served.
+/// Returns the blob paths by `stage/artifact`, and whether anything was rebuilt.
+fn ensure_inputs(shared: &Shared<'_>, upstream: &mut [ActionRecord]) -> Result<(BTreeMap<String, PathBuf>, bool), StageError> {
+    let mut rebuilt = false;
+    for record in upstream.iter_mut() {
+        let corrupt = record.outputs.values().find_map(|blob| shared.cache.check_blob(blob).err());
+        if let Some(error) = corrupt {
+            let message = format!("{error}; rebuilding `{}`", record.stage);
+            shared.reporter.event(Event::CorruptBlob { message: &message });
+            *record = rebuild(shared, &record.stage)?;
+            rebuilt = true;
+        }
+    }
+    let paths = upstream
+        .iter()
+        .flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), shared.cache.blob_path(&blob.digest))))
+        .collect();
+    Ok((paths, rebuilt))
+}
+
+/// Runs a finished stage again because one of its blobs was found corrupt.
+fn rebuild(shared: &Shared<'_>, name: &str) -> Result<ActionRecord, StageError> {
+    let stage = shared.plan.stage(name).expect("records name stages of the plan");
+    let mut upstream: Vec<ActionRecord> = {
+        let state = shared.state.lock().expect("schedule lock");
+        stage.dependencies().iter().map(|d| state.outcomes[d].record.clone().expect("a finished upstream has a record")).collect()
+    };
+    let (paths, _) = ensure_inputs(shared, &mut upstream)?;
+    let inputs = current_inputs(shared, stage, &upstream).map_err(|e| StageError::bad_input(e.to_string()))?;
+    let record = run_miss(shared, stage, &inputs.key(), &inputs, paths, Instant::now())?;
+    if let Some(done) = shared.state.lock().expect("schedule lock").outcomes.get_mut(name) {
+        done.record = Some(record.clone());
+    }
+    Ok(record)
+}
+
+fn current_inputs(shared: &Shared<'_>, stage: &dyn Stage, upstream: &[ActionRecord]) -> Result<StageInputs, CacheError> {
+    let mut files = BTreeMap::new();
+    {
+        let mut stat = shared.stat.lock().expect("stat cache lock");
+        for file in stage.files() {
+            files.insert(file.label.clone(), stat.digest(&file.path)?);
+        }
+    }
+    let mut tools = shared.options.tools.clone();
+    tools.extend(stage.tools());
+    let upstream = upstream
+        .iter()
+        .flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.digest.clone())))
+        .collect();
+    Ok(StageInputs {
+        kind: stage.kind().to_string(),
+        version: stage.version(),
+        tools,
+        settings: stage.settings(),
+        files,
+        upstream,
+        salt: shared.options.salt.clone(),
+    })
+}
+
+/// Runs a stage in a fresh work folder, stores its files as blobs and
+/// commits the action record (last).
+fn run_miss(
+    shared: &Shared<'_>,
+    stage: &dyn Stage,
+    key: &str,
+    inputs: &StageInputs,
+    input_paths: BTreeMap<String, PathBuf>,
+    started: Instant,
+) -> Result<ActionRecord, StageError> {
+    let cache = shared.cache;
+    let work = cache.work_dir(stage.name())?;
+    let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), reporter: shared.reporter };
+    let metrics = stage.run(&ctx)?;
+    let mut produced: Vec<PathBuf> = std::fs::read_dir(work.path())
+        .map_err(|e| CacheError::io(work.path(), e))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CacheError::io(work.path(), e))?;
+    produced.sort();
+    let mut outputs = BTreeMap::new();
+    for path in produced {
+        let artifact = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        outputs.insert(artifact, cache.put_file(&path)?);
+    }
+    let record = ActionRecord {
+        key: key.to_string(),
+        stage: stage.name().to_string(),
+        inputs: serde_json::to_value(inputs).expect("inputs serialise"),
+        outputs,
+        metrics,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    cache.commit(&record)?;
+    save_ref(cache, shared.project, stage.name(), key, inputs)?;
+    Ok(record)
+}
+
+fn ref_path(cache: &Cache, project: &str, stage: &str) -> std::path::PathBuf {
+    cache.refs_dir(project).join(format!("{stage}.json"))
+}
+
+fn load_ref(cache: &Cache, project: &str, stage: &str) -> Option<StageRef> {
+    let bytes = std::fs::read(ref_path(cache, project, stage)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn save_ref(cache: &Cache, project: &str, stage: &str, key: &str, inputs: &StageInputs) -> Result<(), CacheError> {
+    let reference = StageRef { key: key.to_string(), inputs: inputs.clone() };
+    write_json_atomic(&ref_path(cache, project, stage), &reference, &cache.tmp_dir())
+}
+
+/// Freshness of one stage without running anything.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageState {
+    pub stage: String,
+    pub fresh: bool,
+    /// Why it would run; empty when fresh.
+    pub reason: String,
+    /// The key of its cached result, when fresh.
+    #[serde(skip)]
+    pub key: Option<String>,
+}
+
+/// What `build` would do, and why, without running a stage.
+pub fn status(
+    plan: &Plan,
+    cache: &Cache,
+    stat: &Mutex<StatCache>,
+    project: &str,
+    options: &BuildOptions,
+) -> Result<Vec<StageState>, CacheError> {
+    let shared = Shared {
+        plan,
+        cache,
+        stat,
+        project,
+        options,
+        reporter: &super::Silent,
+        state: Mutex::new(Schedule { waiting_on: BTreeMap::new(), outcomes: BTreeMap::new() }),
+    };
+    let mut known: BTreeMap<String, Option<ActionRecord>> = BTreeMap::new();
+    let mut states = Vec::new();
+    for stage in plan.stages() {
+        let name = stage.name();
+        let previous = load_ref(cache, project, name);
+        let stale_upstream: Vec<String> = stage.dependencies().into_iter().filter(|d| known[d].is_none()).collect();
+        let upstream: Vec<ActionRecord> = stage.dependencies().iter().filter_map(|d| known[d].clone()).collect();
+        let mut inputs = current_inputs(&shared, stage, &upstream)?;
+        let (fresh, reason, record) = if stale_upstream.is_empty() {
+            let key = inputs.key();
+            match cache.lookup(&key) {
+                Some(record) if !options.force.contains(name) => (true, String::new(), Some(record)),
+                _ if options.force.contains(name) => (false, "forced by `--force`".to_string(), None),
+                _ => {
+                    let reason = match &previous {
+                        None => "no previous build".to_string(),
+                        Some(p) => {
+                            let reasons = explain(name, &p.inputs, &inputs);
+                            if reasons.is_empty() { "its cached result is missing".to_string() } else { reasons.join("; ") }
+                        }
+                    };
+                    (false, reason, None)
+                }
+            }
+        } else {
+            // Compare our own inputs only: upstream artifacts are not known yet.
+            let mut reasons = Vec::new();
+            if let Some(p) = &previous {
+                for (artifact, digest) in &p.inputs.upstream {
+                    let producer = artifact.split('/').next().unwrap_or_default();
+                    if stale_upstream.iter().any(|s| s == producer) {
+                        inputs.upstream.insert(artifact.clone(), digest.clone());
+                    }
+                }
+                reasons = explain(name, &p.inputs, &inputs);
+            }
+            reasons.extend(stale_upstream.iter().map(|s| format!("upstream `{s}` is stale")));
+            (false, reasons.join("; "), None)
+        };
+        let key = record.as_ref().map(|r| r.key.clone());
+        known.insert(name.to_string(), record);
+        states.push(StageState { stage: name.to_string(), fresh, reason, key });
+    }
+    Ok(states)
+}

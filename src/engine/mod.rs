@@ -1,0 +1,170 @@
+//! The build engine: a DAG of stages, content-hashed keys, an executor with
+//! early cutoff, and the reasons behind every re-run. It knows nothing of
+//! machine learning: a stage is anything that implements [`Stage`].
+//!
+//! What a stage key tracks (blake3 over the canonical JSON of [`StageInputs`]):
+//!
+//! | field      | what it covers                                               |
+//! |------------|--------------------------------------------------------------|
+//! | `kind`     | the stage kind (`corpus`, `tokenizer`, ...)                  |
+//! | `version`  | the stage implementation's version, bumped when output changes |
+//! | `tools`    | symb's version and the libraries that shape the output       |
+//! | `settings` | every manifest setting the stage reads, canonical            |
+//! | `files`    | content digests of external input files, by project path    |
+//! | `upstream` | content digests of the upstream artifacts it reads          |
+//! | `salt`     | a user-chosen salt for mass invalidation                     |
+//!
+//! Upstream artifacts enter by content, not by upstream key: a stage that
+//! re-runs and writes byte-identical artifacts leaves its dependents fresh
+//! (early cutoff).
+
+mod executor;
+mod inputs;
+mod output;
+mod plan;
+
+pub use executor::{BuildOptions, BuildOutcome, StageOutcome, StageState, StageStatus, execute, status};
+pub use inputs::{StageInputs, explain};
+pub use output::{OutputState, assemble_output, output_is_current};
+pub use plan::{Plan, PlanError};
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::cache::CacheError;
+
+/// Canonical settings of a stage: dotted manifest key -> value.
+pub type Settings = BTreeMap<String, serde_json::Value>;
+
+/// A file outside the cache that a stage reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalFile {
+    /// The path as shown to the user and recorded in keys: relative to the
+    /// project folder, with `/` separators.
+    pub label: String,
+    /// The path to read.
+    pub path: PathBuf,
+}
+
+/// How a stage failure maps to the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The stage itself failed (exit 1).
+    Failed,
+    /// The user's input is bad: a corpus that is not UTF-8, empty... (exit 2).
+    BadInput,
+    /// A verification missed its tolerance (exit 3).
+    Verification,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StageError {
+    pub class: FailureClass,
+    pub message: String,
+}
+
+impl StageError {
+    pub fn failed(message: impl Into<String>) -> Self {
+        StageError { class: FailureClass::Failed, message: message.into() }
+    }
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        StageError { class: FailureClass::BadInput, message: message.into() }
+    }
+}
+
+impl From<CacheError> for StageError {
+    fn from(e: CacheError) -> Self {
+        StageError::failed(e.to_string())
+    }
+}
+
+/// One node of the build graph.
+pub trait Stage: Send + Sync {
+    /// The stage's name in the plan: `corpus`, `quantize.q4`.
+    fn name(&self) -> &str;
+    /// A stable kind name, part of the key.
+    fn kind(&self) -> &'static str;
+    /// The implementation version: bump it when the same inputs give other bytes.
+    fn version(&self) -> u32;
+    /// Every setting that changes the output, keyed by its manifest key.
+    fn settings(&self) -> Settings;
+    /// Names of the stages whose artifacts this one reads.
+    fn dependencies(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// External files this stage reads (resolved when the plan is made).
+    fn files(&self) -> &[ExternalFile] {
+        &[]
+    }
+    /// Versions of the libraries that shape this stage's output.
+    fn tools(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+    /// Artifacts copied into the output folder: (artifact name, relative path).
+    fn publishes(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// Does the work, writing artifacts through `ctx.output(name)`; returns
+    /// metrics for the record.
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError>;
+}
+
+/// What the engine tells the outside world while it works.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Another build holds the cache lock.
+    WaitingForLock,
+    StageStarted { stage: &'a str, reason: &'a str },
+    StageProgress { stage: &'a str, done: u64, total: u64, message: &'a str },
+    StageFinished(&'a StageOutcome),
+    /// A corrupt cache entry was found and removed; the build goes on.
+    CorruptBlob { message: &'a str },
+}
+
+/// Receives events; rendering is the CLI's business.
+pub trait Reporter: Sync {
+    fn event(&self, event: Event<'_>);
+}
+
+/// A reporter that ignores everything.
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn event(&self, _: Event<'_>) {}
+}
+
+/// What a running stage sees.
+pub struct StageContext<'a> {
+    stage: &'a str,
+    inputs: BTreeMap<String, PathBuf>,
+    files: &'a [ExternalFile],
+    out_dir: &'a Path,
+    reporter: &'a dyn Reporter,
+}
+
+impl StageContext<'_> {
+    /// The path of an upstream artifact (read-only; it is a cache blob).
+    pub fn input(&self, stage: &str, artifact: &str) -> Result<&Path, StageError> {
+        self.inputs
+            .get(&format!("{stage}/{artifact}"))
+            .map(PathBuf::as_path)
+            .ok_or_else(|| StageError::failed(format!("stage `{}` has no input `{stage}/{artifact}`", self.stage)))
+    }
+
+    /// The external files of this stage.
+    pub fn files(&self) -> &[ExternalFile] {
+        self.files
+    }
+
+    /// Where to write the artifact `name`.
+    pub fn output(&self, name: &str) -> PathBuf {
+        self.out_dir.join(name)
+    }
+
+    /// Reports progress (`total` 0 when unknown).
+    pub fn progress(&self, done: u64, total: u64, message: &str) {
+        self.reporter.event(Event::StageProgress { stage: self.stage, done, total, message });
+    }
+}

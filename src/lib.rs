@@ -1,0 +1,18 @@
+//! symb: from a corpus of a new language to a language model running in a
+//! web browser. A TOML manifest becomes a content-hashed graph of stages;
+//! every artifact is cached and only what changed re-runs.
+//!
+//! Layers, each importing only those above it:
+//! - [`cache`]: the content-addressed store (no knowledge of stages);
+//! - [`engine`]: the graph, keys, executor and reasons (no ML);
+//! - [`manifest`]: `symb.toml` parsed and validated;
+//! - [`stages`]: the stage kinds;
+//! - [`project`]: a manifest + plan + cache, and the operations on it;
+//! - [`cli`]: the command line, the only place that prints.
+
+pub mod cache;
+pub mod cli;
+pub mod engine;
+pub mod manifest;
+pub mod project;
+pub mod stages;

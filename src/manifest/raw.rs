@@ -1,0 +1,182 @@
+//! The manifest as written: serde types that hold no logic. Every table
+//! denies unknown keys; absent keys are `None` and get their defaults when the
+//! manifest is resolved.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManifest {
+    pub project: Option<RawProject>,
+    pub corpus: Option<RawCorpus>,
+    pub tokenizer: Option<RawTokenizer>,
+    pub base: Option<RawBase>,
+    pub vocab: Option<RawVocab>,
+    pub finetune: Option<RawFinetune>,
+    pub export: Option<RawExport>,
+    pub verify: Option<RawVerify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProject {
+    pub name: Option<String>,
+    pub output: Option<String>,
+    pub cache: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorpusFormat {
+    Auto,
+    Text,
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCorpus {
+    pub files: Option<Vec<String>>,
+    pub format: Option<CorpusFormat>,
+    pub text_field: Option<String>,
+    pub prompt_field: Option<String>,
+    pub completion_field: Option<String>,
+    pub eval_fraction: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreTokenizer {
+    ByteLevel,
+    Whitespace,
+    Metaspace,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokenizer {
+    pub vocab_size: Option<u64>,
+    pub min_frequency: Option<u64>,
+    pub pre_tokenizer: Option<PreTokenizer>,
+    pub special_tokens: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    Gpt2,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBase {
+    pub model: Option<String>,
+    pub architecture: Option<Architecture>,
+    pub n_layer: Option<u64>,
+    pub n_head: Option<u64>,
+    pub n_embd: Option<u64>,
+    pub n_positions: Option<u64>,
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VocabStrategy {
+    AddTokens,
+    ExtendBpe,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VocabInit {
+    Mean,
+    Normal,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVocab {
+    pub strategy: Option<VocabStrategy>,
+    pub init: Option<VocabInit>,
+    pub pad_to_multiple_of: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinetuneMethod {
+    Lora,
+    Full,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFinetune {
+    pub method: Option<FinetuneMethod>,
+    pub rank: Option<u64>,
+    pub alpha: Option<f64>,
+    pub dropout: Option<f64>,
+    pub rslora: Option<bool>,
+    pub targets: Option<Vec<String>>,
+    pub learning_rate: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub schedule: Option<Schedule>,
+    pub warmup_steps: Option<u64>,
+    pub batch_size: Option<u64>,
+    pub block_size: Option<u64>,
+    pub epochs: Option<u64>,
+    pub max_steps: Option<u64>,
+    pub gradient_accumulation: Option<u64>,
+    pub max_grad_norm: Option<f64>,
+    pub eval_every: Option<u64>,
+    pub early_stopping_patience: Option<u64>,
+    pub checkpoint_every: Option<u64>,
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExport {
+    pub opset: Option<u64>,
+    pub targets: Option<Vec<String>>,
+    pub quantize_embedding: Option<bool>,
+}
+
+/// `prompts`: a count taken from the eval split, or the prompts themselves.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(untagged, expecting = "a number of prompts or a list of strings")]
+pub enum RawPrompts {
+    Count(u64),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerify {
+    pub prompts: Option<RawPrompts>,
+    pub max_new_tokens: Option<u64>,
+    pub tolerance: Option<BTreeMap<String, RawTolerance>>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTolerance {
+    pub max_abs_error: Option<f64>,
+    pub top1_agreement: Option<f64>,
+    pub kl_divergence: Option<f64>,
+    pub perplexity_ratio: Option<f64>,
+    pub greedy_match: Option<f64>,
+}

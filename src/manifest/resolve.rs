@@ -1,0 +1,469 @@
+//! Raw manifest -> validated [`Manifest`]: defaults applied, paths resolved
+//! relative to the manifest's folder, cross-field rules checked.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+
+use serde::Serialize;
+
+use super::error::{ManifestError, Spans, suggest};
+use super::raw::*;
+use crate::engine::ExternalFile;
+
+/// The dtype targets, in the order stages are planned.
+pub const DTYPES: [&str; 7] = ["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"];
+
+/// Layer names LoRA may target.
+pub const FINETUNE_TARGETS: [&str; 5] = ["c_attn", "c_proj", "c_fc", "mlp", "all-linear"];
+
+/// Alphabet of the byte-level pre-tokenizer.
+const BYTE_ALPHABET: u64 = 256;
+
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The manifest file.
+    pub path: PathBuf,
+    /// How the manifest is named in messages.
+    pub display: String,
+    /// The project folder (the manifest's folder), absolute.
+    pub dir: PathBuf,
+    pub project: Project,
+    pub corpus: Option<Corpus>,
+    pub tokenizer: Option<Tokenizer>,
+    pub base: Option<Base>,
+    pub vocab: Option<Vocab>,
+    pub finetune: Option<Finetune>,
+    pub export: Option<Export>,
+    pub verify: Option<Verify>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub name: String,
+    /// The output folder, absolute, inside the project folder.
+    pub output: PathBuf,
+    /// The output folder as written, for messages.
+    pub output_label: String,
+    /// The cache folder, absolute.
+    pub cache: PathBuf,
+}
+
+/// Which fields of a jsonl or csv record make a document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextFields {
+    Text(String),
+    PromptCompletion { prompt: String, completion: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    /// The glob patterns as written.
+    pub patterns: Vec<String>,
+    /// The files they matched, sorted, without duplicates.
+    pub files: Vec<ExternalFile>,
+    pub format: CorpusFormat,
+    pub fields: TextFields,
+    pub eval_fraction: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    pub vocab_size: u64,
+    pub min_frequency: u64,
+    pub pre_tokenizer: PreTokenizer,
+    pub special_tokens: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseModel {
+    Scratch,
+    Hub { repo: String, revision: Option<String> },
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub model: BaseModel,
+    pub architecture: Architecture,
+    pub n_layer: u64,
+    pub n_head: u64,
+    pub n_embd: u64,
+    pub n_positions: u64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Vocab {
+    pub strategy: VocabStrategy,
+    pub init: VocabInit,
+    pub pad_to_multiple_of: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finetune {
+    pub method: FinetuneMethod,
+    pub rank: u64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    pub targets: Vec<String>,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    pub batch_size: u64,
+    pub block_size: u64,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub gradient_accumulation: u64,
+    pub max_grad_norm: f64,
+    pub eval_every: u64,
+    pub early_stopping_patience: Option<u64>,
+    pub checkpoint_every: u64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub opset: u64,
+    pub targets: Vec<String>,
+    pub quantize_embedding: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Verify {
+    pub prompts: RawPrompts,
+    pub max_new_tokens: u64,
+    /// dtype -> tolerance overrides.
+    pub tolerance: BTreeMap<String, RawTolerance>,
+}
+
+/// Builds errors pointing into one manifest.
+struct Ctx<'a> {
+    display: &'a str,
+    source: &'a str,
+    spans: &'a Spans<'a>,
+}
+
+impl Ctx<'_> {
+    /// An error at the value of `path` (or its key, or its table).
+    fn at(&self, path: &[&str], message: impl Into<String>) -> ManifestError {
+        let span = self.spans.value(path).or_else(|| self.spans.key(path));
+        ManifestError::at(self.display, self.source, span, message)
+    }
+}
+
+pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_>, raw: RawManifest) -> Result<Manifest, ManifestError> {
+    let cx = Ctx { display, source, spans };
+    let dir = absolute(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+        .map_err(|e| ManifestError::general(display, format!("cannot resolve the project folder: {e}")))?;
+    let project = resolve_project(&cx, &dir, raw.project.unwrap_or_default())?;
+    let corpus = raw.corpus.map(|c| resolve_corpus(&cx, &dir, c)).transpose()?;
+    let tokenizer = raw.tokenizer.map(|t| resolve_tokenizer(&cx, t)).transpose()?;
+    if tokenizer.is_some() && corpus.is_none() {
+        return Err(cx.at(&["tokenizer"], "`[tokenizer]` needs a `[corpus]` section to train on"));
+    }
+    let base = raw.base.map(|b| resolve_base(&cx, &dir, b)).transpose()?;
+    let vocab = raw.vocab.map(|v| resolve_vocab(&cx, v)).transpose()?;
+    let finetune = raw.finetune.map(|f| resolve_finetune(&cx, f, base.as_ref())).transpose()?;
+    let export = raw.export.map(|e| resolve_export(&cx, e)).transpose()?;
+    let verify = raw.verify.map(|v| resolve_verify(&cx, v)).transpose()?;
+    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify })
+}
+
+fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project, ManifestError> {
+    let name = raw.name.unwrap_or_else(|| dir.file_name().and_then(|n| n.to_str()).unwrap_or("symb").to_string());
+    let output_label = raw.output.unwrap_or_else(|| "dist".to_string());
+    let output = normalize(&dir.join(&output_label));
+    if !output.starts_with(dir) || output == dir {
+        return Err(cx.at(
+            &["project", "output"],
+            format!("`project.output` = \"{output_label}\" is outside the project folder; symb replaces this folder on every build, so it must be a folder inside `{}`", dir.display()),
+        ));
+    }
+    let cache = normalize(&dir.join(raw.cache.unwrap_or_else(|| "cache".to_string())));
+    if cache.starts_with(&output) || output.starts_with(&cache) {
+        return Err(cx.at(&["project", "cache"], "`project.cache` and `project.output` must be separate folders"));
+    }
+    Ok(Project { name, output, output_label, cache })
+}
+
+fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, ManifestError> {
+    let patterns = raw.files.ok_or_else(|| cx.at(&["corpus"], "missing key `files` in `[corpus]`: list the corpus files, e.g. `files = [\"corpus/*.txt\"]`"))?;
+    if patterns.is_empty() {
+        return Err(cx.at(&["corpus", "files"], "`corpus.files` is empty: list at least one file or glob, e.g. \"corpus/*.txt\""));
+    }
+    let mut seen = BTreeSet::new();
+    let mut files = Vec::new();
+    for pattern in &patterns {
+        let full = dir.join(pattern);
+        let full = full.to_str().ok_or_else(|| cx.at(&["corpus", "files"], format!("corpus pattern `{pattern}` is not valid UTF-8")))?;
+        let matches = glob::glob(full).map_err(|e| cx.at(&["corpus", "files"], format!("`{pattern}` in `corpus.files` is not a valid glob: {e}")))?;
+        let mut matched = 0;
+        for entry in matches {
+            let path = entry.map_err(|e| cx.at(&["corpus", "files"], format!("cannot read `{}` (matched by `{pattern}`): {}", e.path().display(), e.error())))?;
+            if !path.is_file() {
+                continue;
+            }
+            let path = normalize(&path);
+            let Ok(relative) = path.strip_prefix(dir) else {
+                return Err(cx.at(&["corpus", "files"], format!("`{pattern}` in `corpus.files` matches `{}`, outside the project folder; copy the corpus into the project so builds are reproducible", path.display())));
+            };
+            matched += 1;
+            let label = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            if seen.insert(label.clone()) {
+                files.push(ExternalFile { label, path });
+            }
+        }
+        if matched == 0 {
+            return Err(cx.at(&["corpus", "files"], format!("`{pattern}` in `corpus.files` matches no file (relative to `{}`)", dir.display())));
+        }
+    }
+    files.sort_by(|a, b| a.label.cmp(&b.label));
+    let format = raw.format.unwrap_or(CorpusFormat::Auto);
+    let fields = match (raw.text_field, raw.prompt_field, raw.completion_field) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(cx.at(&["corpus", "text_field"], "set either `corpus.text_field` or `corpus.prompt_field` + `corpus.completion_field`, not both"));
+        }
+        (_, Some(prompt), Some(completion)) => TextFields::PromptCompletion { prompt, completion },
+        (_, Some(_), None) => return Err(cx.at(&["corpus", "prompt_field"], "`corpus.prompt_field` needs `corpus.completion_field` too")),
+        (_, None, Some(_)) => return Err(cx.at(&["corpus", "completion_field"], "`corpus.completion_field` needs `corpus.prompt_field` too")),
+        (text, None, None) => TextFields::Text(text.unwrap_or_else(|| "text".to_string())),
+    };
+    let eval_fraction = raw.eval_fraction.unwrap_or(0.05);
+    if !(0.0..1.0).contains(&eval_fraction) {
+        return Err(cx.at(&["corpus", "eval_fraction"], format!("`corpus.eval_fraction` = {eval_fraction} is out of range: use a fraction from 0 (no eval split) up to, but not including, 1")));
+    }
+    Ok(Corpus { patterns, files, format, fields, eval_fraction, seed: raw.seed.unwrap_or(0) })
+}
+
+fn resolve_tokenizer(cx: &Ctx<'_>, raw: RawTokenizer) -> Result<Tokenizer, ManifestError> {
+    let special_tokens = raw.special_tokens.unwrap_or_else(|| vec!["<|endoftext|>".to_string(), "<pad>".to_string()]);
+    let mut seen = BTreeSet::new();
+    for token in &special_tokens {
+        if token.is_empty() {
+            return Err(cx.at(&["tokenizer", "special_tokens"], "`tokenizer.special_tokens` contains an empty string"));
+        }
+        if !seen.insert(token) {
+            return Err(cx.at(&["tokenizer", "special_tokens"], format!("`tokenizer.special_tokens` lists `{token}` twice")));
+        }
+    }
+    let pre_tokenizer = raw.pre_tokenizer.unwrap_or(PreTokenizer::ByteLevel);
+    let vocab_size = raw.vocab_size.unwrap_or(8000);
+    let floor = match pre_tokenizer {
+        PreTokenizer::ByteLevel => BYTE_ALPHABET + special_tokens.len() as u64 + 1,
+        PreTokenizer::Whitespace | PreTokenizer::Metaspace => special_tokens.len() as u64 + 2,
+    };
+    if vocab_size < floor {
+        let why = match pre_tokenizer {
+            PreTokenizer::ByteLevel => format!("the byte alphabet (256) plus {} special tokens leave no room for a merge", special_tokens.len()),
+            _ => format!("{} special tokens leave no room for the alphabet", special_tokens.len()),
+        };
+        return Err(cx.at(&["tokenizer", "vocab_size"], format!("`tokenizer.vocab_size` = {vocab_size} is too small: {why}; use at least {floor}")));
+    }
+    if vocab_size > u32::MAX as u64 {
+        return Err(cx.at(&["tokenizer", "vocab_size"], format!("`tokenizer.vocab_size` = {vocab_size} is too large")));
+    }
+    Ok(Tokenizer { vocab_size, min_frequency: raw.min_frequency.unwrap_or(2), pre_tokenizer, special_tokens })
+}
+
+fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, ManifestError> {
+    let spec = raw.model.unwrap_or_else(|| "scratch".to_string());
+    let model = if spec == "scratch" {
+        BaseModel::Scratch
+    } else if let Some(hub) = spec.strip_prefix("hf:") {
+        let (repo, revision) = match hub.split_once('@') {
+            Some((repo, revision)) => (repo, Some(revision.to_string())),
+            None => (hub, None),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || revision.as_deref() == Some("") {
+            return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": a Hub model is written \"hf:owner/name\" or \"hf:owner/name@revision\"")));
+        }
+        BaseModel::Hub { repo: repo.to_string(), revision }
+    } else if let Some(folder) = spec.strip_prefix("path:") {
+        if folder.is_empty() {
+            return Err(cx.at(&["base", "model"], "`base.model` = \"path:\" names no folder"));
+        }
+        BaseModel::Path(normalize(&dir.join(folder)))
+    } else {
+        return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\" is not understood: use \"scratch\", \"hf:owner/name[@revision]\" or \"path:folder\"")));
+    };
+    let positive = |key: &str, value: Option<u64>, default: u64| -> Result<u64, ManifestError> {
+        let value = value.unwrap_or(default);
+        if value == 0 {
+            return Err(cx.at(&["base", key], format!("`base.{key}` must be at least 1")));
+        }
+        Ok(value)
+    };
+    let n_layer = positive("n_layer", raw.n_layer, 4)?;
+    let n_head = positive("n_head", raw.n_head, 4)?;
+    let n_embd = positive("n_embd", raw.n_embd, 128)?;
+    let n_positions = positive("n_positions", raw.n_positions, 256)?;
+    if n_embd % n_head != 0 {
+        return Err(cx.at(&["base", "n_embd"], format!("`base.n_embd` = {n_embd} is not divisible by `base.n_head` = {n_head}")));
+    }
+    Ok(Base { model, architecture: raw.architecture.unwrap_or(Architecture::Gpt2), n_layer, n_head, n_embd, n_positions, seed: raw.seed.unwrap_or(0) })
+}
+
+fn resolve_vocab(cx: &Ctx<'_>, raw: RawVocab) -> Result<Vocab, ManifestError> {
+    let pad_to_multiple_of = raw.pad_to_multiple_of.unwrap_or(1);
+    if pad_to_multiple_of == 0 {
+        return Err(cx.at(&["vocab", "pad_to_multiple_of"], "`vocab.pad_to_multiple_of` must be at least 1"));
+    }
+    Ok(Vocab { strategy: raw.strategy.unwrap_or(VocabStrategy::AddTokens), init: raw.init.unwrap_or(VocabInit::Mean), pad_to_multiple_of })
+}
+
+fn resolve_finetune(cx: &Ctx<'_>, raw: RawFinetune, base: Option<&Base>) -> Result<Finetune, ManifestError> {
+    let at_least_one = |key: &str, value: Option<u64>, default: u64| -> Result<u64, ManifestError> {
+        let value = value.unwrap_or(default);
+        if value == 0 {
+            return Err(cx.at(&["finetune", key], format!("`finetune.{key}` must be at least 1")));
+        }
+        Ok(value)
+    };
+    let rank = at_least_one("rank", raw.rank, 8)?;
+    if let Some(base) = base.filter(|b| b.model == BaseModel::Scratch)
+        && rank > base.n_embd
+    {
+        return Err(cx.at(&["finetune", "rank"], format!("`finetune.rank` = {rank} is larger than the model width `base.n_embd` = {}", base.n_embd)));
+    }
+    let alpha = raw.alpha.unwrap_or(16.0);
+    if alpha <= 0.0 {
+        return Err(cx.at(&["finetune", "alpha"], format!("`finetune.alpha` = {alpha} must be positive")));
+    }
+    let dropout = raw.dropout.unwrap_or(0.05);
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(cx.at(&["finetune", "dropout"], format!("`finetune.dropout` = {dropout} must be in [0, 1)")));
+    }
+    let targets = raw.targets.unwrap_or_else(|| vec!["c_attn".to_string()]);
+    if targets.is_empty() {
+        return Err(cx.at(&["finetune", "targets"], "`finetune.targets` is empty: name at least one layer, e.g. \"c_attn\""));
+    }
+    for target in &targets {
+        if !FINETUNE_TARGETS.contains(&target.as_str()) {
+            let hint = suggest(target, FINETUNE_TARGETS).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
+            return Err(cx.at(&["finetune", "targets"], format!("unknown LoRA target `{target}` in `finetune.targets`{hint} (known: {})", FINETUNE_TARGETS.join(", "))));
+        }
+    }
+    let learning_rate = raw.learning_rate.unwrap_or(2e-4);
+    if learning_rate <= 0.0 || !learning_rate.is_finite() {
+        return Err(cx.at(&["finetune", "learning_rate"], format!("`finetune.learning_rate` = {learning_rate} must be positive")));
+    }
+    let weight_decay = raw.weight_decay.unwrap_or(0.0);
+    if weight_decay < 0.0 {
+        return Err(cx.at(&["finetune", "weight_decay"], "`finetune.weight_decay` must not be negative"));
+    }
+    let max_grad_norm = raw.max_grad_norm.unwrap_or(1.0);
+    if max_grad_norm <= 0.0 {
+        return Err(cx.at(&["finetune", "max_grad_norm"], "`finetune.max_grad_norm` must be positive"));
+    }
+    let block_size = at_least_one("block_size", raw.block_size, 128)?;
+    if let Some(base) = base.filter(|b| b.model == BaseModel::Scratch)
+        && block_size > base.n_positions
+    {
+        return Err(cx.at(&["finetune", "block_size"], format!("`finetune.block_size` = {block_size} is longer than the model's context `base.n_positions` = {}", base.n_positions)));
+    }
+    Ok(Finetune {
+        method: raw.method.unwrap_or(FinetuneMethod::Lora),
+        rank,
+        alpha,
+        dropout,
+        rslora: raw.rslora.unwrap_or(false),
+        targets,
+        learning_rate,
+        weight_decay,
+        schedule: raw.schedule.unwrap_or(Schedule::Cosine),
+        warmup_steps: raw.warmup_steps.unwrap_or(20),
+        batch_size: at_least_one("batch_size", raw.batch_size, 8)?,
+        block_size,
+        epochs: at_least_one("epochs", raw.epochs, 1)?,
+        max_steps: raw.max_steps.map(|s| at_least_one("max_steps", Some(s), 1)).transpose()?,
+        gradient_accumulation: at_least_one("gradient_accumulation", raw.gradient_accumulation, 1)?,
+        max_grad_norm,
+        eval_every: at_least_one("eval_every", raw.eval_every, 100)?,
+        early_stopping_patience: raw.early_stopping_patience,
+        checkpoint_every: at_least_one("checkpoint_every", raw.checkpoint_every, 50)?,
+        seed: raw.seed.unwrap_or(0),
+    })
+}
+
+fn check_dtype(cx: &Ctx<'_>, path: &[&str], dtype: &str) -> Result<(), ManifestError> {
+    if DTYPES.contains(&dtype) {
+        return Ok(());
+    }
+    let hint = suggest(dtype, DTYPES).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
+    Err(cx.at(path, format!("unknown dtype `{dtype}` in `{}`{hint} (known: {})", path.join("."), DTYPES.join(", "))))
+}
+
+fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError> {
+    let opset = raw.opset.unwrap_or(17);
+    if !(17..=21).contains(&opset) {
+        return Err(cx.at(&["export", "opset"], format!("`export.opset` = {opset} is not supported: use 17 to 21")));
+    }
+    let targets = raw.targets.unwrap_or_else(|| ["fp32", "fp16", "q8", "q4", "q4f16"].map(String::from).to_vec());
+    if targets.is_empty() {
+        return Err(cx.at(&["export", "targets"], "`export.targets` is empty: name at least one dtype, e.g. \"fp32\""));
+    }
+    let mut seen = BTreeSet::new();
+    for dtype in &targets {
+        check_dtype(cx, &["export", "targets"], dtype)?;
+        if !seen.insert(dtype) {
+            return Err(cx.at(&["export", "targets"], format!("`export.targets` lists `{dtype}` twice")));
+        }
+    }
+    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false) })
+}
+
+fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError> {
+    let prompts = raw.prompts.unwrap_or(RawPrompts::Count(16));
+    match &prompts {
+        RawPrompts::Count(0) => return Err(cx.at(&["verify", "prompts"], "`verify.prompts` must be at least 1")),
+        RawPrompts::List(list) if list.is_empty() || list.iter().any(String::is_empty) => {
+            return Err(cx.at(&["verify", "prompts"], "`verify.prompts` must list non-empty prompts"));
+        }
+        _ => {}
+    }
+    let tolerance = raw.tolerance.unwrap_or_default();
+    for (dtype, bounds) in &tolerance {
+        check_dtype(cx, &["verify", "tolerance", dtype], dtype)?;
+        for (name, value) in [("top1_agreement", bounds.top1_agreement), ("greedy_match", bounds.greedy_match)] {
+            if let Some(v) = value
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(cx.at(&["verify", "tolerance", dtype, name], format!("`verify.tolerance.{dtype}.{name}` = {v} must be a fraction in [0, 1]")));
+            }
+        }
+        for (name, value) in [("max_abs_error", bounds.max_abs_error), ("kl_divergence", bounds.kl_divergence), ("perplexity_ratio", bounds.perplexity_ratio)] {
+            if let Some(v) = value
+                && (v < 0.0 || !v.is_finite())
+            {
+                return Err(cx.at(&["verify", "tolerance", dtype, name], format!("`verify.tolerance.{dtype}.{name}` = {v} must be a finite number >= 0")));
+            }
+        }
+    }
+    Ok(Verify { prompts, max_new_tokens: raw.max_new_tokens.unwrap_or(32), tolerance })
+}
+
+/// An absolute form of `path` without touching the filesystem beyond the cwd.
+fn absolute(path: &Path) -> std::io::Result<PathBuf> {
+    Ok(normalize(&std::path::absolute(path)?))
+}
+
+/// Removes `.` and resolves `..` lexically.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}

@@ -1,0 +1,170 @@
+//! A project: one manifest, its plan and its cache. The operations the
+//! commands run (build, status, gc, clean) live here, between the CLI and the
+//! engine.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::cache::{BlobRef, Cache, CacheError, GcReport, StatCache};
+use crate::engine::{self, BuildOptions, BuildOutcome, FailureClass, Plan, PlanError, Reporter, StageState};
+use crate::manifest::{self, Manifest, ManifestError};
+use crate::stages;
+
+/// symb's own version, part of every stage key.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error("{0}")]
+    Manifest(#[from] ManifestError),
+    #[error("error: {0}")]
+    Plan(#[from] PlanError),
+    #[error("error: {0}")]
+    Cache(#[from] CacheError),
+}
+
+impl ProjectError {
+    /// The process exit code: 2 for a bad manifest or arguments, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ProjectError::Manifest(_) | ProjectError::Plan(_) => 2,
+            ProjectError::Cache(_) => 1,
+        }
+    }
+}
+
+pub struct Project {
+    pub manifest: Manifest,
+    pub plan: Plan,
+    pub cache: Cache,
+    /// Identifies this project's refs in a (possibly shared) cache.
+    id: String,
+    /// True when the plan was cut down to `--target`s.
+    partial: bool,
+}
+
+/// What a build did.
+#[derive(Debug)]
+pub struct BuildReport {
+    pub outcome: BuildOutcome,
+    /// Whether the output folder was rewritten (`None` when not assembled:
+    /// a failed or partial build leaves it as it was).
+    pub output_updated: Option<bool>,
+    pub seconds: f64,
+}
+
+impl BuildReport {
+    /// 0 ok, 1 a stage failed, 2 bad input, 3 a verification missed.
+    pub fn exit_code(&self) -> i32 {
+        match self.outcome.failure() {
+            None => 0,
+            Some(FailureClass::Failed) => 1,
+            Some(FailureClass::BadInput) => 2,
+            Some(FailureClass::Verification) => 3,
+        }
+    }
+}
+
+impl Project {
+    /// Loads the manifest and plans the build (restricted to `targets`).
+    pub fn open(manifest_path: &Path, targets: &[String]) -> Result<Self, ProjectError> {
+        let manifest = manifest::load(manifest_path)?;
+        let plan = stages::plan(&manifest)?.restrict(targets)?;
+        let cache = Cache::open(&manifest.project.cache)?;
+        let id = blake3::hash(manifest.path.canonicalize().unwrap_or_else(|_| manifest.path.clone()).as_os_str().as_encoded_bytes()).to_hex()[..16].to_string();
+        Ok(Project { manifest, plan, cache, id, partial: !targets.is_empty() })
+    }
+
+    pub fn default_options(jobs: usize) -> BuildOptions {
+        BuildOptions { jobs, tools: [("symb".to_string(), VERSION.to_string())].into(), ..BuildOptions::default() }
+    }
+
+    /// Runs the build: stages, then the output folder (only when every stage
+    /// succeeded and the whole plan was built).
+    pub fn build(&self, options: &BuildOptions, reporter: &dyn Reporter) -> Result<BuildReport, ProjectError> {
+        let started = Instant::now();
+        let _lock = self.cache.lock(|| reporter.event(engine::Event::WaitingForLock))?;
+        self.cache.clear_tmp()?;
+        self.remove_stale_staging();
+        let stat_path = self.cache.stat_cache_path();
+        let stat = Mutex::new(StatCache::load(&stat_path));
+        let mut outcome = engine::execute(&self.plan, &self.cache, &stat, &self.id, options, reporter)?;
+        let mut output_updated = None;
+        if outcome.failure().is_none() && !self.partial {
+            let output = &self.manifest.project.output;
+            let mut files = self.published(&outcome);
+            let current = engine::output_is_current(&self.cache, &self.id, output, &files);
+            if !current {
+                // The blobs are about to be served: a corrupt one is removed
+                // and its stage runs again (once; a second failure is an error).
+                if let Some(error) = files.values().find_map(|blob| self.cache.check_blob(blob).err()) {
+                    reporter.event(engine::Event::CorruptBlob { message: &format!("{error}; rebuilding") });
+                    outcome = engine::execute(&self.plan, &self.cache, &stat, &self.id, options, reporter)?;
+                    files = self.published(&outcome);
+                }
+                if outcome.failure().is_none() {
+                    engine::assemble_output(&self.cache, &self.id, output, &files)?;
+                }
+            }
+            output_updated = outcome.failure().is_none().then_some(!current);
+        }
+        stat.into_inner().expect("stat cache lock").save(&stat_path, &self.cache.tmp_dir())?;
+        Ok(BuildReport { outcome, output_updated, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// Output path -> blob, for every artifact the plan publishes.
+    fn published(&self, outcome: &BuildOutcome) -> BTreeMap<String, BlobRef> {
+        let mut files = BTreeMap::new();
+        for stage in self.plan.stages() {
+            let Some(record) = outcome.get(stage.name()).and_then(|o| o.record.as_ref()) else { continue };
+            for (artifact, path) in stage.publishes() {
+                if let Some(blob) = record.outputs.get(&artifact) {
+                    files.insert(path, blob.clone());
+                }
+            }
+        }
+        files
+    }
+
+    /// Staging folders left beside the output by a killed build.
+    fn remove_stale_staging(&self) {
+        let output = &self.manifest.project.output;
+        let (Some(parent), Some(name)) = (output.parent(), output.file_name().and_then(|n| n.to_str())) else { return };
+        let prefix = format!(".{name}.symb-new-");
+        let Ok(entries) = std::fs::read_dir(parent) else { return };
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// Each stage fresh or stale, with the reason; runs nothing.
+    pub fn status(&self, options: &BuildOptions) -> Result<Vec<StageState>, ProjectError> {
+        let stat = Mutex::new(StatCache::load(&self.cache.stat_cache_path()));
+        Ok(engine::status(&self.plan, &self.cache, &stat, &self.id, options)?)
+    }
+
+    /// Removes cache entries the current plan does not reference.
+    pub fn gc(&self, options: &BuildOptions, dry_run: bool) -> Result<GcReport, ProjectError> {
+        let _lock = self.cache.lock(|| {})?;
+        let keep: BTreeSet<String> = self.status(options)?.into_iter().filter_map(|s| s.key).collect();
+        Ok(self.cache.gc(&keep, dry_run)?)
+    }
+
+    /// Removes the output folder and the cache's contents (the cache folder
+    /// itself stays, with anything else the user keeps there).
+    pub fn clean(&self) -> Result<Vec<PathBuf>, ProjectError> {
+        let _lock = self.cache.lock(|| {})?;
+        let mut removed = Vec::new();
+        for path in [&self.manifest.project.output, &self.cache.bucket()] {
+            if path.exists() {
+                std::fs::remove_dir_all(path).map_err(|e| CacheError::io(path, e))?;
+                removed.push(path.clone());
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,215 @@
+//! Stage `corpus`: reads text, jsonl and csv files, normalises documents and
+//! splits them into train and eval deterministically.
+//!
+//! A document goes to eval when blake3(seed, document) falls below
+//! `eval_fraction`: the split depends only on the seed and the document's own
+//! content, so adding a file moves no existing document across the split, and
+//! duplicate documents always land on the same side (no train/eval leakage).
+//!
+//! Artifacts: `train.jsonl` and `eval.jsonl`, one JSON document per line,
+//! `{"text": ...}` or `{"prompt": ..., "completion": ...}`.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
+use crate::manifest::{Corpus, CorpusFormat, TextFields};
+
+pub struct CorpusStage {
+    pub corpus: Corpus,
+}
+
+/// One document of the corpus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Document {
+    Text { text: String },
+    PromptCompletion { prompt: String, completion: String },
+}
+
+impl Document {
+    /// The document's texts, each a training sequence for the tokenizer.
+    pub fn texts(&self) -> Vec<&str> {
+        match self {
+            Document::Text { text } => vec![text],
+            Document::PromptCompletion { prompt, completion } => vec![prompt, completion],
+        }
+    }
+}
+
+/// Reads a `train.jsonl` / `eval.jsonl` artifact.
+pub fn read_documents(path: &Path) -> Result<Vec<Document>, StageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
+    text.lines()
+        .map(|line| serde_json::from_str(line).map_err(|e| StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display()))))
+        .collect()
+}
+
+impl Stage for CorpusStage {
+    fn name(&self) -> &str {
+        "corpus"
+    }
+    fn kind(&self) -> &'static str {
+        "corpus"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let c = &self.corpus;
+        let mut s = Settings::new();
+        s.insert("corpus.files".into(), serde_json::json!(c.patterns));
+        s.insert("corpus.format".into(), serde_json::to_value(c.format).expect("enum serialises"));
+        match &c.fields {
+            TextFields::Text(field) => {
+                s.insert("corpus.text_field".into(), serde_json::json!(field));
+            }
+            TextFields::PromptCompletion { prompt, completion } => {
+                s.insert("corpus.prompt_field".into(), serde_json::json!(prompt));
+                s.insert("corpus.completion_field".into(), serde_json::json!(completion));
+            }
+        }
+        s.insert("corpus.eval_fraction".into(), serde_json::json!(c.eval_fraction));
+        s.insert("corpus.seed".into(), serde_json::json!(c.seed));
+        s
+    }
+    fn files(&self) -> &[ExternalFile] {
+        &self.corpus.files
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let files = ctx.files();
+        let mut documents = Vec::new();
+        let mut bytes = 0u64;
+        for (i, file) in files.iter().enumerate() {
+            ctx.progress(i as u64, files.len() as u64, &file.label);
+            let raw = std::fs::read(&file.path).map_err(|e| StageError::bad_input(format!("cannot read `{}`: {e}", file.label)))?;
+            bytes += raw.len() as u64;
+            let text = utf8(&file.label, &raw)?;
+            read_file(&self.corpus, file, text, &mut documents)?;
+        }
+        if documents.is_empty() {
+            let names = files.iter().map(|f| format!("`{}`", f.label)).collect::<Vec<_>>().join(", ");
+            return Err(StageError::bad_input(format!("the corpus is empty: {names} hold no documents (blank lines are skipped)")));
+        }
+        let threshold = self.corpus.eval_fraction;
+        let (mut train, mut eval) = (Vec::new(), Vec::new());
+        for doc in &documents {
+            let line = serde_json::to_string(doc).expect("documents serialise");
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&self.corpus.seed.to_le_bytes());
+            hasher.update(line.as_bytes());
+            let draw = u64::from_le_bytes(hasher.finalize().as_bytes()[..8].try_into().expect("8 bytes")) as f64 / 2f64.powi(64);
+            if draw < threshold { eval.push(line) } else { train.push(line) }
+        }
+        write_lines(&ctx.output("train.jsonl"), &train)?;
+        write_lines(&ctx.output("eval.jsonl"), &eval)?;
+        Ok(serde_json::json!({
+            "files": files.len(),
+            "bytes": bytes,
+            "documents": documents.len(),
+            "train_documents": train.len(),
+            "eval_documents": eval.len(),
+        }))
+    }
+}
+
+fn write_lines(path: &Path, lines: &[String]) -> Result<(), StageError> {
+    let file = std::fs::File::create(path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    let mut out = std::io::BufWriter::new(file);
+    for line in lines {
+        writeln!(out, "{line}").map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    }
+    out.flush().map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))
+}
+
+/// Validates UTF-8, naming the line and column of the first bad byte.
+fn utf8<'a>(label: &str, raw: &'a [u8]) -> Result<&'a str, StageError> {
+    std::str::from_utf8(raw).map_err(|e| {
+        let good = &raw[..e.valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+        StageError::bad_input(format!(
+            "`{label}`:{line}:{column}: not valid UTF-8 (byte 0x{:02x}); convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`",
+            raw[e.valid_up_to()]
+        ))
+    })
+}
+
+fn format_of(corpus: &Corpus, file: &ExternalFile) -> CorpusFormat {
+    match corpus.format {
+        CorpusFormat::Auto => match file.label.rsplit('.').next() {
+            Some("jsonl") | Some("ndjson") => CorpusFormat::Jsonl,
+            Some("csv") => CorpusFormat::Csv,
+            _ => CorpusFormat::Text,
+        },
+        other => other,
+    }
+}
+
+fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Document>) -> Result<(), StageError> {
+    let label = &file.label;
+    match format_of(corpus, file) {
+        CorpusFormat::Text | CorpusFormat::Auto => {
+            for line in text.lines() {
+                let line = line.trim();
+                if !line.is_empty() {
+                    out.push(Document::Text { text: line.to_string() });
+                }
+            }
+        }
+        CorpusFormat::Jsonl => {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let at = |what: String| StageError::bad_input(format!("`{label}`:{}: {what}", i + 1));
+                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
+                let field = |name: &str| -> Result<String, StageError> {
+                    match value.get(name) {
+                        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                        Some(_) => Err(at(format!("field `{name}` is not a string"))),
+                        None => Err(at(format!("no field `{name}`; set `corpus.text_field` (or `prompt_field` + `completion_field`) to the record's field names"))),
+                    }
+                };
+                push_record(&corpus.fields, field, out)?;
+            }
+        }
+        CorpusFormat::Csv => {
+            let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+            let headers = reader.headers().map_err(|e| StageError::bad_input(format!("`{label}`: cannot read the CSV header: {e}")))?.clone();
+            for record in reader.records() {
+                let record = record.map_err(|e| {
+                    let line = e.position().map_or(0, |p| p.line());
+                    StageError::bad_input(format!("`{label}`:{line}: invalid CSV: {e}"))
+                })?;
+                let line = record.position().map_or(0, |p| p.line());
+                let field = |name: &str| -> Result<String, StageError> {
+                    let column = headers.iter().position(|h| h == name).ok_or_else(|| {
+                        StageError::bad_input(format!("`{label}`: no column `{name}` (columns: {})", headers.iter().collect::<Vec<_>>().join(", ")))
+                    })?;
+                    record.get(column).map(str::to_string).ok_or_else(|| StageError::bad_input(format!("`{label}`:{line}: the row has no column `{name}`")))
+                };
+                push_record(&corpus.fields, field, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn push_record(fields: &TextFields, field: impl Fn(&str) -> Result<String, StageError>, out: &mut Vec<Document>) -> Result<(), StageError> {
+    match fields {
+        TextFields::Text(name) => {
+            let text = field(name)?;
+            if !text.trim().is_empty() {
+                out.push(Document::Text { text });
+            }
+        }
+        TextFields::PromptCompletion { prompt, completion } => {
+            out.push(Document::PromptCompletion { prompt: field(prompt)?, completion: field(completion)? });
+        }
+    }
+    Ok(())
+}
