@@ -1,0 +1,147 @@
+//! Helpers shared by the integration tests: a project in a temp folder, the
+//! symb binary run in it, and readers for its JSON events and outputs.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_symb");
+
+/// Lines of the committed demo corpus (a constructed language).
+pub fn demo_lines() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/symbiotic.txt");
+    std::fs::read_to_string(path).expect("the demo corpus is committed").lines().map(str::to_string).collect()
+}
+
+/// The small manifest most tests start from.
+pub const MANIFEST: &str = r#"[project]
+name = "t"
+output = "dist"
+
+[corpus]
+files = ["corpus/*.txt"]
+eval_fraction = 0.1
+seed = 0
+
+[tokenizer]
+vocab_size = 400
+min_frequency = 2
+pre_tokenizer = "byte_level"
+special_tokens = ["<|endoftext|>", "<pad>"]
+"#;
+
+pub struct TestProject {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestProject {
+    /// A project with `MANIFEST` and three corpus files of `lines` lines each.
+    pub fn new(lines: usize) -> Self {
+        Self::with_manifest(MANIFEST, lines)
+    }
+
+    pub fn with_manifest(manifest: &str, lines: usize) -> Self {
+        let project = TestProject { dir: tempfile::tempdir().expect("temp dir") };
+        project.write("symb.toml", manifest);
+        let demo = demo_lines();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let chunk = &demo[i * lines..(i + 1) * lines];
+            project.write(&format!("corpus/{name}.txt"), &(chunk.join("\n") + "\n"));
+        }
+        project
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn write(&self, relative: &str, content: &str) {
+        let path = self.path(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+
+    pub fn read(&self, relative: &str) -> String {
+        std::fs::read_to_string(self.path(relative)).unwrap()
+    }
+
+    /// Replaces `from` with `to` in the manifest (which must contain `from`).
+    pub fn edit(&self, from: &str, to: &str) {
+        let text = self.read("symb.toml");
+        assert!(text.contains(from), "the manifest has no `{from}`:\n{text}");
+        self.write("symb.toml", &text.replacen(from, to, 1));
+    }
+
+    pub fn symb(&self, args: &[&str]) -> Output {
+        Command::new(BIN).args(args).current_dir(self.dir.path()).env_remove("RUST_LOG").output().expect("symb runs")
+    }
+
+    /// `symb build --json`: the exit code and the parsed events.
+    pub fn build(&self, extra: &[&str]) -> Build {
+        let mut args = vec!["build", "--json"];
+        args.extend_from_slice(extra);
+        let output = self.symb(&args);
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let events = stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}"))).collect();
+        Build { code: output.status.code().unwrap_or(-1), events, stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
+    }
+
+    /// Builds and asserts success; returns the stages that ran.
+    pub fn build_ok(&self) -> Build {
+        let build = self.build(&[]);
+        assert_eq!(build.code, 0, "build failed: {}\n{:?}", build.stderr, build.events);
+        build
+    }
+}
+
+pub struct Build {
+    pub code: i32,
+    pub events: Vec<serde_json::Value>,
+    pub stderr: String,
+}
+
+impl Build {
+    pub fn with_status(&self, status: &str) -> BTreeSet<String> {
+        self.events
+            .iter()
+            .filter(|e| e["event"] == "stage" && e["status"] == status)
+            .map(|e| e["stage"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn ran(&self) -> BTreeSet<String> {
+        self.with_status("ran")
+    }
+
+    pub fn reason(&self, stage: &str) -> String {
+        self.events.iter().find(|e| e["event"] == "stage" && e["stage"] == stage).map(|e| e["reason"].as_str().unwrap().to_string()).unwrap_or_default()
+    }
+
+    pub fn last(&self) -> &serde_json::Value {
+        self.events.last().expect("a build prints a last line")
+    }
+}
+
+pub fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Every file under `dir`: relative path -> bytes (empty map if absent).
+pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(relative, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
