@@ -36,7 +36,8 @@ pub fn parse(path: &Path, display: &str, source: &str) -> Result<Manifest, Manif
 /// Rewrites serde/toml messages into ours: the full key path, and a
 /// suggestion for a misspelt key or value.
 fn toml_error(display: &str, source: &str, spans: &Spans<'_>, error: &toml::de::Error) -> ManifestError {
-    let message = error.message().trim();
+    let message = error.message().trim().replace("expected u64", "expected a non-negative integer").replace("expected f64", "expected a number");
+    let message = message.as_str();
     let span = error.span();
     let path = span.as_ref().map(|s| spans.path_at(s.start)).unwrap_or_default();
     let table = match path.len() {
@@ -61,9 +62,7 @@ fn toml_error(display: &str, source: &str, spans: &Spans<'_>, error: &toml::de::
         let hint = suggest(word, candidates.iter().map(String::as_str)).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
         format!("`{key}` = \"{word}\" is not one of {options}{hint}")
     } else if message.starts_with("invalid type") && !key.is_empty() {
-        let detail = message.trim_start_matches("invalid type: ");
-        let detail = detail.replace("expected u64", "expected a non-negative integer").replace("expected f64", "expected a number");
-        format!("wrong type for `{key}`: {detail}")
+        format!("wrong type for `{key}`: {}", message.trim_start_matches("invalid type: "))
     } else if !key.is_empty() {
         format!("`{key}`: {message}")
     } else {

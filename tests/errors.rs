@@ -1,0 +1,234 @@
+//! Bad input: each error is short, names the file, line and key, exits
+//! with 2, and leaves the cache and the previous output as they were.
+
+mod common;
+
+use common::{TestProject, snapshot};
+
+/// The cache's meaningful contents: records, blobs and refs.
+fn cache_state(project: &TestProject) -> Vec<std::collections::BTreeMap<String, Vec<u8>>> {
+    ["actions", "blobs", "refs"].iter().map(|d| snapshot(&project.path(&format!("cache/v1/{d}")))).collect()
+}
+
+/// Builds a good project, applies `break_it`, and checks that `symb build`
+/// fails with exit 2 and exactly `expected` on stderr (timings and the temp
+/// path filtered), with nothing changed.
+fn assert_rejected(break_it: impl FnOnce(&TestProject), expected: &str) {
+    let project = TestProject::new(100);
+    project.build_ok();
+    let (cache, output) = (cache_state(&project), snapshot(&project.path("dist")));
+    break_it(&project);
+    let run = project.symb(&["build"]);
+    let stderr = String::from_utf8(run.stderr).unwrap();
+    let root = project.dir.path().to_str().unwrap();
+    let filtered: String = stderr
+        .replace(root, "[PROJECT]")
+        .lines()
+        .map(|line| match line.find(" in ").zip(line.rfind('s')) {
+            Some((at, _)) if line.trim_start().starts_with("Failed 0 ran") => format!("{} in [TIME]{}", &line[..at], &line[line.find("s;").unwrap() + 1..]),
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(filtered.trim_end(), expected.trim_end(), "\n--- actual ---\n{stderr}");
+    assert_eq!(run.status.code(), Some(2));
+    assert!(cache_state(&project) == cache, "the cache changed");
+    assert!(snapshot(&project.path("dist")) == output, "the output changed");
+}
+
+#[test]
+fn malformed_toml() {
+    assert_rejected(
+        |p| p.edit("[tokenizer]", "[tokenizer"),
+        r#"
+error: invalid TOML: unclosed table, expected `]`
+  --> symb.toml:10:11
+   |
+10 | [tokenizer
+   |           ^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn unknown_key_with_a_suggestion() {
+    assert_rejected(
+        |p| p.edit("vocab_size = 400", "vocab_sise = 400"),
+        r#"
+error: unknown key `vocab_sise` in `[tokenizer]`, did you mean `vocab_size`?
+  --> symb.toml:11:1
+   |
+11 | vocab_sise = 400
+   | ^^^^^^^^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn unknown_section() {
+    assert_rejected(
+        |p| p.edit("[corpus]", "[corpuss]"),
+        r#"
+error: unknown section `corpuss` in the top level, did you mean `corpus`?
+ --> symb.toml:5:2
+  |
+5 | [corpuss]
+  |  ^^^^^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn wrong_type() {
+    assert_rejected(
+        |p| p.edit("vocab_size = 400", "vocab_size = \"big\""),
+        r#"
+error: wrong type for `tokenizer.vocab_size`: string "big", expected a non-negative integer
+  --> symb.toml:11:14
+   |
+11 | vocab_size = "big"
+   |              ^^^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn unknown_value_with_a_suggestion() {
+    assert_rejected(
+        |p| p.edit("\"byte_level\"", "\"bytelevel\""),
+        r#"
+error: `tokenizer.pre_tokenizer` = "bytelevel" is not one of `byte_level`, `whitespace`, `metaspace`, did you mean `byte_level`?
+  --> symb.toml:13:17
+   |
+13 | pre_tokenizer = "bytelevel"
+   |                 ^^^^^^^^^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn missing_corpus() {
+    assert_rejected(
+        |p| p.edit("corpus/*.txt", "texts/*.txt"),
+        r#"
+error: `texts/*.txt` in `corpus.files` matches no file (relative to `[PROJECT]`)
+ --> symb.toml:6:9
+  |
+6 | files = ["texts/*.txt"]
+  |         ^^^^^^^^^^^^^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn empty_corpus() {
+    assert_rejected(
+        |p| {
+            for name in ["a", "b", "c"] {
+                p.write(&format!("corpus/{name}.txt"), "\n   \n");
+            }
+        },
+        r#"
+     Running corpus (`corpus/a.txt` changed; `corpus/b.txt` changed; `corpus/c.txt` changed)
+      Failed corpus
+     Skipped tokenizer (upstream `corpus` failed)
+error: stage `corpus` failed: the corpus is empty: `corpus/a.txt`, `corpus/b.txt`, `corpus/c.txt` hold no documents (blank lines are skipped)
+      Failed 0 ran, 0 cached, 1 failed, 1 skipped in [TIME]; output `dist` left as it was"#
+            .trim_start_matches('\n'),
+    );
+}
+
+#[test]
+fn non_utf8_corpus() {
+    assert_rejected(
+        |p| std::fs::write(p.path("corpus/b.txt"), b"Kan-ka zuraeima pa ?\nWes-ka tais-zo \xe9 yiliima .\n").unwrap(),
+        r#"
+     Running corpus (`corpus/b.txt` changed)
+      Failed corpus
+     Skipped tokenizer (upstream `corpus` failed)
+error: stage `corpus` failed: `corpus/b.txt`:2:16: not valid UTF-8 (byte 0xe9); convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`
+      Failed 0 ran, 0 cached, 1 failed, 1 skipped in [TIME]; output `dist` left as it was"#
+            .trim_start_matches('\n'),
+    );
+}
+
+#[test]
+fn vocab_too_small() {
+    assert_rejected(
+        |p| p.edit("vocab_size = 400", "vocab_size = 200"),
+        r#"
+error: `tokenizer.vocab_size` = 200 is too small: the byte alphabet (256) plus 2 special tokens leave no room for a merge; use at least 259
+  --> symb.toml:11:14
+   |
+11 | vocab_size = 200
+   |              ^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn output_outside_the_project() {
+    assert_rejected(
+        |p| p.edit("output = \"dist\"", "output = \"../elsewhere\""),
+        r#"
+error: `project.output` = "../elsewhere" is outside the project folder; symb replaces this folder on every build, so it must be a folder inside `[PROJECT]`
+ --> symb.toml:3:10
+  |
+3 | output = "../elsewhere"
+  |          ^^^^^^^^^^^^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn eval_fraction_out_of_range() {
+    assert_rejected(
+        |p| p.edit("eval_fraction = 0.1", "eval_fraction = 1.0"),
+        r#"
+error: `corpus.eval_fraction` = 1 is out of range: use a fraction from 0 (no eval split) up to, but not including, 1
+ --> symb.toml:7:17
+  |
+7 | eval_fraction = 1.0
+  |                 ^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn rank_larger_than_the_model_width() {
+    assert_rejected(
+        |p| p.write("symb.toml", "[base]\nmodel = \"scratch\"\nn_embd = 64\n\n[finetune]\nrank = 100\n"),
+        r#"
+error: `finetune.rank` = 100 is larger than the model width `base.n_embd` = 64
+ --> symb.toml:6:8
+  |
+6 | rank = 100
+  |        ^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn unknown_dtype() {
+    assert_rejected(
+        |p| p.write("symb.toml", "[export]\ntargets = [\"fp32\", \"q4f61\"]\n"),
+        r#"
+error: unknown dtype `q4f61` in `export.targets`, did you mean `q4f16`? (known: fp32, fp16, q8, int8, uint8, q4, q4f16)
+ --> symb.toml:2:11
+  |
+2 | targets = ["fp32", "q4f61"]
+  |           ^^^^^^^^^^^^^^^^^"#
+            .trim_start(),
+    );
+}
+
+#[test]
+fn json_mode_reports_the_manifest_error_as_the_last_line() {
+    let project = TestProject::new(10);
+    project.edit("vocab_size = 400", "vocab_size = 10");
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2);
+    assert_eq!(build.last()["event"], "build");
+    assert_eq!(build.last()["status"], "failed");
+    assert!(build.last()["error"].as_str().unwrap().contains("symb.toml:11:14"));
+}
