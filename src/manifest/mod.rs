@@ -75,5 +75,3 @@ fn backticked(text: &str) -> Vec<String> {
     text.split('`').skip(1).step_by(2).map(str::to_string).collect()
 }
 
-#[cfg(test)]
-mod tests;

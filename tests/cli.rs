@@ -1,0 +1,78 @@
+//! The newcomer's path: the example manifest, `symb init`, and the commands
+//! around a build.
+
+mod common;
+
+use std::process::Command;
+
+use common::{BIN, TestProject, set};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+#[test]
+fn the_example_is_the_recipe_and_builds_end_to_end() {
+    let example = std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap();
+    let recipe = std::fs::read_to_string(format!("{ROOT}/recipes/symbiotic.toml")).unwrap();
+    assert_eq!(example, recipe, "symb.toml.example is the `symbiotic` recipe");
+    // Build it where it would be built: beside the committed demo corpus.
+    let project = TestProject::new(1);
+    std::fs::remove_dir_all(project.path("corpus")).unwrap();
+    project.write("corpus/symbiotic.txt", &std::fs::read_to_string(format!("{ROOT}/corpus/symbiotic.txt")).unwrap());
+    project.write("symb.toml.example", &example);
+    let build = project.build(&["-m", "symb.toml.example"]);
+    assert_eq!(build.code, 0, "{}", build.stderr);
+    assert_eq!(build.ran(), set(&["corpus", "tokenizer"]));
+    let tokenizer: serde_json::Value = serde_json::from_str(&project.read("dist/tokenizer.json")).unwrap();
+    assert_eq!(tokenizer["model"]["vocab"].as_object().unwrap().len(), 4000);
+}
+
+#[test]
+fn every_commented_section_of_the_example_is_valid() {
+    // Uncommenting the model sections gives a manifest the validator accepts
+    // (their stages are not built yet, which `symb build` says plainly).
+    let example = std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap();
+    let uncommented: String = example
+        .lines()
+        .map(|l| {
+            let alternative = ["# prompt_field", "# completion_field"].iter().any(|p| l.starts_with(p));
+            if !alternative && (l.starts_with("# [") || (l.starts_with("# ") && l.contains(" = "))) { &l[2..] } else { l }
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let project = TestProject::new(10);
+    std::fs::rename(project.path("corpus/a.txt"), project.path("corpus/symbiotic.txt")).unwrap();
+    project.write("symb.toml", &uncommented);
+    let manifest = symb::manifest::load(&project.path("symb.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(manifest.base.is_some() && manifest.finetune.is_some() && manifest.export.is_some() && manifest.verify.is_some());
+    assert_eq!(manifest.verify.unwrap().tolerance["q4"].top1_agreement, Some(0.9));
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2);
+    assert!(build.stderr.contains("`[base]` is valid, but this version of symb (0.1) cannot build its stages yet"), "{}", build.stderr);
+}
+
+#[test]
+fn init_writes_the_recipe_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| Command::new(BIN).args(args).current_dir(dir.path()).output().unwrap();
+    assert!(run(&["init"]).status.success());
+    let written = std::fs::read_to_string(dir.path().join("symb.toml")).unwrap();
+    assert_eq!(written, std::fs::read_to_string(format!("{ROOT}/recipes/symbiotic.toml")).unwrap());
+    let again = run(&["init"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let unknown = run(&["init", "--recipe", "nope", "other.toml"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown recipe `nope`; available: symbiotic"));
+    // Without a corpus the manifest says exactly what is missing.
+    let build = run(&["build"]);
+    assert_eq!(build.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&build.stderr).contains("`corpus/*.txt` in `corpus.files` matches no file"));
+}
+
+#[test]
+fn a_missing_manifest_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN).args(["build", "-m", "nope.toml"]).current_dir(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the manifest `nope.toml`"));
+}
