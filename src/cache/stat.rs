@@ -55,6 +55,7 @@ impl StatCache {
         {
             return Ok(entry.digest.clone());
         }
+        tracing::debug!(path = %path.display(), "hashing input file");
         let (digest, _) = hash_file(path)?;
         let entry = stat(digest.clone());
         let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);

@@ -115,7 +115,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Graph { manifest, dot, mermaid } => report(
             Project::open(&manifest.manifest, &[]).map(|p| {
                 let text = if dot { p.plan.to_dot() } else if mermaid { p.plan.to_mermaid() } else { p.plan.to_tree() };
-                print!("{text}");
+                out(text.trim_end());
             }),
             false,
         ),
@@ -151,13 +151,20 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Writes a line to stdout; a closed pipe (`symb build --json | head`) is
+/// not an error worth a panic.
+pub(crate) fn out(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 fn report<T>(result: Result<T, ProjectError>, json: bool) -> i32 {
     match result {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("{e}");
             if json {
-                println!("{}", serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}));
+                out(serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}));
             }
             e.exit_code()
         }
@@ -170,7 +177,7 @@ fn init_logging(verbose: u8) {
         _ => "symb=debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init();
 }
 
 fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<String>, json: bool, verbose: bool) -> i32 {
@@ -179,7 +186,7 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
         Err(e) => {
             eprintln!("{e}");
             if json {
-                println!("{}", serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+                out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
             }
             return e.exit_code();
         }
@@ -203,7 +210,7 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
             reporter.clear();
             eprintln!("{e}");
             if json {
-                println!("{}", serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+                out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
             }
             e.exit_code()
         }
@@ -214,13 +221,13 @@ fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
     let project = Project::open(manifest, &[])?;
     let states = project.status(&Project::default_options(1))?;
     if json {
-        println!("{}", serde_json::json!({"stages": states, "fresh": states.iter().all(|s| s.fresh)}));
+        out(serde_json::json!({"stages": states, "fresh": states.iter().all(|s| s.fresh)}));
     } else {
         for state in &states {
             if state.fresh {
-                println!("{:>12} {}", "Fresh", state.stage);
+                out(format!("{:>12} {}", "Fresh", state.stage));
             } else {
-                println!("{:>12} {}: {}", "Stale", state.stage, state.reason);
+                out(format!("{:>12} {}: {}", "Stale", state.stage, state.reason));
             }
         }
     }

@@ -51,8 +51,7 @@ impl CliReporter {
         let output = &project.manifest.project.output_label;
         if self.mode == Mode::Json {
             let failed_stages: Vec<&str> = report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed).map(|s| s.stage.as_str()).collect();
-            println!(
-                "{}",
+            super::out(
                 serde_json::json!({
                     "event": "build",
                     "status": if report.exit_code() == 0 { "ok" } else { "failed" },
@@ -116,8 +115,7 @@ impl Reporter for CliReporter {
                     bar.finish_and_clear();
                 }
                 match self.mode {
-                    Mode::Json => println!(
-                        "{}",
+                    Mode::Json => super::out(
                         serde_json::json!({
                             "event": "stage",
                             "stage": outcome.stage,

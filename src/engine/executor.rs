@@ -182,6 +182,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         Err(e) => return failed(String::new(), StageError::bad_input(e.to_string())),
     };
     let mut key = inputs.key();
+    tracing::debug!(stage = name, key = %key, "computed stage key");
     let previous = load_ref(shared.cache, shared.project, name);
     let forced = shared.options.force.contains(name);
     if !forced && let Some(record) = shared.cache.lookup(&key) {
@@ -190,6 +191,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         {
             return failed(String::new(), e.into());
         }
+        tracing::debug!(stage = name, "cache hit");
         return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
     }
     let reason = if forced {
@@ -303,6 +305,7 @@ fn run_miss(
     let cache = shared.cache;
     let work = cache.work_dir(stage.name())?;
     let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), reporter: shared.reporter };
+    let _span = tracing::info_span!("stage", name = stage.name()).entered();
     let metrics = stage.run(&ctx)?;
     let mut produced: Vec<PathBuf> = std::fs::read_dir(work.path())
         .map_err(|e| CacheError::io(work.path(), e))?
@@ -324,6 +327,7 @@ fn run_miss(
         seconds: started.elapsed().as_secs_f64(),
     };
     cache.commit(&record)?;
+    tracing::debug!(stage = stage.name(), key, artifacts = record.outputs.len(), "committed action record");
     save_ref(cache, shared.project, stage.name(), key, inputs)?;
     Ok(record)
 }
