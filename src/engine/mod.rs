@@ -168,3 +168,6 @@ impl StageContext<'_> {
         self.reporter.event(Event::StageProgress { stage: self.stage, done, total, message });
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,7 +2,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use petgraph::algo::toposort;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use petgraph::Direction;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, Reversed};
 
@@ -47,7 +50,7 @@ impl Plan {
                 graph.add_edge(from, node, ());
             }
         }
-        let order = toposort(&graph, None).map_err(|c| PlanError::Cycle(graph[c.node_id()].name().to_string()))?;
+        let order = stable_toposort(&graph).map_err(|n| PlanError::Cycle(graph[n].name().to_string()))?;
         Ok(Plan { graph, by_name, order })
     }
 
@@ -178,5 +181,26 @@ impl Plan {
             }
             self.tree_node(child, &child_prefix, i + 1 == children.len(), false, out);
         }
+    }
+}
+
+/// Kahn's algorithm, taking ready nodes in insertion order so that the
+/// order (and every listing of stages) is stable. Errs with a node on a cycle.
+fn stable_toposort<N>(graph: &DiGraph<N, ()>) -> Result<Vec<NodeIndex>, NodeIndex> {
+    let mut waiting: Vec<usize> = graph.node_indices().map(|n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
+    let mut ready: BinaryHeap<Reverse<NodeIndex>> = graph.node_indices().filter(|n| waiting[n.index()] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(graph.node_count());
+    while let Some(Reverse(node)) = ready.pop() {
+        order.push(node);
+        for next in graph.neighbors_directed(node, Direction::Outgoing) {
+            waiting[next.index()] -= 1;
+            if waiting[next.index()] == 0 {
+                ready.push(Reverse(next));
+            }
+        }
+    }
+    match graph.node_indices().find(|n| waiting[n.index()] > 0) {
+        Some(on_cycle) => Err(on_cycle),
+        None => Ok(order),
     }
 }
