@@ -103,7 +103,7 @@ def main():
               f"(min {min(noop) * 1000:.1f}, max {max(noop) * 1000:.1f}) | DVC 3.67 `dvc repro`: 1.37 s (issue's figure) |")
         print(f"| BPE training, vocab 8000, byte_level (median of 3) | {statistics.median(symb_train):.2f} s "
               f"| Python tokenizers {tokenizers.__version__}: {statistics.median(python_train):.2f} s |")
-        print(f"| whole tokenizer stage (read, train, round-trip check of every line, write) | "
+        print(f"| whole tokenizer stage (read, train, round-trip check, write) | "
               f"{statistics.median(symb_stage):.2f} s | |")
     finally:
         shutil.rmtree(work)
