@@ -194,17 +194,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         tracing::debug!(stage = name, "cache hit");
         return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
     }
-    let reason = if forced {
-        "forced by `--force`".to_string()
-    } else {
-        match &previous {
-            None => "no previous build".to_string(),
-            Some(previous) => {
-                let reasons = explain(name, &previous.inputs, &inputs);
-                if reasons.is_empty() { "its cached result is missing".to_string() } else { reasons.join("; ") }
-            }
-        }
-    };
+    let reason = rerun_reason(name, previous.as_ref(), &inputs, forced);
     shared.reporter.event(Event::StageStarted { stage: name, reason: &reason });
     // The upstream blobs are about to be read: re-hash them first.
     let paths = match ensure_inputs(shared, &mut upstream) {
@@ -228,6 +218,16 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         Ok(record) => outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None),
         Err(error) => failed(reason, error),
     }
+}
+
+/// Why a stage whose key missed the cache must run.
+fn rerun_reason(name: &str, previous: Option<&StageRef>, inputs: &StageInputs, forced: bool) -> String {
+    if forced {
+        return "forced by `--force`".to_string();
+    }
+    let Some(previous) = previous else { return "no previous build".to_string() };
+    let reasons = explain(name, &previous.inputs, inputs);
+    if reasons.is_empty() { "its cached result is missing".to_string() } else { reasons.join("; ") }
 }
 
 /// Re-hashes every upstream blob about to be read. A corrupt blob is deleted
@@ -385,19 +385,10 @@ pub fn status(
         let mut inputs = current_inputs(&shared, stage, &upstream)?;
         let (fresh, reason, record) = if stale_upstream.is_empty() {
             let key = inputs.key();
+            let forced = options.force.contains(name);
             match cache.lookup(&key) {
-                Some(record) if !options.force.contains(name) => (true, String::new(), Some(record)),
-                _ if options.force.contains(name) => (false, "forced by `--force`".to_string(), None),
-                _ => {
-                    let reason = match &previous {
-                        None => "no previous build".to_string(),
-                        Some(p) => {
-                            let reasons = explain(name, &p.inputs, &inputs);
-                            if reasons.is_empty() { "its cached result is missing".to_string() } else { reasons.join("; ") }
-                        }
-                    };
-                    (false, reason, None)
-                }
+                Some(record) if !forced => (true, String::new(), Some(record)),
+                _ => (false, rerun_reason(name, previous.as_ref(), &inputs, forced), None),
             }
         } else {
             // Compare our own inputs only: upstream artifacts are not known yet.
