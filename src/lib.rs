@@ -16,3 +16,4 @@ pub mod engine;
 pub mod manifest;
 pub mod project;
 pub mod stages;
+pub mod model;

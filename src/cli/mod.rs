@@ -89,6 +89,28 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Greedy generation from a model folder, to try a model from the terminal.
+    Generate {
+        /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+        #[arg(long, value_name = "PATH")]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32, value_name = "N")]
+        max_new_tokens: usize,
+        /// `candle` runs the model folder itself; `onnx` runs an output folder's ONNX file.
+        #[arg(long, default_value = "candle", value_parser = ["candle", "onnx"])]
+        backend: String,
+        /// The ONNX file's dtype (with `--backend onnx`).
+        #[arg(long, value_name = "D")]
+        dtype: Option<String>,
+        /// A PEFT LoRA adapter folder to apply (with `--backend candle`).
+        #[arg(long, value_name = "PATH")]
+        adapter: Option<PathBuf>,
+        /// Print `{"input_ids", "generated_ids", "text", "logits"}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cache maintenance.
     Cache {
         #[command(subcommand)]
@@ -135,6 +157,9 @@ pub fn run(cli: Cli) -> i32 {
             }),
             false,
         ),
+        Command::Generate { model, prompt, max_new_tokens, backend, dtype, adapter, json } => {
+            generate(&model, &prompt, max_new_tokens, &backend, dtype.as_deref(), adapter.as_deref(), json)
+        }
         Command::Cache { command: CacheCommand::Verify { manifest } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
             let _lock = p.cache.lock(|| {})?;
             Ok(p.cache.verify()?)
@@ -232,6 +257,30 @@ fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
         }
     }
     Ok(())
+}
+
+fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dtype: Option<&str>, adapter: Option<&Path>, json: bool) -> i32 {
+    if backend == "onnx" || dtype.is_some() {
+        eprintln!("error: `--backend onnx` and `--dtype` need the export stage, which this version of symb does not have yet; use `--backend candle`");
+        return 2;
+    }
+    match crate::model::generate(model, adapter, prompt, max_new_tokens) {
+        Ok(generation) => {
+            if json {
+                out(serde_json::to_string(&generation).expect("generation serialises"));
+            } else {
+                out(format!("{prompt}{}", generation.text));
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                crate::model::ModelError::Candle(_) => 1,
+                _ => 2,
+            }
+        }
+    }
 }
 
 fn init(recipe: &str, path: &Path) -> i32 {

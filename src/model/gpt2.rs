@@ -1,0 +1,349 @@
+//! GPT-2 in candle, written for both inference (with a KV cache) and training.
+//!
+//! Weight names follow the Hugging Face checkpoint (`h.{i}.attn.c_attn.weight`,
+//! with or without the `transformer.` prefix of `GPT2LMHeadModel`). GPT-2's
+//! linear layers are `Conv1D`: the weight is stored `[in, out]` and applied as
+//! `x · W + b`. The language-model head is tied to the token embedding.
+//!
+//! LayerNorm and softmax are built from primitive tensor ops: candle's fused
+//! versions have no backward pass and would silently cut the gradient graph.
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::lora::{Lora, LoraTarget};
+use super::{ModelError, Result};
+
+/// The parts of `config.json` GPT-2 needs.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_epsilon")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+}
+
+fn default_epsilon() -> f64 {
+    1e-5
+}
+
+fn default_activation() -> String {
+    "gelu_new".to_string()
+}
+
+impl Config {
+    pub fn inner(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Checks what the forward pass relies on.
+    pub fn validate(&self) -> Result<()> {
+        if self.model_type.as_deref().is_some_and(|t| t != "gpt2") {
+            return Err(ModelError::Unsupported(format!(
+                "`model_type` = \"{}\": symb supports \"gpt2\"",
+                self.model_type.as_deref().unwrap_or_default()
+            )));
+        }
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(ModelError::Config(format!("`n_embd` = {} is not divisible by `n_head` = {}", self.n_embd, self.n_head)));
+        }
+        if !matches!(self.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh" | "gelu") {
+            return Err(ModelError::Unsupported(format!("`activation_function` = \"{}\"", self.activation_function)));
+        }
+        if self.tie_word_embeddings == Some(false) {
+            return Err(ModelError::Unsupported("`tie_word_embeddings` = false (GPT-2's head is tied to `wte`)".to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// A `Conv1D` layer (`x · W + b`, W stored `[in, out]`), optionally with LoRA.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    fn load(vb: VarBuilder, n_in: usize, n_out: usize) -> Result<Self> {
+        Ok(Linear { weight: vb.get((n_in, n_out), "weight")?, bias: vb.get(n_out, "bias")?, lora: None })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n_in, n_out) = self.weight.dims2()?;
+        let shape = x.dims().to_vec();
+        let rows = x.elem_count() / n_in;
+        let flat = x.reshape((rows, n_in))?;
+        let mut y = flat.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(&flat)?)?;
+        }
+        let mut out_shape = shape;
+        *out_shape.last_mut().expect("inputs have a feature dimension") = n_out;
+        Ok(y.reshape(out_shape)?)
+    }
+}
+
+/// LayerNorm from primitive ops (differentiable).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last dimension from primitive ops (differentiable).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    Ok(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Keys and values of the positions already seen, per layer: `[b, h, t, d]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize) -> Self {
+        KvCache { layers: vec![None; n_layer] }
+    }
+
+    /// How many positions the cache holds.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub c_attn: Linear,
+    pub c_proj: Linear,
+    n_head: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let c = config.n_embd;
+        Ok(Attention {
+            c_attn: Linear::load(vb.pp("c_attn"), c, 3 * c)?,
+            c_proj: Linear::load(vb.pp("c_proj"), c, c)?,
+            n_head: config.n_head,
+            head_dim: config.head_dim(),
+        })
+    }
+
+    /// `mask`: additive `[b or 1, 1, t, past + t]` (0 or -inf).
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let qkv = self.c_attn.forward(x)?;
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let probs = softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        self.c_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub c_fc: Linear,
+    pub c_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        Ok(Mlp { c_fc: Linear::load(vb.pp("c_fc"), config.n_embd, config.inner())?, c_proj: Linear::load(vb.pp("c_proj"), config.inner(), config.n_embd)? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // gelu_new: the tanh approximation, as GPT-2 uses.
+        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub ln_1: LayerNorm,
+    pub attn: Attention,
+    pub ln_2: LayerNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let eps = config.layer_norm_epsilon;
+        Ok(Block {
+            ln_1: LayerNorm::load(vb.pp("ln_1"), config.n_embd, eps)?,
+            attn: Attention::load(vb.pp("attn"), config)?,
+            ln_2: LayerNorm::load(vb.pp("ln_2"), config.n_embd, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), config)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache)?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    pub config: Config,
+    pub wte: Tensor,
+    pub wpe: Tensor,
+    pub blocks: Vec<Block>,
+    pub ln_f: LayerNorm,
+}
+
+impl Gpt2 {
+    /// Loads from a VarBuilder over a checkpoint; `transformer.` prefixed
+    /// names (GPT2LMHeadModel) and bare ones (GPT2Model) are both accepted.
+    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        config.validate()?;
+        let vb = if vb.contains_tensor("transformer.wte.weight") { vb.pp("transformer") } else { vb };
+        let c = config.n_embd;
+        let blocks = (0..config.n_layer).map(|i| Block::load(vb.pp(format!("h.{i}")), config)).collect::<Result<Vec<_>>>()?;
+        Ok(Gpt2 {
+            config: config.clone(),
+            wte: vb.get((config.vocab_size, c), "wte.weight")?,
+            wpe: vb.get((config.n_positions, c), "wpe.weight")?,
+            blocks,
+            ln_f: LayerNorm::load(vb.pp("ln_f"), c, config.layer_norm_epsilon)?,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.wte.device()
+    }
+
+    /// The linear layers a LoRA target name selects, with their PEFT module names.
+    pub fn linears_mut(&mut self, target: LoraTarget) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let prefix = format!("transformer.h.{i}");
+            let layers = [
+                ("attn.c_attn", &mut block.attn.c_attn),
+                ("attn.c_proj", &mut block.attn.c_proj),
+                ("mlp.c_fc", &mut block.mlp.c_fc),
+                ("mlp.c_proj", &mut block.mlp.c_proj),
+            ];
+            for (layer, linear) in layers {
+                if target.includes(layer) {
+                    out.push((format!("{prefix}.{layer}"), linear));
+                }
+            }
+        }
+        out
+    }
+
+    /// Logits `[b, t, vocab]` for `input_ids` `[b, t]`, continuing from
+    /// `cache` (updated in place) when given.
+    pub fn forward(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if past + t > self.config.n_positions {
+            return Err(ModelError::Config(format!("{} positions exceed the model's context of {}", past + t, self.config.n_positions)));
+        }
+        let positions = Tensor::arange(past as u32, (past + t) as u32, self.device())?;
+        let tokens = self.wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, self.config.n_embd))?;
+        let mut x = tokens.broadcast_add(&self.wpe.embedding(&positions)?)?;
+        let mask = causal_mask(t, past, self.device())?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, &mask, layer_cache)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        let hidden = x.reshape((b * t, self.config.n_embd))?;
+        Ok(hidden.matmul(&self.wte.t()?)?.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Greedy decoding with the KV cache: up to `max_new_tokens` ids, stopping
+    /// after `eos` (included) as transformers' `generate()` does. Returns the
+    /// new ids and the logits at the last prompt position.
+    pub fn greedy(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Result<(Vec<u32>, Vec<f32>)> {
+        if prompt.is_empty() {
+            return Err(ModelError::Config("the prompt encodes to no tokens".to_string()));
+        }
+        let mut cache = KvCache::new(self.config.n_layer);
+        let input = Tensor::new(prompt, self.device())?.unsqueeze(0)?;
+        let logits = self.forward(&input, Some(&mut cache))?;
+        let mut last = logits.get(0)?.get(prompt.len() - 1)?;
+        let prompt_logits = last.to_vec1::<f32>()?;
+        let mut generated = Vec::new();
+        while generated.len() < max_new_tokens && prompt.len() + generated.len() < self.config.n_positions {
+            let next = last.argmax(0)?.to_scalar::<u32>()?;
+            generated.push(next);
+            if Some(next) == eos || generated.len() == max_new_tokens {
+                break;
+            }
+            let input = Tensor::new(&[next], self.device())?.unsqueeze(0)?;
+            last = self.forward(&input, Some(&mut cache))?.get(0)?.get(0)?;
+        }
+        Ok((generated, prompt_logits))
+    }
+}
+
+impl Module for Gpt2 {
+    fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        Gpt2::forward(self, input_ids, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// Additive causal mask `[1, 1, t, past + t]`: query i sees keys up to past + i.
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let total = past + t;
+    let values: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Ok(Tensor::from_vec(values, (1, 1, t, total), device)?.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,138 @@
+//! LoRA on GPT-2's `Conv1D` layers, in PEFT's format.
+//!
+//! PEFT stores, per adapted module, `lora_A.weight` `[r, in]` and
+//! `lora_B.weight` `[out, r]` under `base_model.model.<module>`; the update is
+//! `y += scale · (x · Aᵀ) · Bᵀ` with `scale = alpha / r` (`alpha / √r` with
+//! rsLoRA). With `fan_in_fan_out` (GPT-2's `[in, out]` weights) merging adds
+//! `scale · (B · A)ᵀ` to the stored weight.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::gpt2::Gpt2;
+use super::{ModelError, Result, read_json};
+
+/// Which of GPT-2's linear layers a list of target names selects:
+/// `c_attn`, `c_proj` (attention and MLP), `c_fc`, `mlp` (both MLP layers),
+/// `all-linear`.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraTarget<'a>(pub &'a [String]);
+
+impl LoraTarget<'_> {
+    /// `layer` is `attn.c_attn`, `attn.c_proj`, `mlp.c_fc` or `mlp.c_proj`.
+    pub fn includes(&self, layer: &str) -> bool {
+        self.0.iter().any(|target| match target.as_str() {
+            "all-linear" => true,
+            "mlp" => layer.starts_with("mlp."),
+            name => layer.rsplit('.').next() == Some(name),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Lora {
+    /// The low-rank update for `x` `[rows, in]`: `[rows, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok((x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?)
+    }
+
+    /// The update in the stored `[in, out]` layout: `scale · (B · A)ᵀ`.
+    pub fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)?.t()? * self.scale)?)
+    }
+}
+
+/// The fields of PEFT's `adapter_config.json` that shape the computation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub peft_type: Option<String>,
+    #[serde(default)]
+    pub use_dora: bool,
+}
+
+impl AdapterConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora { self.lora_alpha / (self.r as f64).sqrt() } else { self.lora_alpha / self.r as f64 }
+    }
+}
+
+/// Attaches a PEFT adapter folder to `model`; returns the adapted modules.
+pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<Vec<String>> {
+    let config: AdapterConfig = read_json(&dir.join("adapter_config.json"))?;
+    if config.peft_type.as_deref().is_some_and(|t| t != "LORA") || config.use_dora {
+        return Err(ModelError::Unsupported(format!("`{}`: only plain LoRA adapters are supported", dir.join("adapter_config.json").display())));
+    }
+    if config.r == 0 {
+        return Err(ModelError::Config(format!("`{}`: `r` is 0", dir.join("adapter_config.json").display())));
+    }
+    let path = dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| ModelError::io_candle(&path, e))?;
+    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (name, tensor) in tensors {
+        let module = name.strip_prefix("base_model.model.").unwrap_or(&name);
+        let (module, which) = if let Some(m) = module.strip_suffix(".lora_A.weight") {
+            (m, 0)
+        } else if let Some(m) = module.strip_suffix(".lora_B.weight") {
+            (m, 1)
+        } else {
+            return Err(ModelError::Unsupported(format!("`{}`: tensor `{name}` is not a LoRA A or B weight", path.display())));
+        };
+        let entry = pairs.entry(module.to_string()).or_default();
+        let tensor = tensor.to_dtype(DType::F32)?.to_device(model.device())?;
+        if which == 0 { entry.0 = Some(tensor) } else { entry.1 = Some(tensor) }
+    }
+    let mut linears: BTreeMap<String, &mut super::gpt2::Linear> = model.linears_mut(LoraTarget(&["all-linear".to_string()])).into_iter().collect();
+    let mut adapted = Vec::new();
+    for (module, (a, b)) in pairs {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(ModelError::Config(format!("`{}`: `{module}` lacks its lora_A or lora_B weight", path.display())));
+        };
+        let linear = linears
+            .get_mut(&module)
+            .ok_or_else(|| ModelError::Config(format!("`{}`: the adapter targets `{module}`, which the model does not have", path.display())))?;
+        let (n_in, n_out) = linear.weight.dims2()?;
+        if a.dims() != [config.r, n_in] || b.dims() != [n_out, config.r] {
+            return Err(ModelError::Config(format!(
+                "`{}`: `{module}` has lora_A {:?} and lora_B {:?}, expected [{}, {n_in}] and [{n_out}, {}]",
+                path.display(),
+                a.dims(),
+                b.dims(),
+                config.r,
+                config.r
+            )));
+        }
+        linear.lora = Some(Lora { a, b, scale: config.scale() });
+        adapted.push(module);
+    }
+    Ok(adapted)
+}
+
+/// Folds every LoRA update into its weight (W + scale · (B·A)ᵀ) and drops it.
+pub fn merge(model: &mut Gpt2) -> Result<usize> {
+    let mut merged = 0;
+    for (_, linear) in model.linears_mut(LoraTarget(&["all-linear".to_string()])) {
+        if let Some(lora) = linear.lora.take() {
+            linear.weight = (&linear.weight + lora.delta()?)?;
+            merged += 1;
+        }
+    }
+    Ok(merged)
+}

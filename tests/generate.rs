@@ -1,0 +1,84 @@
+//! `symb generate --backend candle` on the PyTorch fixture, and its errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_symb");
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+}
+
+fn golden(name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixture().join(format!("{name}.json"))).unwrap()).unwrap()
+}
+
+fn generate(model: &Path, extra: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(["generate", "--model", model.to_str().unwrap()]).args(extra).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn json_output_matches_pytorch_with_and_without_the_adapter() {
+    let adapter = fixture().join("lora");
+    for (name, extra) in [("golden", vec![]), ("golden-lora", vec!["--adapter", adapter.to_str().unwrap()])] {
+        let logits = candle_core::safetensors::load(fixture().join(format!("{name}.safetensors")), &candle_core::Device::Cpu).unwrap();
+        for (i, case) in golden(name)["cases"].as_array().unwrap().iter().enumerate() {
+            let mut args = vec!["--prompt", case["prompt"].as_str().unwrap(), "--max-new-tokens", "20", "--json"];
+            args.extend(extra.iter().copied());
+            let (code, stdout, stderr) = generate(&fixture(), &args);
+            assert_eq!(code, 0, "{stderr}");
+            let out: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(out["input_ids"], case["input_ids"]);
+            assert_eq!(out["generated_ids"], case["greedy_20"], "{name} case {i}");
+            let last: Vec<f32> = logits[&format!("logits.{i}")].get(out["input_ids"].as_array().unwrap().len() - 1).unwrap().to_vec1().unwrap();
+            let ours: Vec<f32> = serde_json::from_value(out["logits"].clone()).unwrap();
+            let error = ours.iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(error < 1e-4, "{name} case {i}: {error}");
+        }
+    }
+}
+
+/// A copy of the fixture with one file changed.
+fn broken_copy(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"] {
+        std::fs::copy(fixture().join(file), dir.path().join(file)).unwrap();
+    }
+    edit(dir.path());
+    dir
+}
+
+fn edit_config(dir: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(text.contains(from));
+    std::fs::write(dir.join("config.json"), text.replace(from, to)).unwrap();
+}
+
+#[test]
+fn bad_model_folders_are_named_clearly() {
+    type Edit = Box<dyn FnOnce(&Path)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|d: &Path| edit_config(d, "\"n_embd\": 64", "\"n_embd\": 32")), "does not match"),
+        (Box::new(|d: &Path| edit_config(d, "\"n_layer\": 2", "\"n_layer\": 3")), "transformer.h.2"),
+        (Box::new(|d: &Path| edit_config(d, "\"model_type\": \"gpt2\"", "\"model_type\": \"mamba\"")), "`model_type` = \"mamba\": symb supports \"gpt2\""),
+        (Box::new(|d: &Path| std::fs::remove_file(d.join("model.safetensors")).unwrap()), "no `model.safetensors`"),
+        (
+            Box::new(|d: &Path| {
+                // Rename a tensor in the header (same length, so offsets hold).
+                let mut bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+                let needle = b"transformer.ln_f.weight";
+                let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+                bytes[at + 15] = b'g';
+                std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+            }),
+            "ln_f.weight",
+        ),
+    ];
+    for (edit, expected) in cases {
+        let dir = broken_copy(edit);
+        let (code, _, stderr) = generate(dir.path(), &["--prompt", "hello"]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
+    }
+}

@@ -1,0 +1,89 @@
+//! GPT-2 in candle against PyTorch's outputs on ../shared/fixtures/tiny-gpt2.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use symb::model::{self, lora};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+}
+
+struct Case {
+    prompt: String,
+    input_ids: Vec<u32>,
+    greedy: Vec<u32>,
+    logits: Tensor,
+}
+
+fn cases(golden: &str) -> Vec<Case> {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join(format!("{golden}.json"))).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(fixture().join(format!("{golden}.safetensors")), &Device::Cpu).unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, case)| Case {
+            prompt: case["prompt"].as_str().unwrap().to_string(),
+            input_ids: serde_json::from_value(case["input_ids"].clone()).unwrap(),
+            greedy: serde_json::from_value(case["greedy_20"].clone()).unwrap(),
+            logits: tensors[&format!("logits.{i}")].clone(),
+        })
+        .collect()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn logits(model: &model::Gpt2, ids: &[u32]) -> Tensor {
+    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    model.forward(&input, None).unwrap().squeeze(0).unwrap()
+}
+
+fn check(model: &model::Gpt2, golden: &str) {
+    let tokenizer = tokenizers::Tokenizer::from_file(fixture().join("tokenizer.json")).unwrap();
+    for case in cases(golden) {
+        let ids = tokenizer.encode(case.prompt.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, case.input_ids, "{golden}: token ids of {:?}", case.prompt);
+        let error = max_abs(&logits(model, &ids), &case.logits);
+        assert!(error < 1e-4, "{golden}: max abs logits error {error} on {:?}", case.prompt);
+        let (generated, _) = model.greedy(&ids, 20, None).unwrap();
+        assert_eq!(generated, case.greedy, "{golden}: greedy tokens of {:?}", case.prompt);
+    }
+}
+
+#[test]
+fn logits_and_greedy_tokens_match_pytorch() {
+    check(&model::load_folder(&fixture()).unwrap(), "golden");
+}
+
+#[test]
+fn the_peft_adapter_matches_pytorch_and_merging_changes_nothing() {
+    let mut adapted = model::load_folder(&fixture()).unwrap();
+    let modules = lora::load_adapter(&mut adapted, &fixture().join("lora")).unwrap();
+    assert_eq!(modules, ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]);
+    check(&adapted, "golden-lora");
+    let mut merged = adapted.clone();
+    assert_eq!(lora::merge(&mut merged).unwrap(), 2);
+    for case in cases("golden-lora") {
+        let error = max_abs(&logits(&merged, &case.input_ids), &logits(&adapted, &case.input_ids));
+        assert!(error < 1e-5, "merged vs adapter: {error}");
+    }
+}
+
+#[test]
+fn the_kv_cache_gives_the_full_forward_logits() {
+    let model = model::load_folder(&fixture()).unwrap();
+    let ids: Vec<u32> = cases("golden")[2].input_ids.clone();
+    let full = logits(&model, &ids);
+    let mut cache = model::KvCache::new(model.config.n_layer);
+    let mut steps = Vec::new();
+    for chunk in [&ids[..5], &ids[5..6], &ids[6..]] {
+        let input = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        steps.push(model.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap());
+    }
+    let stepped = Tensor::cat(&steps, 0).unwrap();
+    assert!(max_abs(&full, &stepped) < 1e-5);
+}
