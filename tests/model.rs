@@ -87,3 +87,44 @@ fn the_kv_cache_gives_the_full_forward_logits() {
     let stepped = Tensor::cat(&steps, 0).unwrap();
     assert!(max_abs(&full, &stepped) < 1e-5);
 }
+
+/// One LoRA training step against PyTorch + PEFT: the loss, every gradient
+/// and every tensor after AdamW within 1e-5.
+#[test]
+fn one_lora_training_step_matches_pytorch() {
+    use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora, cross_entropy};
+    let step = fixture().join("train-step");
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("golden.json")).unwrap()).unwrap();
+    let batch: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("batch.json")).unwrap()).unwrap();
+    let load = |name: &str| candle_core::safetensors::load(step.join(name), &Device::Cpu).unwrap().into_iter().collect();
+    let init = load("lora_init.safetensors");
+    let (grads_golden, after_golden): (std::collections::BTreeMap<String, Tensor>, std::collections::BTreeMap<String, Tensor>) = (load("grads.safetensors"), load("after_adamw.safetensors"));
+
+    let mut model = model::load_folder(&fixture()).unwrap();
+    let spec = LoraSpec { targets: vec!["c_attn".into()], rank: 4, alpha: 8.0, rslora: false };
+    let vars = attach_lora(&mut model, &spec, Some(&init), &mut Rng::new(0)).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(batch["input_ids"].clone()).unwrap();
+    let labels: Vec<Vec<u32>> = serde_json::from_value(batch["labels"].clone()).unwrap();
+    let ids = Tensor::new(ids, &Device::Cpu).unwrap();
+    let labels = Tensor::new(labels, &Device::Cpu).unwrap().flatten_all().unwrap();
+    let logits = model.forward(&ids, None).unwrap();
+    let vocab = model.config.vocab_size;
+    let loss = cross_entropy(&logits.reshape(((), vocab)).unwrap(), &labels).unwrap();
+    let loss_value = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5, "loss {loss_value} vs {}", golden["loss"]);
+
+    let grads = loss.backward().unwrap();
+    let named = vars.peft_tensors();
+    assert_eq!(named.keys().collect::<Vec<_>>(), grads_golden.keys().collect::<Vec<_>>());
+    for (name, tensor) in &named {
+        let grad = grads.get(tensor).unwrap_or_else(|| panic!("no gradient reached `{name}`"));
+        let error = max_abs(grad, &grads_golden[name]);
+        assert!(error < 1e-5, "gradient of {name}: {error}");
+    }
+    let mut optimizer = AdamW::new(vars.vars(), AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
+    optimizer.step(&grads).unwrap();
+    for (name, tensor) in vars.peft_tensors() {
+        let error = max_abs(&tensor, &after_golden[&name]);
+        assert!(error < 1e-5, "{name} after AdamW: {error}");
+    }
+}

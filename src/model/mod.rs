@@ -4,6 +4,7 @@
 
 pub mod gpt2;
 pub mod lora;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

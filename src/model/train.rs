@@ -1,0 +1,182 @@
+//! Training pieces: the loss, LoRA parameters as trainable variables, AdamW,
+//! and a seeded random source.
+//!
+//! AdamW is written here rather than taken from candle-nn because resuming a
+//! run from a checkpoint needs the optimizer's moments and step count, which
+//! candle-nn keeps private. The update is PyTorch's: decoupled weight decay
+//! `θ ← θ(1 − lr·λ)`, then `θ ← θ − lr · m̂ / (√v̂ + ε)` with bias correction.
+//!
+//! The random source is SplitMix64, written out so that a seed gives the same
+//! numbers whatever the versions of the `rand` crates: seeded runs must give
+//! byte-identical adapters.
+
+use std::collections::BTreeMap;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+
+use super::gpt2::Gpt2;
+use super::lora::{Lora, LoraTarget};
+use super::{ModelError, Result};
+
+/// Mean next-token cross-entropy: `logits` `[n, vocab]`, `labels` `[n]` (u32),
+/// built from primitive ops so the graph keeps its gradient.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_sum)?;
+    let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}
+
+/// A deterministic random source (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// A tensor of `len` values drawn by `draw`, shaped `shape`.
+    pub fn tensor(&mut self, shape: &[usize], mut draw: impl FnMut(&mut Self) -> f64) -> Result<Tensor> {
+        let len = shape.iter().product();
+        let values: Vec<f32> = (0..len).map(|_| draw(self) as f32).collect();
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+}
+
+/// LoRA settings.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub targets: Vec<String>,
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        if self.rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
+    }
+}
+
+/// The trainable LoRA variables of a model, by PEFT module name.
+pub struct LoraVars {
+    pub modules: BTreeMap<String, (Var, Var)>,
+}
+
+impl LoraVars {
+    /// Every variable, in a stable order (A then B, by module name).
+    pub fn vars(&self) -> Vec<Var> {
+        self.modules.values().flat_map(|(a, b)| [a.clone(), b.clone()]).collect()
+    }
+
+    /// The tensors under PEFT's names (`base_model.model.<module>.lora_A.weight`).
+    pub fn peft_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (module, (a, b)) in &self.modules {
+            out.insert(format!("base_model.model.{module}.lora_A.weight"), a.as_tensor().clone());
+            out.insert(format!("base_model.model.{module}.lora_B.weight"), b.as_tensor().clone());
+        }
+        out
+    }
+}
+
+/// Attaches trainable LoRA layers to the targeted linears. With `init`
+/// (PEFT-named tensors) they start from it; otherwise as PEFT initialises
+/// them: A ~ U(−1/√in, 1/√in) (kaiming-uniform with a = √5), B = 0.
+pub fn attach_lora(model: &mut Gpt2, spec: &LoraSpec, init: Option<&BTreeMap<String, Tensor>>, rng: &mut Rng) -> Result<LoraVars> {
+    let scale = spec.scale();
+    let mut modules = BTreeMap::new();
+    for (module, linear) in model.linears_mut(LoraTarget(&spec.targets)) {
+        let (n_in, n_out) = linear.weight.dims2()?;
+        let (a, b) = match init {
+            Some(tensors) => {
+                let get = |which: &str| -> Result<Tensor> {
+                    let name = format!("base_model.model.{module}.lora_{which}.weight");
+                    tensors.get(&name).cloned().ok_or_else(|| ModelError::Config(format!("the initial adapter has no `{name}`")))
+                };
+                (get("A")?, get("B")?)
+            }
+            None => {
+                let bound = 1.0 / (n_in as f64).sqrt();
+                (rng.tensor(&[spec.rank, n_in], |r| (r.uniform() * 2.0 - 1.0) * bound)?, Tensor::zeros((n_out, spec.rank), DType::F32, &Device::Cpu)?)
+            }
+        };
+        let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        linear.lora = Some(Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale });
+        modules.insert(module, (a, b));
+    }
+    if modules.is_empty() {
+        return Err(ModelError::Config(format!("no layer matches the LoRA targets {:?}", spec.targets)));
+    }
+    Ok(LoraVars { modules })
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// AdamW with its state in the open (see the module header).
+pub struct AdamW {
+    pub params: AdamWParams,
+    /// Steps taken so far.
+    pub step: u64,
+    /// Per variable: (variable, first moment, second moment).
+    pub state: Vec<(Var, Tensor, Tensor)>,
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<Var>, params: AdamWParams) -> Result<Self> {
+        let state = vars
+            .into_iter()
+            .map(|v| {
+                let zeros = v.zeros_like()?;
+                Ok((v, zeros.clone(), zeros))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { params, step: 0, state })
+    }
+
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        self.step += 1;
+        let AdamWParams { lr, beta1, beta2, eps, weight_decay } = self.params;
+        let correction1 = 1.0 - beta1.powi(self.step as i32);
+        let correction2 = 1.0 - beta2.powi(self.step as i32);
+        for (var, m, v) in &mut self.state {
+            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
+            *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+            let update = ((&*m / correction1)? / ((&*v / correction2)?.sqrt()? + eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+}
