@@ -12,6 +12,7 @@
 //!                            (to explain re-runs) and the state of its output folder
 //!   v1/stat.json             stat cache: (path, size, mtime, inode) -> digest
 //!   v1/tmp/                  work folders of running stages, temp files
+//!   v1/checkpoints/<key>/    checkpoints of a long stage, kept until it commits
 //! ```
 //!
 //! Every write goes to a temp file inside the cache, is fsynced, then renamed
@@ -150,6 +151,11 @@ impl Cache {
             .prefix(&format!("{label}-"))
             .tempdir_in(self.tmp_dir())
             .map_err(|e| CacheError::io(self.tmp_dir(), e))
+    }
+
+    /// Where a stage with this key keeps checkpoints across killed builds.
+    pub fn checkpoint_dir(&self, key: &str) -> PathBuf {
+        self.bucket.join("checkpoints").join(key)
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {

@@ -304,7 +304,8 @@ fn run_miss(
 ) -> Result<ActionRecord, StageError> {
     let cache = shared.cache;
     let work = cache.work_dir(stage.name())?;
-    let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), reporter: shared.reporter };
+    let checkpoints = cache.checkpoint_dir(key);
+    let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), checkpoints: checkpoints.clone(), reporter: shared.reporter };
     let _span = tracing::info_span!("stage", name = stage.name()).entered();
     let metrics = stage.run(&ctx)?;
     let mut produced: Vec<PathBuf> = std::fs::read_dir(work.path())
@@ -327,6 +328,9 @@ fn run_miss(
         seconds: started.elapsed().as_secs_f64(),
     };
     cache.commit(&record)?;
+    if checkpoints.exists() {
+        let _ = std::fs::remove_dir_all(&checkpoints);
+    }
     tracing::debug!(stage = stage.name(), key, artifacts = record.outputs.len(), "committed action record");
     save_ref(cache, shared.project, stage.name(), key, inputs)?;
     Ok(record)

@@ -141,6 +141,7 @@ pub struct StageContext<'a> {
     inputs: BTreeMap<String, PathBuf>,
     files: &'a [ExternalFile],
     out_dir: &'a Path,
+    checkpoints: PathBuf,
     reporter: &'a dyn Reporter,
 }
 
@@ -161,6 +162,13 @@ impl StageContext<'_> {
     /// Where to write the artifact `name`.
     pub fn output(&self, name: &str) -> PathBuf {
         self.out_dir.join(name)
+    }
+
+    /// A folder that survives a killed build, private to this stage key: a
+    /// long stage keeps checkpoints here and resumes from them. It is removed
+    /// once the stage's result is committed.
+    pub fn checkpoint_dir(&self) -> &Path {
+        &self.checkpoints
     }
 
     /// Reports progress (`total` 0 when unknown).

@@ -288,7 +288,11 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
         if folder.is_empty() {
             return Err(cx.at(&["base", "model"], "`base.model` = \"path:\" names no folder"));
         }
-        BaseModel::Path(normalize(&dir.join(folder)))
+        let path = normalize(&dir.join(folder));
+        if !path.join("config.json").is_file() {
+            return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": `{}` is not a model folder (it has no `config.json`)", path.display())));
+        }
+        BaseModel::Path(path)
     } else {
         return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\" is not understood: use \"scratch\", \"hf:owner/name[@revision]\" or \"path:folder\"")));
     };

@@ -268,6 +268,86 @@ impl Gpt2 {
         self.wte.device()
     }
 
+    /// A new GPT-2 initialised as transformers does (`_init_weights`):
+    /// weights and embeddings ~ N(0, 0.02), the two `c_proj` weights
+    /// ~ N(0, 0.02 / √(2·n_layer)), biases 0, LayerNorm weights 1.
+    pub fn scratch(config: &Config, rng: &mut super::train::Rng) -> Result<Self> {
+        const STD: f64 = 0.02;
+        let c = config.n_embd;
+        let mut tensors = std::collections::HashMap::new();
+        let mut normal = |name: String, shape: &[usize], std: f64| -> Result<()> {
+            tensors.insert(name, rng.tensor(shape, |r| r.normal() * std)?);
+            Ok(())
+        };
+        normal("wte.weight".into(), &[config.vocab_size, c], STD)?;
+        normal("wpe.weight".into(), &[config.n_positions, c], STD)?;
+        let projection_std = STD / (2.0 * config.n_layer as f64).sqrt();
+        for i in 0..config.n_layer {
+            normal(format!("h.{i}.attn.c_attn.weight"), &[c, 3 * c], STD)?;
+            normal(format!("h.{i}.attn.c_proj.weight"), &[c, c], projection_std)?;
+            normal(format!("h.{i}.mlp.c_fc.weight"), &[c, config.inner()], STD)?;
+            normal(format!("h.{i}.mlp.c_proj.weight"), &[config.inner(), c], projection_std)?;
+        }
+        let mut constant = |name: String, size: usize, value: f64| -> Result<()> {
+            tensors.insert(name, (Tensor::ones(size, DType::F32, &Device::Cpu)? * value)?);
+            Ok(())
+        };
+        for i in 0..config.n_layer {
+            constant(format!("h.{i}.attn.c_attn.bias"), 3 * c, 0.0)?;
+            constant(format!("h.{i}.attn.c_proj.bias"), c, 0.0)?;
+            constant(format!("h.{i}.mlp.c_fc.bias"), config.inner(), 0.0)?;
+            constant(format!("h.{i}.mlp.c_proj.bias"), c, 0.0)?;
+            for ln in ["ln_1", "ln_2"] {
+                constant(format!("h.{i}.{ln}.weight"), c, 1.0)?;
+                constant(format!("h.{i}.{ln}.bias"), c, 0.0)?;
+            }
+        }
+        constant("ln_f.weight".into(), c, 1.0)?;
+        constant("ln_f.bias".into(), c, 0.0)?;
+        Gpt2::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), config)
+    }
+
+    /// Calls `f` on every weight with its checkpoint name
+    /// (`transformer.h.0.attn.c_attn.weight`, ...), in a fixed order.
+    pub fn visit_mut(&mut self, mut f: impl FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f("transformer.wte.weight", &mut self.wte)?;
+        f("transformer.wpe.weight", &mut self.wpe)?;
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let prefix = format!("transformer.h.{i}");
+            let weights = [
+                ("ln_1.weight", &mut block.ln_1.weight),
+                ("ln_1.bias", &mut block.ln_1.bias),
+                ("attn.c_attn.weight", &mut block.attn.c_attn.weight),
+                ("attn.c_attn.bias", &mut block.attn.c_attn.bias),
+                ("attn.c_proj.weight", &mut block.attn.c_proj.weight),
+                ("attn.c_proj.bias", &mut block.attn.c_proj.bias),
+                ("ln_2.weight", &mut block.ln_2.weight),
+                ("ln_2.bias", &mut block.ln_2.bias),
+                ("mlp.c_fc.weight", &mut block.mlp.c_fc.weight),
+                ("mlp.c_fc.bias", &mut block.mlp.c_fc.bias),
+                ("mlp.c_proj.weight", &mut block.mlp.c_proj.weight),
+                ("mlp.c_proj.bias", &mut block.mlp.c_proj.bias),
+            ];
+            for (name, tensor) in weights {
+                f(&format!("{prefix}.{name}"), tensor)?;
+            }
+        }
+        f("transformer.ln_f.weight", &mut self.ln_f.weight)?;
+        f("transformer.ln_f.bias", &mut self.ln_f.bias)
+    }
+
+    /// Every weight under its checkpoint name (the head is tied: not repeated).
+    pub fn named_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut copy = self.clone();
+        copy.visit_mut(|name, tensor| {
+            out.insert(name.to_string(), tensor.clone());
+            Ok(())
+        })
+        .expect("collecting cannot fail");
+        out
+    }
+
     /// The linear layers a LoRA target name selects, with their PEFT module names.
     pub fn linears_mut(&mut self, target: LoraTarget) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

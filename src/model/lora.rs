@@ -8,11 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::gpt2::Gpt2;
+use super::train::Rng;
 use super::{ModelError, Result, read_json};
 
 /// Which of GPT-2's linear layers a list of target names selects:
@@ -39,11 +41,23 @@ pub struct Lora {
     /// `[out, r]`
     pub b: Tensor,
     pub scale: f64,
+    /// While training: the dropout probability on the input, and the seeded
+    /// stream its masks come from.
+    pub dropout: Option<(f64, Arc<Mutex<Rng>>)>,
 }
 
 impl Lora {
     /// The low-rank update for `x` `[rows, in]`: `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match &self.dropout {
+            Some((p, rng)) if *p > 0.0 => {
+                let mut rng = rng.lock().expect("dropout rng lock");
+                let keep = 1.0 - p;
+                let mask = rng.tensor(x.dims(), |r| if r.uniform() < keep { 1.0 / keep } else { 0.0 })?;
+                (x * mask)?
+            }
+            _ => x.clone(),
+        };
         Ok((x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?)
     }
 
@@ -76,15 +90,19 @@ impl AdapterConfig {
 
 /// Attaches a PEFT adapter folder to `model`; returns the adapted modules.
 pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<Vec<String>> {
-    let config: AdapterConfig = read_json(&dir.join("adapter_config.json"))?;
+    load_adapter_files(model, &dir.join("adapter_config.json"), &dir.join("adapter_model.safetensors"))
+}
+
+/// Attaches a PEFT adapter given its two files.
+pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> Result<Vec<String>> {
+    let config: AdapterConfig = read_json(config_path)?;
     if config.peft_type.as_deref().is_some_and(|t| t != "LORA") || config.use_dora {
-        return Err(ModelError::Unsupported(format!("`{}`: only plain LoRA adapters are supported", dir.join("adapter_config.json").display())));
+        return Err(ModelError::Unsupported(format!("`{}`: only plain LoRA adapters are supported", config_path.display())));
     }
     if config.r == 0 {
-        return Err(ModelError::Config(format!("`{}`: `r` is 0", dir.join("adapter_config.json").display())));
+        return Err(ModelError::Config(format!("`{}`: `r` is 0", config_path.display())));
     }
-    let path = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| ModelError::io_candle(&path, e))?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::io_candle(path, e))?;
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, tensor) in tensors {
         let module = name.strip_prefix("base_model.model.").unwrap_or(&name);
@@ -119,7 +137,7 @@ pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<Vec<String>> {
                 config.r
             )));
         }
-        linear.lora = Some(Lora { a, b, scale: config.scale() });
+        linear.lora = Some(Lora { a, b, scale: config.scale(), dropout: None });
         adapted.push(module);
     }
     Ok(adapted)
@@ -135,4 +153,35 @@ pub fn merge(model: &mut Gpt2) -> Result<usize> {
         }
     }
     Ok(merged)
+}
+
+/// PEFT's `adapter_config.json` for an adapter trained by symb.
+pub fn peft_config(spec: &super::train::LoraSpec, dropout: f64) -> serde_json::Value {
+    // PEFT matches target names as module-name suffixes; `mlp` (the MLP
+    // container, not a linear layer) becomes a regular expression.
+    let targets: serde_json::Value = if spec.targets.iter().any(|t| t == "all-linear") {
+        "all-linear".into()
+    } else if spec.targets.iter().any(|t| t == "mlp") {
+        let mut names: Vec<String> = vec!["mlp\\.c_fc".into(), "mlp\\.c_proj".into()];
+        names.extend(spec.targets.iter().filter(|t| *t != "mlp").map(|t| format!("\\w+\\.{t}")));
+        format!(".*\\.({})$", names.join("|")).into()
+    } else {
+        spec.targets.clone().into()
+    };
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": null,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": dropout,
+        "use_rslora": spec.rslora,
+        "target_modules": targets,
+        "fan_in_fan_out": true,
+        "bias": "none",
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_dora": false,
+    })
 }

@@ -5,6 +5,7 @@
 pub mod gpt2;
 pub mod lora;
 pub mod train;
+pub mod trainer;
 
 use std::path::{Path, PathBuf};
 
@@ -75,13 +76,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Loads a GPT-2 from a Hugging Face folder, on the CPU, in float32.
 pub fn load_folder(dir: &Path) -> Result<Gpt2> {
-    let config_path = dir.join("config.json");
-    let config: Config = read_json(&config_path)?;
+    load_files(&dir.join("config.json"), &weight_files(dir)?)
+}
+
+/// Loads a GPT-2 from its config and weight files.
+pub fn load_files(config_path: &Path, files: &[PathBuf]) -> Result<Gpt2> {
+    let config: Config = read_json(config_path)?;
     config.validate().map_err(|e| ModelError::Config(format!("`{}`: {e}", config_path.display())))?;
-    let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; symb does not modify
     // model files while it reads them.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }.map_err(|e| ModelError::io_candle(&files[0], e))?;
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, &Device::Cpu) }.map_err(|e| ModelError::io_candle(&files[0], e))?;
     Gpt2::load(vb, &config).map_err(|e| match e {
         ModelError::Candle(inner) => {
             ModelError::Config(format!("`{}` does not match `{}`: {}", files[0].display(), config_path.display(), candle_message(&inner)))
@@ -123,4 +127,10 @@ fn eos_token(dir: &Path, config: &Config) -> Option<u32> {
         .ok()
         .and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64()));
     from_generation.map(|id| id as u32).or(config.eos_token_id)
+}
+
+/// Writes tensors as safetensors (tensors sorted by name: byte-stable).
+pub fn save_safetensors(tensors: &std::collections::BTreeMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
+    let map: std::collections::HashMap<String, candle_core::Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    candle_core::safetensors::save(&map, path).map_err(|e| ModelError::io_candle(path, e))
 }

@@ -38,6 +38,11 @@ impl Rng {
         Rng(seed)
     }
 
+    /// The generator's state, to checkpoint it (`Rng::new(state)` resumes).
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -125,7 +130,7 @@ pub fn attach_lora(model: &mut Gpt2, spec: &LoraSpec, init: Option<&BTreeMap<Str
             }
         };
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        linear.lora = Some(Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale });
+        linear.lora = Some(Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale, dropout: None });
         modules.insert(module, (a, b));
     }
     if modules.is_empty() {
@@ -164,13 +169,25 @@ impl AdamW {
         Ok(AdamW { params, step: 0, state })
     }
 
+    /// One step with the gradients in a GradStore (variables without one are left alone).
     pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = self.state.iter().map(|(var, _, _)| grads.get(var.as_tensor()).cloned()).collect();
+        self.update(&grads)
+    }
+
+    /// One step with one gradient per variable, in the order given to `new`.
+    pub fn step_with(&mut self, grads: &[Tensor]) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = grads.iter().cloned().map(Some).collect();
+        self.update(&grads)
+    }
+
+    fn update(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
         let AdamWParams { lr, beta1, beta2, eps, weight_decay } = self.params;
         let correction1 = 1.0 - beta1.powi(self.step as i32);
         let correction2 = 1.0 - beta2.powi(self.step as i32);
-        for (var, m, v) in &mut self.state {
-            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+        for ((var, m, v), grad) in self.state.iter_mut().zip(grads) {
+            let Some(grad) = grad else { continue };
             *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
             *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let update = ((&*m / correction1)? / ((&*v / correction2)?.sqrt()? + eps)?)?;

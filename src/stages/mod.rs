@@ -1,10 +1,11 @@
 //! The stage kinds, and the one place that turns a manifest into a plan.
 
 pub mod corpus;
+pub mod model;
 pub mod tokenizer;
 
 use crate::engine::{Plan, Stage};
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{BaseModel, FinetuneMethod, Manifest, ManifestError};
 
 /// The stages a manifest asks for. A section whose stage this version of symb
 /// does not have yet is refused rather than silently ignored.
@@ -16,10 +17,35 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     if let Some(tokenizer) = &manifest.tokenizer {
         stages.push(Box::new(tokenizer::TokenizerStage { tokenizer: tokenizer.clone() }));
     }
+    let error = |message: &str| ManifestError::general(&manifest.display, message);
+    let finetune = manifest.finetune.as_ref().filter(|f| f.method != FinetuneMethod::None);
+    if let Some(base) = &manifest.base {
+        match &base.model {
+            BaseModel::Scratch if manifest.tokenizer.is_none() => {
+                return Err(error("`base.model` = \"scratch\" needs a `[tokenizer]` section: a new model takes the tokenizer trained for it"));
+            }
+            BaseModel::Path(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_some() => {
+                return Err(error(
+                    "a `[tokenizer]` with a pretrained base needs `[vocab]` to add its tokens to the base's tokenizer, which this version of symb cannot build yet; comment `[tokenizer]` out to fine-tune with the base's own tokenizer",
+                ));
+            }
+            _ => {}
+        }
+        let files = match &base.model {
+            BaseModel::Path(dir) => model::folder_files(dir, &manifest.dir),
+            _ => Vec::new(),
+        };
+        stages.push(Box::new(model::BaseStage { base: base.clone(), files, publish: finetune.is_none() }));
+    }
+    if let Some(finetune) = finetune {
+        if manifest.corpus.is_none() || manifest.base.is_none() {
+            return Err(error("`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train"));
+        }
+        stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone() }));
+        stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora }));
+    }
     let unsupported = [
-        ("base", manifest.base.is_some()),
         ("vocab", manifest.vocab.is_some()),
-        ("finetune", manifest.finetune.is_some()),
         ("export", manifest.export.is_some()),
         ("verify", manifest.verify.is_some()),
     ];

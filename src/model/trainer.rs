@@ -1,0 +1,361 @@
+//! The training loop: packed blocks, AdamW, a warmup + decay schedule,
+//! gradient accumulation and clipping, periodic evaluation with early
+//! stopping, and checkpoints a killed run resumes from.
+//!
+//! Determinism: block order comes from (seed, epoch), dropout masks from a
+//! seeded stream whose state is checkpointed with the parameters and the
+//! optimizer moments, so a resumed run takes exactly the steps an
+//! uninterrupted one would.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::gpt2::Gpt2;
+use super::train::{AdamW, AdamWParams, LoraSpec, LoraVars, Rng, attach_lora, cross_entropy};
+use super::{ModelError, Result, read_json, save_safetensors};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone)]
+pub enum Method {
+    /// Every weight trains.
+    Full,
+    /// LoRA adapters train, with dropout on their input.
+    Lora { spec: LoraSpec, dropout: f64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub method: Method,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub batch_size: usize,
+    pub block_size: usize,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub gradient_accumulation: usize,
+    pub max_grad_norm: f64,
+    pub eval_every: usize,
+    pub early_stopping_patience: Option<usize>,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+}
+
+/// Token streams cut into blocks of `block_size + 1` (inputs and shifted labels).
+pub fn pack(documents: &[Vec<u32>], separator: Option<u32>, block_size: usize) -> Vec<Vec<u32>> {
+    let mut stream = Vec::new();
+    for doc in documents {
+        stream.extend_from_slice(doc);
+        stream.extend(separator);
+    }
+    stream.chunks_exact(block_size + 1).map(<[u32]>::to_vec).collect()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Metrics {
+    /// (step, training loss of that step).
+    pub train_loss: Vec<(usize, f64)>,
+    /// (step, eval loss); step 0 is before training.
+    pub eval_loss: Vec<(usize, f64)>,
+    pub steps: usize,
+    pub total_steps: usize,
+    pub tokens: u64,
+    pub stopped_early: bool,
+    /// Steps restored from a checkpoint at the start of this run.
+    pub resumed_from: usize,
+}
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    dropout_rng: u64,
+    best_eval: Option<f64>,
+    evals_without_improvement: usize,
+    metrics: Metrics,
+}
+
+/// Progress of a run, for the caller to display.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    pub tokens_per_second: f64,
+    pub eta_seconds: f64,
+    pub message: &'a str,
+}
+
+pub struct Trained {
+    pub model: Gpt2,
+    pub lora: Option<LoraVars>,
+    pub metrics: Metrics,
+}
+
+/// The learning-rate multiplier of optimizer step `k` (0-based), as
+/// transformers' schedulers compute it.
+pub fn lr_factor(schedule: Schedule, k: usize, warmup: usize, total: usize) -> f64 {
+    if k < warmup {
+        return k as f64 / warmup.max(1) as f64;
+    }
+    let progress = (k - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    match schedule {
+        Schedule::Constant => 1.0,
+        Schedule::Linear => (1.0 - progress).max(0.0),
+        Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+    }
+}
+
+/// Mean loss over `blocks`, without gradients.
+pub fn evaluate(model: &Gpt2, blocks: &[Vec<u32>], batch_size: usize) -> Result<Option<f64>> {
+    if blocks.is_empty() {
+        return Ok(None);
+    }
+    let mut total = 0.0;
+    for batch in blocks.chunks(batch_size) {
+        let (inputs, labels) = tensors(batch)?;
+        let logits = model.forward(&inputs, None)?.detach();
+        let vocab = model.config.vocab_size;
+        let loss = cross_entropy(&logits.reshape(((), vocab))?, &labels)?.to_scalar::<f32>()? as f64;
+        total += loss * batch.len() as f64;
+    }
+    Ok(Some(total / blocks.len() as f64))
+}
+
+fn tensors(batch: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+    let inputs: Vec<Vec<u32>> = batch.iter().map(|b| b[..b.len() - 1].to_vec()).collect();
+    let labels: Vec<u32> = batch.iter().flat_map(|b| b[1..].iter().copied()).collect();
+    Ok((Tensor::new(inputs, &Device::Cpu)?, Tensor::new(labels, &Device::Cpu)?))
+}
+
+/// Trains `model` on `train` blocks; evaluates on `eval` blocks. With a
+/// `checkpoint_dir`, resumes from the checkpoint there and writes new ones.
+pub fn train(
+    mut model: Gpt2,
+    config: &TrainConfig,
+    train: &[Vec<u32>],
+    eval: &[Vec<u32>],
+    checkpoint_dir: Option<&Path>,
+    mut progress: impl FnMut(&Progress<'_>),
+) -> Result<Trained> {
+    if train.is_empty() {
+        return Err(ModelError::Config(format!("the train split is shorter than one block of {} tokens", config.block_size + 1)));
+    }
+    let mut init_rng = Rng::new(config.seed);
+    let dropout_rng = Arc::new(Mutex::new(Rng::new(config.seed ^ 0x5EED_D80F)));
+    // Trainable variables, by name.
+    let (lora, vars): (Option<LoraVars>, Vec<(String, Var)>) = match &config.method {
+        Method::Lora { spec, dropout } => {
+            let lora = attach_lora(&mut model, spec, None, &mut init_rng)?;
+            if *dropout > 0.0 {
+                for (_, linear) in model.linears_mut(super::lora::LoraTarget(&spec.targets)) {
+                    if let Some(l) = linear.lora.as_mut() {
+                        l.dropout = Some((*dropout, dropout_rng.clone()));
+                    }
+                }
+            }
+            let vars = lora.modules.iter().flat_map(|(m, (a, b))| [(format!("{m}.lora_A"), a.clone()), (format!("{m}.lora_B"), b.clone())]).collect();
+            (Some(lora), vars)
+        }
+        Method::Full => {
+            let mut vars = Vec::new();
+            model.visit_mut(|name, tensor| {
+                let var = Var::from_tensor(tensor)?;
+                *tensor = var.as_tensor().clone();
+                vars.push((name.to_string(), var));
+                Ok(())
+            })?;
+            (None, vars)
+        }
+    };
+    let mut optimizer = AdamW::new(
+        vars.iter().map(|(_, v)| v.clone()).collect(),
+        AdamWParams { lr: config.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay },
+    )?;
+    let per_epoch = train.len().div_ceil(config.batch_size);
+    let total_steps = config.max_steps.unwrap_or_else(|| (config.epochs * per_epoch).div_ceil(config.gradient_accumulation)).max(1);
+    let mut metrics = Metrics { total_steps, ..Metrics::default() };
+    let mut best_eval: Option<f64> = None;
+    let mut evals_without_improvement = 0;
+    let mut start_step = 0;
+
+    if let Some(dir) = checkpoint_dir
+        && let Some(state) = load_checkpoint(dir, &vars, &mut optimizer)?
+    {
+        start_step = state.step;
+        *dropout_rng.lock().expect("rng lock") = Rng::new(state.dropout_rng);
+        best_eval = state.best_eval;
+        evals_without_improvement = state.evals_without_improvement;
+        metrics = state.metrics;
+        metrics.resumed_from = start_step;
+    } else {
+        let initial = evaluate(&model, eval, config.batch_size)?;
+        if let Some(loss) = initial {
+            metrics.eval_loss.push((0, loss));
+            best_eval = Some(loss);
+        }
+    }
+
+    let started = Instant::now();
+    let mut tokens_this_run = 0u64;
+    let mut orders: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    let mut step = start_step;
+    while step < total_steps {
+        let mut accumulated: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut step_loss = 0.0;
+        let mut step_tokens = 0u64;
+        for micro in 0..config.gradient_accumulation {
+            let index = step * config.gradient_accumulation + micro;
+            let epoch = index / per_epoch;
+            let order = orders.entry(epoch).or_insert_with(|| shuffled(train.len(), config.seed.wrapping_add(epoch as u64)));
+            let position = (index % per_epoch) * config.batch_size;
+            let batch: Vec<Vec<u32>> = order[position..(position + config.batch_size).min(train.len())].iter().map(|&i| train[i].clone()).collect();
+            let (inputs, labels) = tensors(&batch)?;
+            let logits = model.forward(&inputs, None)?;
+            let loss = cross_entropy(&logits.reshape(((), model.config.vocab_size))?, &labels)?;
+            step_loss += loss.to_scalar::<f32>()? as f64 / config.gradient_accumulation as f64;
+            let grads = loss.backward()?;
+            for (slot, (name, var)) in accumulated.iter_mut().zip(&vars) {
+                let grad = grads.get(var.as_tensor()).ok_or_else(|| ModelError::Config(format!("no gradient reached `{name}`")))?;
+                let grad = (grad / config.gradient_accumulation as f64)?;
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + grad)?,
+                    None => grad,
+                });
+            }
+            step_tokens += labels.elem_count() as u64;
+        }
+        let mut grads: Vec<Tensor> = accumulated.into_iter().map(|g| g.expect("every variable got a gradient")).collect();
+        clip(&mut grads, config.max_grad_norm)?;
+        optimizer.params.lr = config.learning_rate * lr_factor(config.schedule, step, config.warmup_steps, total_steps);
+        optimizer.step_with(&grads)?;
+        step += 1;
+        metrics.steps = step;
+        metrics.tokens += step_tokens;
+        tokens_this_run += step_tokens;
+        metrics.train_loss.push((step, step_loss));
+        let elapsed = started.elapsed().as_secs_f64();
+        let tokens_per_second = tokens_this_run as f64 / elapsed.max(1e-9);
+        let eta = elapsed / (step - start_step) as f64 * (total_steps - step) as f64;
+        progress(&Progress { step, total_steps, loss: step_loss, tokens_per_second, eta_seconds: eta, message: "training" });
+
+        if step % config.eval_every == 0 || step == total_steps {
+            if let Some(loss) = evaluate(&model, eval, config.batch_size)? {
+                metrics.eval_loss.push((step, loss));
+                if best_eval.is_none_or(|best| loss < best) {
+                    best_eval = Some(loss);
+                    evals_without_improvement = 0;
+                } else {
+                    evals_without_improvement += 1;
+                }
+                if config.early_stopping_patience.is_some_and(|p| evals_without_improvement >= p) {
+                    metrics.stopped_early = true;
+                    break;
+                }
+            }
+        }
+        if let Some(dir) = checkpoint_dir
+            && step % config.checkpoint_every == 0
+            && step < total_steps
+        {
+            let state = CheckpointState {
+                step,
+                dropout_rng: dropout_rng.lock().expect("rng lock").state(),
+                best_eval,
+                evals_without_improvement,
+                metrics: metrics.clone(),
+            };
+            save_checkpoint(dir, &vars, &optimizer, &state)?;
+        }
+    }
+    // Training is over: the LoRA layers no longer drop out.
+    for (_, linear) in model.linears_mut(super::lora::LoraTarget(&["all-linear".to_string()])) {
+        if let Some(l) = linear.lora.as_mut() {
+            l.dropout = None;
+        }
+    }
+    Ok(Trained { model, lora, metrics })
+}
+
+/// PyTorch's `clip_grad_norm_`: scale all gradients when their global norm
+/// exceeds `max_norm`.
+fn clip(grads: &mut [Tensor], max_norm: f64) -> Result<()> {
+    let mut sum = 0.0f64;
+    for g in grads.iter() {
+        sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sum.sqrt();
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * factor)?;
+        }
+    }
+    Ok(())
+}
+
+/// A seeded permutation of 0..n (Fisher–Yates).
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = Rng::new(seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+fn save_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &AdamW, state: &CheckpointState) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let mut params = BTreeMap::new();
+    let mut moments = BTreeMap::new();
+    for ((name, var), (_, m, v)) in vars.iter().zip(&optimizer.state) {
+        params.insert(name.clone(), var.as_tensor().clone());
+        moments.insert(format!("{name}.m"), m.clone());
+        moments.insert(format!("{name}.v"), v.clone());
+    }
+    // Tensors first, the state file last: it is the checkpoint's commit point.
+    let write = |name: &str, tensors: &BTreeMap<String, Tensor>| -> Result<()> {
+        let tmp = dir.join(format!("{name}.tmp"));
+        save_safetensors(tensors, &tmp)?;
+        std::fs::rename(&tmp, dir.join(name)).map_err(|e| ModelError::io(dir, e))
+    };
+    write("params.safetensors", &params)?;
+    write("optimizer.safetensors", &moments)?;
+    let mut json = serde_json::to_value(state).expect("state serialises");
+    json["optimizer_step"] = optimizer.step.into();
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&json).expect("json")).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join("state.json")).map_err(|e| ModelError::io(dir, e))
+}
+
+fn load_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &mut AdamW) -> Result<Option<CheckpointState>> {
+    let state_path = dir.join("state.json");
+    if !state_path.is_file() {
+        return Ok(None);
+    }
+    let json: serde_json::Value = read_json(&state_path)?;
+    let state: CheckpointState = serde_json::from_value(json.clone()).map_err(|e| ModelError::io(&state_path, e))?;
+    let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu).map_err(|e| ModelError::io_candle(dir, e))?;
+    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu).map_err(|e| ModelError::io_candle(dir, e))?;
+    for ((name, var), (_, m, v)) in vars.iter().zip(optimizer.state.iter_mut()) {
+        let missing = || ModelError::Config(format!("checkpoint `{}` lacks `{name}`", dir.display()));
+        var.set(params.get(name).ok_or_else(missing)?)?;
+        *m = moments.get(&format!("{name}.m")).ok_or_else(missing)?.clone();
+        *v = moments.get(&format!("{name}.v")).ok_or_else(missing)?.clone();
+    }
+    optimizer.step = json["optimizer_step"].as_u64().unwrap_or(state.step as u64);
+    Ok(Some(state))
+}

@@ -1,0 +1,425 @@
+//! Stages `base`, `finetune` and `merge`: the model side of the pipeline.
+//!
+//! - `base` resolves the base model into a Hugging Face folder's files
+//!   (`config.json`, `model.safetensors`, `tokenizer.json`,
+//!   `generation_config.json`): a local folder (validated by loading it), or
+//!   a GPT-2 of the manifest's size initialised from a seed, whose tokenizer
+//!   is the one the `tokenizer` stage trained.
+//! - `finetune` trains it on the corpus (LoRA or all weights) and writes a
+//!   PEFT adapter or the full weights, `metrics.json` and `loss.svg`.
+//! - `merge` folds the adapter into the weights: a folder Python
+//!   transformers loads.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::corpus::{Document, read_documents};
+use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
+use crate::manifest::{Base, BaseModel, Finetune, FinetuneMethod};
+use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
+use crate::model::train::{LoraSpec, Rng};
+use crate::model::{self, Config, ModelError, lora};
+
+/// The candle version that shapes the model artifacts (part of the keys).
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+fn model_error(e: ModelError) -> StageError {
+    match e {
+        ModelError::Candle(_) => StageError::failed(e.to_string()),
+        _ => StageError::bad_input(e.to_string()),
+    }
+}
+
+fn io(path: &Path, e: std::io::Error) -> StageError {
+    StageError::failed(format!("cannot write `{}`: {e}", path.display()))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
+    let mut text = serde_json::to_string_pretty(value).expect("json serialises");
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| io(path, e))
+}
+
+fn tools() -> BTreeMap<String, String> {
+    [("candle".to_string(), CANDLE_VERSION.to_string()), ("tokenizers".to_string(), super::tokenizer::TOKENIZERS_VERSION.to_string())].into()
+}
+
+pub struct BaseStage {
+    pub base: Base,
+    /// For a local folder: its files.
+    pub files: Vec<ExternalFile>,
+    /// Whether the output folder gets the base model (when nothing trains it).
+    pub publish: bool,
+}
+
+/// The files of a local model folder that a build reads.
+pub fn folder_files(dir: &Path, project: &Path) -> Vec<ExternalFile> {
+    let mut names = vec!["config.json".to_string(), "tokenizer.json".to_string(), "generation_config.json".to_string()];
+    if let Ok(weights) = model::weight_files(dir) {
+        names.extend(weights.iter().filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string)));
+        if dir.join("model.safetensors.index.json").is_file() {
+            names.push("model.safetensors.index.json".to_string());
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| dir.join(&name))
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let label = path.strip_prefix(project).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| path.to_string_lossy().into_owned());
+            ExternalFile { label, path }
+        })
+        .collect()
+}
+
+impl Stage for BaseStage {
+    fn name(&self) -> &str {
+        "base"
+    }
+    fn kind(&self) -> &'static str {
+        "base"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let b = &self.base;
+        let mut s = Settings::new();
+        s.insert("base.model".into(), serde_json::to_value(&b.model).expect("serialises"));
+        if b.model == BaseModel::Scratch {
+            s.insert("base.architecture".into(), serde_json::to_value(b.architecture).expect("serialises"));
+            for (key, value) in [("n_layer", b.n_layer), ("n_head", b.n_head), ("n_embd", b.n_embd), ("n_positions", b.n_positions), ("seed", b.seed)] {
+                s.insert(format!("base.{key}"), value.into());
+            }
+        }
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        if self.base.model == BaseModel::Scratch { vec!["tokenizer".to_string()] } else { Vec::new() }
+    }
+    fn files(&self) -> &[ExternalFile] {
+        &self.files
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        tools()
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        if !self.publish {
+            return Vec::new();
+        }
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| (f.to_string(), f.to_string())).collect()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        match &self.base.model {
+            BaseModel::Scratch => self.scratch(ctx),
+            BaseModel::Path(dir) => {
+                let model = model::load_folder(dir).map_err(model_error)?;
+                if !dir.join("tokenizer.json").is_file() {
+                    return Err(StageError::bad_input(format!("the base model folder `{}` has no `tokenizer.json`", dir.display())));
+                }
+                let mut named = BTreeMap::new();
+                for file in &self.files {
+                    let name = file.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                    if name.ends_with(".safetensors") || name.ends_with(".index.json") {
+                        continue;
+                    }
+                    named.insert(name.to_string(), file.path.clone());
+                }
+                for (name, path) in named {
+                    std::fs::copy(&path, ctx.output(&name)).map_err(|e| io(&path, e))?;
+                }
+                // The weights are rewritten in one file with checkpoint names.
+                model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
+                Ok(serde_json::json!({ "parameters": parameters(&model), "vocab_size": model.config.vocab_size }))
+            }
+            BaseModel::Hub { repo, .. } => Err(StageError::bad_input(format!(
+                "`base.model` = \"hf:{repo}\": Hub downloads are not in this version of symb yet; download the folder and use \"path:FOLDER\""
+            ))),
+        }
+    }
+}
+
+fn parameters(model: &model::Gpt2) -> usize {
+    model.named_tensors().values().map(|t| t.elem_count()).sum()
+}
+
+impl BaseStage {
+    fn scratch(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let tokenizer_path = ctx.input("tokenizer", "tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the trained tokenizer: {e}")))?;
+        let eos = tokenizer.token_to_id("<|endoftext|>").or_else(|| tokenizer.get_added_tokens_decoder().keys().min().copied());
+        let b = &self.base;
+        let config = Config {
+            vocab_size: tokenizer.get_vocab_size(true),
+            n_positions: b.n_positions as usize,
+            n_embd: b.n_embd as usize,
+            n_layer: b.n_layer as usize,
+            n_head: b.n_head as usize,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+            activation_function: "gelu_new".to_string(),
+            bos_token_id: eos,
+            eos_token_id: eos,
+            model_type: Some("gpt2".to_string()),
+            tie_word_embeddings: Some(true),
+        };
+        let model = model::Gpt2::scratch(&config, &mut Rng::new(b.seed)).map_err(model_error)?;
+        model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
+        let mut json = serde_json::to_value(&config).expect("config serialises");
+        json["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        json["initializer_range"] = 0.02.into();
+        json["torch_dtype"] = "float32".into();
+        write_json(&ctx.output("config.json"), &json)?;
+        write_json(&ctx.output("generation_config.json"), &serde_json::json!({"bos_token_id": eos, "eos_token_id": eos}))?;
+        std::fs::copy(tokenizer_path, ctx.output("tokenizer.json")).map_err(|e| io(tokenizer_path, e))?;
+        Ok(serde_json::json!({ "parameters": parameters(&model), "vocab_size": config.vocab_size }))
+    }
+}
+
+pub struct FinetuneStage {
+    pub finetune: Finetune,
+}
+
+impl FinetuneStage {
+    fn train_config(&self) -> TrainConfig {
+        let f = &self.finetune;
+        let method = match f.method {
+            FinetuneMethod::Full | FinetuneMethod::None => Method::Full,
+            FinetuneMethod::Lora => Method::Lora {
+                spec: LoraSpec { targets: f.targets.clone(), rank: f.rank as usize, alpha: f.alpha, rslora: f.rslora },
+                dropout: f.dropout,
+            },
+        };
+        TrainConfig {
+            method,
+            learning_rate: f.learning_rate,
+            weight_decay: f.weight_decay,
+            schedule: match f.schedule {
+                crate::manifest::Schedule::Cosine => Schedule::Cosine,
+                crate::manifest::Schedule::Linear => Schedule::Linear,
+                crate::manifest::Schedule::Constant => Schedule::Constant,
+            },
+            warmup_steps: f.warmup_steps as usize,
+            batch_size: f.batch_size as usize,
+            block_size: f.block_size as usize,
+            epochs: f.epochs as usize,
+            max_steps: f.max_steps.map(|s| s as usize),
+            gradient_accumulation: f.gradient_accumulation as usize,
+            max_grad_norm: f.max_grad_norm,
+            eval_every: f.eval_every as usize,
+            early_stopping_patience: f.early_stopping_patience.map(|p| p as usize),
+            checkpoint_every: f.checkpoint_every as usize,
+            seed: f.seed,
+        }
+    }
+}
+
+/// Loads the base model from its artifacts.
+fn load_base(ctx: &StageContext<'_>) -> Result<(model::Gpt2, tokenizers::Tokenizer), StageError> {
+    let model = model::load_files(ctx.input("base", "config.json")?, &[ctx.input("base", "model.safetensors")?.to_path_buf()]).map_err(model_error)?;
+    let tokenizer = tokenizers::Tokenizer::from_file(ctx.input("base", "tokenizer.json")?).map_err(|e| StageError::failed(format!("cannot load the base tokenizer: {e}")))?;
+    Ok((model, tokenizer))
+}
+
+fn tokenize(tokenizer: &tokenizers::Tokenizer, docs: &[Document]) -> Result<Vec<Vec<u32>>, StageError> {
+    let texts: Vec<String> = docs
+        .iter()
+        .map(|d| match d {
+            Document::Text { text } => text.clone(),
+            Document::PromptCompletion { prompt, completion } => format!("{prompt}\n{completion}"),
+        })
+        .collect();
+    let encodings = tokenizer.encode_batch(texts, false).map_err(|e| StageError::failed(format!("cannot tokenize the corpus: {e}")))?;
+    Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+}
+
+impl Stage for FinetuneStage {
+    fn name(&self) -> &str {
+        "finetune"
+    }
+    fn kind(&self) -> &'static str {
+        "finetune"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let f = &self.finetune;
+        let mut s = Settings::new();
+        s.insert("finetune.method".into(), serde_json::to_value(f.method).expect("serialises"));
+        if f.method == FinetuneMethod::Lora {
+            s.insert("finetune.rank".into(), f.rank.into());
+            s.insert("finetune.alpha".into(), f.alpha.into());
+            s.insert("finetune.dropout".into(), f.dropout.into());
+            s.insert("finetune.rslora".into(), f.rslora.into());
+            s.insert("finetune.targets".into(), serde_json::json!(f.targets));
+        }
+        for (key, value) in [("learning_rate", f.learning_rate), ("weight_decay", f.weight_decay), ("max_grad_norm", f.max_grad_norm)] {
+            s.insert(format!("finetune.{key}"), value.into());
+        }
+        s.insert("finetune.schedule".into(), serde_json::to_value(f.schedule).expect("serialises"));
+        for (key, value) in [
+            ("warmup_steps", f.warmup_steps),
+            ("batch_size", f.batch_size),
+            ("block_size", f.block_size),
+            ("epochs", f.epochs),
+            ("gradient_accumulation", f.gradient_accumulation),
+            ("eval_every", f.eval_every),
+            ("checkpoint_every", f.checkpoint_every),
+            ("seed", f.seed),
+        ] {
+            s.insert(format!("finetune.{key}"), value.into());
+        }
+        s.insert("finetune.max_steps".into(), serde_json::json!(f.max_steps));
+        s.insert("finetune.early_stopping_patience".into(), serde_json::json!(f.early_stopping_patience));
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        vec!["corpus".to_string(), "base".to_string()]
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        tools()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let (model, tokenizer) = load_base(ctx)?;
+        let config = self.train_config();
+        if config.block_size >= model.config.n_positions + 1 {
+            return Err(StageError::bad_input(format!(
+                "`finetune.block_size` = {} is longer than the base model's context ({} positions)",
+                config.block_size, model.config.n_positions
+            )));
+        }
+        if let Method::Lora { spec, .. } = &config.method
+            && spec.rank > model.config.n_embd
+        {
+            return Err(StageError::bad_input(format!("`finetune.rank` = {} is larger than the base model's width ({})", spec.rank, model.config.n_embd)));
+        }
+        let separator = model.config.eos_token_id;
+        let train_docs = read_documents(ctx.input("corpus", "train.jsonl")?)?;
+        let eval_docs = read_documents(ctx.input("corpus", "eval.jsonl")?)?;
+        let train_blocks = pack(&tokenize(&tokenizer, &train_docs)?, separator, config.block_size);
+        let eval_blocks = pack(&tokenize(&tokenizer, &eval_docs)?, separator, config.block_size);
+        let started = std::time::Instant::now();
+        let trained = train(model, &config, &train_blocks, &eval_blocks, Some(ctx.checkpoint_dir()), |p: &Progress<'_>| {
+            ctx.progress(p.step as u64, p.total_steps as u64, &format!("loss {:.3}, {:.0} tokens/s, ETA {:.0}s", p.loss, p.tokens_per_second, p.eta_seconds));
+        })
+        .map_err(model_error)?;
+        let seconds = started.elapsed().as_secs_f64();
+        match (&config.method, &trained.lora) {
+            (Method::Lora { spec, dropout }, Some(lora)) => {
+                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(spec, *dropout))?;
+                model::save_safetensors(&lora.peft_tensors(), &ctx.output("adapter_model.safetensors")).map_err(model_error)?;
+            }
+            _ => model::save_safetensors(&trained.model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?,
+        }
+        let m = &trained.metrics;
+        let first = m.eval_loss.first().map(|e| e.1);
+        let last = m.eval_loss.last().map(|e| e.1);
+        let metrics = serde_json::json!({
+            "steps": m.steps,
+            "total_steps": m.total_steps,
+            "tokens": m.tokens,
+            "train_blocks": train_blocks.len(),
+            "eval_blocks": eval_blocks.len(),
+            "initial_eval_loss": first,
+            "final_eval_loss": last,
+            "initial_perplexity": first.map(f64::exp),
+            "final_perplexity": last.map(f64::exp),
+            "stopped_early": m.stopped_early,
+            "resumed_from_step": m.resumed_from,
+            "seconds_this_run": seconds,
+            "train_loss": m.train_loss,
+            "eval_loss": m.eval_loss,
+        });
+        write_json(&ctx.output("metrics.json"), &metrics)?;
+        std::fs::write(ctx.output("loss.svg"), loss_svg(&m.train_loss, &m.eval_loss)).map_err(|e| io(&ctx.output("loss.svg"), e))?;
+        let mut summary = metrics;
+        summary.as_object_mut().expect("an object").retain(|k, _| k != "train_loss" && k != "eval_loss");
+        Ok(summary)
+    }
+}
+
+/// The loss curve as a small standalone SVG: training loss per step, eval
+/// loss as points.
+pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
+    let (width, height, pad) = (640.0, 360.0, 40.0);
+    let max_step = train.iter().chain(eval).map(|p| p.0).max().unwrap_or(1).max(1) as f64;
+    let values = train.iter().chain(eval).map(|p| p.1).filter(|v| v.is_finite());
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if lo < hi { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
+    let x = |step: usize| pad + (step as f64 / max_step) * (width - 2.0 * pad);
+    let y = |v: f64| height - pad - (v - lo) / (hi - lo) * (height - 2.0 * pad);
+    let line: Vec<String> = train.iter().map(|&(s, v)| format!("{:.1},{:.1}", x(s), y(v))).collect();
+    let points: String = eval.iter().map(|&(s, v)| format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d1495b\"/>", x(s), y(v))).collect();
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\
+<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+<text x=\"{pad}\" y=\"24\">loss: training (line), eval (dots); steps 0 to {max_step}</text>\
+<text x=\"4\" y=\"{:.1}\">{hi:.2}</text><text x=\"4\" y=\"{:.1}\">{lo:.2}</text>\
+<polyline fill=\"none\" stroke=\"#00798c\" stroke-width=\"1.5\" points=\"{}\"/>{points}</svg>\n",
+        pad + 4.0,
+        height - pad,
+        line.join(" ")
+    )
+}
+
+pub struct MergeStage {
+    pub lora: bool,
+}
+
+impl Stage for MergeStage {
+    fn name(&self) -> &str {
+        "merge"
+    }
+    fn kind(&self) -> &'static str {
+        "merge"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        Settings::new()
+    }
+    fn dependencies(&self) -> Vec<String> {
+        vec!["base".to_string(), "finetune".to_string()]
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        tools()
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"].iter().map(|f| (f.to_string(), f.to_string())).collect()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let weights: PathBuf = if self.lora {
+            let (mut model, _) = load_base(ctx)?;
+            lora::load_adapter_files(&mut model, ctx.input("finetune", "adapter_config.json")?, ctx.input("finetune", "adapter_model.safetensors")?).map_err(model_error)?;
+            lora::merge(&mut model).map_err(model_error)?;
+            model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
+            ctx.output("model.safetensors")
+        } else {
+            let trained = ctx.input("finetune", "model.safetensors")?;
+            std::fs::copy(trained, ctx.output("model.safetensors")).map_err(|e| io(trained, e))?;
+            ctx.output("model.safetensors")
+        };
+        for file in ["config.json", "generation_config.json", "tokenizer.json"] {
+            let from = ctx.input("base", file)?;
+            std::fs::copy(from, ctx.output(file)).map_err(|e| io(from, e))?;
+        }
+        let config: Config = model::read_json(&ctx.output("config.json")).map_err(model_error)?;
+        let tokenizer = tokenizers::Tokenizer::from_file(ctx.output("tokenizer.json")).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        write_json(
+            &ctx.output("tokenizer_config.json"),
+            &serde_json::json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": token(config.bos_token_id),
+                "eos_token": token(config.eos_token_id),
+                "unk_token": token(config.eos_token_id),
+                "model_max_length": config.n_positions,
+                "clean_up_tokenization_spaces": false,
+            }),
+        )?;
+        let size = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
+        Ok(serde_json::json!({ "model_bytes": size }))
+    }
+}
