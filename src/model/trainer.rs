@@ -251,19 +251,19 @@ pub fn train(
         let eta = elapsed / (step - start_step) as f64 * (total_steps - step) as f64;
         progress(&Progress { step, total_steps, loss: step_loss, tokens_per_second, eta_seconds: eta, message: "training" });
 
-        if step % config.eval_every == 0 || step == total_steps {
-            if let Some(loss) = evaluate(&model, eval, config.batch_size)? {
-                metrics.eval_loss.push((step, loss));
-                if best_eval.is_none_or(|best| loss < best) {
-                    best_eval = Some(loss);
-                    evals_without_improvement = 0;
-                } else {
-                    evals_without_improvement += 1;
-                }
-                if config.early_stopping_patience.is_some_and(|p| evals_without_improvement >= p) {
-                    metrics.stopped_early = true;
-                    break;
-                }
+        if (step % config.eval_every == 0 || step == total_steps)
+            && let Some(loss) = evaluate(&model, eval, config.batch_size)?
+        {
+            metrics.eval_loss.push((step, loss));
+            if best_eval.is_none_or(|best| loss < best) {
+                best_eval = Some(loss);
+                evals_without_improvement = 0;
+            } else {
+                evals_without_improvement += 1;
+            }
+            if config.early_stopping_patience.is_some_and(|p| evals_without_improvement >= p) {
+                metrics.stopped_early = true;
+                break;
             }
         }
         if let Some(dir) = checkpoint_dir

@@ -277,13 +277,22 @@ impl Stage for FinetuneStage {
     fn dependencies(&self) -> Vec<String> {
         vec!["corpus".to_string(), "base".to_string()]
     }
+    fn publishes(&self) -> Vec<(String, String)> {
+        let mut files = vec![("metrics.json".to_string(), "training/metrics.json".to_string()), ("loss.svg".to_string(), "training/loss.svg".to_string())];
+        if self.finetune.method == FinetuneMethod::Lora {
+            for file in ["adapter_config.json", "adapter_model.safetensors"] {
+                files.push((file.to_string(), format!("adapter/{file}")));
+            }
+        }
+        files
+    }
     fn tools(&self) -> BTreeMap<String, String> {
         tools()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let (model, tokenizer) = load_base(ctx)?;
         let config = self.train_config();
-        if config.block_size >= model.config.n_positions + 1 {
+        if config.block_size > model.config.n_positions {
             return Err(StageError::bad_input(format!(
                 "`finetune.block_size` = {} is longer than the base model's context ({} positions)",
                 config.block_size, model.config.n_positions
@@ -315,6 +324,8 @@ impl Stage for FinetuneStage {
         let m = &trained.metrics;
         let first = m.eval_loss.first().map(|e| e.1);
         let last = m.eval_loss.last().map(|e| e.1);
+        // The artifact holds only what the seed determines; timings and
+        // whether the run resumed go to the record's metrics.
         let metrics = serde_json::json!({
             "steps": m.steps,
             "total_steps": m.total_steps,
@@ -326,15 +337,17 @@ impl Stage for FinetuneStage {
             "initial_perplexity": first.map(f64::exp),
             "final_perplexity": last.map(f64::exp),
             "stopped_early": m.stopped_early,
-            "resumed_from_step": m.resumed_from,
-            "seconds_this_run": seconds,
             "train_loss": m.train_loss,
             "eval_loss": m.eval_loss,
         });
         write_json(&ctx.output("metrics.json"), &metrics)?;
         std::fs::write(ctx.output("loss.svg"), loss_svg(&m.train_loss, &m.eval_loss)).map_err(|e| io(&ctx.output("loss.svg"), e))?;
         let mut summary = metrics;
-        summary.as_object_mut().expect("an object").retain(|k, _| k != "train_loss" && k != "eval_loss");
+        let object = summary.as_object_mut().expect("an object");
+        object.retain(|k, _| k != "train_loss" && k != "eval_loss");
+        object.insert("resumed_from_step".into(), m.resumed_from.into());
+        object.insert("seconds_this_run".into(), seconds.into());
+        object.insert("tokens_per_second".into(), ((m.tokens as f64 * (1.0 - m.resumed_from as f64 / m.steps.max(1) as f64)) / seconds.max(1e-9)).into());
         Ok(summary)
     }
 }

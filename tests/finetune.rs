@@ -1,0 +1,167 @@
+//! The model stages end to end: a scratch model trained on the constructed
+//! language, LoRA on the PyTorch fixture, determinism, and resuming a killed
+//! build from its checkpoint.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, TestProject, set, snapshot};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+}
+
+const SCRATCH: &str = r#"[corpus]
+files = ["corpus/*.txt"]
+eval_fraction = 0.1
+
+[tokenizer]
+vocab_size = 500
+
+[base]
+model = "scratch"
+n_layer = 1
+n_head = 2
+n_embd = 32
+n_positions = 64
+
+[finetune]
+method = "full"
+learning_rate = 3e-3
+warmup_steps = 5
+batch_size = 4
+block_size = 32
+max_steps = 40
+eval_every = 10
+checkpoint_every = 5
+"#;
+
+fn lora_manifest() -> String {
+    format!(
+        r#"[corpus]
+files = ["corpus/*.txt"]
+eval_fraction = 0.1
+
+[base]
+model = "path:{}"
+
+[finetune]
+method = "lora"
+rank = 4
+alpha = 8
+dropout = 0.1
+targets = ["c_attn", "mlp"]
+learning_rate = 1e-2
+warmup_steps = 2
+batch_size = 4
+block_size = 32
+max_steps = 30
+eval_every = 10
+"#,
+        fixture().display()
+    )
+}
+
+fn metrics(project: &TestProject) -> serde_json::Value {
+    serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap()
+}
+
+#[test]
+fn a_scratch_model_learns_the_language_and_is_deterministic() {
+    let project = TestProject::with_manifest(SCRATCH, 300);
+    let build = project.build_ok();
+    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "finetune", "merge"]));
+    let m = metrics(&project);
+    let (before, after) = (m["initial_perplexity"].as_f64().unwrap(), m["final_perplexity"].as_f64().unwrap());
+    assert!(after < before * 0.5, "eval perplexity {before} -> {after}");
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "training/loss.svg"] {
+        assert!(project.path("dist").join(file).is_file(), "{file}");
+    }
+    // The output folder is a model folder `symb generate` runs.
+    let out = Command::new(BIN).args(["generate", "--model", "dist", "--prompt", "Kan-ka", "--json", "--max-new-tokens", "5"]).current_dir(project.dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Same inputs in another cache and process: the same bytes.
+    let again = TestProject::with_manifest(SCRATCH, 300);
+    again.build_ok();
+    assert!(snapshot(&project.path("dist")) == snapshot(&again.path("dist")), "two runs with one seed differ");
+    // A finetune setting re-runs finetune and merge only.
+    project.edit("max_steps = 40", "max_steps = 41");
+    assert_eq!(project.build_ok().ran(), set(&["finetune", "merge"]));
+}
+
+#[test]
+fn a_killed_finetune_resumes_from_its_checkpoint_with_the_same_result() {
+    let reference = TestProject::with_manifest(SCRATCH, 300);
+    reference.build_ok();
+    let project = TestProject::with_manifest(SCRATCH, 300);
+    let mut child = Command::new(BIN).args(["build"]).current_dir(project.dir.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let checkpoint = loop {
+        let found = std::fs::read_dir(project.path("cache/v1/checkpoints"))
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path().join("state.json")).find(|p| p.is_file()));
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the build ended before a checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(checkpoint.is_file());
+    let build = project.build_ok();
+    assert_eq!(build.ran(), set(&["finetune", "merge"]));
+    let record: serde_json::Value = std::fs::read_dir(project.path("cache/v1/actions"))
+        .unwrap()
+        .flatten()
+        .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
+        .find(|r| r["stage"] == "finetune")
+        .unwrap();
+    assert!(record["metrics"]["resumed_from_step"].as_u64().unwrap() >= 5, "{}", record["metrics"]);
+    assert!(snapshot(&project.path("dist")) == snapshot(&reference.path("dist")), "the resumed run differs from the uninterrupted one");
+    assert!(!checkpoint.exists(), "checkpoints are removed once the stage commits");
+}
+
+#[test]
+fn lora_on_the_pytorch_fixture_lowers_perplexity_and_merges_exactly() {
+    let project = TestProject::with_manifest(&lora_manifest(), 300);
+    project.build_ok();
+    let m = metrics(&project);
+    let (before, after) = (m["initial_perplexity"].as_f64().unwrap(), m["final_perplexity"].as_f64().unwrap());
+    assert!(after < before * 0.5, "eval perplexity {before} -> {after}");
+    let adapter: serde_json::Value = serde_json::from_str(&project.read("dist/adapter/adapter_config.json")).unwrap();
+    assert_eq!(adapter["r"], 4);
+    assert_eq!(adapter["peft_type"], "LORA");
+    // The merged folder and the base + adapter give the same generation.
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(BIN).args(["generate", "--prompt", "Kan-ka zuraeima", "--json", "--max-new-tokens", "8"]).args(args).current_dir(project.dir.path()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let merged = run(&["--model", "dist"]);
+    let adapted = run(&["--model", fixture().to_str().unwrap(), "--adapter", "dist/adapter"]);
+    assert_eq!(merged["generated_ids"], adapted["generated_ids"]);
+    let (a, b): (Vec<f32>, Vec<f32>) = (serde_json::from_value(merged["logits"].clone()).unwrap(), serde_json::from_value(adapted["logits"].clone()).unwrap());
+    let error = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(error < 1e-4, "merged vs adapter logits: {error}");
+    // Same seed, same adapter bytes.
+    let again = TestProject::with_manifest(&lora_manifest(), 300);
+    again.build_ok();
+    assert_eq!(std::fs::read(project.path("dist/adapter/adapter_model.safetensors")).unwrap(), std::fs::read(again.path("dist/adapter/adapter_model.safetensors")).unwrap());
+}
+
+#[test]
+fn model_input_errors_are_clear() {
+    let project = TestProject::with_manifest(&lora_manifest().replace("rank = 4", "rank = 100"), 20);
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2);
+    assert!(build.reason("finetune").contains("`finetune.rank` = 100 is larger than the base model's width (64)"), "{}", build.reason("finetune"));
+    let project = TestProject::with_manifest(&lora_manifest().replace(&fixture().display().to_string(), "no/such/folder"), 20);
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2);
+    assert!(build.stderr.contains("is not a model folder (it has no `config.json`)"), "{}", build.stderr);
+}
