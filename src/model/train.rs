@@ -188,10 +188,12 @@ impl AdamW {
         let correction2 = 1.0 - beta2.powi(self.step as i32);
         for ((var, m, v), grad) in self.state.iter_mut().zip(grads) {
             let Some(grad) = grad else { continue };
-            *m = ((&*m * beta1)? + (grad * (1.0 - beta1))?)?;
-            *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+            // Detached: the moments must not chain one step's graph to the next.
+            let grad = grad.detach();
+            *m = ((&*m * beta1)? + (&grad * (1.0 - beta1))?)?.detach();
+            *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?.detach();
             let update = ((&*m / correction1)? / ((&*v / correction2)?.sqrt()? + eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * weight_decay))?;
+            let decayed = (var.as_tensor().detach() * (1.0 - lr * weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
         }
         Ok(())

@@ -229,7 +229,7 @@ pub fn train(
             let grads = loss.backward()?;
             for (slot, (name, var)) in accumulated.iter_mut().zip(&vars) {
                 let grad = grads.get(var.as_tensor()).ok_or_else(|| ModelError::Config(format!("no gradient reached `{name}`")))?;
-                let grad = (grad / config.gradient_accumulation as f64)?;
+                let grad = (grad.detach() / config.gradient_accumulation as f64)?;
                 *slot = Some(match slot.take() {
                     Some(sum) => (sum + grad)?,
                     None => grad,
