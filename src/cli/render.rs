@@ -106,8 +106,12 @@ impl Reporter for CliReporter {
             }
             Event::StageProgress { stage, done, total, message } => {
                 if let Some(bar) = self.running.lock().expect("bars lock").get(stage) {
-                    let counter = if total > 0 { format!("{done}/{total} ") } else { String::new() };
-                    bar.set_message(format!("{counter}{message}"));
+                    if total > 0 && bar.length() != Some(total) {
+                        bar.set_style(ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} [{elapsed}]").expect("template is valid").progress_chars("=> "));
+                        bar.set_length(total);
+                    }
+                    bar.set_position(done);
+                    bar.set_message(message.to_string());
                 }
             }
             Event::StageFinished(outcome) => {
