@@ -89,6 +89,13 @@ struct Shared<'a> {
     state: Mutex<Schedule>,
 }
 
+impl<'a> Shared<'a> {
+    fn new(plan: &'a Plan, cache: &'a Cache, stat: &'a Mutex<StatCache>, project: &'a str, options: &'a BuildOptions, reporter: &'a dyn Reporter) -> Self {
+        let waiting_on = plan.stages().map(|s| (s.name().to_string(), s.dependencies().len())).collect();
+        Shared { plan, cache, stat, project, options, reporter, state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }) }
+    }
+}
+
 struct Schedule {
     waiting_on: BTreeMap<String, usize>,
     outcomes: BTreeMap<String, StageOutcome>,
@@ -104,16 +111,7 @@ pub fn execute(
     options: &BuildOptions,
     reporter: &dyn Reporter,
 ) -> Result<BuildOutcome, CacheError> {
-    let waiting_on = plan.stages().map(|s| (s.name().to_string(), s.dependencies().len())).collect();
-    let shared = Shared {
-        plan,
-        cache,
-        stat,
-        project,
-        options,
-        reporter,
-        state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }),
-    };
+    let shared = Shared::new(plan, cache, stat, project, options, reporter);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.jobs.max(1))
         .thread_name(|i| format!("symb-stage-{i}"))
@@ -370,15 +368,7 @@ pub fn status(
     project: &str,
     options: &BuildOptions,
 ) -> Result<Vec<StageState>, CacheError> {
-    let shared = Shared {
-        plan,
-        cache,
-        stat,
-        project,
-        options,
-        reporter: &super::Silent,
-        state: Mutex::new(Schedule { waiting_on: BTreeMap::new(), outcomes: BTreeMap::new() }),
-    };
+    let shared = Shared::new(plan, cache, stat, project, options, &super::Silent);
     let mut known: BTreeMap<String, Option<ActionRecord>> = BTreeMap::new();
     let mut states = Vec::new();
     for stage in plan.stages() {
