@@ -11,7 +11,10 @@ use crate::project::{Project, ProjectError};
 use render::{CliReporter, Mode};
 
 /// The recipes `symb init --recipe NAME` can write.
-pub const RECIPES: [(&str, &str); 1] = [("symbiotic", include_str!("../../recipes/symbiotic.toml"))];
+pub const RECIPES: [(&str, &str); 2] = [
+    ("symbiotic", include_str!("../../recipes/symbiotic.toml")),
+    ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml")),
+];
 
 #[derive(Debug, Parser)]
 #[command(name = "symb", version, about = "From a corpus of a new language to a language model running in a web browser")]

@@ -3,6 +3,7 @@
 //! shards, `tokenizer.json`).
 
 pub mod gpt2;
+pub mod hub;
 pub mod lora;
 pub mod train;
 pub mod trainer;

@@ -35,7 +35,11 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             BaseModel::Path(dir) => model::folder_files(dir, &manifest.dir),
             _ => Vec::new(),
         };
-        stages.push(Box::new(model::BaseStage { base: base.clone(), files, publish: finetune.is_none() }));
+        let hub = match &base.model {
+            BaseModel::Hub { repo, revision } => Some(resolve_hub(manifest, repo, revision.as_deref().unwrap_or("main"))),
+            _ => None,
+        };
+        stages.push(Box::new(model::BaseStage { base: base.clone(), files, hub, publish: finetune.is_none() }));
     }
     if let Some(finetune) = finetune {
         if manifest.corpus.is_none() || manifest.base.is_none() {
@@ -59,4 +63,33 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         return Err(ManifestError::general(&manifest.display, "the manifest asks for nothing to build: add a `[corpus]` and a `[tokenizer]` section"));
     }
     Plan::new(stages).map_err(|e| ManifestError::general(&manifest.display, e.to_string()))
+}
+
+/// Resolves a Hub revision to its commit, recording the answer in the cache;
+/// offline, the last recorded answer is used. An error is kept for the base
+/// stage to report when it runs, so commands that run nothing work offline.
+fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate::model::hub::Resolved, String> {
+    use crate::model::hub;
+    let cache = crate::cache::Cache::open(&manifest.project.cache).map_err(|e| e.to_string())?;
+    let record = cache.refs_dir("hub").join(format!("{}@{}.json", repo.replace('/', "--"), revision.replace('/', "--")));
+    let recorded: Option<hub::Resolved> = std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let pinned = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
+    if pinned && let Some(resolved) = recorded.clone() {
+        return Ok(resolved);
+    }
+    match hub::resolve(repo, revision, &cache.tmp_dir()) {
+        Ok(resolved) => {
+            if recorded.as_ref() != Some(&resolved) {
+                crate::cache::write_json_atomic(&record, &resolved, &cache.tmp_dir()).map_err(|e| e.to_string())?;
+            }
+            Ok(resolved)
+        }
+        Err(error) => match recorded {
+            Some(resolved) => {
+                tracing::warn!("{error}; using the commit resolved before, {}", resolved.commit);
+                Ok(resolved)
+            }
+            None => Err(format!("{error} (set HF_ENDPOINT for a mirror, or check the network)")),
+        },
+    }
 }

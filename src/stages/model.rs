@@ -48,6 +48,8 @@ pub struct BaseStage {
     pub base: Base,
     /// For a local folder: its files.
     pub files: Vec<ExternalFile>,
+    /// For a Hub model: its revision resolved to a commit (or why it could not be).
+    pub hub: Option<Result<model::hub::Resolved, String>>,
     /// Whether the output folder gets the base model (when nothing trains it).
     pub publish: bool,
 }
@@ -86,6 +88,9 @@ impl Stage for BaseStage {
         let b = &self.base;
         let mut s = Settings::new();
         s.insert("base.model".into(), serde_json::to_value(&b.model).expect("serialises"));
+        if let Some(hub) = &self.hub {
+            s.insert("base.commit".into(), hub.as_ref().ok().map(|r| r.commit.clone()).into());
+        }
         if b.model == BaseModel::Scratch {
             s.insert("base.architecture".into(), serde_json::to_value(b.architecture).expect("serialises"));
             for (key, value) in [("n_layer", b.n_layer), ("n_head", b.n_head), ("n_embd", b.n_embd), ("n_positions", b.n_positions), ("seed", b.seed)] {
@@ -113,30 +118,38 @@ impl Stage for BaseStage {
         match &self.base.model {
             BaseModel::Scratch => self.scratch(ctx),
             BaseModel::Path(dir) => {
-                let model = model::load_folder(dir).map_err(model_error)?;
-                if !dir.join("tokenizer.json").is_file() {
-                    return Err(StageError::bad_input(format!("the base model folder `{}` has no `tokenizer.json`", dir.display())));
-                }
-                let mut named = BTreeMap::new();
-                for file in &self.files {
-                    let name = file.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                    if name.ends_with(".safetensors") || name.ends_with(".index.json") {
-                        continue;
-                    }
-                    named.insert(name.to_string(), file.path.clone());
-                }
-                for (name, path) in named {
-                    std::fs::copy(&path, ctx.output(&name)).map_err(|e| io(&path, e))?;
-                }
-                // The weights are rewritten in one file with checkpoint names.
-                model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
-                Ok(serde_json::json!({ "parameters": parameters(&model), "vocab_size": model.config.vocab_size }))
+                let names: Vec<&str> = self.files.iter().filter_map(|f| f.path.file_name().and_then(|n| n.to_str())).collect();
+                copy_folder(dir, &names, ctx)
             }
-            BaseModel::Hub { repo, .. } => Err(StageError::bad_input(format!(
-                "`base.model` = \"hf:{repo}\": Hub downloads are not in this version of symb yet; download the folder and use \"path:FOLDER\""
-            ))),
+            BaseModel::Hub { repo, .. } => {
+                let resolved = match &self.hub {
+                    Some(Ok(resolved)) => resolved,
+                    Some(Err(error)) => return Err(StageError::bad_input(error.clone())),
+                    None => return Err(StageError::failed("the Hub model was not resolved")),
+                };
+                // The download goes to the checkpoint folder: a killed build resumes it.
+                let folder = model::hub::download(repo, resolved, &ctx.checkpoint_dir().join("hub")).map_err(model_error)?;
+                let names: Vec<&str> = resolved.files.iter().map(String::as_str).collect();
+                copy_folder(&folder, &names, ctx)
+            }
         }
     }
+}
+
+/// Validates a model folder by loading it, then writes its config and
+/// tokenizer files and its weights (one file, checkpoint names) as artifacts.
+fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+    let model = model::load_folder(dir).map_err(model_error)?;
+    if !dir.join("tokenizer.json").is_file() {
+        return Err(StageError::bad_input(format!("the base model folder `{}` has no `tokenizer.json`", dir.display())));
+    }
+    for name in ["config.json", "tokenizer.json", "generation_config.json"] {
+        if names.contains(&name) && dir.join(name).is_file() {
+            std::fs::copy(dir.join(name), ctx.output(name)).map_err(|e| io(&dir.join(name), e))?;
+        }
+    }
+    model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
+    Ok(serde_json::json!({ "parameters": parameters(&model), "vocab_size": model.config.vocab_size }))
 }
 
 fn parameters(model: &model::Gpt2) -> usize {
@@ -415,8 +428,13 @@ impl Stage for MergeStage {
             ctx.output("model.safetensors")
         };
         for file in ["config.json", "generation_config.json", "tokenizer.json"] {
-            let from = ctx.input("base", file)?;
-            std::fs::copy(from, ctx.output(file)).map_err(|e| io(from, e))?;
+            match ctx.input("base", file) {
+                Ok(from) => {
+                    std::fs::copy(from, ctx.output(file)).map_err(|e| io(from, e))?;
+                }
+                Err(_) if file == "generation_config.json" => {}
+                Err(e) => return Err(e),
+            }
         }
         let config: Config = model::read_json(&ctx.output("config.json")).map_err(model_error)?;
         let tokenizer = tokenizers::Tokenizer::from_file(ctx.output("tokenizer.json")).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;

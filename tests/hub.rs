@@ -1,0 +1,183 @@
+//! `base.model = "hf:owner/name[@revision]"` against a local server in the
+//! Hub's URL layout (there is no internet here): resolved to a commit,
+//! downloaded once, cached by commit, usable offline afterwards.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use common::{TestProject, set};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+const FILES: [&str; 4] = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"];
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+}
+
+/// A minimal Hub: `/api/models/{repo}/revision/{rev}` and
+/// `/{repo}/resolve/{rev}/{file}` with ETag, X-Repo-Commit and Range.
+struct Hub {
+    port: u16,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hub {
+    fn start() -> Hub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(200) {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let mut range = None;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (start, end) = value.trim().split_once('-').unwrap();
+                        range = Some((start.parse::<usize>().unwrap(), end.parse::<usize>().ok()));
+                    }
+                }
+                let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                log.lock().unwrap().push(path.clone());
+                let response = respond(&path, range);
+                let _ = stream.write_all(&response);
+                let _ = stream.flush();
+                let mut drain = [0u8; 0];
+                let _ = reader.read(&mut drain);
+            }
+        });
+        Hub { port, requests }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn downloads(&self) -> usize {
+        self.requests.lock().unwrap().iter().filter(|p| p.contains("/resolve/")).count()
+    }
+}
+
+fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
+    let reply = |status: &str, headers: String, body: &[u8]| {
+        let mut out = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n", body.len()).into_bytes();
+        out.extend_from_slice(body);
+        out
+    };
+    // Any repository name serves the fixture.
+    if path.starts_with("/api/models/") && path.contains("/revision/") {
+        let siblings: Vec<_> = FILES.iter().map(|f| serde_json::json!({"rfilename": f})).chain([serde_json::json!({"rfilename": "README.md"})]).collect();
+        let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
+        return reply("200 OK", "Content-Type: application/json\r\n".into(), body.as_bytes());
+    }
+    let file = path.split_once("/resolve/").and_then(|(_, rest)| rest.split_once('/')).map(|(_, f)| f.to_string());
+    match file.filter(|f| FILES.contains(&f.as_str())) {
+        Some(file) => {
+            let data = std::fs::read(fixture().join(&file)).unwrap();
+            let etag = blake3::hash(&data).to_hex().to_string();
+            let (start, end) = range.map(|(s, e)| (s, e.unwrap_or(data.len() - 1).min(data.len() - 1))).unwrap_or((0, data.len() - 1));
+            let headers = format!("ETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nContent-Range: bytes {start}-{end}/{}\r\n", data.len());
+            reply("206 Partial Content", headers, &data[start..=end])
+        }
+        None => reply("404 Not Found", String::new(), b"not found"),
+    }
+}
+
+fn hub_project(endpoint: &str) -> TestProject {
+    let project = TestProject::with_manifest("[base]\nmodel = \"hf:symb-test/tiny-gpt2\"\n", 1);
+    project.write("endpoint", endpoint);
+    project
+}
+
+fn build(project: &TestProject, endpoint: &str) -> common::Build {
+    let output = std::process::Command::new(common::BIN)
+        .args(["build", "--json"])
+        .current_dir(project.dir.path())
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_TOKEN", "")
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    common::Build {
+        code: output.status.code().unwrap(),
+        events: stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn a_hub_model_is_downloaded_once_keyed_by_commit_and_usable_offline() {
+    let hub = Hub::start();
+    let project = hub_project(&hub.endpoint());
+    let first = build(&project, &hub.endpoint());
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(first.ran(), set(&["base"]));
+    assert_eq!(hub.downloads(), 2 * FILES.len(), "a probe and a download per file");
+    // The output is the fixture's model: same greedy tokens as PyTorch.
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+    let case = &golden["cases"][0];
+    let out = std::process::Command::new(common::BIN)
+        .args(["generate", "--model", "dist", "--prompt", case["prompt"].as_str().unwrap(), "--max-new-tokens", "20", "--json"])
+        .current_dir(project.dir.path())
+        .output()
+        .unwrap();
+    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(generated["generated_ids"], case["greedy_20"]);
+    // Nothing changed: resolved again, cached, nothing downloaded.
+    let second = build(&project, &hub.endpoint());
+    assert_eq!(second.ran(), set(&[]));
+    assert_eq!(hub.downloads(), 2 * FILES.len());
+    // Offline: the recorded resolution is used.
+    let offline = build(&project, "http://127.0.0.1:9");
+    assert_eq!(offline.code, 0, "{}", offline.stderr);
+    assert_eq!(offline.ran(), set(&[]));
+}
+
+#[test]
+fn an_unreachable_hub_is_a_clear_error() {
+    let project = hub_project("http://127.0.0.1:9");
+    let build = build(&project, "http://127.0.0.1:9");
+    assert_eq!(build.code, 2, "{}", build.stderr);
+    let reason = build.reason("base");
+    assert!(reason.contains("cannot resolve `hf:symb-test/tiny-gpt2@main` at http://127.0.0.1:9"), "{reason}");
+    assert!(reason.contains("Connection refused"), "{reason}");
+    // Commands that run nothing still work offline.
+    assert!(project.symb(&["graph"]).status.success());
+}
+
+#[test]
+fn the_gpt2_lora_recipe_builds_against_the_hub() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let init = std::process::Command::new(common::BIN).args(["init", "--recipe", "gpt2-lora"]).current_dir(dir.path()).output().unwrap();
+    assert!(init.status.success());
+    let project = TestProject { dir };
+    let lines = common::demo_lines();
+    project.write("corpus/symbiotic.txt", &(lines[..400].join("\n") + "\n"));
+    project.edit("epochs = 1 ", "max_steps = 3 ");
+    project.edit("block_size = 128", "block_size = 32");
+    let build = build(&project, &hub.endpoint());
+    assert_eq!(build.code, 0, "{}", build.stderr);
+    assert_eq!(build.ran(), set(&["corpus", "base", "finetune", "merge"]));
+    assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with("/api/models/openai-community/gpt2/revision/main")));
+    assert!(project.path("dist/adapter/adapter_model.safetensors").is_file());
+}
