@@ -1,0 +1,56 @@
+//! Training throughput of LoRA in candle, for the benchmark in
+//! `bench/train_throughput.py` (which runs PyTorch + PEFT on the same shapes).
+//!
+//!     cargo run --release --example train_throughput -- LAYERS WIDTH HEADS VOCAB STEPS
+//!
+//! Prints one JSON line: tokens/s over the timed steps (after one warm-up
+//! step) and the peak resident memory of the process.
+
+use candle_core::{Device, Tensor};
+use symb::model::gpt2::{Config, Gpt2};
+use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora, cross_entropy};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let [n_layer, n_embd, n_head, vocab_size, steps] = args[..] else {
+        return Err("usage: train_throughput LAYERS WIDTH HEADS VOCAB STEPS".into());
+    };
+    let (batch, block) = (8, 128);
+    let config = Config {
+        vocab_size,
+        n_positions: 1024,
+        n_embd,
+        n_layer,
+        n_head,
+        n_inner: None,
+        layer_norm_epsilon: 1e-5,
+        activation_function: "gelu_new".into(),
+        bos_token_id: None,
+        eos_token_id: None,
+        model_type: Some("gpt2".into()),
+        tie_word_embeddings: Some(true),
+    };
+    let mut rng = Rng::new(0);
+    let mut model = Gpt2::scratch(&config, &mut rng)?;
+    let spec = LoraSpec { targets: vec!["c_attn".into()], rank: 8, alpha: 16.0, rslora: false };
+    let lora = attach_lora(&mut model, &spec, None, &mut rng)?;
+    let mut optimizer = AdamW::new(lora.vars(), AdamWParams { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
+    let mut timed = std::time::Duration::ZERO;
+    for step in 0..=steps {
+        let ids: Vec<u32> = (0..batch * (block + 1)).map(|_| (rng.next_u64() % vocab_size as u64) as u32).collect();
+        let ids = Tensor::from_vec(ids, (batch, block + 1), &Device::Cpu)?;
+        let started = std::time::Instant::now();
+        let logits = model.forward(&ids.narrow(1, 0, block)?, None)?;
+        let loss = cross_entropy(&logits.reshape(((), vocab_size))?, &ids.narrow(1, 1, block)?.flatten_all()?)?;
+        let grads = loss.backward()?;
+        optimizer.step(&grads)?;
+        if step > 0 {
+            timed += started.elapsed();
+        }
+    }
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let peak_kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let tokens = (steps * batch * block) as f64;
+    println!("{}", serde_json::json!({"tokens_per_second": tokens / timed.as_secs_f64(), "peak_memory_mb": peak_kb as f64 / 1024.0, "steps": steps}));
+    Ok(())
+}
