@@ -102,6 +102,8 @@ pub struct Trained {
     pub model: Gpt2,
     pub lora: Option<LoraVars>,
     pub metrics: Metrics,
+    /// Tokens trained on in this run (after any resumed steps).
+    pub tokens_this_run: u64,
 }
 
 /// The learning-rate multiplier of optimizer step `k` (0-based), as
@@ -286,7 +288,7 @@ pub fn train(
             l.dropout = None;
         }
     }
-    Ok(Trained { model, lora, metrics })
+    Ok(Trained { model, lora, metrics, tokens_this_run })
 }
 
 /// PyTorch's `clip_grad_norm_`: scale all gradients when their global norm

@@ -148,12 +148,15 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
             std::fs::copy(dir.join(name), ctx.output(name)).map_err(|e| io(&dir.join(name), e))?;
         }
     }
-    model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
-    Ok(serde_json::json!({ "parameters": parameters(&model), "vocab_size": model.config.vocab_size }))
+    save_weights(&model, ctx)
 }
 
-fn parameters(model: &model::Gpt2) -> usize {
-    model.named_tensors().values().map(|t| t.elem_count()).sum()
+/// Writes the weights (one file, checkpoint names); returns the stage metrics.
+fn save_weights(model: &model::Gpt2, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+    let tensors = model.named_tensors();
+    model::save_safetensors(&tensors, &ctx.output("model.safetensors")).map_err(model_error)?;
+    let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
+    Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.config.vocab_size }))
 }
 
 impl BaseStage {
@@ -177,7 +180,7 @@ impl BaseStage {
             tie_word_embeddings: Some(true),
         };
         let model = model::Gpt2::scratch(&config, &mut Rng::new(b.seed)).map_err(model_error)?;
-        model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
+        let metrics = save_weights(&model, ctx)?;
         let mut json = serde_json::to_value(&config).expect("config serialises");
         json["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
         json["initializer_range"] = 0.02.into();
@@ -185,7 +188,7 @@ impl BaseStage {
         write_json(&ctx.output("config.json"), &json)?;
         write_json(&ctx.output("generation_config.json"), &serde_json::json!({"bos_token_id": eos, "eos_token_id": eos}))?;
         std::fs::copy(tokenizer_path, ctx.output("tokenizer.json")).map_err(|e| io(tokenizer_path, e))?;
-        Ok(serde_json::json!({ "parameters": parameters(&model), "vocab_size": config.vocab_size }))
+        Ok(metrics)
     }
 }
 
@@ -360,7 +363,7 @@ impl Stage for FinetuneStage {
         object.retain(|k, _| k != "train_loss" && k != "eval_loss");
         object.insert("resumed_from_step".into(), m.resumed_from.into());
         object.insert("seconds_this_run".into(), seconds.into());
-        object.insert("tokens_per_second".into(), ((m.tokens as f64 * (1.0 - m.resumed_from as f64 / m.steps.max(1) as f64)) / seconds.max(1e-9)).into());
+        object.insert("tokens_per_second".into(), (trained.tokens_this_run as f64 / seconds.max(1e-9)).into());
         Ok(summary)
     }
 }
