@@ -37,8 +37,10 @@ fn every_commented_section_of_the_example_is_valid() {
     // Uncommenting the model sections gives a manifest the validator accepts
     // (their stages are not built yet, which `symb build` says plainly).
     let example = std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap();
+    // Everything but [vocab], which belongs to pretrained bases.
     let uncommented: String = example
         .lines()
+        .filter(|l| !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of"].iter().any(|p| l.starts_with(p)))
         .map(|l| {
             let alternative = ["# prompt_field", "# completion_field"].iter().any(|p| l.starts_with(p));
             if !alternative && (l.starts_with("# [") || (l.starts_with("# ") && l.contains(" = "))) { &l[2..] } else { l }
@@ -53,7 +55,7 @@ fn every_commented_section_of_the_example_is_valid() {
     assert_eq!(manifest.verify.unwrap().tolerance["q4"].top1_agreement, Some(0.9));
     let build = project.build(&[]);
     assert_eq!(build.code, 2);
-    assert!(build.stderr.contains("`[vocab]` is valid, but this version of symb (0.1) cannot build its stages yet"), "{}", build.stderr);
+    assert!(build.stderr.contains("`[export]` is valid, but this version of symb (0.1) cannot build its stages yet"), "{}", build.stderr);
 }
 
 #[test]

@@ -177,7 +177,7 @@ fn the_gpt2_lora_recipe_builds_against_the_hub() {
     project.edit("block_size = 128", "block_size = 32");
     let build = build(&project, &hub.endpoint());
     assert_eq!(build.code, 0, "{}", build.stderr);
-    assert_eq!(build.ran(), set(&["corpus", "base", "finetune", "merge"]));
+    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge"]));
     assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with("/api/models/openai-community/gpt2/revision/main")));
     assert!(project.path("dist/adapter/adapter_model.safetensors").is_file());
 }

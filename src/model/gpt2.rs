@@ -427,3 +427,42 @@ fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let values: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(values, (1, 1, t, total), device)?.to_dtype(DType::F32)?)
 }
+
+/// How the rows a vocabulary adds to the embedding start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingInit {
+    /// transformers' `mean_resizing`: the old rows' mean plus noise drawn
+    /// with 1e-9 times their variance (the diagonal of the covariance
+    /// transformers samples with).
+    Mean,
+    /// N(0, 0.02²), GPT-2's `initializer_range`.
+    Normal,
+}
+
+impl Gpt2 {
+    /// Grows the token embedding (and the tied head) to `new_size` rows;
+    /// the new rows start as `init` says, drawn from `rng`.
+    pub fn resize_token_embeddings(&mut self, new_size: usize, init: EmbeddingInit, rng: &mut super::train::Rng) -> Result<()> {
+        let (old_size, width) = self.wte.dims2()?;
+        if new_size < old_size {
+            return Err(ModelError::Config(format!("cannot shrink the embedding from {old_size} to {new_size} rows")));
+        }
+        if new_size == old_size {
+            return Ok(());
+        }
+        let added = new_size - old_size;
+        let rows = match init {
+            EmbeddingInit::Normal => rng.tensor(&[added, width], |r| r.normal() * 0.02)?,
+            EmbeddingInit::Mean => {
+                let old = self.wte.to_dtype(DType::F32)?;
+                let mean = old.mean(0)?;
+                let std = (old.broadcast_sub(&mean)?.sqr()?.mean(0)? * 1e-9)?.sqrt()?;
+                let noise = rng.tensor(&[added, width], |r| r.normal())?;
+                noise.broadcast_mul(&std)?.broadcast_add(&mean)?
+            }
+        };
+        self.wte = Tensor::cat(&[&self.wte, &rows.to_dtype(self.wte.dtype())?], 0)?;
+        self.config.vocab_size = new_size;
+        Ok(())
+    }
+}

@@ -3,9 +3,10 @@
 pub mod corpus;
 pub mod model;
 pub mod tokenizer;
+pub mod vocab;
 
 use crate::engine::{Plan, Stage};
-use crate::manifest::{BaseModel, FinetuneMethod, Manifest, ManifestError};
+use crate::manifest::{BaseModel, FinetuneMethod, Manifest, ManifestError, VocabStrategy};
 
 /// The stages a manifest asks for. A section whose stage this version of symb
 /// does not have yet is refused rather than silently ignored.
@@ -19,15 +20,25 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     }
     let error = |message: &str| ManifestError::general(&manifest.display, message);
     let finetune = manifest.finetune.as_ref().filter(|f| f.method != FinetuneMethod::None);
+    let vocab = manifest.vocab.as_ref().filter(|v| v.strategy != VocabStrategy::None);
+    let mut model_stage = "base";
     if let Some(base) = &manifest.base {
         match &base.model {
             BaseModel::Scratch if manifest.tokenizer.is_none() => {
                 return Err(error("`base.model` = \"scratch\" needs a `[tokenizer]` section: a new model takes the tokenizer trained for it"));
             }
-            BaseModel::Path(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_some() => {
+            BaseModel::Scratch if vocab.is_some() => {
                 return Err(error(
-                    "a `[tokenizer]` with a pretrained base needs `[vocab]` to add its tokens to the base's tokenizer, which this version of symb cannot build yet; comment `[tokenizer]` out to fine-tune with the base's own tokenizer",
+                    "`[vocab]` adds tokens to a pretrained base, but `base.model` = \"scratch\" is built with the trained tokenizer already; remove `[vocab]` or set `vocab.strategy = \"none\"`",
                 ));
+            }
+            BaseModel::Path(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_some() && vocab.is_none() => {
+                return Err(error(
+                    "a `[tokenizer]` with a pretrained base needs a `[vocab]` section (`strategy = \"add_tokens\"` or `\"extend_bpe\"`) to add its tokens to the base's tokenizer; or comment `[tokenizer]` out to fine-tune with the base's own tokenizer",
+                ));
+            }
+            BaseModel::Path(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_none() && vocab.is_some() => {
+                return Err(error("`[vocab]` adds the tokens of a trained tokenizer to the base's: add a `[tokenizer]` section to train one"));
             }
             _ => {}
         }
@@ -39,17 +50,25 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             BaseModel::Hub { repo, revision } => Some(resolve_hub(manifest, repo, revision.as_deref().unwrap_or("main"))),
             _ => None,
         };
-        stages.push(Box::new(model::BaseStage { base: base.clone(), files, hub, publish: finetune.is_none() }));
+        stages.push(Box::new(model::BaseStage { base: base.clone(), files, hub, publish: finetune.is_none() && vocab.is_none() }));
+        if let Some(vocab) = vocab {
+            if manifest.corpus.is_none() {
+                return Err(error("`[vocab]` needs a `[corpus]`: its report measures the new tokens on the eval split"));
+            }
+            stages.push(Box::new(vocab::VocabStage { vocab: vocab.clone(), publish: finetune.is_none() }));
+            model_stage = "vocab";
+        }
+    } else if vocab.is_some() {
+        return Err(error("`[vocab]` needs a `[base]` model whose tokenizer it extends"));
     }
     if let Some(finetune) = finetune {
         if manifest.corpus.is_none() || manifest.base.is_none() {
             return Err(error("`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train"));
         }
-        stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone() }));
-        stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora }));
+        stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone(), model_stage }));
+        stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora, model_stage }));
     }
     let unsupported = [
-        ("vocab", manifest.vocab.is_some()),
         ("export", manifest.export.is_some()),
         ("verify", manifest.verify.is_some()),
     ];

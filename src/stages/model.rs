@@ -23,24 +23,24 @@ use crate::model::{self, Config, ModelError, lora};
 /// The candle version that shapes the model artifacts (part of the keys).
 pub const CANDLE_VERSION: &str = "0.11.1";
 
-fn model_error(e: ModelError) -> StageError {
+pub(super) fn model_error(e: ModelError) -> StageError {
     match e {
         ModelError::Candle(_) => StageError::failed(e.to_string()),
         _ => StageError::bad_input(e.to_string()),
     }
 }
 
-fn io(path: &Path, e: std::io::Error) -> StageError {
+pub(super) fn io(path: &Path, e: std::io::Error) -> StageError {
     StageError::failed(format!("cannot write `{}`: {e}", path.display()))
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
+pub(super) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
     let mut text = serde_json::to_string_pretty(value).expect("json serialises");
     text.push('\n');
     std::fs::write(path, text).map_err(|e| io(path, e))
 }
 
-fn tools() -> BTreeMap<String, String> {
+pub(super) fn tools() -> BTreeMap<String, String> {
     [("candle".to_string(), CANDLE_VERSION.to_string()), ("tokenizers".to_string(), super::tokenizer::TOKENIZERS_VERSION.to_string())].into()
 }
 
@@ -152,7 +152,7 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
 }
 
 /// Writes the weights (one file, checkpoint names); returns the stage metrics.
-fn save_weights(model: &model::Gpt2, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+pub(super) fn save_weights(model: &model::Gpt2, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
     let tensors = model.named_tensors();
     model::save_safetensors(&tensors, &ctx.output("model.safetensors")).map_err(model_error)?;
     let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
@@ -194,6 +194,8 @@ impl BaseStage {
 
 pub struct FinetuneStage {
     pub finetune: Finetune,
+    /// The stage whose model it trains: `base`, or `vocab` when one grew it.
+    pub model_stage: &'static str,
 }
 
 impl FinetuneStage {
@@ -230,10 +232,10 @@ impl FinetuneStage {
     }
 }
 
-/// Loads the base model from its artifacts.
-fn load_base(ctx: &StageContext<'_>) -> Result<(model::Gpt2, tokenizers::Tokenizer), StageError> {
-    let model = model::load_files(ctx.input("base", "config.json")?, &[ctx.input("base", "model.safetensors")?.to_path_buf()]).map_err(model_error)?;
-    let tokenizer = tokenizers::Tokenizer::from_file(ctx.input("base", "tokenizer.json")?).map_err(|e| StageError::failed(format!("cannot load the base tokenizer: {e}")))?;
+/// Loads the model to train from the artifacts of `stage`.
+fn load_base(ctx: &StageContext<'_>, stage: &str) -> Result<(model::Gpt2, tokenizers::Tokenizer), StageError> {
+    let model = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(model_error)?;
+    let tokenizer = tokenizers::Tokenizer::from_file(ctx.input(stage, "tokenizer.json")?).map_err(|e| StageError::failed(format!("cannot load the base tokenizer: {e}")))?;
     Ok((model, tokenizer))
 }
 
@@ -291,7 +293,7 @@ impl Stage for FinetuneStage {
         s
     }
     fn dependencies(&self) -> Vec<String> {
-        vec!["corpus".to_string(), "base".to_string()]
+        vec!["corpus".to_string(), self.model_stage.to_string()]
     }
     fn publishes(&self) -> Vec<(String, String)> {
         let mut files = vec![("metrics.json".to_string(), "training/metrics.json".to_string()), ("loss.svg".to_string(), "training/loss.svg".to_string())];
@@ -306,7 +308,7 @@ impl Stage for FinetuneStage {
         tools()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let (model, tokenizer) = load_base(ctx)?;
+        let (model, tokenizer) = load_base(ctx, self.model_stage)?;
         let config = self.train_config();
         if config.block_size > model.config.n_positions {
             return Err(StageError::bad_input(format!(
@@ -394,6 +396,8 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
 
 pub struct MergeStage {
     pub lora: bool,
+    /// The stage whose model the adapter was trained on.
+    pub model_stage: &'static str,
 }
 
 impl Stage for MergeStage {
@@ -410,7 +414,7 @@ impl Stage for MergeStage {
         Settings::new()
     }
     fn dependencies(&self) -> Vec<String> {
-        vec!["base".to_string(), "finetune".to_string()]
+        vec![self.model_stage.to_string(), "finetune".to_string()]
     }
     fn tools(&self) -> BTreeMap<String, String> {
         tools()
@@ -420,7 +424,7 @@ impl Stage for MergeStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let weights: PathBuf = if self.lora {
-            let (mut model, _) = load_base(ctx)?;
+            let (mut model, _) = load_base(ctx, self.model_stage)?;
             lora::load_adapter_files(&mut model, ctx.input("finetune", "adapter_config.json")?, ctx.input("finetune", "adapter_model.safetensors")?).map_err(model_error)?;
             lora::merge(&mut model).map_err(model_error)?;
             model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?;
@@ -431,7 +435,7 @@ impl Stage for MergeStage {
             ctx.output("model.safetensors")
         };
         for file in ["config.json", "generation_config.json", "tokenizer.json"] {
-            match ctx.input("base", file) {
+            match ctx.input(self.model_stage, file) {
                 Ok(from) => {
                     std::fs::copy(from, ctx.output(file)).map_err(|e| io(from, e))?;
                 }

@@ -1,0 +1,497 @@
+//! Stage `vocab`: brings the new language's tokens into a pretrained base.
+//!
+//! Strategies:
+//! - `add_tokens`, the reference workflow: the words of the new tokenizer's
+//!   vocabulary that the base lacks become added tokens of the base
+//!   tokenizer. Naively adding the vocabulary strings is wrong twice over:
+//!   byte-level entries such as `Ġkan` would only match the literal text
+//!   `Ġkan`, and a piece such as `ka` would be cut out of English words. So
+//!   each entry is decoded to its text and trimmed, and added with
+//!   `single_word` (it matches only between non-word characters),
+//!   `normalized: false`, and no stripping, which keeps decoding lossless.
+//!   Text with no new word in it encodes exactly as before. Text is skipped
+//!   when the base already has it as one token or as a vocabulary string,
+//!   when it contains whitespace or is not whole UTF-8, and when the base's
+//!   decoder would not give it back unchanged.
+//! - `extend_bpe`: the new tokenizer's merges (those the base lacks) are
+//!   appended to the base's BPE merges, with their tokens, at the lowest
+//!   priority. Both tokenizers must split text the same way. New words
+//!   become single tokens where the base's higher-priority merges leave the
+//!   pieces the new merges join; other text can change where a new merge
+//!   applies. The fertility report shows both effects.
+//!
+//! The embedding (and the tied head) grows to the new size, rounded up to
+//! `pad_to_multiple_of`; new rows start at the old rows' mean (transformers'
+//! `mean_resizing`) or N(0, 0.02²). Artifacts: the model files, and
+//! `new_tokens.json` (the ids fine-tuning trains as embedding rows) and
+//! `report.json` (fertility, tokens per word, before and after, on the eval
+//! split and on an English sample).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde_json::{Value, json};
+use tokenizers::{AddedToken, Tokenizer};
+
+use super::corpus::{Document, read_documents};
+use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::manifest::{Vocab, VocabInit, VocabStrategy};
+use crate::model::gpt2::EmbeddingInit;
+use crate::model::train::Rng;
+use crate::model::{self, ModelError};
+
+/// English text for the fertility report: a language the base knows.
+pub const ENGLISH_SAMPLE: &str = include_str!("english.txt");
+
+/// The seed of the new rows' noise: fixed, so the artifact depends only on
+/// the settings and inputs.
+const INIT_SEED: u64 = 0x0C0B_5EED;
+
+pub struct VocabStage {
+    pub vocab: Vocab,
+    /// Whether the output folder gets this model (when nothing trains it).
+    pub publish: bool,
+}
+
+/// The new tokens: (id, text or vocabulary string).
+pub type NewTokens = Vec<(u32, String)>;
+
+fn tokenizer_error(what: &str, e: impl std::fmt::Display) -> StageError {
+    StageError::failed(format!("{what}: {e}"))
+}
+
+/// The `add_tokens` strategy. Returns the extended tokenizer, its new
+/// tokens, and how many words were left out because the base's decoder
+/// would not give them back (with a byte-level decoder: words written only
+/// in ASCII and Latin-1 letters, such as `café`).
+pub fn add_tokens(base: &Tokenizer, new: &Tokenizer) -> Result<(Tokenizer, NewTokens, usize), String> {
+    let base_vocab = base.get_vocab(true);
+    let new_specials: HashSet<u32> = new.get_added_tokens_decoder().keys().copied().collect();
+    let mut entries: Vec<(String, u32)> = new.get_vocab(false).into_iter().filter(|(_, id)| !new_specials.contains(id)).collect();
+    entries.sort_by_key(|&(_, id)| id);
+    let mut seen = HashSet::new();
+    let mut candidates = Vec::new();
+    for (_, id) in entries {
+        let text = new.decode(&[id], false).map_err(|e| e.to_string())?;
+        let text = text.trim();
+        if text.is_empty() || text.contains(char::is_whitespace) || text.contains('\u{FFFD}') || !seen.insert(text.to_string()) {
+            continue;
+        }
+        // A vocabulary string the base has: adding it would shadow the
+        // base's id wherever a runtime looks tokens up by string.
+        if base_vocab.contains_key(text) {
+            continue;
+        }
+        if base.encode(text, false).map_err(|e| e.to_string())?.get_ids().len() <= 1 {
+            continue;
+        }
+        candidates.push(text.to_string());
+    }
+    let build = |texts: &[String]| -> Result<(Tokenizer, NewTokens), String> {
+        let mut tokenizer = base.clone();
+        let tokens: Vec<AddedToken> = texts.iter().map(|t| AddedToken::from(t.as_str(), false).single_word(true).normalized(false)).collect();
+        tokenizer.add_tokens(tokens).map_err(|e| e.to_string())?;
+        let ids = texts.iter().map(|t| tokenizer.token_to_id(t).map(|id| (id, t.clone())).ok_or_else(|| format!("the added token `{t}` has no id"))).collect::<Result<_, _>>()?;
+        Ok((tokenizer, ids))
+    };
+    let (tokenizer, added) = build(&candidates)?;
+    // The base's decoder must give each token's text back (a byte-level
+    // decoder reads Latin-1 letters as bytes, for one).
+    let mut kept = Vec::with_capacity(added.len());
+    for (id, text) in &added {
+        if tokenizer.decode(&[*id], false).map_err(|e| e.to_string())? == *text {
+            kept.push(text.clone());
+        }
+    }
+    let left_out = added.len() - kept.len();
+    let (tokenizer, added) = if left_out == 0 { (tokenizer, added) } else { build(&kept)? };
+    Ok((tokenizer, added, left_out))
+}
+
+/// The BPE merges of a tokenizer.json model, in either serialised form.
+fn merges(model: &Value) -> Result<Vec<(String, String)>, String> {
+    let list = model["merges"].as_array().ok_or("the BPE model has no `merges`")?;
+    list.iter()
+        .map(|m| match m {
+            Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| format!("malformed merge `{s}`")),
+            Value::Array(pair) if pair.len() == 2 => match (&pair[0], &pair[1]) {
+                (Value::String(a), Value::String(b)) => Ok((a.clone(), b.clone())),
+                _ => Err(format!("malformed merge `{m}`")),
+            },
+            _ => Err(format!("malformed merge `{m}`")),
+        })
+        .collect()
+}
+
+fn component_type(tokenizer: &Value, component: &str) -> String {
+    match &tokenizer[component] {
+        Value::Null => "none".to_string(),
+        v => {
+            let kind = v["type"].as_str().unwrap_or("?");
+            match v.get("pretokenizers").or_else(|| v.get("decoders")).and_then(Value::as_array) {
+                Some(inner) => format!("{kind}({})", inner.iter().map(|i| i["type"].as_str().unwrap_or("?")).collect::<Vec<_>>().join(",")),
+                None => kind.to_string(),
+            }
+        }
+    }
+}
+
+/// BPE as `tokenizers` applies it to one pre-token: repeatedly merge the
+/// leftmost occurrence of the pair with the lowest rank.
+fn segment(mut pieces: Vec<u32>, ranks: &HashMap<(u32, u32), (usize, u32)>) -> Vec<u32> {
+    loop {
+        let best = pieces.windows(2).enumerate().filter_map(|(i, w)| ranks.get(&(w[0], w[1])).map(|&(rank, id)| (rank, i, id))).min();
+        let Some((_, i, id)) = best else { return pieces };
+        pieces[i] = id;
+        pieces.remove(i + 1);
+    }
+}
+
+/// The `extend_bpe` strategy over tokenizer.json documents. Returns the
+/// extended document and its new tokens (vocabulary strings).
+///
+/// The new tokenizer's tokens are taken in its merge order; each is
+/// segmented with the merges so far, and where the base's merges leave it in
+/// pieces, merges joining those pieces are appended (the new tokenizer's own
+/// merge where its halves survive; otherwise the pieces the base leaves), so
+/// that every new token, as a whole pre-token, encodes to itself.
+pub fn extend_bpe(base: &Value, new: &Value) -> Result<(Value, NewTokens), String> {
+    for (name, t) in [("base", base), ("new", new)] {
+        if t["model"]["type"] != "BPE" {
+            return Err(format!("`extend_bpe` needs BPE tokenizers, and the {name} tokenizer's model is {}", t["model"]["type"]));
+        }
+    }
+    for component in ["pre_tokenizer", "decoder"] {
+        let (b, n) = (component_type(base, component), component_type(new, component));
+        if b != n {
+            return Err(format!(
+                "`extend_bpe` needs the new tokenizer to split text as the base's does, but their {component}s differ (base: {b}, new: {n}); \
+                 choose the base's kind in `tokenizer.pre_tokenizer`, or use `vocab.strategy = \"add_tokens\"`"
+            ));
+        }
+    }
+    let mut out = base.clone();
+    let strings = matches!(base["model"]["merges"].as_array().and_then(|m| m.first()), Some(Value::String(_)));
+    let base_vocab = base["model"]["vocab"].as_object().ok_or("the base BPE model has no `vocab`")?;
+    let mut ids: HashMap<String, u32> = base_vocab.iter().filter_map(|(t, id)| Some((t.clone(), id.as_u64()? as u32))).collect();
+    let added_ids = base["added_tokens"].as_array().into_iter().flatten().filter_map(|t| t["id"].as_u64());
+    let mut next = ids.values().map(|&i| i as u64).chain(added_ids).max().map_or(0, |m| m + 1) as u32;
+    let mut ranks: HashMap<(u32, u32), (usize, u32)> = HashMap::new();
+    for (rank, (a, b)) in merges(&base["model"])?.into_iter().enumerate() {
+        if let (Some(&x), Some(&y), Some(&z)) = (ids.get(&a), ids.get(&b), ids.get(&format!("{a}{b}"))) {
+            ranks.entry((x, y)).or_insert((rank, z));
+        }
+    }
+    let mut strings_of: HashMap<u32, String> = ids.iter().map(|(t, &i)| (i, t.clone())).collect();
+    let new_specials: HashSet<&str> = new["added_tokens"].as_array().into_iter().flatten().filter_map(|t| t["content"].as_str()).collect();
+    let mut added: NewTokens = Vec::new();
+    let mut appended = Vec::new();
+    let mut id_of = |token: &str, ids: &mut HashMap<String, u32>, strings_of: &mut HashMap<u32, String>, added: &mut NewTokens| -> u32 {
+        if let Some(&id) = ids.get(token) {
+            return id;
+        }
+        let id = next;
+        next += 1;
+        ids.insert(token.to_string(), id);
+        strings_of.insert(id, token.to_string());
+        added.push((id, token.to_string()));
+        id
+    };
+    // Characters of the new alphabet the base lacks come first.
+    let mut new_vocab: Vec<(&String, u64)> = new["model"]["vocab"].as_object().into_iter().flatten().filter_map(|(t, id)| Some((t, id.as_u64()?))).collect();
+    new_vocab.sort_by_key(|&(_, id)| id);
+    for (token, _) in &new_vocab {
+        if token.chars().count() == 1 && !new_specials.contains(token.as_str()) {
+            id_of(token, &mut ids, &mut strings_of, &mut added);
+        }
+    }
+    for (a, b) in merges(&new["model"])? {
+        let target = format!("{a}{b}");
+        let chars: Vec<u32> = target.chars().map(|c| id_of(&c.to_string(), &mut ids, &mut strings_of, &mut added)).collect();
+        let mut pieces = segment(chars, &ranks);
+        while pieces.len() > 1 {
+            // Join the new tokenizer's halves when the pieces are exactly
+            // them; otherwise the first adjacent pair.
+            let (x, y) = (pieces[0], pieces[1]);
+            let joined = format!("{}{}", strings_of[&x], strings_of[&y]);
+            let z = id_of(&joined, &mut ids, &mut strings_of, &mut added);
+            let rank = ranks.len() + appended.len() + 1_000_000_000;
+            ranks.insert((x, y), (rank, z));
+            let (sx, sy) = (&strings_of[&x], &strings_of[&y]);
+            appended.push(if strings { Value::String(format!("{sx} {sy}")) } else { json!([sx, sy]) });
+            pieces = segment(pieces, &ranks);
+        }
+    }
+    let vocab = out["model"]["vocab"].as_object_mut().expect("checked above");
+    for (id, token) in &added {
+        vocab.insert(token.clone(), (*id).into());
+    }
+    out["model"]["merges"].as_array_mut().ok_or("the base BPE model has no `merges`")?.extend(appended);
+    Ok((out, added))
+}
+
+/// Tokens and words over `texts`.
+fn count(tokenizer: &Tokenizer, texts: &[String]) -> Result<(usize, usize), String> {
+    let encodings = tokenizer.encode_batch(texts.to_vec(), false).map_err(|e| e.to_string())?;
+    let tokens = encodings.iter().map(|e| e.get_ids().len()).sum();
+    let words = texts.iter().map(|t| t.split_whitespace().count()).sum();
+    Ok((tokens, words))
+}
+
+fn fertility(tokenizer: &Tokenizer, texts: &[String]) -> Result<Value, String> {
+    let (tokens, words) = count(tokenizer, texts)?;
+    Ok(json!({ "tokens": tokens, "words": words, "tokens_per_word": tokens as f64 / words.max(1) as f64 }))
+}
+
+/// The first line whose decoding differs from it, if any.
+fn first_lossy(tokenizer: &Tokenizer, texts: &[String]) -> Result<Option<(String, String)>, String> {
+    for text in texts {
+        let ids = tokenizer.encode(text.as_str(), false).map_err(|e| e.to_string())?;
+        let back = tokenizer.decode(ids.get_ids(), false).map_err(|e| e.to_string())?;
+        if back != *text {
+            return Ok(Some((text.clone(), back)));
+        }
+    }
+    Ok(None)
+}
+
+fn lines(docs: &[Document]) -> Vec<String> {
+    docs.iter()
+        .flat_map(|d| match d {
+            Document::Text { text } => vec![text.clone()],
+            Document::PromptCompletion { prompt, completion } => vec![prompt.clone(), completion.clone()],
+        })
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
+
+impl Stage for VocabStage {
+    fn name(&self) -> &str {
+        "vocab"
+    }
+    fn kind(&self) -> &'static str {
+        "vocab"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let v = &self.vocab;
+        let mut s = Settings::new();
+        s.insert("vocab.strategy".into(), serde_json::to_value(v.strategy).expect("serialises"));
+        s.insert("vocab.init".into(), serde_json::to_value(v.init).expect("serialises"));
+        s.insert("vocab.pad_to_multiple_of".into(), v.pad_to_multiple_of.into());
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        vec!["corpus".to_string(), "tokenizer".to_string(), "base".to_string()]
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        super::model::tools()
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        let mut files = vec![("report.json".to_string(), "reports/vocab.json".to_string())];
+        if self.publish {
+            files.extend(["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| (f.to_string(), f.to_string())));
+        }
+        files
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError> {
+        let base_path = ctx.input("base", "tokenizer.json")?;
+        let new_path = ctx.input("tokenizer", "tokenizer.json")?;
+        let base = Tokenizer::from_file(base_path).map_err(|e| tokenizer_error("cannot load the base tokenizer", e))?;
+        let new = Tokenizer::from_file(new_path).map_err(|e| tokenizer_error("cannot load the trained tokenizer", e))?;
+        let mut left_out = 0;
+        let (tokenizer, added) = match self.vocab.strategy {
+            VocabStrategy::AddTokens => {
+                let (tokenizer, added, undecodable) = add_tokens(&base, &new).map_err(|e| tokenizer_error("cannot add the tokens", e))?;
+                left_out = undecodable;
+                (tokenizer, added)
+            }
+            VocabStrategy::None => return Err(StageError::failed("`vocab.strategy` = \"none\" has no stage to run")),
+            VocabStrategy::ExtendBpe => {
+                let read = |p: &std::path::Path| -> Result<Value, StageError> { model::read_json(p).map_err(|e| StageError::failed(e.to_string())) };
+                let (json, added) = extend_bpe(&read(base_path)?, &read(new_path)?).map_err(StageError::bad_input)?;
+                let text = serde_json::to_string(&json).expect("json serialises");
+                let tokenizer: Tokenizer = text.parse().map_err(|e| tokenizer_error("the extended tokenizer does not load", e))?;
+                (tokenizer, added)
+            }
+        };
+        tokenizer.save(ctx.output("tokenizer.json"), true).map_err(|e| tokenizer_error("cannot write tokenizer.json", e))?;
+
+        // Weights: the embedding grows to cover every id, padded.
+        let mut model = model::load_files(ctx.input("base", "config.json")?, &[ctx.input("base", "model.safetensors")?.to_path_buf()]).map_err(super::model::model_error)?;
+        let old_size = model.config.vocab_size;
+        let needed = (tokenizer.get_vocab_size(true)).max(old_size);
+        let multiple = self.vocab.pad_to_multiple_of as usize;
+        let new_size = needed.div_ceil(multiple) * multiple;
+        let init = match self.vocab.init {
+            VocabInit::Mean => EmbeddingInit::Mean,
+            VocabInit::Normal => EmbeddingInit::Normal,
+        };
+        model.resize_token_embeddings(new_size, init, &mut Rng::new(INIT_SEED)).map_err(super::model::model_error)?;
+        let parameters = super::model::save_weights(&model, ctx)?["parameters"].clone();
+        let mut config: Value = model::read_json(ctx.input("base", "config.json")?).map_err(|e: ModelError| StageError::failed(e.to_string()))?;
+        config["vocab_size"] = new_size.into();
+        super::model::write_json(&ctx.output("config.json"), &config)?;
+        if let Ok(from) = ctx.input("base", "generation_config.json") {
+            std::fs::copy(from, ctx.output("generation_config.json")).map_err(|e| super::model::io(from, e))?;
+        }
+
+        // The report: fertility before and after, losslessness, English kept.
+        let eval = lines(&read_documents(ctx.input("corpus", "eval.jsonl")?)?);
+        let english: Vec<String> = ENGLISH_SAMPLE.lines().map(str::to_string).collect();
+        let report_error = |e: String| tokenizer_error("cannot measure fertility", e);
+        for texts in [&eval, &english] {
+            if let Some((line, back)) = first_lossy(&tokenizer, texts).map_err(report_error)? {
+                return Err(StageError::failed(format!("the extended tokenizer does not decode text back: {line:?} became {back:?}")));
+            }
+        }
+        // Lines with no new word in them, and how many of those encode differently.
+        let mut new_words = HashSet::new();
+        for (id, _) in &added {
+            new_words.insert(tokenizer.decode(&[*id], false).map_err(|e| report_error(e.to_string()))?.trim().to_string());
+        }
+        let (mut plain_lines, mut plain_changed) = (0, Vec::new());
+        for line in &english {
+            if line.split(|c: char| !c.is_alphanumeric() && c != '_').any(|w| new_words.contains(w)) {
+                continue;
+            }
+            plain_lines += 1;
+            let ids = |t: &Tokenizer| t.encode(line.as_str(), false).map(|e| e.get_ids().to_vec()).map_err(|e| report_error(e.to_string()));
+            if ids(&base)? != ids(&tokenizer)? {
+                plain_changed.push(line.clone());
+            }
+        }
+        let new_ids: Vec<u32> = added.iter().map(|(id, _)| *id).collect();
+        super::model::write_json(&ctx.output("new_tokens.json"), &json!({ "ids": new_ids, "tokens": added.iter().map(|(_, t)| t).collect::<Vec<_>>() }))?;
+        let report = json!({
+            "strategy": self.vocab.strategy,
+            "init": self.vocab.init,
+            "base_vocab_size": old_size,
+            "tokenizer_size": tokenizer.get_vocab_size(true),
+            "vocab_size": new_size,
+            "new_tokens": added.len(),
+            "left_out_undecodable": left_out,
+            "padding_rows": new_size - needed,
+            "fertility": {
+                "eval": {
+                    "base": fertility(&base, &eval).map_err(report_error)?,
+                    "new_tokenizer": fertility(&new, &eval).map_err(report_error)?,
+                    "extended": fertility(&tokenizer, &eval).map_err(report_error)?,
+                },
+                "english": {
+                    "base": fertility(&base, &english).map_err(report_error)?,
+                    "extended": fertility(&tokenizer, &english).map_err(report_error)?,
+                    "lines": english.len(),
+                    "lines_without_new_words": plain_lines,
+                    "of_those_encoded_differently": plain_changed.len(),
+                    "examples_encoded_differently": plain_changed.iter().take(3).collect::<Vec<_>>(),
+                },
+            },
+        });
+        super::model::write_json(&ctx.output("report.json"), &report)?;
+        let per_word = |v: &Value| v["tokens_per_word"].as_f64().unwrap_or(0.0);
+        let f = &report["fertility"];
+        Ok(json!({
+            "new_tokens": added.len(),
+            "vocab_size": new_size,
+            "parameters": parameters,
+            "eval_tokens_per_word_before": per_word(&f["eval"]["base"]),
+            "eval_tokens_per_word_after": per_word(&f["eval"]["extended"]),
+            "english_tokens_per_word_before": per_word(&f["english"]["base"]),
+            "english_tokens_per_word_after": per_word(&f["english"]["extended"]),
+        }))
+    }
+}
+
+/// The new token ids a `vocab` stage wrote.
+pub fn read_new_tokens(path: &std::path::Path) -> Result<Vec<u32>, StageError> {
+    let json: HashMap<String, Value> = model::read_json(path).map_err(|e| StageError::failed(e.to_string()))?;
+    Ok(json.get("ids").and_then(Value::as_array).into_iter().flatten().filter_map(|v| v.as_u64().map(|i| i as u32)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_tokenizer() -> Tokenizer {
+        Tokenizer::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/tiny-gpt2/tokenizer.json")).unwrap()
+    }
+
+    /// A byte-level BPE "new tokenizer" with the given vocabulary strings.
+    fn byte_level(tokens: &[&str]) -> Tokenizer {
+        let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
+        let json = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        json.to_string().parse().unwrap()
+    }
+
+    /// GPT-2's byte-to-character table applied to `text`'s UTF-8 bytes.
+    fn byte_level_form(text: &str) -> String {
+        let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+        let mut table = [0u32; 256];
+        let mut next = 256;
+        for b in 0..=255u8 {
+            table[b as usize] = if printable(b) { b as u32 } else { next += 1; next - 1 };
+        }
+        text.bytes().map(|b| char::from_u32(table[b as usize]).unwrap()).collect()
+    }
+
+    fn tokens(t: &Tokenizer, text: &str) -> Vec<String> {
+        t.encode(text, false).unwrap().get_tokens().to_vec()
+    }
+
+    #[test]
+    fn added_words_are_text_whole_words_and_lossless() {
+        let base = fixture_tokenizer();
+        // `Ġqzx` is " qzx" in byte-level form; `Ã©` is "é", which a
+        // byte-level decoder would read back as the byte 0xE9.
+        let greek = byte_level_form("λόγος");
+        let new = byte_level(&["Ġqzx", "qzx", "Ġ", "Ã©", "Ã©Ã©q", "the", &greek]);
+        let (extended, added, left_out) = add_tokens(&base, &new).unwrap();
+        assert_eq!(left_out, 1, "ééq (the base has é as one token already)");
+        let texts: Vec<&str> = added.iter().map(|(_, t)| t.as_str()).collect();
+        assert!(texts.contains(&"qzx"), "{texts:?}");
+        assert!(!texts.contains(&"Ġqzx"), "byte-level strings are decoded to text: {texts:?}");
+        assert!(!texts.contains(&"é"), "a token the decoder cannot give back is left out: {texts:?}");
+        assert!(!texts.contains(&"ééq"), "{texts:?}");
+        assert!(texts.contains(&"λόγος"), "{texts:?}");
+        assert!(!texts.contains(&"the"), "the base has it: {texts:?}");
+        // A whole word matches; the same letters inside a word do not.
+        assert_eq!(tokens(&extended, "a qzx b"), ["a", "Ġ", "qzx", "Ġb"]);
+        assert_eq!(tokens(&extended, "qzxy"), tokens(&base, "qzxy"));
+        assert_eq!(tokens(&extended, "aqzx"), tokens(&base, "aqzx"));
+        assert_eq!(tokens(&extended, "a λόγος"), ["a", "Ġ", "λόγος"]);
+        for text in ["a qzx b", "qzx-qzx.", "ééq café λόγος"] {
+            let ids = extended.encode(text, false).unwrap();
+            assert_eq!(extended.decode(ids.get_ids(), false).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn extend_bpe_reaches_every_new_token_and_refuses_other_splitters() {
+        let read = |p: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+        let base = read(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/tiny-gpt2/tokenizer.json"));
+        let mut new = serde_json::to_value(byte_level(&["Ġ", "q", "z", "x", "e", "l", "Ġq", "zx", "Ġqzx", "el", "Ġqzxel"])).unwrap();
+        new["model"]["merges"] = json!([["Ġ", "q"], ["z", "x"], ["Ġq", "zx"], ["e", "l"], ["Ġqzx", "el"]]);
+        let (extended, added) = extend_bpe(&base, &new).unwrap();
+        let tokenizer: Tokenizer = extended.to_string().parse().unwrap();
+        assert_eq!(tokens(&tokenizer, " qzx qzxel"), ["Ġqzx", "Ġqzxel"]);
+        assert!(added.iter().any(|(_, t)| t == "Ġqzxel"));
+        // Base merges keep their ranks: the prefix is the base's, unchanged.
+        let n = base["model"]["merges"].as_array().unwrap().len();
+        assert_eq!(extended["model"]["merges"].as_array().unwrap()[..n], base["model"]["merges"].as_array().unwrap()[..]);
+
+        let mut metaspace = new.clone();
+        metaspace["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
+        let error = extend_bpe(&base, &metaspace).unwrap_err();
+        assert!(error.contains("pre_tokenizers differ (base: ByteLevel, new: Metaspace)"), "{error}");
+    }
+}

@@ -1,0 +1,160 @@
+//! Stage `vocab` on the PyTorch fixture's byte-level tokenizer: the new
+//! language's tokens added (`add_tokens`) or merged in (`extend_bpe`), the
+//! embedding grown, and the result read back by Python's `tokenizers`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{TestProject, set};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+}
+
+fn manifest(strategy: &str, vocab_size: u32, extra: &str) -> String {
+    format!(
+        r#"[project]
+output = "dist"
+
+[corpus]
+files = ["corpus/*.txt"]
+eval_fraction = 0.1
+
+[tokenizer]
+vocab_size = {vocab_size}
+pre_tokenizer = "byte_level"
+
+[base]
+model = "path:{}"
+
+[vocab]
+strategy = "{strategy}"
+{extra}
+"#,
+        fixture().display()
+    )
+}
+
+fn json(project: &TestProject, file: &str) -> serde_json::Value {
+    serde_json::from_str(&project.read(file)).unwrap()
+}
+
+/// Embedding shape and rows, read with the safetensors layout directly.
+fn wte(project: &TestProject, file: &str) -> (Vec<usize>, Vec<f32>) {
+    let tensors = candle_core::safetensors::load(project.path(file), &candle_core::Device::Cpu).unwrap();
+    let wte = &tensors["transformer.wte.weight"];
+    (wte.dims().to_vec(), wte.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+}
+
+/// Runs tests/python/check_vocab.py: Python's tokenizers reads both files.
+fn python_check(base: &std::path::Path, extended: &std::path::Path, lines: &std::path::Path, mode: &str) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_vocab.py");
+    let output = Command::new("python3").arg(script).arg(base).arg(extended).arg(lines).arg(mode).output().expect("python3 runs");
+    assert!(output.status.success(), "check_vocab.py failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn add_tokens_keeps_other_text_and_lowers_fertility() {
+    let project = TestProject::with_manifest(&manifest("add_tokens", 2000, "pad_to_multiple_of = 64"), 300);
+    let build = project.build_ok();
+    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab"]));
+    let report = json(&project, "dist/reports/vocab.json");
+    eprintln!("{report:#}");
+    let new_tokens = report["new_tokens"].as_u64().unwrap() as usize;
+    assert!(new_tokens > 50, "{report}");
+    let f = &report["fertility"];
+    let before = f["eval"]["base"]["tokens_per_word"].as_f64().unwrap();
+    let after = f["eval"]["extended"]["tokens_per_word"].as_f64().unwrap();
+    // A new word costs its leading space as a token of its own: single_word
+    // tokens cannot hold the space before them.
+    assert!(after < 0.85 * before, "eval fertility {before} -> {after}");
+    assert_eq!(f["english"]["of_those_encoded_differently"], 0, "{report}");
+    assert!(f["english"]["lines_without_new_words"].as_u64().unwrap() >= 5, "{report}");
+
+    // The embedding grew to a multiple of 64; old rows kept, new rows at their mean.
+    let config = json(&project, "dist/config.json");
+    let size = config["vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!(size % 64, 0);
+    assert!(size >= 4096 + new_tokens && size < 4096 + new_tokens + 64);
+    let (dims, rows) = wte(&project, "dist/model.safetensors");
+    let (base_dims, base_rows) = {
+        let t = candle_core::safetensors::load(fixture().join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let w = &t["transformer.wte.weight"];
+        (w.dims().to_vec(), w.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    };
+    assert_eq!(dims, vec![size, base_dims[1]]);
+    assert_eq!(&rows[..base_rows.len()], &base_rows[..]);
+    let width = base_dims[1];
+    for d in 0..width {
+        let mean = (0..4096).map(|r| base_rows[r * width + d] as f64).sum::<f64>() / 4096.0;
+        for r in 4096..size {
+            assert!((rows[r * width + d] as f64 - mean).abs() < 1e-3, "row {r} dim {d}");
+        }
+    }
+
+    // Python's tokenizers: English encodes as with the base, corpus lines
+    // round-trip, and each new word is one token.
+    let new_ids: serde_json::Value = json(&project, "dist/reports/vocab.json");
+    assert!(new_ids["tokenizer_size"].as_u64().unwrap() as usize == 4096 + new_tokens);
+    let english = project.path("english.txt");
+    std::fs::write(&english, symb::stages::vocab::ENGLISH_SAMPLE).unwrap();
+    let checked = python_check(&fixture().join("tokenizer.json"), &project.path("dist/tokenizer.json"), &english, "same");
+    assert_eq!(checked["different"], 0, "{checked}");
+    assert!(checked["plain"].as_u64().unwrap() >= 5, "{checked}");
+    let lines = project.path("lines.txt");
+    std::fs::write(&lines, common::demo_lines()[..300].join("\n")).unwrap();
+    let checked = python_check(&fixture().join("tokenizer.json"), &project.path("dist/tokenizer.json"), &lines, "roundtrip");
+    assert_eq!(checked["lossy"], 0, "{checked}");
+    assert!(checked["added_token_hits"].as_u64().unwrap() > 100, "{checked}");
+}
+
+#[test]
+fn extend_bpe_appends_merges_and_stays_lossless() {
+    let project = TestProject::with_manifest(&manifest("extend_bpe", 1000, "init = \"normal\""), 300);
+    project.build_ok();
+    let report = json(&project, "dist/reports/vocab.json");
+    eprintln!("{report:#}");
+    let f = &report["fertility"];
+    let before = f["eval"]["base"]["tokens_per_word"].as_f64().unwrap();
+    let after = f["eval"]["extended"]["tokens_per_word"].as_f64().unwrap();
+    assert!(after < 0.8 * before, "eval fertility {before} -> {after}");
+    // Every new word is one token, as with the new tokenizer.
+    let own = f["eval"]["new_tokenizer"]["tokens_per_word"].as_f64().unwrap();
+    assert!(after <= own * 1.02, "eval fertility {after} against the new tokenizer's {own}");
+    let size = json(&project, "dist/config.json")["vocab_size"].as_u64().unwrap() as usize;
+    let (dims, rows) = wte(&project, "dist/model.safetensors");
+    assert_eq!(dims[0], size);
+    // N(0, 0.02²) rows.
+    let new: Vec<f64> = rows[4096 * dims[1]..].iter().map(|&v| v as f64).collect();
+    let std = (new.iter().map(|v| v * v).sum::<f64>() / new.len() as f64).sqrt();
+    assert!((std - 0.02).abs() < 0.002, "std {std}");
+    let lines = project.path("lines.txt");
+    std::fs::write(&lines, common::demo_lines()[..300].join("\n")).unwrap();
+    let checked = python_check(&fixture().join("tokenizer.json"), &project.path("dist/tokenizer.json"), &lines, "roundtrip");
+    assert_eq!(checked["lossy"], 0, "{checked}");
+}
+
+#[test]
+fn contradictory_sections_and_mismatched_splitters_are_clear_errors() {
+    let project = TestProject::with_manifest(&manifest("extend_bpe", 500, "").replace("\"byte_level\"", "\"metaspace\""), 50);
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2, "{}", build.stderr);
+    let reason = build.reason("vocab");
+    assert!(reason.contains("pre_tokenizers differ (base: ByteLevel, new: Metaspace)") && reason.contains("add_tokens"), "{reason}");
+    assert!(!project.path("dist").exists(), "a failed build writes no output");
+
+    let scratch = manifest("add_tokens", 500, "").replace(&format!("path:{}", fixture().display()), "scratch");
+    project.write("symb.toml", &scratch);
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2);
+    assert!(build.stderr.contains("`[vocab]` adds tokens to a pretrained base, but `base.model` = \"scratch\""), "{}", build.stderr);
+
+    let no_vocab = manifest("add_tokens", 500, "").replace("[vocab]\nstrategy = \"add_tokens\"", "");
+    project.write("symb.toml", &no_vocab);
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2);
+    assert!(build.stderr.contains("needs a `[vocab]` section"), "{}", build.stderr);
+}
