@@ -73,6 +73,28 @@ fn the_peft_adapter_matches_pytorch_and_merging_changes_nothing() {
     }
 }
 
+/// An adapter PEFT wrote with `trainable_token_indices` (rows of the tied
+/// embedding replaced): tests/python/make_trainable_tokens_fixture.py.
+#[test]
+fn peft_trainable_tokens_match_pytorch_adapted_and_merged() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-gpt2-trainable-tokens");
+    let golden = candle_core::safetensors::load(data.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = golden["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&i| i as u32).collect();
+    let mut adapted = model::load_folder(&fixture()).unwrap();
+    lora::load_adapter(&mut adapted, &data).unwrap();
+    assert_eq!(adapted.token_rows.as_ref().unwrap().indices, [4090, 4091, 4092, 4093, 4094, 4095]);
+    let expected = golden["logits"].squeeze(0).unwrap();
+    let error = max_abs(&logits(&adapted, &ids), &expected);
+    assert!(error < 1e-4, "adapter: max abs logits error {error}");
+    let base = model::load_folder(&fixture()).unwrap();
+    assert!(max_abs(&logits(&base, &ids), &expected) > 1.0, "the fixture changes the logits");
+    let mut merged = adapted.clone();
+    assert_eq!(lora::merge(&mut merged).unwrap(), 3);
+    assert!(merged.token_rows.is_none());
+    let error = max_abs(&logits(&merged, &ids), &golden["merged_logits"].squeeze(0).unwrap());
+    assert!(error < 1e-4, "merged: max abs logits error {error}");
+}
+
 #[test]
 fn the_kv_cache_gives_the_full_forward_logits() {
     let model = model::load_folder(&fixture()).unwrap();

@@ -158,3 +158,54 @@ fn contradictory_sections_and_mismatched_splitters_are_clear_errors() {
     assert_eq!(build.code, 2);
     assert!(build.stderr.contains("needs a `[vocab]` section"), "{}", build.stderr);
 }
+
+#[test]
+fn lora_after_add_tokens_trains_the_new_rows_as_peft_trainable_tokens() {
+    let finetune = r#"
+[finetune]
+method = "lora"
+rank = 4
+alpha = 8
+learning_rate = 1e-2
+warmup_steps = 2
+batch_size = 4
+block_size = 32
+max_steps = 20
+eval_every = 10
+"#;
+    let project = TestProject::with_manifest(&(manifest("add_tokens", 600, "") + finetune), 150);
+    let build = project.build_ok();
+    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge"]));
+    let tokenizer = tokenizers::Tokenizer::from_file(project.path("dist/tokenizer.json")).unwrap();
+    let mut new_ids: Vec<u32> = tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| !t.special).map(|(id, _)| *id).collect();
+    new_ids.sort();
+    assert!(!new_ids.is_empty());
+    let config = json(&project, "dist/adapter/adapter_config.json");
+    assert_eq!(config["trainable_token_indices"], serde_json::json!(new_ids));
+    let adapter = candle_core::safetensors::load(project.path("dist/adapter/adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let rows = &adapter[symb::model::lora::TOKEN_ROWS_KEY];
+    assert_eq!(rows.dims(), [new_ids.len(), 64]);
+
+    // The merged embedding: old rows untouched, new rows trained away from
+    // their common starting point (the old rows' mean).
+    let (dims, merged) = wte(&project, "dist/model.safetensors");
+    let width = dims[1];
+    let base = candle_core::safetensors::load(fixture().join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let base_rows = base["transformer.wte.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(&merged[..base_rows.len()], &base_rows[..]);
+    let trained = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (i, id) in new_ids.iter().enumerate() {
+        assert_eq!(&merged[*id as usize * width..(*id as usize + 1) * width], &trained[i * width..(i + 1) * width]);
+    }
+    let spread = (0..width).map(|d| (trained[d] - trained[width + d]).abs()).fold(0f32, f32::max);
+    assert!(spread > 1e-3, "the new rows moved apart: {spread}");
+    let metrics = json(&project, "dist/training/metrics.json");
+    assert!(metrics["final_eval_loss"].as_f64().unwrap() < metrics["initial_eval_loss"].as_f64().unwrap() - 0.5, "{metrics}");
+
+    // Turning it off re-runs fine-tuning with a reason, and the adapter is plain LoRA.
+    project.edit("max_steps = 20", "max_steps = 20\ntrain_new_tokens = false");
+    let build = project.build_ok();
+    assert_eq!(build.ran(), set(&["finetune", "merge"]));
+    assert!(build.reason("finetune").contains("finetune.train_new_tokens"), "{}", build.reason("finetune"));
+    assert!(json(&project, "dist/adapter/adapter_config.json")["trainable_token_indices"].is_null());
+}

@@ -145,6 +145,7 @@ pub struct RawFinetune {
     pub early_stopping_patience: Option<u64>,
     pub checkpoint_every: Option<u64>,
     pub seed: Option<u64>,
+    pub train_new_tokens: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -124,6 +124,9 @@ pub struct Finetune {
     pub early_stopping_patience: Option<u64>,
     pub checkpoint_every: u64,
     pub seed: u64,
+    /// With LoRA after a `vocab` stage: the new tokens' embedding rows train
+    /// too (PEFT's `trainable_token_indices`).
+    pub train_new_tokens: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -392,6 +395,7 @@ fn resolve_finetune(cx: &Ctx<'_>, raw: RawFinetune, base: Option<&Base>) -> Resu
         early_stopping_patience: raw.early_stopping_patience,
         checkpoint_every: at_least_one("checkpoint_every", raw.checkpoint_every, 50)?,
         seed: raw.seed.unwrap_or(0),
+        train_new_tokens: raw.train_new_tokens.unwrap_or(true),
     })
 }
 

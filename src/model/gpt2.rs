@@ -245,6 +245,46 @@ pub struct Gpt2 {
     pub wpe: Tensor,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
+    /// PEFT's trainable tokens: embedding rows (tied to the head) replaced.
+    pub token_rows: Option<TokenRows>,
+}
+
+/// Rows of the token embedding replaced by `values`, as PEFT's
+/// `trainable_token_indices` does (`index_copy`; the values are rows, not
+/// deltas, whatever PEFT's tensor name says). The tied head sees them too.
+#[derive(Debug, Clone)]
+pub struct TokenRows {
+    pub indices: Vec<u32>,
+    /// `[indices.len(), n_embd]`
+    pub values: Tensor,
+    /// The embedding with those rows zeroed (a constant).
+    masked: Tensor,
+    index: Tensor,
+}
+
+impl TokenRows {
+    pub fn new(wte: &Tensor, indices: Vec<u32>, values: Tensor) -> Result<Self> {
+        let (vocab, width) = wte.dims2()?;
+        if let Some(bad) = indices.iter().find(|&&i| i as usize >= vocab) {
+            return Err(ModelError::Config(format!("trainable token {bad} is outside the vocabulary of {vocab}")));
+        }
+        if values.dims() != [indices.len(), width] {
+            return Err(ModelError::Config(format!("trainable token rows have shape {:?}, expected [{}, {width}]", values.dims(), indices.len())));
+        }
+        let mut keep = vec![1f32; vocab];
+        for &i in &indices {
+            keep[i as usize] = 0.0;
+        }
+        let keep = Tensor::from_vec(keep, (vocab, 1), wte.device())?.to_dtype(wte.dtype())?;
+        let masked = wte.detach().broadcast_mul(&keep)?;
+        let index = Tensor::new(indices.as_slice(), wte.device())?;
+        Ok(TokenRows { indices, values, masked, index })
+    }
+
+    /// The embedding with the rows replaced.
+    pub fn apply(&self) -> Result<Tensor> {
+        Ok(self.masked.index_add(&self.index, &self.values, 0)?)
+    }
 }
 
 impl Gpt2 {
@@ -261,6 +301,7 @@ impl Gpt2 {
             wpe: vb.get((config.n_positions, c), "wpe.weight")?,
             blocks,
             ln_f: LayerNorm::load(vb.pp("ln_f"), c, config.layer_norm_epsilon)?,
+            token_rows: None,
         })
     }
 
@@ -377,7 +418,15 @@ impl Gpt2 {
             return Err(ModelError::Config(format!("{} positions exceed the model's context of {}", past + t, self.config.n_positions)));
         }
         let positions = Tensor::arange(past as u32, (past + t) as u32, self.device())?;
-        let tokens = self.wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, self.config.n_embd))?;
+        let replaced;
+        let wte = match &self.token_rows {
+            Some(rows) => {
+                replaced = rows.apply()?;
+                &replaced
+            }
+            None => &self.wte,
+        };
+        let tokens = wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, self.config.n_embd))?;
         let mut x = tokens.broadcast_add(&self.wpe.embedding(&positions)?)?;
         let mask = causal_mask(t, past, self.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -386,7 +435,7 @@ impl Gpt2 {
         }
         let x = self.ln_f.forward(&x)?;
         let hidden = x.reshape((b * t, self.config.n_embd))?;
-        Ok(hidden.matmul(&self.wte.t()?)?.reshape((b, t, self.config.vocab_size))?)
+        Ok(hidden.matmul(&wte.t()?)?.reshape((b, t, self.config.vocab_size))?)
     }
 
     /// Greedy decoding with the KV cache: up to `max_new_tokens` ids, stopping

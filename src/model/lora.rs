@@ -80,7 +80,13 @@ pub struct AdapterConfig {
     pub peft_type: Option<String>,
     #[serde(default)]
     pub use_dora: bool,
+    /// A list of token ids, or `{module: ids}`.
+    #[serde(default)]
+    pub trainable_token_indices: Option<serde_json::Value>,
 }
+
+/// PEFT's name for the trainable token rows of GPT-2's (tied) embedding.
+pub const TOKEN_ROWS_KEY: &str = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta";
 
 impl AdapterConfig {
     pub fn scale(&self) -> f64 {
@@ -102,7 +108,26 @@ pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> 
     if config.r == 0 {
         return Err(ModelError::Config(format!("`{}`: `r` is 0", config_path.display())));
     }
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::io_candle(path, e))?;
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::io_candle(path, e))?;
+    let token_indices: Option<Vec<u32>> = match &config.trainable_token_indices {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Object(map)) => match map.iter().find(|(k, _)| k.ends_with("wte") || k.ends_with("embed_tokens")) {
+            Some((_, ids)) if map.len() == 1 => Some(serde_json::from_value(ids.clone()).map_err(|e| ModelError::io(config_path, e))?),
+            _ => return Err(ModelError::Unsupported(format!("`{}`: trainable tokens are supported on the input embedding only", config_path.display()))),
+        },
+        Some(ids) => Some(serde_json::from_value(ids.clone()).map_err(|e| ModelError::io(config_path, e))?),
+    };
+    let token_values = tensors.remove(TOKEN_ROWS_KEY);
+    match (token_indices, token_values) {
+        (Some(indices), Some(values)) => {
+            let values = values.to_dtype(DType::F32)?.to_device(model.device())?;
+            let rows = super::gpt2::TokenRows::new(&model.wte, indices, values).map_err(|e| ModelError::Config(format!("`{}`: {e}", path.display())))?;
+            model.token_rows = Some(rows);
+        }
+        (Some(_), None) => return Err(ModelError::Config(format!("`{}` lists trainable tokens, but `{}` has no `{TOKEN_ROWS_KEY}`", config_path.display(), path.display()))),
+        (None, Some(_)) => return Err(ModelError::Config(format!("`{}` has trainable token rows, but `{}` lists no `trainable_token_indices`", path.display(), config_path.display()))),
+        (None, None) => {}
+    }
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, tensor) in tensors {
         let module = name.strip_prefix("base_model.model.").unwrap_or(&name);
@@ -143,9 +168,14 @@ pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> 
     Ok(adapted)
 }
 
-/// Folds every LoRA update into its weight (W + scale · (B·A)ᵀ) and drops it.
+/// Folds every LoRA update into its weight (W + scale · (B·A)ᵀ) and any
+/// trainable token rows into the embedding, and drops them.
 pub fn merge(model: &mut Gpt2) -> Result<usize> {
     let mut merged = 0;
+    if let Some(rows) = model.token_rows.take() {
+        model.wte = rows.apply()?.detach();
+        merged += 1;
+    }
     for (_, linear) in model.linears_mut(LoraTarget(&["all-linear".to_string()])) {
         if let Some(lora) = linear.lora.take() {
             linear.weight = (&linear.weight + lora.delta()?)?;
@@ -156,7 +186,7 @@ pub fn merge(model: &mut Gpt2) -> Result<usize> {
 }
 
 /// PEFT's `adapter_config.json` for an adapter trained by symb.
-pub fn peft_config(spec: &super::train::LoraSpec, dropout: f64) -> serde_json::Value {
+pub fn peft_config(spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32]) -> serde_json::Value {
     // PEFT matches target names as module-name suffixes; `mlp` (the MLP
     // container, not a linear layer) becomes a regular expression.
     let targets: serde_json::Value = if spec.targets.iter().any(|t| t == "all-linear") {
@@ -183,5 +213,6 @@ pub fn peft_config(spec: &super::train::LoraSpec, dropout: f64) -> serde_json::V
         "init_lora_weights": true,
         "modules_to_save": null,
         "use_dora": false,
+        "trainable_token_indices": if trainable_tokens.is_empty() { serde_json::Value::Null } else { serde_json::json!(trainable_tokens) },
     })
 }

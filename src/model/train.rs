@@ -89,12 +89,24 @@ impl LoraSpec {
 /// The trainable LoRA variables of a model, by PEFT module name.
 pub struct LoraVars {
     pub modules: BTreeMap<String, (Var, Var)>,
+    /// Trainable rows of the token embedding (PEFT's trainable tokens).
+    pub token_rows: Option<(Vec<u32>, Var)>,
 }
 
 impl LoraVars {
-    /// Every variable, in a stable order (A then B, by module name).
+    /// Every variable, in a stable order (A then B, by module name; then the token rows).
     pub fn vars(&self) -> Vec<Var> {
-        self.modules.values().flat_map(|(a, b)| [a.clone(), b.clone()]).collect()
+        self.modules.values().flat_map(|(a, b)| [a.clone(), b.clone()]).chain(self.token_rows.iter().map(|(_, v)| v.clone())).collect()
+    }
+
+    /// Makes the rows `indices` of the model's token embedding trainable,
+    /// starting from their current values (as PEFT does).
+    pub fn train_token_rows(&mut self, model: &mut Gpt2, indices: Vec<u32>) -> Result<()> {
+        let index = Tensor::new(indices.as_slice(), model.device())?;
+        let var = Var::from_tensor(&model.wte.index_select(&index, 0)?)?;
+        model.token_rows = Some(super::gpt2::TokenRows::new(&model.wte, indices.clone(), var.as_tensor().clone())?);
+        self.token_rows = Some((indices, var));
+        Ok(())
     }
 
     /// The tensors under PEFT's names (`base_model.model.<module>.lora_A.weight`).
@@ -103,6 +115,9 @@ impl LoraVars {
         for (module, (a, b)) in &self.modules {
             out.insert(format!("base_model.model.{module}.lora_A.weight"), a.as_tensor().clone());
             out.insert(format!("base_model.model.{module}.lora_B.weight"), b.as_tensor().clone());
+        }
+        if let Some((_, rows)) = &self.token_rows {
+            out.insert(super::lora::TOKEN_ROWS_KEY.to_string(), rows.as_tensor().clone());
         }
         out
     }
@@ -136,7 +151,7 @@ pub fn attach_lora(model: &mut Gpt2, spec: &LoraSpec, init: Option<&BTreeMap<Str
     if modules.is_empty() {
         return Err(ModelError::Config(format!("no layer matches the LoRA targets {:?}", spec.targets)));
     }
-    Ok(LoraVars { modules })
+    Ok(LoraVars { modules, token_rows: None })
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -52,6 +52,9 @@ pub struct TrainConfig {
     pub early_stopping_patience: Option<usize>,
     pub checkpoint_every: usize,
     pub seed: u64,
+    /// With LoRA: token ids whose embedding rows train too (PEFT's
+    /// `trainable_token_indices`).
+    pub trainable_tokens: Vec<u32>,
 }
 
 /// Token streams cut into blocks of `block_size + 1` (inputs and shifted labels).
@@ -160,7 +163,10 @@ pub fn train(
     // Trainable variables, by name.
     let (lora, vars): (Option<LoraVars>, Vec<(String, Var)>) = match &config.method {
         Method::Lora { spec, dropout } => {
-            let lora = attach_lora(&mut model, spec, None, &mut init_rng)?;
+            let mut lora = attach_lora(&mut model, spec, None, &mut init_rng)?;
+            if !config.trainable_tokens.is_empty() {
+                lora.train_token_rows(&mut model, config.trainable_tokens.clone())?;
+            }
             if *dropout > 0.0 {
                 for (_, linear) in model.linears_mut(super::lora::LoraTarget(&spec.targets)) {
                     if let Some(l) = linear.lora.as_mut() {
@@ -168,7 +174,10 @@ pub fn train(
                     }
                 }
             }
-            let vars = lora.modules.iter().flat_map(|(m, (a, b))| [(format!("{m}.lora_A"), a.clone()), (format!("{m}.lora_B"), b.clone())]).collect();
+            let mut vars: Vec<(String, Var)> = lora.modules.iter().flat_map(|(m, (a, b))| [(format!("{m}.lora_A"), a.clone()), (format!("{m}.lora_B"), b.clone())]).collect();
+            if let Some((_, rows)) = &lora.token_rows {
+                vars.push(("transformer.wte.trainable_tokens".to_string(), rows.clone()));
+            }
             (Some(lora), vars)
         }
         Method::Full => {

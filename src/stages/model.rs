@@ -199,7 +199,7 @@ pub struct FinetuneStage {
 }
 
 impl FinetuneStage {
-    fn train_config(&self) -> TrainConfig {
+    fn train_config(&self, trainable_tokens: Vec<u32>) -> TrainConfig {
         let f = &self.finetune;
         let method = match f.method {
             FinetuneMethod::Full | FinetuneMethod::None => Method::Full,
@@ -228,6 +228,7 @@ impl FinetuneStage {
             early_stopping_patience: f.early_stopping_patience.map(|p| p as usize),
             checkpoint_every: f.checkpoint_every as usize,
             seed: f.seed,
+            trainable_tokens,
         }
     }
 }
@@ -249,6 +250,13 @@ fn tokenize(tokenizer: &tokenizers::Tokenizer, docs: &[Document]) -> Result<Vec<
         .collect();
     let encodings = tokenizer.encode_batch(texts, false).map_err(|e| StageError::failed(format!("cannot tokenize the corpus: {e}")))?;
     Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+}
+
+impl FinetuneStage {
+    /// LoRA on a model whose vocabulary grew trains the new rows too.
+    fn trains_new_tokens(&self) -> bool {
+        self.model_stage == "vocab" && self.finetune.method == FinetuneMethod::Lora && self.finetune.train_new_tokens
+    }
 }
 
 impl Stage for FinetuneStage {
@@ -290,6 +298,9 @@ impl Stage for FinetuneStage {
         }
         s.insert("finetune.max_steps".into(), serde_json::json!(f.max_steps));
         s.insert("finetune.early_stopping_patience".into(), serde_json::json!(f.early_stopping_patience));
+        if self.trains_new_tokens() {
+            s.insert("finetune.train_new_tokens".into(), true.into());
+        }
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -309,7 +320,8 @@ impl Stage for FinetuneStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let (model, tokenizer) = load_base(ctx, self.model_stage)?;
-        let config = self.train_config();
+        let trainable_tokens = if self.trains_new_tokens() { super::vocab::read_new_tokens(ctx.input("vocab", "new_tokens.json")?)? } else { Vec::new() };
+        let config = self.train_config(trainable_tokens);
         if config.block_size > model.config.n_positions {
             return Err(StageError::bad_input(format!(
                 "`finetune.block_size` = {} is longer than the base model's context ({} positions)",
@@ -334,7 +346,7 @@ impl Stage for FinetuneStage {
         let seconds = started.elapsed().as_secs_f64();
         match (&config.method, &trained.lora) {
             (Method::Lora { spec, dropout }, Some(lora)) => {
-                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(spec, *dropout))?;
+                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(spec, *dropout, &config.trainable_tokens))?;
                 model::save_safetensors(&lora.peft_tensors(), &ctx.output("adapter_model.safetensors")).map_err(model_error)?;
             }
             _ => model::save_safetensors(&trained.model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?,
