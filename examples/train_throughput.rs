@@ -8,7 +8,7 @@
 
 use candle_core::{Device, Tensor};
 use symb::model::gpt2::{Config, Gpt2};
-use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora, cross_entropy};
+use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: train_throughput LAYERS WIDTH HEADS VOCAB STEPS".into());
     };
     let (batch, block) = (8, 128);
+    symb::model::ops::keep_freed_memory();
     let config = Config {
         vocab_size,
         n_positions: 1024,
@@ -40,8 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ids: Vec<u32> = (0..batch * (block + 1)).map(|_| (rng.next_u64() % vocab_size as u64) as u32).collect();
         let ids = Tensor::from_vec(ids, (batch, block + 1), &Device::Cpu)?;
         let started = std::time::Instant::now();
-        let logits = model.forward(&ids.narrow(1, 0, block)?, None)?;
-        let loss = cross_entropy(&logits.reshape(((), vocab_size))?, &ids.narrow(1, 1, block)?.flatten_all()?)?;
+        let loss = model.loss(&ids.narrow(1, 0, block)?, &ids.narrow(1, 1, block)?.flatten_all()?, true)?;
         let grads = loss.backward()?;
         optimizer.step(&grads)?;
         if step > 0 {

@@ -114,7 +114,7 @@ fn the_kv_cache_gives_the_full_forward_logits() {
 /// and every tensor after AdamW within 1e-5.
 #[test]
 fn one_lora_training_step_matches_pytorch() {
-    use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora, cross_entropy};
+    use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
     let step = fixture().join("train-step");
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("golden.json")).unwrap()).unwrap();
     let batch: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("batch.json")).unwrap()).unwrap();
@@ -129,9 +129,8 @@ fn one_lora_training_step_matches_pytorch() {
     let labels: Vec<Vec<u32>> = serde_json::from_value(batch["labels"].clone()).unwrap();
     let ids = Tensor::new(ids, &Device::Cpu).unwrap();
     let labels = Tensor::new(labels, &Device::Cpu).unwrap().flatten_all().unwrap();
-    let logits = model.forward(&ids, None).unwrap();
-    let vocab = model.config.vocab_size;
-    let loss = cross_entropy(&logits.reshape(((), vocab)).unwrap(), &labels).unwrap();
+    // The training path: the fused head + loss op.
+    let loss = model.loss(&ids, &labels, true).unwrap();
     let loss_value = loss.to_scalar::<f32>().unwrap() as f64;
     assert!((loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5, "loss {loss_value} vs {}", golden["loss"]);
 
@@ -149,4 +148,31 @@ fn one_lora_training_step_matches_pytorch() {
         let error = max_abs(&tensor, &after_golden[&name]);
         assert!(error < 1e-5, "{name} after AdamW: {error}");
     }
+}
+
+/// The trainable-token path (frozen rows plus a gather from the trainable
+/// ones, the head likewise) gives the gradient of the plain formulation:
+/// the embedding with the rows replaced, used by both ends.
+#[test]
+fn trainable_token_rows_get_the_gradient_of_the_replaced_embedding() {
+    use symb::model::train::{LoraVars, cross_entropy};
+    let ids = Tensor::new(&[[4090u32, 5, 4091, 17, 4095, 300, 4090, 9]], &Device::Cpu).unwrap();
+    let labels = Tensor::new(&[5u32, 4091, 17, 4095, 300, 4090, 9, 4092], &Device::Cpu).unwrap();
+    let mut model = model::load_folder(&fixture()).unwrap();
+    let mut vars = LoraVars { modules: Default::default(), token_rows: None };
+    vars.train_token_rows(&mut model, vec![4090, 4091, 4092, 4095]).unwrap();
+    let (_, rows) = vars.token_rows.as_ref().unwrap();
+    rows.set(&(rows.as_tensor() * 1.5).unwrap()).unwrap();
+    let loss = |m: &model::Gpt2| cross_entropy(&m.forward(&ids, None).unwrap().squeeze(0).unwrap(), &labels).unwrap();
+    let fast = loss(&model);
+    let grad_fast = fast.backward().unwrap().get(rows.as_tensor()).unwrap().clone();
+
+    let mut plain = model.clone();
+    plain.wte = model.token_rows.as_ref().unwrap().apply().unwrap();
+    plain.token_rows = None;
+    let reference = loss(&plain);
+    let grad_reference = reference.backward().unwrap().get(rows.as_tensor()).unwrap().clone();
+    assert!((fast.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+    assert!(max_abs(&grad_fast, &grad_reference) < 1e-5, "{}", max_abs(&grad_fast, &grad_reference));
+    assert!(max_abs(&grad_fast, &grad_fast.zeros_like().unwrap()) > 1e-4, "4092 appears only as a label, the others as inputs too");
 }

@@ -95,7 +95,8 @@ impl Linear {
         let shape = x.dims().to_vec();
         let rows = x.elem_count() / n_in;
         let flat = x.reshape((rows, n_in))?;
-        let mut y = flat.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        let product = if trains(&self.weight) { flat.matmul(&self.weight)? } else { super::ops::frozen_matmul(&flat, &self.weight)? };
+        let mut y = product.broadcast_add(&self.bias)?;
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(&flat)?)?;
         }
@@ -103,6 +104,11 @@ impl Linear {
         *out_shape.last_mut().expect("inputs have a feature dimension") = n_out;
         Ok(y.reshape(out_shape)?)
     }
+}
+
+/// Whether a weight takes part in backpropagation (a variable, or computed from one).
+fn trains(weight: &Tensor) -> bool {
+    weight.is_variable() || weight.track_op()
 }
 
 /// LayerNorm from primitive ops (differentiable).
@@ -200,16 +206,24 @@ impl Attention {
 pub struct Mlp {
     pub c_fc: Linear,
     pub c_proj: Linear,
+    /// `gelu` (the exact, erf form) rather than the tanh approximation.
+    exact_gelu: bool,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
-        Ok(Mlp { c_fc: Linear::load(vb.pp("c_fc"), config.n_embd, config.inner())?, c_proj: Linear::load(vb.pp("c_proj"), config.inner(), config.n_embd)? })
+        Ok(Mlp {
+            c_fc: Linear::load(vb.pp("c_fc"), config.n_embd, config.inner())?,
+            c_proj: Linear::load(vb.pp("c_proj"), config.inner(), config.n_embd)?,
+            exact_gelu: config.activation_function == "gelu",
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // gelu_new: the tanh approximation, as GPT-2 uses.
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+        let h = self.c_fc.forward(x)?;
+        // gelu_new (= gelu_pytorch_tanh): the tanh approximation GPT-2 uses.
+        let h = if self.exact_gelu { h.gelu_erf()? } else { super::ops::gelu_tanh(&h)? };
+        self.c_proj.forward(&h)
     }
 }
 
@@ -284,6 +298,26 @@ impl TokenRows {
     /// The embedding with the rows replaced.
     pub fn apply(&self) -> Result<Tensor> {
         Ok(self.masked.index_add(&self.index, &self.values, 0)?)
+    }
+
+    /// Embeddings of `ids` `[n]`: the frozen rows gathered, plus the
+    /// trainable rows where an id is one of them (a gather from `values`
+    /// with a zero row appended), so backward touches only `values`.
+    fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        let slot: std::collections::HashMap<u32, u32> = self.indices.iter().enumerate().map(|(i, &id)| (id, i as u32)).collect();
+        let zero = self.indices.len() as u32;
+        let slots: Vec<u32> = ids.to_vec1::<u32>()?.iter().map(|id| slot.get(id).copied().unwrap_or(zero)).collect();
+        let slots = Tensor::new(slots, ids.device())?;
+        let width = self.values.dim(1)?;
+        let extended = Tensor::cat(&[&self.values, &Tensor::zeros((1, width), self.values.dtype(), self.values.device())?], 0)?;
+        Ok((self.masked.embedding(ids)? + extended.embedding(&slots)?)?)
+    }
+
+    /// The tied head over `hidden` `[n, width]`: the frozen rows' logits,
+    /// with the trainable rows' columns added in.
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let frozen = super::ops::frozen_matmul(hidden, &self.masked.t()?)?;
+        Ok(frozen.index_add(&self.index, &hidden.matmul(&self.values.t()?)?, 1)?)
     }
 }
 
@@ -411,22 +445,44 @@ impl Gpt2 {
 
     /// Logits `[b, t, vocab]` for `input_ids` `[b, t]`, continuing from
     /// `cache` (updated in place) when given.
-    pub fn forward(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let hidden = self.hidden(input_ids, cache)?;
+        let logits = match &self.token_rows {
+            Some(rows) => rows.head(&hidden)?,
+            None if trains(&self.wte) => hidden.matmul(&self.wte.t()?)?,
+            None => super::ops::frozen_matmul(&hidden, &self.wte.t()?)?,
+        };
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Mean next-token loss of `input_ids` `[b, t]` against `labels` `[b·t]`;
+    /// `grad` says whether backward will run (otherwise the graph is cut).
+    /// With a frozen head the logits are never kept (a fused op).
+    pub fn loss(&self, input_ids: &Tensor, labels: &Tensor, grad: bool) -> Result<Tensor> {
+        let cut = |t: Tensor| if grad { t } else { t.detach() };
+        if self.token_rows.is_none() && !trains(&self.wte) {
+            let hidden = cut(self.hidden(input_ids, None)?);
+            return super::ops::linear_cross_entropy(&hidden, &self.wte, labels);
+        }
+        let logits = cut(self.forward(input_ids, None)?);
+        super::ops::cross_entropy(&logits.reshape(((), self.config.vocab_size))?, labels)
+    }
+
+    /// The final hidden states `[b·t, n_embd]` (after `ln_f`).
+    fn hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if past + t > self.config.n_positions {
             return Err(ModelError::Config(format!("{} positions exceed the model's context of {}", past + t, self.config.n_positions)));
         }
         let positions = Tensor::arange(past as u32, (past + t) as u32, self.device())?;
-        let replaced;
-        let wte = match &self.token_rows {
-            Some(rows) => {
-                replaced = rows.apply()?;
-                &replaced
-            }
-            None => &self.wte,
+        let ids = input_ids.flatten_all()?;
+        let tokens = match &self.token_rows {
+            Some(rows) => rows.embedding(&ids)?,
+            None => self.wte.embedding(&ids)?,
         };
-        let tokens = wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, self.config.n_embd))?;
+        let tokens = tokens.reshape((b, t, self.config.n_embd))?;
         let mut x = tokens.broadcast_add(&self.wpe.embedding(&positions)?)?;
         let mask = causal_mask(t, past, self.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -434,8 +490,7 @@ impl Gpt2 {
             x = block.forward(&x, &mask, layer_cache)?;
         }
         let x = self.ln_f.forward(&x)?;
-        let hidden = x.reshape((b * t, self.config.n_embd))?;
-        Ok(hidden.matmul(&wte.t()?)?.reshape((b, t, self.config.vocab_size))?)
+        Ok(x.reshape((b * t, self.config.n_embd))?)
     }
 
     /// Greedy decoding with the KV cache: up to `max_new_tokens` ids, stopping

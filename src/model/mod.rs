@@ -5,6 +5,7 @@
 pub mod gpt2;
 pub mod hub;
 pub mod lora;
+pub mod ops;
 pub mod train;
 pub mod trainer;
 

@@ -18,9 +18,14 @@ use super::gpt2::Gpt2;
 use super::lora::{Lora, LoraTarget};
 use super::{ModelError, Result};
 
-/// Mean next-token cross-entropy: `logits` `[n, vocab]`, `labels` `[n]` (u32),
-/// built from primitive ops so the graph keeps its gradient.
+/// Mean next-token cross-entropy: `logits` `[n, vocab]`, `labels` `[n]` (u32);
+/// the fused op of [`super::ops`].
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    super::ops::cross_entropy(logits, labels)
+}
+
+/// The same loss from primitive ops (the reference the fused op is tested against).
+pub fn cross_entropy_reference(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::gpt2::Gpt2;
-use super::train::{AdamW, AdamWParams, LoraSpec, LoraVars, Rng, attach_lora, cross_entropy};
+use super::train::{AdamW, AdamWParams, LoraSpec, LoraVars, Rng, attach_lora};
 use super::{ModelError, Result, read_json, save_safetensors};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -131,9 +131,7 @@ pub fn evaluate(model: &Gpt2, blocks: &[Vec<u32>], batch_size: usize) -> Result<
     let mut total = 0.0;
     for batch in blocks.chunks(batch_size) {
         let (inputs, labels) = tensors(batch)?;
-        let logits = model.forward(&inputs, None)?.detach();
-        let vocab = model.config.vocab_size;
-        let loss = cross_entropy(&logits.reshape(((), vocab))?, &labels)?.to_scalar::<f32>()? as f64;
+        let loss = model.loss(&inputs, &labels, false)?.to_scalar::<f32>()? as f64;
         total += loss * batch.len() as f64;
     }
     Ok(Some(total / blocks.len() as f64))
@@ -158,6 +156,7 @@ pub fn train(
     if train.is_empty() {
         return Err(ModelError::Config(format!("the train split is shorter than one block of {} tokens", config.block_size + 1)));
     }
+    super::ops::keep_freed_memory();
     let mut init_rng = Rng::new(config.seed);
     let dropout_rng = Arc::new(Mutex::new(Rng::new(config.seed ^ 0x5EED_D80F)));
     // Trainable variables, by name.
@@ -234,8 +233,7 @@ pub fn train(
             let position = (index % per_epoch) * config.batch_size;
             let batch: Vec<Vec<u32>> = order[position..(position + config.batch_size).min(train.len())].iter().map(|&i| train[i].clone()).collect();
             let (inputs, labels) = tensors(&batch)?;
-            let logits = model.forward(&inputs, None)?;
-            let loss = cross_entropy(&logits.reshape(((), model.config.vocab_size))?, &labels)?;
+            let loss = model.loss(&inputs, &labels, true)?;
             step_loss += loss.to_scalar::<f32>()? as f64 / config.gradient_accumulation as f64;
             let grads = loss.backward()?;
             for (slot, (name, var)) in accumulated.iter_mut().zip(&vars) {

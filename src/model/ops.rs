@@ -1,0 +1,501 @@
+//! Custom candle ops for training on the CPU, where candle's generic
+//! backward pays for work nobody needs:
+//!
+//! - [`frozen_matmul`]: `x · W` for a weight that does not train. candle's
+//!   matmul backward always computes both operands' gradients; with LoRA that
+//!   is `xᵀ · grad` for every frozen weight and the tied head, as much work
+//!   as the forward pass and a weight-sized buffer each. This op returns the
+//!   input's gradient only.
+//! - [`cross_entropy`]: mean next-token loss over `[n, vocab]` logits in one
+//!   pass per row (log-sum-exp), with the gradient `(softmax − onehot) / n`
+//!   written in one buffer. Built from primitive ops it kept four logits-sized
+//!   intermediates alive until backward (236 MB each at a 57,689 vocabulary
+//!   and 1,024 positions).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::Result;
+
+/// Tells glibc's allocator to keep freed memory for reuse instead of giving
+/// it back to the system at once. Training allocates and frees the same
+/// activation-sized buffers every step; by default blocks over a few MB are
+/// mapped and unmapped each time, and the kernel zeroes every page again
+/// (a third of the time of a GPT-2 small step went to page faults and page
+/// clearing). Peak memory is unchanged: the same sizes are reused. A no-op
+/// elsewhere than Linux with glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        // SAFETY: mallopt only sets allocator parameters; glibc accepts
+        // these values (32 MiB is its largest mmap threshold on 64-bit).
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, std::ffi::c_int::MAX);
+        }
+    }
+}
+
+struct FrozenMatmul {
+    /// `[k, n]`, any strides the CPU matmul takes (a transposed view works).
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (k, n) = self.weight.dims2()?;
+        let dims = layout.dims();
+        if dims.last() != Some(&k) || !layout.is_contiguous() {
+            candle_core::bail!("frozen-matmul: input {dims:?} is not a contiguous [.., {k}]");
+        }
+        let m = layout.shape().elem_count() / k;
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(weight) = &*weight else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
+        let lhs = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        let out = storage.matmul(weight, (1, m, n, k), &lhs, weight_layout)?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("checked above") = n;
+        Ok((out, Shape::from(shape)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (k, n) = self.weight.dims2()?;
+        let grad = grad_res.reshape(((), n))?.matmul(&self.weight.t()?)?;
+        debug_assert_eq!(grad.dim(1)?, k);
+        Ok(Some(grad.reshape(arg.shape())?))
+    }
+}
+
+/// `x · weight` (`x` `[.., k]`, `weight` `[k, n]`) whose backward reaches
+/// `x` only: the weight is treated as a constant.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.detach() })?)
+}
+
+struct CrossEntropy {
+    labels: Vec<u32>,
+}
+
+/// Rows of a contiguous f32 `[n, v]` tensor's storage.
+fn rows<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("cross-entropy: logits must be f32") };
+    let (n, v) = layout.shape().dims2()?;
+    if !layout.is_contiguous() {
+        candle_core::bail!("cross-entropy: logits must be contiguous");
+    }
+    Ok((&data[layout.start_offset()..layout.start_offset() + n * v], v))
+}
+
+/// `exp(x)` for `x ≤ 0` in a form the compiler vectorises (Cephes' `expf`:
+/// `x = n·ln 2 + r`, a degree-5 polynomial for `exp(r)`, `2ⁿ` from the
+/// exponent bits; relative error about 2e-7). Inputs below −87 give 0.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// `tanh(u)` from [`exp_nonpositive`] (vectorisable).
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    let e = exp_nonpositive(-2.0 * u.abs());
+    let t = (1.0 - e) / (1.0 + e);
+    if u < 0.0 { -t } else { t }
+}
+
+const GELU_C: f32 = 0.797_884_6; // √(2/π)
+const GELU_A: f32 = 0.044_715;
+
+struct GeluTanh;
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+    if !layout.is_contiguous() {
+        candle_core::bail!("{op}: the input must be contiguous");
+    }
+    Ok(&data[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()])
+}
+
+#[inline(always)]
+fn gelu_forward(x: &[f32], out: &mut [f32]) {
+    for (y, &x) in out.iter_mut().zip(x) {
+        *y = 0.5 * x * (1.0 + tanh(GELU_C * (x + GELU_A * x * x * x)));
+    }
+}
+
+#[inline(always)]
+fn gelu_backward(x: &[f32], grad: &mut [f32]) {
+    for (g, &x) in grad.iter_mut().zip(x) {
+        let t = tanh(GELU_C * (x + GELU_A * x * x * x));
+        *g *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gelu_forward_avx2(x: &[f32], out: &mut [f32]) {
+    gelu_forward(x, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gelu_backward_avx2(x: &[f32], grad: &mut [f32]) {
+    gelu_backward(x, grad)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Splits the work over rayon in blocks of 16k elements.
+fn par_blocks(x: &[f32], out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    out.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(o, x)| f(x, o));
+}
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "gelu-tanh")?;
+        let mut out = vec![0f32; x.len()];
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            par_blocks(x, &mut out, |x, o| unsafe { gelu_forward_avx2(x, o) });
+        } else {
+            par_blocks(x, &mut out, gelu_forward);
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let mut grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (storage, layout) = arg.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else { candle_core::bail!("gelu-tanh: not on the CPU") };
+        let x = f32_slice(storage, layout, "gelu-tanh")?;
+        let apply = |x: &[f32], g: &mut [f32]| {
+            if has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA.
+                unsafe { gelu_backward_avx2(x, g) }
+            } else {
+                gelu_backward(x, g)
+            }
+        };
+        grad.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(g, x)| apply(x, g));
+        Ok(Some(Tensor::from_vec(grad, arg.shape(), arg.device())?))
+    }
+}
+
+/// GPT-2's `gelu_new`, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, with
+/// its analytic gradient; f32.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(GeluTanh)?)
+}
+
+/// The maximum of a row, eight lanes at a time.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = if x > *lane { x } else { *lane };
+        }
+    }
+    tail.iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
+}
+
+/// Replaces each `x` of a row by `exp(x − shift)`; returns their sum.
+#[inline(always)]
+fn exp_in_place(row: &mut [f32], shift: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *x = exp_nonpositive(*x - shift);
+            *lane += *x;
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - shift);
+        sum += *x;
+    }
+    sum
+}
+
+/// `ln Σ exp(x)` over a row.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row_max(row);
+    let mut lanes = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += exp_nonpositive(x - max);
+        }
+    }
+    let sum: f32 = lanes.iter().sum::<f32>() + tail.iter().map(|&x| exp_nonpositive(x - max)).sum::<f32>();
+    max + sum.ln()
+}
+
+/// Turns a row of logits into its loss gradient, `(softmax − onehot) · scale`,
+/// in place; returns the row's loss. Uses AVX2 and FMA where the CPU has them.
+fn loss_and_gradient(row: &mut [f32], label: usize, scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { loss_and_gradient_avx2(row, label, scale) };
+    }
+    loss_and_gradient_generic(row, label, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn loss_and_gradient_avx2(row: &mut [f32], label: usize, scale: f32) -> f32 {
+    loss_and_gradient_generic(row, label, scale)
+}
+
+#[inline(always)]
+fn loss_and_gradient_generic(row: &mut [f32], label: usize, scale: f32) -> f32 {
+    let max = row_max(row);
+    let picked = row[label];
+    let sum = exp_in_place(row, max);
+    let factor = scale / sum;
+    for x in row.iter_mut() {
+        *x *= factor;
+    }
+    row[label] -= scale;
+    max + sum.ln() - picked
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (data, v) = rows(storage, layout)?;
+        if data.len() / v != self.labels.len() {
+            candle_core::bail!("cross-entropy: {} rows of logits for {} labels", data.len() / v, self.labels.len());
+        }
+        if let Some(bad) = self.labels.iter().find(|&&l| l as usize >= v) {
+            candle_core::bail!("cross-entropy: label {bad} is outside the vocabulary of {v}");
+        }
+        let total: f64 = data.par_chunks(v).zip(&self.labels).map(|(row, &label)| (log_sum_exp(row) - row[label as usize]) as f64).sum();
+        let mean = (total / self.labels.len().max(1) as f64) as f32;
+        Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let scale = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? / self.labels.len().max(1) as f32;
+        let (storage, layout) = arg.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else { candle_core::bail!("cross-entropy: logits are not on the CPU") };
+        let (data, v) = rows(storage, layout)?;
+        let mut grad = data.to_vec();
+        grad.par_chunks_mut(v).zip(&self.labels).for_each(|(row, &label)| {
+            loss_and_gradient(row, label as usize, scale);
+        });
+        Ok(Some(Tensor::from_vec(grad, arg.shape(), arg.device())?))
+    }
+}
+
+struct LinearCrossEntropy {
+    /// `[vocab, width]`, contiguous.
+    weight: Tensor,
+    /// Its transpose (a view).
+    weight_t: Tensor,
+    labels: Vec<u32>,
+    /// Whether forward computes the input's gradient for backward.
+    need_grad: bool,
+    /// `d loss / d hidden` for a unit output gradient, from forward.
+    grad: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+/// Rows of logits computed at once: about 64 MB of them.
+const CHUNK_ELEMENTS: usize = 16 << 20;
+
+impl CustomOp1 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, width) = layout.shape().dims2()?;
+        let (vocab, _) = self.weight.dims2()?;
+        if !layout.is_contiguous() || n != self.labels.len() {
+            candle_core::bail!("linear-cross-entropy: hidden {:?} for {} labels", layout.dims(), self.labels.len());
+        }
+        if let Some(bad) = self.labels.iter().find(|&&l| l as usize >= vocab) {
+            candle_core::bail!("cross-entropy: label {bad} is outside the vocabulary of {vocab}");
+        }
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let (weight_t, weight_t_layout) = self.weight_t.storage_and_layout();
+        let (Storage::Cpu(weight), Storage::Cpu(weight_t)) = (&*weight, &*weight_t) else { candle_core::bail!("linear-cross-entropy: the weight is not on the CPU") };
+        let scale = 1.0 / n.max(1) as f32;
+        let chunk = (CHUNK_ELEMENTS / vocab).max(1);
+        let mut total = 0f64;
+        let mut grad = if self.need_grad { Vec::with_capacity(n * width) } else { Vec::new() };
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            let lhs = Layout::contiguous_with_offset((rows, width), layout.start_offset() + start * width);
+            let CpuStorage::F32(mut logits) = storage.matmul(weight_t, (1, rows, vocab, width), &lhs, weight_t_layout)? else {
+                candle_core::bail!("linear-cross-entropy: hidden states must be f32")
+            };
+            let labels = &self.labels[start..start + rows];
+            total += logits.par_chunks_mut(vocab).zip(labels).map(|(row, &label)| loss_and_gradient(row, label as usize, scale) as f64).sum::<f64>();
+            if self.need_grad {
+                let g = CpuStorage::F32(logits);
+                let CpuStorage::F32(part) = g.matmul(weight, (1, rows, width, vocab), &Layout::contiguous((rows, vocab)), weight_layout)? else { unreachable!("f32 in, f32 out") };
+                grad.extend_from_slice(&part);
+            }
+        }
+        if self.need_grad {
+            *self.grad.lock().expect("gradient lock") = Some(grad);
+        }
+        Ok((CpuStorage::F32(vec![(total * scale as f64) as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(grad) = self.grad.lock().expect("gradient lock").take() else {
+            candle_core::bail!("linear-cross-entropy: backward ran twice, or forward kept no gradient")
+        };
+        let grad = Tensor::from_vec(grad, arg.shape(), arg.device())?;
+        Ok(Some(grad.broadcast_mul(&grad_res.to_dtype(DType::F32)?)?))
+    }
+}
+
+/// Mean cross-entropy of the logits `hidden · weightᵀ` (`hidden` `[n,
+/// width]` f32, `weight` `[vocab, width]`, frozen) against `labels` `[n]`,
+/// without keeping the logits: forward computes them a chunk of rows at a
+/// time, and when `hidden` takes part in backpropagation, turns each chunk
+/// into its gradient and multiplies it back through the weight at once, so
+/// backward only scales the stored `[n, width]` result.
+pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let weight = weight.detach().contiguous()?;
+    let op = LinearCrossEntropy {
+        weight_t: weight.t()?,
+        weight,
+        labels: labels.to_vec1::<u32>()?,
+        need_grad: hidden.track_op(),
+        grad: std::sync::Mutex::new(None),
+    };
+    Ok(hidden.contiguous()?.apply_op1(op)?)
+}
+
+/// Mean next-token cross-entropy: `logits` `[n, vocab]` (f32), `labels` `[n]` (u32).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let labels = labels.to_vec1::<u32>()?;
+    Ok(logits.contiguous()?.apply_op1(CrossEntropy { labels })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+    use crate::model::train::{Rng, cross_entropy_reference};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn gelu_tanh_matches_candles_with_gradient() {
+        let mut rng = Rng::new(6);
+        let x = Var::from_tensor(&rng.tensor(&[3, 40_001], |r| r.normal() * 3.0).unwrap()).unwrap();
+        let ours = gelu_tanh(x.as_tensor()).unwrap();
+        let candle = x.as_tensor().gelu().unwrap();
+        assert!(max_abs(&ours, &candle) < 1e-5);
+        let weights = rng.tensor(&[3, 40_001], |r| r.normal()).unwrap();
+        let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&candle * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_abs(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn the_vectorised_exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (ours, libm) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            worst = worst.max((ours - libm).abs() / libm);
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(-1000.0), exp_nonpositive(-87.0));
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+    }
+
+    #[test]
+    fn fused_cross_entropy_equals_the_primitive_ops_with_gradient() {
+        let mut rng = Rng::new(3);
+        let logits = Var::from_tensor(&rng.tensor(&[37, 101], |r| r.normal() * 4.0).unwrap()).unwrap();
+        let labels = Tensor::new((0..37u32).map(|i| (i * 7) % 101).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let fused = cross_entropy(logits.as_tensor(), &labels).unwrap();
+        let reference = cross_entropy_reference(logits.as_tensor(), &labels).unwrap();
+        assert!(max_abs(&fused, &reference) < 1e-5);
+        let g1 = (&fused * 3.0).unwrap().backward().unwrap();
+        let g2 = (&reference * 3.0).unwrap().backward().unwrap();
+        assert!(max_abs(g1.get(&logits).unwrap(), g2.get(&logits).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn linear_cross_entropy_equals_matmul_then_loss_with_gradient() {
+        let mut rng = Rng::new(5);
+        let hidden = Var::from_tensor(&rng.tensor(&[23, 16], |r| r.normal()).unwrap()).unwrap();
+        let weight = rng.tensor(&[301, 16], |r| r.normal()).unwrap();
+        let labels = Tensor::new((0..23u32).map(|i| (i * 13) % 301).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let fused = linear_cross_entropy(hidden.as_tensor(), &weight, &labels).unwrap();
+        let reference = cross_entropy_reference(&hidden.as_tensor().matmul(&weight.t().unwrap()).unwrap(), &labels).unwrap();
+        assert!(max_abs(&fused, &reference) < 1e-5);
+        let g1 = (&fused * 2.0).unwrap().backward().unwrap();
+        let g2 = (&reference * 2.0).unwrap().backward().unwrap();
+        assert!(max_abs(g1.get(&hidden).unwrap(), g2.get(&hidden).unwrap()) < 1e-5);
+        // Without gradients (evaluation) the value is the same.
+        let value = linear_cross_entropy(&hidden.as_tensor().detach(), &weight, &labels).unwrap();
+        assert!(max_abs(&value, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn frozen_matmul_gives_the_input_gradient_only() {
+        let mut rng = Rng::new(4);
+        let x = Var::from_tensor(&rng.tensor(&[2, 5, 8], |r| r.normal()).unwrap()).unwrap();
+        let w = rng.tensor(&[6, 8], |r| r.normal()).unwrap();
+        let target = rng.tensor(&[2, 5, 6], |r| r.normal()).unwrap();
+        // A transposed view, as the tied head passes it.
+        let frozen = frozen_matmul(x.as_tensor(), &w.t().unwrap()).unwrap();
+        let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert!(max_abs(&frozen, &plain) < 1e-5);
+        let loss = |y: &Tensor| (y * &target).unwrap().sum_all().unwrap();
+        let g1 = loss(&frozen).backward().unwrap();
+        let g2 = loss(&plain).backward().unwrap();
+        assert!(max_abs(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-5);
+        assert!(g1.get(&w).is_none());
+    }
+}
