@@ -175,4 +175,9 @@ fn trainable_token_rows_get_the_gradient_of_the_replaced_embedding() {
     assert!((fast.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5);
     assert!(max_abs(&grad_fast, &grad_reference) < 1e-5, "{}", max_abs(&grad_fast, &grad_reference));
     assert!(max_abs(&grad_fast, &grad_fast.zeros_like().unwrap()) > 1e-4, "4092 appears only as a label, the others as inputs too");
+    // The training path: the fused head + loss op with the rows as its second input.
+    let fused = model.loss(&ids, &labels, true).unwrap();
+    assert!((fused.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+    let grad_fused = fused.backward().unwrap().get(rows.as_tensor()).unwrap().clone();
+    assert!(max_abs(&grad_fused, &grad_reference) < 1e-5, "{}", max_abs(&grad_fused, &grad_reference));
 }

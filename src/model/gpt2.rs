@@ -461,7 +461,11 @@ impl Gpt2 {
     /// With a frozen head the logits are never kept (a fused op).
     pub fn loss(&self, input_ids: &Tensor, labels: &Tensor, grad: bool) -> Result<Tensor> {
         let cut = |t: Tensor| if grad { t } else { t.detach() };
-        if self.token_rows.is_none() && !trains(&self.wte) {
+        if let Some(rows) = &self.token_rows {
+            let hidden = cut(self.hidden(input_ids, None)?);
+            return super::ops::linear_cross_entropy_rows(&hidden, &rows.masked, &rows.indices, &cut(rows.values.clone()), labels);
+        }
+        if !trains(&self.wte) {
             let hidden = cut(self.hidden(input_ids, None)?);
             return super::ops::linear_cross_entropy(&hidden, &self.wte, labels);
         }

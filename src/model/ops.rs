@@ -327,28 +327,34 @@ impl CustomOp1 for CrossEntropy {
 }
 
 struct LinearCrossEntropy {
-    /// `[vocab, width]`, contiguous.
+    /// `[vocab, width]`, contiguous, frozen.
     weight: Tensor,
-    /// Its transpose (a view).
-    weight_t: Tensor,
+    /// Rows of the head replaced by the op's second argument (trainable
+    /// tokens); the weight's rows there are zero.
+    indices: Vec<u32>,
     labels: Vec<u32>,
-    /// Whether forward computes the input's gradient for backward.
+    /// Whether forward computes the gradients for backward.
     need_grad: bool,
-    /// `d loss / d hidden` for a unit output gradient, from forward.
-    grad: std::sync::Mutex<Option<Vec<f32>>>,
+    /// `d loss / d hidden` and `d loss / d rows` for a unit output gradient.
+    grads: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 /// Rows of logits computed at once: about 64 MB of them.
 const CHUNK_ELEMENTS: usize = 16 << 20;
 
-impl CustomOp1 for LinearCrossEntropy {
-    fn name(&self) -> &'static str {
-        "linear-cross-entropy"
+fn f32_vec(storage: CpuStorage) -> candle_core::Result<Vec<f32>> {
+    match storage {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("linear-cross-entropy: f32 only"),
     }
+}
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+impl LinearCrossEntropy {
+    /// The loss; with `need_grad`, the gradients kept for backward.
+    fn run(&self, hidden: &CpuStorage, layout: &Layout, rows: Option<(&CpuStorage, &Layout)>) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, width) = layout.shape().dims2()?;
         let (vocab, _) = self.weight.dims2()?;
+        let k = self.indices.len();
         if !layout.is_contiguous() || n != self.labels.len() {
             candle_core::bail!("linear-cross-entropy: hidden {:?} for {} labels", layout.dims(), self.labels.len());
         }
@@ -356,38 +362,104 @@ impl CustomOp1 for LinearCrossEntropy {
             candle_core::bail!("cross-entropy: label {bad} is outside the vocabulary of {vocab}");
         }
         let (weight, weight_layout) = self.weight.storage_and_layout();
-        let (weight_t, weight_t_layout) = self.weight_t.storage_and_layout();
-        let (Storage::Cpu(weight), Storage::Cpu(weight_t)) = (&*weight, &*weight_t) else { candle_core::bail!("linear-cross-entropy: the weight is not on the CPU") };
+        let Storage::Cpu(weight) = &*weight else { candle_core::bail!("linear-cross-entropy: the weight is not on the CPU") };
+        let weight_t_layout = weight_layout.transpose(0, 1)?;
         let scale = 1.0 / n.max(1) as f32;
         let chunk = (CHUNK_ELEMENTS / vocab).max(1);
         let mut total = 0f64;
-        let mut grad = if self.need_grad { Vec::with_capacity(n * width) } else { Vec::new() };
+        let mut grad_hidden = if self.need_grad { Vec::with_capacity(n * width) } else { Vec::new() };
+        let mut grad_rows = vec![0f32; if self.need_grad { k * width } else { 0 }];
         for start in (0..n).step_by(chunk) {
-            let rows = chunk.min(n - start);
-            let lhs = Layout::contiguous_with_offset((rows, width), layout.start_offset() + start * width);
-            let CpuStorage::F32(mut logits) = storage.matmul(weight_t, (1, rows, vocab, width), &lhs, weight_t_layout)? else {
-                candle_core::bail!("linear-cross-entropy: hidden states must be f32")
-            };
-            let labels = &self.labels[start..start + rows];
-            total += logits.par_chunks_mut(vocab).zip(labels).map(|(row, &label)| loss_and_gradient(row, label as usize, scale) as f64).sum::<f64>();
-            if self.need_grad {
-                let g = CpuStorage::F32(logits);
-                let CpuStorage::F32(part) = g.matmul(weight, (1, rows, width, vocab), &Layout::contiguous((rows, vocab)), weight_layout)? else { unreachable!("f32 in, f32 out") };
-                grad.extend_from_slice(&part);
+            let m = chunk.min(n - start);
+            let lhs = Layout::contiguous_with_offset((m, width), layout.start_offset() + start * width);
+            let mut logits = f32_vec(hidden.matmul(weight, (1, m, vocab, width), &lhs, &weight_t_layout)?)?;
+            if let Some((rows, rows_layout)) = rows {
+                // The replaced rows' logits: hidden · rowsᵀ into their columns.
+                let part = f32_vec(hidden.matmul(rows, (1, m, k, width), &lhs, &rows_layout.transpose(0, 1)?)?)?;
+                for (r, values) in part.chunks(k.max(1)).enumerate().take(m) {
+                    for (&column, &v) in self.indices.iter().zip(values) {
+                        logits[r * vocab + column as usize] = v;
+                    }
+                }
             }
+            let labels = &self.labels[start..start + m];
+            total += logits.par_chunks_mut(vocab).zip(labels).map(|(row, &label)| loss_and_gradient(row, label as usize, scale) as f64).sum::<f64>();
+            if !self.need_grad {
+                continue;
+            }
+            let gathered: Vec<f32> = logits.chunks(vocab).flat_map(|row| self.indices.iter().map(move |&c| row[c as usize])).collect();
+            let g = CpuStorage::F32(logits);
+            let mut part = f32_vec(g.matmul(weight, (1, m, width, vocab), &Layout::contiguous((m, vocab)), weight_layout)?)?;
+            if let Some((rows, rows_layout)) = rows {
+                let g_rows = CpuStorage::F32(gathered);
+                let g_layout = Layout::contiguous((m, k));
+                // d hidden += G[:, indices] · rows; d rows += G[:, indices]ᵀ · hidden.
+                let more = f32_vec(g_rows.matmul(rows, (1, m, width, k), &g_layout, rows_layout)?)?;
+                part.iter_mut().zip(&more).for_each(|(a, b)| *a += b);
+                let d_rows = f32_vec(g_rows.matmul(hidden, (1, k, width, m), &g_layout.transpose(0, 1)?, &lhs)?)?;
+                grad_rows.iter_mut().zip(&d_rows).for_each(|(a, b)| *a += b);
+            }
+            grad_hidden.extend_from_slice(&part);
         }
         if self.need_grad {
-            *self.grad.lock().expect("gradient lock") = Some(grad);
+            *self.grads.lock().expect("gradient lock") = Some((grad_hidden, grad_rows));
         }
         Ok((CpuStorage::F32(vec![(total * scale as f64) as f32]), Shape::from(())))
     }
 
+    fn take_grads(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        match self.grads.lock().expect("gradient lock").take() {
+            Some(grads) => Ok(grads),
+            None => candle_core::bail!("linear-cross-entropy: backward ran twice, or forward kept no gradient"),
+        }
+    }
+}
+
+fn scaled(grad: Vec<f32>, like: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(grad, like.shape(), like.device())?.broadcast_mul(&grad_res.to_dtype(DType::F32)?)
+}
+
+impl CustomOp1 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(storage, layout, None)
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let Some(grad) = self.grad.lock().expect("gradient lock").take() else {
-            candle_core::bail!("linear-cross-entropy: backward ran twice, or forward kept no gradient")
-        };
-        let grad = Tensor::from_vec(grad, arg.shape(), arg.device())?;
-        Ok(Some(grad.broadcast_mul(&grad_res.to_dtype(DType::F32)?)?))
+        Ok(Some(scaled(self.take_grads()?.0, arg, grad_res)?))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy-rows"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if !l2.is_contiguous() || l2.dims() != [self.indices.len(), l1.dims()[1]] {
+            candle_core::bail!("linear-cross-entropy: rows {:?} for {} indices", l2.dims(), self.indices.len());
+        }
+        self.run(s1, l1, Some((s2, l2)))
+    }
+
+    fn bwd(&self, arg1: &Tensor, arg2: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (hidden, rows) = self.take_grads()?;
+        Ok((Some(scaled(hidden, arg1, grad_res)?), Some(scaled(rows, arg2, grad_res)?)))
+    }
+}
+
+impl LinearCrossEntropy {
+    fn new(hidden: &Tensor, weight: &Tensor, indices: Vec<u32>, rows: Option<&Tensor>, labels: &Tensor) -> Result<Self> {
+        Ok(LinearCrossEntropy {
+            weight: weight.detach().contiguous()?,
+            indices,
+            labels: labels.to_vec1::<u32>()?,
+            need_grad: hidden.track_op() || rows.is_some_and(Tensor::track_op),
+            grads: std::sync::Mutex::new(None),
+        })
     }
 }
 
@@ -398,15 +470,16 @@ impl CustomOp1 for LinearCrossEntropy {
 /// into its gradient and multiplies it back through the weight at once, so
 /// backward only scales the stored `[n, width]` result.
 pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let weight = weight.detach().contiguous()?;
-    let op = LinearCrossEntropy {
-        weight_t: weight.t()?,
-        weight,
-        labels: labels.to_vec1::<u32>()?,
-        need_grad: hidden.track_op(),
-        grad: std::sync::Mutex::new(None),
-    };
+    let op = LinearCrossEntropy::new(hidden, weight, Vec::new(), None, labels)?;
     Ok(hidden.contiguous()?.apply_op1(op)?)
+}
+
+/// [`linear_cross_entropy`] with the head's rows `indices` replaced by
+/// `rows` `[indices.len(), width]`, which get their gradient too (`weight`
+/// must be zero at those rows).
+pub fn linear_cross_entropy_rows(hidden: &Tensor, weight: &Tensor, indices: &[u32], rows: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let op = LinearCrossEntropy::new(hidden, weight, indices.to_vec(), Some(rows), labels)?;
+    Ok(hidden.contiguous()?.apply_op2(&rows.contiguous()?, op)?)
 }
 
 /// Mean next-token cross-entropy: `logits` `[n, vocab]` (f32), `labels` `[n]` (u32).
@@ -480,6 +553,28 @@ mod tests {
         // Without gradients (evaluation) the value is the same.
         let value = linear_cross_entropy(&hidden.as_tensor().detach(), &weight, &labels).unwrap();
         assert!(max_abs(&value, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn linear_cross_entropy_with_replaced_rows_gives_both_gradients() {
+        let mut rng = Rng::new(7);
+        let hidden = Var::from_tensor(&rng.tensor(&[19, 16], |r| r.normal()).unwrap()).unwrap();
+        let weight = rng.tensor(&[301, 16], |r| r.normal()).unwrap();
+        let indices = [3u32, 150, 299, 41];
+        let rows = Var::from_tensor(&rng.tensor(&[4, 16], |r| r.normal()).unwrap()).unwrap();
+        let labels = Tensor::new((0..19u32).map(|i| [3u32, 150, 7, 299, 41][i as usize % 5]).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let index = Tensor::new(&indices, &Device::Cpu).unwrap();
+        let mut keep = vec![1f32; 301];
+        indices.iter().for_each(|&i| keep[i as usize] = 0.0);
+        let masked = weight.broadcast_mul(&Tensor::from_vec(keep, (301, 1), &Device::Cpu).unwrap()).unwrap();
+        let fused = linear_cross_entropy_rows(hidden.as_tensor(), &masked, &indices, rows.as_tensor(), &labels).unwrap();
+        let full = masked.index_add(&index, rows.as_tensor(), 0).unwrap();
+        let reference = cross_entropy_reference(&hidden.as_tensor().matmul(&full.t().unwrap()).unwrap(), &labels).unwrap();
+        assert!(max_abs(&fused, &reference) < 1e-5);
+        let g1 = fused.backward().unwrap();
+        let g2 = reference.backward().unwrap();
+        assert!(max_abs(g1.get(&hidden).unwrap(), g2.get(&hidden).unwrap()) < 1e-5);
+        assert!(max_abs(g1.get(&rows).unwrap(), g2.get(&rows).unwrap()) < 1e-5);
     }
 
     #[test]
