@@ -111,7 +111,7 @@ fn trains(weight: &Tensor) -> bool {
     weight.is_variable() || weight.track_op()
 }
 
-/// LayerNorm from primitive ops (differentiable).
+/// LayerNorm (one custom op with its backward; candle's fused one has none).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -125,11 +125,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        super::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -180,8 +176,8 @@ impl Attention {
         })
     }
 
-    /// `mask`: additive `[b or 1, 1, t, past + t]` (0 or -inf).
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    /// Causal self-attention; queries see the cached keys and those before them.
+    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
         let split = |i: usize| -> Result<Tensor> {
@@ -195,8 +191,8 @@ impl Attention {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let probs = softmax_last_dim(&scores.broadcast_add(mask)?)?;
+        let past = k.dim(2)? - t;
+        let probs = super::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (self.head_dim as f64).sqrt(), past)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         self.c_proj.forward(&out)
     }
@@ -246,8 +242,8 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, cache)?)?;
+    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, cache)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
 }
@@ -488,10 +484,9 @@ impl Gpt2 {
         };
         let tokens = tokens.reshape((b, t, self.config.n_embd))?;
         let mut x = tokens.broadcast_add(&self.wpe.embedding(&positions)?)?;
-        let mask = causal_mask(t, past, self.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, &mask, layer_cache)?;
+            x = block.forward(&x, layer_cache)?;
         }
         let x = self.ln_f.forward(&x)?;
         Ok(x.reshape((b * t, self.config.n_embd))?)
@@ -529,12 +524,6 @@ impl Module for Gpt2 {
     }
 }
 
-/// Additive causal mask `[1, 1, t, past + t]`: query i sees keys up to past + i.
-fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let total = past + t;
-    let values: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Tensor::from_vec(values, (1, 1, t, total), device)?.to_dtype(DType::F32)?)
-}
 
 /// How the rows a vocabulary adds to the embedding start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -217,6 +217,141 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(GeluTanh)?)
 }
 
+struct CausalSoftmax {
+    scale: f32,
+    /// Positions before the first query (the KV cache's length).
+    past: usize,
+}
+
+/// Softmax of one row of scores for query `i`: keys after `past + i` get 0.
+#[inline(always)]
+fn causal_row(x: &[f32], out: &mut [f32], scale: f32, visible: usize) {
+    let max = x[..visible].iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }) * scale;
+    let mut sum = 0f32;
+    for (o, &v) in out[..visible].iter_mut().zip(&x[..visible]) {
+        *o = exp_nonpositive(v * scale - max);
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    out[..visible].iter_mut().for_each(|o| *o *= inv);
+    out[visible..].iter_mut().for_each(|o| *o = 0.0);
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "causal-softmax")?;
+        let dims = layout.dims();
+        let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        if total != self.past + t {
+            candle_core::bail!("causal-softmax: {t} queries over {total} keys with {} past", self.past);
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(total).zip(x.par_chunks(total)).enumerate().for_each(|(r, (o, x))| {
+            let visible = self.past + r % t + 1;
+            causal_row(x, o, self.scale, visible);
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let total = res.dim(candle_core::D::Minus1)?;
+        let y = res.flatten_all()?.to_vec1::<f32>()?;
+        let mut grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let scale = self.scale;
+        grad.par_chunks_mut(total).zip(y.par_chunks(total)).for_each(|(g, y)| {
+            let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
+            g.iter_mut().zip(y).for_each(|(g, &y)| *g = scale * y * (*g - dot));
+        });
+        Ok(Some(Tensor::from_vec(grad, res.shape(), res.device())?))
+    }
+}
+
+/// `softmax(scale · scores)` over the last dimension with a causal mask:
+/// query `i` (of `t`) sees keys `0..=past + i`. `scores` `[.., t, past + t]`, f32.
+pub fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
+    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, past })?)
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Mean and 1/σ of a row.
+#[inline(always)]
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer-norm")?;
+        let (w, b) = (f32_slice(s2, l2, "layer-norm")?, f32_slice(s3, l3, "layer-norm")?);
+        let c = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(o, x)| {
+            let (mean, inv) = moments(x, self.eps);
+            for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                *o = (x - mean) * inv * w + b;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = w.elem_count();
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.to_vec1::<f32>()?;
+        let dy = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(c).zip(xs.par_chunks(c)).zip(dy.par_chunks(c)).for_each(|((dx, x), dy)| {
+            let (mean, inv) = moments(x, self.eps);
+            let n = c as f32;
+            let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+            for ((&x, &dy), &w) in x.iter().zip(dy).zip(&ws) {
+                let g = dy * w;
+                sum_g += g;
+                sum_gx += g * (x - mean) * inv;
+            }
+            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(&ws) {
+                let xhat = (x - mean) * inv;
+                *dx = inv * (dy * w - sum_g / n - xhat * sum_gx / n);
+            }
+        });
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let trains = |t: &Tensor| t.is_variable() || t.track_op();
+        if !trains(w) && !trains(b) {
+            return Ok((Some(dx), None, None));
+        }
+        let mut dw = vec![0f32; c];
+        let mut db = vec![0f32; c];
+        for (x, dy) in xs.chunks(c).zip(dy.chunks(c)) {
+            let (mean, inv) = moments(x, self.eps);
+            for (((dw, db), &x), &dy) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
+                *dw += dy * (x - mean) * inv;
+                *db += dy;
+            }
+        }
+        Ok((Some(dx), Some(Tensor::from_vec(dw, w.shape(), w.device())?), Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+    }
+}
+
+/// LayerNorm over the last dimension (`x` `[.., c]`, `weight` and `bias`
+/// `[c]`, f32), one node with an analytic backward.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps: eps as f32 })?)
+}
+
 /// The maximum of a row, eight lanes at a time.
 #[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
@@ -510,6 +645,39 @@ mod tests {
         let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&candle * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_abs(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn causal_softmax_and_layer_norm_match_the_primitive_ops_with_gradients() {
+        use crate::model::gpt2::softmax_last_dim;
+        let mut rng = Rng::new(8);
+        // Two queries after three cached keys.
+        let scores = Var::from_tensor(&rng.tensor(&[2, 3, 2, 5], |r| r.normal() * 3.0).unwrap()).unwrap();
+        let mask: Vec<f32> = (0..2).flat_map(|i| (0..5).map(move |j| if j <= 3 + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask = Tensor::from_vec(mask, (1, 1, 2, 5), &Device::Cpu).unwrap();
+        let ours = causal_softmax(scores.as_tensor(), 0.125, 3).unwrap();
+        let reference = softmax_last_dim(&(scores.as_tensor() * 0.125).unwrap().broadcast_add(&mask).unwrap()).unwrap();
+        assert!(max_abs(&ours, &reference) < 1e-6);
+        let weights = rng.tensor(&[2, 3, 2, 5], |r| r.normal()).unwrap();
+        let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_abs(g1.get(&scores).unwrap(), g2.get(&scores).unwrap()) < 1e-5);
+
+        let x = Var::from_tensor(&rng.tensor(&[3, 4, 24], |r| r.normal() * 2.0 + 1.0).unwrap()).unwrap();
+        let w = Var::from_tensor(&rng.tensor(&[24], |r| r.normal()).unwrap()).unwrap();
+        let b = Var::from_tensor(&rng.tensor(&[24], |r| r.normal()).unwrap()).unwrap();
+        let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let mean = x.as_tensor().mean_keepdim(candle_core::D::Minus1).unwrap();
+        let centered = x.as_tensor().broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(candle_core::D::Minus1).unwrap();
+        let reference = centered.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w.as_tensor()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+        assert!(max_abs(&ours, &reference) < 1e-5);
+        let weights = rng.tensor(&[3, 4, 24], |r| r.normal()).unwrap();
+        let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&x, &w, &b] {
+            assert!(max_abs(g1.get(var).unwrap(), g2.get(var).unwrap()) < 1e-4);
+        }
     }
 
     #[test]
