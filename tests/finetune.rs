@@ -166,9 +166,11 @@ fn model_input_errors_are_clear() {
     assert!(build.stderr.contains("is not a model folder (it has no `config.json`)"), "{}", build.stderr);
 }
 
-/// Issue 3's acceptance run: LoRA on the PyTorch fixture with a 1.4 MB corpus
-/// of the constructed language (`gen_symbiotic.py`, beside the repository),
-/// 400 steps. Slow (minutes in release): `cargo test --release -- --ignored`.
+/// Issue 3's acceptance run, the gpt2-lora workflow on the PyTorch fixture:
+/// a 1.4 MB corpus of the constructed language (`gen_symbiotic.py`, beside
+/// the repository), its tokenizer's words added to the fixture's, LoRA on
+/// every linear layer plus the new embedding rows, 400 steps. Slow (about two
+/// minutes in release): `cargo test --release --test finetune -- --ignored`.
 #[test]
 #[ignore]
 fn lora_on_a_1_4_mb_corpus_teaches_the_fixture_the_language() {
@@ -176,22 +178,60 @@ fn lora_on_a_1_4_mb_corpus_teaches_the_fixture_the_language() {
     let corpus = Command::new("python3").arg(generator).args(["--seed", "7", "--sentences", "19000"]).output().expect("python3 runs");
     assert!(corpus.status.success());
     assert!((1_300_000..1_600_000).contains(&corpus.stdout.len()), "{} bytes", corpus.stdout.len());
-    let project = TestProject::with_manifest(
-        &lora_manifest().replace("targets = [\"c_attn\", \"mlp\"]", "targets = [\"c_attn\"]").replace("rank = 4", "rank = 8").replace("alpha = 8", "alpha = 16").replace("max_steps = 30", "max_steps = 400").replace("eval_every = 10", "eval_every = 100").replace("block_size = 32", "block_size = 128").replace("batch_size = 4", "batch_size = 8").replace("learning_rate = 1e-2", "learning_rate = 2e-3"),
-        0,
+    let manifest = format!(
+        r#"[corpus]
+files = ["corpus/*.txt"]
+eval_fraction = 0.05
+
+[tokenizer]
+vocab_size = 4000
+pre_tokenizer = "byte_level"
+
+[base]
+model = "path:{}"
+
+[vocab]
+strategy = "add_tokens"
+pad_to_multiple_of = 64
+
+[finetune]
+method = "lora"
+rank = 16
+alpha = 32
+targets = ["all-linear"]
+learning_rate = 3e-3
+warmup_steps = 20
+batch_size = 8
+block_size = 128
+max_steps = 400
+eval_every = 100
+"#,
+        fixture().display()
     );
+    let project = TestProject::with_manifest(&manifest, 0);
     project.write("corpus/symbiotic.txt", &String::from_utf8(corpus.stdout.clone()).unwrap());
     project.build_ok();
+    let report: serde_json::Value = serde_json::from_str(&project.read("dist/reports/vocab.json")).unwrap();
+    eprintln!("vocab: {} new tokens; eval tokens per word {:.2} -> {:.2}", report["new_tokens"], report["fertility"]["eval"]["base"]["tokens_per_word"], report["fertility"]["eval"]["extended"]["tokens_per_word"]);
     let m = metrics(&project);
     let (before, after) = (m["initial_perplexity"].as_f64().unwrap(), m["final_perplexity"].as_f64().unwrap());
     eprintln!("eval perplexity {before:.1} -> {after:.1}");
-    assert!(after < before / 5.0, "eval perplexity {before} -> {after}");
-    let out = Command::new(BIN).args(["generate", "--model", "dist", "--prompt", "Kan-ka", "--json", "--max-new-tokens", "40"]).current_dir(project.dir.path()).output().unwrap();
-    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let text = generated["text"].as_str().unwrap().to_string();
-    eprintln!("generated: {text}");
+    assert!(after < before / 10.0, "eval perplexity {before} -> {after}");
+    // A model this small loops under greedy decoding ("vo vo vo"): sample,
+    // with a few seeds (a sentence often ends early, at the separator).
     let lexicon: std::collections::HashSet<&str> = std::str::from_utf8(&corpus.stdout).unwrap().split(|c: char| !c.is_alphanumeric()).collect();
-    let words: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).filter(|w| w.len() > 2).collect();
-    let known = words.iter().filter(|w| lexicon.contains(*w)).count();
-    assert!(known * 10 >= words.len() * 8, "{known} of {} words are the language's: {text}", words.len());
+    let mut words = Vec::new();
+    for seed in ["1", "2", "3", "4", "5"] {
+        let out = Command::new(BIN)
+            .args(["generate", "--model", "dist", "--prompt", "Kan-ka", "--json", "--max-new-tokens", "40", "--temperature", "0.7", "--top-k", "20", "--seed", seed])
+            .current_dir(project.dir.path())
+            .output()
+            .unwrap();
+        let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let text = generated["text"].as_str().unwrap().to_string();
+        eprintln!("generated (seed {seed}): Kan-ka{text}");
+        words.extend(text.split(|c: char| !c.is_alphanumeric()).filter(|w| w.len() > 2).map(str::to_string));
+    }
+    let known = words.iter().filter(|w| lexicon.contains(w.as_str())).count();
+    assert!(words.len() >= 8 && known * 10 >= words.len() * 8, "{known} of {} words are the language's: {words:?}", words.len());
 }

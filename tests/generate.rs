@@ -82,3 +82,23 @@ fn bad_model_folders_are_named_clearly() {
         assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
     }
 }
+
+#[test]
+fn sampling_is_seeded_and_top_k_one_is_greedy() {
+    let ids = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["--prompt", "The river", "--max-new-tokens", "16", "--json"];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = generate(&fixture(), &args);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["generated_ids"].clone()
+    };
+    let greedy = ids(&[]);
+    let sampled = ids(&["--temperature", "1.5", "--seed", "3"]);
+    assert_eq!(sampled, ids(&["--temperature", "1.5", "--seed", "3"]), "one seed, one text");
+    assert_ne!(sampled, greedy);
+    assert_ne!(sampled, ids(&["--temperature", "1.5", "--seed", "4"]));
+    assert_eq!(ids(&["--temperature", "1.5", "--top-k", "1", "--seed", "9"]), greedy);
+    let (code, _, stderr) = generate(&fixture(), &["--prompt", "x", "--temperature=-1"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("`--temperature` must be 0 (greedy) or positive"), "{stderr}");
+}

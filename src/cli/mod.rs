@@ -92,7 +92,8 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Greedy generation from a model folder, to try a model from the terminal.
+    /// Generation from a model folder (greedy, or sampled with `--temperature`),
+    /// to try a model from the terminal.
     Generate {
         /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
         #[arg(long, value_name = "PATH")]
@@ -110,6 +111,15 @@ pub enum Command {
         /// A PEFT LoRA adapter folder to apply (with `--backend candle`).
         #[arg(long, value_name = "PATH")]
         adapter: Option<PathBuf>,
+        /// Sample with this temperature instead of taking the likeliest token (0: greedy).
+        #[arg(long, default_value_t = 0.0, value_name = "T")]
+        temperature: f64,
+        /// Sample among the K likeliest tokens only (0: all).
+        #[arg(long, default_value_t = 0, value_name = "K")]
+        top_k: usize,
+        /// The sampling seed: one seed, one text.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Print `{"input_ids", "generated_ids", "text", "logits"}`.
         #[arg(long)]
         json: bool,
@@ -160,8 +170,13 @@ pub fn run(cli: Cli) -> i32 {
             }),
             false,
         ),
-        Command::Generate { model, prompt, max_new_tokens, backend, dtype, adapter, json } => {
-            generate(&model, &prompt, max_new_tokens, &backend, dtype.as_deref(), adapter.as_deref(), json)
+        Command::Generate { model, prompt, max_new_tokens, backend, dtype, adapter, temperature, top_k, seed, json } => {
+            if !(temperature >= 0.0 && temperature.is_finite()) {
+                eprintln!("error: `--temperature` must be 0 (greedy) or positive, not {temperature}");
+                return 2;
+            }
+            let sampling = (temperature > 0.0).then_some(crate::model::Sampling { temperature, top_k, seed });
+            generate(&model, &prompt, max_new_tokens, &backend, dtype.as_deref(), adapter.as_deref(), sampling.as_ref(), json)
         }
         Command::Cache { command: CacheCommand::Verify { manifest } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
             let _lock = p.cache.lock(|| {})?;
@@ -262,12 +277,13 @@ fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
     Ok(())
 }
 
-fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dtype: Option<&str>, adapter: Option<&Path>, json: bool) -> i32 {
+#[allow(clippy::too_many_arguments)]
+fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dtype: Option<&str>, adapter: Option<&Path>, sampling: Option<&crate::model::Sampling>, json: bool) -> i32 {
     if backend == "onnx" || dtype.is_some() {
         eprintln!("error: `--backend onnx` and `--dtype` need the export stage, which this version of symb does not have yet; use `--backend candle`");
         return 2;
     }
-    match crate::model::generate(model, adapter, prompt, max_new_tokens) {
+    match crate::model::generate(model, adapter, prompt, max_new_tokens, sampling) {
         Ok(generation) => {
             if json {
                 out(serde_json::to_string(&generation).expect("generation serialises"));

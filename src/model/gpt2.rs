@@ -496,6 +496,11 @@ impl Gpt2 {
     /// after `eos` (included) as transformers' `generate()` does. Returns the
     /// new ids and the logits at the last prompt position.
     pub fn greedy(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.decode(prompt, max_new_tokens, eos, None)
+    }
+
+    /// Decoding with the KV cache, greedy or sampled (see [`greedy`](Self::greedy)).
+    pub fn decode(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>) -> Result<(Vec<u32>, Vec<f32>)> {
         if prompt.is_empty() {
             return Err(ModelError::Config("the prompt encodes to no tokens".to_string()));
         }
@@ -505,8 +510,12 @@ impl Gpt2 {
         let mut last = logits.get(0)?.get(prompt.len() - 1)?;
         let prompt_logits = last.to_vec1::<f32>()?;
         let mut generated = Vec::new();
+        let mut rng = sampling.map(|s| super::train::Rng::new(s.seed));
         while generated.len() < max_new_tokens && prompt.len() + generated.len() < self.config.n_positions {
-            let next = last.argmax(0)?.to_scalar::<u32>()?;
+            let next = match (sampling, rng.as_mut()) {
+                (Some(s), Some(rng)) if s.temperature > 0.0 => s.pick(&last.to_vec1::<f32>()?, rng),
+                _ => last.argmax(0)?.to_scalar::<u32>()?,
+            };
             generated.push(next);
             if Some(next) == eos || generated.len() == max_new_tokens {
                 break;
@@ -515,6 +524,36 @@ impl Gpt2 {
             last = self.forward(&input, Some(&mut cache))?.get(0)?.get(0)?;
         }
         Ok((generated, prompt_logits))
+    }
+}
+
+/// Sampling settings: `temperature` 0 is greedy; `top_k` 0 keeps every token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Draws a token from `softmax(logits / temperature)` over the `top_k` largest.
+    fn pick(&self, logits: &[f32], rng: &mut super::train::Rng) -> u32 {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        // Largest first; ties by id, so a seed gives one sequence.
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        if self.top_k > 0 {
+            order.truncate(self.top_k);
+        }
+        let max = logits[order[0] as usize] as f64;
+        let weights: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] as f64 - max) / self.temperature).exp()).collect();
+        let mut target = rng.uniform() * weights.iter().sum::<f64>();
+        for (&id, w) in order.iter().zip(&weights) {
+            if target < *w {
+                return id;
+            }
+            target -= w;
+        }
+        *order.last().expect("at least one token")
     }
 }
 

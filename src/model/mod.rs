@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-pub use gpt2::{Config, Gpt2, KvCache};
+pub use gpt2::{Config, Gpt2, KvCache, Sampling};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -107,9 +107,9 @@ pub struct Generation {
     pub logits: Vec<f32>,
 }
 
-/// Greedy generation from a Hugging Face folder, optionally with a PEFT
-/// adapter folder applied.
-pub fn generate(dir: &Path, adapter: Option<&Path>, prompt: &str, max_new_tokens: usize) -> Result<Generation> {
+/// Generation from a Hugging Face folder (greedy, or sampled), optionally
+/// with a PEFT adapter folder applied.
+pub fn generate(dir: &Path, adapter: Option<&Path>, prompt: &str, max_new_tokens: usize, sampling: Option<&Sampling>) -> Result<Generation> {
     let mut model = load_folder(dir)?;
     if let Some(adapter) = adapter {
         lora::load_adapter(&mut model, adapter)?;
@@ -118,7 +118,7 @@ pub fn generate(dir: &Path, adapter: Option<&Path>, prompt: &str, max_new_tokens
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
     let input_ids = tokenizer.encode(prompt, false).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec();
     let eos = eos_token(dir, &model.config);
-    let (generated_ids, logits) = model.greedy(&input_ids, max_new_tokens, eos)?;
+    let (generated_ids, logits) = model.decode(&input_ids, max_new_tokens, eos, sampling)?;
     let text = tokenizer.decode(&generated_ids, true).map_err(|e| ModelError::io(&tokenizer_path, e))?;
     Ok(Generation { input_ids, generated_ids, text, logits })
 }
