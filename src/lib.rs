@@ -17,3 +17,4 @@ pub mod manifest;
 pub mod project;
 pub mod stages;
 pub mod model;
+pub mod onnx;

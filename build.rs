@@ -1,0 +1,9 @@
+//! Generates the ONNX protobuf types from `proto/onnx.proto` (unmodified)
+//! with `protox`, a protobuf compiler in Rust, so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/onnx.proto");
+    let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
+}
