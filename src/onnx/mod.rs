@@ -45,7 +45,7 @@ pub enum Attr {
     Int(i64),
     Float(f32),
     Ints(Vec<i64>),
-    Tensor(proto::TensorProto),
+    Tensor(Box<proto::TensorProto>),
 }
 
 /// Builds one graph: inputs, outputs, initializers and nodes, with unique
@@ -160,7 +160,7 @@ impl GraphBuilder {
                     Attr::Int(v) => (a.i, a.r#type) = (Some(*v), Some(T::Int as i32)),
                     Attr::Float(v) => (a.f, a.r#type) = (Some(*v), Some(T::Float as i32)),
                     Attr::Ints(v) => (a.ints, a.r#type) = (v.clone(), Some(T::Ints as i32)),
-                    Attr::Tensor(t) => (a.t, a.r#type) = (Some(t.clone()), Some(T::Tensor as i32)),
+                    Attr::Tensor(t) => (a.t, a.r#type) = (Some((**t).clone()), Some(T::Tensor as i32)),
                 }
                 a
             })

@@ -1,6 +1,7 @@
 //! The stage kinds, and the one place that turns a manifest into a plan.
 
 pub mod corpus;
+pub mod export;
 pub mod model;
 pub mod tokenizer;
 pub mod vocab;
@@ -68,10 +69,20 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone(), model_stage }));
         stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora, model_stage }));
     }
-    let unsupported = [
-        ("export", manifest.export.is_some()),
-        ("verify", manifest.verify.is_some()),
-    ];
+    if let Some(export) = &manifest.export {
+        if manifest.base.is_none() {
+            return Err(error("`[export]` converts a model: add a `[base]` section"));
+        }
+        if let Some(dtype) = export.targets.iter().find(|t| *t != "fp32") {
+            return Err(ManifestError::general(
+                &manifest.display,
+                format!("`export.targets` includes \"{dtype}\": this version of symb (0.1) exports fp32 only, and quantization lands in a later one; set `targets = [\"fp32\"]`"),
+            ));
+        }
+        let model_stage = if finetune.is_some() { "merge" } else { model_stage };
+        stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
+    }
+    let unsupported = [("verify", manifest.verify.is_some())];
     if let Some((section, _)) = unsupported.iter().find(|(_, present)| *present) {
         return Err(ManifestError::general(
             &manifest.display,

@@ -1,0 +1,50 @@
+//! Stage `export`: the model as an ONNX graph with KV cache
+//! (`onnx/model.onnx`, fp32), named as transformers.js reads it.
+
+use std::collections::BTreeMap;
+
+use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::manifest::Export;
+use crate::model;
+
+pub struct ExportStage {
+    pub export: Export,
+    /// The stage whose model folder it converts: `merge`, `vocab` or `base`.
+    pub model_stage: &'static str,
+}
+
+impl Stage for ExportStage {
+    fn name(&self) -> &str {
+        "export"
+    }
+    fn kind(&self) -> &'static str {
+        "export"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let mut s = Settings::new();
+        s.insert("export.opset".into(), self.export.opset.into());
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        vec![self.model_stage.to_string()]
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        super::model::tools()
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        vec![("model.onnx".to_string(), "onnx/model.onnx".to_string())]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let stage = self.model_stage;
+        let model = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(super::model::model_error)?;
+        let graph = crate::onnx::gpt2::export(&model, self.export.opset as i64).map_err(super::model::model_error)?;
+        let nodes = graph.graph.as_ref().map_or(0, |g| g.node.len());
+        let matmuls = graph.graph.as_ref().map_or(0, |g| g.node.iter().filter(|n| n.op_type.as_deref() == Some("MatMul")).count());
+        let path = ctx.output("model.onnx");
+        let bytes = crate::onnx::save(&graph, &path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        Ok(serde_json::json!({ "bytes": bytes, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }))
+    }
+}
