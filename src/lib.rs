@@ -18,3 +18,4 @@ pub mod project;
 pub mod stages;
 pub mod model;
 pub mod onnx;
+pub mod quant;

@@ -120,3 +120,113 @@ fn a_trained_model_exports_after_merge() {
     let (greedy, _) = model.greedy(&prompt, 8, None).unwrap();
     assert_eq!(report["cases"][0]["greedy"], serde_json::json!(greedy));
 }
+
+/// Every dtype of the fixture's export, run by ONNX Runtime against
+/// PyTorch's golden logits: how far each is, and that each quantized every
+/// linear weight (12 per layer pair here: 4 per layer and the head).
+#[test]
+fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
+    let model = model::load_folder(&fixture()).unwrap();
+    let fp32 = symb::onnx::gpt2::export(&model, 17).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+    let logits = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu).unwrap();
+    let cases = golden["cases"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
+    let request = dir.path().join("request.json");
+    std::fs::write(&request, serde_json::json!({"prompts": prompts, "max_new_tokens": 4}).to_string()).unwrap();
+    let linear = 4 * model.config.n_layer + 1;
+    for (dtype, bound, agreement) in [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4)] {
+        let (quantized, report) = symb::quant::quantize(&fp32, dtype).unwrap();
+        match dtype {
+            "q8" | "int8" | "uint8" => assert_eq!((report.matmul_integer_nodes, report.weights_quantized), (linear, linear), "{report:?}"),
+            "q4" | "q4f16" => assert_eq!(report.matmul_nbits_nodes, linear, "{report:?}"),
+            _ => {}
+        }
+        assert!(report.weight_bytes_after < report.weight_bytes_before, "{report:?}");
+        let path = dir.path().join(symb::quant::file_name(dtype).unwrap());
+        symb::onnx::save(&quantized, &path).unwrap();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/run_onnx.py");
+        let out = Command::new("python3").arg(script).arg(&path).arg(&request).output().unwrap();
+        assert!(out.status.success(), "{dtype}: {}", String::from_utf8_lossy(&out.stderr));
+        let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (mut worst, mut agree, mut total) = (0f32, 0, 0);
+        for (i, _) in cases.iter().enumerate() {
+            let expected: Vec<Vec<f32>> = logits[&format!("logits.{i}")].to_vec2().unwrap();
+            for mode in ["prefill", "stepped"] {
+                let rows: Vec<Vec<f32>> = serde_json::from_value(run["cases"][i][mode].clone()).unwrap();
+                for (row, want) in rows.iter().zip(&expected) {
+                    assert!(row.iter().all(|v| v.is_finite()), "{dtype}: non-finite logits");
+                    worst = worst.max(max_abs(row, want));
+                    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+                    agree += (argmax(row) == argmax(want)) as usize;
+                    total += 1;
+                }
+            }
+            let padded: Vec<Vec<f32>> = serde_json::from_value(run["padded"][i].clone()).unwrap();
+            assert!(padded.iter().flatten().all(|v| v.is_finite()), "{dtype}: non-finite logits with left padding");
+        }
+        let top1 = agree as f64 / total as f64;
+        eprintln!("{dtype}: max abs logits error {worst:.4}, top-1 agreement {top1:.3}, {report:?}");
+        assert!(worst < bound && top1 >= agreement, "{dtype}: max abs error {worst} (bound {bound}), top-1 {top1} (bound {agreement})");
+    }
+}
+
+/// The 4-bit packing is exact: ONNX Runtime's MatMulNBits over our packed
+/// weights equals an fp32 MatMul over the same weights dequantized here
+/// (w = (q − 8) · scale, B `[N, blocks, 16]`, two values per byte, low
+/// nibble first), on a K that is not a multiple of the block.
+#[test]
+fn q4_packing_matches_onnx_runtime_exactly() {
+    use symb::onnx::proto::tensor_proto::DataType;
+    use symb::onnx::{Attr, Dim, GraphBuilder, tensor_f32};
+    let (k, n) = (80usize, 24usize);
+    let mut state = 1u64;
+    let mut next = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    };
+    let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
+    let (packed, scales) = symb::quant::pack_q4(&w, k, n);
+    let blocks = k.div_ceil(32);
+    let mut dequantized = vec![0f32; k * n];
+    for col in 0..n {
+        for row in 0..k {
+            let (b, j) = (row / 32, row % 32);
+            let byte = packed[(col * blocks + b) * 16 + j / 2];
+            let q = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+            dequantized[row * n + col] = (q as f32 - 8.0) * scales[col * blocks + b];
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let graph = |nbits: bool| {
+        let mut g = GraphBuilder::new("one");
+        let x = g.input("x", DataType::Float, &[Dim::from("rows"), Dim::Fixed(k as i64)]);
+        if nbits {
+            let b = g.initializer(symb::onnx::proto::TensorProto {
+                name: Some("B".into()),
+                dims: vec![n as i64, blocks as i64, 16],
+                data_type: Some(DataType::Uint8 as i32),
+                raw_data: Some(packed.clone()),
+                ..Default::default()
+            });
+            let s = g.initializer(tensor_f32("scales", &[n * blocks], &scales));
+            g.node_named("MatMulNBits", Some("com.microsoft"), &[&x, &b, &s], &[("K", Attr::Int(k as i64)), ("N", Attr::Int(n as i64)), ("bits", Attr::Int(4)), ("block_size", Attr::Int(32))], &["y"]);
+        } else {
+            let w = g.initializer(tensor_f32("W", &[k, n], &dequantized));
+            g.node_named("MatMul", None, &[&x, &w], &[], &["y"]);
+        }
+        g.output("y", DataType::Float, &[Dim::from("rows"), Dim::Fixed(n as i64)]);
+        g.finish(17)
+    };
+    let script = "import sys, numpy as np, onnxruntime as ort\n\
+                  x = np.random.default_rng(0).standard_normal((5, int(sys.argv[3]))).astype(np.float32)\n\
+                  a, b = (ort.InferenceSession(p, providers=['CPUExecutionProvider']).run(['y'], {'x': x})[0] for p in sys.argv[1:3])\n\
+                  print(float(np.abs(a - b).max()))";
+    symb::onnx::save(&graph(true), &dir.path().join("nbits.onnx")).unwrap();
+    symb::onnx::save(&graph(false), &dir.path().join("dense.onnx")).unwrap();
+    let out = Command::new("python3").args(["-c", script]).arg(dir.path().join("nbits.onnx")).arg(dir.path().join("dense.onnx")).arg(k.to_string()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let error: f32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    assert!(error < 1e-5, "MatMulNBits vs dequantized MatMul: {error}");
+}

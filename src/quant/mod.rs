@@ -1,0 +1,372 @@
+//! Quantizers over ONNX graphs, in Rust: each takes the fp32 export and
+//! returns a new model plus a report of what it changed.
+//!
+//! - `fp16`: every float initializer in half precision (clamped to its
+//!   range); graph inputs and outputs, the KV cache included, stay fp32, with
+//!   Casts at the edges, as the reference recipe does.
+//! - `q8` / `int8`: dynamic quantization as onnxruntime's `quantize_dynamic`
+//!   writes it for QInt8 weights: `DynamicQuantizeLinear` on the activation,
+//!   `MatMulInteger` against int8 weights (per tensor, symmetric, scale
+//!   max|W|/127), `Cast`, `Mul` by the two scales.
+//! - `uint8`: the same with uint8 weights and a zero point (asymmetric).
+//! - `q4`: `com.microsoft.MatMulNBits`, 4 bits, blocks of 32 along K,
+//!   symmetric (scale = the block's value of largest magnitude / −8, zero
+//!   point 8 implied).
+//! - `q4f16`: q4, then fp16.
+//!
+//! Every MatMul against a weight is quantized, the tied head included: the
+//! quantized files carry the head as its own transposed initializer (the
+//! export multiplies by `Transpose(wte)`, which no quantizer can reach).
+
+use std::collections::{HashMap, HashSet};
+
+use half::f16;
+
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::{self, ModelProto, NodeProto, TensorProto};
+use crate::onnx::{Attr, tensor_f32};
+
+/// The dtypes, their file names as transformers.js reads them.
+pub const DTYPES: [(&str, &str); 7] = [
+    ("fp32", "model.onnx"),
+    ("fp16", "model_fp16.onnx"),
+    ("q8", "model_quantized.onnx"),
+    ("int8", "model_int8.onnx"),
+    ("uint8", "model_uint8.onnx"),
+    ("q4", "model_q4.onnx"),
+    ("q4f16", "model_q4f16.onnx"),
+];
+
+/// The file name of a dtype.
+pub fn file_name(dtype: &str) -> Option<&'static str> {
+    DTYPES.iter().find(|(d, _)| *d == dtype).map(|(_, f)| *f)
+}
+
+/// What a quantizer did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub dtype: String,
+    /// Weights (initializers) whose storage changed type.
+    pub weights_quantized: usize,
+    /// Their element count.
+    pub parameters_quantized: u64,
+    /// Bytes of initializer data before and after.
+    pub weight_bytes_before: u64,
+    pub weight_bytes_after: u64,
+    /// Nodes by op type after quantization, for the ones that matter.
+    pub matmul_integer_nodes: usize,
+    pub matmul_nbits_nodes: usize,
+    pub matmul_float_nodes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct QuantError(String);
+
+type Result<T> = std::result::Result<T, QuantError>;
+
+fn err(message: impl Into<String>) -> QuantError {
+    QuantError(message.into())
+}
+
+fn floats(t: &TensorProto) -> Result<Vec<f32>> {
+    if t.data_type != Some(DataType::Float as i32) {
+        return Err(err(format!("`{}` is not a float tensor", t.name.as_deref().unwrap_or("?"))));
+    }
+    match &t.raw_data {
+        Some(raw) => Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+        None => Ok(t.float_data.clone()),
+    }
+}
+
+fn bytes_of(t: &TensorProto) -> u64 {
+    t.raw_data.as_ref().map_or(0, |r| r.len() as u64) + 4 * t.float_data.len() as u64 + 8 * t.int64_data.len() as u64
+}
+
+fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
+    model.graph.as_mut().expect("an exported model has a graph")
+}
+
+/// Quantizes the fp32 export `model` to `dtype`.
+pub fn quantize(model: &ModelProto, dtype: &str) -> Result<(ModelProto, Report)> {
+    let mut model = model.clone();
+    let before: u64 = model.graph.as_ref().map_or(0, |g| g.initializer.iter().map(bytes_of).sum());
+    let mut report = Report { dtype: dtype.to_string(), weight_bytes_before: before, ..Report::default() };
+    match dtype {
+        "fp32" => {}
+        "fp16" => to_fp16(&mut model, &mut report)?,
+        "q8" | "int8" => {
+            materialise_head(&mut model)?;
+            dynamic_int8(&mut model, false, &mut report)?
+        }
+        "uint8" => {
+            materialise_head(&mut model)?;
+            dynamic_int8(&mut model, true, &mut report)?
+        }
+        "q4" | "q4f16" => {
+            materialise_head(&mut model)?;
+            matmul_nbits(&mut model, &mut report)?;
+            if dtype == "q4f16" {
+                to_fp16(&mut model, &mut report)?;
+            }
+        }
+        other => return Err(err(format!("unknown dtype `{other}`"))),
+    }
+    let g = model.graph.as_ref().expect("a graph");
+    report.weight_bytes_after = g.initializer.iter().map(bytes_of).sum();
+    let count = |op: &str| g.node.iter().filter(|n| n.op_type.as_deref() == Some(op)).count();
+    report.matmul_integer_nodes = count("MatMulInteger");
+    report.matmul_nbits_nodes = count("MatMulNBits");
+    report.matmul_float_nodes = count("MatMul");
+    Ok((model, report))
+}
+
+/// Replaces `MatMul(x, Transpose(W))` with `W` an initializer by a MatMul
+/// against a new transposed initializer, so quantizers see the weight.
+fn materialise_head(model: &mut ModelProto) -> Result<()> {
+    let g = graph_mut(model);
+    let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
+    let mut replaced = Vec::new();
+    for (i, node) in g.node.iter().enumerate() {
+        if node.op_type.as_deref() == Some("Transpose")
+            && let Some(&source) = initializers.get(&node.input[0])
+            && g.initializer[source].dims.len() == 2
+        {
+            replaced.push((i, source, node.output[0].clone()));
+        }
+    }
+    for (i, source, output) in replaced.into_iter().rev() {
+        let t = &g.initializer[source];
+        let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
+        let data = floats(t)?;
+        let mut transposed = vec![0f32; data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                transposed[c * rows + r] = data[r * cols + c];
+            }
+        }
+        g.initializer.push(tensor_f32(&output, &[cols, rows], &transposed));
+        g.node.remove(i);
+    }
+    Ok(())
+}
+
+/// MatMul nodes whose second input is a 2-D float initializer: (node index, weight index).
+fn weight_matmuls(g: &proto::GraphProto) -> Vec<(usize, usize)> {
+    let initializers: HashMap<&str, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.as_deref().unwrap_or(""), i)).collect();
+    g.node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type.as_deref() == Some("MatMul"))
+        .filter_map(|(i, n)| initializers.get(n.input[1].as_str()).map(|&w| (i, w)))
+        .filter(|&(_, w)| g.initializer[w].dims.len() == 2 && g.initializer[w].data_type == Some(DataType::Float as i32))
+        .collect()
+}
+
+fn node(op: &str, domain: Option<&str>, inputs: &[&str], outputs: &[&str], attrs: &[(&str, Attr)], name: &str) -> NodeProto {
+    let mut builder = crate::onnx::GraphBuilder::new("tmp");
+    builder.node_named(op, domain, inputs, attrs, outputs);
+    let mut model = builder.finish(17);
+    let mut n = model.graph.as_mut().expect("a graph").node.remove(0);
+    n.name = Some(name.to_string());
+    n
+}
+
+fn raw_tensor(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto { name: Some(name.to_string()), dims: dims.iter().map(|&d| d as i64).collect(), data_type: Some(data_type as i32), raw_data: Some(raw), ..Default::default() }
+}
+
+/// Replaces nodes (by index, each with its replacement sequence), keeping order.
+fn splice(g: &mut proto::GraphProto, mut replacements: Vec<(usize, Vec<NodeProto>)>) {
+    replacements.sort_by_key(|(i, _)| *i);
+    let mut out = Vec::with_capacity(g.node.len() + replacements.len() * 4);
+    let mut next = replacements.into_iter().peekable();
+    for (i, n) in std::mem::take(&mut g.node).into_iter().enumerate() {
+        match next.peek() {
+            Some((j, _)) if *j == i => out.extend(next.next().expect("peeked").1),
+            _ => out.push(n),
+        }
+    }
+    g.node = out;
+}
+
+/// Drops initializers nothing reads any more.
+fn prune(g: &mut proto::GraphProto) {
+    let used: HashSet<String> = g.node.iter().flat_map(|n| n.input.iter().cloned()).chain(g.output.iter().filter_map(|o| o.name.clone())).collect();
+    g.initializer.retain(|t| t.name.as_ref().is_some_and(|n| used.contains(n)));
+}
+
+fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> Result<()> {
+    let g = graph_mut(model);
+    let mut replacements = Vec::new();
+    let mut new_initializers = Vec::new();
+    for (index, w) in weight_matmuls(g) {
+        let n = g.node[index].clone();
+        let t = &g.initializer[w];
+        let name = t.name.clone().unwrap_or_default();
+        let data = floats(t)?;
+        report.weights_quantized += 1;
+        report.parameters_quantized += data.len() as u64;
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let (raw, scale, zero_point): (Vec<u8>, f32, Option<u8>) = if unsigned {
+            // Asymmetric uint8 over [min(w, 0), max(w, 0)], as QUInt8 weights are.
+            let lo = data.iter().copied().fold(0f32, f32::min);
+            let hi = data.iter().copied().fold(0f32, f32::max);
+            let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+            let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
+            (data.iter().map(|&v| ((v / scale).round() + zp as f32).clamp(0.0, 255.0) as u8).collect(), scale, Some(zp))
+        } else {
+            let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            (data.iter().map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8).collect(), scale, None)
+        };
+        let q_name = format!("{name}_quantized");
+        let scale_name = format!("{name}_scale");
+        new_initializers.push(raw_tensor(&q_name, &dims, if unsigned { DataType::Uint8 } else { DataType::Int8 }, raw));
+        new_initializers.push(tensor_f32(&scale_name, &[], &[scale]));
+        let mut inputs_mmi = vec![];
+        let zp_name = format!("{name}_zero_point");
+        if let Some(zp) = zero_point {
+            new_initializers.push(raw_tensor(&zp_name, &[], DataType::Uint8, vec![zp]));
+        }
+        let x = n.input[0].clone();
+        let out = n.output[0].clone();
+        let base = n.name.clone().unwrap_or_else(|| format!("matmul_{index}"));
+        let (xq, xs, xz) = (format!("{out}_x_quantized"), format!("{out}_x_scale"), format!("{out}_x_zero_point"));
+        let (int_out, float_out, scale_out) = (format!("{out}_int32"), format!("{out}_float"), format!("{out}_scale"));
+        inputs_mmi.extend([xq.as_str(), q_name.as_str(), xz.as_str()]);
+        if zero_point.is_some() {
+            inputs_mmi.push(zp_name.as_str());
+        }
+        replacements.push((
+            index,
+            vec![
+                node("DynamicQuantizeLinear", None, &[&x], &[&xq, &xs, &xz], &[], &format!("{base}_quantize")),
+                node("MatMulInteger", None, &inputs_mmi, &[&int_out], &[], &format!("{base}_integer")),
+                node("Cast", None, &[&int_out], &[&float_out], &[("to", Attr::Int(DataType::Float as i64))], &format!("{base}_cast")),
+                node("Mul", None, &[&xs, &scale_name], &[&scale_out], &[], &format!("{base}_scales")),
+                node("Mul", None, &[&float_out, &scale_out], &[&out], &[], &format!("{base}_output")),
+            ],
+        ));
+    }
+    splice(g, replacements);
+    g.initializer.extend(new_initializers);
+    prune(g);
+    Ok(())
+}
+
+/// Packs `w` `[k, n]` as MatMulNBits' B `[n, blocks, 16]` and scales `[n, blocks]`.
+pub fn pack_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
+    const BLOCK: usize = 32;
+    let blocks = k.div_ceil(BLOCK);
+    let mut packed = vec![0u8; n * blocks * BLOCK / 2];
+    let mut scales = vec![0f32; n * blocks];
+    for col in 0..n {
+        for b in 0..blocks {
+            let rows = b * BLOCK..((b + 1) * BLOCK).min(k);
+            let extreme = rows.clone().map(|r| w[r * n + col]).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let scale = extreme / -8.0;
+            scales[col * blocks + b] = scale;
+            let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            for j in 0..BLOCK {
+                let r = b * BLOCK + j;
+                let q = if r < k { ((w[r * n + col] * inverse).round() + 8.0).clamp(0.0, 15.0) as u8 } else { 8 };
+                let byte = &mut packed[(col * blocks + b) * BLOCK / 2 + j / 2];
+                *byte |= if j % 2 == 0 { q } else { q << 4 };
+            }
+        }
+    }
+    (packed, scales)
+}
+
+fn matmul_nbits(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+    let g = graph_mut(model);
+    let mut replacements = Vec::new();
+    let mut new_initializers = Vec::new();
+    for (index, w) in weight_matmuls(g) {
+        let n = g.node[index].clone();
+        let t = &g.initializer[w];
+        let name = t.name.clone().unwrap_or_default();
+        let (k, cols) = (t.dims[0] as usize, t.dims[1] as usize);
+        let data = floats(t)?;
+        report.weights_quantized += 1;
+        report.parameters_quantized += data.len() as u64;
+        let (packed, scales) = pack_q4(&data, k, cols);
+        let blocks = k.div_ceil(32);
+        let (b_name, s_name) = (format!("{name}_Q4"), format!("{name}_scales"));
+        new_initializers.push(raw_tensor(&b_name, &[cols, blocks, 16], DataType::Uint8, packed));
+        new_initializers.push(tensor_f32(&s_name, &[cols * blocks], &scales));
+        let base = n.name.clone().unwrap_or_else(|| format!("matmul_{index}"));
+        replacements.push((
+            index,
+            vec![node(
+                "MatMulNBits",
+                Some("com.microsoft"),
+                &[&n.input[0], &b_name, &s_name],
+                &[&n.output[0]],
+                &[("K", Attr::Int(k as i64)), ("N", Attr::Int(cols as i64)), ("bits", Attr::Int(4)), ("block_size", Attr::Int(32))],
+                &format!("{base}_Q4"),
+            )],
+        ));
+    }
+    splice(g, replacements);
+    g.initializer.extend(new_initializers);
+    prune(g);
+    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
+        model.opset_import.push(proto::OperatorSetIdProto { domain: Some("com.microsoft".to_string()), version: Some(1) });
+    }
+    Ok(())
+}
+
+/// Float initializers and constants to fp16; fp32 graph inputs and outputs
+/// kept, with Casts at the edges.
+fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+    let g = graph_mut(model);
+    for t in g.initializer.iter_mut() {
+        if t.data_type == Some(DataType::Float as i32) {
+            let data = floats(t)?;
+            report.weights_quantized += 1;
+            report.parameters_quantized += data.len() as u64;
+            // The attention fill value (the lowest float) becomes −10⁴: at
+            // −65504 a masked score would overflow to −∞, and a row with
+            // every key masked would give NaN.
+            let raw: Vec<u8> = data.iter().flat_map(|&v| f16::from_f32(if v <= -65504.0 { -1e4 } else { v.min(65504.0) }).to_le_bytes()).collect();
+            t.data_type = Some(DataType::Float16 as i32);
+            t.raw_data = Some(raw);
+            t.float_data.clear();
+        }
+    }
+    let is_float = |v: &proto::ValueInfoProto| {
+        matches!(v.r#type.as_ref().and_then(|t| t.value.as_ref()), Some(proto::type_proto::Value::TensorType(t)) if t.elem_type == Some(DataType::Float as i32))
+    };
+    let float_inputs: Vec<String> = g.input.iter().filter(|v| is_float(v)).filter_map(|v| v.name.clone()).collect();
+    let float_outputs: Vec<String> = g.output.iter().filter(|v| is_float(v)).filter_map(|v| v.name.clone()).collect();
+    // Casts to float inside the graph now cast to fp16.
+    for n in g.node.iter_mut() {
+        if n.op_type.as_deref() == Some("Cast") {
+            for a in n.attribute.iter_mut() {
+                if a.name.as_deref() == Some("to") && a.i == Some(DataType::Float as i64) {
+                    a.i = Some(DataType::Float16 as i64);
+                }
+            }
+        }
+    }
+    let rename: HashMap<String, String> = float_inputs.iter().map(|i| (i.clone(), format!("{i}_fp16"))).chain(float_outputs.iter().map(|o| (o.clone(), format!("{o}_fp16")))).collect();
+    for n in g.node.iter_mut() {
+        for name in n.input.iter_mut().chain(n.output.iter_mut()) {
+            if let Some(new) = rename.get(name.as_str()) {
+                *name = new.clone();
+            }
+        }
+    }
+    let mut head = Vec::new();
+    for i in &float_inputs {
+        head.push(node("Cast", None, &[i], &[&rename[i]], &[("to", Attr::Int(DataType::Float16 as i64))], &format!("{i}_to_fp16")));
+    }
+    for o in &float_outputs {
+        g.node.push(node("Cast", None, &[&rename[o]], &[o], &[("to", Attr::Int(DataType::Float as i64))], &format!("{o}_to_fp32")));
+    }
+    head.append(&mut g.node);
+    g.node = head;
+    Ok(())
+}
