@@ -78,12 +78,18 @@ fn a_base_and_export_manifest_converts_the_folder() {
     let again = Command::new(bin).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
     let last: serde_json::Value = serde_json::from_str(String::from_utf8(again.stdout).unwrap().lines().last().unwrap()).unwrap();
     assert_eq!(last["ran"], 0);
-    // Quantized targets are refused clearly, for now.
+    // Adding a dtype runs its quantize stage only; the report proves every
+    // linear weight (4 per layer and the head) is 4-bit.
     let text = std::fs::read_to_string(dir.path().join("symb.toml")).unwrap().replace("[\"fp32\"]", "[\"fp32\", \"q4\"]");
     std::fs::write(dir.path().join("symb.toml"), text).unwrap();
-    let refused = Command::new(bin).args(["build"]).current_dir(dir.path()).output().unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("`export.targets` includes \"q4\""));
+    let out = Command::new(bin).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ran: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["status"] == "ran").map(|e| e["stage"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ran, ["quantize.q4"]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/reports/quantize.q4.json")).unwrap()).unwrap();
+    assert_eq!(report["matmul_nbits_nodes"], 9);
+    assert_eq!(report["matmul_float_nodes"], 4, "the attention products stay float");
+    assert!(dir.path().join("dist/onnx/model.onnx").is_file() && dir.path().join("dist/onnx/model_q4.onnx").is_file());
 }
 
 /// A model symb trained (scratch base, full fine-tuning) exported after

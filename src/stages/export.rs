@@ -48,3 +48,56 @@ impl Stage for ExportStage {
         Ok(serde_json::json!({ "bytes": bytes, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }))
     }
 }
+
+/// Stage `quantize.<dtype>`: one quantized file from the fp32 export.
+pub struct QuantizeStage {
+    pub dtype: String,
+    name: String,
+    file: &'static str,
+}
+
+impl QuantizeStage {
+    pub fn new(dtype: &str) -> Option<Self> {
+        let file = crate::quant::file_name(dtype)?;
+        Some(QuantizeStage { dtype: dtype.to_string(), name: format!("quantize.{dtype}"), file })
+    }
+}
+
+impl Stage for QuantizeStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "quantize"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let mut s = Settings::new();
+        s.insert("dtype".into(), self.dtype.clone().into());
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        vec!["export".to_string()]
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        vec![(self.file.to_string(), format!("onnx/{}", self.file)), ("report.json".to_string(), format!("reports/quantize.{}.json", self.dtype))]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        use prost::Message;
+        let source = ctx.input("export", "model.onnx")?;
+        let bytes = std::fs::read(source).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", source.display())))?;
+        let fp32 = crate::onnx::proto::ModelProto::decode(bytes.as_slice()).map_err(|e| StageError::failed(format!("`{}` is not an ONNX model: {e}", source.display())))?;
+        let (model, mut report) = crate::quant::quantize(&fp32, &self.dtype).map_err(|e| StageError::failed(e.to_string()))?;
+        let path = ctx.output(self.file);
+        let size = crate::onnx::save(&model, &path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        report.dtype = self.dtype.clone();
+        let mut json = serde_json::to_value(&report).expect("report serialises");
+        json["file"] = self.file.into();
+        json["file_bytes"] = size.into();
+        json["fp32_file_bytes"] = (bytes.len() as u64).into();
+        super::model::write_json(&ctx.output("report.json"), &json)?;
+        Ok(json)
+    }
+}

@@ -73,14 +73,15 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         if manifest.base.is_none() {
             return Err(error("`[export]` converts a model: add a `[base]` section"));
         }
-        if let Some(dtype) = export.targets.iter().find(|t| *t != "fp32") {
-            return Err(ManifestError::general(
-                &manifest.display,
-                format!("`export.targets` includes \"{dtype}\": this version of symb (0.1) exports fp32 only, and quantization lands in a later one; set `targets = [\"fp32\"]`"),
-            ));
+        if export.quantize_embedding {
+            return Err(error("`export.quantize_embedding` is valid, but this version of symb (0.1) cannot quantize the embedding yet; remove it"));
         }
         let model_stage = if finetune.is_some() { "merge" } else { model_stage };
         stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
+        for dtype in export.targets.iter().filter(|t| *t != "fp32") {
+            let stage = export::QuantizeStage::new(dtype).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
+            stages.push(Box::new(stage));
+        }
     }
     let unsupported = [("verify", manifest.verify.is_some())];
     if let Some((section, _)) = unsupported.iter().find(|(_, present)| *present) {
