@@ -23,7 +23,10 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     project.write("symb.toml.example", &example.replace("epochs = 2 ", "max_steps = 4 ").replace("eval_every = 50 ", "eval_every = 2 "));
     let build = project.build(&["-m", "symb.toml.example"]);
     assert_eq!(build.code, 0, "{}", build.stderr);
-    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "finetune", "merge"]));
+    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "finetune", "merge", "export", "quantize.fp16", "quantize.q8", "quantize.q4", "quantize.q4f16"]));
+    for file in ["model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx"] {
+        assert!(project.path("dist/onnx").join(file).is_file(), "{file}");
+    }
     let tokenizer: serde_json::Value = serde_json::from_str(&project.read("dist/tokenizer.json")).unwrap();
     assert_eq!(tokenizer["model"]["vocab"].as_object().unwrap().len(), 4000);
     let config: serde_json::Value = serde_json::from_str(&project.read("dist/config.json")).unwrap();
@@ -40,7 +43,7 @@ fn every_commented_section_of_the_example_is_valid() {
     // Everything but [vocab], which belongs to pretrained bases.
     let uncommented: String = example
         .lines()
-        .filter(|l| !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of"].iter().any(|p| l.starts_with(p)))
+        .filter(|l| !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of", "# quantize_embedding"].iter().any(|p| l.starts_with(p)))
         .map(|l| {
             let alternative = ["# prompt_field", "# completion_field"].iter().any(|p| l.starts_with(p));
             if !alternative && (l.starts_with("# [") || (l.starts_with("# ") && l.contains(" = "))) { &l[2..] } else { l }
