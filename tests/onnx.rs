@@ -143,7 +143,7 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     std::fs::write(&request, serde_json::json!({"prompts": prompts, "max_new_tokens": 4}).to_string()).unwrap();
     let linear = 4 * model.config.n_layer + 1;
     for (dtype, bound, agreement) in [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4)] {
-        let (quantized, report) = symb::quant::quantize(&fp32, dtype).unwrap();
+        let (quantized, report) = symb::quant::quantize(fp32.clone(), dtype).unwrap();
         match dtype {
             "q8" | "int8" | "uint8" => assert_eq!((report.matmul_integer_nodes, report.weights_quantized), (linear, linear), "{report:?}"),
             "q4" | "q4f16" => assert_eq!(report.matmul_nbits_nodes, linear, "{report:?}"),

@@ -74,7 +74,13 @@ fn floats(t: &TensorProto) -> Result<Vec<f32>> {
         return Err(err(format!("`{}` is not a float tensor", t.name.as_deref().unwrap_or("?"))));
     }
     match &t.raw_data {
-        Some(raw) => Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+        Some(raw) => {
+            let mut out = vec![0f32; raw.len() / 4];
+            for (v, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+            Ok(out)
+        }
         None => Ok(t.float_data.clone()),
     }
 }
@@ -88,8 +94,7 @@ fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
 }
 
 /// Quantizes the fp32 export `model` to `dtype`.
-pub fn quantize(model: &ModelProto, dtype: &str) -> Result<(ModelProto, Report)> {
-    let mut model = model.clone();
+pub fn quantize(mut model: ModelProto, dtype: &str) -> Result<(ModelProto, Report)> {
     let before: u64 = model.graph.as_ref().map_or(0, |g| g.initializer.iter().map(bytes_of).sum());
     let mut report = Report { dtype: dtype.to_string(), weight_bytes_before: before, ..Report::default() };
     match dtype {
@@ -330,7 +335,8 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
             // The attention fill value (the lowest float) becomes −10⁴: at
             // −65504 a masked score would overflow to −∞, and a row with
             // every key masked would give NaN.
-            let raw: Vec<u8> = data.iter().flat_map(|&v| f16::from_f32(if v <= -65504.0 { -1e4 } else { v.min(65504.0) }).to_le_bytes()).collect();
+            let halves: Vec<f16> = data.iter().map(|&v| f16::from_f32(if v <= -65504.0 { -1e4 } else { v.min(65504.0) })).collect();
+            let raw = crate::onnx::le_bytes(&halves, f16::to_le_bytes);
             t.data_type = Some(DataType::Float16 as i32);
             t.raw_data = Some(raw);
             t.float_data.clear();

@@ -89,7 +89,7 @@ impl Stage for QuantizeStage {
         let source = ctx.input("export", "model.onnx")?;
         let bytes = std::fs::read(source).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", source.display())))?;
         let fp32 = crate::onnx::proto::ModelProto::decode(bytes.as_slice()).map_err(|e| StageError::failed(format!("`{}` is not an ONNX model: {e}", source.display())))?;
-        let (model, mut report) = crate::quant::quantize(&fp32, &self.dtype).map_err(|e| StageError::failed(e.to_string()))?;
+        let (model, mut report) = crate::quant::quantize(fp32, &self.dtype).map_err(|e| StageError::failed(e.to_string()))?;
         let path = ctx.output(self.file);
         let size = crate::onnx::save(&model, &path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
         report.dtype = self.dtype.clone();
