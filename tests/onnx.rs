@@ -142,19 +142,26 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     let request = dir.path().join("request.json");
     std::fs::write(&request, serde_json::json!({"prompts": prompts, "max_new_tokens": 4}).to_string()).unwrap();
     let linear = 4 * model.config.n_layer + 1;
-    for (dtype, bound, agreement) in [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4)] {
-        let (quantized, report) = symb::quant::quantize(fp32.clone(), dtype).unwrap();
+    for (label, bound, agreement) in [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4), ("q4+embedding", 4.0, 0.4), ("q4f16+embedding", 4.0, 0.4)] {
+        let (dtype, embedding) = label.split_once('+').map_or((label, false), |(d, _)| (d, true));
+        let options = symb::quant::Options { quantize_embedding: embedding };
+        let (quantized, report) = symb::quant::quantize(fp32.clone(), dtype, options).unwrap();
+        if embedding {
+            let g = quantized.graph.as_ref().unwrap();
+            assert_eq!(g.node.iter().filter(|n| n.op_type.as_deref() == Some("GatherBlockQuantized")).count(), 1);
+            assert!(!g.initializer.iter().any(|t| t.name.as_deref() == Some("transformer.wte.weight")), "no float embedding is left");
+        }
         match dtype {
             "q8" | "int8" | "uint8" => assert_eq!((report.matmul_integer_nodes, report.weights_quantized), (linear, linear), "{report:?}"),
             "q4" | "q4f16" => assert_eq!(report.matmul_nbits_nodes, linear, "{report:?}"),
             _ => {}
         }
         assert!(report.weight_bytes_after < report.weight_bytes_before, "{report:?}");
-        let path = dir.path().join(symb::quant::file_name(dtype).unwrap());
+        let path = dir.path().join(format!("{label}.onnx"));
         symb::onnx::save(&quantized, &path).unwrap();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/run_onnx.py");
         let out = Command::new("python3").arg(script).arg(&path).arg(&request).output().unwrap();
-        assert!(out.status.success(), "{dtype}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{label}: {}", String::from_utf8_lossy(&out.stderr));
         let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let (mut worst, mut agree, mut total) = (0f32, 0, 0);
         for (i, _) in cases.iter().enumerate() {
@@ -173,8 +180,9 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
             assert!(padded.iter().flatten().all(|v| v.is_finite()), "{dtype}: non-finite logits with left padding");
         }
         let top1 = agree as f64 / total as f64;
-        eprintln!("{dtype}: max abs logits error {worst:.4}, top-1 agreement {top1:.3}, {report:?}");
-        assert!(worst < bound && top1 >= agreement, "{dtype}: max abs error {worst} (bound {bound}), top-1 {top1} (bound {agreement})");
+        let size = std::fs::metadata(&path).unwrap().len();
+        eprintln!("{label}: max abs logits error {worst:.4}, top-1 agreement {top1:.3}, {size} bytes, {report:?}");
+        assert!(worst < bound && top1 >= agreement, "{label}: max abs error {worst} (bound {bound}), top-1 {top1} (bound {agreement})");
     }
 }
 

@@ -93,8 +93,17 @@ fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
     model.graph.as_mut().expect("an exported model has a graph")
 }
 
+/// Choices beyond the dtype.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// With q4 and q4f16: the token embedding in 4 bits too
+    /// (`com.microsoft.GatherBlockQuantized`), sharing its packed data with
+    /// the tied head's MatMulNBits.
+    pub quantize_embedding: bool,
+}
+
 /// Quantizes the fp32 export `model` to `dtype`.
-pub fn quantize(mut model: ModelProto, dtype: &str) -> Result<(ModelProto, Report)> {
+pub fn quantize(mut model: ModelProto, dtype: &str, options: Options) -> Result<(ModelProto, Report)> {
     let before: u64 = model.graph.as_ref().map_or(0, |g| g.initializer.iter().map(bytes_of).sum());
     let mut report = Report { dtype: dtype.to_string(), weight_bytes_before: before, ..Report::default() };
     match dtype {
@@ -109,6 +118,9 @@ pub fn quantize(mut model: ModelProto, dtype: &str) -> Result<(ModelProto, Repor
             dynamic_int8(&mut model, true, &mut report)?
         }
         "q4" | "q4f16" => {
+            if options.quantize_embedding {
+                tied_embedding_q4(&mut model, &mut report)?;
+            }
             materialise_head(&mut model)?;
             matmul_nbits(&mut model, &mut report)?;
             if dtype == "q4f16" {
@@ -262,6 +274,11 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
 
 /// Packs `w` `[k, n]` as MatMulNBits' B `[n, blocks, 16]` and scales `[n, blocks]`.
 pub fn pack_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
+    pack_q4_with(k, n, |r, c| w[r * n + c])
+}
+
+/// [`pack_q4`] of a weight given by `at(row, column)` of `[k, n]`.
+fn pack_q4_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> (Vec<u8>, Vec<f32>) {
     const BLOCK: usize = 32;
     let blocks = k.div_ceil(BLOCK);
     let mut packed = vec![0u8; n * blocks * BLOCK / 2];
@@ -269,19 +286,88 @@ pub fn pack_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
     for col in 0..n {
         for b in 0..blocks {
             let rows = b * BLOCK..((b + 1) * BLOCK).min(k);
-            let extreme = rows.clone().map(|r| w[r * n + col]).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let extreme = rows.clone().map(|r| at(r, col)).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
             let scale = extreme / -8.0;
             scales[col * blocks + b] = scale;
             let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
             for j in 0..BLOCK {
                 let r = b * BLOCK + j;
-                let q = if r < k { ((w[r * n + col] * inverse).round() + 8.0).clamp(0.0, 15.0) as u8 } else { 8 };
+                let q = if r < k { ((at(r, col) * inverse).round() + 8.0).clamp(0.0, 15.0) as u8 } else { 8 };
                 let byte = &mut packed[(col * blocks + b) * BLOCK / 2 + j / 2];
                 *byte |= if j % 2 == 0 { q } else { q << 4 };
             }
         }
     }
     (packed, scales)
+}
+
+/// The tied embedding in 4 bits, once: `MatMul(x, Transpose(wte))` becomes
+/// MatMulNBits over the embedding's rows (B `[vocab, blocks, 16]` holds row
+/// `v` of `wte` blocked along the width, which is column `v` of `wteᵀ`), and
+/// `Gather(wte, ids)` becomes GatherBlockQuantized over the same bytes and
+/// scales, reshaped (explicit zero points 8).
+fn tied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+    let g = graph_mut(model);
+    let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
+    let transpose = g.node.iter().position(|n| n.op_type.as_deref() == Some("Transpose") && initializers.contains_key(&n.input[0]));
+    let Some(transpose) = transpose else { return Err(err("`quantize_embedding`: the graph has no tied head (Transpose of the embedding)")) };
+    let wte_name = g.node[transpose].input[0].clone();
+    let head_out = g.node[transpose].output[0].clone();
+    let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input[0] == wte_name);
+    let head = g.node.iter().position(|n| n.op_type.as_deref() == Some("MatMul") && n.input[1] == head_out);
+    let (Some(gather), Some(head)) = (gather, head) else { return Err(err("`quantize_embedding`: the embedding is not both gathered and the head")) };
+    let wte = &g.initializer[initializers[&wte_name]];
+    let (vocab, width) = (wte.dims[0] as usize, wte.dims[1] as usize);
+    if width % 32 != 0 {
+        return Err(err(format!("`quantize_embedding` needs a width divisible by 32, and this model's is {width}")));
+    }
+    let rows = floats(wte)?;
+    report.weights_quantized += 1;
+    report.parameters_quantized += rows.len() as u64;
+    let (packed, scales) = pack_q4_with(width, vocab, |r, c| rows[c * width + r]);
+    let blocks = width / 32;
+    let (b_name, s_name, zp_name) = (format!("{wte_name}_Q4"), format!("{wte_name}_scales"), format!("{wte_name}_zero_points"));
+    let (b_shape, s_shape) = (format!("{wte_name}_Q4_shape"), format!("{wte_name}_scales_shape"));
+    let (b_rows, s_rows) = (format!("{wte_name}_Q4_rows"), format!("{wte_name}_scales_rows"));
+    g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, 16], DataType::Uint8, packed));
+    g.initializer.push(tensor_f32(&s_name, &[vocab * blocks], &scales));
+    g.initializer.push(raw_tensor(&zp_name, &[vocab, blocks.div_ceil(2)], DataType::Uint8, vec![0x88; vocab * blocks.div_ceil(2)]));
+    g.initializer.push(crate::onnx::tensor_i64(&b_shape, &[2], &[vocab as i64, (width / 2) as i64]));
+    g.initializer.push(crate::onnx::tensor_i64(&s_shape, &[2], &[vocab as i64, blocks as i64]));
+    let ids = g.node[gather].input[1].clone();
+    let gathered = g.node[gather].output[0].clone();
+    let (x, logits) = (g.node[head].input[0].clone(), g.node[head].output[0].clone());
+    let int = |v: usize| Attr::Int(v as i64);
+    splice(
+        g,
+        vec![
+            (
+                gather,
+                vec![
+                    node("Reshape", None, &[&b_name, &b_shape], &[&b_rows], &[], "embedding_Q4_rows"),
+                    node("Reshape", None, &[&s_name, &s_shape], &[&s_rows], &[], "embedding_scales_rows"),
+                    node(
+                        "GatherBlockQuantized",
+                        Some("com.microsoft"),
+                        &[&b_rows, &ids, &s_rows, &zp_name],
+                        &[&gathered],
+                        &[("gather_axis", int(0)), ("quantize_axis", int(1)), ("block_size", int(32)), ("bits", int(4))],
+                        "embedding_Q4",
+                    ),
+                ],
+            ),
+            (transpose, vec![]),
+            (
+                head,
+                vec![node("MatMulNBits", Some("com.microsoft"), &[&x, &b_name, &s_name], &[&logits], &[("K", int(width)), ("N", int(vocab)), ("bits", int(4)), ("block_size", int(32))], "head_Q4")],
+            ),
+        ],
+    );
+    prune(g);
+    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
+        model.opset_import.push(proto::OperatorSetIdProto { domain: Some("com.microsoft".to_string()), version: Some(1) });
+    }
+    Ok(())
 }
 
 fn matmul_nbits(model: &mut ModelProto, report: &mut Report) -> Result<()> {

@@ -52,14 +52,15 @@ impl Stage for ExportStage {
 /// Stage `quantize.<dtype>`: one quantized file from the fp32 export.
 pub struct QuantizeStage {
     pub dtype: String,
+    pub options: crate::quant::Options,
     name: String,
     file: &'static str,
 }
 
 impl QuantizeStage {
-    pub fn new(dtype: &str) -> Option<Self> {
+    pub fn new(dtype: &str, options: crate::quant::Options) -> Option<Self> {
         let file = crate::quant::file_name(dtype)?;
-        Some(QuantizeStage { dtype: dtype.to_string(), name: format!("quantize.{dtype}"), file })
+        Some(QuantizeStage { dtype: dtype.to_string(), options, name: format!("quantize.{dtype}"), file })
     }
 }
 
@@ -76,6 +77,9 @@ impl Stage for QuantizeStage {
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("dtype".into(), self.dtype.clone().into());
+        if self.options.quantize_embedding && self.dtype.starts_with("q4") {
+            s.insert("export.quantize_embedding".into(), true.into());
+        }
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -89,7 +93,7 @@ impl Stage for QuantizeStage {
         let source = ctx.input("export", "model.onnx")?;
         let bytes = std::fs::read(source).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", source.display())))?;
         let fp32 = crate::onnx::proto::ModelProto::decode(bytes.as_slice()).map_err(|e| StageError::failed(format!("`{}` is not an ONNX model: {e}", source.display())))?;
-        let (model, mut report) = crate::quant::quantize(fp32, &self.dtype).map_err(|e| StageError::failed(e.to_string()))?;
+        let (model, mut report) = crate::quant::quantize(fp32, &self.dtype, self.options).map_err(|e| StageError::failed(e.to_string()))?;
         let path = ctx.output(self.file);
         let size = crate::onnx::save(&model, &path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
         report.dtype = self.dtype.clone();

@@ -73,13 +73,11 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         if manifest.base.is_none() {
             return Err(error("`[export]` converts a model: add a `[base]` section"));
         }
-        if export.quantize_embedding {
-            return Err(error("`export.quantize_embedding` is valid, but this version of symb (0.1) cannot quantize the embedding yet; remove it"));
-        }
         let model_stage = if finetune.is_some() { "merge" } else { model_stage };
         stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
         for dtype in export.targets.iter().filter(|t| *t != "fp32") {
-            let stage = export::QuantizeStage::new(dtype).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
+            let options = crate::quant::Options { quantize_embedding: export.quantize_embedding };
+            let stage = export::QuantizeStage::new(dtype, options).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
             stages.push(Box::new(stage));
         }
     }
