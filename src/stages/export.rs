@@ -72,7 +72,7 @@ impl Stage for QuantizeStage {
         "quantize"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();

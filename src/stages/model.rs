@@ -267,7 +267,7 @@ impl Stage for FinetuneStage {
         "finetune"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn settings(&self) -> Settings {
         let f = &self.finetune;
