@@ -43,7 +43,7 @@ fn every_commented_section_of_the_example_is_valid() {
     // Everything but [vocab], which belongs to pretrained bases.
     let uncommented: String = example
         .lines()
-        .filter(|l| !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of", "# quantize_embedding"].iter().any(|p| l.starts_with(p)))
+        .filter(|l| !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of"].iter().any(|p| l.starts_with(p)))
         .map(|l| {
             let alternative = ["# prompt_field", "# completion_field"].iter().any(|p| l.starts_with(p));
             if !alternative && (l.starts_with("# [") || (l.starts_with("# ") && l.contains(" = "))) { &l[2..] } else { l }
