@@ -28,20 +28,32 @@ fn the_fixture_exported_runs_in_onnx_runtime_as_pytorch_does() {
     check_against_golden(&path);
 }
 
+/// The fixture's golden cases, their logits, and a run_onnx.py request for
+/// their prompts written in `dir`.
+fn golden_request(dir: &std::path::Path, max_new_tokens: usize) -> (Vec<serde_json::Value>, std::collections::HashMap<String, candle_core::Tensor>, PathBuf) {
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+    let logits = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu).unwrap();
+    let cases = golden["cases"].as_array().unwrap().clone();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
+    let request = dir.join("request.json");
+    std::fs::write(&request, serde_json::json!({"prompts": prompts, "max_new_tokens": max_new_tokens}).to_string()).unwrap();
+    (cases, logits, request)
+}
+
+/// tests/python/run_onnx.py's report on `model` for `request`.
+fn run_onnx(model: &std::path::Path, request: &std::path::Path) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/run_onnx.py");
+    let out = Command::new("python3").arg(script).arg(model).arg(request).output().expect("python3 runs");
+    assert!(out.status.success(), "run_onnx.py on {}: {}", model.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Runs run_onnx.py on `model` for the golden prompts; checks every logit
 /// row against PyTorch's and the greedy tokens.
 fn check_against_golden(model_path: &std::path::Path) {
     let dir = tempfile::tempdir().unwrap();
-    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
-    let logits = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu).unwrap();
-    let cases = golden["cases"].as_array().unwrap();
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
-    let request = dir.path().join("request.json");
-    std::fs::write(&request, serde_json::json!({"prompts": prompts, "max_new_tokens": 20}).to_string()).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/run_onnx.py");
-    let out = Command::new("python3").arg(script).arg(model_path).arg(&request).output().expect("python3 runs");
-    assert!(out.status.success(), "run_onnx.py: {}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (cases, logits, request) = golden_request(dir.path(), 20);
+    let report = run_onnx(model_path, &request);
     for (i, case) in cases.iter().enumerate() {
         let expected: Vec<Vec<f32>> = logits[&format!("logits.{i}")].to_vec2().unwrap();
         let got = &report["cases"][i];
@@ -115,10 +127,7 @@ fn a_trained_model_exports_after_merge() {
     let expected: Vec<Vec<f32>> = model.forward(&input, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
     let request = dir.path().join("request.json");
     std::fs::write(&request, serde_json::json!({"prompts": [prompt], "max_new_tokens": 8}).to_string()).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/run_onnx.py");
-    let out = Command::new("python3").arg(script).arg(dir.path().join("dist/onnx/model.onnx")).arg(&request).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = run_onnx(&dir.path().join("dist/onnx/model.onnx"), &request);
     let rows: Vec<Vec<f32>> = serde_json::from_value(report["cases"][0]["stepped"].clone()).unwrap();
     for (row, want) in rows.iter().zip(&expected) {
         assert!(max_abs(row, want) < 1e-4);
@@ -129,18 +138,13 @@ fn a_trained_model_exports_after_merge() {
 
 /// Every dtype of the fixture's export, run by ONNX Runtime against
 /// PyTorch's golden logits: how far each is, and that each quantized every
-/// linear weight (12 per layer pair here: 4 per layer and the head).
+/// linear weight (4 per layer and the head).
 #[test]
 fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     let model = model::load_folder(&fixture()).unwrap();
     let fp32 = symb::onnx::gpt2::export(&model, 17).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
-    let logits = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu).unwrap();
-    let cases = golden["cases"].as_array().unwrap();
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
-    let request = dir.path().join("request.json");
-    std::fs::write(&request, serde_json::json!({"prompts": prompts, "max_new_tokens": 4}).to_string()).unwrap();
+    let (cases, logits, request) = golden_request(dir.path(), 4);
     let linear = 4 * model.config.n_layer + 1;
     for (label, bound, agreement) in [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4), ("q4+embedding", 4.0, 0.4), ("q4f16+embedding", 4.0, 0.4)] {
         let (dtype, embedding) = label.split_once('+').map_or((label, false), |(d, _)| (d, true));
@@ -159,10 +163,7 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
         assert!(report.weight_bytes_after < report.weight_bytes_before, "{report:?}");
         let path = dir.path().join(format!("{label}.onnx"));
         symb::onnx::save(&quantized, &path).unwrap();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/run_onnx.py");
-        let out = Command::new("python3").arg(script).arg(&path).arg(&request).output().unwrap();
-        assert!(out.status.success(), "{label}: {}", String::from_utf8_lossy(&out.stderr));
-        let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let run = run_onnx(&path, &request);
         let (mut worst, mut agree, mut total) = (0f32, 0, 0);
         for (i, _) in cases.iter().enumerate() {
             let expected: Vec<Vec<f32>> = logits[&format!("logits.{i}")].to_vec2().unwrap();

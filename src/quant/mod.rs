@@ -278,6 +278,21 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
     Ok(())
 }
 
+/// A MatMulNBits node (4 bits, blocks of 32) computing `output = input · W`
+/// with W `[k, n]` packed in `b` and `scales`.
+fn matmul_nbits_node(input: &str, b: &str, scales: &str, output: &str, k: usize, n: usize, name: &str) -> NodeProto {
+    let int = |v: usize| Attr::Int(v as i64);
+    let attrs = [("K", int(k)), ("N", int(n)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", Attr::Int(ACCURACY_LEVEL))];
+    node("MatMulNBits", Some("com.microsoft"), &[input, b, scales], &[output], &attrs, name)
+}
+
+/// Declares the `com.microsoft` operator domain (once).
+fn use_microsoft_domain(model: &mut ModelProto) {
+    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
+        model.opset_import.push(proto::OperatorSetIdProto { domain: Some("com.microsoft".to_string()), version: Some(1) });
+    }
+}
+
 /// Packs `w` `[k, n]` as MatMulNBits' B `[n, blocks, 16]` and scales `[n, blocks]`.
 pub fn pack_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
     pack_q4_with(k, n, |r, c| w[r * n + c])
@@ -363,16 +378,11 @@ fn tied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> 
                 ],
             ),
             (transpose, vec![]),
-            (
-                head,
-                vec![node("MatMulNBits", Some("com.microsoft"), &[&x, &b_name, &s_name], &[&logits], &[("K", int(width)), ("N", int(vocab)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", Attr::Int(ACCURACY_LEVEL))], "head_Q4")],
-            ),
+            (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, "head_Q4")]),
         ],
     );
     prune(g);
-    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
-        model.opset_import.push(proto::OperatorSetIdProto { domain: Some("com.microsoft".to_string()), version: Some(1) });
-    }
+    use_microsoft_domain(model);
     Ok(())
 }
 
@@ -394,24 +404,12 @@ fn matmul_nbits(model: &mut ModelProto, report: &mut Report) -> Result<()> {
         new_initializers.push(raw_tensor(&b_name, &[cols, blocks, 16], DataType::Uint8, packed));
         new_initializers.push(tensor_f32(&s_name, &[cols * blocks], &scales));
         let base = n.name.clone().unwrap_or_else(|| format!("matmul_{index}"));
-        replacements.push((
-            index,
-            vec![node(
-                "MatMulNBits",
-                Some("com.microsoft"),
-                &[&n.input[0], &b_name, &s_name],
-                &[&n.output[0]],
-                &[("K", Attr::Int(k as i64)), ("N", Attr::Int(cols as i64)), ("bits", Attr::Int(4)), ("block_size", Attr::Int(32)), ("accuracy_level", Attr::Int(ACCURACY_LEVEL))],
-                &format!("{base}_Q4"),
-            )],
-        ));
+        replacements.push((index, vec![matmul_nbits_node(&n.input[0], &b_name, &s_name, &n.output[0], k, cols, &format!("{base}_Q4"))]));
     }
     splice(g, replacements);
     g.initializer.extend(new_initializers);
     prune(g);
-    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
-        model.opset_import.push(proto::OperatorSetIdProto { domain: Some("com.microsoft".to_string()), version: Some(1) });
-    }
+    use_microsoft_domain(model);
     Ok(())
 }
 
