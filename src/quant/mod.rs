@@ -219,18 +219,48 @@ fn prune(g: &mut proto::GraphProto) {
     g.initializer.retain(|t| t.name.as_ref().is_some_and(|n| used.contains(n)));
 }
 
-fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> Result<()> {
+/// One MatMul against a weight, as a rewrite sees it.
+struct WeightMatMul<'a> {
+    node: &'a NodeProto,
+    /// The node's name (or a stand-in).
+    base: String,
+    /// The weight's initializer name, shape `[k, n]` and values.
+    name: String,
+    dims: Vec<usize>,
+    data: Vec<f32>,
+}
+
+/// Replaces every MatMul against a float weight with the nodes `rewrite`
+/// returns (and adds its initializers); drops the weights no longer read.
+fn rewrite_weight_matmuls(model: &mut ModelProto, report: &mut Report, mut rewrite: impl FnMut(&WeightMatMul<'_>) -> (Vec<NodeProto>, Vec<TensorProto>)) -> Result<()> {
     let g = graph_mut(model);
     let mut replacements = Vec::new();
     let mut new_initializers = Vec::new();
     for (index, w) in weight_matmuls(g) {
-        let n = g.node[index].clone();
         let t = &g.initializer[w];
-        let name = t.name.clone().unwrap_or_default();
-        let data = floats(t)?;
+        let matmul = WeightMatMul {
+            node: &g.node[index],
+            base: g.node[index].name.clone().unwrap_or_else(|| format!("matmul_{index}")),
+            name: t.name.clone().unwrap_or_default(),
+            dims: t.dims.iter().map(|&d| d as usize).collect(),
+            data: floats(t)?,
+        };
         report.weights_quantized += 1;
-        report.parameters_quantized += data.len() as u64;
-        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        report.parameters_quantized += matmul.data.len() as u64;
+        let (nodes, initializers) = rewrite(&matmul);
+        replacements.push((index, nodes));
+        new_initializers.extend(initializers);
+    }
+    splice(g, replacements);
+    g.initializer.extend(new_initializers);
+    prune(g);
+    Ok(())
+}
+
+fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> Result<()> {
+    rewrite_weight_matmuls(model, report, |m| {
+        let (n, name, dims, data, base) = (m.node, &m.name, &m.dims, &m.data, &m.base);
+        let mut new_initializers = Vec::new();
         let (raw, scale, zero_point): (Vec<u8>, f32, Option<u8>) = if unsigned {
             // Asymmetric uint8 over [min(w, 0), max(w, 0)], as QUInt8 weights are.
             let lo = data.iter().copied().fold(0f32, f32::min);
@@ -245,7 +275,7 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
         };
         let q_name = format!("{name}_quantized");
         let scale_name = format!("{name}_scale");
-        new_initializers.push(raw_tensor(&q_name, &dims, if unsigned { DataType::Uint8 } else { DataType::Int8 }, raw));
+        new_initializers.push(raw_tensor(&q_name, dims, if unsigned { DataType::Uint8 } else { DataType::Int8 }, raw));
         new_initializers.push(tensor_f32(&scale_name, &[], &[scale]));
         let mut inputs_mmi = vec![];
         let zp_name = format!("{name}_zero_point");
@@ -254,28 +284,21 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
         }
         let x = n.input[0].clone();
         let out = n.output[0].clone();
-        let base = n.name.clone().unwrap_or_else(|| format!("matmul_{index}"));
         let (xq, xs, xz) = (format!("{out}_x_quantized"), format!("{out}_x_scale"), format!("{out}_x_zero_point"));
         let (int_out, float_out, scale_out) = (format!("{out}_int32"), format!("{out}_float"), format!("{out}_scale"));
         inputs_mmi.extend([xq.as_str(), q_name.as_str(), xz.as_str()]);
         if zero_point.is_some() {
             inputs_mmi.push(zp_name.as_str());
         }
-        replacements.push((
-            index,
-            vec![
-                node("DynamicQuantizeLinear", None, &[&x], &[&xq, &xs, &xz], &[], &format!("{base}_quantize")),
-                node("MatMulInteger", None, &inputs_mmi, &[&int_out], &[], &format!("{base}_integer")),
-                node("Cast", None, &[&int_out], &[&float_out], &[("to", Attr::Int(DataType::Float as i64))], &format!("{base}_cast")),
-                node("Mul", None, &[&xs, &scale_name], &[&scale_out], &[], &format!("{base}_scales")),
-                node("Mul", None, &[&float_out, &scale_out], &[&out], &[], &format!("{base}_output")),
-            ],
-        ));
-    }
-    splice(g, replacements);
-    g.initializer.extend(new_initializers);
-    prune(g);
-    Ok(())
+        let nodes = vec![
+            node("DynamicQuantizeLinear", None, &[&x], &[&xq, &xs, &xz], &[], &format!("{base}_quantize")),
+            node("MatMulInteger", None, &inputs_mmi, &[&int_out], &[], &format!("{base}_integer")),
+            node("Cast", None, &[&int_out], &[&float_out], &[("to", Attr::Int(DataType::Float as i64))], &format!("{base}_cast")),
+            node("Mul", None, &[&xs, &scale_name], &[&scale_out], &[], &format!("{base}_scales")),
+            node("Mul", None, &[&float_out, &scale_out], &[&out], &[], &format!("{base}_output")),
+        ];
+        (nodes, new_initializers)
+    })
 }
 
 /// A MatMulNBits node (4 bits, blocks of 32) computing `output = input · W`
@@ -387,28 +410,14 @@ fn tied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> 
 }
 
 fn matmul_nbits(model: &mut ModelProto, report: &mut Report) -> Result<()> {
-    let g = graph_mut(model);
-    let mut replacements = Vec::new();
-    let mut new_initializers = Vec::new();
-    for (index, w) in weight_matmuls(g) {
-        let n = g.node[index].clone();
-        let t = &g.initializer[w];
-        let name = t.name.clone().unwrap_or_default();
-        let (k, cols) = (t.dims[0] as usize, t.dims[1] as usize);
-        let data = floats(t)?;
-        report.weights_quantized += 1;
-        report.parameters_quantized += data.len() as u64;
-        let (packed, scales) = pack_q4(&data, k, cols);
+    rewrite_weight_matmuls(model, report, |m| {
+        let (k, cols) = (m.dims[0], m.dims[1]);
+        let (packed, scales) = pack_q4(&m.data, k, cols);
         let blocks = k.div_ceil(32);
-        let (b_name, s_name) = (format!("{name}_Q4"), format!("{name}_scales"));
-        new_initializers.push(raw_tensor(&b_name, &[cols, blocks, 16], DataType::Uint8, packed));
-        new_initializers.push(tensor_f32(&s_name, &[cols * blocks], &scales));
-        let base = n.name.clone().unwrap_or_else(|| format!("matmul_{index}"));
-        replacements.push((index, vec![matmul_nbits_node(&n.input[0], &b_name, &s_name, &n.output[0], k, cols, &format!("{base}_Q4"))]));
-    }
-    splice(g, replacements);
-    g.initializer.extend(new_initializers);
-    prune(g);
+        let (b_name, s_name) = (format!("{}_Q4", m.name), format!("{}_scales", m.name));
+        let initializers = vec![raw_tensor(&b_name, &[cols, blocks, 16], DataType::Uint8, packed), tensor_f32(&s_name, &[cols * blocks], &scales)];
+        (vec![matmul_nbits_node(&m.node.input[0], &b_name, &s_name, &m.node.output[0], k, cols, &format!("{}_Q4", m.base))], initializers)
+    })?;
     use_microsoft_domain(model);
     Ok(())
 }
