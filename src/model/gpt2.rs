@@ -270,6 +270,8 @@ pub struct TokenRows {
     /// The embedding with those rows zeroed (a constant).
     masked: Tensor,
     index: Tensor,
+    /// Token id → its row in `values`.
+    slot: std::collections::HashMap<u32, u32>,
 }
 
 impl TokenRows {
@@ -288,7 +290,8 @@ impl TokenRows {
         let keep = Tensor::from_vec(keep, (vocab, 1), wte.device())?.to_dtype(wte.dtype())?;
         let masked = wte.detach().broadcast_mul(&keep)?;
         let index = Tensor::new(indices.as_slice(), wte.device())?;
-        Ok(TokenRows { indices, values, masked, index })
+        let slot = indices.iter().enumerate().map(|(i, &id)| (id, i as u32)).collect();
+        Ok(TokenRows { indices, values, masked, index, slot })
     }
 
     /// The embedding with the rows replaced.
@@ -300,9 +303,8 @@ impl TokenRows {
     /// trainable rows where an id is one of them (a gather from `values`
     /// with a zero row appended), so backward touches only `values`.
     fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
-        let slot: std::collections::HashMap<u32, u32> = self.indices.iter().enumerate().map(|(i, &id)| (id, i as u32)).collect();
         let zero = self.indices.len() as u32;
-        let slots: Vec<u32> = ids.to_vec1::<u32>()?.iter().map(|id| slot.get(id).copied().unwrap_or(zero)).collect();
+        let slots: Vec<u32> = ids.to_vec1::<u32>()?.iter().map(|id| self.slot.get(id).copied().unwrap_or(zero)).collect();
         let slots = Tensor::new(slots, ids.device())?;
         let width = self.values.dim(1)?;
         let extended = Tensor::cat(&[&self.values, &Tensor::zeros((1, width), self.values.dtype(), self.values.device())?], 0)?;
@@ -562,7 +564,6 @@ impl Module for Gpt2 {
         Gpt2::forward(self, input_ids, None).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
-
 
 /// How the rows a vocabulary adds to the embedding start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

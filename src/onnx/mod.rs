@@ -86,24 +86,51 @@ pub fn le_bytes<const N: usize, T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8
     raw
 }
 
-/// A float tensor (raw little-endian data).
-pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> proto::TensorProto {
+/// A tensor of `data_type` from its raw little-endian bytes.
+pub fn raw_tensor(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>) -> proto::TensorProto {
     proto::TensorProto {
         name: Some(name.to_string()),
         dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(le_bytes(data, f32::to_le_bytes)),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw),
         ..Default::default()
     }
 }
 
+/// A float tensor.
+pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> proto::TensorProto {
+    raw_tensor(name, dims, DataType::Float, le_bytes(data, f32::to_le_bytes))
+}
+
 /// An int64 tensor.
 pub fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> proto::TensorProto {
-    proto::TensorProto {
+    raw_tensor(name, dims, DataType::Int64, le_bytes(data, i64::to_le_bytes))
+}
+
+/// One node: `op` (in `domain`, the standard one when `None`) from `inputs`
+/// to `outputs`, with attributes.
+pub fn node_proto(name: &str, op: &str, domain: Option<&str>, inputs: &[&str], attrs: &[(&str, Attr)], outputs: &[&str]) -> proto::NodeProto {
+    use proto::attribute_proto::AttributeType as T;
+    let attribute = attrs
+        .iter()
+        .map(|(name, value)| {
+            let mut a = proto::AttributeProto { name: Some(name.to_string()), ..Default::default() };
+            match value {
+                Attr::Int(v) => (a.i, a.r#type) = (Some(*v), Some(T::Int as i32)),
+                Attr::Float(v) => (a.f, a.r#type) = (Some(*v), Some(T::Float as i32)),
+                Attr::Ints(v) => (a.ints, a.r#type) = (v.clone(), Some(T::Ints as i32)),
+                Attr::Tensor(t) => (a.t, a.r#type) = (Some((**t).clone()), Some(T::Tensor as i32)),
+            }
+            a
+        })
+        .collect();
+    proto::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
         name: Some(name.to_string()),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: Some(DataType::Int64 as i32),
-        raw_data: Some(le_bytes(data, i64::to_le_bytes)),
+        op_type: Some(op.to_string()),
+        domain: domain.map(str::to_string),
+        attribute,
         ..Default::default()
     }
 }
@@ -160,30 +187,9 @@ impl GraphBuilder {
 
     /// Adds a node whose outputs have the given names (graph outputs).
     pub fn node_named(&mut self, op: &str, domain: Option<&str>, inputs: &[&str], attrs: &[(&str, Attr)], outputs: &[&str]) {
-        let attribute = attrs
-            .iter()
-            .map(|(name, value)| {
-                let mut a = proto::AttributeProto { name: Some(name.to_string()), ..Default::default() };
-                use proto::attribute_proto::AttributeType as T;
-                match value {
-                    Attr::Int(v) => (a.i, a.r#type) = (Some(*v), Some(T::Int as i32)),
-                    Attr::Float(v) => (a.f, a.r#type) = (Some(*v), Some(T::Float as i32)),
-                    Attr::Ints(v) => (a.ints, a.r#type) = (v.clone(), Some(T::Ints as i32)),
-                    Attr::Tensor(t) => (a.t, a.r#type) = (Some((**t).clone()), Some(T::Tensor as i32)),
-                }
-                a
-            })
-            .collect();
         self.counter += 1;
-        self.graph.node.push(proto::NodeProto {
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            name: Some(format!("{op}_{}", self.counter)),
-            op_type: Some(op.to_string()),
-            domain: domain.map(str::to_string),
-            attribute,
-            ..Default::default()
-        });
+        let name = format!("{op}_{}", self.counter);
+        self.graph.node.push(node_proto(&name, op, domain, inputs, attrs, outputs));
     }
 
     /// The model: this graph with the standard opset `opset` (and the

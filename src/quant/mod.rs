@@ -24,7 +24,7 @@ use half::f16;
 
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{self, ModelProto, NodeProto, TensorProto};
-use crate::onnx::{Attr, tensor_f32};
+use crate::onnx::{Attr, raw_tensor, tensor_f32};
 
 /// MatMulNBits' `accuracy_level`: 4 lets ONNX Runtime's CPU kernels
 /// quantize the activations to int8 and use integer dot products, about 2.6
@@ -187,16 +187,7 @@ fn weight_matmuls(g: &proto::GraphProto) -> Vec<(usize, usize)> {
 }
 
 fn node(op: &str, domain: Option<&str>, inputs: &[&str], outputs: &[&str], attrs: &[(&str, Attr)], name: &str) -> NodeProto {
-    let mut builder = crate::onnx::GraphBuilder::new("tmp");
-    builder.node_named(op, domain, inputs, attrs, outputs);
-    let mut model = builder.finish(17);
-    let mut n = model.graph.as_mut().expect("a graph").node.remove(0);
-    n.name = Some(name.to_string());
-    n
-}
-
-fn raw_tensor(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>) -> TensorProto {
-    TensorProto { name: Some(name.to_string()), dims: dims.iter().map(|&d| d as i64).collect(), data_type: Some(data_type as i32), raw_data: Some(raw), ..Default::default() }
+    crate::onnx::node_proto(name, op, domain, inputs, attrs, outputs)
 }
 
 /// Replaces nodes (by index, each with its replacement sequence), keeping order.
