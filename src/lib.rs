@@ -19,3 +19,4 @@ pub mod stages;
 pub mod model;
 pub mod onnx;
 pub mod quant;
+pub mod verify;

@@ -23,7 +23,12 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     project.write("symb.toml.example", &example.replace("epochs = 2 ", "max_steps = 4 ").replace("eval_every = 50 ", "eval_every = 2 "));
     let build = project.build(&["-m", "symb.toml.example"]);
     assert_eq!(build.code, 0, "{}", build.stderr);
-    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "finetune", "merge", "export", "quantize.fp16", "quantize.q8", "quantize.q4", "quantize.q4f16"]));
+    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "finetune", "merge", "export", "quantize.fp16", "quantize.q8", "quantize.q4", "quantize.q4f16", "verify.fp32", "verify.fp16", "verify.q8", "verify.q4", "verify.q4f16"]));
+    for dtype in ["fp32", "fp16", "q8", "q4", "q4f16"] {
+        let report: serde_json::Value = serde_json::from_str(&project.read(&format!("dist/reports/verify.{dtype}.json"))).unwrap();
+        assert!(report["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true), "{dtype}: {report}");
+        assert_eq!(report["prompts"].as_array().unwrap().len(), 16, "{dtype}");
+    }
     for file in ["model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx"] {
         assert!(project.path("dist/onnx").join(file).is_file(), "{file}");
     }
@@ -38,7 +43,7 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
 #[test]
 fn every_commented_section_of_the_example_is_valid() {
     // Uncommenting the model sections gives a manifest the validator accepts
-    // (their stages are not built yet, which `symb build` says plainly).
+    // and a plan with every stage.
     let example = std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap();
     // Everything but [vocab], which belongs to pretrained bases.
     let uncommented: String = example
@@ -56,9 +61,12 @@ fn every_commented_section_of_the_example_is_valid() {
     let manifest = symb::manifest::load(&project.path("symb.toml")).unwrap_or_else(|e| panic!("{e}"));
     assert!(manifest.base.is_some() && manifest.finetune.is_some() && manifest.export.is_some() && manifest.verify.is_some());
     assert_eq!(manifest.verify.unwrap().tolerance["q4"].top1_agreement, Some(0.9));
-    let build = project.build(&[]);
-    assert_eq!(build.code, 2);
-    assert!(build.stderr.contains("`[verify]` is valid, but this version of symb (0.1) cannot build its stages yet"), "{}", build.stderr);
+    let graph = project.symb(&["graph"]);
+    assert!(graph.status.success(), "{}", String::from_utf8_lossy(&graph.stderr));
+    let tree = String::from_utf8_lossy(&graph.stdout);
+    for stage in ["export", "quantize.q4", "verify.fp32", "verify.q4"] {
+        assert!(tree.contains(stage), "{stage} in {tree}");
+    }
 }
 
 #[test]

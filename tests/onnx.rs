@@ -84,7 +84,9 @@ fn a_base_and_export_manifest_converts_the_folder() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let ran: Vec<String> = stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["status"] == "ran").map(|e| e["stage"].as_str().unwrap().to_string()).collect();
-    assert_eq!(ran, ["base", "export"]);
+    assert_eq!(ran, ["base", "export", "verify.fp32"]);
+    let verified: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/reports/verify.fp32.json")).unwrap()).unwrap();
+    assert!(verified["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4 && verified["metrics"]["greedy_match"] == 1.0, "{verified}");
     check_against_golden(&dir.path().join("dist/onnx/model.onnx"));
     // Again: nothing runs.
     let again = Command::new(bin).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
@@ -97,7 +99,7 @@ fn a_base_and_export_manifest_converts_the_folder() {
     let out = Command::new(bin).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ran: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["status"] == "ran").map(|e| e["stage"].as_str().unwrap().to_string()).collect();
-    assert_eq!(ran, ["quantize.q4"]);
+    assert_eq!(ran, ["quantize.q4", "verify.q4"]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/reports/quantize.q4.json")).unwrap()).unwrap();
     assert_eq!(report["matmul_nbits_nodes"], 9);
     assert_eq!(report["matmul_float_nodes"], 4, "the attention products stay float");

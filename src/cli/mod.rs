@@ -280,18 +280,27 @@ fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
 #[allow(clippy::too_many_arguments)]
 fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dtype: Option<&str>, adapter: Option<&Path>, sampling: Option<&crate::model::Sampling>, json: bool) -> i32 {
     if backend == "onnx" || dtype.is_some() {
-        eprintln!("error: `--backend onnx` and `--dtype` need the export stage, which this version of symb does not have yet; use `--backend candle`");
-        return 2;
+        if backend != "onnx" {
+            eprintln!("error: `--dtype` picks an ONNX file: add `--backend onnx`");
+            return 2;
+        }
+        if adapter.is_some() {
+            eprintln!("error: `--adapter` applies to `--backend candle`; an output folder's ONNX files have the adapter merged in");
+            return 2;
+        }
+        return match crate::verify::generate(model, dtype.unwrap_or("fp32"), prompt, max_new_tokens, sampling) {
+            Ok(generation) => print_generation(prompt, &generation, json),
+            Err(e) => {
+                eprintln!("error: {e}");
+                match e {
+                    crate::verify::VerifyError::Model(crate::model::ModelError::Config(_) | crate::model::ModelError::Io { .. }) => 2,
+                    _ => 1,
+                }
+            }
+        };
     }
     match crate::model::generate(model, adapter, prompt, max_new_tokens, sampling) {
-        Ok(generation) => {
-            if json {
-                out(serde_json::to_string(&generation).expect("generation serialises"));
-            } else {
-                out(format!("{prompt}{}", generation.text));
-            }
-            0
-        }
+        Ok(generation) => print_generation(prompt, &generation, json),
         Err(e) => {
             eprintln!("error: {e}");
             match e {
@@ -300,6 +309,15 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
             }
         }
     }
+}
+
+fn print_generation(prompt: &str, generation: &crate::model::Generation, json: bool) -> i32 {
+    if json {
+        out(serde_json::to_string(generation).expect("generation serialises"));
+    } else {
+        out(format!("{prompt}{}", generation.text));
+    }
+    0
 }
 
 fn init(recipe: &str, path: &Path) -> i32 {

@@ -144,6 +144,13 @@ pub struct Verify {
     pub tolerance: BTreeMap<String, RawTolerance>,
 }
 
+impl Default for Verify {
+    /// What a build verifies with when the manifest has no `[verify]`.
+    fn default() -> Self {
+        Verify { prompts: RawPrompts::Count(16), max_new_tokens: 32, tolerance: BTreeMap::new() }
+    }
+}
+
 /// Builds errors pointing into one manifest.
 struct Ctx<'a> {
     display: &'a str,

@@ -539,7 +539,7 @@ pub struct Sampling {
 
 impl Sampling {
     /// Draws a token from `softmax(logits / temperature)` over the `top_k` largest.
-    fn pick(&self, logits: &[f32], rng: &mut super::train::Rng) -> u32 {
+    pub fn pick(&self, logits: &[f32], rng: &mut super::train::Rng) -> u32 {
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         // Largest first; ties by id, so a seed gives one sequence.
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));

@@ -124,7 +124,7 @@ pub fn generate(dir: &Path, adapter: Option<&Path>, prompt: &str, max_new_tokens
 }
 
 /// The end-of-sequence id: generation_config.json first, then config.json.
-fn eos_token(dir: &Path, config: &Config) -> Option<u32> {
+pub(crate) fn eos_token(dir: &Path, config: &Config) -> Option<u32> {
     let from_generation = read_json::<serde_json::Value>(&dir.join("generation_config.json"))
         .ok()
         .and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64()));

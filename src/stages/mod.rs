@@ -4,6 +4,7 @@ pub mod corpus;
 pub mod export;
 pub mod model;
 pub mod tokenizer;
+pub mod verify;
 pub mod vocab;
 
 use crate::engine::{Plan, Stage};
@@ -80,13 +81,18 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             let stage = export::QuantizeStage::new(dtype, options).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
             stages.push(Box::new(stage));
         }
-    }
-    let unsupported = [("verify", manifest.verify.is_some())];
-    if let Some((section, _)) = unsupported.iter().find(|(_, present)| *present) {
-        return Err(ManifestError::general(
-            &manifest.display,
-            format!("`[{section}]` is valid, but this version of symb (0.1) cannot build its stages yet; comment the section out to build the rest"),
-        ));
+        // Every file is verified; `[verify]` only tunes how.
+        let settings = manifest.verify.clone().unwrap_or_default();
+        if let Some(dtype) = settings.tolerance.keys().find(|d| !export.targets.contains(d)) {
+            return Err(error(&format!("`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build")));
+        }
+        for dtype in &export.targets {
+            let stage = verify::VerifyStage::new(dtype, settings.clone(), model_stage, manifest.corpus.is_some())
+                .ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
+            stages.push(Box::new(stage));
+        }
+    } else if manifest.verify.is_some() {
+        return Err(error("`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section"));
     }
     if stages.is_empty() {
         return Err(ManifestError::general(&manifest.display, "the manifest asks for nothing to build: add a `[corpus]` and a `[tokenizer]` section"));

@@ -1,0 +1,180 @@
+//! Stage `verify.<dtype>`: one ONNX file run by ONNX Runtime and compared
+//! with candle's forward pass of the model it came from. A missed tolerance
+//! fails the build (exit 3) and the output folder keeps its previous state.
+
+use std::collections::BTreeMap;
+
+use super::corpus::read_documents;
+use super::model::{model_error, write_json};
+use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
+use crate::manifest::{RawPrompts, RawTolerance, Verify};
+use crate::model;
+use crate::verify::{self, Workload, runtime};
+
+/// Tokens of the eval split scored for perplexity (in windows).
+const PERPLEXITY_TOKENS: usize = 4096;
+/// Longest perplexity window.
+const WINDOW: usize = 128;
+/// Longest prompt, in tokens.
+const PROMPT_TOKENS: usize = 48;
+
+pub struct VerifyStage {
+    pub dtype: String,
+    pub verify: Verify,
+    /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
+    pub model_stage: &'static str,
+    /// Whether prompts come from the corpus's eval split (else an English sample).
+    pub corpus: bool,
+    name: String,
+    file: &'static str,
+    tolerance: RawTolerance,
+}
+
+impl VerifyStage {
+    pub fn new(dtype: &str, verify: Verify, model_stage: &'static str, corpus: bool) -> Option<Self> {
+        let file = crate::quant::file_name(dtype)?;
+        let tolerance = verify::tolerance(dtype, verify.tolerance.get(dtype));
+        Some(VerifyStage { dtype: dtype.to_string(), verify, model_stage, corpus, name: format!("verify.{dtype}"), file, tolerance })
+    }
+
+    fn source(&self) -> (String, &'static str) {
+        if self.dtype == "fp32" { ("export".to_string(), "model.onnx") } else { (format!("quantize.{}", self.dtype), self.file) }
+    }
+
+    /// The prompts and perplexity windows, as token ids.
+    fn workload(&self, ctx: &StageContext<'_>, tokenizer: &tokenizers::Tokenizer, config: &model::Config, eos: Option<u32>) -> Result<Workload, StageError> {
+        let texts: Vec<String> = if self.corpus {
+            read_documents(ctx.input("corpus", "eval.jsonl")?)?.iter().filter_map(|d| d.texts().first().map(|t| t.to_string())).collect()
+        } else {
+            super::vocab::ENGLISH_SAMPLE.lines().map(str::to_string).collect()
+        };
+        let encode = |text: &str| -> Result<Vec<u32>, StageError> {
+            Ok(tokenizer.encode(text, false).map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?.get_ids().to_vec())
+        };
+        let context = config.n_positions;
+        let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
+        let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
+        let candidates: Vec<String> = match &self.verify.prompts {
+            RawPrompts::List(list) => list.clone(),
+            RawPrompts::Count(n) => {
+                let usable: Vec<&String> = texts.iter().filter(|t| !t.trim().is_empty()).collect();
+                let n = (*n as usize).min(usable.len());
+                // Spread through the split rather than its first lines.
+                (0..n).map(|i| usable[i * usable.len() / n].clone()).collect()
+            }
+        };
+        let mut prompts = Vec::new();
+        for text in candidates {
+            let mut ids = encode(&text)?;
+            if ids.is_empty() {
+                return Err(StageError::bad_input(format!("the verify prompt {text:?} encodes to no tokens")));
+            }
+            ids.truncate(longest);
+            let shown = tokenizer.decode(&ids, false).unwrap_or(text);
+            prompts.push((shown, ids));
+        }
+        if prompts.is_empty() {
+            return Err(StageError::bad_input("no verify prompts: the eval split is empty; list prompts in `verify.prompts`".to_string()));
+        }
+        let window = WINDOW.min(context);
+        let mut stream = Vec::new();
+        for text in &texts {
+            if stream.len() >= PERPLEXITY_TOKENS + window {
+                break;
+            }
+            stream.extend(encode(text)?);
+            stream.extend(eos);
+        }
+        let windows = stream.chunks(window).filter(|w| w.len() >= 2).take(PERPLEXITY_TOKENS.div_ceil(window)).map(<[u32]>::to_vec).collect();
+        Ok(Workload { prompts, windows, max_new_tokens, eos })
+    }
+}
+
+impl Stage for VerifyStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "verify"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let mut s = Settings::new();
+        s.insert("dtype".into(), self.dtype.clone().into());
+        s.insert("verify.prompts".into(), serde_json::to_value(&self.verify.prompts).expect("prompts serialise"));
+        s.insert("verify.max_new_tokens".into(), self.verify.max_new_tokens.into());
+        s.insert(format!("verify.tolerance.{}", self.dtype), serde_json::to_value(&self.tolerance).expect("tolerance serialises"));
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        let mut deps = vec![self.model_stage.to_string(), self.source().0];
+        if self.corpus {
+            deps.push("corpus".to_string());
+        }
+        deps
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        let mut tools = super::model::tools();
+        tools.insert("onnxruntime".to_string(), runtime::identity());
+        tools
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        vec![("report.json".to_string(), format!("reports/verify.{}.json", self.dtype))]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let started = std::time::Instant::now();
+        let stage = self.model_stage;
+        let reference = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(model_error)?;
+        let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let generation: Option<serde_json::Value> = ctx.input(stage, "generation_config.json").ok().and_then(|p| model::read_json(p).ok());
+        let eos = generation.and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64())).map(|id| id as u32).or(reference.config.eos_token_id);
+        let work = self.workload(ctx, &tokenizer, &reference.config, eos)?;
+        let (source, artifact) = self.source();
+        let path = ctx.input(&source, artifact)?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let runtime_error = |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
+        let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
+        let report = verify::verify(&reference, &mut onnx, &work, &self.tolerance, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"))
+            .map_err(|e| StageError::failed(format!("{}: {e}", self.file)))?;
+        let mut json = serde_json::to_value(&report).expect("report serialises");
+        json["dtype"] = self.dtype.clone().into();
+        json["file"] = format!("onnx/{}", self.file).into();
+        json["onnxruntime"] = runtime::identity().into();
+        json["tolerance"] = serde_json::to_value(&self.tolerance).expect("tolerance serialises");
+        json["seconds"] = started.elapsed().as_secs_f64().into();
+        let failures: Vec<_> = report.failures().collect();
+        if !failures.is_empty() {
+            let overridden = self.verify.tolerance.get(&self.dtype);
+            let lines: Vec<String> = failures
+                .iter()
+                .map(|c| {
+                    let (relation, by) = if c.kind == "max" { ("above its maximum", c.value - c.bound) } else { ("below its minimum", c.bound - c.value) };
+                    let set = overridden.and_then(|o| serde_json::to_value(o).ok()).is_some_and(|o| !o[c.metric].is_null());
+                    let origin = if set { format!("set in `[verify.tolerance.{}]`", self.dtype) } else { "symb's default".to_string() };
+                    format!("  {}: {} = {:.6} is {relation} {} ({origin}) by {:.6}", self.dtype, c.metric, c.value, c.bound, by)
+                })
+                .collect();
+            return Err(StageError {
+                class: FailureClass::Verification,
+                message: format!(
+                    "onnx/{} (dtype {}) failed verification against candle:\n{}\n  (the output folder was not updated; loosen the bound in `[verify.tolerance.{}]` if this loss is acceptable)",
+                    self.file,
+                    self.dtype,
+                    lines.join("\n"),
+                    self.dtype
+                ),
+            });
+        }
+        write_json(&ctx.output("report.json"), &json)?;
+        Ok(serde_json::json!({
+            "max_abs_error": report.metrics.max_abs_error,
+            "top1_agreement": report.metrics.top1_agreement,
+            "kl_divergence": report.metrics.kl_divergence,
+            "perplexity_ratio": report.metrics.perplexity_ratio,
+            "greedy_match": report.metrics.greedy_match,
+        }))
+    }
+}

@@ -1,0 +1,170 @@
+//! A decoder ONNX file (transformers.js's layout) run by ONNX Runtime:
+//! prefill, steps through the KV cache, greedy decoding.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use super::runtime::{RuntimeError, environment};
+use crate::model::Sampling;
+use crate::model::train::Rng;
+
+/// The KV cache between calls: one `present.*` value per `past_key_values.*`
+/// input, in the graph's input order.
+pub struct Past {
+    values: Vec<DynValue>,
+    /// Positions already in the cache.
+    pub len: usize,
+}
+
+/// One decoder graph in a session.
+pub struct OnnxLm {
+    session: Session,
+    past_names: Vec<String>,
+    present_names: Vec<String>,
+    past_type: TensorElementType,
+    heads: i64,
+    head_dim: i64,
+    has_position_ids: bool,
+    /// The logits' last dimension.
+    pub vocab: usize,
+}
+
+fn bad(path: &Path, message: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Ort(format!("`{}`: {message}", path.display()))
+}
+
+impl OnnxLm {
+    /// Loads `path` into a session on `threads` intra-op threads.
+    pub fn load(path: &Path, threads: usize) -> Result<Self, RuntimeError> {
+        let env = environment()?;
+        let session = Session::builder(env)?
+            .with_intra_threads(threads)
+            .map_err(|e| bad(path, e))?
+            .commit_from_file(path)
+            .map_err(|e| bad(path, e))?;
+        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        for required in ["input_ids", "attention_mask"] {
+            if !names.contains(&required) {
+                return Err(bad(path, format!("the graph has no `{required}` input (it has: {})", names.join(", "))));
+            }
+        }
+        let pasts: Vec<_> = session.inputs().iter().filter(|i| i.name().starts_with("past_key_values.")).collect();
+        let Some(first) = pasts.first() else {
+            return Err(bad(path, "the graph has no `past_key_values.*` inputs: it was exported without a KV cache"));
+        };
+        let ValueType::Tensor { ty, shape, .. } = first.dtype() else {
+            return Err(bad(path, format!("`{}` is not a tensor", first.name())));
+        };
+        let (heads, head_dim) = (shape[1], shape[3]);
+        if heads <= 0 || head_dim <= 0 {
+            return Err(bad(path, format!("`{}` has symbolic heads or head_dim ({shape:?}); transformers.js needs numbers", first.name())));
+        }
+        let past_names: Vec<String> = pasts.iter().map(|p| p.name().to_string()).collect();
+        let present_names: Vec<String> = past_names.iter().map(|n| n.replacen("past_key_values.", "present.", 1)).collect();
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        if let Some(missing) = present_names.iter().find(|n| !outputs.contains(&n.as_str())) {
+            return Err(bad(path, format!("the graph has no `{missing}` output for its `past_key_values` input")));
+        }
+        let vocab = match session.outputs().iter().find(|o| o.name() == "logits").map(|o| o.dtype()) {
+            Some(ValueType::Tensor { shape, .. }) if shape.len() == 3 && shape[2] > 0 => shape[2] as usize,
+            Some(_) => return Err(bad(path, "`logits` is not a [batch, sequence, vocab] tensor with a fixed vocab")),
+            None => return Err(bad(path, format!("the graph has no `logits` output (it has: {})", outputs.join(", ")))),
+        };
+        let past_type = *ty;
+        let has_position_ids = names.contains(&"position_ids");
+        Ok(OnnxLm { session, past_names, present_names, past_type, heads, head_dim, has_position_ids, vocab })
+    }
+
+    /// An empty cache.
+    pub fn empty_past(&self) -> Result<Past, RuntimeError> {
+        let shape = [1, self.heads, 0, self.head_dim];
+        let values = (0..self.past_names.len())
+            .map(|_| match self.past_type {
+                TensorElementType::Float16 => Ok(Tensor::<half::f16>::from_array((shape, Vec::new()))?.into_dyn()),
+                _ => Ok(Tensor::<f32>::from_array((shape, Vec::new()))?.into_dyn()),
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        Ok(Past { values, len: 0 })
+    }
+
+    /// Runs `ids` (one sequence) after `past`: the logits of every new
+    /// position (`[ids.len() * vocab]`) and the grown cache.
+    pub fn run(&mut self, ids: &[u32], past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
+        let t = ids.len();
+        let total = past.len + t;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            ("input_ids".into(), Tensor::<i64>::from_array(([1, t], ids.iter().map(|&i| i as i64).collect::<Vec<_>>()))?.into_dyn().into()),
+            ("attention_mask".into(), Tensor::<i64>::from_array(([1, total], vec![1i64; total]))?.into_dyn().into()),
+        ];
+        if self.has_position_ids {
+            let positions: Vec<i64> = (past.len as i64..total as i64).collect();
+            inputs.push(("position_ids".into(), Tensor::<i64>::from_array(([1, t], positions))?.into_dyn().into()));
+        }
+        for (name, value) in self.past_names.iter().zip(past.values) {
+            inputs.push((Cow::Owned(name.clone()), value.into()));
+        }
+        let mut outputs = self.session.run(inputs)?;
+        let logits = {
+            let value = outputs.get("logits").expect("checked at load");
+            match value.dtype() {
+                ValueType::Tensor { ty: TensorElementType::Float16, .. } => value.try_extract_tensor::<half::f16>()?.1.iter().map(|v| v.to_f32()).collect(),
+                _ => value.try_extract_tensor::<f32>()?.1.to_vec(),
+            }
+        };
+        if logits.len() != t * self.vocab {
+            return Err(RuntimeError::Ort(format!("`logits` has {} values for {t} positions of {}", logits.len(), self.vocab)));
+        }
+        let values = self.present_names.iter().map(|name| outputs.remove(name).expect("checked at load")).collect();
+        Ok((logits, Past { values, len: total }))
+    }
+
+    /// Greedy decoding with the cache: up to `max_new_tokens` ids, stopping
+    /// after `eos` (included) or at `context`. Returns the ids and the logits
+    /// at the last prompt position.
+    pub fn greedy(&mut self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, context: usize) -> Result<(Vec<u32>, Vec<f32>), RuntimeError> {
+        self.decode(prompt, max_new_tokens, eos, context, None)
+    }
+
+    /// Decoding with the cache, greedy or sampled exactly as candle's
+    /// [`Gpt2::decode`](crate::model::Gpt2::decode) samples.
+    pub fn decode(&mut self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, context: usize, sampling: Option<&Sampling>) -> Result<(Vec<u32>, Vec<f32>), RuntimeError> {
+        if prompt.is_empty() {
+            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
+        }
+        let past = self.empty_past()?;
+        let (logits, mut past) = self.run(prompt, past)?;
+        let vocab = self.vocab;
+        let prompt_logits = logits[(prompt.len() - 1) * vocab..].to_vec();
+        let mut last = prompt_logits.clone();
+        let mut generated = Vec::new();
+        let mut rng = sampling.map(|s| Rng::new(s.seed));
+        while generated.len() < max_new_tokens && prompt.len() + generated.len() < context {
+            let next = match (sampling, rng.as_mut()) {
+                (Some(s), Some(rng)) if s.temperature > 0.0 => s.pick(&last, rng),
+                _ => argmax(&last),
+            };
+            generated.push(next);
+            if Some(next) == eos || generated.len() == max_new_tokens {
+                break;
+            }
+            let (logits, grown) = self.run(&[next], past)?;
+            past = grown;
+            last = logits;
+        }
+        Ok((generated, prompt_logits))
+    }
+}
+
+/// The index of the largest value (the first one on ties, as torch.argmax).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

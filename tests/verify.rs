@@ -1,0 +1,156 @@
+//! Stage `verify.<dtype>` and `symb generate --backend onnx`: ONNX Runtime
+//! (through `ort`, the library provisioned as a user gets it) against
+//! candle, and against PyTorch's golden tokens.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use symb::model;
+use symb::verify::{self, Workload, session::OnnxLm};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+}
+
+fn golden() -> Vec<serde_json::Value> {
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+    golden["cases"].as_array().unwrap().clone()
+}
+
+/// A converter project for the fixture with these dtype targets.
+fn converter(targets: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{}]\n", fixture().display(), targets.join(", ")),
+    )
+    .unwrap();
+    dir
+}
+
+fn symb(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_symb")).args(args).current_dir(dir).output().unwrap()
+}
+
+/// Issue 4, test 4: a bound too tight fails the build with exit 3 and a
+/// message naming the dtype, the metric, its value and the bound; the output
+/// folder stays as the last good build left it.
+#[test]
+fn a_tolerance_too_tight_fails_with_exit_3_and_the_output_folder_is_untouched() {
+    let dir = converter(&["fp32", "q8"]);
+    let out = symb(dir.path(), &["build"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/reports/verify.q8.json")).unwrap()).unwrap();
+    let error = report["metrics"]["max_abs_error"].as_f64().unwrap();
+    assert!(error > 1e-3, "q8 moves the logits: {error}");
+    let before = common::snapshot(&dir.path().join("dist"));
+
+    let manifest = std::fs::read_to_string(dir.path().join("symb.toml")).unwrap();
+    std::fs::write(dir.path().join("symb.toml"), format!("{manifest}\n[verify.tolerance.q8]\nmax_abs_error = 0.001\n")).unwrap();
+    let out = symb(dir.path(), &["build"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("(dtype q8)"), "{stderr}");
+    assert!(stderr.contains(&format!("q8: max_abs_error = {error:.6} is above its maximum 0.001 (set in `[verify.tolerance.q8]`)")), "{stderr}");
+    assert!(stderr.contains("output `dist` left as it was"), "{stderr}");
+    assert_eq!(common::snapshot(&dir.path().join("dist")), before, "the output folder changed");
+}
+
+/// `symb generate --backend onnx` on a converted fixture: PyTorch's greedy
+/// tokens, through ONNX Runtime and the KV cache.
+#[test]
+fn generate_with_the_onnx_backend_gives_pytorchs_greedy_tokens() {
+    let dir = converter(&["fp32", "q4"]);
+    let out = symb(dir.path(), &["build"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for case in golden() {
+        let out = symb(dir.path(), &["generate", "--model", "dist", "--backend", "onnx", "--dtype", "fp32", "--max-new-tokens", "20", "--json", "--prompt", case["prompt"].as_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let generation: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(generation["input_ids"], case["input_ids"]);
+        assert_eq!(generation["generated_ids"], case["greedy_20"]);
+    }
+    // q4 runs too (its tokens differ: the fixture is a random model).
+    let out = symb(dir.path(), &["generate", "--model", "dist", "--backend", "onnx", "--dtype", "q4", "--max-new-tokens", "5", "--json", "--prompt", "The"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generation: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(generation["generated_ids"].as_array().unwrap().len(), 5);
+    // A dtype the folder lacks: exit 2, naming the ones it has.
+    let out = symb(dir.path(), &["generate", "--model", "dist", "--backend", "onnx", "--dtype", "fp16", "--prompt", "The"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the folder has these dtypes: fp32, q4"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The workload of the golden prompts.
+fn golden_workload() -> Workload {
+    let prompts = golden().iter().map(|c| (c["prompt"].as_str().unwrap().to_string(), serde_json::from_value(c["input_ids"].clone()).unwrap())).collect::<Vec<(String, Vec<u32>)>>();
+    let windows = prompts.iter().map(|(_, ids)| ids.clone()).collect();
+    Workload { prompts, windows, max_new_tokens: 8, eos: None }
+}
+
+/// The default bounds catch a file that loads and runs but is wrong: one
+/// layer's MLP weight off by 10% (a bad scale). The same file undamaged passes.
+#[test]
+fn default_tolerances_catch_a_damaged_file_that_still_runs() {
+    use prost::Message;
+    let model = model::load_folder(&fixture()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.onnx");
+    let mut graph = symb::onnx::gpt2::export(&model, 17).unwrap();
+    symb::onnx::save(&graph, &good).unwrap();
+    let weight = graph.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name.as_deref() == Some("transformer.h.1.mlp.c_fc.weight")).unwrap();
+    let raw = weight.raw_data.as_mut().unwrap();
+    for chunk in raw.chunks_exact_mut(4) {
+        let value = f32::from_le_bytes(chunk.try_into().unwrap()) * 1.1;
+        chunk.copy_from_slice(&value.to_le_bytes());
+    }
+    let bad = dir.path().join("bad.onnx");
+    std::fs::write(&bad, graph.encode_to_vec()).unwrap();
+
+    let work = golden_workload();
+    let tolerance = verify::tolerance("fp32", None);
+    let report = verify::verify(&model, &mut OnnxLm::load(&good, 2).unwrap(), &work, &tolerance, |_, _| {}).unwrap();
+    assert!(report.failures().next().is_none(), "{:?}", report.checks);
+    assert!(report.metrics.max_abs_error < 1e-4 && report.metrics.greedy_match == 1.0, "{:?}", report.metrics);
+    assert_eq!(report.cache.positions, report.prefill.positions, "every prompt position is checked through the cache too");
+
+    let report = verify::verify(&model, &mut OnnxLm::load(&bad, 2).unwrap(), &work, &tolerance, |_, _| {}).unwrap();
+    let failed: Vec<&str> = report.failures().map(|c| c.metric).collect();
+    assert!(failed.contains(&"max_abs_error") && failed.contains(&"kl_divergence"), "{:?}", report.checks);
+}
+
+/// A wheel that does not have the published sha256 is refused, and nothing
+/// is installed: served here by a local HTTP server.
+#[test]
+fn a_runtime_download_with_the_wrong_checksum_installs_nothing() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            use std::io::{Read, Write};
+            let mut stream = stream.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let body = b"PK\x03\x04 not the onnxruntime wheel";
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = stream.write_all(body);
+        }
+    });
+    let tools = tempfile::tempdir().unwrap();
+    let error = symb::verify::runtime::provision_from(tools.path(), &format!("http://127.0.0.1:{port}/onnxruntime.whl")).unwrap_err().to_string();
+    assert!(error.contains("has sha256") && error.contains("not the published") && error.contains("nothing was installed"), "{error}");
+    let installed: Vec<_> = walk(tools.path()).into_iter().filter(|p| !p.ends_with(".lock")).collect();
+    assert!(installed.is_empty(), "left behind: {installed:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+    }
+    files
+}
