@@ -84,7 +84,9 @@ fn a_base_and_export_manifest_converts_the_folder() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let ran: Vec<String> = stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["status"] == "ran").map(|e| e["stage"].as_str().unwrap().to_string()).collect();
-    assert_eq!(ran, ["base", "export", "verify.fp32"]);
+    let mut ran = ran;
+    ran.sort();
+    assert_eq!(ran, ["base", "bundle", "export", "verify.fp32"]);
     let verified: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/reports/verify.fp32.json")).unwrap()).unwrap();
     assert!(verified["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4 && verified["metrics"]["greedy_match"] == 1.0, "{verified}");
     check_against_golden(&dir.path().join("dist/onnx/model.onnx"));
@@ -99,7 +101,9 @@ fn a_base_and_export_manifest_converts_the_folder() {
     let out = Command::new(bin).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ran: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["status"] == "ran").map(|e| e["stage"].as_str().unwrap().to_string()).collect();
-    assert_eq!(ran, ["quantize.q4", "verify.q4"]);
+    let mut ran = ran;
+    ran.sort();
+    assert_eq!(ran, ["bundle", "quantize.q4", "verify.q4"], "the config is rewritten: it may have to name the new file's external data");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/reports/quantize.q4.json")).unwrap()).unwrap();
     assert_eq!(report["matmul_nbits_nodes"], 9);
     assert_eq!(report["matmul_float_nodes"], 4, "the attention products stay float");
@@ -246,4 +250,49 @@ fn q4_packing_matches_onnx_runtime_exactly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let error: f32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
     assert!(error < 1e-5, "MatMulNBits vs dequantized MatMul: {error}");
+}
+
+/// `export.external_data = "always"`: every file keeps its weights in
+/// `NAME.onnx_data` beside it (as past 2 GiB), ONNX Runtime (Python's, and
+/// symb's verify stages through `ort`) loads them, and config.json tells
+/// transformers.js which files have data and in how many chunks.
+#[test]
+fn external_data_files_load_and_the_config_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!(
+            "[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\nexternal_data = \"always\"\n",
+            fixture().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_symb")).args(["build"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let onnx = dir.path().join("dist/onnx");
+    for file in ["model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_q4.onnx"] {
+        let model = std::fs::metadata(onnx.join(file)).unwrap().len();
+        let data = std::fs::metadata(onnx.join(format!("{file}_data"))).unwrap().len();
+        assert!(model < 64 * 1024 && data > 4 * model, "{file}: {model} bytes of graph, {data} of data");
+        assert!(!onnx.join(format!("{file}_data_1")).exists());
+    }
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["transformers.js_config"]["use_external_data_format"],
+        serde_json::json!({"model.onnx": 1, "model_fp16.onnx": 1, "model_quantized.onnx": 1, "model_q4.onnx": 1})
+    );
+    assert_eq!(config["n_layer"], 2, "the model's own config is kept");
+    check_against_golden(&onnx.join("model.onnx"));
+    for dtype in ["fp32", "fp16", "q8", "q4"] {
+        assert!(dir.path().join(format!("dist/reports/verify.{dtype}.json")).is_file());
+    }
+    // Back to one file each: the data files and the config key go.
+    let text = std::fs::read_to_string(dir.path().join("symb.toml")).unwrap().replace("external_data = \"always\"\n", "");
+    std::fs::write(dir.path().join("symb.toml"), text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_symb")).args(["build"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!onnx.join("model.onnx_data").exists());
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/config.json")).unwrap()).unwrap();
+    assert!(config.get("transformers.js_config").is_none(), "{config}");
+    check_against_golden(&onnx.join("model.onnx"));
 }

@@ -8,7 +8,7 @@ mod raw;
 mod resolve;
 
 pub use error::{ManifestError, suggest};
-pub use raw::{Architecture, CorpusFormat, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, Schedule, VocabInit, VocabStrategy};
+pub use raw::{Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, Schedule, VocabInit, VocabStrategy};
 pub use resolve::{
     Base, BaseModel, Corpus, DTYPES, Export, Finetune, FINETUNE_TARGETS, Manifest, Project, TextFields, Tokenizer, Verify, Vocab,
 };

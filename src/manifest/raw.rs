@@ -154,6 +154,17 @@ pub struct RawExport {
     pub opset: Option<u64>,
     pub targets: Option<Vec<String>>,
     pub quantize_embedding: Option<bool>,
+    pub external_data: Option<ExternalData>,
+}
+
+/// When ONNX initializers go to `model*.onnx_data` files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExternalData {
+    /// Only for a file that would pass protobuf's 2 GiB.
+    Auto,
+    /// Always.
+    Always,
 }
 
 /// `prompts`: a count taken from the eval split, or the prompts themselves.

@@ -134,6 +134,7 @@ pub struct Export {
     pub opset: u64,
     pub targets: Vec<String>,
     pub quantize_embedding: bool,
+    pub external_data: ExternalData,
 }
 
 #[derive(Debug, Clone)]
@@ -430,7 +431,7 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
             return Err(cx.at(&["export", "targets"], format!("`export.targets` lists `{dtype}` twice")));
         }
     }
-    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false) })
+    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), external_data: raw.external_data.unwrap_or(ExternalData::Auto) })
 }
 
 fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError> {

@@ -3,6 +3,7 @@
 //!
 //! Per-architecture lowering lives beside it (`gpt2.rs`).
 
+pub mod external;
 pub mod gpt2;
 
 use std::path::Path;
@@ -210,12 +211,12 @@ impl GraphBuilder {
     }
 }
 
-/// Serialises a model to `path`. (External data for files past 2 GiB is not
-/// written yet: such a model is refused.)
+/// Serialises a model to `path` as one file (a model past 2 GiB is refused;
+/// [`external::write`] splits it).
 pub fn save(model: &proto::ModelProto, path: &Path) -> std::io::Result<u64> {
     let bytes = model.encode_to_vec();
     if bytes.len() as u64 >= 2 << 30 {
-        return Err(std::io::Error::other(format!("the ONNX model is {} bytes, past protobuf's 2 GiB; external data is not supported yet", bytes.len())));
+        return Err(std::io::Error::other(format!("the ONNX model is {} bytes, past protobuf's 2 GiB; write it with external data", bytes.len())));
     }
     std::fs::write(path, &bytes)?;
     Ok(bytes.len() as u64)

@@ -4,8 +4,43 @@
 use std::collections::BTreeMap;
 
 use crate::engine::{Settings, Stage, StageContext, StageError};
-use crate::manifest::Export;
+use crate::manifest::{Export, ExternalData};
 use crate::model;
+use crate::onnx::external::{self, Policy, Written};
+
+/// transformers.js reads at most this many data chunks per file.
+const MAX_CHUNKS: usize = 100;
+
+fn policy(external_data: ExternalData) -> Policy {
+    match external_data {
+        ExternalData::Auto => Policy::Auto,
+        ExternalData::Always => Policy::Always,
+    }
+}
+
+/// The artifacts of one ONNX file: the file, then every data chunk it may have.
+fn onnx_artifacts(file: &str) -> Vec<(String, String)> {
+    let mut files = vec![(file.to_string(), format!("onnx/{file}"))];
+    files.extend((0..MAX_CHUNKS).map(|i| external::data_file_name(file, i)).map(|name| (name.clone(), format!("onnx/{name}"))));
+    files
+}
+
+/// The data chunks of `file` that stage `stage` wrote, as (name, path).
+pub(super) fn data_inputs<'a>(ctx: &'a StageContext<'_>, stage: &str, file: &str) -> Vec<(String, &'a std::path::Path)> {
+    (0..MAX_CHUNKS).map_while(|i| {
+        let name = external::data_file_name(file, i);
+        ctx.input(stage, &name).ok().map(|path| (name, path))
+    })
+    .collect()
+}
+
+fn write_onnx(model: crate::onnx::proto::ModelProto, path: &std::path::Path, policy: Policy) -> Result<Written, StageError> {
+    let written = external::write(model, path, policy).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    if written.data_files.len() > MAX_CHUNKS {
+        return Err(StageError::failed(format!("`{}` needs {} external data files; transformers.js reads at most {MAX_CHUNKS}", path.display(), written.data_files.len())));
+    }
+    Ok(written)
+}
 
 pub struct ExportStage {
     pub export: Export,
@@ -26,6 +61,7 @@ impl Stage for ExportStage {
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("export.opset".into(), self.export.opset.into());
+        s.insert("export.external_data".into(), serde_json::to_value(self.export.external_data).expect("serialises"));
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -35,7 +71,7 @@ impl Stage for ExportStage {
         super::model::tools()
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        vec![("model.onnx".to_string(), "onnx/model.onnx".to_string())]
+        onnx_artifacts("model.onnx")
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let stage = self.model_stage;
@@ -43,9 +79,8 @@ impl Stage for ExportStage {
         let graph = crate::onnx::gpt2::export(&model, self.export.opset as i64).map_err(super::model::model_error)?;
         let nodes = graph.graph.as_ref().map_or(0, |g| g.node.len());
         let matmuls = graph.graph.as_ref().map_or(0, |g| g.node.iter().filter(|n| n.op_type.as_deref() == Some("MatMul")).count());
-        let path = ctx.output("model.onnx");
-        let bytes = crate::onnx::save(&graph, &path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
-        Ok(serde_json::json!({ "bytes": bytes, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }))
+        let written = write_onnx(graph, &ctx.output("model.onnx"), policy(self.export.external_data))?;
+        Ok(serde_json::json!({ "bytes": written.total_bytes(), "model_bytes": written.model_bytes, "data_files": written.data_files, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }))
     }
 }
 
@@ -53,14 +88,15 @@ impl Stage for ExportStage {
 pub struct QuantizeStage {
     pub dtype: String,
     pub options: crate::quant::Options,
+    pub external_data: ExternalData,
     name: String,
     file: &'static str,
 }
 
 impl QuantizeStage {
-    pub fn new(dtype: &str, options: crate::quant::Options) -> Option<Self> {
+    pub fn new(dtype: &str, options: crate::quant::Options, external_data: ExternalData) -> Option<Self> {
         let file = crate::quant::file_name(dtype)?;
-        Some(QuantizeStage { dtype: dtype.to_string(), options, name: format!("quantize.{dtype}"), file })
+        Some(QuantizeStage { dtype: dtype.to_string(), options, external_data, name: format!("quantize.{dtype}"), file })
     }
 }
 
@@ -80,27 +116,32 @@ impl Stage for QuantizeStage {
         if self.options.quantize_embedding && self.dtype.starts_with("q4") {
             s.insert("export.quantize_embedding".into(), true.into());
         }
+        s.insert("export.external_data".into(), serde_json::to_value(self.external_data).expect("serialises"));
         s
     }
     fn dependencies(&self) -> Vec<String> {
         vec!["export".to_string()]
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        vec![(self.file.to_string(), format!("onnx/{}", self.file)), ("report.json".to_string(), format!("reports/quantize.{}.json", self.dtype))]
+        let mut files = onnx_artifacts(self.file);
+        files.push(("report.json".to_string(), format!("reports/quantize.{}.json", self.dtype)));
+        files
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        use prost::Message;
         let source = ctx.input("export", "model.onnx")?;
-        let bytes = std::fs::read(source).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", source.display())))?;
-        let fp32 = crate::onnx::proto::ModelProto::decode(bytes.as_slice()).map_err(|e| StageError::failed(format!("`{}` is not an ONNX model: {e}", source.display())))?;
+        let data = data_inputs(ctx, "export", "model.onnx");
+        let fp32_bytes = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0) + data.iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+        let fp32 = external::read(source, |location| data.iter().find(|(name, _)| name == location).map(|(_, p)| p.to_path_buf()))
+            .map_err(|e| StageError::failed(format!("cannot read the fp32 export: {e}")))?;
         let (model, mut report) = crate::quant::quantize(fp32, &self.dtype, self.options).map_err(|e| StageError::failed(e.to_string()))?;
-        let path = ctx.output(self.file);
-        let size = crate::onnx::save(&model, &path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        let written = write_onnx(model, &ctx.output(self.file), policy(self.external_data))?;
+        let size = written.total_bytes();
         report.dtype = self.dtype.clone();
         let mut json = serde_json::to_value(&report).expect("report serialises");
         json["file"] = self.file.into();
         json["file_bytes"] = size.into();
-        json["fp32_file_bytes"] = (bytes.len() as u64).into();
+        json["fp32_file_bytes"] = fp32_bytes.into();
+        json["data_files"] = serde_json::to_value(&written.data_files).expect("serialises");
         super::model::write_json(&ctx.output("report.json"), &json)?;
         Ok(json)
     }

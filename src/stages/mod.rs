@@ -1,5 +1,6 @@
 //! The stage kinds, and the one place that turns a manifest into a plan.
 
+pub mod bundle;
 pub mod corpus;
 pub mod export;
 pub mod model;
@@ -78,7 +79,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
         for dtype in export.targets.iter().filter(|t| *t != "fp32") {
             let options = crate::quant::Options { quantize_embedding: export.quantize_embedding };
-            let stage = export::QuantizeStage::new(dtype, options).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
+            let stage = export::QuantizeStage::new(dtype, options, export.external_data).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
             stages.push(Box::new(stage));
         }
         // Every file is verified; `[verify]` only tunes how.
@@ -91,6 +92,12 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
                 .ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
             stages.push(Box::new(stage));
         }
+        let files = export
+            .targets
+            .iter()
+            .map(|d| (if d == "fp32" { "export".to_string() } else { format!("quantize.{d}") }, crate::quant::file_name(d).expect("checked above")))
+            .collect();
+        stages.push(Box::new(bundle::BundleStage { model_stage, files }));
     } else if manifest.verify.is_some() {
         return Err(error("`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section"));
     }

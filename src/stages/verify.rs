@@ -90,6 +90,13 @@ impl VerifyStage {
     }
 }
 
+fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), StageError> {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).map_err(|e| StageError::failed(format!("cannot copy `{}`: {e}", from.display())))?;
+    }
+    Ok(())
+}
+
 impl Stage for VerifyStage {
     fn name(&self) -> &str {
         &self.name
@@ -134,6 +141,22 @@ impl Stage for VerifyStage {
         let work = self.workload(ctx, &tokenizer, &reference.config, eos)?;
         let (source, artifact) = self.source();
         let path = ctx.input(&source, artifact)?;
+        // With external data, ONNX Runtime reads the chunks by name beside the
+        // model (and refuses symbolic links out of its folder): the cache's
+        // blobs are hard-linked under those names, in the cache.
+        let data = super::export::data_inputs(ctx, &source, artifact);
+        let staging = ctx.checkpoint_dir().join("onnx");
+        let path = if data.is_empty() {
+            path.to_path_buf()
+        } else {
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(&staging).map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", staging.display())))?;
+            for (name, blob) in std::iter::once((artifact.to_string(), path)).chain(data) {
+                link_or_copy(blob, &staging.join(name))?;
+            }
+            staging.join(artifact)
+        };
+        let path = path.as_path();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let runtime_error = |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
