@@ -4,6 +4,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
     let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    // Tensor bytes as `bytes::Bytes`: a model decoded from a mapped file
+    // points into it instead of copying every weight.
+    prost_build::Config::new().bytes([".onnx.TensorProto.raw_data"]).compile_fds(descriptors)?;
     Ok(())
 }

@@ -104,9 +104,11 @@ impl Project {
             let mut files = self.published(&outcome);
             let current = engine::output_is_current(&self.cache, &self.id, output, &files);
             if !current {
-                // The blobs are about to be served: a corrupt one is removed
-                // and its stage runs again (once; a second failure is an error).
-                if let Some(error) = files.values().find_map(|blob| self.cache.check_blob(blob).err()) {
+                // The blobs about to be copied are checked: a corrupt one is
+                // removed and its stage runs again (once; a second failure is
+                // an error). Files the output already holds are linked.
+                let reusable = engine::reusable_outputs(&self.cache, &self.id, output, &files);
+                if let Some(error) = files.iter().filter(|(path, _)| !reusable.contains(*path)).find_map(|(_, blob)| self.cache.check_blob(blob).err()) {
                     reporter.event(engine::Event::CorruptBlob { message: &format!("{error}; rebuilding") });
                     outcome = engine::execute(&self.plan, &self.cache, &stat, &self.id, options, reporter)?;
                     files = self.published(&outcome);

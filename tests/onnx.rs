@@ -228,7 +228,7 @@ fn q4_packing_matches_onnx_runtime_exactly() {
                 name: Some("B".into()),
                 dims: vec![n as i64, blocks as i64, 16],
                 data_type: Some(DataType::Uint8 as i32),
-                raw_data: Some(packed.clone()),
+                raw_data: Some(packed.clone().into()),
                 ..Default::default()
             });
             let s = g.initializer(tensor_f32("scales", &[n * blocks], &scales));

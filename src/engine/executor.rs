@@ -306,6 +306,7 @@ fn run_miss(
     let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), checkpoints: checkpoints.clone(), reporter: shared.reporter };
     let _span = tracing::info_span!("stage", name = stage.name()).entered();
     let metrics = stage.run(&ctx)?;
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "ran");
     let mut produced: Vec<PathBuf> = std::fs::read_dir(work.path())
         .map_err(|e| CacheError::io(work.path(), e))?
         .map(|entry| entry.map(|e| e.path()))
@@ -325,6 +326,7 @@ fn run_miss(
         metrics,
         seconds: started.elapsed().as_secs_f64(),
     };
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "stored the artifacts");
     cache.commit(&record)?;
     if checkpoints.exists() {
         let _ = std::fs::remove_dir_all(&checkpoints);

@@ -6,7 +6,8 @@
 //! content is deleted only after the new one is in place. Where the exchange
 //! is not supported, two renames are used (the output is briefly absent, never
 //! half-written). The last assembled state is kept in the cache so that a
-//! no-op build only stats the output files.
+//! no-op build only stats the output files, and a rebuild hard-links the
+//! files the old output holds unchanged instead of copying them again.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -36,10 +37,29 @@ fn state_path(cache: &Cache, project: &str) -> std::path::PathBuf {
     cache.refs_dir(project).join("output.json")
 }
 
+fn previous_state(cache: &Cache, project: &str) -> Option<OutputState> {
+    fs::read(state_path(cache, project)).ok().and_then(|b| serde_json::from_slice::<OutputState>(&b).ok())
+}
+
+/// The files of `wanted` that the current output already holds, untouched
+/// since symb wrote them: the next assembly links them instead of copying.
+pub fn reusable_outputs(cache: &Cache, project: &str, output: &Path, wanted: &BTreeMap<String, BlobRef>) -> std::collections::BTreeSet<String> {
+    let Some(state) = previous_state(cache, project) else { return Default::default() };
+    wanted
+        .iter()
+        .filter(|(path, blob)| {
+            let Some(file) = state.files.get(*path) else { return false };
+            let Ok(meta) = fs::symlink_metadata(output.join(path)) else { return false };
+            file.blob == **blob && meta.is_file() && meta.len() == blob.size && mtime_ns(&meta) == file.mtime_ns
+        })
+        .map(|(path, _)| path.clone())
+        .collect()
+}
+
 /// True when `output` still holds exactly the files `wanted` names, untouched
 /// since symb wrote them.
 pub fn output_is_current(cache: &Cache, project: &str, output: &Path, wanted: &BTreeMap<String, BlobRef>) -> bool {
-    let Some(state) = fs::read(state_path(cache, project)).ok().and_then(|b| serde_json::from_slice::<OutputState>(&b).ok()) else {
+    let Some(state) = previous_state(cache, project) else {
         return false;
     };
     if state.files.len() != wanted.len() {
@@ -62,12 +82,18 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         .tempdir_in(parent)
         .map_err(|e| CacheError::io(parent, e))?;
     let mut state = OutputState::default();
+    // Files the old output holds unchanged are hard-linked into the new one
+    // (the old folder keeps its own link until the swap): an edit to one
+    // dtype's settings copies that dtype's files, not the whole folder.
+    let reusable = reusable_outputs(cache, project, output, files);
     for (relative, blob) in files {
         let dest = staging.path().join(relative);
         if let Some(dir) = dest.parent() {
             fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
         }
-        cache.copy_blob_to(blob, &dest)?;
+        if !(reusable.contains(relative) && fs::hard_link(output.join(relative), &dest).is_ok()) {
+            cache.copy_blob_to(blob, &dest)?;
+        }
         state.files.insert(relative.clone(), OutputFile { blob: blob.clone(), mtime_ns: 0 });
     }
     let staged = staging.keep();

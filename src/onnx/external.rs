@@ -86,6 +86,7 @@ pub fn write_chunked(mut model: proto::ModelProto, path: &Path, policy: Policy, 
             let start = offset.next_multiple_of(ALIGN);
             file.write_all(&vec![0u8; (start - *offset) as usize])?;
             file.write_all(&raw)?;
+            drop(raw);
             *offset = start + len;
             let entry = |key: &str, value: String| StringStringEntryProto { key: Some(key.to_string()), value: Some(value) };
             tensor.external_data = vec![entry("location", name.clone()), entry("offset", start.to_string()), entry("length", len.to_string())];
@@ -96,12 +97,7 @@ pub fn write_chunked(mut model: proto::ModelProto, path: &Path, policy: Policy, 
             written.data_files.push((name, size));
         }
     }
-    let bytes = model.encode_to_vec();
-    if bytes.len() as u64 >= PROTOBUF_LIMIT {
-        return Err(std::io::Error::other(format!("the ONNX model is {} bytes without its external data, past protobuf's 2 GiB", bytes.len())));
-    }
-    std::fs::write(path, &bytes)?;
-    written.model_bytes = bytes.len() as u64;
+    written.model_bytes = super::write_model(model, path)?;
     Ok(written)
 }
 
@@ -109,9 +105,7 @@ pub fn write_chunked(mut model: proto::ModelProto, path: &Path, policy: Policy, 
 /// tensor's `location` to the file holding it (the model's folder joined
 /// with it, for files on disk).
 pub fn read(path: &Path, locate: impl Fn(&str) -> Option<PathBuf>) -> std::io::Result<proto::ModelProto> {
-    let bytes = std::fs::read(path)?;
-    let mut model = proto::ModelProto::decode(bytes.as_slice()).map_err(|e| std::io::Error::other(format!("`{}` is not an ONNX model: {e}", path.display())))?;
-    drop(bytes);
+    let mut model = super::read_model(path)?;
     let mut open: Vec<(String, std::fs::File)> = Vec::new();
     for tensor in model.graph.as_mut().map(|g| g.initializer.iter_mut()).into_iter().flatten() {
         if tensor.data_location != Some(DataLocation::External as i32) {
@@ -143,7 +137,7 @@ pub fn read(path: &Path, locate: impl Fn(&str) -> Option<PathBuf>) -> std::io::R
         let mut raw = vec![0u8; length as usize];
         file.seek(std::io::SeekFrom::Start(offset))?;
         file.read_exact(&mut raw).map_err(|e| bad(format!("cannot be read from `{location}` at {offset}+{length}: {e}")))?;
-        tensor.raw_data = Some(raw);
+        tensor.raw_data = Some(raw.into());
         tensor.external_data.clear();
         tensor.data_location = None;
     }

@@ -6,6 +6,7 @@
 pub mod external;
 pub mod gpt2;
 
+use std::io::Write;
 use std::path::Path;
 
 use prost::Message;
@@ -93,7 +94,7 @@ pub fn raw_tensor(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>)
         name: Some(name.to_string()),
         dims: dims.iter().map(|&d| d as i64).collect(),
         data_type: Some(data_type as i32),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }
@@ -212,12 +213,91 @@ impl GraphBuilder {
 }
 
 /// Serialises a model to `path` as one file (a model past 2 GiB is refused;
-/// [`external::write`] splits it).
+/// [`external::write`] splits it). Returns the file's size.
 pub fn save(model: &proto::ModelProto, path: &Path) -> std::io::Result<u64> {
-    let bytes = model.encode_to_vec();
-    if bytes.len() as u64 >= 2 << 30 {
-        return Err(std::io::Error::other(format!("the ONNX model is {} bytes, past protobuf's 2 GiB; write it with external data", bytes.len())));
+    write_model(model.clone(), path)
+}
+
+/// Writes `model` to `path`, streaming: each tensor's bytes go to the file
+/// from where they are, so no buffer of the whole model is ever made.
+/// (Protobuf readers accept a message's fields in any order; the tensor's
+/// raw bytes are written after its other fields.)
+pub fn write_model(mut model: proto::ModelProto, path: &Path) -> std::io::Result<u64> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let total = model.encoded_len() as u64;
+    if total >= external::PROTOBUF_LIMIT {
+        return Err(std::io::Error::other(format!("the ONNX model is {total} bytes, past protobuf's 2 GiB; write it with external data")));
     }
-    std::fs::write(path, &bytes)?;
-    Ok(bytes.len() as u64)
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let graph = model.graph.take();
+    file.write_all(&model.encode_to_vec())?;
+    if let Some(mut graph) = graph {
+        let mut initializers = std::mem::take(&mut graph.initializer);
+        let parts: Vec<(Vec<u8>, Option<bytes::Bytes>)> = initializers
+            .iter_mut()
+            .map(|t| {
+                let raw = t.raw_data.take();
+                (t.encode_to_vec(), raw)
+            })
+            .collect();
+        let tensor_len = |meta: &[u8], raw: &Option<bytes::Bytes>| meta.len() + raw.as_ref().map_or(0, |r| key_len(9) + encoded_len_varint(r.len() as u64) + r.len());
+        let graph_len = graph.encoded_len() + parts.iter().map(|(meta, raw)| { let n = tensor_len(meta, raw); key_len(5) + encoded_len_varint(n as u64) + n }).sum::<usize>();
+        let mut head = Vec::new();
+        encode_key(7, WireType::LengthDelimited, &mut head);
+        encode_varint(graph_len as u64, &mut head);
+        file.write_all(&head)?;
+        file.write_all(&graph.encode_to_vec())?;
+        for (meta, raw) in &parts {
+            let mut head = Vec::new();
+            encode_key(5, WireType::LengthDelimited, &mut head);
+            encode_varint(tensor_len(meta, raw) as u64, &mut head);
+            file.write_all(&head)?;
+            file.write_all(meta)?;
+            if let Some(raw) = raw {
+                let mut head = Vec::new();
+                encode_key(9, WireType::LengthDelimited, &mut head);
+                encode_varint(raw.len() as u64, &mut head);
+                file.write_all(&head)?;
+                file.write_all(raw)?;
+            }
+        }
+    }
+    file.flush()?;
+    Ok(file.get_ref().metadata()?.len())
+}
+
+/// Reads a model from a file that nothing writes while it is read (a cache
+/// blob): the file is mapped and every tensor's bytes point into the map.
+/// Readers of the same file at once (the quantize stages of one export)
+/// share one mapping.
+pub fn read_model(path: &Path) -> std::io::Result<proto::ModelProto> {
+    let bytes = bytes::Bytes::from_owner(shared_map(path)?);
+    proto::ModelProto::decode(bytes).map_err(|e| std::io::Error::other(format!("`{}` is not an ONNX model: {e}", path.display())))
+}
+
+/// A read-only mapping of a file, shared while any holder keeps it.
+struct SharedMap(std::sync::Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn shared_map(path: &Path) -> std::io::Result<SharedMap> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, Weak};
+    static MAPS: Mutex<Option<HashMap<std::path::PathBuf, Weak<memmap2::Mmap>>>> = Mutex::new(None);
+    let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    let maps = maps.get_or_insert_with(HashMap::new);
+    maps.retain(|_, map| map.strong_count() > 0);
+    if let Some(map) = maps.get(path).and_then(Weak::upgrade) {
+        return Ok(SharedMap(map));
+    }
+    let file = std::fs::File::open(path)?;
+    // SAFETY: the file is not modified while mapped: cache blobs are immutable
+    // (written once under a temporary name, then renamed).
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file)? });
+    maps.insert(path.to_path_buf(), Arc::downgrade(&map));
+    Ok(SharedMap(map))
 }

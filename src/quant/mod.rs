@@ -82,8 +82,14 @@ fn floats(t: &TensorProto) -> Result<Vec<f32>> {
     match &t.raw_data {
         Some(raw) => {
             let mut out = vec![0f32; raw.len() / 4];
-            for (v, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            if cfg!(target_endian = "little") {
+                // SAFETY: any bytes are a valid f32; `out` has exactly raw.len() / 4 * 4 bytes.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), out.len() * 4) };
+                bytes.copy_from_slice(&raw[..out.len() * 4]);
+            } else {
+                for (v, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                }
             }
             Ok(out)
         }
@@ -124,9 +130,9 @@ pub fn quantize(mut model: ModelProto, dtype: &str, options: Options) -> Result<
             dynamic_int8(&mut model, true, &mut report)?
         }
         "q4" | "q4f16" => {
-            if options.quantize_embedding {
-                tied_embedding_q4(&mut model, &mut report)?;
-            }
+            // The tied head (and with `quantize_embedding` the embedding)
+            // from the embedding's rows; an untied one like any weight.
+            tied_head_q4(&mut model, &mut report, options.quantize_embedding)?;
             materialise_head(&mut model)?;
             matmul_nbits(&mut model, &mut report)?;
             if dtype == "q4f16" {
@@ -161,17 +167,27 @@ fn materialise_head(model: &mut ModelProto) -> Result<()> {
     for (i, source, output) in replaced.into_iter().rev() {
         let t = &g.initializer[source];
         let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
-        let data = floats(t)?;
-        let mut transposed = vec![0f32; data.len()];
-        for r in 0..rows {
-            for c in 0..cols {
-                transposed[c * rows + r] = data[r * cols + c];
-            }
-        }
+        let transposed = transpose(&floats(t)?, rows, cols);
         g.initializer.push(tensor_f32(&output, &[cols, rows], &transposed));
         g.node.remove(i);
     }
     Ok(())
+}
+
+/// `data` `[rows, cols]` transposed, in 64 x 64 tiles (cache-friendly).
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 64;
+    let mut out = vec![0f32; data.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// MatMul nodes whose second input is a 2-D float initializer: (node index, weight index).
@@ -257,12 +273,12 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
             let lo = data.iter().copied().fold(0f32, f32::min);
             let hi = data.iter().copied().fold(0f32, f32::max);
             let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
-            let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
-            (data.iter().map(|&v| ((v / scale).round() + zp as f32).clamp(0.0, 255.0) as u8).collect(), scale, Some(zp))
+            let zp = round(-lo / scale).clamp(0.0, 255.0) as u8;
+            (data.iter().map(|&v| (round(v / scale) + zp as f32).clamp(0.0, 255.0) as u8).collect(), scale, Some(zp))
         } else {
             let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            (data.iter().map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8 as u8).collect(), scale, None)
+            (data.iter().map(|&v| round(v / scale).clamp(-127.0, 127.0) as i8 as u8).collect(), scale, None)
         };
         let q_name = format!("{name}_quantized");
         let scale_name = format!("{name}_scale");
@@ -309,31 +325,53 @@ fn use_microsoft_domain(model: &mut ModelProto) {
 
 /// Packs `w` `[k, n]` as MatMulNBits' B `[n, blocks, 16]` and scales `[n, blocks]`.
 pub fn pack_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
-    pack_q4_with(k, n, |r, c| w[r * n + c])
+    // Transposed once (tiled) so that each column's values are adjacent.
+    pack_q4_columns(&transpose(w, k, n), k, n)
 }
 
-/// [`pack_q4`] of a weight given by `at(row, column)` of `[k, n]`.
-fn pack_q4_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> (Vec<u8>, Vec<f32>) {
+/// [`pack_q4`] of a weight given column by column: `columns` holds `n`
+/// columns of `k` values each (W transposed, or a tied embedding's rows).
+/// Each block of 32 gets scale m / -8, m its value of largest magnitude (the
+/// first such), and q = round(w / scale) + 8 clamped to [0, 15]; rows past
+/// `k` pad with 8 (zero).
+fn pack_q4_columns(columns: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
     const BLOCK: usize = 32;
     let blocks = k.div_ceil(BLOCK);
     let mut packed = vec![0u8; n * blocks * BLOCK / 2];
     let mut scales = vec![0f32; n * blocks];
-    for col in 0..n {
-        for b in 0..blocks {
-            let rows = b * BLOCK..((b + 1) * BLOCK).min(k);
-            let extreme = rows.clone().map(|r| at(r, col)).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+    let columns = columns.chunks_exact(k).zip(packed.chunks_exact_mut(blocks * BLOCK / 2)).zip(scales.chunks_exact_mut(blocks));
+    for ((column, out), column_scales) in columns {
+        for ((block, out), scale_out) in column.chunks(BLOCK).zip(out.chunks_exact_mut(BLOCK / 2)).zip(column_scales.iter_mut()) {
+            let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let extreme = block.iter().copied().find(|v| v.abs() == largest).unwrap_or(0.0);
             let scale = extreme / -8.0;
-            scales[col * blocks + b] = scale;
+            *scale_out = scale;
             let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            for j in 0..BLOCK {
-                let r = b * BLOCK + j;
-                let q = if r < k { ((at(r, col) * inverse).round() + 8.0).clamp(0.0, 15.0) as u8 } else { 8 };
-                let byte = &mut packed[(col * blocks + b) * BLOCK / 2 + j / 2];
-                *byte |= if j % 2 == 0 { q } else { q << 4 };
+            let mut q = [8u8; BLOCK];
+            for (q, &v) in q.iter_mut().zip(block) {
+                *q = (round(v * inverse) + 8.0).clamp(0.0, 15.0) as u8;
+            }
+            for (j, byte) in out.iter_mut().enumerate() {
+                *byte = q[2 * j] | (q[2 * j + 1] << 4);
             }
         }
     }
     (packed, scales)
+}
+
+/// `v.round()` (half away from zero) for |v| < 2³¹, without a libm call:
+/// the quantizers round every weight.
+#[inline]
+fn round(v: f32) -> f32 {
+    let t = v as i32 as f32;
+    let f = v - t;
+    if f >= 0.5 {
+        t + 1.0
+    } else if f <= -0.5 {
+        t - 1.0
+    } else {
+        t
+    }
 }
 
 /// The tied embedding in 4 bits, once: `MatMul(x, Transpose(wte))` becomes
@@ -341,26 +379,41 @@ fn pack_q4_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> (Vec<u8
 /// `v` of `wte` blocked along the width, which is column `v` of `wteᵀ`), and
 /// `Gather(wte, ids)` becomes GatherBlockQuantized over the same bytes and
 /// scales, reshaped (explicit zero points 8).
-fn tied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+fn tied_head_q4(model: &mut ModelProto, report: &mut Report, embedding: bool) -> Result<bool> {
     let g = graph_mut(model);
     let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
     let transpose = g.node.iter().position(|n| n.op_type.as_deref() == Some("Transpose") && initializers.contains_key(&n.input[0]));
-    let Some(transpose) = transpose else { return Err(err("`quantize_embedding`: the graph has no tied head (Transpose of the embedding)")) };
+    let Some(transpose) = transpose else {
+        return if embedding { Err(err("`quantize_embedding`: the graph has no tied head (Transpose of the embedding)")) } else { Ok(false) };
+    };
     let wte_name = g.node[transpose].input[0].clone();
     let head_out = g.node[transpose].output[0].clone();
     let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input[0] == wte_name);
     let head = g.node.iter().position(|n| n.op_type.as_deref() == Some("MatMul") && n.input[1] == head_out);
-    let (Some(gather), Some(head)) = (gather, head) else { return Err(err("`quantize_embedding`: the embedding is not both gathered and the head")) };
+    let (Some(gather), Some(head)) = (gather, head) else {
+        return if embedding { Err(err("`quantize_embedding`: the embedding is not both gathered and the head")) } else { Ok(false) };
+    };
     let wte = &g.initializer[initializers[&wte_name]];
     let (vocab, width) = (wte.dims[0] as usize, wte.dims[1] as usize);
-    if width % 32 != 0 {
+    if embedding && width % 32 != 0 {
         return Err(err(format!("`quantize_embedding` needs a width divisible by 32, and this model's is {width}")));
     }
     let rows = floats(wte)?;
     report.weights_quantized += 1;
     report.parameters_quantized += rows.len() as u64;
-    let (packed, scales) = pack_q4_with(width, vocab, |r, c| rows[c * width + r]);
-    let blocks = width / 32;
+    let (packed, scales) = pack_q4_columns(&rows, width, vocab);
+    let blocks = width.div_ceil(32);
+    let (x, logits) = (g.node[head].input[0].clone(), g.node[head].output[0].clone());
+    if !embedding {
+        // The head alone: its 4-bit weight packed straight from the
+        // embedding's rows; the Gather keeps the float embedding.
+        let (b_name, s_name) = (format!("{wte_name}_head_Q4"), format!("{wte_name}_head_scales"));
+        g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, 16], DataType::Uint8, packed));
+        g.initializer.push(tensor_f32(&s_name, &[vocab, blocks], &scales));
+        splice(g, vec![(transpose, vec![]), (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, "head_Q4")])]);
+        use_microsoft_domain(model);
+        return Ok(true);
+    }
     let (b_name, s_name, zp_name) = (format!("{wte_name}_Q4"), format!("{wte_name}_scales"), format!("{wte_name}_zero_points"));
     let (b_shape, s_shape) = (format!("{wte_name}_Q4_shape"), format!("{wte_name}_scales_shape"));
     let (b_rows, s_rows) = (format!("{wte_name}_Q4_rows"), format!("{wte_name}_scales_rows"));
@@ -371,7 +424,6 @@ fn tied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> 
     g.initializer.push(crate::onnx::tensor_i64(&s_shape, &[2], &[vocab as i64, blocks as i64]));
     let ids = g.node[gather].input[1].clone();
     let gathered = g.node[gather].output[0].clone();
-    let (x, logits) = (g.node[head].input[0].clone(), g.node[head].output[0].clone());
     let int = |v: usize| Attr::Int(v as i64);
     splice(
         g,
@@ -397,7 +449,7 @@ fn tied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> 
     );
     prune(g);
     use_microsoft_domain(model);
-    Ok(())
+    Ok(true)
 }
 
 fn matmul_nbits(model: &mut ModelProto, report: &mut Report) -> Result<()> {
@@ -428,7 +480,7 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
             let halves: Vec<f16> = data.iter().map(|&v| f16::from_f32(if v <= -65504.0 { -1e4 } else { v.min(65504.0) })).collect();
             let raw = crate::onnx::le_bytes(&halves, f16::to_le_bytes);
             t.data_type = Some(DataType::Float16 as i32);
-            t.raw_data = Some(raw);
+            t.raw_data = Some(raw.into());
             t.float_data.clear();
         }
     }
@@ -465,4 +517,43 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
     head.append(&mut g.node);
     g.node = head;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tiled_transpose_and_fast_round_agree_with_the_plain_ones() {
+        let (rows, cols) = (130, 67);
+        let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let t = super::transpose(&data, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r], data[r * cols + c]);
+            }
+        }
+        for v in [0.0f32, 0.5, -0.5, 1.5, -1.5, 2.4999998, -2.5000002, 0.49999997, 7.5, -8.5, 126.5, 1e-8, -3.7, f32::MIN_POSITIVE] {
+            assert_eq!(super::round(v), v.round(), "{v}");
+        }
+    }
+
+    #[test]
+    fn the_4_bit_packer_follows_its_definition() {
+        let (k, n) = (80, 7);
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
+        let (packed, scales) = super::pack_q4(&w, k, n);
+        let blocks = k.div_ceil(32);
+        for c in 0..n {
+            for b in 0..blocks {
+                let rows: Vec<usize> = (b * 32..(b * 32 + 32).min(k)).collect();
+                let extreme = rows.iter().map(|&r| w[r * n + c]).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                let scale = extreme / -8.0;
+                assert_eq!(scales[c * blocks + b], scale);
+                for j in 0..32 {
+                    let q = rows.get(j).map_or(8, |&r| ((w[r * n + c] / scale).round() + 8.0).clamp(0.0, 15.0) as u8);
+                    let byte = packed[(c * blocks + b) * 16 + j / 2];
+                    assert_eq!(if j % 2 == 0 { byte & 15 } else { byte >> 4 }, q, "column {c} block {b} row {j}");
+                }
+            }
+        }
+    }
 }

@@ -75,11 +75,16 @@ impl Stage for ExportStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let stage = self.model_stage;
+        let t = std::time::Instant::now();
         let model = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(super::model::model_error)?;
+        tracing::debug!(seconds = t.elapsed().as_secs_f64(), "loaded the model");
         let graph = crate::onnx::gpt2::export(&model, self.export.opset as i64).map_err(super::model::model_error)?;
+        drop(model);
+        tracing::debug!(seconds = t.elapsed().as_secs_f64(), "built the graph");
         let nodes = graph.graph.as_ref().map_or(0, |g| g.node.len());
         let matmuls = graph.graph.as_ref().map_or(0, |g| g.node.iter().filter(|n| n.op_type.as_deref() == Some("MatMul")).count());
         let written = write_onnx(graph, &ctx.output("model.onnx"), policy(self.export.external_data))?;
+        tracing::debug!(seconds = t.elapsed().as_secs_f64(), "wrote the file");
         Ok(serde_json::json!({ "bytes": written.total_bytes(), "model_bytes": written.model_bytes, "data_files": written.data_files, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }))
     }
 }
@@ -131,10 +136,14 @@ impl Stage for QuantizeStage {
         let source = ctx.input("export", "model.onnx")?;
         let data = data_inputs(ctx, "export", "model.onnx");
         let fp32_bytes = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0) + data.iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+        let t = std::time::Instant::now();
         let fp32 = external::read(source, |location| data.iter().find(|(name, _)| name == location).map(|(_, p)| p.to_path_buf()))
             .map_err(|e| StageError::failed(format!("cannot read the fp32 export: {e}")))?;
+        tracing::debug!(seconds = t.elapsed().as_secs_f64(), "read the fp32 export");
         let (model, mut report) = crate::quant::quantize(fp32, &self.dtype, self.options).map_err(|e| StageError::failed(e.to_string()))?;
+        tracing::debug!(seconds = t.elapsed().as_secs_f64(), "quantized");
         let written = write_onnx(model, &ctx.output(self.file), policy(self.external_data))?;
+        tracing::debug!(seconds = t.elapsed().as_secs_f64(), "wrote the file");
         let size = written.total_bytes();
         report.dtype = self.dtype.clone();
         let mut json = serde_json::to_value(&report).expect("report serialises");

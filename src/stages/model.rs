@@ -82,7 +82,8 @@ impl Stage for BaseStage {
         "base"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: a matching safetensors file is copied as it is.
+        2
     }
     fn settings(&self) -> Settings {
         let b = &self.base;
@@ -148,7 +149,41 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
             std::fs::copy(dir.join(name), ctx.output(name)).map_err(|e| io(&dir.join(name), e))?;
         }
     }
+    // A single float32 file holding exactly the model's tensors under their
+    // checkpoint names is copied as it is (500 MB for GPT-2 small: a copy,
+    // not a re-serialisation); anything else is written anew.
+    let tensors = model.named_tensors();
+    let single = dir.join("model.safetensors");
+    if single.is_file() && safetensors_matches(&single, &tensors) {
+        std::fs::copy(&single, ctx.output("model.safetensors")).map_err(|e| io(&single, e))?;
+        let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
+        return Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.config.vocab_size, "weights": "copied" }));
+    }
     save_weights(&model, ctx)
+}
+
+/// Whether the safetensors file at `path` holds exactly `tensors`: the same
+/// names, float32, the same shapes (read from its header only).
+fn safetensors_matches(path: &Path, tensors: &BTreeMap<String, candle_core::Tensor>) -> bool {
+    use std::io::Read;
+    let header = || -> Option<serde_json::Map<String, serde_json::Value>> {
+        let mut file = std::fs::File::open(path).ok()?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).ok()?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return None;
+        }
+        let mut json = vec![0u8; len as usize];
+        file.read_exact(&mut json).ok()?;
+        serde_json::from_slice(&json).ok()
+    };
+    let Some(mut header) = header() else { return false };
+    header.remove("__metadata__");
+    header.len() == tensors.len()
+        && tensors.iter().all(|(name, t)| {
+            header.get(name).is_some_and(|h| h["dtype"] == "F32" && h["shape"].as_array().is_some_and(|s| s.iter().map(|d| d.as_u64().unwrap_or(u64::MAX) as usize).eq(t.dims().iter().copied())))
+        })
 }
 
 /// Writes the weights (one file, checkpoint names); returns the stage metrics.

@@ -158,6 +158,42 @@ impl OnnxLm {
     }
 }
 
+/// What [`OnnxLm::decode_steps`] returns.
+pub struct Decoded {
+    pub generated: Vec<u32>,
+    /// The prefill's logits, `[prompt.len() * vocab]`.
+    pub prefill: Vec<f32>,
+    /// The logits of each step through the cache, `[(generated.len() - 1) * vocab]` at most.
+    pub steps: Vec<f32>,
+}
+
+impl OnnxLm {
+    /// Greedy decoding that keeps every logit: the prefill's rows
+    /// (`[prompt.len() * vocab]`), the ids, and the rows of each step through
+    /// the cache (one per generated id fed back, `[(ids.len() - 1) * vocab]`
+    /// at most).
+    pub fn decode_steps(&mut self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, context: usize) -> Result<Decoded, RuntimeError> {
+        if prompt.is_empty() {
+            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
+        }
+        let vocab = self.vocab;
+        let (prefill, mut past) = self.run(prompt, self.empty_past()?)?;
+        let mut next = argmax(&prefill[(prompt.len() - 1) * vocab..]);
+        let (mut generated, mut steps) = (Vec::new(), Vec::new());
+        while generated.len() < max_new_tokens && prompt.len() + generated.len() < context {
+            generated.push(next);
+            if Some(next) == eos || generated.len() == max_new_tokens || prompt.len() + generated.len() == context {
+                break;
+            }
+            let (logits, grown) = self.run(&[next], past)?;
+            past = grown;
+            next = argmax(&logits);
+            steps.extend(logits);
+        }
+        Ok(Decoded { generated, prefill, steps })
+    }
+}
+
 /// The index of the largest value (the first one on ties, as torch.argmax).
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
