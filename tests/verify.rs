@@ -157,3 +157,31 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// Issue 4, test 2 on the fixture: every dtype passes its verification with
+/// symb's default bounds, the 4-bit files have one MatMulNBits per linear
+/// weight (4 per layer and the head) and the int8 ones one MatMulInteger each.
+#[test]
+fn every_dtype_of_the_fixture_passes_its_verification() {
+    let dtypes = ["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"];
+    let dir = converter(&dtypes);
+    let out = symb(dir.path(), &["build"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for dtype in dtypes {
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(format!("dist/reports/verify.{dtype}.json"))).unwrap()).unwrap();
+        let checks = report["checks"].as_array().unwrap();
+        assert!(checks.len() >= 3 && checks.iter().all(|c| c["passed"] == true), "{dtype}: {checks:?}");
+        assert_eq!(report["prompts"].as_array().unwrap().len(), 15, "{dtype}: the English sample's 15 lines (no corpus)");
+        assert!(report["cache"]["positions"].as_u64().unwrap() > 100, "{dtype}");
+        if dtype == "fp32" {
+            continue;
+        }
+        let quantized: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(format!("dist/reports/quantize.{dtype}.json"))).unwrap()).unwrap();
+        let (nbits, integer) = (quantized["matmul_nbits_nodes"].as_u64().unwrap(), quantized["matmul_integer_nodes"].as_u64().unwrap());
+        match dtype {
+            "q4" | "q4f16" => assert_eq!((nbits, integer), (9, 0), "{dtype}"),
+            "q8" | "int8" | "uint8" => assert_eq!((nbits, integer), (0, 9), "{dtype}"),
+            _ => assert_eq!((nbits, integer), (0, 0), "{dtype}"),
+        }
+    }
+}

@@ -56,7 +56,8 @@ impl Stage for ExportStage {
         "export"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: tensors streamed (raw bytes after their other fields).
+        2
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
@@ -113,7 +114,8 @@ impl Stage for QuantizeStage {
         "quantize"
     }
     fn version(&self) -> u32 {
-        2
+        // 3: the tied head's 4 bits packed from the embedding rows; streamed writes.
+        3
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();

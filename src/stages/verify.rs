@@ -105,7 +105,8 @@ impl Stage for VerifyStage {
         "verify"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: candle teacher-forced over ONNX's greedy tokens.
+        2
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
