@@ -18,5 +18,6 @@ pub mod project;
 pub mod stages;
 pub mod model;
 pub mod onnx;
+pub mod lint;
 pub mod quant;
 pub mod verify;

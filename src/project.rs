@@ -23,6 +23,9 @@ pub enum ProjectError {
     Plan(#[from] PlanError),
     #[error("error: {0}")]
     Cache(#[from] CacheError),
+    /// The lint refused the new output folder.
+    #[error("error: the new output folder fails the transformers.js lint, so `{output}` was left as it was:\n{findings}")]
+    Lint { output: String, findings: String },
 }
 
 impl ProjectError {
@@ -30,7 +33,7 @@ impl ProjectError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ProjectError::Manifest(_) | ProjectError::Plan(_) => 2,
-            ProjectError::Cache(_) => 1,
+            ProjectError::Cache(_) | ProjectError::Lint { .. } => 1,
         }
     }
 }
@@ -114,7 +117,17 @@ impl Project {
                     files = self.published(&outcome);
                 }
                 if outcome.failure().is_none() {
-                    engine::assemble_output(&self.cache, &self.id, output, &files)?;
+                    // A folder meant for transformers.js is linted before it
+                    // replaces the previous one.
+                    let web = self.plan.stage("bundle").is_some();
+                    let check = |dir: &Path| -> Result<(), String> {
+                        let findings = if web { crate::lint::lint(dir) } else { Vec::new() };
+                        if findings.is_empty() { Ok(()) } else { Err(findings.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n")) }
+                    };
+                    engine::assemble_output(&self.cache, &self.id, output, &files, &check).map_err(|e| match e {
+                        engine::AssembleError::Cache(e) => ProjectError::Cache(e),
+                        engine::AssembleError::Rejected(findings) => ProjectError::Lint { output: self.manifest.project.output_label.clone(), findings },
+                    })?;
                 }
             }
             output_updated = outcome.failure().is_none().then_some(!current);

@@ -38,6 +38,11 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     assert_eq!((config["n_layer"].as_u64(), config["n_embd"].as_u64(), config["vocab_size"].as_u64()), (Some(4), Some(128), Some(4000)));
     let metrics: serde_json::Value = serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
     assert_eq!(metrics["steps"], 4);
+    // transformers.js loads the folder: each dtype's greedy tokens are
+    // symb's, and its tokenizer is the Rust one on 2,000 corpus lines.
+    let prompts: Vec<String> = ["Kan-ka", "Vo aestel", "Nouses"].map(String::from).to_vec();
+    let lines: Vec<String> = common::demo_lines().into_iter().skip(1000).take(2000).collect();
+    common::check_transformers_js(&project.path("dist"), &["fp32", "fp16", "q8", "q4", "q4f16"], &prompts, 32, &lines);
 }
 
 #[test]

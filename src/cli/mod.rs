@@ -92,6 +92,16 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check a folder against what transformers.js needs to load it (file
+    /// names per dtype, config.json, tokenizer files, graph inputs and outputs).
+    Lint {
+        /// The folder (an output folder, or any model folder for the web).
+        #[arg(default_value = "dist")]
+        folder: PathBuf,
+        /// Print `{"folder", "ok", "findings": [{"file", "message"}]}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generation from a model folder (greedy, or sampled with `--temperature`),
     /// to try a model from the terminal.
     Generate {
@@ -178,6 +188,7 @@ pub fn run(cli: Cli) -> i32 {
             let sampling = (temperature > 0.0).then_some(crate::model::Sampling { temperature, top_k, seed });
             generate(&model, &prompt, max_new_tokens, &backend, dtype.as_deref(), adapter.as_deref(), sampling.as_ref(), json)
         }
+        Command::Lint { folder, json } => lint(&folder, json),
         Command::Cache { command: CacheCommand::Verify { manifest } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
             let _lock = p.cache.lock(|| {})?;
             Ok(p.cache.verify()?)
@@ -308,6 +319,27 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
                 _ => 2,
             }
         }
+    }
+}
+
+fn lint(folder: &Path, json: bool) -> i32 {
+    if !folder.is_dir() {
+        eprintln!("error: `{}` is not a folder", folder.display());
+        return 2;
+    }
+    let findings = crate::lint::lint(folder);
+    if json {
+        out(serde_json::json!({"folder": folder, "ok": findings.is_empty(), "findings": findings}));
+    }
+    for finding in &findings {
+        eprintln!("error: {}/{finding}", folder.display());
+    }
+    if findings.is_empty() {
+        eprintln!("     Checked `{}`: transformers.js can load it", folder.display());
+        0
+    } else {
+        eprintln!("error: `{}` has {} problem(s) for transformers.js", folder.display(), findings.len());
+        1
     }
 }
 

@@ -72,8 +72,25 @@ pub fn output_is_current(cache: &Cache, project: &str, output: &Path, wanted: &B
     })
 }
 
-/// Builds the output folder from `files` (relative path -> blob) and swaps it in.
-pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTreeMap<String, BlobRef>) -> Result<(), CacheError> {
+/// Why the output folder was not updated.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// `check` refused the new folder (which was removed).
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Builds the output folder from `files` (relative path -> blob), runs
+/// `check` on the new folder, and swaps it in only if `check` passes.
+pub fn assemble_output(
+    cache: &Cache,
+    project: &str,
+    output: &Path,
+    files: &BTreeMap<String, BlobRef>,
+    check: &dyn Fn(&Path) -> Result<(), String>,
+) -> Result<(), AssembleError> {
     let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
     let name = output.file_name().and_then(|n| n.to_str()).unwrap_or("output");
@@ -96,6 +113,7 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         }
         state.files.insert(relative.clone(), OutputFile { blob: blob.clone(), mtime_ns: 0 });
     }
+    check(staging.path()).map_err(AssembleError::Rejected)?;
     let staged = staging.keep();
     fs::File::open(&staged).and_then(|d| d.sync_all()).map_err(|e| CacheError::io(&staged, e))?;
     if output.exists() {
@@ -118,7 +136,7 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         let meta = fs::metadata(&path).map_err(|e| CacheError::io(&path, e))?;
         file.mtime_ns = mtime_ns(&meta);
     }
-    write_json_atomic(&state_path(cache, project), &state, &cache.tmp_dir())
+    Ok(write_json_atomic(&state_path(cache, project), &state, &cache.tmp_dir())?)
 }
 
 fn mtime_ns(meta: &fs::Metadata) -> i128 {

@@ -1,6 +1,7 @@
 //! Stage `bundle`: what the output folder needs beyond the model's own
-//! files. For now `config.json` with its `transformers.js_config`: which ONNX
-//! files keep their weights in external data, and in how many chunks.
+//! files: `config.json` with its `transformers.js_config` (the dtype a page
+//! loads by default, which ONNX files keep their weights in external data and
+//! in how many chunks) and `tokenizer_config.json`.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,14 @@ pub struct BundleStage {
     pub model_stage: &'static str,
     /// (stage, ONNX file name) of every dtype target.
     pub files: Vec<(String, &'static str)>,
+    /// The dtype transformers.js loads when a page names none.
+    pub dtype: String,
+}
+
+/// The default dtype among `targets`: 4-bit first (smallest, and fast in
+/// WebAssembly), then 8-bit, then the first target.
+pub fn default_dtype(targets: &[String]) -> String {
+    ["q4", "q8", "fp32"].iter().find(|d| targets.iter().any(|t| t == *d)).map_or_else(|| targets[0].clone(), |d| d.to_string())
 }
 
 impl Stage for BundleStage {
@@ -22,11 +31,12 @@ impl Stage for BundleStage {
         "bundle"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("files".into(), self.files.iter().map(|(_, f)| *f).collect::<Vec<_>>().into());
+        s.insert("dtype".into(), self.dtype.clone().into());
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -34,10 +44,10 @@ impl Stage for BundleStage {
         deps.extend(self.files.iter().map(|(stage, _)| stage.clone()));
         deps
     }
-    /// The model stage publishes a `config.json` too; this one, later in the
-    /// plan, replaces it.
+    /// The model stage publishes a `config.json` (and merge a
+    /// `tokenizer_config.json`) too; these, later in the plan, replace them.
     fn publishes(&self) -> Vec<(String, String)> {
-        vec![("config.json".to_string(), "config.json".to_string())]
+        ["config.json", "tokenizer_config.json"].iter().map(|f| (f.to_string(), f.to_string())).collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value = crate::model::read_json(ctx.input(self.model_stage, "config.json")?).map_err(super::model::model_error)?;
@@ -50,17 +60,19 @@ impl Stage for BundleStage {
         }
         let object = config.as_object_mut().ok_or_else(|| StageError::failed("the model's config.json is not an object"))?;
         let js = object.entry("transformers.js_config").or_insert_with(|| serde_json::json!({}));
-        if let Some(js) = js.as_object_mut() {
-            if external.is_empty() {
-                js.remove("use_external_data_format");
-            } else {
-                js.insert("use_external_data_format".into(), serde_json::to_value(&external).expect("serialises"));
-            }
+        if !js.is_object() {
+            *js = serde_json::json!({});
         }
-        if js.as_object().is_some_and(|o| o.is_empty()) {
-            object.remove("transformers.js_config");
+        let js = js.as_object_mut().expect("an object");
+        js.insert("dtype".into(), self.dtype.clone().into());
+        if external.is_empty() {
+            js.remove("use_external_data_format");
+        } else {
+            js.insert("use_external_data_format".into(), serde_json::to_value(&external).expect("serialises"));
         }
         super::model::write_json(&ctx.output("config.json"), &config)?;
-        Ok(serde_json::json!({ "external_data": external }))
+        let tokenizer_config = super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, ctx.input(self.model_stage, "tokenizer.json")?)?;
+        super::model::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
+        Ok(serde_json::json!({ "dtype": self.dtype, "external_data": external }))
     }
 }

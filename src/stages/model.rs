@@ -137,6 +137,23 @@ impl Stage for BaseStage {
     }
 }
 
+/// The `tokenizer_config.json` for a model's config and tokenizer: what
+/// transformers and transformers.js need (special tokens as plain strings,
+/// no clean-up of spaces, the context length).
+pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path) -> Result<serde_json::Value, StageError> {
+    let config: Config = model::read_json(config_path).map_err(model_error)?;
+    let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+    let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+    Ok(serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(config.bos_token_id),
+        "eos_token": token(config.eos_token_id),
+        "unk_token": token(config.eos_token_id),
+        "model_max_length": config.n_positions,
+        "clean_up_tokenization_spaces": false,
+    }))
+}
+
 /// Validates a model folder by loading it, then writes its config and
 /// tokenizer files and its weights (one file, checkpoint names) as artifacts.
 fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
@@ -490,20 +507,7 @@ impl Stage for MergeStage {
                 Err(e) => return Err(e),
             }
         }
-        let config: Config = model::read_json(&ctx.output("config.json")).map_err(model_error)?;
-        let tokenizer = tokenizers::Tokenizer::from_file(ctx.output("tokenizer.json")).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
-        let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
-        write_json(
-            &ctx.output("tokenizer_config.json"),
-            &serde_json::json!({
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": token(config.bos_token_id),
-                "eos_token": token(config.eos_token_id),
-                "unk_token": token(config.eos_token_id),
-                "model_max_length": config.n_positions,
-                "clean_up_tokenization_spaces": false,
-            }),
-        )?;
+        write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config(&ctx.output("config.json"), &ctx.output("tokenizer.json"))?)?;
         let size = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
         Ok(serde_json::json!({ "model_bytes": size }))
     }

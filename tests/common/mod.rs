@@ -145,3 +145,45 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// transformers.js in Node (tests/js/generate.mjs) on `folder`: each dtype's
+/// greedy tokens for `prompts`, and `lines` encoded and decoded.
+pub fn transformers_js(folder: &Path, dtypes: &[&str], prompts: &[String], max_new_tokens: usize, lines: &[String]) -> serde_json::Value {
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(
+        js.join("node_modules/@huggingface/transformers").is_dir(),
+        "transformers.js is not installed: run `bash tests/setup.sh` (npm ci in tests/js with ONNXRUNTIME_NODE_INSTALL=skip)"
+    );
+    let request = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(request.path(), serde_json::json!({"dtypes": dtypes, "prompts": prompts, "max_new_tokens": max_new_tokens, "lines": lines}).to_string()).unwrap();
+    let out = Command::new("node").arg(js.join("generate.mjs")).arg(folder).arg(request.path()).current_dir(&js).output().expect("node runs");
+    assert!(out.status.success(), "transformers.js on {}: {}", folder.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `symb generate --backend onnx --dtype D` on `folder`: the generated ids.
+pub fn onnx_generate(folder: &Path, dtype: &str, prompt: &str, max_new_tokens: usize) -> serde_json::Value {
+    let n = max_new_tokens.to_string();
+    let out = Command::new(BIN).args(["generate", "--backend", "onnx", "--dtype", dtype, "--max-new-tokens", &n, "--json", "--prompt", prompt]).arg("--model").arg(folder).output().unwrap();
+    assert!(out.status.success(), "symb generate --dtype {dtype}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["generated_ids"].clone()
+}
+
+/// Issue 5, test 1: every dtype's greedy tokens from transformers.js equal
+/// symb's through ONNX Runtime, and transformers.js's tokenizer gives the
+/// Rust tokenizer's ids for `lines` and decodes them back to each line.
+pub fn check_transformers_js(folder: &Path, dtypes: &[&str], prompts: &[String], max_new_tokens: usize, lines: &[String]) -> serde_json::Value {
+    let result = transformers_js(folder, dtypes, prompts, max_new_tokens, lines);
+    for dtype in dtypes {
+        for (prompt, case) in prompts.iter().zip(result["generations"][dtype].as_array().unwrap()) {
+            assert_eq!(case["generated_ids"], onnx_generate(folder, dtype, prompt, max_new_tokens), "{dtype}: transformers.js and symb differ on {prompt:?}");
+        }
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
+    for (i, line) in lines.iter().enumerate() {
+        let ids: Vec<u32> = tokenizer.encode(line.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(result["encoded"][i], serde_json::json!(ids), "line {i}: {line:?}");
+        assert_eq!(result["decoded"][i], serde_json::json!(line), "line {i} does not decode back");
+    }
+    result
+}

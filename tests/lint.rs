@@ -1,0 +1,123 @@
+//! `symb lint`: the folder checks that transformers.js needs, on a converted
+//! fixture and on copies of it broken one way each (issue 5, test 3).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use prost::Message;
+use symb::onnx::proto;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+}
+
+/// The fixture converted to fp32 and q4 (built once per test).
+fn converted() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\n", fixture().display()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_symb")).arg("build").current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+fn lint(folder: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_symb")).arg("lint").arg(folder).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A copy of `dist` changed by `edit`.
+fn broken(dist: &Path, edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in walk(dist) {
+        let to = copy.path().join(entry.strip_prefix(dist).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    edit(copy.path());
+    copy
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+    }
+    files
+}
+
+fn edit_graph(path: &Path, edit: impl FnOnce(&mut proto::GraphProto)) {
+    let mut model = proto::ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap();
+    edit(model.graph.as_mut().unwrap());
+    std::fs::write(path, model.encode_to_vec()).unwrap();
+}
+
+#[test]
+fn a_built_folder_passes_and_each_defect_is_named() {
+    let project = converted();
+    let dist = project.path().join("dist");
+    let (code, stderr) = lint(&dist);
+    assert_eq!(code, 0, "{stderr}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dist.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["transformers.js_config"]["dtype"], "q4", "a dtype the folder has, not the browsers' q8 default");
+    let tokenizer_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dist.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tokenizer_config["clean_up_tokenization_spaces"], false);
+
+    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+        ("a missing tokenizer_config.json", Box::new(|d: &Path| std::fs::remove_file(d.join("tokenizer_config.json")).unwrap()), "tokenizer_config.json: is missing"),
+        (
+            "int32 input_ids",
+            Box::new(|d: &Path| {
+                edit_graph(&d.join("onnx/model.onnx"), |g| {
+                    let input = g.input.iter_mut().find(|i| i.name.as_deref() == Some("input_ids")).unwrap();
+                    if let Some(proto::type_proto::Value::TensorType(t)) = input.r#type.as_mut().unwrap().value.as_mut() {
+                        t.elem_type = Some(proto::tensor_proto::DataType::Int32 as i32);
+                    }
+                })
+            }),
+            "onnx/model.onnx: `input_ids` is int32; transformers.js feeds int64",
+        ),
+        (
+            "an output named other than logits",
+            Box::new(|d: &Path| {
+                edit_graph(&d.join("onnx/model_q4.onnx"), |g| {
+                    g.output[0].name = Some("scores".into());
+                    for node in g.node.iter_mut() {
+                        for o in node.output.iter_mut().filter(|o| *o == "logits") {
+                            *o = "scores".into();
+                        }
+                    }
+                })
+            }),
+            "onnx/model_q4.onnx: the first output is `scores`, not `logits`",
+        ),
+        (
+            "a config whose layer count is below the graph's",
+            Box::new(|d: &Path| {
+                let path = d.join("config.json");
+                let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                config["n_layer"] = 1.into();
+                std::fs::write(&path, config.to_string()).unwrap();
+            }),
+            "the graph has 2 layers of KV cache, but config.json says `n_layer` = 1",
+        ),
+        (
+            "a dtype file named wrongly",
+            Box::new(|d: &Path| std::fs::rename(d.join("onnx/model_q4.onnx"), d.join("onnx/model_4bit.onnx")).unwrap()),
+            "onnx/model_4bit.onnx: is not a name transformers.js loads",
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let copy = broken(&dist, edit);
+        let (code, stderr) = lint(copy.path());
+        assert_eq!(code, 1, "{what}: {stderr}");
+        assert!(stderr.contains(expected), "{what}: expected `{expected}` in:\n{stderr}");
+    }
+    // The renamed file also leaves the config's dtype without a file.
+    let copy = broken(&dist, |d| std::fs::rename(d.join("onnx/model_q4.onnx"), d.join("onnx/model_4bit.onnx")).unwrap());
+    assert!(lint(copy.path()).1.contains("`transformers.js_config.dtype` is `q4`, but onnx/ has no file for it (it has: fp32)"));
+}
