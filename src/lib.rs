@@ -20,4 +20,5 @@ pub mod model;
 pub mod onnx;
 pub mod lint;
 pub mod quant;
+pub mod serve;
 pub mod verify;

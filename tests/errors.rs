@@ -232,3 +232,17 @@ fn json_mode_reports_the_manifest_error_as_the_last_line() {
     assert_eq!(build.last()["status"], "failed");
     assert!(build.last()["error"].as_str().unwrap().contains("symb.toml:11:14"));
 }
+
+#[test]
+fn an_unknown_web_dtype() {
+    assert_rejected(
+        |p| p.write("symb.toml", &format!("{}\n[web]\ndtype = \"q5\"\n", p.read("symb.toml"))),
+        r#"
+error: unknown dtype `q5` in `web.dtype` (known: fp32, fp16, q8, int8, uint8, q4, q4f16)
+  --> symb.toml:17:9
+   |
+17 | dtype = "q5"
+   |         ^^^^"#
+            .trim_start(),
+    );
+}

@@ -67,7 +67,8 @@ fn a_built_folder_passes_and_each_defect_is_named() {
     let tokenizer_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dist.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tokenizer_config["clean_up_tokenization_spaces"], false);
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+    type Case<'a> = (&'a str, Box<dyn FnOnce(&Path)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("a missing tokenizer_config.json", Box::new(|d: &Path| std::fs::remove_file(d.join("tokenizer_config.json")).unwrap()), "tokenizer_config.json: is missing"),
         (
             "int32 input_ids",

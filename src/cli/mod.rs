@@ -102,6 +102,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve an output folder and its playground page on 127.0.0.1, with the
+    /// COOP/COEP headers multithreaded WebAssembly needs.
+    Serve {
+        #[arg(default_value = "dist")]
+        folder: PathBuf,
+        /// The port (0: any free one).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// A `node_modules` folder with @huggingface/transformers and
+        /// onnxruntime-web: the page loads them from this server (offline)
+        /// instead of the URL in `[web] transformers_js`.
+        #[arg(long, value_name = "NODE_MODULES")]
+        transformers_js: Option<PathBuf>,
+    },
     /// Generation from a model folder (greedy, or sampled with `--temperature`),
     /// to try a model from the terminal.
     Generate {
@@ -189,6 +203,7 @@ pub fn run(cli: Cli) -> i32 {
             generate(&model, &prompt, max_new_tokens, &backend, dtype.as_deref(), adapter.as_deref(), sampling.as_ref(), json)
         }
         Command::Lint { folder, json } => lint(&folder, json),
+        Command::Serve { folder, port, transformers_js } => serve(&folder, port, transformers_js.as_deref()),
         Command::Cache { command: CacheCommand::Verify { manifest } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
             let _lock = p.cache.lock(|| {})?;
             Ok(p.cache.verify()?)
@@ -318,6 +333,31 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
                 crate::model::ModelError::Candle(_) => 1,
                 _ => 2,
             }
+        }
+    }
+}
+
+fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> i32 {
+    if !folder.join("index.html").is_file() {
+        eprintln!("error: `{}` has no index.html: serve an output folder that `symb build` made with an `[export]` section", folder.display());
+        return 2;
+    }
+    let server = match crate::serve::Server::bind(folder, port, modules) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot serve `{}` on 127.0.0.1:{port}: {e}", folder.display());
+            return 2;
+        }
+    };
+    // The URL goes to stdout (scripts read it); the rest to stderr.
+    out(server.url());
+    let source = if modules.is_some() { "this server (offline)" } else { "the URL in `[web] transformers_js`" };
+    eprintln!("     Serving `{}` at {} (transformers.js from {source}); Ctrl-C stops", folder.display(), server.url());
+    match server.run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
         }
     }
 }

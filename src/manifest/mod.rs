@@ -10,7 +10,7 @@ mod resolve;
 pub use error::{ManifestError, suggest};
 pub use raw::{Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, Schedule, VocabInit, VocabStrategy};
 pub use resolve::{
-    Base, BaseModel, Corpus, DTYPES, Export, Finetune, FINETUNE_TARGETS, Manifest, Project, TextFields, Tokenizer, Verify, Vocab,
+    Base, BaseModel, Corpus, DTYPES, Export, Finetune, FINETUNE_TARGETS, Manifest, Project, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web,
 };
 
 use std::path::Path;

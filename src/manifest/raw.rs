@@ -17,6 +17,17 @@ pub struct RawManifest {
     pub finetune: Option<RawFinetune>,
     pub export: Option<RawExport>,
     pub verify: Option<RawVerify>,
+    pub web: Option<RawWeb>,
+}
+
+/// `[web]`: what the playground page starts with.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeb {
+    pub dtype: Option<String>,
+    pub prompt: Option<String>,
+    pub max_new_tokens: Option<u64>,
+    pub transformers_js: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -35,6 +35,21 @@ pub struct Manifest {
     pub finetune: Option<Finetune>,
     pub export: Option<Export>,
     pub verify: Option<Verify>,
+    pub web: Web,
+}
+
+/// Where the playground page gets transformers.js by default.
+pub const TRANSFORMERS_JS_CDN: &str = "https://cdn.jsdelivr.net/npm/@huggingface/transformers@4.3.1/dist/transformers.min.js";
+
+/// `[web]`, resolved: the playground's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Web {
+    /// The dtype transformers.js loads by default (`None`: symb picks one of the targets).
+    pub dtype: Option<String>,
+    pub prompt: String,
+    pub max_new_tokens: u64,
+    /// The URL of transformers.min.js the page imports (unless `symb serve` has a local copy).
+    pub transformers_js: String,
 }
 
 #[derive(Debug, Clone)]
@@ -182,7 +197,8 @@ pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_
     let finetune = raw.finetune.map(|f| resolve_finetune(&cx, f, base.as_ref())).transpose()?;
     let export = raw.export.map(|e| resolve_export(&cx, e)).transpose()?;
     let verify = raw.verify.map(|v| resolve_verify(&cx, v)).transpose()?;
-    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify })
+    let web = resolve_web(&cx, raw.web.unwrap_or_default(), export.as_ref())?;
+    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify, web })
 }
 
 fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project, ManifestError> {
@@ -432,6 +448,26 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
         }
     }
     Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), external_data: raw.external_data.unwrap_or(ExternalData::Auto) })
+}
+
+fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {
+    if let Some(dtype) = &raw.dtype {
+        check_dtype(cx, &["web", "dtype"], dtype)?;
+        if let Some(export) = export
+            && !export.targets.contains(dtype)
+        {
+            return Err(cx.at(&["web", "dtype"], format!("`web.dtype` = \"{dtype}\" is not in `export.targets` ({}): the page would load a file the folder lacks", export.targets.join(", "))));
+        }
+    }
+    let max_new_tokens = raw.max_new_tokens.unwrap_or(32);
+    if !(1..=4096).contains(&max_new_tokens) {
+        return Err(cx.at(&["web", "max_new_tokens"], format!("`web.max_new_tokens` = {max_new_tokens} must be between 1 and 4096")));
+    }
+    let transformers_js = raw.transformers_js.unwrap_or_else(|| TRANSFORMERS_JS_CDN.to_string());
+    if !(transformers_js.starts_with("https://") || transformers_js.starts_with("http://") || transformers_js.starts_with('/') || transformers_js.starts_with("./")) {
+        return Err(cx.at(&["web", "transformers_js"], "`web.transformers_js` must be a URL (https://...) or a path on the server (/... or ./...)"));
+    }
+    Ok(Web { dtype: raw.dtype, prompt: raw.prompt.unwrap_or_default(), max_new_tokens, transformers_js })
 }
 
 fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError> {

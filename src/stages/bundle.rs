@@ -15,6 +15,33 @@ pub struct BundleStage {
     pub files: Vec<(String, &'static str)>,
     /// The dtype transformers.js loads when a page names none.
     pub dtype: String,
+    /// The page's title (the project's name) and `[web]` defaults.
+    pub title: String,
+    pub web: crate::manifest::Web,
+}
+
+const PAGE: &str = include_str!("../web/index.html");
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+impl BundleStage {
+    /// The playground page (`index.html`): loads the folder with
+    /// transformers.js and generates from a typed prompt, with tokens/s.
+    fn page(&self) -> String {
+        let options: String = self
+            .files
+            .iter()
+            .filter_map(|(_, file)| crate::quant::DTYPES.iter().find(|(_, f)| f == file).map(|(d, _)| *d))
+            .map(|d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" }))
+            .collect();
+        PAGE.replace("{{NAME}}", &html_escape(&self.title))
+            .replace("{{PROMPT}}", &html_escape(&self.web.prompt))
+            .replace("{{DTYPE_OPTIONS}}", &options)
+            .replace("{{MAX_NEW_TOKENS}}", &self.web.max_new_tokens.to_string())
+            .replace("{{TRANSFORMERS_JS_URL}}", &serde_json::to_string(&self.web.transformers_js).expect("a string"))
+    }
 }
 
 /// The default dtype among `targets`: 4-bit first (smallest, and fast in
@@ -31,12 +58,16 @@ impl Stage for BundleStage {
         "bundle"
     }
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("files".into(), self.files.iter().map(|(_, f)| *f).collect::<Vec<_>>().into());
         s.insert("dtype".into(), self.dtype.clone().into());
+        s.insert("project.name".into(), self.title.clone().into());
+        s.insert("web".into(), serde_json::to_value(&self.web).expect("serialises"));
+        // The page template is data: its digest keys the stage, so editing it rebuilds the page.
+        s.insert("page_template".into(), blake3::hash(PAGE.as_bytes()).to_hex().to_string().into());
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -47,7 +78,7 @@ impl Stage for BundleStage {
     /// The model stage publishes a `config.json` (and merge a
     /// `tokenizer_config.json`) too; these, later in the plan, replace them.
     fn publishes(&self) -> Vec<(String, String)> {
-        ["config.json", "tokenizer_config.json"].iter().map(|f| (f.to_string(), f.to_string())).collect()
+        ["config.json", "tokenizer_config.json", "index.html"].iter().map(|f| (f.to_string(), f.to_string())).collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value = crate::model::read_json(ctx.input(self.model_stage, "config.json")?).map_err(super::model::model_error)?;
@@ -73,6 +104,8 @@ impl Stage for BundleStage {
         super::model::write_json(&ctx.output("config.json"), &config)?;
         let tokenizer_config = super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, ctx.input(self.model_stage, "tokenizer.json")?)?;
         super::model::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
+        let page = ctx.output("index.html");
+        std::fs::write(&page, self.page()).map_err(|e| super::model::io(&page, e))?;
         Ok(serde_json::json!({ "dtype": self.dtype, "external_data": external }))
     }
 }

@@ -1,0 +1,47 @@
+// A headless Chromium (Debian's, driven by playwright-core) on the playground
+// page that `symb serve` serves: types a prompt, picks a dtype, generates.
+//
+//   node browser.mjs URL REQUEST.json SCREENSHOT.png
+//
+// REQUEST: {"prompt", "dtype", "max_new_tokens"}. Prints JSON: {"state",
+// "status", "ids", "requests" (every URL the page asked for),
+// "crossOriginIsolated", "console"}.
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [url, requestPath, screenshot] = process.argv.slice(2);
+const request = JSON.parse(readFileSync(requestPath, 'utf8'));
+const profile = mkdtempSync(path.join(tmpdir(), 'symb-chromium-'));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+});
+const result = { requests: [], console: [] };
+try {
+  const page = await context.newPage();
+  page.on('request', (r) => result.requests.push(r.url()));
+  page.on('console', (m) => result.console.push(m.text()));
+  await page.goto(url);
+  const settled = (states) => page.waitForFunction((s) => s.includes(document.body.dataset.state), states, { timeout: 300_000 });
+  await settled(['ready', 'error']);
+  if ((await page.evaluate(() => document.body.dataset.state)) === 'ready') {
+    await page.fill('#prompt', request.prompt);
+    await page.selectOption('#dtype', request.dtype);
+    await page.fill('#max', String(request.max_new_tokens));
+    await page.click('#run');
+    await settled(['done', 'error']);
+  }
+  result.state = await page.evaluate(() => document.body.dataset.state);
+  result.status = await page.textContent('#status');
+  const ids = await page.textContent('#ids');
+  result.ids = ids ? JSON.parse(ids) : null;
+  result.crossOriginIsolated = await page.evaluate(() => crossOriginIsolated);
+  await page.screenshot({ path: screenshot, fullPage: true });
+} finally {
+  await context.close();
+  rmSync(profile, { recursive: true, force: true });
+}
+console.log(JSON.stringify(result));
