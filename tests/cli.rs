@@ -38,6 +38,14 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     assert_eq!((config["n_layer"].as_u64(), config["n_embd"].as_u64(), config["vocab_size"].as_u64()), (Some(4), Some(128), Some(4000)));
     let metrics: serde_json::Value = serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
     assert_eq!(metrics["steps"], 4);
+    // report.html: the training and every file's verification, self-contained.
+    let report = project.read("dist/report.html");
+    assert!(report.contains("Eval perplexity") && report.contains("<svg"), "training in the report");
+    for (dtype, file) in [("fp32", "model.onnx"), ("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx")] {
+        assert!(report.contains(&format!("<tr><td>{dtype}</td><td>onnx/{file}</td>")), "{dtype} row");
+    }
+    assert!(!report.contains("failed") && report.matches(" passed</td>").count() == 5, "every file verified");
+    assert!(!report.contains("src=\"http") && !report.contains("href=\"http"), "no external resource");
     // transformers.js loads the folder: each dtype's greedy tokens are
     // symb's, and its tokenizer is the Rust one on 2,000 corpus lines.
     let prompts: Vec<String> = ["Kan-ka", "Vo aestel", "Nouses"].map(String::from).to_vec();

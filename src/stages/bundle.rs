@@ -18,6 +18,8 @@ pub struct BundleStage {
     /// The page's title (the project's name) and `[web]` defaults.
     pub title: String,
     pub web: crate::manifest::Web,
+    /// Whether a `finetune` stage ran (its metrics and loss curve go in the report).
+    pub finetune: bool,
 }
 
 const PAGE: &str = include_str!("../web/index.html");
@@ -27,6 +29,66 @@ fn html_escape(text: &str) -> String {
 }
 
 impl BundleStage {
+    fn dtypes(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.files.iter().filter_map(|(_, file)| crate::quant::DTYPES.iter().find(|(_, f)| f == file).map(|(d, _)| *d))
+    }
+
+    /// `report.html`: one self-contained page (no server needed) with the
+    /// training curve and perplexity, each file's size and its verification.
+    fn report(&self, ctx: &StageContext<'_>) -> Result<String, StageError> {
+        use std::fmt::Write;
+        let json = |stage: &str, file: &str| -> Option<serde_json::Value> { ctx.input(stage, file).ok().and_then(|p| crate::model::read_json(p).ok()) };
+        let mut html = String::new();
+        let title = html_escape(&self.title);
+        let _ = write!(
+            html,
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} · symb report</title><style>body{{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}</style></head><body><h1>{title}</h1>"
+        );
+        if self.finetune {
+            if let Some(m) = json("finetune", "metrics.json") {
+                let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+                let _ = write!(
+                    html,
+                    "<h2>Training</h2><p>{} steps, {} tokens. Eval perplexity {:.1} before, {:.1} after (eval loss {:.3} → {:.3}){}.</p>",
+                    m["steps"],
+                    m["tokens"],
+                    number("initial_perplexity"),
+                    number("final_perplexity"),
+                    number("initial_eval_loss"),
+                    number("final_eval_loss"),
+                    if m["stopped_early"] == true { "; stopped early" } else { "" }
+                );
+            }
+            if let Ok(svg) = ctx.input("finetune", "loss.svg").and_then(|p| std::fs::read_to_string(p).map_err(|e| StageError::failed(e.to_string()))) {
+                html.push_str(&svg);
+            }
+        }
+        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then greedy decoding through the KV cache.</p><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>verify s</th><th>checks</th></tr>");
+        for ((stage, file), dtype) in self.files.iter().zip(self.dtypes()) {
+            let mut bytes = ctx.input(stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+            bytes += data_inputs(ctx, stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+            let report = json(&format!("verify.{dtype}"), "report.json").unwrap_or_default();
+            let m = &report["metrics"];
+            let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| format!("{v:.digits$}"));
+            let checks = report["checks"].as_array().cloned().unwrap_or_default();
+            let failed = checks.iter().filter(|c| c["passed"] != true).count();
+            let verdict = if checks.is_empty() { "".to_string() } else if failed == 0 { format!("{} passed", checks.len()) } else { format!("<span class=\"fail\">{failed} failed</span>") };
+            let _ = write!(
+                html,
+                "<tr><td>{dtype}</td><td>onnx/{file}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
+                bytes as f64 / 1e6,
+                cell("max_abs_error", 4),
+                cell("top1_agreement", 4),
+                cell("kl_divergence", 6),
+                cell("perplexity_ratio", 4),
+                cell("greedy_match", 3),
+                report["seconds"].as_f64().map_or("".to_string(), |s| format!("{s:.1}")),
+            );
+        }
+        html.push_str("</table><p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
+        Ok(html)
+    }
+
     /// The playground page (`index.html`): loads the folder with
     /// transformers.js and generates from a typed prompt, with tokens/s.
     fn page(&self) -> String {
@@ -58,7 +120,7 @@ impl Stage for BundleStage {
         "bundle"
     }
     fn version(&self) -> u32 {
-        3
+        4
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
@@ -73,12 +135,16 @@ impl Stage for BundleStage {
     fn dependencies(&self) -> Vec<String> {
         let mut deps = vec![self.model_stage.to_string()];
         deps.extend(self.files.iter().map(|(stage, _)| stage.clone()));
+        deps.extend(self.dtypes().map(|d| format!("verify.{d}")));
+        if self.finetune {
+            deps.push("finetune".to_string());
+        }
         deps
     }
     /// The model stage publishes a `config.json` (and merge a
     /// `tokenizer_config.json`) too; these, later in the plan, replace them.
     fn publishes(&self) -> Vec<(String, String)> {
-        ["config.json", "tokenizer_config.json", "index.html"].iter().map(|f| (f.to_string(), f.to_string())).collect()
+        ["config.json", "tokenizer_config.json", "index.html", "report.html"].iter().map(|f| (f.to_string(), f.to_string())).collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value = crate::model::read_json(ctx.input(self.model_stage, "config.json")?).map_err(super::model::model_error)?;
@@ -106,6 +172,8 @@ impl Stage for BundleStage {
         super::model::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
         let page = ctx.output("index.html");
         std::fs::write(&page, self.page()).map_err(|e| super::model::io(&page, e))?;
+        let report = ctx.output("report.html");
+        std::fs::write(&report, self.report(ctx)?).map_err(|e| super::model::io(&report, e))?;
         Ok(serde_json::json!({ "dtype": self.dtype, "external_data": external }))
     }
 }

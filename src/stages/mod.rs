@@ -98,7 +98,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             .map(|d| (if d == "fp32" { "export".to_string() } else { format!("quantize.{d}") }, crate::quant::file_name(d).expect("checked above")))
             .collect();
         let dtype = manifest.web.dtype.clone().unwrap_or_else(|| bundle::default_dtype(&export.targets));
-        stages.push(Box::new(bundle::BundleStage { model_stage, files, dtype, title: manifest.project.name.clone(), web: manifest.web.clone() }));
+        stages.push(Box::new(bundle::BundleStage { model_stage, files, dtype, title: manifest.project.name.clone(), web: manifest.web.clone(), finetune: finetune.is_some() }));
     } else if manifest.verify.is_some() {
         return Err(error("`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section"));
     }

@@ -2,7 +2,7 @@
 //
 //   node generate.mjs FOLDER REQUEST.json
 //
-// REQUEST: {"dtypes": [...], "prompts": [...], "max_new_tokens": N,
+// REQUEST: {"dtypes": [...], "prompts": [...], "max_new_tokens": N, "min_new_tokens": M (optional),
 //           "lines": [...] (optional: texts to encode and decode)}
 // Prints JSON: {"generations": {dtype: [{"input_ids", "generated_ids", "seconds"}]},
 //               "encoded": [[ids]...], "decoded": [text...]}
@@ -25,7 +25,7 @@ for (const dtype of request.dtypes ?? []) {
   for (const prompt of request.prompts) {
     const inputs = tokenizer(prompt);
     const start = performance.now();
-    const output = await model.generate({ ...inputs, max_new_tokens: request.max_new_tokens, do_sample: false });
+    const output = await model.generate({ ...inputs, max_new_tokens: request.max_new_tokens, min_new_tokens: request.min_new_tokens ?? 0, do_sample: false });
     const seconds = (performance.now() - start) / 1000;
     const ids = output.tolist()[0].map(Number);
     const n = inputs.input_ids.dims[1];
