@@ -152,3 +152,28 @@ fn a_cycle_and_a_missing_dependency_are_refused() {
     assert!(matches!(Plan::new(vec![fake("a", &["b"], "x"), fake("b", &["a"], "y")]), Err(PlanError::Cycle(_))));
     assert!(matches!(Plan::new(vec![fake("a", &["ghost"], "x")]), Err(PlanError::MissingDependency { .. })));
 }
+
+#[test]
+fn a_rejected_output_folder_leaves_the_previous_one_and_unchanged_files_are_linked() {
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&dir.path().join("cache")).unwrap();
+    let put = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        cache.put_file(&path).unwrap()
+    };
+    let output = dir.path().join("dist");
+    let first: BTreeMap<String, _> = [("a.txt".to_string(), put("a", "first a")), ("b.txt".to_string(), put("b", "first b"))].into();
+    super::assemble_output(&cache, "p", &output, &first, &|_| Ok(())).unwrap();
+    let second: BTreeMap<String, _> = [("a.txt".to_string(), first["a.txt"].clone()), ("b.txt".to_string(), put("b2", "second b"))].into();
+    let error = super::assemble_output(&cache, "p", &output, &second, &|dir| Err(format!("refused {}", dir.join("b.txt").exists()))).unwrap_err();
+    assert_eq!(error.to_string(), "refused true", "the check sees the new folder, complete");
+    assert_eq!(std::fs::read_to_string(output.join("b.txt")).unwrap(), "first b", "the previous output stays");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".dist")).count(), 0, "no staging folder left");
+    let inode = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&output.join("a.txt"));
+    super::assemble_output(&cache, "p", &output, &second, &|_| Ok(())).unwrap();
+    assert_eq!(std::fs::read_to_string(output.join("b.txt")).unwrap(), "second b");
+    assert_eq!(inode(&output.join("a.txt")), before, "the unchanged file was linked, not copied");
+}

@@ -206,6 +206,12 @@ pub fn provision_from(dir: &Path, url: &str) -> Result<PathBuf, RuntimeError> {
         return Err(RuntimeError::Provision(format!("`{}` in the wheel has sha256 {library_digest}, not {}; nothing was installed", wheel.member, wheel.library_sha256)));
     }
     staged.as_file().sync_all().map_err(|e| io("write", staged.path(), e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Readable by every user of a shared cache folder (a temporary file is 0600).
+        let _ = staged.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+    }
     staged.persist(&path).map_err(|e| io("install", &path, e.error))?;
     Ok(path)
 }
