@@ -1,6 +1,8 @@
 //! `symb lint`: the folder checks that transformers.js needs, on a converted
 //! fixture and on copies of it broken one way each (issue 5, test 3).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,22 +34,13 @@ fn lint(folder: &Path) -> (i32, String) {
 /// A copy of `dist` changed by `edit`.
 fn broken(dist: &Path, edit: impl FnOnce(&Path)) -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();
-    for entry in walk(dist) {
+    for entry in common::walk(dist) {
         let to = copy.path().join(entry.strip_prefix(dist).unwrap());
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(&entry, &to).unwrap();
     }
     edit(copy.path());
     copy
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
-    }
-    files
 }
 
 fn edit_graph(path: &Path, edit: impl FnOnce(&mut proto::GraphProto)) {

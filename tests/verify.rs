@@ -145,17 +145,8 @@ fn a_runtime_download_with_the_wrong_checksum_installs_nothing() {
     let tools = tempfile::tempdir().unwrap();
     let error = symb::verify::runtime::provision_from(tools.path(), &format!("http://127.0.0.1:{port}/onnxruntime.whl")).unwrap_err().to_string();
     assert!(error.contains("has sha256") && error.contains("not the published") && error.contains("nothing was installed"), "{error}");
-    let installed: Vec<_> = walk(tools.path()).into_iter().filter(|p| !p.ends_with(".lock")).collect();
+    let installed: Vec<_> = common::walk(tools.path()).into_iter().filter(|p| !p.ends_with(".lock")).collect();
     assert!(installed.is_empty(), "left behind: {installed:?}");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
-    }
-    files
 }
 
 /// Issue 4, test 2 on the fixture: every dtype passes its verification with
