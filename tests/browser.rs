@@ -58,7 +58,9 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("symb.toml"),
-        format!("[project]\nname = \"tiny-gpt2\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\n", fixture().display()),
+        // accuracy_level 0: native ONNX Runtime computes MatMulNBits in fp32,
+        // as its WebAssembly build always does.
+        format!("[project]\nname = \"tiny-gpt2\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\naccuracy_level = 0\n", fixture().display()),
     )
     .unwrap();
     let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
@@ -84,16 +86,15 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
         assert_eq!(ids.len(), 20, "{dtype}");
         let symb = common::onnx_generate(&dist, dtype, prompt, 20);
         match dtype {
-            // Float files: the same tokens as symb (ONNX Runtime, native) and PyTorch.
-            "fp32" | "fp16" => {
-                assert_eq!(result["ids"], symb, "{dtype}");
-                assert_eq!(result["ids"], case["greedy_20"], "{dtype}: PyTorch's greedy tokens");
-            }
-            // Integer kernels differ between ONNX Runtime's WebAssembly and
-            // native builds (MatMulNBits' int8 path, dynamic quantization's
-            // rounding): on this random-weight model a near-tie can flip. The
-            // first tokens agree.
-            _ => assert_eq!(result["ids"][0], symb[0], "{dtype}: {} vs {symb}", result["ids"]),
+            // Dynamic int8 rounds differently in ONNX Runtime's WebAssembly
+            // and native builds: on this random-weight model a near-tie flips
+            // a token after 9 to 20 (measured on the five golden prompts).
+            "q8" => assert_eq!(result["ids"].as_array().unwrap()[..8], symb.as_array().unwrap()[..8], "{dtype}: {} vs {symb}", result["ids"]),
+            // The same tokens as symb (ONNX Runtime, native).
+            _ => assert_eq!(result["ids"], symb, "{dtype}"),
+        }
+        if dtype.starts_with("fp") {
+            assert_eq!(result["ids"], case["greedy_20"], "{dtype}: PyTorch's greedy tokens");
         }
     }
 }

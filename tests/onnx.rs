@@ -154,7 +154,7 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     let linear = 4 * model.config.n_layer + 1;
     for (label, bound, agreement) in [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4), ("q4+embedding", 4.0, 0.4), ("q4f16+embedding", 4.0, 0.4)] {
         let (dtype, embedding) = label.split_once('+').map_or((label, false), |(d, _)| (d, true));
-        let options = symb::quant::Options { quantize_embedding: embedding };
+        let options = symb::quant::Options { quantize_embedding: embedding, ..Default::default() };
         let (quantized, report) = symb::quant::quantize(fp32.clone(), dtype, options).unwrap();
         if embedding {
             let g = quantized.graph.as_ref().unwrap();

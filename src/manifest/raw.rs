@@ -166,6 +166,7 @@ pub struct RawExport {
     pub targets: Option<Vec<String>>,
     pub quantize_embedding: Option<bool>,
     pub external_data: Option<ExternalData>,
+    pub accuracy_level: Option<u64>,
 }
 
 /// When ONNX initializers go to `model*.onnx_data` files.

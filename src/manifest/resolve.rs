@@ -150,6 +150,8 @@ pub struct Export {
     pub targets: Vec<String>,
     pub quantize_embedding: bool,
     pub external_data: ExternalData,
+    /// MatMulNBits' `accuracy_level` in the 4-bit files.
+    pub accuracy_level: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -447,7 +449,17 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
             return Err(cx.at(&["export", "targets"], format!("`export.targets` lists `{dtype}` twice")));
         }
     }
-    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), external_data: raw.external_data.unwrap_or(ExternalData::Auto) })
+    let accuracy_level = raw.accuracy_level.unwrap_or(4);
+    if accuracy_level > 4 {
+        return Err(cx.at(&["export", "accuracy_level"], format!("`export.accuracy_level` = {accuracy_level} is not a MatMulNBits level: use 0 (fp32) to 4 (int8)")));
+    }
+    Ok(Export {
+        opset,
+        targets,
+        quantize_embedding: raw.quantize_embedding.unwrap_or(false),
+        external_data: raw.external_data.unwrap_or(ExternalData::Auto),
+        accuracy_level,
+    })
 }
 
 fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {

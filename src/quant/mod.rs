@@ -26,10 +26,12 @@ use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{self, ModelProto, NodeProto, TensorProto};
 use crate::onnx::{Attr, raw_tensor, tensor_f32};
 
-/// MatMulNBits' `accuracy_level`: 4 lets ONNX Runtime's CPU kernels
+/// MatMulNBits' default `accuracy_level`: 4 lets ONNX Runtime's CPU kernels
 /// quantize the activations to int8 and use integer dot products, about 2.6
-/// times faster on GPT-2 small than the fp32 path (level unset), at a small
-/// cost in accuracy that verification measures.
+/// times faster on GPT-2 small than the fp32 path (level 0), at a small cost
+/// in accuracy that verification measures. ONNX Runtime's WebAssembly build
+/// computes in fp32 whatever the level: with 0, native runs (symb, Node)
+/// give a browser's tokens exactly.
 pub const ACCURACY_LEVEL: i64 = 4;
 
 /// The dtypes, their file names as transformers.js reads them.
@@ -106,12 +108,20 @@ fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
 }
 
 /// Choices beyond the dtype.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// With q4 and q4f16: the token embedding in 4 bits too
     /// (`com.microsoft.GatherBlockQuantized`), sharing its packed data with
     /// the tied head's MatMulNBits.
     pub quantize_embedding: bool,
+    /// MatMulNBits' `accuracy_level` (0 to 4; see [`ACCURACY_LEVEL`]).
+    pub accuracy_level: i64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { quantize_embedding: false, accuracy_level: ACCURACY_LEVEL }
+    }
 }
 
 /// Quantizes the fp32 export `model` to `dtype`.
@@ -135,6 +145,11 @@ pub fn quantize(mut model: ModelProto, dtype: &str, options: Options) -> Result<
             tied_head_q4(&mut model, &mut report, options.quantize_embedding)?;
             materialise_head(&mut model)?;
             matmul_nbits(&mut model, &mut report)?;
+            for node in graph_mut(&mut model).node.iter_mut().filter(|n| n.op_type.as_deref() == Some("MatMulNBits")) {
+                for a in node.attribute.iter_mut().filter(|a| a.name.as_deref() == Some("accuracy_level")) {
+                    a.i = Some(options.accuracy_level);
+                }
+            }
             if dtype == "q4f16" {
                 to_fp16(&mut model, &mut report)?;
             }
@@ -312,6 +327,7 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
 /// with W `[k, n]` packed in `b` and `scales`.
 fn matmul_nbits_node(input: &str, b: &str, scales: &str, output: &str, k: usize, n: usize, name: &str) -> NodeProto {
     let int = |v: usize| Attr::Int(v as i64);
+    // The level is set per file once the graph is built (`Options`).
     let attrs = [("K", int(k)), ("N", int(n)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", Attr::Int(ACCURACY_LEVEL))];
     node("MatMulNBits", Some("com.microsoft"), &[input, b, scales], &[output], &attrs, name)
 }

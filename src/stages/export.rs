@@ -123,6 +123,9 @@ impl Stage for QuantizeStage {
         if self.options.quantize_embedding && self.dtype.starts_with("q4") {
             s.insert("export.quantize_embedding".into(), true.into());
         }
+        if self.dtype.starts_with("q4") && self.options.accuracy_level != crate::quant::ACCURACY_LEVEL {
+            s.insert("export.accuracy_level".into(), self.options.accuracy_level.into());
+        }
         s.insert("export.external_data".into(), serde_json::to_value(self.external_data).expect("serialises"));
         s
     }

@@ -78,7 +78,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         let model_stage = if finetune.is_some() { "merge" } else { model_stage };
         stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
         for dtype in export.targets.iter().filter(|t| *t != "fp32") {
-            let options = crate::quant::Options { quantize_embedding: export.quantize_embedding };
+            let options = crate::quant::Options { quantize_embedding: export.quantize_embedding, accuracy_level: export.accuracy_level as i64 };
             let stage = export::QuantizeStage::new(dtype, options, export.external_data).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
             stages.push(Box::new(stage));
         }
