@@ -125,8 +125,13 @@ pub fn generate(dir: &Path, adapter: Option<&Path>, prompt: &str, max_new_tokens
 
 /// The end-of-sequence id: generation_config.json first, then config.json.
 pub(crate) fn eos_token(dir: &Path, config: &Config) -> Option<u32> {
-    let from_generation = read_json::<serde_json::Value>(&dir.join("generation_config.json"))
-        .ok()
+    eos_token_from(Some(&dir.join("generation_config.json")), config)
+}
+
+/// [`eos_token`] with the generation config's path given (or none).
+pub(crate) fn eos_token_from(generation_config: Option<&Path>, config: &Config) -> Option<u32> {
+    let from_generation = generation_config
+        .and_then(|p| read_json::<serde_json::Value>(p).ok())
         .and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64()));
     from_generation.map(|id| id as u32).or(config.eos_token_id)
 }

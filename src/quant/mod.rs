@@ -142,14 +142,9 @@ pub fn quantize(mut model: ModelProto, dtype: &str, options: Options) -> Result<
         "q4" | "q4f16" => {
             // The tied head (and with `quantize_embedding` the embedding)
             // from the embedding's rows; an untied one like any weight.
-            tied_head_q4(&mut model, &mut report, options.quantize_embedding)?;
+            tied_head_q4(&mut model, &mut report, options)?;
             materialise_head(&mut model)?;
-            matmul_nbits(&mut model, &mut report)?;
-            for node in graph_mut(&mut model).node.iter_mut().filter(|n| n.op_type.as_deref() == Some("MatMulNBits")) {
-                for a in node.attribute.iter_mut().filter(|a| a.name.as_deref() == Some("accuracy_level")) {
-                    a.i = Some(options.accuracy_level);
-                }
-            }
+            matmul_nbits(&mut model, &mut report, options.accuracy_level)?;
             if dtype == "q4f16" {
                 to_fp16(&mut model, &mut report)?;
             }
@@ -325,10 +320,10 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
 
 /// A MatMulNBits node (4 bits, blocks of 32) computing `output = input · W`
 /// with W `[k, n]` packed in `b` and `scales`.
-fn matmul_nbits_node(input: &str, b: &str, scales: &str, output: &str, k: usize, n: usize, name: &str) -> NodeProto {
+#[allow(clippy::too_many_arguments)]
+fn matmul_nbits_node(input: &str, b: &str, scales: &str, output: &str, k: usize, n: usize, accuracy_level: i64, name: &str) -> NodeProto {
     let int = |v: usize| Attr::Int(v as i64);
-    // The level is set per file once the graph is built (`Options`).
-    let attrs = [("K", int(k)), ("N", int(n)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", Attr::Int(ACCURACY_LEVEL))];
+    let attrs = [("K", int(k)), ("N", int(n)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", Attr::Int(accuracy_level))];
     node("MatMulNBits", Some("com.microsoft"), &[input, b, scales], &[output], &attrs, name)
 }
 
@@ -395,7 +390,8 @@ fn round(v: f32) -> f32 {
 /// `v` of `wte` blocked along the width, which is column `v` of `wteᵀ`), and
 /// `Gather(wte, ids)` becomes GatherBlockQuantized over the same bytes and
 /// scales, reshaped (explicit zero points 8).
-fn tied_head_q4(model: &mut ModelProto, report: &mut Report, embedding: bool) -> Result<bool> {
+fn tied_head_q4(model: &mut ModelProto, report: &mut Report, options: Options) -> Result<bool> {
+    let embedding = options.quantize_embedding;
     let g = graph_mut(model);
     let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
     let transpose = g.node.iter().position(|n| n.op_type.as_deref() == Some("Transpose") && initializers.contains_key(&n.input[0]));
@@ -426,7 +422,7 @@ fn tied_head_q4(model: &mut ModelProto, report: &mut Report, embedding: bool) ->
         let (b_name, s_name) = (format!("{wte_name}_head_Q4"), format!("{wte_name}_head_scales"));
         g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, 16], DataType::Uint8, packed));
         g.initializer.push(tensor_f32(&s_name, &[vocab, blocks], &scales));
-        splice(g, vec![(transpose, vec![]), (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, "head_Q4")])]);
+        splice(g, vec![(transpose, vec![]), (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, options.accuracy_level, "head_Q4")])]);
         use_microsoft_domain(model);
         return Ok(true);
     }
@@ -460,7 +456,7 @@ fn tied_head_q4(model: &mut ModelProto, report: &mut Report, embedding: bool) ->
                 ],
             ),
             (transpose, vec![]),
-            (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, "head_Q4")]),
+            (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, options.accuracy_level, "head_Q4")]),
         ],
     );
     prune(g);
@@ -468,14 +464,14 @@ fn tied_head_q4(model: &mut ModelProto, report: &mut Report, embedding: bool) ->
     Ok(true)
 }
 
-fn matmul_nbits(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+fn matmul_nbits(model: &mut ModelProto, report: &mut Report, accuracy_level: i64) -> Result<()> {
     rewrite_weight_matmuls(model, report, |m| {
         let (k, cols) = (m.dims[0], m.dims[1]);
         let (packed, scales) = pack_q4(&m.data, k, cols);
         let blocks = k.div_ceil(32);
         let (b_name, s_name) = (format!("{}_Q4", m.name), format!("{}_scales", m.name));
         let initializers = vec![raw_tensor(&b_name, &[cols, blocks, 16], DataType::Uint8, packed), tensor_f32(&s_name, &[cols * blocks], &scales)];
-        (vec![matmul_nbits_node(&m.node.input[0], &b_name, &s_name, &m.node.output[0], k, cols, &format!("{}_Q4", m.base))], initializers)
+        (vec![matmul_nbits_node(&m.node.input[0], &b_name, &s_name, &m.node.output[0], k, cols, accuracy_level, &format!("{}_Q4", m.base))], initializers)
     })?;
     use_microsoft_domain(model);
     Ok(())

@@ -93,9 +93,7 @@ impl BundleStage {
     /// transformers.js and generates from a typed prompt, with tokens/s.
     fn page(&self) -> String {
         let options: String = self
-            .files
-            .iter()
-            .filter_map(|(_, file)| crate::quant::DTYPES.iter().find(|(_, f)| f == file).map(|(d, _)| *d))
+            .dtypes()
             .map(|d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" }))
             .collect();
         PAGE.replace("{{NAME}}", &html_escape(&self.title))

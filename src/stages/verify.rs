@@ -137,8 +137,7 @@ impl Stage for VerifyStage {
         let reference = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(model_error)?;
         let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
-        let generation: Option<serde_json::Value> = ctx.input(stage, "generation_config.json").ok().and_then(|p| model::read_json(p).ok());
-        let eos = generation.and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64())).map(|id| id as u32).or(reference.config.eos_token_id);
+        let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &reference.config);
         let work = self.workload(ctx, &tokenizer, &reference.config, eos)?;
         let (source, artifact) = self.source();
         let path = ctx.input(&source, artifact)?;

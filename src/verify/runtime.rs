@@ -108,24 +108,29 @@ pub struct Library {
 pub fn library() -> Result<Library, RuntimeError> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
-        let (digest, _) = crate::cache::hash_file(&path)
-            .map_err(|e| RuntimeError::Provision(format!("`ORT_DYLIB_PATH` names `{}`, which cannot be read: {e}", path.display())))?;
-        return Ok(Library { path, identity: format!("ORT_DYLIB_PATH:{}", crate::cache::short(&digest)) });
+        if std::fs::metadata(&path).is_err() {
+            return Err(RuntimeError::Provision(format!("`ORT_DYLIB_PATH` names `{}`, which cannot be read", path.display())));
+        }
+        return Ok(Library { path, identity: identity() });
     }
     let path = provision(&tools_dir()?)?;
     Ok(Library { path, identity: VERSION.to_string() })
 }
 
 /// The identity of the library a build would load, without fetching it: the
-/// part of verify stage keys that says which runtime ran.
+/// part of verify stage keys that says which runtime ran. Computed once per
+/// process (a library named by `ORT_DYLIB_PATH` is hashed).
 pub fn identity() -> String {
-    match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        Some(path) => match crate::cache::hash_file(Path::new(&path)) {
-            Ok((digest, _)) => format!("ORT_DYLIB_PATH:{}", crate::cache::short(&digest)),
-            Err(_) => "ORT_DYLIB_PATH:unreadable".to_string(),
-        },
-        None => VERSION.to_string(),
-    }
+    static IDENTITY: OnceLock<String> = OnceLock::new();
+    IDENTITY
+        .get_or_init(|| match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+            Some(path) => match crate::cache::hash_file(Path::new(&path)) {
+                Ok((digest, _)) => format!("ORT_DYLIB_PATH:{}", crate::cache::short(&digest)),
+                Err(_) => "ORT_DYLIB_PATH:unreadable".to_string(),
+            },
+            None => VERSION.to_string(),
+        })
+        .clone()
 }
 
 /// The per-user folder for tools symb fetches.

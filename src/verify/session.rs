@@ -121,15 +121,10 @@ impl OnnxLm {
         Ok((logits, Past { values, len: total }))
     }
 
-    /// Greedy decoding with the cache: up to `max_new_tokens` ids, stopping
-    /// after `eos` (included) or at `context`. Returns the ids and the logits
-    /// at the last prompt position.
-    pub fn greedy(&mut self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, context: usize) -> Result<(Vec<u32>, Vec<f32>), RuntimeError> {
-        self.decode(prompt, max_new_tokens, eos, context, None)
-    }
-
     /// Decoding with the cache, greedy or sampled exactly as candle's
-    /// [`Gpt2::decode`](crate::model::Gpt2::decode) samples.
+    /// [`Gpt2::decode`](crate::model::Gpt2::decode) samples: up to
+    /// `max_new_tokens` ids, stopping after `eos` (included) or at `context`.
+    /// Returns the ids and the logits at the last prompt position.
     pub fn decode(&mut self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, context: usize, sampling: Option<&Sampling>) -> Result<(Vec<u32>, Vec<f32>), RuntimeError> {
         if prompt.is_empty() {
             return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
