@@ -13,12 +13,12 @@
 pub mod cache;
 pub mod cli;
 pub mod engine;
+pub mod lint;
 pub mod manifest;
-pub mod project;
-pub mod stages;
 pub mod model;
 pub mod onnx;
-pub mod lint;
+pub mod project;
 pub mod quant;
 pub mod serve;
+pub mod stages;
 pub mod verify;

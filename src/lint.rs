@@ -175,9 +175,15 @@ fn elem_type(v: &proto::ValueInfoProto) -> Option<i32> {
 fn dims(v: &proto::ValueInfoProto) -> Vec<Option<i64>> {
     use proto::tensor_shape_proto::dimension::Value;
     match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(proto::type_proto::Value::TensorType(t)) => {
-            t.shape.as_ref().map_or_else(Vec::new, |s| s.dim.iter().map(|d| match d.value { Some(Value::DimValue(n)) => Some(n), _ => None }).collect())
-        }
+        Some(proto::type_proto::Value::TensorType(t)) => t.shape.as_ref().map_or_else(Vec::new, |s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(Value::DimValue(n)) => Some(n),
+                    _ => None,
+                })
+                .collect()
+        }),
         _ => Vec::new(),
     }
 }

@@ -83,12 +83,7 @@ impl Project {
     /// Options for a build on `jobs` threads; `SYMB_CACHE_SALT` (if set)
     /// is mixed into every key, to invalidate a whole cache at once.
     pub fn default_options(jobs: usize) -> BuildOptions {
-        BuildOptions {
-            jobs,
-            tools: [("symb".to_string(), VERSION.to_string())].into(),
-            salt: std::env::var("SYMB_CACHE_SALT").unwrap_or_default(),
-            ..BuildOptions::default()
-        }
+        BuildOptions { jobs, tools: [("symb".to_string(), VERSION.to_string())].into(), salt: std::env::var("SYMB_CACHE_SALT").unwrap_or_default(), ..BuildOptions::default() }
     }
 
     /// Runs the build: stages, then the output folder (only when every stage

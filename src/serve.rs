@@ -27,7 +27,10 @@ impl Server {
         if let Some(m) = modules {
             let lib = m.join("@huggingface/transformers/dist/transformers.min.js");
             if !lib.is_file() {
-                return Err(std::io::Error::other(format!("`{}` has no @huggingface/transformers/dist/transformers.min.js (give the node_modules folder of `npm install @huggingface/transformers`)", m.display())));
+                return Err(std::io::Error::other(format!(
+                    "`{}` has no @huggingface/transformers/dist/transformers.min.js (give the node_modules folder of `npm install @huggingface/transformers`)",
+                    m.display()
+                )));
             }
         }
         let listener = TcpListener::bind(("127.0.0.1", port))?;

@@ -28,14 +28,7 @@ impl Drop for Served {
 
 fn serve(folder: &Path) -> Served {
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
-    let mut child = Command::new(common::BIN)
-        .args(["serve", "--port", "0", "--transformers-js"])
-        .arg(&modules)
-        .arg(folder)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(common::BIN).args(["serve", "--port", "0", "--transformers-js"]).arg(&modules).arg(folder).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     Served { child, url: line.trim().to_string() }

@@ -23,7 +23,27 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     project.write("symb.toml.example", &example.replace("epochs = 2 ", "max_steps = 4 ").replace("eval_every = 50 ", "eval_every = 2 "));
     let build = project.build(&["-m", "symb.toml.example"]);
     assert_eq!(build.code, 0, "{}", build.stderr);
-    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "finetune", "merge", "export", "quantize.fp16", "quantize.q8", "quantize.q4", "quantize.q4f16", "verify.fp32", "verify.fp16", "verify.q8", "verify.q4", "verify.q4f16", "bundle"]));
+    assert_eq!(
+        build.ran(),
+        set(&[
+            "corpus",
+            "tokenizer",
+            "base",
+            "finetune",
+            "merge",
+            "export",
+            "quantize.fp16",
+            "quantize.q8",
+            "quantize.q4",
+            "quantize.q4f16",
+            "verify.fp32",
+            "verify.fp16",
+            "verify.q8",
+            "verify.q4",
+            "verify.q4f16",
+            "bundle"
+        ])
+    );
     for dtype in ["fp32", "fp16", "q8", "q4", "q4f16"] {
         let report: serde_json::Value = serde_json::from_str(&project.read(&format!("dist/reports/verify.{dtype}.json"))).unwrap();
         assert!(report["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true), "{dtype}: {report}");

@@ -100,9 +100,7 @@ fn a_killed_finetune_resumes_from_its_checkpoint_with_the_same_result() {
     let mut child = Command::new(BIN).args(["build"]).current_dir(project.dir.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let checkpoint = loop {
-        let found = std::fs::read_dir(project.path("cache/v1/checkpoints"))
-            .ok()
-            .and_then(|d| d.flatten().map(|e| e.path().join("state.json")).find(|p| p.is_file()));
+        let found = std::fs::read_dir(project.path("cache/v1/checkpoints")).ok().and_then(|d| d.flatten().map(|e| e.path().join("state.json")).find(|p| p.is_file()));
         if let Some(found) = found {
             break found;
         }
@@ -212,7 +210,10 @@ eval_every = 100
     project.write("corpus/symbiotic.txt", &String::from_utf8(corpus.stdout.clone()).unwrap());
     project.build_ok();
     let report: serde_json::Value = serde_json::from_str(&project.read("dist/reports/vocab.json")).unwrap();
-    eprintln!("vocab: {} new tokens; eval tokens per word {:.2} -> {:.2}", report["new_tokens"], report["fertility"]["eval"]["base"]["tokens_per_word"], report["fertility"]["eval"]["extended"]["tokens_per_word"]);
+    eprintln!(
+        "vocab: {} new tokens; eval tokens per word {:.2} -> {:.2}",
+        report["new_tokens"], report["fertility"]["eval"]["base"]["tokens_per_word"], report["fertility"]["eval"]["extended"]["tokens_per_word"]
+    );
     let m = metrics(&project);
     let (before, after) = (m["initial_perplexity"].as_f64().unwrap(), m["final_perplexity"].as_f64().unwrap());
     eprintln!("eval perplexity {before:.1} -> {after:.1}");

@@ -117,11 +117,7 @@ fn build(project: &TestProject, endpoint: &str) -> common::Build {
         .output()
         .unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
-    common::Build {
-        code: output.status.code().unwrap(),
-        events: stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    common::Build { code: output.status.code().unwrap(), events: stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect(), stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
 }
 
 #[test]

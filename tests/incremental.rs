@@ -336,12 +336,7 @@ fn a_no_op_build_leaves_the_output_folder_untouched() {
 fn a_new_cache_salt_reruns_everything_with_the_reason() {
     let project = TestProject::new(50);
     project.build_ok();
-    let salted = std::process::Command::new(common::BIN)
-        .args(["build", "--json"])
-        .current_dir(project.dir.path())
-        .env("SYMB_CACHE_SALT", "2026-11")
-        .output()
-        .unwrap();
+    let salted = std::process::Command::new(common::BIN).args(["build", "--json"]).current_dir(project.dir.path()).env("SYMB_CACHE_SALT", "2026-11").output().unwrap();
     let stdout = String::from_utf8(salted.stdout).unwrap();
     assert!(stdout.contains(r#""stage":"corpus","status":"ran","reason":"the cache salt changed `` -> `2026-11`""#), "{stdout}");
     assert!(stdout.contains(r#""stage":"tokenizer","status":"cached""#) || stdout.contains(r#""stage":"tokenizer","status":"ran""#));

@@ -16,11 +16,7 @@ fn fixture() -> PathBuf {
 /// The fixture converted to fp32 and q4 (built once per test).
 fn converted() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("symb.toml"),
-        format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\n", fixture().display()),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\n", fixture().display())).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_symb")).arg("build").current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     dir

@@ -74,11 +74,7 @@ fn check_against_golden(model_path: &std::path::Path) {
 #[test]
 fn a_base_and_export_manifest_converts_the_folder() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("symb.toml"),
-        format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\nopset = 17\ntargets = [\"fp32\"]\n", fixture().display()),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\nopset = 17\ntargets = [\"fp32\"]\n", fixture().display())).unwrap();
     let bin = env!("CARGO_BIN_EXE_symb");
     let out = Command::new(bin).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -100,7 +96,13 @@ fn a_base_and_export_manifest_converts_the_folder() {
     std::fs::write(dir.path().join("symb.toml"), text).unwrap();
     let out = Command::new(bin).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ran: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["status"] == "ran").map(|e| e["stage"].as_str().unwrap().to_string()).collect();
+    let ran: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["status"] == "ran")
+        .map(|e| e["stage"].as_str().unwrap().to_string())
+        .collect();
     let mut ran = ran;
     ran.sort();
     assert_eq!(ran, ["bundle", "quantize.q4", "verify.q4"], "the config is rewritten: it may have to name the new file's external data");
@@ -152,7 +154,9 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let (cases, logits, request) = golden_request(dir.path(), 4);
     let linear = 4 * model.config.n_layer + 1;
-    for (label, bound, agreement) in [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4), ("q4+embedding", 4.0, 0.4), ("q4f16+embedding", 4.0, 0.4)] {
+    for (label, bound, agreement) in
+        [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4), ("q4+embedding", 4.0, 0.4), ("q4f16+embedding", 4.0, 0.4)]
+    {
         let (dtype, embedding) = label.split_once('+').map_or((label, false), |(d, _)| (d, true));
         let options = symb::quant::Options { quantize_embedding: embedding, ..Default::default() };
         let (quantized, report) = symb::quant::quantize(fp32.clone(), dtype, options).unwrap();
@@ -261,10 +265,7 @@ fn external_data_files_load_and_the_config_names_them() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("symb.toml"),
-        format!(
-            "[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\nexternal_data = \"always\"\n",
-            fixture().display()
-        ),
+        format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\nexternal_data = \"always\"\n", fixture().display()),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_symb")).args(["build"]).current_dir(dir.path()).output().unwrap();
@@ -277,10 +278,7 @@ fn external_data_files_load_and_the_config_names_them() {
         assert!(!onnx.join(format!("{file}_data_1")).exists());
     }
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/config.json")).unwrap()).unwrap();
-    assert_eq!(
-        config["transformers.js_config"]["use_external_data_format"],
-        serde_json::json!({"model.onnx": 1, "model_fp16.onnx": 1, "model_quantized.onnx": 1, "model_q4.onnx": 1})
-    );
+    assert_eq!(config["transformers.js_config"]["use_external_data_format"], serde_json::json!({"model.onnx": 1, "model_fp16.onnx": 1, "model_quantized.onnx": 1, "model_q4.onnx": 1}));
     assert_eq!(config["n_layer"], 2, "the model's own config is kept");
     check_against_golden(&onnx.join("model.onnx"));
     for dtype in ["fp32", "fp16", "q8", "q4"] {

@@ -41,13 +41,7 @@ fn kill_9_at_any_moment_then_build_gives_the_right_result() {
         vocab += 7;
         let tmp_entries = || -> std::collections::BTreeSet<_> { std::fs::read_dir(project.path("cache/v1/tmp")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default() };
         let before = tmp_entries();
-        let mut child = Command::new(BIN)
-            .args(["build", "--json"])
-            .current_dir(project.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = Command::new(BIN).args(["build", "--json"]).current_dir(project.dir.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();

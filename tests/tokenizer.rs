@@ -19,11 +19,7 @@ fn project(pre_tokenizer: &str, vocab_size: u32, lines: usize) -> TestProject {
 
 /// The corpus documents as the corpus stage sees them.
 fn corpus_lines(project: &TestProject) -> Vec<String> {
-    ["a", "b", "c"]
-        .iter()
-        .flat_map(|n| project.read(&format!("corpus/{n}.txt")).lines().map(|l| l.trim().to_string()).collect::<Vec<_>>())
-        .filter(|l| !l.is_empty())
-        .collect()
+    ["a", "b", "c"].iter().flat_map(|n| project.read(&format!("corpus/{n}.txt")).lines().map(|l| l.trim().to_string()).collect::<Vec<_>>()).filter(|l| !l.is_empty()).collect()
 }
 
 fn python() -> Command {

@@ -23,11 +23,8 @@ fn golden() -> Vec<serde_json::Value> {
 fn converter(targets: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-    std::fs::write(
-        dir.path().join("symb.toml"),
-        format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{}]\n", fixture().display(), targets.join(", ")),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{}]\n", fixture().display(), targets.join(", ")))
+        .unwrap();
     dir
 }
 

@@ -16,12 +16,7 @@ impl CacheLock {
     /// Takes the lock; if another process holds it, calls `on_wait` once and
     /// blocks until it is free.
     pub fn acquire(path: &Path, on_wait: impl FnOnce()) -> Result<Self, CacheError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| CacheError::io(path, e))?;
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| CacheError::io(path, e))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {

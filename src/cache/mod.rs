@@ -147,10 +147,7 @@ impl Cache {
 
     /// A fresh, empty folder under `tmp/` for a stage to write its artifacts in.
     pub fn work_dir(&self, label: &str) -> Result<tempfile::TempDir, CacheError> {
-        tempfile::Builder::new()
-            .prefix(&format!("{label}-"))
-            .tempdir_in(self.tmp_dir())
-            .map_err(|e| CacheError::io(self.tmp_dir(), e))
+        tempfile::Builder::new().prefix(&format!("{label}-")).tempdir_in(self.tmp_dir()).map_err(|e| CacheError::io(self.tmp_dir(), e))
     }
 
     /// Where a stage with this key keeps checkpoints across killed builds.
@@ -199,10 +196,7 @@ impl Cache {
         let (digest, size) = hash_file(&path)?;
         if digest != blob.digest || size != blob.size {
             let _ = fs::remove_file(&path);
-            return Err(CacheError::Corrupt {
-                path,
-                what: format!("content hashes to {} ({size} bytes), expected {} ({} bytes)", short(&digest), short(&blob.digest), blob.size),
-            });
+            return Err(CacheError::Corrupt { path, what: format!("content hashes to {} ({size} bytes), expected {} ({} bytes)", short(&digest), short(&blob.digest), blob.size) });
         }
         Ok(())
     }

@@ -11,10 +11,7 @@ use crate::project::{Project, ProjectError};
 use render::{CliReporter, Mode};
 
 /// The recipes `symb init --recipe NAME` can write.
-pub const RECIPES: [(&str, &str); 2] = [
-    ("symbiotic", include_str!("../../recipes/symbiotic.toml")),
-    ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml")),
-];
+pub const RECIPES: [(&str, &str); 2] = [("symbiotic", include_str!("../../recipes/symbiotic.toml")), ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml"))];
 
 #[derive(Debug, Parser)]
 #[command(name = "symb", version, about = "From a corpus of a new language to a language model running in a web browser")]
@@ -173,7 +170,13 @@ pub fn run(cli: Cli) -> i32 {
         Command::Status { manifest, json } => report(status(&manifest.manifest, json), json),
         Command::Graph { manifest, dot, mermaid } => report(
             Project::open(&manifest.manifest, &[]).map(|p| {
-                let text = if dot { p.plan.to_dot() } else if mermaid { p.plan.to_mermaid() } else { p.plan.to_tree() };
+                let text = if dot {
+                    p.plan.to_dot()
+                } else if mermaid {
+                    p.plan.to_mermaid()
+                } else {
+                    p.plan.to_tree()
+                };
                 out(text.trim_end());
             }),
             false,
@@ -268,7 +271,13 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
     }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let options = BuildOptions { force: force.into_iter().collect(), ..Project::default_options(jobs) };
-    let mode = if json { Mode::Json } else if verbose { Mode::Verbose } else { Mode::Human };
+    let mode = if json {
+        Mode::Json
+    } else if verbose {
+        Mode::Verbose
+    } else {
+        Mode::Human
+    };
     let reporter = CliReporter::new(mode);
     match project.build(&options, &reporter) {
         Ok(report) => {

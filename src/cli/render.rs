@@ -51,17 +51,15 @@ impl CliReporter {
         let output = &project.manifest.project.output_label;
         if self.mode == Mode::Json {
             let failed_stages: Vec<&str> = report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed).map(|s| s.stage.as_str()).collect();
-            super::out(
-                serde_json::json!({
-                    "event": "build",
-                    "status": if report.exit_code() == 0 { "ok" } else { "failed" },
-                    "exit_code": report.exit_code(),
-                    "ran": ran, "cached": cached, "failed": failed_stages, "skipped": skipped,
-                    "output": output,
-                    "output_updated": report.output_updated,
-                    "seconds": report.seconds,
-                })
-            );
+            super::out(serde_json::json!({
+                "event": "build",
+                "status": if report.exit_code() == 0 { "ok" } else { "failed" },
+                "exit_code": report.exit_code(),
+                "ran": ran, "cached": cached, "failed": failed_stages, "skipped": skipped,
+                "output": output,
+                "output_updated": report.output_updated,
+                "seconds": report.seconds,
+            }));
             return;
         }
         for stage in report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed) {
@@ -119,15 +117,13 @@ impl Reporter for CliReporter {
                     bar.finish_and_clear();
                 }
                 match self.mode {
-                    Mode::Json => super::out(
-                        serde_json::json!({
-                            "event": "stage",
-                            "stage": outcome.stage,
-                            "status": outcome.status,
-                            "reason": outcome.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| outcome.reason.clone()),
-                            "seconds": outcome.seconds,
-                        })
-                    ),
+                    Mode::Json => super::out(serde_json::json!({
+                        "event": "stage",
+                        "stage": outcome.stage,
+                        "status": outcome.status,
+                        "reason": outcome.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| outcome.reason.clone()),
+                        "seconds": outcome.seconds,
+                    })),
                     Mode::Human | Mode::Verbose => match outcome.status {
                         StageStatus::Ran => self.line(format!("{:>12} {} in {:.2}s", "Ran", outcome.stage, outcome.seconds)),
                         StageStatus::Cached if self.mode == Mode::Verbose => self.line(format!("{:>12} {}", "Fresh", outcome.stage)),

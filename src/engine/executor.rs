@@ -103,14 +103,7 @@ struct Schedule {
 
 /// Runs the plan. Stage failures are in the outcome; an `Err` is returned
 /// only for failures of the cache itself.
-pub fn execute(
-    plan: &Plan,
-    cache: &Cache,
-    stat: &Mutex<StatCache>,
-    project: &str,
-    options: &BuildOptions,
-    reporter: &dyn Reporter,
-) -> Result<BuildOutcome, CacheError> {
+pub fn execute(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str, options: &BuildOptions, reporter: &dyn Reporter) -> Result<BuildOutcome, CacheError> {
     let shared = Shared::new(plan, cache, stat, project, options, reporter);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.jobs.max(1))
@@ -242,10 +235,7 @@ fn ensure_inputs(shared: &Shared<'_>, upstream: &mut [ActionRecord]) -> Result<(
             rebuilt = true;
         }
     }
-    let paths = upstream
-        .iter()
-        .flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), shared.cache.blob_path(&blob.digest))))
-        .collect();
+    let paths = upstream.iter().flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), shared.cache.blob_path(&blob.digest)))).collect();
     Ok((paths, rebuilt))
 }
 
@@ -275,31 +265,13 @@ fn current_inputs(shared: &Shared<'_>, stage: &dyn Stage, upstream: &[ActionReco
     }
     let mut tools = shared.options.tools.clone();
     tools.extend(stage.tools());
-    let upstream = upstream
-        .iter()
-        .flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.digest.clone())))
-        .collect();
-    Ok(StageInputs {
-        kind: stage.kind().to_string(),
-        version: stage.version(),
-        tools,
-        settings: stage.settings(),
-        files,
-        upstream,
-        salt: shared.options.salt.clone(),
-    })
+    let upstream = upstream.iter().flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.digest.clone()))).collect();
+    Ok(StageInputs { kind: stage.kind().to_string(), version: stage.version(), tools, settings: stage.settings(), files, upstream, salt: shared.options.salt.clone() })
 }
 
 /// Runs a stage in a fresh work folder, stores its files as blobs and
 /// commits the action record (last).
-fn run_miss(
-    shared: &Shared<'_>,
-    stage: &dyn Stage,
-    key: &str,
-    inputs: &StageInputs,
-    input_paths: BTreeMap<String, PathBuf>,
-    started: Instant,
-) -> Result<ActionRecord, StageError> {
+fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInputs, input_paths: BTreeMap<String, PathBuf>, started: Instant) -> Result<ActionRecord, StageError> {
     let cache = shared.cache;
     let work = cache.work_dir(stage.name())?;
     let checkpoints = cache.checkpoint_dir(key);
@@ -307,11 +279,8 @@ fn run_miss(
     let _span = tracing::info_span!("stage", name = stage.name()).entered();
     let metrics = stage.run(&ctx)?;
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "ran");
-    let mut produced: Vec<PathBuf> = std::fs::read_dir(work.path())
-        .map_err(|e| CacheError::io(work.path(), e))?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| CacheError::io(work.path(), e))?;
+    let mut produced: Vec<PathBuf> =
+        std::fs::read_dir(work.path()).map_err(|e| CacheError::io(work.path(), e))?.map(|entry| entry.map(|e| e.path())).collect::<Result<_, _>>().map_err(|e| CacheError::io(work.path(), e))?;
     produced.sort();
     let mut outputs = BTreeMap::new();
     for path in produced {
@@ -363,13 +332,7 @@ pub struct StageState {
 }
 
 /// What `build` would do, and why, without running a stage.
-pub fn status(
-    plan: &Plan,
-    cache: &Cache,
-    stat: &Mutex<StatCache>,
-    project: &str,
-    options: &BuildOptions,
-) -> Result<Vec<StageState>, CacheError> {
+pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str, options: &BuildOptions) -> Result<Vec<StageState>, CacheError> {
     let shared = Shared::new(plan, cache, stat, project, options, &super::Silent);
     let mut known: BTreeMap<String, Option<ActionRecord>> = BTreeMap::new();
     let mut states = Vec::new();

@@ -72,12 +72,7 @@ enum Change<'a, V> {
     Removed(&'a V),
 }
 
-fn diff_maps<V: PartialEq>(
-    previous: &BTreeMap<String, V>,
-    current: &BTreeMap<String, V>,
-    out: &mut Vec<String>,
-    describe: impl Fn(&str, Change<'_, V>) -> String,
-) {
+fn diff_maps<V: PartialEq>(previous: &BTreeMap<String, V>, current: &BTreeMap<String, V>, out: &mut Vec<String>, describe: impl Fn(&str, Change<'_, V>) -> String) {
     for (key, new) in current {
         match previous.get(key) {
             Some(old) if old != new => out.push(describe(key, Change::Changed(old, new))),
@@ -122,14 +117,7 @@ mod tests {
         new.settings.insert("tokenizer.vocab_size".into(), serde_json::json!(12000));
         new.files.insert("corpus/a.txt".into(), "bb".into());
         new.files.insert("corpus/b.txt".into(), "cc".into());
-        assert_eq!(
-            explain("tokenizer", &old, &new),
-            vec![
-                "`tokenizer.vocab_size` changed 8000 -> 12000".to_string(),
-                "`corpus/a.txt` changed".to_string(),
-                "`corpus/b.txt` added".to_string(),
-            ]
-        );
+        assert_eq!(explain("tokenizer", &old, &new), vec!["`tokenizer.vocab_size` changed 8000 -> 12000".to_string(), "`corpus/a.txt` changed".to_string(), "`corpus/b.txt` added".to_string(),]);
         assert_ne!(old.key(), new.key());
         assert_eq!(old.key(), inputs().key());
     }

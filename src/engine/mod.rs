@@ -116,11 +116,21 @@ pub trait Stage: Send + Sync {
 pub enum Event<'a> {
     /// Another build holds the cache lock.
     WaitingForLock,
-    StageStarted { stage: &'a str, reason: &'a str },
-    StageProgress { stage: &'a str, done: u64, total: u64, message: &'a str },
+    StageStarted {
+        stage: &'a str,
+        reason: &'a str,
+    },
+    StageProgress {
+        stage: &'a str,
+        done: u64,
+        total: u64,
+        message: &'a str,
+    },
     StageFinished(&'a StageOutcome),
     /// A corrupt cache entry was found and removed; the build goes on.
-    CorruptBlob { message: &'a str },
+    CorruptBlob {
+        message: &'a str,
+    },
 }
 
 /// Receives events; rendering is the CLI's business.
@@ -148,10 +158,7 @@ pub struct StageContext<'a> {
 impl StageContext<'_> {
     /// The path of an upstream artifact (read-only; it is a cache blob).
     pub fn input(&self, stage: &str, artifact: &str) -> Result<&Path, StageError> {
-        self.inputs
-            .get(&format!("{stage}/{artifact}"))
-            .map(PathBuf::as_path)
-            .ok_or_else(|| StageError::failed(format!("stage `{}` has no input `{stage}/{artifact}`", self.stage)))
+        self.inputs.get(&format!("{stage}/{artifact}")).map(PathBuf::as_path).ok_or_else(|| StageError::failed(format!("stage `{}` has no input `{stage}/{artifact}`", self.stage)))
     }
 
     /// The external files of this stage.

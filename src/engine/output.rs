@@ -84,20 +84,11 @@ pub enum AssembleError {
 
 /// Builds the output folder from `files` (relative path -> blob), runs
 /// `check` on the new folder, and swaps it in only if `check` passes.
-pub fn assemble_output(
-    cache: &Cache,
-    project: &str,
-    output: &Path,
-    files: &BTreeMap<String, BlobRef>,
-    check: &dyn Fn(&Path) -> Result<(), String>,
-) -> Result<(), AssembleError> {
+pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTreeMap<String, BlobRef>, check: &dyn Fn(&Path) -> Result<(), String>) -> Result<(), AssembleError> {
     let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
     let name = output.file_name().and_then(|n| n.to_str()).unwrap_or("output");
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}.symb-new-"))
-        .tempdir_in(parent)
-        .map_err(|e| CacheError::io(parent, e))?;
+    let staging = tempfile::Builder::new().prefix(&format!(".{name}.symb-new-")).tempdir_in(parent).map_err(|e| CacheError::io(parent, e))?;
     let mut state = OutputState::default();
     // Files the old output holds unchanged are hard-linked into the new one
     // (the old folder keeps its own link until the swap): an edit to one

@@ -63,12 +63,7 @@ impl Plan {
         }
         let mut keep = BTreeSet::new();
         for target in targets {
-            let roots: Vec<NodeIndex> = self
-                .by_name
-                .iter()
-                .filter(|(name, _)| *name == target || name.rsplit_once('.').is_some_and(|(_, s)| s == target))
-                .map(|(_, &i)| i)
-                .collect();
+            let roots: Vec<NodeIndex> = self.by_name.iter().filter(|(name, _)| *name == target || name.rsplit_once('.').is_some_and(|(_, s)| s == target)).map(|(_, &i)| i).collect();
             if roots.is_empty() {
                 let available = self.names().into_iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
                 return Err(PlanError::UnknownTarget { target: target.clone(), available });

@@ -139,10 +139,7 @@ fn independent_stages_run_at_the_same_time() {
 fn targets_keep_what_they_need() {
     let plan = Plan::new(diamond("x", "y")).unwrap().restrict(&["b".to_string()]).unwrap();
     assert_eq!(plan.names(), ["a", "b"]);
-    let plan = Plan::new(vec![fake("export", &[], "e"), fake("quantize.q4", &["export"], "q"), fake("quantize.fp16", &["export"], "f")])
-        .unwrap()
-        .restrict(&["q4".to_string()])
-        .unwrap();
+    let plan = Plan::new(vec![fake("export", &[], "e"), fake("quantize.q4", &["export"], "q"), fake("quantize.fp16", &["export"], "f")]).unwrap().restrict(&["q4".to_string()]).unwrap();
     assert_eq!(plan.names(), ["export", "quantize.q4"]);
     assert!(matches!(Plan::new(diamond("x", "y")).unwrap().restrict(&["nope".to_string()]), Err(PlanError::UnknownTarget { .. })));
 }

@@ -9,9 +9,7 @@ mod resolve;
 
 pub use error::{ManifestError, suggest};
 pub use raw::{Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, Schedule, VocabInit, VocabStrategy};
-pub use resolve::{
-    Base, BaseModel, Corpus, DTYPES, Export, Finetune, FINETUNE_TARGETS, Manifest, Project, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web,
-};
+pub use resolve::{Base, BaseModel, Corpus, DTYPES, Export, FINETUNE_TARGETS, Finetune, Manifest, Project, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web};
 
 use std::path::Path;
 
@@ -21,8 +19,7 @@ use error::Spans;
 /// path is shown in messages (as the user typed it).
 pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
     let display = path.display().to_string();
-    let source = std::fs::read_to_string(path)
-        .map_err(|e| ManifestError::general(&display, format!("cannot read the manifest `{display}`: {e}")))?;
+    let source = std::fs::read_to_string(path).map_err(|e| ManifestError::general(&display, format!("cannot read the manifest `{display}`: {e}")))?;
     parse(path, &display, &source)
 }
 
@@ -74,4 +71,3 @@ fn toml_error(display: &str, source: &str, spans: &Spans<'_>, error: &toml::de::
 fn backticked(text: &str) -> Vec<String> {
     text.split('`').skip(1).step_by(2).map(str::to_string).collect()
 }
-

@@ -186,8 +186,8 @@ impl Ctx<'_> {
 
 pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_>, raw: RawManifest) -> Result<Manifest, ManifestError> {
     let cx = Ctx { display, source, spans };
-    let dir = absolute(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-        .map_err(|e| ManifestError::general(display, format!("cannot resolve the project folder: {e}")))?;
+    let dir =
+        absolute(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))).map_err(|e| ManifestError::general(display, format!("cannot resolve the project folder: {e}")))?;
     let project = resolve_project(&cx, &dir, raw.project.unwrap_or_default())?;
     let corpus = raw.corpus.map(|c| resolve_corpus(&cx, &dir, c)).transpose()?;
     let tokenizer = raw.tokenizer.map(|t| resolve_tokenizer(&cx, t)).transpose()?;
@@ -239,7 +239,10 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
             }
             let path = normalize(&path);
             let Ok(relative) = path.strip_prefix(dir) else {
-                return Err(cx.at(&["corpus", "files"], format!("`{pattern}` in `corpus.files` matches `{}`, outside the project folder; copy the corpus into the project so builds are reproducible", path.display())));
+                return Err(cx.at(
+                    &["corpus", "files"],
+                    format!("`{pattern}` in `corpus.files` matches `{}`, outside the project folder; copy the corpus into the project so builds are reproducible", path.display()),
+                ));
             };
             matched += 1;
             let label = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
@@ -453,13 +456,7 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
     if accuracy_level > 4 {
         return Err(cx.at(&["export", "accuracy_level"], format!("`export.accuracy_level` = {accuracy_level} is not a MatMulNBits level: use 0 (fp32) to 4 (int8)")));
     }
-    Ok(Export {
-        opset,
-        targets,
-        quantize_embedding: raw.quantize_embedding.unwrap_or(false),
-        external_data: raw.external_data.unwrap_or(ExternalData::Auto),
-        accuracy_level,
-    })
+    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), external_data: raw.external_data.unwrap_or(ExternalData::Auto), accuracy_level })
 }
 
 fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {

@@ -59,10 +59,7 @@ impl Config {
     /// Checks what the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
         if self.model_type.as_deref().is_some_and(|t| t != "gpt2") {
-            return Err(ModelError::Unsupported(format!(
-                "`model_type` = \"{}\": symb supports \"gpt2\"",
-                self.model_type.as_deref().unwrap_or_default()
-            )));
+            return Err(ModelError::Unsupported(format!("`model_type` = \"{}\": symb supports \"gpt2\"", self.model_type.as_deref().unwrap_or_default())));
         }
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::Config(format!("`n_embd` = {} is not divisible by `n_head` = {}", self.n_embd, self.n_head)));
@@ -168,21 +165,14 @@ pub struct Attention {
 impl Attention {
     fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         let c = config.n_embd;
-        Ok(Attention {
-            c_attn: Linear::load(vb.pp("c_attn"), c, 3 * c)?,
-            c_proj: Linear::load(vb.pp("c_proj"), c, c)?,
-            n_head: config.n_head,
-            head_dim: config.head_dim(),
-        })
+        Ok(Attention { c_attn: Linear::load(vb.pp("c_attn"), c, 3 * c)?, c_proj: Linear::load(vb.pp("c_proj"), c, c)?, n_head: config.n_head, head_dim: config.head_dim() })
     }
 
     /// Causal self-attention; queries see the cached keys and those before them.
     fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
-        let split = |i: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
+        let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
         let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.as_ref() {
@@ -426,12 +416,7 @@ impl Gpt2 {
         let mut out = Vec::new();
         for (i, block) in self.blocks.iter_mut().enumerate() {
             let prefix = format!("transformer.h.{i}");
-            let layers = [
-                ("attn.c_attn", &mut block.attn.c_attn),
-                ("attn.c_proj", &mut block.attn.c_proj),
-                ("mlp.c_fc", &mut block.mlp.c_fc),
-                ("mlp.c_proj", &mut block.mlp.c_proj),
-            ];
+            let layers = [("attn.c_attn", &mut block.attn.c_attn), ("attn.c_proj", &mut block.attn.c_proj), ("mlp.c_fc", &mut block.mlp.c_fc), ("mlp.c_proj", &mut block.mlp.c_proj)];
             for (layer, linear) in layers {
                 if target.includes(layer) {
                     out.push((format!("{prefix}.{layer}"), linear));

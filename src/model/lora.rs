@@ -148,9 +148,7 @@ pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> 
         let (Some(a), Some(b)) = (a, b) else {
             return Err(ModelError::Config(format!("`{}`: `{module}` lacks its lora_A or lora_B weight", path.display())));
         };
-        let linear = linears
-            .get_mut(&module)
-            .ok_or_else(|| ModelError::Config(format!("`{}`: the adapter targets `{module}`, which the model does not have", path.display())))?;
+        let linear = linears.get_mut(&module).ok_or_else(|| ModelError::Config(format!("`{}`: the adapter targets `{module}`, which the model does not have", path.display())))?;
         let (n_in, n_out) = linear.weight.dims2()?;
         if a.dims() != [config.r, n_in] || b.dims() != [n_out, config.r] {
             return Err(ModelError::Config(format!(

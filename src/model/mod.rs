@@ -65,10 +65,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let index: serde_json::Value = read_json(&index)?;
-        let mut files: Vec<PathBuf> = index["weight_map"]
-            .as_object()
-            .map(|m| m.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect())
-            .unwrap_or_default();
+        let mut files: Vec<PathBuf> = index["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect()).unwrap_or_default();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -89,9 +86,7 @@ pub fn load_files(config_path: &Path, files: &[PathBuf]) -> Result<Gpt2> {
     // model files while it reads them.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, &Device::Cpu) }.map_err(|e| ModelError::io_candle(&files[0], e))?;
     Gpt2::load(vb, &config).map_err(|e| match e {
-        ModelError::Candle(inner) => {
-            ModelError::Config(format!("`{}` does not match `{}`: {}", files[0].display(), config_path.display(), candle_message(&inner)))
-        }
+        ModelError::Candle(inner) => ModelError::Config(format!("`{}` does not match `{}`: {}", files[0].display(), config_path.display(), candle_message(&inner))),
         other => other,
     })
 }
@@ -130,9 +125,7 @@ pub(crate) fn eos_token(dir: &Path, config: &Config) -> Option<u32> {
 
 /// [`eos_token`] with the generation config's path given (or none).
 pub(crate) fn eos_token_from(generation_config: Option<&Path>, config: &Config) -> Option<u32> {
-    let from_generation = generation_config
-        .and_then(|p| read_json::<serde_json::Value>(p).ok())
-        .and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64()));
+    let from_generation = generation_config.and_then(|p| read_json::<serde_json::Value>(p).ok()).and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64()));
     from_generation.map(|id| id as u32).or(config.eos_token_id)
 }
 

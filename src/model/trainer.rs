@@ -145,14 +145,7 @@ fn tensors(batch: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
 
 /// Trains `model` on `train` blocks; evaluates on `eval` blocks. With a
 /// `checkpoint_dir`, resumes from the checkpoint there and writes new ones.
-pub fn train(
-    mut model: Gpt2,
-    config: &TrainConfig,
-    train: &[Vec<u32>],
-    eval: &[Vec<u32>],
-    checkpoint_dir: Option<&Path>,
-    mut progress: impl FnMut(&Progress<'_>),
-) -> Result<Trained> {
+pub fn train(mut model: Gpt2, config: &TrainConfig, train: &[Vec<u32>], eval: &[Vec<u32>], checkpoint_dir: Option<&Path>, mut progress: impl FnMut(&Progress<'_>)) -> Result<Trained> {
     if train.is_empty() {
         return Err(ModelError::Config(format!("the train split is shorter than one block of {} tokens", config.block_size + 1)));
     }
@@ -190,10 +183,7 @@ pub fn train(
             (None, vars)
         }
     };
-    let mut optimizer = AdamW::new(
-        vars.iter().map(|(_, v)| v.clone()).collect(),
-        AdamWParams { lr: config.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay },
-    )?;
+    let mut optimizer = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), AdamWParams { lr: config.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay })?;
     let per_epoch = train.len().div_ceil(config.batch_size);
     let total_steps = config.max_steps.unwrap_or_else(|| (config.epochs * per_epoch).div_ceil(config.gradient_accumulation)).max(1);
     let mut metrics = Metrics { total_steps, ..Metrics::default() };
@@ -279,13 +269,7 @@ pub fn train(
             && step % config.checkpoint_every == 0
             && step < total_steps
         {
-            let state = CheckpointState {
-                step,
-                dropout_rng: dropout_rng.lock().expect("rng lock").state(),
-                best_eval,
-                evals_without_improvement,
-                metrics: metrics.clone(),
-            };
+            let state = CheckpointState { step, dropout_rng: dropout_rng.lock().expect("rng lock").state(), best_eval, evals_without_improvement, metrics: metrics.clone() };
             save_checkpoint(dir, &vars, &optimizer, &state)?;
         }
     }

@@ -90,13 +90,7 @@ pub fn le_bytes<const N: usize, T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8
 
 /// A tensor of `data_type` from its raw little-endian bytes.
 pub fn raw_tensor(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>) -> proto::TensorProto {
-    proto::TensorProto {
-        name: Some(name.to_string()),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: Some(data_type as i32),
-        raw_data: Some(raw.into()),
-        ..Default::default()
-    }
+    proto::TensorProto { name: Some(name.to_string()), dims: dims.iter().map(|&d| d as i64).collect(), data_type: Some(data_type as i32), raw_data: Some(raw.into()), ..Default::default() }
 }
 
 /// A float tensor.
@@ -241,7 +235,14 @@ pub fn write_model(mut model: proto::ModelProto, path: &Path) -> std::io::Result
             })
             .collect();
         let tensor_len = |meta: &[u8], raw: &Option<bytes::Bytes>| meta.len() + raw.as_ref().map_or(0, |r| key_len(9) + encoded_len_varint(r.len() as u64) + r.len());
-        let graph_len = graph.encoded_len() + parts.iter().map(|(meta, raw)| { let n = tensor_len(meta, raw); key_len(5) + encoded_len_varint(n as u64) + n }).sum::<usize>();
+        let graph_len = graph.encoded_len()
+            + parts
+                .iter()
+                .map(|(meta, raw)| {
+                    let n = tensor_len(meta, raw);
+                    key_len(5) + encoded_len_varint(n as u64) + n
+                })
+                .sum::<usize>();
         let mut head = Vec::new();
         encode_key(7, WireType::LengthDelimited, &mut head);
         encode_varint(graph_len as u64, &mut head);

@@ -496,9 +496,7 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
             t.float_data.clear();
         }
     }
-    let is_float = |v: &proto::ValueInfoProto| {
-        matches!(v.r#type.as_ref().and_then(|t| t.value.as_ref()), Some(proto::type_proto::Value::TensorType(t)) if t.elem_type == Some(DataType::Float as i32))
-    };
+    let is_float = |v: &proto::ValueInfoProto| matches!(v.r#type.as_ref().and_then(|t| t.value.as_ref()), Some(proto::type_proto::Value::TensorType(t)) if t.elem_type == Some(DataType::Float as i32));
     let float_inputs: Vec<String> = g.input.iter().filter(|v| is_float(v)).filter_map(|v| v.name.clone()).collect();
     let float_outputs: Vec<String> = g.output.iter().filter(|v| is_float(v)).filter_map(|v| v.name.clone()).collect();
     // Casts to float inside the graph now cast to fp16.

@@ -72,7 +72,13 @@ impl BundleStage {
             let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| format!("{v:.digits$}"));
             let checks = report["checks"].as_array().cloned().unwrap_or_default();
             let failed = checks.iter().filter(|c| c["passed"] != true).count();
-            let verdict = if checks.is_empty() { "".to_string() } else if failed == 0 { format!("{} passed", checks.len()) } else { format!("<span class=\"fail\">{failed} failed</span>") };
+            let verdict = if checks.is_empty() {
+                "".to_string()
+            } else if failed == 0 {
+                format!("{} passed", checks.len())
+            } else {
+                format!("<span class=\"fail\">{failed} failed</span>")
+            };
             let _ = write!(
                 html,
                 "<tr><td>{dtype}</td><td>onnx/{file}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
@@ -92,10 +98,7 @@ impl BundleStage {
     /// The playground page (`index.html`): loads the folder with
     /// transformers.js and generates from a typed prompt, with tokens/s.
     fn page(&self) -> String {
-        let options: String = self
-            .dtypes()
-            .map(|d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" }))
-            .collect();
+        let options: String = self.dtypes().map(|d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
         PAGE.replace("{{NAME}}", &html_escape(&self.title))
             .replace("{{PROMPT}}", &html_escape(&self.web.prompt))
             .replace("{{DTYPE_OPTIONS}}", &options)

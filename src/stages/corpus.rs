@@ -42,9 +42,7 @@ impl Document {
 /// Reads a `train.jsonl` / `eval.jsonl` artifact.
 pub fn read_documents(path: &Path) -> Result<Vec<Document>, StageError> {
     let text = std::fs::read_to_string(path).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
-    text.lines()
-        .map(|line| serde_json::from_str(line).map_err(|e| StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display()))))
-        .collect()
+    text.lines().map(|line| serde_json::from_str(line).map_err(|e| StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display())))).collect()
 }
 
 impl Stage for CorpusStage {
@@ -131,10 +129,7 @@ fn utf8<'a>(label: &str, raw: &'a [u8]) -> Result<&'a str, StageError> {
         let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
         let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
-        StageError::bad_input(format!(
-            "`{label}`:{line}:{column}: not valid UTF-8 (byte 0x{:02x}); convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`",
-            raw[e.valid_up_to()]
-        ))
+        StageError::bad_input(format!("`{label}`:{line}:{column}: not valid UTF-8 (byte 0x{:02x}); convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`", raw[e.valid_up_to()]))
     })
 }
 
@@ -187,9 +182,10 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
                 })?;
                 let line = record.position().map_or(0, |p| p.line());
                 let field = |name: &str| -> Result<String, StageError> {
-                    let column = headers.iter().position(|h| h == name).ok_or_else(|| {
-                        StageError::bad_input(format!("`{label}`: no column `{name}` (columns: {})", headers.iter().collect::<Vec<_>>().join(", ")))
-                    })?;
+                    let column = headers
+                        .iter()
+                        .position(|h| h == name)
+                        .ok_or_else(|| StageError::bad_input(format!("`{label}`: no column `{name}` (columns: {})", headers.iter().collect::<Vec<_>>().join(", "))))?;
                     record.get(column).map(str::to_string).ok_or_else(|| StageError::bad_input(format!("`{label}`:{line}: the row has no column `{name}`")))
                 };
                 push_record(&corpus.fields, field, out)?;

@@ -27,11 +27,12 @@ fn onnx_artifacts(file: &str) -> Vec<(String, String)> {
 
 /// The data chunks of `file` that stage `stage` wrote, as (name, path).
 pub(super) fn data_inputs<'a>(ctx: &'a StageContext<'_>, stage: &str, file: &str) -> Vec<(String, &'a std::path::Path)> {
-    (0..MAX_CHUNKS).map_while(|i| {
-        let name = external::data_file_name(file, i);
-        ctx.input(stage, &name).ok().map(|path| (name, path))
-    })
-    .collect()
+    (0..MAX_CHUNKS)
+        .map_while(|i| {
+            let name = external::data_file_name(file, i);
+            ctx.input(stage, &name).ok().map(|path| (name, path))
+        })
+        .collect()
 }
 
 fn write_onnx(model: crate::onnx::proto::ModelProto, path: &std::path::Path, policy: Policy) -> Result<Written, StageError> {
@@ -86,7 +87,9 @@ impl Stage for ExportStage {
         let matmuls = graph.graph.as_ref().map_or(0, |g| g.node.iter().filter(|n| n.op_type.as_deref() == Some("MatMul")).count());
         let written = write_onnx(graph, &ctx.output("model.onnx"), policy(self.export.external_data))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "wrote the file");
-        Ok(serde_json::json!({ "bytes": written.total_bytes(), "model_bytes": written.model_bytes, "data_files": written.data_files, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }))
+        Ok(
+            serde_json::json!({ "bytes": written.total_bytes(), "model_bytes": written.model_bytes, "data_files": written.data_files, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }),
+        )
     }
 }
 

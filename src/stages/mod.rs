@@ -88,15 +88,10 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             return Err(error(&format!("`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build")));
         }
         for dtype in &export.targets {
-            let stage = verify::VerifyStage::new(dtype, settings.clone(), model_stage, manifest.corpus.is_some())
-                .ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
+            let stage = verify::VerifyStage::new(dtype, settings.clone(), model_stage, manifest.corpus.is_some()).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
             stages.push(Box::new(stage));
         }
-        let files = export
-            .targets
-            .iter()
-            .map(|d| (if d == "fp32" { "export".to_string() } else { format!("quantize.{d}") }, crate::quant::file_name(d).expect("checked above")))
-            .collect();
+        let files = export.targets.iter().map(|d| (if d == "fp32" { "export".to_string() } else { format!("quantize.{d}") }, crate::quant::file_name(d).expect("checked above"))).collect();
         let dtype = manifest.web.dtype.clone().unwrap_or_else(|| bundle::default_dtype(&export.targets));
         stages.push(Box::new(bundle::BundleStage { model_stage, files, dtype, title: manifest.project.name.clone(), web: manifest.web.clone(), finetune: finetune.is_some() }));
     } else if manifest.verify.is_some() {

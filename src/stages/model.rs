@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use super::corpus::{Document, read_documents};
 use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
 use crate::manifest::{Base, BaseModel, Finetune, FinetuneMethod};
-use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
 use crate::model::train::{LoraSpec, Rng};
+use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
 use crate::model::{self, Config, ModelError, lora};
 
 /// The candle version that shapes the model artifacts (part of the keys).
@@ -255,10 +255,7 @@ impl FinetuneStage {
         let f = &self.finetune;
         let method = match f.method {
             FinetuneMethod::Full | FinetuneMethod::None => Method::Full,
-            FinetuneMethod::Lora => Method::Lora {
-                spec: LoraSpec { targets: f.targets.clone(), rank: f.rank as usize, alpha: f.alpha, rslora: f.rslora },
-                dropout: f.dropout,
-            },
+            FinetuneMethod::Lora => Method::Lora { spec: LoraSpec { targets: f.targets.clone(), rank: f.rank as usize, alpha: f.alpha, rslora: f.rslora }, dropout: f.dropout },
         };
         TrainConfig {
             method,
@@ -375,10 +372,7 @@ impl Stage for FinetuneStage {
         let trainable_tokens = if self.trains_new_tokens() { super::vocab::read_new_tokens(ctx.input("vocab", "new_tokens.json")?)? } else { Vec::new() };
         let config = self.train_config(trainable_tokens);
         if config.block_size > model.config.n_positions {
-            return Err(StageError::bad_input(format!(
-                "`finetune.block_size` = {} is longer than the base model's context ({} positions)",
-                config.block_size, model.config.n_positions
-            )));
+            return Err(StageError::bad_input(format!("`finetune.block_size` = {} is longer than the base model's context ({} positions)", config.block_size, model.config.n_positions)));
         }
         if let Method::Lora { spec, .. } = &config.method
             && spec.rank > model.config.n_embd

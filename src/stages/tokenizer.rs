@@ -96,11 +96,7 @@ impl Stage for TokenizerStage {
         let lines: Vec<&str> = train.iter().chain(&eval).flat_map(Document::texts).step_by(stride).collect();
         check_round_trip(&tokenizer, &lines, self.tokenizer.pre_tokenizer)?;
         let round_trip_seconds = started.elapsed().as_secs_f64();
-        let tokens: usize = eval
-            .par_iter()
-            .flat_map_iter(Document::texts)
-            .map(|t| tokenizer.encode(t, false).map(|e| e.len()).unwrap_or(0))
-            .sum();
+        let tokens: usize = eval.par_iter().flat_map_iter(Document::texts).map(|t| tokenizer.encode(t, false).map(|e| e.len()).unwrap_or(0)).sum();
         let words: usize = eval.iter().flat_map(Document::texts).map(|t| t.split_whitespace().count()).sum();
         let json = tokenizer.to_string(true).map_err(|e| StageError::failed(format!("cannot serialise the tokenizer: {e}")))?;
         let merges = serde_json::from_str::<serde_json::Value>(&json).ok().and_then(|v| v["model"]["merges"].as_array().map(Vec::len)).unwrap_or(0);
@@ -167,10 +163,7 @@ fn check_round_trip(tokenizer: &Bpe, lines: &[&str], pre_tokenizer: PreTokenizer
         .par_iter()
         .enumerate()
         .filter_map(|(i, line)| {
-            let decoded = tokenizer
-                .encode(*line, false)
-                .and_then(|e| tokenizer.decode(e.get_ids(), false))
-                .unwrap_or_else(|e| format!("<error: {e}>"));
+            let decoded = tokenizer.encode(*line, false).and_then(|e| tokenizer.decode(e.get_ids(), false)).unwrap_or_else(|e| format!("<error: {e}>"));
             (decoded != *line).then_some((i, decoded))
         })
         .collect();

@@ -48,9 +48,8 @@ impl VerifyStage {
         } else {
             super::vocab::ENGLISH_SAMPLE.lines().map(str::to_string).collect()
         };
-        let encode = |text: &str| -> Result<Vec<u32>, StageError> {
-            Ok(tokenizer.encode(text, false).map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?.get_ids().to_vec())
-        };
+        let encode =
+            |text: &str| -> Result<Vec<u32>, StageError> { Ok(tokenizer.encode(text, false).map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?.get_ids().to_vec()) };
         let context = config.n_positions;
         let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
         let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);

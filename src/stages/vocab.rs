@@ -439,7 +439,12 @@ mod tests {
         let mut table = [0u32; 256];
         let mut next = 256;
         for b in 0..=255u8 {
-            table[b as usize] = if printable(b) { b as u32 } else { next += 1; next - 1 };
+            table[b as usize] = if printable(b) {
+                b as u32
+            } else {
+                next += 1;
+                next - 1
+            };
         }
         text.bytes().map(|b| char::from_u32(table[b as usize]).unwrap()).collect()
     }

@@ -151,11 +151,10 @@ fn tools_dir() -> Result<PathBuf, RuntimeError> {
 
 fn wheel_for_host() -> Result<&'static Wheel, RuntimeError> {
     let (os, arch) = (std::env::consts::OS, std::env::consts::ARCH);
-    WHEELS.iter().find(|w| w.os == os && w.arch == arch).ok_or_else(|| {
-        RuntimeError::Provision(format!(
-            "symb has no ONNX Runtime {VERSION} download for {os}/{arch}; install ONNX Runtime {VERSION} and set `ORT_DYLIB_PATH` to its library"
-        ))
-    })
+    WHEELS
+        .iter()
+        .find(|w| w.os == os && w.arch == arch)
+        .ok_or_else(|| RuntimeError::Provision(format!("symb has no ONNX Runtime {VERSION} download for {os}/{arch}; install ONNX Runtime {VERSION} and set `ORT_DYLIB_PATH` to its library")))
 }
 
 /// The library under `dir`, fetched from PyPI and checked if it is not there
@@ -179,8 +178,7 @@ pub fn provision_from(dir: &Path, url: &str) -> Result<PathBuf, RuntimeError> {
     let io = |what: &str, p: &Path, e: std::io::Error| RuntimeError::Provision(format!("cannot {what} `{}`: {e}", p.display()));
     std::fs::create_dir_all(&folder).map_err(|e| io("create", &folder, e))?;
     // Two processes fetching at once: one fetches, the other waits and finds it.
-    let _lock = crate::cache::CacheLock::acquire(&folder.join(".lock"), || tracing::info!("waiting for another symb to fetch ONNX Runtime"))
-        .map_err(|e| RuntimeError::Provision(e.to_string()))?;
+    let _lock = crate::cache::CacheLock::acquire(&folder.join(".lock"), || tracing::info!("waiting for another symb to fetch ONNX Runtime")).map_err(|e| RuntimeError::Provision(e.to_string()))?;
     if present(&path) {
         return Ok(path);
     }

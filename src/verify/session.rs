@@ -40,11 +40,7 @@ impl OnnxLm {
     /// Loads `path` into a session on `threads` intra-op threads.
     pub fn load(path: &Path, threads: usize) -> Result<Self, RuntimeError> {
         let env = environment()?;
-        let session = Session::builder(env)?
-            .with_intra_threads(threads)
-            .map_err(|e| bad(path, e))?
-            .commit_from_file(path)
-            .map_err(|e| bad(path, e))?;
+        let session = Session::builder(env)?.with_intra_threads(threads).map_err(|e| bad(path, e))?.commit_from_file(path).map_err(|e| bad(path, e))?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         for required in ["input_ids", "attention_mask"] {
             if !names.contains(&required) {

@@ -103,11 +103,7 @@ pub struct Build {
 
 impl Build {
     pub fn with_status(&self, status: &str) -> BTreeSet<String> {
-        self.events
-            .iter()
-            .filter(|e| e["event"] == "stage" && e["status"] == status)
-            .map(|e| e["stage"].as_str().unwrap().to_string())
-            .collect()
+        self.events.iter().filter(|e| e["event"] == "stage" && e["status"] == status).map(|e| e["stage"].as_str().unwrap().to_string()).collect()
     }
 
     pub fn ran(&self) -> BTreeSet<String> {
@@ -150,10 +146,7 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// greedy tokens for `prompts`, and `lines` encoded and decoded.
 pub fn transformers_js(folder: &Path, dtypes: &[&str], prompts: &[String], max_new_tokens: usize, lines: &[String]) -> serde_json::Value {
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(
-        js.join("node_modules/@huggingface/transformers").is_dir(),
-        "transformers.js is not installed: run `bash tests/setup.sh` (npm ci in tests/js with ONNXRUNTIME_NODE_INSTALL=skip)"
-    );
+    assert!(js.join("node_modules/@huggingface/transformers").is_dir(), "transformers.js is not installed: run `bash tests/setup.sh` (npm ci in tests/js with ONNXRUNTIME_NODE_INSTALL=skip)");
     let request = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(request.path(), serde_json::json!({"dtypes": dtypes, "prompts": prompts, "max_new_tokens": max_new_tokens, "lines": lines}).to_string()).unwrap();
     let out = Command::new("node").arg(js.join("generate.mjs")).arg(folder).arg(request.path()).current_dir(&js).output().expect("node runs");
