@@ -21,7 +21,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = os.path.join(ROOT, "..", "shared", "fixtures", "tiny-gpt2", "tokenizer.json")
+TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt2", "tokenizer.json")
 
 STEP = r"""
 import sys, time, resource

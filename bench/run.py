@@ -21,7 +21,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GENERATOR = os.path.join(ROOT, "..", "shared", "corpus", "gen_symbiotic.py")
+GENERATOR = os.path.join(ROOT, "corpus", "gen_symbiotic.py")
 
 PYTHON_TRAIN = r"""
 import sys, time

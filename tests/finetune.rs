@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{BIN, TestProject, set, snapshot};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
 const SCRATCH: &str = r#"[corpus]
@@ -165,14 +165,14 @@ fn model_input_errors_are_clear() {
 }
 
 /// Issue 3's acceptance run, the gpt2-lora workflow on the PyTorch fixture:
-/// a 1.4 MB corpus of the constructed language (`gen_symbiotic.py`, beside
-/// the repository), its tokenizer's words added to the fixture's, LoRA on
+/// a 1.4 MB corpus of the constructed language (`corpus/gen_symbiotic.py`),
+/// its tokenizer's words added to the fixture's, LoRA on
 /// every linear layer plus the new embedding rows, 400 steps. Slow (about two
 /// minutes in release): `cargo test --release --test finetune -- --ignored`.
 #[test]
 #[ignore]
 fn lora_on_a_1_4_mb_corpus_teaches_the_fixture_the_language() {
-    let generator = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus/gen_symbiotic.py");
+    let generator = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/gen_symbiotic.py");
     let corpus = Command::new("python3").arg(generator).args(["--seed", "7", "--sentences", "19000"]).output().expect("python3 runs");
     assert!(corpus.status.success());
     assert!((1_300_000..1_600_000).contains(&corpus.stdout.len()), "{} bytes", corpus.stdout.len());

@@ -15,7 +15,7 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const FILES: [&str; 4] = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"];
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
 /// A minimal Hub: `/api/models/{repo}/revision/{rev}` and

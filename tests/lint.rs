@@ -10,7 +10,7 @@ use prost::Message;
 use symb::onnx::proto;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
 /// The fixture converted to fp32 and q4 (built once per test).

@@ -1,4 +1,4 @@
-//! GPT-2 in candle against PyTorch's outputs on ../shared/fixtures/tiny-gpt2.
+//! GPT-2 in candle against PyTorch's outputs on tests/fixtures/tiny-gpt2.
 
 use std::path::PathBuf;
 
@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use symb::model::{self, lora};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
 struct Case {

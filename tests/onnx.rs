@@ -9,7 +9,7 @@ use candle_core::Device;
 use symb::model;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {

@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
-# What the tests need besides cargo: Python's tokenizers and onnxruntime
-# (independent references), and transformers.js for Node (tests/js).
+# Everything the tests need besides cargo, on a fresh machine: Debian's
+# chromium (the playground and transformers.js in a real browser), Python's
+# tokenizers and onnxruntime (independent references), and, in tests/js,
+# transformers.js and playwright-core. Safe to run again: what is there stays.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        sudo=()
+    elif command -v sudo >/dev/null; then
+        sudo=(sudo)
+    else
+        echo "tests/setup.sh: chromium is missing and this user can't install it (not root, no sudo): apt-get install chromium" >&2
+        exit 1
+    fi
+    echo "tests/setup.sh: installing Debian's chromium" >&2
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium >/dev/null
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
 # onnxruntime-node's install script would fetch CUDA libraries from outside
 # the registries; its CPU library is already inside the package.

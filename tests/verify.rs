@@ -11,7 +11,7 @@ use symb::model;
 use symb::verify::{self, Workload, session::OnnxLm};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
 fn golden() -> Vec<serde_json::Value> {

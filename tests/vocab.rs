@@ -10,7 +10,7 @@ use std::process::Command;
 use common::{TestProject, set};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tiny-gpt2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
 fn manifest(strategy: &str, vocab_size: u32, extra: &str) -> String {

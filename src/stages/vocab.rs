@@ -416,7 +416,7 @@ mod tests {
     use super::*;
 
     fn fixture_tokenizer() -> Tokenizer {
-        Tokenizer::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/tiny-gpt2/tokenizer.json")).unwrap()
+        Tokenizer::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-gpt2/tokenizer.json")).unwrap()
     }
 
     /// A byte-level BPE "new tokenizer" with the given vocabulary strings.
@@ -483,7 +483,7 @@ mod tests {
     #[test]
     fn extend_bpe_reaches_every_new_token_and_refuses_other_splitters() {
         let read = |p: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
-        let base = read(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/tiny-gpt2/tokenizer.json"));
+        let base = read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-gpt2/tokenizer.json"));
         let mut new = serde_json::to_value(byte_level(&["Ġ", "q", "z", "x", "e", "l", "Ġq", "zx", "Ġqzx", "el", "Ġqzxel"])).unwrap();
         new["model"]["merges"] = json!([["Ġ", "q"], ["z", "x"], ["Ġq", "zx"], ["e", "l"], ["Ġqzx", "el"]]);
         let (extended, added) = extend_bpe(&base, &new).unwrap();

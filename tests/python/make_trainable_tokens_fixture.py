@@ -2,7 +2,7 @@
 
     make_trainable_tokens_fixture.py [BASE_MODEL_DIR] [OUT_DIR]
 
-Defaults: BASE_MODEL_DIR=../shared/fixtures/tiny-gpt2 (beside the repository),
+Defaults: BASE_MODEL_DIR=tests/fixtures/tiny-gpt2,
 OUT_DIR=tests/data/tiny-gpt2-trainable-tokens (relative to the repository root).
 
 Writes into OUT_DIR:
@@ -37,7 +37,7 @@ INPUT_IDS = [[4090, 5, 4091, 17, 4095, 300, 4092, 9]]
 NOISE_SCALE = 0.5
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-base_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "..", "shared", "fixtures", "tiny-gpt2")
+base_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "tests", "fixtures", "tiny-gpt2")
 out_dir = sys.argv[2] if len(sys.argv) > 2 else os.path.join(REPO, "tests", "data", "tiny-gpt2-trainable-tokens")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,7 +130,7 @@ save_file(
 adapter = load_file(os.path.join(out_dir, "adapter_model.safetensors"))
 info = {
     "script": "tests/python/make_trainable_tokens_fixture.py",
-    "base_model": "../shared/fixtures/tiny-gpt2",
+    "base_model": "tests/fixtures/tiny-gpt2",
     "versions": {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
