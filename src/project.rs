@@ -26,13 +26,16 @@ pub enum ProjectError {
     /// The lint refused the new output folder.
     #[error("error: the new output folder fails the transformers.js lint, so `{output}` was left as it was:\n{findings}")]
     Lint { output: String, findings: String },
+    /// The output path is not symb's to write (checked again at the swap).
+    #[error("error: `project.output` = \"{output}\": {message}")]
+    Output { output: String, message: String },
 }
 
 impl ProjectError {
     /// The process exit code: 2 for a bad manifest or arguments, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ProjectError::Manifest(_) | ProjectError::Plan(_) => 2,
+            ProjectError::Manifest(_) | ProjectError::Plan(_) | ProjectError::Output { .. } => 2,
             ProjectError::Cache(_) | ProjectError::Lint { .. } => 1,
         }
     }
@@ -55,6 +58,9 @@ pub struct BuildReport {
     /// Whether the output folder was rewritten (`None` when not assembled:
     /// a failed or partial build leaves it as it was).
     pub output_updated: Option<bool>,
+    /// Files in the output folder that symb did not write, carried into the
+    /// new one.
+    pub kept: Vec<String>,
     pub seconds: f64,
 }
 
@@ -97,6 +103,7 @@ impl Project {
         let stat = Mutex::new(StatCache::load(&stat_path));
         let mut outcome = engine::execute(&self.plan, &self.cache, &stat, &self.id, options, reporter)?;
         let mut output_updated = None;
+        let mut kept = Vec::new();
         if outcome.failure().is_none() && !self.partial {
             let output = &self.manifest.project.output;
             let mut files = self.published(&outcome);
@@ -119,16 +126,19 @@ impl Project {
                         let findings = if web { crate::lint::lint(dir) } else { Vec::new() };
                         if findings.is_empty() { Ok(()) } else { Err(findings.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n")) }
                     };
-                    engine::assemble_output(&self.cache, &self.id, output, &files, &check).map_err(|e| match e {
+                    let label = || self.manifest.project.output_label.clone();
+                    let assembled = engine::assemble_output(&self.cache, &self.id, output, &files, &check).map_err(|e| match e {
                         engine::AssembleError::Cache(e) => ProjectError::Cache(e),
-                        engine::AssembleError::Rejected(findings) => ProjectError::Lint { output: self.manifest.project.output_label.clone(), findings },
+                        engine::AssembleError::Rejected(findings) => ProjectError::Lint { output: label(), findings },
+                        e @ (engine::AssembleError::Refused(_) | engine::AssembleError::Collision { .. }) => ProjectError::Output { output: label(), message: e.to_string() },
                     })?;
+                    kept = assembled.kept;
                 }
             }
             output_updated = outcome.failure().is_none().then_some(!current);
         }
         stat.into_inner().expect("stat cache lock").save(&stat_path, &self.cache.tmp_dir())?;
-        Ok(BuildReport { outcome, output_updated, seconds: started.elapsed().as_secs_f64() })
+        Ok(BuildReport { outcome, output_updated, kept, seconds: started.elapsed().as_secs_f64() })
     }
 
     /// Output path -> blob, for every artifact the plan publishes.
@@ -171,17 +181,64 @@ impl Project {
         Ok(self.cache.gc(&keep, dry_run)?)
     }
 
-    /// Removes the output folder and the cache's contents (the cache folder
-    /// itself stays, with anything else the user keeps there).
-    pub fn clean(&self) -> Result<Vec<PathBuf>, ProjectError> {
+    /// Removes the output folder (only if symb made it: it holds symb's
+    /// marker) and what the cache stores (its versioned bucket; the cache
+    /// folder itself stays, with anything else the user keeps there).
+    /// Returns what was removed, and the user's files in the output, which
+    /// keep it from being removed whole: only symb's own files go then.
+    pub fn clean(&self) -> Result<Clean, ProjectError> {
         let _lock = self.cache.lock(|| {})?;
-        let mut removed = Vec::new();
-        for path in [&self.manifest.project.output, &self.cache.bucket()] {
-            if path.exists() {
-                std::fs::remove_dir_all(path).map_err(|e| CacheError::io(path, e))?;
-                removed.push(path.clone());
+        let output = &self.manifest.project.output;
+        let refused = |e: engine::OutputRefusal| ProjectError::Output { output: self.manifest.project.output_label.clone(), message: e.to_string() };
+        let mut clean = Clean::default();
+        if let engine::OutputFolder::Owned(owned) = engine::inspect_output(output).map_err(refused)? {
+            clean.kept = engine::foreign_files(output, &owned);
+            if clean.kept.is_empty() {
+                std::fs::remove_dir_all(output).map_err(|e| CacheError::io(output, e))?;
+            } else {
+                for relative in owned.keys().map(String::as_str).chain([engine::OUTPUT_MARKER]) {
+                    let path = output.join(relative);
+                    match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(CacheError::io(&path, e).into());
+                        }
+                        _ => {}
+                    }
+                }
+                // Folders symb's files leave empty go too (deepest first).
+                let mut folders: Vec<&Path> = owned.keys().flat_map(|r| Path::new(r).ancestors().skip(1)).filter(|p| !p.as_os_str().is_empty()).collect();
+                folders.sort_by_key(|p| (std::cmp::Reverse(p.components().count()), p.to_path_buf()));
+                folders.dedup();
+                for folder in folders {
+                    let _ = std::fs::remove_dir(output.join(folder));
+                }
             }
+            clean.removed.push(output.clone());
         }
-        Ok(removed)
+        let bucket = self.cache.bucket();
+        if bucket.exists() {
+            std::fs::remove_dir_all(&bucket).map_err(|e| CacheError::io(&bucket, e))?;
+            clean.removed.push(bucket);
+        }
+        Ok(clean)
     }
+
+    /// Re-hashes the cache and the output folder against what symb wrote.
+    /// With `repair`, corrupt cache entries are removed (their stages re-run
+    /// at the next build); without, only reported.
+    pub fn verify(&self, repair: bool) -> Result<(crate::cache::VerifyReport, engine::OutputCheck), ProjectError> {
+        let _lock = self.cache.lock(|| {})?;
+        let cache = self.cache.verify(repair)?;
+        let refused = |e: engine::OutputRefusal| ProjectError::Output { output: self.manifest.project.output_label.clone(), message: e.to_string() };
+        let output = engine::check_output(&self.manifest.project.output).map_err(refused)?;
+        Ok((cache, output))
+    }
+}
+
+/// What `symb clean` did.
+#[derive(Debug, Default)]
+pub struct Clean {
+    pub removed: Vec<PathBuf>,
+    /// The user's files in the output folder, left where they are.
+    pub kept: Vec<String>,
 }

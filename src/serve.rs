@@ -7,16 +7,36 @@
 //! page loads the library and ONNX Runtime's WebAssembly from this server and
 //! nothing leaves the machine; without, from the URL the page names (a CDN).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Where the page finds transformers.js when the server has a local copy.
 pub const LOCAL_CONFIG: &str = "/_symb/transformers.json";
 
+/// The longest request or header line accepted (bytes).
+const MAX_LINE: u64 = 8 * 1024;
+/// The most header lines in one request.
+const MAX_HEADERS: usize = 100;
+/// The largest request body drained (GET and HEAD carry none in practice).
+const MAX_BODY: u64 = 1 << 20;
+/// Connections served at once; past this, new ones get 503 at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may sit idle mid-request (or between requests).
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct Server {
     listener: TcpListener,
-    root: PathBuf,
+    /// The served folders, symlinks resolved: nothing outside them is served.
+    roots: Arc<Roots>,
+}
+
+struct Roots {
+    folder: PathBuf,
     /// A `node_modules` folder with transformers.js and onnxruntime-web.
     modules: Option<PathBuf>,
 }
@@ -33,22 +53,31 @@ impl Server {
                 )));
             }
         }
+        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()? };
         let listener = TcpListener::bind(("127.0.0.1", port))?;
-        Ok(Server { listener, root: root.to_path_buf(), modules: modules.map(Path::to_path_buf) })
+        Ok(Server { listener, roots: Arc::new(roots) })
     }
 
     pub fn url(&self) -> String {
         format!("http://{}/", self.listener.local_addr().expect("bound"))
     }
 
-    /// Serves until the process ends, one thread per connection.
+    /// Serves until the process ends, one thread per connection, at most
+    /// [`MAX_CONNECTIONS`] at once.
     pub fn run(self) -> std::io::Result<()> {
-        let shared = std::sync::Arc::new((self.root, self.modules));
+        let open = Arc::new(AtomicUsize::new(0));
         for stream in self.listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let shared = shared.clone();
+            let Ok(mut stream) = stream else { continue };
+            if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                open.fetch_sub(1, Ordering::SeqCst);
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = stream.write_all(&head("503 Service Unavailable", "text/plain", 0, false, &[]));
+                continue;
+            }
+            let (roots, open) = (self.roots.clone(), open.clone());
             std::thread::spawn(move || {
-                let _ = handle(stream, &shared.0, shared.1.as_deref());
+                let _ = handle(stream, &roots);
+                open.fetch_sub(1, Ordering::SeqCst);
             });
         }
         Ok(())
@@ -68,8 +97,8 @@ fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// `request` (a URL path) as a file under `root`, refusing anything that
-/// leaves it.
+/// `request` (a URL path) as a file under `root` (a real path), refusing
+/// anything that leaves it, by `..` or through a symlink.
 fn resolve(root: &Path, request: &str) -> Option<PathBuf> {
     let path = request.split(['?', '#']).next().unwrap_or("");
     let decoded = percent_decode(path)?;
@@ -84,7 +113,8 @@ fn resolve(root: &Path, request: &str) -> Option<PathBuf> {
     if out.is_dir() {
         out.push("index.html");
     }
-    Some(out)
+    let real = out.canonicalize().ok()?;
+    real.starts_with(root).then_some(real)
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -104,57 +134,173 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn handle(stream: TcpStream, root: &Path, modules: Option<&Path>) -> std::io::Result<()> {
+/// One line of at most [`MAX_LINE`] bytes; `None` at the end of the stream,
+/// an error for a longer line.
+fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let n = reader.take(MAX_LINE).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if !line.ends_with(b"\n") {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long or cut short"));
+    }
+    Ok(Some(String::from_utf8_lossy(&line).trim_end().to_string()))
+}
+
+/// A parsed request head.
+struct Request {
+    method: String,
+    target: String,
+    keep_alive: bool,
+    range: Option<String>,
+}
+
+/// Why a request is answered with an error and the connection closed.
+enum BadRequest {
+    /// A line over [`MAX_LINE`] or more than [`MAX_HEADERS`] headers.
+    TooLarge,
+    /// A body over [`MAX_BODY`].
+    BodyTooLarge,
+    /// A malformed line or Content-Length, or a body we do not take.
+    Malformed(&'static str),
+}
+
+fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Request, BadRequest>>> {
+    let line = match read_line(reader) {
+        Ok(Some(line)) => line,
+        Ok(None) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Ok(Some(Err(BadRequest::TooLarge)));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else { return Ok(Some(Err(BadRequest::Malformed("malformed request line")))) };
+    let mut request = Request { method: method.to_string(), target: target.to_string(), keep_alive: version == "HTTP/1.1", range: None };
+    let mut length = 0u64;
+    for count in 0.. {
+        let header = match read_line(reader) {
+            Ok(Some(header)) => header,
+            Ok(None) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Ok(Some(Err(BadRequest::TooLarge)));
+            }
+            Err(e) => return Err(e),
+        };
+        if header.is_empty() {
+            break;
+        }
+        if count >= MAX_HEADERS {
+            return Ok(Some(Err(BadRequest::TooLarge)));
+        }
+        let Some((name, value)) = header.split_once(':') else { return Ok(Some(Err(BadRequest::Malformed("malformed header line")))) };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "connection" if value.eq_ignore_ascii_case("close") => request.keep_alive = false,
+            "connection" if value.eq_ignore_ascii_case("keep-alive") => request.keep_alive = true,
+            "content-length" => match value.parse::<u64>() {
+                Ok(n) if n <= MAX_BODY => length = n,
+                Ok(_) => return Ok(Some(Err(BadRequest::BodyTooLarge))),
+                Err(_) => return Ok(Some(Err(BadRequest::Malformed("invalid Content-Length")))),
+            },
+            "transfer-encoding" => {
+                return Ok(Some(Err(BadRequest::Malformed("request bodies are not accepted"))));
+            }
+            "range" => request.range = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    if length > 0 {
+        std::io::copy(&mut reader.take(length), &mut std::io::sink())?;
+    }
+    Ok(Some(Ok(request)))
+}
+
+/// A single byte range of a `len`-byte file, as `(first, last)` inclusive;
+/// `Ok(None)` when the header is ignored (not bytes, or several ranges: the
+/// whole file is sent), `Err(())` when unsatisfiable.
+fn byte_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else { return Ok(None) };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return Ok(None) };
+    let (first, last) = (first.trim(), last.trim());
+    let range = if first.is_empty() {
+        let suffix: u64 = last.parse().map_err(|_| ())?;
+        if suffix == 0 || len == 0 {
+            return Err(());
+        }
+        (len.saturating_sub(suffix), len - 1)
+    } else {
+        let first: u64 = first.parse().map_err(|_| ())?;
+        let last = if last.is_empty() { len.saturating_sub(1) } else { last.parse::<u64>().map_err(|_| ())?.min(len.saturating_sub(1)) };
+        if first >= len || last < first {
+            return Err(());
+        }
+        (first, last)
+    };
+    Ok(Some(range))
+}
+
+fn head(status: &str, kind: &str, length: u64, keep_alive: bool, extra: &[String]) -> Vec<u8> {
+    let mut text = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {length}\r\nCross-Origin-Opener-Policy: same-origin\r\nCross-Origin-Embedder-Policy: require-corp\r\nCross-Origin-Resource-Policy: same-origin\r\nCache-Control: no-store\r\nConnection: {}\r\n",
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    for line in extra {
+        text.push_str(line);
+        text.push_str("\r\n");
+    }
+    text.push_str("\r\n");
+    text.into_bytes()
+}
+
+fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut stream = stream;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
-        let mut keep_alive = true;
-        let mut length = 0usize;
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header)? == 0 {
-                return Ok(());
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            let lower = header.to_ascii_lowercase();
-            if lower == "connection: close" {
-                keep_alive = false;
-            }
-            if let Some(n) = lower.strip_prefix("content-length:") {
-                length = n.trim().parse().unwrap_or(0);
-            }
-        }
-        if length > 0 {
-            std::io::copy(&mut (&mut reader).take(length as u64), &mut std::io::sink())?;
-        }
-        let (status, body, kind): (&str, Body, &str) = if method != "GET" && method != "HEAD" {
-            ("405 Method Not Allowed", Body::Bytes(b"only GET and HEAD\n".to_vec()), "text/plain")
-        } else {
-            match respond(&target, root, modules) {
-                Some((body, kind)) => ("200 OK", body, kind),
-                None => ("404 Not Found", Body::Bytes(b"not found\n".to_vec()), "text/plain"),
+        let request = match read_request(&mut reader)? {
+            None => return Ok(()),
+            Some(Ok(request)) => request,
+            Some(Err(bad)) => {
+                let (status, text) = match bad {
+                    BadRequest::TooLarge => ("431 Request Header Fields Too Large", "request too large\n"),
+                    BadRequest::BodyTooLarge => ("413 Content Too Large", "request body too large\n"),
+                    BadRequest::Malformed(why) => ("400 Bad Request", why),
+                };
+                stream.write_all(&head(status, "text/plain", text.len() as u64, false, &[]))?;
+                stream.write_all(text.as_bytes())?;
+                return stream.flush();
             }
         };
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCross-Origin-Opener-Policy: same-origin\r\nCross-Origin-Embedder-Policy: require-corp\r\nCross-Origin-Resource-Policy: same-origin\r\nCache-Control: no-store\r\nConnection: {}\r\n\r\n",
-            body.len(),
-            if keep_alive { "keep-alive" } else { "close" }
-        );
-        stream.write_all(head.as_bytes())?;
-        if method != "HEAD" {
+        let keep_alive = request.keep_alive;
+        let send_body = request.method != "HEAD";
+        let (status, body, kind, extra): (&str, Body, &str, Vec<String>) = if request.method != "GET" && request.method != "HEAD" {
+            ("405 Method Not Allowed", Body::Bytes(b"only GET and HEAD\n".to_vec()), "text/plain", vec!["Allow: GET, HEAD".into()])
+        } else {
+            match respond(&request.target, roots) {
+                None => ("404 Not Found", Body::Bytes(b"not found\n".to_vec()), "text/plain", Vec::new()),
+                Some((Body::File(mut file, len), kind)) => match request.range.as_deref().map_or(Ok(None), |r| byte_range(r, len)) {
+                    Ok(None) => ("200 OK", Body::File(file, len), kind, vec!["Accept-Ranges: bytes".into()]),
+                    Ok(Some((first, last))) => {
+                        file.seek(SeekFrom::Start(first))?;
+                        ("206 Partial Content", Body::File(file, last - first + 1), kind, vec!["Accept-Ranges: bytes".into(), format!("Content-Range: bytes {first}-{last}/{len}")])
+                    }
+                    Err(()) => ("416 Range Not Satisfiable", Body::Bytes(Vec::new()), "text/plain", vec![format!("Content-Range: bytes */{len}")]),
+                },
+                Some((body, kind)) => ("200 OK", body, kind, Vec::new()),
+            }
+        };
+        stream.write_all(&head(status, kind, body.len(), keep_alive, &extra))?;
+        if send_body {
             match body {
                 Body::Bytes(bytes) => stream.write_all(&bytes)?,
-                Body::File(mut file, _) => {
-                    std::io::copy(&mut file, &mut stream)?;
+                Body::File(file, len) => {
+                    std::io::copy(&mut file.take(len), &mut stream)?;
                 }
             }
         }
@@ -185,10 +331,10 @@ impl Body {
     }
 }
 
-fn respond(target: &str, root: &Path, modules: Option<&Path>) -> Option<(Body, &'static str)> {
+fn respond(target: &str, roots: &Roots) -> Option<(Body, &'static str)> {
     let path = target.split(['?', '#']).next().unwrap_or("");
     if let Some(rest) = path.strip_prefix("/_symb/") {
-        let modules = modules?;
+        let modules = roots.modules.as_deref()?;
         if path == LOCAL_CONFIG {
             let config = serde_json::json!({"url": "/_symb/lib/transformers.min.js", "wasm": "/_symb/ort/"});
             return Some((Body::Bytes(config.to_string().into_bytes()), "application/json"));
@@ -200,21 +346,125 @@ fn respond(target: &str, root: &Path, modules: Option<&Path>) -> Option<(Body, &
         } else {
             return None;
         };
-        return Body::file(&resolve(&base, file)?);
+        // npm may link packages (workspaces, pnpm): the node_modules folder
+        // bounds what is served, not the package's own folder.
+        return Body::file(&resolve(modules, &format!("{}/{file}", base.strip_prefix(modules).ok()?.display()))?);
     }
-    Body::file(&resolve(root, path)?)
+    Body::file(&resolve(&roots.folder, path)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A served folder with `index.html` and `onnx/model.onnx`, a folder
+    /// beside it that must never be served, and symlinks pointing there.
+    fn folder() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("dist");
+        std::fs::create_dir_all(root.join("onnx")).unwrap();
+        std::fs::write(root.join("index.html"), "<p>page</p>").unwrap();
+        std::fs::write(root.join("onnx/model.onnx"), (0..=255u8).collect::<Vec<u8>>()).unwrap();
+        std::fs::create_dir_all(dir.path().join("secret")).unwrap();
+        std::fs::write(dir.path().join("secret/passwd"), "root:x:0:0").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret/passwd"), root.join("leak.txt")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("etcdir")).unwrap();
+        std::os::unix::fs::symlink(root.join("index.html"), root.join("inside.html")).unwrap();
+        let root = root.canonicalize().unwrap();
+        (dir, root)
+    }
+
     #[test]
-    fn paths_cannot_leave_the_folder() {
-        let root = Path::new("/srv/dist");
-        assert_eq!(resolve(root, "/onnx/model.onnx?x=1"), Some(PathBuf::from("/srv/dist/onnx/model.onnx")));
-        assert_eq!(resolve(root, "/a%20b.json"), Some(PathBuf::from("/srv/dist/a b.json")));
-        assert_eq!(resolve(root, "/../etc/passwd"), None);
-        assert_eq!(resolve(root, "/%2e%2e/etc/passwd"), None);
+    fn paths_cannot_leave_the_folder_by_dots_or_symlinks() {
+        let (_dir, root) = folder();
+        assert_eq!(resolve(&root, "/onnx/model.onnx?x=1"), Some(root.join("onnx/model.onnx")));
+        assert_eq!(resolve(&root, "/"), Some(root.join("index.html")));
+        assert_eq!(resolve(&root, "/inside.html"), Some(root.join("index.html")), "a link inside the folder is served");
+        assert_eq!(resolve(&root, "/../secret/passwd"), None);
+        assert_eq!(resolve(&root, "/%2e%2e/secret/passwd"), None);
+        assert_eq!(resolve(&root, "/leak.txt"), None);
+        assert_eq!(resolve(&root, "/etcdir/passwd"), None);
+        assert_eq!(resolve(&root, "/missing.json"), None);
+    }
+
+    #[test]
+    fn byte_ranges_follow_rfc_9110() {
+        assert_eq!(byte_range("bytes=0-9", 100), Ok(Some((0, 9))));
+        assert_eq!(byte_range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(byte_range("bytes=-500", 100), Ok(Some((0, 99))));
+        assert_eq!(byte_range("bytes=50-500", 100), Ok(Some((50, 99))));
+        assert_eq!(byte_range("bytes=100-", 100), Err(()));
+        assert_eq!(byte_range("bytes=9-3", 100), Err(()));
+        assert_eq!(byte_range("bytes=-0", 100), Err(()));
+        assert_eq!(byte_range("bytes=x-1", 100), Err(()));
+        assert_eq!(byte_range("bytes=0-1,5-6", 100), Ok(None), "several ranges: the whole file");
+        assert_eq!(byte_range("items=0-1", 100), Ok(None));
+    }
+
+    /// Sends `request` raw and returns the whole response (the server closes).
+    fn exchange(url: &str, request: &[u8]) -> String {
+        let address = url.trim_start_matches("http://").trim_end_matches('/');
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = stream.write_all(request);
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    #[test]
+    fn the_server_answers_ranges_and_refuses_what_is_malformed_or_outside() {
+        let (_dir, root) = folder();
+        let server = Server::bind(&root, 0, None).unwrap();
+        let url = server.url();
+        std::thread::spawn(move || server.run());
+        let get = |path: &str, headers: &str| exchange(&url, format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes());
+
+        let page = get("/", "");
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\n") && page.ends_with("<p>page</p>"), "{page}");
+        assert!(page.contains("Cross-Origin-Embedder-Policy: require-corp") && page.contains("Cross-Origin-Opener-Policy: same-origin"), "{page}");
+        for path in ["/leak.txt", "/etcdir/passwd", "/../secret/passwd", "/%2e%2e/secret/passwd"] {
+            let response = get(path, "");
+            assert!(response.starts_with("HTTP/1.1 404") && !response.contains("root:x"), "{path}: {response}");
+        }
+
+        let part = get("/onnx/model.onnx", "Range: bytes=10-19\r\n");
+        assert!(part.starts_with("HTTP/1.1 206 Partial Content\r\n"), "{part}");
+        assert!(part.contains("Content-Range: bytes 10-19/256\r\n") && part.contains("Content-Length: 10\r\n"), "{part}");
+        let body = part.split("\r\n\r\n").nth(1).unwrap();
+        assert_eq!(body.as_bytes(), (10..20u8).collect::<Vec<u8>>());
+        let whole = get("/onnx/model.onnx", "");
+        assert!(whole.contains("Accept-Ranges: bytes") && whole.contains("Content-Length: 256\r\n"), "{whole}");
+        assert!(get("/onnx/model.onnx", "Range: bytes=300-\r\n").starts_with("HTTP/1.1 416"));
+
+        assert!(get("/", "Content-Length: -5\r\n").starts_with("HTTP/1.1 400"));
+        assert!(get("/", "Content-Length: 99999999999\r\n").starts_with("HTTP/1.1 413"));
+        assert!(get("/", &format!("X-Long: {}\r\n", "a".repeat(64 * 1024))).starts_with("HTTP/1.1 431"));
+        assert!(get("/", &"X-A: b\r\n".repeat(200)).starts_with("HTTP/1.1 431"));
+        assert!(exchange(&url, b"POST / HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 405"));
+
+        // Half-sent requests hold at most MAX_CONNECTIONS threads: the next
+        // connection is told to come back, not left waiting.
+        let address = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut s = TcpStream::connect(&address).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost:").unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(get("/", "").starts_with("HTTP/1.1 503"));
+        drop(idle);
+        let mut served = false;
+        for _ in 0..50 {
+            if get("/", "").starts_with("HTTP/1.1 200") {
+                served = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(served, "the server serves again once the idle connections close");
     }
 }

@@ -178,7 +178,7 @@ fn gc_keeps_what_the_plan_uses() {
     project.edit("vocab_size = 400", "vocab_size = 420");
     project.build_ok();
     let dry = String::from_utf8(project.symb(&["gc", "--dry-run"]).stderr).unwrap();
-    assert!(dry.contains("Would remove 1 action records and 1 blobs"), "{dry}");
+    assert!(dry.contains("Would remove 1 action records, 1 blobs and 0 abandoned checkpoints"), "{dry}");
     let gc = project.symb(&["gc"]);
     assert!(gc.status.success());
     assert_eq!(project.build_ok().ran(), set(&[]), "what the plan uses survives gc");

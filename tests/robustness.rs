@@ -94,6 +94,9 @@ fn a_flipped_byte_is_found_by_cache_verify() {
     let verify = project.symb(&["cache", "verify"]);
     let stderr = String::from_utf8_lossy(&verify.stderr);
     assert_eq!(verify.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not match its content\n"), "reported, not removed: {stderr}");
+    let repair = project.symb(&["cache", "verify", "--repair"]);
+    let stderr = String::from_utf8_lossy(&repair.stderr);
     assert!(stderr.contains("does not match its content (removed)"), "{stderr}");
     assert!(stderr.contains("corpus: artifact `train.jsonl`"), "{stderr}");
     // The corrupt entry is gone: the next build re-runs the stage that made it.

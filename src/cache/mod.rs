@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! cache/
+//!   CACHEDIR.TAG             marks the folder as a cache (backup tools skip it)
 //!   lock                     exclusive lock held by a build (std file lock)
 //!   v1/blobs/ab/<hex>        artifact bytes, named by their blake3 digest
 //!   v1/actions/<key>.json    one action record per stage key: the commit point
@@ -23,6 +24,7 @@
 //! read to be used is re-hashed as it is read, and `verify` re-hashes all.
 
 mod atomic;
+pub mod fault;
 mod lock;
 mod stat;
 
@@ -39,6 +41,12 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the on-disk layout; part of the bucket name.
 const BUCKET: &str = "v1";
+
+/// The Cache Directory Tagging Specification's file, as cargo writes in
+/// `target/`: backup tools skip the folder, and symb knows it as its own.
+pub const CACHEDIR_TAG: &str = "CACHEDIR.TAG";
+const CACHEDIR_TAG_TEXT: &str =
+    "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by symb.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
 
 /// A blake3 digest as lowercase hex.
 pub type Digest = String;
@@ -103,7 +111,20 @@ impl Cache {
             let dir = bucket.join(sub);
             fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
         }
+        // Created in place, not through `tmp/`: a build holding the lock
+        // empties `tmp/` while another process may be opening the cache.
+        let tag = root.join(CACHEDIR_TAG);
+        match fs::OpenOptions::new().write(true).create_new(true).open(&tag) {
+            Ok(mut file) => file.write_all(CACHEDIR_TAG_TEXT.as_bytes()).map_err(|e| CacheError::io(&tag, e))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(CacheError::io(&tag, e)),
+        }
         Ok(Cache { root: root.to_path_buf(), bucket })
+    }
+
+    /// True when `root` holds a symb cache (its tag or its bucket).
+    pub fn is_cache(root: &Path) -> bool {
+        root.join(CACHEDIR_TAG).is_file() || root.join(BUCKET).join("blobs").is_dir()
     }
 
     pub fn root(&self) -> &Path {
@@ -272,24 +293,28 @@ impl Cache {
         Ok(out)
     }
 
-    /// Re-hashes every blob and checks every action record; deletes what is
-    /// corrupt so that the next build recomputes it.
-    pub fn verify(&self) -> Result<VerifyReport, CacheError> {
-        let mut report = VerifyReport::default();
+    /// Re-hashes every blob and checks every action record. What is corrupt
+    /// is reported; with `repair` it is also removed, so that the next build
+    /// recomputes it (a build also removes a corrupt blob it is about to use).
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport, CacheError> {
+        let mut report = VerifyReport { repaired: repair, ..VerifyReport::default() };
+        let remove = |path: &Path| {
+            if repair { fs::remove_file(path).map_err(|e| CacheError::io(path, e)) } else { Ok(()) }
+        };
         for (name, path) in self.blobs()? {
             report.blobs += 1;
             let (digest, _) = hash_file(&path)?;
             if digest != name {
-                fs::remove_file(&path).map_err(|e| CacheError::io(&path, e))?;
-                report.corrupt.push(format!("blob {} does not match its content (removed)", short(&name)));
+                remove(&path)?;
+                report.corrupt.push(format!("blob {} does not match its content", short(&name)));
             }
         }
         for (path, record) in self.actions()? {
             report.actions += 1;
             match record {
                 None => {
-                    fs::remove_file(&path).map_err(|e| CacheError::io(&path, e))?;
-                    report.corrupt.push(format!("action record `{}` is unreadable (removed)", path.display()));
+                    remove(&path)?;
+                    report.corrupt.push(format!("action record `{}` is unreadable", path.display()));
                 }
                 Some(record) => {
                     for (name, blob) in &record.outputs {
@@ -303,7 +328,8 @@ impl Cache {
         Ok(report)
     }
 
-    /// Deletes action records not in `keep` and blobs no kept record names.
+    /// Deletes action records not in `keep`, blobs no kept record names, and
+    /// the checkpoints of keys not in `keep` (abandoned trainings).
     pub fn gc(&self, keep: &BTreeSet<String>, dry_run: bool) -> Result<GcReport, CacheError> {
         let mut report = GcReport::default();
         let mut live_blobs = BTreeSet::new();
@@ -318,6 +344,19 @@ impl Cache {
                         fs::remove_file(&path).map_err(|e| CacheError::io(&path, e))?;
                     }
                 }
+            }
+        }
+        let checkpoints = self.bucket.join("checkpoints");
+        for entry in fs::read_dir(&checkpoints).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            report.checkpoints_removed += 1;
+            report.bytes_freed += folder_size(&path);
+            if !dry_run {
+                fs::remove_dir_all(&path).map_err(|e| CacheError::io(&path, e))?;
             }
         }
         for (name, path) in self.blobs()? {
@@ -340,13 +379,22 @@ pub struct VerifyReport {
     pub actions: usize,
     pub corrupt: Vec<String>,
     pub missing: Vec<String>,
+    /// Whether what is corrupt was removed.
+    pub repaired: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
     pub actions_removed: usize,
     pub blobs_removed: usize,
+    pub checkpoints_removed: usize,
     pub bytes_freed: u64,
+}
+
+/// The bytes of the files under `path`.
+fn folder_size(path: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(path) else { return fs::metadata(path).map_or(0, |m| m.len()) };
+    entries.flatten().map(|e| if e.file_type().is_ok_and(|t| t.is_dir()) { folder_size(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }).sum()
 }
 
 /// blake3 of a file's bytes, streaming, with its length.

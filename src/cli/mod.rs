@@ -76,7 +76,7 @@ pub enum Command {
         #[arg(default_value = "symb.toml")]
         path: PathBuf,
     },
-    /// Remove the output folder and the cache's contents.
+    /// Remove the output folder (if symb made it) and the cache's contents.
     Clean {
         #[command(flatten)]
         manifest: ManifestArg,
@@ -154,10 +154,14 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
-    /// Re-hash every blob and check every action record; remove what is corrupt.
+    /// Re-hash every blob, action record and output file against what symb
+    /// wrote, and report what differs.
     Verify {
         #[command(flatten)]
         manifest: ManifestArg,
+        /// Also remove the corrupt cache entries (their stages re-run at the next build).
+        #[arg(long)]
+        repair: bool,
     },
 }
 
@@ -183,9 +187,12 @@ pub fn run(cli: Cli) -> i32 {
         ),
         Command::Init { recipe, path } => init(&recipe, &path),
         Command::Clean { manifest } => report(
-            Project::open(&manifest.manifest, &[]).and_then(|p| p.clean()).map(|removed| {
-                for path in removed {
+            Project::open(&manifest.manifest, &[]).and_then(|p| p.clean()).map(|clean| {
+                for path in clean.removed {
                     eprintln!("     Removed {}", path.display());
+                }
+                for path in clean.kept {
+                    eprintln!("        Kept {path} (not written by symb)");
                 }
             }),
             false,
@@ -193,7 +200,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Gc { manifest, dry_run } => report(
             Project::open(&manifest.manifest, &[]).and_then(|p| p.gc(&Project::default_options(1), dry_run)).map(|r| {
                 let verb = if dry_run { "Would remove" } else { "Removed" };
-                eprintln!("{verb:>12} {} action records and {} blobs ({})", r.actions_removed, r.blobs_removed, render::bytes(r.bytes_freed));
+                eprintln!("{verb:>12} {} action records, {} blobs and {} abandoned checkpoints ({})", r.actions_removed, r.blobs_removed, r.checkpoints_removed, render::bytes(r.bytes_freed));
             }),
             false,
         ),
@@ -207,16 +214,41 @@ pub fn run(cli: Cli) -> i32 {
         }
         Command::Lint { folder, json } => lint(&folder, json),
         Command::Serve { folder, port, transformers_js } => serve(&folder, port, transformers_js.as_deref()),
-        Command::Cache { command: CacheCommand::Verify { manifest } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
-            let _lock = p.cache.lock(|| {})?;
-            Ok(p.cache.verify()?)
+        Command::Cache { command: CacheCommand::Verify { manifest, repair } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
+            let label = p.manifest.project.output_label.clone();
+            p.verify(repair).map(|r| (label, r))
         }) {
-            Ok(r) => {
-                for line in r.corrupt.iter().chain(&r.missing) {
-                    eprintln!("     Corrupt {line}");
+            Ok((output, (cache, folder))) => {
+                let action = if cache.repaired { " (removed)" } else { "" };
+                for line in &cache.corrupt {
+                    eprintln!("     Corrupt {line}{action}");
                 }
-                eprintln!("    Verified {} blobs and {} action records: {} corrupt, {} missing", r.blobs, r.actions, r.corrupt.len(), r.missing.len());
-                if r.corrupt.is_empty() && r.missing.is_empty() { 0 } else { 1 }
+                for line in &cache.missing {
+                    eprintln!("     Missing {line}");
+                }
+                for path in &folder.changed {
+                    eprintln!("     Changed `{output}/{path}` differs from what symb wrote; the next build rewrites it");
+                }
+                for path in &folder.missing {
+                    eprintln!("     Missing `{output}/{path}`; the next build writes it again");
+                }
+                for path in &folder.foreign {
+                    eprintln!("        Kept `{output}/{path}` (not written by symb; builds carry it along)");
+                }
+                eprintln!(
+                    "    Verified {} blobs, {} action records and {} output files: {} corrupt, {} missing, {} changed in `{output}`",
+                    cache.blobs,
+                    cache.actions,
+                    folder.checked,
+                    cache.corrupt.len(),
+                    cache.missing.len() + folder.missing.len(),
+                    folder.changed.len(),
+                );
+                if !cache.corrupt.is_empty() && !cache.repaired {
+                    eprintln!("        Note `symb cache verify --repair` removes the corrupt entries; the stages that made them re-run at the next build");
+                }
+                let clean = cache.corrupt.is_empty() && cache.missing.is_empty() && folder.changed.is_empty() && folder.missing.is_empty();
+                if clean { 0 } else { 1 }
             }
             Err(e) => report::<()>(Err(e), false),
         },
@@ -339,7 +371,7 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
         Err(e) => {
             eprintln!("error: {e}");
             match e {
-                crate::model::ModelError::Candle(_) => 1,
+                crate::model::ModelError::Candle(_) | crate::model::ModelError::Write { .. } => 1,
                 _ => 2,
             }
         }

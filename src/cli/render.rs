@@ -58,6 +58,7 @@ impl CliReporter {
                 "ran": ran, "cached": cached, "failed": failed_stages, "skipped": skipped,
                 "output": output,
                 "output_updated": report.output_updated,
+                "kept": report.kept,
                 "seconds": report.seconds,
             }));
             return;
@@ -70,9 +71,16 @@ impl CliReporter {
         let output_note = match report.output_updated {
             Some(true) => format!("; output `{output}` updated"),
             Some(false) => format!("; output `{output}` up to date"),
-            None if report.exit_code() == 0 => format!("; output `{output}` not assembled for a partial build"),
+            None if report.exit_code() == 0 => {
+                format!("; output `{output}` not assembled for a partial build")
+            }
             None => format!("; output `{output}` left as it was"),
         };
+        if self.mode == Mode::Verbose {
+            for path in &report.kept {
+                self.line(format!("{:>12} `{output}/{path}` (not written by symb)", "Kept"));
+            }
+        }
         let word = if report.exit_code() == 0 { "Finished" } else { "Failed" };
         let mut parts = vec![format!("{ran} ran"), format!("{cached} cached")];
         if failed > 0 {

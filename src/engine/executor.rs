@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::inputs::{StageInputs, explain};
 use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
-use crate::cache::{ActionRecord, Cache, CacheError, StatCache, write_json_atomic};
+use crate::cache::{ActionRecord, Cache, CacheError, StatCache, fault, write_json_atomic};
 
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -296,7 +296,9 @@ fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInp
         seconds: started.elapsed().as_secs_f64(),
     };
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "stored the artifacts");
+    fault::point(&format!("after-blobs:{}", stage.name()));
     cache.commit(&record)?;
+    fault::point(&format!("after-record:{}", stage.name()));
     if checkpoints.exists() {
         let _ = std::fs::remove_dir_all(&checkpoints);
     }
@@ -326,7 +328,9 @@ pub struct StageState {
     pub fresh: bool,
     /// Why it would run; empty when fresh.
     pub reason: String,
-    /// The key of its cached result, when fresh.
+    /// Its key, when its inputs are known (it is fresh, or stale with fresh
+    /// upstream stages): what `gc` keeps, checkpoints of a stage that was
+    /// interrupted included.
     #[serde(skip)]
     pub key: Option<String>,
 }
@@ -342,10 +346,13 @@ pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str
         let stale_upstream: Vec<String> = stage.dependencies().into_iter().filter(|d| known[d].is_none()).collect();
         let upstream: Vec<ActionRecord> = stage.dependencies().iter().filter_map(|d| known[d].clone()).collect();
         let mut inputs = current_inputs(&shared, stage, &upstream)?;
+        let mut key = None;
         let (fresh, reason, record) = if stale_upstream.is_empty() {
-            let key = inputs.key();
+            let current = inputs.key();
             let forced = options.force.contains(name);
-            match cache.lookup(&key) {
+            let found = cache.lookup(&current);
+            key = Some(current);
+            match found {
                 Some(record) if !forced => (true, String::new(), Some(record)),
                 _ => (false, rerun_reason(name, previous.as_ref(), &inputs, forced), None),
             }
@@ -364,7 +371,6 @@ pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str
             reasons.extend(stale_upstream.iter().map(|s| format!("upstream `{s}` is stale")));
             (false, reasons.join("; "), None)
         };
-        let key = record.as_ref().map(|r| r.key.clone());
         known.insert(name.to_string(), record);
         states.push(StageState { stage: name.to_string(), fresh, reason, key });
     }

@@ -25,7 +25,10 @@ mod plan;
 
 pub use executor::{BuildOptions, BuildOutcome, StageOutcome, StageState, StageStatus, execute, status};
 pub use inputs::{StageInputs, explain};
-pub use output::{AssembleError, OutputState, assemble_output, output_is_current, reusable_outputs};
+pub use output::{
+    AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputMarker, OutputRefusal, OutputState, assemble_output, check_output, foreign_files, inspect_output, output_is_current,
+    reusable_outputs,
+};
 pub use plan::{Plan, PlanError};
 
 use std::collections::BTreeMap;

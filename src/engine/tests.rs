@@ -174,3 +174,81 @@ fn a_rejected_output_folder_leaves_the_previous_one_and_unchanged_files_are_link
     assert_eq!(std::fs::read_to_string(output.join("b.txt")).unwrap(), "second b");
     assert_eq!(inode(&output.join("a.txt")), before, "the unchanged file was linked, not copied");
 }
+
+/// A cache with blobs of the given texts, and an output path beside it.
+fn output_fixture(texts: &[(&str, &str)]) -> (tempfile::TempDir, Cache, std::path::PathBuf, std::collections::BTreeMap<String, crate::cache::BlobRef>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&dir.path().join("cache")).unwrap();
+    let mut files = std::collections::BTreeMap::new();
+    for (name, text) in texts {
+        let path = dir.path().join(format!("blob-{}", name.replace('/', "-")));
+        std::fs::write(&path, text).unwrap();
+        files.insert(name.to_string(), cache.put_file(&path).unwrap());
+    }
+    let output = dir.path().join("dist");
+    (dir, cache, output, files)
+}
+
+#[test]
+fn a_folder_symb_did_not_make_is_never_replaced() {
+    let (_dir, cache, output, files) = output_fixture(&[("a.txt", "a")]);
+    std::fs::create_dir_all(&output).unwrap();
+    std::fs::write(output.join("notes.txt"), "mine").unwrap();
+    let error = super::assemble_output(&cache, "p", &output, &files, &|_| Ok(())).unwrap_err();
+    assert!(error.to_string().contains("was not made by symb (it has no `.symb-output.json`)"), "{error}");
+    assert_eq!(std::fs::read_to_string(output.join("notes.txt")).unwrap(), "mine");
+    assert!(!output.join("a.txt").exists());
+    // An empty folder is fine, and then carries the marker.
+    std::fs::remove_file(output.join("notes.txt")).unwrap();
+    super::assemble_output(&cache, "p", &output, &files, &|_| Ok(())).unwrap();
+    assert!(matches!(super::inspect_output(&output), Ok(super::OutputFolder::Owned(owned)) if owned == files));
+    // A symlink or a file in its place is refused.
+    let link = output.with_file_name("link");
+    std::os::unix::fs::symlink(&output, &link).unwrap();
+    assert!(matches!(super::inspect_output(&link), Err(super::OutputRefusal::Symlink { .. })));
+    assert!(matches!(super::inspect_output(&output.join("a.txt")), Err(super::OutputRefusal::NotAFolder { .. })));
+}
+
+#[test]
+fn the_users_files_in_the_output_survive_every_build() {
+    let (_dir, cache, output, first) = output_fixture(&[("a.txt", "a"), ("onnx/b.txt", "b")]);
+    super::assemble_output(&cache, "p", &output, &first, &|_| Ok(())).unwrap();
+    std::fs::write(output.join("notes.txt"), "mine").unwrap();
+    std::fs::write(output.join("onnx/readme.md"), "also mine").unwrap();
+    let second: std::collections::BTreeMap<_, _> = first.iter().filter(|(k, _)| *k == "a.txt").map(|(k, v)| (k.clone(), v.clone())).collect();
+    let assembled = super::assemble_output(&cache, "p", &output, &second, &|dir| {
+        if dir.join("notes.txt").exists() { Err("the check saw the user's file".into()) } else { Ok(()) }
+    })
+    .unwrap();
+    assert_eq!(assembled.kept, ["notes.txt", "onnx/readme.md"]);
+    assert_eq!(std::fs::read_to_string(output.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(std::fs::read_to_string(output.join("onnx/readme.md")).unwrap(), "also mine");
+    assert!(!output.join("onnx/b.txt").exists(), "what symb wrote and no longer builds is gone");
+    let check = super::check_output(&output).unwrap();
+    assert_eq!(check.foreign, ["notes.txt", "onnx/readme.md"]);
+    // A user's file where the build now writes one stops the build.
+    let (_d2, cache2, _, third) = output_fixture(&[("notes.txt", "symb's")]);
+    let error = super::assemble_output(&cache2, "p", &output, &third, &|_| Ok(())).unwrap_err();
+    assert!(matches!(&error, super::AssembleError::Collision { path } if path == "notes.txt"), "{error}");
+    assert_eq!(std::fs::read_to_string(output.join("notes.txt")).unwrap(), "mine");
+}
+
+#[test]
+fn an_edit_with_its_mtime_restored_is_noticed_and_rewritten() {
+    let (_dir, cache, output, files) = output_fixture(&[("a.txt", "aaaa")]);
+    super::assemble_output(&cache, "p", &output, &files, &|_| Ok(())).unwrap();
+    assert!(super::output_is_current(&cache, "p", &output, &files));
+    let path = output.join("a.txt");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, "bbbb").unwrap();
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime, "same size, same mtime");
+    assert!(!super::output_is_current(&cache, "p", &output, &files));
+    assert_eq!(super::check_output(&output).unwrap().changed, ["a.txt"]);
+    super::assemble_output(&cache, "p", &output, &files, &|_| Ok(())).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "aaaa", "rewritten from the cache, not linked");
+    let check = super::check_output(&output).unwrap();
+    assert_eq!((check.checked, check.changed.len(), check.missing.len()), (1, 0, 0));
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(super::check_output(&output).unwrap().missing, ["a.txt"]);
+}

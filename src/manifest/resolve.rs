@@ -200,6 +200,7 @@ pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_
     let export = raw.export.map(|e| resolve_export(&cx, e)).transpose()?;
     let verify = raw.verify.map(|v| resolve_verify(&cx, v)).transpose()?;
     let web = resolve_web(&cx, raw.web.unwrap_or_default(), export.as_ref())?;
+    check_folders(&cx, path, &dir, &project, corpus.as_ref(), base.as_ref())?;
     Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify, web })
 }
 
@@ -220,23 +221,127 @@ fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project,
     Ok(Project { name, output, output_label, cache })
 }
 
+/// The output and cache folders, checked on the real filesystem (symlinks
+/// resolved): the output stays inside the project; neither holds, nor is held
+/// by, an input of the build (the manifest, corpus files, a base model
+/// folder) or the other; and each is symb's to write: absent, empty, or made
+/// by symb (the output's marker, the cache's `CACHEDIR.TAG`). The cache may
+/// live outside the project (one cache shared by several projects).
+fn check_folders(cx: &Ctx<'_>, manifest: &Path, dir: &Path, project: &Project, corpus: Option<&Corpus>, base: Option<&Base>) -> Result<(), ManifestError> {
+    let label = &project.output_label;
+    let real_dir = real_path(dir);
+    let output = real_path(&project.output);
+    if !output.starts_with(&real_dir) || output == real_dir {
+        return Err(cx.at(
+            &["project", "output"],
+            format!(
+                "`project.output` = \"{label}\" leads outside the project folder, to `{}`, through a symlink; symb replaces this folder on every build, so it must be a folder inside `{}`",
+                output.display(),
+                real_dir.display()
+            ),
+        ));
+    }
+    let cache = real_path(&project.cache);
+    if cache.starts_with(&output) || output.starts_with(&cache) {
+        return Err(cx.at(&["project", "cache"], "`project.cache` and `project.output` must be separate folders (after following symlinks)"));
+    }
+    let mut inputs: Vec<(String, PathBuf)> = vec![(format!("the manifest `{}`", cx.display), real_path(manifest))];
+    if let Some(corpus) = corpus {
+        inputs.extend(corpus.files.iter().map(|f| (format!("the corpus file `{}`", f.label), real_path(&f.path))));
+    }
+    if let Some(Base { model: BaseModel::Path(folder), .. }) = base {
+        inputs.push((format!("the base model folder `{}`", folder.display()), real_path(folder)));
+    }
+    for (what, input) in &inputs {
+        if input.starts_with(&output) || output.starts_with(input) {
+            return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\" overlaps {what}; symb replaces its output folder on every build, so it must be a folder of its own")));
+        }
+        if input.starts_with(&cache) || cache.starts_with(input) {
+            return Err(cx.at(&["project", "cache"], format!("`project.cache` overlaps {what}; the cache must be a folder of its own")));
+        }
+    }
+    if let Err(refusal) = crate::engine::inspect_output(&project.output) {
+        return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\": {refusal}; choose another folder, or empty this one yourself")));
+    }
+    let cache_holds_files = std::fs::read_dir(&project.cache).is_ok_and(|mut entries| entries.next().is_some());
+    if cache_holds_files && !crate::cache::Cache::is_cache(&project.cache) {
+        return Err(cx.at(
+            &["project", "cache"],
+            format!("`project.cache` = `{}` holds files and is not a symb cache (it has no `CACHEDIR.TAG`); symb writes and deletes in its cache, so it will not use this folder: choose a new or empty one", project.cache.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// `path` with symlinks resolved: the deepest part that exists is
+/// canonicalized and the rest appended.
+fn real_path(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |acc: PathBuf, part| acc.join(part));
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// The files `pattern` (relative to `dir`) matches, sorted. `*` and `?`
+/// stay within a path component, `**` crosses folders. The walk starts at
+/// the pattern's literal folder (followed if it is a symlink) and does not
+/// enter symlinked folders below it, so a link loop (`self -> .`) cannot
+/// make it run away; symlinks to files are matched like files.
+fn glob_files(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let full = dir.join(pattern);
+    let full_text = full.to_str().ok_or_else(|| format!("corpus pattern `{pattern}` is not valid UTF-8"))?;
+    let compiled = glob::Pattern::new(full_text).map_err(|e| format!("`{pattern}` in `corpus.files` is not a valid glob: {e}"))?;
+    let is_literal = |part: &std::ffi::OsStr| !part.to_string_lossy().contains(['*', '?', '[']);
+    let parts: Vec<_> = Path::new(pattern).components().collect();
+    let literal = parts.iter().take_while(|c| is_literal(c.as_os_str())).count();
+    let base = parts[..literal].iter().fold(dir.to_path_buf(), |acc, c| acc.join(c));
+    if literal == parts.len() {
+        return Ok(if base.is_file() { vec![base] } else { Vec::new() });
+    }
+    let depth = if parts[literal..].iter().any(|c| c.as_os_str() == "**") { usize::MAX } else { parts.len() - literal };
+    let options = glob::MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: false };
+    let mut found = Vec::new();
+    for entry in walkdir::WalkDir::new(&base).follow_links(false).min_depth(1).max_depth(depth) {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) && e.depth() == 0 => {
+                return Ok(Vec::new());
+            }
+            Err(e) => {
+                return Err(format!("cannot read `{}` (under `{pattern}`): {e}", e.path().unwrap_or(&base).display()));
+            }
+        };
+        let is_file = entry.file_type().is_file() || (entry.path_is_symlink() && entry.path().is_file());
+        if is_file && compiled.matches_path_with(entry.path(), options) {
+            found.push(entry.into_path());
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, ManifestError> {
     let patterns = raw.files.ok_or_else(|| cx.at(&["corpus"], "missing key `files` in `[corpus]`: list the corpus files, e.g. `files = [\"corpus/*.txt\"]`"))?;
     if patterns.is_empty() {
         return Err(cx.at(&["corpus", "files"], "`corpus.files` is empty: list at least one file or glob, e.g. \"corpus/*.txt\""));
     }
     let mut seen = BTreeSet::new();
+    let mut seen_real = BTreeSet::new();
     let mut files = Vec::new();
     for pattern in &patterns {
-        let full = dir.join(pattern);
-        let full = full.to_str().ok_or_else(|| cx.at(&["corpus", "files"], format!("corpus pattern `{pattern}` is not valid UTF-8")))?;
-        let matches = glob::glob(full).map_err(|e| cx.at(&["corpus", "files"], format!("`{pattern}` in `corpus.files` is not a valid glob: {e}")))?;
+        let matches = glob_files(dir, pattern).map_err(|e| cx.at(&["corpus", "files"], e))?;
         let mut matched = 0;
-        for entry in matches {
-            let path = entry.map_err(|e| cx.at(&["corpus", "files"], format!("cannot read `{}` (matched by `{pattern}`): {}", e.path().display(), e.error())))?;
-            if !path.is_file() {
-                continue;
-            }
+        for path in matches {
             let path = normalize(&path);
             let Ok(relative) = path.strip_prefix(dir) else {
                 return Err(cx.at(
@@ -246,7 +351,9 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
             };
             matched += 1;
             let label = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-            if seen.insert(label.clone()) {
+            // One file reached by two names (a symlink) is read once.
+            let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+            if seen.insert(label.clone()) && seen_real.insert(real) {
                 files.push(ExternalFile { label, path });
             }
         }
@@ -261,8 +368,12 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
             return Err(cx.at(&["corpus", "text_field"], "set either `corpus.text_field` or `corpus.prompt_field` + `corpus.completion_field`, not both"));
         }
         (_, Some(prompt), Some(completion)) => TextFields::PromptCompletion { prompt, completion },
-        (_, Some(_), None) => return Err(cx.at(&["corpus", "prompt_field"], "`corpus.prompt_field` needs `corpus.completion_field` too")),
-        (_, None, Some(_)) => return Err(cx.at(&["corpus", "completion_field"], "`corpus.completion_field` needs `corpus.prompt_field` too")),
+        (_, Some(_), None) => {
+            return Err(cx.at(&["corpus", "prompt_field"], "`corpus.prompt_field` needs `corpus.completion_field` too"));
+        }
+        (_, None, Some(_)) => {
+            return Err(cx.at(&["corpus", "completion_field"], "`corpus.completion_field` needs `corpus.prompt_field` too"));
+        }
         (text, None, None) => TextFields::Text(text.unwrap_or_else(|| "text".to_string())),
     };
     let eval_fraction = raw.eval_fraction.unwrap_or(0.05);
@@ -482,7 +593,9 @@ fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web
 fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError> {
     let prompts = raw.prompts.unwrap_or(RawPrompts::Count(16));
     match &prompts {
-        RawPrompts::Count(0) => return Err(cx.at(&["verify", "prompts"], "`verify.prompts` must be at least 1")),
+        RawPrompts::Count(0) => {
+            return Err(cx.at(&["verify", "prompts"], "`verify.prompts` must be at least 1"));
+        }
         RawPrompts::List(list) if list.is_empty() || list.iter().any(String::is_empty) => {
             return Err(cx.at(&["verify", "prompts"], "`verify.prompts` must list non-empty prompts"));
         }

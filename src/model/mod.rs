@@ -20,6 +20,9 @@ pub use gpt2::{Config, Gpt2, KvCache, Sampling};
 pub enum ModelError {
     #[error("cannot read `{path}`: {message}")]
     Io { path: PathBuf, message: String },
+    /// Writing failed: the disk, not the input (a full disk, permissions).
+    #[error("cannot write `{path}`: {message}")]
+    Write { path: PathBuf, message: String },
     #[error("{0}")]
     Config(String),
     #[error("unsupported model: {0}")]
@@ -33,7 +36,9 @@ pub enum ModelError {
 pub fn candle_message(error: &candle_core::Error) -> String {
     match error {
         candle_core::Error::WithBacktrace { inner, .. } | candle_core::Error::WithPath { inner, .. } => candle_message(inner),
-        candle_core::Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_message(inner))
+        }
         other => other.to_string(),
     }
 }
@@ -45,6 +50,10 @@ impl ModelError {
 
     pub fn io_candle(path: &Path, error: candle_core::Error) -> Self {
         ModelError::Io { path: path.to_path_buf(), message: candle_message(&error) }
+    }
+
+    pub fn write(path: &Path, error: impl std::fmt::Display) -> Self {
+        ModelError::Write { path: path.to_path_buf(), message: error.to_string() }
     }
 }
 
@@ -132,5 +141,5 @@ pub(crate) fn eos_token_from(generation_config: Option<&Path>, config: &Config) 
 /// Writes tensors as safetensors (tensors sorted by name: byte-stable).
 pub fn save_safetensors(tensors: &std::collections::BTreeMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
     let map: std::collections::HashMap<String, candle_core::Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    candle_core::safetensors::save(&map, path).map_err(|e| ModelError::io_candle(path, e))
+    candle_core::safetensors::save(&map, path).map_err(|e| ModelError::write(path, candle_message(&e)))
 }

@@ -311,7 +311,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 }
 
 fn save_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &AdamW, state: &CheckpointState) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::write(dir, e))?;
     let mut params = BTreeMap::new();
     let mut moments = BTreeMap::new();
     for ((name, var), (_, m, v)) in vars.iter().zip(&optimizer.state) {
@@ -323,15 +323,15 @@ fn save_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &AdamW, state:
     let write = |name: &str, tensors: &BTreeMap<String, Tensor>| -> Result<()> {
         let tmp = dir.join(format!("{name}.tmp"));
         save_safetensors(tensors, &tmp)?;
-        std::fs::rename(&tmp, dir.join(name)).map_err(|e| ModelError::io(dir, e))
+        std::fs::rename(&tmp, dir.join(name)).map_err(|e| ModelError::write(dir, e))
     };
     write("params.safetensors", &params)?;
     write("optimizer.safetensors", &moments)?;
     let mut json = serde_json::to_value(state).expect("state serialises");
     json["optimizer_step"] = optimizer.step.into();
     let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&json).expect("json")).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, dir.join("state.json")).map_err(|e| ModelError::io(dir, e))
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&json).expect("json")).map_err(|e| ModelError::write(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join("state.json")).map_err(|e| ModelError::write(dir, e))
 }
 
 fn load_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &mut AdamW) -> Result<Option<CheckpointState>> {

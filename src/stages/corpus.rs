@@ -144,12 +144,27 @@ fn format_of(corpus: &Corpus, file: &ExternalFile) -> CorpusFormat {
     }
 }
 
+/// The longest document accepted, in bytes. Longer ones (a whole file on one
+/// line, most often) are refused: tokenizer training and its round-trip check
+/// grow with the longest document, not with the corpus.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
+fn too_long(label: &str, line: usize, bytes: usize) -> StageError {
+    StageError::bad_input(format!(
+        "`{label}`:{line}: a document of {bytes} bytes, over the bound of {} bytes (1 MiB) for one document (a line of a text file, a record of JSONL or CSV); split it, e.g. one sentence or paragraph per line",
+        MAX_DOCUMENT_BYTES
+    ))
+}
+
 fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Document>) -> Result<(), StageError> {
     let label = &file.label;
     match format_of(corpus, file) {
         CorpusFormat::Text | CorpusFormat::Auto => {
-            for line in text.lines() {
+            for (i, line) in text.lines().enumerate() {
                 let line = line.trim();
+                if line.len() > MAX_DOCUMENT_BYTES {
+                    return Err(too_long(label, i + 1, line.len()));
+                }
                 if !line.is_empty() {
                     out.push(Document::Text { text: line.to_string() });
                 }
@@ -159,6 +174,9 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
             for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
+                }
+                if line.len() > MAX_DOCUMENT_BYTES {
+                    return Err(too_long(label, i + 1, line.len()));
                 }
                 let at = |what: String| StageError::bad_input(format!("`{label}`:{}: {what}", i + 1));
                 let value: serde_json::Value = serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
@@ -181,6 +199,9 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
                     StageError::bad_input(format!("`{label}`:{line}: invalid CSV: {e}"))
                 })?;
                 let line = record.position().map_or(0, |p| p.line());
+                if record.as_slice().len() > MAX_DOCUMENT_BYTES {
+                    return Err(too_long(label, line as usize, record.as_slice().len()));
+                }
                 let field = |name: &str| -> Result<String, StageError> {
                     let column = headers
                         .iter()

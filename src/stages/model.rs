@@ -25,7 +25,7 @@ pub const CANDLE_VERSION: &str = "0.11.1";
 
 pub(super) fn model_error(e: ModelError) -> StageError {
     match e {
-        ModelError::Candle(_) => StageError::failed(e.to_string()),
+        ModelError::Candle(_) | ModelError::Write { .. } => StageError::failed(e.to_string()),
         _ => StageError::bad_input(e.to_string()),
     }
 }
@@ -158,8 +158,13 @@ pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path) -> Res
 /// tokenizer files and its weights (one file, checkpoint names) as artifacts.
 fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
     let model = model::load_folder(dir).map_err(model_error)?;
-    if !dir.join("tokenizer.json").is_file() {
+    let tokenizer = dir.join("tokenizer.json");
+    if !tokenizer.is_file() {
         return Err(StageError::bad_input(format!("the base model folder `{}` has no `tokenizer.json`", dir.display())));
+    }
+    // Caught here, not at verify after export ran: the tokenizer loads.
+    if let Err(e) = tokenizers::Tokenizer::from_file(&tokenizer) {
+        return Err(StageError::bad_input(format!("`{}` is not a tokenizer the tokenizers library can load: {e}", tokenizer.display())));
     }
     for name in ["config.json", "tokenizer.json", "generation_config.json"] {
         if names.contains(&name) && dir.join(name).is_file() {
