@@ -18,6 +18,8 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     let project = TestProject::new(1);
     std::fs::remove_dir_all(project.path("corpus")).unwrap();
     project.write("corpus/symbiotic.txt", &std::fs::read_to_string(format!("{ROOT}/corpus/symbiotic.txt")).unwrap());
+    // With the cache folder as the repository keeps it (its `.gitignore`).
+    project.write("cache/.gitignore", &std::fs::read_to_string(format!("{ROOT}/cache/.gitignore")).unwrap());
     // The full two epochs take about two minutes (README, bench): here a few steps.
     assert!(example.contains("epochs = 2 "));
     project.write("symb.toml.example", &example.replace("epochs = 2 ", "max_steps = 4 ").replace("eval_every = 50 ", "eval_every = 2 "));

@@ -271,3 +271,17 @@ fn a_full_disk_during_finetune_is_an_io_error_not_bad_input() {
     // With space again, the build finishes.
     project.build_ok();
 }
+
+/// This repository keeps `cache/` in git with a `.gitignore` alone, as many
+/// projects keep empty folders: such a folder counts as empty, for the cache
+/// and for the output, and the placeholder stays.
+#[test]
+fn folders_kept_in_git_by_a_placeholder_are_used() {
+    let project = TestProject::new(50);
+    project.write("cache/.gitignore", "*\n!.gitignore\n");
+    project.write("dist/.gitkeep", "");
+    project.build_ok();
+    assert!(project.path("cache/CACHEDIR.TAG").is_file());
+    assert_eq!(project.read("cache/.gitignore"), "*\n!.gitignore\n");
+    assert!(project.path("dist/.symb-output.json").is_file() && project.path("dist/.gitkeep").is_file());
+}

@@ -65,6 +65,18 @@ pub enum OutputRefusal {
     Unreadable { path: PathBuf, message: String },
 }
 
+/// Files that keep an empty folder in version control; a folder holding only
+/// these counts as empty.
+pub const PLACEHOLDERS: [&str; 3] = [".gitignore", ".gitkeep", ".keep"];
+
+/// The entries of `dir` other than [`PLACEHOLDERS`], sorted (none when it
+/// cannot be read).
+pub fn entries_besides_placeholders(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !PLACEHOLDERS.contains(&n.as_str())).collect();
+    names.sort();
+    names
+}
+
 /// Whether symb may write its output at `path`, and what it wrote there.
 pub fn inspect_output(path: &Path) -> Result<OutputFolder, OutputRefusal> {
     let unreadable = |e: &dyn std::fmt::Display| OutputRefusal::Unreadable { path: path.to_path_buf(), message: e.to_string() };
@@ -86,8 +98,8 @@ pub fn inspect_output(path: &Path) -> Result<OutputFolder, OutputRefusal> {
             Ok(OutputFolder::Owned(marker.files))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut names: Vec<String> = fs::read_dir(path).map_err(|e| unreadable(&e))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-            names.sort();
+            fs::read_dir(path).map_err(|e| unreadable(&e))?;
+            let names = entries_besides_placeholders(path);
             match names.first() {
                 None => Ok(OutputFolder::Empty),
                 Some(first) => Err(OutputRefusal::NotOurs { path: path.to_path_buf(), entries: names.len(), example: first.clone() }),

@@ -261,10 +261,14 @@ fn check_folders(cx: &Ctx<'_>, manifest: &Path, dir: &Path, project: &Project, c
         }
     }
     if let Err(refusal) = crate::engine::inspect_output(&project.output) {
-        return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\": {refusal}; choose another folder, or empty this one yourself")));
+        let hint = match refusal {
+            crate::engine::OutputRefusal::NotOurs { .. } => "; choose another folder, or move its contents away yourself",
+            _ => "",
+        };
+        return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\": {refusal}{hint}")));
     }
-    let cache_holds_files = std::fs::read_dir(&project.cache).is_ok_and(|mut entries| entries.next().is_some());
-    if cache_holds_files && !crate::cache::Cache::is_cache(&project.cache) {
+    // A folder kept in git by a `.gitignore` alone counts as empty.
+    if !crate::engine::entries_besides_placeholders(&project.cache).is_empty() && !crate::cache::Cache::is_cache(&project.cache) {
         return Err(cx.at(
             &["project", "cache"],
             format!("`project.cache` = `{}` holds files and is not a symb cache (it has no `CACHEDIR.TAG`); symb writes and deletes in its cache, so it will not use this folder: choose a new or empty one", project.cache.display()),
