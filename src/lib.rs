@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod dtype;
 pub mod engine;
 pub mod lint;
 pub mod manifest;

@@ -87,10 +87,10 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             let mut names: Vec<String> = entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).collect();
             names.sort();
             for name in &names {
-                if let Some((dtype, _)) = crate::quant::DTYPES.iter().find(|(_, f)| f == name) {
-                    present.push((dtype.to_string(), name.clone()));
+                if let Some(dtype) = crate::dtype::Dtype::from_file_name(name) {
+                    present.push((dtype.name().to_string(), name.clone()));
                 } else if name.ends_with(".onnx") {
-                    let expected: Vec<&str> = crate::quant::DTYPES.iter().map(|(_, f)| *f).collect();
+                    let expected: Vec<&str> = crate::dtype::Dtype::ALL.map(crate::dtype::Dtype::file_name).to_vec();
                     add(&format!("onnx/{name}"), format!("is not a name transformers.js loads: a dtype's file is one of {}", expected.join(", ")));
                 } else if !names.iter().any(|n| n.ends_with(".onnx") && name.starts_with(&format!("{n}_data"))) {
                     add(&format!("onnx/{name}"), "belongs to no ONNX file in the folder".into());

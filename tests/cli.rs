@@ -95,7 +95,7 @@ fn every_commented_section_of_the_example_is_valid() {
     project.write("symb.toml", &uncommented);
     let manifest = symb::manifest::load(&project.path("symb.toml")).unwrap_or_else(|e| panic!("{e}"));
     assert!(manifest.base.is_some() && manifest.finetune.is_some() && manifest.export.is_some() && manifest.verify.is_some());
-    assert_eq!(manifest.verify.unwrap().tolerance["q4"].top1_agreement, Some(0.9));
+    assert_eq!(manifest.verify.unwrap().tolerance[&symb::dtype::Dtype::Q4].top1_agreement, Some(0.9));
     let graph = project.symb(&["graph"]);
     assert!(graph.status.success(), "{}", String::from_utf8_lossy(&graph.stderr));
     let tree = String::from_utf8_lossy(&graph.stdout);

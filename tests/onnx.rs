@@ -159,7 +159,7 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     {
         let (dtype, embedding) = label.split_once('+').map_or((label, false), |(d, _)| (d, true));
         let options = symb::quant::Options { quantize_embedding: embedding, ..Default::default() };
-        let (quantized, report) = symb::quant::quantize(fp32.clone(), dtype, options).unwrap();
+        let (quantized, report) = symb::quant::quantize(fp32.clone(), dtype.parse().unwrap(), options).unwrap();
         if embedding {
             let g = quantized.graph.as_ref().unwrap();
             assert_eq!(g.node.iter().filter(|n| n.op_type.as_deref() == Some("GatherBlockQuantized")).count(), 1);

@@ -109,7 +109,7 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
     std::fs::write(&bad, graph.encode_to_vec()).unwrap();
 
     let work = golden_workload();
-    let tolerance = verify::tolerance("fp32", None);
+    let tolerance = verify::tolerance(symb::dtype::Dtype::Fp32, None);
     let report = verify::verify(&model, &mut OnnxLm::load(&good, 2).unwrap(), &work, &tolerance, |_, _| {}).unwrap();
     assert!(report.failures().next().is_none(), "{:?}", report.checks);
     assert!(report.metrics.max_abs_error < 1e-4 && report.metrics.greedy_match == 1.0, "{:?}", report.metrics);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::dtype::Dtype;
 use crate::engine::BuildOptions;
 use crate::project::{Project, ProjectError};
 use render::{CliReporter, Mode};
@@ -126,9 +127,9 @@ pub enum Command {
         /// `candle` runs the model folder itself; `onnx` runs an output folder's ONNX file.
         #[arg(long, default_value = "candle", value_parser = ["candle", "onnx"])]
         backend: String,
-        /// The ONNX file's dtype (with `--backend onnx`).
-        #[arg(long, value_name = "D")]
-        dtype: Option<String>,
+        /// The ONNX file's dtype (with `--backend onnx`): fp32, fp16, q8, int8, uint8, q4 or q4f16.
+        #[arg(long, value_name = "D", value_parser = |s: &str| s.parse::<Dtype>().map_err(|e| e.to_string()))]
+        dtype: Option<Dtype>,
         /// A PEFT LoRA adapter folder to apply (with `--backend candle`).
         #[arg(long, value_name = "PATH")]
         adapter: Option<PathBuf>,
@@ -210,7 +211,7 @@ pub fn run(cli: Cli) -> i32 {
                 return 2;
             }
             let sampling = (temperature > 0.0).then_some(crate::model::Sampling { temperature, top_k, seed });
-            generate(&model, &prompt, max_new_tokens, &backend, dtype.as_deref(), adapter.as_deref(), sampling.as_ref(), json)
+            generate(&model, &prompt, max_new_tokens, &backend, dtype, adapter.as_deref(), sampling.as_ref(), json)
         }
         Command::Lint { folder, json } => lint(&folder, json),
         Command::Serve { folder, port, transformers_js } => serve(&folder, port, transformers_js.as_deref()),
@@ -345,7 +346,7 @@ fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dtype: Option<&str>, adapter: Option<&Path>, sampling: Option<&crate::model::Sampling>, json: bool) -> i32 {
+fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dtype: Option<Dtype>, adapter: Option<&Path>, sampling: Option<&crate::model::Sampling>, json: bool) -> i32 {
     if backend == "onnx" || dtype.is_some() {
         if backend != "onnx" {
             eprintln!("error: `--dtype` picks an ONNX file: add `--backend onnx`");
@@ -355,7 +356,7 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
             eprintln!("error: `--adapter` applies to `--backend candle`; an output folder's ONNX files have the adapter merged in");
             return 2;
         }
-        return match crate::verify::generate(model, dtype.unwrap_or("fp32"), prompt, max_new_tokens, sampling) {
+        return match crate::verify::generate(model, dtype.unwrap_or(Dtype::Fp32), prompt, max_new_tokens, sampling) {
             Ok(generation) => print_generation(prompt, &generation, json),
             Err(e) => {
                 eprintln!("error: {e}");

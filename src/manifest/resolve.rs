@@ -8,10 +8,8 @@ use serde::Serialize;
 
 use super::error::{ManifestError, Spans, suggest};
 use super::raw::*;
+use crate::dtype::Dtype;
 use crate::engine::ExternalFile;
-
-/// The dtype targets, in the order stages are planned.
-pub const DTYPES: [&str; 7] = ["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"];
 
 /// Layer names LoRA may target.
 pub const FINETUNE_TARGETS: [&str; 5] = ["c_attn", "c_proj", "c_fc", "mlp", "all-linear"];
@@ -45,7 +43,7 @@ pub const TRANSFORMERS_JS_CDN: &str = "https://cdn.jsdelivr.net/npm/@huggingface
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Web {
     /// The dtype transformers.js loads by default (`None`: symb picks one of the targets).
-    pub dtype: Option<String>,
+    pub dtype: Option<Dtype>,
     pub prompt: String,
     pub max_new_tokens: u64,
     /// The URL of transformers.min.js the page imports (unless `symb serve` has a local copy).
@@ -147,7 +145,7 @@ pub struct Finetune {
 #[derive(Debug, Clone)]
 pub struct Export {
     pub opset: u64,
-    pub targets: Vec<String>,
+    pub targets: Vec<Dtype>,
     pub quantize_embedding: bool,
     pub external_data: ExternalData,
     /// MatMulNBits' `accuracy_level` in the 4-bit files.
@@ -159,7 +157,7 @@ pub struct Verify {
     pub prompts: RawPrompts,
     pub max_new_tokens: u64,
     /// dtype -> tolerance overrides.
-    pub tolerance: BTreeMap<String, RawTolerance>,
+    pub tolerance: BTreeMap<Dtype, RawTolerance>,
 }
 
 impl Default for Verify {
@@ -543,12 +541,12 @@ fn resolve_finetune(cx: &Ctx<'_>, raw: RawFinetune, base: Option<&Base>) -> Resu
     })
 }
 
-fn check_dtype(cx: &Ctx<'_>, path: &[&str], dtype: &str) -> Result<(), ManifestError> {
-    if DTYPES.contains(&dtype) {
-        return Ok(());
+fn check_dtype(cx: &Ctx<'_>, path: &[&str], dtype: &str) -> Result<Dtype, ManifestError> {
+    if let Ok(dtype) = dtype.parse() {
+        return Ok(dtype);
     }
-    let hint = suggest(dtype, DTYPES).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
-    Err(cx.at(path, format!("unknown dtype `{dtype}` in `{}`{hint} (known: {})", path.join("."), DTYPES.join(", "))))
+    let hint = suggest(dtype, Dtype::ALL.map(Dtype::name)).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
+    Err(cx.at(path, format!("unknown dtype `{dtype}` in `{}`{hint} (known: {})", path.join("."), Dtype::list())))
 }
 
 fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError> {
@@ -556,16 +554,17 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
     if !(17..=21).contains(&opset) {
         return Err(cx.at(&["export", "opset"], format!("`export.opset` = {opset} is not supported: use 17 to 21")));
     }
-    let targets = raw.targets.unwrap_or_else(|| ["fp32", "fp16", "q8", "q4", "q4f16"].map(String::from).to_vec());
-    if targets.is_empty() {
+    let names = raw.targets.unwrap_or_else(|| Dtype::DEFAULT_TARGETS.map(|d| d.name().to_string()).to_vec());
+    if names.is_empty() {
         return Err(cx.at(&["export", "targets"], "`export.targets` is empty: name at least one dtype, e.g. \"fp32\""));
     }
-    let mut seen = BTreeSet::new();
-    for dtype in &targets {
-        check_dtype(cx, &["export", "targets"], dtype)?;
-        if !seen.insert(dtype) {
+    let mut targets = Vec::new();
+    for name in &names {
+        let dtype = check_dtype(cx, &["export", "targets"], name)?;
+        if targets.contains(&dtype) {
             return Err(cx.at(&["export", "targets"], format!("`export.targets` lists `{dtype}` twice")));
         }
+        targets.push(dtype);
     }
     let accuracy_level = raw.accuracy_level.unwrap_or(4);
     if accuracy_level > 4 {
@@ -575,13 +574,12 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
 }
 
 fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {
-    if let Some(dtype) = &raw.dtype {
-        check_dtype(cx, &["web", "dtype"], dtype)?;
-        if let Some(export) = export
-            && !export.targets.contains(dtype)
-        {
-            return Err(cx.at(&["web", "dtype"], format!("`web.dtype` = \"{dtype}\" is not in `export.targets` ({}): the page would load a file the folder lacks", export.targets.join(", "))));
-        }
+    let dtype = raw.dtype.as_deref().map(|name| check_dtype(cx, &["web", "dtype"], name)).transpose()?;
+    if let (Some(dtype), Some(export)) = (dtype, export)
+        && !export.targets.contains(&dtype)
+    {
+        let targets: Vec<&str> = export.targets.iter().map(|d| d.name()).collect();
+        return Err(cx.at(&["web", "dtype"], format!("`web.dtype` = \"{dtype}\" is not in `export.targets` ({}): the page would load a file the folder lacks", targets.join(", "))));
     }
     let max_new_tokens = raw.max_new_tokens.unwrap_or(32);
     if !(1..=4096).contains(&max_new_tokens) {
@@ -591,7 +589,7 @@ fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web
     if !(transformers_js.starts_with("https://") || transformers_js.starts_with("http://") || transformers_js.starts_with('/') || transformers_js.starts_with("./")) {
         return Err(cx.at(&["web", "transformers_js"], "`web.transformers_js` must be a URL (https://...) or a path on the server (/... or ./...)"));
     }
-    Ok(Web { dtype: raw.dtype, prompt: raw.prompt.unwrap_or_default(), max_new_tokens, transformers_js })
+    Ok(Web { dtype, prompt: raw.prompt.unwrap_or_default(), max_new_tokens, transformers_js })
 }
 
 fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError> {
@@ -605,9 +603,10 @@ fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError>
         }
         _ => {}
     }
-    let tolerance = raw.tolerance.unwrap_or_default();
-    for (dtype, bounds) in &tolerance {
-        check_dtype(cx, &["verify", "tolerance", dtype], dtype)?;
+    let mut tolerance = BTreeMap::new();
+    for (dtype, bounds) in raw.tolerance.unwrap_or_default() {
+        tolerance.insert(check_dtype(cx, &["verify", "tolerance", &dtype], &dtype)?, bounds.clone());
+        let dtype = dtype.as_str();
         for (name, value) in [("top1_agreement", bounds.top1_agreement), ("greedy_match", bounds.greedy_match)] {
             if let Some(v) = value
                 && !(0.0..=1.0).contains(&v)

@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 
 use half::f16;
 
+use crate::dtype::Dtype;
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{self, ModelProto, NodeProto, TensorProto};
 use crate::onnx::{Attr, raw_tensor, tensor_f32};
@@ -33,22 +34,6 @@ use crate::onnx::{Attr, raw_tensor, tensor_f32};
 /// computes in fp32 whatever the level: with 0, native runs (symb, Node)
 /// give a browser's tokens exactly.
 pub const ACCURACY_LEVEL: i64 = 4;
-
-/// The dtypes, their file names as transformers.js reads them.
-pub const DTYPES: [(&str, &str); 7] = [
-    ("fp32", "model.onnx"),
-    ("fp16", "model_fp16.onnx"),
-    ("q8", "model_quantized.onnx"),
-    ("int8", "model_int8.onnx"),
-    ("uint8", "model_uint8.onnx"),
-    ("q4", "model_q4.onnx"),
-    ("q4f16", "model_q4f16.onnx"),
-];
-
-/// The file name of a dtype.
-pub fn file_name(dtype: &str) -> Option<&'static str> {
-    DTYPES.iter().find(|(d, _)| *d == dtype).map(|(_, f)| *f)
-}
 
 /// What a quantizer did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -125,31 +110,30 @@ impl Default for Options {
 }
 
 /// Quantizes the fp32 export `model` to `dtype`.
-pub fn quantize(mut model: ModelProto, dtype: &str, options: Options) -> Result<(ModelProto, Report)> {
+pub fn quantize(mut model: ModelProto, dtype: Dtype, options: Options) -> Result<(ModelProto, Report)> {
     let before: u64 = model.graph.as_ref().map_or(0, |g| g.initializer.iter().map(bytes_of).sum());
-    let mut report = Report { dtype: dtype.to_string(), weight_bytes_before: before, ..Report::default() };
+    let mut report = Report { dtype: dtype.name().to_string(), weight_bytes_before: before, ..Report::default() };
     match dtype {
-        "fp32" => {}
-        "fp16" => to_fp16(&mut model, &mut report)?,
-        "q8" | "int8" => {
+        Dtype::Fp32 => {}
+        Dtype::Fp16 => to_fp16(&mut model, &mut report)?,
+        Dtype::Q8 | Dtype::Int8 => {
             materialise_head(&mut model)?;
             dynamic_int8(&mut model, false, &mut report)?
         }
-        "uint8" => {
+        Dtype::Uint8 => {
             materialise_head(&mut model)?;
             dynamic_int8(&mut model, true, &mut report)?
         }
-        "q4" | "q4f16" => {
+        Dtype::Q4 | Dtype::Q4f16 => {
             // The tied head (and with `quantize_embedding` the embedding)
             // from the embedding's rows; an untied one like any weight.
             tied_head_q4(&mut model, &mut report, options)?;
             materialise_head(&mut model)?;
             matmul_nbits(&mut model, &mut report, options.accuracy_level)?;
-            if dtype == "q4f16" {
+            if dtype == Dtype::Q4f16 {
                 to_fp16(&mut model, &mut report)?;
             }
         }
-        other => return Err(err(format!("unknown dtype `{other}`"))),
     }
     let g = model.graph.as_ref().expect("a graph");
     report.weight_bytes_after = g.initializer.iter().map(bytes_of).sum();

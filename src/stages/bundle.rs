@@ -6,15 +6,16 @@
 use std::collections::BTreeMap;
 
 use super::export::data_inputs;
+use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError};
 
 pub struct BundleStage {
     /// The stage whose model folder was exported.
     pub model_stage: &'static str,
-    /// (stage, ONNX file name) of every dtype target.
-    pub files: Vec<(String, &'static str)>,
+    /// Every dtype target, in plan order.
+    pub dtypes: Vec<Dtype>,
     /// The dtype transformers.js loads when a page names none.
-    pub dtype: String,
+    pub dtype: Dtype,
     /// The page's title (the project's name) and `[web]` defaults.
     pub title: String,
     pub web: crate::manifest::Web,
@@ -29,8 +30,9 @@ fn html_escape(text: &str) -> String {
 }
 
 impl BundleStage {
-    fn dtypes(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.files.iter().filter_map(|(_, file)| crate::quant::DTYPES.iter().find(|(_, f)| f == file).map(|(d, _)| *d))
+    /// (the stage that writes it, its file name) for every dtype.
+    fn files(&self) -> impl Iterator<Item = (String, &'static str)> + '_ {
+        self.dtypes.iter().map(|d| (d.producer_stage(), d.file_name()))
     }
 
     /// `report.html`: one self-contained page (no server needed) with the
@@ -64,10 +66,10 @@ impl BundleStage {
             }
         }
         html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then greedy decoding through the KV cache.</p><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>verify s</th><th>checks</th></tr>");
-        for ((stage, file), dtype) in self.files.iter().zip(self.dtypes()) {
-            let mut bytes = ctx.input(stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
-            bytes += data_inputs(ctx, stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
-            let report = json(&format!("verify.{dtype}"), "report.json").unwrap_or_default();
+        for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
+            let mut bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+            bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+            let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
             let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| format!("{v:.digits$}"));
             let checks = report["checks"].as_array().cloned().unwrap_or_default();
@@ -98,7 +100,7 @@ impl BundleStage {
     /// The playground page (`index.html`): loads the folder with
     /// transformers.js and generates from a typed prompt, with tokens/s.
     fn page(&self) -> String {
-        let options: String = self.dtypes().map(|d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
+        let options: String = self.dtypes.iter().map(|&d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
         PAGE.replace("{{NAME}}", &html_escape(&self.title))
             .replace("{{PROMPT}}", &html_escape(&self.web.prompt))
             .replace("{{DTYPE_OPTIONS}}", &options)
@@ -109,8 +111,8 @@ impl BundleStage {
 
 /// The default dtype among `targets`: 4-bit first (smallest, and fast in
 /// WebAssembly), then 8-bit, then the first target.
-pub fn default_dtype(targets: &[String]) -> String {
-    ["q4", "q8", "fp32"].iter().find(|d| targets.iter().any(|t| t == *d)).map_or_else(|| targets[0].clone(), |d| d.to_string())
+pub fn default_dtype(targets: &[Dtype]) -> Dtype {
+    [Dtype::Q4, Dtype::Q8, Dtype::Fp32].into_iter().find(|d| targets.contains(d)).unwrap_or(targets[0])
 }
 
 impl Stage for BundleStage {
@@ -125,8 +127,8 @@ impl Stage for BundleStage {
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
-        s.insert("files".into(), self.files.iter().map(|(_, f)| *f).collect::<Vec<_>>().into());
-        s.insert("dtype".into(), self.dtype.clone().into());
+        s.insert("files".into(), self.files().map(|(_, f)| f).collect::<Vec<_>>().into());
+        s.insert("dtype".into(), self.dtype.name().into());
         s.insert("project.name".into(), self.title.clone().into());
         s.insert("web".into(), serde_json::to_value(&self.web).expect("serialises"));
         // The page template is data: its digest keys the stage, so editing it rebuilds the page.
@@ -135,8 +137,8 @@ impl Stage for BundleStage {
     }
     fn dependencies(&self) -> Vec<String> {
         let mut deps = vec![self.model_stage.to_string()];
-        deps.extend(self.files.iter().map(|(stage, _)| stage.clone()));
-        deps.extend(self.dtypes().map(|d| format!("verify.{d}")));
+        deps.extend(self.files().map(|(stage, _)| stage));
+        deps.extend(self.dtypes.iter().map(|d| d.verify_stage()));
         if self.finetune {
             deps.push("finetune".to_string());
         }
@@ -150,8 +152,8 @@ impl Stage for BundleStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value = crate::model::read_json(ctx.input(self.model_stage, "config.json")?).map_err(super::model::model_error)?;
         let mut external = BTreeMap::new();
-        for (stage, file) in &self.files {
-            let chunks = data_inputs(ctx, stage, file).len();
+        for (stage, file) in self.files() {
+            let chunks = data_inputs(ctx, &stage, file).len();
             if chunks > 0 {
                 external.insert(file.to_string(), chunks);
             }
@@ -162,7 +164,7 @@ impl Stage for BundleStage {
             *js = serde_json::json!({});
         }
         let js = js.as_object_mut().expect("an object");
-        js.insert("dtype".into(), self.dtype.clone().into());
+        js.insert("dtype".into(), self.dtype.name().into());
         if external.is_empty() {
             js.remove("use_external_data_format");
         } else {

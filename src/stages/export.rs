@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError};
 use crate::manifest::{Export, ExternalData};
 use crate::model;
@@ -95,17 +96,15 @@ impl Stage for ExportStage {
 
 /// Stage `quantize.<dtype>`: one quantized file from the fp32 export.
 pub struct QuantizeStage {
-    pub dtype: String,
+    pub dtype: Dtype,
     pub options: crate::quant::Options,
     pub external_data: ExternalData,
     name: String,
-    file: &'static str,
 }
 
 impl QuantizeStage {
-    pub fn new(dtype: &str, options: crate::quant::Options, external_data: ExternalData) -> Option<Self> {
-        let file = crate::quant::file_name(dtype)?;
-        Some(QuantizeStage { dtype: dtype.to_string(), options, external_data, name: format!("quantize.{dtype}"), file })
+    pub fn new(dtype: Dtype, options: crate::quant::Options, external_data: ExternalData) -> Self {
+        QuantizeStage { dtype, options, external_data, name: dtype.producer_stage() }
     }
 }
 
@@ -122,11 +121,11 @@ impl Stage for QuantizeStage {
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
-        s.insert("dtype".into(), self.dtype.clone().into());
-        if self.options.quantize_embedding && self.dtype.starts_with("q4") {
+        s.insert("dtype".into(), self.dtype.name().into());
+        if self.options.quantize_embedding && self.dtype.is_4bit() {
             s.insert("export.quantize_embedding".into(), true.into());
         }
-        if self.dtype.starts_with("q4") && self.options.accuracy_level != crate::quant::ACCURACY_LEVEL {
+        if self.dtype.is_4bit() && self.options.accuracy_level != crate::quant::ACCURACY_LEVEL {
             s.insert("export.accuracy_level".into(), self.options.accuracy_level.into());
         }
         s.insert("export.external_data".into(), serde_json::to_value(self.external_data).expect("serialises"));
@@ -136,7 +135,7 @@ impl Stage for QuantizeStage {
         vec!["export".to_string()]
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        let mut files = onnx_artifacts(self.file);
+        let mut files = onnx_artifacts(self.dtype.file_name());
         files.push(("report.json".to_string(), format!("reports/quantize.{}.json", self.dtype)));
         files
     }
@@ -148,14 +147,14 @@ impl Stage for QuantizeStage {
         let fp32 = external::read(source, |location| data.iter().find(|(name, _)| name == location).map(|(_, p)| p.to_path_buf()))
             .map_err(|e| StageError::failed(format!("cannot read the fp32 export: {e}")))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "read the fp32 export");
-        let (model, mut report) = crate::quant::quantize(fp32, &self.dtype, self.options).map_err(|e| StageError::failed(e.to_string()))?;
+        let (model, report) = crate::quant::quantize(fp32, self.dtype, self.options).map_err(|e| StageError::failed(e.to_string()))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "quantized");
-        let written = write_onnx(model, &ctx.output(self.file), policy(self.external_data))?;
+        let file = self.dtype.file_name();
+        let written = write_onnx(model, &ctx.output(file), policy(self.external_data))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "wrote the file");
         let size = written.total_bytes();
-        report.dtype = self.dtype.clone();
         let mut json = serde_json::to_value(&report).expect("report serialises");
-        json["file"] = self.file.into();
+        json["file"] = file.into();
         json["file_bytes"] = size.into();
         json["fp32_file_bytes"] = fp32_bytes.into();
         json["data_files"] = serde_json::to_value(&written.data_files).expect("serialises");

@@ -8,6 +8,7 @@ pub mod tokenizer;
 pub mod verify;
 pub mod vocab;
 
+use crate::dtype::Dtype;
 use crate::engine::{Plan, Stage};
 use crate::manifest::{BaseModel, FinetuneMethod, Manifest, ManifestError, VocabStrategy};
 
@@ -77,23 +78,27 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         }
         let model_stage = if finetune.is_some() { "merge" } else { model_stage };
         stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
-        for dtype in export.targets.iter().filter(|t| *t != "fp32") {
+        for &dtype in export.targets.iter().filter(|t| **t != Dtype::Fp32) {
             let options = crate::quant::Options { quantize_embedding: export.quantize_embedding, accuracy_level: export.accuracy_level as i64 };
-            let stage = export::QuantizeStage::new(dtype, options, export.external_data).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
-            stages.push(Box::new(stage));
+            stages.push(Box::new(export::QuantizeStage::new(dtype, options, export.external_data)));
         }
         // Every file is verified; `[verify]` only tunes how.
         let settings = manifest.verify.clone().unwrap_or_default();
         if let Some(dtype) = settings.tolerance.keys().find(|d| !export.targets.contains(d)) {
             return Err(error(&format!("`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build")));
         }
-        for dtype in &export.targets {
-            let stage = verify::VerifyStage::new(dtype, settings.clone(), model_stage, manifest.corpus.is_some()).ok_or_else(|| error(&format!("`export.targets` has an unknown dtype `{dtype}`")))?;
-            stages.push(Box::new(stage));
+        for &dtype in &export.targets {
+            stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone(), model_stage, manifest.corpus.is_some())));
         }
-        let files = export.targets.iter().map(|d| (if d == "fp32" { "export".to_string() } else { format!("quantize.{d}") }, crate::quant::file_name(d).expect("checked above"))).collect();
-        let dtype = manifest.web.dtype.clone().unwrap_or_else(|| bundle::default_dtype(&export.targets));
-        stages.push(Box::new(bundle::BundleStage { model_stage, files, dtype, title: manifest.project.name.clone(), web: manifest.web.clone(), finetune: finetune.is_some() }));
+        let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
+        stages.push(Box::new(bundle::BundleStage {
+            model_stage,
+            dtypes: export.targets.clone(),
+            dtype,
+            title: manifest.project.name.clone(),
+            web: manifest.web.clone(),
+            finetune: finetune.is_some(),
+        }));
     } else if manifest.verify.is_some() {
         return Err(error("`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section"));
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use super::corpus::read_documents;
 use super::model::{model_error, write_json};
+use crate::dtype::Dtype;
 use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
 use crate::manifest::{RawPrompts, RawTolerance, Verify};
 use crate::model;
@@ -19,7 +20,7 @@ const WINDOW: usize = 128;
 const PROMPT_TOKENS: usize = 48;
 
 pub struct VerifyStage {
-    pub dtype: String,
+    pub dtype: Dtype,
     pub verify: Verify,
     /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
     pub model_stage: &'static str,
@@ -31,14 +32,14 @@ pub struct VerifyStage {
 }
 
 impl VerifyStage {
-    pub fn new(dtype: &str, verify: Verify, model_stage: &'static str, corpus: bool) -> Option<Self> {
-        let file = crate::quant::file_name(dtype)?;
-        let tolerance = verify::tolerance(dtype, verify.tolerance.get(dtype));
-        Some(VerifyStage { dtype: dtype.to_string(), verify, model_stage, corpus, name: format!("verify.{dtype}"), file, tolerance })
+    pub fn new(dtype: Dtype, verify: Verify, model_stage: &'static str, corpus: bool) -> Self {
+        let tolerance = verify::tolerance(dtype, verify.tolerance.get(&dtype));
+        VerifyStage { dtype, verify, model_stage, corpus, name: dtype.verify_stage(), file: dtype.file_name(), tolerance }
     }
 
+    /// The stage that wrote the file, and the file.
     fn source(&self) -> (String, &'static str) {
-        if self.dtype == "fp32" { ("export".to_string(), "model.onnx") } else { (format!("quantize.{}", self.dtype), self.file) }
+        (self.dtype.producer_stage(), self.file)
     }
 
     /// The prompts and perplexity windows, as token ids.
@@ -109,7 +110,7 @@ impl Stage for VerifyStage {
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
-        s.insert("dtype".into(), self.dtype.clone().into());
+        s.insert("dtype".into(), self.dtype.name().into());
         s.insert("verify.prompts".into(), serde_json::to_value(&self.verify.prompts).expect("prompts serialise"));
         s.insert("verify.max_new_tokens".into(), self.verify.max_new_tokens.into());
         s.insert(format!("verify.tolerance.{}", self.dtype), serde_json::to_value(&self.tolerance).expect("tolerance serialises"));
@@ -162,7 +163,7 @@ impl Stage for VerifyStage {
         let report = verify::verify(&reference, &mut onnx, &work, &self.tolerance, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"))
             .map_err(|e| StageError::failed(format!("{}: {e}", self.file)))?;
         let mut json = serde_json::to_value(&report).expect("report serialises");
-        json["dtype"] = self.dtype.clone().into();
+        json["dtype"] = self.dtype.name().into();
         json["file"] = format!("onnx/{}", self.file).into();
         json["onnxruntime"] = runtime::identity().into();
         json["tolerance"] = serde_json::to_value(&self.tolerance).expect("tolerance serialises");

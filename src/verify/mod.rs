@@ -14,6 +14,7 @@ pub mod session;
 
 use serde::Serialize;
 
+use crate::dtype::Dtype;
 use crate::manifest::RawTolerance;
 use crate::model::Gpt2;
 use session::{OnnxLm, argmax};
@@ -29,7 +30,7 @@ use session::{OnnxLm, argmax};
 /// fails a file with one weight scaled by 1.1 (tests/verify.rs). Greedy decoding is
 /// checked for fp32 only: after one near-tie flips a token the rest of a
 /// quantized decode differs legitimately.
-pub fn default_tolerance(dtype: &str) -> RawTolerance {
+pub fn default_tolerance(dtype: Dtype) -> RawTolerance {
     let t = |max_abs_error, top1_agreement, kl_divergence, perplexity_ratio, greedy_match| RawTolerance {
         max_abs_error,
         top1_agreement: Some(top1_agreement),
@@ -38,10 +39,10 @@ pub fn default_tolerance(dtype: &str) -> RawTolerance {
         greedy_match,
     };
     match dtype {
-        "fp32" => t(Some(1e-3), 0.999, 1e-6, 1.0001, Some(0.95)),
-        "fp16" => t(Some(0.1), 0.98, 1e-4, 1.005, None),
-        "q8" | "int8" | "uint8" => t(None, 0.85, 0.02, 1.05, None),
-        _ => t(None, 0.45, 0.25, 1.25, None),
+        Dtype::Fp32 => t(Some(1e-3), 0.999, 1e-6, 1.0001, Some(0.95)),
+        Dtype::Fp16 => t(Some(0.1), 0.98, 1e-4, 1.005, None),
+        Dtype::Q8 | Dtype::Int8 | Dtype::Uint8 => t(None, 0.85, 0.02, 1.05, None),
+        Dtype::Q4 | Dtype::Q4f16 => t(None, 0.45, 0.25, 1.25, None),
     }
 }
 
@@ -131,14 +132,11 @@ impl From<candle_core::Error> for VerifyError {
 
 /// `symb generate --backend onnx`: the output folder's `onnx/model{suffix}.onnx`
 /// for `dtype`, with the folder's tokenizer, config and generation config.
-pub fn generate(dir: &std::path::Path, dtype: &str, prompt: &str, max_new_tokens: usize, sampling: Option<&crate::model::Sampling>) -> Result<crate::model::Generation, VerifyError> {
+pub fn generate(dir: &std::path::Path, dtype: Dtype, prompt: &str, max_new_tokens: usize, sampling: Option<&crate::model::Sampling>) -> Result<crate::model::Generation, VerifyError> {
     use crate::model::{ModelError, read_json};
-    let Some(file) = crate::quant::file_name(dtype) else {
-        return Err(ModelError::Config(format!("`--dtype {dtype}` is not a dtype; use one of {}", crate::manifest::DTYPES.join(", "))).into());
-    };
-    let path = dir.join("onnx").join(file);
+    let path = dir.join("onnx").join(dtype.file_name());
     if !path.is_file() {
-        let present: Vec<&str> = crate::manifest::DTYPES.iter().copied().filter(|d| crate::quant::file_name(d).is_some_and(|f| dir.join("onnx").join(f).is_file())).collect();
+        let present: Vec<&str> = Dtype::ALL.into_iter().filter(|d| dir.join("onnx").join(d.file_name()).is_file()).map(Dtype::name).collect();
         let have = if present.is_empty() { "no ONNX files".to_string() } else { format!("these dtypes: {}", present.join(", ")) };
         return Err(ModelError::Config(format!("`{}` does not exist; the folder has {have}", path.display())).into());
     }
@@ -278,7 +276,7 @@ pub fn checks(metrics: &Metrics, tolerance: &RawTolerance) -> Vec<Check> {
 }
 
 /// `[verify.tolerance.D]` over the defaults, field by field.
-pub fn tolerance(dtype: &str, overrides: Option<&RawTolerance>) -> RawTolerance {
+pub fn tolerance(dtype: Dtype, overrides: Option<&RawTolerance>) -> RawTolerance {
     let mut t = default_tolerance(dtype);
     if let Some(o) = overrides {
         t.max_abs_error = o.max_abs_error.or(t.max_abs_error);
@@ -307,9 +305,9 @@ mod tests {
         let metrics = Metrics { max_abs_error: f32::NAN, top1_agreement: f64::NAN, kl_divergence: f64::NAN, perplexity_ratio: f64::NAN, greedy_match: f64::NAN };
         let all = RawTolerance { max_abs_error: Some(1.0), top1_agreement: Some(0.0), kl_divergence: Some(1.0), perplexity_ratio: Some(2.0), greedy_match: Some(0.0) };
         assert!(checks(&metrics, &all).iter().all(|c| !c.passed));
-        let t = tolerance("q4", Some(&RawTolerance { top1_agreement: Some(0.5), ..Default::default() }));
+        let t = tolerance(Dtype::Q4, Some(&RawTolerance { top1_agreement: Some(0.5), ..Default::default() }));
         assert_eq!(t.top1_agreement, Some(0.5));
-        assert_eq!(t.kl_divergence, default_tolerance("q4").kl_divergence);
+        assert_eq!(t.kl_divergence, default_tolerance(Dtype::Q4).kl_divergence);
     }
 
     #[test]
