@@ -102,3 +102,18 @@ fn sampling_is_seeded_and_top_k_one_is_greedy() {
     assert_eq!(code, 2);
     assert!(stderr.contains("`--temperature` must be 0 (greedy) or positive"), "{stderr}");
 }
+
+/// A Llama-family folder (the config of ../tiny-llama, SmolLM2-like) is named
+/// as an unsupported family, not reported as GPT-2 with a missing field.
+#[test]
+fn another_architecture_is_named_with_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096}"#;
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
+    std::fs::copy(fixture().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    let (code, _, stderr) = generate(dir.path(), &["--prompt", "Hello"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("`model_type` = \"llama\": symb supports \"gpt2\""), "{stderr}");
+    assert!(!stderr.contains("n_positions"), "{stderr}");
+}

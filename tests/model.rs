@@ -159,7 +159,7 @@ fn trainable_token_rows_get_the_gradient_of_the_replaced_embedding() {
     let ids = Tensor::new(&[[4090u32, 5, 4091, 17, 4095, 300, 4090, 9]], &Device::Cpu).unwrap();
     let labels = Tensor::new(&[5u32, 4091, 17, 4095, 300, 4090, 9, 4092], &Device::Cpu).unwrap();
     let mut model = model::load_folder(&fixture()).unwrap();
-    let mut vars = LoraVars { modules: Default::default(), token_rows: None };
+    let mut vars = LoraVars { family: model.family(), modules: Default::default(), token_rows: None };
     vars.train_token_rows(&mut model, vec![4090, 4091, 4092, 4095]).unwrap();
     let (_, rows) = vars.token_rows.as_ref().unwrap();
     rows.set(&(rows.as_tensor() * 1.5).unwrap()).unwrap();

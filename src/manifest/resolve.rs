@@ -12,7 +12,17 @@ use crate::dtype::Dtype;
 use crate::engine::ExternalFile;
 
 /// Layer names LoRA may target.
-pub const FINETUNE_TARGETS: [&str; 5] = ["c_attn", "c_proj", "c_fc", "mlp", "all-linear"];
+/// The LoRA target names `finetune.targets` accepts: every family's layers
+/// and groups (the finetune stage checks them against the model's family).
+pub fn lora_target_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for name in crate::model::Family::ALL.iter().flat_map(|f| f.lora_targets()) {
+        if !names.contains(name) {
+            names.push(name);
+        }
+    }
+    names
+}
 
 /// Alphabet of the byte-level pre-tokenizer.
 const BYTE_ALPHABET: u64 = 256;
@@ -493,9 +503,10 @@ fn resolve_finetune(cx: &Ctx<'_>, raw: RawFinetune, base: Option<&Base>) -> Resu
         return Err(cx.at(&["finetune", "targets"], "`finetune.targets` is empty: name at least one layer, e.g. \"c_attn\""));
     }
     for target in &targets {
-        if !FINETUNE_TARGETS.contains(&target.as_str()) {
-            let hint = suggest(target, FINETUNE_TARGETS).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
-            return Err(cx.at(&["finetune", "targets"], format!("unknown LoRA target `{target}` in `finetune.targets`{hint} (known: {})", FINETUNE_TARGETS.join(", "))));
+        let known = lora_target_names();
+        if !known.contains(&target.as_str()) {
+            let hint = suggest(target, known.iter().copied()).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
+            return Err(cx.at(&["finetune", "targets"], format!("unknown LoRA target `{target}` in `finetune.targets`{hint} (known: {})", known.join(", "))));
         }
     }
     let learning_rate = raw.learning_rate.unwrap_or(2e-4);

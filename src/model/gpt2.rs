@@ -12,6 +12,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::Family;
 use super::lora::{Lora, LoraTarget};
 use super::{ModelError, Result};
 
@@ -58,8 +59,8 @@ impl Config {
 
     /// Checks what the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
-        if self.model_type.as_deref().is_some_and(|t| t != "gpt2") {
-            return Err(ModelError::Unsupported(format!("`model_type` = \"{}\": symb supports \"gpt2\"", self.model_type.as_deref().unwrap_or_default())));
+        if Family::from_model_type(self.model_type.as_deref())? != Family::Gpt2 {
+            return Err(ModelError::Unsupported(format!("`model_type` = \"{}\" is not GPT-2", self.model_type.as_deref().unwrap_or_default())));
         }
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(ModelError::Config(format!("`n_embd` = {} is not divisible by `n_head` = {}", self.n_embd, self.n_head)));
@@ -327,6 +328,12 @@ impl Gpt2 {
         })
     }
 
+    /// The family this model belongs to (what its PEFT names and LoRA
+    /// targets are).
+    pub const fn family(&self) -> Family {
+        Family::Gpt2
+    }
+
     pub fn device(&self) -> &Device {
         self.wte.device()
     }
@@ -418,7 +425,7 @@ impl Gpt2 {
             let prefix = format!("transformer.h.{i}");
             let layers = [("attn.c_attn", &mut block.attn.c_attn), ("attn.c_proj", &mut block.attn.c_proj), ("mlp.c_fc", &mut block.mlp.c_fc), ("mlp.c_proj", &mut block.mlp.c_proj)];
             for (layer, linear) in layers {
-                if target.includes(layer) {
+                if target.includes(Family::Gpt2, layer) {
                     out.push((format!("{prefix}.{layer}"), linear));
                 }
             }

@@ -15,22 +15,18 @@ use serde::Deserialize;
 
 use super::gpt2::Gpt2;
 use super::train::Rng;
-use super::{ModelError, Result, read_json};
+use super::{Family, ModelError, Result, read_json};
 
-/// Which of GPT-2's linear layers a list of target names selects:
-/// `c_attn`, `c_proj` (attention and MLP), `c_fc`, `mlp` (both MLP layers),
-/// `all-linear`.
+/// The linear layers a list of target names selects (layer names and
+/// groups, as [`Family::lora_targets`] lists them).
 #[derive(Debug, Clone, Copy)]
 pub struct LoraTarget<'a>(pub &'a [String]);
 
 impl LoraTarget<'_> {
-    /// `layer` is `attn.c_attn`, `attn.c_proj`, `mlp.c_fc` or `mlp.c_proj`.
-    pub fn includes(&self, layer: &str) -> bool {
-        self.0.iter().any(|target| match target.as_str() {
-            "all-linear" => true,
-            "mlp" => layer.starts_with("mlp."),
-            name => layer.rsplit('.').next() == Some(name),
-        })
+    /// Whether a target selects `layer`, a layer's path inside a block of
+    /// `family` (GPT-2: `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`).
+    pub fn includes(&self, family: Family, layer: &str) -> bool {
+        self.0.iter().any(|target| family.lora_selects(target, layer))
     }
 }
 
@@ -85,9 +81,6 @@ pub struct AdapterConfig {
     pub trainable_token_indices: Option<serde_json::Value>,
 }
 
-/// PEFT's name for the trainable token rows of GPT-2's (tied) embedding.
-pub const TOKEN_ROWS_KEY: &str = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta";
-
 impl AdapterConfig {
     pub fn scale(&self) -> f64 {
         if self.use_rslora { self.lora_alpha / (self.r as f64).sqrt() } else { self.lora_alpha / self.r as f64 }
@@ -108,23 +101,26 @@ pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> 
     if config.r == 0 {
         return Err(ModelError::Config(format!("`{}`: `r` is 0", config_path.display())));
     }
+    let family = model.family();
+    let embedding = family.embedding_module().rsplit('.').next().expect("a module name");
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::io_candle(path, e))?;
     let token_indices: Option<Vec<u32>> = match &config.trainable_token_indices {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::Object(map)) => match map.iter().find(|(k, _)| k.ends_with("wte") || k.ends_with("embed_tokens")) {
+        Some(serde_json::Value::Object(map)) => match map.iter().find(|(k, _)| k.rsplit('.').next() == Some(embedding)) {
             Some((_, ids)) if map.len() == 1 => Some(serde_json::from_value(ids.clone()).map_err(|e| ModelError::io(config_path, e))?),
             _ => return Err(ModelError::Unsupported(format!("`{}`: trainable tokens are supported on the input embedding only", config_path.display()))),
         },
         Some(ids) => Some(serde_json::from_value(ids.clone()).map_err(|e| ModelError::io(config_path, e))?),
     };
-    let token_values = tensors.remove(TOKEN_ROWS_KEY);
+    let token_rows_key = family.token_rows_key();
+    let token_values = tensors.remove(&token_rows_key);
     match (token_indices, token_values) {
         (Some(indices), Some(values)) => {
             let values = values.to_dtype(DType::F32)?.to_device(model.device())?;
             let rows = super::gpt2::TokenRows::new(&model.wte, indices, values).map_err(|e| ModelError::Config(format!("`{}`: {e}", path.display())))?;
             model.token_rows = Some(rows);
         }
-        (Some(_), None) => return Err(ModelError::Config(format!("`{}` lists trainable tokens, but `{}` has no `{TOKEN_ROWS_KEY}`", config_path.display(), path.display()))),
+        (Some(_), None) => return Err(ModelError::Config(format!("`{}` lists trainable tokens, but `{}` has no `{token_rows_key}`", config_path.display(), path.display()))),
         (None, Some(_)) => return Err(ModelError::Config(format!("`{}` has trainable token rows, but `{}` lists no `trainable_token_indices`", path.display(), config_path.display()))),
         (None, None) => {}
     }
@@ -183,19 +179,9 @@ pub fn merge(model: &mut Gpt2) -> Result<usize> {
     Ok(merged)
 }
 
-/// PEFT's `adapter_config.json` for an adapter trained by symb.
-pub fn peft_config(spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32]) -> serde_json::Value {
-    // PEFT matches target names as module-name suffixes; `mlp` (the MLP
-    // container, not a linear layer) becomes a regular expression.
-    let targets: serde_json::Value = if spec.targets.iter().any(|t| t == "all-linear") {
-        "all-linear".into()
-    } else if spec.targets.iter().any(|t| t == "mlp") {
-        let mut names: Vec<String> = vec!["mlp\\.c_fc".into(), "mlp\\.c_proj".into()];
-        names.extend(spec.targets.iter().filter(|t| *t != "mlp").map(|t| format!("\\w+\\.{t}")));
-        format!(".*\\.({})$", names.join("|")).into()
-    } else {
-        spec.targets.clone().into()
-    };
+/// PEFT's `adapter_config.json` for an adapter trained by symb on a model of `family`.
+pub fn peft_config(family: Family, spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32]) -> serde_json::Value {
+    let targets = family.peft_target_modules(&spec.targets);
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -205,7 +191,7 @@ pub fn peft_config(spec: &super::train::LoraSpec, dropout: f64, trainable_tokens
         "lora_dropout": dropout,
         "use_rslora": spec.rslora,
         "target_modules": targets,
-        "fan_in_fan_out": true,
+        "fan_in_fan_out": family.fan_in_fan_out(),
         "bias": "none",
         "inference_mode": true,
         "init_lora_weights": true,

@@ -2,6 +2,7 @@
 //! Hugging Face model folder (`config.json`, `model.safetensors` or its
 //! shards, `tokenizer.json`).
 
+pub mod family;
 pub mod gpt2;
 pub mod hub;
 pub mod lora;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+pub use family::Family;
 pub use gpt2::{Config, Gpt2, KvCache, Sampling};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,10 @@ pub fn load_folder(dir: &Path) -> Result<Gpt2> {
 
 /// Loads a GPT-2 from its config and weight files.
 pub fn load_files(config_path: &Path, files: &[PathBuf]) -> Result<Gpt2> {
+    // The family first: another architecture's config is named as such.
+    match Family::of_config(config_path)? {
+        Family::Gpt2 => {}
+    }
     let config: Config = read_json(config_path)?;
     config.validate().map_err(|e| ModelError::Config(format!("`{}`: {e}", config_path.display())))?;
     // SAFETY: the files are memory-mapped read-only; symb does not modify

@@ -93,6 +93,8 @@ impl LoraSpec {
 
 /// The trainable LoRA variables of a model, by PEFT module name.
 pub struct LoraVars {
+    /// The family of the model they adapt (its PEFT names).
+    pub family: super::Family,
     pub modules: BTreeMap<String, (Var, Var)>,
     /// Trainable rows of the token embedding (PEFT's trainable tokens).
     pub token_rows: Option<(Vec<u32>, Var)>,
@@ -122,7 +124,7 @@ impl LoraVars {
             out.insert(format!("base_model.model.{module}.lora_B.weight"), b.as_tensor().clone());
         }
         if let Some((_, rows)) = &self.token_rows {
-            out.insert(super::lora::TOKEN_ROWS_KEY.to_string(), rows.as_tensor().clone());
+            out.insert(self.family.token_rows_key(), rows.as_tensor().clone());
         }
         out
     }
@@ -156,7 +158,7 @@ pub fn attach_lora(model: &mut Gpt2, spec: &LoraSpec, init: Option<&BTreeMap<Str
     if modules.is_empty() {
         return Err(ModelError::Config(format!("no layer matches the LoRA targets {:?}", spec.targets)));
     }
-    Ok(LoraVars { modules, token_rows: None })
+    Ok(LoraVars { family: model.family(), modules, token_rows: None })
 }
 
 #[derive(Debug, Clone, Copy)]

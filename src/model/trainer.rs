@@ -168,7 +168,7 @@ pub fn train(mut model: Gpt2, config: &TrainConfig, train: &[Vec<u32>], eval: &[
             }
             let mut vars: Vec<(String, Var)> = lora.modules.iter().flat_map(|(m, (a, b))| [(format!("{m}.lora_A"), a.clone()), (format!("{m}.lora_B"), b.clone())]).collect();
             if let Some((_, rows)) = &lora.token_rows {
-                vars.push(("transformer.wte.trainable_tokens".to_string(), rows.clone()));
+                vars.push((format!("{}.trainable_tokens", model.family().embedding_module()), rows.clone()));
             }
             (Some(lora), vars)
         }

@@ -397,7 +397,7 @@ impl Stage for FinetuneStage {
         let seconds = started.elapsed().as_secs_f64();
         match (&config.method, &trained.lora) {
             (Method::Lora { spec, dropout }, Some(lora)) => {
-                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(spec, *dropout, &config.trainable_tokens))?;
+                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(trained.model.family(), spec, *dropout, &config.trainable_tokens))?;
                 model::save_safetensors(&lora.peft_tensors(), &ctx.output("adapter_model.safetensors")).map_err(model_error)?;
             }
             _ => model::save_safetensors(&trained.model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?,
