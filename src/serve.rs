@@ -134,18 +134,24 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// One line of at most [`MAX_LINE`] bytes; `None` at the end of the stream,
-/// an error for a longer line.
-fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<String>> {
+/// What [`read_line`] read.
+enum Line {
+    Text(String),
+    /// The stream ended.
+    End,
+    /// Longer than [`MAX_LINE`] (or cut short by the peer).
+    TooLong,
+}
+
+/// One line of at most [`MAX_LINE`] bytes.
+fn read_line(reader: &mut impl BufRead) -> std::io::Result<Line> {
     let mut line = Vec::new();
     let n = reader.take(MAX_LINE).read_until(b'\n', &mut line)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if !line.ends_with(b"\n") {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long or cut short"));
-    }
-    Ok(Some(String::from_utf8_lossy(&line).trim_end().to_string()))
+    Ok(match n {
+        0 => Line::End,
+        _ if !line.ends_with(b"\n") => Line::TooLong,
+        _ => Line::Text(String::from_utf8_lossy(&line).trim_end().to_string()),
+    })
 }
 
 /// A parsed request head.
@@ -167,26 +173,20 @@ enum BadRequest {
 }
 
 fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Request, BadRequest>>> {
-    let line = match read_line(reader) {
-        Ok(Some(line)) => line,
-        Ok(None) => return Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            return Ok(Some(Err(BadRequest::TooLarge)));
-        }
-        Err(e) => return Err(e),
+    let line = match read_line(reader)? {
+        Line::Text(line) => line,
+        Line::End => return Ok(None),
+        Line::TooLong => return Ok(Some(Err(BadRequest::TooLarge))),
     };
     let mut parts = line.split_whitespace();
     let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else { return Ok(Some(Err(BadRequest::Malformed("malformed request line")))) };
     let mut request = Request { method: method.to_string(), target: target.to_string(), keep_alive: version == "HTTP/1.1", range: None };
     let mut length = 0u64;
     for count in 0.. {
-        let header = match read_line(reader) {
-            Ok(Some(header)) => header,
-            Ok(None) => return Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Ok(Some(Err(BadRequest::TooLarge)));
-            }
-            Err(e) => return Err(e),
+        let header = match read_line(reader)? {
+            Line::Text(header) => header,
+            Line::End => return Ok(None),
+            Line::TooLong => return Ok(Some(Err(BadRequest::TooLarge))),
         };
         if header.is_empty() {
             break;

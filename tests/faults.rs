@@ -14,39 +14,10 @@ use std::process::Command;
 
 use common::{BIN, TestProject, snapshot};
 
-const PIPELINE: &str = r#"[project]
-name = "faults"
-output = "dist"
-
-[corpus]
-files = ["corpus/*.txt"]
-eval_fraction = 0.1
-
-[tokenizer]
-vocab_size = 400
-
-[base]
-model = "scratch"
-n_layer = 1
-n_head = 2
-n_embd = 32
-n_positions = 64
-
-[finetune]
-method = "full"
-batch_size = 4
-block_size = 32
-max_steps = 6
-eval_every = 3
-checkpoint_every = 2
-
-[export]
-targets = ["fp32", "q4"]
-
-[verify]
-prompts = 2
-max_new_tokens = 4
-"#;
+/// The small training pipeline, exported in two dtypes and verified.
+fn pipeline() -> String {
+    format!("{}\n[export]\ntargets = [\"fp32\", \"q4\"]\n\n[verify]\nprompts = 2\nmax_new_tokens = 4\n", common::SCRATCH_TRAINING)
+}
 
 fn build(project: &TestProject, salt: &str, fault: Option<&str>, json: bool) -> std::process::Output {
     let mut command = Command::new(BIN);
@@ -84,7 +55,7 @@ fn assert_cache_clean(project: &TestProject, after: &str) {
 
 #[test]
 fn a_crash_at_any_commit_point_loses_nothing() {
-    let project = TestProject::with_manifest(PIPELINE, 100);
+    let project = TestProject::with_manifest(&pipeline(), 100);
     let first = build(&project, "a", None, true);
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let reference = snapshot(&project.path("dist"));

@@ -217,40 +217,13 @@ fn a_malformed_tokenizer_in_a_base_folder_fails_the_base_stage() {
     assert!(said.contains("tokenizer.json` is not a tokenizer the tokenizers library can load"), "{said}");
 }
 
-const TRAIN: &str = r#"[project]
-name = "t"
-output = "dist"
-
-[corpus]
-files = ["corpus/*.txt"]
-eval_fraction = 0.1
-
-[tokenizer]
-vocab_size = 400
-
-[base]
-model = "scratch"
-n_layer = 1
-n_head = 2
-n_embd = 32
-n_positions = 64
-
-[finetune]
-method = "full"
-batch_size = 4
-block_size = 32
-max_steps = 10
-eval_every = 5
-checkpoint_every = 2
-"#;
-
 /// A full disk during training: the cache's checkpoint folder on a 64 KiB
 /// tmpfs, in a private mount namespace (`unshare`, as root or as a user
 /// with user namespaces). The error says write, the path and the cause, and
 /// the exit code is 1, not 2: the input was fine.
 #[test]
 fn a_full_disk_during_finetune_is_an_io_error_not_bad_input() {
-    let project = TestProject::with_manifest(TRAIN, 100);
+    let project = TestProject::with_manifest(common::SCRATCH_TRAINING, 100);
     let probe = Command::new("unshare").args(["--user", "--map-root-user", "--mount", "true"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
         // Without mount namespaces there is no disk to fill here; the

@@ -31,6 +31,35 @@ pre_tokenizer = "byte_level"
 special_tokens = ["<|endoftext|>", "<pad>"]
 "#;
 
+/// A small model trained from scratch: `[corpus]` to `[finetune]`, under a
+/// `[project]` table, for tests that need the whole pipeline in seconds.
+pub const SCRATCH_TRAINING: &str = r#"[project]
+name = "t"
+output = "dist"
+
+[corpus]
+files = ["corpus/*.txt"]
+eval_fraction = 0.1
+
+[tokenizer]
+vocab_size = 400
+
+[base]
+model = "scratch"
+n_layer = 1
+n_head = 2
+n_embd = 32
+n_positions = 64
+
+[finetune]
+method = "full"
+batch_size = 4
+block_size = 32
+max_steps = 6
+eval_every = 3
+checkpoint_every = 2
+"#;
+
 pub struct TestProject {
     pub dir: tempfile::TempDir,
 }
