@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError};
 use crate::manifest::{Export, ExternalData};
-use crate::model;
 use crate::onnx::external::{self, Policy, Written};
 
 /// transformers.js reads at most this many data chunks per file.
@@ -79,7 +78,7 @@ impl Stage for ExportStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let stage = self.model_stage;
         let t = std::time::Instant::now();
-        let model = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(super::model::model_error)?;
+        let model = super::model::load_model(ctx, stage)?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "loaded the model");
         let graph = crate::onnx::gpt2::export(&model, self.export.opset as i64).map_err(super::model::model_error)?;
         drop(model);

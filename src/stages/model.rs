@@ -287,9 +287,15 @@ impl FinetuneStage {
     }
 }
 
+/// The model a model stage (`base`, `vocab`, `merge`) wrote: its
+/// `config.json` and `model.safetensors` artifacts, loaded.
+pub(super) fn load_model(ctx: &StageContext<'_>, stage: &str) -> Result<model::Gpt2, StageError> {
+    model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(model_error)
+}
+
 /// Loads the model to train from the artifacts of `stage`.
 fn load_base(ctx: &StageContext<'_>, stage: &str) -> Result<(model::Gpt2, tokenizers::Tokenizer), StageError> {
-    let model = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(model_error)?;
+    let model = load_model(ctx, stage)?;
     let tokenizer = tokenizers::Tokenizer::from_file(ctx.input(stage, "tokenizer.json")?).map_err(|e| StageError::failed(format!("cannot load the base tokenizer: {e}")))?;
     Ok((model, tokenizer))
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::corpus::read_documents;
-use super::model::{model_error, write_json};
+use super::model::write_json;
 use crate::dtype::Dtype;
 use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
 use crate::manifest::{RawPrompts, RawTolerance, Verify};
@@ -134,7 +134,7 @@ impl Stage for VerifyStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let started = std::time::Instant::now();
         let stage = self.model_stage;
-        let reference = model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(model_error)?;
+        let reference = super::model::load_model(ctx, stage)?;
         let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
         let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &reference.config);

@@ -320,7 +320,7 @@ impl Stage for VocabStage {
         tokenizer.save(ctx.output("tokenizer.json"), true).map_err(|e| tokenizer_error("cannot write tokenizer.json", e))?;
 
         // Weights: the embedding grows to cover every id, padded.
-        let mut model = model::load_files(ctx.input("base", "config.json")?, &[ctx.input("base", "model.safetensors")?.to_path_buf()]).map_err(super::model::model_error)?;
+        let mut model = super::model::load_model(ctx, "base")?;
         let old_size = model.config.vocab_size;
         let needed = (tokenizer.get_vocab_size(true)).max(old_size);
         let multiple = self.vocab.pad_to_multiple_of as usize;
