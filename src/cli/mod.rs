@@ -372,7 +372,7 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
         Err(e) => {
             eprintln!("error: {e}");
             match e {
-                crate::model::ModelError::Candle(_) | crate::model::ModelError::Write { .. } => 1,
+                crate::model::ModelError::Candle(_) | crate::model::ModelError::Write { .. } | crate::model::ModelError::Network(_) => 1,
                 _ => 2,
             }
         }

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{Api, ApiBuilder};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
 use super::{ModelError, Result};
@@ -27,6 +27,17 @@ fn api(cache_dir: &Path) -> Result<Api> {
         .map_err(|e| ModelError::Config(format!("cannot set up the Hub client: {e}")))
 }
 
+/// A Hub error with `context`: an HTTP status (no such repository or
+/// revision, no access) is the input's fault; anything else (no connection,
+/// a timeout, a broken transfer) the network's.
+fn hub_error(context: String, error: ApiError) -> ModelError {
+    let message = format!("{context}: {error}");
+    match &error {
+        ApiError::RequestError(inner) if matches!(**inner, ureq::Error::Status(..)) => ModelError::Config(message),
+        _ => ModelError::Network(message),
+    }
+}
+
 /// A revision resolved to a commit, with the repository's file list.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Resolved {
@@ -39,7 +50,7 @@ pub fn resolve(repo: &str, revision: &str, scratch: &Path) -> Result<Resolved> {
     let info = api(scratch)?
         .repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()))
         .info()
-        .map_err(|e| ModelError::Config(format!("cannot resolve `hf:{repo}@{revision}` at {}: {e}", endpoint())))?;
+        .map_err(|e| hub_error(format!("cannot resolve `hf:{repo}@{revision}` at {}", endpoint()), e))?;
     let mut files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     files.sort();
     Ok(Resolved { commit: info.sha, files })
@@ -55,8 +66,21 @@ pub fn download(repo: &str, resolved: &Resolved, cache_dir: &Path) -> Result<Pat
     };
     let mut folder = None;
     for file in resolved.files.iter().filter(|f| wanted(f)) {
-        let path = handle.get(file).map_err(|e| ModelError::Config(format!("cannot download `{file}` of `hf:{repo}` from {}: {e}", endpoint())))?;
+        let path = handle.get(file).map_err(|e| hub_error(format!("cannot download `{file}` of `hf:{repo}` from {}", endpoint()), e))?;
         folder = path.parent().map(Path::to_path_buf);
     }
     folder.ok_or_else(|| ModelError::Config(format!("`hf:{repo}` has none of config.json, model.safetensors, tokenizer.json")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_repository_is_the_inputs_fault_and_a_dead_network_is_not() {
+        let status = ureq::Error::Status(404, ureq::Response::new(404, "Not Found", "").unwrap());
+        assert!(matches!(hub_error("cannot resolve".into(), ApiError::RequestError(Box::new(status))), ModelError::Config(_)));
+        let io = ApiError::IoError(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        assert!(matches!(hub_error("cannot resolve".into(), io), ModelError::Network(_)));
+    }
 }

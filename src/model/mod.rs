@@ -27,6 +27,9 @@ pub enum ModelError {
     Write { path: PathBuf, message: String },
     #[error("{0}")]
     Config(String),
+    /// The network or a server failed (not the input): exit 1.
+    #[error("{0}")]
+    Network(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error("{}", candle_message(.0))]

@@ -111,9 +111,9 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
 /// Resolves a Hub revision to its commit, recording the answer in the cache;
 /// offline, the last recorded answer is used. An error is kept for the base
 /// stage to report when it runs, so commands that run nothing work offline.
-fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate::model::hub::Resolved, String> {
+fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate::model::hub::Resolved, crate::engine::StageError> {
     use crate::model::hub;
-    let cache = crate::cache::Cache::open(&manifest.project.cache).map_err(|e| e.to_string())?;
+    let cache = crate::cache::Cache::open(&manifest.project.cache)?;
     let record = cache.refs_dir("hub").join(format!("{}@{}.json", repo.replace('/', "--"), revision.replace('/', "--")));
     let recorded: Option<hub::Resolved> = std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let pinned = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
@@ -123,7 +123,7 @@ fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate:
     match hub::resolve(repo, revision, &cache.tmp_dir()) {
         Ok(resolved) => {
             if recorded.as_ref() != Some(&resolved) {
-                crate::cache::write_json_atomic(&record, &resolved, &cache.tmp_dir()).map_err(|e| e.to_string())?;
+                crate::cache::write_json_atomic(&record, &resolved, &cache.tmp_dir())?;
             }
             Ok(resolved)
         }
@@ -132,7 +132,11 @@ fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate:
                 tracing::warn!("{error}; using the commit resolved before, {}", resolved.commit);
                 Ok(resolved)
             }
-            None => Err(format!("{error} (set HF_ENDPOINT for a mirror, or check the network)")),
+            None => {
+                let mut error = model::model_error(error);
+                error.message.push_str(" (set HF_ENDPOINT for a mirror, or check the network)");
+                Err(error)
+            }
         },
     }
 }

@@ -25,7 +25,7 @@ pub const CANDLE_VERSION: &str = "0.11.1";
 
 pub(super) fn model_error(e: ModelError) -> StageError {
     match e {
-        ModelError::Candle(_) | ModelError::Write { .. } => StageError::failed(e.to_string()),
+        ModelError::Candle(_) | ModelError::Write { .. } | ModelError::Network(_) => StageError::failed(e.to_string()),
         _ => StageError::bad_input(e.to_string()),
     }
 }
@@ -49,7 +49,7 @@ pub struct BaseStage {
     /// For a local folder: its files.
     pub files: Vec<ExternalFile>,
     /// For a Hub model: its revision resolved to a commit (or why it could not be).
-    pub hub: Option<Result<model::hub::Resolved, String>>,
+    pub hub: Option<Result<model::hub::Resolved, StageError>>,
     /// Whether the output folder gets the base model (when nothing trains it).
     pub publish: bool,
 }
@@ -125,7 +125,7 @@ impl Stage for BaseStage {
             BaseModel::Hub { repo, .. } => {
                 let resolved = match &self.hub {
                     Some(Ok(resolved)) => resolved,
-                    Some(Err(error)) => return Err(StageError::bad_input(error.clone())),
+                    Some(Err(error)) => return Err(error.clone()),
                     None => return Err(StageError::failed("the Hub model was not resolved")),
                 };
                 // The download goes to the checkpoint folder: a killed build resumes it.
