@@ -28,14 +28,22 @@ pub enum ProjectError {
     Lint { output: String, findings: String },
     /// The output path is not symb's to write (checked again at the swap).
     #[error("error: `project.output` = \"{output}\": {message}")]
-    Output { output: String, message: String },
+    Output { output: String, message: String, unreadable: bool },
 }
 
 impl ProjectError {
     /// The process exit code: 2 for a bad manifest or arguments, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ProjectError::Manifest(_) | ProjectError::Plan(_) | ProjectError::Output { .. } => 2,
+            ProjectError::Manifest(_) | ProjectError::Plan(_) => 2,
+            // The output path is the manifest's choice, unless it could not be read.
+            ProjectError::Output { unreadable, .. } => {
+                if *unreadable {
+                    1
+                } else {
+                    2
+                }
+            }
             ProjectError::Cache(_) | ProjectError::Lint { .. } => 1,
         }
     }
@@ -130,7 +138,10 @@ impl Project {
                     let assembled = engine::assemble_output(&self.cache, &self.id, output, &files, &check).map_err(|e| match e {
                         engine::AssembleError::Cache(e) => ProjectError::Cache(e),
                         engine::AssembleError::Rejected(findings) => ProjectError::Lint { output: label(), findings },
-                        e @ (engine::AssembleError::Refused(_) | engine::AssembleError::Collision { .. }) => ProjectError::Output { output: label(), message: e.to_string() },
+                        e @ (engine::AssembleError::Refused(_) | engine::AssembleError::Collision { .. }) => {
+                            let unreadable = matches!(e, engine::AssembleError::Refused(engine::OutputRefusal::Unreadable { .. }));
+                            ProjectError::Output { output: label(), message: e.to_string(), unreadable }
+                        }
                     })?;
                     kept = assembled.kept;
                 }
@@ -161,7 +172,18 @@ impl Project {
         let (Some(parent), Some(name)) = (output.parent(), output.file_name().and_then(|n| n.to_str())) else { return };
         let prefix = format!(".{name}.symb-new-");
         let Ok(entries) = std::fs::read_dir(parent) else { return };
-        for entry in entries.flatten() {
+        let entries: Vec<_> = entries.flatten().collect();
+        // A build that died between moving the old output aside and putting
+        // the new one in left the old one here: it comes back first.
+        if !output.exists()
+            && let Some(old) = entries.iter().find(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".old")))
+        {
+            let _ = std::fs::rename(old.path(), output);
+        }
+        for entry in entries {
+            if !entry.path().exists() {
+                continue;
+            }
             if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -189,29 +211,16 @@ impl Project {
     pub fn clean(&self) -> Result<Clean, ProjectError> {
         let _lock = self.cache.lock(|| {})?;
         let output = &self.manifest.project.output;
-        let refused = |e: engine::OutputRefusal| ProjectError::Output { output: self.manifest.project.output_label.clone(), message: e.to_string() };
+        let refused = |e: engine::OutputRefusal| self.output_error(e);
         let mut clean = Clean::default();
         if let engine::OutputFolder::Owned(owned) = engine::inspect_output(output).map_err(refused)? {
             clean.kept = engine::foreign_files(output, &owned);
-            if clean.kept.is_empty() {
-                std::fs::remove_dir_all(output).map_err(|e| CacheError::io(output, e))?;
+            // Only symb's files go; a folder left holding the user's files
+            // keeps a marker that lists none, so the next build takes it.
+            if engine::remove_owned(output, &owned)?.is_empty() {
+                std::fs::remove_dir(output).map_err(|e| CacheError::io(output, e))?;
             } else {
-                for relative in owned.keys().map(String::as_str).chain([engine::OUTPUT_MARKER]) {
-                    let path = output.join(relative);
-                    match std::fs::remove_file(&path) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(CacheError::io(&path, e).into());
-                        }
-                        _ => {}
-                    }
-                }
-                // Folders symb's files leave empty go too (deepest first).
-                let mut folders: Vec<&Path> = owned.keys().flat_map(|r| Path::new(r).ancestors().skip(1)).filter(|p| !p.as_os_str().is_empty()).collect();
-                folders.sort_by_key(|p| (std::cmp::Reverse(p.components().count()), p.to_path_buf()));
-                folders.dedup();
-                for folder in folders {
-                    let _ = std::fs::remove_dir(output.join(folder));
-                }
+                engine::mark_empty(output)?;
             }
             clean.removed.push(output.clone());
         }
@@ -223,13 +232,18 @@ impl Project {
         Ok(clean)
     }
 
+    fn output_error(&self, refusal: engine::OutputRefusal) -> ProjectError {
+        let unreadable = matches!(refusal, engine::OutputRefusal::Unreadable { .. });
+        ProjectError::Output { output: self.manifest.project.output_label.clone(), message: refusal.to_string(), unreadable }
+    }
+
     /// Re-hashes the cache and the output folder against what symb wrote.
     /// With `repair`, corrupt cache entries are removed (their stages re-run
     /// at the next build); without, only reported.
     pub fn verify(&self, repair: bool) -> Result<(crate::cache::VerifyReport, engine::OutputCheck), ProjectError> {
         let _lock = self.cache.lock(|| {})?;
         let cache = self.cache.verify(repair)?;
-        let refused = |e: engine::OutputRefusal| ProjectError::Output { output: self.manifest.project.output_label.clone(), message: e.to_string() };
+        let refused = |e: engine::OutputRefusal| self.output_error(e);
         let output = engine::check_output(&self.manifest.project.output).map_err(refused)?;
         Ok((cache, output))
     }

@@ -27,6 +27,8 @@ const MAX_BODY: u64 = 1 << 20;
 const MAX_CONNECTIONS: usize = 64;
 /// How long a connection may sit idle mid-request (or between requests).
 const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a whole request head may take, however slowly it trickles in.
+const HEAD_DEADLINE: Duration = Duration::from_secs(30);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Server {
@@ -39,6 +41,26 @@ struct Roots {
     folder: PathBuf,
     /// A `node_modules` folder with transformers.js and onnxruntime-web.
     modules: Option<PathBuf>,
+    /// [`HEAD_DEADLINE`] (shorter in tests).
+    head_deadline: Duration,
+}
+
+/// The connection as the request parser reads it: each read fails once the
+/// deadline for the current request head has passed, so a client sending a
+/// byte just inside the read timeout cannot hold a connection for ever.
+struct Deadline {
+    stream: TcpStream,
+    until: Option<std::time::Instant>,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.checked_duration_since(std::time::Instant::now()).filter(|d| !d.is_zero()).ok_or(std::io::ErrorKind::TimedOut)?;
+            self.stream.set_read_timeout(Some(left.min(READ_TIMEOUT)))?;
+        }
+        self.stream.read(buf)
+    }
 }
 
 impl Server {
@@ -53,7 +75,7 @@ impl Server {
                 )));
             }
         }
-        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()? };
+        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()?, head_deadline: HEAD_DEADLINE };
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         Ok(Server { listener, roots: Arc::new(roots) })
     }
@@ -260,9 +282,10 @@ fn head(status: &str, kind: &str, length: u64, keep_alive: bool, extra: &[String
 fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut reader = BufReader::new(Deadline { stream: stream.try_clone()?, until: None });
     let mut stream = stream;
     loop {
+        reader.get_mut().until = Some(std::time::Instant::now() + roots.head_deadline);
         let request = match read_request(&mut reader)? {
             None => return Ok(()),
             Some(Ok(request)) => request,
@@ -466,5 +489,31 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert!(served, "the server serves again once the idle connections close");
+    }
+
+    #[test]
+    fn a_request_head_that_trickles_in_is_cut_off_at_its_deadline() {
+        let (_dir, root) = folder();
+        let mut server = Server::bind(&root, 0, None).unwrap();
+        Arc::get_mut(&mut server.roots).unwrap().head_deadline = Duration::from_millis(600);
+        let address = server.url().trim_start_matches("http://").trim_end_matches('/').to_string();
+        std::thread::spawn(move || server.run());
+        let mut stream = TcpStream::connect(&address).unwrap();
+        let started = std::time::Instant::now();
+        let mut closed_after = None;
+        for byte in b"GET / HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+            if stream.write_all(&[*byte]).is_err() {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let closed_after = closed_after.unwrap_or_else(|| {
+            let mut rest = Vec::new();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = stream.read_to_end(&mut rest);
+            started.elapsed()
+        });
+        assert!(closed_after < Duration::from_secs(4), "the slow head held the connection for {closed_after:?}");
     }
 }

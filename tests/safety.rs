@@ -87,9 +87,14 @@ fn a_cache_outside_the_project_works_and_clean_removes_only_what_symb_made() {
     let clean = project.symb(&["clean"]);
     assert!(clean.status.success(), "{}", stderr(&clean));
     assert!(stderr(&clean).contains("Kept NOTES.md (not written by symb)"), "{}", stderr(&clean));
-    assert_eq!(snapshot(&project.path("dist")).into_keys().collect::<Vec<_>>(), ["NOTES.md"], "only symb's files went");
+    assert_eq!(snapshot(&project.path("dist")).into_keys().collect::<Vec<_>>(), [".symb-output.json", "NOTES.md"], "only symb's files went");
     assert!(!shared.join("v1").exists());
     assert_eq!(std::fs::read_to_string(shared.join("README")).unwrap(), "the user's too");
+    // The folder stays symb's (a marker listing nothing): the next build
+    // takes it, and the user's file is still there.
+    project.build_ok();
+    assert_eq!(project.read("dist/NOTES.md"), "the user's");
+    assert!(project.path("dist/tokenizer.json").is_file());
     // A cache that overlaps an input is refused.
     let project = TestProject::new(50);
     with_folders(&project, "dist", Some("corpus"));
@@ -112,6 +117,7 @@ fn the_users_file_in_the_output_survives_rebuilds_and_cache_verify_sees_edits() 
     let path = project.path("dist/tokenizer.json");
     let good = std::fs::read(&path).unwrap();
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50)); // past the timestamp tick
     let mut edited = good.clone();
     edited[10] ^= 0x01;
     std::fs::write(&path, &edited).unwrap();
@@ -161,6 +167,23 @@ fn gc_removes_the_checkpoints_of_abandoned_keys() {
     let gc = project.symb(&["gc"]);
     assert!(stderr(&gc).contains("1 abandoned checkpoints"), "{}", stderr(&gc));
     assert!(!abandoned.exists());
+}
+
+/// The checkpoint of an interrupted training is the current plan's: gc keeps
+/// it, and the next build resumes from it.
+#[test]
+fn gc_keeps_the_checkpoint_of_an_interrupted_training() {
+    let project = TestProject::with_manifest(common::SCRATCH_TRAINING, 100);
+    // Stop the build right after the finetune's artifacts are stored, before
+    // its record: its checkpoints stay.
+    let crashed = Command::new(BIN).args(["build"]).current_dir(project.dir.path()).env("SYMB_FAULT", "after-blobs:finetune").output().unwrap();
+    assert!(!crashed.status.success());
+    let checkpoints = project.path("cache/v1/checkpoints");
+    assert_eq!(std::fs::read_dir(&checkpoints).unwrap().count(), 1, "the interrupted finetune left its checkpoint");
+    let gc = project.symb(&["gc"]);
+    assert!(stderr(&gc).contains("0 abandoned checkpoints"), "{}", stderr(&gc));
+    assert_eq!(std::fs::read_dir(&checkpoints).unwrap().count(), 1);
+    project.build_ok();
 }
 
 #[test]

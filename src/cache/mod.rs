@@ -122,9 +122,10 @@ impl Cache {
         Ok(Cache { root: root.to_path_buf(), bucket })
     }
 
-    /// True when `root` holds a symb cache (its tag or its bucket).
+    /// True when `root` holds a symb cache: symb's own tag (other tools,
+    /// cargo among them, write the same standard file) or its bucket.
     pub fn is_cache(root: &Path) -> bool {
-        root.join(CACHEDIR_TAG).is_file() || root.join(BUCKET).join("blobs").is_dir()
+        fs::read_to_string(root.join(CACHEDIR_TAG)).is_ok_and(|tag| tag == CACHEDIR_TAG_TEXT) || root.join(BUCKET).join("blobs").is_dir()
     }
 
     pub fn root(&self) -> &Path {

@@ -27,7 +27,7 @@ pub use executor::{BuildOptions, BuildOutcome, StageOutcome, StageState, StageSt
 pub use inputs::{StageInputs, explain};
 pub use output::{
     AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputMarker, OutputRefusal, OutputState, PLACEHOLDERS, assemble_output, check_output, entries_besides_placeholders,
-    foreign_files, inspect_output, output_is_current, reusable_outputs,
+    foreign_files, inspect_output, mark_empty, output_is_current, remove_owned, reusable_outputs,
 };
 pub use plan::{Plan, PlanError};
 

@@ -16,7 +16,9 @@
 //! not list are the user's, and are carried into every new folder unchanged.
 //! A file counts as untouched when its size, mtime, ctime and inode are those
 //! recorded after it was written: restoring an edited file's mtime still
-//! changes its ctime, so it is noticed and rewritten.
+//! changes its ctime, so it is noticed and rewritten. As in git, an edit
+//! within the same timestamp tick as symb's own write (milliseconds on older
+//! kernels) is the one change stat cannot see; `symb cache verify` hashes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -131,6 +133,52 @@ pub fn foreign_files(output: &Path, owned: &BTreeMap<String, BlobRef>) -> Vec<St
     found
 }
 
+/// Whether `relative` is a plain path below `folder` that passes through no
+/// symlink: only such paths of a marker are ever removed (a marker edited to
+/// name `../x`, or a link the user put inside the folder, cannot make symb
+/// remove a file elsewhere).
+fn inside(folder: &Path, relative: &str) -> bool {
+    let path = Path::new(relative);
+    if relative.is_empty() || !path.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+        return false;
+    }
+    path.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).all(|a| fs::symlink_metadata(folder.join(a)).is_ok_and(|m| m.is_dir()))
+}
+
+/// Removes from `folder` the files symb wrote there (`owned`, and the
+/// marker) and the folders they leave empty; returns what is left, the
+/// user's (sorted).
+pub fn remove_owned(folder: &Path, owned: &BTreeMap<String, BlobRef>) -> Result<Vec<String>, CacheError> {
+    for relative in owned.keys().map(String::as_str).chain([OUTPUT_MARKER]) {
+        if !inside(folder, relative) {
+            continue;
+        }
+        let path = folder.join(relative);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(CacheError::io(&path, e)),
+            _ => {}
+        }
+    }
+    let mut folders: Vec<&Path> = owned.keys().filter(|r| inside(folder, r)).flat_map(|r| Path::new(r).ancestors().skip(1)).filter(|p| !p.as_os_str().is_empty()).collect();
+    folders.sort_by_key(|p| (std::cmp::Reverse(p.components().count()), p.to_path_buf()));
+    folders.dedup();
+    for relative in folders {
+        let _ = fs::remove_dir(folder.join(relative));
+    }
+    let mut left: Vec<String> = fs::read_dir(folder).map_err(|e| CacheError::io(folder, e))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    Ok(left)
+}
+
+/// Writes a marker that lists no files: the folder stays symb's, and all it
+/// holds is the user's.
+pub fn mark_empty(folder: &Path) -> Result<(), CacheError> {
+    let marker = OutputMarker { about: MARKER_ABOUT.into(), files: BTreeMap::new() };
+    write_json_atomic(&folder.join(OUTPUT_MARKER), &marker, folder)
+}
+
+const MARKER_ABOUT: &str = "This folder was written by `symb build`, which replaces it on every build. Files it does not list are yours: symb carries them into each new folder.";
+
 /// What the output folder held when symb last wrote it.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutputState {
@@ -242,10 +290,7 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
             cache.copy_blob_to(blob, &dest)?;
         }
     }
-    let marker = OutputMarker {
-        about: "This folder was written by `symb build`, which replaces it on every build. Files it does not list are yours: symb carries them into each new folder.".into(),
-        files: files.clone(),
-    };
+    let marker = OutputMarker { about: MARKER_ABOUT.into(), files: files.clone() };
     write_json_atomic(&staging.path().join(OUTPUT_MARKER), &marker, staging.path())?;
     if let Err(findings) = check(staging.path()) {
         drop(staging);
@@ -279,15 +324,35 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         match rustix::fs::renameat_with(rustix::fs::CWD, &staged, rustix::fs::CWD, output, rustix::fs::RenameFlags::EXCHANGE) {
             Ok(()) => {}
             Err(_) => {
-                let old = staged.with_extension("old");
+                // Without an atomic exchange: the old folder moves aside
+                // (under a name the next build restores if this one dies
+                // before the new folder is in place), then the new one in.
+                let old = PathBuf::from(format!("{}.old", staged.display()));
                 fs::rename(output, &old).map_err(|e| CacheError::io(output, e))?;
+                fault::point("output-moved-aside");
                 fs::rename(&staged, output).map_err(|e| CacheError::io(output, e))?;
                 fs::rename(&old, &staged).map_err(|e| CacheError::io(&old, e))?;
             }
         }
         fault::point("output-swapped");
-        // `staged` now holds the previous output.
-        fs::remove_dir_all(&staged).map_err(|e| CacheError::io(&staged, e))?;
+        // `staged` now holds the previous output: symb's files go, and what
+        // the user put there after the listing above (or an empty folder)
+        // moves into the new output.
+        let mut old_owned = owned.clone();
+        old_owned.extend(kept.iter().map(|k| (k.clone(), BlobRef { digest: String::new(), size: 0 })));
+        let mut stranded = false;
+        for name in remove_owned(&staged, &old_owned)? {
+            let (from, to) = (staged.join(&name), output.join(&name));
+            if fs::symlink_metadata(&to).is_ok() || fs::rename(&from, &to).is_err() {
+                stranded = true;
+            }
+        }
+        if stranded {
+            let name = staged.file_name().and_then(|n| n.to_str()).unwrap_or_default().replace(".symb-new-", ".symb-kept-");
+            let _ = fs::rename(&staged, staged.with_file_name(name));
+        } else {
+            let _ = fs::remove_dir(&staged);
+        }
     } else {
         fs::rename(&staged, output).map_err(|e| CacheError::io(output, e))?;
         fault::point("output-swapped");

@@ -240,6 +240,9 @@ fn an_edit_with_its_mtime_restored_is_noticed_and_rewritten() {
     assert!(super::output_is_current(&cache, "p", &output, &files));
     let path = output.join("a.txt");
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    // Past the filesystem's timestamp tick (coarse on older kernels): an edit
+    // within the tick of symb's own write is the one case stat cannot see.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     std::fs::write(&path, "bbbb").unwrap();
     std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime, "same size, same mtime");
@@ -251,4 +254,41 @@ fn an_edit_with_its_mtime_restored_is_noticed_and_rewritten() {
     assert_eq!((check.checked, check.changed.len(), check.missing.len()), (1, 0, 0));
     std::fs::remove_file(&path).unwrap();
     assert_eq!(super::check_output(&output).unwrap().missing, ["a.txt"]);
+}
+
+#[test]
+fn what_the_user_adds_while_the_folder_is_assembled_is_not_lost() {
+    let (_dir, cache, output, files) = output_fixture(&[("a.txt", "a")]);
+    super::assemble_output(&cache, "p", &output, &files, &|_| Ok(())).unwrap();
+    // Between the listing of the user's files and the swap, as a long
+    // assembly would allow: a file and an empty folder appear.
+    let late = |_: &std::path::Path| {
+        std::fs::write(output.join("late.txt"), "written meanwhile").unwrap();
+        std::fs::create_dir_all(output.join("empty")).unwrap();
+        Ok(())
+    };
+    super::assemble_output(&cache, "p", &output, &files, &late).unwrap();
+    assert_eq!(std::fs::read_to_string(output.join("late.txt")).unwrap(), "written meanwhile");
+    assert!(output.join("empty").is_dir());
+    let parent = output.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".dist.symb")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_marker_cannot_make_symb_remove_anything_outside_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, outside) = (dir.path().join("dist"), dir.path().join("outside"));
+    std::fs::create_dir_all(&output).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(dir.path().join("victim.txt"), "keep").unwrap();
+    std::fs::write(outside.join("x"), "keep").unwrap();
+    std::os::unix::fs::symlink(&outside, output.join("link")).unwrap();
+    std::fs::write(output.join("own.txt"), "symb's").unwrap();
+    let blob = crate::cache::BlobRef { digest: String::new(), size: 0 };
+    let owned: std::collections::BTreeMap<String, _> = ["../victim.txt", "link/x", "/etc/hostname", "own.txt"].iter().map(|p| (p.to_string(), blob.clone())).collect();
+    let left = super::remove_owned(&output, &owned).unwrap();
+    assert_eq!(left, ["link"], "only symb's own file went");
+    assert_eq!(std::fs::read_to_string(dir.path().join("victim.txt")).unwrap(), "keep");
+    assert_eq!(std::fs::read_to_string(outside.join("x")).unwrap(), "keep");
 }

@@ -259,6 +259,10 @@ fn check_folders(cx: &Ctx<'_>, manifest: &Path, dir: &Path, project: &Project, c
     }
     if let Some(Base { model: BaseModel::Path(folder), .. }) = base {
         inputs.push((format!("the base model folder `{}`", folder.display()), real_path(folder)));
+        // Its files may be links elsewhere (a Hub snapshot links into `blobs/`).
+        for entry in std::fs::read_dir(folder).into_iter().flatten().flatten() {
+            inputs.push((format!("the base model file `{}`", entry.path().display()), real_path(&entry.path())));
+        }
     }
     for (what, input) in &inputs {
         if input.starts_with(&output) || output.starts_with(input) {

@@ -152,3 +152,17 @@ pub fn save_safetensors(tensors: &std::collections::BTreeMap<String, candle_core
     let map: std::collections::HashMap<String, candle_core::Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     candle_core::safetensors::save(&map, path).map_err(|e| ModelError::write(path, candle_message(&e)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk is a write error, with the path and the cause. (Writing
+    /// to `/dev/full` cannot show it: safetensors writes a temp file beside
+    /// the target and renames it over; `tests/safety.rs` fills a real tmpfs.)
+    #[test]
+    fn a_full_disk_is_a_write_error() {
+        let error = ModelError::write(Path::new("/x/params.safetensors"), std::io::Error::from_raw_os_error(28));
+        assert_eq!(error.to_string(), "cannot write `/x/params.safetensors`: No space left on device (os error 28)");
+    }
+}

@@ -319,19 +319,34 @@ fn save_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &AdamW, state:
         moments.insert(format!("{name}.m"), m.clone());
         moments.insert(format!("{name}.v"), v.clone());
     }
-    // Tensors first, the state file last: it is the checkpoint's commit point.
-    let write = |name: &str, tensors: &BTreeMap<String, Tensor>| -> Result<()> {
+    // Tensors first, the state file last: it is the checkpoint's commit
+    // point, and it names the digests of the tensors it goes with, so that a
+    // crash between the files (new params beside an older state) is noticed
+    // on resume instead of mixing two steps.
+    let write = |name: &str, tensors: &BTreeMap<String, Tensor>| -> Result<String> {
         let tmp = dir.join(format!("{name}.tmp"));
         save_safetensors(tensors, &tmp)?;
-        std::fs::rename(&tmp, dir.join(name)).map_err(|e| ModelError::write(dir, e))
+        let digest = file_digest(&tmp)?;
+        std::fs::rename(&tmp, dir.join(name)).map_err(|e| ModelError::write(dir, e))?;
+        Ok(digest)
     };
-    write("params.safetensors", &params)?;
-    write("optimizer.safetensors", &moments)?;
+    let params_digest = write("params.safetensors", &params)?;
+    crate::cache::fault::point(&format!("checkpoint-partial:{}", state.step));
+    let optimizer_digest = write("optimizer.safetensors", &moments)?;
     let mut json = serde_json::to_value(state).expect("state serialises");
     json["optimizer_step"] = optimizer.step.into();
+    json["files"] = serde_json::json!({"params.safetensors": params_digest, "optimizer.safetensors": optimizer_digest});
     let tmp = dir.join("state.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&json).expect("json")).map_err(|e| ModelError::write(&tmp, e))?;
     std::fs::rename(&tmp, dir.join("state.json")).map_err(|e| ModelError::write(dir, e))
+}
+
+/// blake3 of a file, hex.
+fn file_digest(path: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    hasher.update_reader(file).map_err(|e| ModelError::io(path, e))?;
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 fn load_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &mut AdamW) -> Result<Option<CheckpointState>> {
@@ -341,6 +356,15 @@ fn load_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &mut AdamW) ->
     }
     let json: serde_json::Value = read_json(&state_path)?;
     let state: CheckpointState = serde_json::from_value(json.clone()).map_err(|e| ModelError::io(&state_path, e))?;
+    // Tensors that are not the ones the state was written with (a crash
+    // mid-save): start over rather than resume from a mixture.
+    for name in ["params.safetensors", "optimizer.safetensors"] {
+        let expected = json["files"][name].as_str();
+        if expected.is_none() || file_digest(&dir.join(name)).ok().as_deref() != expected {
+            tracing::warn!("checkpoint `{}`: `{name}` does not match its state; training starts over", dir.display());
+            return Ok(None);
+        }
+    }
     let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu).map_err(|e| ModelError::io_candle(dir, e))?;
     let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu).map_err(|e| ModelError::io_candle(dir, e))?;
     for ((name, var), (_, m, v)) in vars.iter().zip(optimizer.state.iter_mut()) {

@@ -34,6 +34,15 @@ pub(super) fn io(path: &Path, e: std::io::Error) -> StageError {
     StageError::failed(format!("cannot write `{}`: {e}", path.display()))
 }
 
+/// Copies `from` (an input: a model folder's file, or an upstream artifact)
+/// to `to` (an artifact), saying which side failed.
+pub(super) fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
+    let mut source = std::fs::File::open(from).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", from.display())))?;
+    let mut dest = std::fs::File::create(to).map_err(|e| io(to, e))?;
+    std::io::copy(&mut source, &mut dest).map_err(|e| StageError::failed(format!("cannot copy `{}` to `{}`: {e}", from.display(), to.display())))?;
+    Ok(())
+}
+
 pub(super) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
     let mut text = serde_json::to_string_pretty(value).expect("json serialises");
     text.push('\n');
@@ -168,7 +177,7 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
     }
     for name in ["config.json", "tokenizer.json", "generation_config.json"] {
         if names.contains(&name) && dir.join(name).is_file() {
-            std::fs::copy(dir.join(name), ctx.output(name)).map_err(|e| io(&dir.join(name), e))?;
+            copy(&dir.join(name), &ctx.output(name))?;
         }
     }
     // A single float32 file holding exactly the model's tensors under their
@@ -177,7 +186,7 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
     let tensors = model.named_tensors();
     let single = dir.join("model.safetensors");
     if single.is_file() && safetensors_matches(&single, &tensors) {
-        std::fs::copy(&single, ctx.output("model.safetensors")).map_err(|e| io(&single, e))?;
+        copy(&single, &ctx.output("model.safetensors"))?;
         let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
         return Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.config.vocab_size, "weights": "copied" }));
     }
@@ -244,7 +253,7 @@ impl BaseStage {
         json["torch_dtype"] = "float32".into();
         write_json(&ctx.output("config.json"), &json)?;
         write_json(&ctx.output("generation_config.json"), &serde_json::json!({"bos_token_id": eos, "eos_token_id": eos}))?;
-        std::fs::copy(tokenizer_path, ctx.output("tokenizer.json")).map_err(|e| io(tokenizer_path, e))?;
+        copy(tokenizer_path, &ctx.output("tokenizer.json"))?;
         Ok(metrics)
     }
 }
@@ -500,13 +509,13 @@ impl Stage for MergeStage {
             ctx.output("model.safetensors")
         } else {
             let trained = ctx.input("finetune", "model.safetensors")?;
-            std::fs::copy(trained, ctx.output("model.safetensors")).map_err(|e| io(trained, e))?;
+            copy(trained, &ctx.output("model.safetensors"))?;
             ctx.output("model.safetensors")
         };
         for file in ["config.json", "generation_config.json", "tokenizer.json"] {
             match ctx.input(self.model_stage, file) {
                 Ok(from) => {
-                    std::fs::copy(from, ctx.output(file)).map_err(|e| io(from, e))?;
+                    copy(from, &ctx.output(file))?;
                 }
                 Err(_) if file == "generation_config.json" => {}
                 Err(e) => return Err(e),
@@ -515,5 +524,18 @@ impl Stage for MergeStage {
         write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config(&ctx.output("config.json"), &ctx.output("tokenizer.json"))?)?;
         let size = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
         Ok(serde_json::json!({ "model_bytes": size }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_writes_and_networks_exit_1_and_bad_files_2() {
+        let class = |e: ModelError| model_error(e).class;
+        assert_eq!(class(ModelError::write(Path::new("/x"), std::io::Error::from_raw_os_error(28))), crate::engine::FailureClass::Failed);
+        assert_eq!(class(ModelError::Network("connection refused".into())), crate::engine::FailureClass::Failed);
+        assert_eq!(class(ModelError::io(Path::new("/x/config.json"), "invalid JSON")), crate::engine::FailureClass::BadInput);
     }
 }

@@ -335,7 +335,7 @@ impl Stage for VocabStage {
         config["vocab_size"] = new_size.into();
         super::model::write_json(&ctx.output("config.json"), &config)?;
         if let Ok(from) = ctx.input("base", "generation_config.json") {
-            std::fs::copy(from, ctx.output("generation_config.json")).map_err(|e| super::model::io(from, e))?;
+            super::model::copy(from, &ctx.output("generation_config.json"))?;
         }
 
         // The report: fertility before and after, losslessness, English kept.
