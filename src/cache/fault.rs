@@ -9,7 +9,9 @@
 //! |-----------------------|-----------------------------------------------------------|
 //! | `after-blobs:STAGE`   | the stage's artifacts are blobs, its record not yet written |
 //! | `after-record:STAGE`  | its action record is committed, its ref not yet saved      |
+//! | `checkpoint-partial:N`| training's step-N checkpoint has new parameters, the rest not yet |
 //! | `output-staged`       | the new output folder is complete beside the old one       |
+//! | `output-moved-aside`  | (without an atomic exchange) the old folder is aside, the new not in |
 //! | `output-swapped`      | the new folder replaced the old, which is not yet removed  |
 //!
 //! Unset (always, outside tests), a point costs one comparison.
