@@ -281,3 +281,18 @@ fn folders_kept_in_git_by_a_placeholder_are_used() {
     assert_eq!(project.read("cache/.gitignore"), "*\n!.gitignore\n");
     assert!(project.path("dist/.symb-output.json").is_file() && project.path("dist/.gitkeep").is_file());
 }
+
+/// Where the output cannot be exchanged atomically, the old folder is moved
+/// aside before the new one goes in; a build that died between the two
+/// renames left it aside, and the next build puts it back first.
+#[test]
+fn an_output_left_aside_by_a_crash_is_restored() {
+    let project = TestProject::new(50);
+    project.build_ok();
+    let before = snapshot(&project.path("dist"));
+    std::fs::rename(project.path("dist"), project.path(".dist.symb-new-AbCdEf.old")).unwrap();
+    let build = project.build_ok();
+    assert_eq!(build.last()["output_updated"], false, "the folder came back as it was");
+    assert_eq!(snapshot(&project.path("dist")), before);
+    assert!(!project.path(".dist.symb-new-AbCdEf.old").exists());
+}
