@@ -217,7 +217,7 @@ impl Project {
             clean.kept = engine::foreign_files(output, &owned);
             // Only symb's files go; a folder left holding the user's files
             // keeps a marker that lists none, so the next build takes it.
-            if engine::remove_owned(output, &owned)?.is_empty() {
+            if engine::remove_owned(output, owned.keys().map(String::as_str))?.is_empty() {
                 std::fs::remove_dir(output).map_err(|e| CacheError::io(output, e))?;
             } else {
                 engine::mark_empty(output)?;

@@ -19,7 +19,7 @@
 use std::sync::OnceLock;
 
 /// The environment variable that names the crash point.
-pub const FAULT_VAR: &str = "SYMB_FAULT";
+const FAULT_VAR: &str = "SYMB_FAULT";
 
 /// Aborts the process if `SYMB_FAULT` names `point`.
 pub fn point(point: &str) {

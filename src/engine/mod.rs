@@ -26,8 +26,8 @@ mod plan;
 pub use executor::{BuildOptions, BuildOutcome, StageOutcome, StageState, StageStatus, execute, status};
 pub use inputs::{StageInputs, explain};
 pub use output::{
-    AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputMarker, OutputRefusal, OutputState, PLACEHOLDERS, assemble_output, check_output, entries_besides_placeholders,
-    foreign_files, inspect_output, mark_empty, output_is_current, remove_owned, reusable_outputs,
+    AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files, inspect_output,
+    mark_empty, output_is_current, remove_owned, reusable_outputs,
 };
 pub use plan::{Plan, PlanError};
 

@@ -69,7 +69,7 @@ pub enum OutputRefusal {
 
 /// Files that keep an empty folder in version control; a folder holding only
 /// these counts as empty.
-pub const PLACEHOLDERS: [&str; 3] = [".gitignore", ".gitkeep", ".keep"];
+const PLACEHOLDERS: [&str; 3] = [".gitignore", ".gitkeep", ".keep"];
 
 /// The entries of `dir` other than [`PLACEHOLDERS`], sorted (none when it
 /// cannot be read).
@@ -145,11 +145,12 @@ fn inside(folder: &Path, relative: &str) -> bool {
     path.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).all(|a| fs::symlink_metadata(folder.join(a)).is_ok_and(|m| m.is_dir()))
 }
 
-/// Removes from `folder` the files symb wrote there (`owned`, and the
-/// marker) and the folders they leave empty; returns what is left, the
-/// user's (sorted).
-pub fn remove_owned(folder: &Path, owned: &BTreeMap<String, BlobRef>) -> Result<Vec<String>, CacheError> {
-    for relative in owned.keys().map(String::as_str).chain([OUTPUT_MARKER]) {
+/// Removes from `folder` the files at `paths` (relative: what symb wrote
+/// there) and the marker, and the folders they leave empty; returns what is
+/// left, the user's (sorted).
+pub fn remove_owned<'a>(folder: &Path, paths: impl IntoIterator<Item = &'a str>) -> Result<Vec<String>, CacheError> {
+    let paths: Vec<&str> = paths.into_iter().filter(|relative| inside(folder, relative)).collect();
+    for &relative in paths.iter().chain(&[OUTPUT_MARKER]) {
         if !inside(folder, relative) {
             continue;
         }
@@ -159,7 +160,7 @@ pub fn remove_owned(folder: &Path, owned: &BTreeMap<String, BlobRef>) -> Result<
             _ => {}
         }
     }
-    let mut folders: Vec<&Path> = owned.keys().filter(|r| inside(folder, r)).flat_map(|r| Path::new(r).ancestors().skip(1)).filter(|p| !p.as_os_str().is_empty()).collect();
+    let mut folders: Vec<&Path> = paths.iter().flat_map(|r| Path::new(r).ancestors().skip(1)).filter(|p| !p.as_os_str().is_empty()).collect();
     folders.sort_by_key(|p| (std::cmp::Reverse(p.components().count()), p.to_path_buf()));
     folders.dedup();
     for relative in folders {
@@ -338,10 +339,8 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         // `staged` now holds the previous output: symb's files go, and what
         // the user put there after the listing above (or an empty folder)
         // moves into the new output.
-        let mut old_owned = owned.clone();
-        old_owned.extend(kept.iter().map(|k| (k.clone(), BlobRef { digest: String::new(), size: 0 })));
         let mut stranded = false;
-        for name in remove_owned(&staged, &old_owned)? {
+        for name in remove_owned(&staged, owned.keys().chain(&kept).map(String::as_str))? {
             let (from, to) = (staged.join(&name), output.join(&name));
             if fs::symlink_metadata(&to).is_ok() || fs::rename(&from, &to).is_err() {
                 stranded = true;

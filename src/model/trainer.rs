@@ -341,12 +341,9 @@ fn save_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &AdamW, state:
     std::fs::rename(&tmp, dir.join("state.json")).map_err(|e| ModelError::write(dir, e))
 }
 
-/// blake3 of a file, hex.
+/// blake3 of a file, hex (as the cache names its blobs).
 fn file_digest(path: &Path) -> Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    hasher.update_reader(file).map_err(|e| ModelError::io(path, e))?;
-    Ok(hasher.finalize().to_hex().to_string())
+    crate::cache::hash_file(path).map(|(digest, _)| digest).map_err(|e| ModelError::io(path, e))
 }
 
 fn load_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &mut AdamW) -> Result<Option<CheckpointState>> {
