@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tie_word_embeddings: Some(true),
     };
     let mut rng = Rng::new(0);
-    let mut model = Gpt2::scratch(&config, &mut rng)?;
+    let mut model = symb::model::Model::Gpt2(Gpt2::scratch(&config, &mut rng)?);
     let spec = LoraSpec { targets: vec!["c_attn".into()], rank: 8, alpha: 16.0, rslora: false };
     let lora = attach_lora(&mut model, &spec, None, &mut rng)?;
     let mut optimizer = AdamW::new(lora.vars(), AdamWParams { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;

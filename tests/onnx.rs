@@ -20,7 +20,7 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn the_fixture_exported_runs_in_onnx_runtime_as_pytorch_does() {
     let model = model::load_folder(&fixture()).unwrap();
-    let onnx = symb::onnx::gpt2::export(&model, 17).unwrap();
+    let onnx = symb::onnx::export(&model, 17).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.onnx");
     symb::onnx::save(&onnx, &path).unwrap();
@@ -150,10 +150,10 @@ fn a_trained_model_exports_after_merge() {
 #[test]
 fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     let model = model::load_folder(&fixture()).unwrap();
-    let fp32 = symb::onnx::gpt2::export(&model, 17).unwrap();
+    let fp32 = symb::onnx::export(&model, 17).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (cases, logits, request) = golden_request(dir.path(), 4);
-    let linear = 4 * model.config.n_layer + 1;
+    let linear = 4 * model.n_layer() + 1;
     for (label, bound, agreement) in
         [("fp16", 0.05, 0.97), ("q8", 1.5, 0.85), ("int8", 1.5, 0.85), ("uint8", 1.5, 0.85), ("q4", 4.0, 0.4), ("q4f16", 4.0, 0.4), ("q4+embedding", 4.0, 0.4), ("q4f16+embedding", 4.0, 0.4)]
     {

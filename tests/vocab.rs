@@ -183,7 +183,7 @@ eval_every = 10
     let config = json(&project, "dist/adapter/adapter_config.json");
     assert_eq!(config["trainable_token_indices"], serde_json::json!(new_ids));
     let adapter = candle_core::safetensors::load(project.path("dist/adapter/adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let rows = &adapter[&symb::model::Family::Gpt2.token_rows_key()];
+    let rows = &adapter[&symb::model::Family::token_rows_key(symb::model::Family::Gpt2.embedding_module())];
     assert_eq!(rows.dims(), [new_ids.len(), 64]);
 
     // The merged embedding: old rows untouched, new rows trained away from

@@ -120,8 +120,10 @@ pub enum Command {
         /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
         #[arg(long, value_name = "PATH")]
         model: PathBuf,
-        #[arg(long)]
-        prompt: String,
+        /// The text to continue; give it several times to decode the prompts
+        /// as one left-padded batch (one line, or one JSON object, each).
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
         #[arg(long, default_value_t = 32, value_name = "N")]
         max_new_tokens: usize,
         /// `candle` runs the model folder itself; `onnx` runs an output folder's ONNX file.
@@ -346,7 +348,7 @@ fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dtype: Option<Dtype>, adapter: Option<&Path>, sampling: Option<&crate::model::Sampling>, json: bool) -> i32 {
+fn generate(model: &Path, prompts: &[String], max_new_tokens: usize, backend: &str, dtype: Option<Dtype>, adapter: Option<&Path>, sampling: Option<&crate::model::Sampling>, json: bool) -> i32 {
     if backend == "onnx" || dtype.is_some() {
         if backend != "onnx" {
             eprintln!("error: `--dtype` picks an ONNX file: add `--backend onnx`");
@@ -356,8 +358,9 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
             eprintln!("error: `--adapter` applies to `--backend candle`; an output folder's ONNX files have the adapter merged in");
             return 2;
         }
-        return match crate::verify::generate(model, dtype.unwrap_or(Dtype::Fp32), prompt, max_new_tokens, sampling) {
-            Ok(generation) => print_generation(prompt, &generation, json),
+        let generations: Result<Vec<_>, _> = prompts.iter().map(|prompt| crate::verify::generate(model, dtype.unwrap_or(Dtype::Fp32), prompt, max_new_tokens, sampling)).collect();
+        return match generations {
+            Ok(generations) => print_generations(prompts, &generations, json),
             Err(e) => {
                 eprintln!("error: {e}");
                 match e {
@@ -367,8 +370,8 @@ fn generate(model: &Path, prompt: &str, max_new_tokens: usize, backend: &str, dt
             }
         };
     }
-    match crate::model::generate(model, adapter, prompt, max_new_tokens, sampling) {
-        Ok(generation) => print_generation(prompt, &generation, json),
+    match crate::model::generate(model, adapter, prompts, max_new_tokens, sampling) {
+        Ok(generations) => print_generations(prompts, &generations, json),
         Err(e) => {
             eprintln!("error: {e}");
             match e {
@@ -425,11 +428,13 @@ fn lint(folder: &Path, json: bool) -> i32 {
     }
 }
 
-fn print_generation(prompt: &str, generation: &crate::model::Generation, json: bool) -> i32 {
-    if json {
-        out(serde_json::to_string(generation).expect("generation serialises"));
-    } else {
-        out(format!("{prompt}{}", generation.text));
+fn print_generations(prompts: &[String], generations: &[crate::model::Generation], json: bool) -> i32 {
+    for (prompt, generation) in prompts.iter().zip(generations) {
+        if json {
+            out(serde_json::to_string(generation).expect("generation serialises"));
+        } else {
+            out(format!("{prompt}{}", generation.text));
+        }
     }
     0
 }

@@ -80,6 +80,7 @@ pub struct RawTokenizer {
 #[serde(rename_all = "snake_case")]
 pub enum Architecture {
     Gpt2,
+    Llama,
 }
 
 #[derive(Debug, Default, Deserialize)]

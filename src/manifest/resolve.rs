@@ -502,10 +502,12 @@ fn resolve_finetune(cx: &Ctx<'_>, raw: RawFinetune, base: Option<&Base>) -> Resu
     if !(0.0..1.0).contains(&dropout) {
         return Err(cx.at(&["finetune", "dropout"], format!("`finetune.dropout` = {dropout} must be in [0, 1)")));
     }
-    let targets = raw.targets.unwrap_or_else(|| vec!["c_attn".to_string()]);
-    if targets.is_empty() {
-        return Err(cx.at(&["finetune", "targets"], "`finetune.targets` is empty: name at least one layer, e.g. \"c_attn\""));
-    }
+    // Unset: the base model's family's defaults (chosen when its config is known).
+    let targets = match raw.targets {
+        Some(targets) if targets.is_empty() => return Err(cx.at(&["finetune", "targets"], "`finetune.targets` is empty: name at least one layer, e.g. \"c_attn\" or \"q_proj\"")),
+        Some(targets) => targets,
+        None => Vec::new(),
+    };
     for target in &targets {
         let known = lora_target_names();
         if !known.contains(&target.as_str()) {

@@ -18,16 +18,24 @@ pub enum Family {
     /// GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm, `Conv1D`
     /// linear layers, a head tied to the token embedding.
     Gpt2,
+    /// Llama (`LlamaForCausalLM`: SmolLM2, TinyLlama, Llama 3.2): RMSNorm,
+    /// rotary positions, grouped-query attention, a SiLU-gated MLP.
+    Llama,
+    /// Qwen2 (`Qwen2ForCausalLM`: Qwen2.5): Llama with biases on the query,
+    /// key and value projections.
+    Qwen2,
 }
 
 impl Family {
     /// Every family symb supports.
-    pub const ALL: [Family; 1] = [Family::Gpt2];
+    pub const ALL: [Family; 3] = [Family::Gpt2, Family::Llama, Family::Qwen2];
 
     /// `config.json`'s `model_type` for this family.
     pub const fn model_type(self) -> &'static str {
         match self {
             Family::Gpt2 => "gpt2",
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
         }
     }
 
@@ -56,7 +64,26 @@ impl Family {
     /// layers by their checkpoint names, and groups (`mlp`, `all-linear`).
     pub const fn lora_targets(self) -> &'static [&'static str] {
         match self {
-            Family::Gpt2 => &["c_attn", "c_proj", "c_fc", "mlp", "all-linear"],
+            Family::Gpt2 => &["c_attn", "c_proj", "c_fc", "attn", "mlp", "all-linear"],
+            Family::Llama | Family::Qwen2 => &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "attn", "mlp", "all-linear"],
+        }
+    }
+
+    /// The layers LoRA adapts when `finetune.targets` is not set: PEFT's
+    /// defaults for the architecture.
+    pub fn default_lora_targets(self) -> &'static [&'static str] {
+        match self {
+            Family::Gpt2 => &["c_attn"],
+            Family::Llama | Family::Qwen2 => &["q_proj", "v_proj"],
+        }
+    }
+
+    /// The architecture name `config.json` lists (`architectures`).
+    pub const fn architecture(self) -> &'static str {
+        match self {
+            Family::Gpt2 => "GPT2LMHeadModel",
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
         }
     }
 
@@ -65,7 +92,8 @@ impl Family {
     pub fn lora_selects(self, target: &str, layer: &str) -> bool {
         match (self, target) {
             (_, "all-linear") => true,
-            (Family::Gpt2, "mlp") => layer.starts_with("mlp."),
+            (_, "mlp") => layer.starts_with("mlp."),
+            (_, "attn") => layer.starts_with("attn.") || layer.starts_with("self_attn."),
             (_, name) => layer.rsplit('.').next() == Some(name),
         }
     }
@@ -77,13 +105,38 @@ impl Family {
         if targets.iter().any(|t| t == "all-linear") {
             return "all-linear".into();
         }
+        let group = |t: &String| t == "mlp" || t == "attn";
         match self {
-            Family::Gpt2 if targets.iter().any(|t| t == "mlp") => {
-                let mut names: Vec<String> = vec!["mlp\\.c_fc".into(), "mlp\\.c_proj".into()];
-                names.extend(targets.iter().filter(|t| *t != "mlp").map(|t| format!("\\w+\\.{t}")));
+            // GPT-2's `c_proj` is in both the attention and the MLP: a group is a regular expression.
+            Family::Gpt2 if targets.iter().any(group) => {
+                let mut names: Vec<String> = Vec::new();
+                for target in targets {
+                    match target.as_str() {
+                        "mlp" => names.extend(["mlp\\.c_fc".into(), "mlp\\.c_proj".into()]),
+                        "attn" => names.extend(["attn\\.c_attn".into(), "attn\\.c_proj".into()]),
+                        other => names.push(format!("\\w+\\.{other}")),
+                    }
+                }
                 format!(".*\\.({})$", names.join("|")).into()
             }
             Family::Gpt2 => targets.to_vec().into(),
+            // Llama's layer names are unique: a group is its layers' names.
+            Family::Llama | Family::Qwen2 => {
+                let mut names: Vec<&str> = Vec::new();
+                for target in targets {
+                    let layers = match target.as_str() {
+                        "attn" => vec!["q_proj", "k_proj", "v_proj", "o_proj"],
+                        "mlp" => vec!["gate_proj", "up_proj", "down_proj"],
+                        other => vec![other],
+                    };
+                    for name in layers {
+                        if !names.contains(&name) {
+                            names.push(name);
+                        }
+                    }
+                }
+                names.into()
+            }
         }
     }
 
@@ -92,6 +145,7 @@ impl Family {
     pub const fn fan_in_fan_out(self) -> bool {
         match self {
             Family::Gpt2 => true,
+            Family::Llama | Family::Qwen2 => false,
         }
     }
 
@@ -100,13 +154,15 @@ impl Family {
     pub const fn embedding_module(self) -> &'static str {
         match self {
             Family::Gpt2 => "transformer.wte",
+            Family::Llama | Family::Qwen2 => "model.embed_tokens",
         }
     }
 
-    /// PEFT's tensor name for the trainable rows of the input embedding
-    /// (`trainable_token_indices`).
-    pub fn token_rows_key(self) -> String {
-        format!("base_model.model.{}.token_adapter.trainable_tokens_delta", self.embedding_module())
+    /// PEFT's tensor name for the trainable rows of a token matrix
+    /// (`trainable_token_indices`): `module` is the embedding's, or an
+    /// untied head's (`lm_head`).
+    pub fn token_rows_key(module: &str) -> String {
+        format!("base_model.model.{module}.token_adapter.trainable_tokens_delta")
     }
 }
 
@@ -125,13 +181,13 @@ mod tests {
         assert_eq!(Family::from_model_type(Some("gpt2")).unwrap(), Family::Gpt2);
         assert_eq!(Family::from_model_type(None).unwrap(), Family::Gpt2);
         let error = Family::from_model_type(Some("mamba")).unwrap_err().to_string();
-        assert_eq!(error, "unsupported model: `model_type` = \"mamba\": symb supports \"gpt2\"");
+        assert_eq!(error, "unsupported model: `model_type` = \"mamba\": symb supports \"gpt2\", \"llama\", \"qwen2\"");
     }
 
     #[test]
     fn gpt2_facts_are_pefts() {
         let gpt2 = Family::Gpt2;
-        assert_eq!(gpt2.token_rows_key(), "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta");
+        assert_eq!(Family::token_rows_key(gpt2.embedding_module()), "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta");
         assert!(gpt2.lora_selects("mlp", "mlp.c_proj") && !gpt2.lora_selects("mlp", "attn.c_proj"));
         assert!(gpt2.lora_selects("c_proj", "attn.c_proj") && gpt2.lora_selects("c_proj", "mlp.c_proj"));
         assert_eq!(gpt2.peft_target_modules(&["c_attn".into()]), serde_json::json!(["c_attn"]));

@@ -1,10 +1,10 @@
-//! LoRA on GPT-2's `Conv1D` layers, in PEFT's format.
+//! LoRA on any family's linear layers, in PEFT's format.
 //!
 //! PEFT stores, per adapted module, `lora_A.weight` `[r, in]` and
 //! `lora_B.weight` `[out, r]` under `base_model.model.<module>`; the update is
 //! `y += scale · (x · Aᵀ) · Bᵀ` with `scale = alpha / r` (`alpha / √r` with
-//! rsLoRA). With `fan_in_fan_out` (GPT-2's `[in, out]` weights) merging adds
-//! `scale · (B · A)ᵀ` to the stored weight.
+//! rsLoRA). Merging adds `scale · B · A` to an `[out, in]` weight, and its
+//! transpose to GPT-2's `[in, out]` ones (PEFT's `fan_in_fan_out`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::gpt2::Gpt2;
+use super::layers::TokenRows;
 use super::train::Rng;
-use super::{Family, ModelError, Result, read_json};
+use super::{Family, Model, ModelError, Result, read_json};
 
 /// The linear layers a list of target names selects (layer names and
 /// groups, as [`Family::lora_targets`] lists them).
@@ -24,7 +24,8 @@ pub struct LoraTarget<'a>(pub &'a [String]);
 
 impl LoraTarget<'_> {
     /// Whether a target selects `layer`, a layer's path inside a block of
-    /// `family` (GPT-2: `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`).
+    /// `family` (GPT-2: `attn.c_attn`, `mlp.c_fc`, ...; Llama:
+    /// `self_attn.q_proj`, `mlp.gate_proj`, ...).
     pub fn includes(&self, family: Family, layer: &str) -> bool {
         self.0.iter().any(|target| family.lora_selects(target, layer))
     }
@@ -56,11 +57,6 @@ impl Lora {
         };
         Ok((x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?)
     }
-
-    /// The update in the stored `[in, out]` layout: `scale · (B · A)ᵀ`.
-    pub fn delta(&self) -> Result<Tensor> {
-        Ok((self.b.matmul(&self.a)?.t()? * self.scale)?)
-    }
 }
 
 /// The fields of PEFT's `adapter_config.json` that shape the computation.
@@ -88,12 +84,12 @@ impl AdapterConfig {
 }
 
 /// Attaches a PEFT adapter folder to `model`; returns the adapted modules.
-pub fn load_adapter(model: &mut Gpt2, dir: &Path) -> Result<Vec<String>> {
+pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Vec<String>> {
     load_adapter_files(model, &dir.join("adapter_config.json"), &dir.join("adapter_model.safetensors"))
 }
 
 /// Attaches a PEFT adapter given its two files.
-pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> Result<Vec<String>> {
+pub fn load_adapter_files(model: &mut Model, config_path: &Path, path: &Path) -> Result<Vec<String>> {
     let config: AdapterConfig = read_json(config_path)?;
     if config.peft_type.as_deref().is_some_and(|t| t != "LORA") || config.use_dora {
         return Err(ModelError::Unsupported(format!("`{}`: only plain LoRA adapters are supported", config_path.display())));
@@ -102,27 +98,34 @@ pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> 
         return Err(ModelError::Config(format!("`{}`: `r` is 0", config_path.display())));
     }
     let family = model.family();
-    let embedding = family.embedding_module().rsplit('.').next().expect("a module name");
+    let device = model.device().clone();
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::io_candle(path, e))?;
-    let token_indices: Option<Vec<u32>> = match &config.trainable_token_indices {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::Object(map)) => match map.iter().find(|(k, _)| k.rsplit('.').next() == Some(embedding)) {
-            Some((_, ids)) if map.len() == 1 => Some(serde_json::from_value(ids.clone()).map_err(|e| ModelError::io(config_path, e))?),
-            _ => return Err(ModelError::Unsupported(format!("`{}`: trainable tokens are supported on the input embedding only", config_path.display()))),
-        },
-        Some(ids) => Some(serde_json::from_value(ids.clone()).map_err(|e| ModelError::io(config_path, e))?),
+    let ids = |value: &serde_json::Value| -> Result<Vec<u32>> { serde_json::from_value(value.clone()).map_err(|e| ModelError::io(config_path, e)) };
+    // Token ids per module name: a plain list is the input embedding's;
+    // a map names modules by a suffix of their path (`embed_tokens`, `lm_head`).
+    let mut token_indices: Vec<(String, Vec<u32>)> = match &config.trainable_token_indices {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Object(map)) => map.iter().map(|(k, v)| Ok((k.clone(), ids(v)?))).collect::<Result<_>>()?,
+        Some(list) => vec![(family.embedding_module().to_string(), ids(list)?)],
     };
-    let token_rows_key = family.token_rows_key();
-    let token_values = tensors.remove(&token_rows_key);
-    match (token_indices, token_values) {
-        (Some(indices), Some(values)) => {
-            let values = values.to_dtype(DType::F32)?.to_device(model.device())?;
-            let rows = super::gpt2::TokenRows::new(&model.wte, indices, values).map_err(|e| ModelError::Config(format!("`{}`: {e}", path.display())))?;
-            model.token_rows = Some(rows);
+    for (module, matrix) in model.token_matrices_mut() {
+        let key = Family::token_rows_key(module);
+        let listed = token_indices.iter().position(|(name, _)| module == name || module.ends_with(&format!(".{name}")));
+        match (listed, tensors.remove(&key)) {
+            (Some(i), Some(values)) => {
+                let (_, indices) = token_indices.remove(i);
+                let values = values.to_dtype(DType::F32)?.to_device(&device)?;
+                matrix.rows = Some(TokenRows::new(&matrix.weight, indices, values).map_err(|e| ModelError::Config(format!("`{}`: {e}", path.display())))?);
+            }
+            (Some(_), None) => return Err(ModelError::Config(format!("`{}` lists trainable tokens, but `{}` has no `{key}`", config_path.display(), path.display()))),
+            (None, Some(_)) => {
+                return Err(ModelError::Config(format!("`{}` has trainable token rows `{key}`, but `{}` lists no `trainable_token_indices` for it", path.display(), config_path.display())));
+            }
+            (None, None) => {}
         }
-        (Some(_), None) => return Err(ModelError::Config(format!("`{}` lists trainable tokens, but `{}` has no `{token_rows_key}`", config_path.display(), path.display()))),
-        (None, Some(_)) => return Err(ModelError::Config(format!("`{}` has trainable token rows, but `{}` lists no `trainable_token_indices`", path.display(), config_path.display()))),
-        (None, None) => {}
+    }
+    if let Some((module, _)) = token_indices.first() {
+        return Err(ModelError::Unsupported(format!("`{}`: trainable tokens on `{module}`: symb supports them on the token embedding and an untied head", config_path.display())));
     }
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, tensor) in tensors {
@@ -138,14 +141,14 @@ pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> 
         let tensor = tensor.to_dtype(DType::F32)?.to_device(model.device())?;
         if which == 0 { entry.0 = Some(tensor) } else { entry.1 = Some(tensor) }
     }
-    let mut linears: BTreeMap<String, &mut super::gpt2::Linear> = model.linears_mut(LoraTarget(&["all-linear".to_string()])).into_iter().collect();
+    let mut linears: BTreeMap<String, &mut super::Linear> = model.linears_mut(LoraTarget(&["all-linear".to_string()])).into_iter().collect();
     let mut adapted = Vec::new();
     for (module, (a, b)) in pairs {
         let (Some(a), Some(b)) = (a, b) else {
             return Err(ModelError::Config(format!("`{}`: `{module}` lacks its lora_A or lora_B weight", path.display())));
         };
         let linear = linears.get_mut(&module).ok_or_else(|| ModelError::Config(format!("`{}`: the adapter targets `{module}`, which the model does not have", path.display())))?;
-        let (n_in, n_out) = linear.weight.dims2()?;
+        let (n_in, n_out) = linear.dims()?;
         if a.dims() != [config.r, n_in] || b.dims() != [n_out, config.r] {
             return Err(ModelError::Config(format!(
                 "`{}`: `{module}` has lora_A {:?} and lora_B {:?}, expected [{}, {n_in}] and [{n_out}, {}]",
@@ -162,25 +165,23 @@ pub fn load_adapter_files(model: &mut Gpt2, config_path: &Path, path: &Path) -> 
     Ok(adapted)
 }
 
-/// Folds every LoRA update into its weight (W + scale · (B·A)ᵀ) and any
-/// trainable token rows into the embedding, and drops them.
-pub fn merge(model: &mut Gpt2) -> Result<usize> {
+/// Folds every LoRA update into its weight and any trainable token rows
+/// into their matrix, and drops them; returns how many were folded.
+pub fn merge(model: &mut Model) -> Result<usize> {
     let mut merged = 0;
-    if let Some(rows) = model.token_rows.take() {
-        model.wte = rows.apply()?.detach();
-        merged += 1;
+    for (_, matrix) in model.token_matrices_mut() {
+        merged += usize::from(matrix.merge_rows()?);
     }
     for (_, linear) in model.linears_mut(LoraTarget(&["all-linear".to_string()])) {
-        if let Some(lora) = linear.lora.take() {
-            linear.weight = (&linear.weight + lora.delta()?)?;
-            merged += 1;
-        }
+        merged += usize::from(linear.merge_lora()?);
     }
     Ok(merged)
 }
 
-/// PEFT's `adapter_config.json` for an adapter trained by symb on a model of `family`.
-pub fn peft_config(family: Family, spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32]) -> serde_json::Value {
+/// PEFT's `adapter_config.json` for an adapter trained by symb on a model of
+/// `family`; `token_modules` are the modules whose rows of `trainable_tokens`
+/// train (the embedding, and an untied head).
+pub fn peft_config(family: Family, spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32], token_modules: &[String]) -> serde_json::Value {
     let targets = family.peft_target_modules(&spec.targets);
     serde_json::json!({
         "peft_type": "LORA",
@@ -197,6 +198,11 @@ pub fn peft_config(family: Family, spec: &super::train::LoraSpec, dropout: f64, 
         "init_lora_weights": true,
         "modules_to_save": null,
         "use_dora": false,
-        "trainable_token_indices": if trainable_tokens.is_empty() { serde_json::Value::Null } else { serde_json::json!(trainable_tokens) },
+        "trainable_token_indices": match token_modules {
+            _ if trainable_tokens.is_empty() => serde_json::Value::Null,
+            // One module, the embedding (a tied head follows it in PEFT too).
+            [_] | [] => serde_json::json!(trainable_tokens),
+            modules => modules.iter().map(|m| (m.rsplit('.').next().unwrap_or(m).to_string(), serde_json::json!(trainable_tokens))).collect::<serde_json::Map<_, _>>().into(),
+        },
     })
 }

@@ -1,10 +1,16 @@
-//! Models in candle: GPT-2 (one file per architecture), LoRA, and loading a
-//! Hugging Face model folder (`config.json`, `model.safetensors` or its
-//! shards, `tokenizer.json`).
+//! Models in candle: one file per family (`gpt2.rs`, `llama.rs`), the
+//! pieces they share (`layers.rs`), LoRA, training, and loading a Hugging
+//! Face model folder (`config.json`, `model.safetensors` or its shards,
+//! `tokenizer.json`).
+//!
+//! [`Model`] is the seam: everything outside this folder holds a `Model`
+//! and asks it, or its [`Family`], for what differs between architectures.
 
 pub mod family;
 pub mod gpt2;
 pub mod hub;
+pub mod layers;
+pub mod llama;
 pub mod lora;
 pub mod ops;
 pub mod train;
@@ -12,11 +18,13 @@ pub mod trainer;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use family::Family;
-pub use gpt2::{Config, Gpt2, KvCache, Sampling};
+pub use gpt2::Gpt2;
+pub use layers::{EmbeddingInit, KvCache, LeftPadding, Linear, Sampling, TokenMatrix};
+pub use llama::Llama;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -87,23 +95,325 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(ModelError::io(&single, "no `model.safetensors` (nor `model.safetensors.index.json`) in the model folder"))
 }
 
-/// Loads a GPT-2 from a Hugging Face folder, on the CPU, in float32.
-pub fn load_folder(dir: &Path) -> Result<Gpt2> {
+/// A model of any family symb supports. (Held once per stage, never in
+/// bulk: the variants' sizes do not matter.)
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
+pub enum Model {
+    Gpt2(Gpt2),
+    Llama(Llama),
+}
+
+/// A model's `config.json`, read as its family's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    Gpt2(gpt2::Config),
+    Llama(llama::Config),
+}
+
+impl ModelConfig {
+    /// Reads `config.json`, choosing the family by `model_type`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let config = match Family::of_config(path)? {
+            Family::Gpt2 => ModelConfig::Gpt2(read_json(path)?),
+            Family::Llama | Family::Qwen2 => ModelConfig::Llama(read_json(path)?),
+        };
+        config.validate().map_err(|e| ModelError::Config(format!("`{}`: {}", path.display(), e.to_string().trim_start_matches("unsupported model: "))))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            ModelConfig::Gpt2(c) => c.validate(),
+            ModelConfig::Llama(c) => c.validate(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// The longest sequence the model takes.
+    pub fn context(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_positions,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// The hidden width.
+    pub fn width(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_embd,
+            ModelConfig::Llama(c) => c.hidden_size,
+        }
+    }
+
+    pub fn n_layer(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_layer,
+            ModelConfig::Llama(c) => c.num_hidden_layers,
+        }
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Gpt2(c) => c.eos_token_id,
+            ModelConfig::Llama(c) => c.eos_token_id,
+        }
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Gpt2(c) => c.bos_token_id,
+            ModelConfig::Llama(c) => c.bos_token_id,
+        }
+    }
+}
+
+/// Calls the same method on whichever family a [`Model`] holds.
+macro_rules! each_family {
+    ($model:expr, $m:ident => $body:expr) => {
+        match $model {
+            Model::Gpt2($m) => $body,
+            Model::Llama($m) => $body,
+        }
+    };
+}
+
+impl Model {
+    /// Loads from a VarBuilder over a checkpoint, by `config`'s family.
+    pub fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+        Ok(match config {
+            ModelConfig::Gpt2(c) => Model::Gpt2(Gpt2::load(vb, c)?),
+            ModelConfig::Llama(c) => Model::Llama(Llama::load(vb, c)?),
+        })
+    }
+
+    /// A new model of `config`'s family and shape, initialised as transformers does.
+    pub fn scratch(config: &ModelConfig, rng: &mut train::Rng) -> Result<Self> {
+        Ok(match config {
+            ModelConfig::Gpt2(c) => Model::Gpt2(Gpt2::scratch(c, rng)?),
+            ModelConfig::Llama(c) => Model::Llama(Llama::scratch(c, rng)?),
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        match self {
+            Model::Gpt2(_) => Family::Gpt2,
+            Model::Llama(m) => m.family,
+        }
+    }
+
+    /// The model's config (with its current vocabulary size).
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Model::Gpt2(m) => ModelConfig::Gpt2(m.config.clone()),
+            Model::Llama(m) => ModelConfig::Llama(m.config.clone()),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        each_family!(self, m => m.device())
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.head().vocab_size()
+    }
+
+    pub fn context(&self) -> usize {
+        self.config().context()
+    }
+
+    pub fn width(&self) -> usize {
+        self.config().width()
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.config().n_layer()
+    }
+
+    /// The matrix the logits come from (the embedding when tied).
+    pub fn head(&self) -> &TokenMatrix {
+        match self {
+            Model::Gpt2(m) => &m.wte,
+            Model::Llama(m) => m.head(),
+        }
+    }
+
+    /// The input embedding.
+    pub fn embedding(&self) -> &TokenMatrix {
+        match self {
+            Model::Gpt2(m) => &m.wte,
+            Model::Llama(m) => &m.embed_tokens,
+        }
+    }
+
+    /// The token matrices under their module names: the input embedding
+    /// first, then an untied head. PEFT's trainable tokens replace rows of each.
+    pub fn token_matrices_mut(&mut self) -> Vec<(&'static str, &mut TokenMatrix)> {
+        match self {
+            Model::Gpt2(m) => vec![("transformer.wte", &mut m.wte)],
+            Model::Llama(m) => m.token_matrices_mut(),
+        }
+    }
+
+    /// Calls `f` on every weight with its checkpoint name, in a fixed order
+    /// (a tied head is not repeated).
+    pub fn visit_mut(&mut self, f: impl FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        each_family!(self, m => m.visit_mut(f))
+    }
+
+    /// Every weight under its checkpoint name.
+    pub fn named_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut copy = self.clone();
+        copy.visit_mut(|name, tensor| {
+            out.insert(name.to_string(), tensor.clone());
+            Ok(())
+        })
+        .expect("collecting cannot fail");
+        out
+    }
+
+    /// The linear layers `target` selects, with their PEFT module names.
+    pub fn linears_mut(&mut self, target: lora::LoraTarget) -> Vec<(String, &mut Linear)> {
+        each_family!(self, m => m.linears_mut(target))
+    }
+
+    /// Final hidden states `[b·t, width]`.
+    fn hidden(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, padding: &LeftPadding) -> Result<Tensor> {
+        each_family!(self, m => m.hidden(input_ids, cache, padding))
+    }
+
+    /// Logits `[b, t, vocab]` for `input_ids` `[b, t]`, continuing from
+    /// `cache` (updated in place) when given.
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.forward_padded(input_ids, cache, &LeftPadding::default())
+    }
+
+    /// [`forward`](Self::forward) over a left-padded batch: row `b` starts
+    /// after `padding.0[b]` positions, which no query sees, and its position
+    /// ids count from there (transformers' `generate()` with
+    /// `padding_side = "left"`).
+    pub fn forward_padded(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, padding: &LeftPadding) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if !padding.0.is_empty() && padding.0.len() != b {
+            return Err(ModelError::Config(format!("{} padding lengths for a batch of {b}", padding.0.len())));
+        }
+        let hidden = self.hidden(input_ids, cache, padding)?;
+        Ok(self.head().logits(&hidden)?.reshape((b, t, self.vocab_size()))?)
+    }
+
+    /// Mean next-token loss of `input_ids` `[b, t]` against `labels` `[b·t]`;
+    /// `grad` says whether backward will run (otherwise the graph is cut).
+    /// With a frozen head the logits are never kept (a fused op).
+    pub fn loss(&self, input_ids: &Tensor, labels: &Tensor, grad: bool) -> Result<Tensor> {
+        let hidden = self.hidden(input_ids, None, &LeftPadding::default())?;
+        self.head().loss(&hidden, labels, grad)
+    }
+
+    /// Greedy decoding with the KV cache: up to `max_new_tokens` ids, stopping
+    /// after `eos` (included) as transformers' `generate()` does. Returns the
+    /// new ids and the logits at the last prompt position.
+    pub fn greedy(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.decode(prompt, max_new_tokens, eos, None)
+    }
+
+    /// Decoding with the KV cache, greedy or sampled (see [`greedy`](Self::greedy)).
+    pub fn decode(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>) -> Result<(Vec<u32>, Vec<f32>)> {
+        let (mut generated, mut logits) = self.decode_batch(&[prompt.to_vec()], max_new_tokens, eos, sampling)?;
+        Ok((generated.remove(0), logits.remove(0)))
+    }
+
+    /// Decodes several prompts at once, left-padded into one batch with one
+    /// KV cache, as transformers' `generate()` does; a row stops after its
+    /// `eos`. Returns each row's new ids and its logits at the last prompt
+    /// position.
+    pub fn decode_batch(&self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>) -> Result<Decoded> {
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+            return Err(ModelError::Config("the prompt encodes to no tokens".to_string()));
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let pad_id = eos.unwrap_or(0);
+        let padding = if prompts.len() == 1 { LeftPadding::default() } else { LeftPadding(prompts.iter().map(|p| longest - p.len()).collect()) };
+        let rows: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad_id, longest - p.len()).chain(p.iter().copied()).collect()).collect();
+        let mut cache = KvCache::new(self.n_layer());
+        let logits = self.forward_padded(&Tensor::new(rows, self.device())?, Some(&mut cache), &padding)?;
+        let mut last: Vec<Vec<f32>> = (0..prompts.len()).map(|b| logits.get(b)?.get(longest - 1)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+        let prompt_logits = last.clone();
+        let mut generated = vec![Vec::new(); prompts.len()];
+        let mut done = vec![max_new_tokens == 0; prompts.len()];
+        let mut rng = sampling.map(|s| train::Rng::new(s.seed));
+        let mut length = longest;
+        while !done.iter().all(|&d| d) && length < self.context() {
+            let mut next = Vec::with_capacity(prompts.len());
+            for (b, row) in last.iter().enumerate() {
+                let id = match (sampling, rng.as_mut()) {
+                    _ if done[b] => pad_id,
+                    (Some(s), Some(rng)) if s.temperature > 0.0 => s.pick(row, rng),
+                    _ => argmax(row),
+                };
+                if !done[b] {
+                    generated[b].push(id);
+                    done[b] = Some(id) == eos || generated[b].len() == max_new_tokens;
+                }
+                next.push(vec![id]);
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let logits = self.forward_padded(&Tensor::new(next, self.device())?, Some(&mut cache), &padding)?;
+            last = (0..prompts.len()).map(|b| logits.get(b)?.get(0)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+            length += 1;
+        }
+        Ok((generated, prompt_logits))
+    }
+
+    /// Grows the token embedding (and an untied head) to `new_size` rows; the
+    /// new rows start as `init` says, drawn from `rng`.
+    pub fn resize_token_embeddings(&mut self, new_size: usize, init: EmbeddingInit, rng: &mut train::Rng) -> Result<()> {
+        for (_, matrix) in self.token_matrices_mut() {
+            matrix.grow(new_size, init, rng)?;
+        }
+        match self {
+            Model::Gpt2(m) => m.config.vocab_size = new_size,
+            Model::Llama(m) => m.config.vocab_size = new_size,
+        }
+        Ok(())
+    }
+}
+
+/// Per row of a batch: the new ids, and the logits at the last prompt position.
+pub type Decoded = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+
+/// The first index of the largest value (`torch.argmax`'s choice on ties).
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Loads a model from a Hugging Face folder, on the CPU, in float32.
+pub fn load_folder(dir: &Path) -> Result<Model> {
     load_files(&dir.join("config.json"), &weight_files(dir)?)
 }
 
-/// Loads a GPT-2 from its config and weight files.
-pub fn load_files(config_path: &Path, files: &[PathBuf]) -> Result<Gpt2> {
+/// Loads a model from its config and weight files.
+pub fn load_files(config_path: &Path, files: &[PathBuf]) -> Result<Model> {
     // The family first: another architecture's config is named as such.
-    match Family::of_config(config_path)? {
-        Family::Gpt2 => {}
-    }
-    let config: Config = read_json(config_path)?;
-    config.validate().map_err(|e| ModelError::Config(format!("`{}`: {e}", config_path.display())))?;
+    let config = ModelConfig::read(config_path)?;
     // SAFETY: the files are memory-mapped read-only; symb does not modify
     // model files while it reads them.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, &Device::Cpu) }.map_err(|e| ModelError::io_candle(&files[0], e))?;
-    Gpt2::load(vb, &config).map_err(|e| match e {
+    Model::load(vb, &config).map_err(|e| match e {
         ModelError::Candle(inner) => ModelError::Config(format!("`{}` does not match `{}`: {}", files[0].display(), config_path.display(), candle_message(&inner))),
         other => other,
     })
@@ -121,30 +431,41 @@ pub struct Generation {
 }
 
 /// Generation from a Hugging Face folder (greedy, or sampled), optionally
-/// with a PEFT adapter folder applied.
-pub fn generate(dir: &Path, adapter: Option<&Path>, prompt: &str, max_new_tokens: usize, sampling: Option<&Sampling>) -> Result<Generation> {
+/// with a PEFT adapter folder applied; several prompts decode as one
+/// left-padded batch.
+pub fn generate(dir: &Path, adapter: Option<&Path>, prompts: &[String], max_new_tokens: usize, sampling: Option<&Sampling>) -> Result<Vec<Generation>> {
     let mut model = load_folder(dir)?;
     if let Some(adapter) = adapter {
         lora::load_adapter(&mut model, adapter)?;
     }
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
-    let input_ids = tokenizer.encode(prompt, false).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec();
-    let eos = eos_token(dir, &model.config);
-    let (generated_ids, logits) = model.decode(&input_ids, max_new_tokens, eos, sampling)?;
-    let text = tokenizer.decode(&generated_ids, true).map_err(|e| ModelError::io(&tokenizer_path, e))?;
-    Ok(Generation { input_ids, generated_ids, text, logits })
+    // With the tokenizer's special tokens (a SentencePiece `<s>`), as
+    // transformers and transformers.js encode a prompt by default.
+    let encode = |prompt: &String| -> Result<Vec<u32>> { Ok(tokenizer.encode(prompt.as_str(), true).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec()) };
+    let inputs: Vec<Vec<u32>> = prompts.iter().map(encode).collect::<Result<_>>()?;
+    let eos = eos_token(dir, &model.config());
+    let (generated, logits) = model.decode_batch(&inputs, max_new_tokens, eos, sampling)?;
+    inputs
+        .into_iter()
+        .zip(generated)
+        .zip(logits)
+        .map(|((input_ids, generated_ids), logits)| {
+            let text = tokenizer.decode(&generated_ids, true).map_err(|e| ModelError::io(&tokenizer_path, e))?;
+            Ok(Generation { input_ids, generated_ids, text, logits })
+        })
+        .collect()
 }
 
 /// The end-of-sequence id: generation_config.json first, then config.json.
-pub(crate) fn eos_token(dir: &Path, config: &Config) -> Option<u32> {
+pub(crate) fn eos_token(dir: &Path, config: &ModelConfig) -> Option<u32> {
     eos_token_from(Some(&dir.join("generation_config.json")), config)
 }
 
 /// [`eos_token`] with the generation config's path given (or none).
-pub(crate) fn eos_token_from(generation_config: Option<&Path>, config: &Config) -> Option<u32> {
+pub(crate) fn eos_token_from(generation_config: Option<&Path>, config: &ModelConfig) -> Option<u32> {
     let from_generation = generation_config.and_then(|p| read_json::<serde_json::Value>(p).ok()).and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64()));
-    from_generation.map(|id| id as u32).or(config.eos_token_id)
+    from_generation.map(|id| id as u32).or(config.eos_token_id())
 }
 
 /// Writes tensors as safetensors (tensors sorted by name: byte-stable).

@@ -221,20 +221,26 @@ struct CausalSoftmax {
     scale: f32,
     /// Positions before the first query (the KV cache's length).
     past: usize,
+    /// Left padding per batch row (keys before it are masked); empty: none.
+    pads: Vec<usize>,
 }
 
-/// Softmax of one row of scores for query `i`: keys after `past + i` get 0.
+/// Softmax of one row of scores over keys `start..end`; the others get 0
+/// (a row with no visible key, a padding query's, is all zeros).
 #[inline(always)]
-fn causal_row(x: &[f32], out: &mut [f32], scale: f32, visible: usize) {
-    let max = x[..visible].iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }) * scale;
+fn causal_row(x: &[f32], out: &mut [f32], scale: f32, start: usize, end: usize) {
+    out.iter_mut().for_each(|o| *o = 0.0);
+    if start >= end {
+        return;
+    }
+    let max = x[start..end].iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }) * scale;
     let mut sum = 0f32;
-    for (o, &v) in out[..visible].iter_mut().zip(&x[..visible]) {
+    for (o, &v) in out[start..end].iter_mut().zip(&x[start..end]) {
         *o = exp_nonpositive(v * scale - max);
         sum += *o;
     }
     let inv = 1.0 / sum;
-    out[..visible].iter_mut().for_each(|o| *o *= inv);
-    out[visible..].iter_mut().for_each(|o| *o = 0.0);
+    out[start..end].iter_mut().for_each(|o| *o *= inv);
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -249,10 +255,15 @@ impl CustomOp1 for CausalSoftmax {
         if total != self.past + t {
             candle_core::bail!("causal-softmax: {t} queries over {total} keys with {} past", self.past);
         }
+        let rows = x.len() / total.max(1);
+        if !self.pads.is_empty() && (dims[0] != self.pads.len() || rows % self.pads.len() != 0) {
+            candle_core::bail!("causal-softmax: {} padding lengths for scores {dims:?}", self.pads.len());
+        }
+        let per_batch = rows / self.pads.len().max(1);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(total).zip(x.par_chunks(total)).enumerate().for_each(|(r, (o, x))| {
-            let visible = self.past + r % t + 1;
-            causal_row(x, o, self.scale, visible);
+            let start = self.pads.get(r / per_batch.max(1)).copied().unwrap_or(0);
+            causal_row(x, o, self.scale, start, self.past + r % t + 1);
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -273,7 +284,13 @@ impl CustomOp1 for CausalSoftmax {
 /// `softmax(scale · scores)` over the last dimension with a causal mask:
 /// query `i` (of `t`) sees keys `0..=past + i`. `scores` `[.., t, past + t]`, f32.
 pub fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
-    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, past })?)
+    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, past, pads: Vec::new() })?)
+}
+
+/// [`causal_softmax`] over a left-padded batch: `scores` `[b, .., t, past + t]`,
+/// and in row `b` the keys before `pads[b]` are masked too.
+pub fn causal_softmax_padded(scores: &Tensor, scale: f64, past: usize, pads: &[usize]) -> Result<Tensor> {
+    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, past, pads: pads.to_vec() })?)
 }
 
 struct LayerNormOp {
@@ -350,6 +367,199 @@ impl candle_core::CustomOp3 for LayerNormOp {
 /// `[c]`, f32), one node with an analytic backward.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps: eps as f32 })?)
+}
+
+struct RmsNormOp {
+    eps: f32,
+}
+
+/// `1 / √(mean(x²) + ε)` of a row, summed in f64 as PyTorch's f32 mean is
+/// accurate to.
+#[inline(always)]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let mean = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
+    1.0 / ((mean as f32) + eps).sqrt()
+}
+
+impl candle_core::CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms-norm")?;
+        let w = f32_slice(s2, l2, "rms-norm")?;
+        let c = w.len();
+        if l1.dims().last() != Some(&c) {
+            candle_core::bail!("rms-norm: input {:?} for a weight of {c}", l1.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(o, x)| {
+            let inv = inv_rms(x, self.eps);
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                *o = w * (x * inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = w.elem_count();
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.to_vec1::<f32>()?;
+        let dy = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // y = w ⊙ x·r with r = (mean(x²) + ε)^(−1/2):
+        // dx = r·(g − x̂·mean(g ⊙ x̂)) with g = dy ⊙ w and x̂ = x·r.
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(c).zip(xs.par_chunks(c)).zip(dy.par_chunks(c)).for_each(|((dx, x), dy)| {
+            let inv = inv_rms(x, self.eps);
+            let dot = x.iter().zip(dy).zip(&ws).map(|((&x, &dy), &w)| (dy * w * x * inv) as f64).sum::<f64>() as f32 / c as f32;
+            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(&ws) {
+                *dx = inv * (dy * w - x * inv * dot);
+            }
+        });
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        if !(w.is_variable() || w.track_op()) {
+            return Ok((Some(dx), None));
+        }
+        let mut dw = vec![0f32; c];
+        for (x, dy) in xs.chunks(c).zip(dy.chunks(c)) {
+            let inv = inv_rms(x, self.eps);
+            for ((dw, &x), &dy) in dw.iter_mut().zip(x).zip(dy) {
+                *dw += dy * x * inv;
+            }
+        }
+        Ok((Some(dx), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
+    }
+}
+
+/// RMSNorm over the last dimension, `w ⊙ x / √(mean(x²) + ε)` (`x` `[.., c]`,
+/// `weight` `[c]`, f32), one node with an analytic backward.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormOp { eps: eps as f32 })?)
+}
+
+/// Rotary position embedding in transformers' "rotate half" form: the
+/// first and second halves of each head are the pairs rotated.
+struct Rope {
+    /// `[positions, d/2]` each, one row per (batch row, position).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Positions per batch row.
+    t: usize,
+}
+
+impl Rope {
+    /// `y = x·cos + rotate_half(x)·sin`; with `inverse`, the transpose
+    /// (`sin` negated), which is the backward pass of a rotation.
+    fn apply(&self, x: &[f32], out: &mut [f32], d: usize, heads: usize, inverse: bool) {
+        let half = d / 2;
+        let per_batch = heads * self.t * d;
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, x))| {
+            let b = r * d / per_batch;
+            let p = b * self.t + r % self.t;
+            let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+            let sign = if inverse { -1.0 } else { 1.0 };
+            for j in 0..half {
+                let (c, s) = (cos[j], sign * sin[j]);
+                let (x1, x2) = (x[j], x[j + half]);
+                o[j] = x1 * c - x2 * s;
+                o[j + half] = x2 * c + x1 * s;
+            }
+        });
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "rope")?;
+        let (b, h, t, d) = layout.shape().dims4()?;
+        if t != self.t || self.cos.len() != b * t * (d / 2) || d % 2 != 0 {
+            candle_core::bail!("rope: input {:?} for {} angles per position", layout.dims(), self.cos.len() / (b * t).max(1));
+        }
+        let mut out = vec![0f32; x.len()];
+        self.apply(x, &mut out, d, h, false);
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (_, h, _, d) = arg.dims4()?;
+        let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; g.len()];
+        self.apply(&g, &mut out, d, h, true);
+        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+    }
+}
+
+/// Rotates `x` `[b, h, t, d]` (f32) by the angles `positions[b·t] × inv_freq[d/2]`,
+/// computed in f32 as transformers does (`inv_freq @ position_ids`, then
+/// cos and sin), times `scaling` (the rope type's attention factor).
+pub fn rope(x: &Tensor, positions: &[u32], inv_freq: &[f32], scaling: f32) -> Result<Tensor> {
+    let (b, _, t, d) = x.dims4()?;
+    if positions.len() != b * t || inv_freq.len() != d / 2 {
+        return Err(super::ModelError::Config(format!("rope: {} positions and {} frequencies for {:?}", positions.len(), inv_freq.len(), x.dims())));
+    }
+    let angles: Vec<f32> = positions.iter().flat_map(|&p| inv_freq.iter().map(move |&f| f * p as f32)).collect();
+    let cos = angles.iter().map(|&a| a.cos() * scaling).collect();
+    let sin = angles.iter().map(|&a| a.sin() * scaling).collect();
+    Ok(x.contiguous()?.apply_op1(Rope { cos, sin, t })?)
+}
+
+/// `silu(gate) · up`, the gated MLP's activation.
+struct SiluMul;
+
+/// The logistic function from [`exp_nonpositive`], for any sign.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) }
+}
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32_slice(s1, l1, "silu-mul")?, f32_slice(s2, l2, "silu-mul")?);
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("silu-mul: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14))).for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = gate.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let u = up.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let dy = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        const BLOCK: usize = 1 << 14;
+        dg.par_chunks_mut(BLOCK).zip(du.par_chunks_mut(BLOCK)).zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)).zip(dy.par_chunks(BLOCK))).for_each(|((dg, du), ((g, u), dy))| {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                // d silu(g)/dg = σ(g)·(1 + g·(1 − σ(g)))
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                du[i] = dy[i] * g[i] * s;
+            }
+        });
+        Ok((Some(Tensor::from_vec(dg, gate.shape(), gate.device())?), Some(Tensor::from_vec(du, up.shape(), up.device())?)))
+    }
+}
+
+/// `silu(gate) ⊙ up` (f32, same shapes) with its analytic backward.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
 }
 
 /// The maximum of a row, eight lanes at a time.
@@ -649,7 +859,7 @@ mod tests {
 
     #[test]
     fn causal_softmax_and_layer_norm_match_the_primitive_ops_with_gradients() {
-        use crate::model::gpt2::softmax_last_dim;
+        use crate::model::layers::softmax_last_dim;
         let mut rng = Rng::new(8);
         // Two queries after three cached keys.
         let scores = Var::from_tensor(&rng.tensor(&[2, 3, 2, 5], |r| r.normal() * 3.0).unwrap()).unwrap();
@@ -678,6 +888,120 @@ mod tests {
         for var in [&x, &w, &b] {
             assert!(max_abs(g1.get(var).unwrap(), g2.get(var).unwrap()) < 1e-4);
         }
+    }
+
+    /// The gradient of `sum(f(x) ⊙ weights)` with respect to `x` by central
+    /// finite differences in f64 (of the op run in f32), at a few entries.
+    fn finite_difference(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, weights: &Tensor, entries: &[usize]) -> Vec<f64> {
+        let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let objective = |v: &[f32]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), x.shape(), &Device::Cpu).unwrap();
+            let y = f(&t).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            y.iter().zip(weights.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(|(a, b)| *a as f64 * b as f64).sum()
+        };
+        entries
+            .iter()
+            .map(|&i| {
+                let h = 1e-2f32;
+                let (mut up, mut down) = (values.clone(), values.clone());
+                up[i] += h;
+                down[i] -= h;
+                (objective(&up) - objective(&down)) / (2.0 * h as f64)
+            })
+            .collect()
+    }
+
+    fn check_fd(name: &str, analytic: &Tensor, numeric: &[f64], entries: &[usize]) {
+        let analytic = analytic.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (&i, &n) in entries.iter().zip(numeric) {
+            let a = analytic[i] as f64;
+            assert!((a - n).abs() < 2e-3 * (1.0 + n.abs()), "{name}: entry {i}: analytic {a}, finite difference {n}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_primitive_ops_and_finite_differences() {
+        let mut rng = Rng::new(11);
+        let x = Var::from_tensor(&rng.tensor(&[3, 5, 24], |r| r.normal() * 2.0 + 0.5).unwrap()).unwrap();
+        let w = Var::from_tensor(&rng.tensor(&[24], |r| r.normal()).unwrap()).unwrap();
+        let ours = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let variance = x.as_tensor().sqr().unwrap().mean_keepdim(candle_core::D::Minus1).unwrap();
+        let reference = x.as_tensor().broadcast_div(&(variance + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w.as_tensor()).unwrap();
+        assert!(max_abs(&ours, &reference) < 1e-5);
+        let weights = rng.tensor(&[3, 5, 24], |r| r.normal()).unwrap();
+        let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&x, &w] {
+            assert!(max_abs(g1.get(var).unwrap(), g2.get(var).unwrap()) < 1e-4);
+        }
+        let entries = [0, 7, 100, 359];
+        let w_now = w.as_tensor().detach();
+        let numeric = finite_difference(&|t| rms_norm(t, &w_now, 1e-5).unwrap(), x.as_tensor(), &weights, &entries);
+        check_fd("rms-norm dx", g1.get(&x).unwrap(), &numeric, &entries);
+        // Frozen weight: only the input's gradient.
+        let frozen = rms_norm(x.as_tensor(), &w_now, 1e-5).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(frozen.get(&x).is_some());
+    }
+
+    #[test]
+    fn rope_matches_rotate_half_and_finite_differences() {
+        let mut rng = Rng::new(12);
+        let (b, h, t, d) = (2, 3, 4, 8);
+        let x = Var::from_tensor(&rng.tensor(&[b, h, t, d], |r| r.normal()).unwrap()).unwrap();
+        // Row 0 left-padded by one, row 1 after two cached positions.
+        let positions = [0u32, 0, 1, 2, 2, 3, 4, 5];
+        let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32)).collect();
+        let ours = rope(x.as_tensor(), &positions, &inv_freq, 1.0).unwrap();
+        // transformers: x·cos + rotate_half(x)·sin, with cos and sin of cat(freqs, freqs).
+        let freq = &inv_freq;
+        let angles: Vec<f32> = positions.iter().flat_map(|&p| (0..d).map(move |j| p as f32 * freq[j % (d / 2)])).collect();
+        let angles = Tensor::from_vec(angles, (b, 1, t, d), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let xt = x.as_tensor();
+        let rotated = Tensor::cat(&[&xt.narrow(3, d / 2, d / 2).unwrap().neg().unwrap(), &xt.narrow(3, 0, d / 2).unwrap()], 3).unwrap();
+        let reference = (xt.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap();
+        assert!(max_abs(&ours, &reference) < 1e-5);
+        let weights = rng.tensor(&[b, h, t, d], |r| r.normal()).unwrap();
+        let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_abs(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-5);
+        let entries = [0, 5, 37, 100, 191];
+        let numeric = finite_difference(&|t| rope(t, &positions, &inv_freq, 1.0).unwrap(), xt, &weights, &entries);
+        check_fd("rope dx", g1.get(&x).unwrap(), &numeric, &entries);
+    }
+
+    #[test]
+    fn silu_gate_matches_the_primitive_ops_and_finite_differences() {
+        let mut rng = Rng::new(13);
+        let gate = Var::from_tensor(&rng.tensor(&[3, 40_001], |r| r.normal() * 4.0).unwrap()).unwrap();
+        let up = Var::from_tensor(&rng.tensor(&[3, 40_001], |r| r.normal()).unwrap()).unwrap();
+        let ours = silu_mul(gate.as_tensor(), up.as_tensor()).unwrap();
+        let g = gate.as_tensor();
+        let sigmoid = (g.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap();
+        let reference = (g * sigmoid).unwrap().mul(up.as_tensor()).unwrap();
+        assert!(max_abs(&ours, &reference) < 1e-5);
+        let weights = rng.tensor(&[3, 40_001], |r| r.normal()).unwrap();
+        let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for var in [&gate, &up] {
+            assert!(max_abs(g1.get(var).unwrap(), g2.get(var).unwrap()) < 1e-4);
+        }
+        let entries = [0, 17, 40_000, 80_123, 120_002];
+        let up_now = up.as_tensor().detach();
+        let numeric = finite_difference(&|t| silu_mul(t, &up_now).unwrap(), gate.as_tensor(), &weights, &entries);
+        check_fd("silu-mul d gate", g1.get(&gate).unwrap(), &numeric, &entries);
+    }
+
+    #[test]
+    fn padded_causal_softmax_hides_the_padding_and_zeroes_padding_queries() {
+        let mut rng = Rng::new(14);
+        let scores = rng.tensor(&[2, 1, 3, 3], |r| r.normal()).unwrap();
+        let probs = causal_softmax_padded(&scores, 1.0, 0, &[2, 0]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Row 0: queries 0 and 1 are padding (all zero), query 2 sees key 2 only.
+        assert_eq!(&probs[..9], &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+        // Row 1: unpadded, as the plain causal softmax.
+        let plain = causal_softmax(&scores.narrow(0, 1, 1).unwrap(), 1.0, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(&probs[9..], plain.as_slice());
     }
 
     #[test]

@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 
-use super::gpt2::Gpt2;
+use super::layers::TokenRows;
 use super::lora::{Lora, LoraTarget};
-use super::{ModelError, Result};
+use super::{Model, ModelError, Result};
 
 /// Mean next-token cross-entropy: `logits` `[n, vocab]`, `labels` `[n]` (u32);
 /// the fused op of [`super::ops`].
@@ -96,8 +96,10 @@ pub struct LoraVars {
     /// The family of the model they adapt (its PEFT names).
     pub family: super::Family,
     pub modules: BTreeMap<String, (Var, Var)>,
-    /// Trainable rows of the token embedding (PEFT's trainable tokens).
-    pub token_rows: Option<(Vec<u32>, Var)>,
+    /// The token ids whose rows train (PEFT's trainable tokens).
+    pub token_indices: Vec<u32>,
+    /// Their rows, per token matrix (the embedding, and an untied head), by module name.
+    pub token_rows: Vec<(String, Var)>,
 }
 
 impl LoraVars {
@@ -106,14 +108,22 @@ impl LoraVars {
         self.modules.values().flat_map(|(a, b)| [a.clone(), b.clone()]).chain(self.token_rows.iter().map(|(_, v)| v.clone())).collect()
     }
 
-    /// Makes the rows `indices` of the model's token embedding trainable,
-    /// starting from their current values (as PEFT does).
-    pub fn train_token_rows(&mut self, model: &mut Gpt2, indices: Vec<u32>) -> Result<()> {
+    /// Makes the rows `indices` of the model's token embedding (and of an
+    /// untied head) trainable, starting from their current values (as PEFT does).
+    pub fn train_token_rows(&mut self, model: &mut Model, indices: Vec<u32>) -> Result<()> {
         let index = Tensor::new(indices.as_slice(), model.device())?;
-        let var = Var::from_tensor(&model.wte.index_select(&index, 0)?)?;
-        model.token_rows = Some(super::gpt2::TokenRows::new(&model.wte, indices.clone(), var.as_tensor().clone())?);
-        self.token_rows = Some((indices, var));
+        for (module, matrix) in model.token_matrices_mut() {
+            let var = Var::from_tensor(&matrix.weight.index_select(&index, 0)?)?;
+            matrix.rows = Some(TokenRows::new(&matrix.weight, indices.clone(), var.as_tensor().clone())?);
+            self.token_rows.push((module.to_string(), var));
+        }
+        self.token_indices = indices;
         Ok(())
+    }
+
+    /// The modules whose token rows train.
+    pub fn token_modules(&self) -> Vec<String> {
+        self.token_rows.iter().map(|(m, _)| m.clone()).collect()
     }
 
     /// The tensors under PEFT's names (`base_model.model.<module>.lora_A.weight`).
@@ -123,8 +133,8 @@ impl LoraVars {
             out.insert(format!("base_model.model.{module}.lora_A.weight"), a.as_tensor().clone());
             out.insert(format!("base_model.model.{module}.lora_B.weight"), b.as_tensor().clone());
         }
-        if let Some((_, rows)) = &self.token_rows {
-            out.insert(self.family.token_rows_key(), rows.as_tensor().clone());
+        for (module, rows) in &self.token_rows {
+            out.insert(super::Family::token_rows_key(module), rows.as_tensor().clone());
         }
         out
     }
@@ -133,11 +143,11 @@ impl LoraVars {
 /// Attaches trainable LoRA layers to the targeted linears. With `init`
 /// (PEFT-named tensors) they start from it; otherwise as PEFT initialises
 /// them: A ~ U(−1/√in, 1/√in) (kaiming-uniform with a = √5), B = 0.
-pub fn attach_lora(model: &mut Gpt2, spec: &LoraSpec, init: Option<&BTreeMap<String, Tensor>>, rng: &mut Rng) -> Result<LoraVars> {
+pub fn attach_lora(model: &mut Model, spec: &LoraSpec, init: Option<&BTreeMap<String, Tensor>>, rng: &mut Rng) -> Result<LoraVars> {
     let scale = spec.scale();
     let mut modules = BTreeMap::new();
     for (module, linear) in model.linears_mut(LoraTarget(&spec.targets)) {
-        let (n_in, n_out) = linear.weight.dims2()?;
+        let (n_in, n_out) = linear.dims()?;
         let (a, b) = match init {
             Some(tensors) => {
                 let get = |which: &str| -> Result<Tensor> {
@@ -158,7 +168,7 @@ pub fn attach_lora(model: &mut Gpt2, spec: &LoraSpec, init: Option<&BTreeMap<Str
     if modules.is_empty() {
         return Err(ModelError::Config(format!("no layer matches the LoRA targets {:?}", spec.targets)));
     }
-    Ok(LoraVars { family: model.family(), modules, token_rows: None })
+    Ok(LoraVars { family: model.family(), modules, token_indices: Vec::new(), token_rows: Vec::new() })
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -15,7 +15,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::gpt2::Gpt2;
+use super::Model;
 use super::train::{AdamW, AdamWParams, LoraSpec, LoraVars, Rng, attach_lora};
 use super::{ModelError, Result, read_json, save_safetensors};
 
@@ -102,7 +102,7 @@ pub struct Progress<'a> {
 }
 
 pub struct Trained {
-    pub model: Gpt2,
+    pub model: Model,
     pub lora: Option<LoraVars>,
     pub metrics: Metrics,
     /// Tokens trained on in this run (after any resumed steps).
@@ -124,7 +124,7 @@ pub fn lr_factor(schedule: Schedule, k: usize, warmup: usize, total: usize) -> f
 }
 
 /// Mean loss over `blocks`, without gradients.
-pub fn evaluate(model: &Gpt2, blocks: &[Vec<u32>], batch_size: usize) -> Result<Option<f64>> {
+pub fn evaluate(model: &Model, blocks: &[Vec<u32>], batch_size: usize) -> Result<Option<f64>> {
     if blocks.is_empty() {
         return Ok(None);
     }
@@ -145,7 +145,7 @@ fn tensors(batch: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
 
 /// Trains `model` on `train` blocks; evaluates on `eval` blocks. With a
 /// `checkpoint_dir`, resumes from the checkpoint there and writes new ones.
-pub fn train(mut model: Gpt2, config: &TrainConfig, train: &[Vec<u32>], eval: &[Vec<u32>], checkpoint_dir: Option<&Path>, mut progress: impl FnMut(&Progress<'_>)) -> Result<Trained> {
+pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &[Vec<u32>], checkpoint_dir: Option<&Path>, mut progress: impl FnMut(&Progress<'_>)) -> Result<Trained> {
     if train.is_empty() {
         return Err(ModelError::Config(format!("the train split is shorter than one block of {} tokens", config.block_size + 1)));
     }
@@ -167,8 +167,8 @@ pub fn train(mut model: Gpt2, config: &TrainConfig, train: &[Vec<u32>], eval: &[
                 }
             }
             let mut vars: Vec<(String, Var)> = lora.modules.iter().flat_map(|(m, (a, b))| [(format!("{m}.lora_A"), a.clone()), (format!("{m}.lora_B"), b.clone())]).collect();
-            if let Some((_, rows)) = &lora.token_rows {
-                vars.push((format!("{}.trainable_tokens", model.family().embedding_module()), rows.clone()));
+            for (module, rows) in &lora.token_rows {
+                vars.push((format!("{module}.trainable_tokens"), rows.clone()));
             }
             (Some(lora), vars)
         }

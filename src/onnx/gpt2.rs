@@ -26,6 +26,11 @@ fn values(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
 
 /// The model as an ONNX graph at standard opset `opset` (17 or later:
 /// LayerNormalization).
+/// A GPT-2 layer's bias.
+fn bias_of(linear: &crate::model::Linear) -> Result<&Tensor, ModelError> {
+    linear.bias.as_ref().ok_or_else(|| ModelError::Config("a GPT-2 linear layer has no bias".to_string()))
+}
+
 pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError> {
     if opset < 17 {
         return Err(ModelError::Config(format!("opset {opset} has no LayerNormalization; use 17 or later")));
@@ -48,7 +53,7 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
         }
     }
 
-    let wte = weight(&mut g, "transformer.wte.weight", &model.wte)?;
+    let wte = weight(&mut g, "transformer.wte.weight", &model.wte.weight)?;
     let wpe = weight(&mut g, "transformer.wpe.weight", &model.wpe)?;
     let tokens = g.node("Gather", &[&wte, &input_ids], &[("axis", Attr::Int(0))]);
     let positions = g.node("Gather", &[&wpe, &position_ids], &[("axis", Attr::Int(0))]);
@@ -89,11 +94,11 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
     for (i, block) in model.blocks.iter().enumerate() {
         let p = format!("transformer.h.{i}");
         let ln1 = (weight(&mut g, &format!("{p}.ln_1.weight"), &block.ln_1.weight)?, weight(&mut g, &format!("{p}.ln_1.bias"), &block.ln_1.bias)?);
-        let attn_w = (weight(&mut g, &format!("{p}.attn.c_attn.weight"), &block.attn.c_attn.weight)?, weight(&mut g, &format!("{p}.attn.c_attn.bias"), &block.attn.c_attn.bias)?);
-        let proj_w = (weight(&mut g, &format!("{p}.attn.c_proj.weight"), &block.attn.c_proj.weight)?, weight(&mut g, &format!("{p}.attn.c_proj.bias"), &block.attn.c_proj.bias)?);
+        let attn_w = (weight(&mut g, &format!("{p}.attn.c_attn.weight"), &block.attn.c_attn.weight)?, weight(&mut g, &format!("{p}.attn.c_attn.bias"), bias_of(&block.attn.c_attn)?)?);
+        let proj_w = (weight(&mut g, &format!("{p}.attn.c_proj.weight"), &block.attn.c_proj.weight)?, weight(&mut g, &format!("{p}.attn.c_proj.bias"), bias_of(&block.attn.c_proj)?)?);
         let ln2 = (weight(&mut g, &format!("{p}.ln_2.weight"), &block.ln_2.weight)?, weight(&mut g, &format!("{p}.ln_2.bias"), &block.ln_2.bias)?);
-        let fc_w = (weight(&mut g, &format!("{p}.mlp.c_fc.weight"), &block.mlp.c_fc.weight)?, weight(&mut g, &format!("{p}.mlp.c_fc.bias"), &block.mlp.c_fc.bias)?);
-        let out_w = (weight(&mut g, &format!("{p}.mlp.c_proj.weight"), &block.mlp.c_proj.weight)?, weight(&mut g, &format!("{p}.mlp.c_proj.bias"), &block.mlp.c_proj.bias)?);
+        let fc_w = (weight(&mut g, &format!("{p}.mlp.c_fc.weight"), &block.mlp.c_fc.weight)?, weight(&mut g, &format!("{p}.mlp.c_fc.bias"), bias_of(&block.mlp.c_fc)?)?);
+        let out_w = (weight(&mut g, &format!("{p}.mlp.c_proj.weight"), &block.mlp.c_proj.weight)?, weight(&mut g, &format!("{p}.mlp.c_proj.bias"), bias_of(&block.mlp.c_proj)?)?);
 
         let h = layer_norm(&mut g, &x, &ln1.0, &ln1.1);
         let qkv = linear(&mut g, &h, &attn_w.0, &attn_w.1);

@@ -80,6 +80,14 @@ fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> proto::ValueInfo
 }
 
 /// Little-endian bytes of numbers (one copy, in chunks the compiler vectorises).
+/// The ONNX graph of `model` (its family's lowering), for transformers.js.
+pub fn export(model: &crate::model::Model, opset: i64) -> Result<proto::ModelProto, crate::model::ModelError> {
+    match model {
+        crate::model::Model::Gpt2(m) => gpt2::export(m, opset),
+        other => Err(crate::model::ModelError::Unsupported(format!("ONNX export of a `{}` model: symb lowers GPT-2 to ONNX so far", other.family()))),
+    }
+}
+
 pub fn le_bytes<const N: usize, T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
     let mut raw = vec![0u8; data.len() * N];
     for (chunk, &v) in raw.chunks_exact_mut(N).zip(data) {

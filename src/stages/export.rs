@@ -80,7 +80,7 @@ impl Stage for ExportStage {
         let t = std::time::Instant::now();
         let model = super::model::load_model(ctx, stage)?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "loaded the model");
-        let graph = crate::onnx::gpt2::export(&model, self.export.opset as i64).map_err(super::model::model_error)?;
+        let graph = crate::onnx::export(&model, self.export.opset as i64).map_err(super::model::model_error)?;
         drop(model);
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "built the graph");
         let nodes = graph.graph.as_ref().map_or(0, |g| g.node.len());

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use super::corpus::{Document, read_documents};
 use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
-use crate::manifest::{Base, BaseModel, Finetune, FinetuneMethod};
+use crate::manifest::{Architecture, Base, BaseModel, Finetune, FinetuneMethod};
 use crate::model::train::{LoraSpec, Rng};
 use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
-use crate::model::{self, Config, ModelError, lora};
+use crate::model::{self, ModelConfig, ModelError, lora};
 
 /// The candle version that shapes the model artifacts (part of the keys).
 pub const CANDLE_VERSION: &str = "0.11.1";
@@ -150,15 +150,18 @@ impl Stage for BaseStage {
 /// transformers and transformers.js need (special tokens as plain strings,
 /// no clean-up of spaces, the context length).
 pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path) -> Result<serde_json::Value, StageError> {
-    let config: Config = model::read_json(config_path).map_err(model_error)?;
+    let config = ModelConfig::read(config_path).map_err(model_error)?;
     let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
     let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+    // The tokenizer model's own unknown token (SentencePiece-style `<unk>`), else the eos.
+    let json: serde_json::Value = model::read_json(tokenizer_path).map_err(model_error)?;
+    let unk = json["model"]["unk_token"].as_str().map(str::to_string).or_else(|| token(config.eos_token_id()));
     Ok(serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token(config.bos_token_id),
-        "eos_token": token(config.eos_token_id),
-        "unk_token": token(config.eos_token_id),
-        "model_max_length": config.n_positions,
+        "bos_token": token(config.bos_token_id()),
+        "eos_token": token(config.eos_token_id()),
+        "unk_token": unk,
+        "model_max_length": config.context(),
         "clean_up_tokenization_spaces": false,
     }))
 }
@@ -188,7 +191,7 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
     if single.is_file() && safetensors_matches(&single, &tensors) {
         copy(&single, &ctx.output("model.safetensors"))?;
         let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
-        return Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.config.vocab_size, "weights": "copied" }));
+        return Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.vocab_size(), "weights": "copied" }));
     }
     save_weights(&model, ctx)
 }
@@ -218,11 +221,11 @@ fn safetensors_matches(path: &Path, tensors: &BTreeMap<String, candle_core::Tens
 }
 
 /// Writes the weights (one file, checkpoint names); returns the stage metrics.
-pub(super) fn save_weights(model: &model::Gpt2, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+pub(super) fn save_weights(model: &model::Model, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
     let tensors = model.named_tensors();
     model::save_safetensors(&tensors, &ctx.output("model.safetensors")).map_err(model_error)?;
     let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
-    Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.config.vocab_size }))
+    Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.vocab_size() }))
 }
 
 impl BaseStage {
@@ -231,12 +234,34 @@ impl BaseStage {
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the trained tokenizer: {e}")))?;
         let eos = tokenizer.token_to_id("<|endoftext|>").or_else(|| tokenizer.get_added_tokens_decoder().keys().min().copied());
         let b = &self.base;
-        let config = Config {
-            vocab_size: tokenizer.get_vocab_size(true),
-            n_positions: b.n_positions as usize,
-            n_embd: b.n_embd as usize,
-            n_layer: b.n_layer as usize,
-            n_head: b.n_head as usize,
+        let config = scratch_config(b, tokenizer.get_vocab_size(true), eos);
+        let model = model::Model::scratch(&config, &mut Rng::new(b.seed)).map_err(model_error)?;
+        let metrics = save_weights(&model, ctx)?;
+        let mut json = match &config {
+            ModelConfig::Gpt2(c) => serde_json::to_value(c),
+            ModelConfig::Llama(c) => serde_json::to_value(c),
+        }
+        .expect("config serialises");
+        json["architectures"] = serde_json::json!([model.family().architecture()]);
+        json["initializer_range"] = 0.02.into();
+        json["torch_dtype"] = "float32".into();
+        write_json(&ctx.output("config.json"), &json)?;
+        write_json(&ctx.output("generation_config.json"), &serde_json::json!({"bos_token_id": eos, "eos_token_id": eos}))?;
+        copy(tokenizer_path, &ctx.output("tokenizer.json"))?;
+        Ok(metrics)
+    }
+}
+
+/// The config of a from-scratch model of the manifest's architecture and size.
+fn scratch_config(b: &Base, vocab_size: usize, eos: Option<u32>) -> ModelConfig {
+    let (n_layer, n_head, n_embd, n_positions) = (b.n_layer as usize, b.n_head as usize, b.n_embd as usize, b.n_positions as usize);
+    match b.architecture {
+        Architecture::Gpt2 => ModelConfig::Gpt2(model::gpt2::Config {
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
             n_inner: None,
             layer_norm_epsilon: 1e-5,
             activation_function: "gelu_new".to_string(),
@@ -244,17 +269,29 @@ impl BaseStage {
             eos_token_id: eos,
             model_type: Some("gpt2".to_string()),
             tie_word_embeddings: Some(true),
-        };
-        let model = model::Gpt2::scratch(&config, &mut Rng::new(b.seed)).map_err(model_error)?;
-        let metrics = save_weights(&model, ctx)?;
-        let mut json = serde_json::to_value(&config).expect("config serialises");
-        json["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-        json["initializer_range"] = 0.02.into();
-        json["torch_dtype"] = "float32".into();
-        write_json(&ctx.output("config.json"), &json)?;
-        write_json(&ctx.output("generation_config.json"), &serde_json::json!({"bos_token_id": eos, "eos_token_id": eos}))?;
-        copy(tokenizer_path, &ctx.output("tokenizer.json"))?;
-        Ok(metrics)
+        }),
+        // SmolLM2's choices: a tied head, an MLP about 8/3 as wide (to a multiple of 64).
+        Architecture::Llama => ModelConfig::Llama(model::llama::Config {
+            vocab_size,
+            hidden_size: n_embd,
+            intermediate_size: (8 * n_embd / 3).div_ceil(64) * 64,
+            num_hidden_layers: n_layer,
+            num_attention_heads: n_head,
+            num_key_value_heads: Some(n_head),
+            head_dim: Some(n_embd / n_head),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: n_positions,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: "silu".to_string(),
+            bos_token_id: eos,
+            eos_token_id: eos,
+            model_type: Some("llama".to_string()),
+            use_sliding_window: false,
+        }),
     }
 }
 
@@ -296,14 +333,28 @@ impl FinetuneStage {
     }
 }
 
+/// The LoRA targets for a model of `family`: the family's defaults when the
+/// manifest names none, and an error naming the setting when it names a
+/// layer the family does not have.
+fn check_targets(family: model::Family, targets: &mut Vec<String>) -> Result<(), StageError> {
+    if targets.is_empty() {
+        *targets = family.default_lora_targets().iter().map(|t| t.to_string()).collect();
+    }
+    let known = family.lora_targets();
+    if let Some(bad) = targets.iter().find(|t| !known.contains(&t.as_str())) {
+        return Err(StageError::bad_input(format!("`finetune.targets`: `{bad}` is not a layer of a {family} model; {family} has {}", known.join(", "))));
+    }
+    Ok(())
+}
+
 /// The model a model stage (`base`, `vocab`, `merge`) wrote: its
 /// `config.json` and `model.safetensors` artifacts, loaded.
-pub(super) fn load_model(ctx: &StageContext<'_>, stage: &str) -> Result<model::Gpt2, StageError> {
+pub(super) fn load_model(ctx: &StageContext<'_>, stage: &str) -> Result<model::Model, StageError> {
     model::load_files(ctx.input(stage, "config.json")?, &[ctx.input(stage, "model.safetensors")?.to_path_buf()]).map_err(model_error)
 }
 
 /// Loads the model to train from the artifacts of `stage`.
-fn load_base(ctx: &StageContext<'_>, stage: &str) -> Result<(model::Gpt2, tokenizers::Tokenizer), StageError> {
+fn load_base(ctx: &StageContext<'_>, stage: &str) -> Result<(model::Model, tokenizers::Tokenizer), StageError> {
     let model = load_model(ctx, stage)?;
     let tokenizer = tokenizers::Tokenizer::from_file(ctx.input(stage, "tokenizer.json")?).map_err(|e| StageError::failed(format!("cannot load the base tokenizer: {e}")))?;
     Ok((model, tokenizer))
@@ -317,7 +368,9 @@ fn tokenize(tokenizer: &tokenizers::Tokenizer, docs: &[Document]) -> Result<Vec<
             Document::PromptCompletion { prompt, completion } => format!("{prompt}\n{completion}"),
         })
         .collect();
-    let encodings = tokenizer.encode_batch(texts, false).map_err(|e| StageError::failed(format!("cannot tokenize the corpus: {e}")))?;
+    // With the tokenizer's special tokens (a SentencePiece `<s>`), as
+    // transformers encodes text by default.
+    let encodings = tokenizer.encode_batch(texts, true).map_err(|e| StageError::failed(format!("cannot tokenize the corpus: {e}")))?;
     Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
 }
 
@@ -391,15 +444,17 @@ impl Stage for FinetuneStage {
         let (model, tokenizer) = load_base(ctx, self.model_stage)?;
         let trainable_tokens = if self.trains_new_tokens() { super::vocab::read_new_tokens(ctx.input("vocab", "new_tokens.json")?)? } else { Vec::new() };
         let config = self.train_config(trainable_tokens);
-        if config.block_size > model.config.n_positions {
-            return Err(StageError::bad_input(format!("`finetune.block_size` = {} is longer than the base model's context ({} positions)", config.block_size, model.config.n_positions)));
+        if config.block_size > model.context() {
+            return Err(StageError::bad_input(format!("`finetune.block_size` = {} is longer than the base model's context ({} positions)", config.block_size, model.context())));
         }
-        if let Method::Lora { spec, .. } = &config.method
-            && spec.rank > model.config.n_embd
-        {
-            return Err(StageError::bad_input(format!("`finetune.rank` = {} is larger than the base model's width ({})", spec.rank, model.config.n_embd)));
+        let mut config = config;
+        if let Method::Lora { spec, .. } = &mut config.method {
+            check_targets(model.family(), &mut spec.targets)?;
+            if spec.rank > model.width() {
+                return Err(StageError::bad_input(format!("`finetune.rank` = {} is larger than the base model's width ({})", spec.rank, model.width())));
+            }
         }
-        let separator = model.config.eos_token_id;
+        let separator = model.config().eos_token_id();
         let train_docs = read_documents(ctx.input("corpus", "train.jsonl")?)?;
         let eval_docs = read_documents(ctx.input("corpus", "eval.jsonl")?)?;
         let train_blocks = pack(&tokenize(&tokenizer, &train_docs)?, separator, config.block_size);
@@ -412,7 +467,7 @@ impl Stage for FinetuneStage {
         let seconds = started.elapsed().as_secs_f64();
         match (&config.method, &trained.lora) {
             (Method::Lora { spec, dropout }, Some(lora)) => {
-                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(trained.model.family(), spec, *dropout, &config.trainable_tokens))?;
+                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(trained.model.family(), spec, *dropout, &config.trainable_tokens, &lora.token_modules()))?;
                 model::save_safetensors(&lora.peft_tensors(), &ctx.output("adapter_model.safetensors")).map_err(model_error)?;
             }
             _ => model::save_safetensors(&trained.model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?,

@@ -43,7 +43,7 @@ impl VerifyStage {
     }
 
     /// The prompts and perplexity windows, as token ids.
-    fn workload(&self, ctx: &StageContext<'_>, tokenizer: &tokenizers::Tokenizer, config: &model::Config, eos: Option<u32>) -> Result<Workload, StageError> {
+    fn workload(&self, ctx: &StageContext<'_>, tokenizer: &tokenizers::Tokenizer, context: usize, eos: Option<u32>) -> Result<Workload, StageError> {
         let texts: Vec<String> = if self.corpus {
             read_documents(ctx.input("corpus", "eval.jsonl")?)?.iter().filter_map(|d| d.texts().first().map(|t| t.to_string())).collect()
         } else {
@@ -51,7 +51,6 @@ impl VerifyStage {
         };
         let encode =
             |text: &str| -> Result<Vec<u32>, StageError> { Ok(tokenizer.encode(text, false).map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?.get_ids().to_vec()) };
-        let context = config.n_positions;
         let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
         let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
         let candidates: Vec<String> = match &self.verify.prompts {
@@ -137,8 +136,8 @@ impl Stage for VerifyStage {
         let reference = super::model::load_model(ctx, stage)?;
         let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
-        let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &reference.config);
-        let work = self.workload(ctx, &tokenizer, &reference.config, eos)?;
+        let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &reference.config());
+        let work = self.workload(ctx, &tokenizer, reference.context(), eos)?;
         let (source, artifact) = self.source();
         let path = ctx.input(&source, artifact)?;
         // With external data, ONNX Runtime reads the chunks by name beside the

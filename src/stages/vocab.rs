@@ -35,7 +35,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::corpus::{Document, read_documents};
 use crate::engine::{Settings, Stage, StageContext, StageError};
 use crate::manifest::{Vocab, VocabInit, VocabStrategy};
-use crate::model::gpt2::EmbeddingInit;
+use crate::model::EmbeddingInit;
 use crate::model::train::Rng;
 use crate::model::{self, ModelError};
 
@@ -321,7 +321,7 @@ impl Stage for VocabStage {
 
         // Weights: the embedding grows to cover every id, padded.
         let mut model = super::model::load_model(ctx, "base")?;
-        let old_size = model.config.vocab_size;
+        let old_size = model.vocab_size();
         let needed = (tokenizer.get_vocab_size(true)).max(old_size);
         let multiple = self.vocab.pad_to_multiple_of as usize;
         let new_size = needed.div_ceil(multiple) * multiple;

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::dtype::Dtype;
 use crate::manifest::RawTolerance;
-use crate::model::Gpt2;
+use crate::model::Model;
 use session::{OnnxLm, argmax};
 
 /// The tolerance of each dtype when `[verify.tolerance.D]` says nothing,
@@ -133,21 +133,21 @@ impl From<candle_core::Error> for VerifyError {
 /// `symb generate --backend onnx`: the output folder's `onnx/model{suffix}.onnx`
 /// for `dtype`, with the folder's tokenizer, config and generation config.
 pub fn generate(dir: &std::path::Path, dtype: Dtype, prompt: &str, max_new_tokens: usize, sampling: Option<&crate::model::Sampling>) -> Result<crate::model::Generation, VerifyError> {
-    use crate::model::{ModelError, read_json};
+    use crate::model::ModelError;
     let path = dir.join("onnx").join(dtype.file_name());
     if !path.is_file() {
         let present: Vec<&str> = Dtype::ALL.into_iter().filter(|d| dir.join("onnx").join(d.file_name()).is_file()).map(Dtype::name).collect();
         let have = if present.is_empty() { "no ONNX files".to_string() } else { format!("these dtypes: {}", present.join(", ")) };
         return Err(ModelError::Config(format!("`{}` does not exist; the folder has {have}", path.display())).into());
     }
-    let config: crate::model::Config = read_json(&dir.join("config.json"))?;
+    let config = crate::model::ModelConfig::read(&dir.join("config.json"))?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
     let input_ids = tokenizer.encode(prompt, false).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec();
     let eos = crate::model::eos_token(dir, &config);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut onnx = OnnxLm::load(&path, threads)?;
-    let (generated_ids, logits) = onnx.decode(&input_ids, max_new_tokens, eos, config.n_positions, sampling)?;
+    let (generated_ids, logits) = onnx.decode(&input_ids, max_new_tokens, eos, config.context(), sampling)?;
     let text = tokenizer.decode(&generated_ids, true).map_err(|e| ModelError::io(&tokenizer_path, e))?;
     Ok(crate::model::Generation { input_ids, generated_ids, text, logits })
 }
@@ -198,18 +198,18 @@ fn nll(logits: &[f32], ids: &[u32], vocab: usize) -> f64 {
     ids[1..].iter().enumerate().map(|(i, &next)| -log_softmax(&logits[i * vocab..(i + 1) * vocab])[next as usize]).sum()
 }
 
-fn reference_logits(model: &Gpt2, ids: &[u32]) -> Result<Vec<f32>, VerifyError> {
+fn reference_logits(model: &Model, ids: &[u32]) -> Result<Vec<f32>, VerifyError> {
     let input = candle_core::Tensor::new(ids, model.device())?.unsqueeze(0)?;
     Ok(model.forward(&input, None)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// Runs the workload on both sides and checks the result against `tolerance`.
-pub fn verify(model: &Gpt2, onnx: &mut OnnxLm, work: &Workload, tolerance: &RawTolerance, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
-    let vocab = model.config.vocab_size;
+pub fn verify(model: &Model, onnx: &mut OnnxLm, work: &Workload, tolerance: &RawTolerance, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
+    let vocab = model.vocab_size();
     if onnx.vocab != vocab {
         return Err(runtime::RuntimeError::Ort(format!("the ONNX file has {} logits per position, the model {vocab}", onnx.vocab)).into());
     }
-    let context = model.config.n_positions;
+    let context = model.context();
     let total = work.prompts.len() + work.windows.len();
     let (mut prefill, mut cache) = (Tally::default(), Tally::default());
     let mut prompts = Vec::new();

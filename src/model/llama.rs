@@ -1,0 +1,462 @@
+//! The Llama family in candle (`LlamaForCausalLM`, and `Qwen2ForCausalLM`,
+//! which is Llama with biases on the query, key and value projections):
+//! SmolLM2, TinyLlama, Llama 3.2, Qwen2.5.
+//!
+//! RMSNorm, rotary position embeddings (with `rope_scaling` of type
+//! `linear` or `llama3`), grouped- or multi-query attention, a SiLU-gated
+//! MLP, and a head tied to the embedding or not. Weight names follow the
+//! Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ...);
+//! linear weights are stored `[out, in]`.
+//!
+//! RMSNorm, RoPE and the SiLU gate are custom ops with an analytic backward
+//! ([`super::ops`]); grouped-query attention never repeats the keys: the
+//! queries of a group are stacked against their shared key-value head.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::Family;
+use super::layers::{KvCache, LeftPadding, Linear, TokenMatrix, WeightLayout};
+use super::lora::LoraTarget;
+use super::{ModelError, Result};
+
+/// The parts of `config.json` a Llama or Qwen2 model needs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Key-value heads (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// `{"rope_type": "llama3", "factor": 8.0, ...}`, or null.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama: biases on all four attention projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_activation")]
+    pub hidden_act: String,
+    #[serde(default, deserialize_with = "one_or_first")]
+    pub bos_token_id: Option<u32>,
+    /// The end-of-sequence id (the first, when the config lists several).
+    #[serde(default, deserialize_with = "one_or_first")]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Qwen2's sliding-window attention (symb supports it switched off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_sliding_window: bool,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+fn default_max_positions() -> usize {
+    2048
+}
+
+fn default_activation() -> String {
+    "silu".to_string()
+}
+
+/// A token id, or a list of them (the first is taken).
+fn one_or_first<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<u32>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(match value {
+        Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_u64()).map(|v| v as u32),
+        Some(v) => v.as_u64().map(|v| v as u32),
+        None => None,
+    })
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The family the config's `model_type` names.
+    pub fn family(&self) -> Result<Family> {
+        Family::from_model_type(self.model_type.as_deref())
+    }
+
+    /// Checks what the forward pass relies on.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.family()?, Family::Llama | Family::Qwen2) {
+            return Err(ModelError::Unsupported(format!("`model_type` = \"{}\" is not a Llama-family model", self.model_type.as_deref().unwrap_or_default())));
+        }
+        let (heads, kv) = (self.num_attention_heads, self.kv_heads());
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(ModelError::Config(format!("`num_attention_heads` = {heads} is not a multiple of `num_key_value_heads` = {kv}")));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
+            return Err(ModelError::Config(format!("`hidden_size` = {} is not divisible by `num_attention_heads` = {heads}", self.hidden_size)));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(ModelError::Config(format!("`head_dim` = {} is odd; rotary embeddings rotate pairs", self.head_dim())));
+        }
+        if self.hidden_act != "silu" {
+            return Err(ModelError::Unsupported(format!("`hidden_act` = \"{}\" (symb supports \"silu\")", self.hidden_act)));
+        }
+        if self.use_sliding_window {
+            return Err(ModelError::Unsupported("`use_sliding_window` = true".to_string()));
+        }
+        self.rope()?;
+        Ok(())
+    }
+
+    /// The rotary frequencies `[head_dim / 2]` and the attention factor, as
+    /// transformers' `ROPE_INIT_FUNCTIONS` compute them.
+    pub fn rope(&self) -> Result<(Vec<f32>, f32)> {
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) else {
+            return Ok((base.iter().map(|&f| f as f32).collect(), 1.0));
+        };
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let number = |key: &str| -> Result<f64> { scaling.get(key).and_then(|v| v.as_f64()).ok_or_else(|| ModelError::Config(format!("`rope_scaling` of type \"{kind}\" lacks `{key}`"))) };
+        // transformers computes the frequencies in float32.
+        let base: Vec<f32> = base.iter().map(|&f| f as f32).collect();
+        match kind {
+            "default" => Ok((base, 1.0)),
+            "linear" => {
+                let factor = number("factor")? as f32;
+                Ok((base.iter().map(|f| f / factor).collect(), 1.0))
+            }
+            "llama3" => {
+                let factor = number("factor")? as f32;
+                let low = number("low_freq_factor")? as f32;
+                let high = number("high_freq_factor")? as f32;
+                let old_context = number("original_max_position_embeddings")? as f32;
+                let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
+                let frequencies = base
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old_context / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect();
+                Ok((frequencies, 1.0))
+            }
+            other => Err(ModelError::Unsupported(format!("`rope_scaling` type \"{other}\" (symb supports \"default\", \"linear\", \"llama3\")"))),
+        }
+    }
+}
+
+/// RMSNorm (one custom op with its backward).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.get(size, "weight")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// What every layer's attention shares: the rotary frequencies.
+struct Rotary<'a> {
+    inv_freq: &'a [f32],
+    scaling: f32,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, config: &Config, family: Family) -> Result<Self> {
+        let (c, d) = (config.hidden_size, config.head_dim());
+        let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
+        let qkv_bias = config.attention_bias || family == Family::Qwen2;
+        Ok(Attention {
+            q_proj: linear(&vb.pp("q_proj"), c, heads * d, qkv_bias)?,
+            k_proj: linear(&vb.pp("k_proj"), c, kv_heads * d, qkv_bias)?,
+            v_proj: linear(&vb.pp("v_proj"), c, kv_heads * d, qkv_bias)?,
+            o_proj: linear(&vb.pp("o_proj"), heads * d, c, config.attention_bias)?,
+            heads,
+            kv_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, padding: &LeftPadding, rotary: &Rotary<'_>, past: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let positions = padding.positions(b, past, t);
+        let q = super::ops::rope(&heads(self.q_proj.forward(x)?, h)?, &positions, rotary.inv_freq, rotary.scaling)?;
+        let k = super::ops::rope(&heads(self.k_proj.forward(x)?, kv)?, &positions, rotary.inv_freq, rotary.scaling)?;
+        let v = heads(self.v_proj.forward(x)?, kv)?;
+        let (k, v) = KvCache::append(cache, k, v)?;
+        let total = k.dim(2)?;
+        // The `group` query heads of a key-value head, stacked: [b, kv, group·t, d].
+        let group = h / kv;
+        let q = q.reshape((b, kv, group * t, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, kv, group, t, total))?;
+        let probs = super::ops::causal_softmax_padded(&scores, 1.0 / (d as f64).sqrt(), total - t, &padding.0)?;
+        let out = probs.reshape((b, kv, group * t, total))?.matmul(&v)?;
+        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let (c, i, bias) = (config.hidden_size, config.intermediate_size, config.mlp_bias);
+        Ok(Mlp { gate_proj: linear(&vb.pp("gate_proj"), c, i, bias)?, up_proj: linear(&vb.pp("up_proj"), c, i, bias)?, down_proj: linear(&vb.pp("down_proj"), i, c, bias)? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&super::ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, config: &Config, family: Family) -> Result<Self> {
+        let (c, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(Layer {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), c, eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), config, family)?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), c, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), config)?,
+        })
+    }
+
+    /// The layer's linears by their path inside it, in checkpoint order.
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
+}
+
+/// A `torch.nn.Linear` (weight `[out, in]`).
+fn linear(vb: &VarBuilder, n_in: usize, n_out: usize, bias: bool) -> Result<Linear> {
+    Linear::load(vb, n_in, n_out, bias, WeightLayout::OutIn)
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: Config,
+    pub family: Family,
+    pub embed_tokens: TokenMatrix,
+    pub layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    /// The output head; `None` when it is tied to `embed_tokens`.
+    pub lm_head: Option<TokenMatrix>,
+    inv_freq: Vec<f32>,
+    attention_scaling: f32,
+}
+
+impl Llama {
+    /// Loads from a VarBuilder over a checkpoint (`model.` prefixed names, as
+    /// `LlamaForCausalLM` saves them, or bare ones).
+    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        config.validate()?;
+        let family = config.family()?;
+        let head = (!config.tie_word_embeddings).then(|| vb.get((config.vocab_size, config.hidden_size), "lm_head.weight")).transpose()?.map(TokenMatrix::new);
+        let vb = if vb.contains_tensor("model.embed_tokens.weight") { vb.pp("model") } else { vb };
+        let layers = (0..config.num_hidden_layers).map(|i| Layer::load(vb.pp(format!("layers.{i}")), config, family)).collect::<Result<Vec<_>>>()?;
+        let (inv_freq, attention_scaling) = config.rope()?;
+        Ok(Llama {
+            config: config.clone(),
+            family,
+            embed_tokens: TokenMatrix::new(vb.get((config.vocab_size, config.hidden_size), "embed_tokens.weight")?),
+            layers,
+            norm: RmsNorm::load(vb.pp("norm"), config.hidden_size, config.rms_norm_eps)?,
+            lm_head: head,
+            inv_freq,
+            attention_scaling,
+        })
+    }
+
+    /// A new model initialised as transformers does (`_init_weights`):
+    /// linear weights and the embedding ~ N(0, 0.02), biases 0, norms 1.
+    pub fn scratch(config: &Config, rng: &mut super::train::Rng) -> Result<Self> {
+        const STD: f64 = 0.02;
+        let (c, d, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+        let (h, kv) = (config.num_attention_heads, config.kv_heads());
+        let family = config.family()?;
+        let mut tensors = std::collections::HashMap::new();
+        let mut normal = |name: String, shape: &[usize]| -> Result<()> {
+            tensors.insert(name, rng.tensor(shape, |r| r.normal() * STD)?);
+            Ok(())
+        };
+        normal("model.embed_tokens.weight".into(), &[config.vocab_size, c])?;
+        let shapes = [
+            ("self_attn.q_proj", h * d, c),
+            ("self_attn.k_proj", kv * d, c),
+            ("self_attn.v_proj", kv * d, c),
+            ("self_attn.o_proj", c, h * d),
+            ("mlp.gate_proj", i, c),
+            ("mlp.up_proj", i, c),
+            ("mlp.down_proj", c, i),
+        ];
+        for layer in 0..config.num_hidden_layers {
+            for (name, out, n_in) in shapes {
+                normal(format!("model.layers.{layer}.{name}.weight"), &[out, n_in])?;
+            }
+        }
+        if !config.tie_word_embeddings {
+            normal("lm_head.weight".into(), &[config.vocab_size, c])?;
+        }
+        let mut constant = |name: String, size: usize, value: f64| -> Result<()> {
+            tensors.insert(name, (Tensor::ones(size, DType::F32, &Device::Cpu)? * value)?);
+            Ok(())
+        };
+        for layer in 0..config.num_hidden_layers {
+            let prefix = format!("model.layers.{layer}");
+            constant(format!("{prefix}.input_layernorm.weight"), c, 1.0)?;
+            constant(format!("{prefix}.post_attention_layernorm.weight"), c, 1.0)?;
+            for (name, out, _) in shapes {
+                let biased = if name.starts_with("mlp.") { config.mlp_bias } else { config.attention_bias || (family == Family::Qwen2 && name != "self_attn.o_proj") };
+                if biased {
+                    constant(format!("{prefix}.{name}.bias"), out, 0.0)?;
+                }
+            }
+        }
+        constant("model.norm.weight".into(), c, 1.0)?;
+        Llama::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), config)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.weight.device()
+    }
+
+    /// The matrix the logits come from: `lm_head`, or the tied embedding.
+    pub fn head(&self) -> &TokenMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// The token matrices under their module names: the embedding, then an untied head.
+    pub fn token_matrices_mut(&mut self) -> Vec<(&'static str, &mut TokenMatrix)> {
+        let mut out = vec![("model.embed_tokens", &mut self.embed_tokens)];
+        if let Some(head) = self.lm_head.as_mut() {
+            out.push(("lm_head", head));
+        }
+        out
+    }
+
+    /// Calls `f` on every weight with its checkpoint name, in a fixed order.
+    pub fn visit_mut(&mut self, mut f: impl FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f("model.embed_tokens.weight", &mut self.embed_tokens.weight)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            f(&format!("{prefix}.input_layernorm.weight"), &mut layer.input_layernorm.weight)?;
+            f(&format!("{prefix}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm.weight)?;
+            for (name, linear) in layer.linears_mut() {
+                f(&format!("{prefix}.{name}.weight"), &mut linear.weight)?;
+                if let Some(bias) = linear.bias.as_mut() {
+                    f(&format!("{prefix}.{name}.bias"), bias)?;
+                }
+            }
+        }
+        f("model.norm.weight", &mut self.norm.weight)?;
+        if let Some(head) = self.lm_head.as_mut() {
+            f("lm_head.weight", &mut head.weight)?;
+        }
+        Ok(())
+    }
+
+    /// The linear layers a LoRA target name selects, with their PEFT module names.
+    pub fn linears_mut(&mut self, target: LoraTarget) -> Vec<(String, &mut Linear)> {
+        let family = self.family;
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, linear) in layer.linears_mut() {
+                if target.includes(family, name) {
+                    out.push((format!("model.layers.{i}.{name}"), linear));
+                }
+            }
+        }
+        out
+    }
+
+    /// The final hidden states `[b·t, hidden]` (after `norm`) of `input_ids`
+    /// `[b, t]`, continuing from `cache` (updated in place) when given, each
+    /// row starting after its left padding.
+    pub fn hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>, padding: &LeftPadding) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if past + t > self.config.max_position_embeddings {
+            return Err(ModelError::Config(format!("{} positions exceed the model's context of {}", past + t, self.config.max_position_embeddings)));
+        }
+        let c = self.config.hidden_size;
+        let mut x = self.embed_tokens.embed(&input_ids.flatten_all()?)?.reshape((b, t, c))?;
+        let rotary = Rotary { inv_freq: &self.inv_freq, scaling: self.attention_scaling };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let attended = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, layer_cache, padding, &rotary, past)?;
+            x = (x + attended)?;
+            x = (&x + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?)?;
+        }
+        Ok(self.norm.forward(&x)?.reshape((b * t, c))?)
+    }
+}
