@@ -86,6 +86,7 @@ pub fn add_tokens(base: &Tokenizer, new: &Tokenizer) -> Result<(Tokenizer, NewTo
         }
         candidates.push(text.to_string());
     }
+    let base = &without_legacy_prepend(base)?;
     let build = |texts: &[String]| -> Result<(Tokenizer, NewTokens), String> {
         let mut tokenizer = base.clone();
         let tokens: Vec<AddedToken> = texts.iter().map(|t| AddedToken::from(t.as_str(), false).single_word(true).normalized(false)).collect();
@@ -107,6 +108,33 @@ pub fn add_tokens(base: &Tokenizer, new: &Tokenizer) -> Result<(Tokenizer, NewTo
     Ok((tokenizer, added, left_out))
 }
 
+/// A SentencePiece-style tokenizer as converted Llama 2 tokenizers have it
+/// (a `Prepend("▁")` + `Replace(" ", "▁")` normalizer, no pre-tokenizer)
+/// rewritten with the equivalent `Metaspace` pre-tokenizer (`prepend_scheme`
+/// "first", no split), as transformers' non-legacy Llama tokenizers are.
+/// Added tokens need it: the normalizer runs on each piece the added tokens
+/// leave, so every piece would get a `▁` of its own. The two encode alike,
+/// except a text that begins with a space, which gets one `▁` fewer (the
+/// pre-tokenizer does not prepend one to text that starts with one). Other
+/// tokenizers are returned as they are.
+fn without_legacy_prepend(base: &Tokenizer) -> Result<Tokenizer, String> {
+    let mut json: Value = serde_json::from_str(&base.to_string(false).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let parts = match &json["normalizer"] {
+        Value::Object(n) if n.get("type").and_then(Value::as_str) == Some("Sequence") => n["normalizers"].as_array().cloned().unwrap_or_default(),
+        Value::Object(_) => vec![json["normalizer"].clone()],
+        _ => return Ok(base.clone()),
+    };
+    let is_prepend = |n: &Value| n["type"] == "Prepend" && n["prepend"] == "▁";
+    let is_replace = |n: &Value| n["type"] == "Replace" && n["pattern"]["String"] == " " && n["content"] == "▁";
+    if !json["pre_tokenizer"].is_null() || !parts.iter().any(is_prepend) || !parts.iter().any(is_replace) {
+        return Ok(base.clone());
+    }
+    let rest: Vec<Value> = parts.into_iter().filter(|n| !is_prepend(n) && !is_replace(n)).collect();
+    json["normalizer"] = if rest.is_empty() { Value::Null } else { json!({"type": "Sequence", "normalizers": rest}) };
+    json["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false});
+    json.to_string().parse::<Tokenizer>().map_err(|e| e.to_string())
+}
+
 /// The BPE merges of a tokenizer.json model, in either serialised form.
 fn merges(model: &Value) -> Result<Vec<(String, String)>, String> {
     let list = model["merges"].as_array().ok_or("the BPE model has no `merges`")?;
@@ -120,6 +148,24 @@ fn merges(model: &Value) -> Result<Vec<(String, String)>, String> {
             _ => Err(format!("malformed merge `{m}`")),
         })
         .collect()
+}
+
+/// How a tokenizer cuts text before BPE, and how it joins tokens back, as
+/// far as extending its merges goes: byte-level (GPT-2's, and Qwen's split
+/// regex before its byte-level step), metaspace (a `Metaspace`
+/// pre-tokenizer, or SentencePiece-style `▁` written by the normalizer, as
+/// converted Llama 2 tokenizers have), or the component's own kind.
+fn splitting(tokenizer: &Value, component: &str) -> String {
+    let kind = component_type(tokenizer, component);
+    let normalizer = tokenizer["normalizer"].to_string();
+    if kind.contains("ByteLevel") {
+        "byte-level".to_string()
+    } else if kind.contains("Metaspace") || (component == "pre_tokenizer" && kind == "none" && normalizer.contains('▁')) || (component == "decoder" && tokenizer[component].to_string().contains('▁'))
+    {
+        "metaspace".to_string()
+    } else {
+        kind
+    }
 }
 
 fn component_type(tokenizer: &Value, component: &str) -> String {
@@ -161,7 +207,7 @@ pub fn extend_bpe(base: &Value, new: &Value) -> Result<(Value, NewTokens), Strin
         }
     }
     for component in ["pre_tokenizer", "decoder"] {
-        let (b, n) = (component_type(base, component), component_type(new, component));
+        let (b, n) = (splitting(base, component), splitting(new, component));
         if b != n {
             return Err(format!(
                 "`extend_bpe` needs the new tokenizer to split text as the base's does, but their {component}s differ (base: {b}, new: {n}); \
