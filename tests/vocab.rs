@@ -143,7 +143,7 @@ fn contradictory_sections_and_mismatched_splitters_are_clear_errors() {
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
     let reason = build.reason("vocab");
-    assert!(reason.contains("pre_tokenizers differ (base: ByteLevel, new: Metaspace)") && reason.contains("add_tokens"), "{reason}");
+    assert!(reason.contains("pre_tokenizers differ (base: byte-level, new: metaspace)") && reason.contains("add_tokens"), "{reason}");
     assert!(!project.path("dist").exists(), "a failed build writes no output");
 
     let scratch = manifest("add_tokens", 500, "").replace(&format!("path:{}", fixture().display()), "scratch");

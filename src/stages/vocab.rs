@@ -543,6 +543,6 @@ mod tests {
         let mut metaspace = new.clone();
         metaspace["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
         let error = extend_bpe(&base, &metaspace).unwrap_err();
-        assert!(error.contains("pre_tokenizers differ (base: ByteLevel, new: Metaspace)"), "{error}");
+        assert!(error.contains("pre_tokenizers differ (base: byte-level, new: metaspace)"), "{error}");
     }
 }
