@@ -77,7 +77,8 @@ fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
         out.extend_from_slice(body);
         out
     };
-    // Any repository name serves the fixture.
+    // Llama-family repositories serve the fixture that stands for them; any other name, GPT-2's.
+    let dir = fixture_for(path);
     if path.starts_with("/api/models/") && path.contains("/revision/") {
         let siblings: Vec<_> = FILES.iter().map(|f| serde_json::json!({"rfilename": f})).chain([serde_json::json!({"rfilename": "README.md"})]).collect();
         let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
@@ -86,13 +87,26 @@ fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
     let file = path.split_once("/resolve/").and_then(|(_, rest)| rest.split_once('/')).map(|(_, f)| f.to_string());
     match file.filter(|f| FILES.contains(&f.as_str())) {
         Some(file) => {
-            let data = std::fs::read(fixture().join(&file)).unwrap();
+            let data = std::fs::read(dir.join(&file)).unwrap();
             let etag = blake3::hash(&data).to_hex().to_string();
             let (start, end) = range.map(|(s, e)| (s, e.unwrap_or(data.len() - 1).min(data.len() - 1))).unwrap_or((0, data.len() - 1));
             let headers = format!("ETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nContent-Range: bytes {start}-{end}/{}\r\n", data.len());
             reply("206 Partial Content", headers, &data[start..=end])
         }
         None => reply("404 Not Found", String::new(), b"not found"),
+    }
+}
+
+/// The Hub ids symb's README lists as known to work, and the fixture that
+/// stands for each (same family, tokenizer kind and head).
+const LLAMA_REPOS: [(&str, &str); 4] =
+    [("HuggingFaceTB/SmolLM2-135M", "tiny-llama"), ("Qwen/Qwen2.5-0.5B", "tiny-qwen2"), ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tiny-llama-sp"), ("meta-llama/Llama-3.2-1B", "tiny-llama-sp")];
+
+fn fixture_for(path: &str) -> PathBuf {
+    let repo = path.trim_start_matches("/api/models/").trim_start_matches('/');
+    match LLAMA_REPOS.iter().find(|(id, _)| repo.starts_with(&format!("{id}/"))) {
+        Some((_, name)) => fixture().with_file_name(name),
+        None => fixture(),
     }
 }
 
@@ -177,4 +191,28 @@ fn the_gpt2_lora_recipe_builds_against_the_hub() {
     assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge"]));
     assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with("/api/models/openai-community/gpt2/revision/main")));
     assert!(project.path("dist/adapter/adapter_model.safetensors").is_file());
+}
+
+/// SmolLM2, Qwen2.5, TinyLlama and Llama 3.2 ids resolve and download as
+/// GPT-2's do (each served as the fixture that stands for it), and the
+/// output folder is that model: PyTorch's greedy tokens.
+#[test]
+fn llama_family_hub_ids_resolve_download_and_generate() {
+    let hub = Hub::start();
+    for (id, fixture_name) in LLAMA_REPOS {
+        let project = TestProject::with_manifest(&format!("[base]\nmodel = \"hf:{id}\"\n"), 1);
+        let build = build(&project, &hub.endpoint());
+        assert_eq!(build.code, 0, "{id}: {}", build.stderr);
+        let dir = fixture().with_file_name(fixture_name);
+        let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+        let case = &golden["cases"][0];
+        let out = std::process::Command::new(common::BIN)
+            .args(["generate", "--model", project.path("dist").to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(), "--max-new-tokens", "20", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+        let out: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out["generated_ids"], case["greedy_20"], "{id}");
+        assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with(&format!("/api/models/{id}/revision/main"))), "{id}");
+    }
 }
