@@ -57,22 +57,30 @@ impl Linear {
         })
     }
 
+    /// `x` `[.., in]` → `[.., out]`. A frozen weight takes the input as it
+    /// is, and with LoRA is one fused node (every node, a reshape too, has a
+    /// gradient backward allocates and adds).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n_in, n_out) = self.dims()?;
-        let shape = x.dims().to_vec();
-        let rows = x.elem_count() / n_in;
-        let flat = x.reshape((rows, n_in))?;
         let weight = self.in_out()?;
-        let mut y = if trains(&self.weight) { flat.matmul(&weight)? } else { super::ops::frozen_matmul(&flat, &weight)? };
+        let mut out_shape = x.dims().to_vec();
+        *out_shape.last_mut().expect("inputs have a feature dimension") = n_out;
+        let rows = x.elem_count() / n_in;
+        if let Some(lora) = self.lora.as_ref().filter(|_| !trains(&self.weight)) {
+            let mut y = super::ops::lora_linear(x, &weight, &lora.a, &lora.b, lora.scale, lora.dropout_mask(x.dims())?)?;
+            if let Some(bias) = &self.bias {
+                y = y.broadcast_add(bias)?;
+            }
+            return Ok(y);
+        }
+        let mut y = if trains(&self.weight) { x.reshape((rows, n_in))?.matmul(&weight)?.reshape(out_shape.as_slice())? } else { super::ops::frozen_matmul(x, &weight)? };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&flat)?)?;
+            y = (y + lora.forward(&x.reshape((rows, n_in))?)?.reshape(out_shape)?)?;
         }
-        let mut out_shape = shape;
-        *out_shape.last_mut().expect("inputs have a feature dimension") = n_out;
-        Ok(y.reshape(out_shape)?)
+        Ok(y)
     }
 
     /// Folds the LoRA update into the weight, in its stored layout; returns

@@ -227,11 +227,12 @@ impl Attention {
     fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, padding: &LeftPadding, rotary: &Rotary<'_>, past: usize) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
         let positions = padding.positions(b, past, t);
-        let q = super::ops::rope(&heads(self.q_proj.forward(x)?, h)?, &positions, rotary.inv_freq, rotary.scaling)?;
-        let k = super::ops::rope(&heads(self.k_proj.forward(x)?, kv)?, &positions, rotary.inv_freq, rotary.scaling)?;
-        let v = heads(self.v_proj.forward(x)?, kv)?;
+        let rotate = Some((positions.as_slice(), rotary.inv_freq, rotary.scaling));
+        // [b, heads, t, d], queries and keys rotated (one node each).
+        let q = super::ops::split_heads(&self.q_proj.forward(x)?, h, rotate)?;
+        let k = super::ops::split_heads(&self.k_proj.forward(x)?, kv, rotate)?;
+        let v = super::ops::split_heads(&self.v_proj.forward(x)?, kv, None)?;
         let (k, v) = KvCache::append(cache, k, v)?;
         let total = k.dim(2)?;
         // The `group` query heads of a key-value head, stacked: [b, kv, group·t, d].
@@ -240,7 +241,7 @@ impl Attention {
         let scores = q.matmul(&k.t()?)?.reshape((b, kv, group, t, total))?;
         let probs = super::ops::causal_softmax_padded(&scores, 1.0 / (d as f64).sqrt(), total - t, &padding.0)?;
         let out = probs.reshape((b, kv, group * t, total))?.matmul(&v)?;
-        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        let out = super::ops::merge_heads(&out.reshape((b, h, t, d))?)?;
         self.o_proj.forward(&out)
     }
 }

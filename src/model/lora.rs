@@ -46,16 +46,24 @@ pub struct Lora {
 impl Lora {
     /// The low-rank update for `x` `[rows, in]`: `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.dropout {
+        let x = match self.dropout_mask(x.dims())? {
+            Some(mask) => (x * mask)?,
+            None => x.clone(),
+        };
+        Ok((x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?)
+    }
+
+    /// While training with dropout: the next mask for an input of `dims`
+    /// (`0`, or `1 / keep`), drawn from the seeded stream.
+    pub fn dropout_mask(&self, dims: &[usize]) -> Result<Option<Tensor>> {
+        match &self.dropout {
             Some((p, rng)) if *p > 0.0 => {
                 let mut rng = rng.lock().expect("dropout rng lock");
                 let keep = 1.0 - p;
-                let mask = rng.tensor(x.dims(), |r| if r.uniform() < keep { 1.0 / keep } else { 0.0 })?;
-                (x * mask)?
+                Ok(Some(rng.tensor(dims, |r| if r.uniform() < keep { 1.0 / keep } else { 0.0 })?))
             }
-            _ => x.clone(),
-        };
-        Ok((x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)? * self.scale)?)
+            _ => Ok(None),
+        }
     }
 }
 

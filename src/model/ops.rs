@@ -439,76 +439,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNormOp { eps: eps as f32 })?)
 }
 
-/// Rotary position embedding in transformers' "rotate half" form: the
-/// first and second halves of each head are the pairs rotated.
-struct Rope {
-    /// `[positions, d/2]` each, one row per (batch row, position).
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    /// Positions per batch row.
-    t: usize,
-}
-
-impl Rope {
-    /// `y = x·cos + rotate_half(x)·sin`; with `inverse`, the transpose
-    /// (`sin` negated), which is the backward pass of a rotation.
-    fn apply(&self, x: &[f32], out: &mut [f32], d: usize, heads: usize, inverse: bool) {
-        let half = d / 2;
-        let per_batch = heads * self.t * d;
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, x))| {
-            let b = r * d / per_batch;
-            let p = b * self.t + r % self.t;
-            let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
-            let sign = if inverse { -1.0 } else { 1.0 };
-            for j in 0..half {
-                let (c, s) = (cos[j], sign * sin[j]);
-                let (x1, x2) = (x[j], x[j + half]);
-                o[j] = x1 * c - x2 * s;
-                o[j + half] = x2 * c + x1 * s;
-            }
-        });
-    }
-}
-
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout, "rope")?;
-        let (b, h, t, d) = layout.shape().dims4()?;
-        if t != self.t || self.cos.len() != b * t * (d / 2) || d % 2 != 0 {
-            candle_core::bail!("rope: input {:?} for {} angles per position", layout.dims(), self.cos.len() / (b * t).max(1));
-        }
-        let mut out = vec![0f32; x.len()];
-        self.apply(x, &mut out, d, h, false);
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (_, h, _, d) = arg.dims4()?;
-        let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; g.len()];
-        self.apply(&g, &mut out, d, h, true);
-        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
-    }
-}
-
-/// Rotates `x` `[b, h, t, d]` (f32) by the angles `positions[b·t] × inv_freq[d/2]`,
-/// computed in f32 as transformers does (`inv_freq @ position_ids`, then
-/// cos and sin), times `scaling` (the rope type's attention factor).
-pub fn rope(x: &Tensor, positions: &[u32], inv_freq: &[f32], scaling: f32) -> Result<Tensor> {
-    let (b, _, t, d) = x.dims4()?;
-    if positions.len() != b * t || inv_freq.len() != d / 2 {
-        return Err(super::ModelError::Config(format!("rope: {} positions and {} frequencies for {:?}", positions.len(), inv_freq.len(), x.dims())));
-    }
-    let angles: Vec<f32> = positions.iter().flat_map(|&p| inv_freq.iter().map(move |&f| f * p as f32)).collect();
-    let cos = angles.iter().map(|&a| a.cos() * scaling).collect();
-    let sin = angles.iter().map(|&a| a.sin() * scaling).collect();
-    Ok(x.contiguous()?.apply_op1(Rope { cos, sin, t })?)
-}
-
 /// `silu(gate) · up`, the gated MLP's activation.
 struct SiluMul;
 
@@ -560,6 +490,207 @@ impl candle_core::CustomOp2 for SiluMul {
 /// `silu(gate) ⊙ up` (f32, same shapes) with its analytic backward.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)?)
+}
+
+/// `x · W + scale · ((x ⊙ mask) · Aᵀ) · Bᵀ`: a frozen linear layer with
+/// its LoRA branch, one node of the graph (see [`lora_linear`]).
+struct LoraLinear {
+    /// `[in, out]`, frozen.
+    weight: Tensor,
+    scale: f64,
+    /// The dropout mask on the LoRA branch's input (`0` or `1 / keep`), `x`'s shape.
+    mask: Option<Tensor>,
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (k, n) = self.weight.dims2()?;
+        let (r, _) = l2.shape().dims2()?;
+        if l1.dims().last() != Some(&k) || !l1.is_contiguous() || l2.dims() != [r, k] || l3.dims() != [n, r] {
+            candle_core::bail!("lora-linear: input {:?}, A {:?}, B {:?} for a weight [{k}, {n}]", l1.dims(), l2.dims(), l3.dims());
+        }
+        let m = l1.shape().elem_count() / k;
+        let x_layout = Layout::contiguous_with_offset((m, k), l1.start_offset());
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(weight) = &*weight else { candle_core::bail!("lora-linear: the weight is not on the CPU") };
+        let mut y = f32_vec(s1.matmul(weight, (1, m, n, k), &x_layout, weight_layout)?)?;
+        let masked;
+        let (xd, xd_layout) = match &self.mask {
+            Some(mask) => {
+                let x = f32_slice(s1, l1, "lora-linear")?;
+                let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+                masked = CpuStorage::F32(x.iter().zip(&mask).map(|(a, b)| a * b).collect());
+                (&masked, Layout::contiguous((m, k)))
+            }
+            None => (s1, x_layout),
+        };
+        let u = xd.matmul(s2, (1, m, r, k), &xd_layout, &l2.transpose(0, 1)?)?;
+        let v = f32_vec(u.matmul(s3, (1, m, n, r), &Layout::contiguous((m, r)), &l3.transpose(0, 1)?)?)?;
+        let scale = self.scale as f32;
+        y.iter_mut().zip(&v).for_each(|(y, v)| *y += scale * v);
+        let mut shape = l1.dims().to_vec();
+        *shape.last_mut().expect("checked above") = n;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (k, n) = self.weight.dims2()?;
+        let g = grad_res.reshape(((), n))?;
+        let flat = x.reshape(((), k))?;
+        let xd = match &self.mask {
+            Some(mask) => (&flat * mask.reshape(((), k))?)?,
+            None => flat,
+        };
+        // g·B [m, r]; the branch's gradients through it.
+        let gb = g.matmul(b)?;
+        let mut through_lora = (gb.matmul(a)? * self.scale)?;
+        if let Some(mask) = &self.mask {
+            through_lora = (through_lora * mask.reshape(((), k))?)?;
+        }
+        let dx = (g.matmul(&self.weight.t()?)? + through_lora)?.reshape(x.shape())?;
+        let da = (gb.t()?.matmul(&xd)? * self.scale)?;
+        let db = (g.t()?.matmul(&xd.matmul(&a.t()?)?)? * self.scale)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// A frozen linear layer with LoRA in one node: `x · weight + scale ·
+/// ((x ⊙ mask) · aᵀ) · bᵀ` (`x` `[.., in]`, `weight` `[in, out]` frozen, `a`
+/// `[r, in]`, `b` `[out, r]`, `mask` the LoRA dropout's, `x`'s shape). The
+/// gradients reach `x`, `a` and `b`; built from primitive ops the same
+/// layer is seven nodes, each with a gradient backward allocates and adds.
+pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<Tensor>) -> Result<Tensor> {
+    let op = LoraLinear { weight: weight.detach(), scale, mask };
+    Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+/// `[b, t, h·d]` ↔ `[b, h, t, d]`, rotating each head by the position's
+/// angles on the way in (queries and keys) or not (values).
+struct Heads {
+    heads: usize,
+    /// `(cos, sin)` `[b·t, d/2]` each, or no rotation.
+    angles: Option<(Vec<f32>, Vec<f32>)>,
+    /// Merge (`[b, h, t, d]` → `[b, t, h·d]`, never rotated) instead of split.
+    merge: bool,
+}
+
+impl Heads {
+    /// Split: `x` `[b, t, h, d]` in memory, out `[b, h, t, d]`, rotated.
+    fn split(&self, x: &[f32], (t, d): (usize, usize)) -> Vec<f32> {
+        let h = self.heads;
+        let half = d / 2;
+        let mut out = vec![0f32; x.len()];
+        // One output row per (b, head, position).
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            let (bi, rest) = (row / (h * t), row % (h * t));
+            let (hi, ti) = (rest / t, rest % t);
+            let src = &x[((bi * t + ti) * h + hi) * d..][..d];
+            match &self.angles {
+                Some((cos, sin)) => {
+                    let p = bi * t + ti;
+                    for j in 0..half {
+                        let (c, s) = (cos[p * half + j], sin[p * half + j]);
+                        o[j] = src[j] * c - src[j + half] * s;
+                        o[j + half] = src[j + half] * c + src[j] * s;
+                    }
+                }
+                None => o.copy_from_slice(src),
+            }
+        });
+        out
+    }
+
+    /// The inverse of [`split`](Self::split): `x` `[b, h, t, d]` → `[b, t, h·d]`,
+    /// with `rotation` rotated back (a rotation's transpose: −angle).
+    fn merge(&self, x: &[f32], (t, d): (usize, usize), rotation: bool) -> Vec<f32> {
+        let h = self.heads;
+        let half = d / 2;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            // Output row (b, position, head) reads input row (b, head, position).
+            let (bi, rest) = (row / (t * h), row % (t * h));
+            let (ti, hi) = (rest / h, rest % h);
+            let src = &x[((bi * h + hi) * t + ti) * d..][..d];
+            match (&self.angles, rotation) {
+                (Some((cos, sin)), true) => {
+                    let p = bi * t + ti;
+                    for j in 0..half {
+                        let (c, s) = (cos[p * half + j], -sin[p * half + j]);
+                        o[j] = src[j] * c - src[j + half] * s;
+                        o[j + half] = src[j + half] * c + src[j] * s;
+                    }
+                }
+                _ => o.copy_from_slice(src),
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout, "heads")?;
+        if self.merge {
+            let (b, h, t, d) = layout.shape().dims4()?;
+            if h != self.heads {
+                candle_core::bail!("heads: {h} heads, expected {}", self.heads);
+            }
+            return Ok((CpuStorage::F32(self.merge(x, (t, d), false)), Shape::from((b, t, h * d))));
+        }
+        let (b, t, c) = layout.shape().dims3()?;
+        let d = c / self.heads;
+        if let Some((cos, _)) = &self.angles
+            && cos.len() != b * t * (d / 2)
+        {
+            candle_core::bail!("heads: {} angles for [{b}, {t}] positions of {d}", cos.len());
+        }
+        Ok((CpuStorage::F32(self.split(x, (t, d))), Shape::from((b, self.heads, t, d))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let out = if self.merge {
+            let (_, _, t, d) = arg.dims4()?;
+            self.split(&g, (t, d))
+        } else {
+            let (_, t, c) = arg.dims3()?;
+            self.merge(&g, (t, c / self.heads), true)
+        };
+        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+    }
+}
+
+/// `[b, t, h·d]` → `[b, h, t, d]` in one node, each head rotated by the
+/// angles `positions[b·t] × inv_freq[d/2]` (times `scaling`) when
+/// `inv_freq` is given: [`rope`] and the split of heads together.
+pub fn split_heads(x: &Tensor, heads: usize, rotary: Option<(&[u32], &[f32], f32)>) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    let d = c / heads;
+    let angles = match rotary {
+        Some((positions, inv_freq, scaling)) => {
+            if positions.len() != b * t || inv_freq.len() != d / 2 {
+                return Err(super::ModelError::Config(format!("rope: {} positions and {} frequencies for {:?}", positions.len(), inv_freq.len(), x.dims())));
+            }
+            let angles: Vec<f32> = positions.iter().flat_map(|&p| inv_freq.iter().map(move |&f| f * p as f32)).collect();
+            Some((angles.iter().map(|&a| a.cos() * scaling).collect(), angles.iter().map(|&a| a.sin() * scaling).collect()))
+        }
+        None => None,
+    };
+    Ok(x.contiguous()?.apply_op1(Heads { heads, angles, merge: false })?)
+}
+
+/// `[b, h, t, d]` → `[b, t, h·d]` in one node.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let heads = x.dim(1)?;
+    Ok(x.contiguous()?.apply_op1(Heads { heads, angles: None, merge: true })?)
 }
 
 /// The maximum of a row, eight lanes at a time.
@@ -944,20 +1075,21 @@ mod tests {
     }
 
     #[test]
-    fn rope_matches_rotate_half_and_finite_differences() {
+    fn split_heads_with_rope_matches_rotate_half_and_finite_differences() {
         let mut rng = Rng::new(12);
         let (b, h, t, d) = (2, 3, 4, 8);
-        let x = Var::from_tensor(&rng.tensor(&[b, h, t, d], |r| r.normal()).unwrap()).unwrap();
+        let x = Var::from_tensor(&rng.tensor(&[b, t, h * d], |r| r.normal()).unwrap()).unwrap();
         // Row 0 left-padded by one, row 1 after two cached positions.
         let positions = [0u32, 0, 1, 2, 2, 3, 4, 5];
         let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32)).collect();
-        let ours = rope(x.as_tensor(), &positions, &inv_freq, 1.0).unwrap();
-        // transformers: x·cos + rotate_half(x)·sin, with cos and sin of cat(freqs, freqs).
+        let ours = split_heads(x.as_tensor(), h, Some((&positions, &inv_freq, 1.0))).unwrap();
+        // transformers: view as heads, transpose, then x·cos + rotate_half(x)·sin
+        // with cos and sin of cat(freqs, freqs).
         let freq = &inv_freq;
         let angles: Vec<f32> = positions.iter().flat_map(|&p| (0..d).map(move |j| p as f32 * freq[j % (d / 2)])).collect();
         let angles = Tensor::from_vec(angles, (b, 1, t, d), &Device::Cpu).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let xt = x.as_tensor();
+        let xt = x.as_tensor().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap();
         let rotated = Tensor::cat(&[&xt.narrow(3, d / 2, d / 2).unwrap().neg().unwrap(), &xt.narrow(3, 0, d / 2).unwrap()], 3).unwrap();
         let reference = (xt.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap();
         assert!(max_abs(&ours, &reference) < 1e-5);
@@ -966,8 +1098,41 @@ mod tests {
         let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_abs(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-5);
         let entries = [0, 5, 37, 100, 191];
-        let numeric = finite_difference(&|t| rope(t, &positions, &inv_freq, 1.0).unwrap(), xt, &weights, &entries);
-        check_fd("rope dx", g1.get(&x).unwrap(), &numeric, &entries);
+        let numeric = finite_difference(&|t| split_heads(t, h, Some((&positions, &inv_freq, 1.0))).unwrap(), x.as_tensor(), &weights, &entries);
+        check_fd("split-heads dx", g1.get(&x).unwrap(), &numeric, &entries);
+        // Without rotation, a transpose; merging undoes it, gradients included.
+        let plain = split_heads(x.as_tensor(), h, None).unwrap();
+        assert_eq!(max_abs(&plain, &x.as_tensor().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap()), 0.0);
+        let back = merge_heads(&plain).unwrap();
+        assert_eq!(max_abs(&back, x.as_tensor()), 0.0);
+        let grad = (&back * &x.as_tensor().detach()).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(max_abs(grad.get(&x).unwrap(), &x.as_tensor().detach()), 0.0);
+    }
+
+    #[test]
+    fn lora_linear_matches_the_primitive_ops_with_gradients() {
+        let mut rng = Rng::new(15);
+        let x = Var::from_tensor(&rng.tensor(&[2, 5, 12], |r| r.normal()).unwrap()).unwrap();
+        let w = rng.tensor(&[12, 7], |r| r.normal()).unwrap();
+        let a = Var::from_tensor(&rng.tensor(&[3, 12], |r| r.normal()).unwrap()).unwrap();
+        let b = Var::from_tensor(&rng.tensor(&[7, 3], |r| r.normal()).unwrap()).unwrap();
+        let weights = rng.tensor(&[2, 5, 7], |r| r.normal()).unwrap();
+        for mask in [None, Some(rng.tensor(&[2, 5, 12], |r| if r.uniform() < 0.8 { 1.25 } else { 0.0 }).unwrap())] {
+            let ours = lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), 2.0, mask.clone()).unwrap();
+            let xd = match &mask {
+                Some(m) => (x.as_tensor() * m).unwrap(),
+                None => x.as_tensor().clone(),
+            };
+            let flat = |t: &Tensor| t.reshape((10, 12)).unwrap();
+            let branch = flat(&xd).matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap();
+            let reference = (flat(x.as_tensor()).matmul(&w).unwrap() + (branch * 2.0).unwrap()).unwrap().reshape((2, 5, 7)).unwrap();
+            assert!(max_abs(&ours, &reference) < 1e-4);
+            let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            for var in [&x, &a, &b] {
+                assert!(max_abs(g1.get(var).unwrap(), g2.get(var).unwrap()) < 1e-4);
+            }
+        }
     }
 
     #[test]
