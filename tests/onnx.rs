@@ -31,8 +31,12 @@ fn the_fixture_exported_runs_in_onnx_runtime_as_pytorch_does() {
 /// The fixture's golden cases, their logits, and a run_onnx.py request for
 /// their prompts written in `dir`.
 fn golden_request(dir: &std::path::Path, max_new_tokens: usize) -> (Vec<serde_json::Value>, std::collections::HashMap<String, candle_core::Tensor>, PathBuf) {
-    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
-    let logits = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu).unwrap();
+    golden_request_of(&fixture(), dir, max_new_tokens)
+}
+
+fn golden_request_of(fixture: &std::path::Path, dir: &std::path::Path, max_new_tokens: usize) -> (Vec<serde_json::Value>, std::collections::HashMap<String, candle_core::Tensor>, PathBuf) {
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();
+    let logits = candle_core::safetensors::load(fixture.join("golden.safetensors"), &Device::Cpu).unwrap();
     let cases = golden["cases"].as_array().unwrap().clone();
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
     let request = dir.join("request.json");
@@ -51,8 +55,12 @@ fn run_onnx(model: &std::path::Path, request: &std::path::Path) -> serde_json::V
 /// Runs run_onnx.py on `model` for the golden prompts; checks every logit
 /// row against PyTorch's and the greedy tokens.
 fn check_against_golden(model_path: &std::path::Path) {
+    check_against_golden_of(&fixture(), model_path)
+}
+
+fn check_against_golden_of(fixture: &std::path::Path, model_path: &std::path::Path) {
     let dir = tempfile::tempdir().unwrap();
-    let (cases, logits, request) = golden_request(dir.path(), 20);
+    let (cases, logits, request) = golden_request_of(fixture, dir.path(), 20);
     let report = run_onnx(model_path, &request);
     for (i, case) in cases.iter().enumerate() {
         let expected: Vec<Vec<f32>> = logits[&format!("logits.{i}")].to_vec2().unwrap();
@@ -293,4 +301,23 @@ fn external_data_files_load_and_the_config_names_them() {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/config.json")).unwrap()).unwrap();
     assert_eq!(config["transformers.js_config"], serde_json::json!({"dtype": "q4"}), "no external data named any more");
     check_against_golden(&onnx.join("model.onnx"));
+}
+
+/// The Llama family's export (grouped- and multi-query KV cache, RoPE with
+/// llama3 scaling, RMSNorm, the SiLU gate, Qwen2's biases, tied and untied
+/// heads) in ONNX Runtime against PyTorch: every logit within 1e-4 in one
+/// prefill pass, token by token through the KV cache, and left-padded; the
+/// same greedy tokens. At opset 17 and 18 (ReduceMean's axes as an attribute,
+/// then as an input).
+#[test]
+fn llama_family_exports_run_in_onnx_runtime_as_pytorch_does() {
+    for (name, opset) in [("tiny-llama", 17), ("tiny-llama-sp", 18), ("tiny-qwen2", 17)] {
+        let dir = fixture().with_file_name(name);
+        let model = model::load_folder(&dir).unwrap();
+        let onnx = symb::onnx::export(&model, opset).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let path = out.path().join("model.onnx");
+        symb::onnx::save(&onnx, &path).unwrap();
+        check_against_golden_of(&dir, &path);
+    }
 }

@@ -281,8 +281,8 @@ fn sentencepiece_base_add_tokens_keeps_other_text_and_grows_both_untied_matrices
 }
 
 #[test]
-fn sentencepiece_and_qwen_bases_take_extend_bpe_losslessly() {
-    for (fixture, pre_tokenizer) in [("tiny-llama-sp", "metaspace"), ("tiny-qwen2", "byte_level")] {
+fn sentencepiece_qwen_and_smollm2_bases_take_extend_bpe_losslessly() {
+    for (fixture, pre_tokenizer) in [("tiny-llama-sp", "metaspace"), ("tiny-qwen2", "byte_level"), ("tiny-llama", "byte_level")] {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
         let project = TestProject::with_manifest(&llama_manifest(fixture, pre_tokenizer, "extend_bpe", 800), 300);
         project.build_ok();

@@ -391,6 +391,11 @@ impl Llama {
         self.embed_tokens.weight.device()
     }
 
+    /// The rotary frequencies `[head_dim / 2]` and the attention factor.
+    pub fn rotary(&self) -> (&[f32], f32) {
+        (&self.inv_freq, self.attention_scaling)
+    }
+
     /// The matrix the logits come from: `lm_head`, or the tied embedding.
     pub fn head(&self) -> &TokenMatrix {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

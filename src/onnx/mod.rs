@@ -5,6 +5,7 @@
 
 pub mod external;
 pub mod gpt2;
+pub mod llama;
 
 use std::io::Write;
 use std::path::Path;
@@ -84,7 +85,7 @@ fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> proto::ValueInfo
 pub fn export(model: &crate::model::Model, opset: i64) -> Result<proto::ModelProto, crate::model::ModelError> {
     match model {
         crate::model::Model::Gpt2(m) => gpt2::export(m, opset),
-        other => Err(crate::model::ModelError::Unsupported(format!("ONNX export of a `{}` model: symb lowers GPT-2 to ONNX so far", other.family()))),
+        crate::model::Model::Llama(m) => llama::export(m, opset),
     }
 }
 

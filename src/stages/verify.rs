@@ -50,7 +50,7 @@ impl VerifyStage {
             super::vocab::ENGLISH_SAMPLE.lines().map(str::to_string).collect()
         };
         let encode =
-            |text: &str| -> Result<Vec<u32>, StageError> { Ok(tokenizer.encode(text, false).map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?.get_ids().to_vec()) };
+            |text: &str| -> Result<Vec<u32>, StageError> { Ok(tokenizer.encode(text, true).map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?.get_ids().to_vec()) };
         let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
         let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
         let candidates: Vec<String> = match &self.verify.prompts {

@@ -143,7 +143,7 @@ pub fn generate(dir: &std::path::Path, dtype: Dtype, prompt: &str, max_new_token
     let config = crate::model::ModelConfig::read(&dir.join("config.json"))?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
-    let input_ids = tokenizer.encode(prompt, false).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec();
+    let input_ids = tokenizer.encode(prompt, true).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec();
     let eos = crate::model::eos_token(dir, &config);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut onnx = OnnxLm::load(&path, threads)?;
