@@ -216,3 +216,31 @@ fn llama_family_hub_ids_resolve_download_and_generate() {
         assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with(&format!("/api/models/{id}/revision/main"))), "{id}");
     }
 }
+
+/// `symb init --recipe smollm2-lora` and `--recipe qwen2.5-lora` build
+/// against the Hub (each base served as the fixture of its family) through
+/// vocab, LoRA with the new rows, merge, ONNX and the web folder.
+#[test]
+fn the_llama_family_recipes_build_to_a_web_folder_against_the_hub() {
+    let hub = Hub::start();
+    for (recipe, repo) in [("smollm2-lora", "HuggingFaceTB/SmolLM2-135M"), ("qwen2.5-lora", "Qwen/Qwen2.5-0.5B")] {
+        let dir = tempfile::tempdir().unwrap();
+        let init = std::process::Command::new(common::BIN).args(["init", "--recipe", recipe]).current_dir(dir.path()).output().unwrap();
+        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        let project = TestProject { dir };
+        let lines = common::demo_lines();
+        project.write("corpus/symbiotic.txt", &(lines[..400].join("\n") + "\n"));
+        project.edit("epochs = 1 ", "max_steps = 3 ");
+        project.edit("block_size = 128", "block_size = 32");
+        project.edit("vocab_size = 8000", "vocab_size = 600");
+        // The fixtures' random weights: the reference quantizer agrees no better (tests/llama_web.rs).
+        project.write("symb.toml", &(project.read("symb.toml") + "\n[verify.tolerance.q4]\ntop1_agreement = 0.2\nkl_divergence = 1.0\n"));
+        let build = build(&project, &hub.endpoint());
+        assert_eq!(build.code, 0, "{recipe}: {}", build.stderr);
+        assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q4", "verify.fp32", "verify.q4", "bundle"]), "{recipe}");
+        assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with(&format!("/api/models/{repo}/revision/main"))), "{recipe}");
+        for file in ["adapter/adapter_model.safetensors", "onnx/model.onnx", "onnx/model_q4.onnx", "index.html", "config.json", "tokenizer_config.json"] {
+            assert!(project.path("dist").join(file).is_file(), "{recipe}: {file}");
+        }
+    }
+}

@@ -12,7 +12,12 @@ use crate::project::{Project, ProjectError};
 use render::{CliReporter, Mode};
 
 /// The recipes `symb init --recipe NAME` can write.
-pub const RECIPES: [(&str, &str); 2] = [("symbiotic", include_str!("../../recipes/symbiotic.toml")), ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml"))];
+pub const RECIPES: [(&str, &str); 4] = [
+    ("symbiotic", include_str!("../../recipes/symbiotic.toml")),
+    ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml")),
+    ("smollm2-lora", include_str!("../../recipes/smollm2-lora.toml")),
+    ("qwen2.5-lora", include_str!("../../recipes/qwen2.5-lora.toml")),
+];
 
 #[derive(Debug, Parser)]
 #[command(name = "symb", version, about = "From a corpus of a new language to a language model running in a web browser")]
