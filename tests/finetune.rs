@@ -239,8 +239,8 @@ eval_every = 100
 
 /// `base.architecture = "llama"`: a Llama of the manifest's size, initialised
 /// as transformers does, learns the language from scratch; the output folder
-/// is a Llama folder `symb generate` runs. Asking for ONNX of it says that the
-/// export does not handle the family yet, naming it.
+/// is a Llama folder `symb generate` runs, and with `[export]` its ONNX file
+/// is verified against it.
 #[test]
 fn a_scratch_llama_learns_the_language() {
     let manifest = SCRATCH.replace("n_layer = 1", "architecture = \"llama\"\nn_layer = 1");
@@ -257,7 +257,8 @@ fn a_scratch_llama_learns_the_language() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     project.write("symb.toml", &(manifest + "\n[export]\ntargets = [\"fp32\"]\n"));
-    let build = project.build(&[]);
-    assert_eq!(build.code, 2, "{}", build.stderr);
-    assert!(build.reason("export").contains("ONNX export of a `llama` model"), "{}", build.reason("export"));
+    let build = project.build_ok();
+    assert_eq!(build.ran(), set(&["export", "verify.fp32", "bundle"]));
+    let verified: serde_json::Value = serde_json::from_str(&project.read("dist/reports/verify.fp32.json")).unwrap();
+    assert!(verified["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4 && verified["metrics"]["greedy_match"] == 1.0, "{verified}");
 }
