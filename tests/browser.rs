@@ -91,3 +91,40 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
         }
     }
 }
+
+/// Issue 13, test 4: the playground on a Llama-family folder (tiny-llama-sp:
+/// SentencePiece with byte fallback, multi-query attention, llama3 rope, an
+/// untied head) gives in Chromium what symb gives, fp32 and q4, and fp32
+/// PyTorch's greedy tokens.
+#[test]
+fn the_playground_runs_a_llama_folder_in_chromium() {
+    let fixture = fixture().with_file_name("tiny-llama-sp");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = format!(
+        "[project]\nname = \"tiny-llama-sp\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\naccuracy_level = 0\n\n\
+         # Random weights: onnxruntime's own MatMulNBits agrees no better (tests/llama_web.rs).\n[verify.tolerance.q4]\ntop1_agreement = 0.25\nkl_divergence = 0.6\n",
+        fixture.display()
+    );
+    std::fs::write(dir.path().join("symb.toml"), manifest).unwrap();
+    let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dist = dir.path().join("dist");
+    let served = serve(&dist);
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();
+    let case = &golden["cases"][0];
+    let prompt = case["prompt"].as_str().unwrap();
+    for dtype in ["fp32", "q4"] {
+        let shot = artifacts.join(format!("playground-llama-{dtype}.png"));
+        let result = in_chromium(&served.url, prompt, dtype, 20, &shot);
+        assert_eq!(result["state"], "done", "{dtype}: {result}");
+        for url in result["requests"].as_array().unwrap() {
+            assert!(url.as_str().unwrap().starts_with(&served.url), "{dtype}: a request left the server: {url}");
+        }
+        assert_eq!(result["ids"], common::onnx_generate(&dist, dtype, prompt, 20), "{dtype}: Chromium against symb");
+        if dtype == "fp32" {
+            assert_eq!(result["ids"], case["greedy_20"], "PyTorch's greedy tokens");
+        }
+    }
+}
