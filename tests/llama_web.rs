@@ -47,8 +47,9 @@ fn json(project: &TestProject, file: &str) -> serde_json::Value {
 
 #[test]
 fn llama_family_folders_build_every_dtype_verified_and_run_in_transformers_js() {
-    // tiny-llama's head is tied: its embedding is quantized with the head.
-    for (name, extra) in [("tiny-llama-sp", ""), ("tiny-qwen2", ""), ("tiny-llama", "quantize_embedding = true")] {
+    // `quantize_embedding`: tiny-llama's embedding is the tied head's 4-bit
+    // data; tiny-llama-sp's (untied) is quantized on its own.
+    for (name, extra) in [("tiny-llama-sp", "quantize_embedding = true"), ("tiny-qwen2", ""), ("tiny-llama", "quantize_embedding = true")] {
         let project = TestProject::with_manifest(&manifest(name, extra), 1);
         project.build_ok();
         let dist = project.path("dist");
@@ -59,6 +60,15 @@ fn llama_family_folders_build_every_dtype_verified_and_run_in_transformers_js() 
         for dtype in ["q4", "q4f16"] {
             let report = json(&project, &format!("dist/reports/quantize.{dtype}.json"));
             assert_eq!(report["matmul_nbits_nodes"], 15, "{name} {dtype}: {report}");
+        }
+        if !extra.is_empty() {
+            for dtype in ["q4", "q4f16"] {
+                let file = if dtype == "q4" { "model_q4.onnx" } else { "model_q4f16.onnx" };
+                let model = symb::onnx::read_model(&dist.join("onnx").join(file)).unwrap();
+                let g = model.graph.as_ref().unwrap();
+                assert_eq!(g.node.iter().filter(|n| n.op_type.as_deref() == Some("GatherBlockQuantized")).count(), 1, "{name} {dtype}");
+                assert!(!g.initializer.iter().any(|t| t.name.as_deref() == Some("model.embed_tokens.weight")), "{name} {dtype}: no float embedding is left");
+            }
         }
         let config = json(&project, "dist/config.json");
         assert_eq!(config["model_type"], if name == "tiny-qwen2" { "qwen2" } else { "llama" });

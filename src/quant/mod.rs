@@ -380,7 +380,11 @@ fn tied_head_q4(model: &mut ModelProto, report: &mut Report, options: Options) -
     let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
     let transpose = g.node.iter().position(|n| n.op_type.as_deref() == Some("Transpose") && initializers.contains_key(&n.input[0]));
     let Some(transpose) = transpose else {
-        return if embedding { Err(err("`quantize_embedding`: the graph has no tied head (Transpose of the embedding)")) } else { Ok(false) };
+        // An untied head: the embedding alone, when asked for.
+        if embedding {
+            untied_embedding_q4(model, report)?;
+        }
+        return Ok(false);
     };
     let wte_name = g.node[transpose].input[0].clone();
     let head_out = g.node[transpose].output[0].clone();
@@ -410,42 +414,69 @@ fn tied_head_q4(model: &mut ModelProto, report: &mut Report, options: Options) -
         use_microsoft_domain(model);
         return Ok(true);
     }
+    let (b_name, s_name, gathering) = gather_q4(g, gather, &wte_name, (vocab, width), packed, &scales);
+    splice(g, vec![(gather, gathering), (transpose, vec![]), (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, options.accuracy_level, "head_Q4")])]);
+    prune(g);
+    use_microsoft_domain(model);
+    Ok(true)
+}
+
+/// The initializers of an embedding `[vocab, width]` in 4 bits (`packed` and
+/// `scales` from [`pack_q4_columns`], explicit zero points 8) added to `g`,
+/// and the nodes that replace the Gather at `gather` with a
+/// GatherBlockQuantized over them; returns the packed data's and the
+/// scales' names too (a tied head reads the same bytes).
+fn gather_q4(g: &mut proto::GraphProto, gather: usize, wte_name: &str, (vocab, width): (usize, usize), packed: Vec<u8>, scales: &[f32]) -> (String, String, Vec<NodeProto>) {
+    let blocks = width.div_ceil(32);
     let (b_name, s_name, zp_name) = (format!("{wte_name}_Q4"), format!("{wte_name}_scales"), format!("{wte_name}_zero_points"));
     let (b_shape, s_shape) = (format!("{wte_name}_Q4_shape"), format!("{wte_name}_scales_shape"));
     let (b_rows, s_rows) = (format!("{wte_name}_Q4_rows"), format!("{wte_name}_scales_rows"));
     g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, 16], DataType::Uint8, packed));
-    g.initializer.push(tensor_f32(&s_name, &[vocab * blocks], &scales));
+    g.initializer.push(tensor_f32(&s_name, &[vocab * blocks], scales));
     g.initializer.push(raw_tensor(&zp_name, &[vocab, blocks.div_ceil(2)], DataType::Uint8, vec![0x88; vocab * blocks.div_ceil(2)]));
     g.initializer.push(crate::onnx::tensor_i64(&b_shape, &[2], &[vocab as i64, (width / 2) as i64]));
     g.initializer.push(crate::onnx::tensor_i64(&s_shape, &[2], &[vocab as i64, blocks as i64]));
     let ids = g.node[gather].input[1].clone();
     let gathered = g.node[gather].output[0].clone();
     let int = |v: usize| Attr::Int(v as i64);
-    splice(
-        g,
-        vec![
-            (
-                gather,
-                vec![
-                    node("Reshape", None, &[&b_name, &b_shape], &[&b_rows], &[], "embedding_Q4_rows"),
-                    node("Reshape", None, &[&s_name, &s_shape], &[&s_rows], &[], "embedding_scales_rows"),
-                    node(
-                        "GatherBlockQuantized",
-                        Some("com.microsoft"),
-                        &[&b_rows, &ids, &s_rows, &zp_name],
-                        &[&gathered],
-                        &[("gather_axis", int(0)), ("quantize_axis", int(1)), ("block_size", int(32)), ("bits", int(4))],
-                        "embedding_Q4",
-                    ),
-                ],
-            ),
-            (transpose, vec![]),
-            (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, options.accuracy_level, "head_Q4")]),
-        ],
-    );
+    let nodes = vec![
+        node("Reshape", None, &[&b_name, &b_shape], &[&b_rows], &[], "embedding_Q4_rows"),
+        node("Reshape", None, &[&s_name, &s_shape], &[&s_rows], &[], "embedding_scales_rows"),
+        node(
+            "GatherBlockQuantized",
+            Some("com.microsoft"),
+            &[&b_rows, &ids, &s_rows, &zp_name],
+            &[&gathered],
+            &[("gather_axis", int(0)), ("quantize_axis", int(1)), ("block_size", int(32)), ("bits", int(4))],
+            "embedding_Q4",
+        ),
+    ];
+    (b_name, s_name, nodes)
+}
+
+/// `quantize_embedding` with an untied head: the embedding (the float
+/// initializer gathered by `input_ids`) in 4 bits on its own; the head is
+/// a weight like any other.
+fn untied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+    let g = graph_mut(model);
+    let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
+    let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input.get(1).map(String::as_str) == Some("input_ids") && initializers.contains_key(&n.input[0]));
+    let Some(gather) = gather else { return Err(err("`quantize_embedding`: the graph gathers no embedding initializer by `input_ids`")) };
+    let wte_name = g.node[gather].input[0].clone();
+    let wte = &g.initializer[initializers[&wte_name]];
+    let (vocab, width) = (wte.dims[0] as usize, wte.dims[1] as usize);
+    if width % 32 != 0 {
+        return Err(err(format!("`quantize_embedding` needs a width divisible by 32, and this model's is {width}")));
+    }
+    let rows = floats(wte)?;
+    report.weights_quantized += 1;
+    report.parameters_quantized += rows.len() as u64;
+    let (packed, scales) = pack_q4_columns(&rows, width, vocab);
+    let (_, _, gathering) = gather_q4(g, gather, &wte_name, (vocab, width), packed, &scales);
+    splice(g, vec![(gather, gathering)]);
     prune(g);
     use_microsoft_domain(model);
-    Ok(true)
+    Ok(())
 }
 
 fn matmul_nbits(model: &mut ModelProto, report: &mut Report, accuracy_level: i64) -> Result<()> {
