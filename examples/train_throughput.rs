@@ -14,6 +14,7 @@ use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
 use symb::model::{Llama, Model, llama};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    symb::model::ops::configure_threads();
     let mut args = std::env::args().skip(1);
     let family = args.next().unwrap_or_default();
     let numbers: Vec<usize> = args.map(|a| a.parse()).collect::<Result<_, _>>()?;
