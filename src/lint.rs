@@ -31,6 +31,24 @@ fn layer_key(model_type: &str) -> &'static str {
     }
 }
 
+/// The KV cache's `(heads, head_dim)` as transformers.js computes them from
+/// a config to feed an empty cache: GPT-2's `n_head` and `n_embd / n_head`;
+/// otherwise `num_key_value_heads` (else `num_attention_heads`) and
+/// `head_dim` (else `hidden_size / num_attention_heads`).
+fn cache_shape(config: &serde_json::Value) -> Option<(&'static str, u64, u64)> {
+    let get = |key: &str| config[key].as_u64();
+    if config["model_type"] == "gpt2" {
+        let heads = get("n_head").filter(|&h| h > 0)?;
+        return Some(("n_head", heads, get("n_embd")? / heads));
+    }
+    let heads = get("num_attention_heads").filter(|&h| h > 0)?;
+    let (key, kv) = match get("num_key_value_heads") {
+        Some(kv) => ("num_key_value_heads", kv),
+        None => ("num_attention_heads", heads),
+    };
+    Some((key, kv, get("head_dim").or_else(|| Some(get("hidden_size")? / heads))?))
+}
+
 /// Every problem found in `folder` (empty: transformers.js can load it).
 pub fn lint(folder: &Path) -> Vec<Finding> {
     let mut findings = Vec::new();
@@ -44,6 +62,7 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
     // config.json
     let config = read_json("config.json").map_err(|e| add("config.json", format!("{e}; transformers.js reads the model type and layer count from it"))).ok();
     let mut layers = None;
+    let mut cache = None;
     let mut dtype = None;
     let mut external = serde_json::Map::new();
     if let Some(config) = &config {
@@ -57,6 +76,7 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
                 }
             }
         }
+        cache = cache_shape(config);
         for key in ["bos_token_id", "eos_token_id"] {
             if config.get(key).is_none() {
                 add("config.json", format!("has no `{key}`: generation needs it"));
@@ -117,7 +137,7 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
         let label = format!("onnx/{name}");
         match crate::onnx::read_model(&onnx.join(name)) {
             Err(e) => add(&label, format!("cannot be read: {e}")),
-            Ok(model) => lint_graph(&model, name, layers, &external, &mut |m| add(&label, m)),
+            Ok(model) => lint_graph(&model, name, (layers, cache), &external, &mut |m| add(&label, m)),
         }
     }
 
@@ -188,7 +208,11 @@ fn dims(v: &proto::ValueInfoProto) -> Vec<Option<i64>> {
     }
 }
 
-fn lint_graph(model: &proto::ModelProto, name: &str, layers: Option<(&str, u64)>, external: &serde_json::Map<String, serde_json::Value>, add: &mut dyn FnMut(String)) {
+/// What config.json says of the graph: its layer count (and the key), and
+/// its cache's heads (and the key) and head size.
+type ConfigShape<'a> = (Option<(&'a str, u64)>, Option<(&'static str, u64, u64)>);
+
+fn lint_graph(model: &proto::ModelProto, name: &str, (layers, cache): ConfigShape<'_>, external: &serde_json::Map<String, serde_json::Value>, add: &mut dyn FnMut(String)) {
     let Some(g) = &model.graph else { return add("has no graph".into()) };
     let input = |n: &str| g.input.iter().find(|i| i.name.as_deref() == Some(n));
     for (id, required) in [("input_ids", true), ("attention_mask", true), ("position_ids", false)] {
@@ -213,8 +237,16 @@ fn lint_graph(model: &proto::ModelProto, name: &str, layers: Option<(&str, u64)>
     }
     for past in &pasts {
         let d = dims(past);
+        let past_name = past.name.as_deref().unwrap_or("");
         if d.len() != 4 || d[1].is_none() || d[3].is_none() {
-            add(format!("`{}` should be [batch_size, heads, past_sequence_length, head_dim] with numeric heads and head_dim", past.name.as_deref().unwrap_or("")));
+            add(format!("`{past_name}` should be [batch_size, heads, past_sequence_length, head_dim] with numeric heads and head_dim"));
+            break;
+        }
+        if let Some((key, heads, head_dim)) = cache
+            && (d[1] != Some(heads as i64) || d[3] != Some(head_dim as i64))
+        {
+            let (h, hd) = (d[1].unwrap_or(0), d[3].unwrap_or(0));
+            add(format!("`{past_name}` holds {h} heads of {hd}, but config.json gives {heads} (`{key}`) of {head_dim}: transformers.js would feed an empty cache of the config's shape"));
             break;
         }
     }

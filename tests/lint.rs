@@ -111,3 +111,32 @@ fn a_built_folder_passes_and_each_defect_is_named() {
     let copy = broken(&dist, |d| std::fs::rename(d.join("onnx/model_q4.onnx"), d.join("onnx/model_4bit.onnx")).unwrap());
     assert!(lint(copy.path()).1.contains("`transformers.js_config.dtype` is `q4`, but onnx/ has no file for it (it has: fp32)"));
 }
+
+/// A Llama-family folder (grouped-query cache: 2 key-value heads of 16) lints
+/// clean, and a config whose `num_key_value_heads` or `head_dim` disagrees
+/// with the graph's cache is named: transformers.js would feed an empty
+/// cache of the config's shape.
+#[test]
+fn the_kv_heads_and_head_dim_of_the_config_must_match_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = fixture().with_file_name("tiny-llama");
+    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\"]\n", llama.display())).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_symb")).arg("build").current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dist = dir.path().join("dist");
+    let (code, stderr) = lint(&dist);
+    assert_eq!(code, 0, "{stderr}");
+    for (from, to, expected) in [
+        ("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 4", "holds 2 heads of 16, but config.json gives 4 (`num_key_value_heads`) of 16"),
+        ("\"head_dim\": 16", "\"head_dim\": 32", "holds 2 heads of 16, but config.json gives 2 (`num_key_value_heads`) of 32"),
+    ] {
+        let copy = broken(&dist, |d| {
+            let text = std::fs::read_to_string(d.join("config.json")).unwrap();
+            assert!(text.contains(from), "{from} in {text}");
+            std::fs::write(d.join("config.json"), text.replace(from, to)).unwrap();
+        });
+        let (code, stderr) = lint(copy.path());
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
