@@ -91,3 +91,35 @@ fn llama_family_folders_build_every_dtype_verified_and_run_in_transformers_js() 
         }
     }
 }
+
+/// The base's tokenizer_config.json carries its chat template and the
+/// special tokens it names (SmolLM2's `<|im_start|>`/`<|im_end|>` chat) into
+/// the output folder, through the vocab stage too; its
+/// `added_tokens_decoder` is not carried (tokenizer.json holds the tokens).
+#[test]
+fn the_base_chat_template_and_specials_reach_the_output_folder() {
+    let base = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap().flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), base.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let template = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}";
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.path().join("tokenizer_config.json")).unwrap()).unwrap();
+    config["chat_template"] = template.into();
+    config["pad_token"] = serde_json::json!({"__type": "AddedToken", "content": "<|im_end|>"});
+    config["additional_special_tokens"] = serde_json::json!(["<|im_start|>", "<|im_end|>", "<|not_a_token|>"]);
+    std::fs::write(base.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    for vocab in ["", "\n[tokenizer]\nvocab_size = 500\n\n[vocab]\nstrategy = \"add_tokens\"\n"] {
+        let manifest = format!("[project]\noutput = \"dist\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n{vocab}\n[export]\ntargets = [\"fp32\"]\n", base.path().display());
+        let project = TestProject::with_manifest(&manifest, 100);
+        project.build_ok();
+        let out = json(&project, "dist/tokenizer_config.json");
+        assert_eq!(out["chat_template"], template, "{vocab}");
+        assert_eq!(out["pad_token"], "<|im_end|>", "a plain string");
+        assert_eq!(out["additional_special_tokens"], serde_json::json!(["<|im_start|>", "<|im_end|>"]), "tokens the tokenizer has");
+        assert!(out.get("added_tokens_decoder").is_none());
+        let lint = std::process::Command::new(common::BIN).arg("lint").arg(project.path("dist")).output().unwrap();
+        assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stderr));
+    }
+}

@@ -62,7 +62,8 @@ pub fn download(repo: &str, resolved: &Resolved, cache_dir: &Path) -> Result<Pat
     let api = api(cache_dir)?;
     let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, resolved.commit.clone()));
     let wanted = |f: &str| {
-        matches!(f, "config.json" | "tokenizer.json" | "generation_config.json" | "model.safetensors" | "model.safetensors.index.json") || (f.starts_with("model-") && f.ends_with(".safetensors"))
+        matches!(f, "config.json" | "tokenizer.json" | "tokenizer_config.json" | "generation_config.json" | "model.safetensors" | "model.safetensors.index.json")
+            || (f.starts_with("model-") && f.ends_with(".safetensors"))
     };
     let mut folder = None;
     for file in resolved.files.iter().filter(|f| wanted(f)) {

@@ -171,7 +171,8 @@ impl Stage for BundleStage {
             js.insert("use_external_data_format".into(), serde_json::to_value(&external).expect("serialises"));
         }
         super::model::write_json(&ctx.output("config.json"), &config)?;
-        let tokenizer_config = super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, ctx.input(self.model_stage, "tokenizer.json")?)?;
+        let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
+        let tokenizer_config = super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, ctx.input(self.model_stage, "tokenizer.json")?, base)?;
         super::model::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
         let page = ctx.output("index.html");
         std::fs::write(&page, self.page()).map_err(|e| super::model::io(&page, e))?;

@@ -65,7 +65,7 @@ pub struct BaseStage {
 
 /// The files of a local model folder that a build reads.
 pub fn folder_files(dir: &Path, project: &Path) -> Vec<ExternalFile> {
-    let mut names = vec!["config.json".to_string(), "tokenizer.json".to_string(), "generation_config.json".to_string()];
+    let mut names = vec!["config.json".to_string(), "tokenizer.json".to_string(), "generation_config.json".to_string(), "tokenizer_config.json".to_string()];
     if let Ok(weights) = model::weight_files(dir) {
         names.extend(weights.iter().filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string)));
         if dir.join("model.safetensors.index.json").is_file() {
@@ -146,24 +146,50 @@ impl Stage for BaseStage {
     }
 }
 
+/// The fields of a base model's `tokenizer_config.json` carried into the
+/// output's: its chat template and the special tokens it names. (Its
+/// `added_tokens_decoder` is not: tokenizer.json holds the added tokens,
+/// new ones included.)
+const CARRIED: [&str; 4] = ["chat_template", "pad_token", "additional_special_tokens", "padding_side"];
+
 /// The `tokenizer_config.json` for a model's config and tokenizer: what
 /// transformers and transformers.js need (special tokens as plain strings,
-/// no clean-up of spaces, the context length).
-pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path) -> Result<serde_json::Value, StageError> {
+/// no clean-up of spaces, the context length), with the base's chat
+/// template and the special tokens it names when `base` is its
+/// `tokenizer_config.json`.
+pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path, base: Option<&Path>) -> Result<serde_json::Value, StageError> {
     let config = ModelConfig::read(config_path).map_err(model_error)?;
     let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
     let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
     // The tokenizer model's own unknown token (SentencePiece-style `<unk>`), else the eos.
     let json: serde_json::Value = model::read_json(tokenizer_path).map_err(model_error)?;
     let unk = json["model"]["unk_token"].as_str().map(str::to_string).or_else(|| token(config.eos_token_id()));
-    Ok(serde_json::json!({
+    let mut out = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token(config.bos_token_id()),
         "eos_token": token(config.eos_token_id()),
         "unk_token": unk,
         "model_max_length": config.context(),
         "clean_up_tokenization_spaces": false,
-    }))
+    });
+    if let Some(base) = base {
+        let base: serde_json::Value = model::read_json(base).map_err(model_error)?;
+        // A token is written as a string, or as transformers' AddedToken object.
+        let plain = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
+        let known = |t: &String| tokenizer.token_to_id(t).is_some();
+        for key in CARRIED {
+            let value = match (key, &base[key]) {
+                (_, serde_json::Value::Null) => continue,
+                ("pad_token", v) => plain(v).filter(known).map(serde_json::Value::from),
+                ("additional_special_tokens", serde_json::Value::Array(list)) => Some(list.iter().filter_map(plain).filter(known).collect::<Vec<_>>().into()),
+                (_, v) => Some(v.clone()),
+            };
+            if let Some(value) = value {
+                out[key] = value;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Validates a model folder by loading it, then writes its config and
@@ -178,7 +204,7 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
     if let Err(e) = tokenizers::Tokenizer::from_file(&tokenizer) {
         return Err(StageError::bad_input(format!("`{}` is not a tokenizer the tokenizers library can load: {e}", tokenizer.display())));
     }
-    for name in ["config.json", "tokenizer.json", "generation_config.json"] {
+    for name in ["config.json", "tokenizer.json", "generation_config.json", "tokenizer_config.json"] {
         if names.contains(&name) && dir.join(name).is_file() {
             copy(&dir.join(name), &ctx.output(name))?;
         }
@@ -576,7 +602,8 @@ impl Stage for MergeStage {
                 Err(e) => return Err(e),
             }
         }
-        write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config(&ctx.output("config.json"), &ctx.output("tokenizer.json"))?)?;
+        let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
+        write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config(&ctx.output("config.json"), &ctx.output("tokenizer.json"), base)?)?;
         let size = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
         Ok(serde_json::json!({ "model_bytes": size }))
     }

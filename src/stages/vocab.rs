@@ -380,8 +380,10 @@ impl Stage for VocabStage {
         let mut config: Value = model::read_json(ctx.input("base", "config.json")?).map_err(|e: ModelError| StageError::failed(e.to_string()))?;
         config["vocab_size"] = new_size.into();
         super::model::write_json(&ctx.output("config.json"), &config)?;
-        if let Ok(from) = ctx.input("base", "generation_config.json") {
-            super::model::copy(from, &ctx.output("generation_config.json"))?;
+        for file in ["generation_config.json", "tokenizer_config.json"] {
+            if let Ok(from) = ctx.input("base", file) {
+                super::model::copy(from, &ctx.output(file))?;
+            }
         }
 
         // The report: fertility before and after, losslessness, English kept.
