@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model_type: Some("gpt2".into()),
         tie_word_embeddings: Some(true),
     };
-    let model = Gpt2::scratch(&config, &mut Rng::new(0))?;
+    let model = symb::model::Model::Gpt2(Gpt2::scratch(&config, &mut Rng::new(0))?);
     let out = std::path::Path::new(out);
     std::fs::create_dir_all(out)?;
     symb::model::save_safetensors(&model.named_tensors(), &out.join("model.safetensors"))?;

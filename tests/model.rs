@@ -115,8 +115,14 @@ fn peft_trainable_tokens_match_pytorch_adapted_and_merged() {
 
 #[test]
 fn the_kv_cache_gives_the_full_forward_logits() {
-    let model = model::load_folder(&fixture()).unwrap();
-    let ids: Vec<u32> = cases("golden")[2].input_ids.clone();
+    check_kv_cache(&fixture());
+}
+
+/// The logits of golden case 2 computed in three chunks through the KV
+/// cache equal one full forward pass (within 1e-5).
+fn check_kv_cache(dir: &Path) {
+    let model = model::load_folder(dir).unwrap();
+    let ids: Vec<u32> = cases_of(dir, "golden")[2].input_ids.clone();
     let full = logits(&model, &ids);
     let mut cache = model::KvCache::new(model.n_layer());
     let mut steps = Vec::new();
@@ -124,47 +130,51 @@ fn the_kv_cache_gives_the_full_forward_logits() {
         let input = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         steps.push(model.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap());
     }
-    let stepped = Tensor::cat(&steps, 0).unwrap();
-    assert!(max_abs(&full, &stepped) < 1e-5);
+    assert!(max_abs(&full, &Tensor::cat(&steps, 0).unwrap()) < 1e-5, "{}", dir.display());
 }
 
 /// One LoRA training step against PyTorch + PEFT: the loss, every gradient
 /// and every tensor after AdamW within 1e-5.
 #[test]
 fn one_lora_training_step_matches_pytorch() {
+    check_training_step(&fixture(), &["c_attn"]);
+}
+
+/// The fixture's `train-step/` with LoRA on `targets` (PyTorch + PEFT's
+/// initial tensors): the loss, every gradient and every tensor after AdamW
+/// within 1e-5 of PyTorch's. The training path: the fused head + loss op.
+fn check_training_step(dir: &Path, targets: &[&str]) {
     use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
-    let step = fixture().join("train-step");
+    let name = dir.file_name().unwrap().to_string_lossy();
+    let step = dir.join("train-step");
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("golden.json")).unwrap()).unwrap();
     let batch: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("batch.json")).unwrap()).unwrap();
-    let load = |name: &str| candle_core::safetensors::load(step.join(name), &Device::Cpu).unwrap().into_iter().collect();
+    let load = |file: &str| candle_core::safetensors::load(step.join(file), &Device::Cpu).unwrap().into_iter().collect();
     let init = load("lora_init.safetensors");
     let (grads_golden, after_golden): (std::collections::BTreeMap<String, Tensor>, std::collections::BTreeMap<String, Tensor>) = (load("grads.safetensors"), load("after_adamw.safetensors"));
-
-    let mut model = model::load_folder(&fixture()).unwrap();
-    let spec = LoraSpec { targets: vec!["c_attn".into()], rank: 4, alpha: 8.0, rslora: false };
+    let mut model = model::load_folder(dir).unwrap();
+    let spec = LoraSpec { targets: targets.iter().map(|t| t.to_string()).collect(), rank: 4, alpha: 8.0, rslora: false };
     let vars = attach_lora(&mut model, &spec, Some(&init), &mut Rng::new(0)).unwrap();
     let ids: Vec<Vec<u32>> = serde_json::from_value(batch["input_ids"].clone()).unwrap();
     let labels: Vec<Vec<u32>> = serde_json::from_value(batch["labels"].clone()).unwrap();
     let ids = Tensor::new(ids, &Device::Cpu).unwrap();
     let labels = Tensor::new(labels, &Device::Cpu).unwrap().flatten_all().unwrap();
-    // The training path: the fused head + loss op.
     let loss = model.loss(&ids, &labels, true).unwrap();
     let loss_value = loss.to_scalar::<f32>().unwrap() as f64;
-    assert!((loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5, "loss {loss_value} vs {}", golden["loss"]);
-
+    assert!((loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5, "{name}: loss {loss_value} vs {}", golden["loss"]);
     let grads = loss.backward().unwrap();
     let named = vars.peft_tensors();
-    assert_eq!(named.keys().collect::<Vec<_>>(), grads_golden.keys().collect::<Vec<_>>());
-    for (name, tensor) in &named {
-        let grad = grads.get(tensor).unwrap_or_else(|| panic!("no gradient reached `{name}`"));
-        let error = max_abs(grad, &grads_golden[name]);
-        assert!(error < 1e-5, "gradient of {name}: {error}");
+    assert_eq!(named.keys().collect::<Vec<_>>(), grads_golden.keys().collect::<Vec<_>>(), "{name}");
+    for (tensor_name, tensor) in &named {
+        let grad = grads.get(tensor).unwrap_or_else(|| panic!("{name}: no gradient reached `{tensor_name}`"));
+        let error = max_abs(grad, &grads_golden[tensor_name]);
+        assert!(error < 1e-5, "{name}: gradient of {tensor_name}: {error}");
     }
     let mut optimizer = AdamW::new(vars.vars(), AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
     optimizer.step(&grads).unwrap();
-    for (name, tensor) in vars.peft_tensors() {
-        let error = max_abs(&tensor, &after_golden[&name]);
-        assert!(error < 1e-5, "{name} after AdamW: {error}");
+    for (tensor_name, tensor) in vars.peft_tensors() {
+        let error = max_abs(&tensor, &after_golden[&tensor_name]);
+        assert!(error < 1e-5, "{name}: {tensor_name} after AdamW: {error}");
     }
 }
 
@@ -282,16 +292,7 @@ fn llama_family_left_padded_batches_match_pytorch() {
 #[test]
 fn llama_family_kv_cache_gives_the_full_forward_logits() {
     for name in LLAMA_FIXTURES {
-        let model = model::load_folder(&fixture_named(name)).unwrap();
-        let ids: Vec<u32> = cases_of(&fixture_named(name), "golden")[2].input_ids.clone();
-        let full = logits(&model, &ids);
-        let mut cache = model::KvCache::new(model.n_layer());
-        let mut steps = Vec::new();
-        for chunk in [&ids[..5], &ids[5..6], &ids[6..]] {
-            let input = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            steps.push(model.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap());
-        }
-        assert!(max_abs(&full, &Tensor::cat(&steps, 0).unwrap()) < 1e-5, "{name}");
+        check_kv_cache(&fixture_named(name));
     }
 }
 
@@ -300,38 +301,7 @@ fn llama_family_kv_cache_gives_the_full_forward_logits() {
 /// AdamW within 1e-5.
 #[test]
 fn llama_family_one_lora_training_step_matches_pytorch() {
-    use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
     for name in LLAMA_FIXTURES {
-        let dir = fixture_named(name);
-        let step = dir.join("train-step");
-        let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("golden.json")).unwrap()).unwrap();
-        let batch: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("batch.json")).unwrap()).unwrap();
-        let load = |file: &str| candle_core::safetensors::load(step.join(file), &Device::Cpu).unwrap().into_iter().collect();
-        let init = load("lora_init.safetensors");
-        let (grads_golden, after_golden): (std::collections::BTreeMap<String, Tensor>, std::collections::BTreeMap<String, Tensor>) = (load("grads.safetensors"), load("after_adamw.safetensors"));
-        let mut model = model::load_folder(&dir).unwrap();
-        let spec = LoraSpec { targets: vec!["q_proj".into(), "v_proj".into()], rank: 4, alpha: 8.0, rslora: false };
-        let vars = attach_lora(&mut model, &spec, Some(&init), &mut Rng::new(0)).unwrap();
-        let ids: Vec<Vec<u32>> = serde_json::from_value(batch["input_ids"].clone()).unwrap();
-        let labels: Vec<Vec<u32>> = serde_json::from_value(batch["labels"].clone()).unwrap();
-        let ids = Tensor::new(ids, &Device::Cpu).unwrap();
-        let labels = Tensor::new(labels, &Device::Cpu).unwrap().flatten_all().unwrap();
-        let loss = model.loss(&ids, &labels, true).unwrap();
-        let loss_value = loss.to_scalar::<f32>().unwrap() as f64;
-        assert!((loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5, "{name}: loss {loss_value} vs {}", golden["loss"]);
-        let grads = loss.backward().unwrap();
-        let named = vars.peft_tensors();
-        assert_eq!(named.keys().collect::<Vec<_>>(), grads_golden.keys().collect::<Vec<_>>(), "{name}");
-        for (tensor_name, tensor) in &named {
-            let grad = grads.get(tensor).unwrap_or_else(|| panic!("{name}: no gradient reached `{tensor_name}`"));
-            let error = max_abs(grad, &grads_golden[tensor_name]);
-            assert!(error < 1e-5, "{name}: gradient of {tensor_name}: {error}");
-        }
-        let mut optimizer = AdamW::new(vars.vars(), AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
-        optimizer.step(&grads).unwrap();
-        for (tensor_name, tensor) in vars.peft_tensors() {
-            let error = max_abs(&tensor, &after_golden[&tensor_name]);
-            assert!(error < 1e-5, "{name}: {tensor_name} after AdamW: {error}");
-        }
+        check_training_step(&fixture_named(name), &["q_proj", "v_proj"]);
     }
 }

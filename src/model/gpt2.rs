@@ -287,18 +287,6 @@ impl Gpt2 {
         f("transformer.ln_f.bias", &mut self.ln_f.bias)
     }
 
-    /// Every weight under its checkpoint name (the head is tied: not repeated).
-    pub fn named_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
-        let mut out = std::collections::BTreeMap::new();
-        let mut copy = self.clone();
-        copy.visit_mut(|name, tensor| {
-            out.insert(name.to_string(), tensor.clone());
-            Ok(())
-        })
-        .expect("collecting cannot fail");
-        out
-    }
-
     /// The linear layers a LoRA target name selects, with their PEFT module names.
     pub fn linears_mut(&mut self, target: LoraTarget) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

@@ -225,15 +225,24 @@ impl Model {
     }
 
     pub fn context(&self) -> usize {
-        self.config().context()
+        match self {
+            Model::Gpt2(m) => m.config.n_positions,
+            Model::Llama(m) => m.config.max_position_embeddings,
+        }
     }
 
     pub fn width(&self) -> usize {
-        self.config().width()
+        match self {
+            Model::Gpt2(m) => m.config.n_embd,
+            Model::Llama(m) => m.config.hidden_size,
+        }
     }
 
     pub fn n_layer(&self) -> usize {
-        self.config().n_layer()
+        match self {
+            Model::Gpt2(m) => m.config.n_layer,
+            Model::Llama(m) => m.config.num_hidden_layers,
+        }
     }
 
     /// The matrix the logits come from (the embedding when tied).

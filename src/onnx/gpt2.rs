@@ -60,25 +60,7 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
     let mut x = g.node("Add", &[&tokens, &positions], &[]);
 
     // Attention bias [batch, 1, sequence, total]: causal and padding.
-    let one = g.constant_i64(&[], &[1]);
-    let zero = g.constant_i64(&[], &[0]);
-    let ids_shape = g.node("Shape", &[&input_ids], &[]);
-    let seq_len = g.node("Gather", &[&ids_shape, &one], &[("axis", Attr::Int(0))]);
-    let mask_shape = g.node("Shape", &[&attention_mask], &[]);
-    let total_len = g.node("Gather", &[&mask_shape, &one], &[("axis", Attr::Int(0))]);
-    let past = g.node("Sub", &[&total_len, &seq_len], &[]);
-    let keys = g.node("Range", &[&zero, &total_len, &one], &[]);
-    let queries = g.node("Range", &[&past, &total_len, &one], &[]);
-    let axis_1 = g.constant_i64(&[1], &[1]);
-    let query_column = g.node("Unsqueeze", &[&queries, &axis_1], &[]);
-    let causal = g.node("LessOrEqual", &[&keys, &query_column], &[]);
-    let padding = g.node("Cast", &[&attention_mask], &[("to", Attr::Int(DataType::Bool as i64))]);
-    let axes_12 = g.constant_i64(&[2], &[1, 2]);
-    let padding = g.node("Unsqueeze", &[&padding, &axes_12], &[]);
-    let allowed = g.node("And", &[&causal, &padding], &[]);
-    let open = g.constant_f32(&[], &[0.0]);
-    let closed = g.constant_f32(&[], &[f32::MIN]);
-    let bias = g.node("Where", &[&allowed, &open, &closed], &[]);
+    let bias = super::attention_bias(&mut g, &input_ids, &attention_mask, 4);
 
     let split = g.constant_i64(&[3], &[width, width, width]);
     let heads_shape = g.constant_i64(&[4], &[0, 0, heads, head_dim]);

@@ -66,27 +66,9 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     let embed = vector(&mut g, "model.embed_tokens.weight", &model.embed_tokens.weight)?;
     let mut x = g.node("Gather", &[&embed, &input_ids], &[("axis", Attr::Int(0))]);
 
-    // Attention bias [batch, 1, 1, sequence, total]: causal and padding; the
-    // lowest float rather than −∞, so a pad query's row stays finite.
-    let one = g.constant_i64(&[], &[1]);
-    let zero = g.constant_i64(&[], &[0]);
-    let ids_shape = g.node("Shape", &[&input_ids], &[]);
-    let seq_len = g.node("Gather", &[&ids_shape, &one], &[("axis", Attr::Int(0))]);
-    let mask_shape = g.node("Shape", &[&attention_mask], &[]);
-    let total_len = g.node("Gather", &[&mask_shape, &one], &[("axis", Attr::Int(0))]);
-    let past = g.node("Sub", &[&total_len, &seq_len], &[]);
-    let keys = g.node("Range", &[&zero, &total_len, &one], &[]);
-    let queries = g.node("Range", &[&past, &total_len, &one], &[]);
+    // Attention bias [batch, 1, 1, sequence, total]: causal and padding.
+    let bias = super::attention_bias(&mut g, &input_ids, &attention_mask, 5);
     let axis_1 = g.constant_i64(&[1], &[1]);
-    let query_column = g.node("Unsqueeze", &[&queries, &axis_1], &[]);
-    let causal = g.node("LessOrEqual", &[&keys, &query_column], &[]);
-    let padding = g.node("Cast", &[&attention_mask], &[("to", Attr::Int(DataType::Bool as i64))]);
-    let axes_123 = g.constant_i64(&[3], &[1, 2, 3]);
-    let padding = g.node("Unsqueeze", &[&padding, &axes_123], &[]);
-    let allowed = g.node("And", &[&causal, &padding], &[]);
-    let open = g.constant_f32(&[], &[0.0]);
-    let closed = g.constant_f32(&[], &[f32::MIN]);
-    let bias = g.node("Where", &[&allowed, &open, &closed], &[]);
 
     // cos and sin [batch, 1, sequence, head_dim] from the position ids,
     // in float32 as transformers computes them.

@@ -81,6 +81,34 @@ fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> proto::ValueInfo
 }
 
 /// Little-endian bytes of numbers (one copy, in chunks the compiler vectorises).
+/// The additive attention bias for scores of `rank` dimensions (`[batch,
+/// heads.., sequence, total]`): 0 where query `s` may see key `k` (`k ≤ past
+/// + s`, and `k` not padding in `attention_mask`), the lowest float
+/// elsewhere rather than −∞, so a pad query's row stays finite. Shaped
+/// `[batch, 1.., sequence, total]`.
+pub fn attention_bias(g: &mut GraphBuilder, input_ids: &str, attention_mask: &str, rank: usize) -> String {
+    let one = g.constant_i64(&[], &[1]);
+    let zero = g.constant_i64(&[], &[0]);
+    let ids_shape = g.node("Shape", &[input_ids], &[]);
+    let seq_len = g.node("Gather", &[&ids_shape, &one], &[("axis", Attr::Int(0))]);
+    let mask_shape = g.node("Shape", &[attention_mask], &[]);
+    let total_len = g.node("Gather", &[&mask_shape, &one], &[("axis", Attr::Int(0))]);
+    let past = g.node("Sub", &[&total_len, &seq_len], &[]);
+    let keys = g.node("Range", &[&zero, &total_len, &one], &[]);
+    let queries = g.node("Range", &[&past, &total_len, &one], &[]);
+    let axis_1 = g.constant_i64(&[1], &[1]);
+    let query_column = g.node("Unsqueeze", &[&queries, &axis_1], &[]);
+    let causal = g.node("LessOrEqual", &[&keys, &query_column], &[]);
+    let padding = g.node("Cast", &[attention_mask], &[("to", Attr::Int(DataType::Bool as i64))]);
+    let middle: Vec<i64> = (1..rank as i64 - 1).collect();
+    let axes = g.constant_i64(&[middle.len()], &middle);
+    let padding = g.node("Unsqueeze", &[&padding, &axes], &[]);
+    let allowed = g.node("And", &[&causal, &padding], &[]);
+    let open = g.constant_f32(&[], &[0.0]);
+    let closed = g.constant_f32(&[], &[f32::MIN]);
+    g.node("Where", &[&allowed, &open, &closed], &[])
+}
+
 /// The ONNX graph of `model` (its family's lowering), for transformers.js.
 pub fn export(model: &crate::model::Model, opset: i64) -> Result<proto::ModelProto, crate::model::ModelError> {
     match model {
