@@ -110,6 +110,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--shape", choices=["gpt2-small", "smollm2"], default="gpt2-small")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (both sides' files) and print its path")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "symb", "--example", "make_gpt2"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="symb-export-bench-")
@@ -164,7 +165,10 @@ def main():
         size = sum(os.path.getsize(os.path.join(os.path.dirname(path), f)) for f in os.listdir(os.path.dirname(path)) if f == os.path.basename(path) or f.startswith(os.path.basename(path) + "_data") or f == os.path.basename(path) + ".data")
         rate = float(subprocess.run([sys.executable, "-c", DECODE, path], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"| {name} | {size / 1e6:.0f} | {rate:.1f} |")
-    shutil.rmtree(work)
+    if args.keep:
+        print(f"\nkept: {work}")
+    else:
+        shutil.rmtree(work)
 
 
 if __name__ == "__main__":

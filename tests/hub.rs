@@ -234,13 +234,19 @@ fn the_llama_family_recipes_build_to_a_web_folder_against_the_hub() {
         project.edit("block_size = 128", "block_size = 32");
         project.edit("vocab_size = 8000", "vocab_size = 600");
         // The fixtures' random weights: the reference quantizer agrees no better (tests/llama_web.rs).
-        project.write("symb.toml", &(project.read("symb.toml") + "\n[verify.tolerance.q4]\ntop1_agreement = 0.2\nkl_divergence = 1.0\n"));
+        project.write("symb.toml", &(project.read("symb.toml") + "\n[verify.tolerance.q8]\ntop1_agreement = 0.7\n[verify.tolerance.q4]\ntop1_agreement = 0.2\nkl_divergence = 1.0\n"));
         let build = build(&project, &hub.endpoint());
         assert_eq!(build.code, 0, "{recipe}: {}", build.stderr);
-        assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q4", "verify.fp32", "verify.q4", "bundle"]), "{recipe}");
+        assert_eq!(
+            build.ran(),
+            set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q8", "quantize.q4", "verify.fp32", "verify.q8", "verify.q4", "bundle"]),
+            "{recipe}"
+        );
         assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with(&format!("/api/models/{repo}/revision/main"))), "{recipe}");
-        for file in ["adapter/adapter_model.safetensors", "onnx/model.onnx", "onnx/model_q4.onnx", "index.html", "config.json", "tokenizer_config.json"] {
+        for file in ["adapter/adapter_model.safetensors", "onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/model_q4.onnx", "index.html", "config.json", "tokenizer_config.json"] {
             assert!(project.path("dist").join(file).is_file(), "{recipe}: {file}");
         }
+        let config: serde_json::Value = serde_json::from_str(&project.read("dist/config.json")).unwrap();
+        assert_eq!(config["transformers.js_config"]["dtype"], "q8", "{recipe}: the page's default is the dtype fastest in WebAssembly");
     }
 }

@@ -52,7 +52,7 @@ fn a_built_folder_passes_and_each_defect_is_named() {
     let (code, stderr) = lint(&dist);
     assert_eq!(code, 0, "{stderr}");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dist.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["transformers.js_config"]["dtype"], "q4", "a dtype the folder has, not the browsers' q8 default");
+    assert_eq!(config["transformers.js_config"]["dtype"], "fp32", "a dtype the folder has (not the browsers' q8 default), and not 4-bit, slow in WebAssembly");
     let tokenizer_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dist.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tokenizer_config["clean_up_tokenization_spaces"], false);
 
@@ -107,9 +107,9 @@ fn a_built_folder_passes_and_each_defect_is_named() {
         assert_eq!(code, 1, "{what}: {stderr}");
         assert!(stderr.contains(expected), "{what}: expected `{expected}` in:\n{stderr}");
     }
-    // The renamed file also leaves the config's dtype without a file.
-    let copy = broken(&dist, |d| std::fs::rename(d.join("onnx/model_q4.onnx"), d.join("onnx/model_4bit.onnx")).unwrap());
-    assert!(lint(copy.path()).1.contains("`transformers.js_config.dtype` is `q4`, but onnx/ has no file for it (it has: fp32)"));
+    // A renamed file leaves the config's dtype without a file.
+    let copy = broken(&dist, |d| std::fs::rename(d.join("onnx/model.onnx"), d.join("onnx/model_full.onnx")).unwrap());
+    assert!(lint(copy.path()).1.contains("`transformers.js_config.dtype` is `fp32`, but onnx/ has no file for it (it has: q4)"));
 }
 
 /// A Llama-family folder (grouped-query cache: 2 key-value heads of 16) lints

@@ -277,7 +277,11 @@ fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInp
     let checkpoints = cache.checkpoint_dir(key);
     let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), checkpoints: checkpoints.clone(), reporter: shared.reporter };
     let _span = tracing::info_span!("stage", name = stage.name()).entered();
-    let metrics = stage.run(&ctx)?;
+    let metrics = stage.run(&ctx);
+    // What the stage freed goes back to the system before the next stage
+    // starts, or a build of several stages peaks at their sum.
+    release_freed_memory();
+    let metrics = metrics?;
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "ran");
     let mut produced: Vec<PathBuf> =
         std::fs::read_dir(work.path()).map_err(|e| CacheError::io(work.path(), e))?.map(|entry| entry.map(|e| e.path())).collect::<Result<_, _>>().map_err(|e| CacheError::io(work.path(), e))?;
@@ -375,4 +379,22 @@ pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str
         states.push(StageState { stage: name.to_string(), fresh, reason, key });
     }
     Ok(states)
+}
+
+/// Returns the memory the allocator holds free to the system. A stage may
+/// ask glibc's malloc to keep what it frees (training does, to reuse it step
+/// after step), and blocks below the mmap threshold stay in its arenas anyway:
+/// without this, a build of export plus four quantizers peaked at 1.5 GB
+/// where its largest stage alone takes 1.07 GB. A no-op elsewhere.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim only hands free pages back; it takes no pointer.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
 }
