@@ -122,6 +122,39 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
     assert!(failed.contains(&"max_abs_error") && failed.contains(&"kl_divergence"), "{:?}", report.checks);
 }
 
+/// verify decodes its prompts as one left-padded batch: each row gets the
+/// ids it gets alone and the same logits to rounding, prefill, steps, a row
+/// that stops early at `eos` and the context limit included; on GPT-2 and on
+/// a Llama-family graph (position ids from the padding).
+#[test]
+fn batched_onnx_decoding_gives_each_prompt_what_it_gets_alone() {
+    for fixture in [fixture(), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")] {
+        let model = model::load_folder(&fixture).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.onnx");
+        symb::onnx::save(&symb::onnx::export(&model, 17).unwrap(), &path).unwrap();
+        let mut onnx = OnnxLm::load(&path, 2).unwrap();
+        let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 31, 7, 2, 40], vec![11], vec![3, 3, 8], vec![17, 4, 4, 19, 23, 1, 2, 3, 4]];
+        let alone: Vec<_> = prompts.iter().map(|p| onnx.decode_steps(p, 12, None, 64).unwrap()).collect();
+        // An eos that the second row meets first: it stops there, the others go on.
+        let eos = alone[1].generated[3];
+        let alone_eos: Vec<_> = prompts.iter().map(|p| onnx.decode_steps(p, 12, Some(eos), 64).unwrap()).collect();
+        // A context that cuts the longest prompt's row short.
+        let alone_short: Vec<_> = prompts.iter().map(|p| onnx.decode_steps(p, 12, None, 14).unwrap()).collect();
+        for (expected, (eos, context)) in [(alone, (None, 64)), (alone_eos, (Some(eos), 64)), (alone_short, (None, 14))] {
+            let batched = onnx.decode_steps_batch(&prompts, 12, eos, context).unwrap();
+            for (row, (a, b)) in expected.iter().zip(&batched).enumerate() {
+                let what = format!("{}: row {row}, eos {eos:?}, context {context}", fixture.display());
+                assert_eq!(a.generated, b.generated, "{what}");
+                assert_eq!((a.prefill.len(), a.steps.len()), (b.prefill.len(), b.steps.len()), "{what}");
+                let err = a.prefill.iter().chain(&a.steps).zip(b.prefill.iter().chain(&b.steps)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-4, "{what}: {err}");
+            }
+            assert!(expected[1].generated.len() < expected[0].generated.len() || eos.is_none(), "the eos row stops early");
+        }
+    }
+}
+
 /// A wheel that does not have the published sha256 is refused, and nothing
 /// is installed: served here by a local HTTP server.
 #[test]

@@ -158,7 +158,9 @@ impl Stage for VerifyStage {
         let path = path.as_path();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let runtime_error = |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
+        tracing::debug!("loaded the model in candle");
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
+        tracing::debug!("loaded the ONNX file in ONNX Runtime");
         let report = verify::verify(&reference, &mut onnx, &work, &self.tolerance, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"))
             .map_err(|e| StageError::failed(format!("{}: {e}", self.file)))?;
         let mut json = serde_json::to_value(&report).expect("report serialises");

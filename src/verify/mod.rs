@@ -198,9 +198,34 @@ fn nll(logits: &[f32], ids: &[u32], vocab: usize) -> f64 {
     ids[1..].iter().enumerate().map(|(i, &next)| -log_softmax(&logits[i * vocab..(i + 1) * vocab])[next as usize]).sum()
 }
 
-fn reference_logits(model: &Model, ids: &[u32]) -> Result<Vec<f32>, VerifyError> {
-    let input = candle_core::Tensor::new(ids, model.device())?.unsqueeze(0)?;
-    Ok(model.forward(&input, None)?.flatten_all()?.to_vec1::<f32>()?)
+/// Rows per batch: the prompts decoded together, and the windows scored
+/// together (the logits of a batch are `rows x length x vocab` floats).
+const BATCH: usize = 8;
+
+/// candle's logits for each sequence (`[len * vocab]` each), the sequences
+/// left-padded into one batch.
+fn reference_logits(model: &Model, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, VerifyError> {
+    let (rows, padding) = left_pad(sequences);
+    let longest = rows[0].len();
+    let padding = if sequences.len() == 1 { crate::model::LeftPadding::default() } else { crate::model::LeftPadding(padding) };
+    let logits = model.forward_padded(&candle_core::Tensor::new(rows, model.device())?, None, &padding)?;
+    sequences.iter().enumerate().map(|(b, s)| Ok(logits.get(b)?.narrow(0, longest - s.len(), s.len())?.flatten_all()?.to_vec1::<f32>()?)).collect()
+}
+
+/// ONNX Runtime's logits for each sequence, as [`reference_logits`].
+fn onnx_logits(onnx: &mut OnnxLm, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, VerifyError> {
+    let (rows, padding) = left_pad(sequences);
+    let (longest, vocab) = (rows[0].len(), onnx.vocab);
+    let (logits, _) = onnx.run_batch(&rows, &padding, onnx.empty_past_for(rows.len())?)?;
+    Ok(sequences.iter().enumerate().map(|(b, s)| logits[(b * longest + longest - s.len()) * vocab..(b + 1) * longest * vocab].to_vec()).collect())
+}
+
+/// Sequences padded on the left to the longest (with id 0, which no query
+/// sees), and each one's padding.
+fn left_pad(sequences: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<usize>) {
+    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+    let rows = sequences.iter().map(|s| std::iter::repeat_n(0, longest - s.len()).chain(s.iter().copied()).collect()).collect();
+    (rows, sequences.iter().map(|s| longest - s.len()).collect())
 }
 
 /// Runs the workload on both sides and checks the result against `tolerance`.
@@ -213,34 +238,42 @@ pub fn verify(model: &Model, onnx: &mut OnnxLm, work: &Workload, tolerance: &Raw
     let total = work.prompts.len() + work.windows.len();
     let (mut prefill, mut cache) = (Tally::default(), Tally::default());
     let mut prompts = Vec::new();
-    for (i, (text, ids)) in work.prompts.iter().enumerate() {
+    for batch in work.prompts.chunks(BATCH) {
         // ONNX: one prefill pass, then greedy decoding through the KV cache.
-        let session::Decoded { generated, prefill: prefill_logits, steps: step_logits } = onnx.decode_steps(ids, work.max_new_tokens, work.eos, context)?;
+        let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+        let decoded = onnx.decode_steps_batch(&ids, work.max_new_tokens, work.eos, context)?;
         // candle: one pass over the prompt and what ONNX generated (teacher
         // forcing). Its row for each position is what candle's own greedy
         // decoding would see as long as the two agree, so the greedy match
         // is the run of generated tokens that are candle's argmax too.
-        let sequence: Vec<u32> = ids.iter().chain(&generated).copied().collect();
-        let reference = reference_logits(model, &sequence)?;
-        let n = ids.len();
-        prefill.add(&reference[..n * vocab], &prefill_logits, vocab);
-        let steps = step_logits.len() / vocab;
-        cache.add(&reference[n * vocab..(n + steps) * vocab], &step_logits, vocab);
-        let reference_choices: Vec<u32> = (0..generated.len()).map(|j| argmax(&reference[(n - 1 + j) * vocab..(n + j) * vocab])).collect();
-        let matched = reference_choices.iter().zip(&generated).take_while(|(a, b)| a == b).count();
-        let reference_at_divergence = reference_choices.get(matched).copied();
-        prompts.push(PromptResult { text: text.clone(), tokens: n, onnx_greedy: generated, matched, reference_at_divergence });
-        progress(i + 1, total);
+        let sequences: Vec<Vec<u32>> = ids.iter().zip(&decoded).map(|(ids, d)| ids.iter().chain(&d.generated).copied().collect()).collect();
+        let references = reference_logits(model, &sequences)?;
+        for (((text, ids), session::Decoded { generated, prefill: prefill_logits, steps: step_logits }), reference) in batch.iter().zip(decoded).zip(references) {
+            let n = ids.len();
+            prefill.add(&reference[..n * vocab], &prefill_logits, vocab);
+            let steps = step_logits.len() / vocab;
+            cache.add(&reference[n * vocab..(n + steps) * vocab], &step_logits, vocab);
+            let reference_choices: Vec<u32> = (0..generated.len()).map(|j| argmax(&reference[(n - 1 + j) * vocab..(n + j) * vocab])).collect();
+            let matched = reference_choices.iter().zip(&generated).take_while(|(a, b)| a == b).count();
+            let reference_at_divergence = reference_choices.get(matched).copied();
+            prompts.push(PromptResult { text: text.clone(), tokens: n, onnx_greedy: generated, matched, reference_at_divergence });
+        }
+        progress(prompts.len(), total);
     }
-    let (mut nll_reference, mut nll_onnx, mut tokens) = (0.0, 0.0, 0usize);
-    for (i, window) in work.windows.iter().enumerate() {
-        let reference = reference_logits(model, window)?;
-        let (logits, _) = onnx.run(window, onnx.empty_past()?)?;
-        nll_reference += nll(&reference, window, vocab);
-        nll_onnx += nll(&logits, window, vocab);
-        tokens += window.len() - 1;
-        progress(work.prompts.len() + i + 1, total);
+    tracing::debug!(prompts = work.prompts.len(), "decoded and compared the prompts");
+    let (mut nll_reference, mut nll_onnx, mut tokens, mut scored) = (0.0, 0.0, 0usize, 0usize);
+    for batch in work.windows.chunks(BATCH) {
+        let references = reference_logits(model, batch)?;
+        let candidates = onnx_logits(onnx, batch)?;
+        for ((window, reference), logits) in batch.iter().zip(references).zip(candidates) {
+            nll_reference += nll(&reference, window, vocab);
+            nll_onnx += nll(&logits, window, vocab);
+            tokens += window.len() - 1;
+        }
+        scored += batch.len();
+        progress(work.prompts.len() + scored, total);
     }
+    tracing::debug!(windows = work.windows.len(), tokens, "scored the perplexity windows");
     let perplexity = |nll: f64| if tokens == 0 { f64::NAN } else { (nll / tokens as f64).exp() };
     let (perplexity_reference, perplexity_onnx) = (perplexity(nll_reference), perplexity(nll_onnx));
     let (prefill, cache) = (prefill.finish(), cache.finish());

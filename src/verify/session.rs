@@ -74,9 +74,14 @@ impl OnnxLm {
         Ok(OnnxLm { session, past_names, present_names, past_type, heads, head_dim, has_position_ids, vocab })
     }
 
-    /// An empty cache.
+    /// An empty cache for one sequence.
     pub fn empty_past(&self) -> Result<Past, RuntimeError> {
-        let shape = [1, self.heads, 0, self.head_dim];
+        self.empty_past_for(1)
+    }
+
+    /// An empty cache for a batch of `batch` rows.
+    pub fn empty_past_for(&self, batch: usize) -> Result<Past, RuntimeError> {
+        let shape = [batch as i64, self.heads, 0, self.head_dim];
         let values = (0..self.past_names.len())
             .map(|_| match self.past_type {
                 TensorElementType::Float16 => Ok(Tensor::<half::f16>::from_array((shape, Vec::new()))?.into_dyn()),
@@ -89,15 +94,24 @@ impl OnnxLm {
     /// Runs `ids` (one sequence) after `past`: the logits of every new
     /// position (`[ids.len() * vocab]`) and the grown cache.
     pub fn run(&mut self, ids: &[u32], past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
-        let t = ids.len();
+        self.run_batch(&[ids.to_vec()], &[0], past)
+    }
+
+    /// Runs a left-padded batch: `rows` of one length after `past`, row `b`
+    /// starting after `padding[b]` masked positions (counted from the start
+    /// of the cache), its position ids counting from there as transformers'
+    /// `generate()` makes them. The logits are `[rows, t, vocab]`, flat.
+    pub fn run_batch(&mut self, rows: &[Vec<u32>], padding: &[usize], past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
+        let (b, t) = (rows.len(), rows[0].len());
+        debug_assert!(rows.iter().all(|r| r.len() == t) && padding.len() == b);
         let total = past.len + t;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            ("input_ids".into(), Tensor::<i64>::from_array(([1, t], ids.iter().map(|&i| i as i64).collect::<Vec<_>>()))?.into_dyn().into()),
-            ("attention_mask".into(), Tensor::<i64>::from_array(([1, total], vec![1i64; total]))?.into_dyn().into()),
-        ];
+        let ids: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
+        let mask: Vec<i64> = padding.iter().flat_map(|&pad| (0..total).map(move |j| i64::from(j >= pad))).collect();
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            vec![("input_ids".into(), Tensor::<i64>::from_array(([b, t], ids))?.into_dyn().into()), ("attention_mask".into(), Tensor::<i64>::from_array(([b, total], mask))?.into_dyn().into())];
         if self.has_position_ids {
-            let positions: Vec<i64> = (past.len as i64..total as i64).collect();
-            inputs.push(("position_ids".into(), Tensor::<i64>::from_array(([1, t], positions))?.into_dyn().into()));
+            let positions: Vec<i64> = padding.iter().flat_map(|&pad| (past.len..total).map(move |j| j.saturating_sub(pad) as i64)).collect();
+            inputs.push(("position_ids".into(), Tensor::<i64>::from_array(([b, t], positions))?.into_dyn().into()));
         }
         for (name, value) in self.past_names.iter().zip(past.values) {
             inputs.push((Cow::Owned(name.clone()), value.into()));
@@ -110,8 +124,8 @@ impl OnnxLm {
                 _ => value.try_extract_tensor::<f32>()?.1.to_vec(),
             }
         };
-        if logits.len() != t * self.vocab {
-            return Err(RuntimeError::Ort(format!("`logits` has {} values for {t} positions of {}", logits.len(), self.vocab)));
+        if logits.len() != b * t * self.vocab {
+            return Err(RuntimeError::Ort(format!("`logits` has {} values for {b} x {t} positions of {}", logits.len(), self.vocab)));
         }
         let values = self.present_names.iter().map(|name| outputs.remove(name).expect("checked at load")).collect();
         Ok((logits, Past { values, len: total }))
@@ -182,6 +196,51 @@ impl OnnxLm {
             steps.extend(logits);
         }
         Ok(Decoded { generated, prefill, steps })
+    }
+
+    /// [`decode_steps`](Self::decode_steps) for several prompts at once,
+    /// left-padded into one batch with one cache (a step costs about what one
+    /// row's does: the weights are read once for the whole batch). Each
+    /// row's ids and logits are what it would get alone, to rounding.
+    pub fn decode_steps_batch(&mut self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, context: usize) -> Result<Vec<Decoded>, RuntimeError> {
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
+        }
+        let vocab = self.vocab;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let pad_id = eos.unwrap_or(0);
+        let padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let rows: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad_id, longest - p.len()).chain(p.iter().copied()).collect()).collect();
+        let (logits, mut past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
+        let mut out: Vec<Decoded> =
+            (0..prompts.len()).map(|b| Decoded { generated: Vec::new(), prefill: logits[(b * longest + padding[b]) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() }).collect();
+        let mut next: Vec<u32> = (0..prompts.len()).map(|b| argmax(&logits[((b + 1) * longest - 1) * vocab..(b + 1) * longest * vocab])).collect();
+        let mut done = vec![false; prompts.len()];
+        loop {
+            for (b, row) in out.iter_mut().enumerate() {
+                let length = prompts[b].len() + row.generated.len();
+                if done[b] || row.generated.len() >= max_new_tokens || length >= context {
+                    done[b] = true;
+                    continue;
+                }
+                row.generated.push(next[b]);
+                done[b] = Some(next[b]) == eos || row.generated.len() == max_new_tokens || length + 1 == context;
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let fed: Vec<Vec<u32>> = (0..prompts.len()).map(|b| vec![if done[b] { pad_id } else { next[b] }]).collect();
+            let (logits, grown) = self.run_batch(&fed, &padding, past)?;
+            past = grown;
+            for (b, row) in out.iter_mut().enumerate() {
+                if !done[b] {
+                    let step = &logits[b * vocab..(b + 1) * vocab];
+                    next[b] = argmax(step);
+                    row.steps.extend_from_slice(step);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
