@@ -38,6 +38,7 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
             "quantize.q8",
             "quantize.q4",
             "quantize.q4f16",
+            "reference",
             "verify.fp32",
             "verify.fp16",
             "verify.q8",

@@ -258,7 +258,7 @@ fn a_scratch_llama_learns_the_language() {
 
     project.write("symb.toml", &(manifest + "\n[export]\ntargets = [\"fp32\"]\n"));
     let build = project.build_ok();
-    assert_eq!(build.ran(), set(&["export", "verify.fp32", "bundle"]));
+    assert_eq!(build.ran(), set(&["export", "reference", "verify.fp32", "bundle"]));
     let verified: serde_json::Value = serde_json::from_str(&project.read("dist/reports/verify.fp32.json")).unwrap();
     assert!(verified["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4 && verified["metrics"]["greedy_match"] == 1.0, "{verified}");
 }

@@ -239,7 +239,7 @@ fn the_llama_family_recipes_build_to_a_web_folder_against_the_hub() {
         assert_eq!(build.code, 0, "{recipe}: {}", build.stderr);
         assert_eq!(
             build.ran(),
-            set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q8", "quantize.q4", "verify.fp32", "verify.q8", "verify.q4", "bundle"]),
+            set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q8", "quantize.q4", "reference", "verify.fp32", "verify.q8", "verify.q4", "bundle"]),
             "{recipe}"
         );
         assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with(&format!("/api/models/{repo}/revision/main"))), "{recipe}");

@@ -90,7 +90,7 @@ fn a_base_and_export_manifest_converts_the_folder() {
     let ran: Vec<String> = stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|e| e["status"] == "ran").map(|e| e["stage"].as_str().unwrap().to_string()).collect();
     let mut ran = ran;
     ran.sort();
-    assert_eq!(ran, ["base", "bundle", "export", "verify.fp32"]);
+    assert_eq!(ran, ["base", "bundle", "export", "reference", "verify.fp32"]);
     let verified: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/reports/verify.fp32.json")).unwrap()).unwrap();
     assert!(verified["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4 && verified["metrics"]["greedy_match"] == 1.0, "{verified}");
     check_against_golden(&dir.path().join("dist/onnx/model.onnx"));

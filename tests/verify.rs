@@ -109,15 +109,16 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
     std::fs::write(&bad, graph.encode_to_vec()).unwrap();
 
     let work = golden_workload();
+    let reference = verify::reference(&model, work.clone(), |_, _| {}).unwrap();
     let tolerance = verify::tolerance(symb::dtype::Dtype::Fp32, None);
-    let report = verify::verify(&model, &mut OnnxLm::load(&good, 2).unwrap(), &work, &tolerance, |_, _| {}).unwrap();
+    let report = verify::verify(&model, &mut OnnxLm::load(&good, 2).unwrap(), &reference, &tolerance, |_, _| {}).unwrap();
     assert!(report.failures().next().is_none(), "{:?}", report.checks);
     assert!(report.metrics.max_abs_error < 1e-4 && report.metrics.greedy_match == 1.0, "{:?}", report.metrics);
     // 8 greedy tokens per prompt: 7 of them fed back one at a time through the cache.
     assert_eq!(report.cache.positions, 7 * work.prompts.len(), "every greedy step is compared");
     assert_eq!(report.prefill.positions, work.prompts.iter().map(|(_, ids)| ids.len()).sum::<usize>());
 
-    let report = verify::verify(&model, &mut OnnxLm::load(&bad, 2).unwrap(), &work, &tolerance, |_, _| {}).unwrap();
+    let report = verify::verify(&model, &mut OnnxLm::load(&bad, 2).unwrap(), &reference, &tolerance, |_, _| {}).unwrap();
     let failed: Vec<&str> = report.failures().map(|c| c.metric).collect();
     assert!(failed.contains(&"max_abs_error") && failed.contains(&"kl_divergence"), "{:?}", report.checks);
 }

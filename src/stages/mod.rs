@@ -87,8 +87,9 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         if let Some(dtype) = settings.tolerance.keys().find(|d| !export.targets.contains(d)) {
             return Err(error(&format!("`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build")));
         }
+        stages.push(Box::new(verify::ReferenceStage { verify: settings.clone(), model_stage, corpus: manifest.corpus.is_some() }));
         for &dtype in &export.targets {
-            stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone(), model_stage, manifest.corpus.is_some())));
+            stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone(), model_stage)));
         }
         let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
         stages.push(Box::new(bundle::BundleStage {

@@ -1,6 +1,9 @@
-//! Stage `verify.<dtype>`: one ONNX file run by ONNX Runtime and compared
-//! with candle's forward pass of the model it came from. A missed tolerance
-//! fails the build (exit 3) and the output folder keeps its previous state.
+//! Stage `reference`: the verification workload (prompts and perplexity
+//! windows, as token ids) and candle's side of the perplexity, once per
+//! model. Stage `verify.<dtype>`: one ONNX file run by ONNX Runtime and
+//! compared with candle's forward pass of the model it came from. A missed
+//! tolerance fails the build (exit 3) and the output folder keeps its
+//! previous state.
 
 use std::collections::BTreeMap;
 
@@ -19,29 +22,39 @@ const WINDOW: usize = 128;
 /// Longest prompt, in tokens.
 const PROMPT_TOKENS: usize = 48;
 
-pub struct VerifyStage {
-    pub dtype: Dtype,
+/// The workload and candle's perplexity windows, shared by every
+/// `verify.<dtype>`.
+pub struct ReferenceStage {
     pub verify: Verify,
     /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
     pub model_stage: &'static str,
     /// Whether prompts come from the corpus's eval split (else an English sample).
     pub corpus: bool,
+}
+
+pub struct VerifyStage {
+    pub dtype: Dtype,
+    pub verify: Verify,
+    /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
+    pub model_stage: &'static str,
     name: String,
     file: &'static str,
     tolerance: RawTolerance,
 }
 
 impl VerifyStage {
-    pub fn new(dtype: Dtype, verify: Verify, model_stage: &'static str, corpus: bool) -> Self {
+    pub fn new(dtype: Dtype, verify: Verify, model_stage: &'static str) -> Self {
         let tolerance = verify::tolerance(dtype, verify.tolerance.get(&dtype));
-        VerifyStage { dtype, verify, model_stage, corpus, name: dtype.verify_stage(), file: dtype.file_name(), tolerance }
+        VerifyStage { dtype, verify, model_stage, name: dtype.verify_stage(), file: dtype.file_name(), tolerance }
     }
 
     /// The stage that wrote the file, and the file.
     fn source(&self) -> (String, &'static str) {
         (self.dtype.producer_stage(), self.file)
     }
+}
 
+impl ReferenceStage {
     /// The prompts and perplexity windows, as token ids.
     fn workload(&self, ctx: &StageContext<'_>, tokenizer: &tokenizers::Tokenizer, context: usize, eos: Option<u32>) -> Result<Workload, StageError> {
         let texts: Vec<String> = if self.corpus {
@@ -96,6 +109,46 @@ fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), Stag
     Ok(())
 }
 
+impl Stage for ReferenceStage {
+    fn name(&self) -> &str {
+        "reference"
+    }
+    fn kind(&self) -> &'static str {
+        "reference"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        let mut s = Settings::new();
+        s.insert("verify.prompts".into(), serde_json::to_value(&self.verify.prompts).expect("prompts serialise"));
+        s.insert("verify.max_new_tokens".into(), self.verify.max_new_tokens.into());
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        let mut deps = vec![self.model_stage.to_string()];
+        if self.corpus {
+            deps.push("corpus".to_string());
+        }
+        deps
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        super::model::tools()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let stage = self.model_stage;
+        let model = super::model::load_model(ctx, stage)?;
+        let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &model.config());
+        let work = self.workload(ctx, &tokenizer, model.context(), eos)?;
+        let (prompts, windows) = (work.prompts.len(), work.windows.len());
+        let reference = verify::reference(&model, work, |done, total| ctx.progress(done as u64, total as u64, "perplexity windows in candle")).map_err(|e| StageError::failed(e.to_string()))?;
+        write_json(&ctx.output("reference.json"), &serde_json::to_value(&reference).expect("the reference serialises"))?;
+        Ok(serde_json::json!({ "prompts": prompts, "windows": windows }))
+    }
+}
+
 impl Stage for VerifyStage {
     fn name(&self) -> &str {
         &self.name
@@ -104,23 +157,18 @@ impl Stage for VerifyStage {
         "verify"
     }
     fn version(&self) -> u32 {
-        // 2: candle teacher-forced over ONNX's greedy tokens.
-        2
+        // 2: candle teacher-forced over ONNX's greedy tokens. 3: the workload
+        // and candle's perplexity from `reference`; prompts in batches.
+        3
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("dtype".into(), self.dtype.name().into());
-        s.insert("verify.prompts".into(), serde_json::to_value(&self.verify.prompts).expect("prompts serialise"));
-        s.insert("verify.max_new_tokens".into(), self.verify.max_new_tokens.into());
         s.insert(format!("verify.tolerance.{}", self.dtype), serde_json::to_value(&self.tolerance).expect("tolerance serialises"));
         s
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.to_string(), self.source().0];
-        if self.corpus {
-            deps.push("corpus".to_string());
-        }
-        deps
+        vec![self.model_stage.to_string(), "reference".to_string(), self.source().0]
     }
     fn tools(&self) -> BTreeMap<String, String> {
         let mut tools = super::model::tools();
@@ -133,11 +181,8 @@ impl Stage for VerifyStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let started = std::time::Instant::now();
         let stage = self.model_stage;
-        let reference = super::model::load_model(ctx, stage)?;
-        let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
-        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
-        let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &reference.config());
-        let work = self.workload(ctx, &tokenizer, reference.context(), eos)?;
+        let model = super::model::load_model(ctx, stage)?;
+        let reference: verify::Reference = model::read_json(ctx.input("reference", "reference.json")?).map_err(super::model::model_error)?;
         let (source, artifact) = self.source();
         let path = ctx.input(&source, artifact)?;
         // With external data, ONNX Runtime reads the chunks by name beside the
@@ -161,7 +206,7 @@ impl Stage for VerifyStage {
         tracing::debug!("loaded the model in candle");
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
         tracing::debug!("loaded the ONNX file in ONNX Runtime");
-        let report = verify::verify(&reference, &mut onnx, &work, &self.tolerance, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"))
+        let report = verify::verify(&model, &mut onnx, &reference, &self.tolerance, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"))
             .map_err(|e| StageError::failed(format!("{}: {e}", self.file)))?;
         let mut json = serde_json::to_value(&report).expect("report serialises");
         json["dtype"] = self.dtype.name().into();

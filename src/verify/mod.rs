@@ -7,12 +7,14 @@
 //! compared (prefill rows and cache steps apart), and the greedy match is the
 //! run of ONNX tokens that are candle's argmax too: what candle's own greedy
 //! decoding gives, up to the first difference. Perplexity is measured on
-//! windows of the eval split.
+//! windows of the eval split; candle's side of it does not depend on the
+//! file, so it is a [`Reference`] computed once per model and shared by
+//! every dtype's verification.
 
 pub mod runtime;
 pub mod session;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dtype::Dtype;
 use crate::manifest::RawTolerance;
@@ -47,6 +49,7 @@ pub fn default_tolerance(dtype: Dtype) -> RawTolerance {
 }
 
 /// What a verification is given: token ids only, so both sides see the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Workload {
     /// (text, ids) per prompt.
     pub prompts: Vec<(String, Vec<u32>)>,
@@ -122,6 +125,8 @@ pub enum VerifyError {
     Runtime(#[from] runtime::RuntimeError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    #[error("the verification reference does not match its workload: {0}")]
+    Reference(String),
 }
 
 impl From<candle_core::Error> for VerifyError {
@@ -228,8 +233,36 @@ fn left_pad(sequences: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<usize>) {
     (rows, sequences.iter().map(|s| longest - s.len()).collect())
 }
 
+/// The part of verification that only the model decides, computed once and
+/// read by every dtype's: the workload, and candle's negative log-likelihood
+/// of each perplexity window (the prompts' side is teacher-forced over each
+/// file's own greedy tokens, so it stays per file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reference {
+    pub workload: Workload,
+    /// Summed over each window's next-token predictions.
+    pub window_nll: Vec<f64>,
+}
+
+/// candle's side of the perplexity windows of `work`.
+pub fn reference(model: &Model, work: Workload, progress: impl Fn(usize, usize)) -> Result<Reference, VerifyError> {
+    let vocab = model.vocab_size();
+    let mut window_nll = Vec::with_capacity(work.windows.len());
+    for batch in work.windows.chunks(BATCH) {
+        for (window, logits) in batch.iter().zip(reference_logits(model, batch)?) {
+            window_nll.push(nll(&logits, window, vocab));
+        }
+        progress(window_nll.len(), work.windows.len());
+    }
+    Ok(Reference { workload: work, window_nll })
+}
+
 /// Runs the workload on both sides and checks the result against `tolerance`.
-pub fn verify(model: &Model, onnx: &mut OnnxLm, work: &Workload, tolerance: &RawTolerance, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
+pub fn verify(model: &Model, onnx: &mut OnnxLm, reference: &Reference, tolerance: &RawTolerance, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
+    let work = &reference.workload;
+    if reference.window_nll.len() != work.windows.len() {
+        return Err(VerifyError::Reference(format!("{} window scores for {} windows", reference.window_nll.len(), work.windows.len())));
+    }
     let vocab = model.vocab_size();
     if onnx.vocab != vocab {
         return Err(runtime::RuntimeError::Ort(format!("the ONNX file has {} logits per position, the model {vocab}", onnx.vocab)).into());
@@ -263,14 +296,12 @@ pub fn verify(model: &Model, onnx: &mut OnnxLm, work: &Workload, tolerance: &Raw
     tracing::debug!(prompts = work.prompts.len(), "decoded and compared the prompts");
     let (mut nll_reference, mut nll_onnx, mut tokens, mut scored) = (0.0, 0.0, 0usize, 0usize);
     for batch in work.windows.chunks(BATCH) {
-        let references = reference_logits(model, batch)?;
-        let candidates = onnx_logits(onnx, batch)?;
-        for ((window, reference), logits) in batch.iter().zip(references).zip(candidates) {
-            nll_reference += nll(&reference, window, vocab);
+        for (window, logits) in batch.iter().zip(onnx_logits(onnx, batch)?) {
+            nll_reference += reference.window_nll[scored];
             nll_onnx += nll(&logits, window, vocab);
             tokens += window.len() - 1;
+            scored += 1;
         }
-        scored += batch.len();
         progress(work.prompts.len() + scored, total);
     }
     tracing::debug!(windows = work.windows.len(), tokens, "scored the perplexity windows");
