@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use common::{TestProject, set, snapshot};
@@ -341,4 +342,42 @@ fn a_new_cache_salt_reruns_everything_with_the_reason() {
     assert!(stdout.contains(r#""stage":"corpus","status":"ran","reason":"the cache salt changed `` -> `2026-11`""#), "{stdout}");
     assert!(stdout.contains(r#""stage":"tokenizer","status":"cached""#) || stdout.contains(r#""stage":"tokenizer","status":"ran""#));
     assert!(!stdout.contains(r#""stage":"tokenizer","status":"cached""#), "the salt is in every key: {stdout}");
+}
+
+/// Keys hold content, never where it lies: the same manifest in two folders,
+/// its base model inside one project and outside the other, has the same
+/// key for every stage (what lets a shared cache serve another checkout or
+/// machine). The bundle aside: its inputs include the verify reports, which
+/// record how long each check took.
+#[test]
+fn the_same_manifest_in_two_folders_has_the_same_keys() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2");
+    let manifest = |model: &str| {
+        format!(
+            "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\neval_fraction = 0.1\n\n[base]\nmodel = \"path:{model}\"\n\n[finetune]\nmethod = \"lora\"\nbatch_size = 2\nblock_size = 16\nmax_steps = 2\n\n[export]\ntargets = [\"fp32\"]\n"
+        )
+    };
+    let copy_model = |to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(&fixture).unwrap() {
+            let entry = entry.unwrap();
+            if entry.path().is_file() {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    };
+    let a = TestProject::with_manifest(&manifest("models/tiny"), 30);
+    copy_model(&a.path("models/tiny"));
+    let outside = tempfile::tempdir().unwrap();
+    copy_model(&outside.path().join("elsewhere/gpt2"));
+    let b = TestProject::with_manifest(&manifest(&outside.path().join("elsewhere/gpt2").display().to_string()), 30);
+    let keys = |project: &TestProject| -> BTreeMap<String, String> {
+        project.build_ok();
+        let out = project.symb(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        status["stages"].as_array().unwrap().iter().filter(|s| s["stage"] != "bundle").map(|s| (s["stage"].as_str().unwrap().to_string(), s["key"].as_str().unwrap().to_string())).collect()
+    };
+    let (keys_a, keys_b) = (keys(&a), keys(&b));
+    assert_eq!(keys_a.keys().cloned().collect::<Vec<_>>(), ["base", "corpus", "export", "finetune", "merge", "reference", "verify.fp32"]);
+    assert_eq!(keys_a, keys_b);
 }

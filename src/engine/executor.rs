@@ -335,7 +335,7 @@ pub struct StageState {
     /// Its key, when its inputs are known (it is fresh, or stale with fresh
     /// upstream stages): what `gc` keeps, checkpoints of a stage that was
     /// interrupted included.
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }
 

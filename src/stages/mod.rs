@@ -47,7 +47,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             _ => {}
         }
         let files = match &base.model {
-            BaseModel::Path(dir) => model::folder_files(dir, &manifest.dir),
+            BaseModel::Path(dir) => model::folder_files(dir),
             _ => Vec::new(),
         };
         let hub = match &base.model {

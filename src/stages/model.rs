@@ -63,8 +63,11 @@ pub struct BaseStage {
     pub publish: bool,
 }
 
-/// The files of a local model folder that a build reads.
-pub fn folder_files(dir: &Path, project: &Path) -> Vec<ExternalFile> {
+/// The files of a local model folder that a build reads, labelled
+/// `base.model/<name>` wherever the folder is: keys hold the files' content,
+/// never where they lie, so the same model in another folder or on another
+/// machine gives the same keys (and a shared cache's artifacts).
+pub fn folder_files(dir: &Path) -> Vec<ExternalFile> {
     let mut names = vec!["config.json".to_string(), "tokenizer.json".to_string(), "generation_config.json".to_string(), "tokenizer_config.json".to_string()];
     if let Ok(weights) = model::weight_files(dir) {
         names.extend(weights.iter().filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string)));
@@ -77,8 +80,8 @@ pub fn folder_files(dir: &Path, project: &Path) -> Vec<ExternalFile> {
         .map(|name| dir.join(&name))
         .filter(|path| path.is_file())
         .map(|path| {
-            let label = path.strip_prefix(project).map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| path.to_string_lossy().into_owned());
-            ExternalFile { label, path }
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            ExternalFile { label: format!("base.model/{name}"), path }
         })
         .collect()
 }
@@ -97,7 +100,12 @@ impl Stage for BaseStage {
     fn settings(&self) -> Settings {
         let b = &self.base;
         let mut s = Settings::new();
-        s.insert("base.model".into(), serde_json::to_value(&b.model).expect("serialises"));
+        // A local folder is keyed by its files' content (`files()`), not its path.
+        let model = match &b.model {
+            BaseModel::Path(_) => serde_json::json!("path"),
+            other => serde_json::to_value(other).expect("serialises"),
+        };
+        s.insert("base.model".into(), model);
         if let Some(hub) = &self.hub {
             s.insert("base.commit".into(), hub.as_ref().ok().map(|r| r.commit.clone()).into());
         }
