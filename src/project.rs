@@ -100,6 +100,24 @@ impl Project {
         BuildOptions { jobs, tools: [("symb".to_string(), VERSION.to_string())].into(), salt: std::env::var("SYMB_CACHE_SALT").unwrap_or_default(), ..BuildOptions::default() }
     }
 
+    /// The shared store: `SYMB_CACHE_REMOTE` (which wins) or `[cache]
+    /// remote`; `SYMB_CACHE_REMOTE_WRITE=0` (or `remote_write = false`)
+    /// makes it read-only. A remote that cannot be opened is a warning
+    /// (returned with `None`): the build goes on locally.
+    pub fn remote(&self) -> (Option<engine::Remote>, Option<String>) {
+        let from_env = std::env::var("SYMB_CACHE_REMOTE").ok().filter(|v| !v.is_empty());
+        let configured = self.manifest.cache_remote.as_ref();
+        let Some(url) = from_env.clone().or_else(|| configured.map(|c| c.url.clone())) else { return (None, None) };
+        let mut write = configured.is_none_or(|c| c.write);
+        if let Ok(value) = std::env::var("SYMB_CACHE_REMOTE_WRITE") {
+            write = !matches!(value.trim(), "0" | "false" | "no" | "off");
+        }
+        match crate::cache::S3Store::open(&url) {
+            Ok(store) => (Some(engine::Remote { store: std::sync::Arc::new(store), write }), None),
+            Err(e) => (None, Some(format!("the cache remote is not used: {e}; the build goes on locally"))),
+        }
+    }
+
     /// Runs the build: stages, then the output folder (only when every stage
     /// succeeded and the whole plan was built).
     pub fn build(&self, options: &BuildOptions, reporter: &dyn Reporter) -> Result<BuildReport, ProjectError> {

@@ -26,10 +26,12 @@
 mod atomic;
 pub mod fault;
 mod lock;
+pub mod remote;
 mod stat;
 
 pub use atomic::{write_atomic, write_json_atomic};
 pub use lock::CacheLock;
+pub use remote::{S3Store, Store, StoreError};
 pub use stat::StatCache;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -310,7 +310,7 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
         }
     }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = BuildOptions { force: force.into_iter().collect(), ..Project::default_options(jobs) };
+    let mut options = BuildOptions { force: force.into_iter().collect(), ..Project::default_options(jobs) };
     let mode = if json {
         Mode::Json
     } else if verbose {
@@ -319,6 +319,11 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
         Mode::Human
     };
     let reporter = CliReporter::new(mode);
+    let (remote, warning) = project.remote();
+    if let Some(message) = warning {
+        crate::engine::Reporter::event(&reporter, crate::engine::Event::RemoteWarning { message: &message });
+    }
+    options.remote = remote;
     match project.build(&options, &reporter) {
         Ok(report) => {
             reporter.finish(&project, &report);

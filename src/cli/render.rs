@@ -48,6 +48,7 @@ impl CliReporter {
         self.clear();
         let count = |status| report.outcome.stages.iter().filter(|s| s.status == status).count();
         let (ran, cached, failed, skipped) = (count(StageStatus::Ran), count(StageStatus::Cached), count(StageStatus::Failed), count(StageStatus::Skipped));
+        let fetched = count(StageStatus::Fetched);
         let output = &project.manifest.project.output_label;
         if self.mode == Mode::Json {
             let failed_stages: Vec<&str> = report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed).map(|s| s.stage.as_str()).collect();
@@ -55,7 +56,7 @@ impl CliReporter {
                 "event": "build",
                 "status": if report.exit_code() == 0 { "ok" } else { "failed" },
                 "exit_code": report.exit_code(),
-                "ran": ran, "cached": cached, "failed": failed_stages, "skipped": skipped,
+                "ran": ran, "cached": cached, "fetched": fetched, "failed": failed_stages, "skipped": skipped,
                 "output": output,
                 "output_updated": report.output_updated,
                 "kept": report.kept,
@@ -83,6 +84,9 @@ impl CliReporter {
         }
         let word = if report.exit_code() == 0 { "Finished" } else { "Failed" };
         let mut parts = vec![format!("{ran} ran"), format!("{cached} cached")];
+        if fetched > 0 {
+            parts.push(format!("{fetched} fetched"));
+        }
         if failed > 0 {
             parts.push(format!("{failed} failed"));
         }
@@ -134,6 +138,7 @@ impl Reporter for CliReporter {
                     })),
                     Mode::Human | Mode::Verbose => match outcome.status {
                         StageStatus::Ran => self.line(format!("{:>12} {} in {:.2}s", "Ran", outcome.stage, outcome.seconds)),
+                        StageStatus::Fetched => self.line(format!("{:>12} {} ({})", "Fetched", outcome.stage, outcome.reason)),
                         StageStatus::Cached if self.mode == Mode::Verbose => self.line(format!("{:>12} {}", "Fresh", outcome.stage)),
                         StageStatus::Cached => {}
                         StageStatus::Failed => self.line(format!("{:>12} {}", "Failed", outcome.stage)),
@@ -142,6 +147,8 @@ impl Reporter for CliReporter {
                 }
             }
             Event::CorruptBlob { message } => self.line(format!("{:>12} {message}", "Corrupt")),
+            Event::RemoteWarning { message } if self.mode == Mode::Json => super::out(serde_json::json!({"event": "warning", "message": message})),
+            Event::RemoteWarning { message } => self.line(format!("warning: {message}")),
         }
     }
 }

@@ -18,10 +18,27 @@ use serde::{Deserialize, Serialize};
 
 use super::inputs::{StageInputs, explain};
 use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
-use crate::cache::{ActionRecord, Cache, CacheError, StatCache, fault, write_json_atomic};
+use crate::cache::{ActionRecord, Cache, CacheError, StatCache, Store, fault, write_json_atomic};
+
+/// A shared store behind the local cache: records missing here are looked
+/// up there (and their blobs fetched), and what runs here is uploaded to it
+/// when `write` says so.
+#[derive(Clone)]
+pub struct Remote {
+    pub store: std::sync::Arc<dyn Store>,
+    pub write: bool,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("store", &self.store.describe()).field("write", &self.write).finish()
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
+    /// The shared store, if any.
+    pub remote: Option<Remote>,
     /// Worker threads for independent stages (at least 1).
     pub jobs: usize,
     /// Stages to re-run even when cached.
@@ -37,6 +54,8 @@ pub struct BuildOptions {
 pub enum StageStatus {
     Ran,
     Cached,
+    /// Served by the remote store: its blobs were downloaded and checked.
+    Fetched,
     Failed,
     Skipped,
 }
@@ -185,6 +204,16 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         tracing::debug!(stage = name, "cache hit");
         return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
     }
+    if !forced
+        && let Some(remote) = &shared.options.remote
+        && let Some((record, bytes)) = fetch(shared, remote.store.as_ref(), &key)
+    {
+        if let Err(e) = save_ref(shared.cache, shared.project, name, &key, &inputs) {
+            return failed(String::new(), e.into());
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        return outcome(name, StageStatus::Fetched, format!("{bytes} bytes from {} in {seconds:.2}s", remote.store.describe()), seconds, Some(record), None);
+    }
     let reason = rerun_reason(name, previous.as_ref(), &inputs, forced);
     shared.reporter.event(Event::StageStarted { stage: name, reason: &reason });
     // The upstream blobs are about to be read: re-hash them first.
@@ -206,9 +235,67 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         Err(error) => return failed(reason, error),
     };
     match run_miss(shared, stage, &key, &inputs, paths, started) {
-        Ok(record) => outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None),
+        Ok(record) => {
+            if let Some(remote) = shared.options.remote.as_ref().filter(|r| r.write)
+                && let Err(e) = upload(shared.cache, remote.store.as_ref(), &record)
+            {
+                let message = format!("cannot upload `{name}` to the cache remote: {e}; the build goes on");
+                shared.reporter.event(Event::RemoteWarning { message: &message });
+            }
+            outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None)
+        }
         Err(error) => failed(reason, error),
     }
+}
+
+/// The record for `key` from the remote, its blobs downloaded, checked
+/// against their digests and stored locally, then the record committed here:
+/// the record and the bytes fetched. Any failure is a warning and a miss.
+fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRecord, u64)> {
+    let warn = |message: String| {
+        shared.reporter.event(Event::RemoteWarning { message: &message });
+        None
+    };
+    let record = match remote.lookup(key) {
+        Ok(Some(record)) => record,
+        Ok(None) => return None,
+        Err(e) => return warn(format!("the cache remote cannot be read: {e}; the build goes on locally")),
+    };
+    let cache = shared.cache;
+    let mut bytes = 0;
+    for blob in record.outputs.values() {
+        if cache.blob_present(blob) {
+            continue;
+        }
+        let tmp = match cache.work_dir("fetch") {
+            Ok(dir) => dir,
+            Err(e) => return warn(format!("cannot fetch from the cache remote: {e}")),
+        };
+        let file = tmp.path().join("blob");
+        if let Err(e) = remote.get_blob(blob, &file) {
+            return warn(format!("cannot fetch `{}` from the cache remote: {e}; it runs here", record.stage));
+        }
+        match cache.put_file(&file) {
+            Ok(stored) if stored == *blob => bytes += blob.size,
+            Ok(_) => return warn(format!("the cache remote's blob {} does not match its record; it runs here", blob.digest)),
+            Err(e) => return warn(format!("cannot store a fetched blob: {e}")),
+        }
+    }
+    if let Err(e) = cache.commit(&record) {
+        return warn(format!("cannot store a fetched record: {e}"));
+    }
+    Some((record, bytes))
+}
+
+/// Uploads a record's blobs that the remote lacks, then the record (last:
+/// the commit point).
+fn upload(cache: &Cache, remote: &dyn Store, record: &ActionRecord) -> Result<(), crate::cache::StoreError> {
+    for blob in record.outputs.values() {
+        if !remote.has_blob(blob)? {
+            remote.put_blob(blob, &cache.blob_path(&blob.digest))?;
+        }
+    }
+    remote.commit(record)
 }
 
 /// Why a stage whose key missed the cache must run.

@@ -23,7 +23,7 @@ mod inputs;
 mod output;
 mod plan;
 
-pub use executor::{BuildOptions, BuildOutcome, StageOutcome, StageState, StageStatus, execute, status};
+pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, execute, status};
 pub use inputs::{StageInputs, explain};
 pub use output::{
     AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files, inspect_output,
@@ -132,6 +132,11 @@ pub enum Event<'a> {
     StageFinished(&'a StageOutcome),
     /// A corrupt cache entry was found and removed; the build goes on.
     CorruptBlob {
+        message: &'a str,
+    },
+    /// The remote store failed (unreachable, refused, a corrupt object); the
+    /// build goes on locally.
+    RemoteWarning {
         message: &'a str,
     },
 }

