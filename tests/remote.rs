@@ -76,12 +76,18 @@ impl Seaweed {
     }
 }
 
-/// The status code of a bodiless request, if the server answers.
+/// The status code of an unsigned request (the server has no identities),
+/// if the server answers.
 fn http(port: u16, method: &str, path: &str) -> Option<u16> {
+    http_with(port, method, path, b"")
+}
+
+fn http_with(port: u16, method: &str, path: &str, body: &[u8]) -> Option<u16> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).ok()?;
+    stream.write_all(body).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     response.split_whitespace().nth(1)?.parse().ok()
@@ -148,7 +154,25 @@ fn build(project: &TestProject, endpoint: &str, extra_env: &[(&str, &str)]) -> c
     common::Build { code: output.status.code().unwrap_or(-1), events, stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
 }
 
-/// The output folder's files, timing fields of the reports aside.
+/// Another symb command with the remote's environment; its JSON stdout.
+fn remote_symb(project: &TestProject, endpoint: &str, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(common::BIN)
+        .args(args)
+        .current_dir(project.dir.path())
+        .env("AWS_ACCESS_KEY_ID", "symb-test")
+        .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-4711")
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("SYMB_CACHE_REMOTE")
+        .env_remove("SYMB_CACHE_REMOTE_WRITE")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The output folder's files and their bytes.
 fn output(project: &TestProject) -> Vec<(PathBuf, Vec<u8>)> {
     let dist = project.path("dist");
     let mut files: Vec<_> = walk(&dist).into_iter().map(|p| (p.strip_prefix(&dist).unwrap().to_path_buf(), std::fs::read(&p).unwrap())).collect();
@@ -165,6 +189,7 @@ const STAGES: [&str; 8] = ["corpus", "base", "export", "quantize.q4", "reference
 #[test]
 fn a_fresh_checkout_fetches_every_stage_and_builds_the_same_folder() {
     let server = Seaweed::start("symb");
+    let port = server.s3_port;
     let endpoint = server.endpoint();
     let a = project("s3://symb/team");
     let built = build(&a, &endpoint, &[]);
@@ -199,11 +224,52 @@ fn a_fresh_checkout_fetches_every_stage_and_builds_the_same_folder() {
     let nothing = build(&d, &endpoint, &[]);
     assert_eq!(nothing.code, 0, "{}", nothing.stderr);
     assert!(nothing.with_status("fetched").is_empty(), "a read-only build uploaded: {:?}", nothing.events);
+    // `symb cache push` uploads what a read-only build made; `status` then
+    // says what a fresh checkout would fetch, and it fetches it.
+    let pushed = remote_symb(&c, &endpoint, &["cache", "push", "--json"]);
+    assert_eq!(pushed["pushed"].as_array().unwrap().len(), STAGES.len(), "{pushed}");
+    let e = checkout(&c);
+    let status = remote_symb(&e, &endpoint, &["status", "--json"]);
+    let on_remote: Vec<&str> = status["stages"].as_array().unwrap().iter().filter(|s| s["remote"] == true).map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(on_remote, ["corpus", "base"], "the stages whose keys are known before anything is built: {status}");
+    let fetched = build(&e, &endpoint, &[]);
+    assert_eq!(fetched.with_status("fetched"), set(&STAGES), "{:?}", fetched.events);
+
+    // 3. A corrupt object on the remote is detected, not used, and reported;
+    // the stage runs here instead (and uploads the right bytes).
+    let key = status["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "base").unwrap()["key"].as_str().unwrap().to_string();
+    let record: serde_json::Value = serde_json::from_str(&e.read(&format!("cache/v1/actions/{key}.json"))).unwrap();
+    let digest = record["outputs"]["model.safetensors"]["digest"].as_str().unwrap();
+    assert_eq!(http_with(port, "PUT", &format!("/symb/read-only/v1/blobs/{digest}"), b"not the model"), Some(200));
+    let f = checkout(&c);
+    let healed = build(&f, &endpoint, &[]);
+    assert_eq!(healed.code, 0, "{}", healed.stderr);
+    assert!(healed.ran().contains("base"), "{:?}", healed.events);
+    let warnings: Vec<&str> = healed.events.iter().filter(|e| e["event"] == "warning").map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(warnings.iter().any(|w| w.contains(digest) && w.contains("not used")), "{warnings:?}");
+    assert_eq!(output(&f), output(&c));
+    let g = checkout(&c);
+    assert_eq!(build(&g, &endpoint, &[]).with_status("fetched"), set(&STAGES), "the rebuilt stage uploaded good bytes");
+
+    // Two builds uploading the same stages at once both succeed, and what
+    // they leave serves a third checkout whole.
+    let racers = [project("s3://symb/race"), project("s3://symb/race")];
+    let results: Vec<common::Build> = std::thread::scope(|scope| {
+        let handles: Vec<_> = racers.iter().map(|p| scope.spawn(|| build(p, &endpoint, &[]))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for result in &results {
+        assert_eq!(result.code, 0, "{}", result.stderr);
+    }
+    let third = checkout(&racers[0]);
+    let served = build(&third, &endpoint, &[]);
+    assert_eq!(served.code, 0, "{}", served.stderr);
+    assert_eq!(served.with_status("fetched"), set(&STAGES), "{:?}", served.events);
 
     // 3. The remote down: a warning, and the build goes on locally.
     drop(server);
-    let e = checkout(&a);
-    let down = build(&e, &endpoint, &[]);
+    let h = checkout(&a);
+    let down = build(&h, &endpoint, &[]);
     assert_eq!(down.code, 0, "{}", down.stderr);
     assert_eq!(down.ran().len(), STAGES.len() + 2);
     let warnings: Vec<&str> = down.events.iter().filter(|e| e["event"] == "warning").map(|e| e["message"].as_str().unwrap()).collect();

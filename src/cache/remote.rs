@@ -65,8 +65,18 @@ impl S3Store {
         if bucket.is_empty() {
             return Err(StoreError::Config(format!("the cache remote `{url}` names no bucket")));
         }
-        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-        if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+        // The standard AWS variables, as `from_env` reads them, but an empty
+        // one counts as unset (CI templates often set `AWS_ENDPOINT_URL: ""`).
+        let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+        for (key, value) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))) {
+            if key.starts_with("AWS_")
+                && !value.is_empty()
+                && let Ok(config) = key.to_ascii_lowercase().parse::<object_store::aws::AmazonS3ConfigKey>()
+            {
+                builder = builder.with_config(config, value);
+            }
+        }
+        if ["AWS_REGION", "AWS_DEFAULT_REGION"].iter().all(|v| std::env::var_os(v).is_none_or(|v| v.is_empty())) {
             builder = builder.with_region("us-east-1");
         }
         let store = builder.build().map_err(|e| StoreError::Config(format!("the cache remote `{url}`: {}", redact(&e.to_string()))))?;

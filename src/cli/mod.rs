@@ -171,6 +171,16 @@ pub enum CacheCommand {
         #[arg(long)]
         repair: bool,
     },
+    /// Upload to the cache remote everything the current plan has built
+    /// (`[cache] remote` or `SYMB_CACHE_REMOTE`), even when builds are read
+    /// only. `symb gc` stays local.
+    Push {
+        #[command(flatten)]
+        manifest: ManifestArg,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs the command; returns the process exit code.
@@ -222,6 +232,13 @@ pub fn run(cli: Cli) -> i32 {
         }
         Command::Lint { folder, json } => lint(&folder, json),
         Command::Serve { folder, port, transformers_js } => serve(&folder, port, transformers_js.as_deref()),
+        Command::Cache { command: CacheCommand::Push { manifest, json } } => match push(&manifest.manifest, json) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{e}");
+                e.exit_code()
+            }
+        },
         Command::Cache { command: CacheCommand::Verify { manifest, repair } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
             let label = p.manifest.project.output_label.clone();
             p.verify(repair).map(|r| (label, r))
@@ -343,18 +360,79 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
 fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
     let project = Project::open(manifest, &[])?;
     let states = project.status(&Project::default_options(1))?;
+    // Which stale stages the cache remote would serve (those whose key is
+    // known: their upstream stages are fresh).
+    let (remote, warning) = project.remote();
+    if let Some(message) = warning {
+        eprintln!("warning: {message}");
+    }
+    let served: Vec<bool> = states
+        .iter()
+        .map(|s| match (&remote, &s.key) {
+            (Some(remote), Some(key)) if !s.fresh => remote.store.lookup(key).is_ok_and(|r| r.is_some()),
+            _ => false,
+        })
+        .collect();
     if json {
-        out(serde_json::json!({"stages": states, "fresh": states.iter().all(|s| s.fresh)}));
+        let stages: Vec<serde_json::Value> = states
+            .iter()
+            .zip(&served)
+            .map(|(s, &on_remote)| {
+                let mut value = serde_json::to_value(s).expect("states serialise");
+                if remote.is_some() {
+                    value["remote"] = on_remote.into();
+                }
+                value
+            })
+            .collect();
+        out(serde_json::json!({"stages": stages, "fresh": states.iter().all(|s| s.fresh)}));
     } else {
-        for state in &states {
+        for (state, &on_remote) in states.iter().zip(&served) {
             if state.fresh {
                 out(format!("{:>12} {}", "Fresh", state.stage));
+            } else if on_remote {
+                out(format!("{:>12} {}: {} (the cache remote has it: the next build fetches it)", "Stale", state.stage, state.reason));
             } else {
                 out(format!("{:>12} {}: {}", "Stale", state.stage, state.reason));
             }
         }
     }
     Ok(())
+}
+
+/// `symb cache push`: every built stage of the plan, to the remote.
+fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
+    let project = Project::open(manifest, &[])?;
+    let (remote, warning) = project.remote();
+    let Some(remote) = remote else {
+        eprintln!("error: {}", warning.unwrap_or_else(|| "no cache remote: set `[cache] remote` in the manifest or SYMB_CACHE_REMOTE".to_string()));
+        return Ok(2);
+    };
+    let states = project.status(&Project::default_options(1))?;
+    let (mut pushed, mut bytes) = (Vec::new(), 0u64);
+    for state in states.iter().filter(|s| s.fresh) {
+        let Some(record) = state.key.as_deref().and_then(|key| project.cache.lookup(key)) else { continue };
+        match crate::engine::upload(&project.cache, remote.store.as_ref(), &record) {
+            Ok(sent) => {
+                bytes += sent;
+                pushed.push(state.stage.clone());
+            }
+            Err(e) => {
+                eprintln!("error: cannot push `{}` to the cache remote: {e}", state.stage);
+                return Ok(1);
+            }
+        }
+    }
+    let unbuilt: Vec<&str> = states.iter().filter(|s| !s.fresh).map(|s| s.stage.as_str()).collect();
+    if json {
+        out(serde_json::json!({"pushed": pushed, "bytes": bytes, "not_built": unbuilt, "remote": remote.store.describe()}));
+    } else {
+        out(format!("{:>12} {} stages to {} ({} uploaded, the rest were there)", "Pushed", pushed.len(), remote.store.describe(), render::bytes(bytes)));
+        if !unbuilt.is_empty() {
+            out(format!("{:>12} {} (not built: run `symb build` first)", "Skipped", unbuilt.join(", ")));
+        }
+    }
+    Ok(0)
 }
 
 #[allow(clippy::too_many_arguments)]

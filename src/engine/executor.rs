@@ -106,12 +106,14 @@ struct Shared<'a> {
     options: &'a BuildOptions,
     reporter: &'a dyn Reporter,
     state: Mutex<Schedule>,
+    /// Records to upload to the remote, in the background.
+    uploads: Mutex<Option<std::sync::mpsc::Sender<ActionRecord>>>,
 }
 
 impl<'a> Shared<'a> {
     fn new(plan: &'a Plan, cache: &'a Cache, stat: &'a Mutex<StatCache>, project: &'a str, options: &'a BuildOptions, reporter: &'a dyn Reporter) -> Self {
         let waiting_on = plan.stages().map(|s| (s.name().to_string(), s.dependencies().len())).collect();
-        Shared { plan, cache, stat, project, options, reporter, state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }) }
+        Shared { plan, cache, stat, project, options, reporter, state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }), uploads: Mutex::new(None) }
     }
 }
 
@@ -130,10 +132,28 @@ pub fn execute(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &st
         .build()
         .map_err(|e| CacheError::io("rayon thread pool", std::io::Error::other(e)))?;
     let roots: Vec<String> = plan.stages().filter(|s| s.dependencies().is_empty()).map(|s| s.name().to_string()).collect();
-    pool.scope(|scope| {
-        for root in roots {
-            spawn(scope, &shared, root);
+    std::thread::scope(|threads| {
+        // What runs is uploaded by one thread beside the build: a stage's
+        // dependents start at once; the build returns when all is uploaded.
+        if let Some(remote) = options.remote.as_ref().filter(|r| r.write) {
+            let (sender, receiver) = std::sync::mpsc::channel::<ActionRecord>();
+            *shared.uploads.lock().expect("uploads lock") = Some(sender);
+            threads.spawn(move || {
+                for record in receiver {
+                    if let Err(e) = upload(cache, remote.store.as_ref(), &record) {
+                        let message = format!("cannot upload `{}` to the cache remote: {e}; the build goes on", record.stage);
+                        reporter.event(Event::RemoteWarning { message: &message });
+                    }
+                }
+            });
         }
+        pool.scope(|scope| {
+            for root in roots {
+                spawn(scope, &shared, root);
+            }
+        });
+        // Closing the channel lets the uploader finish; the scope joins it.
+        shared.uploads.lock().expect("uploads lock").take();
     });
     let Schedule { mut outcomes, .. } = shared.state.into_inner().expect("no worker panicked holding the lock");
     let stages = plan.names().into_iter().map(|n| outcomes.remove(n).expect("every stage finished")).collect();
@@ -236,11 +256,8 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
     };
     match run_miss(shared, stage, &key, &inputs, paths, started) {
         Ok(record) => {
-            if let Some(remote) = shared.options.remote.as_ref().filter(|r| r.write)
-                && let Err(e) = upload(shared.cache, remote.store.as_ref(), &record)
-            {
-                let message = format!("cannot upload `{name}` to the cache remote: {e}; the build goes on");
-                shared.reporter.event(Event::RemoteWarning { message: &message });
+            if let Some(uploads) = shared.uploads.lock().expect("uploads lock").as_ref() {
+                let _ = uploads.send(record.clone());
             }
             outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None)
         }
@@ -288,14 +305,17 @@ fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRe
 }
 
 /// Uploads a record's blobs that the remote lacks, then the record (last:
-/// the commit point).
-fn upload(cache: &Cache, remote: &dyn Store, record: &ActionRecord) -> Result<(), crate::cache::StoreError> {
+/// the commit point); returns the bytes sent.
+pub fn upload(cache: &Cache, remote: &dyn Store, record: &ActionRecord) -> Result<u64, crate::cache::StoreError> {
+    let mut sent = 0;
     for blob in record.outputs.values() {
         if !remote.has_blob(blob)? {
             remote.put_blob(blob, &cache.blob_path(&blob.digest))?;
+            sent += blob.size;
         }
     }
-    remote.commit(record)
+    remote.commit(record)?;
+    Ok(sent)
 }
 
 /// Why a stage whose key missed the cache must run.

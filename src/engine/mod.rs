@@ -23,7 +23,7 @@ mod inputs;
 mod output;
 mod plan;
 
-pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, execute, status};
+pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, execute, status, upload};
 pub use inputs::{StageInputs, explain};
 pub use output::{
     AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files, inspect_output,

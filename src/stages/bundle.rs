@@ -65,7 +65,7 @@ impl BundleStage {
                 html.push_str(&svg);
             }
         }
-        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then greedy decoding through the KV cache.</p><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>verify s</th><th>checks</th></tr>");
+        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then greedy decoding through the KV cache.</p><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
         for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
             let mut bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
             bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
@@ -83,14 +83,13 @@ impl BundleStage {
             };
             let _ = write!(
                 html,
-                "<tr><td>{dtype}</td><td>onnx/{file}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
+                "<tr><td>{dtype}</td><td>onnx/{file}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
                 bytes as f64 / 1e6,
                 cell("max_abs_error", 4),
                 cell("top1_agreement", 4),
                 cell("kl_divergence", 6),
                 cell("perplexity_ratio", 4),
                 cell("greedy_match", 3),
-                report["seconds"].as_f64().map_or("".to_string(), |s| format!("{s:.1}")),
             );
         }
         html.push_str("</table><p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
@@ -129,7 +128,8 @@ impl Stage for BundleStage {
         "bundle"
     }
     fn version(&self) -> u32 {
-        4
+        // 5: no verify time column (the reports hold no timing).
+        5
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
