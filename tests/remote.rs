@@ -276,3 +276,49 @@ fn a_fresh_checkout_fetches_every_stage_and_builds_the_same_folder() {
     assert!(!warnings.is_empty() && warnings.iter().all(|w| w.contains("the build goes on")), "{warnings:?}");
     assert!(warnings.iter().all(|w| !w.contains("not-a-real-secret-4711")));
 }
+
+/// The store itself: a blob above the multipart threshold goes up in parts
+/// and comes back whole; a record commits last; a wrong digest is refused;
+/// a missing key is no record.
+#[test]
+fn large_blobs_go_up_in_parts_and_come_back_checked() {
+    use symb::cache::{ActionRecord, BlobRef, S3Store, Store, StoreError};
+    let server = Seaweed::start("parts");
+    let variables: Vec<(String, String)> =
+        [("AWS_ACCESS_KEY_ID", "symb-test"), ("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-4711"), ("AWS_ENDPOINT_URL", server.endpoint().as_str()), ("AWS_ALLOW_HTTP", "true")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let store = S3Store::open_with("s3://parts/p", &variables).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // 40 MB of varied bytes: five 8 MB parts.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let bytes: Vec<u8> = (0..40 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let src = dir.path().join("big");
+    std::fs::write(&src, &bytes).unwrap();
+    let blob = BlobRef { digest: blake3::hash(&bytes).to_hex().to_string(), size: bytes.len() as u64 };
+    assert!(!store.has_blob(&blob).unwrap());
+    store.put_blob(&blob, &src).unwrap();
+    assert!(store.has_blob(&blob).unwrap());
+    let back = dir.path().join("back");
+    store.get_blob(&blob, &back).unwrap();
+    assert!(std::fs::read(&back).unwrap() == bytes, "the blob comes back byte for byte");
+    // A record naming it; a key with no record.
+    let record = ActionRecord { key: "k1".into(), stage: "s".into(), inputs: serde_json::json!({}), outputs: [("big".to_string(), blob.clone())].into(), metrics: serde_json::json!({}), seconds: 1.0 };
+    assert!(store.lookup("k1").unwrap().is_none());
+    store.commit(&record).unwrap();
+    assert_eq!(store.lookup("k1").unwrap().unwrap().outputs, record.outputs);
+    // Bytes that are not the digest's are refused and not left behind.
+    let liar = BlobRef { digest: blake3::hash(b"something else").to_hex().to_string(), size: bytes.len() as u64 };
+    store.put_blob(&liar, &src).unwrap();
+    let refused = dir.path().join("refused");
+    assert!(matches!(store.get_blob(&liar, &refused), Err(StoreError::Corrupt { .. })));
+    assert!(!refused.exists());
+}

@@ -60,6 +60,13 @@ impl S3Store {
     /// standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        let env: Vec<(String, String)> = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).filter(|(k, _)| k.starts_with("AWS_")).collect();
+        Self::open_with(url, &env)
+    }
+
+    /// [`open`](Self::open) with the AWS variables given, not read from the
+    /// environment.
+    pub fn open_with(url: &str, variables: &[(String, String)]) -> Result<Self, StoreError> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| StoreError::Config(format!("the cache remote `{url}` is not an s3://bucket/prefix URL")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -68,7 +75,7 @@ impl S3Store {
         // The standard AWS variables, as `from_env` reads them, but an empty
         // one counts as unset (CI templates often set `AWS_ENDPOINT_URL: ""`).
         let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
-        for (key, value) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))) {
+        for (key, value) in variables {
             if key.starts_with("AWS_")
                 && !value.is_empty()
                 && let Ok(config) = key.to_ascii_lowercase().parse::<object_store::aws::AmazonS3ConfigKey>()
@@ -76,7 +83,7 @@ impl S3Store {
                 builder = builder.with_config(config, value);
             }
         }
-        if ["AWS_REGION", "AWS_DEFAULT_REGION"].iter().all(|v| std::env::var_os(v).is_none_or(|v| v.is_empty())) {
+        if !variables.iter().any(|(k, v)| (k == "AWS_REGION" || k == "AWS_DEFAULT_REGION") && !v.is_empty()) {
             builder = builder.with_region("us-east-1");
         }
         let store = builder.build().map_err(|e| StoreError::Config(format!("the cache remote `{url}`: {}", redact(&e.to_string()))))?;
