@@ -74,7 +74,12 @@ impl S3Store {
         }
         // The standard AWS variables, as `from_env` reads them, but an empty
         // one counts as unset (CI templates often set `AWS_ENDPOINT_URL: ""`).
-        let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+        // A remote that is down must not stall a build: a few quick retries
+        // (object_store's default retries for up to three minutes). Set
+        // first: the variables below (AWS_ALLOW_HTTP) adjust these options.
+        let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: std::time::Duration::from_secs(20), backoff: object_store::BackoffConfig::default() };
+        let client = object_store::ClientOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
+        let mut builder = object_store::aws::AmazonS3Builder::new().with_retry(retry).with_client_options(client).with_bucket_name(bucket);
         for (key, value) in variables {
             if key.starts_with("AWS_")
                 && !value.is_empty()

@@ -108,12 +108,15 @@ struct Shared<'a> {
     state: Mutex<Schedule>,
     /// Records to upload to the remote, in the background.
     uploads: Mutex<Option<std::sync::mpsc::Sender<ActionRecord>>>,
+    /// Set when the remote failed to answer: the rest of the build does not
+    /// ask it again (one warning, not one wait per stage).
+    remote_down: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> Shared<'a> {
     fn new(plan: &'a Plan, cache: &'a Cache, stat: &'a Mutex<StatCache>, project: &'a str, options: &'a BuildOptions, reporter: &'a dyn Reporter) -> Self {
         let waiting_on = plan.stages().map(|s| (s.name().to_string(), s.dependencies().len())).collect();
-        Shared { plan, cache, stat, project, options, reporter, state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }), uploads: Mutex::new(None) }
+        Shared { plan, cache, stat, project, options, reporter, state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }), uploads: Mutex::new(None), remote_down: Default::default() }
     }
 }
 
@@ -138,10 +141,16 @@ pub fn execute(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &st
         if let Some(remote) = options.remote.as_ref().filter(|r| r.write) {
             let (sender, receiver) = std::sync::mpsc::channel::<ActionRecord>();
             *shared.uploads.lock().expect("uploads lock") = Some(sender);
+            let down = &shared.remote_down;
             threads.spawn(move || {
+                use std::sync::atomic::Ordering;
                 for record in receiver {
+                    if down.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     if let Err(e) = upload(cache, remote.store.as_ref(), &record) {
-                        let message = format!("cannot upload `{}` to the cache remote: {e}; the build goes on", record.stage);
+                        down.store(true, Ordering::Relaxed);
+                        let message = format!("cannot upload `{}` to the cache remote: {e}; the build goes on without it", record.stage);
                         reporter.event(Event::RemoteWarning { message: &message });
                     }
                 }
@@ -226,6 +235,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
     }
     if !forced
         && let Some(remote) = &shared.options.remote
+        && !shared.remote_down.load(std::sync::atomic::Ordering::Relaxed)
         && let Some((record, bytes)) = fetch(shared, remote.store.as_ref(), &key)
     {
         if let Err(e) = save_ref(shared.cache, shared.project, name, &key, &inputs) {
@@ -276,7 +286,10 @@ fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRe
     let record = match remote.lookup(key) {
         Ok(Some(record)) => record,
         Ok(None) => return None,
-        Err(e) => return warn(format!("the cache remote cannot be read: {e}; the build goes on locally")),
+        Err(e) => {
+            shared.remote_down.store(true, std::sync::atomic::Ordering::Relaxed);
+            return warn(format!("the cache remote cannot be read: {e}; the build goes on locally without it"));
+        }
     };
     let cache = shared.cache;
     let mut bytes = 0;
