@@ -50,7 +50,7 @@ def build(project, env):
     events = [json.loads(line) for line in out.stdout.splitlines()]
     stages = [e for e in events if e.get("event") == "stage"]
     fetched = [e for e in stages if e["status"] == "fetched"]
-    fetched_bytes = sum(int(e["reason"].split()[0]) for e in fetched)
+    fetched_bytes = sum(e["bytes"] for e in fetched)
     return seconds, len(stages), len(fetched), fetched_bytes
 
 

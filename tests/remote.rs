@@ -203,6 +203,9 @@ fn a_fresh_checkout_fetches_every_stage_and_builds_the_same_folder() {
     assert_eq!(fetched.with_status("fetched"), set(&STAGES), "{:?}", fetched.events);
     assert!(fetched.ran().is_empty());
     assert_eq!(output(&a), output(&b), "the fetched output folder is byte-identical");
+    let model_bytes = std::fs::metadata(fixture().join("model.safetensors")).unwrap().len();
+    let base = fetched.events.iter().find(|e| e["stage"] == "base").unwrap();
+    assert!(base["bytes"].as_u64().unwrap() >= model_bytes && base["reason"] == "from s3://symb/team", "{base}");
     assert!(!fetched.stderr.contains("not-a-real-secret-4711"));
 
     // 2. An edit in B runs only what it changes; A then fetches B's new stages.

@@ -129,16 +129,22 @@ impl Reporter for CliReporter {
                     bar.finish_and_clear();
                 }
                 match self.mode {
-                    Mode::Json => super::out(serde_json::json!({
-                        "event": "stage",
-                        "stage": outcome.stage,
-                        "status": outcome.status,
-                        "reason": outcome.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| outcome.reason.clone()),
-                        "seconds": outcome.seconds,
-                    })),
+                    Mode::Json => {
+                        let mut line = serde_json::json!({
+                            "event": "stage",
+                            "stage": outcome.stage,
+                            "status": outcome.status,
+                            "reason": outcome.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| outcome.reason.clone()),
+                            "seconds": outcome.seconds,
+                        });
+                        if outcome.status == StageStatus::Fetched {
+                            line["bytes"] = outcome.fetched_bytes.into();
+                        }
+                        super::out(line)
+                    }
                     Mode::Human | Mode::Verbose => match outcome.status {
                         StageStatus::Ran => self.line(format!("{:>12} {} in {:.2}s", "Ran", outcome.stage, outcome.seconds)),
-                        StageStatus::Fetched => self.line(format!("{:>12} {} ({})", "Fetched", outcome.stage, outcome.reason)),
+                        StageStatus::Fetched => self.line(format!("{:>12} {} ({} {} in {:.2}s)", "Fetched", outcome.stage, bytes(outcome.fetched_bytes), outcome.reason, outcome.seconds)),
                         StageStatus::Cached if self.mode == Mode::Verbose => self.line(format!("{:>12} {}", "Fresh", outcome.stage)),
                         StageStatus::Cached => {}
                         StageStatus::Failed => self.line(format!("{:>12} {}", "Failed", outcome.stage)),

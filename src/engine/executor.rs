@@ -67,6 +67,8 @@ pub struct StageOutcome {
     /// Why it ran, failed or was skipped; empty for a cache hit.
     pub reason: String,
     pub seconds: f64,
+    /// Bytes downloaded, for `fetched`.
+    pub fetched_bytes: u64,
     /// The record of the artifacts, for `ran` and `cached`.
     pub record: Option<ActionRecord>,
     pub error: Option<StageError>,
@@ -194,7 +196,7 @@ fn spawn<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, name: String) {
 }
 
 fn outcome(stage: &str, status: StageStatus, reason: String, seconds: f64, record: Option<ActionRecord>, error: Option<StageError>) -> StageOutcome {
-    StageOutcome { stage: stage.to_string(), status, reason, seconds, record, error }
+    StageOutcome { stage: stage.to_string(), status, reason, seconds, fetched_bytes: 0, record, error }
 }
 
 fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
@@ -242,7 +244,8 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
             return failed(String::new(), e.into());
         }
         let seconds = started.elapsed().as_secs_f64();
-        return outcome(name, StageStatus::Fetched, format!("{bytes} bytes from {} in {seconds:.2}s", remote.store.describe()), seconds, Some(record), None);
+        let done = outcome(name, StageStatus::Fetched, format!("from {}", remote.store.describe()), seconds, Some(record), None);
+        return StageOutcome { fetched_bytes: bytes, ..done };
     }
     let reason = rerun_reason(name, previous.as_ref(), &inputs, forced);
     shared.reporter.event(Event::StageStarted { stage: name, reason: &reason });
