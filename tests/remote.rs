@@ -139,12 +139,18 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// `symb build --json` with the remote's credentials and endpoint in the
+/// symb in `project` with the remote's credentials and endpoint in the
 /// environment, as CI sets them.
-fn build(project: &TestProject, endpoint: &str, extra_env: &[(&str, &str)]) -> common::Build {
+fn remote_command(project: &TestProject, endpoint: &str, args: &[&str]) -> Command {
     let mut command = Command::new(common::BIN);
-    command.args(["build", "--json"]).current_dir(project.dir.path()).env_remove("RUST_LOG").env_remove("SYMB_CACHE_REMOTE").env_remove("SYMB_CACHE_REMOTE_WRITE");
+    command.args(args).current_dir(project.dir.path()).env_remove("RUST_LOG").env_remove("SYMB_CACHE_REMOTE").env_remove("SYMB_CACHE_REMOTE_WRITE");
     command.env("AWS_ACCESS_KEY_ID", "symb-test").env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-4711").env("AWS_ENDPOINT_URL", endpoint).env("AWS_ALLOW_HTTP", "true").env("AWS_REGION", "us-east-1");
+    command
+}
+
+/// `symb build --json` against the remote.
+fn build(project: &TestProject, endpoint: &str, extra_env: &[(&str, &str)]) -> common::Build {
+    let mut command = remote_command(project, endpoint, &["build", "--json"]);
     for (key, value) in extra_env {
         command.env(key, value);
     }
@@ -156,18 +162,7 @@ fn build(project: &TestProject, endpoint: &str, extra_env: &[(&str, &str)]) -> c
 
 /// Another symb command with the remote's environment; its JSON stdout.
 fn remote_symb(project: &TestProject, endpoint: &str, args: &[&str]) -> serde_json::Value {
-    let output = Command::new(common::BIN)
-        .args(args)
-        .current_dir(project.dir.path())
-        .env("AWS_ACCESS_KEY_ID", "symb-test")
-        .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-4711")
-        .env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_REGION", "us-east-1")
-        .env_remove("SYMB_CACHE_REMOTE")
-        .env_remove("SYMB_CACHE_REMOTE_WRITE")
-        .output()
-        .unwrap();
+    let output = remote_command(project, endpoint, args).output().unwrap();
     assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
 }

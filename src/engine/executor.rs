@@ -295,16 +295,16 @@ fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRe
         }
     };
     let cache = shared.cache;
+    let tmp = match cache.work_dir("fetch") {
+        Ok(dir) => dir,
+        Err(e) => return warn(format!("cannot fetch from the cache remote: {e}")),
+    };
     let mut bytes = 0;
     for blob in record.outputs.values() {
         if cache.blob_present(blob) {
             continue;
         }
-        let tmp = match cache.work_dir("fetch") {
-            Ok(dir) => dir,
-            Err(e) => return warn(format!("cannot fetch from the cache remote: {e}")),
-        };
-        let file = tmp.path().join("blob");
+        let file = tmp.path().join(&blob.digest);
         if let Err(e) = remote.get_blob(blob, &file) {
             return warn(format!("cannot fetch `{}` from the cache remote: {e}; it runs here", record.stage));
         }

@@ -163,10 +163,24 @@ impl LeftPadding {
         Ok(LeftPadding(pads))
     }
 
+    /// `sequences` padded on the left with `pad_id` to the longest, and
+    /// their padding (empty when no row needed any).
+    pub fn pad(sequences: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, LeftPadding) {
+        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let rows = sequences.iter().map(|s| std::iter::repeat_n(pad_id, longest - s.len()).chain(s.iter().copied()).collect()).collect();
+        let pads: Vec<usize> = sequences.iter().map(|s| longest - s.len()).collect();
+        (rows, if pads.iter().all(|&p| p == 0) { LeftPadding::default() } else { LeftPadding(pads) })
+    }
+
+    /// The padding of row `b`.
+    pub fn of(&self, b: usize) -> usize {
+        self.0.get(b).copied().unwrap_or(0)
+    }
+
     /// The position id of absolute index `j` in row `b`: `cumsum(mask) − 1`,
     /// clamped at 0 as transformers' `generate()` builds it.
     pub fn position(&self, b: usize, j: usize) -> usize {
-        j.saturating_sub(self.0.get(b).copied().unwrap_or(0))
+        j.saturating_sub(self.of(b))
     }
 
     /// Position ids `[b·t]` for `t` positions after `past`.

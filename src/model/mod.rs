@@ -346,10 +346,9 @@ impl Model {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(ModelError::Config("the prompt encodes to no tokens".to_string()));
         }
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pad_id = eos.unwrap_or(0);
-        let padding = if prompts.len() == 1 { LeftPadding::default() } else { LeftPadding(prompts.iter().map(|p| longest - p.len()).collect()) };
-        let rows: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad_id, longest - p.len()).chain(p.iter().copied()).collect()).collect();
+        let (rows, padding) = LeftPadding::pad(prompts, pad_id);
+        let longest = rows[0].len();
         let mut cache = KvCache::new(self.n_layer());
         let logits = self.forward_padded(&Tensor::new(rows, self.device())?, Some(&mut cache), &padding)?;
         let mut last: Vec<Vec<f32>> = (0..prompts.len()).map(|b| logits.get(b)?.get(longest - 1)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::Dtype;
 use crate::manifest::RawTolerance;
-use crate::model::Model;
+use crate::model::{LeftPadding, Model};
 use session::{OnnxLm, argmax};
 
 /// The tolerance of each dtype when `[verify.tolerance.D]` says nothing,
@@ -208,29 +208,20 @@ fn nll(logits: &[f32], ids: &[u32], vocab: usize) -> f64 {
 const BATCH: usize = 8;
 
 /// candle's logits for each sequence (`[len * vocab]` each), the sequences
-/// left-padded into one batch.
+/// left-padded into one batch (with id 0, which no query sees).
 fn reference_logits(model: &Model, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, VerifyError> {
-    let (rows, padding) = left_pad(sequences);
+    let (rows, padding) = LeftPadding::pad(sequences, 0);
     let longest = rows[0].len();
-    let padding = if sequences.len() == 1 { crate::model::LeftPadding::default() } else { crate::model::LeftPadding(padding) };
     let logits = model.forward_padded(&candle_core::Tensor::new(rows, model.device())?, None, &padding)?;
     sequences.iter().enumerate().map(|(b, s)| Ok(logits.get(b)?.narrow(0, longest - s.len(), s.len())?.flatten_all()?.to_vec1::<f32>()?)).collect()
 }
 
 /// ONNX Runtime's logits for each sequence, as [`reference_logits`].
 fn onnx_logits(onnx: &mut OnnxLm, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, VerifyError> {
-    let (rows, padding) = left_pad(sequences);
+    let (rows, padding) = LeftPadding::pad(sequences, 0);
     let (longest, vocab) = (rows[0].len(), onnx.vocab);
     let (logits, _) = onnx.run_batch(&rows, &padding, onnx.empty_past_for(rows.len())?)?;
     Ok(sequences.iter().enumerate().map(|(b, s)| logits[(b * longest + longest - s.len()) * vocab..(b + 1) * longest * vocab].to_vec()).collect())
-}
-
-/// Sequences padded on the left to the longest (with id 0, which no query
-/// sees), and each one's padding.
-fn left_pad(sequences: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<usize>) {
-    let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-    let rows = sequences.iter().map(|s| std::iter::repeat_n(0, longest - s.len()).chain(s.iter().copied()).collect()).collect();
-    (rows, sequences.iter().map(|s| longest - s.len()).collect())
 }
 
 /// The part of verification that only the model decides, computed once and

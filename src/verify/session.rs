@@ -8,8 +8,8 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use super::runtime::{RuntimeError, environment};
-use crate::model::Sampling;
 use crate::model::train::Rng;
+use crate::model::{LeftPadding, Sampling};
 
 /// The KV cache between calls: one `present.*` value per `past_key_values.*`
 /// input, in the graph's input order.
@@ -94,23 +94,23 @@ impl OnnxLm {
     /// Runs `ids` (one sequence) after `past`: the logits of every new
     /// position (`[ids.len() * vocab]`) and the grown cache.
     pub fn run(&mut self, ids: &[u32], past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
-        self.run_batch(&[ids.to_vec()], &[0], past)
+        self.run_batch(&[ids.to_vec()], &LeftPadding::default(), past)
     }
 
     /// Runs a left-padded batch: `rows` of one length after `past`, row `b`
-    /// starting after `padding[b]` masked positions (counted from the start
+    /// starting after `padding.of(b)` masked positions (counted from the start
     /// of the cache), its position ids counting from there as transformers'
     /// `generate()` makes them. The logits are `[rows, t, vocab]`, flat.
-    pub fn run_batch(&mut self, rows: &[Vec<u32>], padding: &[usize], past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
+    pub fn run_batch(&mut self, rows: &[Vec<u32>], padding: &LeftPadding, past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
         let (b, t) = (rows.len(), rows[0].len());
-        debug_assert!(rows.iter().all(|r| r.len() == t) && padding.len() == b);
+        debug_assert!(rows.iter().all(|r| r.len() == t));
         let total = past.len + t;
         let ids: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
-        let mask: Vec<i64> = padding.iter().flat_map(|&pad| (0..total).map(move |j| i64::from(j >= pad))).collect();
+        let mask: Vec<i64> = (0..b).flat_map(|row| (0..total).map(move |j| i64::from(j >= padding.of(row)))).collect();
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             vec![("input_ids".into(), Tensor::<i64>::from_array(([b, t], ids))?.into_dyn().into()), ("attention_mask".into(), Tensor::<i64>::from_array(([b, total], mask))?.into_dyn().into())];
         if self.has_position_ids {
-            let positions: Vec<i64> = padding.iter().flat_map(|&pad| (past.len..total).map(move |j| j.saturating_sub(pad) as i64)).collect();
+            let positions: Vec<i64> = (0..b).flat_map(|row| (past.len..total).map(move |j| padding.position(row, j) as i64)).collect();
             inputs.push(("position_ids".into(), Tensor::<i64>::from_array(([b, t], positions))?.into_dyn().into()));
         }
         for (name, value) in self.past_names.iter().zip(past.values) {
@@ -207,13 +207,12 @@ impl OnnxLm {
             return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
         }
         let vocab = self.vocab;
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pad_id = eos.unwrap_or(0);
-        let padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-        let rows: Vec<Vec<u32>> = prompts.iter().map(|p| std::iter::repeat_n(pad_id, longest - p.len()).chain(p.iter().copied()).collect()).collect();
+        let (rows, padding) = LeftPadding::pad(prompts, pad_id);
+        let longest = rows[0].len();
         let (logits, mut past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
         let mut out: Vec<Decoded> =
-            (0..prompts.len()).map(|b| Decoded { generated: Vec::new(), prefill: logits[(b * longest + padding[b]) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() }).collect();
+            (0..prompts.len()).map(|b| Decoded { generated: Vec::new(), prefill: logits[(b * longest + padding.of(b)) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() }).collect();
         let mut next: Vec<u32> = (0..prompts.len()).map(|b| argmax(&logits[((b + 1) * longest - 1) * vocab..(b + 1) * longest * vocab])).collect();
         let mut done = vec![false; prompts.len()];
         loop {
