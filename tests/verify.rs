@@ -109,18 +109,38 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
     std::fs::write(&bad, graph.encode_to_vec()).unwrap();
 
     let work = golden_workload();
-    let reference = verify::reference(&model, work.clone(), |_, _| {}).unwrap();
+    let mut logits = Vec::new();
+    let reference = verify::reference(&model, work.clone(), &mut logits, |_, _| {}).unwrap();
     let tolerance = verify::tolerance(symb::dtype::Dtype::Fp32, None);
-    let report = verify::verify(&model, &mut OnnxLm::load(&good, 2).unwrap(), &reference, &tolerance, |_, _| {}).unwrap();
+    let report = verify::verify(&mut OnnxLm::load(&good, 2).unwrap(), &reference, &mut logits.as_slice(), &tolerance, |_, _| {}).unwrap();
     assert!(report.failures().next().is_none(), "{:?}", report.checks);
     assert!(report.metrics.max_abs_error < 1e-4 && report.metrics.greedy_match == 1.0, "{:?}", report.metrics);
     // 8 greedy tokens per prompt: 7 of them fed back one at a time through the cache.
     assert_eq!(report.cache.positions, 7 * work.prompts.len(), "every greedy step is compared");
     assert_eq!(report.prefill.positions, work.prompts.iter().map(|(_, ids)| ids.len()).sum::<usize>());
 
-    let report = verify::verify(&model, &mut OnnxLm::load(&bad, 2).unwrap(), &reference, &tolerance, |_, _| {}).unwrap();
+    let mut bad_onnx = OnnxLm::load(&bad, 2).unwrap();
+    let report = verify::verify(&mut bad_onnx, &reference, &mut logits.as_slice(), &tolerance, |_, _| {}).unwrap();
     let failed: Vec<&str> = report.failures().map(|c| c.metric).collect();
     assert!(failed.contains(&"max_abs_error") && failed.contains(&"kl_divergence"), "{:?}", report.checks);
+
+    // Following candle's tokens gives the greedy match that ONNX's own
+    // greedy decoding gives: the run it shares with candle's, and its token
+    // where they part.
+    let mut parted = 0;
+    for ((_, ids), result) in work.prompts.iter().zip(&report.prompts) {
+        let (own, _) = bad_onnx.decode(ids, work.max_new_tokens, work.eos, 128, None).unwrap();
+        let (candle, _) = model.greedy(ids, work.max_new_tokens, work.eos).unwrap();
+        assert_eq!(result.reference_greedy, candle);
+        let shared = own.iter().zip(&candle).take_while(|(a, b)| a == b).count();
+        assert_eq!((result.matched, result.onnx_at_divergence), (shared, own.get(shared).copied().filter(|_| shared < candle.len())), "{result:?} against ONNX's own {own:?}");
+        parted += usize::from(shared < candle.len());
+    }
+    assert!(parted > 0, "the damaged file parts from candle's greedy tokens on some prompt");
+
+    // A reference whose logits are cut short is refused, not read as zeros.
+    let short = &logits[..logits.len() / 2];
+    assert!(verify::verify(&mut bad_onnx, &reference, &mut &short[..], &tolerance, |_, _| {}).is_err());
 }
 
 /// verify decodes its prompts as one left-padded batch: each row gets the

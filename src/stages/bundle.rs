@@ -65,7 +65,7 @@ impl BundleStage {
                 html.push_str(&svg);
             }
         }
-        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then greedy decoding through the KV cache.</p><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
+        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
         for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
             let mut bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
             bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();

@@ -89,7 +89,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         }
         stages.push(Box::new(verify::ReferenceStage { verify: settings.clone(), model_stage, corpus: manifest.corpus.is_some() }));
         for &dtype in &export.targets {
-            stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone(), model_stage)));
+            stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone())));
         }
         let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
         stages.push(Box::new(bundle::BundleStage {

@@ -1,9 +1,9 @@
 //! Stage `reference`: the verification workload (prompts and perplexity
-//! windows, as token ids) and candle's side of the perplexity, once per
-//! model. Stage `verify.<dtype>`: one ONNX file run by ONNX Runtime and
-//! compared with candle's forward pass of the model it came from. A missed
-//! tolerance fails the build (exit 3) and the output folder keeps its
-//! previous state.
+//! windows, as token ids) and candle's side of it (greedy tokens, logits,
+//! perplexity), once per model. Stage `verify.<dtype>`: one ONNX file run by
+//! ONNX Runtime and compared with that reference of the model it came from;
+//! it loads no candle model. A missed tolerance fails the build (exit 3) and
+//! the output folder keeps its previous state.
 
 use std::collections::BTreeMap;
 
@@ -21,9 +21,10 @@ const PERPLEXITY_TOKENS: usize = 4096;
 const WINDOW: usize = 128;
 /// Longest prompt, in tokens.
 const PROMPT_TOKENS: usize = 48;
+/// candle's logits over the prompts and its greedy tokens (see [`verify::reference`]).
+const LOGITS: &str = "logits.f32";
 
-/// The workload and candle's perplexity windows, shared by every
-/// `verify.<dtype>`.
+/// The workload and candle's side of it, shared by every `verify.<dtype>`.
 pub struct ReferenceStage {
     pub verify: Verify,
     /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
@@ -35,17 +36,15 @@ pub struct ReferenceStage {
 pub struct VerifyStage {
     pub dtype: Dtype,
     pub verify: Verify,
-    /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
-    pub model_stage: &'static str,
     name: String,
     file: &'static str,
     tolerance: RawTolerance,
 }
 
 impl VerifyStage {
-    pub fn new(dtype: Dtype, verify: Verify, model_stage: &'static str) -> Self {
+    pub fn new(dtype: Dtype, verify: Verify) -> Self {
         let tolerance = verify::tolerance(dtype, verify.tolerance.get(&dtype));
-        VerifyStage { dtype, verify, model_stage, name: dtype.verify_stage(), file: dtype.file_name(), tolerance }
+        VerifyStage { dtype, verify, name: dtype.verify_stage(), file: dtype.file_name(), tolerance }
     }
 
     /// The stage that wrote the file, and the file.
@@ -117,7 +116,8 @@ impl Stage for ReferenceStage {
         "reference"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: candle's greedy tokens and its logits along them.
+        2
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
@@ -143,7 +143,12 @@ impl Stage for ReferenceStage {
         let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &model.config());
         let work = self.workload(ctx, &tokenizer, model.context(), eos)?;
         let (prompts, windows) = (work.prompts.len(), work.windows.len());
-        let reference = verify::reference(&model, work, |done, total| ctx.progress(done as u64, total as u64, "perplexity windows in candle")).map_err(|e| StageError::failed(e.to_string()))?;
+        let path = ctx.output(LOGITS);
+        let file = std::fs::File::create(&path).map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
+        let mut logits = std::io::BufWriter::new(file);
+        let reference =
+            verify::reference(&model, work, &mut logits, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows in candle")).map_err(|e| StageError::failed(e.to_string()))?;
+        logits.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
         write_json(&ctx.output("reference.json"), &serde_json::to_value(&reference).expect("the reference serialises"))?;
         Ok(serde_json::json!({ "prompts": prompts, "windows": windows }))
     }
@@ -161,7 +166,9 @@ impl Stage for VerifyStage {
         // and candle's perplexity from `reference`; prompts in batches. 4: the
         // report holds no timing (the same inputs give the same bytes, so
         // builds on two machines agree; the time is in the build's log).
-        4
+        // 5: ONNX follows candle's greedy tokens, all of candle's side from
+        // `reference`.
+        5
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
@@ -170,20 +177,18 @@ impl Stage for VerifyStage {
         s
     }
     fn dependencies(&self) -> Vec<String> {
-        vec![self.model_stage.to_string(), "reference".to_string(), self.source().0]
+        vec!["reference".to_string(), self.source().0]
     }
     fn tools(&self) -> BTreeMap<String, String> {
-        let mut tools = super::model::tools();
-        tools.insert("onnxruntime".to_string(), runtime::identity());
-        tools
+        BTreeMap::from([("onnxruntime".to_string(), runtime::identity())])
     }
     fn publishes(&self) -> Vec<(String, String)> {
         vec![("report.json".to_string(), format!("reports/verify.{}.json", self.dtype))]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let stage = self.model_stage;
-        let model = super::model::load_model(ctx, stage)?;
         let reference: verify::Reference = model::read_json(ctx.input("reference", "reference.json")?).map_err(super::model::model_error)?;
+        let logits_path = ctx.input("reference", LOGITS)?;
+        let mut logits = std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| StageError::failed(format!("cannot open `{}`: {e}", logits_path.display())))?);
         let (source, artifact) = self.source();
         let path = ctx.input(&source, artifact)?;
         // With external data, ONNX Runtime reads the chunks by name beside the
@@ -204,10 +209,9 @@ impl Stage for VerifyStage {
         let path = path.as_path();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let runtime_error = |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
-        tracing::debug!("loaded the model in candle");
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
         tracing::debug!("loaded the ONNX file in ONNX Runtime");
-        let report = verify::verify(&model, &mut onnx, &reference, &self.tolerance, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"))
+        let report = verify::verify(&mut onnx, &reference, &mut logits, &self.tolerance, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"))
             .map_err(|e| StageError::failed(format!("{}: {e}", self.file)))?;
         let mut json = serde_json::to_value(&report).expect("report serialises");
         json["dtype"] = self.dtype.name().into();

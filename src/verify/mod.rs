@@ -1,15 +1,17 @@
 //! Verification: an ONNX file run by ONNX Runtime against the model's own
 //! forward pass in candle, on the same prompts.
 //!
-//! Per prompt, ONNX Runtime runs one prefill pass from an empty cache, then
-//! decodes greedily one token at a time through the KV cache; candle runs
-//! one pass over the prompt and those tokens. Every position's logits are
-//! compared (prefill rows and cache steps apart), and the greedy match is the
-//! run of ONNX tokens that are candle's argmax too: what candle's own greedy
-//! decoding gives, up to the first difference. Perplexity is measured on
-//! windows of the eval split; candle's side of it does not depend on the
-//! file, so it is a [`Reference`] computed once per model and shared by
-//! every dtype's verification.
+//! candle's side depends only on the model, so it is a [`Reference`]
+//! computed once per model and read by every dtype's verification: per
+//! prompt, candle's greedy tokens (decoded with its KV cache) and its logits
+//! at every position of one pass over the prompt and those tokens; and its
+//! negative log-likelihood of windows of the eval split. Per file, ONNX
+//! Runtime runs one prefill pass over each prompt from an empty cache, then
+//! follows candle's tokens one at a time through its KV cache. Every
+//! position's logits are compared (prefill rows and cache steps apart), and
+//! the greedy match is the run of candle's tokens that are ONNX's argmax
+//! too: exactly what ONNX's own greedy decoding gives before it first
+//! differs, without decoding twice.
 
 pub mod runtime;
 pub mod session;
@@ -71,12 +73,12 @@ pub struct Agreement {
 pub struct PromptResult {
     pub text: String,
     pub tokens: usize,
-    /// ONNX Runtime's greedy tokens.
-    pub onnx_greedy: Vec<u32>,
-    /// How many of them candle's greedy decoding gives too (before the first difference).
+    /// candle's greedy tokens.
+    pub reference_greedy: Vec<u32>,
+    /// How many of them ONNX Runtime's greedy decoding gives too (before the first difference).
     pub matched: usize,
-    /// candle's token where the two first differ.
-    pub reference_at_divergence: Option<u32>,
+    /// ONNX Runtime's token where the two first differ.
+    pub onnx_at_divergence: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,7 +106,7 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// One prefill pass per prompt, from an empty cache.
     pub prefill: Agreement,
-    /// Each greedy step after it, one token at a time through the KV cache.
+    /// Each step after it, candle's greedy tokens fed one at a time through the KV cache.
     pub cache: Agreement,
     pub perplexity_tokens: usize,
     pub perplexity_reference: f64,
@@ -127,6 +129,8 @@ pub enum VerifyError {
     Model(#[from] crate::model::ModelError),
     #[error("the verification reference does not match its workload: {0}")]
     Reference(String),
+    #[error("cannot {0} the reference logits: {1}")]
+    Io(&'static str, std::io::Error),
 }
 
 impl From<candle_core::Error> for VerifyError {
@@ -225,66 +229,101 @@ fn onnx_logits(onnx: &mut OnnxLm, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>
 }
 
 /// The part of verification that only the model decides, computed once and
-/// read by every dtype's: the workload, and candle's negative log-likelihood
-/// of each perplexity window (the prompts' side is teacher-forced over each
-/// file's own greedy tokens, so it stays per file).
+/// read by every dtype's. Its logits are apart (see [`reference`]): as JSON
+/// they would be ten times the size.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reference {
     pub workload: Workload,
+    /// Logits per position.
+    pub vocab: usize,
+    /// candle's greedy tokens per prompt. Its logits rows for the prompt are
+    /// `prompt.len() + tokens.len() - 1` (every token but the last is fed),
+    /// at least the prompt's.
+    pub greedy: Vec<Vec<u32>>,
     /// Summed over each window's next-token predictions.
     pub window_nll: Vec<f64>,
 }
 
-/// candle's side of the perplexity windows of `work`.
-pub fn reference(model: &Model, work: Workload, progress: impl Fn(usize, usize)) -> Result<Reference, VerifyError> {
+impl Reference {
+    /// Rows of logits for prompt `i`.
+    fn rows(&self, i: usize) -> usize {
+        self.workload.prompts[i].1.len() + self.greedy[i].len().saturating_sub(1)
+    }
+}
+
+/// candle's side of `work`: its greedy tokens and the perplexity windows'
+/// scores, and (written to `logits`, prompt after prompt, `[rows, vocab]`
+/// little-endian f32) its logits over each prompt and its tokens.
+pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write, progress: impl Fn(usize, usize)) -> Result<Reference, VerifyError> {
     let vocab = model.vocab_size();
+    let total = work.prompts.len() + work.windows.len();
+    let mut greedy = Vec::with_capacity(work.prompts.len());
+    for batch in work.prompts.chunks(BATCH) {
+        let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
+        let (tokens, _) = model.decode_batch(&ids, work.max_new_tokens, work.eos, None)?;
+        let sequences: Vec<Vec<u32>> = ids.iter().zip(&tokens).map(|(ids, t)| ids.iter().chain(&t[..t.len().saturating_sub(1)]).copied().collect()).collect();
+        for rows in reference_logits(model, &sequences)? {
+            let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+            logits.write_all(&bytes).map_err(|e| VerifyError::Io("write", e))?;
+        }
+        greedy.extend(tokens);
+        progress(greedy.len(), total);
+    }
     let mut window_nll = Vec::with_capacity(work.windows.len());
     for batch in work.windows.chunks(BATCH) {
         for (window, logits) in batch.iter().zip(reference_logits(model, batch)?) {
             window_nll.push(nll(&logits, window, vocab));
         }
-        progress(window_nll.len(), work.windows.len());
+        progress(greedy.len() + window_nll.len(), total);
     }
-    Ok(Reference { workload: work, window_nll })
+    Ok(Reference { workload: work, vocab, greedy, window_nll })
 }
 
-/// Runs the workload on both sides and checks the result against `tolerance`.
-pub fn verify(model: &Model, onnx: &mut OnnxLm, reference: &Reference, tolerance: &RawTolerance, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
+/// Runs the file's side of the workload and checks it against the reference
+/// (`logits` as [`reference`] wrote them) and `tolerance`.
+pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::io::Read, tolerance: &RawTolerance, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
     let work = &reference.workload;
-    if reference.window_nll.len() != work.windows.len() {
-        return Err(VerifyError::Reference(format!("{} window scores for {} windows", reference.window_nll.len(), work.windows.len())));
+    if reference.window_nll.len() != work.windows.len() || reference.greedy.len() != work.prompts.len() {
+        return Err(VerifyError::Reference(format!(
+            "{} window scores for {} windows, {} greedy decodings for {} prompts",
+            reference.window_nll.len(),
+            work.windows.len(),
+            reference.greedy.len(),
+            work.prompts.len()
+        )));
     }
-    let vocab = model.vocab_size();
+    let vocab = reference.vocab;
     if onnx.vocab != vocab {
         return Err(runtime::RuntimeError::Ort(format!("the ONNX file has {} logits per position, the model {vocab}", onnx.vocab)).into());
     }
-    let context = model.context();
     let total = work.prompts.len() + work.windows.len();
     let (mut prefill, mut cache) = (Tally::default(), Tally::default());
     let mut prompts = Vec::new();
-    for batch in work.prompts.chunks(BATCH) {
-        // ONNX: one prefill pass, then greedy decoding through the KV cache.
+    let mut bytes = Vec::new();
+    for (start, batch) in (0..).step_by(BATCH).zip(work.prompts.chunks(BATCH)) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-        let decoded = onnx.decode_steps_batch(&ids, work.max_new_tokens, work.eos, context)?;
-        // candle: one pass over the prompt and what ONNX generated (teacher
-        // forcing). Its row for each position is what candle's own greedy
-        // decoding would see as long as the two agree, so the greedy match
-        // is the run of generated tokens that are candle's argmax too.
-        let sequences: Vec<Vec<u32>> = ids.iter().zip(&decoded).map(|(ids, d)| ids.iter().chain(&d.generated).copied().collect()).collect();
-        let references = reference_logits(model, &sequences)?;
-        for (((text, ids), session::Decoded { generated, prefill: prefill_logits, steps: step_logits }), reference) in batch.iter().zip(decoded).zip(references) {
-            let n = ids.len();
-            prefill.add(&reference[..n * vocab], &prefill_logits, vocab);
+        let tokens = &reference.greedy[start..start + batch.len()];
+        let followed = onnx.follow_batch(&ids, tokens, work.eos.unwrap_or(0))?;
+        for (i, ((text, ids), session::Decoded { generated, prefill: prefill_logits, steps: step_logits })) in (start..).zip(batch.iter().zip(followed)) {
+            let (n, rows) = (ids.len(), reference.rows(i));
             let steps = step_logits.len() / vocab;
-            cache.add(&reference[n * vocab..(n + steps) * vocab], &step_logits, vocab);
-            let reference_choices: Vec<u32> = (0..generated.len()).map(|j| argmax(&reference[(n - 1 + j) * vocab..(n + j) * vocab])).collect();
-            let matched = reference_choices.iter().zip(&generated).take_while(|(a, b)| a == b).count();
-            let reference_at_divergence = reference_choices.get(matched).copied();
-            prompts.push(PromptResult { text: text.clone(), tokens: n, onnx_greedy: generated, matched, reference_at_divergence });
+            if rows != n + steps {
+                return Err(VerifyError::Reference(format!("prompt {i} has {rows} reference rows for {} positions", n + steps)));
+            }
+            bytes.resize(rows * vocab * 4, 0);
+            logits.read_exact(&mut bytes).map_err(|e| VerifyError::Io("read", e))?;
+            let expected: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            prefill.add(&expected[..n * vocab], &prefill_logits, vocab);
+            cache.add(&expected[n * vocab..], &step_logits, vocab);
+            // ONNX's argmax after the prompt and after each fed token.
+            let choices = std::iter::once(&prefill_logits[(n - 1) * vocab..]).chain(step_logits.chunks_exact(vocab)).map(argmax);
+            let matched = choices.clone().zip(&generated).take_while(|(a, b)| a == *b).count();
+            let onnx_at_divergence = choices.clone().nth(matched).filter(|_| matched < generated.len());
+            prompts.push(PromptResult { text: text.clone(), tokens: n, reference_greedy: generated, matched, onnx_at_divergence });
         }
         progress(prompts.len(), total);
     }
-    tracing::debug!(prompts = work.prompts.len(), "decoded and compared the prompts");
+    tracing::debug!(prompts = work.prompts.len(), "compared the prompts");
     let (mut nll_reference, mut nll_onnx, mut tokens, mut scored) = (0.0, 0.0, 0usize, 0usize);
     for batch in work.windows.chunks(BATCH) {
         for (window, logits) in batch.iter().zip(onnx_logits(onnx, batch)?) {
@@ -299,7 +338,7 @@ pub fn verify(model: &Model, onnx: &mut OnnxLm, reference: &Reference, tolerance
     let perplexity = |nll: f64| if tokens == 0 { f64::NAN } else { (nll / tokens as f64).exp() };
     let (perplexity_reference, perplexity_onnx) = (perplexity(nll_reference), perplexity(nll_onnx));
     let (prefill, cache) = (prefill.finish(), cache.finish());
-    let generated: usize = prompts.iter().map(|p| p.onnx_greedy.len()).sum();
+    let generated: usize = prompts.iter().map(|p| p.reference_greedy.len()).sum();
     let matched: usize = prompts.iter().map(|p| p.matched).sum();
     let metrics = Metrics {
         max_abs_error: if prefill.max_abs_error.is_nan() || cache.max_abs_error.is_nan() { f32::NAN } else { prefill.max_abs_error.max(cache.max_abs_error) },
@@ -309,7 +348,7 @@ pub fn verify(model: &Model, onnx: &mut OnnxLm, reference: &Reference, tolerance
         greedy_match: if generated == 0 { 1.0 } else { matched as f64 / generated as f64 },
     };
     let checks = checks(&metrics, tolerance);
-    let greedy_identical = prompts.iter().filter(|p| p.matched == p.onnx_greedy.len()).count();
+    let greedy_identical = prompts.iter().filter(|p| p.matched == p.reference_greedy.len()).count();
     Ok(Report { metrics, checks, prefill, cache, perplexity_tokens: tokens, perplexity_reference, perplexity_onnx, greedy_identical, prompts })
 }
 

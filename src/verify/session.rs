@@ -203,39 +203,70 @@ impl OnnxLm {
     /// row's does: the weights are read once for the whole batch). Each
     /// row's ids and logits are what it would get alone, to rounding.
     pub fn decode_steps_batch(&mut self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, context: usize) -> Result<Vec<Decoded>, RuntimeError> {
+        self.steps_batch(prompts, eos.unwrap_or(0), |b, generated, logits| {
+            let length = prompts[b].len() + generated.len();
+            if generated.len() >= max_new_tokens || length >= context {
+                return None;
+            }
+            let next = argmax(logits);
+            Some((next, Some(next) == eos || generated.len() + 1 == max_new_tokens || length + 1 == context))
+        })
+    }
+
+    /// Teacher forcing through the cache: one prefill pass over each prompt,
+    /// then `tokens[b]` fed one at a time (all but the last, whose logits
+    /// nothing reads), as [`decode_steps_batch`](Self::decode_steps_batch)
+    /// feeds its own choices. `generated` is the given tokens.
+    pub fn follow_batch(&mut self, prompts: &[Vec<u32>], tokens: &[Vec<u32>], pad_id: u32) -> Result<Vec<Decoded>, RuntimeError> {
+        if tokens.len() != prompts.len() {
+            return Err(RuntimeError::Ort(format!("{} token lists for {} prompts", tokens.len(), prompts.len())));
+        }
+        self.steps_batch(prompts, pad_id, |b, generated, _| {
+            let j = generated.len();
+            tokens[b].get(j).map(|&t| (t, j + 1 == tokens[b].len()))
+        })
+    }
+
+    /// The loop both share. `next(b, generated, logits)` gives row `b`'s next
+    /// token from its latest logits, and whether it is the row's last (not
+    /// fed); `None` when the row has nothing more.
+    fn steps_batch(&mut self, prompts: &[Vec<u32>], pad_id: u32, mut next: impl FnMut(usize, &[u32], &[f32]) -> Option<(u32, bool)>) -> Result<Vec<Decoded>, RuntimeError> {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
         }
         let vocab = self.vocab;
-        let pad_id = eos.unwrap_or(0);
         let (rows, padding) = LeftPadding::pad(prompts, pad_id);
         let longest = rows[0].len();
         let (logits, mut past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
         let mut out: Vec<Decoded> =
             (0..prompts.len()).map(|b| Decoded { generated: Vec::new(), prefill: logits[(b * longest + padding.of(b)) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() }).collect();
-        let mut next: Vec<u32> = (0..prompts.len()).map(|b| argmax(&logits[((b + 1) * longest - 1) * vocab..(b + 1) * longest * vocab])).collect();
+        let mut last: Vec<Vec<f32>> = (0..prompts.len()).map(|b| logits[((b + 1) * longest - 1) * vocab..(b + 1) * longest * vocab].to_vec()).collect();
         let mut done = vec![false; prompts.len()];
         loop {
+            let mut fed = Vec::with_capacity(prompts.len());
             for (b, row) in out.iter_mut().enumerate() {
-                let length = prompts[b].len() + row.generated.len();
-                if done[b] || row.generated.len() >= max_new_tokens || length >= context {
-                    done[b] = true;
-                    continue;
+                let token = if done[b] { None } else { next(b, &row.generated, &last[b]) };
+                match token {
+                    Some((token, is_last)) => {
+                        row.generated.push(token);
+                        done[b] = is_last;
+                        fed.push(vec![if is_last { pad_id } else { token }]);
+                    }
+                    None => {
+                        done[b] = true;
+                        fed.push(vec![pad_id]);
+                    }
                 }
-                row.generated.push(next[b]);
-                done[b] = Some(next[b]) == eos || row.generated.len() == max_new_tokens || length + 1 == context;
             }
             if done.iter().all(|&d| d) {
                 break;
             }
-            let fed: Vec<Vec<u32>> = (0..prompts.len()).map(|b| vec![if done[b] { pad_id } else { next[b] }]).collect();
             let (logits, grown) = self.run_batch(&fed, &padding, past)?;
             past = grown;
             for (b, row) in out.iter_mut().enumerate() {
                 if !done[b] {
-                    let step = &logits[b * vocab..(b + 1) * vocab];
-                    next[b] = argmax(step);
-                    row.steps.extend_from_slice(step);
+                    last[b] = logits[b * vocab..(b + 1) * vocab].to_vec();
+                    row.steps.extend_from_slice(&last[b]);
                 }
             }
         }
