@@ -3,9 +3,33 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
+    commit();
     let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
     // Tensor bytes as `bytes::Bytes`: a model decoded from a mapped file
     // points into it instead of copying every weight.
     prost_build::Config::new().bytes([".onnx.TensorProto.raw_data"]).compile_fds(descriptors)?;
     Ok(())
+}
+
+/// `SYMB_COMMIT` for `symb --version`: the commit and its date, from git
+/// when the source is a checkout (else "no commit", as from a tarball). It
+/// names the build only: stage keys use the crate version.
+fn commit() {
+    let git = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let described = git(&["log", "-1", "--format=%h %cs"]).filter(|s| !s.is_empty());
+    let text = described.unwrap_or_else(|| "no commit".to_string());
+    println!("cargo:rustc-env=SYMB_COMMIT={text}");
+    // Again when HEAD moves (a commit, a checkout).
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        let head = std::path::Path::new(&dir).join("HEAD");
+        println!("cargo:rerun-if-changed={}", head.display());
+        if let Ok(text) = std::fs::read_to_string(&head)
+            && let Some(reference) = text.strip_prefix("ref: ")
+        {
+            let path = std::path::Path::new(&dir).join(reference.trim());
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
 }

@@ -22,6 +22,8 @@ pub enum ProjectError {
     #[error("error: {0}")]
     Plan(#[from] PlanError),
     #[error("error: {0}")]
+    NotATarget(String),
+    #[error("error: {0}")]
     Cache(#[from] CacheError),
     /// The lint refused the new output folder.
     #[error("error: the new output folder fails the transformers.js lint, so `{output}` was left as it was:\n{findings}")]
@@ -35,7 +37,7 @@ impl ProjectError {
     /// The process exit code: 2 for a bad manifest or arguments, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ProjectError::Manifest(_) | ProjectError::Plan(_) => 2,
+            ProjectError::Manifest(_) | ProjectError::Plan(_) | ProjectError::NotATarget(_) => 2,
             // The output path is the manifest's choice, unless it could not be read.
             ProjectError::Output { unreadable, .. } => {
                 if *unreadable {
@@ -88,10 +90,19 @@ impl Project {
     /// Loads the manifest and plans the build (restricted to `targets`).
     pub fn open(manifest_path: &Path, targets: &[String]) -> Result<Self, ProjectError> {
         let manifest = manifest::load(manifest_path)?;
-        let plan = stages::plan(&manifest)?.restrict(targets)?;
+        let plan = stages::plan(&manifest)?;
+        for target in targets {
+            plan.resolve(target).map_err(|e| not_a_target(&manifest, target, e))?;
+        }
+        let plan = plan.restrict(targets)?;
         let cache = Cache::open(&manifest.project.cache)?;
         let id = blake3::hash(manifest.path.canonicalize().unwrap_or_else(|_| manifest.path.clone()).as_os_str().as_encoded_bytes()).to_hex()[..16].to_string();
         Ok(Project { manifest, plan, cache, id, partial: !targets.is_empty() })
+    }
+
+    /// The stages `--force NAME` means: as `--target NAME` does.
+    pub fn stages_named(&self, name: &str) -> Result<Vec<String>, ProjectError> {
+        Ok(self.plan.resolve(name).map_err(|e| not_a_target(&self.manifest, name, e))?.into_iter().map(str::to_string).collect())
     }
 
     /// Options for a build on `jobs` threads; `SYMB_CACHE_SALT` (if set)
@@ -273,4 +284,18 @@ pub struct Clean {
     pub removed: Vec<PathBuf>,
     /// The user's files in the output folder, left where they are.
     pub kept: Vec<String>,
+}
+
+/// A name that is no stage: when it is a dtype the manifest does not build,
+/// say so and where to add it.
+fn not_a_target(manifest: &manifest::Manifest, name: &str, error: PlanError) -> ProjectError {
+    match name.parse::<crate::dtype::Dtype>() {
+        Ok(dtype) if manifest.export.is_some() => ProjectError::NotATarget(format!(
+            "`{dtype}` is not built by this manifest: add it to `export.targets` in {} (it has: {})",
+            manifest.path.display(),
+            manifest.export.as_ref().map(|e| e.targets.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+        )),
+        Ok(dtype) => ProjectError::NotATarget(format!("`{dtype}` is an ONNX dtype, and this manifest has no `[export]` section; add one with `targets = [\"{dtype}\"]`")),
+        Err(_) => error.into(),
+    }
 }

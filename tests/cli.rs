@@ -12,8 +12,6 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 #[test]
 fn the_example_is_the_recipe_and_builds_end_to_end() {
     let example = std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap();
-    let recipe = std::fs::read_to_string(format!("{ROOT}/recipes/symbiotic.toml")).unwrap();
-    assert_eq!(example, recipe, "symb.toml.example is the `symbiotic` recipe");
     // Build it where it would be built: beside the committed demo corpus.
     let project = TestProject::new(1);
     std::fs::remove_dir_all(project.path("corpus")).unwrap();
@@ -58,6 +56,10 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     let tokenizer: serde_json::Value = serde_json::from_str(&project.read("dist/tokenizer.json")).unwrap();
     assert_eq!(tokenizer["model"]["vocab"].as_object().unwrap().len(), 4000);
     let config: serde_json::Value = serde_json::from_str(&project.read("dist/config.json")).unwrap();
+    // The pad token is declared: by name for the tokenizer, by id in the config.
+    let tokenizer_config: serde_json::Value = serde_json::from_str(&project.read("dist/tokenizer_config.json")).unwrap();
+    assert_eq!(tokenizer_config["pad_token"], "<pad>");
+    assert_eq!(config["pad_token_id"].as_u64(), tokenizer["added_tokens"].as_array().unwrap().iter().find(|t| t["content"] == "<pad>").and_then(|t| t["id"].as_u64()));
     assert_eq!((config["n_layer"].as_u64(), config["n_embd"].as_u64(), config["vocab_size"].as_u64()), (Some(4), Some(128), Some(4000)));
     let metrics: serde_json::Value = serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
     assert_eq!(metrics["steps"], 4);
@@ -111,7 +113,28 @@ fn init_writes_the_recipe_and_never_overwrites() {
     let run = |args: &[&str]| Command::new(BIN).args(args).current_dir(dir.path()).output().unwrap();
     assert!(run(&["init"]).status.success());
     let written = std::fs::read_to_string(dir.path().join("symb.toml")).unwrap();
-    assert_eq!(written, std::fs::read_to_string(format!("{ROOT}/recipes/symbiotic.toml")).unwrap());
+    assert_eq!(written, std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap(), "the example is the `symbiotic` recipe");
+    // The scaffold: a corpus folder with a note, and a .gitignore for what builds make.
+    assert!(std::fs::read_to_string(dir.path().join("corpus/README.md")).unwrap().contains("one document per line"));
+    let ignore = std::fs::read_to_string(dir.path().join(".gitignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "/dist/") && ignore.lines().any(|l| l == "/cache/"), "{ignore}");
+    // A user's .gitignore keeps its lines and gets only what it lacks.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(
+        other.path().join(".gitignore"),
+        "*.log
+dist/",
+    )
+    .unwrap();
+    assert!(Command::new(BIN).args(["init", "--recipe", "gpt2-lora"]).current_dir(other.path()).output().unwrap().status.success());
+    assert_eq!(
+        std::fs::read_to_string(other.path().join(".gitignore")).unwrap(),
+        "*.log
+dist/
+# symb's output folder and cache (rebuilt by `symb build`)
+/cache/
+"
+    );
     let again = run(&["init"]);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));

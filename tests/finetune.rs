@@ -134,6 +134,13 @@ fn lora_on_the_pytorch_fixture_lowers_perplexity_and_merges_exactly() {
     let adapter: serde_json::Value = serde_json::from_str(&project.read("dist/adapter/adapter_config.json")).unwrap();
     assert_eq!(adapter["r"], 4);
     assert_eq!(adapter["peft_type"], "LORA");
+    // A local base without `_name_or_path` is not named (its path is this machine's).
+    assert!(adapter["base_model_name_or_path"].is_null());
+    // The merged weights carry transformers' `{"format": "pt"}`, the folder its pad token.
+    let merged_bytes = std::fs::read(project.path("dist/model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(merged_bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&merged_bytes[8..8 + header_len]).unwrap();
+    assert_eq!(header["__metadata__"], serde_json::json!({"format": "pt"}));
     // The merged folder and the base + adapter give the same generation.
     let run = |args: &[&str]| -> serde_json::Value {
         let out = Command::new(BIN).args(["generate", "--prompt", "Kan-ka zuraeima", "--json", "--max-new-tokens", "8"]).args(args).current_dir(project.dir.path()).output().unwrap();

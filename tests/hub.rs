@@ -188,9 +188,16 @@ fn the_gpt2_lora_recipe_builds_against_the_hub() {
     project.edit("block_size = 128", "block_size = 32");
     let build = build(&project, &hub.endpoint());
     assert_eq!(build.code, 0, "{}", build.stderr);
-    assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge"]));
+    // The recipe ends in a web folder: export, quantize, verify, bundle.
+    assert_eq!(
+        build.ran(),
+        set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q8", "quantize.q4", "reference", "verify.fp32", "verify.q8", "verify.q4", "bundle"])
+    );
     assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with("/api/models/openai-community/gpt2/revision/main")));
-    assert!(project.path("dist/adapter/adapter_model.safetensors").is_file());
+    assert!(project.path("dist/adapter/adapter_model.safetensors").is_file() && project.path("dist/index.html").is_file());
+    // The adapter names its base as PEFT does: the Hub id.
+    let adapter: serde_json::Value = serde_json::from_str(&project.read("dist/adapter/adapter_config.json")).unwrap();
+    assert_eq!(adapter["base_model_name_or_path"], "openai-community/gpt2");
 }
 
 /// SmolLM2, Qwen2.5, TinyLlama and Llama 3.2 ids resolve and download as

@@ -180,6 +180,8 @@ fn gc_keeps_what_the_plan_uses() {
     project.build_ok();
     let dry = String::from_utf8(project.symb(&["gc", "--dry-run"]).stderr).unwrap();
     assert!(dry.contains("Would remove 1 action records, 1 blobs and 0 abandoned checkpoints"), "{dry}");
+    // A dry run lists what it would remove, by stage and artifact.
+    assert!(dry.contains("Would remove the record of `tokenizer` (key ") && dry.contains("Would remove `tokenizer/"), "{dry}");
     let gc = project.symb(&["gc"]);
     assert!(gc.status.success());
     assert_eq!(project.build_ok().ran(), set(&[]), "what the plan uses survives gc");

@@ -336,13 +336,25 @@ impl Cache {
     pub fn gc(&self, keep: &BTreeSet<String>, dry_run: bool) -> Result<GcReport, CacheError> {
         let mut report = GcReport::default();
         let mut live_blobs = BTreeSet::new();
+        // What each blob of a dropped record was, to name it.
+        let mut dropped_names: BTreeMap<Digest, String> = BTreeMap::new();
         for (path, record) in self.actions()? {
             match record {
                 Some(r) if keep.contains(&r.key) => {
                     live_blobs.extend(r.outputs.values().map(|b| b.digest.clone()));
                 }
-                _ => {
+                other => {
                     report.actions_removed += 1;
+                    let name = match &other {
+                        Some(r) => {
+                            for (artifact, blob) in &r.outputs {
+                                dropped_names.entry(blob.digest.clone()).or_insert_with(|| format!("{}/{artifact}", r.stage));
+                            }
+                            format!("the record of `{}` (key {})", r.stage, short(&r.key))
+                        }
+                        None => format!("an unreadable record `{}`", path.display()),
+                    };
+                    report.removed.push(GcEntry { what: name, bytes: fs::metadata(&path).map_or(0, |m| m.len()) });
                     if !dry_run {
                         fs::remove_file(&path).map_err(|e| CacheError::io(&path, e))?;
                     }
@@ -356,8 +368,10 @@ impl Cache {
                 continue;
             }
             let path = entry.path();
+            let bytes = folder_size(&path);
             report.checkpoints_removed += 1;
-            report.bytes_freed += folder_size(&path);
+            report.bytes_freed += bytes;
+            report.removed.push(GcEntry { what: format!("the checkpoints of an interrupted stage (key {})", short(&name)), bytes });
             if !dry_run {
                 fs::remove_dir_all(&path).map_err(|e| CacheError::io(&path, e))?;
             }
@@ -366,8 +380,14 @@ impl Cache {
             if live_blobs.contains(&name) {
                 continue;
             }
+            let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             report.blobs_removed += 1;
-            report.bytes_freed += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            report.bytes_freed += bytes;
+            let what = match dropped_names.get(&name) {
+                Some(artifact) => format!("`{artifact}` ({})", short(&name)),
+                None => format!("blob {} (no record names it)", short(&name)),
+            };
+            report.removed.push(GcEntry { what, bytes });
             if !dry_run {
                 fs::remove_file(&path).map_err(|e| CacheError::io(&path, e))?;
             }
@@ -392,6 +412,15 @@ pub struct GcReport {
     pub blobs_removed: usize,
     pub checkpoints_removed: usize,
     pub bytes_freed: u64,
+    /// Each thing removed (or, in a dry run, that would be).
+    pub removed: Vec<GcEntry>,
+}
+
+/// One thing `gc` removes: what it was, and its size.
+#[derive(Debug, Clone, Serialize)]
+pub struct GcEntry {
+    pub what: String,
+    pub bytes: u64,
 }
 
 /// The bytes of the files under `path`.

@@ -4,7 +4,7 @@ mod render;
 
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::dtype::Dtype;
 use crate::engine::BuildOptions;
@@ -13,35 +13,46 @@ use render::{CliReporter, Mode};
 
 /// The recipes `symb init --recipe NAME` can write.
 pub const RECIPES: [(&str, &str); 4] = [
-    ("symbiotic", include_str!("../../recipes/symbiotic.toml")),
+    // The example at the repository's root is this recipe (one file, not two copies).
+    ("symbiotic", include_str!("../../symb.toml.example")),
     ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml")),
     ("smollm2-lora", include_str!("../../recipes/smollm2-lora.toml")),
     ("qwen2.5-lora", include_str!("../../recipes/qwen2.5-lora.toml")),
 ];
 
+/// `symb --version`: the crate's version and the commit it was built from.
+pub const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SYMB_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
-#[command(name = "symb", version, about = "From a corpus of a new language to a language model running in a web browser")]
+#[command(name = "symb", version = LONG_VERSION, about = "From a corpus of a new language to a language model running in a web browser")]
 pub struct Cli {
-    /// More logging (-v: reasons and cache hits; -vv: debug logs). RUST_LOG also works.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// The manifest (default: `symb.toml` in this folder or the nearest one above it).
+    #[arg(short = 'm', long = "manifest", global = true, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// More output (-v: reasons, cache hits and artifact hashes; -vv: debug logs). RUST_LOG also works.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
+    /// Print only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Colour: auto (on a terminal, unless NO_COLOR is set), always or never.
+    #[arg(long, global = true, value_name = "WHEN", default_value = "auto")]
+    pub color: ColorChoice,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
-pub struct ManifestArg {
-    /// The manifest to use.
-    #[arg(short = 'm', long = "manifest", default_value = "symb.toml", value_name = "FILE")]
-    pub manifest: PathBuf,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build the output folder: only stages whose inputs changed run.
     Build {
-        #[command(flatten)]
-        manifest: ManifestArg,
         /// Build only this stage (or dtype) and what it needs; the output folder is left as it is.
         #[arg(long = "target", value_name = "T")]
         targets: Vec<String>,
@@ -57,15 +68,14 @@ pub enum Command {
     },
     /// Show each stage as fresh or stale, and why.
     Status {
-        #[command(flatten)]
-        manifest: ManifestArg,
         #[arg(long)]
         json: bool,
+        /// Exit with 1 when a stage is stale (for CI), 0 when all are fresh.
+        #[arg(long)]
+        exit_code: bool,
     },
     /// Print the stage graph (a tree by default).
     Graph {
-        #[command(flatten)]
-        manifest: ManifestArg,
         /// Graphviz DOT.
         #[arg(long, conflicts_with = "mermaid")]
         dot: bool,
@@ -83,14 +93,9 @@ pub enum Command {
         path: PathBuf,
     },
     /// Remove the output folder (if symb made it) and the cache's contents.
-    Clean {
-        #[command(flatten)]
-        manifest: ManifestArg,
-    },
+    Clean,
     /// Remove cache entries the current manifest's plan does not use.
     Gc {
-        #[command(flatten)]
-        manifest: ManifestArg,
         /// Say what would be removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -158,6 +163,11 @@ pub enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Print a completion script for a shell, e.g. `symb completions bash > ~/.local/share/bash-completion/completions/symb`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,8 +175,6 @@ pub enum CacheCommand {
     /// Re-hash every blob, action record and output file against what symb
     /// wrote, and report what differs.
     Verify {
-        #[command(flatten)]
-        manifest: ManifestArg,
         /// Also remove the corrupt cache entries (their stages re-run at the next build).
         #[arg(long)]
         repair: bool,
@@ -175,8 +183,6 @@ pub enum CacheCommand {
     /// (`[cache] remote` or `SYMB_CACHE_REMOTE`), even when builds are read
     /// only. `symb gc` stays local.
     Push {
-        #[command(flatten)]
-        manifest: ManifestArg,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -185,13 +191,42 @@ pub enum CacheCommand {
 
 /// Runs the command; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
+    render::set_color(cli.color);
     init_logging(cli.verbose);
-    let verbose = cli.verbose > 0;
+    let mode = if cli.quiet {
+        Mode::Quiet
+    } else if cli.verbose > 0 {
+        Mode::Verbose
+    } else {
+        Mode::Human
+    };
+    let needs_manifest = matches!(cli.command, Command::Build { .. } | Command::Status { .. } | Command::Graph { .. } | Command::Clean | Command::Gc { .. } | Command::Cache { .. });
+    let manifest = if needs_manifest {
+        match find_manifest(cli.manifest.as_deref()) {
+            Ok(path) => path,
+            Err(message) => {
+                eprintln!("{}", render::diagnostic(&message));
+                return 2;
+            }
+        }
+    } else {
+        cli.manifest.clone().unwrap_or_default()
+    };
     match cli.command {
-        Command::Build { manifest, targets, jobs, force, json } => build(&manifest.manifest, &targets, jobs, force, json, verbose),
-        Command::Status { manifest, json } => report(status(&manifest.manifest, json), json),
-        Command::Graph { manifest, dot, mermaid } => report(
-            Project::open(&manifest.manifest, &[]).map(|p| {
+        Command::Completions { shell } => {
+            // Written whole, so a closed pipe (`| head`) is no panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "symb", &mut script);
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &script);
+            0
+        }
+        Command::Build { targets, jobs, force, json } => build(&manifest, &targets, jobs, force, if json { Mode::Json } else { mode }),
+        Command::Status { json, exit_code } => match status(&manifest, json) {
+            Ok(fresh) => i32::from(exit_code && !fresh),
+            Err(e) => report::<()>(Err(e), json),
+        },
+        Command::Graph { dot, mermaid } => report(
+            Project::open(&manifest, &[]).map(|p| {
                 let text = if dot {
                     p.plan.to_dot()
                 } else if mermaid {
@@ -204,8 +239,8 @@ pub fn run(cli: Cli) -> i32 {
             false,
         ),
         Command::Init { recipe, path } => init(&recipe, &path),
-        Command::Clean { manifest } => report(
-            Project::open(&manifest.manifest, &[]).and_then(|p| p.clean()).map(|clean| {
+        Command::Clean => report(
+            Project::open(&manifest, &[]).and_then(|p| p.clean()).map(|clean| {
                 for path in clean.removed {
                     eprintln!("     Removed {}", path.display());
                 }
@@ -215,10 +250,25 @@ pub fn run(cli: Cli) -> i32 {
             }),
             false,
         ),
-        Command::Gc { manifest, dry_run } => report(
-            Project::open(&manifest.manifest, &[]).and_then(|p| p.gc(&Project::default_options(1), dry_run)).map(|r| {
+        Command::Gc { dry_run } => report(
+            Project::open(&manifest, &[]).and_then(|p| p.gc(&Project::default_options(1), dry_run)).map(|r| {
                 let verb = if dry_run { "Would remove" } else { "Removed" };
-                eprintln!("{verb:>12} {} action records, {} blobs and {} abandoned checkpoints ({})", r.actions_removed, r.blobs_removed, r.checkpoints_removed, render::bytes(r.bytes_freed));
+                // A dry run lists each thing; a real one with -v.
+                if dry_run || mode == Mode::Verbose {
+                    for entry in &r.removed {
+                        eprintln!("{}", render::status(verb, render::Tone::Note, &format!("{} ({})", entry.what, render::bytes(entry.bytes))));
+                    }
+                }
+                if mode != Mode::Quiet {
+                    eprintln!(
+                        "{}",
+                        render::status(
+                            verb,
+                            render::Tone::Good,
+                            &format!("{} action records, {} blobs and {} abandoned checkpoints ({})", r.actions_removed, r.blobs_removed, r.checkpoints_removed, render::bytes(r.bytes_freed))
+                        )
+                    );
+                }
             }),
             false,
         ),
@@ -232,14 +282,14 @@ pub fn run(cli: Cli) -> i32 {
         }
         Command::Lint { folder, json } => lint(&folder, json),
         Command::Serve { folder, port, transformers_js } => serve(&folder, port, transformers_js.as_deref()),
-        Command::Cache { command: CacheCommand::Push { manifest, json } } => match push(&manifest.manifest, json) {
+        Command::Cache { command: CacheCommand::Push { json } } => match push(&manifest, json) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("{e}");
                 e.exit_code()
             }
         },
-        Command::Cache { command: CacheCommand::Verify { manifest, repair } } => match Project::open(&manifest.manifest, &[]).and_then(|p| {
+        Command::Cache { command: CacheCommand::Verify { repair } } => match Project::open(&manifest, &[]).and_then(|p| {
             let label = p.manifest.project.output_label.clone();
             p.verify(repair).map(|r| (label, r))
         }) {
@@ -287,11 +337,32 @@ pub(crate) fn out(line: impl std::fmt::Display) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
+/// The manifest: the one given, else `symb.toml` here or in the nearest
+/// folder above (as cargo finds Cargo.toml), as a path relative to here.
+fn find_manifest(given: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(path) = given {
+        return Ok(path.to_path_buf());
+    }
+    let here = std::env::current_dir().map_err(|e| format!("error: cannot read the current folder: {e}"))?;
+    let mut relative = PathBuf::new();
+    for folder in here.ancestors() {
+        if folder.join("symb.toml").is_file() {
+            return Ok(relative.join("symb.toml"));
+        }
+        relative.push("..");
+    }
+    Err(format!(
+        "error: no `symb.toml` in `{}` or any folder above it\n  help: write one with `symb init` (or `symb init --recipe NAME`: {}), or name a manifest with `-m FILE`, e.g. `symb build -m symb.toml.example`",
+        here.display(),
+        RECIPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    ))
+}
+
 fn report<T>(result: Result<T, ProjectError>, json: bool) -> i32 {
     match result {
         Ok(_) => 0,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
                 out(serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}));
             }
@@ -306,49 +377,54 @@ fn init_logging(verbose: u8) {
         _ => "symb=debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(render::color()).with_target(false).try_init();
 }
 
-fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<String>, json: bool, verbose: bool) -> i32 {
+fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<String>, mode: Mode) -> i32 {
+    let json = mode == Mode::Json;
     let project = match Project::open(manifest, targets) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
                 out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
             }
             return e.exit_code();
         }
     };
-    for stage in &force {
-        if project.plan.stage(stage).is_none() {
-            eprintln!("error: `--force {stage}`: no such stage; the plan has: {}", project.plan.names().join(", "));
-            return 2;
+    let mut forced = Vec::new();
+    for stage in force {
+        match project.stages_named(&stage) {
+            Ok(names) => forced.extend(names),
+            Err(e) => {
+                eprintln!("{}", render::diagnostic(&format!("error: `--force {stage}`: {}", e.to_string().trim_start_matches("error: "))));
+                return 2;
+            }
         }
     }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut options = BuildOptions { force: force.into_iter().collect(), ..Project::default_options(jobs) };
-    let mode = if json {
-        Mode::Json
-    } else if verbose {
-        Mode::Verbose
-    } else {
-        Mode::Human
-    };
-    let reporter = CliReporter::new(mode);
+    let mut options = BuildOptions { force: forced.into_iter().collect(), ..Project::default_options(jobs) };
+    let reporter: &'static CliReporter = Box::leak(Box::new(CliReporter::new(mode)));
+    // Ctrl-C: say what stopped and that the next build resumes; the cache
+    // holds only whole results (written to a temporary name, then renamed),
+    // so stopping at any point loses nothing already finished.
+    let _ = ctrlc::set_handler(move || {
+        reporter.interrupted();
+        std::process::exit(130);
+    });
     let (remote, warning) = project.remote();
     if let Some(message) = warning {
-        crate::engine::Reporter::event(&reporter, crate::engine::Event::RemoteWarning { message: &message });
+        crate::engine::Reporter::event(reporter, crate::engine::Event::RemoteWarning { message: &message });
     }
     options.remote = remote;
-    match project.build(&options, &reporter) {
+    match project.build(&options, reporter) {
         Ok(report) => {
             reporter.finish(&project, &report);
             report.exit_code()
         }
         Err(e) => {
             reporter.clear();
-            eprintln!("{e}");
+            eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
                 out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
             }
@@ -357,7 +433,8 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
     }
 }
 
-fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
+/// Prints each stage's state; returns whether all are fresh.
+fn status(manifest: &Path, json: bool) -> Result<bool, ProjectError> {
     let project = Project::open(manifest, &[])?;
     let states = project.status(&Project::default_options(1))?;
     // Which stale stages the cache remote would serve (those whose key is
@@ -397,7 +474,7 @@ fn status(manifest: &Path, json: bool) -> Result<(), ProjectError> {
             }
         }
     }
-    Ok(())
+    Ok(states.iter().all(|s| s.fresh))
 }
 
 /// `symb cache push`: every built stage of the plan, to the remote.
@@ -537,11 +614,53 @@ fn init(recipe: &str, path: &Path) -> i32 {
         eprintln!("error: `{}` already exists; symb init does not overwrite a manifest", path.display());
         return 2;
     }
-    if let Err(e) = std::fs::write(path, text) {
-        eprintln!("error: cannot write `{}`: {e}", path.display());
-        return 1;
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let written = (|| -> std::io::Result<Vec<String>> {
+        std::fs::create_dir_all(folder)?;
+        std::fs::write(path, text)?;
+        let mut written = vec![format!("`{}` from the `{recipe}` recipe", path.display())];
+        // The corpus folder the recipes read, with a note on what goes there.
+        let corpus = folder.join("corpus");
+        if !corpus.exists() {
+            std::fs::create_dir_all(&corpus)?;
+            std::fs::write(corpus.join("README.md"), CORPUS_NOTE)?;
+            written.push(format!("`{}` (put your text here)", corpus.display()));
+        }
+        // Built things stay out of version control: append what is missing.
+        let ignore = folder.join(".gitignore");
+        let existing = std::fs::read_to_string(&ignore).unwrap_or_default();
+        let missing: Vec<&str> = ["/dist/", "/cache/"].into_iter().filter(|line| !existing.lines().any(|l| l.trim().trim_matches('/') == line.trim_matches('/'))).collect();
+        if !missing.is_empty() {
+            let separator = if existing.is_empty() || existing.ends_with('\n') { "" } else { "\n" };
+            std::fs::write(&ignore, format!("{existing}{separator}# symb's output folder and cache (rebuilt by `symb build`)\n{}\n", missing.join("\n")))?;
+            written.push(format!("`{}` ({})", ignore.display(), missing.join(", ")));
+        }
+        Ok(written)
+    })();
+    match written {
+        Ok(written) => {
+            for line in written {
+                eprintln!("{}", render::status("Created", render::Tone::Good, &line));
+            }
+            eprintln!("{}", render::status("Next", render::Tone::Note, "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"));
+            0
+        }
+        Err(e) => {
+            eprintln!("error: cannot write `{}`: {e}", path.display());
+            1
+        }
     }
-    eprintln!("     Created `{}` from the `{recipe}` recipe", path.display());
-    eprintln!("        Next put your corpus in `corpus/*.txt` (one document per line), then run `symb build`");
-    0
 }
+
+/// `corpus/README.md` as `symb init` writes it.
+const CORPUS_NOTE: &str = "# The corpus\n\n\
+Text of the language the model is to learn, as `symb.toml`'s `[corpus] files`\n\
+reads it (`corpus/*.txt` in the recipes):\n\n\
+- `.txt`: one document per line;\n\
+- `.jsonl`: one JSON object per line, with a `text` field, or `prompt` and `completion`\n\
+  (other names: `[corpus] text_field`, `prompt_field`, `completion_field`);\n\
+- `.csv`: a header row naming the columns, as for `.jsonl`.\n\n\
+A part of it (`eval_fraction`, 5% by default) is held out to measure the model\n\
+and to give the playground its example prompts. A few megabytes are enough to\n\
+start: `python3 corpus/gen_symbiotic.py` in symb's repository writes one in a\n\
+constructed language.\n";

@@ -1,40 +1,150 @@
-//! Rendering engine events: cargo-style status lines, indicatif spinners on
-//! a terminal, or JSON lines for machines.
+//! Rendering engine events: cargo-style status lines (coloured on a
+//! terminal), indicatif spinners on a terminal, a progress line every few
+//! seconds elsewhere (a pipe, a CI log), or JSON lines for machines.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::engine::{Event, Reporter, StageStatus};
+use super::ColorChoice;
+use crate::engine::{Event, Reporter, StageStatus, join};
 use crate::project::{BuildReport, Project};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// Warnings and errors only.
+    Quiet,
     Human,
     Verbose,
     Json,
 }
 
+static COLOR: AtomicBool = AtomicBool::new(false);
+
+/// Decides once whether stderr gets colour: `always` and `never` as said;
+/// `auto` on a terminal unless `NO_COLOR` is set (and not empty) or `TERM`
+/// is `dumb`.
+pub fn set_color(choice: ColorChoice) {
+    let on = match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb"),
+    };
+    COLOR.store(on, Ordering::Relaxed);
+}
+
+pub fn color() -> bool {
+    COLOR.load(Ordering::Relaxed)
+}
+
+/// A status word's colour, as cargo's.
+#[derive(Clone, Copy)]
+pub enum Tone {
+    /// Work done or fine (green).
+    Good,
+    /// Waiting or informative (cyan).
+    Note,
+    /// A warning (yellow).
+    Warn,
+    /// A failure (red).
+    Bad,
+}
+
+fn paint(text: &str, tone: Tone) -> String {
+    if !color() {
+        return text.to_string();
+    }
+    let code = match tone {
+        Tone::Good => "32",
+        Tone::Note => "36",
+        Tone::Warn => "33",
+        Tone::Bad => "31",
+    };
+    format!("\x1b[1;{code}m{text}\x1b[0m")
+}
+
+/// A status line: the word right-aligned in 12 columns, coloured.
+pub fn status(word: &str, tone: Tone, rest: &str) -> String {
+    format!("{} {rest}", paint(&format!("{word:>12}"), tone))
+}
+
+/// `error: …` and `warning: …` lines with their prefix coloured.
+pub fn diagnostic(text: &str) -> String {
+    for (prefix, tone) in [("error:", Tone::Bad), ("warning:", Tone::Warn)] {
+        if let Some(rest) = text.strip_prefix(prefix) {
+            return format!("{}{rest}", paint(prefix, tone));
+        }
+    }
+    text.to_string()
+}
+
+/// A running stage: when it started, when its last plain progress line went
+/// out, and its latest (done, total).
+type Running = (Instant, Option<Instant>, Option<(u64, u64)>);
+
+/// Seconds between two progress lines of one stage when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 pub struct CliReporter {
     mode: Mode,
     bars: Option<MultiProgress>,
     running: Mutex<BTreeMap<String, ProgressBar>>,
+    /// Per running stage: when it started, when its last plain progress line
+    /// went out, and its latest progress (for Ctrl-C's message).
+    plain: Mutex<BTreeMap<String, Running>>,
 }
 
 impl CliReporter {
     pub fn new(mode: Mode) -> Self {
         let bars = (mode == Mode::Human && std::io::stderr().is_terminal()).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        CliReporter { mode, bars, running: Mutex::new(BTreeMap::new()) }
+        CliReporter { mode, bars, running: Mutex::new(BTreeMap::new()), plain: Mutex::new(BTreeMap::new()) }
     }
 
     fn line(&self, text: String) {
+        if self.mode == Mode::Quiet {
+            return;
+        }
+        self.always(text);
+    }
+
+    /// A line even in quiet mode (warnings and errors).
+    fn always(&self, text: String) {
+        let text = diagnostic(&text);
         match &self.bars {
             Some(bars) => bars.suspend(|| eprintln!("{text}")),
             None => eprintln!("{text}"),
         }
+    }
+
+    /// What Ctrl-C stopped: each running stage, with its progress, and that
+    /// the next build takes up from there.
+    pub fn interrupted(&self) {
+        self.clear();
+        let running = std::mem::take(&mut *self.plain.lock().unwrap_or_else(|e| e.into_inner()));
+        if self.mode == Mode::Json {
+            let stages: Vec<serde_json::Value> = running.iter().map(|(stage, (_, _, p))| serde_json::json!({"stage": stage, "step": p.map(|p| p.0), "total": p.map(|p| p.1)})).collect();
+            super::out(serde_json::json!({"event": "interrupted", "running": stages}));
+        }
+        let what: Vec<String> = running
+            .iter()
+            .map(|(stage, (_, _, p))| match p {
+                Some((done, total)) if *total > 0 => format!("{stage} at {done} of {total}"),
+                _ => stage.clone(),
+            })
+            .collect();
+        let stopped = if what.is_empty() { "the build".to_string() } else { what.join(", ") };
+        eprintln!(
+            "{}",
+            status(
+                "Interrupted",
+                Tone::Warn,
+                &format!("stopped {stopped}; finished stages are cached and a stage that checkpoints (finetune) resumes from its last checkpoint: run `symb build` again")
+            )
+        );
     }
 
     pub fn clear(&self) {
@@ -66,7 +176,7 @@ impl CliReporter {
         }
         for stage in report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed) {
             if let Some(error) = &stage.error {
-                self.line(format!("error: stage `{}` failed: {}", stage.stage, error.message));
+                self.always(format!("error: stage `{}` failed: {}", stage.stage, error.message));
             }
         }
         let output_note = match report.output_updated {
@@ -79,10 +189,10 @@ impl CliReporter {
         };
         if self.mode == Mode::Verbose {
             for path in &report.kept {
-                self.line(format!("{:>12} `{output}/{path}` (not written by symb)", "Kept"));
+                self.line(status("Kept", Tone::Note, &format!("`{output}/{path}` (not written by symb)")));
             }
         }
-        let word = if report.exit_code() == 0 { "Finished" } else { "Failed" };
+        let (word, tone) = if report.exit_code() == 0 { ("Finished", Tone::Good) } else { ("Failed", Tone::Bad) };
         let mut parts = vec![format!("{ran} ran"), format!("{cached} cached")];
         if fetched > 0 {
             parts.push(format!("{fetched} fetched"));
@@ -93,19 +203,21 @@ impl CliReporter {
         if skipped > 0 {
             parts.push(format!("{skipped} skipped"));
         }
-        self.line(format!("{word:>12} {} in {:.2}s{output_note}", parts.join(", "), report.seconds));
+        self.line(status(word, tone, &format!("{} in {:.2}s{output_note}", parts.join(", "), report.seconds)));
     }
 }
 
 impl Reporter for CliReporter {
     fn event(&self, event: Event<'_>) {
         match event {
-            Event::WaitingForLock => self.line(format!("{:>12} for another build to release the cache lock", "Blocking")),
+            Event::WaitingForLock => self.line(status("Blocking", Tone::Note, "waiting for another build to release the cache lock")),
             Event::StageStarted { stage, reason } => {
-                if self.mode == Mode::Json {
-                    return;
+                self.plain.lock().expect("progress lock").insert(stage.to_string(), (Instant::now(), None, None));
+                match self.mode {
+                    Mode::Json => super::out(serde_json::json!({"event": "stage_started", "stage": stage, "reason": reason})),
+                    Mode::Verbose => self.line(status("Running", Tone::Good, &format!("{stage} ({reason})"))),
+                    Mode::Human | Mode::Quiet => {}
                 }
-                self.line(format!("{:>12} {stage} ({reason})", "Running"));
                 if let Some(bars) = &self.bars {
                     let bar = bars.add(ProgressBar::new_spinner());
                     bar.set_style(ProgressStyle::with_template("{spinner} {prefix:>10} {msg} [{elapsed}]").expect("template is valid"));
@@ -114,7 +226,33 @@ impl Reporter for CliReporter {
                     self.running.lock().expect("bars lock").insert(stage.to_string(), bar);
                 }
             }
-            Event::StageProgress { stage, done, total, message } => {
+            Event::StageProgress { stage, done, total, message, fields } => {
+                let now = Instant::now();
+                let due = {
+                    let mut plain = self.plain.lock().expect("progress lock");
+                    let entry = plain.entry(stage.to_string()).or_insert((now, None, None));
+                    entry.2 = Some((done, total));
+                    let since = entry.1.unwrap_or(entry.0);
+                    let due = now.duration_since(since) >= PLAIN_PROGRESS_EVERY;
+                    if due {
+                        entry.1 = Some(now);
+                    }
+                    due
+                };
+                match self.mode {
+                    Mode::Json => {
+                        let mut line = serde_json::json!({"event": "progress", "stage": stage, "step": done, "total": total, "message": message});
+                        for (name, value) in fields {
+                            line[*name] = serde_json::json!(value);
+                        }
+                        super::out(line);
+                    }
+                    Mode::Human | Mode::Verbose if self.bars.is_none() && due => {
+                        let of = if total > 0 { format!(" {done}/{total}") } else { String::new() };
+                        self.line(status("Progress", Tone::Note, &format!("{stage}{of}: {message}")));
+                    }
+                    _ => {}
+                }
                 if let Some(bar) = self.running.lock().expect("bars lock").get(stage) {
                     if total > 0 && bar.length() != Some(total) {
                         bar.set_style(ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} [{elapsed}]").expect("template is valid").progress_chars("=> "));
@@ -124,10 +262,17 @@ impl Reporter for CliReporter {
                     bar.set_message(message.to_string());
                 }
             }
+            Event::StageNote { stage, message } => match self.mode {
+                Mode::Json => super::out(serde_json::json!({"event": "note", "stage": stage, "message": message})),
+                _ => self.line(status("Note", Tone::Note, &format!("{stage}: {message}"))),
+            },
             Event::StageFinished(outcome) => {
+                self.plain.lock().expect("progress lock").remove(&outcome.stage);
                 if let Some(bar) = self.running.lock().expect("bars lock").remove(&outcome.stage) {
                     bar.finish_and_clear();
                 }
+                // The reason: whole in -v, without digests otherwise.
+                let why = if outcome.reasons.is_empty() { outcome.reason.clone() } else { join(&outcome.reasons, self.mode != Mode::Verbose) };
                 match self.mode {
                     Mode::Json => {
                         let mut line = serde_json::json!({
@@ -137,24 +282,30 @@ impl Reporter for CliReporter {
                             "reason": outcome.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| outcome.reason.clone()),
                             "seconds": outcome.seconds,
                         });
+                        if !outcome.reasons.is_empty() {
+                            line["reasons"] = serde_json::to_value(&outcome.reasons).expect("reasons serialise");
+                        }
                         if outcome.status == StageStatus::Fetched {
                             line["bytes"] = outcome.fetched_bytes.into();
                         }
                         super::out(line)
                     }
-                    Mode::Human | Mode::Verbose => match outcome.status {
-                        StageStatus::Ran => self.line(format!("{:>12} {} in {:.2}s", "Ran", outcome.stage, outcome.seconds)),
-                        StageStatus::Fetched => self.line(format!("{:>12} {} ({} {} in {:.2}s)", "Fetched", outcome.stage, bytes(outcome.fetched_bytes), outcome.reason, outcome.seconds)),
-                        StageStatus::Cached if self.mode == Mode::Verbose => self.line(format!("{:>12} {}", "Fresh", outcome.stage)),
+                    Mode::Human | Mode::Verbose | Mode::Quiet => match outcome.status {
+                        StageStatus::Ran => self.line(status("Ran", Tone::Good, &format!("{} in {:.2}s ({why})", outcome.stage, outcome.seconds))),
+                        StageStatus::Fetched => {
+                            self.line(status("Fetched", Tone::Good, &format!("{} ({} {} in {:.2}s)", outcome.stage, bytes(outcome.fetched_bytes), outcome.reason, outcome.seconds)))
+                        }
+                        StageStatus::Cached if self.mode == Mode::Verbose => self.line(status("Fresh", Tone::Good, &outcome.stage)),
                         StageStatus::Cached => {}
-                        StageStatus::Failed => self.line(format!("{:>12} {}", "Failed", outcome.stage)),
-                        StageStatus::Skipped => self.line(format!("{:>12} {} ({})", "Skipped", outcome.stage, outcome.reason)),
+                        StageStatus::Failed if why.is_empty() => self.always(status("Failed", Tone::Bad, &outcome.stage)),
+                        StageStatus::Failed => self.always(status("Failed", Tone::Bad, &format!("{} ({why})", outcome.stage))),
+                        StageStatus::Skipped => self.line(status("Skipped", Tone::Warn, &format!("{} ({})", outcome.stage, outcome.reason))),
                     },
                 }
             }
-            Event::CorruptBlob { message } => self.line(format!("{:>12} {message}", "Corrupt")),
+            Event::CorruptBlob { message } => self.always(status("Corrupt", Tone::Warn, message)),
             Event::RemoteWarning { message } if self.mode == Mode::Json => super::out(serde_json::json!({"event": "warning", "message": message})),
-            Event::RemoteWarning { message } => self.line(format!("warning: {message}")),
+            Event::RemoteWarning { message } => self.always(format!("warning: {message}")),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::inputs::{StageInputs, explain};
+use super::inputs::{DirtyReason, StageInputs, explain, join};
 use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
 use crate::cache::{ActionRecord, Cache, CacheError, StatCache, Store, fault, write_json_atomic};
 
@@ -66,6 +66,8 @@ pub struct StageOutcome {
     pub status: StageStatus,
     /// Why it ran, failed or was skipped; empty for a cache hit.
     pub reason: String,
+    /// Why it ran (or failed while running), as data; empty otherwise.
+    pub reasons: Vec<DirtyReason>,
     pub seconds: f64,
     /// Bytes downloaded, for `fetched`.
     pub fetched_bytes: u64,
@@ -196,7 +198,7 @@ fn spawn<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, name: String) {
 }
 
 fn outcome(stage: &str, status: StageStatus, reason: String, seconds: f64, record: Option<ActionRecord>, error: Option<StageError>) -> StageOutcome {
-    StageOutcome { stage: stage.to_string(), status, reason, seconds, fetched_bytes: 0, record, error }
+    StageOutcome { stage: stage.to_string(), status, reason, reasons: Vec::new(), seconds, fetched_bytes: 0, record, error }
 }
 
 fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
@@ -247,8 +249,10 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         let done = outcome(name, StageStatus::Fetched, format!("from {}", remote.store.describe()), seconds, Some(record), None);
         return StageOutcome { fetched_bytes: bytes, ..done };
     }
-    let reason = rerun_reason(name, previous.as_ref(), &inputs, forced);
+    let reasons = rerun_reasons(name, previous.as_ref(), &inputs, forced);
+    let reason = join(&reasons, false);
     shared.reporter.event(Event::StageStarted { stage: name, reason: &reason });
+    let failed = |reason: String, error: StageError| StageOutcome { reasons: reasons.clone(), ..failed(reason, error) };
     // The upstream blobs are about to be read: re-hash them first.
     let paths = match ensure_inputs(shared, &mut upstream) {
         Ok((paths, rebuilt)) => {
@@ -272,7 +276,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
             if let Some(uploads) = shared.uploads.lock().expect("uploads lock").as_ref() {
                 let _ = uploads.send(record.clone());
             }
-            outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None)
+            StageOutcome { reasons, ..outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None) }
         }
         Err(error) => failed(reason, error),
     }
@@ -335,13 +339,13 @@ pub fn upload(cache: &Cache, remote: &dyn Store, record: &ActionRecord) -> Resul
 }
 
 /// Why a stage whose key missed the cache must run.
-fn rerun_reason(name: &str, previous: Option<&StageRef>, inputs: &StageInputs, forced: bool) -> String {
+fn rerun_reasons(name: &str, previous: Option<&StageRef>, inputs: &StageInputs, forced: bool) -> Vec<DirtyReason> {
     if forced {
-        return "forced by `--force`".to_string();
+        return vec![DirtyReason::Forced];
     }
-    let Some(previous) = previous else { return "no previous build".to_string() };
+    let Some(previous) = previous else { return vec![DirtyReason::NoPreviousBuild] };
     let reasons = explain(name, &previous.inputs, inputs);
-    if reasons.is_empty() { "its cached result is missing".to_string() } else { reasons.join("; ") }
+    if reasons.is_empty() { vec![DirtyReason::CachedResultMissing] } else { reasons }
 }
 
 /// Re-hashes every upstream blob about to be read. A corrupt blob is deleted
@@ -455,6 +459,8 @@ pub struct StageState {
     pub fresh: bool,
     /// Why it would run; empty when fresh.
     pub reason: String,
+    /// The same, as data.
+    pub reasons: Vec<DirtyReason>,
     /// Its key, when its inputs are known (it is fresh, or stale with fresh
     /// upstream stages): what `gc` keeps, checkpoints of a stage that was
     /// interrupted included.
@@ -474,14 +480,14 @@ pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str
         let upstream: Vec<ActionRecord> = stage.dependencies().iter().filter_map(|d| known[d].clone()).collect();
         let mut inputs = current_inputs(&shared, stage, &upstream)?;
         let mut key = None;
-        let (fresh, reason, record) = if stale_upstream.is_empty() {
+        let (fresh, reasons, record) = if stale_upstream.is_empty() {
             let current = inputs.key();
             let forced = options.force.contains(name);
             let found = cache.lookup(&current);
             key = Some(current);
             match found {
-                Some(record) if !forced => (true, String::new(), Some(record)),
-                _ => (false, rerun_reason(name, previous.as_ref(), &inputs, forced), None),
+                Some(record) if !forced => (true, Vec::new(), Some(record)),
+                _ => (false, rerun_reasons(name, previous.as_ref(), &inputs, forced), None),
             }
         } else {
             // Compare our own inputs only: upstream artifacts are not known yet.
@@ -495,11 +501,11 @@ pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str
                 }
                 reasons = explain(name, &p.inputs, &inputs);
             }
-            reasons.extend(stale_upstream.iter().map(|s| format!("upstream `{s}` is stale")));
-            (false, reasons.join("; "), None)
+            reasons.extend(stale_upstream.iter().map(|s| DirtyReason::UpstreamStale { stage: s.clone() }));
+            (false, reasons, None)
         };
         known.insert(name.to_string(), record);
-        states.push(StageState { stage: name.to_string(), fresh, reason, key });
+        states.push(StageState { stage: name.to_string(), fresh, reason: join(&reasons, false), reasons, key });
     }
     Ok(states)
 }

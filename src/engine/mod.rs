@@ -24,7 +24,7 @@ mod output;
 mod plan;
 
 pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, execute, status, upload};
-pub use inputs::{StageInputs, explain};
+pub use inputs::{DirtyReason, StageInputs, explain, join};
 pub use output::{
     AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files, inspect_output,
     mark_empty, output_is_current, remove_owned, reusable_outputs,
@@ -128,6 +128,13 @@ pub enum Event<'a> {
         done: u64,
         total: u64,
         message: &'a str,
+        /// Named figures for machines (e.g. `loss`, `tokens_per_second`, `eta_s`).
+        fields: &'a [(&'a str, f64)],
+    },
+    /// Something a running stage says once (e.g. that it resumed from a checkpoint).
+    StageNote {
+        stage: &'a str,
+        message: &'a str,
     },
     StageFinished(&'a StageOutcome),
     /// A corrupt cache entry was found and removed; the build goes on.
@@ -188,7 +195,17 @@ impl StageContext<'_> {
 
     /// Reports progress (`total` 0 when unknown).
     pub fn progress(&self, done: u64, total: u64, message: &str) {
-        self.reporter.event(Event::StageProgress { stage: self.stage, done, total, message });
+        self.progress_with(done, total, message, &[]);
+    }
+
+    /// Progress with named figures, which JSON output carries as fields.
+    pub fn progress_with(&self, done: u64, total: u64, message: &str, fields: &[(&str, f64)]) {
+        self.reporter.event(Event::StageProgress { stage: self.stage, done, total, message, fields });
+    }
+
+    /// Says something once, on its own line.
+    pub fn note(&self, message: &str) {
+        self.reporter.event(Event::StageNote { stage: self.stage, message });
     }
 }
 

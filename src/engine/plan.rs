@@ -63,11 +63,7 @@ impl Plan {
         }
         let mut keep = BTreeSet::new();
         for target in targets {
-            let roots: Vec<NodeIndex> = self.by_name.iter().filter(|(name, _)| *name == target || name.rsplit_once('.').is_some_and(|(_, s)| s == target)).map(|(_, &i)| i).collect();
-            if roots.is_empty() {
-                let available = self.names().into_iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-                return Err(PlanError::UnknownTarget { target: target.clone(), available });
-            }
+            let roots: Vec<NodeIndex> = self.resolve(target)?.iter().map(|name| self.by_name[*name]).collect();
             for root in roots {
                 let reversed = Reversed(&self.graph);
                 let mut dfs = Dfs::new(reversed, root);
@@ -87,6 +83,18 @@ impl Plan {
         }
         stages.reverse();
         Plan::new(stages)
+    }
+
+    /// The stages a name on the command line means (`--target`, `--force`):
+    /// the stage of that name, or every stage whose last part it is (`q4`:
+    /// `quantize.q4` and `verify.q4`). Unknown: an error listing the plan.
+    pub fn resolve(&self, target: &str) -> Result<Vec<&str>, PlanError> {
+        let matches: Vec<&str> = self.names().into_iter().filter(|name| *name == target || name.rsplit_once('.').is_some_and(|(_, s)| s == target)).collect();
+        if matches.is_empty() {
+            let available = self.names().into_iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            return Err(PlanError::UnknownTarget { target: target.to_string(), available });
+        }
+        Ok(matches)
     }
 
     /// Stage names in execution order.

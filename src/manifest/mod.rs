@@ -19,7 +19,10 @@ use error::Spans;
 /// path is shown in messages (as the user typed it).
 pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
     let display = path.display().to_string();
-    let source = std::fs::read_to_string(path).map_err(|e| ManifestError::general(&display, format!("cannot read the manifest `{display}`: {e}")))?;
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        let help = if e.kind() == std::io::ErrorKind::NotFound { "; write one with `symb init`, or name another with `-m FILE`" } else { "" };
+        ManifestError::general(&display, format!("cannot read the manifest `{display}`: {e}{help}"))
+    })?;
     parse(path, &display, &source)
 }
 

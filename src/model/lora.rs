@@ -187,14 +187,15 @@ pub fn merge(model: &mut Model) -> Result<usize> {
 }
 
 /// PEFT's `adapter_config.json` for an adapter trained by symb on a model of
-/// `family`; `token_modules` are the modules whose rows of `trainable_tokens`
-/// train (the embedding, and an untied head).
-pub fn peft_config(family: Family, spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32], token_modules: &[String]) -> serde_json::Value {
+/// `family` (named `base`, as PEFT's `base_model_name_or_path`);
+/// `token_modules` are the modules whose rows of `trainable_tokens` train
+/// (the embedding, and an untied head).
+pub fn peft_config(family: Family, base: Option<&str>, spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32], token_modules: &[String]) -> serde_json::Value {
     let targets = family.peft_target_modules(&spec.targets);
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": null,
+        "base_model_name_or_path": base,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": dropout,

@@ -343,6 +343,21 @@ impl Model {
     /// `eos`. Returns each row's new ids and its logits at the last prompt
     /// position.
     pub fn decode_batch(&self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>) -> Result<Decoded> {
+        let (generated, prompt_logits, _) = self.decode_batch_inner(prompts, max_new_tokens, eos, sampling, false)?;
+        Ok((generated, prompt_logits))
+    }
+
+    /// Greedy [`decode_batch`](Self::decode_batch) that keeps every logit
+    /// row of each prompt: its prompt's positions, then one per new id fed
+    /// back (all but the last): `[(prompt.len() + new.len() - 1) * vocab]`
+    /// (the prompt's alone when nothing is generated).
+    pub fn decode_batch_logits(&self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>) -> Result<Decoded> {
+        let (generated, _, rows) = self.decode_batch_inner(prompts, max_new_tokens, eos, None, true)?;
+        Ok((generated, rows))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn decode_batch_inner(&self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>, keep: bool) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<f32>>)> {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(ModelError::Config("the prompt encodes to no tokens".to_string()));
         }
@@ -351,6 +366,11 @@ impl Model {
         let longest = rows[0].len();
         let mut cache = KvCache::new(self.n_layer());
         let logits = self.forward_padded(&Tensor::new(rows, self.device())?, Some(&mut cache), &padding)?;
+        let mut kept: Vec<Vec<f32>> = if keep {
+            (0..prompts.len()).map(|b| logits.get(b)?.narrow(0, padding.of(b), longest - padding.of(b))?.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?
+        } else {
+            Vec::new()
+        };
         let mut last: Vec<Vec<f32>> = (0..prompts.len()).map(|b| logits.get(b)?.get(longest - 1)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
         let prompt_logits = last.clone();
         let mut generated = vec![Vec::new(); prompts.len()];
@@ -376,9 +396,17 @@ impl Model {
             }
             let logits = self.forward_padded(&Tensor::new(next, self.device())?, Some(&mut cache), &padding)?;
             last = (0..prompts.len()).map(|b| logits.get(b)?.get(0)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+            if keep {
+                // A row's id was fed as its own (not its last) where it goes on.
+                for (b, row) in last.iter().enumerate() {
+                    if !done[b] {
+                        kept[b].extend_from_slice(row);
+                    }
+                }
+            }
             length += 1;
         }
-        Ok((generated, prompt_logits))
+        Ok((generated, prompt_logits, kept))
     }
 
     /// Grows the token embedding (and an untied head) to `new_size` rows; the
@@ -395,7 +423,8 @@ impl Model {
     }
 }
 
-/// Per row of a batch: the new ids, and the logits at the last prompt position.
+/// Per row of a batch: the new ids, and logits (the last prompt position's,
+/// or every position's: see each method).
 pub type Decoded = (Vec<Vec<u32>>, Vec<Vec<f32>>);
 
 /// The first index of the largest value (`torch.argmax`'s choice on ties).
@@ -478,8 +507,10 @@ pub(crate) fn eos_token_from(generation_config: Option<&Path>, config: &ModelCon
 
 /// Writes tensors as safetensors (tensors sorted by name: byte-stable).
 pub fn save_safetensors(tensors: &std::collections::BTreeMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
-    let map: std::collections::HashMap<String, candle_core::Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    candle_core::safetensors::save(&map, path).map_err(|e| ModelError::write(path, candle_message(&e)))
+    // `{"format": "pt"}`, as transformers' `save_pretrained` writes it (some
+    // loaders check it).
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata), path).map_err(|e| ModelError::write(path, e.to_string()))
 }
 
 #[cfg(test)]

@@ -99,6 +99,8 @@ pub struct Progress<'a> {
     pub tokens_per_second: f64,
     pub eta_seconds: f64,
     pub message: &'a str,
+    /// The checkpoint's step this run resumed from (0: it started afresh).
+    pub resumed_from: usize,
 }
 
 pub struct Trained {
@@ -248,7 +250,7 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
         let elapsed = started.elapsed().as_secs_f64();
         let tokens_per_second = tokens_this_run as f64 / elapsed.max(1e-9);
         let eta = elapsed / (step - start_step) as f64 * (total_steps - step) as f64;
-        progress(&Progress { step, total_steps, loss: step_loss, tokens_per_second, eta_seconds: eta, message: "training" });
+        progress(&Progress { step, total_steps, loss: step_loss, tokens_per_second, eta_seconds: eta, message: "training", resumed_from: start_step });
 
         if (step % config.eval_every == 0 || step == total_steps)
             && let Some(loss) = evaluate(&model, eval, config.batch_size)?

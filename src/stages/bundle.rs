@@ -128,8 +128,9 @@ impl Stage for BundleStage {
         "bundle"
     }
     fn version(&self) -> u32 {
-        // 5: no verify time column (the reports hold no timing).
-        5
+        // 5: no verify time column (the reports hold no timing). 6: the pad
+        // token declared in config.json and tokenizer_config.json.
+        6
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
@@ -176,9 +177,19 @@ impl Stage for BundleStage {
         } else {
             js.insert("use_external_data_format".into(), serde_json::to_value(&external).expect("serialises"));
         }
-        super::model::write_json(&ctx.output("config.json"), &config)?;
         let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
-        let tokenizer_config = super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, ctx.input(self.model_stage, "tokenizer.json")?, base)?;
+        let tokenizer_path = ctx.input(self.model_stage, "tokenizer.json")?;
+        let tokenizer_config = super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, tokenizer_path, base)?;
+        // The pad token the tokenizer declares, by id, as transformers' configs have it.
+        if let Some(pad) = tokenizer_config["pad_token"].as_str()
+            && config.get("pad_token_id").is_none_or(serde_json::Value::is_null)
+        {
+            let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+            if let Some(id) = tokenizer.token_to_id(pad) {
+                config["pad_token_id"] = id.into();
+            }
+        }
+        super::model::write_json(&ctx.output("config.json"), &config)?;
         super::model::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
         let page = ctx.output("index.html");
         std::fs::write(&page, self.page()).map_err(|e| super::model::io(&page, e))?;

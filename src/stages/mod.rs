@@ -69,7 +69,12 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         if manifest.corpus.is_none() || manifest.base.is_none() {
             return Err(error("`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train"));
         }
-        stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone(), model_stage }));
+        let base_name = manifest.base.as_ref().and_then(|b| match &b.model {
+            crate::manifest::BaseModel::Hub { repo, .. } => Some(repo.clone()),
+            // Not the folder's path or name: keys hold no location.
+            crate::manifest::BaseModel::Path(_) | crate::manifest::BaseModel::Scratch => None,
+        });
+        stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone(), model_stage, base_name }));
         stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora, model_stage }));
     }
     if let Some(export) = &manifest.export {

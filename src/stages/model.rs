@@ -94,8 +94,9 @@ impl Stage for BaseStage {
         "base"
     }
     fn version(&self) -> u32 {
-        // 2: a matching safetensors file is copied as it is.
-        2
+        // 2: a matching safetensors file is copied as it is. 3: written
+        // safetensors carry `{"format": "pt"}`.
+        3
     }
     fn settings(&self) -> Settings {
         let b = &self.base;
@@ -196,6 +197,11 @@ pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path, base: 
                 out[key] = value;
             }
         }
+    }
+    // A `<pad>` the tokenizer has (symb's recipes make one) is the pad
+    // token, unless the base named another.
+    if out["pad_token"].is_null() && tokenizer.get_added_vocabulary().get_vocab().contains_key("<pad>") {
+        out["pad_token"] = "<pad>".into();
     }
     Ok(out)
 }
@@ -333,6 +339,10 @@ pub struct FinetuneStage {
     pub finetune: Finetune,
     /// The stage whose model it trains: `base`, or `vocab` when one grew it.
     pub model_stage: &'static str,
+    /// What the adapter names as its base (`base_model_name_or_path`): the
+    /// Hub id. A local folder is named by its config's `_name_or_path` (what
+    /// transformers saved it from) when that is not a path of a machine.
+    pub base_name: Option<String>,
 }
 
 impl FinetuneStage {
@@ -423,12 +433,16 @@ impl Stage for FinetuneStage {
         "finetune"
     }
     fn version(&self) -> u32 {
-        2
+        // 3: the adapter names its base; safetensors carry `{"format": "pt"}`.
+        3
     }
     fn settings(&self) -> Settings {
         let f = &self.finetune;
         let mut s = Settings::new();
         s.insert("finetune.method".into(), serde_json::to_value(f.method).expect("serialises"));
+        if f.method == FinetuneMethod::Lora {
+            s.insert("base.model".into(), serde_json::json!(self.base_name));
+        }
         if f.method == FinetuneMethod::Lora {
             s.insert("finetune.rank".into(), f.rank.into());
             s.insert("finetune.alpha".into(), f.alpha.into());
@@ -488,20 +502,29 @@ impl Stage for FinetuneStage {
                 return Err(StageError::bad_input(format!("`finetune.rank` = {} is larger than the base model's width ({})", spec.rank, model.width())));
             }
         }
+        let base_name = self.base_name.clone().or_else(|| {
+            let config: serde_json::Value = model::read_json(ctx.input(self.model_stage, "config.json").ok()?).ok()?;
+            config["_name_or_path"].as_str().filter(|n| !n.is_empty() && !Path::new(n).is_absolute() && !n.starts_with('.')).map(str::to_string)
+        });
         let separator = model.config().eos_token_id();
         let train_docs = read_documents(ctx.input("corpus", "train.jsonl")?)?;
         let eval_docs = read_documents(ctx.input("corpus", "eval.jsonl")?)?;
         let train_blocks = pack(&tokenize(&tokenizer, &train_docs)?, separator, config.block_size);
         let eval_blocks = pack(&tokenize(&tokenizer, &eval_docs)?, separator, config.block_size);
         let started = std::time::Instant::now();
+        let noted = std::cell::Cell::new(false);
         let trained = train(model, &config, &train_blocks, &eval_blocks, Some(ctx.checkpoint_dir()), |p: &Progress<'_>| {
-            ctx.progress(p.step as u64, p.total_steps as u64, &format!("loss {:.3}, {:.0} tokens/s, ETA {:.0}s", p.loss, p.tokens_per_second, p.eta_seconds));
+            if p.resumed_from > 0 && !noted.replace(true) {
+                ctx.note(&format!("resumed from step {} of {} (a checkpoint of an interrupted build)", p.resumed_from, p.total_steps));
+            }
+            let fields = [("loss", p.loss), ("tokens_per_second", p.tokens_per_second), ("eta_s", p.eta_seconds)];
+            ctx.progress_with(p.step as u64, p.total_steps as u64, &format!("loss {:.3}, {:.0} tokens/s, ETA {:.0}s", p.loss, p.tokens_per_second, p.eta_seconds), &fields);
         })
         .map_err(model_error)?;
         let seconds = started.elapsed().as_secs_f64();
         match (&config.method, &trained.lora) {
             (Method::Lora { spec, dropout }, Some(lora)) => {
-                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(trained.model.family(), spec, *dropout, &config.trainable_tokens, &lora.token_modules()))?;
+                write_json(&ctx.output("adapter_config.json"), &lora::peft_config(trained.model.family(), base_name.as_deref(), spec, *dropout, &config.trainable_tokens, &lora.token_modules()))?;
                 model::save_safetensors(&lora.peft_tensors(), &ctx.output("adapter_model.safetensors")).map_err(model_error)?;
             }
             _ => model::save_safetensors(&trained.model.named_tensors(), &ctx.output("model.safetensors")).map_err(model_error)?,
@@ -575,7 +598,9 @@ impl Stage for MergeStage {
         "merge"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the pad token declared in tokenizer_config.json; safetensors
+        // carry `{"format": "pt"}`.
+        2
     }
     fn settings(&self) -> Settings {
         Settings::new()

@@ -116,8 +116,9 @@ impl Stage for ReferenceStage {
         "reference"
     }
     fn version(&self) -> u32 {
-        // 2: candle's greedy tokens and its logits along them.
-        2
+        // 2: candle's greedy tokens and its logits along them. 3: those
+        // logits from its decoding (prefill and cache steps), not a second pass.
+        3
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();

@@ -319,7 +319,8 @@ impl Stage for VocabStage {
         "vocab"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: safetensors carry `{"format": "pt"}`.
+        2
     }
     fn settings(&self) -> Settings {
         let v = &self.vocab;

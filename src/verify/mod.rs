@@ -3,9 +3,9 @@
 //!
 //! candle's side depends only on the model, so it is a [`Reference`]
 //! computed once per model and read by every dtype's verification: per
-//! prompt, candle's greedy tokens (decoded with its KV cache) and its logits
-//! at every position of one pass over the prompt and those tokens; and its
-//! negative log-likelihood of windows of the eval split. Per file, ONNX
+//! prompt, candle's greedy tokens and its logits at every position (its
+//! prefill pass over the prompt, then each step through its KV cache); and
+//! its negative log-likelihood of windows of the eval split. Per file, ONNX
 //! Runtime runs one prefill pass over each prompt from an empty cache, then
 //! follows candle's tokens one at a time through its KV cache. Every
 //! position's logits are compared (prefill rows and cache steps apart), and
@@ -260,15 +260,16 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
     let mut greedy = Vec::with_capacity(work.prompts.len());
     for batch in work.prompts.chunks(BATCH) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-        let (tokens, _) = model.decode_batch(&ids, work.max_new_tokens, work.eos, None)?;
-        let sequences: Vec<Vec<u32>> = ids.iter().zip(&tokens).map(|(ids, t)| ids.iter().chain(&t[..t.len().saturating_sub(1)]).copied().collect()).collect();
-        for rows in reference_logits(model, &sequences)? {
+        // The logits of candle's own decoding (prefill, then each step through its cache).
+        let (tokens, rows) = model.decode_batch_logits(&ids, work.max_new_tokens, work.eos)?;
+        for rows in rows {
             let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
             logits.write_all(&bytes).map_err(|e| VerifyError::Io("write", e))?;
         }
         greedy.extend(tokens);
         progress(greedy.len(), total);
     }
+    tracing::debug!(prompts = work.prompts.len(), "decoded the prompts in candle");
     let mut window_nll = Vec::with_capacity(work.windows.len());
     for batch in work.windows.chunks(BATCH) {
         for (window, logits) in batch.iter().zip(reference_logits(model, batch)?) {
@@ -276,6 +277,7 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
         }
         progress(greedy.len() + window_nll.len(), total);
     }
+    tracing::debug!(windows = work.windows.len(), "scored the perplexity windows in candle");
     Ok(Reference { workload: work, vocab, greedy, window_nll })
 }
 
