@@ -63,6 +63,9 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     assert_eq!((config["n_layer"].as_u64(), config["n_embd"].as_u64(), config["vocab_size"].as_u64()), (Some(4), Some(128), Some(4000)));
     let metrics: serde_json::Value = serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
     assert_eq!(metrics["steps"], 4);
+    // README.md: a model card for the Hub.
+    let card = project.read("dist/README.md");
+    assert!(card.starts_with("---\nlibrary_name: transformers.js\npipeline_tag: text-generation\n") && card.contains("| q4 | `onnx/model_q4.onnx` |"), "{card}");
     // report.html: the training and every file's verification, self-contained.
     let report = project.read("dist/report.html");
     assert!(report.contains("Eval perplexity") && report.contains("<svg"), "training in the report");

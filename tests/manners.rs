@@ -181,3 +181,29 @@ fn every_recipe_ends_in_a_web_folder() {
         assert!(text.lines().any(|l| l.trim() == "[export]"), "{} has no [export] section", recipe.display());
     }
 }
+
+/// The output folder is Hub-ready: a model card with the Hub's metadata
+/// (license and languages from `[project]`), each file's verification and
+/// how to load it; a license that is no license id is refused at its line.
+#[test]
+fn the_output_folder_has_a_model_card() {
+    let manifest = format!("{SCRATCH_TRAINING}\n[export]\ntargets = [\"fp32\", \"q8\"]\n").replace("name = \"t\"", "name = \"t\"\nlicense = \"apache-2.0\"\nlanguage = [\"x-symbiotic\"]");
+    let project = TestProject::with_manifest(&manifest, 40);
+    project.build_ok();
+    let card = project.read("dist/README.md");
+    let (front, body) = card.strip_prefix("---\n").and_then(|c| c.split_once("\n---\n")).unwrap_or_else(|| panic!("no YAML front matter:\n{card}"));
+    for line in ["library_name: transformers.js", "pipeline_tag: text-generation", "license: \"apache-2.0\"", "language:\n- \"x-symbiotic\"", "- onnx"] {
+        assert!(front.contains(line), "{line} in\n{front}");
+    }
+    assert!(!front.contains("base_model"), "a scratch model has no base_model:\n{front}");
+    assert!(body.contains("# t\n\nA GPT-2 model (1 layer, width 32) trained from scratch on `corpus/*.txt`"), "{body}");
+    for row in ["| fp32 | `onnx/model.onnx` |", "| q8 (default) | `onnx/model_quantized.onnx` |"] {
+        assert!(body.contains(row), "{row} in\n{body}");
+    }
+    assert!(body.contains("pipeline('text-generation', 'OWNER/t', { dtype: 'q8' })") && body.contains("AutoModelForCausalLM.from_pretrained(\"OWNER/t\")"), "{body}");
+
+    let bad = TestProject::with_manifest(&manifest.replace("apache-2.0", "Apache 2.0"), 5);
+    let (code, _, stderr) = run(bad.path("").as_path(), &["build"], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("`project.license` = \"Apache 2.0\" is not a license id") && stderr.contains("symb.toml:3"), "{stderr}");
+}

@@ -47,6 +47,10 @@ pub struct RawProject {
     pub name: Option<String>,
     pub output: Option<String>,
     pub cache: Option<String>,
+    /// The model card's `license` (a Hugging Face license id, e.g. "apache-2.0").
+    pub license: Option<String>,
+    /// The model card's `language`: codes of the languages the model writes.
+    pub language: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -80,6 +80,9 @@ pub struct Project {
     pub output_label: String,
     /// The cache folder, absolute.
     pub cache: PathBuf,
+    /// The model card's license and languages.
+    pub license: Option<String>,
+    pub language: Vec<String>,
 }
 
 /// Which fields of a jsonl or csv record make a document.
@@ -234,8 +237,8 @@ pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_
 }
 
 fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project, ManifestError> {
-    let name = raw.name.unwrap_or_else(|| dir.file_name().and_then(|n| n.to_str()).unwrap_or("symb").to_string());
-    let output_label = raw.output.unwrap_or_else(|| "dist".to_string());
+    let name = raw.name.clone().unwrap_or_else(|| dir.file_name().and_then(|n| n.to_str()).unwrap_or("symb").to_string());
+    let output_label = raw.output.clone().unwrap_or_else(|| "dist".to_string());
     let output = normalize(&dir.join(&output_label));
     if !output.starts_with(dir) || output == dir {
         return Err(cx.at(
@@ -243,11 +246,22 @@ fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project,
             format!("`project.output` = \"{output_label}\" is outside the project folder; symb replaces this folder on every build, so it must be a folder inside `{}`", dir.display()),
         ));
     }
-    let cache = normalize(&dir.join(raw.cache.unwrap_or_else(|| "cache".to_string())));
+    let cache = normalize(&dir.join(raw.cache.clone().unwrap_or_else(|| "cache".to_string())));
     if cache.starts_with(&output) || output.starts_with(&cache) {
         return Err(cx.at(&["project", "cache"], "`project.cache` and `project.output` must be separate folders"));
     }
-    Ok(Project { name, output, output_label, cache })
+    if let Some(license) = &raw.license
+        && (license.is_empty() || !license.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '+')))
+    {
+        return Err(
+            cx.at(&["project", "license"], format!("`project.license` = {license:?} is not a license id (as the Hugging Face Hub lists them: \"apache-2.0\", \"mit\", \"cc-by-4.0\", \"other\")"))
+        );
+    }
+    let language = raw.language.unwrap_or_default();
+    if let Some(bad) = language.iter().find(|l| l.is_empty() || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+        return Err(cx.at(&["project", "language"], format!("`project.language`: {bad:?} is not a language code (\"en\", \"fr\", or a private-use one such as \"x-symbiotic\")")));
+    }
+    Ok(Project { name, output, output_label, cache, license: raw.license, language })
 }
 
 /// The output and cache folders, checked on the real filesystem (symlinks

@@ -21,6 +21,21 @@ pub struct BundleStage {
     pub web: crate::manifest::Web,
     /// Whether a `finetune` stage ran (its metrics and loss curve go in the report).
     pub finetune: bool,
+    /// What the model card says beyond the reports.
+    pub card: Card,
+}
+
+/// The model card's facts from the manifest.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Card {
+    pub license: Option<String>,
+    pub language: Vec<String>,
+    /// The Hub id of the base model, when it came from the Hub.
+    pub base_model: Option<String>,
+    /// How it was made, in a few words ("LoRA r 8 on a GPT-2 base").
+    pub method: String,
+    /// The corpus files, as the manifest names them.
+    pub corpus: Vec<String>,
 }
 
 const PAGE: &str = include_str!("../web/index.html");
@@ -96,6 +111,98 @@ impl BundleStage {
         Ok(html)
     }
 
+    /// `README.md`: a Hugging Face model card (YAML metadata for the Hub,
+    /// what the model is, each file's verification, how to load it).
+    fn card(&self, ctx: &StageContext<'_>) -> String {
+        use std::fmt::Write;
+        let json = |stage: &str, file: &str| -> Option<serde_json::Value> { ctx.input(stage, file).ok().and_then(|p| crate::model::read_json(p).ok()) };
+        let card = &self.card;
+        // YAML: every value a JSON string, which YAML reads as itself.
+        let quote = |s: &str| serde_json::to_string(s).expect("a string");
+        let mut md = String::from("---\nlibrary_name: transformers.js\npipeline_tag: text-generation\n");
+        if let Some(base) = &card.base_model {
+            let _ = writeln!(md, "base_model: {}", quote(base));
+        }
+        if let Some(license) = &card.license {
+            let _ = writeln!(md, "license: {}", quote(license));
+        }
+        if !card.language.is_empty() {
+            md.push_str("language:\n");
+            for language in &card.language {
+                let _ = writeln!(md, "- {}", quote(language));
+            }
+        }
+        md.push_str("tags:\n- symb\n- onnx\n- transformers.js\n");
+        if card.method.starts_with("LoRA") {
+            md.push_str("- lora\n");
+        }
+        md.push_str("---\n\n");
+        let _ = write!(md, "# {}\n\n{}", self.title, card.method);
+        if !card.corpus.is_empty() {
+            let files: Vec<String> = card.corpus.iter().map(|f| format!("`{f}`")).collect();
+            let joiner = if card.method.ends_with("from scratch") { " on" } else { ", trained on" };
+            let _ = write!(md, "{joiner} {}", files.join(", "));
+        }
+        md.push_str(". Built with symb: every ONNX file below was run by ONNX Runtime and checked against the model's own forward pass (candle) before it was written.\n\n");
+        if self.finetune
+            && let Some(m) = json("finetune", "metrics.json")
+        {
+            let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+            let _ =
+                write!(md, "## Training\n\n{} steps on {} tokens; eval perplexity {:.1} before, {:.1} after.\n\n", m["steps"], m["tokens"], number("initial_perplexity"), number("final_perplexity"));
+        }
+        md.push_str(
+            "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 agreement | KL divergence | perplexity ratio | greedy match |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
+            let mut bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+            bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+            let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
+            let m = &report["metrics"];
+            let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| format!("{v:.digits$}"));
+            let default = if *dtype == self.dtype { " (default)" } else { "" };
+            let _ = writeln!(
+                md,
+                "| {dtype}{default} | `onnx/{file}` | {:.1} | {} | {} | {} | {} | {} |",
+                bytes as f64 / 1e6,
+                cell("max_abs_error", 4),
+                cell("top1_agreement", 4),
+                cell("kl_divergence", 6),
+                cell("perplexity_ratio", 4),
+                cell("greedy_match", 3)
+            );
+        }
+        let _ = write!(
+            md,
+            "\nThe bounds each file met are in `reports/verify.<dtype>.json`; `report.html` shows it all, and `index.html` is a playground (`symb serve` serves this folder).\n\n\
+             ## Use it\n\n\
+             In JavaScript, with [transformers.js](https://huggingface.co/docs/transformers.js) (in a browser or Node):\n\n\
+             ```js\n\
+             import {{ pipeline }} from '@huggingface/transformers';\n\n\
+             // This folder on the Hub (its id), or served locally (see env.localModelPath).\n\
+             const generator = await pipeline('text-generation', 'OWNER/{name}', {{ dtype: '{dtype}' }});\n\
+             const [out] = await generator({prompt}, {{ max_new_tokens: {max_new_tokens} }});\n\
+             console.log(out.generated_text);\n\
+             ```\n\n\
+             In Python, with transformers (`model.safetensors` is the same model in PyTorch's layout):\n\n\
+             ```python\n\
+             from transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
+             tokenizer = AutoTokenizer.from_pretrained(\"OWNER/{name}\")\n\
+             model = AutoModelForCausalLM.from_pretrained(\"OWNER/{name}\")\n\
+             ids = tokenizer({prompt}, return_tensors=\"pt\")\n\
+             print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))\n\
+             ```\n",
+            name = self.title,
+            dtype = self.dtype,
+            prompt = quote(&self.web.prompt),
+            max_new_tokens = self.web.max_new_tokens,
+        );
+        if card.license.is_none() {
+            md.push_str("\nLicense: not stated (set `[project] license` in symb.toml).\n");
+        }
+        md
+    }
+
     /// The playground page (`index.html`): loads the folder with
     /// transformers.js and generates from a typed prompt, with tokens/s.
     fn page(&self) -> String {
@@ -129,7 +236,7 @@ impl Stage for BundleStage {
     }
     fn version(&self) -> u32 {
         // 5: no verify time column (the reports hold no timing). 6: the pad
-        // token declared in config.json and tokenizer_config.json.
+        // token declared in config.json and tokenizer_config.json; README.md.
         6
     }
     fn settings(&self) -> Settings {
@@ -137,6 +244,7 @@ impl Stage for BundleStage {
         s.insert("files".into(), self.files().map(|(_, f)| f).collect::<Vec<_>>().into());
         s.insert("dtype".into(), self.dtype.name().into());
         s.insert("project.name".into(), self.title.clone().into());
+        s.insert("card".into(), serde_json::to_value(&self.card).expect("serialises"));
         s.insert("web".into(), serde_json::to_value(&self.web).expect("serialises"));
         // The page template is data: its digest keys the stage, so editing it rebuilds the page.
         s.insert("page_template".into(), blake3::hash(PAGE.as_bytes()).to_hex().to_string().into());
@@ -154,7 +262,7 @@ impl Stage for BundleStage {
     /// The model stage publishes a `config.json` (and merge a
     /// `tokenizer_config.json`) too; these, later in the plan, replace them.
     fn publishes(&self) -> Vec<(String, String)> {
-        ["config.json", "tokenizer_config.json", "index.html", "report.html"].iter().map(|f| (f.to_string(), f.to_string())).collect()
+        ["config.json", "tokenizer_config.json", "index.html", "report.html", "README.md"].iter().map(|f| (f.to_string(), f.to_string())).collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value = crate::model::read_json(ctx.input(self.model_stage, "config.json")?).map_err(super::model::model_error)?;
@@ -195,6 +303,8 @@ impl Stage for BundleStage {
         std::fs::write(&page, self.page()).map_err(|e| super::model::io(&page, e))?;
         let report = ctx.output("report.html");
         std::fs::write(&report, self.report(ctx)?).map_err(|e| super::model::io(&report, e))?;
+        let card = ctx.output("README.md");
+        std::fs::write(&card, self.card(ctx)).map_err(|e| super::model::io(&card, e))?;
         Ok(serde_json::json!({ "dtype": self.dtype, "external_data": external }))
     }
 }

@@ -70,9 +70,9 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             return Err(error("`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train"));
         }
         let base_name = manifest.base.as_ref().and_then(|b| match &b.model {
-            crate::manifest::BaseModel::Hub { repo, .. } => Some(repo.clone()),
+            BaseModel::Hub { repo, .. } => Some(repo.clone()),
             // Not the folder's path or name: keys hold no location.
-            crate::manifest::BaseModel::Path(_) | crate::manifest::BaseModel::Scratch => None,
+            BaseModel::Path(_) | BaseModel::Scratch => None,
         });
         stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone(), model_stage, base_name }));
         stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora, model_stage }));
@@ -104,6 +104,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             title: manifest.project.name.clone(),
             web: manifest.web.clone(),
             finetune: finetune.is_some(),
+            card: card(manifest),
         }));
     } else if manifest.verify.is_some() {
         return Err(error("`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section"));
@@ -144,5 +145,43 @@ fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate:
                 Err(error)
             }
         },
+    }
+}
+
+/// The model card's facts: license and languages, the Hub base, and how the
+/// model was made, in words.
+fn card(manifest: &Manifest) -> bundle::Card {
+    let base = manifest.base.as_ref();
+    let base_model = base.and_then(|b| match &b.model {
+        BaseModel::Hub { repo, .. } => Some(repo.clone()),
+        _ => None,
+    });
+    let base_words = match base.map(|b| &b.model) {
+        Some(BaseModel::Hub { repo, .. }) => format!("`{repo}`"),
+        Some(BaseModel::Path(_)) => "a local model".to_string(),
+        Some(BaseModel::Scratch) => {
+            let b = base.expect("a base");
+            let family = match b.architecture {
+                crate::manifest::Architecture::Gpt2 => "GPT-2",
+                crate::manifest::Architecture::Llama => "Llama",
+            };
+            format!("a {family} model ({} layer{}, width {}) trained from scratch", b.n_layer, if b.n_layer == 1 { "" } else { "s" }, b.n_embd)
+        }
+        None => "a model".to_string(),
+    };
+    let scratch = matches!(base.map(|b| &b.model), Some(BaseModel::Scratch));
+    let capital = |words: &str| words[..1].to_ascii_uppercase() + &words[1..];
+    let method = match &manifest.finetune {
+        Some(f) if f.method == FinetuneMethod::Lora => format!("LoRA (rank {}) on {base_words}", f.rank),
+        Some(f) if f.method == FinetuneMethod::Full && scratch => capital(&base_words),
+        Some(f) if f.method == FinetuneMethod::Full => format!("All weights of {base_words} fine-tuned"),
+        _ => format!("{}, converted", capital(&base_words)),
+    };
+    bundle::Card {
+        license: manifest.project.license.clone(),
+        language: manifest.project.language.clone(),
+        base_model,
+        method,
+        corpus: manifest.corpus.as_ref().map(|c| c.patterns.clone()).unwrap_or_default(),
     }
 }
