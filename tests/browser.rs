@@ -75,8 +75,17 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
             assert!(url.as_str().unwrap().starts_with(&served.url), "{dtype}: a request left the server: {url}");
         }
         assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "a screenshot");
+        for page in ["phone", "report", "report-phone"] {
+            assert!(std::fs::metadata(artifacts.join(format!("playground-{dtype}-{page}.png"))).unwrap().len() > 10_000, "a {page} screenshot");
+        }
+        // Both pages fit a 390 px phone screen.
+        assert!(result["phoneWidth"]["playground"].as_u64().unwrap() <= 390 && result["phoneWidth"]["report"].as_u64().unwrap() <= 390, "{}", result["phoneWidth"]);
+        assert!(result["report"].as_str().unwrap().contains("ONNX files"), "report.html loads");
+        assert!(!result["examples"].as_array().unwrap().is_empty(), "example prompts: {result}");
         let ids = result["ids"].as_array().unwrap();
         assert_eq!(ids.len(), 20, "{dtype}");
+        // The streamed text ends as the whole decoded output, after the prompt.
+        assert!(result["output"].as_str().unwrap().starts_with(prompt) && result["output"].as_str().unwrap().len() > prompt.len(), "{}", result["output"]);
         let symb = common::onnx_generate(&dist, dtype, prompt, 20);
         match dtype {
             // Dynamic int8 rounds differently in ONNX Runtime's WebAssembly

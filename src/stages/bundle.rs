@@ -40,6 +40,12 @@ pub struct Card {
 
 const PAGE: &str = include_str!("../web/index.html");
 
+/// A metric with `digits` decimals, or in scientific notation when that
+/// would show only zeros (fp32's errors of a few millionths).
+fn figure(value: f64, digits: usize) -> String {
+    if value != 0.0 && value.abs() < 0.5 * 10f64.powi(-(digits as i32)) { format!("{value:.1e}") } else { format!("{value:.digits$}") }
+}
+
 fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -59,7 +65,8 @@ impl BundleStage {
         let title = html_escape(&self.title);
         let _ = write!(
             html,
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} · symb report</title><style>body{{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}</style></head><body><h1>{title}</h1>"
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} · symb report</title><style>body{{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}.scroll{{overflow-x:auto}}svg{{max-width:100%;height:auto}}.bound{{color:#777;font-size:.8em;display:block}}</style></head><body><h1>{title}</h1><p>Built by symb {} (no date or machine here: the same inputs give the same bytes).</p>",
+            crate::project::VERSION
         );
         if self.finetune {
             if let Some(m) = json("finetune", "metrics.json") {
@@ -80,14 +87,21 @@ impl BundleStage {
                 html.push_str(&svg);
             }
         }
-        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
+        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
         for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
             let mut bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
             bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
-            let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| format!("{v:.digits$}"));
             let checks = report["checks"].as_array().cloned().unwrap_or_default();
+            // Each metric with its bound under it (≤ a maximum, ≥ a minimum).
+            let cell = |k: &str, digits: usize| {
+                let value = m[k].as_f64().map_or("".to_string(), |v| figure(v, digits));
+                match checks.iter().find(|c| c["metric"] == k) {
+                    Some(c) => format!("{value}<span class=\"bound\">{} {}</span>", if c["kind"] == "max" { "≤" } else { "≥" }, c["bound"].as_f64().map_or(String::new(), |b| format!("{b}"))),
+                    None => value,
+                }
+            };
             let failed = checks.iter().filter(|c| c["passed"] != true).count();
             let verdict = if checks.is_empty() {
                 "".to_string()
@@ -98,7 +112,8 @@ impl BundleStage {
             };
             let _ = write!(
                 html,
-                "<tr><td>{dtype}</td><td>onnx/{file}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
+                "<tr><td>{dtype}{}</td><td>onnx/{file}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
+                if *dtype == self.dtype { " (default)" } else { "" },
                 bytes as f64 / 1e6,
                 cell("max_abs_error", 4),
                 cell("top1_agreement", 4),
@@ -107,7 +122,7 @@ impl BundleStage {
                 cell("greedy_match", 3),
             );
         }
-        html.push_str("</table><p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
+        html.push_str("</table></div><p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
         Ok(html)
     }
 
@@ -205,9 +220,36 @@ impl BundleStage {
 
     /// The playground page (`index.html`): loads the folder with
     /// transformers.js and generates from a typed prompt, with tokens/s.
-    fn page(&self) -> String {
+    fn page(&self, ctx: &StageContext<'_>) -> String {
         let options: String = self.dtypes.iter().map(|&d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
+        // Example prompts: the start of the verification's prompts (from the
+        // eval split), a few words each, since nobody can guess a sentence
+        // in a new language.
+        let reference: serde_json::Value = ctx.input("reference", "reference.json").ok().and_then(|p| crate::model::read_json(p).ok()).unwrap_or_default();
+        let mut examples: Vec<String> = Vec::new();
+        for prompt in reference["workload"]["prompts"].as_array().into_iter().flatten() {
+            let words: Vec<&str> = prompt[0].as_str().unwrap_or_default().split_whitespace().take(6).collect();
+            let example = words.join(" ");
+            if !example.is_empty() && !examples.contains(&example) && examples.len() < 4 {
+                examples.push(example);
+            }
+        }
+        let sizes: BTreeMap<String, u64> = self
+            .files()
+            .zip(&self.dtypes)
+            .map(|((stage, file), dtype)| {
+                let bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len())
+                    + data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+                (dtype.to_string(), bytes)
+            })
+            .collect();
+        let shown = self.web.transformers_js.split('/').nth(2).unwrap_or(&self.web.transformers_js).to_string();
+        // In a <script>: JSON with `<` escaped, so no `</script>` ends it early.
+        let script_json = |v: &serde_json::Value| v.to_string().replace('<', "\\u003c");
         PAGE.replace("{{NAME}}", &html_escape(&self.title))
+            .replace("{{EXAMPLES}}", &script_json(&serde_json::json!(examples)))
+            .replace("{{SIZES}}", &script_json(&serde_json::json!(sizes)))
+            .replace("{{TRANSFORMERS_JS_SHOWN}}", &html_escape(&shown))
             .replace("{{PROMPT}}", &html_escape(&self.web.prompt))
             .replace("{{DTYPE_OPTIONS}}", &options)
             .replace("{{MAX_NEW_TOKENS}}", &self.web.max_new_tokens.to_string())
@@ -251,7 +293,7 @@ impl Stage for BundleStage {
         s
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.to_string()];
+        let mut deps = vec![self.model_stage.to_string(), "reference".to_string()];
         deps.extend(self.files().map(|(stage, _)| stage));
         deps.extend(self.dtypes.iter().map(|d| d.verify_stage()));
         if self.finetune {
@@ -300,7 +342,7 @@ impl Stage for BundleStage {
         super::model::write_json(&ctx.output("config.json"), &config)?;
         super::model::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
         let page = ctx.output("index.html");
-        std::fs::write(&page, self.page()).map_err(|e| super::model::io(&page, e))?;
+        std::fs::write(&page, self.page(ctx)).map_err(|e| super::model::io(&page, e))?;
         let report = ctx.output("report.html");
         std::fs::write(&report, self.report(ctx)?).map_err(|e| super::model::io(&report, e))?;
         let card = ctx.output("README.md");

@@ -4,8 +4,11 @@
 //   node browser.mjs URL REQUEST.json SCREENSHOT.png
 //
 // REQUEST: {"prompt", "dtype", "max_new_tokens", "runs" (optional)}. Prints JSON: {"state",
-// "status", "ids", "requests" (every URL the page asked for),
-// "crossOriginIsolated", "console"}.
+// "status", "ids", "output" (the text shown), "examples" (the example
+// prompts), "requests" (every URL the page asked for), "crossOriginIsolated",
+// "console", "phoneWidth" ({playground, report}: the content's width at 390
+// px), "report" (report.html's text)}. Screenshots: SCREENSHOT, and beside it
+// -phone, -report and -report-phone.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -43,7 +46,21 @@ try {
   const ids = await page.textContent('#ids');
   result.ids = ids ? JSON.parse(ids) : null;
   result.crossOriginIsolated = await page.evaluate(() => crossOriginIsolated);
+  result.output = await page.textContent('#output');
+  result.examples = await page.$$eval('#examples button', (b) => b.map((x) => x.textContent));
   await page.screenshot({ path: screenshot, fullPage: true });
+  // Both pages at a phone's width (390 px): screenshots, and how wide the
+  // content is (more than the screen means sideways scrolling).
+  const width = () => document.documentElement.scrollWidth;
+  await page.setViewportSize({ width: 390, height: 844 });
+  result.phoneWidth = { playground: await page.evaluate(width) };
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-phone.png'), fullPage: true });
+  await page.goto(new URL('report.html', url).href);
+  result.phoneWidth.report = await page.evaluate(width);
+  result.report = await page.textContent('body');
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-report-phone.png'), fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.screenshot({ path: screenshot.replace(/\.png$/, '-report.png'), fullPage: true });
 } finally {
   await context.close();
   rmSync(profile, { recursive: true, force: true });
