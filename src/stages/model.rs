@@ -434,7 +434,8 @@ impl Stage for FinetuneStage {
     }
     fn version(&self) -> u32 {
         // 3: the adapter names its base; safetensors carry `{"format": "pt"}`.
-        3
+        // 4: the loss plot has axes, ticks, a grid and a legend.
+        4
     }
     fn settings(&self) -> Settings {
         let f = &self.finetune;
@@ -560,28 +561,123 @@ impl Stage for FinetuneStage {
     }
 }
 
-/// The loss curve as a small standalone SVG: training loss per step, eval
-/// loss as points.
+/// Round tick positions covering `lo..=hi`: steps of 1, 2 or 5 times a
+/// power of ten, about `count` of them.
+fn ticks(lo: f64, hi: f64, count: usize) -> Vec<f64> {
+    let raw = (hi - lo) / count.max(1) as f64;
+    if !(raw > 0.0 && raw.is_finite()) {
+        return vec![lo];
+    }
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let multiple = [1.0, 2.0, 5.0, 10.0].into_iter().find(|m| m * magnitude >= raw).unwrap_or(10.0);
+    let step = multiple * magnitude;
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    // i·multiple·10^e, divided rather than multiplied for e < 0 so that the
+    // values are the round decimals (2.4, not 2.4000000000000004).
+    let value = |i: i64| if magnitude < 1.0 { i as f64 * multiple / (1.0 / magnitude).round() } else { i as f64 * multiple * magnitude };
+    (first..=last).map(value).collect()
+}
+
+/// The loss curves as a small standalone SVG: training loss per step (a
+/// line) and eval loss (dots), on axes with ticks, a grid and labels.
 pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
-    let (width, height, pad) = (640.0, 360.0, 40.0);
+    use std::fmt::Write;
+    let (width, height) = (640.0, 360.0);
+    let (left, right, top, bottom) = (56.0, 16.0, 36.0, 44.0);
     let max_step = train.iter().chain(eval).map(|p| p.0).max().unwrap_or(1).max(1) as f64;
     let values = train.iter().chain(eval).map(|p| p.1).filter(|v| v.is_finite());
     let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (lo, hi) = if lo < hi { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
-    let x = |step: usize| pad + (step as f64 / max_step) * (width - 2.0 * pad);
-    let y = |v: f64| height - pad - (v - lo) / (hi - lo) * (height - 2.0 * pad);
-    let line: Vec<String> = train.iter().map(|&(s, v)| format!("{:.1},{:.1}", x(s), y(v))).collect();
-    let points: String = eval.iter().map(|&(s, v)| format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d1495b\"/>", x(s), y(v))).collect();
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\
-<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
-<text x=\"{pad}\" y=\"24\">loss: training (line), eval (dots); steps 0 to {max_step}</text>\
-<text x=\"4\" y=\"{:.1}\">{hi:.2}</text><text x=\"4\" y=\"{:.1}\">{lo:.2}</text>\
-<polyline fill=\"none\" stroke=\"#00798c\" stroke-width=\"1.5\" points=\"{}\"/>{points}</svg>\n",
-        pad + 4.0,
-        height - pad,
-        line.join(" ")
-    )
+    let (lo, hi) = if lo < hi {
+        (lo, hi)
+    } else if lo <= hi {
+        (lo - 1.0, lo + 1.0)
+    } else {
+        (0.0, 1.0)
+    };
+    let margin = (hi - lo) * 0.05;
+    let (lo, hi) = (lo - margin, hi + margin);
+    let x = |step: f64| left + step / max_step * (width - left - right);
+    let y = |v: f64| height - bottom - (v - lo) / (hi - lo) * (height - top - bottom);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/>"
+    );
+    // Grid and ticks.
+    let digits = if hi - lo < 0.5 { 3 } else { 2 };
+    for v in ticks(lo, hi, 5) {
+        let _ = write!(
+            svg,
+            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.digits$}</text>",
+            width - right,
+            y(v),
+            y(v),
+            left - 6.0,
+            y(v) + 4.0
+        );
+    }
+    for s in ticks(0.0, max_step, 6) {
+        let _ = write!(
+            svg,
+            "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s}</text>",
+            x(s),
+            x(s),
+            height - bottom,
+            x(s),
+            height - bottom + 16.0
+        );
+    }
+    // Axes and their labels.
+    let _ = write!(
+        svg,
+        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#333\"/><line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\
+<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">step</text><text transform=\"rotate(-90)\" x=\"{:.1}\" y=\"14\" text-anchor=\"middle\">loss (nats per token)</text>",
+        height - bottom,
+        width - right,
+        height - bottom,
+        height - bottom,
+        (left + width - right) / 2.0,
+        height - 8.0,
+        -(top + height - bottom) / 2.0,
+    );
+    // The curves.
+    let line: Vec<String> = train.iter().filter(|p| p.1.is_finite()).map(|&(s, v)| format!("{:.1},{:.1}", x(s as f64), y(v))).collect();
+    let _ = write!(svg, "<polyline fill=\"none\" stroke=\"#00798c\" stroke-width=\"1.5\" points=\"{}\"/>", line.join(" "));
+    for &(s, v) in eval.iter().filter(|p| p.1.is_finite()) {
+        let _ = write!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d1495b\"/>", x(s as f64), y(v));
+    }
+    // The legend.
+    let _ = write!(
+        svg,
+        "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"18\" y2=\"18\" stroke=\"#00798c\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"22\">training loss</text><circle cx=\"{:.1}\" cy=\"18\" r=\"4\" fill=\"#d1495b\"/><text x=\"{:.1}\" y=\"22\">eval loss</text></svg>\n",
+        left + 20.0,
+        left + 26.0,
+        left + 130.0,
+        left + 140.0
+    );
+    svg
+}
+
+#[cfg(test)]
+mod svg_tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(ticks(0.0, 100.0, 5), vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
+        assert_eq!(ticks(2.31, 3.07, 5), vec![2.4, 2.6, 2.8, 3.0]);
+        assert_eq!(ticks(0.0, 7.0, 6), vec![0.0, 2.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn the_loss_plot_has_axes_ticks_grid_labels_and_a_legend() {
+        let train: Vec<(usize, f64)> = (1..=40).map(|s| (s, 5.0 - s as f64 * 0.05)).collect();
+        let svg = loss_svg(&train, &[(0, 5.1), (20, 4.1), (40, 3.2)]);
+        assert!(svg.contains(">step</text>") && svg.contains(">loss (nats per token)</text>"));
+        assert!(svg.contains(">training loss</text>") && svg.contains(">eval loss</text>"));
+        assert!(svg.contains(">40</text>") && svg.contains(">3.50</text>"), "{svg}");
+        assert_eq!(svg.matches("<circle").count(), 4, "three eval points and the legend's");
+        assert!(svg.matches("stroke=\"#e5e5e5\"").count() >= 8, "grid lines");
+    }
 }
 
 pub struct MergeStage {
