@@ -646,9 +646,9 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
         let _ = write!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d1495b\"/>", x(s as f64), y(v));
     }
     // The legend.
-    let _ = write!(
+    let _ = writeln!(
         svg,
-        "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"18\" y2=\"18\" stroke=\"#00798c\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"22\">training loss</text><circle cx=\"{:.1}\" cy=\"18\" r=\"4\" fill=\"#d1495b\"/><text x=\"{:.1}\" y=\"22\">eval loss</text></svg>\n",
+        "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"18\" y2=\"18\" stroke=\"#00798c\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"22\">training loss</text><circle cx=\"{:.1}\" cy=\"18\" r=\"4\" fill=\"#d1495b\"/><text x=\"{:.1}\" y=\"22\">eval loss</text></svg>",
         left + 20.0,
         left + 26.0,
         left + 130.0,
