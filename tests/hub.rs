@@ -198,6 +198,9 @@ fn the_gpt2_lora_recipe_builds_against_the_hub() {
     // The adapter names its base as PEFT does: the Hub id.
     let adapter: serde_json::Value = serde_json::from_str(&project.read("dist/adapter/adapter_config.json")).unwrap();
     assert_eq!(adapter["base_model_name_or_path"], "openai-community/gpt2");
+    // The report has the vocabulary's section: tokens per word before and after.
+    let report = project.read("dist/report.html");
+    assert!(report.contains("<h2>Vocabulary</h2><p><code>add_tokens</code>: ") && report.contains("<td>eval split</td>"), "{report}");
 }
 
 /// SmolLM2, Qwen2.5, TinyLlama and Llama 3.2 ids resolve and download as

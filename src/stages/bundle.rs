@@ -21,6 +21,8 @@ pub struct BundleStage {
     pub web: crate::manifest::Web,
     /// Whether a `finetune` stage ran (its metrics and loss curve go in the report).
     pub finetune: bool,
+    /// Whether a `vocab` stage grew the base's vocabulary (its fertility goes in the report).
+    pub vocab: bool,
     /// What the model card says beyond the reports.
     pub card: Card,
 }
@@ -86,6 +88,26 @@ impl BundleStage {
             if let Ok(svg) = ctx.input("finetune", "loss.svg").and_then(|p| std::fs::read_to_string(p).map_err(|e| StageError::failed(e.to_string()))) {
                 html.push_str(&svg);
             }
+        }
+        if self.vocab
+            && let Some(v) = json("vocab", "report.json")
+        {
+            let f = &v["fertility"];
+            let per_word = |x: &serde_json::Value| x["tokens_per_word"].as_f64().map_or(String::new(), |t| format!("{t:.2}"));
+            let _ = write!(
+                html,
+                "<h2>Vocabulary</h2><p><code>{}</code>: {} new tokens; the vocabulary grew from {} to {} rows. Tokens per word (fewer is better):</p><div class=\"scroll\"><table><tr><th>text</th><th>base tokenizer</th><th>after</th></tr><tr><td>eval split</td><td>{}</td><td>{}</td></tr><tr><td>English sample</td><td>{}</td><td>{}</td></tr></table></div><p>English lines without a new word that encode differently than before: {} of {}.</p>",
+                v["strategy"].as_str().unwrap_or_default(),
+                v["new_tokens"],
+                v["base_vocab_size"],
+                v["vocab_size"],
+                per_word(&f["eval"]["base"]),
+                per_word(&f["eval"]["extended"]),
+                per_word(&f["english"]["base"]),
+                per_word(&f["english"]["extended"]),
+                f["english"]["of_those_encoded_differently"],
+                f["english"]["lines_without_new_words"],
+            );
         }
         html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
         for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
@@ -294,6 +316,9 @@ impl Stage for BundleStage {
     }
     fn dependencies(&self) -> Vec<String> {
         let mut deps = vec![self.model_stage.to_string(), "reference".to_string()];
+        if self.vocab {
+            deps.push("vocab".to_string());
+        }
         deps.extend(self.files().map(|(stage, _)| stage));
         deps.extend(self.dtypes.iter().map(|d| d.verify_stage()));
         if self.finetune {

@@ -97,6 +97,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone())));
         }
         let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
+        let model_stage_has_vocab = stages.iter().any(|s| s.name() == "vocab");
         stages.push(Box::new(bundle::BundleStage {
             model_stage,
             dtypes: export.targets.clone(),
@@ -104,6 +105,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             title: manifest.project.name.clone(),
             web: manifest.web.clone(),
             finetune: finetune.is_some(),
+            vocab: model_stage_has_vocab,
             card: card(manifest),
         }));
     } else if manifest.verify.is_some() {
