@@ -100,9 +100,16 @@ impl Project {
         Ok(Project { manifest, plan, cache, id, partial: !targets.is_empty() })
     }
 
-    /// The stages `--force NAME` means: as `--target NAME` does.
+    /// The stages `--force NAME` means: as `--target NAME` does, in the
+    /// whole plan; with `--target`, those of them this build runs.
     pub fn stages_named(&self, name: &str) -> Result<Vec<String>, ProjectError> {
-        Ok(self.plan.resolve(name).map_err(|e| not_a_target(&self.manifest, name, e))?.into_iter().map(str::to_string).collect())
+        let full = stages::plan(&self.manifest)?;
+        let named = full.resolve(name).map_err(|e| not_a_target(&self.manifest, name, e))?;
+        let built: Vec<String> = named.iter().filter(|n| self.plan.stage(n).is_some()).map(|n| n.to_string()).collect();
+        if built.is_empty() {
+            return Err(ProjectError::NotATarget(format!("`{name}` ({}) is not part of this build: `--target` leaves it out", named.join(", "))));
+        }
+        Ok(built)
     }
 
     /// Options for a build on `jobs` threads; `SYMB_CACHE_SALT` (if set)

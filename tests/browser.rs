@@ -86,6 +86,7 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
         assert_eq!(ids.len(), 20, "{dtype}");
         // The streamed text ends as the whole decoded output, after the prompt.
         assert!(result["output"].as_str().unwrap().starts_with(prompt) && result["output"].as_str().unwrap().len() > prompt.len(), "{}", result["output"]);
+        assert!(result["streamed"].as_u64().unwrap() > 1, "tokens streamed as they came: {result}");
         let symb = common::onnx_generate(&dist, dtype, prompt, 20);
         match dtype {
             // Dynamic int8 rounds differently in ONNX Runtime's WebAssembly

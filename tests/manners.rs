@@ -86,6 +86,10 @@ fn target_and_force_take_the_same_names_and_a_missing_dtype_names_export_targets
     let forced = project.build(&["--target", "q8", "--force", "q8"]);
     assert_eq!(forced.code, 0, "{}", forced.stderr);
     assert_eq!(forced.ran(), set(&["quantize.q8", "verify.q8"]), "`--force q8` means what `--target q8` does");
+    // A stage that `--target` leaves out cannot be forced: said as such.
+    let outside = project.build(&["--target", "q8", "--force", "fp32"]);
+    assert_eq!(outside.code, 2);
+    assert!(outside.stderr.contains("`fp32` (verify.fp32) is not part of this build: `--target` leaves it out"), "{}", outside.stderr);
     for args in [&["--target", "int8"][..], &["--force", "int8"]] {
         let refused = project.build(args);
         assert_eq!(refused.code, 2);
@@ -200,7 +204,7 @@ fn the_output_folder_has_a_model_card() {
     for row in ["| fp32 | `onnx/model.onnx` |", "| q8 (default) | `onnx/model_quantized.onnx` |"] {
         assert!(body.contains(row), "{row} in\n{body}");
     }
-    assert!(body.contains("pipeline('text-generation', 'OWNER/t', { dtype: 'q8' })") && body.contains("AutoModelForCausalLM.from_pretrained(\"OWNER/t\")"), "{body}");
+    assert!(body.contains("pipeline('text-generation', \"OWNER/t\", { dtype: 'q8' })") && body.contains("AutoModelForCausalLM.from_pretrained(\"OWNER/t\")"), "{body}");
 
     let bad = TestProject::with_manifest(&manifest.replace("apache-2.0", "Apache 2.0"), 5);
     let (code, _, stderr) = run(bad.path("").as_path(), &["build"], &[]);

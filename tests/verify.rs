@@ -141,6 +141,9 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
     // A reference whose logits are cut short is refused, not read as zeros.
     let short = &logits[..logits.len() / 2];
     assert!(verify::verify(&mut bad_onnx, &reference, &mut &short[..], &tolerance, |_, _| {}).is_err());
+    let mut long = logits.clone();
+    long.extend_from_slice(&[0; 4]);
+    assert!(verify::verify(&mut bad_onnx, &reference, &mut long.as_slice(), &tolerance, |_, _| {}).is_err(), "a longer file is refused too");
 }
 
 /// verify decodes its prompts as one left-padded batch: each row gets the

@@ -354,7 +354,9 @@ impl Cache {
                         }
                         None => format!("an unreadable record `{}`", path.display()),
                     };
-                    report.removed.push(GcEntry { what: name, bytes: fs::metadata(&path).map_or(0, |m| m.len()) });
+                    let bytes = fs::metadata(&path).map_or(0, |m| m.len());
+                    report.bytes_freed += bytes;
+                    report.removed.push(GcEntry { what: name, bytes });
                     if !dry_run {
                         fs::remove_file(&path).map_err(|e| CacheError::io(&path, e))?;
                     }

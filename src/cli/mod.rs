@@ -628,7 +628,11 @@ fn init(recipe: &str, path: &Path) -> i32 {
         }
         // Built things stay out of version control: append what is missing.
         let ignore = folder.join(".gitignore");
-        let existing = std::fs::read_to_string(&ignore).unwrap_or_default();
+        let existing = match std::fs::read_to_string(&ignore) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("`{}`: {e}; it was left as it is", ignore.display()))),
+        };
         let missing: Vec<&str> = ["/dist/", "/cache/"].into_iter().filter(|line| !existing.lines().any(|l| l.trim().trim_matches('/') == line.trim_matches('/'))).collect();
         if !missing.is_empty() {
             let separator = if existing.is_empty() || existing.ends_with('\n') { "" } else { "\n" };

@@ -42,6 +42,29 @@ pub struct Card {
 
 const PAGE: &str = include_str!("../web/index.html");
 
+/// `template` with each `{{NAME}}` replaced by its value, in one pass (a
+/// value that holds a `{{…}}` of its own is not replaced again).
+fn fill(template: &str, values: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find("}}").and_then(|end| values.iter().find(|(name, _)| *name == &after[..end]).map(|(_, v)| (end, v))) {
+            Some((end, value)) => {
+                out.push_str(value);
+                rest = &after[end + 2..];
+            }
+            None => {
+                out.push_str("{{");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A metric with `digits` decimals, or in scientific notation when that
 /// would show only zeros (fp32's errors of a few millionths).
 fn figure(value: f64, digits: usize) -> String {
@@ -154,6 +177,7 @@ impl BundleStage {
         use std::fmt::Write;
         let json = |stage: &str, file: &str| -> Option<serde_json::Value> { ctx.input(stage, file).ok().and_then(|p| crate::model::read_json(p).ok()) };
         let card = &self.card;
+        let prompt = if self.web.prompt.trim().is_empty() { self.examples(ctx).into_iter().next().unwrap_or_else(|| "Hello".to_string()) } else { self.web.prompt.clone() };
         // YAML: every value a JSON string, which YAML reads as itself.
         let quote = |s: &str| serde_json::to_string(s).expect("a string");
         let mut md = String::from("---\nlibrary_name: transformers.js\npipeline_tag: text-generation\n");
@@ -177,7 +201,7 @@ impl BundleStage {
         let _ = write!(md, "# {}\n\n{}", self.title, card.method);
         if !card.corpus.is_empty() {
             let files: Vec<String> = card.corpus.iter().map(|f| format!("`{f}`")).collect();
-            let joiner = if card.method.ends_with("from scratch") { " on" } else { ", trained on" };
+            let joiner = if card.method.ends_with("from scratch") || card.method.ends_with("fine-tuned") { " on" } else { ", trained on" };
             let _ = write!(md, "{joiner} {}", files.join(", "));
         }
         md.push_str(". Built with symb: every ONNX file below was run by ONNX Runtime and checked against the model's own forward pass (candle) before it was written.\n\n");
@@ -196,7 +220,7 @@ impl BundleStage {
             bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
-            let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| format!("{v:.digits$}"));
+            let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| figure(v, digits));
             let default = if *dtype == self.dtype { " (default)" } else { "" };
             let _ = writeln!(
                 md,
@@ -217,21 +241,21 @@ impl BundleStage {
              ```js\n\
              import {{ pipeline }} from '@huggingface/transformers';\n\n\
              // This folder on the Hub (its id), or served locally (see env.localModelPath).\n\
-             const generator = await pipeline('text-generation', 'OWNER/{name}', {{ dtype: '{dtype}' }});\n\
+             const generator = await pipeline('text-generation', {id}, {{ dtype: '{dtype}' }});\n\
              const [out] = await generator({prompt}, {{ max_new_tokens: {max_new_tokens} }});\n\
              console.log(out.generated_text);\n\
              ```\n\n\
              In Python, with transformers (`model.safetensors` is the same model in PyTorch's layout):\n\n\
              ```python\n\
              from transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
-             tokenizer = AutoTokenizer.from_pretrained(\"OWNER/{name}\")\n\
-             model = AutoModelForCausalLM.from_pretrained(\"OWNER/{name}\")\n\
+             tokenizer = AutoTokenizer.from_pretrained({id})\n\
+             model = AutoModelForCausalLM.from_pretrained({id})\n\
              ids = tokenizer({prompt}, return_tensors=\"pt\")\n\
              print(tokenizer.decode(model.generate(**ids, max_new_tokens={max_new_tokens})[0]))\n\
              ```\n",
-            name = self.title,
+            id = quote(&format!("OWNER/{}", self.title)),
             dtype = self.dtype,
-            prompt = quote(&self.web.prompt),
+            prompt = quote(&prompt),
             max_new_tokens = self.web.max_new_tokens,
         );
         if card.license.is_none() {
@@ -240,13 +264,10 @@ impl BundleStage {
         md
     }
 
-    /// The playground page (`index.html`): loads the folder with
-    /// transformers.js and generates from a typed prompt, with tokens/s.
-    fn page(&self, ctx: &StageContext<'_>) -> String {
-        let options: String = self.dtypes.iter().map(|&d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
-        // Example prompts: the start of the verification's prompts (from the
-        // eval split), a few words each, since nobody can guess a sentence
-        // in a new language.
+    /// Example prompts: the start of the verification's prompts (from the
+    /// eval split), a few words each, since nobody can guess a sentence in a
+    /// new language.
+    fn examples(&self, ctx: &StageContext<'_>) -> Vec<String> {
         let reference: serde_json::Value = ctx.input("reference", "reference.json").ok().and_then(|p| crate::model::read_json(p).ok()).unwrap_or_default();
         let mut examples: Vec<String> = Vec::new();
         for prompt in reference["workload"]["prompts"].as_array().into_iter().flatten() {
@@ -256,6 +277,14 @@ impl BundleStage {
                 examples.push(example);
             }
         }
+        examples
+    }
+
+    /// The playground page (`index.html`): loads the folder with
+    /// transformers.js and generates from a typed prompt, with tokens/s.
+    fn page(&self, ctx: &StageContext<'_>) -> String {
+        let options: String = self.dtypes.iter().map(|&d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
+        let examples = self.examples(ctx);
         let sizes: BTreeMap<String, u64> = self
             .files()
             .zip(&self.dtypes)
@@ -268,14 +297,19 @@ impl BundleStage {
         let shown = self.web.transformers_js.split('/').nth(2).unwrap_or(&self.web.transformers_js).to_string();
         // In a <script>: JSON with `<` escaped, so no `</script>` ends it early.
         let script_json = |v: &serde_json::Value| v.to_string().replace('<', "\\u003c");
-        PAGE.replace("{{NAME}}", &html_escape(&self.title))
-            .replace("{{EXAMPLES}}", &script_json(&serde_json::json!(examples)))
-            .replace("{{SIZES}}", &script_json(&serde_json::json!(sizes)))
-            .replace("{{TRANSFORMERS_JS_SHOWN}}", &html_escape(&shown))
-            .replace("{{PROMPT}}", &html_escape(&self.web.prompt))
-            .replace("{{DTYPE_OPTIONS}}", &options)
-            .replace("{{MAX_NEW_TOKENS}}", &self.web.max_new_tokens.to_string())
-            .replace("{{TRANSFORMERS_JS_URL}}", &serde_json::to_string(&self.web.transformers_js).expect("a string"))
+        fill(
+            PAGE,
+            &[
+                ("NAME", html_escape(&self.title)),
+                ("EXAMPLES", script_json(&serde_json::json!(examples))),
+                ("SIZES", script_json(&serde_json::json!(sizes))),
+                ("TRANSFORMERS_JS_SHOWN", html_escape(&shown)),
+                ("PROMPT", html_escape(&self.web.prompt)),
+                ("DTYPE_OPTIONS", options),
+                ("MAX_NEW_TOKENS", self.web.max_new_tokens.to_string()),
+                ("TRANSFORMERS_JS_URL", script_json(&serde_json::json!(self.web.transformers_js))),
+            ],
+        )
     }
 }
 
@@ -373,5 +407,23 @@ impl Stage for BundleStage {
         let card = ctx.output("README.md");
         std::fs::write(&card, self.card(ctx)).map_err(|e| super::model::io(&card, e))?;
         Ok(serde_json::json!({ "dtype": self.dtype, "external_data": external }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_replaces_each_placeholder_once() {
+        let page = fill("<p>{{A}}</p><script>{{B}}</script>{{C}}", &[("A", "{{B}}".to_string()), ("B", "[1]".to_string())]);
+        assert_eq!(page, "<p>{{B}}</p><script>[1]</script>{{C}}", "a value is not filled again; an unknown name stays");
+    }
+
+    #[test]
+    fn small_metrics_are_shown_in_scientific_notation() {
+        assert_eq!(figure(4.4e-6, 4), "4.4e-6");
+        assert_eq!(figure(0.8833, 4), "0.8833");
+        assert_eq!(figure(0.0, 4), "0.0000");
     }
 }

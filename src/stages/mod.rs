@@ -167,23 +167,24 @@ fn card(manifest: &Manifest) -> bundle::Card {
                 crate::manifest::Architecture::Gpt2 => "GPT-2",
                 crate::manifest::Architecture::Llama => "Llama",
             };
-            format!("a {family} model ({} layer{}, width {}) trained from scratch", b.n_layer, if b.n_layer == 1 { "" } else { "s" }, b.n_embd)
+            format!("a {family} model ({} layer{}, width {})", b.n_layer, if b.n_layer == 1 { "" } else { "s" }, b.n_embd)
         }
         None => "a model".to_string(),
     };
     let scratch = matches!(base.map(|b| &b.model), Some(BaseModel::Scratch));
     let capital = |words: &str| words[..1].to_ascii_uppercase() + &words[1..];
-    let method = match &manifest.finetune {
-        Some(f) if f.method == FinetuneMethod::Lora => format!("LoRA (rank {}) on {base_words}", f.rank),
-        Some(f) if f.method == FinetuneMethod::Full && scratch => capital(&base_words),
-        Some(f) if f.method == FinetuneMethod::Full => format!("All weights of {base_words} fine-tuned"),
-        _ => format!("{}, converted", capital(&base_words)),
+    let (method, trained) = match &manifest.finetune {
+        Some(f) if f.method == FinetuneMethod::Lora => (format!("LoRA (rank {}) on {base_words}", f.rank), true),
+        Some(f) if f.method == FinetuneMethod::Full && scratch => (format!("{} trained from scratch", capital(&base_words)), true),
+        Some(f) if f.method == FinetuneMethod::Full => (format!("All weights of {base_words} fine-tuned"), true),
+        _ if scratch => (format!("{} with random weights (nothing trains it: no `[finetune]`), converted", capital(&base_words)), false),
+        _ => (format!("{}, converted", capital(&base_words)), false),
     };
     bundle::Card {
         license: manifest.project.license.clone(),
         language: manifest.project.language.clone(),
         base_model,
         method,
-        corpus: manifest.corpus.as_ref().map(|c| c.patterns.clone()).unwrap_or_default(),
+        corpus: if trained { manifest.corpus.as_ref().map(|c| c.patterns.clone()).unwrap_or_default() } else { Vec::new() },
     }
 }

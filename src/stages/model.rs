@@ -615,7 +615,7 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
             y(v) + 4.0
         );
     }
-    for s in ticks(0.0, max_step, 6) {
+    for s in ticks(0.0, max_step, 6).into_iter().filter(|s| s.fract() == 0.0) {
         let _ = write!(
             svg,
             "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s}</text>",

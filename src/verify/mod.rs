@@ -262,6 +262,12 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
         let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
         // The logits of candle's own decoding (prefill, then each step through its cache).
         let (tokens, rows) = model.decode_batch_logits(&ids, work.max_new_tokens, work.eos)?;
+        for ((prompt, generated), rows) in ids.iter().zip(&tokens).zip(&rows) {
+            let expected = prompt.len() + generated.len().saturating_sub(1);
+            if rows.len() != expected * vocab {
+                return Err(VerifyError::Reference(format!("candle's decoding kept {} rows for {expected} positions", rows.len() / vocab)));
+            }
+        }
         for rows in rows {
             let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
             logits.write_all(&bytes).map_err(|e| VerifyError::Io("write", e))?;
@@ -324,6 +330,9 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
             prompts.push(PromptResult { text: text.clone(), tokens: n, reference_greedy: generated, matched, onnx_at_divergence });
         }
         progress(prompts.len(), total);
+    }
+    if logits.read(&mut [0u8; 1]).map_err(|e| VerifyError::Io("read", e))? != 0 {
+        return Err(VerifyError::Reference("the reference logits are longer than its prompts".to_string()));
     }
     tracing::debug!(prompts = work.prompts.len(), "compared the prompts");
     let (mut nll_reference, mut nll_onnx, mut tokens, mut scored) = (0.0, 0.0, 0usize, 0usize);

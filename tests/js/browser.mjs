@@ -4,7 +4,8 @@
 //   node browser.mjs URL REQUEST.json SCREENSHOT.png
 //
 // REQUEST: {"prompt", "dtype", "max_new_tokens", "runs" (optional)}. Prints JSON: {"state",
-// "status", "ids", "output" (the text shown), "examples" (the example
+// "status", "ids", "output" (the text shown), "streamed" (how many pieces
+// the streamer delivered while generating), "examples" (the example
 // prompts), "requests" (every URL the page asked for), "crossOriginIsolated",
 // "console", "phoneWidth" ({playground, report}: the content's width at 390
 // px), "report" (report.html's text)}. Screenshots: SCREENSHOT, and beside it
@@ -47,6 +48,7 @@ try {
   result.ids = ids ? JSON.parse(ids) : null;
   result.crossOriginIsolated = await page.evaluate(() => crossOriginIsolated);
   result.output = await page.textContent('#output');
+  result.streamed = Number(await page.getAttribute('#output', 'data-streamed'));
   result.examples = await page.$$eval('#examples button', (b) => b.map((x) => x.textContent));
   await page.screenshot({ path: screenshot, fullPage: true });
   // Both pages at a phone's width (390 px): screenshots, and how wide the
