@@ -208,7 +208,10 @@ impl Stage for VerifyStage {
             staging.join(artifact)
         };
         let path = path.as_path();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The cores shared with the stages that run beside this one: the
+        // engine runs up to `jobs` at once, and its pool has `jobs` threads.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (cores / rayon::current_num_threads().max(1)).max(1);
         let runtime_error = |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
         tracing::debug!("loaded the ONNX file in ONNX Runtime");
