@@ -42,6 +42,17 @@ pub struct Card {
 
 const PAGE: &str = include_str!("../web/index.html");
 
+/// An upstream JSON artifact, if the stage has it.
+fn artifact_json(ctx: &StageContext<'_>, stage: &str, file: &str) -> Option<serde_json::Value> {
+    ctx.input(stage, file).ok().and_then(|p| crate::model::read_json(p).ok())
+}
+
+/// An ONNX file's size with its external data chunks.
+fn file_bytes(ctx: &StageContext<'_>, stage: &str, file: &str) -> u64 {
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    ctx.input(stage, file).map_or(0, size) + data_inputs(ctx, stage, file).iter().map(|(_, p)| size(p)).sum::<u64>()
+}
+
 /// `template` with each `{{NAME}}` replaced by its value, in one pass (a
 /// value that holds a `{{…}}` of its own is not replaced again).
 fn fill(template: &str, values: &[(&str, String)]) -> String {
@@ -85,7 +96,7 @@ impl BundleStage {
     /// training curve and perplexity, each file's size and its verification.
     fn report(&self, ctx: &StageContext<'_>) -> Result<String, StageError> {
         use std::fmt::Write;
-        let json = |stage: &str, file: &str| -> Option<serde_json::Value> { ctx.input(stage, file).ok().and_then(|p| crate::model::read_json(p).ok()) };
+        let json = |stage: &str, file: &str| artifact_json(ctx, stage, file);
         let mut html = String::new();
         let title = html_escape(&self.title);
         let _ = write!(
@@ -134,8 +145,7 @@ impl BundleStage {
         }
         html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
         for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
-            let mut bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
-            bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+            let bytes = file_bytes(ctx, &stage, file);
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
             let checks = report["checks"].as_array().cloned().unwrap_or_default();
@@ -175,7 +185,7 @@ impl BundleStage {
     /// what the model is, each file's verification, how to load it).
     fn card(&self, ctx: &StageContext<'_>) -> String {
         use std::fmt::Write;
-        let json = |stage: &str, file: &str| -> Option<serde_json::Value> { ctx.input(stage, file).ok().and_then(|p| crate::model::read_json(p).ok()) };
+        let json = |stage: &str, file: &str| artifact_json(ctx, stage, file);
         let card = &self.card;
         let prompt = if self.web.prompt.trim().is_empty() { self.examples(ctx).into_iter().next().unwrap_or_else(|| "Hello".to_string()) } else { self.web.prompt.clone() };
         // YAML: every value a JSON string, which YAML reads as itself.
@@ -216,8 +226,7 @@ impl BundleStage {
             "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 agreement | KL divergence | perplexity ratio | greedy match |\n|---|---|---|---|---|---|---|---|\n",
         );
         for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
-            let mut bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
-            bytes += data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+            let bytes = file_bytes(ctx, &stage, file);
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
             let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| figure(v, digits));
@@ -268,7 +277,7 @@ impl BundleStage {
     /// eval split), a few words each, since nobody can guess a sentence in a
     /// new language.
     fn examples(&self, ctx: &StageContext<'_>) -> Vec<String> {
-        let reference: serde_json::Value = ctx.input("reference", "reference.json").ok().and_then(|p| crate::model::read_json(p).ok()).unwrap_or_default();
+        let reference = artifact_json(ctx, "reference", "reference.json").unwrap_or_default();
         let mut examples: Vec<String> = Vec::new();
         for prompt in reference["workload"]["prompts"].as_array().into_iter().flatten() {
             let words: Vec<&str> = prompt[0].as_str().unwrap_or_default().split_whitespace().take(6).collect();
@@ -285,15 +294,7 @@ impl BundleStage {
     fn page(&self, ctx: &StageContext<'_>) -> String {
         let options: String = self.dtypes.iter().map(|&d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
         let examples = self.examples(ctx);
-        let sizes: BTreeMap<String, u64> = self
-            .files()
-            .zip(&self.dtypes)
-            .map(|((stage, file), dtype)| {
-                let bytes = ctx.input(&stage, file).ok().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len())
-                    + data_inputs(ctx, &stage, file).iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
-                (dtype.to_string(), bytes)
-            })
-            .collect();
+        let sizes: BTreeMap<String, u64> = self.files().zip(&self.dtypes).map(|((stage, file), dtype)| (dtype.to_string(), file_bytes(ctx, &stage, file))).collect();
         let shown = self.web.transformers_js.split('/').nth(2).unwrap_or(&self.web.transformers_js).to_string();
         // In a <script>: JSON with `<` escaped, so no `</script>` ends it early.
         let script_json = |v: &serde_json::Value| v.to_string().replace('<', "\\u003c");
