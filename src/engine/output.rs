@@ -282,14 +282,22 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
     // (the old folder keeps its own link until the swap): an edit to one
     // dtype's settings copies that dtype's files, not the whole folder.
     let reusable = reusable_outputs(cache, project, output, files);
+    // Names with the same bytes are one file under several names (hard
+    // links): the bytes are written, and take space, once.
+    let mut written: BTreeMap<&str, PathBuf> = BTreeMap::new();
     for (relative, blob) in files {
         let dest = staging.path().join(relative);
         if let Some(dir) = dest.parent() {
             fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
         }
-        if !(reusable.contains(relative) && fs::hard_link(output.join(relative), &dest).is_ok()) {
+        let linked = match written.get(blob.digest.as_str()) {
+            Some(first) => fs::hard_link(first, &dest).is_ok(),
+            None => reusable.contains(relative) && fs::hard_link(output.join(relative), &dest).is_ok(),
+        };
+        if !linked {
             cache.copy_blob_to(blob, &dest)?;
         }
+        written.entry(blob.digest.as_str()).or_insert(dest);
     }
     let marker = OutputMarker { about: MARKER_ABOUT.into(), files: files.clone() };
     write_json_atomic(&staging.path().join(OUTPUT_MARKER), &marker, staging.path())?;

@@ -290,3 +290,20 @@ fn a_marker_cannot_make_symb_remove_anything_outside_its_folder() {
     assert_eq!(std::fs::read_to_string(dir.path().join("victim.txt")).unwrap(), "keep");
     assert_eq!(std::fs::read_to_string(outside.join("x")).unwrap(), "keep");
 }
+
+#[test]
+fn names_with_the_same_bytes_are_one_file_in_the_output() {
+    use std::os::unix::fs::MetadataExt;
+    let (_dir, cache, output, mut files) = output_fixture(&[("a.txt", "same"), ("c.txt", "other")]);
+    files.insert("sub/b.txt".to_string(), files["a.txt"].clone());
+    super::assemble_output(&cache, "p", &output, &files, &|_| Ok(())).unwrap();
+    let meta = |name: &str| std::fs::metadata(output.join(name)).unwrap();
+    assert_eq!((meta("a.txt").ino(), meta("a.txt").nlink()), (meta("sub/b.txt").ino(), 2));
+    assert_ne!(meta("a.txt").ino(), meta("c.txt").ino());
+    assert!(super::output_is_current(&cache, "p", &output, &files), "linking does not look like an edit");
+    // Assembled again (each file reused from the old folder): still one file.
+    super::assemble_output(&cache, "p", &output, &files, &|_| Ok(())).unwrap();
+    assert_eq!((meta("a.txt").ino(), meta("a.txt").nlink()), (meta("sub/b.txt").ino(), 2));
+    assert!(super::output_is_current(&cache, "p", &output, &files));
+    assert_eq!(std::fs::read_to_string(output.join("sub/b.txt")).unwrap(), "same");
+}

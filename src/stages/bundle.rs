@@ -92,6 +92,14 @@ impl BundleStage {
         self.dtypes.iter().map(|d| (d.producer_stage(), d.file_name()))
     }
 
+    /// For each dtype, the earlier dtype whose file has the same bytes (q8
+    /// and int8 are one file: transformers.js asks for each by its own name,
+    /// so both names are written, as links to one file).
+    fn twins(&self, ctx: &StageContext<'_>) -> Vec<Option<Dtype>> {
+        let paths: Vec<Option<&std::path::Path>> = self.files().map(|(stage, file)| ctx.input(&stage, file).ok()).collect();
+        (0..paths.len()).map(|i| paths[i].and_then(|p| (0..i).find(|&j| paths[j] == Some(p)).map(|j| self.dtypes[j]))).collect()
+    }
+
     /// `report.html`: one self-contained page (no server needed) with the
     /// training curve and perplexity, each file's size and its verification.
     fn report(&self, ctx: &StageContext<'_>) -> Result<String, StageError> {
@@ -144,10 +152,11 @@ impl BundleStage {
             );
         }
         html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
-        for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
+        for (((stage, file), dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
             let bytes = file_bytes(ctx, &stage, file);
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
+            let same = twin.map_or(String::new(), |t| format!("<span class=\"bound\">the {t} file's bytes</span>"));
             let checks = report["checks"].as_array().cloned().unwrap_or_default();
             // Each metric with its bound under it (≤ a maximum, ≥ a minimum).
             let cell = |k: &str, digits: usize| {
@@ -167,7 +176,7 @@ impl BundleStage {
             };
             let _ = write!(
                 html,
-                "<tr><td>{dtype}{}</td><td>onnx/{file}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
+                "<tr><td>{dtype}{}</td><td>onnx/{file}{same}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
                 if *dtype == self.dtype { " (default)" } else { "" },
                 bytes as f64 / 1e6,
                 cell("max_abs_error", 4),
@@ -225,15 +234,16 @@ impl BundleStage {
         md.push_str(
             "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 agreement | KL divergence | perplexity ratio | greedy match |\n|---|---|---|---|---|---|---|---|\n",
         );
-        for ((stage, file), dtype) in self.files().zip(&self.dtypes) {
+        for (((stage, file), dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
             let bytes = file_bytes(ctx, &stage, file);
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
             let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| figure(v, digits));
             let default = if *dtype == self.dtype { " (default)" } else { "" };
+            let same = twin.map_or(String::new(), |t| format!(" (the {t} file's bytes)"));
             let _ = writeln!(
                 md,
-                "| {dtype}{default} | `onnx/{file}` | {:.1} | {} | {} | {} | {} | {} |",
+                "| {dtype}{default} | `onnx/{file}`{same} | {:.1} | {} | {} | {} | {} | {} |",
                 bytes as f64 / 1e6,
                 cell("max_abs_error", 4),
                 cell("top1_agreement", 4),
@@ -336,7 +346,8 @@ impl Stage for BundleStage {
     fn version(&self) -> u32 {
         // 5: no verify time column (the reports hold no timing). 6: the pad
         // token declared in config.json and tokenizer_config.json; README.md.
-        6
+        // 7: a file with another dtype's bytes says so.
+        7
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
