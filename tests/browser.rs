@@ -5,33 +5,11 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
-}
-
-/// `symb serve` on a free port, stopped on drop.
-struct Served {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(folder: &Path) -> Served {
-    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
-    let mut child = Command::new(common::BIN).args(["serve", "--port", "0", "--transformers-js"]).arg(&modules).arg(folder).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    Served { child, url: line.trim().to_string() }
 }
 
 /// tests/js/browser.mjs: the page's result for one prompt and dtype.
@@ -59,7 +37,7 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
     let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dist = dir.path().join("dist");
-    let served = serve(&dist);
+    let served = common::serve(&dist);
     assert!(served.url.starts_with("http://127.0.0.1:"), "{}", served.url);
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -119,7 +97,7 @@ fn the_playground_runs_a_llama_folder_in_chromium() {
     let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dist = dir.path().join("dist");
-    let served = serve(&dist);
+    let served = common::serve(&dist);
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();

@@ -219,3 +219,25 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// `symb serve` on a free port, stopped on drop.
+pub struct Served {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve(folder: &Path) -> Served {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
+    let mut child =
+        Command::new(BIN).args(["serve", "--port", "0", "--transformers-js"]).arg(&modules).arg(folder).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    Served { child, url: line.trim().to_string() }
+}
