@@ -63,7 +63,8 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
     let config = read_json("config.json").map_err(|e| add("config.json", format!("{e}; transformers.js reads the model type and layer count from it"))).ok();
     let mut layers = None;
     let mut cache = None;
-    let mut dtype = None;
+    // (where transformers.js reads it, the dtype)
+    let mut dtypes: Vec<(String, String)> = Vec::new();
     let mut external = serde_json::Map::new();
     if let Some(config) = &config {
         match config["model_type"].as_str() {
@@ -83,10 +84,12 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             }
         }
         let js = &config["transformers.js_config"];
-        if let Some(d) = js.get("dtype") {
-            match d.as_str() {
-                Some(d) => dtype = Some(d.to_string()),
-                None => add("config.json", "`transformers.js_config.dtype` is not a string".into()),
+        let per_device = js.get("device_config").and_then(serde_json::Value::as_object).into_iter().flatten().map(|(device, c)| (format!("device_config.{device}.dtype"), c.get("dtype")));
+        for (key, d) in std::iter::once(("dtype".to_string(), js.get("dtype"))).chain(per_device) {
+            match d.map(serde_json::Value::as_str) {
+                None => {}
+                Some(Some(d)) => dtypes.push((key, d.to_string())),
+                Some(None) => add("config.json", format!("`transformers.js_config.{key}` is not a string")),
             }
         }
         if let Some(map) = js.get("use_external_data_format") {
@@ -118,11 +121,11 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             }
         }
     }
-    if let Some(d) = &dtype
-        && !present.iter().any(|(p, _)| p == d)
-    {
-        let have: Vec<&str> = present.iter().map(|(d, _)| d.as_str()).collect();
-        add("config.json", format!("`transformers.js_config.dtype` is `{d}`, but onnx/ has no file for it (it has: {})", have.join(", ")));
+    for (key, d) in &dtypes {
+        if !present.iter().any(|(p, _)| p == d) {
+            let have: Vec<&str> = present.iter().map(|(d, _)| d.as_str()).collect();
+            add("config.json", format!("`transformers.js_config.{key}` is `{d}`, but onnx/ has no file for it (it has: {})", have.join(", ")));
+        }
     }
     for (file, chunks) in &external {
         let chunks = chunks.as_u64().unwrap_or(0) as usize;

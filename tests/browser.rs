@@ -12,13 +12,14 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
 }
 
-/// tests/js/browser.mjs: the page's result for one prompt and dtype.
-fn in_chromium(url: &str, prompt: &str, dtype: &str, max_new_tokens: usize, screenshot: &Path) -> serde_json::Value {
+/// tests/js/browser.mjs: the page's result for one prompt and dtype (`None`:
+/// the page's choice), in a Chromium with a WebGPU adapter or without one.
+fn in_chromium(url: &str, prompt: &str, dtype: Option<&str>, webgpu: bool, max_new_tokens: usize, screenshot: &Path) -> serde_json::Value {
     assert!(Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(), "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)");
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     assert!(js.join("node_modules/playwright-core").is_dir(), "playwright-core is not installed: run `bash tests/setup.sh`");
     let request = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(request.path(), serde_json::json!({"prompt": prompt, "dtype": dtype, "max_new_tokens": max_new_tokens}).to_string()).unwrap();
+    std::fs::write(request.path(), serde_json::json!({"prompt": prompt, "dtype": dtype, "max_new_tokens": max_new_tokens, "webgpu": webgpu}).to_string()).unwrap();
     let out = Command::new("node").arg(js.join("browser.mjs")).arg(url).arg(request.path()).arg(screenshot).current_dir(&js).output().unwrap();
     assert!(out.status.success(), "browser.mjs: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
@@ -46,8 +47,9 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
     let prompt = case["prompt"].as_str().unwrap();
     for dtype in ["fp32", "fp16", "q8", "q4"] {
         let shot = artifacts.join(format!("playground-{dtype}.png"));
-        let result = in_chromium(&served.url, prompt, dtype, 20, &shot);
+        let result = in_chromium(&served.url, prompt, Some(dtype), false, 20, &shot);
         assert_eq!(result["state"], "done", "{dtype}: {result}");
+        assert_eq!(result["device"], "wasm", "no WebGPU adapter: WebAssembly");
         assert_eq!(result["crossOriginIsolated"], true, "COOP/COEP: multithreaded WebAssembly");
         for url in result["requests"].as_array().unwrap() {
             assert!(url.as_str().unwrap().starts_with(&served.url), "{dtype}: a request left the server: {url}");
@@ -78,6 +80,21 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
             assert_eq!(result["ids"], case["greedy_20"], "{dtype}: PyTorch's greedy tokens");
         }
     }
+    // Issue 17, test 3: the page picks the device. With SwiftShader's WebGPU
+    // adapter it runs on WebGPU with the folder's WebGPU dtype (q4, from
+    // config.json's device_config), and gives native ONNX Runtime's tokens
+    // (accuracy_level 0); without an adapter, WebAssembly and its dtype (q8).
+    let result = in_chromium(&served.url, prompt, None, true, 20, &artifacts.join("playground-webgpu.png"));
+    assert_eq!((&result["state"], &result["device"], &result["dtype"]), (&"done".into(), &"webgpu".into(), &"q4".into()), "{result}");
+    assert!(result["status"].as_str().unwrap().contains("(q4 on WebGPU, greedy)"), "{}", result["status"]);
+    assert_eq!(result["ids"], common::onnx_generate(&dist, "q4", prompt, 20), "q4 on WebGPU against native ONNX Runtime");
+    let result = in_chromium(&served.url, prompt, None, false, 20, &artifacts.join("playground-wasm.png"));
+    assert_eq!((&result["state"], &result["device"], &result["dtype"]), (&"done".into(), &"wasm".into(), &"q8".into()), "{result}");
+    assert!(result["status"].as_str().unwrap().contains("(q8 on WebAssembly, greedy)"), "{}", result["status"]);
+    // fp16 on an adapter without shader-f16: said in words.
+    let result = in_chromium(&served.url, prompt, Some("fp16"), true, 20, &artifacts.join("playground-webgpu-fp16.png"));
+    assert_eq!(result["state"], "error", "{result}");
+    assert!(result["status"].as_str().unwrap().contains("fp16 needs a GPU with shader-f16"), "{}", result["status"]);
 }
 
 /// Issue 13, test 4: the playground on a Llama-family folder (tiny-llama-sp:
@@ -105,7 +122,7 @@ fn the_playground_runs_a_llama_folder_in_chromium() {
     let prompt = case["prompt"].as_str().unwrap();
     for dtype in ["fp32", "q4"] {
         let shot = artifacts.join(format!("playground-llama-{dtype}.png"));
-        let result = in_chromium(&served.url, prompt, dtype, 20, &shot);
+        let result = in_chromium(&served.url, prompt, Some(dtype), false, 20, &shot);
         assert_eq!(result["state"], "done", "{dtype}: {result}");
         for url in result["requests"].as_array().unwrap() {
             assert!(url.as_str().unwrap().starts_with(&served.url), "{dtype}: a request left the server: {url}");

@@ -110,6 +110,9 @@ fn a_built_folder_passes_and_each_defect_is_named() {
     // A renamed file leaves the config's dtype without a file.
     let copy = broken(&dist, |d| std::fs::rename(d.join("onnx/model.onnx"), d.join("onnx/model_full.onnx")).unwrap());
     assert!(lint(copy.path()).1.contains("`transformers.js_config.dtype` is `fp32`, but onnx/ has no file for it (it has: q4)"));
+    // And the WebGPU dtype (transformers.js_config.device_config.webgpu).
+    let copy = broken(&dist, |d| std::fs::remove_file(d.join("onnx/model_q4.onnx")).unwrap());
+    assert!(lint(copy.path()).1.contains("`transformers.js_config.device_config.webgpu.dtype` is `q4`, but onnx/ has no file for it (it has: fp32)"), "{}", lint(copy.path()).1);
 }
 
 /// A Llama-family folder (grouped-query cache: 2 key-value heads of 16) lints

@@ -36,6 +36,7 @@ pub struct RawCache {
 #[serde(deny_unknown_fields)]
 pub struct RawWeb {
     pub dtype: Option<String>,
+    pub webgpu_dtype: Option<String>,
     pub prompt: Option<String>,
     pub max_new_tokens: Option<u64>,
     pub transformers_js: Option<String>,

@@ -65,6 +65,8 @@ pub const TRANSFORMERS_JS_CDN: &str = "https://cdn.jsdelivr.net/npm/@huggingface
 pub struct Web {
     /// The dtype transformers.js loads by default (`None`: symb picks one of the targets).
     pub dtype: Option<Dtype>,
+    /// The dtype it loads on WebGPU (`None`: symb picks one of the targets).
+    pub webgpu_dtype: Option<Dtype>,
     pub prompt: String,
     pub max_new_tokens: u64,
     /// The URL of transformers.min.js the page imports (unless `symb serve` has a local copy).
@@ -626,13 +628,18 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
 }
 
 fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {
-    let dtype = raw.dtype.as_deref().map(|name| check_dtype(cx, &["web", "dtype"], name)).transpose()?;
-    if let (Some(dtype), Some(export)) = (dtype, export)
-        && !export.targets.contains(&dtype)
-    {
-        let targets: Vec<&str> = export.targets.iter().map(|d| d.name()).collect();
-        return Err(cx.at(&["web", "dtype"], format!("`web.dtype` = \"{dtype}\" is not in `export.targets` ({}): the page would load a file the folder lacks", targets.join(", "))));
-    }
+    let built = |key: &'static str, name: Option<&str>| -> Result<Option<Dtype>, ManifestError> {
+        let dtype = name.map(|name| check_dtype(cx, &["web", key], name)).transpose()?;
+        if let (Some(dtype), Some(export)) = (dtype, export)
+            && !export.targets.contains(&dtype)
+        {
+            let targets: Vec<&str> = export.targets.iter().map(|d| d.name()).collect();
+            return Err(cx.at(&["web", key], format!("`web.{key}` = \"{dtype}\" is not in `export.targets` ({}): the page would load a file the folder lacks", targets.join(", "))));
+        }
+        Ok(dtype)
+    };
+    let dtype = built("dtype", raw.dtype.as_deref())?;
+    let webgpu_dtype = built("webgpu_dtype", raw.webgpu_dtype.as_deref())?;
     let max_new_tokens = raw.max_new_tokens.unwrap_or(32);
     if !(1..=4096).contains(&max_new_tokens) {
         return Err(cx.at(&["web", "max_new_tokens"], format!("`web.max_new_tokens` = {max_new_tokens} must be between 1 and 4096")));
@@ -641,7 +648,7 @@ fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web
     if !(transformers_js.starts_with("https://") || transformers_js.starts_with("http://") || transformers_js.starts_with('/') || transformers_js.starts_with("./")) {
         return Err(cx.at(&["web", "transformers_js"], "`web.transformers_js` must be a URL (https://...) or a path on the server (/... or ./...)"));
     }
-    Ok(Web { dtype, prompt: raw.prompt.unwrap_or_default(), max_new_tokens, transformers_js })
+    Ok(Web { dtype, webgpu_dtype, prompt: raw.prompt.unwrap_or_default(), max_new_tokens, transformers_js })
 }
 
 fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError> {

@@ -16,6 +16,8 @@ pub struct BundleStage {
     pub dtypes: Vec<Dtype>,
     /// The dtype transformers.js loads when a page names none.
     pub dtype: Dtype,
+    /// The dtype a page loads on WebGPU.
+    pub webgpu_dtype: Dtype,
     /// The page's title (the project's name) and `[web]` defaults.
     pub title: String,
     pub web: crate::manifest::Web,
@@ -317,6 +319,7 @@ impl BundleStage {
                 ("TRANSFORMERS_JS_SHOWN", html_escape(&shown)),
                 ("PROMPT", html_escape(&self.web.prompt)),
                 ("DTYPE_OPTIONS", options),
+                ("DEVICE_DTYPES", script_json(&serde_json::json!({ "wasm": self.dtype, "webgpu": self.webgpu_dtype }))),
                 ("MAX_NEW_TOKENS", self.web.max_new_tokens.to_string()),
                 ("TRANSFORMERS_JS_URL", script_json(&serde_json::json!(self.web.transformers_js))),
             ],
@@ -336,6 +339,16 @@ pub fn default_dtype(targets: &[Dtype]) -> Dtype {
     [Dtype::Q8, Dtype::Int8, Dtype::Uint8, Dtype::Fp32].into_iter().find(|d| targets.contains(d)).unwrap_or(targets[0])
 }
 
+/// The dtype a page loads on WebGPU: 4-bit (MatMulNBits has WebGPU
+/// kernels, and a GPU reads a quarter of fp32's bytes), then fp32, then
+/// 8-bit (MatMulInteger has no WebGPU kernel: ONNX Runtime runs it on the
+/// CPU). fp16 and q4f16 come last: they need the adapter's `shader-f16`,
+/// which most GPUs have and SwiftShader's software adapter has not, so
+/// symb's tests cannot prove them there.
+pub fn webgpu_dtype(targets: &[Dtype]) -> Dtype {
+    [Dtype::Q4, Dtype::Fp32, Dtype::Q8, Dtype::Int8, Dtype::Uint8, Dtype::Q4f16, Dtype::Fp16].into_iter().find(|d| targets.contains(d)).unwrap_or(targets[0])
+}
+
 impl Stage for BundleStage {
     fn name(&self) -> &str {
         "bundle"
@@ -346,13 +359,15 @@ impl Stage for BundleStage {
     fn version(&self) -> u32 {
         // 5: no verify time column (the reports hold no timing). 6: the pad
         // token declared in config.json and tokenizer_config.json; README.md.
-        // 7: a file with another dtype's bytes says so.
-        7
+        // 7: a file with another dtype's bytes says so. 8: a dtype per
+        // device (WebAssembly, WebGPU); the page picks the device.
+        8
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("files".into(), self.files().map(|(_, f)| f).collect::<Vec<_>>().into());
         s.insert("dtype".into(), self.dtype.name().into());
+        s.insert("webgpu_dtype".into(), self.webgpu_dtype.name().into());
         s.insert("project.name".into(), self.title.clone().into());
         s.insert("card".into(), serde_json::to_value(&self.card).expect("serialises"));
         s.insert("web".into(), serde_json::to_value(&self.web).expect("serialises"));
@@ -393,6 +408,9 @@ impl Stage for BundleStage {
         }
         let js = js.as_object_mut().expect("an object");
         js.insert("dtype".into(), self.dtype.name().into());
+        // transformers.js v4 merges `device_config[device]` over these for
+        // the device a model is loaded on.
+        js.insert("device_config".into(), serde_json::json!({ "wasm": { "dtype": self.dtype }, "webgpu": { "dtype": self.webgpu_dtype } }));
         if external.is_empty() {
             js.remove("use_external_data_format");
         } else {

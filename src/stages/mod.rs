@@ -97,11 +97,13 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone())));
         }
         let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
+        let webgpu_dtype = manifest.web.webgpu_dtype.unwrap_or_else(|| bundle::webgpu_dtype(&export.targets));
         let model_stage_has_vocab = stages.iter().any(|s| s.name() == "vocab");
         stages.push(Box::new(bundle::BundleStage {
             model_stage,
             dtypes: export.targets.clone(),
             dtype,
+            webgpu_dtype,
             title: manifest.project.name.clone(),
             web: manifest.web.clone(),
             finetune: finetune.is_some(),

@@ -3,7 +3,10 @@
 //
 //   node browser.mjs URL REQUEST.json SCREENSHOT.png
 //
-// REQUEST: {"prompt", "dtype", "max_new_tokens", "runs" (optional)}. Prints JSON: {"state",
+// REQUEST: {"prompt", "dtype" (optional: else the page's choice for its
+// device), "max_new_tokens", "runs" (optional), "webgpu" (optional: Chromium
+// with SwiftShader's WebGPU adapter)}. Prints JSON: {"state", "device" (the
+// one the page used), "dtype",
 // "status", "ids", "output" (the text shown), "streamed" (how many pieces
 // the streamer delivered while generating), "examples" (the example
 // prompts), "requests" (every URL the page asked for), "crossOriginIsolated",
@@ -21,7 +24,10 @@ const profile = mkdtempSync(path.join(tmpdir(), 'symb-chromium-'));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
   headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+  args: [
+    '--headless', '--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run',
+    ...(request.webgpu ? ['--enable-unsafe-webgpu', '--use-webgpu-adapter=swiftshader', '--use-angle=swiftshader'] : ['--disable-gpu', '--disable-features=WebGPU']),
+  ],
 });
 const result = { requests: [], console: [] };
 try {
@@ -33,7 +39,7 @@ try {
   await settled(['ready', 'error']);
   if ((await page.evaluate(() => document.body.dataset.state)) === 'ready') {
     await page.fill('#prompt', request.prompt);
-    await page.selectOption('#dtype', request.dtype);
+    if (request.dtype) await page.selectOption('#dtype', request.dtype);
     await page.fill('#max', String(request.max_new_tokens));
     // `runs` > 1: the same generation again (the first one warms ONNX Runtime up).
     for (let run = 0; run < (request.runs ?? 1); run++) {
@@ -43,6 +49,8 @@ try {
     }
   }
   result.state = await page.evaluate(() => document.body.dataset.state);
+  result.device = await page.evaluate(() => document.body.dataset.device);
+  result.dtype = await page.inputValue('#dtype');
   result.status = await page.textContent('#status');
   const ids = await page.textContent('#ids');
   result.ids = ids ? JSON.parse(ids) : null;
