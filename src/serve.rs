@@ -16,6 +16,14 @@ use std::time::Duration;
 
 /// Where the page finds transformers.js when the server has a local copy.
 pub const LOCAL_CONFIG: &str = "/_symb/transformers.json";
+/// Where a page posts what it measured, when the server has an inbox
+/// (`POST /_symb/inbox/NAME`; the browser check's pages).
+pub const INBOX: &str = "/_symb/inbox/";
+/// The largest body the inbox takes (logits along a few prompts).
+const MAX_INBOX_BODY: u64 = 1 << 30;
+
+/// Where posted bodies go: (name, body).
+pub type Inbox = std::sync::mpsc::Sender<(String, Vec<u8>)>;
 
 /// The longest request or header line accepted (bytes).
 const MAX_LINE: u64 = 8 * 1024;
@@ -43,6 +51,8 @@ struct Roots {
     modules: Option<PathBuf>,
     /// [`HEAD_DEADLINE`] (shorter in tests).
     head_deadline: Duration,
+    /// Where posted bodies go, by name (see [`INBOX`]).
+    inbox: Option<std::sync::Mutex<Inbox>>,
 }
 
 /// The connection as the request parser reads it: each read fails once the
@@ -75,9 +85,15 @@ impl Server {
                 )));
             }
         }
-        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()?, head_deadline: HEAD_DEADLINE };
+        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()?, head_deadline: HEAD_DEADLINE, inbox: None };
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         Ok(Server { listener, roots: Arc::new(roots) })
+    }
+
+    /// Takes what pages post to [`INBOX`]`NAME`: (NAME, body) on `inbox`.
+    pub fn with_inbox(mut self, inbox: Inbox) -> Self {
+        Arc::get_mut(&mut self.roots).expect("not yet serving").inbox = Some(std::sync::Mutex::new(inbox));
+        self
     }
 
     pub fn url(&self) -> String {
@@ -87,8 +103,26 @@ impl Server {
     /// Serves until the process ends, one thread per connection, at most
     /// [`MAX_CONNECTIONS`] at once.
     pub fn run(self) -> std::io::Result<()> {
+        self.serve(&std::sync::atomic::AtomicBool::new(false))
+    }
+
+    /// Serves on a thread of its own until the handle is dropped.
+    pub fn spawn(self) -> Serving {
+        let (url, address) = (self.url(), self.listener.local_addr().expect("bound"));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let _ = self.serve(&flag);
+        });
+        Serving { url, address, stop, thread: Some(thread) }
+    }
+
+    fn serve(self, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<()> {
         let open = Arc::new(AtomicUsize::new(0));
         for stream in self.listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
             let Ok(mut stream) = stream else { continue };
             if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                 open.fetch_sub(1, Ordering::SeqCst);
@@ -103,6 +137,26 @@ impl Server {
             });
         }
         Ok(())
+    }
+}
+
+/// A server running on its own thread ([`Server::spawn`]); dropped, it stops
+/// taking connections.
+pub struct Serving {
+    pub url: String,
+    address: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // The accept loop wakes for one more connection, and sees the flag.
+        let _ = TcpStream::connect_timeout(&self.address, Duration::from_secs(1));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -182,6 +236,8 @@ struct Request {
     target: String,
     keep_alive: bool,
     range: Option<String>,
+    /// The body, where the server keeps it (posts to its inbox).
+    body: Vec<u8>,
 }
 
 /// Why a request is answered with an error and the connection closed.
@@ -194,7 +250,9 @@ enum BadRequest {
     Malformed(&'static str),
 }
 
-fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Request, BadRequest>>> {
+/// A request: its head, and its body when `keep_body` says the target's is
+/// wanted (up to [`MAX_INBOX_BODY`]; others are drained, up to [`MAX_BODY`]).
+fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> bool) -> std::io::Result<Option<Result<Request, BadRequest>>> {
     let line = match read_line(reader)? {
         Line::Text(line) => line,
         Line::End => return Ok(None),
@@ -202,7 +260,9 @@ fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Requ
     };
     let mut parts = line.split_whitespace();
     let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else { return Ok(Some(Err(BadRequest::Malformed("malformed request line")))) };
-    let mut request = Request { method: method.to_string(), target: target.to_string(), keep_alive: version == "HTTP/1.1", range: None };
+    let mut request = Request { method: method.to_string(), target: target.to_string(), keep_alive: version == "HTTP/1.1", range: None, body: Vec::new() };
+    let keep = keep_body(method, target);
+    let max_body = if keep { MAX_INBOX_BODY } else { MAX_BODY };
     let mut length = 0u64;
     for count in 0.. {
         let header = match read_line(reader)? {
@@ -222,7 +282,7 @@ fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Requ
             "connection" if value.eq_ignore_ascii_case("close") => request.keep_alive = false,
             "connection" if value.eq_ignore_ascii_case("keep-alive") => request.keep_alive = true,
             "content-length" => match value.parse::<u64>() {
-                Ok(n) if n <= MAX_BODY => length = n,
+                Ok(n) if n <= max_body => length = n,
                 Ok(_) => return Ok(Some(Err(BadRequest::BodyTooLarge))),
                 Err(_) => return Ok(Some(Err(BadRequest::Malformed("invalid Content-Length")))),
             },
@@ -233,7 +293,12 @@ fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Result<Requ
             _ => {}
         }
     }
-    if length > 0 {
+    if keep {
+        reader.take(length).read_to_end(&mut request.body)?;
+        if (request.body.len() as u64) < length {
+            return Ok(None);
+        }
+    } else if length > 0 {
         std::io::copy(&mut reader.take(length), &mut std::io::sink())?;
     }
     Ok(Some(Ok(request)))
@@ -286,7 +351,8 @@ fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
     let mut stream = stream;
     loop {
         reader.get_mut().until = Some(std::time::Instant::now() + roots.head_deadline);
-        let request = match read_request(&mut reader)? {
+        let keep_body = |method: &str, target: &str| roots.inbox.is_some() && method == "POST" && target.starts_with(INBOX);
+        let request = match read_request(&mut reader, &keep_body)? {
             None => return Ok(()),
             Some(Ok(request)) => request,
             Some(Err(bad)) => {
@@ -302,22 +368,26 @@ fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
         };
         let keep_alive = request.keep_alive;
         let send_body = request.method != "HEAD";
-        let (status, body, kind, extra): (&str, Body, &str, Vec<String>) = if request.method != "GET" && request.method != "HEAD" {
-            ("405 Method Not Allowed", Body::Bytes(b"only GET and HEAD\n".to_vec()), "text/plain", vec!["Allow: GET, HEAD".into()])
-        } else {
-            match respond(&request.target, roots) {
-                None => ("404 Not Found", Body::Bytes(b"not found\n".to_vec()), "text/plain", Vec::new()),
-                Some((Body::File(mut file, len), kind)) => match request.range.as_deref().map_or(Ok(None), |r| byte_range(r, len)) {
-                    Ok(None) => ("200 OK", Body::File(file, len), kind, vec!["Accept-Ranges: bytes".into()]),
-                    Ok(Some((first, last))) => {
-                        file.seek(SeekFrom::Start(first))?;
-                        ("206 Partial Content", Body::File(file, last - first + 1), kind, vec!["Accept-Ranges: bytes".into(), format!("Content-Range: bytes {first}-{last}/{len}")])
-                    }
-                    Err(()) => ("416 Range Not Satisfiable", Body::Bytes(Vec::new()), "text/plain", vec![format!("Content-Range: bytes */{len}")]),
-                },
-                Some((body, kind)) => ("200 OK", body, kind, Vec::new()),
-            }
-        };
+        let (status, body, kind, extra): (&str, Body, &str, Vec<String>) =
+            if let (Some(inbox), Some(name)) = (roots.inbox.as_ref().filter(|_| request.method == "POST"), request.target.strip_prefix(INBOX)) {
+                let _ = inbox.lock().expect("inbox lock").send((name.to_string(), request.body));
+                ("204 No Content", Body::Bytes(Vec::new()), "text/plain", Vec::new())
+            } else if request.method != "GET" && request.method != "HEAD" {
+                ("405 Method Not Allowed", Body::Bytes(b"only GET and HEAD\n".to_vec()), "text/plain", vec!["Allow: GET, HEAD".into()])
+            } else {
+                match respond(&request.target, roots) {
+                    None => ("404 Not Found", Body::Bytes(b"not found\n".to_vec()), "text/plain", Vec::new()),
+                    Some((Body::File(mut file, len), kind)) => match request.range.as_deref().map_or(Ok(None), |r| byte_range(r, len)) {
+                        Ok(None) => ("200 OK", Body::File(file, len), kind, vec!["Accept-Ranges: bytes".into()]),
+                        Ok(Some((first, last))) => {
+                            file.seek(SeekFrom::Start(first))?;
+                            ("206 Partial Content", Body::File(file, last - first + 1), kind, vec!["Accept-Ranges: bytes".into(), format!("Content-Range: bytes {first}-{last}/{len}")])
+                        }
+                        Err(()) => ("416 Range Not Satisfiable", Body::Bytes(Vec::new()), "text/plain", vec![format!("Content-Range: bytes */{len}")]),
+                    },
+                    Some((body, kind)) => ("200 OK", body, kind, Vec::new()),
+                }
+            };
         stream.write_all(&head(status, kind, body.len(), keep_alive, &extra))?;
         if send_body {
             match body {
@@ -434,6 +504,22 @@ mod tests {
         let mut response = Vec::new();
         let _ = stream.read_to_end(&mut response);
         String::from_utf8_lossy(&response).into_owned()
+    }
+
+    #[test]
+    fn posts_reach_the_inbox_only_where_there_is_one_and_a_dropped_server_stops() {
+        let (_dir, root) = folder();
+        let post = |url: &str, name: &str, body: &str| exchange(url, format!("POST {INBOX}{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
+        let plain = Server::bind(&root, 0, None).unwrap().spawn();
+        assert!(post(&plain.url, "a.json", "{}").starts_with("HTTP/1.1 405"), "no inbox: no posts");
+        let (sender, inbox) = std::sync::mpsc::channel();
+        let serving = Server::bind(&root, 0, None).unwrap().with_inbox(sender).spawn();
+        assert!(post(&serving.url, "a.json", "{\"x\": 1}").starts_with("HTTP/1.1 204"));
+        assert_eq!(inbox.recv_timeout(Duration::from_secs(5)).unwrap(), ("a.json".to_string(), b"{\"x\": 1}".to_vec()));
+        assert!(exchange(&serving.url, b"POST /index.html HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 405"), "elsewhere, posts are refused");
+        let url = serving.url.clone();
+        drop(serving);
+        assert!(TcpStream::connect(url.trim_start_matches("http://").trim_end_matches('/')).is_err(), "dropped: the port is closed");
     }
 
     #[test]

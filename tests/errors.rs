@@ -258,3 +258,17 @@ error: `web.webgpu_dtype` = "q4f16" is not in `export.targets` (fp32, q4): the p
             .trim_start(),
     );
 }
+
+#[test]
+fn an_unknown_browser_device() {
+    assert_rejected(
+        |p| p.write("symb.toml", &format!("{}\n[verify.browser]\ndevices = [\"webgpu\", \"webnn\"]\n", p.read("symb.toml"))),
+        r#"
+error: `webnn` in `verify.browser.devices` is not a browser device (known: webgpu, wasm)
+  --> symb.toml:17:11
+   |
+17 | devices = ["webgpu", "webnn"]
+   |           ^^^^^^^^^^^^^^^^^^^"#
+            .trim_start(),
+    );
+}

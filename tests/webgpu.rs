@@ -180,3 +180,41 @@ fn every_dtype_runs_on_webgpu_within_its_bounds_and_a_damaged_file_fails() {
     let failures = check("fp32", run, None, &torch, vocab);
     assert!(failures.iter().any(|f| f.contains("max abs error against PyTorch")), "{failures:#?}");
 }
+
+/// `[verify.browser]`: the build itself runs every file in Chromium on
+/// SwiftShader's WebGPU and compares it with candle, as `verify` does
+/// natively; the report says what ran, what passed, and what is unproven.
+#[test]
+fn the_build_checks_every_file_on_webgpu_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
+    let manifest = format!(
+        "[project]\nname = \"webgpu\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\", \"q4f16\"]\naccuracy_level = 0\n\n[verify.browser]\nadapter = \"swiftshader\"\ntransformers_js = \"{}\"\n",
+        fixture().display(),
+        modules.display()
+    );
+    std::fs::write(dir.path().join("symb.toml"), &manifest).unwrap();
+    let out = Command::new(common::BIN).args(["build", "--json"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("dist/reports/browser.json")).unwrap()).unwrap();
+    assert_eq!(report["adapter"]["architecture"], "swiftshader", "{report}");
+    let webgpu = &report["devices"]["webgpu"];
+    assert_eq!((&webgpu["fp32"]["status"], &webgpu["q4"]["status"], &webgpu["q4f16"]["status"]), (&"passed".into(), &"passed".into(), &"unproven".into()), "{report}");
+    // fp32 on WebGPU: candle's logits and all its greedy tokens.
+    assert!(webgpu["fp32"]["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4 && webgpu["fp32"]["metrics"]["greedy_match"] == 1.0, "{report}");
+    assert!(webgpu["fp32"]["positions"].as_u64().unwrap() > 100, "every position of the prompts and candle's tokens: {report}");
+    let page = std::fs::read_to_string(dir.path().join("dist/report.html")).unwrap();
+    assert!(page.contains("<th>WebGPU</th>") && page.contains("unproven<span class=\"bound\">needs shader-f16") && page.contains("WebGPU adapter: google swiftshader, without shader-f16"), "{page}");
+    assert!(page.contains("The page loads fp32 on WebAssembly and q4 on WebGPU."), "{page}");
+    let before = common::snapshot(&dir.path().join("dist"));
+
+    // A bound q4 meets natively (top-1 0.53 on all 16 prompts) but not on
+    // WebGPU's first 4 (0.49): the build fails with the device named, exit
+    // 3, and the folder keeps its previous state.
+    std::fs::write(dir.path().join("symb.toml"), format!("{manifest}\n[verify.tolerance.q4]\ntop1_agreement = 0.52\n")).unwrap();
+    let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("the browser check failed") && stderr.contains("q4 on WebGPU: top1_agreement = "), "{stderr}");
+    assert_eq!(common::snapshot(&dir.path().join("dist")), before, "the previous output stays");
+}

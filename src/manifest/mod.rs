@@ -9,7 +9,7 @@ mod resolve;
 
 pub use error::{ManifestError, suggest};
 pub use raw::{Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, Schedule, VocabInit, VocabStrategy};
-pub use resolve::{Base, BaseModel, Corpus, Export, Finetune, Manifest, Project, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web};
+pub use resolve::{Adapter, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest, Project, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web};
 
 use std::path::Path;
 

@@ -210,6 +210,19 @@ pub struct RawVerify {
     pub prompts: Option<RawPrompts>,
     pub max_new_tokens: Option<u64>,
     pub tolerance: Option<BTreeMap<String, RawTolerance>>,
+    pub browser: Option<RawBrowser>,
+}
+
+/// `[verify.browser]`: every file run again by transformers.js in a headless Chromium.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBrowser {
+    pub devices: Option<Vec<String>>,
+    pub adapter: Option<String>,
+    pub prompts: Option<u64>,
+    pub chromium: Option<String>,
+    pub transformers_js: Option<String>,
+    pub timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]

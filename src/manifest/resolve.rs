@@ -184,13 +184,64 @@ pub struct Verify {
     pub max_new_tokens: u64,
     /// dtype -> tolerance overrides.
     pub tolerance: BTreeMap<Dtype, RawTolerance>,
+    /// `[verify.browser]`: the files checked in a browser too.
+    pub browser: Option<Browser>,
 }
 
 impl Default for Verify {
     /// What a build verifies with when the manifest has no `[verify]`.
     fn default() -> Self {
-        Verify { prompts: RawPrompts::Count(16), max_new_tokens: 32, tolerance: BTreeMap::new() }
+        Verify { prompts: RawPrompts::Count(16), max_new_tokens: 32, tolerance: BTreeMap::new(), browser: None }
     }
+}
+
+/// A browser device transformers.js runs a model on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Webgpu,
+    Wasm,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Webgpu => "webgpu",
+            Device::Wasm => "wasm",
+        }
+    }
+    /// As people call it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Device::Webgpu => "WebGPU",
+            Device::Wasm => "WebAssembly",
+        }
+    }
+}
+
+/// The WebGPU adapter Chromium gives the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Adapter {
+    /// The machine's GPU.
+    Gpu,
+    /// SwiftShader: WebGPU in software, on any machine (slow: small models).
+    Swiftshader,
+}
+
+/// `[verify.browser]`, resolved.
+#[derive(Debug, Clone)]
+pub struct Browser {
+    pub devices: Vec<Device>,
+    pub adapter: Adapter,
+    /// How many of verify's prompts (the first ones).
+    pub prompts: usize,
+    /// The Chromium binary (`None`: `$CHROMIUM`, else one on the PATH).
+    pub chromium: Option<PathBuf>,
+    /// A `node_modules` folder with transformers.js and onnxruntime-web
+    /// (`None`: `web.transformers_js`, a URL).
+    pub transformers_js: Option<PathBuf>,
+    pub timeout: std::time::Duration,
 }
 
 /// Builds errors pointing into one manifest.
@@ -222,7 +273,7 @@ pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_
     let vocab = raw.vocab.map(|v| resolve_vocab(&cx, v)).transpose()?;
     let finetune = raw.finetune.map(|f| resolve_finetune(&cx, f, base.as_ref())).transpose()?;
     let export = raw.export.map(|e| resolve_export(&cx, e)).transpose()?;
-    let verify = raw.verify.map(|v| resolve_verify(&cx, v)).transpose()?;
+    let verify = raw.verify.map(|v| resolve_verify(&cx, &dir, v)).transpose()?;
     let web = resolve_web(&cx, raw.web.unwrap_or_default(), export.as_ref())?;
     let cache_remote = match raw.cache.unwrap_or_default() {
         RawCache { remote: Some(url), remote_write } => {
@@ -651,7 +702,40 @@ fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web
     Ok(Web { dtype, webgpu_dtype, prompt: raw.prompt.unwrap_or_default(), max_new_tokens, transformers_js })
 }
 
-fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError> {
+fn resolve_browser(cx: &Ctx<'_>, dir: &Path, raw: RawBrowser) -> Result<Browser, ManifestError> {
+    let key = |name: &'static str| ["verify", "browser", name];
+    let mut devices = Vec::new();
+    for name in raw.devices.unwrap_or_else(|| vec!["webgpu".to_string()]) {
+        let device = match name.as_str() {
+            "webgpu" => Device::Webgpu,
+            "wasm" => Device::Wasm,
+            other => return Err(cx.at(&key("devices"), format!("`{other}` in `verify.browser.devices` is not a browser device (known: webgpu, wasm)"))),
+        };
+        if !devices.contains(&device) {
+            devices.push(device);
+        }
+    }
+    if devices.is_empty() {
+        return Err(cx.at(&key("devices"), "`verify.browser.devices` is empty: list webgpu, wasm or both"));
+    }
+    let adapter = match raw.adapter.as_deref().unwrap_or("gpu") {
+        "gpu" => Adapter::Gpu,
+        "swiftshader" => Adapter::Swiftshader,
+        other => return Err(cx.at(&key("adapter"), format!("`verify.browser.adapter` = \"{other}\" is not an adapter (gpu: the machine's GPU; swiftshader: WebGPU in software)"))),
+    };
+    let prompts = raw.prompts.unwrap_or(4);
+    if prompts == 0 {
+        return Err(cx.at(&key("prompts"), "`verify.browser.prompts` must be at least 1"));
+    }
+    let timeout_s = raw.timeout_s.unwrap_or(900);
+    if timeout_s == 0 {
+        return Err(cx.at(&key("timeout_s"), "`verify.browser.timeout_s` must be at least 1"));
+    }
+    let transformers_js = raw.transformers_js.map(|p| normalize(&dir.join(p)));
+    Ok(Browser { devices, adapter, prompts: prompts as usize, chromium: raw.chromium.map(|p| normalize(&dir.join(p))), transformers_js, timeout: std::time::Duration::from_secs(timeout_s) })
+}
+
+fn resolve_verify(cx: &Ctx<'_>, dir: &Path, raw: RawVerify) -> Result<Verify, ManifestError> {
     let prompts = raw.prompts.unwrap_or(RawPrompts::Count(16));
     match &prompts {
         RawPrompts::Count(0) => {
@@ -681,7 +765,8 @@ fn resolve_verify(cx: &Ctx<'_>, raw: RawVerify) -> Result<Verify, ManifestError>
             }
         }
     }
-    Ok(Verify { prompts, max_new_tokens: raw.max_new_tokens.unwrap_or(32), tolerance })
+    let browser = raw.browser.map(|b| resolve_browser(cx, dir, b)).transpose()?;
+    Ok(Verify { prompts, max_new_tokens: raw.max_new_tokens.unwrap_or(32), tolerance, browser })
 }
 
 /// An absolute form of `path` without touching the filesystem beyond the cwd.

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use super::export::data_inputs;
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::manifest::Device;
 
 pub struct BundleStage {
     /// The stage whose model folder was exported.
@@ -18,6 +19,8 @@ pub struct BundleStage {
     pub dtype: Dtype,
     /// The dtype a page loads on WebGPU.
     pub webgpu_dtype: Dtype,
+    /// The devices the `browser` stage checked the files on, if it runs.
+    pub browser: Option<Vec<crate::manifest::Device>>,
     /// The page's title (the project's name) and `[web]` defaults.
     pub title: String,
     pub web: crate::manifest::Web,
@@ -153,7 +156,14 @@ impl BundleStage {
                 f["english"]["lines_without_new_words"],
             );
         }
-        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th></tr>");
+        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th>");
+        // Each browser device: what the `browser` stage found, or that it did not run.
+        let browser = if self.browser.is_some() { json("browser", "report.json") } else { None };
+        let devices = self.browser.clone().unwrap_or_else(|| vec![Device::Webgpu]);
+        for device in &devices {
+            let _ = write!(html, "<th>{}</th>", device.title());
+        }
+        html.push_str("</tr>");
         for (((stage, file), dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
             let bytes = file_bytes(ctx, &stage, file);
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
@@ -178,7 +188,7 @@ impl BundleStage {
             };
             let _ = write!(
                 html,
-                "<tr><td>{dtype}{}</td><td>onnx/{file}{same}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
+                "<tr><td>{dtype}{}</td><td>onnx/{file}{same}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td>",
                 if *dtype == self.dtype { " (default)" } else { "" },
                 bytes as f64 / 1e6,
                 cell("max_abs_error", 4),
@@ -187,8 +197,42 @@ impl BundleStage {
                 cell("perplexity_ratio", 4),
                 cell("greedy_match", 3),
             );
+            for device in &devices {
+                let entry = browser.as_ref().map(|b| &b["devices"][device.name()][dtype.name()]);
+                let needs_f16 = *device == Device::Webgpu && matches!(dtype, Dtype::Fp16 | Dtype::Q4f16);
+                let text = match entry.map(|e| (e["status"].as_str().unwrap_or_default(), e)) {
+                    Some(("passed", e)) => format!(
+                        "passed<span class=\"bound\">top-1 {}, greedy {}</span>",
+                        e["metrics"]["top1_agreement"].as_f64().map_or(String::new(), |v| figure(v, 4)),
+                        e["metrics"]["greedy_match"].as_f64().map_or(String::new(), |v| figure(v, 3))
+                    ),
+                    Some(("unproven", _)) => "unproven<span class=\"bound\">needs shader-f16, which the adapter lacked</span>".to_string(),
+                    Some((status, _)) if !status.is_empty() => format!("<span class=\"fail\">{}</span>", html_escape(status)),
+                    _ if needs_f16 => "not checked<span class=\"bound\">needs shader-f16</span>".to_string(),
+                    _ => "not checked".to_string(),
+                };
+                let _ = write!(html, "<td>{text}</td>");
+            }
+            html.push_str("</tr>");
         }
-        html.push_str("</table></div><p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
+        let adapter = browser.as_ref().map(|b| &b["adapter"]).filter(|a| a.is_object());
+        let shader_f16 = if browser.as_ref().is_some_and(|b| b["shader_f16"] == true) { "with" } else { "without" };
+        let checked = match (&self.browser, adapter) {
+            (Some(_), Some(a)) => format!(
+                "In the browser: each file run by transformers.js in headless Chromium (WebGPU adapter: {} {}, {shader_f16} shader-f16) on the first {} prompts, under the same bounds; details in <code>reports/browser.json</code>.",
+                html_escape(a["vendor"].as_str().unwrap_or_default()),
+                html_escape(a["architecture"].as_str().unwrap_or_default()),
+                browser.as_ref().map_or(serde_json::Value::Null, |b| b["prompts"].clone())
+            ),
+            (Some(_), None) => {
+                "In the browser: each file run by transformers.js in headless Chromium (no WebGPU adapter), under the same bounds; details in <code>reports/browser.json</code>.".to_string()
+            }
+            (None, _) => {
+                "In the browser: not checked in this build (add <code>[verify.browser]</code> to run every file in headless Chromium on WebGPU); fp16 and q4f16 need the GPU's shader-f16.".to_string()
+            }
+        };
+        let _ = write!(html, "</table></div><p>{checked} The page loads {} on WebAssembly and {} on WebGPU.</p>", self.dtype, self.webgpu_dtype);
+        html.push_str("<p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
         Ok(html)
     }
 
@@ -382,6 +426,9 @@ impl Stage for BundleStage {
         }
         deps.extend(self.files().map(|(stage, _)| stage));
         deps.extend(self.dtypes.iter().map(|d| d.verify_stage()));
+        if self.browser.is_some() {
+            deps.push("browser".to_string());
+        }
         if self.finetune {
             deps.push("finetune".to_string());
         }

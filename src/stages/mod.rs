@@ -1,5 +1,6 @@
 //! The stage kinds, and the one place that turns a manifest into a plan.
 
+pub mod browser;
 pub mod bundle;
 pub mod corpus;
 pub mod export;
@@ -96,6 +97,10 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         for &dtype in &export.targets {
             stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone())));
         }
+        let browser = settings.browser.clone();
+        if let Some(browser) = &browser {
+            stages.push(Box::new(browser::BrowserStage::new(browser.clone(), export.targets.clone(), &settings, model_stage, manifest.web.transformers_js.clone())));
+        }
         let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
         let webgpu_dtype = manifest.web.webgpu_dtype.unwrap_or_else(|| bundle::webgpu_dtype(&export.targets));
         let model_stage_has_vocab = stages.iter().any(|s| s.name() == "vocab");
@@ -108,6 +113,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             web: manifest.web.clone(),
             finetune: finetune.is_some(),
             vocab: model_stage_has_vocab,
+            browser: browser.map(|b| b.devices),
             card: card(manifest),
         }));
     } else if manifest.verify.is_some() {

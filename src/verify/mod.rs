@@ -363,6 +363,66 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
     Ok(Report { metrics, checks, prefill, cache, perplexity_tokens: tokens, perplexity_reference, perplexity_onnx, greedy_identical, prompts })
 }
 
+/// One file run in a browser by transformers.js, on the first prompts of a
+/// [`Reference`]: per prompt, its logits along candle's path (the prompt and
+/// candle's greedy tokens but the last, one forward pass: the reference's
+/// rows) and its own greedy tokens.
+pub struct BrowserRun {
+    pub logits: Vec<Vec<f32>>,
+    pub generated: Vec<Vec<u32>>,
+}
+
+/// What a browser run measured against candle, and the bounds it met.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrowserReport {
+    /// As verify's, but `perplexity_ratio` is not measured (null).
+    pub metrics: Metrics,
+    pub checks: Vec<Check>,
+    pub positions: usize,
+    /// Per prompt: how many of candle's greedy tokens the browser gave before the first other one.
+    pub matched: Vec<usize>,
+}
+
+impl BrowserReport {
+    pub fn failures(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| !c.passed)
+    }
+}
+
+/// Compares `run` with `reference` (its logits read from `logits`, which
+/// starts at its first prompt) under verify's bounds for the file's dtype.
+pub fn compare_browser(reference: &Reference, logits: &mut impl std::io::Read, run: &BrowserRun, tolerance: &RawTolerance) -> Result<BrowserReport, VerifyError> {
+    let vocab = reference.vocab;
+    if run.logits.len() != run.generated.len() || run.logits.len() > reference.greedy.len() {
+        return Err(VerifyError::Reference(format!("{} prompts of logits and {} of tokens for {} prompts", run.logits.len(), run.generated.len(), reference.greedy.len())));
+    }
+    let mut tally = Tally::default();
+    let mut bytes = Vec::new();
+    let (mut matched, mut generated) = (Vec::new(), 0);
+    for (i, (candidate, tokens)) in run.logits.iter().zip(&run.generated).enumerate() {
+        let rows = reference.rows(i);
+        if candidate.len() != rows * vocab {
+            return Err(VerifyError::Reference(format!("prompt {i}: the browser gave {} logits, candle {rows} rows of {vocab}", candidate.len())));
+        }
+        bytes.resize(rows * vocab * 4, 0);
+        logits.read_exact(&mut bytes).map_err(|e| VerifyError::Io("read", e))?;
+        let expected: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        tally.add(&expected, candidate, vocab);
+        matched.push(tokens.iter().zip(&reference.greedy[i]).take_while(|(a, b)| a == b).count());
+        generated += reference.greedy[i].len();
+    }
+    let agreement = tally.finish();
+    let metrics = Metrics {
+        max_abs_error: agreement.max_abs_error,
+        top1_agreement: agreement.top1_agreement,
+        kl_divergence: agreement.kl_divergence,
+        perplexity_ratio: f64::NAN,
+        greedy_match: if generated == 0 { 1.0 } else { matched.iter().sum::<usize>() as f64 / generated as f64 },
+    };
+    let checks = checks(&metrics, &RawTolerance { perplexity_ratio: None, ..tolerance.clone() });
+    Ok(BrowserReport { metrics, checks, positions: agreement.positions, matched })
+}
+
 /// Each bound that is set, against its metric. NaN fails every check.
 pub fn checks(metrics: &Metrics, tolerance: &RawTolerance) -> Vec<Check> {
     let mut checks = Vec::new();
@@ -423,5 +483,28 @@ mod tests {
         assert_eq!(a.positions, 2);
         assert_eq!(a.max_abs_error, 6.0);
         assert_eq!(a.top1_agreement, 0.5);
+    }
+
+    #[test]
+    fn a_browser_run_is_held_to_the_dtypes_bounds_along_candles_tokens() {
+        // One prompt of 2 tokens, candle's greedy [2, 0]: 3 rows of 3 logits.
+        let workload = Workload { prompts: vec![("p".into(), vec![1, 2])], windows: vec![], max_new_tokens: 2, eos: None };
+        let reference = Reference { workload, vocab: 3, greedy: vec![vec![2, 0]], window_nll: vec![] };
+        let rows: Vec<f32> = vec![0.0, 1.0, 2.0, 1.0, 0.5, 3.0, 4.0, 1.0, 0.0];
+        let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tolerance = tolerance(Dtype::Fp32, None);
+        let same = BrowserRun { logits: vec![rows.clone()], generated: vec![vec![2, 0]] };
+        let report = compare_browser(&reference, &mut bytes.as_slice(), &same, &tolerance).unwrap();
+        assert_eq!((report.positions, report.metrics.max_abs_error, report.metrics.greedy_match, report.failures().count()), (3, 0.0, 1.0, 0));
+        assert!(report.metrics.perplexity_ratio.is_nan() && report.checks.iter().all(|c| c.metric != "perplexity_ratio"), "not measured in a browser");
+        // A damaged file: logits 10% off and its own tokens parting at once.
+        let damaged = BrowserRun { logits: vec![rows.iter().map(|v| v * 1.1).collect()], generated: vec![vec![1, 0]] };
+        let report = compare_browser(&reference, &mut bytes.as_slice(), &damaged, &tolerance).unwrap();
+        let failed: Vec<&str> = report.failures().map(|c| c.metric).collect();
+        assert_eq!(failed, ["max_abs_error", "kl_divergence", "greedy_match"], "{:?}", report.checks);
+        assert_eq!(report.matched, [0]);
+        // Logits for fewer positions than candle's rows are refused, not compared.
+        let short = BrowserRun { logits: vec![rows[..6].to_vec()], generated: vec![vec![2, 0]] };
+        assert!(compare_browser(&reference, &mut bytes.as_slice(), &short, &tolerance).is_err());
     }
 }
