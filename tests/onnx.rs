@@ -299,7 +299,7 @@ fn external_data_files_load_and_the_config_names_them() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!onnx.join("model.onnx_data").exists());
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dist/config.json")).unwrap()).unwrap();
-    assert_eq!(config["transformers.js_config"], serde_json::json!({"dtype": "q8"}), "no external data named any more");
+    assert_eq!(config["transformers.js_config"], serde_json::json!({"dtype": "q8", "device_config": {"wasm": {"dtype": "q8"}, "webgpu": {"dtype": "q4"}}}), "no external data named any more");
     check_against_golden(&onnx.join("model.onnx"));
 }
 
