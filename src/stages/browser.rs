@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::export::data_inputs;
 use super::model::write_json;
+use super::verify::link_or_copy;
 use crate::dtype::Dtype;
 use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
 use crate::manifest::{Adapter, Browser, Device, RawTolerance, Verify};
@@ -105,13 +106,6 @@ impl BrowserStage {
         write_json(&dir.join("check.json"), job)?;
         std::fs::write(dir.join("check.html"), CHECK_PAGE).map_err(|e| io(&dir.join("check.html"), e))
     }
-}
-
-fn link_or_copy(from: &Path, to: &Path) -> Result<(), StageError> {
-    if std::fs::hard_link(from, to).is_err() {
-        std::fs::copy(from, to).map_err(|e| StageError::failed(format!("cannot copy `{}`: {e}", from.display())))?;
-    }
-    Ok(())
 }
 
 /// Chromium, killed (with its children: its process group) when dropped.

@@ -101,7 +101,7 @@ impl ReferenceStage {
     }
 }
 
-fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), StageError> {
+pub(super) fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), StageError> {
     if std::fs::hard_link(from, to).is_err() {
         std::fs::copy(from, to).map_err(|e| StageError::failed(format!("cannot copy `{}`: {e}", from.display())))?;
     }
