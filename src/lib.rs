@@ -7,6 +7,7 @@
 //! - [`engine`]: the graph, keys, executor and reasons (no ML);
 //! - [`manifest`]: `symb.toml` parsed and validated;
 //! - [`stages`]: the stage kinds;
+//! - [`ray`]: the engine's dispatch seam over a Ray cluster;
 //! - [`project`]: a manifest + plan + cache, and the operations on it;
 //! - [`cli`]: the command line, the only place that prints.
 
@@ -20,6 +21,7 @@ pub mod model;
 pub mod onnx;
 pub mod project;
 pub mod quant;
+pub mod ray;
 pub mod serve;
 pub mod stages;
 pub mod verify;

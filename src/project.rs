@@ -136,6 +136,47 @@ impl Project {
         }
     }
 
+    /// The executor for `[remote]` stages, with whether it falls back to a
+    /// local run; `None` without `[remote]`. The address is
+    /// `SYMB_REMOTE_ADDRESS` (which wins) or `remote.address`; the stages'
+    /// inputs and outputs go through the cache remote, which must be set and
+    /// writable (unless `fallback = "local"`, which then runs them here).
+    pub fn dispatch(&self, remote: Option<&engine::Remote>) -> Result<Option<(std::sync::Arc<crate::ray::RayExecutor>, bool)>, ProjectError> {
+        let Some(config) = &self.manifest.remote else { return Ok(None) };
+        let error = |message: String| ProjectError::Manifest(crate::manifest::ManifestError::general(&self.manifest.display, message));
+        let from_env = std::env::var("SYMB_REMOTE_ADDRESS").ok().filter(|v| !v.is_empty());
+        let Some(address) = from_env.or_else(|| config.address.clone()) else {
+            return Err(error("`[remote]` has no `address`: set `remote.address` (Ray's dashboard, such as \"http://head:8265\") or SYMB_REMOTE_ADDRESS".to_string()));
+        };
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(error(format!("SYMB_REMOTE_ADDRESS = \"{address}\" is not an http:// or https:// URL")));
+        }
+        let store = match remote {
+            Some(remote) if remote.write => remote.store.describe(),
+            _ if config.fallback_local => {
+                tracing::warn!("`[remote]` stages run here: they need a writable cache remote");
+                return Ok(None);
+            }
+            Some(_) => {
+                return Err(error(
+                    "`[remote]` stages read their inputs from the cache remote and write their results there, but it is read-only (`remote_write = false` or SYMB_CACHE_REMOTE_WRITE=0)".to_string(),
+                ));
+            }
+            None if self.manifest.cache_remote.is_some() || std::env::var_os("SYMB_CACHE_REMOTE").is_some() => {
+                return Err(error("`[remote]` stages need the cache remote, which cannot be opened (see the warning above)".to_string()));
+            }
+            None => {
+                return Err(error(
+                    "`[remote]` stages send their inputs and get their results through the shared cache: set `[cache] remote` (or SYMB_CACHE_REMOTE) to an s3:// URL the workers can read too"
+                        .to_string(),
+                ));
+            }
+        };
+        let stages = config.stages.iter().map(|s| (s.clone(), config.resources.get(s).cloned().unwrap_or_default())).collect();
+        let ray = crate::ray::RayExecutor::new(&address, &store, &config.worker_symb, stages);
+        Ok(Some((std::sync::Arc::new(ray), config.fallback_local)))
+    }
+
     /// Runs the build: stages, then the output folder (only when every stage
     /// succeeded and the whole plan was built).
     pub fn build(&self, options: &BuildOptions, reporter: &dyn Reporter) -> Result<BuildReport, ProjectError> {

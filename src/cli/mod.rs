@@ -163,6 +163,23 @@ pub enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Run one stage that a build sent to a remote engine (the entrypoint of
+    /// a Ray job): its description and inputs come from the store, with this
+    /// machine's credentials; its record goes back there.
+    #[command(hide = true)]
+    Worker {
+        /// The shared store (`s3://bucket/prefix`).
+        #[arg(long)]
+        store: String,
+        /// The description blob, `DIGEST:SIZE`.
+        #[arg(long)]
+        job: String,
+        /// The worker's own cache (default: `$SYMB_WORKER_CACHE`, else
+        /// `symb-worker` in the temporary folder), kept across jobs so that
+        /// a retried job resumes from its checkpoints.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
     /// Print a completion script for a shell, e.g. `symb completions bash > ~/.local/share/bash-completion/completions/symb`.
     Completions {
         #[arg(value_enum)]
@@ -281,6 +298,7 @@ pub fn run(cli: Cli) -> i32 {
             generate(&model, &prompt, max_new_tokens, &backend, dtype, adapter.as_deref(), sampling.as_ref(), json)
         }
         Command::Lint { folder, json } => lint(&folder, json),
+        Command::Worker { store, job, cache } => worker(&store, &job, cache),
         Command::Serve { folder, port, transformers_js } => serve(&folder, port, transformers_js.as_deref()),
         Command::Cache { command: CacheCommand::Push { json } } => match push(&manifest, json) {
             Ok(code) => code,
@@ -405,18 +423,39 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut options = BuildOptions { force: forced.into_iter().collect(), ..Project::default_options(jobs) };
     let reporter: &'static CliReporter = Box::leak(Box::new(CliReporter::new(mode)));
-    // Ctrl-C: say what stopped and that the next build resumes; the cache
-    // holds only whole results (written to a temporary name, then renamed),
-    // so stopping at any point loses nothing already finished.
-    let _ = ctrlc::set_handler(move || {
-        reporter.interrupted();
-        std::process::exit(130);
-    });
     let (remote, warning) = project.remote();
     if let Some(message) = warning {
         crate::engine::Reporter::event(reporter, crate::engine::Event::RemoteWarning { message: &message });
     }
+    let ray = match project.dispatch(remote.as_ref()) {
+        Ok(dispatch) => dispatch,
+        Err(e) => {
+            eprintln!("{}", render::diagnostic(&e.to_string()));
+            if json {
+                out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+            }
+            return e.exit_code();
+        }
+    };
     options.remote = remote;
+    options.dispatch = ray.clone().map(|(ray, fallback_local)| crate::engine::Dispatch { executor: ray, fallback_local });
+    // Ctrl-C: say what stopped and that the next build resumes; the cache
+    // holds only whole results (written to a temporary name, then renamed),
+    // so stopping at any point loses nothing already finished. Remote jobs
+    // this build waits on are stopped too (a killed build leaves them to
+    // run, and the next build attaches to them).
+    let _ = ctrlc::set_handler(move || {
+        reporter.interrupted();
+        if let Some((ray, _)) = &ray {
+            for (job, result) in ray.stop_in_flight() {
+                match result {
+                    Ok(()) => eprintln!("{}", render::stopped_job(&job, ray.address())),
+                    Err(e) => eprintln!("warning: cannot stop Ray job {job}: {e}; it runs on, and the next build attaches to it"),
+                }
+            }
+        }
+        std::process::exit(130);
+    });
     match project.build(&options, reporter) {
         Ok(report) => {
             reporter.finish(&project, &report);
@@ -430,6 +469,56 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
             }
             e.exit_code()
         }
+    }
+}
+
+/// `symb worker`: runs one described stage, printing JSON lines for the
+/// build that waits on it (progress, then `done` or `error`).
+fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
+    use crate::ray::WorkerLine;
+    struct Lines;
+    impl crate::engine::Reporter for Lines {
+        fn event(&self, event: crate::engine::Event<'_>) {
+            let line = match event {
+                crate::engine::Event::StageProgress { done, total, message, fields, .. } => {
+                    WorkerLine::Progress { done, total, message: message.to_string(), fields: fields.iter().map(|(k, v)| (k.to_string(), *v)).collect() }
+                }
+                crate::engine::Event::StageNote { message, .. } => WorkerLine::Note { message: message.to_string() },
+                _ => return,
+            };
+            out(serde_json::to_string(&line).expect("worker lines serialise"));
+        }
+    }
+    let fail = |error: crate::engine::StageError| {
+        let code = match error.class {
+            crate::engine::FailureClass::Failed => 1,
+            crate::engine::FailureClass::BadInput => 2,
+            crate::engine::FailureClass::Verification => 3,
+        };
+        out(serde_json::to_string(&WorkerLine::Error { class: error.class, message: error.message }).expect("worker lines serialise"));
+        code
+    };
+    let started = std::time::Instant::now();
+    let result = (|| {
+        let failed = |m: String| crate::engine::StageError::failed(m);
+        let blob = job
+            .split_once(':')
+            .and_then(|(digest, size)| Some(crate::cache::BlobRef { digest: digest.to_string(), size: size.parse().ok()? }))
+            .ok_or_else(|| failed(format!("`--job {job}` is not DIGEST:SIZE")))?;
+        let store = crate::cache::S3Store::open(store).map_err(|e| failed(format!("the worker cannot open the store: {e}")))?;
+        let dir = cache.or_else(|| std::env::var_os("SYMB_WORKER_CACHE").map(PathBuf::from)).unwrap_or_else(|| std::env::temp_dir().join("symb-worker"));
+        let cache = crate::cache::Cache::open(&dir)?;
+        let description = crate::engine::fetch_description(&cache, &store, &blob)?;
+        let stage = crate::stages::from_spec(&description.kind, &description.spec).map_err(|e| failed(format!("the job's `{}` stage: {e}", description.stage)))?;
+        let tools = Project::default_options(1).tools;
+        crate::engine::run_described(&cache, &store, &description, stage.as_ref(), &tools, &Lines)
+    })();
+    match result {
+        Ok(record) => {
+            out(serde_json::to_string(&WorkerLine::Done { key: record.key, seconds: started.elapsed().as_secs_f64() }).expect("worker lines serialise"));
+            0
+        }
+        Err(error) => fail(error),
     }
 }
 

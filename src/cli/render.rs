@@ -159,6 +159,7 @@ impl CliReporter {
         let count = |status| report.outcome.stages.iter().filter(|s| s.status == status).count();
         let (ran, cached, failed, skipped) = (count(StageStatus::Ran), count(StageStatus::Cached), count(StageStatus::Failed), count(StageStatus::Skipped));
         let fetched = count(StageStatus::Fetched);
+        let remote = count(StageStatus::Remote);
         let output = &project.manifest.project.output_label;
         if self.mode == Mode::Json {
             let failed_stages: Vec<&str> = report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed).map(|s| s.stage.as_str()).collect();
@@ -166,7 +167,7 @@ impl CliReporter {
                 "event": "build",
                 "status": if report.exit_code() == 0 { "ok" } else { "failed" },
                 "exit_code": report.exit_code(),
-                "ran": ran, "cached": cached, "fetched": fetched, "failed": failed_stages, "skipped": skipped,
+                "ran": ran, "remote": remote, "cached": cached, "fetched": fetched, "failed": failed_stages, "skipped": skipped,
                 "output": output,
                 "output_updated": report.output_updated,
                 "kept": report.kept,
@@ -194,6 +195,9 @@ impl CliReporter {
         }
         let (word, tone) = if report.exit_code() == 0 { ("Finished", Tone::Good) } else { ("Failed", Tone::Bad) };
         let mut parts = vec![format!("{ran} ran"), format!("{cached} cached")];
+        if remote > 0 {
+            parts.push(format!("{remote} ran remotely"));
+        }
         if fetched > 0 {
             parts.push(format!("{fetched} fetched"));
         }
@@ -266,6 +270,10 @@ impl Reporter for CliReporter {
                 Mode::Json => super::out(serde_json::json!({"event": "note", "stage": stage, "message": message})),
                 _ => self.line(status("Note", Tone::Note, &format!("{stage}: {message}"))),
             },
+            Event::StageJob { stage, job, message } => match self.mode {
+                Mode::Json => super::out(serde_json::json!({"event": "job", "stage": stage, "job": job, "message": message})),
+                _ => self.line(status("Remote", Tone::Note, &format!("{stage}: {message}"))),
+            },
             Event::StageFinished(outcome) => {
                 self.plain.lock().expect("progress lock").remove(&outcome.stage);
                 if let Some(bar) = self.running.lock().expect("bars lock").remove(&outcome.stage) {
@@ -288,12 +296,18 @@ impl Reporter for CliReporter {
                         if outcome.status == StageStatus::Fetched {
                             line["bytes"] = outcome.fetched_bytes.into();
                         }
+                        if let Some(job) = &outcome.job {
+                            line["job"] = job.as_str().into();
+                        }
                         super::out(line)
                     }
                     Mode::Human | Mode::Verbose | Mode::Quiet => match outcome.status {
                         StageStatus::Ran => self.line(status("Ran", Tone::Good, &format!("{} in {:.2}s ({why})", outcome.stage, outcome.seconds))),
                         StageStatus::Fetched => {
                             self.line(status("Fetched", Tone::Good, &format!("{} ({} {} in {:.2}s)", outcome.stage, bytes(outcome.fetched_bytes), outcome.reason, outcome.seconds)))
+                        }
+                        StageStatus::Remote => {
+                            self.line(status("Ran", Tone::Good, &format!("{} remotely in {:.2}s (job {}; {why})", outcome.stage, outcome.seconds, outcome.job.as_deref().unwrap_or("?"))))
                         }
                         StageStatus::Cached if self.mode == Mode::Verbose => self.line(status("Fresh", Tone::Good, &outcome.stage)),
                         StageStatus::Cached => {}
@@ -308,6 +322,11 @@ impl Reporter for CliReporter {
             Event::RemoteWarning { message } => self.always(format!("warning: {message}")),
         }
     }
+}
+
+/// The line Ctrl-C prints for each remote job it stopped.
+pub fn stopped_job(job: &str, address: &str) -> String {
+    status("Stopped", Tone::Warn, &format!("Ray job {job} at {address}"))
 }
 
 /// Bytes in a human unit.

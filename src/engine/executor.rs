@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::dispatch::{Dispatch, DispatchError};
 use super::inputs::{DirtyReason, StageInputs, explain, join};
 use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
 use crate::cache::{ActionRecord, Cache, CacheError, StatCache, Store, fault, write_json_atomic};
@@ -47,6 +48,8 @@ pub struct BuildOptions {
     pub salt: String,
     /// Tool versions that go into every key (symb's own).
     pub tools: BTreeMap<String, String>,
+    /// Where dispatched stages run, if any stage is dispatched.
+    pub dispatch: Option<Dispatch>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,6 +59,9 @@ pub enum StageStatus {
     Cached,
     /// Served by the remote store: its blobs were downloaded and checked.
     Fetched,
+    /// Run elsewhere by the dispatch executor; its record came back through
+    /// the remote store.
+    Remote,
     Failed,
     Skipped,
 }
@@ -74,6 +80,9 @@ pub struct StageOutcome {
     /// The record of the artifacts, for `ran` and `cached`.
     pub record: Option<ActionRecord>,
     pub error: Option<StageError>,
+    /// The dispatch engine's id of the job that ran it, for `remote` (and a
+    /// failed dispatched stage).
+    pub job: Option<String>,
 }
 
 #[derive(Debug)]
@@ -198,7 +207,7 @@ fn spawn<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, name: String) {
 }
 
 fn outcome(stage: &str, status: StageStatus, reason: String, seconds: f64, record: Option<ActionRecord>, error: Option<StageError>) -> StageOutcome {
-    StageOutcome { stage: stage.to_string(), status, reason, reasons: Vec::new(), seconds, fetched_bytes: 0, record, error }
+    StageOutcome { stage: stage.to_string(), status, reason, reasons: Vec::new(), seconds, fetched_bytes: 0, record, error, job: None }
 }
 
 fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
@@ -271,6 +280,20 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         }
         Err(error) => return failed(reason, error),
     };
+    if let Some(dispatch) = shared.options.dispatch.as_ref().filter(|d| d.executor.dispatches(name)) {
+        match run_dispatched(shared, dispatch, stage, &key, &inputs, &upstream) {
+            Ok((record, job)) => {
+                let seconds = started.elapsed().as_secs_f64();
+                return StageOutcome { reasons, job: Some(job), ..outcome(name, StageStatus::Remote, reason, seconds, Some(record), None) };
+            }
+            Err(DispatchError::Unreachable(message)) if dispatch.fallback_local => {
+                let message = format!("{message}; `{name}` runs here (`remote.fallback` = \"local\")");
+                shared.reporter.event(Event::RemoteWarning { message: &message });
+            }
+            Err(DispatchError::Unreachable(message)) => return failed(reason, StageError::failed(message)),
+            Err(DispatchError::Failed(error)) => return failed(reason, error),
+        }
+    }
     match run_miss(shared, stage, &key, &inputs, paths, started) {
         Ok(record) => {
             if let Some(uploads) = shared.uploads.lock().expect("uploads lock").as_ref() {
@@ -322,6 +345,28 @@ fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRe
         return warn(format!("cannot store a fetched record: {e}"));
     }
     Some((record, bytes))
+}
+
+/// Sends a stage to the dispatch executor and fetches the record it wrote:
+/// the record and the job's id.
+fn run_dispatched(shared: &Shared<'_>, dispatch: &Dispatch, stage: &dyn Stage, key: &str, inputs: &StageInputs, upstream: &[ActionRecord]) -> Result<(ActionRecord, String), DispatchError> {
+    let name = stage.name();
+    let Some(remote) = shared.options.remote.as_ref().filter(|r| r.write) else {
+        return Err(DispatchError::Failed(StageError::failed(format!(
+            "`{name}` runs on {}, which reads its inputs from the cache remote: set a writable `[cache] remote`",
+            dispatch.executor.describe()
+        ))));
+    };
+    let store = remote.store.as_ref();
+    let job = super::dispatch::describe(shared.cache, store, stage, key, inputs, upstream).map_err(DispatchError::Failed)?;
+    let id = dispatch.executor.run(&job, shared.reporter)?;
+    match fetch(shared, store, key) {
+        Some((record, _)) => {
+            save_ref(shared.cache, shared.project, name, key, inputs).map_err(|e| DispatchError::Failed(e.into()))?;
+            Ok((record, id))
+        }
+        None => Err(DispatchError::Failed(StageError::failed(format!("job {id} finished, but {} holds no complete record of `{name}` under its key {key}", store.describe())))),
+    }
 }
 
 /// Uploads a record's blobs that the remote lacks, then the record (last:
@@ -399,10 +444,24 @@ fn current_inputs(shared: &Shared<'_>, stage: &dyn Stage, upstream: &[ActionReco
 /// Runs a stage in a fresh work folder, stores its files as blobs and
 /// commits the action record (last).
 fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInputs, input_paths: BTreeMap<String, PathBuf>, started: Instant) -> Result<ActionRecord, StageError> {
-    let cache = shared.cache;
+    let record = run_in(shared.cache, stage, key, inputs, input_paths, started, shared.reporter)?;
+    save_ref(shared.cache, shared.project, stage.name(), key, inputs)?;
+    Ok(record)
+}
+
+/// [`run_miss`] without a project: what a worker runs.
+pub(super) fn run_in(
+    cache: &Cache,
+    stage: &dyn Stage,
+    key: &str,
+    inputs: &StageInputs,
+    input_paths: BTreeMap<String, PathBuf>,
+    started: Instant,
+    reporter: &dyn Reporter,
+) -> Result<ActionRecord, StageError> {
     let work = cache.work_dir(stage.name())?;
     let checkpoints = cache.checkpoint_dir(key);
-    let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), checkpoints: checkpoints.clone(), reporter: shared.reporter };
+    let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), checkpoints: checkpoints.clone(), reporter };
     let _span = tracing::info_span!("stage", name = stage.name()).entered();
     let metrics = stage.run(&ctx);
     // What the stage freed goes back to the system before the next stage
@@ -434,7 +493,6 @@ fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInp
         let _ = std::fs::remove_dir_all(&checkpoints);
     }
     tracing::debug!(stage = stage.name(), key, artifacts = record.outputs.len(), "committed action record");
-    save_ref(cache, shared.project, stage.name(), key, inputs)?;
     Ok(record)
 }
 

@@ -18,11 +18,13 @@
 //! re-runs and writes byte-identical artifacts leaves its dependents fresh
 //! (early cutoff).
 
+mod dispatch;
 mod executor;
 mod inputs;
 mod output;
 mod plan;
 
+pub use dispatch::{Description, Dispatch, DispatchError, Executor, Job, fetch_description, run_described};
 pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, execute, status, upload};
 pub use inputs::{DirtyReason, StageInputs, explain, join};
 pub use output::{
@@ -50,7 +52,7 @@ pub struct ExternalFile {
 }
 
 /// How a stage failure maps to the exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureClass {
     /// The stage itself failed (exit 1).
@@ -105,6 +107,11 @@ pub trait Stage: Send + Sync {
     fn tools(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
+    /// The stage's settings in a form it can be rebuilt from on another
+    /// machine (see [`Dispatch`]); `None` for a stage that only runs here.
+    fn spec(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Artifacts copied into the output folder: (artifact name, relative path).
     fn publishes(&self) -> Vec<(String, String)> {
         Vec::new()
@@ -134,6 +141,13 @@ pub enum Event<'a> {
     /// Something a running stage says once (e.g. that it resumed from a checkpoint).
     StageNote {
         stage: &'a str,
+        message: &'a str,
+    },
+    /// A dispatched stage's job: submitted, attached to, queued, retried.
+    StageJob {
+        stage: &'a str,
+        /// The engine's id for the job.
+        job: &'a str,
         message: &'a str,
     },
     StageFinished(&'a StageOutcome),

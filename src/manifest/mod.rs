@@ -8,8 +8,10 @@ mod raw;
 mod resolve;
 
 pub use error::{ManifestError, suggest};
-pub use raw::{Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, Schedule, VocabInit, VocabStrategy};
-pub use resolve::{Adapter, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest, Project, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web};
+pub use raw::{Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, RemoteEngine, RemoteFallback, Schedule, VocabInit, VocabStrategy};
+pub use resolve::{
+    Adapter, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest, Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web,
+};
 
 use std::path::Path;
 

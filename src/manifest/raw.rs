@@ -19,6 +19,55 @@ pub struct RawManifest {
     pub verify: Option<RawVerify>,
     pub web: Option<RawWeb>,
     pub cache: Option<RawCache>,
+    pub remote: Option<RawRemote>,
+}
+
+/// `[remote]`: stages that run as jobs of an engine the user operates.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRemote {
+    pub engine: RemoteEngine,
+    /// The engine's address (Ray: its dashboard, `http://head:8265`).
+    pub address: Option<String>,
+    /// The stages sent there.
+    pub stages: Vec<String>,
+    /// The symb command on the workers.
+    pub worker_symb: Option<String>,
+    /// What to do when the engine cannot be reached.
+    pub fallback: Option<RemoteFallback>,
+    /// Per stage: what its job asks the engine for.
+    pub resources: Option<std::collections::BTreeMap<String, RawResources>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteEngine {
+    Ray,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteFallback {
+    /// Fail the build (the default).
+    Error,
+    /// Warn and run the stage here.
+    Local,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    pub num_cpus: Option<f64>,
+    pub num_gpus: Option<f64>,
+    /// Bytes, or a size such as "16GiB".
+    pub memory: Option<RawSize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 /// `[cache]`: a shared store behind the local cache folder.

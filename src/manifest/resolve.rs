@@ -24,6 +24,11 @@ pub fn lora_target_names() -> Vec<&'static str> {
     names
 }
 
+/// The stages `[remote] stages` may name: those that read nothing but their
+/// settings and upstream artifacts (a worker has no project folder), and run
+/// long enough to be worth a job.
+pub const REMOTE_STAGES: [&str; 1] = ["finetune"];
+
 /// Alphabet of the byte-level pre-tokenizer.
 const BYTE_ALPHABET: u64 = 256;
 
@@ -46,6 +51,30 @@ pub struct Manifest {
     pub web: Web,
     /// `[cache] remote`, before `SYMB_CACHE_REMOTE` (which wins).
     pub cache_remote: Option<CacheRemote>,
+    /// `[remote]`: stages run as jobs elsewhere.
+    pub remote: Option<Remote>,
+}
+
+/// `[remote]`, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remote {
+    pub engine: RemoteEngine,
+    /// `None`: `SYMB_REMOTE_ADDRESS` must give it.
+    pub address: Option<String>,
+    pub stages: Vec<String>,
+    pub worker_symb: String,
+    pub fallback_local: bool,
+    /// Stage -> what its job asks for.
+    pub resources: BTreeMap<String, Resources>,
+}
+
+/// What a dispatched stage's job asks the engine for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    pub num_cpus: Option<f64>,
+    pub num_gpus: Option<f64>,
+    /// Bytes.
+    pub memory: Option<u64>,
 }
 
 /// A shared store behind the local cache.
@@ -141,7 +170,7 @@ pub struct Vocab {
     pub pad_to_multiple_of: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Finetune {
     pub method: FinetuneMethod,
     pub rank: u64,
@@ -285,8 +314,81 @@ pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_
         RawCache { remote: None, remote_write: Some(_) } => return Err(cx.at(&["cache", "remote_write"], "`cache.remote_write` is set but `cache.remote` is not")),
         RawCache { remote: None, remote_write: None } => None,
     };
+    let remote = raw.remote.map(|r| resolve_remote(&cx, r, finetune.as_ref())).transpose()?;
     check_folders(&cx, path, &dir, &project, corpus.as_ref(), base.as_ref())?;
-    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify, web, cache_remote })
+    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify, web, cache_remote, remote })
+}
+
+fn resolve_remote(cx: &Ctx<'_>, raw: RawRemote, finetune: Option<&Finetune>) -> Result<Remote, ManifestError> {
+    if let Some(address) = &raw.address
+        && !(address.starts_with("http://") || address.starts_with("https://"))
+    {
+        return Err(cx.at(&["remote", "address"], format!("`remote.address` = \"{address}\" is not an http:// or https:// URL (Ray's dashboard address, such as \"http://head:8265\")")));
+    }
+    if raw.stages.is_empty() {
+        return Err(cx.at(&["remote", "stages"], format!("`remote.stages` is empty: name the stages to run remotely ({})", quoted(&REMOTE_STAGES))));
+    }
+    for stage in &raw.stages {
+        if !REMOTE_STAGES.contains(&stage.as_str()) {
+            let hint = suggest(stage, REMOTE_STAGES.iter().copied()).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
+            return Err(cx.at(&["remote", "stages"], format!("`remote.stages`: `{stage}` cannot run remotely{hint}; the stages that can are {}", quoted(&REMOTE_STAGES))));
+        }
+        if stage == "finetune" && finetune.is_none_or(|f| f.method == FinetuneMethod::None) {
+            return Err(cx.at(&["remote", "stages"], "`remote.stages` names `finetune`, but this manifest trains nothing: add a `[finetune]` section or remove it from `remote.stages`"));
+        }
+    }
+    let mut resources = BTreeMap::new();
+    for (stage, r) in raw.resources.unwrap_or_default() {
+        if !raw.stages.contains(&stage) {
+            return Err(cx.at(&["remote", "resources", &stage], format!("`[remote.resources.{stage}]`: `{stage}` is not in `remote.stages`")));
+        }
+        for (key, value) in [("num_cpus", r.num_cpus), ("num_gpus", r.num_gpus)] {
+            if let Some(v) = value
+                && !(v >= 0.0 && v.is_finite())
+            {
+                return Err(cx.at(&["remote", "resources", &stage, key], format!("`remote.resources.{stage}.{key}` = {v} must be 0 or more")));
+            }
+        }
+        let memory = match r.memory {
+            None => None,
+            Some(RawSize::Bytes(b)) => Some(b),
+            Some(RawSize::Text(text)) => Some(parse_size(&text).ok_or_else(|| {
+                cx.at(&["remote", "resources", &stage, "memory"], format!("`remote.resources.{stage}.memory` = \"{text}\" is not a size: write bytes, or a number with KB, MB, GB, KiB, MiB or GiB"))
+            })?),
+        };
+        resources.insert(stage, Resources { num_cpus: r.num_cpus, num_gpus: r.num_gpus, memory });
+    }
+    let worker_symb = raw.worker_symb.unwrap_or_else(|| "symb".to_string());
+    if worker_symb.trim().is_empty() {
+        return Err(cx.at(&["remote", "worker_symb"], "`remote.worker_symb` is empty: the symb command on the workers (default \"symb\", found on their PATH)"));
+    }
+    Ok(Remote { engine: raw.engine, address: raw.address, stages: raw.stages, worker_symb, fallback_local: raw.fallback == Some(RemoteFallback::Local), resources })
+}
+
+fn quoted(names: &[&str]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// "16GiB", "512 MB", "2e9": bytes.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.trim().parse().ok()?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    let bytes = number * scale;
+    (bytes >= 0.0 && bytes.is_finite()).then_some(bytes.round() as u64)
 }
 
 fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project, ManifestError> {

