@@ -272,3 +272,39 @@ error: `webnn` in `verify.browser.devices` is not a browser device (known: webgp
             .trim_start(),
     );
 }
+
+/// `[remote]` mistakes are caught before anything runs, each pointing at its
+/// line; those that depend on the environment name the setting to fix.
+#[test]
+fn remote_section_mistakes() {
+    let base = common::SCRATCH_TRAINING;
+    let cases: [(&str, &str, &str); 8] = [
+        ("[remote]\nengine = \"dask\"\nstages = [\"finetune\"]\n", "`remote.engine` = \"dask\" is not one of `ray`", "symb.toml:28:"),
+        ("[remote]\nengine = \"ray\"\naddress = \"ray-head:8265\"\nstages = [\"finetune\"]\n", "`remote.address` = \"ray-head:8265\" is not an http:// or https:// URL", "symb.toml:29:"),
+        ("[remote]\nengine = \"ray\"\nstages = [\"finetnue\"]\n", "`remote.stages`: `finetnue` cannot run remotely, did you mean `finetune`?", "symb.toml:29:"),
+        ("[remote]\nengine = \"ray\"\nstages = []\n", "`remote.stages` is empty", "symb.toml:29:"),
+        ("[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n\n[remote.resources.export]\nnum_gpus = 1\n", "`[remote.resources.export]`: `export` is not in `remote.stages`", "symb.toml:31:"),
+        ("[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n\n[remote.resources.finetune]\nmemory = \"lots\"\n", "`remote.resources.finetune.memory` = \"lots\" is not a size", "symb.toml:32:"),
+        // The environment's part: no address anywhere, no cache remote.
+        ("[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n", "`[remote]` has no `address`: set `remote.address`", "symb.toml"),
+        (
+            "[remote]\nengine = \"ray\"\naddress = \"http://127.0.0.1:1\"\nstages = [\"finetune\"]\n",
+            "`[remote]` stages send their inputs and get their results through the shared cache: set `[cache] remote`",
+            "symb.toml",
+        ),
+    ];
+    for (table, message, place) in cases {
+        let project = TestProject::with_manifest(&format!("{base}\n{table}"), 20);
+        let mut command = std::process::Command::new(common::BIN);
+        command.args(["build"]).current_dir(project.dir.path()).env_remove("SYMB_REMOTE_ADDRESS").env_remove("SYMB_CACHE_REMOTE");
+        let run = command.output().unwrap();
+        let stderr = String::from_utf8(run.stderr).unwrap();
+        assert_eq!(run.status.code(), Some(2), "{table}: {stderr}");
+        assert!(stderr.contains(message) && stderr.contains(place), "{table}\n--- expected {message:?} at {place}, got ---\n{stderr}");
+        assert!(!project.path("cache/v1/actions").exists() || snapshot(&project.path("cache/v1/actions")).is_empty(), "nothing ran");
+    }
+    // A manifest that trains nothing cannot send `finetune`.
+    let project = TestProject::with_manifest(&format!("{}\n[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n", common::MANIFEST), 20);
+    let stderr = String::from_utf8(project.symb(&["build"]).stderr).unwrap();
+    assert!(stderr.contains("`remote.stages` names `finetune`, but this manifest trains nothing"), "{stderr}");
+}

@@ -206,6 +206,9 @@ fn finetune_runs_as_a_ray_job_and_builds_what_a_local_build_builds() {
     assert!(built.events.iter().any(|e| e["event"] == "job" && e["job"] == job.as_str() && e["message"].as_str().unwrap().contains("submitted")), "{:?}", built.events);
     assert!(built.events.iter().any(|e| e["event"] == "progress" && e["stage"] == "finetune" && e["loss"].is_number()), "the worker's progress comes back: {:?}", built.events);
     assert_eq!(head.status(&job), "SUCCEEDED");
+    // What a remote run costs over the stage itself (submit, job start,
+    // upload and fetch), for the record.
+    eprintln!("remote finetune: {:.2} s in all, {:.2} s of it the stage on the worker", line["seconds"].as_f64().unwrap(), line["stage_seconds"].as_f64().unwrap());
     let key = finetune_key(&remote);
     assert_eq!(head.jobs_for(&key), BTreeSet::from([job.clone()]));
     // The other stages ran here.
@@ -264,21 +267,35 @@ fn finetune_runs_as_a_ray_job_and_builds_what_a_local_build_builds() {
     let job = failed.events.iter().find(|e| e["event"] == "job").expect("a job event")["job"].as_str().unwrap().to_string();
     assert_eq!(head.jobs_for(&key_of(&job)).len(), 1);
 
+    // A worker that never says a word (here: no symb where the manifest
+    // says): the job is retried once, then the build fails with its log.
+    remote.edit("rank = 100", "rank = 16");
+    remote.edit(&format!("worker_symb = \"{}\"", common::BIN), "worker_symb = \"/nonexistent/symb\"");
+    let lost = build(&remote, &endpoint, &[]);
+    assert_eq!(lost.code, 1, "{:?}", lost.events);
+    let reason = stage_line(&lost, "finetune")["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("failed") && reason.contains("its log ends") && reason.contains("/nonexistent/symb"), "{reason}");
+    assert!(lost.events.iter().any(|e| e["event"] == "job" && e["message"].as_str().unwrap().contains("retrying once")), "{:?}", lost.events);
+    let job = lost.events.iter().find(|e| e["event"] == "job").unwrap()["job"].as_str().unwrap().to_string();
+    assert_eq!(head.jobs_for(&key_of(&job)).len(), 2, "one retry");
+    remote.edit("worker_symb = \"/nonexistent/symb\"", &format!("worker_symb = \"{}\"", common::BIN));
+
     // 4. A killed build attaches to its job when started again; Ctrl-C
     // stops the job and says so.
-    remote.edit("rank = 100", "rank = 8");
-    remote.edit("max_steps = 6", "max_steps = 3000");
+    remote.edit("rank = 16", "rank = 8");
+    remote.edit("max_steps = 6", "max_steps = 600");
     let (job, key) = start_and_kill(&remote, &endpoint, "KILL");
     assert!(matches!(head.status(&job).as_str(), "PENDING" | "RUNNING"), "the job runs on after its build was killed: {}", head.status(&job));
     let resumed = build(&remote, &endpoint, &[]);
     assert_eq!(resumed.code, 0, "{}", resumed.stderr);
     let line = stage_line(&resumed, "finetune");
+    eprintln!("the attached build waited {:.1} s; the stage took {:.1} s on the worker", line["seconds"].as_f64().unwrap(), line["stage_seconds"].as_f64().unwrap_or(f64::NAN));
     assert_eq!(line["status"], "remote", "{line}");
     assert_eq!(line["job"], job.as_str(), "the second build waits on the first one's job");
     assert!(resumed.events.iter().any(|e| e["event"] == "job" && e["message"].as_str().unwrap().contains("attached")), "{:?}", resumed.events);
     assert_eq!(head.jobs_for(&key), BTreeSet::from([job]));
 
-    remote.edit("max_steps = 3000", "max_steps = 3001");
+    remote.edit("max_steps = 600", "max_steps = 601");
     let (job, _) = start_and_kill(&remote, &endpoint, "INT");
     let started = Instant::now();
     while head.status(&job) != "STOPPED" {

@@ -299,6 +299,12 @@ impl Reporter for CliReporter {
                         if let Some(job) = &outcome.job {
                             line["job"] = job.as_str().into();
                         }
+                        if outcome.status == StageStatus::Remote
+                            && let Some(record) = &outcome.record
+                        {
+                            // The stage's own time on the worker; `seconds` is the wait here.
+                            line["stage_seconds"] = record.seconds.into();
+                        }
                         super::out(line)
                     }
                     Mode::Human | Mode::Verbose | Mode::Quiet => match outcome.status {

@@ -38,6 +38,9 @@ impl Stage for Fake {
     fn dependencies(&self) -> Vec<String> {
         self.deps.clone()
     }
+    fn spec(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({"name": self.name, "deps": self.deps, "value": self.value}))
+    }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         if let Some(counter) = self.rendezvous {
             counter.fetch_add(1, Ordering::SeqCst);
@@ -306,4 +309,134 @@ fn names_with_the_same_bytes_are_one_file_in_the_output() {
     assert_eq!((meta("a.txt").ino(), meta("a.txt").nlink()), (meta("sub/b.txt").ino(), 2));
     assert!(super::output_is_current(&cache, "p", &output, &files));
     assert_eq!(std::fs::read_to_string(output.join("sub/b.txt")).unwrap(), "same");
+}
+
+/// A store in memory, standing for a remote one.
+#[derive(Default)]
+struct MemoryStore {
+    records: Mutex<std::collections::BTreeMap<String, crate::cache::ActionRecord>>,
+    blobs: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+}
+
+impl crate::cache::Store for MemoryStore {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+    fn lookup(&self, key: &str) -> Result<Option<crate::cache::ActionRecord>, crate::cache::StoreError> {
+        Ok(self.records.lock().unwrap().get(key).cloned())
+    }
+    fn has_blob(&self, blob: &crate::cache::BlobRef) -> Result<bool, crate::cache::StoreError> {
+        Ok(self.blobs.lock().unwrap().contains_key(&blob.digest))
+    }
+    fn get_blob(&self, blob: &crate::cache::BlobRef, dest: &std::path::Path) -> Result<(), crate::cache::StoreError> {
+        std::fs::write(dest, &self.blobs.lock().unwrap()[&blob.digest]).unwrap();
+        Ok(())
+    }
+    fn put_blob(&self, blob: &crate::cache::BlobRef, src: &std::path::Path) -> Result<(), crate::cache::StoreError> {
+        self.blobs.lock().unwrap().insert(blob.digest.clone(), std::fs::read(src).unwrap());
+        Ok(())
+    }
+    fn commit(&self, record: &crate::cache::ActionRecord) -> Result<(), crate::cache::StoreError> {
+        self.records.lock().unwrap().insert(record.key.clone(), record.clone());
+        Ok(())
+    }
+}
+
+/// An executor whose jobs run "elsewhere": in a cache of their own, from
+/// nothing but the description and the store, as a worker does.
+struct Elsewhere {
+    store: std::sync::Arc<MemoryStore>,
+    worker: Env,
+    down: bool,
+    jobs: AtomicUsize,
+}
+
+impl Executor for Elsewhere {
+    fn describe(&self) -> String {
+        "elsewhere".into()
+    }
+    fn dispatches(&self, stage: &str) -> bool {
+        stage == "b"
+    }
+    fn run(&self, job: &Job, _: &dyn Reporter) -> Result<String, DispatchError> {
+        if self.down {
+            return Err(DispatchError::Unreachable("elsewhere is down".into()));
+        }
+        let description = fetch_description(&self.worker.cache, self.store.as_ref(), &job.description).map_err(DispatchError::Failed)?;
+        let spec = &description.spec;
+        let deps = spec["deps"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string()).collect();
+        let stage = Fake { name: spec["name"].as_str().unwrap().into(), deps, value: spec["value"].as_str().unwrap().into(), fail: false, rendezvous: None };
+        run_described(&self.worker.cache, self.store.as_ref(), &description, &stage, &Default::default(), &Silent).map_err(DispatchError::Failed)?;
+        Ok(format!("job-{}", self.jobs.fetch_add(1, Ordering::SeqCst)))
+    }
+}
+
+impl Env {
+    fn run_with(&self, stages: Vec<Box<dyn Stage>>, store: &std::sync::Arc<MemoryStore>, dispatch: Option<Dispatch>) -> BuildOutcome {
+        let plan = Plan::new(stages).unwrap();
+        let remote = Remote { store: store.clone(), write: true };
+        let options = BuildOptions { jobs: 2, remote: Some(remote), dispatch, ..BuildOptions::default() };
+        execute(&plan, &self.cache, &self.stat, "test", &options, &Silent).unwrap()
+    }
+}
+
+#[test]
+fn a_dispatched_stage_comes_back_through_the_store_under_its_key() {
+    let store = std::sync::Arc::new(MemoryStore::default());
+    let elsewhere = std::sync::Arc::new(Elsewhere { store: store.clone(), worker: Env::new(), down: false, jobs: AtomicUsize::new(0) });
+    let dispatch = Some(Dispatch { executor: elsewhere.clone(), fallback_local: false });
+    let env = Env::new();
+    let outcome = env.run_with(diamond("x", "y"), &store, dispatch.clone());
+    assert_eq!(outcome.failure(), None, "{:?}", outcome.stages);
+    assert_eq!(with_status(&outcome, StageStatus::Remote), ["b"]);
+    assert_eq!(with_status(&outcome, StageStatus::Ran), ["a", "c", "d"]);
+    assert_eq!(outcome.get("b").unwrap().job.as_deref(), Some("job-0"));
+    // The same key and bytes as a local build's.
+    let local = Env::new().run(diamond("x", "y"), 2);
+    for stage in ["b", "d"] {
+        let (remote, here) = (outcome.get(stage).unwrap().record.as_ref().unwrap(), local.get(stage).unwrap().record.as_ref().unwrap());
+        assert_eq!((&remote.key, &remote.outputs), (&here.key, &here.outputs), "{stage}");
+    }
+    // Again: nothing runs, nothing is sent.
+    let again = env.run_with(diamond("x", "y"), &store, dispatch.clone());
+    assert_eq!(with_status(&again, StageStatus::Cached), ["a", "b", "c", "d"]);
+    assert_eq!(elsewhere.jobs.load(Ordering::SeqCst), 1);
+    // A change to `b` sends one job; `d` runs here once it is back.
+    let changed = env.run_with(diamond("x", "w"), &store, dispatch);
+    assert_eq!(with_status(&changed, StageStatus::Remote), ["b"]);
+    assert_eq!(with_status(&changed, StageStatus::Ran), ["d"]);
+    assert_eq!(elsewhere.jobs.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn an_unreachable_executor_fails_the_stage_or_falls_back() {
+    let store = std::sync::Arc::new(MemoryStore::default());
+    let down = std::sync::Arc::new(Elsewhere { store: store.clone(), worker: Env::new(), down: true, jobs: AtomicUsize::new(0) });
+    let env = Env::new();
+    let outcome = env.run_with(diamond("x", "y"), &store, Some(Dispatch { executor: down.clone(), fallback_local: false }));
+    assert_eq!(with_status(&outcome, StageStatus::Failed), ["b"]);
+    assert_eq!(with_status(&outcome, StageStatus::Skipped), ["d"]);
+    assert_eq!(outcome.get("b").unwrap().error.as_ref().unwrap().message, "elsewhere is down");
+    let outcome = env.run_with(diamond("x", "y"), &store, Some(Dispatch { executor: down, fallback_local: true }));
+    assert_eq!(outcome.failure(), None);
+    assert_eq!(with_status(&outcome, StageStatus::Ran), ["b", "d"]);
+}
+
+#[test]
+fn a_worker_refuses_a_description_whose_key_it_would_not_compute() {
+    let store = std::sync::Arc::new(MemoryStore::default());
+    let elsewhere = std::sync::Arc::new(Elsewhere { store: store.clone(), worker: Env::new(), down: false, jobs: AtomicUsize::new(0) });
+    let env = Env::new();
+    // The build's tools differ from the worker's (none): another symb.
+    let plan = Plan::new(diamond("x", "y")).unwrap();
+    let options = BuildOptions {
+        jobs: 2,
+        tools: [("symb".to_string(), "9.9.9".to_string())].into(),
+        remote: Some(Remote { store: store.clone(), write: true }),
+        dispatch: Some(Dispatch { executor: elsewhere, fallback_local: false }),
+        ..BuildOptions::default()
+    };
+    let outcome = execute(&plan, &env.cache, &env.stat, "test", &options, &Silent).unwrap();
+    let message = &outcome.get("b").unwrap().error.as_ref().unwrap().message;
+    assert!(message.contains("another key") && message.contains("symb") && message.contains("9.9.9"), "{message}");
 }

@@ -890,3 +890,19 @@ fn normalize(path: &Path) -> PathBuf {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_read_as_ray_wants_bytes() {
+        assert_eq!(parse_size("16GiB"), Some(16 << 30));
+        assert_eq!(parse_size("512 MB"), Some(512_000_000));
+        assert_eq!(parse_size("1.5G"), Some(1_500_000_000));
+        assert_eq!(parse_size("2048"), Some(2048));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("-1GB"), None);
+        assert_eq!(parse_size("4 parsecs"), None);
+    }
+}
