@@ -141,8 +141,9 @@ impl Project {
     /// `SYMB_REMOTE_ADDRESS` (which wins) or `remote.address`; the stages'
     /// inputs and outputs go through the cache remote, which must be set and
     /// writable (unless `fallback = "local"`, which then runs them here).
-    pub fn dispatch(&self, remote: Option<&engine::Remote>) -> Result<Option<(std::sync::Arc<crate::ray::RayExecutor>, bool)>, ProjectError> {
-        let Some(config) = &self.manifest.remote else { return Ok(None) };
+    #[allow(clippy::type_complexity)]
+    pub fn dispatch(&self, remote: Option<&engine::Remote>) -> Result<(Option<(std::sync::Arc<crate::ray::RayExecutor>, bool)>, Option<String>), ProjectError> {
+        let Some(config) = &self.manifest.remote else { return Ok((None, None)) };
         let error = |message: String| ProjectError::Manifest(crate::manifest::ManifestError::general(&self.manifest.display, message));
         let from_env = std::env::var("SYMB_REMOTE_ADDRESS").ok().filter(|v| !v.is_empty());
         let Some(address) = from_env.or_else(|| config.address.clone()) else {
@@ -151,18 +152,20 @@ impl Project {
         if !(address.starts_with("http://") || address.starts_with("https://")) {
             return Err(error(format!("SYMB_REMOTE_ADDRESS = \"{address}\" is not an http:// or https:// URL")));
         }
+        if crate::manifest::has_user_info(&address) {
+            return Err(error("SYMB_REMOTE_ADDRESS holds a user name or password: symb prints the address in its messages, so give Ray's address without them".to_string()));
+        }
         let store = match remote {
             Some(remote) if remote.write => remote.store.describe(),
             _ if config.fallback_local => {
-                tracing::warn!("`[remote]` stages run here: they need a writable cache remote");
-                return Ok(None);
+                return Ok((None, Some("`[remote]` stages run here (`fallback = \"local\"`): they need a writable cache remote, and this build has none".to_string())));
             }
             Some(_) => {
                 return Err(error(
                     "`[remote]` stages read their inputs from the cache remote and write their results there, but it is read-only (`remote_write = false` or SYMB_CACHE_REMOTE_WRITE=0)".to_string(),
                 ));
             }
-            None if self.manifest.cache_remote.is_some() || std::env::var_os("SYMB_CACHE_REMOTE").is_some() => {
+            None if self.manifest.cache_remote.is_some() || std::env::var("SYMB_CACHE_REMOTE").is_ok_and(|v| !v.is_empty()) => {
                 return Err(error("`[remote]` stages need the cache remote, which cannot be opened (see the warning above)".to_string()));
             }
             None => {
@@ -174,7 +177,7 @@ impl Project {
         };
         let stages = config.stages.iter().map(|s| (s.clone(), config.resources.get(s).cloned().unwrap_or_default())).collect();
         let ray = crate::ray::RayExecutor::new(&address, &store, &config.worker_symb, stages);
-        Ok(Some((std::sync::Arc::new(ray), config.fallback_local)))
+        Ok((Some((std::sync::Arc::new(ray), config.fallback_local)), None))
     }
 
     /// Runs the build: stages, then the output folder (only when every stage

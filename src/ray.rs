@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{DispatchError, Event, Executor, FailureClass, Job, Reporter, StageError};
 use crate::manifest::Resources;
 
+/// The job's state is polled every `poll`; its logs every this many polls.
+const LOG_EVERY: u32 = 4;
+
 /// What the worker prints for the build to read from the job's logs, one
 /// JSON object per line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,6 +50,8 @@ pub struct RayExecutor {
     worker_symb: String,
     stages: BTreeMap<String, Resources>,
     agent: ureq::Agent,
+    /// For Ctrl-C: short timeouts, the user is waiting.
+    stop_agent: ureq::Agent,
     /// Jobs this build submitted or attached to that have not finished.
     in_flight: Arc<Mutex<BTreeSet<String>>>,
     poll: Duration,
@@ -58,6 +63,8 @@ struct JobInfo {
     status: String,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
 }
 
 impl RayExecutor {
@@ -65,12 +72,14 @@ impl RayExecutor {
     /// the worker opens); `stages`: the dispatched stages and their resources.
     pub fn new(address: &str, store: &str, worker_symb: &str, stages: BTreeMap<String, Resources>) -> Self {
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout(Duration::from_secs(30)).build();
+        let stop_agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(2)).timeout(Duration::from_secs(5)).build();
         RayExecutor {
             address: address.trim_end_matches('/').to_string(),
             store: store.to_string(),
             worker_symb: worker_symb.to_string(),
             stages,
             agent,
+            stop_agent,
             in_flight: Default::default(),
             poll: Duration::from_millis(500),
         }
@@ -81,56 +90,68 @@ impl RayExecutor {
         &self.address
     }
 
-    /// Stops every job this build is waiting on (Ctrl-C): the ids stopped,
-    /// and those that could not be.
-    pub fn stop_in_flight(&self) -> Vec<(String, Result<(), String>)> {
+    /// Stops every job this build is waiting on (Ctrl-C): each id, and
+    /// whether Ray stopped it (`Ok(false)`: it had ended).
+    pub fn stop_in_flight(&self) -> Vec<(String, Result<bool, String>)> {
+        #[derive(Deserialize)]
+        struct Stopped {
+            stopped: bool,
+        }
         let ids: Vec<String> = self.in_flight.lock().expect("in-flight lock").iter().cloned().collect();
         ids.into_iter()
             .map(|id| {
-                let result = self.agent.post(&format!("{}/api/jobs/{id}/stop", self.address)).call().map(|_| ()).map_err(|e| self.http_error(e));
+                let result = match self.stop_agent.post(&format!("{}/api/jobs/{id}/stop", self.address)).call() {
+                    Ok(response) => response.into_json::<Stopped>().map(|s| s.stopped).map_err(|e| e.to_string()),
+                    Err(e) => Err(self.http_error(e).to_string()),
+                };
                 (id, result)
             })
             .collect()
     }
 
-    fn http_error(&self, error: ureq::Error) -> String {
+    /// A failed request: unreachable (the connection, or Ray's own 5xx) or
+    /// refused (a 4xx: the request is wrong, and another try would be too).
+    fn http_error(&self, error: ureq::Error) -> DispatchError {
         match error {
             ureq::Error::Status(code, response) => {
                 let body = response.into_string().unwrap_or_default();
-                format!("Ray at {} answered HTTP {code}: {}", self.address, body.trim().lines().last().unwrap_or_default())
+                let message = format!("Ray at {} answered HTTP {code}: {}", self.address, body.trim().lines().last().unwrap_or_default());
+                if code >= 500 { DispatchError::Unreachable(message) } else { DispatchError::Failed(StageError::failed(message)) }
             }
-            ureq::Error::Transport(t) => format!("cannot reach Ray at {}: {}{}", self.address, t.kind(), t.message().map(|m| format!(" ({m})")).unwrap_or_default()),
+            ureq::Error::Transport(t) => DispatchError::Unreachable(format!("cannot reach Ray at {}: {}{}", self.address, t.kind(), t.message().map(|m| format!(" ({m})")).unwrap_or_default())),
         }
     }
 
     /// The job's state; `None` when Ray has no job of that id.
-    fn info(&self, id: &str) -> Result<Option<JobInfo>, String> {
+    fn info(&self, id: &str) -> Result<Option<JobInfo>, DispatchError> {
         match self.agent.get(&format!("{}/api/jobs/{id}", self.address)).call() {
-            Ok(response) => response.into_json().map(Some).map_err(|e| format!("Ray at {} answered a job's state that symb cannot read: {e}", self.address)),
+            Ok(response) => response.into_json().map(Some).map_err(|e| DispatchError::Unreachable(format!("Ray at {} answered a job's state that symb cannot read: {e}", self.address))),
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(self.http_error(e)),
         }
     }
 
-    fn logs(&self, id: &str) -> Result<String, String> {
+    fn logs(&self, id: &str) -> Result<String, DispatchError> {
         #[derive(Deserialize)]
         struct Logs {
             logs: String,
         }
         let response = self.agent.get(&format!("{}/api/jobs/{id}/logs", self.address)).call().map_err(|e| self.http_error(e))?;
-        response.into_json::<Logs>().map(|l| l.logs).map_err(|e| format!("Ray at {} answered logs that symb cannot read: {e}", self.address))
+        response.into_json::<Logs>().map(|l| l.logs).map_err(|e| DispatchError::Unreachable(format!("Ray at {} answered logs that symb cannot read: {e}", self.address)))
     }
 
     /// Submits the job under `id`; `Ok(false)` when Ray already has a job
     /// of that id (another build submitted it a moment ago).
-    fn submit(&self, id: &str, job: &Job) -> Result<bool, String> {
+    fn submit(&self, id: &str, job: &Job) -> Result<bool, DispatchError> {
+        // One word for the shell that runs the entrypoint: `worker_symb` is
+        // a command name or a path, never a command line.
         let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         let entrypoint = format!("{} worker --store {} --job {}", quote(&self.worker_symb), quote(&self.store), quote(&format!("{}:{}", job.description.digest, job.description.size)));
         let resources = self.stages.get(&job.stage).cloned().unwrap_or_default();
         let mut body = serde_json::json!({
             "entrypoint": entrypoint,
             "submission_id": id,
-            "metadata": {"symb_stage": job.stage, "symb_key": job.key},
+            "metadata": {"symb_stage": job.stage, "symb_key": job.key, "symb_store": self.store},
             "entrypoint_num_cpus": resources.num_cpus.unwrap_or(1.0),
         });
         if let Some(gpus) = resources.num_gpus {
@@ -141,37 +162,59 @@ impl RayExecutor {
         }
         match self.agent.post(&format!("{}/api/jobs/", self.address)).send_json(body) {
             Ok(_) => Ok(true),
-            Err(ureq::Error::Status(_, response)) if response.status() >= 400 => {
+            Err(ureq::Error::Status(code, response)) => {
                 let text = response.into_string().unwrap_or_default();
-                if text.contains("already exists") { Ok(false) } else { Err(format!("Ray at {} refused the job: {}", self.address, text.trim().lines().last().unwrap_or_default())) }
+                if text.contains("already exists") {
+                    return Ok(false);
+                }
+                let message = format!("Ray at {} refused the job (HTTP {code}): {}", self.address, text.trim().lines().last().unwrap_or_default());
+                Err(if code >= 500 { DispatchError::Unreachable(message) } else { DispatchError::Failed(StageError::failed(message)) })
             }
             Err(e) => Err(self.http_error(e)),
         }
     }
 
-    /// The id of the job to wait on, and whether an earlier build started it:
-    /// the first of `symb-<stage>-<key>-0, -1, …` that is live, or a new one
-    /// after those that ended.
+    /// The id of the job to wait on, and its attempt number: the first of
+    /// `symb-<stage>-<key>-<store>-0, -1, …` that is live, or a new one after
+    /// those that ended. The id is recorded as in flight before it is
+    /// submitted, so Ctrl-C at any point stops it.
     fn find_or_submit(&self, job: &Job, first: usize, reporter: &dyn Reporter) -> Result<(String, usize), DispatchError> {
-        let base = format!("symb-{}-{}", job.stage.replace('.', "-"), &job.key[..job.key.len().min(20)]);
+        // The store is in the id: two builds of one key into two stores are
+        // two jobs (each worker writes to its own build's store).
+        let store = blake3::hash(self.store.as_bytes()).to_hex();
+        let base = format!("symb-{}-{}-{}", job.stage.replace('.', "-"), &job.key[..job.key.len().min(16)], &store[..6]);
         let mut attempt = first;
+        let mut races = 0;
         loop {
             let id = format!("{base}-{attempt}");
-            match self.info(&id).map_err(DispatchError::Unreachable)? {
-                Some(info) if info.status == "PENDING" || info.status == "RUNNING" => {
+            match self.info(&id)? {
+                Some(info) if (info.status == "PENDING" || info.status == "RUNNING") && info.metadata.get("symb_key") == Some(&job.key) => {
+                    self.in_flight.lock().expect("in-flight lock").insert(id.clone());
                     let message = format!("attached to Ray job {id} ({}), which an earlier build submitted", info.status.to_ascii_lowercase());
                     reporter.event(Event::StageJob { stage: &job.stage, job: &id, message: &message });
                     return Ok((id, attempt));
                 }
-                // Ended: its record, if any, was not in the store when the
-                // build looked (or the job failed); the next id.
+                // Ended (its record, if any, was not in the store when the
+                // build looked; the worker of a new one finds it), or
+                // another key's: the next id.
                 Some(_) => attempt += 1,
                 None => {
-                    if self.submit(&id, job).map_err(DispatchError::Unreachable)? {
+                    self.in_flight.lock().expect("in-flight lock").insert(id.clone());
+                    let submitted = self.submit(&id, job);
+                    if !matches!(submitted, Ok(true)) {
+                        self.in_flight.lock().expect("in-flight lock").remove(&id);
+                    }
+                    if submitted? {
                         let message = format!("submitted Ray job {id} to {}", self.address);
                         reporter.event(Event::StageJob { stage: &job.stage, job: &id, message: &message });
                         return Ok((id, attempt));
                     }
+                    // Submitted by another build a moment ago: look again.
+                    races += 1;
+                    if races > 20 {
+                        return Err(DispatchError::Unreachable(format!("Ray at {} says job {id} exists but does not show it", self.address)));
+                    }
+                    std::thread::sleep(self.poll);
                 }
             }
         }
@@ -183,8 +226,13 @@ impl RayExecutor {
         let mut seen_lines = 0;
         let mut last_status = String::new();
         let mut failing_since: Option<Instant> = None;
+        let mut polls = 0u32;
         loop {
-            let state = self.info(id).and_then(|info| info.ok_or_else(|| format!("Ray at {} no longer knows job {id}", self.address)));
+            let state = match self.info(id) {
+                Ok(Some(info)) => Ok(info),
+                Ok(None) => Err(format!("Ray at {} no longer knows job {id}", self.address)),
+                Err(e) => Err(e.to_string()),
+            };
             let info = match state {
                 Ok(info) => {
                     failing_since = None;
@@ -207,6 +255,13 @@ impl RayExecutor {
                 }
                 last_status = info.status.clone();
             }
+            // The logs come whole each time: read them every few polls.
+            polls += 1;
+            let ended = matches!(info.status.as_str(), "SUCCEEDED" | "FAILED" | "STOPPED");
+            if !ended && polls % LOG_EVERY != 1 {
+                std::thread::sleep(self.poll);
+                continue;
+            }
             let logs = self.logs(id).unwrap_or_default();
             let lines: Vec<&str> = logs.lines().collect();
             // Only whole lines: the last may still be being written.
@@ -222,8 +277,7 @@ impl RayExecutor {
                 }
             }
             seen_lines = seen_lines.max(whole);
-            if matches!(info.status.as_str(), "SUCCEEDED" | "FAILED" | "STOPPED") {
-                let logs = if info.status == "SUCCEEDED" { logs } else { self.logs(id).unwrap_or(logs) };
+            if ended {
                 return Ok((info, logs));
             }
             std::thread::sleep(self.poll);
@@ -251,7 +305,6 @@ impl Executor for RayExecutor {
         let mut retried = false;
         loop {
             let (id, attempt) = self.find_or_submit(job, first, reporter)?;
-            self.in_flight.lock().expect("in-flight lock").insert(id.clone());
             let waited = self.wait(&id, &job.stage, reporter);
             self.in_flight.lock().expect("in-flight lock").remove(&id);
             let (info, logs) = waited?;
@@ -266,7 +319,7 @@ impl Executor for RayExecutor {
                 Some(WorkerLine::Error { class, message }) => Some((class, message)),
                 _ => None,
             }) {
-                return Err(DispatchError::Failed(StageError { class, message: format!("{message} (in Ray job {id})") }));
+                return Err(DispatchError::Failed(StageError { class, message: format!("{message} (in Ray job {id}; its log ends:\n{})", tail(&logs, 8)) }));
             }
             // No word from the worker: it was lost (killed, out of memory, a
             // node that went away) or never started. Once more, then fail.

@@ -278,7 +278,8 @@ error: `webnn` in `verify.browser.devices` is not a browser device (known: webgp
 #[test]
 fn remote_section_mistakes() {
     let base = common::SCRATCH_TRAINING;
-    let cases: [(&str, &str, &str); 8] = [
+    let cases: [(&str, &str, &str); 9] = [
+        ("[remote]\nengine = \"ray\"\naddress = \"http://me:hunter2@head:8265\"\nstages = [\"finetune\"]\n", "`remote.address` holds a user name or password", "symb.toml:29:"),
         ("[remote]\nengine = \"dask\"\nstages = [\"finetune\"]\n", "`remote.engine` = \"dask\" is not one of `ray`", "symb.toml:28:"),
         ("[remote]\nengine = \"ray\"\naddress = \"ray-head:8265\"\nstages = [\"finetune\"]\n", "`remote.address` = \"ray-head:8265\" is not an http:// or https:// URL", "symb.toml:29:"),
         ("[remote]\nengine = \"ray\"\nstages = [\"finetnue\"]\n", "`remote.stages`: `finetnue` cannot run remotely, did you mean `finetune`?", "symb.toml:29:"),

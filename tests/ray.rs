@@ -306,7 +306,7 @@ fn finetune_runs_as_a_ray_job_and_builds_what_a_local_build_builds() {
 
 /// The start of the stage key a job id carries.
 fn key_of(job: &str) -> String {
-    job.trim_start_matches("symb-finetune-").rsplit_once('-').unwrap().0.to_string()
+    job.trim_start_matches("symb-finetune-")[..16].to_string()
 }
 
 /// Starts a build, waits for its job to run, and sends the build `signal`:

@@ -428,7 +428,12 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
         crate::engine::Reporter::event(reporter, crate::engine::Event::RemoteWarning { message: &message });
     }
     let ray = match project.dispatch(remote.as_ref()) {
-        Ok(dispatch) => dispatch,
+        Ok((dispatch, warning)) => {
+            if let Some(message) = warning {
+                crate::engine::Reporter::event(reporter, crate::engine::Event::RemoteWarning { message: &message });
+            }
+            dispatch
+        }
         Err(e) => {
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
@@ -449,7 +454,8 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
         if let Some((ray, _)) = &ray {
             for (job, result) in ray.stop_in_flight() {
                 match result {
-                    Ok(()) => eprintln!("{}", render::stopped_job(&job, ray.address())),
+                    Ok(true) => eprintln!("{}", render::stopped_job(&job, ray.address())),
+                    Ok(false) => {}
                     Err(e) => eprintln!("warning: cannot stop Ray job {job}: {e}; it runs on, and the next build attaches to it"),
                 }
             }
@@ -476,12 +482,19 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
 /// build that waits on it (progress, then `done` or `error`).
 fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
     use crate::ray::WorkerLine;
-    struct Lines;
+    /// Progress at most once a second (the build reads the whole log each
+    /// time), and the last step; finite figures only (JSON has no NaN).
+    struct Lines(std::sync::Mutex<Option<std::time::Instant>>);
     impl crate::engine::Reporter for Lines {
         fn event(&self, event: crate::engine::Event<'_>) {
             let line = match event {
                 crate::engine::Event::StageProgress { done, total, message, fields, .. } => {
-                    WorkerLine::Progress { done, total, message: message.to_string(), fields: fields.iter().map(|(k, v)| (k.to_string(), *v)).collect() }
+                    let mut last = self.0.lock().expect("progress lock");
+                    if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) && done < total {
+                        return;
+                    }
+                    *last = Some(std::time::Instant::now());
+                    WorkerLine::Progress { done, total, message: message.to_string(), fields: fields.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.to_string(), *v)).collect() }
                 }
                 crate::engine::Event::StageNote { message, .. } => WorkerLine::Note { message: message.to_string() },
                 _ => return,
@@ -511,7 +524,7 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
         let description = crate::engine::fetch_description(&cache, &store, &blob)?;
         let stage = crate::stages::from_spec(&description.kind, &description.spec).map_err(|e| failed(format!("the job's `{}` stage: {e}", description.stage)))?;
         let tools = Project::default_options(1).tools;
-        crate::engine::run_described(&cache, &store, &description, stage.as_ref(), &tools, &Lines)
+        crate::engine::run_described(&cache, &store, &description, stage.as_ref(), &tools, &Lines(Default::default()))
     })();
     match result {
         Ok(record) => {

@@ -91,24 +91,27 @@ pub struct Description {
     /// `stage/artifact` -> blob, for each upstream artifact: all it reads
     /// (a stage that reads files of the project is not sent).
     pub upstream: BTreeMap<String, BlobRef>,
+    /// Run even when the store has a record for the key (`--force`).
+    #[serde(default)]
+    pub force: bool,
 }
 
 pub const DESCRIPTION_FORMAT: u32 = 1;
 
 /// Puts a stage's inputs and description in the store; returns the job.
-pub(super) fn describe(cache: &Cache, store: &dyn Store, stage: &dyn Stage, key: &str, inputs: &StageInputs, upstream: &[ActionRecord]) -> Result<Job, StageError> {
+pub(super) fn describe(cache: &Cache, store: &dyn Store, stage: &dyn Stage, key: &str, inputs: &StageInputs, upstream: &[ActionRecord], force: bool) -> Result<Job, StageError> {
     let name = stage.name();
-    let send_error = |e: &dyn std::fmt::Display| StageError::failed(format!("cannot send the inputs of `{name}` through the cache remote: {e}"));
+    let send_error = |e: &dyn std::fmt::Display| StageError::failed(format!("cannot send the inputs of `{name}` through the shared store: {e}"));
     let spec = stage.spec().ok_or_else(|| StageError::failed(format!("`{name}` cannot run elsewhere: it has no description to send")))?;
-    for record in upstream {
-        super::executor::upload(cache, store, record).map_err(|e| send_error(&e))?;
-    }
     if let Some(file) = stage.files().first() {
         return Err(StageError::failed(format!("`{name}` reads `{}` from the project folder, which a worker does not have: it cannot run elsewhere", file.label)));
     }
+    for record in upstream {
+        super::executor::upload(cache, store, record).map_err(|e| send_error(&e))?;
+    }
     let work = cache.work_dir("dispatch")?;
     let upstream = upstream.iter().flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.clone()))).collect();
-    let description = Description { format: DESCRIPTION_FORMAT, stage: name.to_string(), kind: stage.kind().to_string(), spec, key: key.to_string(), inputs: inputs.clone(), upstream };
+    let description = Description { format: DESCRIPTION_FORMAT, stage: name.to_string(), kind: stage.kind().to_string(), spec, key: key.to_string(), inputs: inputs.clone(), upstream, force };
     let path = work.path().join("description.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&description).expect("descriptions serialise")).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
     let blob = cache.put_file(&path)?;
@@ -153,10 +156,6 @@ pub fn fetch_description(cache: &Cache, store: &dyn Store, blob: &BlobRef) -> Re
 /// `tools` are this symb's versions, as a local build puts in every key.
 pub fn run_described(cache: &Cache, store: &dyn Store, description: &Description, stage: &dyn Stage, tools: &BTreeMap<String, String>, reporter: &dyn Reporter) -> Result<ActionRecord, StageError> {
     let started = Instant::now();
-    let mut paths = BTreeMap::new();
-    for (artifact, blob) in &description.upstream {
-        paths.insert(artifact.clone(), fetch_blob(cache, store, blob)?);
-    }
     let mut all_tools = tools.clone();
     all_tools.extend(stage.tools());
     let inputs = StageInputs {
@@ -176,10 +175,24 @@ pub fn run_described(cache: &Cache, store: &dyn Store, description: &Description
             description.stage
         )));
     }
-    let record = match cache.lookup(&key) {
+    // Already built (by a job that finished while the build looked, or by
+    // an earlier run on this worker): nothing to train again.
+    if !description.force
+        && let Ok(Some(record)) = store.lookup(&key)
+    {
+        reporter.event(super::Event::StageNote { stage: &description.stage, message: "its record is already in the store: nothing to run" });
+        return Ok(record);
+    }
+    let record = match cache.lookup(&key).filter(|_| !description.force) {
         Some(record) => record,
-        None => super::executor::run_in(cache, stage, &key, &inputs, paths, started, reporter)?,
+        None => {
+            let mut paths = BTreeMap::new();
+            for (artifact, blob) in &description.upstream {
+                paths.insert(artifact.clone(), fetch_blob(cache, store, blob)?);
+            }
+            super::executor::run_in(cache, stage, &key, &inputs, paths, started, reporter)?
+        }
     };
-    super::executor::upload(cache, store, &record).map_err(|e| StageError::failed(format!("cannot upload `{}` to the cache remote: {e}", record.stage)))?;
+    super::executor::upload(cache, store, &record).map_err(|e| StageError::failed(format!("cannot upload `{}` to the shared store: {e}", record.stage)))?;
     Ok(record)
 }

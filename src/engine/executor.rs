@@ -281,13 +281,13 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         Err(error) => return failed(reason, error),
     };
     if let Some(dispatch) = shared.options.dispatch.as_ref().filter(|d| d.executor.dispatches(name)) {
-        match run_dispatched(shared, dispatch, stage, &key, &inputs, &upstream) {
+        match run_dispatched(shared, dispatch, stage, &key, &inputs, &upstream, forced) {
             Ok((record, job)) => {
                 let seconds = started.elapsed().as_secs_f64();
                 return StageOutcome { reasons, job: Some(job), ..outcome(name, StageStatus::Remote, reason, seconds, Some(record), None) };
             }
             Err(DispatchError::Unreachable(message)) if dispatch.fallback_local => {
-                let message = format!("{message}; `{name}` runs here (`remote.fallback` = \"local\")");
+                let message = format!("{message}; `{name}` runs here instead");
                 shared.reporter.event(Event::RemoteWarning { message: &message });
             }
             Err(DispatchError::Unreachable(message)) => return failed(reason, StageError::failed(message)),
@@ -349,16 +349,24 @@ fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRe
 
 /// Sends a stage to the dispatch executor and fetches the record it wrote:
 /// the record and the job's id.
-fn run_dispatched(shared: &Shared<'_>, dispatch: &Dispatch, stage: &dyn Stage, key: &str, inputs: &StageInputs, upstream: &[ActionRecord]) -> Result<(ActionRecord, String), DispatchError> {
+fn run_dispatched(
+    shared: &Shared<'_>,
+    dispatch: &Dispatch,
+    stage: &dyn Stage,
+    key: &str,
+    inputs: &StageInputs,
+    upstream: &[ActionRecord],
+    forced: bool,
+) -> Result<(ActionRecord, String), DispatchError> {
     let name = stage.name();
     let Some(remote) = shared.options.remote.as_ref().filter(|r| r.write) else {
         return Err(DispatchError::Failed(StageError::failed(format!(
-            "`{name}` runs on {}, which reads its inputs from the cache remote: set a writable `[cache] remote`",
+            "`{name}` runs on {}, which reads its inputs from the shared store: this build has no writable one",
             dispatch.executor.describe()
         ))));
     };
     let store = remote.store.as_ref();
-    let job = super::dispatch::describe(shared.cache, store, stage, key, inputs, upstream).map_err(DispatchError::Failed)?;
+    let job = super::dispatch::describe(shared.cache, store, stage, key, inputs, upstream, forced).map_err(DispatchError::Failed)?;
     let id = dispatch.executor.run(&job, shared.reporter)?;
     match fetch(shared, store, key) {
         Some((record, _)) => {

@@ -325,6 +325,11 @@ fn resolve_remote(cx: &Ctx<'_>, raw: RawRemote, finetune: Option<&Finetune>) -> 
     {
         return Err(cx.at(&["remote", "address"], format!("`remote.address` = \"{address}\" is not an http:// or https:// URL (Ray's dashboard address, such as \"http://head:8265\")")));
     }
+    if let Some(address) = &raw.address
+        && has_user_info(address)
+    {
+        return Err(cx.at(&["remote", "address"], "`remote.address` holds a user name or password: symb prints the address in its messages, so keep credentials out of it"));
+    }
     if raw.stages.is_empty() {
         return Err(cx.at(&["remote", "stages"], format!("`remote.stages` is empty: name the stages to run remotely ({})", quoted(&REMOTE_STAGES))));
     }
@@ -363,6 +368,12 @@ fn resolve_remote(cx: &Ctx<'_>, raw: RawRemote, finetune: Option<&Finetune>) -> 
         return Err(cx.at(&["remote", "worker_symb"], "`remote.worker_symb` is empty: the symb command on the workers (default \"symb\", found on their PATH)"));
     }
     Ok(Remote { engine: raw.engine, address: raw.address, stages: raw.stages, worker_symb, fallback_local: raw.fallback == Some(RemoteFallback::Local), resources })
+}
+
+/// Whether a URL carries `user[:password]@` before its host.
+pub fn has_user_info(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@'))
 }
 
 fn quoted(names: &[&str]) -> String {

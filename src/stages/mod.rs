@@ -204,3 +204,30 @@ fn card(manifest: &Manifest) -> bundle::Card {
         corpus: if trained { manifest.corpus.as_ref().map(|c| c.patterns.clone()).unwrap_or_default() } else { Vec::new() },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// What a worker rebuilds from a finetune stage's spec (sent as JSON
+    /// text) has the same settings, so the same key, as what the build made
+    /// from the manifest.
+    #[test]
+    fn a_finetune_stage_survives_the_trip_to_a_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("corpus")).unwrap();
+        std::fs::write(dir.path().join("corpus/a.txt"), "ka ta\n").unwrap();
+        let text = "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"hf:org/model\"\n\n\
+                    [finetune]\nmethod = \"lora\"\nrank = 12\nalpha = 24.5\nlearning_rate = 3.3e-4\nweight_decay = 0.1\ndropout = 0.05\n\
+                    targets = [\"c_attn\", \"c_proj\"]\nmax_steps = 7\nearly_stopping_patience = 3\nseed = 11\n";
+        let path = dir.path().join("symb.toml");
+        std::fs::write(&path, text).unwrap();
+        let manifest = crate::manifest::load(&path).unwrap();
+        let plan = super::plan(&manifest).unwrap();
+        let stage = plan.stage("finetune").unwrap();
+        let sent = serde_json::to_string(&stage.spec().unwrap()).unwrap();
+        let rebuilt = super::from_spec("finetune", &serde_json::from_str(&sent).unwrap()).unwrap();
+        assert_eq!(rebuilt.settings(), stage.settings());
+        assert_eq!(rebuilt.dependencies(), stage.dependencies());
+        assert_eq!((rebuilt.kind(), rebuilt.version(), rebuilt.tools()), (stage.kind(), stage.version(), stage.tools()));
+        assert!(super::from_spec("export", &serde_json::json!({})).is_err());
+    }
+}
