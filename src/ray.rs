@@ -251,7 +251,7 @@ impl RayExecutor {
             };
             if info.status != last_status {
                 if info.status == "PENDING" {
-                    reporter.event(Event::StageJob { stage, job: id, message: "pending: waiting for the cluster's resources" });
+                    reporter.event(Event::StageJob { stage, job: id, message: "pending: Ray is placing and starting it" });
                 }
                 last_status = info.status.clone();
             }
@@ -285,9 +285,11 @@ impl RayExecutor {
     }
 }
 
-/// The last lines of a job's logs that are not progress lines.
+/// The last lines of a job's logs that are neither symb's JSON lines nor
+/// Ray's own preamble (empty when nothing else was said).
 fn tail(logs: &str, count: usize) -> String {
-    let lines: Vec<&str> = logs.lines().filter(|l| WorkerLine::parse(l).is_none() && !l.trim().is_empty()).collect();
+    let ray_preamble = |l: &str| l.contains("Runtime env is setting up") || l.starts_with("Running entrypoint for job ");
+    let lines: Vec<&str> = logs.lines().filter(|l| WorkerLine::parse(l).is_none() && !l.trim().is_empty() && !ray_preamble(l)).collect();
     lines[lines.len().saturating_sub(count)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
 }
 
@@ -319,7 +321,9 @@ impl Executor for RayExecutor {
                 Some(WorkerLine::Error { class, message }) => Some((class, message)),
                 _ => None,
             }) {
-                return Err(DispatchError::Failed(StageError { class, message: format!("{message} (in Ray job {id}; its log ends:\n{})", tail(&logs, 8)) }));
+                let said = tail(&logs, 8);
+                let message = if said.is_empty() { format!("{message} (in Ray job {id})") } else { format!("{message} (in Ray job {id}; its log ends:\n{said})") };
+                return Err(DispatchError::Failed(StageError { class, message }));
             }
             // No word from the worker: it was lost (killed, out of memory, a
             // node that went away) or never started. Once more, then fail.
