@@ -124,12 +124,27 @@ struct Shared<'a> {
     /// Set when the remote failed to answer: the rest of the build does not
     /// ask it again (one warning, not one wait per stage).
     remote_down: std::sync::atomic::AtomicBool,
+    /// Blobs whose bytes this build has hashed already (written by one of its
+    /// stages, or checked before an earlier stage read them): each blob is
+    /// re-hashed at most once a build, not once per stage that reads it.
+    known_good: Mutex<BTreeSet<String>>,
 }
 
 impl<'a> Shared<'a> {
     fn new(plan: &'a Plan, cache: &'a Cache, stat: &'a Mutex<StatCache>, project: &'a str, options: &'a BuildOptions, reporter: &'a dyn Reporter) -> Self {
         let waiting_on = plan.stages().map(|s| (s.name().to_string(), s.dependencies().len())).collect();
-        Shared { plan, cache, stat, project, options, reporter, state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }), uploads: Mutex::new(None), remote_down: Default::default() }
+        Shared {
+            plan,
+            cache,
+            stat,
+            project,
+            options,
+            reporter,
+            state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }),
+            uploads: Mutex::new(None),
+            remote_down: Default::default(),
+            known_good: Default::default(),
+        }
     }
 }
 
@@ -407,7 +422,16 @@ fn rerun_reasons(name: &str, previous: Option<&StageRef>, inputs: &StageInputs, 
 fn ensure_inputs(shared: &Shared<'_>, upstream: &mut [ActionRecord]) -> Result<(BTreeMap<String, PathBuf>, bool), StageError> {
     let mut rebuilt = false;
     for record in upstream.iter_mut() {
-        let corrupt = record.outputs.values().find_map(|blob| shared.cache.check_blob(blob).err());
+        let corrupt = record.outputs.values().find_map(|blob| {
+            if shared.known_good.lock().expect("known-good lock").contains(&blob.digest) {
+                return None;
+            }
+            let checked = shared.cache.check_blob(blob);
+            if checked.is_ok() {
+                shared.known_good.lock().expect("known-good lock").insert(blob.digest.clone());
+            }
+            checked.err()
+        });
         if let Some(error) = corrupt {
             let message = format!("{error}; rebuilding `{}`", record.stage);
             shared.reporter.event(Event::CorruptBlob { message: &message });
@@ -453,6 +477,8 @@ fn current_inputs(shared: &Shared<'_>, stage: &dyn Stage, upstream: &[ActionReco
 /// commits the action record (last).
 fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInputs, input_paths: BTreeMap<String, PathBuf>, started: Instant) -> Result<ActionRecord, StageError> {
     let record = run_in(shared.cache, stage, key, inputs, input_paths, started, shared.reporter)?;
+    // `put_file` hashed these bytes as it stored them.
+    shared.known_good.lock().expect("known-good lock").extend(record.outputs.values().map(|b| b.digest.clone()));
     save_ref(shared.cache, shared.project, stage.name(), key, inputs)?;
     Ok(record)
 }
