@@ -4,7 +4,8 @@
 //! A job's entrypoint is `symb worker --store s3://… --job DIGEST:SIZE`: the
 //! worker reads the stage's description and inputs from the shared store with
 //! its own credentials (nothing secret is in the job), and writes the record
-//! back there. Jobs are named by the stage's key (`symb-finetune-<key>-<n>`),
+//! back there. Jobs are named by the stage's key and the store
+//! (`symb-finetune-<key>-<store>-<n>`),
 //! so a build that was killed and started again finds the job it submitted and
 //! attaches to it instead of starting a second one. The worker prints one JSON
 //! line per progress event (`{"symb": "progress", …}`), which the build reads
@@ -335,7 +336,9 @@ impl Executor for RayExecutor {
                 reporter.event(Event::StageJob { stage: &job.stage, job: &id, message: &message });
                 continue;
             }
-            return Err(DispatchError::Failed(StageError::failed(format!("Ray job {id} failed ({why}); its log ends:\n{}", tail(&logs, 15)))));
+            let said = tail(&logs, 15);
+            let logged = if said.is_empty() { "; its log is empty".to_string() } else { format!("; its log ends:\n{said}") };
+            return Err(DispatchError::Failed(StageError::failed(format!("Ray job {id} failed ({why}){logged}"))));
         }
     }
 }
