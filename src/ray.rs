@@ -286,12 +286,13 @@ impl RayExecutor {
     }
 }
 
-/// The last lines of a job's logs that are neither symb's JSON lines nor
-/// Ray's own preamble (empty when nothing else was said).
-fn tail(logs: &str, count: usize) -> String {
+/// "its log ends:" and the last lines of a job's logs that are neither
+/// symb's JSON lines nor Ray's own preamble; `None` when nothing else was said.
+fn log_ending(logs: &str, count: usize) -> Option<String> {
     let ray_preamble = |l: &str| l.contains("Runtime env is setting up") || l.starts_with("Running entrypoint for job ");
     let lines: Vec<&str> = logs.lines().filter(|l| WorkerLine::parse(l).is_none() && !l.trim().is_empty() && !ray_preamble(l)).collect();
-    lines[lines.len().saturating_sub(count)..].iter().map(|l| format!("  | {l}")).collect::<Vec<_>>().join("\n")
+    let last: Vec<String> = lines[lines.len().saturating_sub(count)..].iter().map(|l| format!("  | {l}")).collect();
+    (!last.is_empty()).then(|| format!("its log ends:\n{}", last.join("\n")))
 }
 
 impl Executor for RayExecutor {
@@ -322,8 +323,7 @@ impl Executor for RayExecutor {
                 Some(WorkerLine::Error { class, message }) => Some((class, message)),
                 _ => None,
             }) {
-                let said = tail(&logs, 8);
-                let message = if said.is_empty() { format!("{message} (in Ray job {id})") } else { format!("{message} (in Ray job {id}; its log ends:\n{said})") };
+                let message = format!("{message} (in Ray job {id}{})", log_ending(&logs, 8).map(|l| format!("; {l}")).unwrap_or_default());
                 return Err(DispatchError::Failed(StageError { class, message }));
             }
             // No word from the worker: it was lost (killed, out of memory, a
@@ -336,9 +336,8 @@ impl Executor for RayExecutor {
                 reporter.event(Event::StageJob { stage: &job.stage, job: &id, message: &message });
                 continue;
             }
-            let said = tail(&logs, 15);
-            let logged = if said.is_empty() { "; its log is empty".to_string() } else { format!("; its log ends:\n{said}") };
-            return Err(DispatchError::Failed(StageError::failed(format!("Ray job {id} failed ({why}){logged}"))));
+            let logged = log_ending(&logs, 15).unwrap_or_else(|| "its log is empty".to_string());
+            return Err(DispatchError::Failed(StageError::failed(format!("Ray job {id} failed ({why}); {logged}"))));
         }
     }
 }

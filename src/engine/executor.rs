@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::dispatch::{Dispatch, DispatchError};
 use super::inputs::{DirtyReason, StageInputs, explain, join};
 use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
-use crate::cache::{ActionRecord, Cache, CacheError, StatCache, Store, fault, write_json_atomic};
+use crate::cache::{ActionRecord, BlobRef, Cache, CacheError, StatCache, Store, fault, write_json_atomic};
 
 /// A shared store behind the local cache: records missing here are looked
 /// up there (and their blobs fetched), and what runs here is uploaded to it
@@ -128,6 +128,18 @@ struct Shared<'a> {
     /// stages, or checked before an earlier stage read them): each blob is
     /// re-hashed at most once a build, not once per stage that reads it.
     known_good: Mutex<BTreeSet<String>>,
+}
+
+impl Shared<'_> {
+    /// [`Cache::check_blob`], once a build for each blob.
+    fn check_once(&self, blob: &BlobRef) -> Result<(), CacheError> {
+        if self.known_good.lock().expect("known-good lock").contains(&blob.digest) {
+            return Ok(());
+        }
+        self.cache.check_blob(blob)?;
+        self.known_good.lock().expect("known-good lock").insert(blob.digest.clone());
+        Ok(())
+    }
 }
 
 impl<'a> Shared<'a> {
@@ -422,16 +434,7 @@ fn rerun_reasons(name: &str, previous: Option<&StageRef>, inputs: &StageInputs, 
 fn ensure_inputs(shared: &Shared<'_>, upstream: &mut [ActionRecord]) -> Result<(BTreeMap<String, PathBuf>, bool), StageError> {
     let mut rebuilt = false;
     for record in upstream.iter_mut() {
-        let corrupt = record.outputs.values().find_map(|blob| {
-            if shared.known_good.lock().expect("known-good lock").contains(&blob.digest) {
-                return None;
-            }
-            let checked = shared.cache.check_blob(blob);
-            if checked.is_ok() {
-                shared.known_good.lock().expect("known-good lock").insert(blob.digest.clone());
-            }
-            checked.err()
-        });
+        let corrupt = record.outputs.values().find_map(|blob| shared.check_once(blob).err());
         if let Some(error) = corrupt {
             let message = format!("{error}; rebuilding `{}`", record.stage);
             shared.reporter.event(Event::CorruptBlob { message: &message });
