@@ -85,6 +85,14 @@ impl Dtype {
         matches!(self, Dtype::Q4 | Dtype::Q4f16)
     }
 
+    /// Whether the file quantizes its activations with one scale over each
+    /// call's whole tensor (q8, int8, uint8: `DynamicQuantizeLinear`): a
+    /// position's logits then depend on the positions run beside it in the
+    /// same call. In every other dtype a position's logits are its own.
+    pub const fn scales_activations_per_call(self) -> bool {
+        matches!(self, Dtype::Q8 | Dtype::Int8 | Dtype::Uint8)
+    }
+
     /// The names, for messages: `fp32, fp16, q8, ...`.
     pub fn list() -> String {
         Dtype::ALL.map(Dtype::name).join(", ")

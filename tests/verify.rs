@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use symb::model;
-use symb::verify::{self, Workload, session::OnnxLm};
+use symb::verify::session::{OnnxLm, Threads};
+use symb::verify::{self, Workload};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
@@ -112,17 +113,26 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
     let mut logits = Vec::new();
     let reference = verify::reference(&model, work.clone(), &mut logits, |_, _| {}).unwrap();
     let tolerance = verify::tolerance(symb::dtype::Dtype::Fp32, None);
-    let report = verify::verify(&mut OnnxLm::load(&good, 2).unwrap(), &reference, &mut logits.as_slice(), &tolerance, |_, _| {}).unwrap();
-    assert!(report.failures().next().is_none(), "{:?}", report.checks);
-    assert!(report.metrics.max_abs_error < 1e-4 && report.metrics.greedy_match == 1.0, "{:?}", report.metrics);
-    // 8 greedy tokens per prompt: 7 of them fed back one at a time through the cache.
-    assert_eq!(report.cache.positions, 7 * work.prompts.len(), "every greedy step is compared");
-    assert_eq!(report.prefill.positions, work.prompts.iter().map(|(_, ids)| ids.len()).sum::<usize>());
+    for stepping in [verify::Stepping::EachToken, verify::Stepping::Chunked] {
+        let report = verify::verify(&mut OnnxLm::load(&good, Threads::alone(2)).unwrap(), &reference, &mut logits.as_slice(), &tolerance, stepping, |_, _| {}).unwrap();
+        assert!(report.failures().next().is_none(), "{stepping:?}: {:?}", report.checks);
+        assert!(report.metrics.max_abs_error < 1e-4 && report.metrics.greedy_match == 1.0, "{stepping:?}: {:?}", report.metrics);
+        // 8 greedy tokens per prompt: 7 of them fed back through the cache.
+        assert_eq!(report.cache.positions, 7 * work.prompts.len(), "{stepping:?}: every greedy step is compared");
+        assert_eq!(report.prefill.positions, work.prompts.iter().map(|(_, ids)| ids.len()).sum::<usize>());
+    }
 
-    let mut bad_onnx = OnnxLm::load(&bad, 2).unwrap();
-    let report = verify::verify(&mut bad_onnx, &reference, &mut logits.as_slice(), &tolerance, |_, _| {}).unwrap();
-    let failed: Vec<&str> = report.failures().map(|c| c.metric).collect();
-    assert!(failed.contains(&"max_abs_error") && failed.contains(&"kl_divergence"), "{:?}", report.checks);
+    let mut bad_onnx = OnnxLm::load(&bad, Threads::alone(2)).unwrap();
+    let each = verify::verify(&mut bad_onnx, &reference, &mut logits.as_slice(), &tolerance, verify::Stepping::EachToken, |_, _| {}).unwrap();
+    let report = verify::verify(&mut bad_onnx, &reference, &mut logits.as_slice(), &tolerance, verify::Stepping::Chunked, |_, _| {}).unwrap();
+    for report in [&each, &report] {
+        let failed: Vec<&str> = report.failures().map(|c| c.metric).collect();
+        assert!(failed.contains(&"max_abs_error") && failed.contains(&"kl_divergence"), "{:?}", report.checks);
+    }
+    // The two ways along candle's tokens measure the same file alike.
+    assert!((each.metrics.max_abs_error - report.metrics.max_abs_error).abs() < 1e-4, "{:?} against {:?}", each.metrics, report.metrics);
+    assert!((each.metrics.kl_divergence - report.metrics.kl_divergence).abs() < 1e-6 * (1.0 + each.metrics.kl_divergence), "{:?} against {:?}", each.metrics, report.metrics);
+    assert_eq!((each.metrics.top1_agreement, each.metrics.greedy_match), (report.metrics.top1_agreement, report.metrics.greedy_match));
 
     // Following candle's tokens gives the greedy match that ONNX's own
     // greedy decoding gives: the run it shares with candle's, and its token
@@ -140,10 +150,10 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
 
     // A reference whose logits are cut short is refused, not read as zeros.
     let short = &logits[..logits.len() / 2];
-    assert!(verify::verify(&mut bad_onnx, &reference, &mut &short[..], &tolerance, |_, _| {}).is_err());
+    assert!(verify::verify(&mut bad_onnx, &reference, &mut &short[..], &tolerance, verify::Stepping::Chunked, |_, _| {}).is_err());
     let mut long = logits.clone();
     long.extend_from_slice(&[0; 4]);
-    assert!(verify::verify(&mut bad_onnx, &reference, &mut long.as_slice(), &tolerance, |_, _| {}).is_err(), "a longer file is refused too");
+    assert!(verify::verify(&mut bad_onnx, &reference, &mut long.as_slice(), &tolerance, verify::Stepping::Chunked, |_, _| {}).is_err(), "a longer file is refused too");
 }
 
 /// verify decodes its prompts as one left-padded batch: each row gets the
@@ -157,7 +167,7 @@ fn batched_onnx_decoding_gives_each_prompt_what_it_gets_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.onnx");
         symb::onnx::save(&symb::onnx::export(&model, 17).unwrap(), &path).unwrap();
-        let mut onnx = OnnxLm::load(&path, 2).unwrap();
+        let mut onnx = OnnxLm::load(&path, Threads::shared(2, 1)).unwrap();
         let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 31, 7, 2, 40], vec![11], vec![3, 3, 8], vec![17, 4, 4, 19, 23, 1, 2, 3, 4]];
         let alone: Vec<_> = prompts.iter().map(|p| onnx.decode_steps(p, 12, None, 64).unwrap()).collect();
         // An eos that the second row meets first: it stops there, the others go on.
@@ -175,6 +185,20 @@ fn batched_onnx_decoding_gives_each_prompt_what_it_gets_alone() {
                 assert!(err < 1e-4, "{what}: {err}");
             }
             assert!(expected[1].generated.len() < expected[0].generated.len() || eos.is_none(), "the eos row stops early");
+        }
+        // Going along given tokens in three calls (prefill, the first token,
+        // the rest) gives the rows that one call per token gives: rows of
+        // different lengths (one with a single token, one with none fed).
+        let tokens: Vec<Vec<u32>> = vec![vec![4, 8, 15, 16, 23, 42], vec![7], vec![1, 2, 3], vec![9, 9, 9, 9, 9, 9, 9, 9, 9, 9]];
+        let each = onnx.follow_batch(&prompts, &tokens, 0).unwrap();
+        let chunked = onnx.follow_batch_chunked(&prompts, &tokens, 0).unwrap();
+        for (row, (a, b)) in each.iter().zip(&chunked).enumerate() {
+            let what = format!("{}: row {row}", fixture.display());
+            assert_eq!(a.generated, b.generated, "{what}");
+            assert_eq!((a.prefill.len(), a.steps.len()), (b.prefill.len(), b.steps.len()), "{what}");
+            assert_eq!(a.steps.len(), (tokens[row].len() - 1) * onnx.vocab, "{what}: every token but the last is fed");
+            let err = a.prefill.iter().chain(&a.steps).zip(b.prefill.iter().chain(&b.steps)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "{what}: {err}");
         }
     }
 }

@@ -156,7 +156,7 @@ impl BundleStage {
                 f["english"]["lines_without_new_words"],
             );
         }
-        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed one at a time through the KV cache; the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th>");
+        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed through the KV cache (the first alone, then the rest together; one at a time for q8, int8 and uint8, which scale their activations over each call); the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th>");
         // Each browser device: what the `browser` stage found, or that it did not run.
         let browser = if self.browser.is_some() { json("browser", "report.json") } else { None };
         let devices = self.browser.clone().unwrap_or_else(|| vec![Device::Webgpu]);
@@ -404,8 +404,9 @@ impl Stage for BundleStage {
         // 5: no verify time column (the reports hold no timing). 6: the pad
         // token declared in config.json and tokenizer_config.json; README.md.
         // 7: a file with another dtype's bytes says so. 8: a dtype per
-        // device (WebAssembly, WebGPU); the page picks the device.
-        8
+        // device (WebAssembly, WebGPU); the page picks the device. 9:
+        // report.html says how verify goes along candle's tokens.
+        9
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();

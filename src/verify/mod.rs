@@ -7,7 +7,8 @@
 //! prefill pass over the prompt, then each step through its KV cache); and
 //! its negative log-likelihood of windows of the eval split. Per file, ONNX
 //! Runtime runs one prefill pass over each prompt from an empty cache, then
-//! follows candle's tokens one at a time through its KV cache. Every
+//! follows candle's tokens through its KV cache (one at a time, or the first
+//! alone and the rest in one call: [`Stepping`]). Every
 //! position's logits are compared (prefill rows and cache steps apart), and
 //! the greedy match is the run of candle's tokens that are ONNX's argmax
 //! too: exactly what ONNX's own greedy decoding gives before it first
@@ -106,7 +107,7 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// One prefill pass per prompt, from an empty cache.
     pub prefill: Agreement,
-    /// Each step after it, candle's greedy tokens fed one at a time through the KV cache.
+    /// Each position after it, candle's greedy tokens fed through the KV cache.
     pub cache: Agreement,
     pub perplexity_tokens: usize,
     pub perplexity_reference: f64,
@@ -154,8 +155,8 @@ pub fn generate(dir: &std::path::Path, dtype: Dtype, prompt: &str, max_new_token
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
     let input_ids = tokenizer.encode(prompt, true).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec();
     let eos = crate::model::eos_token(dir, &config);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut onnx = OnnxLm::load(&path, threads)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut onnx = OnnxLm::load(&path, session::Threads::alone(cores))?;
     let (generated_ids, logits) = onnx.decode(&input_ids, max_new_tokens, eos, config.context(), sampling)?;
     let text = tokenizer.decode(&generated_ids, true).map_err(|e| ModelError::io(&tokenizer_path, e))?;
     Ok(crate::model::Generation { input_ids, generated_ids, text, logits })
@@ -188,28 +189,156 @@ impl Tally {
     }
 }
 
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    let log_sum = max + sum.ln();
-    logits.iter().map(|&v| v as f64 - log_sum).collect()
+/// The largest value of a row, in f64 (a NaN is passed over here; the sums
+/// that use the maximum carry it).
+fn row_max(logits: &[f32]) -> f64 {
+    logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64
 }
 
-/// KL(p || q) of the softmaxes of two logit rows, in nats.
+/// `e^x` for `x ≤ 0`, to 1 ulp or so of `f64::exp` (a test holds it to
+/// 4e-16 relative), in code the compiler can run on several lanes at once:
+/// no call, no branch. `x = k ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its
+/// Taylor series to degree 13 (the rest is under 1e-17 of it), `2^k` built
+/// in the exponent bits. Below −700 it gives `e^−700` (1e−304), which none
+/// of the sums here, each holding a term of 1, can tell from zero; a NaN
+/// stays NaN.
+#[inline(always)]
+fn exp_nonpositive(x: f64) -> f64 {
+    // 1.5 * 2^52: adding it rounds to an integer, held in the low bits.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    // ln 2 in two parts, the first with its low 32 bits zero, so k * LN2_HI
+    // is exact for the k here (fdlibm's).
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    let x = if x < -700.0 { -700.0 } else { x };
+    let shifted = x * std::f64::consts::LOG2_E + ROUND;
+    let k = shifted - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let mut p = INVERSE_FACTORIALS[13];
+    for n in (0..13).rev() {
+        p = p * r + INVERSE_FACTORIALS[n];
+    }
+    let scale = f64::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(1023) << 52);
+    p * scale
+}
+
+/// `1 / n!` for `n` ≤ 13.
+const INVERSE_FACTORIALS: [f64; 14] = {
+    let (mut table, mut factorial, mut n) = ([0f64; 14], 1f64, 0);
+    while n < 14 {
+        table[n] = 1.0 / factorial;
+        n += 1;
+        factorial *= n as f64;
+    }
+    table
+};
+
+/// Lanes summed apart (and added in a fixed order at the end): the sums run
+/// on vector lanes and give the same bits on every machine.
+const LANES: usize = 4;
+
+/// `log Σ exp(v)` over a row, in f64.
+fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = row_max(logits);
+    let mut lanes = [0f64; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&v| exp_nonpositive(v as f64 - max)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += exp_nonpositive(v as f64 - max);
+        }
+    }
+    max + (lanes.iter().sum::<f64>() + rest).ln()
+}
+
+/// KL(p || q) of the softmaxes of two logit rows, in nats, in one pass and
+/// two exponentials an entry: with `p = e^a / S_p` and `q = e^b / S_q`,
+/// `Σ p (log p − log q) = Σ p (a − b) − (log S_p − log S_q)`.
 pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    let value: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
+    assert_eq!(p_logits.len(), q_logits.len(), "rows of one vocabulary");
+    let (max_p, max_q) = (row_max(p_logits), row_max(q_logits));
+    // Per lane: Σ e^(a − max_p), Σ e^(b − max_q), Σ e^(a − max_p) (a − b).
+    let mut lanes = [[0f64; LANES]; 3];
+    let mut add = |lane: usize, a: f32, b: f32| {
+        let (a, b) = (a as f64, b as f64);
+        let e = exp_nonpositive(a - max_p);
+        lanes[0][lane] += e;
+        lanes[1][lane] += exp_nonpositive(b - max_q);
+        lanes[2][lane] += e * (a - b);
+    };
+    let (p_chunks, q_chunks) = (p_logits.chunks_exact(LANES), q_logits.chunks_exact(LANES));
+    for (i, (&a, &b)) in p_chunks.remainder().iter().zip(q_chunks.remainder()).enumerate() {
+        add(i, a, b);
+    }
+    for (pc, qc) in p_chunks.zip(q_chunks) {
+        for lane in 0..LANES {
+            add(lane, pc[lane], qc[lane]);
+        }
+    }
+    let [sum_p, sum_q, weighted] = lanes.map(|l| l.iter().sum::<f64>());
+    let value = weighted / sum_p - (max_p + sum_p.ln()) + (max_q + sum_q.ln());
     if value.is_nan() { f64::INFINITY } else { value.max(0.0) }
 }
 
 /// Negative log-likelihood of each next token in `ids` under `logits`.
 fn nll(logits: &[f32], ids: &[u32], vocab: usize) -> f64 {
-    ids[1..].iter().enumerate().map(|(i, &next)| -log_softmax(&logits[i * vocab..(i + 1) * vocab])[next as usize]).sum()
+    ids[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, &next)| {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            log_sum_exp(row) - row[next as usize] as f64
+        })
+        .sum()
+}
+
+/// Values per chunk read or written (64 KiB).
+const CHUNK: usize = 1 << 14;
+
+/// Reads `out.len()` little-endian f32 values.
+fn read_f32(reader: &mut impl std::io::Read, out: &mut [f32]) -> Result<(), VerifyError> {
+    let mut bytes = [0u8; CHUNK * 4];
+    for values in out.chunks_mut(CHUNK) {
+        let bytes = &mut bytes[..values.len() * 4];
+        reader.read_exact(bytes).map_err(|e| VerifyError::Io("read", e))?;
+        for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `values` as little-endian f32.
+fn write_f32(writer: &mut impl std::io::Write, values: &[f32]) -> Result<(), VerifyError> {
+    let mut bytes = [0u8; CHUNK * 4];
+    for values in values.chunks(CHUNK) {
+        for (b, v) in bytes.chunks_exact_mut(4).zip(values) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        writer.write_all(&bytes[..values.len() * 4]).map_err(|e| VerifyError::Io("write", e))?;
+    }
+    Ok(())
 }
 
 /// Rows per batch: the prompts decoded together, and the windows scored
 /// together (the logits of a batch are `rows x length x vocab` floats).
 const BATCH: usize = 8;
+
+/// What candle's decoding of one batch of prompts may keep in logits (each
+/// position's, until the batch ends): 256 MiB.
+const REFERENCE_LOGITS_BYTES: usize = 256 << 20;
+
+/// Prompts per batch in candle's decoding: up to twice [`BATCH`] while their
+/// logits fit in [`REFERENCE_LOGITS_BYTES`], never fewer than [`BATCH`]. Its
+/// steps, one position a row, read every weight once a step whatever the
+/// batch: with GPT-2 small's 15 prompts in one batch instead of two, the
+/// `reference` stage took 8.2 s instead of 10.1 s (`bench/export.py`'s
+/// model, 32 new tokens, 2 cores).
+fn reference_batch(work: &Workload, vocab: usize) -> usize {
+    let longest = work.prompts.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0);
+    let per_prompt = (longest + work.max_new_tokens) * vocab * std::mem::size_of::<f32>();
+    (REFERENCE_LOGITS_BYTES / per_prompt.max(1)).clamp(BATCH, 2 * BATCH)
+}
 
 /// candle's logits for each sequence (`[len * vocab]` each), the sequences
 /// left-padded into one batch (with id 0, which no query sees).
@@ -258,7 +387,7 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
     let vocab = model.vocab_size();
     let total = work.prompts.len() + work.windows.len();
     let mut greedy = Vec::with_capacity(work.prompts.len());
-    for batch in work.prompts.chunks(BATCH) {
+    for batch in work.prompts.chunks(reference_batch(&work, vocab)) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
         // The logits of candle's own decoding (prefill, then each step through its cache).
         let (tokens, rows) = model.decode_batch_logits(&ids, work.max_new_tokens, work.eos)?;
@@ -269,8 +398,7 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
             }
         }
         for rows in rows {
-            let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-            logits.write_all(&bytes).map_err(|e| VerifyError::Io("write", e))?;
+            write_f32(logits, &rows)?;
         }
         greedy.extend(tokens);
         progress(greedy.len(), total);
@@ -287,9 +415,30 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
     Ok(Reference { workload: work, vocab, greedy, window_nll })
 }
 
+/// How ONNX Runtime goes along candle's tokens after a prompt's prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stepping {
+    /// One call per token, as a browser decodes
+    /// ([`OnnxLm::follow_batch`]).
+    EachToken,
+    /// The first token alone, then the rest in one call through the cache
+    /// ([`OnnxLm::follow_batch_chunked`]): the same logits where a position's
+    /// are its own, in three calls instead of one per token.
+    Chunked,
+}
+
+impl Stepping {
+    /// Chunked, unless the dtype's activations are scaled over each whole
+    /// call (a chunk would then measure another quantization than a
+    /// browser's steps).
+    pub fn for_dtype(dtype: crate::dtype::Dtype) -> Stepping {
+        if dtype.scales_activations_per_call() { Stepping::EachToken } else { Stepping::Chunked }
+    }
+}
+
 /// Runs the file's side of the workload and checks it against the reference
 /// (`logits` as [`reference`] wrote them) and `tolerance`.
-pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::io::Read, tolerance: &RawTolerance, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
+pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::io::Read, tolerance: &RawTolerance, stepping: Stepping, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
     let work = &reference.workload;
     if reference.window_nll.len() != work.windows.len() || reference.greedy.len() != work.prompts.len() {
         return Err(VerifyError::Reference(format!(
@@ -307,20 +456,22 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
     let total = work.prompts.len() + work.windows.len();
     let (mut prefill, mut cache) = (Tally::default(), Tally::default());
     let mut prompts = Vec::new();
-    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
     for (start, batch) in (0..).step_by(BATCH).zip(work.prompts.chunks(BATCH)) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
         let tokens = &reference.greedy[start..start + batch.len()];
-        let followed = onnx.follow_batch(&ids, tokens, work.eos.unwrap_or(0))?;
+        let followed = match stepping {
+            Stepping::EachToken => onnx.follow_batch(&ids, tokens, work.eos.unwrap_or(0))?,
+            Stepping::Chunked => onnx.follow_batch_chunked(&ids, tokens, work.eos.unwrap_or(0))?,
+        };
         for (i, ((text, ids), session::Decoded { generated, prefill: prefill_logits, steps: step_logits })) in (start..).zip(batch.iter().zip(followed)) {
             let (n, rows) = (ids.len(), reference.rows(i));
             let steps = step_logits.len() / vocab;
             if rows != n + steps {
                 return Err(VerifyError::Reference(format!("prompt {i} has {rows} reference rows for {} positions", n + steps)));
             }
-            bytes.resize(rows * vocab * 4, 0);
-            logits.read_exact(&mut bytes).map_err(|e| VerifyError::Io("read", e))?;
-            let expected: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            expected.resize(rows * vocab, 0.0);
+            read_f32(logits, &mut expected)?;
             prefill.add(&expected[..n * vocab], &prefill_logits, vocab);
             cache.add(&expected[n * vocab..], &step_logits, vocab);
             // ONNX's argmax after the prompt and after each fed token.
@@ -397,16 +548,15 @@ pub fn compare_browser(reference: &Reference, logits: &mut impl std::io::Read, r
         return Err(VerifyError::Reference(format!("{} prompts of logits and {} of tokens for {} prompts", run.logits.len(), run.generated.len(), reference.greedy.len())));
     }
     let mut tally = Tally::default();
-    let mut bytes = Vec::new();
+    let mut expected = Vec::new();
     let (mut matched, mut generated) = (Vec::new(), 0);
     for (i, (candidate, tokens)) in run.logits.iter().zip(&run.generated).enumerate() {
         let rows = reference.rows(i);
         if candidate.len() != rows * vocab {
             return Err(VerifyError::Reference(format!("prompt {i}: the browser gave {} logits, candle {rows} rows of {vocab}", candidate.len())));
         }
-        bytes.resize(rows * vocab * 4, 0);
-        logits.read_exact(&mut bytes).map_err(|e| VerifyError::Io("read", e))?;
-        let expected: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        expected.resize(rows * vocab, 0.0);
+        read_f32(logits, &mut expected)?;
         tally.add(&expected, candidate, vocab);
         matched.push(tokens.iter().zip(&reference.greedy[i]).take_while(|(a, b)| a == b).count());
         generated += reference.greedy[i].len();
@@ -463,6 +613,52 @@ mod tests {
         // p = softmax(0, ln 3) = (1/4, 3/4); q = (1/2, 1/2).
         let expected = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
         assert!((kl(&[0.0, 3f32.ln()], &[0.0, 0.0]) - expected).abs() < 1e-7);
+    }
+
+    #[test]
+    fn exp_nonpositive_is_exp_to_the_last_bits() {
+        let mut worst = 0f64;
+        for i in 0..700_000 {
+            for x in [-(i as f64) / 1000.0, -(i as f64) / 1000.0 - 0.000_37] {
+                let (got, want) = (exp_nonpositive(x), x.exp());
+                worst = worst.max(((got - want) / want).abs());
+            }
+        }
+        assert!(worst < 4e-16, "worst relative error {worst:e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-1e9), (-700f64).exp());
+        assert_eq!(exp_nonpositive(f64::NEG_INFINITY), (-700f64).exp());
+        assert!(exp_nonpositive(f64::NAN).is_nan());
+    }
+
+    /// The one-pass form against the definition, `Σ p (log p − log q)` with
+    /// both softmaxes written out, on rows of a vocabulary's size whose
+    /// logits are large (so a missing max shift would overflow) and whose
+    /// maxima sit at different entries.
+    #[test]
+    fn one_pass_kl_is_the_definition() {
+        let softmax = |row: &[f32]| -> Vec<f64> {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / s).collect()
+        };
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for scale in [0.1f32, 4.0, 30.0] {
+            let p: Vec<f32> = (0..5000).map(|_| 800.0 + scale * next()).collect();
+            let q: Vec<f32> = p.iter().map(|v| v + scale * 0.3 * (next() - 0.5)).collect();
+            let (sp, sq) = (softmax(&p), softmax(&q));
+            let definition: f64 = sp.iter().zip(&sq).map(|(a, b)| a * (a.ln() - b.ln())).sum();
+            let got = kl(&p, &q);
+            assert!(got.is_finite() && (got - definition).abs() <= 1e-9 + 1e-6 * definition, "scale {scale}: {got} against {definition}");
+        }
+        assert_eq!(kl(&[0.0, f32::NAN], &[0.0, 0.0]), f64::INFINITY, "a NaN fails the bound");
     }
 
     #[test]

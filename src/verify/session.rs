@@ -36,11 +36,48 @@ fn bad(path: &Path, message: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Ort(format!("`{}`: {message}", path.display()))
 }
 
+/// How a session's intra-op threads use the cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads {
+    /// Intra-op threads.
+    pub count: usize,
+    /// Whether an idle thread spins for its next op (ONNX Runtime's default:
+    /// the lowest latency with the cores to itself) or sleeps, leaving the
+    /// core to whatever runs beside it.
+    pub spin: bool,
+}
+
+impl Threads {
+    /// Every core, spinning: one session with the machine to itself
+    /// (`symb generate`).
+    pub fn alone(cores: usize) -> Threads {
+        Threads { count: cores.max(1), spin: true }
+    }
+
+    /// For a session among `jobs` run at once on `cores`: twice its share of
+    /// the cores (never more than all of them), threads that sleep when idle.
+    /// While the others run, the system shares the cores among their threads;
+    /// when they are done (the last of five files on two cores runs alone),
+    /// this one has the cores its share would leave idle. On 2 cores with 2
+    /// jobs, the five verify stages of GPT-2 small took 17.8 s this way and
+    /// 19.2 s on one spinning thread each (`bench/export.py`'s model).
+    pub fn shared(cores: usize, jobs: usize) -> Threads {
+        let share = (cores / jobs.max(1)).max(1);
+        Threads { count: (2 * share).min(cores.max(1)), spin: false }
+    }
+}
+
 impl OnnxLm {
-    /// Loads `path` into a session on `threads` intra-op threads.
-    pub fn load(path: &Path, threads: usize) -> Result<Self, RuntimeError> {
+    /// Loads `path` into a session with these intra-op threads.
+    pub fn load(path: &Path, threads: Threads) -> Result<Self, RuntimeError> {
         let env = environment()?;
-        let session = Session::builder(env)?.with_intra_threads(threads).map_err(|e| bad(path, e))?.commit_from_file(path).map_err(|e| bad(path, e))?;
+        let session = Session::builder(env)?
+            .with_intra_threads(threads.count)
+            .map_err(|e| bad(path, e))?
+            .with_intra_op_spinning(threads.spin)
+            .map_err(|e| bad(path, e))?
+            .commit_from_file(path)
+            .map_err(|e| bad(path, e))?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         for required in ["input_ids", "attention_mask"] {
             if !names.contains(&required) {
@@ -225,6 +262,50 @@ impl OnnxLm {
             let j = generated.len();
             tokens[b].get(j).map(|&t| (t, j + 1 == tokens[b].len()))
         })
+    }
+
+    /// [`follow_batch`](Self::follow_batch) in three calls instead of one per
+    /// token: the prefill, the first token of every row alone through the
+    /// cache (one position after the prompt, the shape of a browser's decoding
+    /// step), then the rest of the tokens together through the cache (their
+    /// causal mask offset by what the cache holds). The same rows of logits
+    /// come back; each is what the per-token steps give, to rounding, where a
+    /// position's logits depend on it alone (not so for a file that scales its
+    /// activations over the whole call: see
+    /// [`Dtype::scales_activations_per_call`](crate::dtype::Dtype::scales_activations_per_call)).
+    /// A row with fewer tokens is padded with `pad_id` after its end; no
+    /// position of its own sees those.
+    pub fn follow_batch_chunked(&mut self, prompts: &[Vec<u32>], tokens: &[Vec<u32>], pad_id: u32) -> Result<Vec<Decoded>, RuntimeError> {
+        if tokens.len() != prompts.len() {
+            return Err(RuntimeError::Ort(format!("{} token lists for {} prompts", tokens.len(), prompts.len())));
+        }
+        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
+        }
+        let vocab = self.vocab;
+        let (rows, padding) = LeftPadding::pad(prompts, pad_id);
+        let longest = rows[0].len();
+        let (logits, mut past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
+        let mut out: Vec<Decoded> = (0..prompts.len())
+            .map(|b| Decoded { generated: tokens[b].clone(), prefill: logits[(b * longest + padding.of(b)) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() })
+            .collect();
+        // Every token but a row's last is fed (nothing reads the last's logits).
+        let fed: Vec<&[u32]> = tokens.iter().map(|t| &t[..t.len().saturating_sub(1)]).collect();
+        let width = fed.iter().map(|f| f.len()).max().unwrap_or(0);
+        let column = |range: std::ops::Range<usize>| -> Vec<Vec<u32>> { fed.iter().map(|f| range.clone().map(|j| f.get(j).copied().unwrap_or(pad_id)).collect()).collect() };
+        for range in [0..width.min(1), 1.min(width)..width] {
+            if range.is_empty() {
+                continue;
+            }
+            let (t, start) = (range.len(), range.start);
+            let (logits, grown) = self.run_batch(&column(range), &padding, past)?;
+            past = grown;
+            for (b, row) in out.iter_mut().enumerate() {
+                let own = fed[b].len().saturating_sub(start).min(t);
+                row.steps.extend_from_slice(&logits[b * t * vocab..(b * t + own) * vocab]);
+            }
+        }
+        Ok(out)
     }
 
     /// The loop both share. `next(b, generated, logits)` gives row `b`'s next
