@@ -59,8 +59,9 @@ impl Threads {
     /// While the others run, the system shares the cores among their threads;
     /// when they are done (the last of five files on two cores runs alone),
     /// this one has the cores its share would leave idle. On 2 cores with 2
-    /// jobs, the five verify stages of GPT-2 small took 17.8 s this way and
-    /// 19.2 s on one spinning thread each (`bench/export.py`'s model).
+    /// jobs, the five verify stages of GPT-2 small (`bench/export.py`'s
+    /// model) took 16.4 s this way and 16.9 s on one spinning thread each
+    /// (means of six alternating runs; this way was faster in five).
     pub fn shared(cores: usize, jobs: usize) -> Threads {
         let share = (cores / jobs.max(1)).max(1);
         Threads { count: (2 * share).min(cores.max(1)), spin: false }
