@@ -280,16 +280,11 @@ impl OnnxLm {
         if tokens.len() != prompts.len() {
             return Err(RuntimeError::Ort(format!("{} token lists for {} prompts", tokens.len(), prompts.len())));
         }
-        if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
-        }
         let vocab = self.vocab;
-        let (rows, padding) = LeftPadding::pad(prompts, pad_id);
-        let longest = rows[0].len();
-        let (logits, mut past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
-        let mut out: Vec<Decoded> = (0..prompts.len())
-            .map(|b| Decoded { generated: tokens[b].clone(), prefill: logits[(b * longest + padding.of(b)) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() })
-            .collect();
+        let (mut out, padding, mut past) = self.prefill_batch(prompts, pad_id)?;
+        for (row, tokens) in out.iter_mut().zip(tokens) {
+            row.generated = tokens.clone();
+        }
         // Every token but a row's last is fed (nothing reads the last's logits).
         let fed: Vec<&[u32]> = tokens.iter().map(|t| &t[..t.len().saturating_sub(1)]).collect();
         let width = fed.iter().map(|f| f.len()).max().unwrap_or(0);
@@ -309,20 +304,29 @@ impl OnnxLm {
         Ok(out)
     }
 
-    /// The loop both share. `next(b, generated, logits)` gives row `b`'s next
-    /// token from its latest logits, and whether it is the row's last (not
-    /// fed); `None` when the row has nothing more.
-    fn steps_batch(&mut self, prompts: &[Vec<u32>], pad_id: u32, mut next: impl FnMut(usize, &[u32], &[f32]) -> Option<(u32, bool)>) -> Result<Vec<Decoded>, RuntimeError> {
+    /// The prompts as one left-padded batch from an empty cache: each row's
+    /// prompt logits (nothing generated or stepped yet), the padding and the
+    /// cache after them.
+    fn prefill_batch(&mut self, prompts: &[Vec<u32>], pad_id: u32) -> Result<(Vec<Decoded>, LeftPadding, Past), RuntimeError> {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
         }
         let vocab = self.vocab;
         let (rows, padding) = LeftPadding::pad(prompts, pad_id);
         let longest = rows[0].len();
-        let (logits, mut past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
-        let mut out: Vec<Decoded> =
+        let (logits, past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
+        let out =
             (0..prompts.len()).map(|b| Decoded { generated: Vec::new(), prefill: logits[(b * longest + padding.of(b)) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() }).collect();
-        let mut last: Vec<Vec<f32>> = (0..prompts.len()).map(|b| logits[((b + 1) * longest - 1) * vocab..(b + 1) * longest * vocab].to_vec()).collect();
+        Ok((out, padding, past))
+    }
+
+    /// The loop both share. `next(b, generated, logits)` gives row `b`'s next
+    /// token from its latest logits, and whether it is the row's last (not
+    /// fed); `None` when the row has nothing more.
+    fn steps_batch(&mut self, prompts: &[Vec<u32>], pad_id: u32, mut next: impl FnMut(usize, &[u32], &[f32]) -> Option<(u32, bool)>) -> Result<Vec<Decoded>, RuntimeError> {
+        let vocab = self.vocab;
+        let (mut out, padding, mut past) = self.prefill_batch(prompts, pad_id)?;
+        let mut last: Vec<Vec<f32>> = out.iter().map(|row| row.prefill[row.prefill.len() - vocab..].to_vec()).collect();
         let mut done = vec![false; prompts.len()];
         loop {
             let mut fed = Vec::with_capacity(prompts.len());
