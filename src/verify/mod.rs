@@ -178,8 +178,9 @@ impl Tally {
             self.positions += 1;
             let err = r.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0f32, |m, e| if e.is_nan() || e > m { e } else { m });
             self.max_abs = if err.is_nan() || self.max_abs.is_nan() { f32::NAN } else { self.max_abs.max(err) };
-            self.top1 += usize::from(argmax(r) == argmax(c));
-            self.kl += kl(r, c);
+            let (best_r, best_c) = (argmax(r) as usize, argmax(c) as usize);
+            self.top1 += usize::from(best_r == best_c);
+            self.kl += kl_with_maxima(r, c, r[best_r] as f64, c[best_c] as f64);
         }
     }
 
@@ -255,8 +256,14 @@ fn log_sum_exp(logits: &[f32]) -> f64 {
 /// two exponentials an entry: with `p = e^a / S_p` and `q = e^b / S_q`,
 /// `Σ p (log p − log q) = Σ p (a − b) − (log S_p − log S_q)`.
 pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    kl_with_maxima(p_logits, q_logits, row_max(p_logits), row_max(q_logits))
+}
+
+/// [`kl`] given each row's largest value (known to a caller that found its
+/// argmax: the value there; a NaN there makes the result infinite, as a NaN
+/// anywhere does).
+fn kl_with_maxima(p_logits: &[f32], q_logits: &[f32], max_p: f64, max_q: f64) -> f64 {
     assert_eq!(p_logits.len(), q_logits.len(), "rows of one vocabulary");
-    let (max_p, max_q) = (row_max(p_logits), row_max(q_logits));
     // Per lane: Σ e^(a − max_p), Σ e^(b − max_q), Σ e^(a − max_p) (a − b).
     let mut lanes = [[0f64; LANES]; 3];
     let mut add = |lane: usize, a: f32, b: f32| {

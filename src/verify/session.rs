@@ -68,6 +68,14 @@ impl Threads {
     }
 }
 
+/// `tokens` has one list per prompt (the two `follow_batch` walks).
+fn one_list_per_prompt(prompts: &[Vec<u32>], tokens: &[Vec<u32>]) -> Result<(), RuntimeError> {
+    if tokens.len() != prompts.len() {
+        return Err(RuntimeError::Ort(format!("{} token lists for {} prompts", tokens.len(), prompts.len())));
+    }
+    Ok(())
+}
+
 impl OnnxLm {
     /// Loads `path` into a session with these intra-op threads.
     pub fn load(path: &Path, threads: Threads) -> Result<Self, RuntimeError> {
@@ -256,9 +264,7 @@ impl OnnxLm {
     /// nothing reads), as [`decode_steps_batch`](Self::decode_steps_batch)
     /// feeds its own choices. `generated` is the given tokens.
     pub fn follow_batch(&mut self, prompts: &[Vec<u32>], tokens: &[Vec<u32>], pad_id: u32) -> Result<Vec<Decoded>, RuntimeError> {
-        if tokens.len() != prompts.len() {
-            return Err(RuntimeError::Ort(format!("{} token lists for {} prompts", tokens.len(), prompts.len())));
-        }
+        one_list_per_prompt(prompts, tokens)?;
         self.steps_batch(prompts, pad_id, |b, generated, _| {
             let j = generated.len();
             tokens[b].get(j).map(|&t| (t, j + 1 == tokens[b].len()))
@@ -277,9 +283,7 @@ impl OnnxLm {
     /// A row with fewer tokens is padded with `pad_id` after its end; no
     /// position of its own sees those.
     pub fn follow_batch_chunked(&mut self, prompts: &[Vec<u32>], tokens: &[Vec<u32>], pad_id: u32) -> Result<Vec<Decoded>, RuntimeError> {
-        if tokens.len() != prompts.len() {
-            return Err(RuntimeError::Ort(format!("{} token lists for {} prompts", tokens.len(), prompts.len())));
-        }
+        one_list_per_prompt(prompts, tokens)?;
         let vocab = self.vocab;
         let (mut out, padding, mut past) = self.prefill_batch(prompts, pad_id)?;
         for (row, tokens) in out.iter_mut().zip(tokens) {
