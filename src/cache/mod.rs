@@ -108,26 +108,31 @@ pub struct Cache {
 impl Cache {
     /// Opens (creating if needed) the cache at `root`.
     pub fn open(root: &Path) -> Result<Self, CacheError> {
-        let bucket = root.join(BUCKET);
-        for sub in ["blobs", "actions", "refs", "tmp"] {
-            let dir = bucket.join(sub);
-            fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
-        }
-        // Created in place, not through `tmp/`: a build holding the lock
-        // empties `tmp/` while another process may be opening the cache.
+        // The tag first, then the bucket: a build starting beside this one
+        // then never sees the folder holding files without the tag (see
+        // [`Cache::is_cache`]). Created in place, not through `tmp/`: a build
+        // holding the lock empties `tmp/` while another may be opening it.
+        fs::create_dir_all(root).map_err(|e| CacheError::io(root, e))?;
         let tag = root.join(CACHEDIR_TAG);
         match fs::OpenOptions::new().write(true).create_new(true).open(&tag) {
             Ok(mut file) => file.write_all(CACHEDIR_TAG_TEXT.as_bytes()).map_err(|e| CacheError::io(&tag, e))?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(CacheError::io(&tag, e)),
         }
+        let bucket = root.join(BUCKET);
+        for sub in ["blobs", "actions", "refs", "tmp"] {
+            let dir = bucket.join(sub);
+            fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
+        }
         Ok(Cache { root: root.to_path_buf(), bucket })
     }
 
     /// True when `root` holds a symb cache: symb's own tag (other tools,
-    /// cargo among them, write the same standard file) or its bucket.
+    /// cargo among them, write the same standard file), or an empty tag
+    /// (another build has just created it and is writing it, one write; no
+    /// tool leaves a tag without its signature), or its bucket.
     pub fn is_cache(root: &Path) -> bool {
-        fs::read_to_string(root.join(CACHEDIR_TAG)).is_ok_and(|tag| tag == CACHEDIR_TAG_TEXT) || root.join(BUCKET).join("blobs").is_dir()
+        fs::read_to_string(root.join(CACHEDIR_TAG)).is_ok_and(|tag| tag.is_empty() || tag == CACHEDIR_TAG_TEXT) || root.join(BUCKET).join("blobs").is_dir()
     }
 
     pub fn root(&self) -> &Path {
