@@ -26,14 +26,15 @@ def rate(f, m, k, n):
         runs += 1
     return 2 * m * k * n * runs / (time.perf_counter() - start) / 1e9
 out = []
-for m, k, n in shapes:
+def operand(rows, cols, transposed):
     if which == "torch":
         import torch
         torch.set_num_threads(2)
-        a, b = torch.rand(m, k), torch.rand(k, n)
-    else:
-        import numpy as np
-        a, b = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
+        return torch.rand(cols, rows).t() if transposed else torch.rand(rows, cols)
+    import numpy as np
+    return np.random.rand(cols, rows).astype(np.float32).T if transposed else np.random.rand(rows, cols).astype(np.float32)
+for m, k, n, lhs_t, rhs_t in shapes:
+    a, b = operand(m, k, lhs_t), operand(k, n, rhs_t)
     out.append(rate(lambda: a @ b, m, k, n))
 print(json.dumps(out))
 """
@@ -44,15 +45,16 @@ def main():
     env = dict(os.environ, CANDLE_NUM_THREADS="2", RAYON_NUM_THREADS="2")
     out = subprocess.run([os.path.join(ROOT, "target/release/examples/matmul")], check=True, capture_output=True, text=True, env=env).stdout
     candle = [json.loads(line) for line in out.splitlines()]
-    shapes = [[r["m"], r["k"], r["n"]] for r in candle]
+    shapes = [[r["m"], r["k"], r["n"], r["lhs_t"], r["rhs_t"]] for r in candle]
     import sys
     torch = json.loads(subprocess.run([sys.executable, "-c", PYTHON, "torch", json.dumps(shapes)], check=True, capture_output=True, text=True).stdout)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
     blas = json.loads(subprocess.run([sys.executable, "-c", PYTHON, "numpy", json.dumps(shapes)], check=True, capture_output=True, text=True, env=env).stdout)
-    print("| m x k x n | candle (gemm crate) GFLOP/s | PyTorch (MKL) | OpenBLAS (numpy) |")
+    print("| m x k x n (T: a transposed view) | candle (gemm crate) GFLOP/s | PyTorch (MKL) | OpenBLAS (numpy) |")
     print("|---|---|---|---|")
     for row, t, b in zip(candle, torch, blas):
-        print(f"| {row['m']} x {row['k']} x {row['n']} | {row['gflops']:.0f} | {t:.0f} | {b:.0f} |")
+        lhs = f"{row['m']}{'ᵀ' if row['lhs_t'] else ''}"
+        print(f"| {lhs} x {row['k']} x {row['n']}{' T' if row['rhs_t'] else ''} | {row['gflops']:.0f} | {t:.0f} | {b:.0f} |")
 
 
 if __name__ == "__main__":

@@ -112,12 +112,16 @@ impl Attention {
     fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, padding: &LeftPadding) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
-        let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let (k, v) = KvCache::append(cache, k, v)?;
-        let past = k.dim(2)? - t;
-        let probs = super::ops::causal_softmax_padded(&q.matmul(&k.t()?)?, 1.0 / (self.head_dim as f64).sqrt(), past, &padding.0)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = match cache {
+            // No cache (training, scoring): queries, keys and values are read in place.
+            None => super::attention::attention_packed(&qkv, self.n_head, self.n_head, scale, &padding.0)?,
+            Some(slot) => {
+                let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
+                let (k, v) = KvCache::append(Some(slot), split(1)?, split(2)?)?;
+                super::attention::attention(&split(0)?, &k, &v, scale, &padding.0)?
+            }
+        };
         self.c_proj.forward(&out)
     }
 }

@@ -234,14 +234,8 @@ impl Attention {
         let k = super::ops::split_heads(&self.k_proj.forward(x)?, kv, rotate)?;
         let v = super::ops::split_heads(&self.v_proj.forward(x)?, kv, None)?;
         let (k, v) = KvCache::append(cache, k, v)?;
-        let total = k.dim(2)?;
-        // The `group` query heads of a key-value head, stacked: [b, kv, group·t, d].
-        let group = h / kv;
-        let q = q.reshape((b, kv, group * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, kv, group, t, total))?;
-        let probs = super::ops::causal_softmax_padded(&scores, 1.0 / (d as f64).sqrt(), total - t, &padding.0)?;
-        let out = probs.reshape((b, kv, group * t, total))?.matmul(&v)?;
-        let out = super::ops::merge_heads(&out.reshape((b, h, t, d))?)?;
+        // [b, t, heads · d]: query head i reads key-value head i / (h / kv).
+        let out = super::attention::attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), &padding.0)?;
         self.o_proj.forward(&out)
     }
 }

@@ -6,6 +6,7 @@
 //! [`Model`] is the seam: everything outside this folder holds a `Model`
 //! and asks it, or its [`Family`], for what differs between architectures.
 
+pub mod attention;
 pub mod family;
 pub mod gpt2;
 pub mod hub;

@@ -244,7 +244,7 @@ struct CausalSoftmax {
 /// Softmax of one row of scores over keys `start..end`; the others get 0
 /// (a row with no visible key, a padding query's, is all zeros).
 #[inline(always)]
-fn causal_row(x: &[f32], out: &mut [f32], scale: f32, start: usize, end: usize) {
+pub(super) fn causal_row(x: &[f32], out: &mut [f32], scale: f32, start: usize, end: usize) {
     out.iter_mut().for_each(|o| *o = 0.0);
     if start >= end {
         return;
