@@ -371,15 +371,27 @@ mod tests {
 
     use super::*;
 
-    /// Attention from candle's primitives: the reference.
+    /// Attention from candle's primitives: the reference. The mask adds
+    /// −∞ to the keys a query may not see; a query that sees none gets a
+    /// zero row (its softmax is taken over a finite mask, then multiplied by 0).
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, pads: &[usize]) -> Tensor {
         let (b, h, t, d) = q.dims4().unwrap();
         let (_, kv, s, _) = k.dims4().unwrap();
         let group = h / kv;
         let k = k.unsqueeze(2).unwrap().broadcast_as((b, kv, group, s, d)).unwrap().reshape((b, h, s, d)).unwrap();
         let v = v.unsqueeze(2).unwrap().broadcast_as((b, kv, group, s, d)).unwrap().reshape((b, h, s, d)).unwrap();
-        let scores = q.matmul(&k.t().unwrap()).unwrap();
-        let probs = super::super::ops::causal_softmax_padded(&scores, scale, s - t, pads).unwrap();
+        let (mut mask, mut keep) = (Vec::new(), Vec::new());
+        for row in 0..b {
+            for i in 0..t {
+                let (start, end) = (pads.get(row).copied().unwrap_or(0), s - t + i + 1);
+                keep.push(if start < end { 1f32 } else { 0.0 });
+                mask.extend((0..s).map(|j| if start >= end || (start..end).contains(&j) { 0f32 } else { f32::NEG_INFINITY }));
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
+        let keep = Tensor::from_vec(keep, (b, 1, t, 1), &Device::Cpu).unwrap();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask).unwrap();
+        let probs = crate::model::layers::softmax_last_dim(&scores).unwrap().broadcast_mul(&keep).unwrap();
         probs.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, t, h * d)).unwrap()
     }
 
@@ -419,6 +431,22 @@ mod tests {
     fn matches_primitives_grouped_heads_with_a_cache_and_padding() {
         agrees(3, 6, 2, 5, 3, 4, &[0, 2, 6]);
         agrees(2, 3, 1, 1, 9, 8, &[1, 0]);
+    }
+
+    #[test]
+    fn padding_is_never_seen_and_padding_queries_get_zeros() {
+        let (h, t, d) = (2, 3, 4);
+        let (q, k, v) = (random(&[2, h, t, d], 7), random(&[2, h, t, d], 8), random(&[2, h, t, d], 9));
+        let out = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, &[2, 0]).unwrap();
+        // Row 0: queries 0 and 1 are padding; query 2 sees key 2 only, so
+        // its output is value 2 of each head.
+        let row0 = out.get(0).unwrap();
+        assert_eq!(row0.narrow(0, 0, 2).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let value2 = v.as_tensor().get(0).unwrap().narrow(1, 2, 1).unwrap().reshape(h * d).unwrap();
+        assert!(max_diff(&row0.get(2).unwrap(), &value2) < 1e-6);
+        // Row 1: unpadded, as alone.
+        let alone = attention(&q.as_tensor().narrow(0, 1, 1).unwrap(), &k.as_tensor().narrow(0, 1, 1).unwrap(), &v.as_tensor().narrow(0, 1, 1).unwrap(), 0.5, &[]).unwrap();
+        assert_eq!(out.get(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), alone.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
 
     #[test]

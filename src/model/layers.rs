@@ -2,9 +2,9 @@
 //! layout, with LoRA; a token matrix (embedding or head) whose rows PEFT's
 //! trainable tokens may replace; the KV cache; sampling.
 //!
-//! Norms, activations and softmax are custom ops in [`super::ops`] with an
-//! analytic backward: candle's fused versions have none and would silently
-//! cut the gradient graph.
+//! Norms and activations are custom ops in [`super::ops`], attention one in
+//! [`super::attention`], each with an analytic backward: candle's fused
+//! versions have none and would silently cut the gradient graph.
 
 use candle_core::{D, DType, Tensor};
 

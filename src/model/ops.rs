@@ -233,14 +233,6 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(GeluTanh)?)
 }
 
-struct CausalSoftmax {
-    scale: f32,
-    /// Positions before the first query (the KV cache's length).
-    past: usize,
-    /// Left padding per batch row (keys before it are masked); empty: none.
-    pads: Vec<usize>,
-}
-
 /// Softmax of one row of scores over keys `start..end`; the others get 0
 /// (a row with no visible key, a padding query's, is all zeros).
 #[inline(always)]
@@ -257,56 +249,6 @@ pub(super) fn causal_row(x: &[f32], out: &mut [f32], scale: f32, start: usize, e
     }
     let inv = 1.0 / sum;
     out[start..end].iter_mut().for_each(|o| *o *= inv);
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout, "causal-softmax")?;
-        let dims = layout.dims();
-        let (t, total) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        if total != self.past + t {
-            candle_core::bail!("causal-softmax: {t} queries over {total} keys with {} past", self.past);
-        }
-        let rows = x.len() / total.max(1);
-        if !self.pads.is_empty() && (dims[0] != self.pads.len() || rows % self.pads.len() != 0) {
-            candle_core::bail!("causal-softmax: {} padding lengths for scores {dims:?}", self.pads.len());
-        }
-        let per_batch = rows / self.pads.len().max(1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(total).zip(x.par_chunks(total)).enumerate().for_each(|(r, (o, x))| {
-            let start = self.pads.get(r / per_batch.max(1)).copied().unwrap_or(0);
-            causal_row(x, o, self.scale, start, self.past + r % t + 1);
-        });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let total = res.dim(candle_core::D::Minus1)?;
-        let y = res.flatten_all()?.to_vec1::<f32>()?;
-        let mut grad = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let scale = self.scale;
-        grad.par_chunks_mut(total).zip(y.par_chunks(total)).for_each(|(g, y)| {
-            let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
-            g.iter_mut().zip(y).for_each(|(g, &y)| *g = scale * y * (*g - dot));
-        });
-        Ok(Some(Tensor::from_vec(grad, res.shape(), res.device())?))
-    }
-}
-
-/// `softmax(scale · scores)` over the last dimension with a causal mask:
-/// query `i` (of `t`) sees keys `0..=past + i`. `scores` `[.., t, past + t]`, f32.
-pub fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
-    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, past, pads: Vec::new() })?)
-}
-
-/// [`causal_softmax`] over a left-padded batch: `scores` `[b, .., t, past + t]`,
-/// and in row `b` the keys before `pads[b]` are masked too.
-pub fn causal_softmax_padded(scores: &Tensor, scale: f64, past: usize, pads: &[usize]) -> Result<Tensor> {
-    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, past, pads: pads.to_vec() })?)
 }
 
 struct LayerNormOp {
@@ -1005,21 +947,8 @@ mod tests {
     }
 
     #[test]
-    fn causal_softmax_and_layer_norm_match_the_primitive_ops_with_gradients() {
-        use crate::model::layers::softmax_last_dim;
+    fn layer_norm_matches_the_primitive_ops_with_gradients() {
         let mut rng = Rng::new(8);
-        // Two queries after three cached keys.
-        let scores = Var::from_tensor(&rng.tensor(&[2, 3, 2, 5], |r| r.normal() * 3.0).unwrap()).unwrap();
-        let mask: Vec<f32> = (0..2).flat_map(|i| (0..5).map(move |j| if j <= 3 + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-        let mask = Tensor::from_vec(mask, (1, 1, 2, 5), &Device::Cpu).unwrap();
-        let ours = causal_softmax(scores.as_tensor(), 0.125, 3).unwrap();
-        let reference = softmax_last_dim(&(scores.as_tensor() * 0.125).unwrap().broadcast_add(&mask).unwrap()).unwrap();
-        assert!(max_abs(&ours, &reference) < 1e-6);
-        let weights = rng.tensor(&[2, 3, 2, 5], |r| r.normal()).unwrap();
-        let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(max_abs(g1.get(&scores).unwrap(), g2.get(&scores).unwrap()) < 1e-5);
-
         let x = Var::from_tensor(&rng.tensor(&[3, 4, 24], |r| r.normal() * 2.0 + 1.0).unwrap()).unwrap();
         let w = Var::from_tensor(&rng.tensor(&[24], |r| r.normal()).unwrap()).unwrap();
         let b = Var::from_tensor(&rng.tensor(&[24], |r| r.normal()).unwrap()).unwrap();
@@ -1171,18 +1100,6 @@ mod tests {
         let up_now = up.as_tensor().detach();
         let numeric = finite_difference(&|t| silu_mul(t, &up_now).unwrap(), gate.as_tensor(), &weights, &entries);
         check_fd("silu-mul d gate", g1.get(&gate).unwrap(), &numeric, &entries);
-    }
-
-    #[test]
-    fn padded_causal_softmax_hides_the_padding_and_zeroes_padding_queries() {
-        let mut rng = Rng::new(14);
-        let scores = rng.tensor(&[2, 1, 3, 3], |r| r.normal()).unwrap();
-        let probs = causal_softmax_padded(&scores, 1.0, 0, &[2, 0]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        // Row 0: queries 0 and 1 are padding (all zero), query 2 sees key 2 only.
-        assert_eq!(&probs[..9], &[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
-        // Row 1: unpadded, as the plain causal softmax.
-        let plain = causal_softmax(&scores.narrow(0, 1, 1).unwrap(), 1.0, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(&probs[9..], plain.as_slice());
     }
 
     #[test]
