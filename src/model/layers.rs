@@ -66,17 +66,20 @@ impl Linear {
         let mut out_shape = x.dims().to_vec();
         *out_shape.last_mut().expect("inputs have a feature dimension") = n_out;
         let rows = x.elem_count() / n_in;
-        if let Some(lora) = self.lora.as_ref().filter(|_| !trains(&self.weight)) {
-            let mut y = super::ops::lora_linear(x, &weight, &lora.a, &lora.b, lora.scale, lora.dropout_mask(x.dims())?)?;
-            if let Some(bias) = &self.bias {
-                y = y.broadcast_add(bias)?;
+        let frozen = !trains(&self.weight);
+        // A frozen layer's frozen bias is added inside the fused ops; any
+        // other bias is a node of its own.
+        let fused_bias = self.bias.as_ref().filter(|b| frozen && !trains(b));
+        let add_bias = |y: Tensor| -> Result<Tensor> {
+            match &self.bias {
+                Some(bias) if fused_bias.is_none() => Ok(y.broadcast_add(bias)?),
+                _ => Ok(y),
             }
-            return Ok(y);
+        };
+        if let Some(lora) = self.lora.as_ref().filter(|_| frozen) {
+            return add_bias(super::ops::lora_linear(x, (&weight, fused_bias), &lora.a, &lora.b, lora.scale, lora.dropout_mask(x.dims())?)?);
         }
-        let mut y = if trains(&self.weight) { x.reshape((rows, n_in))?.matmul(&weight)?.reshape(out_shape.as_slice())? } else { super::ops::frozen_matmul(x, &weight)? };
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
+        let mut y = add_bias(if frozen { super::ops::frozen_linear(x, &weight, fused_bias)? } else { x.reshape((rows, n_in))?.matmul(&weight)?.reshape(out_shape.as_slice())? })?;
         if let Some(lora) = &self.lora {
             y = (y + lora.forward(&x.reshape((rows, n_in))?)?.reshape(out_shape)?)?;
         }

@@ -61,6 +61,31 @@ pub fn configure_threads() {
 struct FrozenMatmul {
     /// `[k, n]`, any strides the CPU matmul takes (a transposed view works).
     weight: Tensor,
+    /// `[n]`, frozen, added to every row.
+    bias: Option<Tensor>,
+}
+
+/// The bias as a vector of `n`, checked.
+fn bias_values(bias: Option<&Tensor>, n: usize, op: &str) -> candle_core::Result<Option<Vec<f32>>> {
+    let Some(bias) = bias else { return Ok(None) };
+    if bias.dims() != [n] {
+        candle_core::bail!("{op}: a bias {:?} for {n} outputs", bias.dims());
+    }
+    Ok(Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+}
+
+/// `y[r, j] += scale · v[r, j] + bias[j]` over rows of `n`, in parallel;
+/// either term may be absent.
+fn add_rows(y: &mut [f32], n: usize, v: Option<(&[f32], f32)>, bias: Option<&[f32]>) {
+    if n == 0 || (v.is_none() && bias.is_none()) {
+        return;
+    }
+    y.par_chunks_mut(n).enumerate().for_each(|(r, row)| match (v, bias) {
+        (Some((v, scale)), Some(bias)) => row.iter_mut().zip(&v[r * n..(r + 1) * n]).zip(bias).for_each(|((y, v), b)| *y += scale * v + b),
+        (Some((v, scale)), None) => row.iter_mut().zip(&v[r * n..(r + 1) * n]).for_each(|(y, v)| *y += scale * v),
+        (None, Some(bias)) => row.iter_mut().zip(bias).for_each(|(y, b)| *y += b),
+        (None, None) => {}
+    });
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -78,10 +103,12 @@ impl CustomOp1 for FrozenMatmul {
         let (weight, weight_layout) = self.weight.storage_and_layout();
         let Storage::Cpu(weight) = &*weight else { candle_core::bail!("frozen-matmul: the weight is not on the CPU") };
         let lhs = Layout::contiguous_with_offset((m, k), layout.start_offset());
-        let out = storage.matmul(weight, (1, m, n, k), &lhs, weight_layout)?;
+        let bias = bias_values(self.bias.as_ref(), n, "frozen-matmul")?;
+        let mut out = f32_vec(storage.matmul(weight, (1, m, n, k), &lhs, weight_layout)?)?;
+        add_rows(&mut out, n, None, bias.as_deref());
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("checked above") = n;
-        Ok((out, Shape::from(shape)))
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -95,7 +122,13 @@ impl CustomOp1 for FrozenMatmul {
 /// `x · weight` (`x` `[.., k]`, `weight` `[k, n]`) whose backward reaches
 /// `x` only: the weight is treated as a constant.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.detach() })?)
+    frozen_linear(x, weight, None)
+}
+
+/// `x · weight + bias`, both frozen, one node (a bias added by candle is a
+/// node more, whose backward allocates and adds an output-sized gradient).
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.detach(), bias: bias.map(Tensor::detach) })?)
 }
 
 struct CrossEntropy {
@@ -455,6 +488,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 struct LoraLinear {
     /// `[in, out]`, frozen.
     weight: Tensor,
+    /// `[out]`, frozen.
+    bias: Option<Tensor>,
     scale: f64,
     /// The dropout mask on the LoRA branch's input (`0` or `1 / keep`), `x`'s shape.
     mask: Option<Tensor>,
@@ -475,6 +510,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         let x_layout = Layout::contiguous_with_offset((m, k), l1.start_offset());
         let (weight, weight_layout) = self.weight.storage_and_layout();
         let Storage::Cpu(weight) = &*weight else { candle_core::bail!("lora-linear: the weight is not on the CPU") };
+        let bias = bias_values(self.bias.as_ref(), n, "lora-linear")?;
         let mut y = f32_vec(s1.matmul(weight, (1, m, n, k), &x_layout, weight_layout)?)?;
         let masked;
         let (xd, xd_layout) = match &self.mask {
@@ -488,8 +524,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         };
         let u = xd.matmul(s2, (1, m, r, k), &xd_layout, &l2.transpose(0, 1)?)?;
         let v = f32_vec(u.matmul(s3, (1, m, n, r), &Layout::contiguous((m, r)), &l3.transpose(0, 1)?)?)?;
-        let scale = self.scale as f32;
-        y.iter_mut().zip(&v).for_each(|(y, v)| *y += scale * v);
+        add_rows(&mut y, n, Some((&v, self.scale as f32)), bias.as_deref());
         let mut shape = l1.dims().to_vec();
         *shape.last_mut().expect("checked above") = n;
         Ok((CpuStorage::F32(y), Shape::from(shape)))
@@ -509,10 +544,12 @@ impl candle_core::CustomOp3 for LoraLinear {
         if let Some(mask) = &self.mask {
             through_lora = (through_lora * mask.reshape(((), k))?)?;
         }
-        let dx = (g.matmul(&self.weight.t()?)? + through_lora)?.reshape(x.shape())?;
+        // The input's gradient only where something before it trains (not
+        // the first layer's input, computed from frozen embeddings).
+        let dx = if x.track_op() { Some((g.matmul(&self.weight.t()?)? + through_lora)?.reshape(x.shape())?) } else { None };
         let da = (gb.t()?.matmul(&xd)? * self.scale)?;
         let db = (g.t()?.matmul(&xd.matmul(&a.t()?)?)? * self.scale)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((dx, Some(da), Some(db)))
     }
 }
 
@@ -521,8 +558,8 @@ impl candle_core::CustomOp3 for LoraLinear {
 /// `[r, in]`, `b` `[out, r]`, `mask` the LoRA dropout's, `x`'s shape). The
 /// gradients reach `x`, `a` and `b`; built from primitive ops the same
 /// layer is seven nodes, each with a gradient backward allocates and adds.
-pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<Tensor>) -> Result<Tensor> {
-    let op = LoraLinear { weight: weight.detach(), scale, mask };
+pub fn lora_linear(x: &Tensor, (weight, bias): (&Tensor, Option<&Tensor>), a: &Tensor, b: &Tensor, scale: f64, mask: Option<Tensor>) -> Result<Tensor> {
+    let op = LoraLinear { weight: weight.detach(), bias: bias.map(Tensor::detach), scale, mask };
     Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
 }
 
@@ -1062,22 +1099,40 @@ mod tests {
         let a = Var::from_tensor(&rng.tensor(&[3, 12], |r| r.normal()).unwrap()).unwrap();
         let b = Var::from_tensor(&rng.tensor(&[7, 3], |r| r.normal()).unwrap()).unwrap();
         let weights = rng.tensor(&[2, 5, 7], |r| r.normal()).unwrap();
-        for mask in [None, Some(rng.tensor(&[2, 5, 12], |r| if r.uniform() < 0.8 { 1.25 } else { 0.0 }).unwrap())] {
-            let ours = lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), 2.0, mask.clone()).unwrap();
+        let bias = rng.tensor(&[7], |r| r.normal()).unwrap();
+        let masks = [None, Some(rng.tensor(&[2, 5, 12], |r| if r.uniform() < 0.8 { 1.25 } else { 0.0 }).unwrap())];
+        for (mask, bias) in masks.iter().flat_map(|m| [(m, None), (m, Some(&bias))]) {
+            let ours = lora_linear(x.as_tensor(), (&w, bias), a.as_tensor(), b.as_tensor(), 2.0, mask.clone()).unwrap();
             let xd = match &mask {
                 Some(m) => (x.as_tensor() * m).unwrap(),
                 None => x.as_tensor().clone(),
             };
             let flat = |t: &Tensor| t.reshape((10, 12)).unwrap();
             let branch = flat(&xd).matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap();
-            let reference = (flat(x.as_tensor()).matmul(&w).unwrap() + (branch * 2.0).unwrap()).unwrap().reshape((2, 5, 7)).unwrap();
+            let mut reference = (flat(x.as_tensor()).matmul(&w).unwrap() + (branch * 2.0).unwrap()).unwrap();
+            if let Some(bias) = bias {
+                reference = reference.broadcast_add(bias).unwrap();
+            }
+            let reference = reference.reshape((2, 5, 7)).unwrap();
             assert!(max_abs(&ours, &reference) < 1e-4);
             let g1 = (&ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
             for var in [&x, &a, &b] {
                 assert!(max_abs(g1.get(var).unwrap(), g2.get(var).unwrap()) < 1e-4);
             }
+            // A frozen layer with its bias, without LoRA.
+            let frozen = frozen_linear(x.as_tensor(), &w, bias).unwrap();
+            let mut plain = x.as_tensor().matmul(&w.unsqueeze(0).unwrap().broadcast_as((2, 12, 7)).unwrap()).unwrap();
+            if let Some(bias) = bias {
+                plain = plain.broadcast_add(bias).unwrap();
+            }
+            assert!(max_abs(&frozen, &plain) < 1e-4);
         }
+        // An input computed from nothing that trains gets no gradient.
+        let constant = x.as_tensor().detach();
+        let out = lora_linear(&constant, (&w, None), a.as_tensor(), b.as_tensor(), 2.0, None).unwrap();
+        let grads = (&out * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&constant).is_none() && grads.get(a.as_tensor()).is_some());
     }
 
     #[test]
