@@ -238,9 +238,12 @@ impl Attention {
     fn backward(&self, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> candle_core::Result<[Vec<f32>; 3]> {
         let Dims { batch, heads, t, d, .. } = self.dims;
         let (lens, [qh, kh, vh]) = self.views();
-        let probs = self.probs.lock().expect("attention probabilities").take();
-        let Some(probs) = probs else { candle_core::bail!("attention: backward ran twice, or without a forward") };
         let s = self.dims.s;
+        if q.len() != batch * lens[0] || k.len() != batch * lens[1] || v.len() != batch * lens[2] || dout.len() != batch * t * heads * d {
+            candle_core::bail!("attention: backward inputs of {}, {}, {}, {} elements for {:?}", q.len(), k.len(), v.len(), dout.len(), self.dims);
+        }
+        let kept = self.probs.lock().expect("attention probabilities");
+        let Some(probs) = kept.as_deref() else { candle_core::bail!("attention: backward without a forward") };
         // SAFETY of the raw pointers below: each task touches batch row
         // `b`'s slices only, which no other task touches.
         struct Rows(*mut f32, *mut f32, *mut f32);
@@ -463,6 +466,14 @@ mod tests {
         let g2 = (&separate * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         let (a, b) = (g1.get(qkv.as_tensor()).unwrap(), g2.get(qkv.as_tensor()).unwrap());
         assert!(max_diff(a, b) < 1e-6, "dqkv differs by {}", max_diff(a, b));
+    }
+
+    #[test]
+    fn backward_runs_again_on_the_same_graph() {
+        let qkv = random(&[2, 3, 3 * 8], 10);
+        let loss = attention_packed(qkv.as_tensor(), 2, 2, 0.5, &[]).unwrap().sqr().unwrap().sum_all().unwrap();
+        let (first, second) = (loss.backward().unwrap(), loss.backward().unwrap());
+        assert_eq!(max_diff(first.get(qkv.as_tensor()).unwrap(), second.get(qkv.as_tensor()).unwrap()), 0.0);
     }
 
     #[test]
