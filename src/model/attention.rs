@@ -188,6 +188,12 @@ fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_
     Ok(&data[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()])
 }
 
+/// The f32 data of a tensor on the CPU, read in place through its storage guard.
+fn borrowed<'a>(guard: &'a (candle_core::StorageRef<'_>, &Layout), what: &str) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(storage) = &*guard.0 else { candle_core::bail!("attention: {what} is not on the CPU") };
+    f32_data(storage, guard.1, what)
+}
+
 fn batch_row(x: &[f32], b: usize, len: usize) -> &[f32] {
     &x[b * len..(b + 1) * len]
 }
@@ -293,11 +299,10 @@ impl CustomOp1 for PackedOp {
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (storage, layout) = qkv.storage_and_layout();
-        let Storage::Cpu(storage) = &*storage else { candle_core::bail!("attention: qkv is not on the CPU") };
-        let data = f32_data(storage, layout, "qkv")?;
-        let dout = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let [dqkv, _, _] = self.0.backward(data, data, data, &dout)?;
+        let (input, dout) = (qkv.storage_and_layout(), grad_res.contiguous()?);
+        let dout = dout.storage_and_layout();
+        let data = borrowed(&input, "qkv")?;
+        let [dqkv, _, _] = self.0.backward(data, data, data, borrowed(&dout, "the output's gradient")?)?;
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
 }
@@ -315,14 +320,10 @@ impl CustomOp3 for SeparateOp {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let guards = [q, k, v].map(|t| t.storage_and_layout());
-        let mut data = Vec::with_capacity(3);
-        for ((storage, layout), what) in guards.iter().zip(["queries", "keys", "values"]) {
-            let Storage::Cpu(storage) = &**storage else { candle_core::bail!("attention: {what} are not on the CPU") };
-            data.push(f32_data(storage, layout, what)?);
-        }
-        let dout = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let [dq, dk, dv] = self.0.backward(data[0], data[1], data[2], &dout)?;
+        let [gq, gk, gv] = [q, k, v].map(|t| t.storage_and_layout());
+        let dout = grad_res.contiguous()?;
+        let gd = dout.storage_and_layout();
+        let [dq, dk, dv] = self.0.backward(borrowed(&gq, "queries")?, borrowed(&gk, "keys")?, borrowed(&gv, "values")?, borrowed(&gd, "the output's gradient")?)?;
         let grad = |g: Vec<f32>, like: &Tensor| Tensor::from_vec(g, like.shape(), like.device()).map(Some);
         Ok((grad(dq, q)?, grad(dk, k)?, grad(dv, v)?))
     }

@@ -563,14 +563,12 @@ pub fn lora_linear(x: &Tensor, (weight, bias): (&Tensor, Option<&Tensor>), a: &T
     Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
 }
 
-/// `[b, t, h·d]` ↔ `[b, h, t, d]`, rotating each head by the position's
-/// angles on the way in (queries and keys) or not (values).
+/// `[b, t, h·d]` → `[b, h, t, d]`, rotating each head by the position's
+/// angles (queries and keys) or not (values); its backward merges back.
 struct Heads {
     heads: usize,
     /// `(cos, sin)` `[b·t, d/2]` each, or no rotation.
     angles: Option<(Vec<f32>, Vec<f32>)>,
-    /// Merge (`[b, h, t, d]` → `[b, t, h·d]`, never rotated) instead of split.
-    merge: bool,
 }
 
 impl Heads {
@@ -600,8 +598,8 @@ impl Heads {
     }
 
     /// The inverse of [`split`](Self::split): `x` `[b, h, t, d]` → `[b, t, h·d]`,
-    /// with `rotation` rotated back (a rotation's transpose: −angle).
-    fn merge(&self, x: &[f32], (t, d): (usize, usize), rotation: bool) -> Vec<f32> {
+    /// rotated back (a rotation's transpose: −angle).
+    fn merge(&self, x: &[f32], (t, d): (usize, usize)) -> Vec<f32> {
         let h = self.heads;
         let half = d / 2;
         let mut out = vec![0f32; x.len()];
@@ -610,8 +608,8 @@ impl Heads {
             let (bi, rest) = (row / (t * h), row % (t * h));
             let (ti, hi) = (rest / h, rest % h);
             let src = &x[((bi * h + hi) * t + ti) * d..][..d];
-            match (&self.angles, rotation) {
-                (Some((cos, sin)), true) => {
+            match &self.angles {
+                Some((cos, sin)) => {
                     let p = bi * t + ti;
                     for j in 0..half {
                         let (c, s) = (cos[p * half + j], -sin[p * half + j]);
@@ -619,7 +617,7 @@ impl Heads {
                         o[j + half] = src[j + half] * c + src[j] * s;
                     }
                 }
-                _ => o.copy_from_slice(src),
+                None => o.copy_from_slice(src),
             }
         });
         out
@@ -633,13 +631,6 @@ impl CustomOp1 for Heads {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout, "heads")?;
-        if self.merge {
-            let (b, h, t, d) = layout.shape().dims4()?;
-            if h != self.heads {
-                candle_core::bail!("heads: {h} heads, expected {}", self.heads);
-            }
-            return Ok((CpuStorage::F32(self.merge(x, (t, d), false)), Shape::from((b, t, h * d))));
-        }
         let (b, t, c) = layout.shape().dims3()?;
         let d = c / self.heads;
         if let Some((cos, _)) = &self.angles
@@ -652,14 +643,8 @@ impl CustomOp1 for Heads {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let out = if self.merge {
-            let (_, _, t, d) = arg.dims4()?;
-            self.split(&g, (t, d))
-        } else {
-            let (_, t, c) = arg.dims3()?;
-            self.merge(&g, (t, c / self.heads), true)
-        };
-        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+        let (_, t, c) = arg.dims3()?;
+        Ok(Some(Tensor::from_vec(self.merge(&g, (t, c / self.heads)), arg.shape(), arg.device())?))
     }
 }
 
@@ -679,13 +664,7 @@ pub fn split_heads(x: &Tensor, heads: usize, rotary: Option<(&[u32], &[f32], f32
         }
         None => None,
     };
-    Ok(x.contiguous()?.apply_op1(Heads { heads, angles, merge: false })?)
-}
-
-/// `[b, h, t, d]` → `[b, t, h·d]` in one node.
-pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let heads = x.dim(1)?;
-    Ok(x.contiguous()?.apply_op1(Heads { heads, angles: None, merge: true })?)
+    Ok(x.contiguous()?.apply_op1(Heads { heads, angles })?)
 }
 
 /// The maximum of a row, eight lanes at a time.
@@ -1082,12 +1061,11 @@ mod tests {
         let entries = [0, 5, 37, 100, 191];
         let numeric = finite_difference(&|t| split_heads(t, h, Some((&positions, &inv_freq, 1.0))).unwrap(), x.as_tensor(), &weights, &entries);
         check_fd("split-heads dx", g1.get(&x).unwrap(), &numeric, &entries);
-        // Without rotation, a transpose; merging undoes it, gradients included.
+        // Without rotation, a transpose, and its gradient the transpose back.
         let plain = split_heads(x.as_tensor(), h, None).unwrap();
-        assert_eq!(max_abs(&plain, &x.as_tensor().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap()), 0.0);
-        let back = merge_heads(&plain).unwrap();
-        assert_eq!(max_abs(&back, x.as_tensor()), 0.0);
-        let grad = (&back * &x.as_tensor().detach()).unwrap().sum_all().unwrap().backward().unwrap();
+        let transposed = x.as_tensor().reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap();
+        assert_eq!(max_abs(&plain, &transposed), 0.0);
+        let grad = (&plain * &transposed.detach()).unwrap().sum_all().unwrap().backward().unwrap();
         assert_eq!(max_abs(grad.get(&x).unwrap(), &x.as_tensor().detach()), 0.0);
     }
 
