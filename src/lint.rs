@@ -173,6 +173,16 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             if !t["tokenizer_class"].is_string() {
                 add("tokenizer_config.json", "has no `tokenizer_class`".into());
             }
+            // PreTrainedTokenizerFast's default inputs include token type ids,
+            // which a decoder takes as an embedding to add (GPT-2's `wte[0]`).
+            let names = t["model_input_names"].as_array().map(|names| names.iter().filter_map(|n| n.as_str()).collect::<Vec<_>>());
+            if t["tokenizer_class"] == "PreTrainedTokenizerFast" && names.as_ref().is_none_or(|n| n.contains(&"token_type_ids")) {
+                add(
+                    "tokenizer_config.json",
+                    "`model_input_names` is missing or names `token_type_ids`: Python's AutoTokenizer would return token type ids, which the model does not take; write [\"input_ids\", \"attention_mask\"]"
+                        .into(),
+                );
+            }
             for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
                 if let Some(v) = t.get(key)
                     && !(v.is_string() || v.is_null())

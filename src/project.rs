@@ -184,8 +184,12 @@ impl Project {
     /// succeeded and the whole plan was built).
     pub fn build(&self, options: &BuildOptions, reporter: &dyn Reporter) -> Result<BuildReport, ProjectError> {
         let started = Instant::now();
-        let _lock = self.cache.lock(|| reporter.event(engine::Event::WaitingForLock))?;
-        self.cache.clear_tmp()?;
+        let lock = self.cache.lock(|| reporter.event(engine::Event::WaitingForLock))?;
+        // A cache this process cannot write serves a build that runs
+        // nothing; a stage that must run fails on its first write.
+        if !lock.read_only() {
+            self.cache.clear_tmp()?;
+        }
         self.remove_stale_staging();
         let stat_path = self.cache.stat_cache_path();
         let stat = Mutex::new(StatCache::load(&stat_path));
@@ -228,7 +232,9 @@ impl Project {
             }
             output_updated = outcome.failure().is_none().then_some(!current);
         }
-        stat.into_inner().expect("stat cache lock").save(&stat_path, &self.cache.tmp_dir())?;
+        if !lock.read_only() {
+            stat.into_inner().expect("stat cache lock").save(&stat_path, &self.cache.tmp_dir())?;
+        }
         Ok(BuildReport { outcome, output_updated, kept, seconds: started.elapsed().as_secs_f64() })
     }
 
@@ -274,6 +280,28 @@ impl Project {
     pub fn status(&self, options: &BuildOptions) -> Result<Vec<StageState>, ProjectError> {
         let stat = Mutex::new(StatCache::load(&self.cache.stat_cache_path()));
         Ok(engine::status(&self.plan, &self.cache, &stat, &self.id, options)?)
+    }
+
+    /// How the output folder differs from what this build would write
+    /// there: `None` when that is not known (a stage is stale, or the plan
+    /// is cut down to `--target`s) or the plan writes no output.
+    pub fn output_drift(&self, states: &[StageState]) -> Option<engine::OutputDrift> {
+        if self.partial || !states.iter().all(|s| s.fresh) {
+            return None;
+        }
+        let mut files = BTreeMap::new();
+        for (stage, state) in self.plan.stages().zip(states) {
+            let record = state.key.as_deref().and_then(|key| self.cache.lookup(key))?;
+            for (artifact, path) in stage.publishes() {
+                if let Some(blob) = record.outputs.get(&artifact) {
+                    files.insert(path, blob.clone());
+                }
+            }
+        }
+        if files.is_empty() {
+            return None;
+        }
+        Some(engine::output_drift(&self.cache, &self.id, &self.manifest.project.output, &files))
     }
 
     /// Removes cache entries the current plan does not reference.

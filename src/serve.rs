@@ -53,6 +53,41 @@ struct Roots {
     head_deadline: Duration,
     /// Where posted bodies go, by name (see [`INBOX`]).
     inbox: Option<std::sync::Mutex<Inbox>>,
+    /// Each served file's ETag (its blake3), by (device, inode), with the
+    /// stat it was computed for: a file is hashed once until it changes.
+    tags: std::sync::Mutex<std::collections::HashMap<(u64, u64), (FileStat, String)>>,
+}
+
+/// What says a file is still the one that was hashed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStat {
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Roots {
+    /// A strong validator for the open file: its blake3 in quotes (so two
+    /// builds' files never share one, whatever their times), and its
+    /// modification time as an HTTP date.
+    fn validators(&self, file: &mut std::fs::File) -> std::io::Result<(String, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        let stat = FileStat { len: meta.len(), mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128, ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128 };
+        let modified = httpdate::fmt_http_date(meta.modified()?);
+        let key = (meta.dev(), meta.ino());
+        if let Some((known, tag)) = self.tags.lock().expect("tags lock").get(&key)
+            && *known == stat
+        {
+            return Ok((tag.clone(), modified));
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&mut *file)?;
+        file.seek(SeekFrom::Start(0))?;
+        let tag = format!("\"{}\"", hasher.finalize().to_hex());
+        self.tags.lock().expect("tags lock").insert(key, (stat, tag.clone()));
+        Ok((tag, modified))
+    }
 }
 
 /// The connection as the request parser reads it: each read fails once the
@@ -85,7 +120,7 @@ impl Server {
                 )));
             }
         }
-        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()?, head_deadline: HEAD_DEADLINE, inbox: None };
+        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()?, head_deadline: HEAD_DEADLINE, inbox: None, tags: Default::default() };
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         Ok(Server { listener, roots: Arc::new(roots) })
     }
@@ -236,6 +271,10 @@ struct Request {
     target: String,
     keep_alive: bool,
     range: Option<String>,
+    /// `If-Range`: the range applies only while the file has this ETag (or date).
+    if_range: Option<String>,
+    /// `If-None-Match`: the ETags the client holds.
+    if_none_match: Option<String>,
     /// The body, where the server keeps it (posts to its inbox).
     body: Vec<u8>,
 }
@@ -260,10 +299,10 @@ fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> boo
     };
     let mut parts = line.split_whitespace();
     let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else { return Ok(Some(Err(BadRequest::Malformed("malformed request line")))) };
-    let mut request = Request { method: method.to_string(), target: target.to_string(), keep_alive: version == "HTTP/1.1", range: None, body: Vec::new() };
+    let mut request = Request { method: method.to_string(), target: target.to_string(), keep_alive: version == "HTTP/1.1", range: None, if_range: None, if_none_match: None, body: Vec::new() };
     let keep = keep_body(method, target);
     let max_body = if keep { MAX_INBOX_BODY } else { MAX_BODY };
-    let mut length = 0u64;
+    let mut length: Option<u64> = None;
     for count in 0.. {
         let header = match read_line(reader)? {
             Line::Text(header) => header,
@@ -281,18 +320,32 @@ fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> boo
         match name.trim().to_ascii_lowercase().as_str() {
             "connection" if value.eq_ignore_ascii_case("close") => request.keep_alive = false,
             "connection" if value.eq_ignore_ascii_case("keep-alive") => request.keep_alive = true,
-            "content-length" => match value.parse::<u64>() {
-                Ok(n) if n <= max_body => length = n,
-                Ok(_) => return Ok(Some(Err(BadRequest::BodyTooLarge))),
-                Err(_) => return Ok(Some(Err(BadRequest::Malformed("invalid Content-Length")))),
-            },
+            // RFC 9112 §6.3: digits only (no sign), and several values
+            // (headers or a list) only when they are the same.
+            "content-length" => {
+                let mut values = value.split(',').map(|v| digits(v.trim()));
+                let first = match values.next() {
+                    Some(Ok(n)) => n,
+                    _ => return Ok(Some(Err(BadRequest::Malformed("invalid Content-Length")))),
+                };
+                if values.any(|v| v != Ok(first)) || length.is_some_and(|l| l != first) {
+                    return Ok(Some(Err(BadRequest::Malformed("conflicting Content-Length values"))));
+                }
+                if first > max_body {
+                    return Ok(Some(Err(BadRequest::BodyTooLarge)));
+                }
+                length = Some(first);
+            }
             "transfer-encoding" => {
                 return Ok(Some(Err(BadRequest::Malformed("request bodies are not accepted"))));
             }
             "range" => request.range = Some(value.to_string()),
+            "if-range" => request.if_range = Some(value.to_string()),
+            "if-none-match" => request.if_none_match = Some(value.to_string()),
             _ => {}
         }
     }
+    let length = length.unwrap_or(0);
     if keep {
         reader.take(length).read_to_end(&mut request.body)?;
         if (request.body.len() as u64) < length {
@@ -315,20 +368,36 @@ fn byte_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
     let Some((first, last)) = spec.trim().split_once('-') else { return Ok(None) };
     let (first, last) = (first.trim(), last.trim());
     let range = if first.is_empty() {
-        let suffix: u64 = last.parse().map_err(|_| ())?;
+        let suffix = digits(last)?;
         if suffix == 0 || len == 0 {
             return Err(());
         }
         (len.saturating_sub(suffix), len - 1)
     } else {
-        let first: u64 = first.parse().map_err(|_| ())?;
-        let last = if last.is_empty() { len.saturating_sub(1) } else { last.parse::<u64>().map_err(|_| ())?.min(len.saturating_sub(1)) };
+        let first = digits(first)?;
+        // A last position past the end (however large) means the end.
+        let last = if last.is_empty() { len.saturating_sub(1) } else { digits(last)?.min(len.saturating_sub(1)) };
         if first >= len || last < first {
             return Err(());
         }
         (first, last)
     };
     Ok(Some(range))
+}
+
+/// A decimal number of ASCII digits only (no sign, no space); past
+/// `u64::MAX` it is `u64::MAX`.
+fn digits(text: &str) -> Result<u64, ()> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    Ok(text.bytes().fold(0u64, |n, b| n.saturating_mul(10).saturating_add(u64::from(b - b'0'))))
+}
+
+/// Whether an `If-None-Match` list names `tag` (weak comparison, as RFC
+/// 9110 §13.1.2 asks), or is `*`.
+fn none_match_hits(header: &str, tag: &str) -> bool {
+    header.trim() == "*" || header.split(',').any(|t| t.trim().trim_start_matches("W/") == tag)
 }
 
 fn head(status: &str, kind: &str, length: u64, keep_alive: bool, extra: &[String]) -> Vec<u8> {
@@ -377,14 +446,27 @@ fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
             } else {
                 match respond(&request.target, roots) {
                     None => ("404 Not Found", Body::Bytes(b"not found\n".to_vec()), "text/plain", Vec::new()),
-                    Some((Body::File(mut file, len), kind)) => match request.range.as_deref().map_or(Ok(None), |r| byte_range(r, len)) {
-                        Ok(None) => ("200 OK", Body::File(file, len), kind, vec!["Accept-Ranges: bytes".into()]),
-                        Ok(Some((first, last))) => {
-                            file.seek(SeekFrom::Start(first))?;
-                            ("206 Partial Content", Body::File(file, last - first + 1), kind, vec!["Accept-Ranges: bytes".into(), format!("Content-Range: bytes {first}-{last}/{len}")])
+                    Some((Body::File(mut file, len), kind)) => {
+                        let (tag, modified) = roots.validators(&mut file)?;
+                        let mut headers = vec!["Accept-Ranges: bytes".to_string(), format!("ETag: {tag}"), format!("Last-Modified: {modified}")];
+                        // A range of another version of the file (a rebuild
+                        // between two requests) is never joined to this one:
+                        // with `If-Range` that does not match, the whole file.
+                        let range = request.range.as_deref().filter(|_| request.if_range.as_deref().is_none_or(|v| v.trim() == tag || v.trim() == modified));
+                        if request.if_none_match.as_deref().is_some_and(|h| none_match_hits(h, &tag)) {
+                            ("304 Not Modified", Body::Empty(len), kind, headers)
+                        } else {
+                            match range.map_or(Ok(None), |r| byte_range(r, len)) {
+                                Ok(None) => ("200 OK", Body::File(file, len), kind, headers),
+                                Ok(Some((first, last))) => {
+                                    file.seek(SeekFrom::Start(first))?;
+                                    headers.push(format!("Content-Range: bytes {first}-{last}/{len}"));
+                                    ("206 Partial Content", Body::File(file, last - first + 1), kind, headers)
+                                }
+                                Err(()) => ("416 Range Not Satisfiable", Body::Bytes(Vec::new()), "text/plain", vec![format!("Content-Range: bytes */{len}")]),
+                            }
                         }
-                        Err(()) => ("416 Range Not Satisfiable", Body::Bytes(Vec::new()), "text/plain", vec![format!("Content-Range: bytes */{len}")]),
-                    },
+                    }
                     Some((body, kind)) => ("200 OK", body, kind, Vec::new()),
                 }
             };
@@ -395,6 +477,7 @@ fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
                 Body::File(file, len) => {
                     std::io::copy(&mut file.take(len), &mut stream)?;
                 }
+                Body::Empty(_) => {}
             }
         }
         stream.flush()?;
@@ -407,13 +490,15 @@ fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
 enum Body {
     Bytes(Vec<u8>),
     File(std::fs::File, u64),
+    /// No body (304): the length the file's answer would have.
+    Empty(u64),
 }
 
 impl Body {
     fn len(&self) -> u64 {
         match self {
             Body::Bytes(b) => b.len() as u64,
-            Body::File(_, n) => *n,
+            Body::File(_, n) | Body::Empty(n) => *n,
         }
     }
 
@@ -493,6 +578,9 @@ mod tests {
         assert_eq!(byte_range("bytes=x-1", 100), Err(()));
         assert_eq!(byte_range("bytes=0-1,5-6", 100), Ok(None), "several ranges: the whole file");
         assert_eq!(byte_range("items=0-1", 100), Ok(None));
+        assert_eq!(byte_range("bytes=0-18446744073709551616", 100), Ok(Some((0, 99))), "a last position past u64 is the end");
+        assert_eq!(byte_range("bytes=+5-9", 100), Err(()), "digits only");
+        assert_eq!(byte_range("bytes=-99999999999999999999999", 100), Ok(Some((0, 99))));
     }
 
     /// Sends `request` raw and returns the whole response (the server closes).
@@ -504,6 +592,44 @@ mod tests {
         let mut response = Vec::new();
         let _ = stream.read_to_end(&mut response);
         String::from_utf8_lossy(&response).into_owned()
+    }
+
+    /// A strong ETag (the file's blake3) and Last-Modified with every file;
+    /// `If-None-Match` answers 304; `If-Range` with another version's tag
+    /// or date sends the whole new file, never a piece to join to the old
+    /// one (RFC 9110 §13.1.5). Content-Length is digits only, and two
+    /// different ones are refused (RFC 9112 §6.3).
+    #[test]
+    fn validators_keep_a_resumed_download_from_joining_two_versions() {
+        let (_dir, root) = folder();
+        let server = Server::bind(&root, 0, None).unwrap();
+        let url = server.url();
+        std::thread::spawn(move || server.run());
+        let get = |headers: &str| exchange(&url, format!("GET /onnx/model.onnx HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes());
+        let header = |response: &str, name: &str| response.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).map(str::to_string).unwrap_or_else(|| panic!("no {name} in {response}"));
+        let first = get("");
+        let tag = header(&first, "ETag");
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        assert_eq!(tag, format!("\"{}\"", blake3::hash(&bytes).to_hex()));
+        let modified = header(&first, "Last-Modified");
+        assert!(modified.ends_with(" GMT"), "{modified}");
+        assert!(get(&format!("If-None-Match: {tag}\r\n")).starts_with("HTTP/1.1 304 Not Modified\r\n"));
+        assert!(get("If-None-Match: \"other\"\r\n").starts_with("HTTP/1.1 200"));
+        assert!(get(&format!("Range: bytes=10-19\r\nIf-Range: {tag}\r\n")).starts_with("HTTP/1.1 206"));
+        assert!(get(&format!("Range: bytes=10-19\r\nIf-Range: {modified}\r\n")).starts_with("HTTP/1.1 206"));
+
+        // A rebuild: the same name, other bytes of the same length.
+        std::fs::write(root.join("onnx/model.onnx"), (0..=255u8).rev().collect::<Vec<u8>>()).unwrap();
+        let resumed = get(&format!("Range: bytes=10-19\r\nIf-Range: {tag}\r\n"));
+        assert!(resumed.starts_with("HTTP/1.1 200 OK\r\n") && resumed.contains("Content-Length: 256\r\n"), "{resumed}");
+        assert_ne!(header(&resumed, "ETag"), tag);
+        assert!(get(&format!("If-None-Match: {tag}\r\n")).starts_with("HTTP/1.1 200"), "the old tag no longer matches");
+
+        for bad in ["Content-Length: 5\r\nContent-Length: 6\r\n", "Content-Length: +5\r\n", "Content-Length: 5, 6\r\n"] {
+            assert!(get(bad).starts_with("HTTP/1.1 400"), "{bad}");
+        }
+        let big = get("Range: bytes=0-18446744073709551616\r\n");
+        assert!(big.starts_with("HTTP/1.1 206") && big.contains("Content-Range: bytes 0-255/256\r\n"), "{big}");
     }
 
     #[test]

@@ -309,3 +309,59 @@ fn remote_section_mistakes() {
     let stderr = String::from_utf8(project.symb(&["build"]).stderr).unwrap();
     assert!(stderr.contains("`remote.stages` names `finetune`, but this manifest trains nothing"), "{stderr}");
 }
+
+/// A model size past any real model's is a typo: refused at its line
+/// (it used to end in a failed allocation, an abort with exit 134).
+#[test]
+fn model_sizes_past_any_real_model() {
+    assert_rejected(
+        |p| p.write("symb.toml", "[base]\nmodel = \"scratch\"\nn_embd = 65536\n"),
+        r#"
+error: `base.n_embd` = 65536 is larger than symb takes (16384 at most)
+ --> symb.toml:3:10
+  |
+3 | n_embd = 65536
+  |          ^^^^^"#
+            .trim_start(),
+    );
+    assert_rejected(
+        |p| p.write("symb.toml", "[base]\nmodel = \"scratch\"\nn_positions = 4294967296\n"),
+        r#"
+error: `base.n_positions` = 4294967296 is larger than symb takes (131072 at most)
+ --> symb.toml:3:15
+  |
+3 | n_positions = 4294967296
+  |               ^^^^^^^^^^"#
+            .trim_start(),
+    );
+}
+
+/// A model within the bounds but larger than the machine: the stage that
+/// would allocate it says how much it needs and which settings to lower,
+/// and exits with 2 before allocating anything.
+#[test]
+fn a_model_larger_than_the_machine_is_refused_before_it_is_allocated() {
+    let project = TestProject::new(40);
+    let text = project.read("symb.toml");
+    project.write("symb.toml", &format!("{text}\n[base]\nmodel = \"scratch\"\nn_layer = 200\nn_embd = 16384\nn_head = 16\n"));
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2, "{}", build.stderr);
+    let base = build.events.iter().find(|e| e["event"] == "stage" && e["stage"] == "base").unwrap();
+    assert_eq!(base["status"], "failed");
+    let reason = base["reason"].as_str().unwrap();
+    assert!(reason.contains("needs about") && reason.contains("GB of memory") && reason.contains("lower `base.n_embd`, `base.n_layer` or `base.n_positions`"), "{reason}");
+}
+
+/// The same before training: the weights, AdamW's state and a batch's
+/// activations against the machine, before the model is loaded.
+#[test]
+fn a_training_larger_than_the_machine_is_refused_before_it_starts() {
+    let project = TestProject::with_manifest(common::SCRATCH_TRAINING, 40);
+    project.edit("batch_size = 4", "batch_size = 1000000");
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2, "{}", build.stderr);
+    let finetune = build.events.iter().find(|e| e["event"] == "stage" && e["stage"] == "finetune").unwrap();
+    assert_eq!(finetune["status"], "failed");
+    let reason = finetune["reason"].as_str().unwrap();
+    assert!(reason.contains("batches of 1000000 x 32 tokens needs about") && reason.contains("lower `finetune.batch_size` or `finetune.block_size`"), "{reason}");
+}

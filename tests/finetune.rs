@@ -121,6 +121,14 @@ fn a_killed_finetune_resumes_from_its_checkpoint_with_the_same_result() {
         .unwrap();
     assert!(record["metrics"]["resumed_from_step"].as_u64().unwrap() >= 5, "{}", record["metrics"]);
     assert!(snapshot(&project.path("dist")) == snapshot(&reference.path("dist")), "the resumed run differs from the uninterrupted one");
+    // Every artifact of the stage, metrics.json (its losses) included.
+    let uninterrupted: serde_json::Value = std::fs::read_dir(reference.path("cache/v1/actions"))
+        .unwrap()
+        .flatten()
+        .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
+        .find(|r| r["stage"] == "finetune")
+        .unwrap();
+    assert_eq!(record["outputs"], uninterrupted["outputs"], "the resumed finetune's artifacts differ from the uninterrupted one's");
     assert!(!checkpoint.exists(), "checkpoints are removed once the stage commits");
 }
 

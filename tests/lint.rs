@@ -55,6 +55,7 @@ fn a_built_folder_passes_and_each_defect_is_named() {
     assert_eq!(config["transformers.js_config"]["dtype"], "fp32", "a dtype the folder has (not the browsers' q8 default), and not 4-bit, slow in WebAssembly");
     let tokenizer_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dist.join("tokenizer_config.json")).unwrap()).unwrap();
     assert_eq!(tokenizer_config["clean_up_tokenization_spaces"], false);
+    assert_eq!(tokenizer_config["model_input_names"], serde_json::json!(["input_ids", "attention_mask"]));
 
     type Case<'a> = (&'a str, Box<dyn FnOnce(&Path)>, &'a str);
     let cases: Vec<Case> = vec![
@@ -94,6 +95,16 @@ fn a_built_folder_passes_and_each_defect_is_named() {
                 std::fs::write(&path, config.to_string()).unwrap();
             }),
             "the graph has 2 layers of KV cache, but config.json says `n_layer` = 1",
+        ),
+        (
+            "a tokenizer_config.json without model_input_names (Python's AutoTokenizer then returns token_type_ids)",
+            Box::new(|d: &Path| {
+                let path = d.join("tokenizer_config.json");
+                let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                config.as_object_mut().unwrap().remove("model_input_names");
+                std::fs::write(&path, config.to_string()).unwrap();
+            }),
+            "tokenizer_config.json: `model_input_names` is missing or names `token_type_ids`",
         ),
         (
             "a dtype file named wrongly",

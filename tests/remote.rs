@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Seaweed, TestProject, http_with, set};
+use common::{Seaweed, TestProject, http, http_with, set};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
@@ -196,7 +196,7 @@ fn a_fresh_checkout_fetches_every_stage_and_builds_the_same_folder() {
 /// a missing key is no record.
 #[test]
 fn large_blobs_go_up_in_parts_and_come_back_checked() {
-    use symb::cache::{ActionRecord, BlobRef, S3Store, Store, StoreError};
+    use symb::cache::{ActionRecord, BlobRef, Held, S3Store, Store, StoreError};
     let server = Seaweed::start("parts");
     let variables: Vec<(String, String)> =
         [("AWS_ACCESS_KEY_ID", "symb-test"), ("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-4711"), ("AWS_ENDPOINT_URL", server.endpoint().as_str()), ("AWS_ALLOW_HTTP", "true")]
@@ -218,9 +218,24 @@ fn large_blobs_go_up_in_parts_and_come_back_checked() {
     let src = dir.path().join("big");
     std::fs::write(&src, &bytes).unwrap();
     let blob = BlobRef { digest: blake3::hash(&bytes).to_hex().to_string(), size: bytes.len() as u64 };
-    assert!(!store.has_blob(&blob).unwrap());
+    assert_eq!(store.blob_state(&blob, &src).unwrap(), Held::Missing);
     store.put_blob(&blob, &src).unwrap();
-    assert!(store.has_blob(&blob).unwrap());
+    // The server's ETag for five parts is computed here from the file.
+    assert_eq!(store.blob_state(&blob, &src).unwrap(), Held::Same);
+    let mut other = bytes.clone();
+    other[(33 << 20) + 5] ^= 1;
+    let flipped = dir.path().join("flipped");
+    std::fs::write(&flipped, &other).unwrap();
+    assert_eq!(store.blob_state(&blob, &flipped).unwrap(), Held::Differs, "one byte in the fifth part");
+    // A small blob goes up whole: its ETag is its MD5.
+    let small = dir.path().join("small");
+    std::fs::write(&small, b"a small blob").unwrap();
+    let small_blob = BlobRef { digest: blake3::hash(b"a small blob").to_hex().to_string(), size: 12 };
+    store.put_blob(&small_blob, &small).unwrap();
+    assert_eq!(store.blob_state(&small_blob, &small).unwrap(), Held::Same);
+    std::fs::write(&flipped, b"a small blub").unwrap();
+    assert_eq!(store.blob_state(&small_blob, &flipped).unwrap(), Held::Differs);
+    assert!(!store.has_record("k1").unwrap());
     let back = dir.path().join("back");
     store.get_blob(&blob, &back).unwrap();
     assert!(std::fs::read(&back).unwrap() == bytes, "the blob comes back byte for byte");
@@ -228,6 +243,7 @@ fn large_blobs_go_up_in_parts_and_come_back_checked() {
     let record = ActionRecord { key: "k1".into(), stage: "s".into(), inputs: serde_json::json!({}), outputs: [("big".to_string(), blob.clone())].into(), metrics: serde_json::json!({}), seconds: 1.0 };
     assert!(store.lookup("k1").unwrap().is_none());
     store.commit(&record).unwrap();
+    assert!(store.has_record("k1").unwrap());
     assert_eq!(store.lookup("k1").unwrap().unwrap().outputs, record.outputs);
     // Bytes that are not the digest's are refused and not left behind.
     let liar = BlobRef { digest: blake3::hash(b"something else").to_hex().to_string(), size: bytes.len() as u64 };
@@ -235,4 +251,107 @@ fn large_blobs_go_up_in_parts_and_come_back_checked() {
     let refused = dir.path().join("refused");
     assert!(matches!(store.get_blob(&liar, &refused), Err(StoreError::Corrupt { .. })));
     assert!(!refused.exists());
+}
+
+/// The record of `stage` in a project's local cache.
+fn local_record(project: &TestProject, stage: &str) -> serde_json::Value {
+    std::fs::read_dir(project.path("cache/v1/actions"))
+        .unwrap()
+        .flatten()
+        .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
+        .find(|r| r["stage"] == stage)
+        .unwrap_or_else(|| panic!("no record of `{stage}`"))
+}
+
+/// Bytes of `size` that are not the blob's.
+fn same_size_garbage(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+fn warnings(build: &common::Build) -> Vec<String> {
+    build.events.iter().filter(|e| e["event"] == "warning").map(|e| e["message"].as_str().unwrap().to_string()).collect()
+}
+
+/// The shared cache heals: a remote object corrupted with the same size is
+/// replaced by the build that finds it (and by `cache push`); `cache push`
+/// re-hashes local blobs and refuses corrupt ones; records a build made
+/// without uploading them (the remote was down) are uploaded by the next
+/// build, and `status` says which are local only until then.
+#[test]
+fn the_shared_cache_heals_and_uploads_what_it_missed() {
+    let server = Seaweed::start("heal");
+    let (port, endpoint) = (server.s3_port, server.endpoint());
+    let a = project("s3://heal/team");
+    let built = build(&a, &endpoint, &[]);
+    assert_eq!(built.code, 0, "{}", built.stderr);
+    let upload = built.events.iter().find(|e| e["event"] == "upload").unwrap_or_else(|| panic!("an upload event: {:?}", built.events));
+    assert_eq!(upload["records"], STAGES.len());
+    assert!(upload["bytes"].as_u64().unwrap() > 0 && upload["mb_per_second"].as_f64().unwrap() > 0.0, "{upload}");
+
+    // D2: base's weights on the remote become other bytes of the same size.
+    let weights = local_record(&a, "base")["outputs"]["model.safetensors"].clone();
+    let (digest, size) = (weights["digest"].as_str().unwrap().to_string(), weights["size"].as_u64().unwrap() as usize);
+    assert_eq!(http_with(port, "PUT", &format!("/heal/team/v1/blobs/{digest}"), &same_size_garbage(size)), Some(200));
+    let b = checkout(&a);
+    let healed = build(&b, &endpoint, &[]);
+    assert_eq!(healed.code, 0, "{}", healed.stderr);
+    assert!(healed.ran().contains("base"), "{:?}", healed.events);
+    let said = warnings(&healed);
+    assert!(said.iter().any(|w| w.contains(&digest) && w.contains("not used") && w.contains("its bytes replace the remote's")), "{said:?}");
+    assert!(said.iter().any(|w| w.contains(&digest) && w.contains("replaced")), "{said:?}");
+    let c = checkout(&a);
+    let fetched = build(&c, &endpoint, &[]);
+    assert_eq!(fetched.with_status("fetched"), set(&STAGES), "the remote serves good bytes again: {:?}", fetched.events);
+    assert!(warnings(&fetched).is_empty(), "{:?}", warnings(&fetched));
+
+    // The same damage, repaired by `cache push`, which does not trust sizes.
+    let onnx = local_record(&a, "export")["outputs"]["model.onnx"].clone();
+    let (digest, size) = (onnx["digest"].as_str().unwrap().to_string(), onnx["size"].as_u64().unwrap() as usize);
+    assert_eq!(http_with(port, "PUT", &format!("/heal/team/v1/blobs/{digest}"), &same_size_garbage(size)), Some(200));
+    let pushed = remote_symb(&a, &endpoint, &["cache", "push", "--json"]);
+    assert!(pushed["replaced"].as_array().unwrap().iter().any(|r| r.as_str().unwrap() == format!("export: {digest}")), "{pushed}");
+    assert_eq!(pushed["bytes"].as_u64().unwrap(), size as u64, "only the damaged blob went up: {pushed}");
+    let d = checkout(&a);
+    assert_eq!(build(&d, &endpoint, &[]).with_status("fetched"), set(&STAGES));
+
+    // D3: a local blob with one byte flipped (its size kept) is not pushed.
+    let e = project("s3://heal/read-only");
+    assert_eq!(build(&e, &endpoint, &[("SYMB_CACHE_REMOTE_WRITE", "0")]).code, 0);
+    let onnx = local_record(&e, "export")["outputs"]["model.onnx"].clone();
+    let digest = onnx["digest"].as_str().unwrap().to_string();
+    let blob = e.path(&format!("cache/v1/blobs/{}/{digest}", &digest[..2]));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 0x55;
+    std::fs::write(&blob, bytes).unwrap();
+    let output = remote_command(&e, &endpoint, &["cache", "push", "--json"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    let pushed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(pushed["corrupt"], serde_json::json!(["export"]), "{pushed}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("`export` is not pushed"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(http(port, "HEAD", &format!("/heal/read-only/v1/blobs/{digest}")), Some(404), "the corrupt bytes stayed here");
+    assert!(!blob.exists(), "the corrupt blob is removed: the next build rebuilds it");
+
+    // D4: a build whose remote was down uploads nothing; the next build,
+    // with the remote up, runs nothing and uploads every record.
+    let f = project("s3://heal/late");
+    let nowhere = format!("http://127.0.0.1:{}", common::free_port());
+    let down = build(&f, &nowhere, &[]);
+    assert_eq!(down.code, 0, "{}", down.stderr);
+    let status = remote_symb(&f, &endpoint, &["status", "--json"]);
+    let local_only: Vec<&str> = status["stages"].as_array().unwrap().iter().filter(|s| s["local_only"] == true).map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(local_only.len(), STAGES.len(), "{status}");
+    let text = String::from_utf8(remote_command(&f, &endpoint, &["status"]).output().unwrap().stdout).unwrap();
+    assert!(text.contains("Fresh corpus (local only: the cache remote lacks it; the next build uploads it)"), "{text}");
+    let late = build(&f, &endpoint, &[]);
+    assert_eq!(late.code, 0, "{}", late.stderr);
+    assert!(late.ran().is_empty(), "{:?}", late.events);
+    let upload = late.events.iter().find(|e| e["event"] == "upload").unwrap_or_else(|| panic!("{:?}", late.events));
+    assert_eq!(upload["records"], STAGES.len());
+    let status = remote_symb(&f, &endpoint, &["status", "--json"]);
+    assert!(status["stages"].as_array().unwrap().iter().all(|s| s["local_only"] == false), "{status}");
+    let g = checkout(&f);
+    assert_eq!(build(&g, &endpoint, &[]).with_status("fetched"), set(&STAGES));
+    // And once all is there, a build asks (one HEAD a record) and sends nothing.
+    let again = build(&f, &endpoint, &[]);
+    assert!(again.events.iter().all(|e| e["event"] != "upload"), "{:?}", again.events);
 }

@@ -21,6 +21,15 @@ if ! command -v chromium >/dev/null; then
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
+# transformers 4.x (what most users have) returns token_type_ids unless
+# tokenizer_config.json names the model's inputs: tests/card.rs runs the
+# model card's Python with it as well as with 5.x, in a venv of its own (it
+# pins another tokenizers); PyTorch, where installed, is shared.
+venv=tests/.venv-transformers4
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv --system-site-packages "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore transformers==4.57.6
 # onnxruntime-node's install script would fetch CUDA libraries from outside
 # the registries; its CPU library is already inside the package.
 (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)

@@ -12,12 +12,12 @@ use super::CacheError;
 /// (which must be on the same filesystem as `dest`).
 pub fn write_atomic(dest: &Path, bytes: &[u8], tmp_dir: &Path) -> Result<(), CacheError> {
     if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| CacheError::write(parent, e))?;
     }
-    let mut file = tempfile::NamedTempFile::new_in(tmp_dir).map_err(|e| CacheError::io(tmp_dir, e))?;
-    file.write_all(bytes).map_err(|e| CacheError::io(file.path(), e))?;
-    file.as_file().sync_all().map_err(|e| CacheError::io(file.path(), e))?;
-    file.persist(dest).map_err(|e| CacheError::io(dest, e.error))?;
+    let mut file = tempfile::NamedTempFile::new_in(tmp_dir).map_err(|e| CacheError::write(tmp_dir, e))?;
+    file.write_all(bytes).map_err(|e| CacheError::write(file.path(), e))?;
+    file.as_file().sync_all().map_err(|e| CacheError::write(file.path(), e))?;
+    file.persist(dest).map_err(|e| CacheError::write(dest, e.error))?;
     Ok(())
 }
 

@@ -31,7 +31,7 @@ mod stat;
 
 pub use atomic::{write_atomic, write_json_atomic};
 pub use lock::CacheLock;
-pub use remote::{S3Store, Store, StoreError};
+pub use remote::{Held, S3Store, Store, StoreError};
 pub use stat::StatCache;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +61,13 @@ pub enum CacheError {
         #[source]
         source: io::Error,
     },
+    /// A write failed: a full disk, a read-only cache, permissions.
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("corrupt cache entry `{path}`: {what}")]
     Corrupt { path: PathBuf, what: String },
 }
@@ -68,6 +75,10 @@ pub enum CacheError {
 impl CacheError {
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
         CacheError::Io { path: path.into(), source }
+    }
+
+    pub fn write(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        CacheError::Write { path: path.into(), source }
     }
 }
 
@@ -112,17 +123,19 @@ impl Cache {
         // then never sees the folder holding files without the tag (see
         // [`Cache::is_cache`]). Created in place, not through `tmp/`: a build
         // holding the lock empties `tmp/` while another may be opening it.
-        fs::create_dir_all(root).map_err(|e| CacheError::io(root, e))?;
+        fs::create_dir_all(root).map_err(|e| CacheError::write(root, e))?;
         let tag = root.join(CACHEDIR_TAG);
         match fs::OpenOptions::new().write(true).create_new(true).open(&tag) {
-            Ok(mut file) => file.write_all(CACHEDIR_TAG_TEXT.as_bytes()).map_err(|e| CacheError::io(&tag, e))?,
+            Ok(mut file) => file.write_all(CACHEDIR_TAG_TEXT.as_bytes()).map_err(|e| CacheError::write(&tag, e))?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(CacheError::io(&tag, e)),
+            // A read-only cache that has its tag is still read.
+            Err(_) if tag.is_file() => {}
+            Err(e) => return Err(CacheError::write(&tag, e)),
         }
         let bucket = root.join(BUCKET);
         for sub in ["blobs", "actions", "refs", "tmp"] {
             let dir = bucket.join(sub);
-            fs::create_dir_all(&dir).map_err(|e| CacheError::io(&dir, e))?;
+            fs::create_dir_all(&dir).map_err(|e| CacheError::write(&dir, e))?;
         }
         Ok(Cache { root: root.to_path_buf(), bucket })
     }
@@ -176,7 +189,7 @@ impl Cache {
 
     /// A fresh, empty folder under `tmp/` for a stage to write its artifacts in.
     pub fn work_dir(&self, label: &str) -> Result<tempfile::TempDir, CacheError> {
-        tempfile::Builder::new().prefix(&format!("{label}-")).tempdir_in(self.tmp_dir()).map_err(|e| CacheError::io(self.tmp_dir(), e))
+        tempfile::Builder::new().prefix(&format!("{label}-")).tempdir_in(self.tmp_dir()).map_err(|e| CacheError::write(self.tmp_dir(), e))
     }
 
     /// Where a stage with this key keeps checkpoints across killed builds.
@@ -206,9 +219,9 @@ impl Cache {
             return Ok(BlobRef { digest, size });
         }
         let parent = dest.parent().expect("blob paths have a parent");
-        fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
+        fs::create_dir_all(parent).map_err(|e| CacheError::write(parent, e))?;
         fs::File::open(file).and_then(|f| f.sync_all()).map_err(|e| CacheError::io(file, e))?;
-        fs::rename(file, &dest).map_err(|e| CacheError::io(&dest, e))?;
+        fs::rename(file, &dest).map_err(|e| CacheError::write(&dest, e))?;
         Ok(BlobRef { digest, size })
     }
 

@@ -26,14 +26,29 @@ pub enum StoreError {
     Corrupt { store: String, digest: String, actual: String },
 }
 
+/// What a store holds under a blob's name, against the blob's own bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Nothing.
+    Missing,
+    /// The blob (as far as the store can tell without a download: its size,
+    /// and its content's MD5 where the store's ETag is one).
+    Same,
+    /// Other bytes under the blob's name: a corrupt object, to be replaced.
+    Differs,
+}
+
 /// A store of action records and blobs.
 pub trait Store: Send + Sync {
     /// Where it is, for messages (no credentials).
     fn describe(&self) -> String;
     /// The record for `key`, if the store has one.
     fn lookup(&self, key: &str) -> Result<Option<ActionRecord>, StoreError>;
-    /// Whether the store has the blob.
-    fn has_blob(&self, blob: &BlobRef) -> Result<bool, StoreError>;
+    /// Whether the store has a record for `key` (without reading it).
+    fn has_record(&self, key: &str) -> Result<bool, StoreError>;
+    /// What the store holds under `blob`'s name, against its bytes in the
+    /// file `local`.
+    fn blob_state(&self, blob: &BlobRef, local: &Path) -> Result<Held, StoreError>;
     /// Writes the blob to `dest` (a new file), checked against its digest.
     fn get_blob(&self, blob: &BlobRef, dest: &Path) -> Result<(), StoreError>;
     /// Stores the file `src` as `blob`; nothing half-written is visible.
@@ -92,7 +107,9 @@ impl S3Store {
             builder = builder.with_region("us-east-1");
         }
         let store = builder.build().map_err(|e| StoreError::Config(format!("the cache remote `{url}`: {}", redact(&e.to_string()))))?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| StoreError::Config(format!("cannot start the I/O runtime: {e}")))?;
+        // Several threads upload at once (each blocks on its own request).
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("symb-s3").enable_all().build().map_err(|e| StoreError::Config(format!("cannot start the I/O runtime: {e}")))?;
         let prefix = prefix.trim_matches('/').to_string();
         Ok(S3Store { store, prefix, url: url.to_string(), runtime })
     }
@@ -104,6 +121,44 @@ impl S3Store {
     fn remote(&self, error: impl std::fmt::Display) -> StoreError {
         StoreError::Remote { store: self.url.clone(), message: redact(&error.to_string()) }
     }
+}
+
+/// The ETag S3 gives the bytes of `path`: their MD5, or uploaded in parts
+/// of `part` bytes, the MD5 of the parts' MD5s and `-<parts>`.
+fn content_etag(path: &Path, part: Option<u64>) -> std::io::Result<String> {
+    use md5::Digest;
+    use std::io::Read;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut file = std::fs::File::open(path)?;
+    let part = part.unwrap_or(u64::MAX);
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut outer, mut digests) = (md5::Md5::new(), Vec::new());
+    loop {
+        // One part: up to `part` bytes.
+        let (mut hasher, mut read) = (md5::Md5::new(), 0u64);
+        while read < part {
+            let want = buffer.len().min((part - read).min(usize::MAX as u64) as usize);
+            let n = file.read(&mut buffer[..want])?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            read += n as u64;
+        }
+        if read == 0 && !digests.is_empty() {
+            break;
+        }
+        let digest = hasher.finalize();
+        outer.update(digest);
+        digests.push(digest);
+        if read < part {
+            break;
+        }
+    }
+    if part == u64::MAX {
+        return Ok(hex(&digests[0]));
+    }
+    Ok(format!("{}-{}", hex(&outer.finalize()), digests.len()))
 }
 
 /// Drops anything that looks like a credential from a message.
@@ -141,16 +196,48 @@ impl Store for S3Store {
         }
     }
 
-    fn has_blob(&self, blob: &BlobRef) -> Result<bool, StoreError> {
+    fn has_record(&self, key: &str) -> Result<bool, StoreError> {
         use object_store::ObjectStoreExt;
-        let path = self.path(&format!("blobs/{}", blob.digest));
+        let path = self.path(&format!("actions/{key}.json"));
         self.runtime.block_on(async {
             match self.store.head(&path).await {
-                Ok(meta) => Ok(meta.size == blob.size),
+                Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
                 Err(e) => Err(self.remote(e)),
             }
         })
+    }
+
+    /// A HEAD request: the size, then the ETag. S3 and the servers that
+    /// speak its protocol (SeaweedFS, MinIO, R2) make an object's ETag the
+    /// MD5 of its bytes, or for a multipart upload the MD5 of its parts'
+    /// MD5s with `-<parts>`: both are computed here from the local file and
+    /// compared, so an object of the right size with other bytes is seen.
+    /// An ETag of another form (encrypted objects) leaves the size alone.
+    fn blob_state(&self, blob: &BlobRef, local: &Path) -> Result<Held, StoreError> {
+        use object_store::ObjectStoreExt;
+        let path = self.path(&format!("blobs/{}", blob.digest));
+        let meta = self.runtime.block_on(async {
+            match self.store.head(&path).await {
+                Ok(meta) => Ok(Some(meta)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.remote(e)),
+            }
+        })?;
+        let Some(meta) = meta else { return Ok(Held::Missing) };
+        if meta.size != blob.size {
+            return Ok(Held::Differs);
+        }
+        let Some(etag) = meta.e_tag.as_deref().map(|t| t.trim_matches('"').to_ascii_lowercase()) else { return Ok(Held::Same) };
+        let (md5, parts) = match etag.split_once('-') {
+            Some((md5, parts)) => (md5, parts.parse::<u64>().ok()),
+            None => (etag.as_str(), None),
+        };
+        if md5.len() != 32 || !md5.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Held::Same);
+        }
+        let expected = content_etag(local, parts.map(|_| PART as u64)).map_err(|e| StoreError::Io { path: local.to_path_buf(), source: e })?;
+        Ok(if expected == etag { Held::Same } else { Held::Differs })
     }
 
     fn get_blob(&self, blob: &BlobRef, dest: &Path) -> Result<(), StoreError> {

@@ -389,6 +389,22 @@ fn report<T>(result: Result<T, ProjectError>, json: bool) -> i32 {
     }
 }
 
+/// Runs `handler` with the signal's number on the first SIGINT, SIGTERM or
+/// SIGHUP (on a thread of its own, so it may take locks and print).
+fn on_signal(handler: impl FnOnce(i32) + Send + 'static) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    handler(signal);
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot handle signals: {e}"),
+    }
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 | 1 => "warn",
@@ -444,12 +460,14 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
     };
     options.remote = remote;
     options.dispatch = ray.clone().map(|(ray, fallback_local)| crate::engine::Dispatch { executor: ray, fallback_local });
-    // Ctrl-C: say what stopped and that the next build resumes; the cache
+    // Ctrl-C, SIGTERM (CI cancelling, `timeout`, `docker stop`) and SIGHUP
+    // alike: say what stopped and that the next build resumes; the cache
     // holds only whole results (written to a temporary name, then renamed),
     // so stopping at any point loses nothing already finished. Remote jobs
     // this build waits on are stopped too (a killed build leaves them to
-    // run, and the next build attaches to them).
-    let _ = ctrlc::set_handler(move || {
+    // run, and the next build attaches to them). The exit code is 128 plus
+    // the signal's number, as a shell reports it.
+    on_signal(move |signal| {
         reporter.interrupted();
         if let Some((ray, _)) = &ray {
             for (job, result) in ray.stop_in_flight() {
@@ -460,7 +478,7 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
                 }
             }
         }
-        std::process::exit(130);
+        std::process::exit(128 + signal);
     });
     match project.build(&options, reporter) {
         Ok(report) => {
@@ -539,16 +557,20 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
 fn status(manifest: &Path, json: bool) -> Result<bool, ProjectError> {
     let project = Project::open(manifest, &[])?;
     let states = project.status(&Project::default_options(1))?;
+    let drift = project.output_drift(&states);
     // Which stale stages the cache remote would serve (those whose key is
     // known: their upstream stages are fresh).
     let (remote, warning) = project.remote();
     if let Some(message) = warning {
         eprintln!("warning: {message}");
     }
+    // A stale stage the remote has is fetched by the next build; a fresh
+    // one it lacks (a build killed before it uploaded, a remote that was
+    // down) is uploaded by the next build with a writable remote.
     let served: Vec<bool> = states
         .iter()
         .map(|s| match (&remote, &s.key) {
-            (Some(remote), Some(key)) if !s.fresh => remote.store.lookup(key).is_ok_and(|r| r.is_some()),
+            (Some(remote), Some(key)) => remote.store.has_record(key).unwrap_or(false),
             _ => false,
         })
         .collect();
@@ -560,14 +582,24 @@ fn status(manifest: &Path, json: bool) -> Result<bool, ProjectError> {
                 let mut value = serde_json::to_value(s).expect("states serialise");
                 if remote.is_some() {
                     value["remote"] = on_remote.into();
+                    value["local_only"] = (s.fresh && !on_remote).into();
                 }
                 value
             })
             .collect();
-        out(serde_json::json!({"stages": stages, "fresh": states.iter().all(|s| s.fresh)}));
+        let mut line = serde_json::json!({"stages": stages, "fresh": states.iter().all(|s| s.fresh) && drift.as_ref().is_none_or(|d| d.is_current())});
+        if let Some(drift) = &drift {
+            line["output"] = serde_json::to_value(drift).expect("drift serialises");
+            line["output"]["path"] = project.manifest.project.output_label.clone().into();
+            line["output"]["current"] = drift.is_current().into();
+        }
+        out(line);
     } else {
         for (state, &on_remote) in states.iter().zip(&served) {
-            if state.fresh {
+            if state.fresh && remote.is_some() && !on_remote {
+                let next = if remote.as_ref().is_some_and(|r| r.write) { "the next build uploads it" } else { "the remote is read-only here: `symb cache push` uploads it" };
+                out(format!("{:>12} {} (local only: the cache remote lacks it; {next})", "Fresh", state.stage));
+            } else if state.fresh {
                 out(format!("{:>12} {}", "Fresh", state.stage));
             } else if on_remote {
                 out(format!("{:>12} {}: {} (the cache remote has it: the next build fetches it)", "Stale", state.stage, state.reason));
@@ -575,8 +607,27 @@ fn status(manifest: &Path, json: bool) -> Result<bool, ProjectError> {
                 out(format!("{:>12} {}: {}", "Stale", state.stage, state.reason));
             }
         }
+        if let Some(drift) = drift.as_ref().filter(|d| !d.is_current()) {
+            let output = &project.manifest.project.output_label;
+            let list = |files: &[String]| files.iter().take(5).map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ") + if files.len() > 5 { ", ..." } else { "" };
+            let mut why = Vec::new();
+            if drift.absent {
+                why.push("it is not there".to_string());
+            } else {
+                if !drift.missing.is_empty() {
+                    why.push(format!("{} missing", list(&drift.missing)));
+                }
+                if !drift.differ.is_empty() {
+                    why.push(format!("{} not as built (edited, or left by another build)", list(&drift.differ)));
+                }
+                if !drift.extra.is_empty() {
+                    why.push(format!("{} no longer built", list(&drift.extra)));
+                }
+            }
+            out(format!("{:>12} output `{output}`: {}; `symb build` writes it anew", "Stale", why.join("; ")));
+        }
     }
-    Ok(states.iter().all(|s| s.fresh))
+    Ok(states.iter().all(|s| s.fresh) && drift.as_ref().is_none_or(|d| d.is_current()))
 }
 
 /// `symb cache push`: every built stage of the plan, to the remote.
@@ -588,13 +639,21 @@ fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
         return Ok(2);
     };
     let states = project.status(&Project::default_options(1))?;
-    let (mut pushed, mut bytes) = (Vec::new(), 0u64);
+    let (mut pushed, mut bytes, mut corrupt, mut replaced) = (Vec::new(), 0u64, Vec::new(), Vec::new());
+    let started = std::time::Instant::now();
     for state in states.iter().filter(|s| s.fresh) {
         let Some(record) = state.key.as_deref().and_then(|key| project.cache.lookup(key)) else { continue };
-        match crate::engine::upload(&project.cache, remote.store.as_ref(), &record) {
+        match crate::engine::upload(&project.cache, remote.store.as_ref(), &record, &Default::default()) {
             Ok(sent) => {
-                bytes += sent;
+                bytes += sent.bytes;
+                replaced.extend(sent.replaced.into_iter().map(|digest| format!("{}: {digest}", state.stage)));
                 pushed.push(state.stage.clone());
+            }
+            // A local blob whose bytes are not its digest's is not sent (and
+            // is removed: the next build rebuilds it); the others go on.
+            Err(crate::engine::UploadError::Local(e)) => {
+                eprintln!("error: `{}` is not pushed: {e} (removed; `symb build` rebuilds it)", state.stage);
+                corrupt.push(state.stage.clone());
             }
             Err(e) => {
                 eprintln!("error: cannot push `{}` to the cache remote: {e}", state.stage);
@@ -602,16 +661,23 @@ fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
             }
         }
     }
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = if seconds > 0.0 { bytes as f64 / 1e6 / seconds } else { 0.0 };
     let unbuilt: Vec<&str> = states.iter().filter(|s| !s.fresh).map(|s| s.stage.as_str()).collect();
     if json {
-        out(serde_json::json!({"pushed": pushed, "bytes": bytes, "not_built": unbuilt, "remote": remote.store.describe()}));
+        out(
+            serde_json::json!({"pushed": pushed, "bytes": bytes, "seconds": seconds, "mb_per_second": rate, "replaced": replaced, "corrupt": corrupt, "not_built": unbuilt, "remote": remote.store.describe()}),
+        );
     } else {
-        out(format!("{:>12} {} stages to {} ({} uploaded, the rest were there)", "Pushed", pushed.len(), remote.store.describe(), render::bytes(bytes)));
+        out(format!("{:>12} {} stages to {} ({} uploaded at {rate:.1} MB/s, the rest were there)", "Pushed", pushed.len(), remote.store.describe(), render::bytes(bytes)));
+        for blob in &replaced {
+            out(format!("{:>12} {blob} (the remote held other bytes under its name)", "Replaced"));
+        }
         if !unbuilt.is_empty() {
             out(format!("{:>12} {} (not built: run `symb build` first)", "Skipped", unbuilt.join(", ")));
         }
     }
-    Ok(0)
+    Ok(if corrupt.is_empty() { 0 } else { 1 })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -326,6 +326,13 @@ impl Reporter for CliReporter {
             Event::CorruptBlob { message } => self.always(status("Corrupt", Tone::Warn, message)),
             Event::RemoteWarning { message } if self.mode == Mode::Json => super::out(serde_json::json!({"event": "warning", "message": message})),
             Event::RemoteWarning { message } => self.always(format!("warning: {message}")),
+            Event::Uploaded { store, records, bytes: sent, seconds } => {
+                let rate = if seconds > 0.0 { sent as f64 / 1e6 / seconds } else { 0.0 };
+                match self.mode {
+                    Mode::Json => super::out(serde_json::json!({"event": "upload", "store": store, "records": records, "bytes": sent, "seconds": seconds, "mb_per_second": rate})),
+                    _ => self.line(status("Uploaded", Tone::Good, &format!("{records} stages to {store} ({} in {seconds:.2}s, {rate:.1} MB/s)", bytes(sent)))),
+                }
+            }
         }
     }
 }

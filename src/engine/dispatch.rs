@@ -107,7 +107,7 @@ pub(super) fn describe(cache: &Cache, store: &dyn Store, stage: &dyn Stage, key:
         return Err(StageError::failed(format!("`{name}` reads `{}` from the project folder, which a worker does not have: it cannot run elsewhere", file.label)));
     }
     for record in upstream {
-        super::executor::upload(cache, store, record).map_err(|e| send_error(&e))?;
+        super::executor::upload(cache, store, record, &Default::default()).map_err(|e| send_error(&e))?;
     }
     let work = cache.work_dir("dispatch")?;
     let upstream = upstream.iter().flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.clone()))).collect();
@@ -120,8 +120,9 @@ pub(super) fn describe(cache: &Cache, store: &dyn Store, stage: &dyn Stage, key:
 }
 
 fn put(cache: &Cache, store: &dyn Store, blob: &BlobRef) -> Result<(), crate::cache::StoreError> {
-    if !store.has_blob(blob)? {
-        store.put_blob(blob, &cache.blob_path(&blob.digest))?;
+    let path = cache.blob_path(&blob.digest);
+    if store.blob_state(blob, &path)? != crate::cache::Held::Same {
+        store.put_blob(blob, &path)?;
     }
     Ok(())
 }
@@ -193,6 +194,6 @@ pub fn run_described(cache: &Cache, store: &dyn Store, description: &Description
             super::executor::run_in(cache, stage, &key, &inputs, paths, started, reporter)?
         }
     };
-    super::executor::upload(cache, store, &record).map_err(|e| StageError::failed(format!("cannot upload `{}` to the shared store: {e}", record.stage)))?;
+    super::executor::upload(cache, store, &record, &Default::default()).map_err(|e| StageError::failed(format!("cannot upload `{}` to the shared store: {e}", record.stage)))?;
     Ok(record)
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::dispatch::{Dispatch, DispatchError};
 use super::inputs::{DirtyReason, StageInputs, explain, join};
 use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
-use crate::cache::{ActionRecord, BlobRef, Cache, CacheError, StatCache, Store, fault, write_json_atomic};
+use crate::cache::{ActionRecord, BlobRef, Cache, CacheError, Held, StatCache, Store, StoreError, fault, write_json_atomic};
 
 /// A shared store behind the local cache: records missing here are looked
 /// up there (and their blobs fetched), and what runs here is uploaded to it
@@ -120,7 +120,10 @@ struct Shared<'a> {
     reporter: &'a dyn Reporter,
     state: Mutex<Schedule>,
     /// Records to upload to the remote, in the background.
-    uploads: Mutex<Option<std::sync::mpsc::Sender<ActionRecord>>>,
+    uploads: Mutex<Option<std::sync::mpsc::Sender<Upload>>>,
+    /// Blobs the remote served with bytes that are not their digest's: the
+    /// stage that then runs here replaces them.
+    remote_corrupt: Mutex<BTreeSet<String>>,
     /// Set when the remote failed to answer: the rest of the build does not
     /// ask it again (one warning, not one wait per stage).
     remote_down: std::sync::atomic::AtomicBool,
@@ -154,6 +157,7 @@ impl<'a> Shared<'a> {
             reporter,
             state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }),
             uploads: Mutex::new(None),
+            remote_corrupt: Default::default(),
             remote_down: Default::default(),
             known_good: Default::default(),
         }
@@ -176,23 +180,27 @@ pub fn execute(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &st
         .map_err(|e| CacheError::io("rayon thread pool", std::io::Error::other(e)))?;
     let roots: Vec<String> = plan.stages().filter(|s| s.dependencies().is_empty()).map(|s| s.name().to_string()).collect();
     std::thread::scope(|threads| {
-        // What runs is uploaded by one thread beside the build: a stage's
-        // dependents start at once; the build returns when all is uploaded.
+        // What runs is uploaded beside the build, by a few threads (each
+        // waits on its own request): a stage's dependents start at once;
+        // the build returns when all is uploaded. Records found in the local
+        // cache go too when the remote lacks them (a build killed before it
+        // uploaded, or a remote that was down): one HEAD each.
         if let Some(remote) = options.remote.as_ref().filter(|r| r.write) {
-            let (sender, receiver) = std::sync::mpsc::channel::<ActionRecord>();
+            let (sender, receiver) = std::sync::mpsc::channel::<Upload>();
             *shared.uploads.lock().expect("uploads lock") = Some(sender);
-            let down = &shared.remote_down;
+            let receiver = Mutex::new(receiver);
+            let totals = Mutex::new(UploadTotals::default());
+            let shared = &shared;
             threads.spawn(move || {
-                use std::sync::atomic::Ordering;
-                for record in receiver {
-                    if down.load(Ordering::Relaxed) {
-                        continue;
+                std::thread::scope(|uploaders| {
+                    for _ in 0..UPLOAD_THREADS {
+                        uploaders.spawn(|| upload_loop(shared, remote.store.as_ref(), &receiver, &totals));
                     }
-                    if let Err(e) = upload(cache, remote.store.as_ref(), &record) {
-                        down.store(true, Ordering::Relaxed);
-                        let message = format!("cannot upload `{}` to the cache remote: {e}; the build goes on without it", record.stage);
-                        reporter.event(Event::RemoteWarning { message: &message });
-                    }
+                });
+                let totals = totals.into_inner().expect("upload totals lock");
+                if totals.records > 0 {
+                    let seconds = totals.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                    reporter.event(Event::Uploaded { store: &remote.store.describe(), records: totals.records, bytes: totals.bytes, seconds });
                 }
             });
         }
@@ -271,6 +279,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
             return failed(String::new(), e.into());
         }
         tracing::debug!(stage = name, "cache hit");
+        shared.queue_upload(Upload::IfMissing(record.clone()));
         return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
     }
     if !forced
@@ -322,12 +331,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         }
     }
     match run_miss(shared, stage, &key, &inputs, paths, started) {
-        Ok(record) => {
-            if let Some(uploads) = shared.uploads.lock().expect("uploads lock").as_ref() {
-                let _ = uploads.send(record.clone());
-            }
-            StageOutcome { reasons, ..outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None) }
-        }
+        Ok(record) => StageOutcome { reasons, ..outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None) },
         Err(error) => failed(reason, error),
     }
 }
@@ -360,7 +364,12 @@ fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRe
         }
         let file = tmp.path().join(&blob.digest);
         if let Err(e) = remote.get_blob(blob, &file) {
-            return warn(format!("cannot fetch `{}` from the cache remote: {e}; it runs here", record.stage));
+            let corrupt = matches!(e, StoreError::Corrupt { .. });
+            if corrupt {
+                shared.remote_corrupt.lock().expect("remote-corrupt lock").insert(blob.digest.clone());
+            }
+            let replaced = if corrupt && shared.options.remote.as_ref().is_some_and(|r| r.write) { ", and its bytes replace the remote's" } else { "" };
+            return warn(format!("cannot fetch `{}` from the cache remote: {e}; it runs here{replaced}", record.stage));
         }
         match cache.put_file(&file) {
             Ok(stored) if stored == *blob => bytes += blob.size,
@@ -404,18 +413,119 @@ fn run_dispatched(
     }
 }
 
-/// Uploads a record's blobs that the remote lacks, then the record (last:
-/// the commit point); returns the bytes sent.
-pub fn upload(cache: &Cache, remote: &dyn Store, record: &ActionRecord) -> Result<u64, crate::cache::StoreError> {
-    let mut sent = 0;
-    for blob in record.outputs.values() {
-        if !remote.has_blob(blob)? {
-            remote.put_blob(blob, &cache.blob_path(&blob.digest))?;
-            sent += blob.size;
+/// Threads that upload at once.
+const UPLOAD_THREADS: usize = 4;
+
+/// A record for the remote.
+enum Upload {
+    /// A stage that ran here.
+    Ran(ActionRecord),
+    /// A record found in the local cache: uploaded only if the remote has
+    /// none for its key.
+    IfMissing(ActionRecord),
+}
+
+#[derive(Default)]
+struct UploadTotals {
+    records: usize,
+    bytes: u64,
+    /// When the first upload began.
+    started: Option<Instant>,
+}
+
+impl Shared<'_> {
+    fn queue_upload(&self, upload: Upload) {
+        if let Some(uploads) = self.uploads.lock().expect("uploads lock").as_ref() {
+            let _ = uploads.send(upload);
         }
     }
+}
+
+/// One uploading thread: takes records until the build closes the queue.
+/// The first failure marks the remote down (one warning; the rest is not
+/// tried, and the next build uploads what this one could not).
+fn upload_loop(shared: &Shared<'_>, remote: &dyn Store, queue: &Mutex<std::sync::mpsc::Receiver<Upload>>, totals: &Mutex<UploadTotals>) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let next = queue.lock().expect("upload queue lock").recv();
+        let Ok(job) = next else { return };
+        if shared.remote_down.load(Ordering::Relaxed) {
+            continue;
+        }
+        let started = Instant::now();
+        let (record, check) = match job {
+            Upload::Ran(record) => (record, false),
+            Upload::IfMissing(record) => (record, true),
+        };
+        let result = (|| {
+            if check && remote.has_record(&record.key)? {
+                return Ok(None);
+            }
+            let replace = shared.remote_corrupt.lock().expect("remote-corrupt lock").clone();
+            upload(shared.cache, remote, &record, &replace).map(Some)
+        })();
+        match result {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                for digest in &done.replaced {
+                    let message = format!("the cache remote held other bytes under the blob {digest} of `{}` (corrupt); replaced with this build's", record.stage);
+                    shared.reporter.event(Event::RemoteWarning { message: &message });
+                }
+                let mut totals = totals.lock().expect("upload totals lock");
+                totals.records += 1;
+                totals.bytes += done.bytes;
+                totals.started = Some(totals.started.map_or(started, |t| t.min(started)));
+            }
+            Err(e) => {
+                if !shared.remote_down.swap(true, Ordering::Relaxed) {
+                    let message = format!("cannot upload `{}` to the cache remote: {e}; the build goes on without it (the next build uploads it)", record.stage);
+                    shared.reporter.event(Event::RemoteWarning { message: &message });
+                }
+            }
+        }
+    }
+}
+
+/// What [`upload`] sent.
+#[derive(Debug, Default, Clone)]
+pub struct Uploaded {
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Blobs the remote held with other bytes, replaced.
+    pub replaced: Vec<String>,
+}
+
+/// Why a record could not be uploaded.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// A local blob's bytes are not its digest's: refused (and removed, so
+    /// that the next build rebuilds it).
+    #[error("{0}")]
+    Local(#[from] CacheError),
+}
+
+/// Uploads a record's blobs that the remote lacks or holds with other bytes
+/// (and those in `replace`, found corrupt there), each re-hashed before it
+/// goes, then the record (last: the commit point).
+pub fn upload(cache: &Cache, remote: &dyn Store, record: &ActionRecord, replace: &BTreeSet<String>) -> Result<Uploaded, UploadError> {
+    let mut done = Uploaded::default();
+    for blob in record.outputs.values() {
+        let path = cache.blob_path(&blob.digest);
+        let held = if replace.contains(&blob.digest) { Held::Differs } else { remote.blob_state(blob, &path)? };
+        match held {
+            Held::Same => continue,
+            Held::Missing => {}
+            Held::Differs => done.replaced.push(blob.digest.clone()),
+        }
+        // The digest is the blob's name: bytes that are not its own never go.
+        cache.check_blob(blob)?;
+        remote.put_blob(blob, &path)?;
+        done.bytes += blob.size;
+    }
     remote.commit(record)?;
-    Ok(sent)
+    Ok(done)
 }
 
 /// Why a stage whose key missed the cache must run.
@@ -483,6 +593,7 @@ fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInp
     // `put_file` hashed these bytes as it stored them.
     shared.known_good.lock().expect("known-good lock").extend(record.outputs.values().map(|b| b.digest.clone()));
     save_ref(shared.cache, shared.project, stage.name(), key, inputs)?;
+    shared.queue_upload(Upload::Ran(record.clone()));
     Ok(record)
 }
 

@@ -25,11 +25,11 @@ mod output;
 mod plan;
 
 pub use dispatch::{Description, Dispatch, DispatchError, Executor, Job, fetch_description, run_described};
-pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, execute, status, upload};
+pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, UploadError, Uploaded, execute, status, upload};
 pub use inputs::{DirtyReason, StageInputs, explain, join};
 pub use output::{
-    AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files, inspect_output,
-    mark_empty, output_is_current, remove_owned, reusable_outputs,
+    AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputDrift, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files,
+    inspect_output, mark_empty, output_drift, output_is_current, remove_owned, reusable_outputs,
 };
 pub use plan::{Plan, PlanError};
 
@@ -159,6 +159,16 @@ pub enum Event<'a> {
     /// build goes on locally.
     RemoteWarning {
         message: &'a str,
+    },
+    /// What the build uploaded to the remote store, once all is sent.
+    Uploaded {
+        store: &'a str,
+        /// Records committed there.
+        records: usize,
+        /// Blob bytes sent.
+        bytes: u64,
+        /// From the first upload's start to the last one's end.
+        seconds: f64,
     },
 }
 

@@ -240,6 +240,51 @@ pub fn output_is_current(cache: &Cache, project: &str, output: &Path, wanted: &B
     state.files.len() == wanted.len() && reusable_outputs(cache, project, output, wanted).len() == wanted.len() && output.join(OUTPUT_MARKER).is_file()
 }
 
+/// How an output folder differs from what a build would write there.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct OutputDrift {
+    /// The folder is not there at all.
+    pub absent: bool,
+    /// Files the build writes that the folder lacks.
+    pub missing: Vec<String>,
+    /// Files whose bytes are not the build's: edited since, or left by
+    /// another build (a failed swap, an older plan).
+    pub differ: Vec<String>,
+    /// Files symb wrote there that the build no longer writes.
+    pub extra: Vec<String>,
+}
+
+impl OutputDrift {
+    pub fn is_current(&self) -> bool {
+        !self.absent && self.missing.is_empty() && self.differ.is_empty() && self.extra.is_empty()
+    }
+}
+
+/// Compares `output` with `wanted` without writing anything: a file is
+/// taken as it was written when its stat is the one recorded after symb
+/// wrote it, and hashed otherwise.
+pub fn output_drift(cache: &Cache, project: &str, output: &Path, wanted: &BTreeMap<String, BlobRef>) -> OutputDrift {
+    let owned = match inspect_output(output) {
+        Ok(OutputFolder::Owned(owned)) => owned,
+        Ok(OutputFolder::Absent) => return OutputDrift { absent: true, missing: wanted.keys().cloned().collect(), ..OutputDrift::default() },
+        // An empty folder, or one symb cannot take: every file is missing.
+        _ => BTreeMap::new(),
+    };
+    let untouched = reusable_outputs(cache, project, output, wanted);
+    let mut drift = OutputDrift { extra: owned.keys().filter(|path| !wanted.contains_key(*path)).cloned().collect(), ..OutputDrift::default() };
+    for (path, blob) in wanted {
+        if untouched.contains(path) && owned.get(path) == Some(blob) {
+            continue;
+        }
+        match crate::cache::hash_file(&output.join(path)) {
+            Err(_) => drift.missing.push(path.clone()),
+            Ok((digest, size)) if digest == blob.digest && size == blob.size => {}
+            Ok(_) => drift.differ.push(path.clone()),
+        }
+    }
+    drift
+}
+
 /// Why the output folder was not updated.
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {

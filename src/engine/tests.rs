@@ -325,8 +325,15 @@ impl crate::cache::Store for MemoryStore {
     fn lookup(&self, key: &str) -> Result<Option<crate::cache::ActionRecord>, crate::cache::StoreError> {
         Ok(self.records.lock().unwrap().get(key).cloned())
     }
-    fn has_blob(&self, blob: &crate::cache::BlobRef) -> Result<bool, crate::cache::StoreError> {
-        Ok(self.blobs.lock().unwrap().contains_key(&blob.digest))
+    fn has_record(&self, key: &str) -> Result<bool, crate::cache::StoreError> {
+        Ok(self.records.lock().unwrap().contains_key(key))
+    }
+    fn blob_state(&self, blob: &crate::cache::BlobRef, local: &std::path::Path) -> Result<crate::cache::Held, crate::cache::StoreError> {
+        Ok(match self.blobs.lock().unwrap().get(&blob.digest) {
+            None => crate::cache::Held::Missing,
+            Some(bytes) if *bytes == std::fs::read(local).unwrap() => crate::cache::Held::Same,
+            Some(_) => crate::cache::Held::Differs,
+        })
     }
     fn get_blob(&self, blob: &crate::cache::BlobRef, dest: &std::path::Path) -> Result<(), crate::cache::StoreError> {
         std::fs::write(dest, &self.blobs.lock().unwrap()[&blob.digest]).unwrap();

@@ -480,6 +480,15 @@ fn check_folders(cx: &Ctx<'_>, manifest: &Path, dir: &Path, project: &Project, c
         };
         return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\": {refusal}{hint}")));
     }
+    // A path the filesystem refuses (a name too long, a file where a folder
+    // goes) is the manifest's, as it is for the output.
+    match std::fs::metadata(&project.cache) {
+        Ok(meta) if !meta.is_dir() => return Err(cx.at(&["project", "cache"], format!("`project.cache` = `{}` is a file, not a folder", project.cache.display()))),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(cx.at(&["project", "cache"], format!("`project.cache` cannot be used: {e}")));
+        }
+        _ => {}
+    }
     // A folder kept in git by a `.gitignore` alone counts as empty.
     if !crate::engine::entries_besides_placeholders(&project.cache).is_empty() && !crate::cache::Cache::is_cache(&project.cache) {
         return Err(cx.at(
@@ -663,10 +672,20 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
         }
         Ok(value)
     };
-    let n_layer = positive("n_layer", raw.n_layer, 4)?;
-    let n_head = positive("n_head", raw.n_head, 4)?;
-    let n_embd = positive("n_embd", raw.n_embd, 128)?;
-    let n_positions = positive("n_positions", raw.n_positions, 256)?;
+    // Beyond the largest models there are (Llama 3's 405B: 126 layers,
+    // 16,384 wide, 128 heads, a 131,072-token context): a typo, which would
+    // otherwise end in a failed allocation.
+    let bounded = |key: &str, value: Option<u64>, default: u64, most: u64| -> Result<u64, ManifestError> {
+        let value = positive(key, value, default)?;
+        if value > most {
+            return Err(cx.at(&["base", key], format!("`base.{key}` = {value} is larger than symb takes ({most} at most)")));
+        }
+        Ok(value)
+    };
+    let n_layer = bounded("n_layer", raw.n_layer, 4, 256)?;
+    let n_head = bounded("n_head", raw.n_head, 4, 256)?;
+    let n_embd = bounded("n_embd", raw.n_embd, 128, 16_384)?;
+    let n_positions = bounded("n_positions", raw.n_positions, 256, 131_072)?;
     if n_embd % n_head != 0 {
         return Err(cx.at(&["base", "n_embd"], format!("`base.n_embd` = {n_embd} is not divisible by `base.n_head` = {n_head}")));
     }

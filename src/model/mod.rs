@@ -160,6 +160,30 @@ impl ModelConfig {
         }
     }
 
+    /// How many parameters a model of this config holds (a tied head
+    /// counted once), without building it; u128, so that no setting,
+    /// however large, overflows it.
+    pub fn parameters(&self) -> u128 {
+        let n = |v: usize| v as u128;
+        match self {
+            ModelConfig::Gpt2(c) => {
+                let (e, inner) = (n(c.n_embd), n(c.n_inner.unwrap_or(4 * c.n_embd)));
+                let layer = e * 3 * e + 3 * e + e * e + e + 2 * e * inner + inner + e + 4 * e;
+                n(c.vocab_size) * e + n(c.n_positions) * e + n(c.n_layer) * layer + 2 * e
+            }
+            ModelConfig::Llama(c) => {
+                let e = n(c.hidden_size);
+                let heads = n(c.num_attention_heads);
+                let head_dim = n(c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1)));
+                let kv = n(c.num_key_value_heads.unwrap_or(c.num_attention_heads));
+                let attention = e * heads * head_dim + 2 * e * kv * head_dim + heads * head_dim * e + (heads + 2 * kv) * head_dim;
+                let layer = attention + 3 * e * n(c.intermediate_size) + 2 * e;
+                let head = if c.tie_word_embeddings { 0 } else { n(c.vocab_size) * e };
+                n(c.vocab_size) * e + head + n(c.num_hidden_layers) * layer + e
+            }
+        }
+    }
+
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Gpt2(c) => c.eos_token_id,
@@ -173,6 +197,31 @@ impl ModelConfig {
             ModelConfig::Llama(c) => c.bos_token_id,
         }
     }
+}
+
+/// The memory this process can still take: the kernel's `MemAvailable`,
+/// capped by the cgroup's limit (a container's) when one is set; `None`
+/// where neither can be read.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024;
+    let read = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    match (read("memory.max"), read("memory.current")) {
+        (Some(max), Some(current)) => Some(available.min(max.saturating_sub(current))),
+        _ => Some(available),
+    }
+}
+
+/// Refuses work that needs more memory than the machine has, before it
+/// starts (an allocation that fails aborts the process): `what` says what
+/// needs it, `fix` which settings make it smaller.
+pub fn check_memory(needed: u128, what: &str, fix: &str) -> Result<()> {
+    let Some(available) = available_memory() else { return Ok(()) };
+    if needed > available as u128 {
+        let gb = |b: u128| b as f64 / 1e9;
+        return Err(ModelError::Config(format!("{what} needs about {:.1} GB of memory, and this machine has {:.1} GB available: {fix}", gb(needed), gb(available as u128))));
+    }
+    Ok(())
 }
 
 /// Calls the same method on whichever family a [`Model`] holds.

@@ -375,3 +375,29 @@ fn load_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &mut AdamW) ->
     optimizer.step = json["optimizer_step"].as_u64().unwrap_or(state.step as u64);
     Ok(Some(state))
 }
+
+#[cfg(test)]
+mod tests {
+    /// A checkpoint's losses come back bit for bit: a resumed run's
+    /// metrics.json then has the bytes of an uninterrupted one's (serde_json
+    /// parsed `7.5523223876953125` as `7.552322387695312` without its
+    /// exact float parsing).
+    #[test]
+    fn losses_in_a_checkpoint_come_back_bit_for_bit() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let losses: Vec<(usize, f64)> = (0..20_000)
+            .map(|step| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Losses are f32s widened to f64, as training computes them.
+                (step, (f32::from_bits(0x3f80_0000 + (state as u32 % 0x0100_0000)) * 4.0) as f64)
+            })
+            .chain([(0, 7.5523223876953125)])
+            .collect();
+        let metrics = super::Metrics { train_loss: losses.clone(), ..Default::default() };
+        let back: super::Metrics = serde_json::from_str(&serde_json::to_string(&metrics).unwrap()).unwrap();
+        let differ = back.train_loss.iter().zip(&losses).filter(|(a, b)| a.1.to_bits() != b.1.to_bits()).count();
+        assert_eq!(differ, 0, "losses changed in a round trip through JSON");
+    }
+}

@@ -139,7 +139,9 @@ impl Stage for BrowserStage {
         "browser"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the folder it checks has `model_input_names` in
+        // tokenizer_config.json.
+        2
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();

@@ -405,8 +405,9 @@ impl Stage for BundleStage {
         // token declared in config.json and tokenizer_config.json; README.md.
         // 7: a file with another dtype's bytes says so. 8: a dtype per
         // device (WebAssembly, WebGPU); the page picks the device. 9:
-        // report.html says how verify goes along candle's tokens.
-        9
+        // report.html says how verify goes along candle's tokens. 10:
+        // `model_input_names` in tokenizer_config.json.
+        10
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();

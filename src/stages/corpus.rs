@@ -19,6 +19,10 @@ use crate::manifest::{Corpus, CorpusFormat, TextFields};
 
 pub struct CorpusStage {
     pub corpus: Corpus,
+    /// Why a later stage needs the eval split (verify measures the files on
+    /// it), if one does: an empty one is then an error here, before any
+    /// training, not at that stage.
+    pub eval_needed: Option<&'static str>,
 }
 
 /// One document of the corpus.
@@ -53,7 +57,8 @@ impl Stage for CorpusStage {
         "corpus"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: a UTF-8 byte-order mark is not text; a lone CR ends a line.
+        2
     }
     fn settings(&self) -> Settings {
         let c = &self.corpus;
@@ -71,6 +76,7 @@ impl Stage for CorpusStage {
         }
         s.insert("corpus.eval_fraction".into(), serde_json::json!(c.eval_fraction));
         s.insert("corpus.seed".into(), serde_json::json!(c.seed));
+        s.insert("eval_needed".into(), serde_json::json!(self.eval_needed.is_some()));
         s
     }
     fn files(&self) -> &[ExternalFile] {
@@ -85,6 +91,8 @@ impl Stage for CorpusStage {
             let raw = std::fs::read(&file.path).map_err(|e| StageError::bad_input(format!("cannot read `{}`: {e}", file.label)))?;
             bytes += raw.len() as u64;
             let text = utf8(&file.label, &raw)?;
+            // A byte-order mark (Windows editors write one) is no text.
+            let text = text.strip_prefix('\u{feff}').unwrap_or(text);
             read_file(&self.corpus, file, text, &mut documents)?;
         }
         if documents.is_empty() {
@@ -100,6 +108,17 @@ impl Stage for CorpusStage {
             hasher.update(line.as_bytes());
             let draw = u64::from_le_bytes(hasher.finalize().as_bytes()[..8].try_into().expect("8 bytes")) as f64 / 2f64.powi(64);
             if draw < threshold { eval.push(line) } else { train.push(line) }
+        }
+        if eval.is_empty() && threshold > 0.0 {
+            let distinct = train.iter().collect::<std::collections::BTreeSet<_>>().len();
+            let why = format!(
+                "the eval split is empty: `corpus.eval_fraction` = {threshold} of {} documents ({distinct} distinct) drew none (identical documents always land on the same side)",
+                documents.len()
+            );
+            match self.eval_needed {
+                Some(needed) => return Err(StageError::bad_input(format!("{why}, and {needed}; add distinct documents or raise `corpus.eval_fraction`"))),
+                None => ctx.note(&format!("{why}; add distinct documents or raise `corpus.eval_fraction` to measure the model on held-out text")),
+            }
         }
         write_lines(&ctx.output("train.jsonl"), &train)?;
         write_lines(&ctx.output("eval.jsonl"), &eval)?;
@@ -156,11 +175,31 @@ fn too_long(label: &str, line: usize, bytes: usize) -> StageError {
     ))
 }
 
+/// The lines of a text: each ends at LF, CRLF, or a lone CR (old Mac
+/// files, which would otherwise be one document).
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.find(['\n', '\r']) {
+            Some(at) => {
+                let skip = if text[at..].starts_with("\r\n") { 2 } else { 1 };
+                rest = Some(&text[at + skip..]).filter(|r| !r.is_empty());
+                Some(&text[..at])
+            }
+            None => {
+                rest = None;
+                Some(text)
+            }
+        }
+    })
+}
+
 fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Document>) -> Result<(), StageError> {
     let label = &file.label;
     match format_of(corpus, file) {
         CorpusFormat::Text | CorpusFormat::Auto => {
-            for (i, line) in text.lines().enumerate() {
+            for (i, line) in lines(text).enumerate() {
                 let line = line.trim();
                 if line.len() > MAX_DOCUMENT_BYTES {
                     return Err(too_long(label, i + 1, line.len()));
@@ -171,7 +210,7 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
             }
         }
         CorpusFormat::Jsonl => {
-            for (i, line) in text.lines().enumerate() {
+            for (i, line) in lines(text).enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }

@@ -175,6 +175,10 @@ pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path, base: 
     let unk = json["model"]["unk_token"].as_str().map(str::to_string).or_else(|| token(config.eos_token_id()));
     let mut out = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
+        // What the ONNX graph and the model take: without it, Python's
+        // AutoTokenizer returns `token_type_ids` too, and GPT-2 adds their
+        // embedding (`wte[0]`) to every position.
+        "model_input_names": ["input_ids", "attention_mask"],
         "bos_token": token(config.bos_token_id()),
         "eos_token": token(config.eos_token_id()),
         "unk_token": unk,
@@ -275,6 +279,9 @@ impl BaseStage {
         let eos = tokenizer.token_to_id("<|endoftext|>").or_else(|| tokenizer.get_added_tokens_decoder().keys().min().copied());
         let b = &self.base;
         let config = scratch_config(b, tokenizer.get_vocab_size(true), eos);
+        // Its weights, and as much again while they are initialised and saved.
+        let parameters = config.parameters();
+        model::check_memory(parameters * 4 * 2, &format!("a new model of {parameters} parameters"), "lower `base.n_embd`, `base.n_layer` or `base.n_positions`").map_err(model_error)?;
         let model = model::Model::scratch(&config, &mut Rng::new(b.seed)).map_err(model_error)?;
         let metrics = save_weights(&model, ctx)?;
         let mut json = match &config {
@@ -505,6 +512,7 @@ impl Stage for FinetuneStage {
         tools()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        self.check_memory(ctx)?;
         let (model, tokenizer) = load_base(ctx, self.model_stage)?;
         let trainable_tokens = if self.trains_new_tokens() { super::vocab::read_new_tokens(ctx.input("vocab", "new_tokens.json")?)? } else { Vec::new() };
         let config = self.train_config(trainable_tokens);
@@ -695,6 +703,28 @@ mod svg_tests {
     }
 }
 
+impl FinetuneStage {
+    /// Refuses a training that cannot fit in memory before the model is
+    /// loaded: the weights, the optimizer's state (AdamW: a gradient and two
+    /// moments per trained parameter) and, at the least, each layer's
+    /// activations and the logits of one batch.
+    fn check_memory(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let config = ModelConfig::read(ctx.input(self.model_stage, "config.json")?).map_err(model_error)?;
+        let f = &self.finetune;
+        let parameters = config.parameters();
+        let trained = if f.method == FinetuneMethod::Lora { 0 } else { parameters };
+        let tokens = f.batch_size as u128 * f.block_size as u128;
+        let activations = tokens * (config.n_layer() as u128 * config.width() as u128 * 8 + config.vocab_size() as u128 * 3);
+        let needed = (parameters + 3 * trained + activations) * 4;
+        let fix = if f.method == FinetuneMethod::Lora {
+            "lower `finetune.batch_size` or `finetune.block_size` (or choose a smaller base)"
+        } else {
+            "lower `finetune.batch_size` or `finetune.block_size`, or train with `finetune.method = \"lora\"`"
+        };
+        model::check_memory(needed, &format!("training {parameters} parameters on batches of {} x {} tokens", f.batch_size, f.block_size), fix).map_err(model_error)
+    }
+}
+
 pub struct MergeStage {
     pub lora: bool,
     /// The stage whose model the adapter was trained on.
@@ -710,8 +740,9 @@ impl Stage for MergeStage {
     }
     fn version(&self) -> u32 {
         // 2: the pad token declared in tokenizer_config.json; safetensors
-        // carry `{"format": "pt"}`.
-        2
+        // carry `{"format": "pt"}`. 3: `model_input_names` in
+        // tokenizer_config.json.
+        3
     }
     fn settings(&self) -> Settings {
         Settings::new()

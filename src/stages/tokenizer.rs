@@ -101,6 +101,13 @@ impl Stage for TokenizerStage {
         let json = tokenizer.to_string(true).map_err(|e| StageError::failed(format!("cannot serialise the tokenizer: {e}")))?;
         let merges = serde_json::from_str::<serde_json::Value>(&json).ok().and_then(|v| v["model"]["merges"].as_array().map(Vec::len)).unwrap_or(0);
         std::fs::write(ctx.output("tokenizer.json"), json).map_err(|e| StageError::failed(format!("cannot write tokenizer.json: {e}")))?;
+        let reached = tokenizer.get_vocab_size(true);
+        if (reached as u64) < self.tokenizer.vocab_size {
+            ctx.note(&format!(
+                "the tokenizer reached {reached} tokens of the {} that `tokenizer.vocab_size` asks for: the corpus has no more pairs seen `tokenizer.min_frequency` = {} times; a larger corpus, or a smaller vocab_size, gives a model with no unused rows",
+                self.tokenizer.vocab_size, self.tokenizer.min_frequency
+            ));
+        }
         Ok(serde_json::json!({
             "vocab_size": tokenizer.get_vocab_size(true),
             "merges": merges,
