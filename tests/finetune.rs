@@ -113,21 +113,19 @@ fn a_killed_finetune_resumes_from_its_checkpoint_with_the_same_result() {
     assert!(checkpoint.is_file());
     let build = project.build_ok();
     assert_eq!(build.ran(), set(&["finetune", "merge"]));
-    let record: serde_json::Value = std::fs::read_dir(project.path("cache/v1/actions"))
-        .unwrap()
-        .flatten()
-        .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
-        .find(|r| r["stage"] == "finetune")
-        .unwrap();
+    let finetune_record = |project: &TestProject| -> serde_json::Value {
+        std::fs::read_dir(project.path("cache/v1/actions"))
+            .unwrap()
+            .flatten()
+            .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
+            .find(|r| r["stage"] == "finetune")
+            .unwrap()
+    };
+    let record = finetune_record(&project);
     assert!(record["metrics"]["resumed_from_step"].as_u64().unwrap() >= 5, "{}", record["metrics"]);
     assert!(snapshot(&project.path("dist")) == snapshot(&reference.path("dist")), "the resumed run differs from the uninterrupted one");
     // Every artifact of the stage, metrics.json (its losses) included.
-    let uninterrupted: serde_json::Value = std::fs::read_dir(reference.path("cache/v1/actions"))
-        .unwrap()
-        .flatten()
-        .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
-        .find(|r| r["stage"] == "finetune")
-        .unwrap();
+    let uninterrupted = finetune_record(&reference);
     assert_eq!(record["outputs"], uninterrupted["outputs"], "the resumed finetune's artifacts differ from the uninterrupted one's");
     assert!(!checkpoint.exists(), "checkpoints are removed once the stage commits");
 }

@@ -132,7 +132,7 @@ fn a_byte_order_mark_and_cr_line_ends_are_read_as_text_editors_do() {
 }
 
 /// An eval split that identical documents leave empty fails in `corpus`,
-/// before anything trains, when verify needs it.
+/// before anything trains (verify used to find it empty after training).
 #[test]
 fn an_eval_split_emptied_by_identical_documents_fails_in_corpus() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2");
@@ -149,7 +149,7 @@ fn an_eval_split_emptied_by_identical_documents_fails_in_corpus() {
     assert_eq!(corpus["status"], "failed");
     let reason = corpus["reason"].as_str().unwrap();
     assert!(reason.contains("the eval split is empty: `corpus.eval_fraction` = 0.05 of 150 documents (1 distinct) drew none"), "{reason}");
-    assert!(reason.contains("verify measures every ONNX file on it"), "{reason}");
+    assert!(reason.contains("add distinct documents, raise `corpus.eval_fraction`, or set it to 0"), "{reason}");
 }
 
 /// A tokenizer that cannot reach `vocab_size` says so, with both numbers.

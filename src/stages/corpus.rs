@@ -19,10 +19,6 @@ use crate::manifest::{Corpus, CorpusFormat, TextFields};
 
 pub struct CorpusStage {
     pub corpus: Corpus,
-    /// Why a later stage needs the eval split (verify measures the files on
-    /// it), if one does: an empty one is then an error here, before any
-    /// training, not at that stage.
-    pub eval_needed: Option<&'static str>,
 }
 
 /// One document of the corpus.
@@ -76,7 +72,6 @@ impl Stage for CorpusStage {
         }
         s.insert("corpus.eval_fraction".into(), serde_json::json!(c.eval_fraction));
         s.insert("corpus.seed".into(), serde_json::json!(c.seed));
-        s.insert("eval_needed".into(), serde_json::json!(self.eval_needed.is_some()));
         s
     }
     fn files(&self) -> &[ExternalFile] {
@@ -109,16 +104,15 @@ impl Stage for CorpusStage {
             let draw = u64::from_le_bytes(hasher.finalize().as_bytes()[..8].try_into().expect("8 bytes")) as f64 / 2f64.powi(64);
             if draw < threshold { eval.push(line) } else { train.push(line) }
         }
+        // An eval split asked for and not had fails here, before anything
+        // trains (training's eval and verify read it), as a train/test split
+        // that leaves its test part empty does in the libraries users know.
         if eval.is_empty() && threshold > 0.0 {
             let distinct = train.iter().collect::<std::collections::BTreeSet<_>>().len();
-            let why = format!(
-                "the eval split is empty: `corpus.eval_fraction` = {threshold} of {} documents ({distinct} distinct) drew none (identical documents always land on the same side)",
+            return Err(StageError::bad_input(format!(
+                "the eval split is empty: `corpus.eval_fraction` = {threshold} of {} documents ({distinct} distinct) drew none (identical documents always land on the same side); add distinct documents, raise `corpus.eval_fraction`, or set it to 0 for no eval split (and list `verify.prompts` where the manifest has `[export]`)",
                 documents.len()
-            );
-            match self.eval_needed {
-                Some(needed) => return Err(StageError::bad_input(format!("{why}, and {needed}; add distinct documents or raise `corpus.eval_fraction`"))),
-                None => ctx.note(&format!("{why}; add distinct documents or raise `corpus.eval_fraction` to measure the model on held-out text")),
-            }
+            )));
         }
         write_lines(&ctx.output("train.jsonl"), &train)?;
         write_lines(&ctx.output("eval.jsonl"), &eval)?;

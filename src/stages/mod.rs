@@ -18,8 +18,7 @@ use crate::manifest::{BaseModel, FinetuneMethod, Manifest, ManifestError, VocabS
 pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
     if let Some(corpus) = &manifest.corpus {
-        let eval_needed = (manifest.export.is_some() && manifest.base.is_some()).then_some("verify measures every ONNX file on it");
-        stages.push(Box::new(corpus::CorpusStage { corpus: corpus.clone(), eval_needed }));
+        stages.push(Box::new(corpus::CorpusStage { corpus: corpus.clone() }));
     }
     if let Some(tokenizer) = &manifest.tokenizer {
         stages.push(Box::new(tokenizer::TokenizerStage { tokenizer: tokenizer.clone() }));
