@@ -641,22 +641,22 @@ fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
     let states = project.status(&Project::default_options(1))?;
     let (mut pushed, mut bytes, mut corrupt, mut replaced) = (Vec::new(), 0u64, Vec::new(), Vec::new());
     let started = std::time::Instant::now();
-    for state in states.iter().filter(|s| s.fresh) {
-        let Some(record) = state.key.as_deref().and_then(|key| project.cache.lookup(key)) else { continue };
-        match crate::engine::upload(&project.cache, remote.store.as_ref(), &record, &Default::default()) {
+    let records: Vec<_> = states.iter().filter(|s| s.fresh).filter_map(|state| state.key.as_deref().and_then(|key| project.cache.lookup(key))).collect();
+    for (record, result) in records.iter().zip(crate::engine::upload_all(&project.cache, remote.store.as_ref(), &records)) {
+        match result.as_ref().map_err(|e| &**e) {
             Ok(sent) => {
                 bytes += sent.bytes;
-                replaced.extend(sent.replaced.into_iter().map(|digest| format!("{}: {digest}", state.stage)));
-                pushed.push(state.stage.clone());
+                replaced.extend(sent.replaced.iter().map(|digest| format!("{}: {digest}", record.stage)));
+                pushed.push(record.stage.clone());
             }
             // A local blob whose bytes are not its digest's is not sent (and
             // is removed: the next build rebuilds it); the others go on.
             Err(crate::engine::UploadError::Local(e)) => {
-                eprintln!("error: `{}` is not pushed: {e} (removed; `symb build` rebuilds it)", state.stage);
-                corrupt.push(state.stage.clone());
+                eprintln!("error: `{}` is not pushed: {e} (removed; `symb build` rebuilds it)", record.stage);
+                corrupt.push(record.stage.clone());
             }
             Err(e) => {
-                eprintln!("error: cannot push `{}` to the cache remote: {e}", state.stage);
+                eprintln!("error: cannot push `{}` to the cache remote: {e}", record.stage);
                 return Ok(1);
             }
         }

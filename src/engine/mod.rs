@@ -25,7 +25,7 @@ mod output;
 mod plan;
 
 pub use dispatch::{Description, Dispatch, DispatchError, Executor, Job, fetch_description, run_described};
-pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, UploadError, Uploaded, execute, status, upload};
+pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, UploadError, Uploaded, execute, status, upload, upload_all};
 pub use inputs::{DirtyReason, StageInputs, explain, join};
 pub use output::{
     AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputDrift, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files,
