@@ -10,10 +10,6 @@ use std::process::Command;
 
 use common::TestProject;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
-}
-
 /// The fenced block of `language` in the card.
 fn snippet(card: &str, language: &str) -> String {
     let start = card.find(&format!("```{language}\n")).unwrap_or_else(|| panic!("the card has no ```{language} block:\n{card}")) + language.len() + 4;
@@ -49,10 +45,26 @@ fn python_version(python: &Path) -> Option<String> {
 
 #[test]
 fn the_cards_javascript_and_python_give_symbs_text() {
+    card_gives_symbs_text("tiny-gpt2", "q8");
+}
+
+/// A tokenizer that starts every prompt with its BOS (`<s>`, as SmolLM2's
+/// `<|im_start|>` and Llama's): transformers.js's pipeline adds it only when
+/// tokenizer_config.json says `add_bos_token`.
+#[test]
+fn the_cards_javascript_and_python_give_symbs_text_with_a_bos() {
+    // Only fp32: the random-weight fixture's q8 misses the default bounds.
+    card_gives_symbs_text("tiny-llama-sp", "fp32");
+}
+
+/// Builds the fixture with `dtype` (the folder's default) and runs the card's code.
+fn card_gives_symbs_text(fixture: &str, dtype: &str) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
+    let targets: Vec<&str> = if dtype == "fp32" { vec!["fp32"] } else { vec!["fp32", dtype] };
     let project = TestProject::with_manifest(
         &format!(
-            "[project]\nname = \"card\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q8\"]\n\n[web]\nmax_new_tokens = 12\n",
-            fixture().display()
+            "[project]\nname = \"card\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = {targets:?}\n\n[web]\nmax_new_tokens = 12\n",
+            fixture.display()
         ),
         30,
     );
@@ -68,7 +80,7 @@ fn the_cards_javascript_and_python_give_symbs_text() {
     // (as its comment says: env.localModelPath), in a folder that sees the
     // tests' node_modules.
     let js = snippet(&card, "js");
-    assert!(js.contains(id) && js.contains("dtype: 'q8'"), "{js}");
+    assert!(js.contains(id) && js.contains(&format!("dtype: '{dtype}'")), "{js}");
     let script = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules"), script.path().join("node_modules")).unwrap();
     let setup = format!(
@@ -79,7 +91,7 @@ fn the_cards_javascript_and_python_give_symbs_text() {
     let out = Command::new("node").arg("card.mjs").current_dir(script.path()).output().expect("node runs");
     assert!(out.status.success(), "the card's JavaScript failed: {}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8(out.stdout).unwrap();
-    let symb = generate(&dist, &prompt, 12, &["--backend", "onnx", "--dtype", "q8"]);
+    let symb = generate(&dist, &prompt, 12, &["--backend", "onnx", "--dtype", dtype]);
     assert_eq!(printed.trim_end_matches('\n'), full_text(&dist, &symb, true), "transformers.js ran the card's JavaScript");
 
     // Python, with transformers 5 (tests/requirements.txt) and 4.57 (the

@@ -406,7 +406,8 @@ impl Stage for BundleStage {
         // 7: a file with another dtype's bytes says so. 8: a dtype per
         // device (WebAssembly, WebGPU); the page picks the device. 9:
         // report.html says how verify goes along candle's tokens. 10:
-        // `model_input_names` in tokenizer_config.json.
+        // `model_input_names` (and `add_bos_token` where the tokenizer
+        // adds one) in tokenizer_config.json.
         10
     }
     fn settings(&self) -> Settings {

@@ -185,6 +185,21 @@ pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path, base: 
         "model_max_length": config.context(),
         "clean_up_tokenization_spaces": false,
     });
+    // transformers.js's text-generation pipeline adds the special tokens
+    // only when the config says the tokenizer adds a BOS (or an EOS), where
+    // Python's adds what tokenizer.json's post-processor adds: a model
+    // whose prompts start with its BOS (SmolLM2, Llama) got other prompts in
+    // the page and wrote other text.
+    let probe = |special: bool| tokenizer.encode("a", special).map(|e| e.get_ids().to_vec()).map_err(|e| StageError::failed(format!("cannot run the tokenizer: {e}")));
+    let (plain, special) = (probe(false)?, probe(true)?);
+    if special.len() > plain.len() {
+        if special.first() == config.bos_token_id().as_ref() && plain.first() != special.first() {
+            out["add_bos_token"] = true.into();
+        }
+        if special.last() == config.eos_token_id().as_ref() && plain.last() != special.last() {
+            out["add_eos_token"] = true.into();
+        }
+    }
     if let Some(base) = base {
         let base: serde_json::Value = model::read_json(base).map_err(model_error)?;
         // A token is written as a string, or as transformers' AddedToken object.
@@ -741,7 +756,7 @@ impl Stage for MergeStage {
     fn version(&self) -> u32 {
         // 2: the pad token declared in tokenizer_config.json; safetensors
         // carry `{"format": "pt"}`. 3: `model_input_names` in
-        // tokenizer_config.json.
+        // tokenizer_config.json, and `add_bos_token` where the tokenizer adds one.
         3
     }
     fn settings(&self) -> Settings {
