@@ -132,7 +132,7 @@ fn content_etag(path: &Path, part: Option<u64>) -> std::io::Result<String> {
     let mut file = std::fs::File::open(path)?;
     let part = part.unwrap_or(u64::MAX);
     let mut buffer = vec![0u8; 1 << 20];
-    let (mut outer, mut digests) = (md5::Md5::new(), Vec::new());
+    let (mut outer, mut parts) = (md5::Md5::new(), 0usize);
     loop {
         // One part: up to `part` bytes.
         let (mut hasher, mut read) = (md5::Md5::new(), 0u64);
@@ -145,20 +145,20 @@ fn content_etag(path: &Path, part: Option<u64>) -> std::io::Result<String> {
             hasher.update(&buffer[..n]);
             read += n as u64;
         }
-        if read == 0 && !digests.is_empty() {
+        if read == 0 && parts > 0 {
             break;
         }
         let digest = hasher.finalize();
+        if part == u64::MAX {
+            return Ok(hex(&digest));
+        }
         outer.update(digest);
-        digests.push(digest);
+        parts += 1;
         if read < part {
             break;
         }
     }
-    if part == u64::MAX {
-        return Ok(hex(&digests[0]));
-    }
-    Ok(format!("{}-{}", hex(&outer.finalize()), digests.len()))
+    Ok(format!("{}-{parts}", hex(&outer.finalize())))
 }
 
 /// Drops anything that looks like a credential from a message.
