@@ -14,9 +14,11 @@ pub enum Dtype {
     Fp32,
     /// Weights and compute in half precision; inputs and outputs stay fp32.
     Fp16,
-    /// Dynamic int8 of the MatMul weights (`quantize_dynamic`, QInt8).
+    /// Weight-only 8 bits: every weight, the head and the embedding in
+    /// 8-bit blocks of 32 (`MatMulNBits` and `GatherBlockQuantized`
+    /// `bits = 8`, symmetric); activations stay float.
     Q8,
-    /// As q8, under its own file name.
+    /// Dynamic int8 of the MatMul weights (`quantize_dynamic`, QInt8).
     Int8,
     /// Dynamic uint8 (QUInt8).
     Uint8,
@@ -85,12 +87,17 @@ impl Dtype {
         matches!(self, Dtype::Q4 | Dtype::Q4f16)
     }
 
+    /// Blocks of MatMulNBits (q8, q4, q4f16): where `accuracy_level` applies.
+    pub const fn uses_blocks(self) -> bool {
+        matches!(self, Dtype::Q8 | Dtype::Q4 | Dtype::Q4f16)
+    }
+
     /// Whether the file quantizes its activations with one scale over each
-    /// call's whole tensor (q8, int8, uint8: `DynamicQuantizeLinear`): a
+    /// call's whole tensor (int8, uint8: `DynamicQuantizeLinear`): a
     /// position's logits then depend on the positions run beside it in the
     /// same call. In every other dtype a position's logits are its own.
     pub const fn scales_activations_per_call(self) -> bool {
-        matches!(self, Dtype::Q8 | Dtype::Int8 | Dtype::Uint8)
+        matches!(self, Dtype::Int8 | Dtype::Uint8)
     }
 
     /// The names, for messages: `fp32, fp16, q8, ...`.

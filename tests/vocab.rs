@@ -48,6 +48,16 @@ fn wte(project: &TestProject, file: &str) -> (Vec<usize>, Vec<f32>) {
     (wte.dims().to_vec(), wte.flatten_all().unwrap().to_vec1::<f32>().unwrap())
 }
 
+/// The extension's ids past the base's, special tokens aside: the new tokens.
+fn new_token_ids(base: &std::path::Path, extended: &std::path::Path) -> Vec<u32> {
+    let base = tokenizers::Tokenizer::from_file(base).unwrap();
+    let extended = tokenizers::Tokenizer::from_file(extended).unwrap();
+    let specials: std::collections::HashSet<u32> = extended.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
+    let ids: Vec<u32> = (base.get_vocab_size(true) as u32..extended.get_vocab_size(true) as u32).filter(|i| !specials.contains(i)).collect();
+    assert!(!ids.is_empty());
+    ids
+}
+
 /// Runs tests/python/check_vocab.py: Python's tokenizers reads both files.
 fn python_check(base: &std::path::Path, extended: &std::path::Path, lines: &std::path::Path, mode: &str) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_vocab.py");
@@ -176,9 +186,7 @@ eval_every = 10
     let project = TestProject::with_manifest(&(manifest("add_tokens", 600, "") + finetune), 150);
     let build = project.build_ok();
     assert_eq!(build.ran(), set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge"]));
-    let tokenizer = tokenizers::Tokenizer::from_file(project.path("dist/tokenizer.json")).unwrap();
-    let mut new_ids: Vec<u32> = tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| !t.special).map(|(id, _)| *id).collect();
-    new_ids.sort();
+    let new_ids = new_token_ids(&fixture().join("tokenizer.json"), &project.path("dist/tokenizer.json"));
     assert!(!new_ids.is_empty());
     let config = json(&project, "dist/adapter/adapter_config.json");
     assert_eq!(config["trainable_token_indices"], serde_json::json!(new_ids));
@@ -340,9 +348,8 @@ eval_every = 15
         let config = json(&project, "dist/adapter/adapter_config.json");
         assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "v_proj"]), "{fixture}");
         assert_eq!(config["fan_in_fan_out"], false);
-        let tokenizer = tokenizers::Tokenizer::from_file(project.path("dist/tokenizer.json")).unwrap();
-        let mut new_ids: Vec<u32> = tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| !t.special).map(|(id, _)| *id).collect();
-        new_ids.sort();
+        let base_tokenizer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture).join("tokenizer.json");
+        let new_ids = new_token_ids(&base_tokenizer, &project.path("dist/tokenizer.json"));
         let adapter = candle_core::safetensors::load(project.path("dist/adapter/adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
         let modules: Vec<&str> = if untied { vec!["model.embed_tokens", "lm_head"] } else { vec!["model.embed_tokens"] };
         if untied {

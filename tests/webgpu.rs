@@ -189,7 +189,8 @@ fn the_build_checks_every_file_on_webgpu_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
     let manifest = format!(
-        "[project]\nname = \"webgpu\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\", \"q4f16\"]\naccuracy_level = 0\n\n[verify.browser]\nadapter = \"swiftshader\"\ntransformers_js = \"{}\"\n",
+        // head_bits 4: the bound below was measured with a 4-bit head.
+        "[project]\nname = \"webgpu\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\", \"q4f16\"]\naccuracy_level = 0\nhead_bits = 4\n\n[verify.browser]\nadapter = \"swiftshader\"\ntransformers_js = \"{}\"\n",
         fixture().display(),
         modules.display()
     );
@@ -218,5 +219,48 @@ fn the_build_checks_every_file_on_webgpu_when_asked() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("the browser check failed") && stderr.contains("q4 on WebGPU: top1_agreement = "), "{stderr}");
+    assert_eq!(common::snapshot(&dir.path().join("dist")), before, "the previous output stays");
+}
+
+/// A tokenizer transformers.js reads otherwise than symb (an added token
+/// with `single_word`, which it ignores and matches inside words: `ou` in
+/// `around`) fails the build's browser check, naming lines and ids, and the
+/// output folder keeps its previous state.
+#[test]
+fn a_tokenizer_the_browser_reads_otherwise_fails_the_browser_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
+    let manifest = format!(
+        "[project]\nname = \"divergent\"\n\n[base]\nmodel = \"path:base\"\n\n[export]\ntargets = [\"fp32\"]\n\n[verify.browser]\ndevices = [\"wasm\"]\nprompts = 1\ntransformers_js = \"{}\"\n",
+        modules.display()
+    );
+    std::fs::write(dir.path().join("symb.toml"), &manifest).unwrap();
+    let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("dist/reports/browser.json")).unwrap()).unwrap();
+    assert!(report["tokenized_lines"].as_u64().unwrap() >= 15, "the English sample and the prompts: {report}");
+    let before = common::snapshot(&dir.path().join("dist"));
+
+    let mut tokenizer: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("tokenizer.json")).unwrap()).unwrap();
+    // The vocabulary's own `ou`, as an added token too: Python matches it
+    // as a whole word only, and no line has it alone.
+    let id = tokenizer["model"]["vocab"]["ou"].as_u64().unwrap();
+    tokenizer["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"id": id, "content": "ou", "single_word": true, "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+    std::fs::write(base.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("the tokenizer gives other ids in transformers.js than in symb on") && stderr.contains("symb [") && stderr.contains("transformers.js ["), "{stderr}");
     assert_eq!(common::snapshot(&dir.path().join("dist")), before, "the previous output stays");
 }

@@ -231,6 +231,7 @@ pub struct RawExport {
     pub opset: Option<u64>,
     pub targets: Option<Vec<String>>,
     pub quantize_embedding: Option<bool>,
+    pub head_bits: Option<u64>,
     pub external_data: Option<ExternalData>,
     pub accuracy_level: Option<u64>,
 }
@@ -278,6 +279,10 @@ pub struct RawBrowser {
 #[serde(deny_unknown_fields)]
 pub struct RawTolerance {
     pub max_abs_error: Option<f64>,
+    /// The largest logit error of a position over its largest logit's
+    /// magnitude: a trained model's logits are larger than a random one's,
+    /// and so are its rounding errors.
+    pub max_relative_error: Option<f64>,
     pub top1_agreement: Option<f64>,
     pub kl_divergence: Option<f64>,
     pub perplexity_ratio: Option<f64>,

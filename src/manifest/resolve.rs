@@ -148,8 +148,13 @@ pub struct Tokenizer {
 #[serde(rename_all = "snake_case")]
 pub enum BaseModel {
     Scratch,
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
     Path(PathBuf),
+    /// A GGUF file (llama.cpp's format), dequantized to float32.
+    Gguf(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +207,8 @@ pub struct Export {
     pub opset: u64,
     pub targets: Vec<Dtype>,
     pub quantize_embedding: bool,
+    /// The head's precision in q4 and q4f16.
+    pub head_bits: crate::quant::HeadBits,
     pub external_data: ExternalData,
     /// MatMulNBits' `accuracy_level` in the 4-bit files.
     pub accuracy_level: u64,
@@ -465,6 +472,9 @@ fn check_folders(cx: &Ctx<'_>, manifest: &Path, dir: &Path, project: &Project, c
             inputs.push((format!("the base model file `{}`", entry.path().display()), real_path(&entry.path())));
         }
     }
+    if let Some(Base { model: BaseModel::Gguf(file), .. }) = base {
+        inputs.push((format!("the base model file `{}`", file.display()), real_path(file)));
+    }
     for (what, input) in &inputs {
         if input.starts_with(&output) || output.starts_with(input) {
             return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\" overlaps {what}; symb replaces its output folder on every build, so it must be a folder of its own")));
@@ -662,8 +672,17 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
             return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": `{}` is not a model folder (it has no `config.json`)", path.display())));
         }
         BaseModel::Path(path)
+    } else if let Some(file) = spec.strip_prefix("gguf:") {
+        if file.is_empty() {
+            return Err(cx.at(&["base", "model"], "`base.model` = \"gguf:\" names no file"));
+        }
+        let path = normalize(&dir.join(file));
+        if !path.is_file() {
+            return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": `{}` is not a file", path.display())));
+        }
+        BaseModel::Gguf(path)
     } else {
-        return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\" is not understood: use \"scratch\", \"hf:owner/name[@revision]\" or \"path:folder\"")));
+        return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\" is not understood: use \"scratch\", \"hf:owner/name[@revision]\", \"path:folder\" or \"gguf:file.gguf\"")));
     };
     let positive = |key: &str, value: Option<u64>, default: u64| -> Result<u64, ManifestError> {
         let value = value.unwrap_or(default);
@@ -807,7 +826,11 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
     if accuracy_level > 4 {
         return Err(cx.at(&["export", "accuracy_level"], format!("`export.accuracy_level` = {accuracy_level} is not a MatMulNBits level: use 0 (fp32) to 4 (int8)")));
     }
-    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), external_data: raw.external_data.unwrap_or(ExternalData::Auto), accuracy_level })
+    let head_bits = match raw.head_bits {
+        None => crate::quant::HeadBits::default(),
+        Some(n) => crate::quant::HeadBits::from_number(n).ok_or_else(|| cx.at(&["export", "head_bits"], format!("`export.head_bits` = {n}: use 4, 8 (the default) or 16 (the file's float type)")))?,
+    };
+    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), head_bits, external_data: raw.external_data.unwrap_or(ExternalData::Auto), accuracy_level })
 }
 
 fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {
@@ -889,7 +912,9 @@ fn resolve_verify(cx: &Ctx<'_>, dir: &Path, raw: RawVerify) -> Result<Verify, Ma
                 return Err(cx.at(&["verify", "tolerance", dtype, name], format!("`verify.tolerance.{dtype}.{name}` = {v} must be a fraction in [0, 1]")));
             }
         }
-        for (name, value) in [("max_abs_error", bounds.max_abs_error), ("kl_divergence", bounds.kl_divergence), ("perplexity_ratio", bounds.perplexity_ratio)] {
+        for (name, value) in
+            [("max_abs_error", bounds.max_abs_error), ("max_relative_error", bounds.max_relative_error), ("kl_divergence", bounds.kl_divergence), ("perplexity_ratio", bounds.perplexity_ratio)]
+        {
             if let Some(v) = value
                 && (v < 0.0 || !v.is_finite())
             {

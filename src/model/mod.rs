@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod family;
+pub mod gguf;
 pub mod gpt2;
 pub mod hub;
 pub mod layers;

@@ -101,11 +101,60 @@ pub struct Options {
     pub quantize_embedding: bool,
     /// MatMulNBits' `accuracy_level` (0 to 4; see [`ACCURACY_LEVEL`]).
     pub accuracy_level: i64,
+    /// With q4 and q4f16: the head's precision.
+    pub head_bits: HeadBits,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { quantize_embedding: false, accuracy_level: ACCURACY_LEVEL }
+        Options { quantize_embedding: false, accuracy_level: ACCURACY_LEVEL, head_bits: HeadBits::default() }
+    }
+}
+
+/// The head's precision in a 4-bit file (`export.head_bits`): the head maps
+/// every position to the whole vocabulary, and on trained weights its
+/// rounding costs more than the rest of the model's together (SmolLM2-135M:
+/// KL 0.69 with a 4-bit head, 0.46 with a float one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum HeadBits {
+    /// 4-bit blocks, as the rest.
+    #[serde(rename = "4")]
+    Four,
+    /// 8-bit blocks (MatMulNBits `bits = 8`): the default.
+    #[default]
+    #[serde(rename = "8")]
+    Eight,
+    /// The file's float type (fp32 in q4, fp16 in q4f16).
+    #[serde(rename = "16")]
+    Float,
+}
+
+impl HeadBits {
+    /// The manifest's values, `4 | 8 | 16`.
+    pub fn from_number(n: u64) -> Option<HeadBits> {
+        match n {
+            4 => Some(HeadBits::Four),
+            8 => Some(HeadBits::Eight),
+            16 => Some(HeadBits::Float),
+            _ => None,
+        }
+    }
+
+    pub const fn number(self) -> u64 {
+        match self {
+            HeadBits::Four => 4,
+            HeadBits::Eight => 8,
+            HeadBits::Float => 16,
+        }
+    }
+
+    /// Its blocks, or None for float.
+    pub const fn bits(self) -> Option<Bits> {
+        match self {
+            HeadBits::Four => Some(Bits::Four),
+            HeadBits::Eight => Some(Bits::Eight),
+            HeadBits::Float => None,
+        }
     }
 }
 
@@ -116,7 +165,8 @@ pub fn quantize(mut model: ModelProto, dtype: Dtype, options: Options) -> Result
     match dtype {
         Dtype::Fp32 => {}
         Dtype::Fp16 => to_fp16(&mut model, &mut report)?,
-        Dtype::Q8 | Dtype::Int8 => {
+        Dtype::Q8 => stored_int8(&mut model, &mut report)?,
+        Dtype::Int8 => {
             materialise_head(&mut model)?;
             dynamic_int8(&mut model, false, &mut report)?
         }
@@ -125,11 +175,14 @@ pub fn quantize(mut model: ModelProto, dtype: Dtype, options: Options) -> Result
             dynamic_int8(&mut model, true, &mut report)?
         }
         Dtype::Q4 | Dtype::Q4f16 => {
-            // The tied head (and with `quantize_embedding` the embedding)
-            // from the embedding's rows; an untied one like any weight.
-            tied_head_q4(&mut model, &mut report, options)?;
-            materialise_head(&mut model)?;
-            matmul_nbits(&mut model, &mut report, options.accuracy_level)?;
+            // The head in `head_bits`: a tied one (and with
+            // `quantize_embedding` the embedding) from the embedding's rows.
+            let head = options.head_bits.bits();
+            head_and_embedding(&mut model, &mut report, Bits::Four, head, options.quantize_embedding, options.accuracy_level)?;
+            if head.is_some() {
+                materialise_head(&mut model)?;
+            }
+            matmul_nbits(&mut model, &mut report, Bits::Four, head, options.accuracy_level)?;
             if dtype == Dtype::Q4f16 {
                 to_fp16(&mut model, &mut report)?;
             }
@@ -232,8 +285,9 @@ struct WeightMatMul<'a> {
 }
 
 /// Replaces every MatMul against a float weight with the nodes `rewrite`
-/// returns (and adds its initializers); drops the weights no longer read.
-fn rewrite_weight_matmuls(model: &mut ModelProto, report: &mut Report, mut rewrite: impl FnMut(&WeightMatMul<'_>) -> (Vec<NodeProto>, Vec<TensorProto>)) -> Result<()> {
+/// returns (and adds its initializers), where it returns any; drops the
+/// weights no longer read.
+fn rewrite_weight_matmuls(model: &mut ModelProto, report: &mut Report, mut rewrite: impl FnMut(&WeightMatMul<'_>) -> Option<(Vec<NodeProto>, Vec<TensorProto>)>) -> Result<()> {
     let g = graph_mut(model);
     let mut replacements = Vec::new();
     let mut new_initializers = Vec::new();
@@ -246,9 +300,9 @@ fn rewrite_weight_matmuls(model: &mut ModelProto, report: &mut Report, mut rewri
             dims: t.dims.iter().map(|&d| d as usize).collect(),
             data: floats(t)?,
         };
+        let Some((nodes, initializers)) = rewrite(&matmul) else { continue };
         report.weights_quantized += 1;
         report.parameters_quantized += matmul.data.len() as u64;
-        let (nodes, initializers) = rewrite(&matmul);
         replacements.push((index, nodes));
         new_initializers.extend(initializers);
     }
@@ -298,16 +352,16 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
             node("Mul", None, &[&xs, &scale_name], &[&scale_out], &[], &format!("{base}_scales")),
             node("Mul", None, &[&float_out, &scale_out], &[&out], &[], &format!("{base}_output")),
         ];
-        (nodes, new_initializers)
+        Some((nodes, new_initializers))
     })
 }
 
-/// A MatMulNBits node (4 bits, blocks of 32) computing `output = input · W`
-/// with W `[k, n]` packed in `b` and `scales`.
+/// A MatMulNBits node (blocks of 32) computing `output = input · W` with W
+/// `[k, n]` packed in `b` and `scales`.
 #[allow(clippy::too_many_arguments)]
-fn matmul_nbits_node(input: &str, b: &str, scales: &str, output: &str, k: usize, n: usize, accuracy_level: i64, name: &str) -> NodeProto {
+fn matmul_nbits_node(input: &str, b: &str, scales: &str, output: &str, k: usize, n: usize, bits: Bits, accuracy_level: i64, name: &str) -> NodeProto {
     let int = |v: usize| Attr::Int(v as i64);
-    let attrs = [("K", int(k)), ("N", int(n)), ("bits", int(4)), ("block_size", int(32)), ("accuracy_level", Attr::Int(accuracy_level))];
+    let attrs = [("K", int(k)), ("N", int(n)), ("bits", int(bits.count())), ("block_size", int(32)), ("accuracy_level", Attr::Int(accuracy_level))];
     node("MatMulNBits", Some("com.microsoft"), &[input, b, scales], &[output], &attrs, name)
 }
 
@@ -318,36 +372,77 @@ fn use_microsoft_domain(model: &mut ModelProto) {
     }
 }
 
-/// Packs `w` `[k, n]` as MatMulNBits' B `[n, blocks, 16]` and scales `[n, blocks]`.
-pub fn pack_q4(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
-    // Transposed once (tiled) so that each column's values are adjacent.
-    pack_q4_columns(&transpose(w, k, n), k, n)
+/// Bits per weight in a MatMulNBits block of 32: 4 or 8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Bits {
+    Four,
+    Eight,
 }
 
-/// [`pack_q4`] of a weight given column by column: `columns` holds `n`
+impl Bits {
+    pub const fn count(self) -> usize {
+        match self {
+            Bits::Four => 4,
+            Bits::Eight => 8,
+        }
+    }
+
+    /// The zero point MatMulNBits implies when it is given none: 2^(bits-1).
+    const fn zero(self) -> u8 {
+        1 << (self.count() - 1)
+    }
+
+    /// The largest stored value.
+    const fn top(self) -> f32 {
+        ((1u32 << self.count()) - 1) as f32
+    }
+
+    /// Bytes a block of 32 weights takes.
+    pub const fn block_bytes(self) -> usize {
+        32 * self.count() / 8
+    }
+}
+
+/// Packs `w` `[k, n]` as MatMulNBits' B `[n, blocks, 32 * bits / 8]` and
+/// scales `[n, blocks]`.
+pub fn pack(w: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Vec<f32>) {
+    // Transposed once (tiled) so that each column's values are adjacent.
+    pack_columns(&transpose(w, k, n), k, n, bits)
+}
+
+/// [`pack`] of a weight given column by column: `columns` holds `n`
 /// columns of `k` values each (W transposed, or a tied embedding's rows).
-/// Each block of 32 gets scale m / -8, m its value of largest magnitude (the
-/// first such), and q = round(w / scale) + 8 clamped to [0, 15]; rows past
-/// `k` pad with 8 (zero).
-fn pack_q4_columns(columns: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
+/// Each block of 32 gets scale m / -z, m its value of largest magnitude (the
+/// first such) and z the implied zero point (8 for 4 bits, 128 for 8), and
+/// q = round(w / scale) + z clamped to the stored range (onnxruntime's
+/// symmetric blockwise quantizer); rows past `k` pad with z (zero). Four
+/// bits pack two to a byte, the first in the low half.
+fn pack_columns(columns: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Vec<f32>) {
     const BLOCK: usize = 32;
     let blocks = k.div_ceil(BLOCK);
-    let mut packed = vec![0u8; n * blocks * BLOCK / 2];
+    let per_block = bits.block_bytes();
+    let mut packed = vec![0u8; n * blocks * per_block];
     let mut scales = vec![0f32; n * blocks];
-    let columns = columns.chunks_exact(k).zip(packed.chunks_exact_mut(blocks * BLOCK / 2)).zip(scales.chunks_exact_mut(blocks));
+    let (zero, top) = (bits.zero(), bits.top());
+    let columns = columns.chunks_exact(k).zip(packed.chunks_exact_mut(blocks * per_block)).zip(scales.chunks_exact_mut(blocks));
     for ((column, out), column_scales) in columns {
-        for ((block, out), scale_out) in column.chunks(BLOCK).zip(out.chunks_exact_mut(BLOCK / 2)).zip(column_scales.iter_mut()) {
+        for ((block, out), scale_out) in column.chunks(BLOCK).zip(out.chunks_exact_mut(per_block)).zip(column_scales.iter_mut()) {
             let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let extreme = block.iter().copied().find(|v| v.abs() == largest).unwrap_or(0.0);
-            let scale = extreme / -8.0;
+            let scale = extreme / -(zero as f32);
             *scale_out = scale;
             let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            let mut q = [8u8; BLOCK];
+            let mut q = [zero; BLOCK];
             for (q, &v) in q.iter_mut().zip(block) {
-                *q = (round(v * inverse) + 8.0).clamp(0.0, 15.0) as u8;
+                *q = (round(v * inverse) + zero as f32).clamp(0.0, top) as u8;
             }
-            for (j, byte) in out.iter_mut().enumerate() {
-                *byte = q[2 * j] | (q[2 * j + 1] << 4);
+            match bits {
+                Bits::Four => {
+                    for (j, byte) in out.iter_mut().enumerate() {
+                        *byte = q[2 * j] | (q[2 * j + 1] << 4);
+                    }
+                }
+                Bits::Eight => out.copy_from_slice(&q),
             }
         }
     }
@@ -369,126 +464,235 @@ fn round(v: f32) -> f32 {
     }
 }
 
-/// The tied embedding in 4 bits, once: `MatMul(x, Transpose(wte))` becomes
-/// MatMulNBits over the embedding's rows (B `[vocab, blocks, 16]` holds row
-/// `v` of `wte` blocked along the width, which is column `v` of `wteᵀ`), and
-/// `Gather(wte, ids)` becomes GatherBlockQuantized over the same bytes and
-/// scales, reshaped (explicit zero points 8).
-fn tied_head_q4(model: &mut ModelProto, report: &mut Report, options: Options) -> Result<bool> {
-    let embedding = options.quantize_embedding;
+/// The head and the embedding in blocks: a tied head (`MatMul(x,
+/// Transpose(wte))`) becomes MatMulNBits over the embedding's rows (B
+/// `[vocab, blocks, bytes]` holds row `v` of `wte` blocked along the width,
+/// which is column `v` of `wteᵀ`), and with `embedding` the `Gather(wte,
+/// ids)` becomes GatherBlockQuantized over the same bytes and scales. With
+/// the head in float (`head` None) a tied head keeps its Transpose, and the
+/// embedding, when asked for, gets `body` bits of its own. Returns the
+/// name of an untied head's weight when the head stays float, for
+/// [`matmul_nbits`] to leave alone.
+fn head_and_embedding(model: &mut ModelProto, report: &mut Report, body: Bits, head: Option<Bits>, embedding: bool, accuracy_level: i64) -> Result<()> {
     let g = graph_mut(model);
     let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
     let transpose = g.node.iter().position(|n| n.op_type.as_deref() == Some("Transpose") && initializers.contains_key(&n.input[0]));
-    let Some(transpose) = transpose else {
-        // An untied head: the embedding alone, when asked for.
+    let tied = transpose.and_then(|transpose| {
+        let wte_name = g.node[transpose].input[0].clone();
+        let head_out = &g.node[transpose].output[0];
+        let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input[0] == wte_name)?;
+        let head_at = g.node.iter().position(|n| n.op_type.as_deref() == Some("MatMul") && &n.input[1] == head_out)?;
+        Some((transpose, gather, head_at, wte_name))
+    });
+    let Some((transpose, gather, head_at, wte_name)) = tied else {
+        // An untied head is a weight like any other; the embedding alone.
         if embedding {
-            untied_embedding_q4(model, report)?;
+            untied_embedding(model, report, body)?;
         }
-        return Ok(false);
+        return Ok(());
     };
-    let wte_name = g.node[transpose].input[0].clone();
-    let head_out = g.node[transpose].output[0].clone();
-    let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input[0] == wte_name);
-    let head = g.node.iter().position(|n| n.op_type.as_deref() == Some("MatMul") && n.input[1] == head_out);
-    let (Some(gather), Some(head)) = (gather, head) else {
-        return if embedding { Err(err("`quantize_embedding`: the embedding is not both gathered and the head")) } else { Ok(false) };
+    let Some(bits) = head else {
+        if embedding {
+            untied_embedding(model, report, body)?;
+        }
+        return Ok(());
     };
     let wte = &g.initializer[initializers[&wte_name]];
     let (vocab, width) = (wte.dims[0] as usize, wte.dims[1] as usize);
     if embedding && width % 32 != 0 {
-        return Err(err(format!("`quantize_embedding` needs a width divisible by 32, and this model's is {width}")));
+        return Err(err(format!("a quantized embedding needs a width divisible by 32, and this model's is {width}")));
     }
     let rows = floats(wte)?;
     report.weights_quantized += 1;
     report.parameters_quantized += rows.len() as u64;
-    let (packed, scales) = pack_q4_columns(&rows, width, vocab);
+    let (packed, scales) = pack_columns(&rows, width, vocab, bits);
     let blocks = width.div_ceil(32);
-    let (x, logits) = (g.node[head].input[0].clone(), g.node[head].output[0].clone());
+    let (x, logits) = (g.node[head_at].input[0].clone(), g.node[head_at].output[0].clone());
+    let head_node = |b: &str, s: &str| matmul_nbits_node(&x, b, s, &logits, width, vocab, bits, accuracy_level, "head_quantized");
     if !embedding {
-        // The head alone: its 4-bit weight packed straight from the
-        // embedding's rows; the Gather keeps the float embedding.
-        let (b_name, s_name) = (format!("{wte_name}_head_Q4"), format!("{wte_name}_head_scales"));
-        g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, 16], DataType::Uint8, packed));
+        // The head alone, packed straight from the embedding's rows; the
+        // Gather keeps the float embedding.
+        let (b_name, s_name) = (format!("{wte_name}_head_quantized"), format!("{wte_name}_head_scales"));
+        g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, bits.block_bytes()], DataType::Uint8, packed));
         g.initializer.push(tensor_f32(&s_name, &[vocab, blocks], &scales));
-        splice(g, vec![(transpose, vec![]), (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, options.accuracy_level, "head_Q4")])]);
+        splice(g, vec![(transpose, vec![]), (head_at, vec![head_node(&b_name, &s_name)])]);
         use_microsoft_domain(model);
-        return Ok(true);
+        return Ok(());
     }
-    let (b_name, s_name, gathering) = gather_q4(g, gather, &wte_name, (vocab, width), packed, &scales);
-    splice(g, vec![(gather, gathering), (transpose, vec![]), (head, vec![matmul_nbits_node(&x, &b_name, &s_name, &logits, width, vocab, options.accuracy_level, "head_Q4")])]);
+    let (b_name, s_name, gathering) = gather_blockwise(g, gather, &wte_name, (vocab, width), packed, &scales, bits);
+    splice(g, vec![(gather, gathering), (transpose, vec![]), (head_at, vec![head_node(&b_name, &s_name)])]);
     prune(g);
     use_microsoft_domain(model);
-    Ok(true)
+    Ok(())
 }
 
-/// The initializers of an embedding `[vocab, width]` in 4 bits (`packed` and
-/// `scales` from [`pack_q4_columns`], explicit zero points 8) added to `g`,
-/// and the nodes that replace the Gather at `gather` with a
+/// The initializers of an embedding `[vocab, width]` in blocks of `bits`
+/// (`packed` and `scales` from [`pack_columns`], explicit zero points)
+/// added to `g`, and the nodes that replace the Gather at `gather` with a
 /// GatherBlockQuantized over them; returns the packed data's and the
 /// scales' names too (a tied head reads the same bytes).
-fn gather_q4(g: &mut proto::GraphProto, gather: usize, wte_name: &str, (vocab, width): (usize, usize), packed: Vec<u8>, scales: &[f32]) -> (String, String, Vec<NodeProto>) {
+fn gather_blockwise(g: &mut proto::GraphProto, gather: usize, wte_name: &str, (vocab, width): (usize, usize), packed: Vec<u8>, scales: &[f32], bits: Bits) -> (String, String, Vec<NodeProto>) {
     let blocks = width.div_ceil(32);
-    let (b_name, s_name, zp_name) = (format!("{wte_name}_Q4"), format!("{wte_name}_scales"), format!("{wte_name}_zero_points"));
-    let (b_shape, s_shape) = (format!("{wte_name}_Q4_shape"), format!("{wte_name}_scales_shape"));
-    let (b_rows, s_rows) = (format!("{wte_name}_Q4_rows"), format!("{wte_name}_scales_rows"));
-    g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, 16], DataType::Uint8, packed));
+    let (b_name, s_name, zp_name) = (format!("{wte_name}_quantized"), format!("{wte_name}_scales"), format!("{wte_name}_zero_points"));
+    let (b_shape, s_shape) = (format!("{wte_name}_quantized_shape"), format!("{wte_name}_scales_shape"));
+    let (b_rows, s_rows) = (format!("{wte_name}_quantized_rows"), format!("{wte_name}_scales_rows"));
+    g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, bits.block_bytes()], DataType::Uint8, packed));
     g.initializer.push(tensor_f32(&s_name, &[vocab * blocks], scales));
-    g.initializer.push(raw_tensor(&zp_name, &[vocab, blocks.div_ceil(2)], DataType::Uint8, vec![0x88; vocab * blocks.div_ceil(2)]));
-    g.initializer.push(crate::onnx::tensor_i64(&b_shape, &[2], &[vocab as i64, (width / 2) as i64]));
+    // Zero points packed as the data is: two to a byte in 4 bits.
+    let zero_points = match bits {
+        Bits::Four => raw_tensor(&zp_name, &[vocab, blocks.div_ceil(2)], DataType::Uint8, vec![0x88; vocab * blocks.div_ceil(2)]),
+        Bits::Eight => raw_tensor(&zp_name, &[vocab, blocks], DataType::Uint8, vec![bits.zero(); vocab * blocks]),
+    };
+    g.initializer.push(zero_points);
+    g.initializer.push(crate::onnx::tensor_i64(&b_shape, &[2], &[vocab as i64, (width * bits.count() / 8) as i64]));
     g.initializer.push(crate::onnx::tensor_i64(&s_shape, &[2], &[vocab as i64, blocks as i64]));
     let ids = g.node[gather].input[1].clone();
     let gathered = g.node[gather].output[0].clone();
     let int = |v: usize| Attr::Int(v as i64);
     let nodes = vec![
-        node("Reshape", None, &[&b_name, &b_shape], &[&b_rows], &[], "embedding_Q4_rows"),
+        node("Reshape", None, &[&b_name, &b_shape], &[&b_rows], &[], "embedding_quantized_rows"),
         node("Reshape", None, &[&s_name, &s_shape], &[&s_rows], &[], "embedding_scales_rows"),
         node(
             "GatherBlockQuantized",
             Some("com.microsoft"),
             &[&b_rows, &ids, &s_rows, &zp_name],
             &[&gathered],
-            &[("gather_axis", int(0)), ("quantize_axis", int(1)), ("block_size", int(32)), ("bits", int(4))],
-            "embedding_Q4",
+            &[("gather_axis", int(0)), ("quantize_axis", int(1)), ("block_size", int(32)), ("bits", int(bits.count()))],
+            "embedding_quantized",
         ),
     ];
     (b_name, s_name, nodes)
 }
 
-/// `quantize_embedding` with an untied head: the embedding (the float
-/// initializer gathered by `input_ids`) in 4 bits on its own; the head is
-/// a weight like any other.
-fn untied_embedding_q4(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+/// The embedding (the float initializer gathered by `input_ids`) in blocks
+/// of its own, where the head does not share it.
+fn untied_embedding(model: &mut ModelProto, report: &mut Report, bits: Bits) -> Result<()> {
     let g = graph_mut(model);
     let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
     let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input.get(1).map(String::as_str) == Some("input_ids") && initializers.contains_key(&n.input[0]));
-    let Some(gather) = gather else { return Err(err("`quantize_embedding`: the graph gathers no embedding initializer by `input_ids`")) };
+    let Some(gather) = gather else { return Err(err("a quantized embedding: the graph gathers no embedding initializer by `input_ids`")) };
     let wte_name = g.node[gather].input[0].clone();
     let wte = &g.initializer[initializers[&wte_name]];
     let (vocab, width) = (wte.dims[0] as usize, wte.dims[1] as usize);
     if width % 32 != 0 {
-        return Err(err(format!("`quantize_embedding` needs a width divisible by 32, and this model's is {width}")));
+        return Err(err(format!("a quantized embedding needs a width divisible by 32, and this model's is {width}")));
     }
     let rows = floats(wte)?;
     report.weights_quantized += 1;
     report.parameters_quantized += rows.len() as u64;
-    let (packed, scales) = pack_q4_columns(&rows, width, vocab);
-    let (_, _, gathering) = gather_q4(g, gather, &wte_name, (vocab, width), packed, &scales);
+    let (packed, scales) = pack_columns(&rows, width, vocab, bits);
+    // A tied head that stays float reads the float embedding still.
+    let keep = g.node.iter().any(|n| n.op_type.as_deref() == Some("Transpose") && n.input[0] == wte_name);
+    let (_, _, gathering) = gather_blockwise(g, gather, &wte_name, (vocab, width), packed, &scales, bits);
     splice(g, vec![(gather, gathering)]);
-    prune(g);
+    if !keep {
+        prune(g);
+    }
     use_microsoft_domain(model);
     Ok(())
 }
 
-fn matmul_nbits(model: &mut ModelProto, report: &mut Report, accuracy_level: i64) -> Result<()> {
+/// Every MatMul against a float weight as MatMulNBits of `bits`; the head
+/// (the MatMul that writes `logits`) with `head` bits, or left float.
+fn matmul_nbits(model: &mut ModelProto, report: &mut Report, bits: Bits, head: Option<Bits>, accuracy_level: i64) -> Result<()> {
     rewrite_weight_matmuls(model, report, |m| {
+        let bits = if m.node.output[0] == "logits" { head? } else { bits };
         let (k, cols) = (m.dims[0], m.dims[1]);
-        let (packed, scales) = pack_q4(&m.data, k, cols);
+        let (packed, scales) = pack(&m.data, k, cols, bits);
         let blocks = k.div_ceil(32);
-        let (b_name, s_name) = (format!("{}_Q4", m.name), format!("{}_scales", m.name));
-        let initializers = vec![raw_tensor(&b_name, &[cols, blocks, 16], DataType::Uint8, packed), tensor_f32(&s_name, &[cols * blocks], &scales)];
-        (vec![matmul_nbits_node(&m.node.input[0], &b_name, &s_name, &m.node.output[0], k, cols, accuracy_level, &format!("{}_Q4", m.base))], initializers)
+        let (b_name, s_name) = (format!("{}_quantized", m.name), format!("{}_scales", m.name));
+        let initializers = vec![raw_tensor(&b_name, &[cols, blocks, bits.block_bytes()], DataType::Uint8, packed), tensor_f32(&s_name, &[cols * blocks], &scales)];
+        Some((vec![matmul_nbits_node(&m.node.input[0], &b_name, &s_name, &m.node.output[0], k, cols, bits, accuracy_level, &format!("{}_quantized", m.base))], initializers))
     })?;
     use_microsoft_domain(model);
+    Ok(())
+}
+
+/// Weights stored in 8 bits, computed in float: every matrix a MatMul or a
+/// Gather reads (the embedding and a tied head once) is held as int8 in
+/// blocks of 32 along its reduction axis with one fp32 scale per block
+/// (symmetric: scale = max |w| / 127), and turned back into floats by
+/// Cast, Reshape and Mul, under its own name, so that nothing else in the
+/// graph changes. Every input of that chain is a constant: ONNX Runtime
+/// folds it when it loads the file (its constant folding skips
+/// DequantizeLinear, not Cast and Mul), so the file downloads at 8 bits and
+/// runs at fp32's speed and memory, in WebAssembly (where MatMulNBits and
+/// DequantizeLinear dequantize every weight on every call) as elsewhere.
+fn stored_int8(model: &mut ModelProto, report: &mut Report) -> Result<()> {
+    const BLOCK: usize = 32;
+    let g = graph_mut(model);
+    // Each matrix and the axis its products run along: a MatMul's weight
+    // [k, n] along k; a gathered embedding [vocab, width] along its width,
+    // which a tied head (`Transpose`, then MatMul) runs along too.
+    let mut axis: HashMap<String, usize> = HashMap::new();
+    for n in &g.node {
+        match n.op_type.as_deref() {
+            Some("MatMul") if n.input.len() == 2 => {
+                axis.entry(n.input[1].clone()).or_insert(0);
+            }
+            Some("Gather") if !n.input.is_empty() => {
+                axis.insert(n.input[0].clone(), 1);
+            }
+            Some("Transpose") if !n.input.is_empty() => {
+                axis.insert(n.input[0].clone(), 1);
+            }
+            _ => {}
+        }
+    }
+    let mut chains = Vec::new();
+    let mut kept = Vec::with_capacity(g.initializer.len());
+    for t in std::mem::take(&mut g.initializer) {
+        let name = t.name.clone().unwrap_or_default();
+        let Some(&along) = axis.get(&name) else {
+            kept.push(t);
+            continue;
+        };
+        if t.dims.len() != 2 || t.data_type != Some(DataType::Float as i32) || t.dims.iter().product::<i64>() < 1024 {
+            kept.push(t);
+            continue;
+        }
+        let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
+        let data = floats(&t)?;
+        report.weights_quantized += 1;
+        report.parameters_quantized += data.len() as u64;
+        // Blocks of 32 along the axis where it divides, else the whole axis.
+        let length = if along == 0 { rows } else { cols };
+        let block = if length % BLOCK == 0 { BLOCK } else { length };
+        let blocks = length / block;
+        // Laid out so that a block is contiguous after a reshape: along
+        // axis 1, [rows, blocks, block]; along axis 0, [blocks, block, cols].
+        let (q_shape, s_shape): (Vec<usize>, Vec<usize>) = if along == 1 { (vec![rows, blocks, block], vec![rows, blocks, 1]) } else { (vec![blocks, block, cols], vec![blocks, 1, cols]) };
+        let mut quantized = vec![0u8; data.len()];
+        let mut scales = vec![0f32; rows * cols / block];
+        let index = |r: usize, c: usize| r * cols + c;
+        for (b, scale_out) in scales.iter_mut().enumerate() {
+            // Block b: along axis 1, row b / blocks, columns (b % blocks) * block..;
+            // along axis 0, column b % cols, rows (b / cols) * block...
+            let at = |j: usize| if along == 1 { index(b / blocks, (b % blocks) * block + j) } else { index((b / cols) * block + j, b % cols) };
+            let largest = (0..block).fold(0f32, |m, j| m.max(data[at(j)].abs()));
+            let scale = if largest > 0.0 { largest / 127.0 } else { 1.0 };
+            *scale_out = scale;
+            for j in 0..block {
+                quantized[at(j)] = round(data[at(j)] / scale).clamp(-127.0, 127.0) as i8 as u8;
+            }
+        }
+        let (q_name, s_name) = (format!("{name}_int8"), format!("{name}_scales"));
+        let (shape_name, back_name) = (format!("{name}_blocks_shape"), format!("{name}_shape"));
+        let (cast, blocked, scaled) = (format!("{name}_float"), format!("{name}_blocked"), format!("{name}_dequantized"));
+        kept.push(raw_tensor(&q_name, &[rows, cols], DataType::Int8, quantized));
+        kept.push(tensor_f32(&s_name, &s_shape, &scales));
+        kept.push(crate::onnx::tensor_i64(&shape_name, &[3], &q_shape.iter().map(|&d| d as i64).collect::<Vec<_>>()));
+        kept.push(crate::onnx::tensor_i64(&back_name, &[2], &[rows as i64, cols as i64]));
+        chains.extend([
+            node("Cast", None, &[&q_name], &[&cast], &[("to", Attr::Int(DataType::Float as i64))], &format!("{name}_cast")),
+            node("Reshape", None, &[&cast, &shape_name], &[&blocked], &[], &format!("{name}_to_blocks")),
+            node("Mul", None, &[&blocked, &s_name], &[&scaled], &[], &format!("{name}_scale")),
+            node("Reshape", None, &[&scaled, &back_name], &[&name], &[], &format!("{name}_from_blocks")),
+        ]);
+    }
+    g.initializer = kept;
+    chains.append(&mut g.node);
+    g.node = chains;
     Ok(())
 }
 
@@ -562,21 +766,31 @@ mod tests {
     }
 
     #[test]
-    fn the_4_bit_packer_follows_its_definition() {
-        let (k, n) = (80, 7);
+    fn the_block_packers_follow_their_definition() {
+        let (k, n): (usize, usize) = (80, 7);
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
-        let (packed, scales) = super::pack_q4(&w, k, n);
         let blocks = k.div_ceil(32);
-        for c in 0..n {
-            for b in 0..blocks {
-                let rows: Vec<usize> = (b * 32..(b * 32 + 32).min(k)).collect();
-                let extreme = rows.iter().map(|&r| w[r * n + c]).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-                let scale = extreme / -8.0;
-                assert_eq!(scales[c * blocks + b], scale);
-                for j in 0..32 {
-                    let q = rows.get(j).map_or(8, |&r| ((w[r * n + c] / scale).round() + 8.0).clamp(0.0, 15.0) as u8);
-                    let byte = packed[(c * blocks + b) * 16 + j / 2];
-                    assert_eq!(if j % 2 == 0 { byte & 15 } else { byte >> 4 }, q, "column {c} block {b} row {j}");
+        for (bits, zero, top) in [(super::Bits::Four, 8.0f32, 15.0f32), (super::Bits::Eight, 128.0, 255.0)] {
+            let (packed, scales) = super::pack(&w, k, n, bits);
+            assert_eq!(packed.len(), n * blocks * bits.block_bytes());
+            for c in 0..n {
+                for b in 0..blocks {
+                    let rows: Vec<usize> = (b * 32..(b * 32 + 32).min(k)).collect();
+                    let extreme = rows.iter().map(|&r| w[r * n + c]).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                    let scale = extreme / -zero;
+                    assert_eq!(scales[c * blocks + b], scale);
+                    for j in 0..32 {
+                        let q = rows.get(j).map_or(zero as u8, |&r| ((w[r * n + c] / scale).round() + zero).clamp(0.0, top) as u8);
+                        let at = (c * blocks + b) * bits.block_bytes();
+                        let stored = match bits {
+                            super::Bits::Four => {
+                                let byte = packed[at + j / 2];
+                                if j % 2 == 0 { byte & 15 } else { byte >> 4 }
+                            }
+                            super::Bits::Eight => packed[at + j],
+                        };
+                        assert_eq!(stored, q, "{bits:?}: column {c} block {b} row {j}");
+                    }
                 }
             }
         }

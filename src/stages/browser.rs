@@ -30,13 +30,28 @@ pub struct BrowserStage {
     pub model_stage: &'static str,
     /// `web.transformers_js`: where the page gets the library without a local copy.
     pub transformers_js_url: String,
+    /// Whether the build has a corpus, whose eval lines the page tokenizes.
+    pub corpus: bool,
     tolerances: BTreeMap<Dtype, RawTolerance>,
 }
 
 impl BrowserStage {
-    pub fn new(browser: Browser, dtypes: Vec<Dtype>, verify: &Verify, model_stage: &'static str, transformers_js_url: String) -> Self {
+    pub fn new(browser: Browser, dtypes: Vec<Dtype>, verify: &Verify, model_stage: &'static str, transformers_js_url: String, corpus: bool) -> Self {
         let tolerances = dtypes.iter().map(|&d| (d, verify::tolerance(d, verify.tolerance.get(&d)))).collect();
-        BrowserStage { browser, dtypes, model_stage, transformers_js_url, tolerances }
+        BrowserStage { browser, dtypes, model_stage, transformers_js_url, corpus, tolerances }
+    }
+
+    /// The lines the page tokenizes: the eval split's (at most
+    /// [`TOKENIZED_LINES`]), the English sample, and the prompts.
+    fn lines(&self, ctx: &StageContext<'_>, reference: &verify::Reference) -> Result<Vec<String>, StageError> {
+        let mut lines = Vec::new();
+        if self.corpus {
+            let eval = super::corpus::read_documents(ctx.input("corpus", "eval.jsonl")?)?;
+            lines.extend(super::vocab::lines(&eval).into_iter().take(TOKENIZED_LINES));
+        }
+        lines.extend(super::vocab::ENGLISH_SAMPLE.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        lines.extend(reference.workload.prompts.iter().map(|(text, _)| text.clone()));
+        Ok(lines)
     }
 
     /// The Chromium to start: the setting, `$CHROMIUM`, or one on the PATH.
@@ -108,6 +123,38 @@ impl BrowserStage {
     }
 }
 
+/// The most eval lines the page tokenizes.
+const TOKENIZED_LINES: usize = 2000;
+
+/// Where transformers.js's ids differ from symb's: one line per text, the
+/// first `shown` of them.
+fn tokenizer_differences(tokenizer: &tokenizers::Tokenizer, lines: &[String], posted: &serde_json::Value, shown: usize) -> Result<Vec<String>, StageError> {
+    if let Some(error) = posted["error"].as_str() {
+        return Err(StageError::failed(format!("transformers.js could not load the tokenizer: {error}")));
+    }
+    let theirs: Vec<Vec<u32>> = serde_json::from_value(posted["ids"].clone()).map_err(|e| StageError::failed(format!("the page's token ids: {e}")))?;
+    if theirs.len() != lines.len() {
+        return Err(StageError::failed(format!("the page tokenized {} of {} lines", theirs.len(), lines.len())));
+    }
+    let mut differences = Vec::new();
+    for (line, theirs) in lines.iter().zip(&theirs) {
+        let ours = tokenizer.encode(line.as_str(), false).map_err(|e| StageError::failed(format!("cannot run the tokenizer: {e}")))?;
+        if ours.get_ids() != theirs.as_slice() {
+            differences.push(format!("    {line:?}: symb {:?}, transformers.js {theirs:?}", ours.get_ids()));
+        }
+    }
+    let total = differences.len();
+    differences.truncate(shown);
+    if total > shown {
+        differences.push(format!("    ... and {} more", total - shown));
+    }
+    Ok(if total == 0 {
+        Vec::new()
+    } else {
+        std::iter::once(format!("  the tokenizer gives other ids in transformers.js than in symb on {total} of {} lines:", lines.len())).chain(differences).collect()
+    })
+}
+
 /// Chromium, killed (with its children: its process group) when dropped.
 struct Chromium(Child);
 
@@ -140,8 +187,8 @@ impl Stage for BrowserStage {
     }
     fn version(&self) -> u32 {
         // 2: the folder it checks has `model_input_names` in
-        // tokenizer_config.json.
-        2
+        // tokenizer_config.json. 3: the page tokenizes the eval lines.
+        3
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
@@ -154,6 +201,9 @@ impl Stage for BrowserStage {
     }
     fn dependencies(&self) -> Vec<String> {
         let mut deps = vec![self.model_stage.to_string(), "reference".to_string()];
+        if self.corpus {
+            deps.push("corpus".to_string());
+        }
         deps.extend(self.dtypes.iter().map(|d| d.producer_stage()));
         deps.dedup();
         deps
@@ -177,7 +227,8 @@ impl Stage for BrowserStage {
             })
             .collect();
         let devices: Vec<&str> = self.browser.devices.iter().map(|d| d.name()).collect();
-        let job = serde_json::json!({ "transformers_js": self.transformers_js_url, "devices": devices, "dtypes": self.dtypes, "prompts": prompts });
+        let lines = self.lines(ctx, &reference)?;
+        let job = serde_json::json!({ "transformers_js": self.transformers_js_url, "devices": devices, "dtypes": self.dtypes, "prompts": prompts, "lines": lines });
         let site = tempfile::Builder::new().prefix("symb-browser-").tempdir().map_err(|e| StageError::failed(format!("cannot create a temporary folder: {e}")))?;
         self.site(ctx, site.path(), &job)?;
         let (sender, inbox) = std::sync::mpsc::channel();
@@ -238,7 +289,9 @@ impl Stage for BrowserStage {
         let shader_f16 = about["shader_f16"] == true;
         let logits_path = ctx.input("reference", "logits.f32")?;
         let mut results = serde_json::Map::new();
-        let mut problems = Vec::new();
+        let tokenizer = tokenizers::Tokenizer::from_file(ctx.input(self.model_stage, "tokenizer.json")?).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let posted_tokens = json("tokens.json").unwrap_or_else(|| serde_json::json!({ "error": "the page posted no token ids" }));
+        let mut problems = tokenizer_differences(&tokenizer, &lines, &posted_tokens, 5)?;
         let mut speeds = Vec::new();
         for device in &self.browser.devices {
             let mut per_dtype = serde_json::Map::new();
@@ -284,6 +337,7 @@ impl Stage for BrowserStage {
             "adapter": about["adapter"],
             "shader_f16": shader_f16,
             "prompts": count,
+            "tokenized_lines": lines.len(),
             "devices": results,
         });
         if !problems.is_empty() {

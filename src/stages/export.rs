@@ -116,7 +116,8 @@ impl Stage for QuantizeStage {
     }
     fn version(&self) -> u32 {
         // 3: the tied head's 4 bits packed from the embedding rows; streamed writes.
-        3
+        // 4: q8 is weight-only 8-bit blocks; the 4-bit files' head in `head_bits`.
+        4
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
@@ -124,7 +125,10 @@ impl Stage for QuantizeStage {
         if self.options.quantize_embedding && self.dtype.is_4bit() {
             s.insert("export.quantize_embedding".into(), true.into());
         }
-        if self.dtype.is_4bit() && self.options.accuracy_level != crate::quant::ACCURACY_LEVEL {
+        if self.dtype.is_4bit() {
+            s.insert("export.head_bits".into(), self.options.head_bits.number().into());
+        }
+        if self.dtype.uses_blocks() && self.options.accuracy_level != crate::quant::ACCURACY_LEVEL {
             s.insert("export.accuracy_level".into(), self.options.accuracy_level.into());
         }
         s.insert("export.external_data".into(), serde_json::to_value(self.external_data).expect("serialises"));

@@ -37,18 +37,19 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
                     "`[vocab]` adds tokens to a pretrained base, but `base.model` = \"scratch\" is built with the trained tokenizer already; remove `[vocab]` or set `vocab.strategy = \"none\"`",
                 ));
             }
-            BaseModel::Path(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_some() && vocab.is_none() => {
+            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_some() && vocab.is_none() => {
                 return Err(error(
                     "a `[tokenizer]` with a pretrained base needs a `[vocab]` section (`strategy = \"add_tokens\"` or `\"extend_bpe\"`) to add its tokens to the base's tokenizer; or comment `[tokenizer]` out to fine-tune with the base's own tokenizer",
                 ));
             }
-            BaseModel::Path(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_none() && vocab.is_some() => {
+            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_none() && vocab.is_some() => {
                 return Err(error("`[vocab]` adds the tokens of a trained tokenizer to the base's: add a `[tokenizer]` section to train one"));
             }
             _ => {}
         }
         let files = match &base.model {
             BaseModel::Path(dir) => model::folder_files(dir),
+            BaseModel::Gguf(file) => model::gguf_files(file),
             _ => Vec::new(),
         };
         let hub = match &base.model {
@@ -73,7 +74,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         let base_name = manifest.base.as_ref().and_then(|b| match &b.model {
             BaseModel::Hub { repo, .. } => Some(repo.clone()),
             // Not the folder's path or name: keys hold no location.
-            BaseModel::Path(_) | BaseModel::Scratch => None,
+            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Scratch => None,
         });
         stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone(), model_stage, base_name }));
         stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora, model_stage }));
@@ -85,7 +86,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         let model_stage = if finetune.is_some() { "merge" } else { model_stage };
         stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
         for &dtype in export.targets.iter().filter(|t| **t != Dtype::Fp32) {
-            let options = crate::quant::Options { quantize_embedding: export.quantize_embedding, accuracy_level: export.accuracy_level as i64 };
+            let options = crate::quant::Options { quantize_embedding: export.quantize_embedding, accuracy_level: export.accuracy_level as i64, head_bits: export.head_bits };
             stages.push(Box::new(export::QuantizeStage::new(dtype, options, export.external_data)));
         }
         // Every file is verified; `[verify]` only tunes how.
@@ -99,7 +100,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         }
         let browser = settings.browser.clone();
         if let Some(browser) = &browser {
-            stages.push(Box::new(browser::BrowserStage::new(browser.clone(), export.targets.clone(), &settings, model_stage, manifest.web.transformers_js.clone())));
+            stages.push(Box::new(browser::BrowserStage::new(browser.clone(), export.targets.clone(), &settings, model_stage, manifest.web.transformers_js.clone(), manifest.corpus.is_some())));
         }
         let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
         let webgpu_dtype = manifest.web.webgpu_dtype.unwrap_or_else(|| bundle::webgpu_dtype(&export.targets));
@@ -177,6 +178,7 @@ fn card(manifest: &Manifest) -> bundle::Card {
     let base_words = match base.map(|b| &b.model) {
         Some(BaseModel::Hub { repo, .. }) => format!("`{repo}`"),
         Some(BaseModel::Path(_)) => "a local model".to_string(),
+        Some(BaseModel::Gguf(file)) => format!("`{}` (GGUF)", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()),
         Some(BaseModel::Scratch) => {
             let b = base.expect("a base");
             let family = match b.architecture {

@@ -104,6 +104,7 @@ impl Stage for BaseStage {
         // A local folder is keyed by its files' content (`files()`), not its path.
         let model = match &b.model {
             BaseModel::Path(_) => serde_json::json!("path"),
+            BaseModel::Gguf(_) => serde_json::json!("gguf"),
             other => serde_json::to_value(other).expect("serialises"),
         };
         s.insert("base.model".into(), model);
@@ -140,6 +141,7 @@ impl Stage for BaseStage {
                 let names: Vec<&str> = self.files.iter().filter_map(|f| f.path.file_name().and_then(|n| n.to_str())).collect();
                 copy_folder(dir, &names, ctx)
             }
+            BaseModel::Gguf(file) => from_gguf(file, ctx),
             BaseModel::Hub { repo, .. } => {
                 let resolved = match &self.hub {
                     Some(Ok(resolved)) => resolved,
@@ -159,7 +161,7 @@ impl Stage for BaseStage {
 /// output's: its chat template and the special tokens it names. (Its
 /// `added_tokens_decoder` is not: tokenizer.json holds the added tokens,
 /// new ones included.)
-const CARRIED: [&str; 4] = ["chat_template", "pad_token", "additional_special_tokens", "padding_side"];
+const CARRIED: [&str; 5] = ["chat_template", "pad_token", "unk_token", "additional_special_tokens", "padding_side"];
 
 /// The `tokenizer_config.json` for a model's config and tokenizer: what
 /// transformers and transformers.js need (special tokens as plain strings,
@@ -208,7 +210,7 @@ pub(super) fn tokenizer_config(config_path: &Path, tokenizer_path: &Path, base: 
         for key in CARRIED {
             let value = match (key, &base[key]) {
                 (_, serde_json::Value::Null) => continue,
-                ("pad_token", v) => plain(v).filter(known).map(serde_json::Value::from),
+                ("pad_token" | "unk_token", v) => plain(v).filter(known).map(serde_json::Value::from),
                 ("additional_special_tokens", serde_json::Value::Array(list)) => Some(list.iter().filter_map(plain).filter(known).collect::<Vec<_>>().into()),
                 (_, v) => Some(v.clone()),
             };
@@ -253,6 +255,33 @@ fn copy_folder(dir: &Path, names: &[&str], ctx: &StageContext<'_>) -> Result<ser
         return Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.vocab_size(), "weights": "copied" }));
     }
     save_weights(&model, ctx)
+}
+
+/// The files of a `gguf:` base: the file itself, keyed by its content
+/// under its name (not its folder).
+pub fn gguf_files(file: &Path) -> Vec<ExternalFile> {
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    vec![ExternalFile { label: format!("base.model/{name}"), path: file.to_path_buf() }]
+}
+
+/// A `gguf:` base: the file read into a Hugging Face folder (see
+/// [`model::gguf`]), then loaded as any folder is, to check it.
+fn from_gguf(file: &Path, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+    let converted = model::gguf::read(file).map_err(model_error)?;
+    let parameters: usize = converted.tensors.values().map(|t| t.elem_count()).sum();
+    model::check_memory(parameters as u128 * 4 * 2, &format!("the GGUF model's {parameters} parameters in float32"), "use a smaller model").map_err(model_error)?;
+    for (name, value) in
+        [("config.json", &converted.config), ("generation_config.json", &converted.generation_config), ("tokenizer.json", &converted.tokenizer), ("tokenizer_config.json", &converted.tokenizer_config)]
+    {
+        write_json(&ctx.output(name), value)?;
+    }
+    model::save_safetensors(&converted.tensors, &ctx.output("model.safetensors")).map_err(model_error)?;
+    drop(converted.tensors);
+    // What was written loads, as a model and as a tokenizer.
+    let folder = ctx.output("config.json").parent().map(Path::to_path_buf).unwrap_or_default();
+    let model = model::load_folder(&folder).map_err(model_error)?;
+    tokenizers::Tokenizer::from_file(ctx.output("tokenizer.json")).map_err(|e| StageError::failed(format!("the tokenizer read from `{}` does not load: {e}", file.display())))?;
+    Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.vocab_size(), "weights": "gguf", "storage": converted.storage }))
 }
 
 /// Whether the safetensors file at `path` holds exactly `tensors`: the same

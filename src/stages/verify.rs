@@ -258,6 +258,7 @@ impl Stage for VerifyStage {
         write_json(&ctx.output("report.json"), &json)?;
         Ok(serde_json::json!({
             "max_abs_error": report.metrics.max_abs_error,
+            "max_relative_error": report.metrics.max_relative_error,
             "top1_agreement": report.metrics.top1_agreement,
             "kl_divergence": report.metrics.kl_divergence,
             "perplexity_ratio": report.metrics.perplexity_ratio,

@@ -1,18 +1,18 @@
 //! Stage `vocab`: brings the new language's tokens into a pretrained base.
 //!
 //! Strategies:
-//! - `add_tokens`, the reference workflow: the words of the new tokenizer's
-//!   vocabulary that the base lacks become added tokens of the base
-//!   tokenizer. Naively adding the vocabulary strings is wrong twice over:
+//! - `add_tokens`, after the reference workflow: the words of the new
+//!   tokenizer's vocabulary that the base lacks become tokens of the base.
+//!   The reference adds them as added tokens, which is wrong twice over:
 //!   byte-level entries such as `Ġkan` would only match the literal text
-//!   `Ġkan`, and a piece such as `ka` would be cut out of English words. So
-//!   each entry is decoded to its text and trimmed, and added with
-//!   `single_word` (it matches only between non-word characters),
-//!   `normalized: false`, and no stripping, which keeps decoding lossless.
-//!   Text with no new word in it encodes exactly as before. Text is skipped
-//!   when the base already has it as one token or as a vocabulary string,
-//!   when it contains whitespace or is not whole UTF-8, and when the base's
-//!   decoder would not give it back unchanged.
+//!   `Ġkan`, and a piece such as `ka` is cut out of English words. Added
+//!   tokens with `single_word` fix that in Python and not in the browser
+//!   (transformers.js ignores `single_word`: on SmolLM2 it tokenized 235 of
+//!   300 held-out lines otherwise than training did). So each entry is
+//!   decoded to its text, and a word of letters enters the BPE vocabulary
+//!   in the base's pre-token form, matched whole through `ignore_merges`
+//!   (see [`add_tokens`]). Text with no new word in it encodes exactly as
+//!   before, in every implementation.
 //! - `extend_bpe`: the new tokenizer's merges (those the base lacks) are
 //!   appended to the base's BPE merges, with their tokens, at the lowest
 //!   priority. Both tokenizers must split text the same way. New words
@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{Value, json};
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
 
 use super::corpus::{Document, read_documents};
 use crate::engine::{Settings, Stage, StageContext, StageError};
@@ -59,80 +59,145 @@ fn tokenizer_error(what: &str, e: impl std::fmt::Display) -> StageError {
     StageError::failed(format!("{what}: {e}"))
 }
 
+/// Splits on `▁` that follows another character: SentencePiece-style
+/// tokenizers (no pre-tokenizer, or `Metaspace` without `split`) see a whole
+/// text as one pre-token, where `add_tokens` needs words. It cuts only
+/// where no vocabulary entry spans (checked), so the base's tokens stay as
+/// they were. (Metaspace's own `split` would do, but transformers.js ignores
+/// it, and it cuts runs of `▁` apart.)
+const WORD_SPLIT: &str = "▁*[^▁]+|▁+";
+
+/// The pieces `tokenizer` cuts `text` into before its model runs.
+fn pre_tokens(tokenizer: &Tokenizer, text: &str) -> Result<Vec<String>, String> {
+    use tokenizers::{NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let mut normalized = NormalizedString::from(text);
+    if let Some(n) = tokenizer.get_normalizer() {
+        n.normalize(&mut normalized).map_err(|e| e.to_string())?;
+    }
+    let mut pre = PreTokenizedString::from(normalized);
+    if let Some(p) = tokenizer.get_pre_tokenizer() {
+        p.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+    }
+    Ok(pre.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(s, _, _)| s.to_string()).collect())
+}
+
 /// The `add_tokens` strategy. Returns the extended tokenizer, its new
-/// tokens, and how many words were left out because the base's decoder
-/// would not give them back (with a byte-level decoder: words written only
-/// in ASCII and Latin-1 letters, such as `café`).
-pub fn add_tokens(base: &Tokenizer, new: &Tokenizer) -> Result<(Tokenizer, NewTokens, usize), String> {
+/// tokens (id, vocabulary string), and how many words were left out
+/// because their form did not encode to itself.
+///
+/// The words are the new tokenizer's vocabulary entries decoded to text,
+/// trimmed, written in letters only, and new to the base. Each enters the
+/// base's BPE vocabulary in the base's own pre-token form (byte-level
+/// `Ġword` after a space and `word` without one; SentencePiece-style
+/// `▁word`), where that form stands as a whole pre-token at least twice in
+/// the training lines; the model's `ignore_merges` then makes a pre-token
+/// that is a whole vocabulary entry that one token. So a new word is one
+/// token where it stands as a word and is never cut out of a longer one,
+/// text without new words encodes as before (every base entry is what BPE
+/// makes of it anyway; `ignore_merges` changes nothing there), and every
+/// implementation agrees: added tokens with `single_word` (Python's and
+/// symb's whole-word matching) are matched inside words by transformers.js,
+/// which ignores `single_word`.
+pub fn add_tokens(base: &Tokenizer, new: &Tokenizer, train: &[String]) -> Result<(Tokenizer, NewTokens, usize), String> {
+    let mut json: Value = serde_json::from_str(&base.to_string(false).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    if json["model"]["type"] != "BPE" {
+        return Err(format!("`add_tokens` extends a BPE tokenizer, and the base's model is {}", json["model"]["type"]));
+    }
+    let byte_level = json["pre_tokenizer"].to_string().contains("ByteLevel");
+    if !byte_level {
+        let pre = json["pre_tokenizer"].clone();
+        let metaspace = pre["type"] == "Metaspace" && pre["split"] != true;
+        if !pre.is_null() && !metaspace {
+            return Err(format!("`add_tokens` reads byte-level and SentencePiece-style tokenizers, and the base's pre-tokenizer is {}", component_type(&json, "pre_tokenizer")));
+        }
+        let vocab = json["model"]["vocab"].as_object().ok_or("the base BPE model has no `vocab`")?;
+        if let Some(spanning) = vocab.keys().find(|t| t.trim_start_matches('▁').contains('▁')) {
+            return Err(format!("`add_tokens` splits text into words, and the base has tokens that span words (`{spanning}`); use `vocab.strategy = \"extend_bpe\"`"));
+        }
+        let split = json!({"type": "Split", "pattern": {"Regex": WORD_SPLIT}, "behavior": "Isolated", "invert": false});
+        json["pre_tokenizer"] = if pre.is_null() { split } else { json!({"type": "Sequence", "pretokenizers": [pre, split]}) };
+    }
+    let splitter: Tokenizer = json.to_string().parse().map_err(|e: tokenizers::Error| e.to_string())?;
+
+    // The words.
     let base_vocab = base.get_vocab(true);
     let new_specials: HashSet<u32> = new.get_added_tokens_decoder().keys().copied().collect();
     let mut entries: Vec<(String, u32)> = new.get_vocab(false).into_iter().filter(|(_, id)| !new_specials.contains(id)).collect();
     entries.sort_by_key(|&(_, id)| id);
     let mut seen = HashSet::new();
-    let mut candidates = Vec::new();
+    let mut words = Vec::new();
     for (_, id) in entries {
         let text = new.decode(&[id], false).map_err(|e| e.to_string())?;
         let text = text.trim();
-        if text.is_empty() || text.contains(char::is_whitespace) || text.contains('\u{FFFD}') || !seen.insert(text.to_string()) {
+        if text.is_empty() || !text.chars().all(char::is_alphabetic) || !seen.insert(text.to_string()) || base_vocab.contains_key(text) {
             continue;
         }
-        // A vocabulary string the base has: adding it would shadow the
-        // base's id wherever a runtime looks tokens up by string.
-        if base_vocab.contains_key(text) {
-            continue;
-        }
-        if base.encode(text, false).map_err(|e| e.to_string())?.get_ids().len() <= 1 {
-            continue;
-        }
-        candidates.push(text.to_string());
+        words.push(text.to_string());
     }
-    let base = &without_legacy_prepend(base)?;
-    let build = |texts: &[String]| -> Result<(Tokenizer, NewTokens), String> {
-        let mut tokenizer = base.clone();
-        let tokens: Vec<AddedToken> = texts.iter().map(|t| AddedToken::from(t.as_str(), false).single_word(true).normalized(false)).collect();
-        tokenizer.add_tokens(tokens).map_err(|e| e.to_string())?;
-        let ids = texts.iter().map(|t| tokenizer.token_to_id(t).map(|id| (id, t.clone())).ok_or_else(|| format!("the added token `{t}` has no id"))).collect::<Result<_, _>>()?;
-        Ok((tokenizer, ids))
+
+    // Their forms, where the training lines have them as whole pre-tokens.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for line in train {
+        for piece in pre_tokens(&splitter, line)? {
+            *counts.entry(piece).or_default() += 1;
+        }
+    }
+    let contexts = |w: &str| if byte_level { vec![(format!(" {w}"), 0), (w.to_string(), 0)] } else { vec![(format!("x {w}"), 1)] };
+    let mut forms: Vec<(String, String)> = Vec::new();
+    let mut taken = HashSet::new();
+    for word in &words {
+        for (context, skip) in contexts(word) {
+            let pieces = pre_tokens(&splitter, &context)?;
+            let [form] = &pieces[skip..] else { continue };
+            if counts.get(form).copied().unwrap_or(0) >= 2 && !base_vocab.contains_key(form) && taken.insert(form.clone()) {
+                forms.push((form.clone(), context));
+            }
+        }
+    }
+
+    // SentencePiece-style pre-tokens keep punctuation with the word
+    // (`▁nouses-ni`): the frequent ones that hold a new word, whole.
+    if !byte_level {
+        let new_words: HashSet<&str> = words.iter().map(String::as_str).collect();
+        let mut compounds: Vec<(&String, usize)> = counts.iter().filter(|&(_, &n)| n >= 2).map(|(p, &n)| (p, n)).collect();
+        compounds.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        for (piece, _) in compounds {
+            let Some(text) = piece.strip_prefix('▁') else { continue };
+            if text.contains('▁') || text.chars().any(|c| c.is_numeric() || c.is_whitespace()) || !text.split(|c: char| !c.is_alphabetic()).any(|w| new_words.contains(w)) {
+                continue;
+            }
+            if !base_vocab.contains_key(piece) && taken.insert(piece.clone()) {
+                forms.push((piece.clone(), format!("x {text}")));
+            }
+        }
+    }
+
+    let added_ids = json["added_tokens"].as_array().into_iter().flatten().filter_map(|t| t["id"].as_u64());
+    let next = base_vocab.values().map(|&i| i as u64).chain(added_ids).max().map_or(0, |m| m + 1);
+    let build = |forms: &[(String, String)]| -> Result<(Tokenizer, NewTokens), String> {
+        let mut json = json.clone();
+        let vocab = json["model"]["vocab"].as_object_mut().ok_or("the base BPE model has no `vocab`")?;
+        let mut added = Vec::with_capacity(forms.len());
+        for (i, (form, _)) in forms.iter().enumerate() {
+            let id = next + i as u64;
+            vocab.insert(form.clone(), id.into());
+            added.push((id as u32, form.clone()));
+        }
+        json["model"]["ignore_merges"] = true.into();
+        let tokenizer: Tokenizer = json.to_string().parse().map_err(|e: tokenizers::Error| e.to_string())?;
+        Ok((tokenizer, added))
     };
-    let (tokenizer, added) = build(&candidates)?;
-    // The base's decoder must give each token's text back (a byte-level
-    // decoder reads Latin-1 letters as bytes, for one).
-    let mut kept = Vec::with_capacity(added.len());
-    for (id, text) in &added {
-        if tokenizer.decode(&[*id], false).map_err(|e| e.to_string())? == *text {
-            kept.push(text.clone());
+    let (tokenizer, added) = build(&forms)?;
+    // Each form must come out as itself where it was seen.
+    let mut kept = Vec::with_capacity(forms.len());
+    for ((form, context), (id, _)) in forms.iter().zip(&added) {
+        if tokenizer.encode(context.as_str(), false).map_err(|e| e.to_string())?.get_ids().contains(id) {
+            kept.push((form.clone(), context.clone()));
         }
     }
-    let left_out = added.len() - kept.len();
+    let left_out = forms.len() - kept.len();
     let (tokenizer, added) = if left_out == 0 { (tokenizer, added) } else { build(&kept)? };
     Ok((tokenizer, added, left_out))
-}
-
-/// A SentencePiece-style tokenizer as converted Llama 2 tokenizers have it
-/// (a `Prepend("▁")` + `Replace(" ", "▁")` normalizer, no pre-tokenizer)
-/// rewritten with the equivalent `Metaspace` pre-tokenizer (`prepend_scheme`
-/// "first", no split), as transformers' non-legacy Llama tokenizers are.
-/// Added tokens need it: the normalizer runs on each piece the added tokens
-/// leave, so every piece would get a `▁` of its own. The two encode alike,
-/// except a text that begins with a space, which gets one `▁` fewer (the
-/// pre-tokenizer does not prepend one to text that starts with one). Other
-/// tokenizers are returned as they are.
-fn without_legacy_prepend(base: &Tokenizer) -> Result<Tokenizer, String> {
-    let mut json: Value = serde_json::from_str(&base.to_string(false).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    let parts = match &json["normalizer"] {
-        Value::Object(n) if n.get("type").and_then(Value::as_str) == Some("Sequence") => n["normalizers"].as_array().cloned().unwrap_or_default(),
-        Value::Object(_) => vec![json["normalizer"].clone()],
-        _ => return Ok(base.clone()),
-    };
-    let is_prepend = |n: &Value| n["type"] == "Prepend" && n["prepend"] == "▁";
-    let is_replace = |n: &Value| n["type"] == "Replace" && n["pattern"]["String"] == " " && n["content"] == "▁";
-    if !json["pre_tokenizer"].is_null() || !parts.iter().any(is_prepend) || !parts.iter().any(is_replace) {
-        return Ok(base.clone());
-    }
-    let rest: Vec<Value> = parts.into_iter().filter(|n| !is_prepend(n) && !is_replace(n)).collect();
-    json["normalizer"] = if rest.is_empty() { Value::Null } else { json!({"type": "Sequence", "normalizers": rest}) };
-    json["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false});
-    json.to_string().parse::<Tokenizer>().map_err(|e| e.to_string())
 }
 
 /// The BPE merges of a tokenizer.json model, in either serialised form.
@@ -300,7 +365,7 @@ fn first_lossy(tokenizer: &Tokenizer, texts: &[String]) -> Result<Option<(String
     Ok(None)
 }
 
-fn lines(docs: &[Document]) -> Vec<String> {
+pub(super) fn lines(docs: &[Document]) -> Vec<String> {
     docs.iter()
         .flat_map(|d| match d {
             Document::Text { text } => vec![text.clone()],
@@ -319,8 +384,9 @@ impl Stage for VocabStage {
         "vocab"
     }
     fn version(&self) -> u32 {
-        // 2: safetensors carry `{"format": "pt"}`.
-        2
+        // 2: safetensors carry `{"format": "pt"}`. 3: `add_tokens` writes
+        // vocabulary entries matched through `ignore_merges`, not added tokens.
+        3
     }
     fn settings(&self) -> Settings {
         let v = &self.vocab;
@@ -351,7 +417,8 @@ impl Stage for VocabStage {
         let mut left_out = 0;
         let (tokenizer, added) = match self.vocab.strategy {
             VocabStrategy::AddTokens => {
-                let (tokenizer, added, undecodable) = add_tokens(&base, &new).map_err(|e| tokenizer_error("cannot add the tokens", e))?;
+                let train = lines(&read_documents(ctx.input("corpus", "train.jsonl")?)?);
+                let (tokenizer, added, undecodable) = add_tokens(&base, &new, &train).map_err(|e| tokenizer_error("cannot add the tokens", e))?;
                 left_out = undecodable;
                 (tokenizer, added)
             }
@@ -503,29 +570,48 @@ mod tests {
     }
 
     #[test]
-    fn added_words_are_text_whole_words_and_lossless() {
+    fn added_words_are_whole_pre_tokens_and_lossless() {
         let base = fixture_tokenizer();
-        // `Ġqzx` is " qzx" in byte-level form; `Ã©` is "é", which a
-        // byte-level decoder would read back as the byte 0xE9.
+        // `Ġqzx` is " qzx" in byte-level form; `Ã©` is "é".
         let greek = byte_level_form("λόγος");
-        let new = byte_level(&["Ġqzx", "qzx", "Ġ", "Ã©", "Ã©Ã©q", "the", &greek]);
-        let (extended, added, left_out) = add_tokens(&base, &new).unwrap();
-        assert_eq!(left_out, 1, "ééq (the base has é as one token already)");
-        let texts: Vec<&str> = added.iter().map(|(_, t)| t.as_str()).collect();
-        assert!(texts.contains(&"qzx"), "{texts:?}");
-        assert!(!texts.contains(&"Ġqzx"), "byte-level strings are decoded to text: {texts:?}");
-        assert!(!texts.contains(&"é"), "a token the decoder cannot give back is left out: {texts:?}");
-        assert!(!texts.contains(&"ééq"), "{texts:?}");
-        assert!(texts.contains(&"λόγος"), "{texts:?}");
-        assert!(!texts.contains(&"the"), "the base has it: {texts:?}");
-        // A whole word matches; the same letters inside a word do not.
-        assert_eq!(tokens(&extended, "a qzx b"), ["a", "Ġ", "qzx", "Ġb"]);
-        assert_eq!(tokens(&extended, "qzxy"), tokens(&base, "qzxy"));
-        assert_eq!(tokens(&extended, "aqzx"), tokens(&base, "aqzx"));
-        assert_eq!(tokens(&extended, "a λόγος"), ["a", "Ġ", "λόγος"]);
-        for text in ["a qzx b", "qzx-qzx.", "ééq café λόγος"] {
+        let new = byte_level(&["Ġqzx", "qzx", "Ġ", "Ã©Ã©q", "the", "q9", &greek, "Ġrare"]);
+        let train: Vec<String> = ["a qzx b qzx", "qzx qzx", "qzx!", "ééq ééq ééq", "λόγος λόγος λόγος", "q9 q9 q9", "one rare word"].map(str::to_string).to_vec();
+        let (extended, added, left_out) = add_tokens(&base, &new, &train).unwrap();
+        assert_eq!(left_out, 0);
+        let forms: Vec<&str> = added.iter().map(|(_, t)| t.as_str()).collect();
+        // Both forms of a word the lines have twice or more, in the base's
+        // byte-level alphabet; not a word the base has, not one with a
+        // digit, not one seen once.
+        for form in ["Ġqzx", "qzx", "ĠÃ©Ã©q", &byte_level_form(" λόγος")] {
+            assert!(forms.contains(&form), "{form} in {forms:?}");
+        }
+        assert!(!forms.iter().any(|f| f.contains("the") || f.contains("q9") || f.contains("rare")), "{forms:?}");
+        // Vocabulary entries, not added tokens: every implementation matches them alike.
+        let json: Value = serde_json::from_str(&extended.to_string(false).unwrap()).unwrap();
+        assert_eq!(json["model"]["ignore_merges"], true);
+        assert_eq!(json["added_tokens"], serde_json::from_str::<Value>(&base.to_string(false).unwrap()).unwrap()["added_tokens"]);
+        // A whole word is one token; the same letters inside a word are not.
+        assert_eq!(tokens(&extended, "a qzx b"), ["a", "Ġqzx", "Ġb"]);
+        assert_eq!(tokens(&extended, "qzx."), ["qzx", "."]);
+        for other in ["qzxy", "aqzx", "a qzxy", "a-qzxqzx", "the cat sat on the mat"] {
+            assert_eq!(tokens(&extended, other), tokens(&base, other), "{other}");
+        }
+        for text in ["a qzx b", "qzx-qzx.", "ééq café λόγος", "  two  spaces "] {
             let ids = extended.encode(text, false).unwrap();
             assert_eq!(extended.decode(ids.get_ids(), false).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn sentencepiece_bases_split_words_where_no_token_spans() {
+        let base = Tokenizer::from_file(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama-sp/tokenizer.json")).unwrap();
+        let new = byte_level(&["Ġqzxw", "Ġthe"]);
+        let train: Vec<String> = ["a qzxw b qzxw", "qzxw qzxw"].map(str::to_string).to_vec();
+        let (extended, added, _) = add_tokens(&base, &new, &train).unwrap();
+        assert_eq!(added.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(), ["▁qzxw"]);
+        assert!(tokens(&extended, "a qzxw b").contains(&"▁qzxw".to_string()));
+        for text in ["qzxwy and    four spaces", "    code();", "the qzxwx"] {
+            assert_eq!(extended.encode(text, false).unwrap().get_ids(), base.encode(text, false).unwrap().get_ids(), "{text}");
         }
     }
 

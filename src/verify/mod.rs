@@ -25,19 +25,30 @@ use crate::model::{LeftPadding, Model};
 use session::{OnnxLm, argmax};
 
 /// The tolerance of each dtype when `[verify.tolerance.D]` says nothing,
-/// set from measurement. Measured (max abs error, top-1 agreement, KL,
-/// perplexity ratio, greedy match) on the random-weight fixture, the hard
-/// case: fp32 9e-6, 1.0, 0, 1.0, 1.0; fp16 0.017, 0.998, 1e-6, 1.0002,
-/// 0.88; q8 0.94, 0.906, 0.0022, 1.009, 0.28; uint8 0.52, 0.912, 0.0019,
-/// 0.9997; q4 3.6, 0.51, 0.105, 0.958, 0.03. On the trained example model:
-/// fp16 0.003, 1.0, 0, 1.0, 1.0; q8 0.35, 0.998, 4e-5, 1.0, 1.0; q4 0.38,
-/// 0.95, 0.0012, 1.0018, 0.81. Each bound passes both with a margin and
-/// fails a file with one weight scaled by 1.1 (tests/verify.rs). Greedy decoding is
-/// checked for fp32 only: after one near-tie flips a token the rest of a
-/// quantized decode differs legitimately.
+/// set from measurement on the random-weight fixture (the hard case for
+/// agreement) and on the real SmolLM2-135M-Instruct (GGUF, with the demo
+/// language's tokens added; the hard case for error size: its logits reach
+/// 35). Measured max abs error, max relative error, top-1 agreement, KL,
+/// perplexity ratio, fixture / SmolLM2:
+/// - fp32: 9e-6 / 1.5e-4, -, 1.0, 0, 1.0.
+/// - fp16: 0.023 / 0.20 (so bounded relative to each position's largest
+///   logit instead: 0.0038 / 0.0083), 0.998 / 0.997, 1.4e-6 / 1e-5, 1.0002 / 0.9997.
+/// - q8 (8-bit storage): 0.34 / 2.1, 0.95 / 0.97, 6e-4 / 0.0018, 1.0003 / 0.987.
+/// - int8, uint8 (dynamic): on the fixture 0.94, 0.906, 0.0022, 1.009; on
+///   SmolLM2 they fail (KL 0.45: per-tensor activation scales meet its outliers).
+/// - q4 (8-bit head): 3.5 / 17, 0.55 / 0.43 to 0.61, 0.096 / 0.33 to 0.61,
+///   0.96 / 1.08 to 1.31 (over four eval sets); with a 4-bit head SmolLM2
+///   loses KL 0.65. Rounding to 4 bits costs a real model this much: the
+///   bounds catch a broken file, not a lossy one (calibration is the fix).
+///
+/// Each bound passes both with a margin and fails a file with one weight
+/// scaled by 1.1 (tests/verify.rs). Greedy decoding is checked for fp32
+/// only: after one near-tie flips a token the rest of a quantized decode
+/// differs legitimately.
 pub fn default_tolerance(dtype: Dtype) -> RawTolerance {
     let t = |max_abs_error, top1_agreement, kl_divergence, perplexity_ratio, greedy_match| RawTolerance {
         max_abs_error,
+        max_relative_error: None,
         top1_agreement: Some(top1_agreement),
         kl_divergence: Some(kl_divergence),
         perplexity_ratio: Some(perplexity_ratio),
@@ -45,9 +56,9 @@ pub fn default_tolerance(dtype: Dtype) -> RawTolerance {
     };
     match dtype {
         Dtype::Fp32 => t(Some(1e-3), 0.999, 1e-6, 1.0001, Some(0.95)),
-        Dtype::Fp16 => t(Some(0.1), 0.98, 1e-4, 1.005, None),
+        Dtype::Fp16 => RawTolerance { max_relative_error: Some(0.02), ..t(None, 0.98, 1e-4, 1.005, None) },
         Dtype::Q8 | Dtype::Int8 | Dtype::Uint8 => t(None, 0.85, 0.02, 1.05, None),
-        Dtype::Q4 | Dtype::Q4f16 => t(None, 0.45, 0.25, 1.25, None),
+        Dtype::Q4 | Dtype::Q4f16 => t(None, 0.35, 1.0, 1.5, None),
     }
 }
 
@@ -66,6 +77,8 @@ pub struct Workload {
 pub struct Agreement {
     pub positions: usize,
     pub max_abs_error: f32,
+    /// The largest of each position's max abs error over its largest |logit|.
+    pub max_relative_error: f32,
     pub top1_agreement: f64,
     pub kl_divergence: f64,
 }
@@ -85,6 +98,7 @@ pub struct PromptResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
     pub max_abs_error: f32,
+    pub max_relative_error: f32,
     pub top1_agreement: f64,
     pub kl_divergence: f64,
     pub perplexity_ratio: f64,
@@ -167,6 +181,7 @@ pub fn generate(dir: &std::path::Path, dtype: Dtype, prompt: &str, max_new_token
 struct Tally {
     positions: usize,
     max_abs: f32,
+    max_relative: f32,
     top1: usize,
     kl: f64,
 }
@@ -178,6 +193,9 @@ impl Tally {
             self.positions += 1;
             let err = r.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0f32, |m, e| if e.is_nan() || e > m { e } else { m });
             self.max_abs = if err.is_nan() || self.max_abs.is_nan() { f32::NAN } else { self.max_abs.max(err) };
+            let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let relative = if scale > 0.0 { err / scale } else { err };
+            self.max_relative = if relative.is_nan() || self.max_relative.is_nan() { f32::NAN } else { self.max_relative.max(relative) };
             let (best_r, best_c) = (argmax(r) as usize, argmax(c) as usize);
             self.top1 += usize::from(best_r == best_c);
             self.kl += kl_with_maxima(r, c, r[best_r] as f64, c[best_c] as f64);
@@ -186,7 +204,7 @@ impl Tally {
 
     fn finish(&self) -> Agreement {
         let n = self.positions.max(1) as f64;
-        Agreement { positions: self.positions, max_abs_error: self.max_abs, top1_agreement: self.top1 as f64 / n, kl_divergence: self.kl / n }
+        Agreement { positions: self.positions, max_abs_error: self.max_abs, max_relative_error: self.max_relative, top1_agreement: self.top1 as f64 / n, kl_divergence: self.kl / n }
     }
 }
 
@@ -511,6 +529,7 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
     let matched: usize = prompts.iter().map(|p| p.matched).sum();
     let metrics = Metrics {
         max_abs_error: if prefill.max_abs_error.is_nan() || cache.max_abs_error.is_nan() { f32::NAN } else { prefill.max_abs_error.max(cache.max_abs_error) },
+        max_relative_error: if prefill.max_relative_error.is_nan() || cache.max_relative_error.is_nan() { f32::NAN } else { prefill.max_relative_error.max(cache.max_relative_error) },
         top1_agreement: (prefill.top1_agreement * prefill.positions as f64 + cache.top1_agreement * cache.positions as f64) / (prefill.positions + cache.positions).max(1) as f64,
         kl_divergence: (prefill.kl_divergence * prefill.positions as f64 + cache.kl_divergence * cache.positions as f64) / (prefill.positions + cache.positions).max(1) as f64,
         perplexity_ratio: if tokens == 0 { 1.0 } else { perplexity_onnx / perplexity_reference },
@@ -571,6 +590,7 @@ pub fn compare_browser(reference: &Reference, logits: &mut impl std::io::Read, r
     let agreement = tally.finish();
     let metrics = Metrics {
         max_abs_error: agreement.max_abs_error,
+        max_relative_error: agreement.max_relative_error,
         top1_agreement: agreement.top1_agreement,
         kl_divergence: agreement.kl_divergence,
         perplexity_ratio: f64::NAN,
@@ -590,6 +610,7 @@ pub fn checks(metrics: &Metrics, tolerance: &RawTolerance) -> Vec<Check> {
         }
     };
     check("max_abs_error", metrics.max_abs_error as f64, tolerance.max_abs_error, "max");
+    check("max_relative_error", metrics.max_relative_error as f64, tolerance.max_relative_error, "max");
     check("top1_agreement", metrics.top1_agreement, tolerance.top1_agreement, "min");
     check("kl_divergence", metrics.kl_divergence, tolerance.kl_divergence, "max");
     check("perplexity_ratio", metrics.perplexity_ratio, tolerance.perplexity_ratio, "max");
@@ -602,6 +623,7 @@ pub fn tolerance(dtype: Dtype, overrides: Option<&RawTolerance>) -> RawTolerance
     let mut t = default_tolerance(dtype);
     if let Some(o) = overrides {
         t.max_abs_error = o.max_abs_error.or(t.max_abs_error);
+        t.max_relative_error = o.max_relative_error.or(t.max_relative_error);
         t.top1_agreement = o.top1_agreement.or(t.top1_agreement);
         t.kl_divergence = o.kl_divergence.or(t.kl_divergence);
         t.perplexity_ratio = o.perplexity_ratio.or(t.perplexity_ratio);
@@ -670,8 +692,8 @@ mod tests {
 
     #[test]
     fn a_nan_fails_every_check_and_overrides_replace_single_fields() {
-        let metrics = Metrics { max_abs_error: f32::NAN, top1_agreement: f64::NAN, kl_divergence: f64::NAN, perplexity_ratio: f64::NAN, greedy_match: f64::NAN };
-        let all = RawTolerance { max_abs_error: Some(1.0), top1_agreement: Some(0.0), kl_divergence: Some(1.0), perplexity_ratio: Some(2.0), greedy_match: Some(0.0) };
+        let metrics = Metrics { max_abs_error: f32::NAN, max_relative_error: f32::NAN, top1_agreement: f64::NAN, kl_divergence: f64::NAN, perplexity_ratio: f64::NAN, greedy_match: f64::NAN };
+        let all = RawTolerance { max_abs_error: Some(1.0), max_relative_error: Some(1.0), top1_agreement: Some(0.0), kl_divergence: Some(1.0), perplexity_ratio: Some(2.0), greedy_match: Some(0.0) };
         assert!(checks(&metrics, &all).iter().all(|c| !c.passed));
         let t = tolerance(Dtype::Q4, Some(&RawTolerance { top1_agreement: Some(0.5), ..Default::default() }));
         assert_eq!(t.top1_agreement, Some(0.5));
