@@ -107,6 +107,20 @@ fn a_built_folder_passes_and_each_defect_is_named() {
             "tokenizer_config.json: `model_input_names` is missing or names `token_type_ids`",
         ),
         (
+            "an added token with single_word (transformers.js matches it inside words too)",
+            Box::new(|d: &Path| {
+                let path = d.join("tokenizer.json");
+                let mut tokenizer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                let id = tokenizer["model"]["vocab"]["ou"].clone();
+                tokenizer["added_tokens"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(serde_json::json!({"id": id, "content": "ou", "single_word": true, "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+                std::fs::write(&path, tokenizer.to_string()).unwrap();
+            }),
+            "tokenizer.json: 1 added tokens have `single_word` (`ou`, ...), which transformers.js ignores",
+        ),
+        (
             "a dtype file named wrongly",
             Box::new(|d: &Path| std::fs::rename(d.join("onnx/model_q4.onnx"), d.join("onnx/model_4bit.onnx")).unwrap()),
             "onnx/model_4bit.onnx: is not a name transformers.js loads",

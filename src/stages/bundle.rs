@@ -372,9 +372,11 @@ impl BundleStage {
 }
 
 /// The default dtype among `targets`: the one fastest in a browser's
-/// WebAssembly, where a page runs by default, for its size. 8-bit first
-/// (MatMulInteger: 0.7 to 1.1 times fp32's speed there, at under half its
-/// size), then fp32, then the first target.
+/// WebAssembly, where a page runs by default, for its size. q8 first (8-bit
+/// storage that ONNX Runtime folds back to floats at load: 0.28 times
+/// fp32's download, 0.8 to 0.9 times its speed in Chromium on SmolLM2-135M,
+/// `bench/real_model.py`), then the dynamic 8-bit files, then fp32, then
+/// the first target.
 /// Not 4-bit: onnxruntime-web's WebAssembly MatMulNBits dequantizes every
 /// weight on every call, 5 to 8 times slower than fp32 per token on the
 /// SmolLM2-135M and GPT-2 small shapes (`bench/web.py`), the reference
@@ -385,8 +387,8 @@ pub fn default_dtype(targets: &[Dtype]) -> Dtype {
 
 /// The dtype a page loads on WebGPU: 4-bit (MatMulNBits has WebGPU
 /// kernels, and a GPU reads a quarter of fp32's bytes), then fp32, then
-/// 8-bit (MatMulInteger has no WebGPU kernel: ONNX Runtime runs it on the
-/// CPU). fp16 and q4f16 come last: they need the adapter's `shader-f16`,
+/// 8-bit (q8 runs as fp32 once loaded; int8's MatMulInteger has no WebGPU
+/// kernel: ONNX Runtime runs it on the CPU). fp16 and q4f16 come last: they need the adapter's `shader-f16`,
 /// which most GPUs have and SwiftShader's software adapter has not, so
 /// symb's tests cannot prove them there.
 pub fn webgpu_dtype(targets: &[Dtype]) -> Dtype {
