@@ -356,29 +356,25 @@ fn tokenizer(r: &Reader<'_>) -> Result<Tok> {
     let add_eos = r.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let name = |id: Option<u64>| id.map(|i| tokens[i as usize].to_string());
     let post_processor = if add_bos || add_eos {
-        let mut single = Vec::new();
-        let mut pair = Vec::new();
         let mut specials = serde_json::Map::new();
-        let mut special = |id: Option<u64>, what: &str| -> Result<String> {
+        let mut special = |add: bool, id: Option<u64>, what: &str| -> Result<Option<String>> {
+            if !add {
+                return Ok(None);
+            }
             let id = id.ok_or_else(|| r.error(format!("the tokenizer adds a {what} token but names none")))?;
             let token = tokens[id as usize].to_string();
             specials.insert(token.clone(), json!({"id": token, "ids": [id], "tokens": [token]}));
-            Ok(token)
+            Ok(Some(token))
         };
-        let bos_token = if add_bos { Some(special(bos, "BOS")?) } else { None };
-        let eos_token = if add_eos { Some(special(eos, "EOS")?) } else { None };
-        for (seq, type_id) in [("A", 0), ("B", 1)] {
-            let target = if seq == "A" { &mut single } else { &mut pair };
-            let mut push = |piece: serde_json::Value| target.push(piece);
-            if let Some(b) = &bos_token {
-                push(json!({"SpecialToken": {"id": b, "type_id": type_id}}));
-            }
-            push(json!({"Sequence": {"id": seq, "type_id": type_id}}));
-            if let Some(e) = &eos_token {
-                push(json!({"SpecialToken": {"id": e, "type_id": type_id}}));
-            }
-        }
-        let pair: Vec<serde_json::Value> = single.iter().cloned().chain(pair).collect();
+        let (bos_token, eos_token) = (special(add_bos, bos, "BOS")?, special(add_eos, eos, "EOS")?);
+        // The template of one sequence: its BOS, itself, its EOS.
+        let sequence = |seq: &str, type_id: u32| -> Vec<serde_json::Value> {
+            let bos = bos_token.iter().map(|b| json!({"SpecialToken": {"id": b, "type_id": type_id}}));
+            let eos = eos_token.iter().map(|e| json!({"SpecialToken": {"id": e, "type_id": type_id}}));
+            bos.chain(std::iter::once(json!({"Sequence": {"id": seq, "type_id": type_id}}))).chain(eos).collect()
+        };
+        let single = sequence("A", 0);
+        let pair: Vec<serde_json::Value> = single.iter().cloned().chain(sequence("B", 1)).collect();
         json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
     } else {
         json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})

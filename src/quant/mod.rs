@@ -470,9 +470,8 @@ fn round(v: f32) -> f32 {
 /// which is column `v` of `wteᵀ`), and with `embedding` the `Gather(wte,
 /// ids)` becomes GatherBlockQuantized over the same bytes and scales. With
 /// the head in float (`head` None) a tied head keeps its Transpose, and the
-/// embedding, when asked for, gets `body` bits of its own. Returns the
-/// name of an untied head's weight when the head stays float, for
-/// [`matmul_nbits`] to leave alone.
+/// embedding, when asked for, gets `body` bits of its own; an untied head
+/// is left to [`matmul_nbits`].
 fn head_and_embedding(model: &mut ModelProto, report: &mut Report, body: Bits, head: Option<Bits>, embedding: bool, accuracy_level: i64) -> Result<()> {
     let g = graph_mut(model);
     let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
@@ -484,14 +483,8 @@ fn head_and_embedding(model: &mut ModelProto, report: &mut Report, body: Bits, h
         let head_at = g.node.iter().position(|n| n.op_type.as_deref() == Some("MatMul") && &n.input[1] == head_out)?;
         Some((transpose, gather, head_at, wte_name))
     });
-    let Some((transpose, gather, head_at, wte_name)) = tied else {
-        // An untied head is a weight like any other; the embedding alone.
-        if embedding {
-            untied_embedding(model, report, body)?;
-        }
-        return Ok(());
-    };
-    let Some(bits) = head else {
+    let (Some((transpose, gather, head_at, wte_name)), Some(bits)) = (tied, head) else {
+        // An untied head, or one left float: the embedding on its own.
         if embedding {
             untied_embedding(model, report, body)?;
         }

@@ -176,6 +176,11 @@ pub fn generate(dir: &std::path::Path, dtype: Dtype, prompt: &str, max_new_token
     Ok(crate::model::Generation { input_ids, generated_ids, text, logits })
 }
 
+/// The larger of two errors, NaN if either is (`f32::max` passes a NaN over).
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) }
+}
+
 /// Running sums for an [`Agreement`].
 #[derive(Default)]
 struct Tally {
@@ -192,10 +197,9 @@ impl Tally {
         for (r, c) in reference.chunks_exact(vocab).zip(candidate.chunks_exact(vocab)) {
             self.positions += 1;
             let err = r.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0f32, |m, e| if e.is_nan() || e > m { e } else { m });
-            self.max_abs = if err.is_nan() || self.max_abs.is_nan() { f32::NAN } else { self.max_abs.max(err) };
+            self.max_abs = nan_max(self.max_abs, err);
             let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let relative = if scale > 0.0 { err / scale } else { err };
-            self.max_relative = if relative.is_nan() || self.max_relative.is_nan() { f32::NAN } else { self.max_relative.max(relative) };
+            self.max_relative = nan_max(self.max_relative, if scale > 0.0 { err / scale } else { err });
             let (best_r, best_c) = (argmax(r) as usize, argmax(c) as usize);
             self.top1 += usize::from(best_r == best_c);
             self.kl += kl_with_maxima(r, c, r[best_r] as f64, c[best_c] as f64);
@@ -528,8 +532,8 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
     let generated: usize = prompts.iter().map(|p| p.reference_greedy.len()).sum();
     let matched: usize = prompts.iter().map(|p| p.matched).sum();
     let metrics = Metrics {
-        max_abs_error: if prefill.max_abs_error.is_nan() || cache.max_abs_error.is_nan() { f32::NAN } else { prefill.max_abs_error.max(cache.max_abs_error) },
-        max_relative_error: if prefill.max_relative_error.is_nan() || cache.max_relative_error.is_nan() { f32::NAN } else { prefill.max_relative_error.max(cache.max_relative_error) },
+        max_abs_error: nan_max(prefill.max_abs_error, cache.max_abs_error),
+        max_relative_error: nan_max(prefill.max_relative_error, cache.max_relative_error),
         top1_agreement: (prefill.top1_agreement * prefill.positions as f64 + cache.top1_agreement * cache.positions as f64) / (prefill.positions + cache.positions).max(1) as f64,
         kl_divergence: (prefill.kl_divergence * prefill.positions as f64 + cache.kl_divergence * cache.positions as f64) / (prefill.positions + cache.positions).max(1) as f64,
         perplexity_ratio: if tokens == 0 { 1.0 } else { perplexity_onnx / perplexity_reference },
