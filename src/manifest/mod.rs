@@ -10,8 +10,8 @@ mod resolve;
 pub use error::{ManifestError, suggest};
 pub use raw::{Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts, RawTolerance, RemoteEngine, RemoteFallback, Schedule, VocabInit, VocabStrategy};
 pub use resolve::{
-    Adapter, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest, Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab, Web,
-    has_user_info,
+    Adapter, AdapterFiles, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest, Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify, Vocab,
+    Web, has_user_info,
 };
 
 use std::path::Path;

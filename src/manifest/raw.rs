@@ -234,6 +234,7 @@ pub struct RawExport {
     pub head_bits: Option<u64>,
     pub external_data: Option<ExternalData>,
     pub accuracy_level: Option<u64>,
+    pub adapter: Option<String>,
 }
 
 /// When ONNX initializers go to `model*.onnx_data` files.

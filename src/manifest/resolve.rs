@@ -212,6 +212,32 @@ pub struct Export {
     pub external_data: ExternalData,
     /// MatMulNBits' `accuracy_level` in the 4-bit files.
     pub accuracy_level: u64,
+    /// What the output folder's `adapter/` holds beside a LoRA adapter.
+    pub adapter: AdapterFiles,
+}
+
+/// `export.adapter`: whether a LoRA adapter ships with the weights it was
+/// trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdapterFiles {
+    /// The adapter alone: its base comes from where the manifest took it.
+    #[default]
+    Alone,
+    /// `adapter/base/` holds the base the adapter was trained on (its
+    /// vocabulary grown, the new rows as they started).
+    WithBase,
+}
+
+impl AdapterFiles {
+    const ALL: [AdapterFiles; 2] = [AdapterFiles::Alone, AdapterFiles::WithBase];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AdapterFiles::Alone => "alone",
+            AdapterFiles::WithBase => "with-base",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -308,7 +334,7 @@ pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_
     let base = raw.base.map(|b| resolve_base(&cx, &dir, b)).transpose()?;
     let vocab = raw.vocab.map(|v| resolve_vocab(&cx, v)).transpose()?;
     let finetune = raw.finetune.map(|f| resolve_finetune(&cx, f, base.as_ref())).transpose()?;
-    let export = raw.export.map(|e| resolve_export(&cx, e)).transpose()?;
+    let export = raw.export.map(|e| resolve_export(&cx, e, finetune.as_ref())).transpose()?;
     let verify = raw.verify.map(|v| resolve_verify(&cx, &dir, v)).transpose()?;
     let web = resolve_web(&cx, raw.web.unwrap_or_default(), export.as_ref())?;
     let cache_remote = match raw.cache.unwrap_or_default() {
@@ -805,7 +831,7 @@ fn check_dtype(cx: &Ctx<'_>, path: &[&str], dtype: &str) -> Result<Dtype, Manife
     Err(cx.at(path, format!("unknown dtype `{dtype}` in `{}`{hint} (known: {})", path.join("."), Dtype::list())))
 }
 
-fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError> {
+fn resolve_export(cx: &Ctx<'_>, raw: RawExport, finetune: Option<&Finetune>) -> Result<Export, ManifestError> {
     let opset = raw.opset.unwrap_or(17);
     if !(17..=21).contains(&opset) {
         return Err(cx.at(&["export", "opset"], format!("`export.opset` = {opset} is not supported: use 17 to 21")));
@@ -830,7 +856,19 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport) -> Result<Export, ManifestError>
         None => crate::quant::HeadBits::default(),
         Some(n) => crate::quant::HeadBits::from_number(n).ok_or_else(|| cx.at(&["export", "head_bits"], format!("`export.head_bits` = {n}: use 4, 8 (the default) or 16 (the file's float type)")))?,
     };
-    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), head_bits, external_data: raw.external_data.unwrap_or(ExternalData::Auto), accuracy_level })
+    let adapter = match raw.adapter.as_deref() {
+        None => AdapterFiles::default(),
+        Some(name) => AdapterFiles::ALL.into_iter().find(|a| a.name() == name).ok_or_else(|| {
+            cx.at(
+                &["export", "adapter"],
+                format!("`export.adapter` = \"{name}\": use \"alone\" (the default: the adapter's files) or \"with-base\" (and the base it was trained on, in `adapter/base/`)"),
+            )
+        })?,
+    };
+    if adapter == AdapterFiles::WithBase && finetune.is_none_or(|f| f.method != FinetuneMethod::Lora) {
+        return Err(cx.at(&["export", "adapter"], "`export.adapter` = \"with-base\" ships a LoRA adapter's base, and this build trains no adapter (`finetune.method` = \"lora\")"));
+    }
+    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), head_bits, external_data: raw.external_data.unwrap_or(ExternalData::Auto), accuracy_level, adapter })
 }
 
 fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {

@@ -43,6 +43,19 @@ pub struct Card {
     pub method: String,
     /// The corpus files, as the manifest names them.
     pub corpus: Vec<String>,
+    /// What it says of a LoRA adapter (`None`: the build trains none).
+    pub adapter: Option<AdapterCard>,
+}
+
+/// How the card puts a LoRA adapter back on its base with PEFT.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterCard {
+    /// The arguments of transformers' `AutoModelForCausalLM.from_pretrained`
+    /// that load the base as the manifest took it, and a comment on them;
+    /// `None` where only symb has it (a scratch model's first weights).
+    pub base: Option<(String, String)>,
+    /// `export.adapter = "with-base"`: `adapter/base/` holds the base.
+    pub with_base: bool,
 }
 
 const PAGE: &str = include_str!("../web/index.html");
@@ -236,6 +249,54 @@ impl BundleStage {
         Ok(html)
     }
 
+    /// The card's section on the LoRA adapter: what `adapter/` holds and the
+    /// Python that puts it on its base, when the base can be had.
+    fn adapter_section(&self, ctx: &StageContext<'_>, adapter: &AdapterCard) -> String {
+        let config = artifact_json(ctx, "finetune", "adapter_config.json").unwrap_or_default();
+        let vocab = if self.vocab { artifact_json(ctx, "vocab", "report.json") } else { None };
+        let rows_in_adapter = !config["trainable_token_indices"].is_null();
+        let targets: Vec<String> = config["target_modules"].as_array().into_iter().flatten().filter_map(|t| t.as_str()).map(|t| format!("`{t}`")).collect();
+        let mut md = format!("\n## The LoRA adapter\n\n`adapter/` is the LoRA adapter in PEFT's format (rank {}, on {})", config["r"], targets.join(", "));
+        if let (true, Some(v)) = (rows_in_adapter, &vocab) {
+            md.push_str(&format!(", with the embedding rows of the {} new tokens", v["new_tokens"]));
+        }
+        md.push_str(". `model.safetensors` is the model with it merged. ");
+        // The vocabulary the adapter's base has: (size, new rows as transformers starts them).
+        let grown = vocab.as_ref().map(|v| (v["vocab_size"].clone(), rows_in_adapter || v["init"] == "mean"));
+        let base = match (&adapter.base, grown) {
+            (_, grown) if adapter.with_base => {
+                let grew = grown.map_or(String::new(), |(n, _)| format!(" (the base, its vocabulary grown to {n} tokens)"));
+                md.push_str(&format!("`adapter/base/` holds the weights it was trained on{grew}. With PEFT:\n"));
+                ("\"adapter/base\"".to_string(), String::new(), None)
+            }
+            (None, _) => {
+                md.push_str("Its base is the random weights symb started from, which this folder does not hold: `[export] adapter = \"with-base\"` puts them in `adapter/base/`.\n");
+                return md;
+            }
+            (Some(_), Some((_, false))) => {
+                md.push_str("Its base's new rows started from symb's random draw (`vocab.init = \"normal\"`) and the adapter does not hold them (`finetune.train_new_tokens = false`): `[export] adapter = \"with-base\"` puts that base in `adapter/base/`.\n");
+                return md;
+            }
+            (Some((args, comment)), grown) => {
+                md.push_str("To put it on its base yourself, with PEFT");
+                if grown.is_some() {
+                    let rows = if rows_in_adapter { "the adapter holds their rows" } else { "their rows start where symb started them, at the mean of the others" };
+                    md.push_str(&format!(" (the base's vocabulary grown to take the new tokens: {rows})"));
+                }
+                md.push_str(":\n");
+                (args.clone(), comment.clone(), grown.map(|(n, _)| n))
+            }
+        };
+        let (args, comment, resize) = base;
+        let comment = if comment.is_empty() { String::new() } else { format!("  # {comment}") };
+        md.push_str(&format!("\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\nbase = AutoModelForCausalLM.from_pretrained({args}){comment}\n"));
+        if let Some(n) = resize {
+            md.push_str(&format!("base.resize_token_embeddings({n})  # config.json's vocab_size\n"));
+        }
+        md.push_str("model = PeftModel.from_pretrained(base, \"adapter\")\n```\n");
+        md
+    }
+
     /// `README.md`: a Hugging Face model card (YAML metadata for the Hub,
     /// what the model is, each file's verification, how to load it).
     fn card(&self, ctx: &StageContext<'_>) -> String {
@@ -323,6 +384,9 @@ impl BundleStage {
             prompt = quote(&prompt),
             max_new_tokens = self.web.max_new_tokens,
         );
+        if let Some(adapter) = &card.adapter {
+            md.push_str(&self.adapter_section(ctx, adapter));
+        }
         if card.license.is_none() {
             md.push_str("\nLicense: not stated (set `[project] license` in symb.toml).\n");
         }

@@ -11,7 +11,39 @@ pub mod vocab;
 
 use crate::dtype::Dtype;
 use crate::engine::{Plan, Stage};
-use crate::manifest::{BaseModel, FinetuneMethod, Manifest, ManifestError, VocabStrategy};
+use crate::manifest::{AdapterFiles, BaseModel, FinetuneMethod, Manifest, ManifestError, VocabStrategy};
+
+/// Where a model stage (`base`, `vocab`) puts its model in the output folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelPublish {
+    /// Nowhere: a later stage's model is the folder's.
+    Nowhere,
+    /// At the top: nothing trains it.
+    Root,
+    /// Its tokenizer in `adapter/`, where PEFT's `AutoPeftModelForCausalLM`
+    /// finds it and grows the base's vocabulary to match.
+    AdapterTokenizer,
+    /// Its model in `adapter/base/` (`export.adapter = "with-base"`), and its
+    /// tokenizer in `adapter/` where the vocabulary grew.
+    AdapterBase,
+}
+
+impl ModelPublish {
+    /// (artifact, output path) for a model stage's files; `grew`: the stage
+    /// grew the base's vocabulary.
+    pub fn files(self, grew: bool) -> Vec<(String, String)> {
+        const MODEL: [&str; 4] = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"];
+        const TOKENIZER: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
+        let under = |folder: &str, files: &[&str]| files.iter().map(|f| (f.to_string(), format!("{folder}{f}"))).collect::<Vec<_>>();
+        let tokenizer = if grew { under("adapter/", &TOKENIZER) } else { Vec::new() };
+        match self {
+            ModelPublish::Nowhere => Vec::new(),
+            ModelPublish::Root => under("", &MODEL),
+            ModelPublish::AdapterTokenizer => tokenizer,
+            ModelPublish::AdapterBase => [under("adapter/base/", &MODEL), under("adapter/base/", &["tokenizer_config.json"]), tokenizer].concat(),
+        }
+    }
+}
 
 /// The stages a manifest asks for. A section whose stage this version of symb
 /// does not have yet is refused rather than silently ignored.
@@ -26,6 +58,16 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     let error = |message: &str| ManifestError::general(&manifest.display, message);
     let finetune = manifest.finetune.as_ref().filter(|f| f.method != FinetuneMethod::None);
     let vocab = manifest.vocab.as_ref().filter(|v| v.strategy != VocabStrategy::None);
+    let lora = finetune.is_some_and(|f| f.method == FinetuneMethod::Lora);
+    let with_base = lora && manifest.export.as_ref().is_some_and(|e| e.adapter == AdapterFiles::WithBase);
+    // The last model stage before training is the adapter's base.
+    let publish = |last: bool| match () {
+        _ if !last => ModelPublish::Nowhere,
+        _ if finetune.is_none() => ModelPublish::Root,
+        _ if with_base => ModelPublish::AdapterBase,
+        _ if lora => ModelPublish::AdapterTokenizer,
+        _ => ModelPublish::Nowhere,
+    };
     let mut model_stage = "base";
     if let Some(base) = &manifest.base {
         match &base.model {
@@ -56,12 +98,12 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             BaseModel::Hub { repo, revision } => Some(resolve_hub(manifest, repo, revision.as_deref().unwrap_or("main"))),
             _ => None,
         };
-        stages.push(Box::new(model::BaseStage { base: base.clone(), files, hub, publish: finetune.is_none() && vocab.is_none() }));
+        stages.push(Box::new(model::BaseStage { base: base.clone(), files, hub, publish: publish(vocab.is_none()) }));
         if let Some(vocab) = vocab {
             if manifest.corpus.is_none() {
                 return Err(error("`[vocab]` needs a `[corpus]`: its report measures the new tokens on the eval split"));
             }
-            stages.push(Box::new(vocab::VocabStage { vocab: vocab.clone(), publish: finetune.is_none() }));
+            stages.push(Box::new(vocab::VocabStage { vocab: vocab.clone(), publish: publish(true) }));
             model_stage = "vocab";
         }
     } else if vocab.is_some() {
@@ -167,6 +209,11 @@ fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate:
     }
 }
 
+/// `text` as a Python string literal (JSON's escapes are Python's).
+fn python_string(text: &str) -> String {
+    serde_json::to_string(text).expect("a string")
+}
+
 /// The model card's facts: license and languages, the Hub base, and how the
 /// model was made, in words.
 fn card(manifest: &Manifest) -> bundle::Card {
@@ -198,7 +245,27 @@ fn card(manifest: &Manifest) -> bundle::Card {
         _ if scratch => (format!("{} with random weights (nothing trains it: no `[finetune]`), converted", capital(&base_words)), false),
         _ => (format!("{}, converted", capital(&base_words)), false),
     };
+    let lora = manifest.finetune.as_ref().is_some_and(|f| f.method == FinetuneMethod::Lora);
+    let adapter = lora.then(|| bundle::AdapterCard {
+        base: base.and_then(|b| match &b.model {
+            BaseModel::Hub { repo, revision } => {
+                let revision = revision.as_ref().map_or(String::new(), |r| format!(", revision={}", python_string(r)));
+                Some((format!("{}{revision}", python_string(repo)), String::new()))
+            }
+            BaseModel::Gguf(file) => {
+                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                Some((format!("\".\", gguf_file={}", python_string(&name)), "the folder that holds the file; needs `pip install gguf`: transformers dequantizes it as symb did".to_string()))
+            }
+            BaseModel::Path(dir) => {
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                Some((python_string(&name), "the folder symb.toml's base.model names".to_string()))
+            }
+            BaseModel::Scratch => None,
+        }),
+        with_base: manifest.export.as_ref().is_some_and(|e| e.adapter == AdapterFiles::WithBase),
+    });
     bundle::Card {
+        adapter,
         license: manifest.project.license.clone(),
         language: manifest.project.language.clone(),
         base_model,

@@ -59,8 +59,8 @@ pub struct BaseStage {
     pub files: Vec<ExternalFile>,
     /// For a Hub model: its revision resolved to a commit (or why it could not be).
     pub hub: Option<Result<model::hub::Resolved, StageError>>,
-    /// Whether the output folder gets the base model (when nothing trains it).
-    pub publish: bool,
+    /// Where the output folder gets the base model.
+    pub publish: super::ModelPublish,
 }
 
 /// The files of a local model folder that a build reads, labelled
@@ -129,10 +129,7 @@ impl Stage for BaseStage {
         tools()
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        if !self.publish {
-            return Vec::new();
-        }
-        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| (f.to_string(), f.to_string())).collect()
+        self.publish.files(false)
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         match &self.base.model {

@@ -48,8 +48,8 @@ const INIT_SEED: u64 = 0x0C0B_5EED;
 
 pub struct VocabStage {
     pub vocab: Vocab,
-    /// Whether the output folder gets this model (when nothing trains it).
-    pub publish: bool,
+    /// Where the output folder gets this model.
+    pub publish: super::ModelPublish,
 }
 
 /// The new tokens: (id, text or vocabulary string).
@@ -404,9 +404,7 @@ impl Stage for VocabStage {
     }
     fn publishes(&self) -> Vec<(String, String)> {
         let mut files = vec![("report.json".to_string(), "reports/vocab.json".to_string())];
-        if self.publish {
-            files.extend(["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| (f.to_string(), f.to_string())));
-        }
+        files.extend(self.publish.files(true));
         files
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError> {
