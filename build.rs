@@ -7,7 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
     // Tensor bytes as `bytes::Bytes`: a model decoded from a mapped file
     // points into it instead of copying every weight.
-    prost_build::Config::new().bytes([".onnx.TensorProto.raw_data"]).compile_fds(descriptors)?;
+    prost_build::Config::new()
+        .bytes([".onnx.TensorProto.raw_data"])
+        .compile_fds(descriptors)?;
     Ok(())
 }
 
@@ -15,7 +17,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// when the source is a checkout (else "no commit", as from a tarball). It
 /// names the build only: stage keys use the crate version.
 fn commit() {
-    let git = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
     let described = git(&["log", "-1", "--format=%h %cs"]).filter(|s| !s.is_empty());
     let text = described.unwrap_or_else(|| "no commit".to_string());
     println!("cargo:rustc-env=SYMB_COMMIT={text}");

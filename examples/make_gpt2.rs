@@ -32,7 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     symb::model::save_safetensors(&model.named_tensors(), &out.join("model.safetensors"))?;
     let mut json = serde_json::to_value(&config)?;
     json["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&json)?)?;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     std::fs::copy(tokenizer, out.join("tokenizer.json"))?;
     Ok(())
 }

@@ -34,7 +34,11 @@ pub const SHAPES: [(usize, usize, usize, bool, bool); 16] = [
 ];
 
 fn operand(rows: usize, cols: usize, transposed: bool) -> candle_core::Result<Tensor> {
-    if transposed { Tensor::rand(0f32, 1f32, (cols, rows), &Device::Cpu)?.t() } else { Tensor::rand(0f32, 1f32, (rows, cols), &Device::Cpu) }
+    if transposed {
+        Tensor::rand(0f32, 1f32, (cols, rows), &Device::Cpu)?.t()
+    } else {
+        Tensor::rand(0f32, 1f32, (rows, cols), &Device::Cpu)
+    }
 }
 
 fn main() -> candle_core::Result<()> {
@@ -49,7 +53,10 @@ fn main() -> candle_core::Result<()> {
             runs += 1;
         }
         let gflops = 2.0 * (m * k * n) as f64 * runs as f64 / start.elapsed().as_secs_f64() / 1e9;
-        println!("{}", serde_json::json!({"m": m, "k": k, "n": n, "lhs_t": lhs_t, "rhs_t": rhs_t, "gflops": gflops}));
+        println!(
+            "{}",
+            serde_json::json!({"m": m, "k": k, "n": n, "lhs_t": lhs_t, "rhs_t": rhs_t, "gflops": gflops})
+        );
     }
     Ok(())
 }

@@ -65,29 +65,61 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         _ => return Err("usage: train_throughput gpt2 LAYERS WIDTH HEADS VOCAB STEPS | llama LAYERS WIDTH HEADS KV_HEADS INTERMEDIATE VOCAB STEPS".into()),
     };
-    let spec = LoraSpec { targets, rank: 8, alpha: 16.0, rslora: false };
+    let spec = LoraSpec {
+        targets,
+        rank: 8,
+        alpha: 16.0,
+        rslora: false,
+    };
     let lora = attach_lora(&mut model, &spec, None, &mut rng)?;
-    let mut optimizer = AdamW::new(lora.vars(), AdamWParams { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
+    let mut optimizer = AdamW::new(
+        lora.vars(),
+        AdamWParams {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
     let mut timed = std::time::Duration::ZERO;
     for step in 0..=steps {
-        let ids: Vec<u32> = (0..batch * (block + 1)).map(|_| (rng.next_u64() % vocab_size as u64) as u32).collect();
+        let ids: Vec<u32> = (0..batch * (block + 1))
+            .map(|_| (rng.next_u64() % vocab_size as u64) as u32)
+            .collect();
         let ids = Tensor::from_vec(ids, (batch, block + 1), &Device::Cpu)?;
         let started = std::time::Instant::now();
-        let loss = model.loss(&ids.narrow(1, 0, block)?, &ids.narrow(1, 1, block)?.flatten_all()?, true)?;
+        let loss = model.loss(
+            &ids.narrow(1, 0, block)?,
+            &ids.narrow(1, 1, block)?.flatten_all()?,
+            true,
+        )?;
         let forward = started.elapsed();
         let grads = loss.backward()?;
         let backward = started.elapsed();
         optimizer.step(&grads)?;
         if std::env::var_os("SYMB_STEP_TIMES").is_some() {
-            eprintln!("step {step}: forward {:.2}s, backward {:.2}s, optimizer {:.2}s", forward.as_secs_f64(), (backward - forward).as_secs_f64(), (started.elapsed() - backward).as_secs_f64());
+            eprintln!(
+                "step {step}: forward {:.2}s, backward {:.2}s, optimizer {:.2}s",
+                forward.as_secs_f64(),
+                (backward - forward).as_secs_f64(),
+                (started.elapsed() - backward).as_secs_f64()
+            );
         }
         if step > 0 {
             timed += started.elapsed();
         }
     }
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let peak_kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
     let tokens = (steps * batch * block) as f64;
-    println!("{}", serde_json::json!({"tokens_per_second": tokens / timed.as_secs_f64(), "peak_memory_mb": peak_kb as f64 / 1024.0, "steps": steps}));
+    println!(
+        "{}",
+        serde_json::json!({"tokens_per_second": tokens / timed.as_secs_f64(), "peak_memory_mb": peak_kb as f64 / 1024.0, "steps": steps})
+    );
     Ok(())
 }

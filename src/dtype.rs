@@ -7,7 +7,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// One ONNX file of the output: its weights' (and compute's) precision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// The export itself.
@@ -30,10 +32,19 @@ pub enum Dtype {
 
 impl Dtype {
     /// Every dtype, in the order stages are planned.
-    pub const ALL: [Dtype; 7] = [Dtype::Fp32, Dtype::Fp16, Dtype::Q8, Dtype::Int8, Dtype::Uint8, Dtype::Q4, Dtype::Q4f16];
+    pub const ALL: [Dtype; 7] = [
+        Dtype::Fp32,
+        Dtype::Fp16,
+        Dtype::Q8,
+        Dtype::Int8,
+        Dtype::Uint8,
+        Dtype::Q4,
+        Dtype::Q4f16,
+    ];
 
     /// The targets a manifest's `[export]` builds when it names none.
-    pub const DEFAULT_TARGETS: [Dtype; 5] = [Dtype::Fp32, Dtype::Fp16, Dtype::Q8, Dtype::Q4, Dtype::Q4f16];
+    pub const DEFAULT_TARGETS: [Dtype; 5] =
+        [Dtype::Fp32, Dtype::Fp16, Dtype::Q8, Dtype::Q4, Dtype::Q4f16];
 
     /// The name in the manifest, on the command line and in transformers.js.
     pub const fn name(self) -> &'static str {
@@ -121,7 +132,10 @@ impl FromStr for Dtype {
     type Err = UnknownDtype;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
-        Dtype::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| UnknownDtype(name.to_string()))
+        Dtype::ALL
+            .into_iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| UnknownDtype(name.to_string()))
     }
 }
 
@@ -140,6 +154,9 @@ mod tests {
         assert_eq!(Dtype::Fp32.producer_stage(), "export");
         assert_eq!(Dtype::Q4f16.producer_stage(), "quantize.q4f16");
         assert_eq!(Dtype::Uint8.verify_stage(), "verify.uint8");
-        assert_eq!("q3".parse::<Dtype>().unwrap_err().to_string(), "`q3` is not a dtype (known: fp32, fp16, q8, int8, uint8, q4, q4f16)");
+        assert_eq!(
+            "q3".parse::<Dtype>().unwrap_err().to_string(),
+            "`q3` is not a dtype (known: fp32, fp16, q8, int8, uint8, q4, q4f16)"
+        );
     }
 }

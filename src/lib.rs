@@ -2,13 +2,21 @@
 //! web browser. A TOML manifest becomes a content-hashed graph of stages;
 //! every artifact is cached and only what changed re-runs.
 //!
-//! Layers, each importing only those above it:
-//! - [`cache`]: the content-addressed store (no knowledge of stages);
-//! - [`engine`]: the graph, keys, executor and reasons (no ML);
-//! - [`manifest`]: `symb.toml` parsed and validated;
-//! - [`stages`]: the stage kinds;
+//! The modules, from the bottom up (`engine` and `cache` know nothing of
+//! machine learning; only `cli` prints):
+//! - [`cache`]: the content-addressed artifact store, local and shared (S3);
+//! - [`engine`]: the graph of stages, their keys, the executor and the reasons for each re-run;
+//! - [`dtype`]: the closed set of export dtypes and everything named after one;
+//! - [`manifest`]: `symb.toml` parsed and validated, every error at its line;
+//! - [`model`]: the model families in candle, LoRA, training, Hub and GGUF loading;
+//! - [`onnx`]: the ONNX protobuf types, a graph builder and each family's lowering;
+//! - [`quant`]: the quantizers over ONNX graphs (fp16, q8, int8/uint8, q4, q4f16);
+//! - [`verify`]: an ONNX file in ONNX Runtime against the model's own forward pass;
+//! - [`lint`]: an output folder against what transformers.js needs to load it;
+//! - [`serve`]: an output folder and its playground over HTTP on 127.0.0.1;
+//! - [`stages`]: the stage kinds, and the plan a manifest becomes;
 //! - [`ray`]: the engine's dispatch seam over a Ray cluster;
-//! - [`project`]: a manifest + plan + cache, and the operations on it;
+//! - [`project`]: a manifest, its plan and its cache, and the operations on them;
 //! - [`cli`]: the command line, the only place that prints.
 
 pub mod cache;

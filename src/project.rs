@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::cache::{BlobRef, Cache, CacheError, GcReport, StatCache};
-use crate::engine::{self, BuildOptions, BuildOutcome, FailureClass, Plan, PlanError, Reporter, StageState};
+use crate::engine::{
+    self, BuildOptions, BuildOutcome, FailureClass, Plan, PlanError, Reporter, StageState,
+};
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::stages;
 
@@ -26,11 +28,17 @@ pub enum ProjectError {
     #[error("error: {0}")]
     Cache(#[from] CacheError),
     /// The lint refused the new output folder.
-    #[error("error: the new output folder fails the transformers.js lint, so `{output}` was left as it was:\n{findings}")]
+    #[error(
+        "error: the new output folder fails the transformers.js lint, so `{output}` was left as it was:\n{findings}"
+    )]
     Lint { output: String, findings: String },
     /// The output path is not symb's to write (checked again at the swap).
     #[error("error: `project.output` = \"{output}\": {message}")]
-    Output { output: String, message: String, unreadable: bool },
+    Output {
+        output: String,
+        message: String,
+        unreadable: bool,
+    },
 }
 
 impl ProjectError {
@@ -92,22 +100,47 @@ impl Project {
         let manifest = manifest::load(manifest_path)?;
         let plan = stages::plan(&manifest)?;
         for target in targets {
-            plan.resolve(target).map_err(|e| not_a_target(&manifest, target, e))?;
+            plan.resolve(target)
+                .map_err(|e| not_a_target(&manifest, target, e))?;
         }
         let plan = plan.restrict(targets)?;
         let cache = Cache::open(&manifest.project.cache)?;
-        let id = blake3::hash(manifest.path.canonicalize().unwrap_or_else(|_| manifest.path.clone()).as_os_str().as_encoded_bytes()).to_hex()[..16].to_string();
-        Ok(Project { manifest, plan, cache, id, partial: !targets.is_empty() })
+        let id = blake3::hash(
+            manifest
+                .path
+                .canonicalize()
+                .unwrap_or_else(|_| manifest.path.clone())
+                .as_os_str()
+                .as_encoded_bytes(),
+        )
+        .to_hex()[..16]
+            .to_string();
+        Ok(Project {
+            manifest,
+            plan,
+            cache,
+            id,
+            partial: !targets.is_empty(),
+        })
     }
 
     /// The stages `--force NAME` means: as `--target NAME` does, in the
     /// whole plan; with `--target`, those of them this build runs.
     pub fn stages_named(&self, name: &str) -> Result<Vec<String>, ProjectError> {
         let full = stages::plan(&self.manifest)?;
-        let named = full.resolve(name).map_err(|e| not_a_target(&self.manifest, name, e))?;
-        let built: Vec<String> = named.iter().filter(|n| self.plan.stage(n).is_some()).map(|n| n.to_string()).collect();
+        let named = full
+            .resolve(name)
+            .map_err(|e| not_a_target(&self.manifest, name, e))?;
+        let built: Vec<String> = named
+            .iter()
+            .filter(|n| self.plan.stage(n).is_some())
+            .map(|n| n.to_string())
+            .collect();
         if built.is_empty() {
-            return Err(ProjectError::NotATarget(format!("`{name}` ({}) is not part of this build: `--target` leaves it out", named.join(", "))));
+            return Err(ProjectError::NotATarget(format!(
+                "`{name}` ({}) is not part of this build: `--target` leaves it out",
+                named.join(", ")
+            )));
         }
         Ok(built)
     }
@@ -115,7 +148,12 @@ impl Project {
     /// Options for a build on `jobs` threads; `SYMB_CACHE_SALT` (if set)
     /// is mixed into every key, to invalidate a whole cache at once.
     pub fn default_options(jobs: usize) -> BuildOptions {
-        BuildOptions { jobs, tools: [("symb".to_string(), VERSION.to_string())].into(), salt: std::env::var("SYMB_CACHE_SALT").unwrap_or_default(), ..BuildOptions::default() }
+        BuildOptions {
+            jobs,
+            tools: [("symb".to_string(), VERSION.to_string())].into(),
+            salt: std::env::var("SYMB_CACHE_SALT").unwrap_or_default(),
+            ..BuildOptions::default()
+        }
     }
 
     /// The shared store: `SYMB_CACHE_REMOTE` (which wins) or `[cache]
@@ -123,16 +161,34 @@ impl Project {
     /// makes it read-only. A remote that cannot be opened is a warning
     /// (returned with `None`): the build goes on locally.
     pub fn remote(&self) -> (Option<engine::Remote>, Option<String>) {
-        let from_env = std::env::var("SYMB_CACHE_REMOTE").ok().filter(|v| !v.is_empty());
+        let from_env = std::env::var("SYMB_CACHE_REMOTE")
+            .ok()
+            .filter(|v| !v.is_empty());
         let configured = self.manifest.cache_remote.as_ref();
-        let Some(url) = from_env.clone().or_else(|| configured.map(|c| c.url.clone())) else { return (None, None) };
+        let Some(url) = from_env
+            .clone()
+            .or_else(|| configured.map(|c| c.url.clone()))
+        else {
+            return (None, None);
+        };
         let mut write = configured.is_none_or(|c| c.write);
         if let Ok(value) = std::env::var("SYMB_CACHE_REMOTE_WRITE") {
             write = !matches!(value.trim(), "0" | "false" | "no" | "off");
         }
         match crate::cache::S3Store::open(&url) {
-            Ok(store) => (Some(engine::Remote { store: std::sync::Arc::new(store), write }), None),
-            Err(e) => (None, Some(format!("the cache remote is not used: {e}; the build goes on locally"))),
+            Ok(store) => (
+                Some(engine::Remote {
+                    store: std::sync::Arc::new(store),
+                    write,
+                }),
+                None,
+            ),
+            Err(e) => (
+                None,
+                Some(format!(
+                    "the cache remote is not used: {e}; the build goes on locally"
+                )),
+            ),
         }
     }
 
@@ -142,15 +198,35 @@ impl Project {
     /// inputs and outputs go through the cache remote, which must be set and
     /// writable (unless `fallback = "local"`, which then runs them here).
     #[allow(clippy::type_complexity)]
-    pub fn dispatch(&self, remote: Option<&engine::Remote>) -> Result<(Option<(std::sync::Arc<crate::ray::RayExecutor>, bool)>, Option<String>), ProjectError> {
-        let Some(config) = &self.manifest.remote else { return Ok((None, None)) };
-        let error = |message: String| ProjectError::Manifest(crate::manifest::ManifestError::general(&self.manifest.display, message));
-        let from_env = std::env::var("SYMB_REMOTE_ADDRESS").ok().filter(|v| !v.is_empty());
+    pub fn dispatch(
+        &self,
+        remote: Option<&engine::Remote>,
+    ) -> Result<
+        (
+            Option<(std::sync::Arc<crate::ray::RayExecutor>, bool)>,
+            Option<String>,
+        ),
+        ProjectError,
+    > {
+        let Some(config) = &self.manifest.remote else {
+            return Ok((None, None));
+        };
+        let error = |message: String| {
+            ProjectError::Manifest(crate::manifest::ManifestError::general(
+                &self.manifest.display,
+                message,
+            ))
+        };
+        let from_env = std::env::var("SYMB_REMOTE_ADDRESS")
+            .ok()
+            .filter(|v| !v.is_empty());
         let Some(address) = from_env.or_else(|| config.address.clone()) else {
             return Err(error("`[remote]` has no `address`: set `remote.address` (Ray's dashboard, such as \"http://head:8265\") or SYMB_REMOTE_ADDRESS".to_string()));
         };
         if !(address.starts_with("http://") || address.starts_with("https://")) {
-            return Err(error(format!("SYMB_REMOTE_ADDRESS = \"{address}\" is not an http:// or https:// URL")));
+            return Err(error(format!(
+                "SYMB_REMOTE_ADDRESS = \"{address}\" is not an http:// or https:// URL"
+            )));
         }
         if crate::manifest::has_user_info(&address) {
             return Err(error("SYMB_REMOTE_ADDRESS holds a user name or password: symb prints the address in its messages, so give Ray's address without them".to_string()));
@@ -165,7 +241,9 @@ impl Project {
                     "`[remote]` stages read their inputs from the cache remote and write their results there, but it is read-only (`remote_write = false` or SYMB_CACHE_REMOTE_WRITE=0)".to_string(),
                 ));
             }
-            None if self.manifest.cache_remote.is_some() || std::env::var("SYMB_CACHE_REMOTE").is_ok_and(|v| !v.is_empty()) => {
+            None if self.manifest.cache_remote.is_some()
+                || std::env::var("SYMB_CACHE_REMOTE").is_ok_and(|v| !v.is_empty()) =>
+            {
                 return Err(error("`[remote]` stages need the cache remote, which cannot be opened (see the warning above)".to_string()));
             }
             None => {
@@ -175,16 +253,34 @@ impl Project {
                 ));
             }
         };
-        let stages = config.stages.iter().map(|s| (s.clone(), config.resources.get(s).cloned().unwrap_or_default())).collect();
+        let stages = config
+            .stages
+            .iter()
+            .map(|s| {
+                (
+                    s.clone(),
+                    config.resources.get(s).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
         let ray = crate::ray::RayExecutor::new(&address, &store, &config.worker_symb, stages);
-        Ok((Some((std::sync::Arc::new(ray), config.fallback_local)), None))
+        Ok((
+            Some((std::sync::Arc::new(ray), config.fallback_local)),
+            None,
+        ))
     }
 
     /// Runs the build: stages, then the output folder (only when every stage
     /// succeeded and the whole plan was built).
-    pub fn build(&self, options: &BuildOptions, reporter: &dyn Reporter) -> Result<BuildReport, ProjectError> {
+    pub fn build(
+        &self,
+        options: &BuildOptions,
+        reporter: &dyn Reporter,
+    ) -> Result<BuildReport, ProjectError> {
         let started = Instant::now();
-        let lock = self.cache.lock(|| reporter.event(engine::Event::WaitingForLock))?;
+        let lock = self
+            .cache
+            .lock(|| reporter.event(engine::Event::WaitingForLock))?;
         // A cache this process cannot write serves a build that runs
         // nothing; a stage that must run fails on its first write.
         if !lock.read_only() {
@@ -193,7 +289,8 @@ impl Project {
         self.remove_stale_staging();
         let stat_path = self.cache.stat_cache_path();
         let stat = Mutex::new(StatCache::load(&stat_path));
-        let mut outcome = engine::execute(&self.plan, &self.cache, &stat, &self.id, options, reporter)?;
+        let mut outcome =
+            engine::execute(&self.plan, &self.cache, &stat, &self.id, options, reporter)?;
         let mut output_updated = None;
         let mut kept = Vec::new();
         if outcome.failure().is_none() && !self.partial {
@@ -205,9 +302,22 @@ impl Project {
                 // removed and its stage runs again (once; a second failure is
                 // an error). Files the output already holds are linked.
                 let reusable = engine::reusable_outputs(&self.cache, &self.id, output, &files);
-                if let Some(error) = files.iter().filter(|(path, _)| !reusable.contains(*path)).find_map(|(_, blob)| self.cache.check_blob(blob).err()) {
-                    reporter.event(engine::Event::CorruptBlob { message: &format!("{error}; rebuilding") });
-                    outcome = engine::execute(&self.plan, &self.cache, &stat, &self.id, options, reporter)?;
+                if let Some(error) = files
+                    .iter()
+                    .filter(|(path, _)| !reusable.contains(*path))
+                    .find_map(|(_, blob)| self.cache.check_blob(blob).err())
+                {
+                    reporter.event(engine::Event::CorruptBlob {
+                        message: &format!("{error}; rebuilding"),
+                    });
+                    outcome = engine::execute(
+                        &self.plan,
+                        &self.cache,
+                        &stat,
+                        &self.id,
+                        options,
+                        reporter,
+                    )?;
                     files = self.published(&outcome);
                 }
                 if outcome.failure().is_none() {
@@ -215,34 +325,70 @@ impl Project {
                     // replaces the previous one.
                     let web = self.plan.stage("bundle").is_some();
                     let check = |dir: &Path| -> Result<(), String> {
-                        let findings = if web { crate::lint::lint(dir) } else { Vec::new() };
-                        if findings.is_empty() { Ok(()) } else { Err(findings.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n")) }
+                        let findings = if web {
+                            crate::lint::lint(dir)
+                        } else {
+                            Vec::new()
+                        };
+                        if findings.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(findings
+                                .iter()
+                                .map(|f| format!("  {f}"))
+                                .collect::<Vec<_>>()
+                                .join("\n"))
+                        }
                     };
                     let label = || self.manifest.project.output_label.clone();
-                    let assembled = engine::assemble_output(&self.cache, &self.id, output, &files, &check).map_err(|e| match e {
-                        engine::AssembleError::Cache(e) => ProjectError::Cache(e),
-                        engine::AssembleError::Rejected(findings) => ProjectError::Lint { output: label(), findings },
-                        e @ (engine::AssembleError::Refused(_) | engine::AssembleError::Collision { .. }) => {
-                            let unreadable = matches!(e, engine::AssembleError::Refused(engine::OutputRefusal::Unreadable { .. }));
-                            ProjectError::Output { output: label(), message: e.to_string(), unreadable }
-                        }
-                    })?;
+                    let assembled =
+                        engine::assemble_output(&self.cache, &self.id, output, &files, &check)
+                            .map_err(|e| match e {
+                                engine::AssembleError::Cache(e) => ProjectError::Cache(e),
+                                engine::AssembleError::Rejected(findings) => ProjectError::Lint {
+                                    output: label(),
+                                    findings,
+                                },
+                                e @ (engine::AssembleError::Refused(_)
+                                | engine::AssembleError::Collision { .. }) => {
+                                    let unreadable = matches!(
+                                        e,
+                                        engine::AssembleError::Refused(
+                                            engine::OutputRefusal::Unreadable { .. }
+                                        )
+                                    );
+                                    ProjectError::Output {
+                                        output: label(),
+                                        message: e.to_string(),
+                                        unreadable,
+                                    }
+                                }
+                            })?;
                     kept = assembled.kept;
                 }
             }
             output_updated = outcome.failure().is_none().then_some(!current);
         }
         if !lock.read_only() {
-            stat.into_inner().expect("stat cache lock").save(&stat_path, &self.cache.tmp_dir())?;
+            stat.into_inner()
+                .expect("stat cache lock")
+                .save(&stat_path, &self.cache.tmp_dir())?;
         }
-        Ok(BuildReport { outcome, output_updated, kept, seconds: started.elapsed().as_secs_f64() })
+        Ok(BuildReport {
+            outcome,
+            output_updated,
+            kept,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 
     /// Output path -> blob, for every artifact the plan publishes.
     fn published(&self, outcome: &BuildOutcome) -> BTreeMap<String, BlobRef> {
         let mut files = BTreeMap::new();
         for stage in self.plan.stages() {
-            let Some(record) = outcome.get(stage.name()).and_then(|o| o.record.as_ref()) else { continue };
+            let Some(record) = outcome.get(stage.name()).and_then(|o| o.record.as_ref()) else {
+                continue;
+            };
             for (artifact, path) in stage.publishes() {
                 if let Some(blob) = record.outputs.get(&artifact) {
                     files.insert(path, blob.clone());
@@ -255,14 +401,24 @@ impl Project {
     /// Staging folders left beside the output by a killed build.
     fn remove_stale_staging(&self) {
         let output = &self.manifest.project.output;
-        let (Some(parent), Some(name)) = (output.parent(), output.file_name().and_then(|n| n.to_str())) else { return };
+        let (Some(parent), Some(name)) =
+            (output.parent(), output.file_name().and_then(|n| n.to_str()))
+        else {
+            return;
+        };
         let prefix = format!(".{name}.symb-new-");
-        let Ok(entries) = std::fs::read_dir(parent) else { return };
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return;
+        };
         let entries: Vec<_> = entries.flatten().collect();
         // A build that died between moving the old output aside and putting
         // the new one in left the old one here: it comes back first.
         if !output.exists()
-            && let Some(old) = entries.iter().find(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".old")))
+            && let Some(old) = entries.iter().find(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".old"))
+            })
         {
             let _ = std::fs::rename(old.path(), output);
         }
@@ -270,7 +426,11 @@ impl Project {
             if !entry.path().exists() {
                 continue;
             }
-            if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+            {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -279,7 +439,13 @@ impl Project {
     /// Each stage fresh or stale, with the reason; runs nothing.
     pub fn status(&self, options: &BuildOptions) -> Result<Vec<StageState>, ProjectError> {
         let stat = Mutex::new(StatCache::load(&self.cache.stat_cache_path()));
-        Ok(engine::status(&self.plan, &self.cache, &stat, &self.id, options)?)
+        Ok(engine::status(
+            &self.plan,
+            &self.cache,
+            &stat,
+            &self.id,
+            options,
+        )?)
     }
 
     /// How the output folder differs from what this build would write
@@ -291,7 +457,10 @@ impl Project {
         }
         let mut files = BTreeMap::new();
         for (stage, state) in self.plan.stages().zip(states) {
-            let record = state.key.as_deref().and_then(|key| self.cache.lookup(key))?;
+            let record = state
+                .key
+                .as_deref()
+                .and_then(|key| self.cache.lookup(key))?;
             for (artifact, path) in stage.publishes() {
                 if let Some(blob) = record.outputs.get(&artifact) {
                     files.insert(path, blob.clone());
@@ -301,13 +470,22 @@ impl Project {
         if files.is_empty() {
             return None;
         }
-        Some(engine::output_drift(&self.cache, &self.id, &self.manifest.project.output, &files))
+        Some(engine::output_drift(
+            &self.cache,
+            &self.id,
+            &self.manifest.project.output,
+            &files,
+        ))
     }
 
     /// Removes cache entries the current plan does not reference.
     pub fn gc(&self, options: &BuildOptions, dry_run: bool) -> Result<GcReport, ProjectError> {
         let _lock = self.cache.lock(|| {})?;
-        let keep: BTreeSet<String> = self.status(options)?.into_iter().filter_map(|s| s.key).collect();
+        let keep: BTreeSet<String> = self
+            .status(options)?
+            .into_iter()
+            .filter_map(|s| s.key)
+            .collect();
         Ok(self.cache.gc(&keep, dry_run)?)
     }
 
@@ -321,7 +499,9 @@ impl Project {
         let output = &self.manifest.project.output;
         let refused = |e: engine::OutputRefusal| self.output_error(e);
         let mut clean = Clean::default();
-        if let engine::OutputFolder::Owned(owned) = engine::inspect_output(output).map_err(refused)? {
+        if let engine::OutputFolder::Owned(owned) =
+            engine::inspect_output(output).map_err(refused)?
+        {
             clean.kept = engine::foreign_files(output, &owned);
             // Only symb's files go; a folder left holding the user's files
             // keeps a marker that lists none, so the next build takes it.
@@ -342,13 +522,20 @@ impl Project {
 
     fn output_error(&self, refusal: engine::OutputRefusal) -> ProjectError {
         let unreadable = matches!(refusal, engine::OutputRefusal::Unreadable { .. });
-        ProjectError::Output { output: self.manifest.project.output_label.clone(), message: refusal.to_string(), unreadable }
+        ProjectError::Output {
+            output: self.manifest.project.output_label.clone(),
+            message: refusal.to_string(),
+            unreadable,
+        }
     }
 
     /// Re-hashes the cache and the output folder against what symb wrote.
     /// With `repair`, corrupt cache entries are removed (their stages re-run
     /// at the next build); without, only reported.
-    pub fn verify(&self, repair: bool) -> Result<(crate::cache::VerifyReport, engine::OutputCheck), ProjectError> {
+    pub fn verify(
+        &self,
+        repair: bool,
+    ) -> Result<(crate::cache::VerifyReport, engine::OutputCheck), ProjectError> {
         let _lock = self.cache.lock(|| {})?;
         let cache = self.cache.verify(repair)?;
         let refused = |e: engine::OutputRefusal| self.output_error(e);
@@ -372,9 +559,20 @@ fn not_a_target(manifest: &manifest::Manifest, name: &str, error: PlanError) -> 
         Ok(dtype) if manifest.export.is_some() => ProjectError::NotATarget(format!(
             "`{dtype}` is not built by this manifest: add it to `export.targets` in {} (it has: {})",
             manifest.path.display(),
-            manifest.export.as_ref().map(|e| e.targets.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+            manifest
+                .export
+                .as_ref()
+                .map(|e| e
+                    .targets
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
         )),
-        Ok(dtype) => ProjectError::NotATarget(format!("`{dtype}` is an ONNX dtype, and this manifest has no `[export]` section; add one with `targets = [\"{dtype}\"]`")),
+        Ok(dtype) => ProjectError::NotATarget(format!(
+            "`{dtype}` is an ONNX dtype, and this manifest has no `[export]` section; add one with `targets = [\"{dtype}\"]`"
+        )),
         Err(_) => error.into(),
     }
 }

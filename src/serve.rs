@@ -73,7 +73,11 @@ impl Roots {
     fn validators(&self, file: &mut std::fs::File) -> std::io::Result<(String, String)> {
         use std::os::unix::fs::MetadataExt;
         let meta = file.metadata()?;
-        let stat = FileStat { len: meta.len(), mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128, ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128 };
+        let stat = FileStat {
+            len: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        };
         let modified = httpdate::fmt_http_date(meta.modified()?);
         let key = (meta.dev(), meta.ino());
         if let Some((known, tag)) = self.tags.lock().expect("tags lock").get(&key)
@@ -85,7 +89,10 @@ impl Roots {
         hasher.update_reader(&mut *file)?;
         file.seek(SeekFrom::Start(0))?;
         let tag = format!("\"{}\"", hasher.finalize().to_hex());
-        self.tags.lock().expect("tags lock").insert(key, (stat, tag.clone()));
+        self.tags
+            .lock()
+            .expect("tags lock")
+            .insert(key, (stat, tag.clone()));
         Ok((tag, modified))
     }
 }
@@ -101,7 +108,10 @@ struct Deadline {
 impl Read for Deadline {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if let Some(until) = self.until {
-            let left = until.checked_duration_since(std::time::Instant::now()).filter(|d| !d.is_zero()).ok_or(std::io::ErrorKind::TimedOut)?;
+            let left = until
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|d| !d.is_zero())
+                .ok_or(std::io::ErrorKind::TimedOut)?;
             self.stream.set_read_timeout(Some(left.min(READ_TIMEOUT)))?;
         }
         self.stream.read(buf)
@@ -120,14 +130,25 @@ impl Server {
                 )));
             }
         }
-        let roots = Roots { folder: root.canonicalize()?, modules: modules.map(Path::canonicalize).transpose()?, head_deadline: HEAD_DEADLINE, inbox: None, tags: Default::default() };
+        let roots = Roots {
+            folder: root.canonicalize()?,
+            modules: modules.map(Path::canonicalize).transpose()?,
+            head_deadline: HEAD_DEADLINE,
+            inbox: None,
+            tags: Default::default(),
+        };
         let listener = TcpListener::bind(("127.0.0.1", port))?;
-        Ok(Server { listener, roots: Arc::new(roots) })
+        Ok(Server {
+            listener,
+            roots: Arc::new(roots),
+        })
     }
 
     /// Takes what pages post to [`INBOX`]`NAME`: (NAME, body) on `inbox`.
     pub fn with_inbox(mut self, inbox: Inbox) -> Self {
-        Arc::get_mut(&mut self.roots).expect("not yet serving").inbox = Some(std::sync::Mutex::new(inbox));
+        Arc::get_mut(&mut self.roots)
+            .expect("not yet serving")
+            .inbox = Some(std::sync::Mutex::new(inbox));
         self
     }
 
@@ -149,7 +170,12 @@ impl Server {
         let thread = std::thread::spawn(move || {
             let _ = self.serve(&flag);
         });
-        Serving { url, address, stop, thread: Some(thread) }
+        Serving {
+            url,
+            address,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     fn serve(self, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<()> {
@@ -162,7 +188,13 @@ impl Server {
             if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                 open.fetch_sub(1, Ordering::SeqCst);
                 let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = stream.write_all(&head("503 Service Unavailable", "text/plain", 0, false, &[]));
+                let _ = stream.write_all(&head(
+                    "503 Service Unavailable",
+                    "text/plain",
+                    0,
+                    false,
+                    &[],
+                ));
                 continue;
             }
             let (roots, open) = (self.roots.clone(), open.clone());
@@ -291,15 +323,29 @@ enum BadRequest {
 
 /// A request: its head, and its body when `keep_body` says the target's is
 /// wanted (up to [`MAX_INBOX_BODY`]; others are drained, up to [`MAX_BODY`]).
-fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> bool) -> std::io::Result<Option<Result<Request, BadRequest>>> {
+fn read_request(
+    reader: &mut impl BufRead,
+    keep_body: &dyn Fn(&str, &str) -> bool,
+) -> std::io::Result<Option<Result<Request, BadRequest>>> {
     let line = match read_line(reader)? {
         Line::Text(line) => line,
         Line::End => return Ok(None),
         Line::TooLong => return Ok(Some(Err(BadRequest::TooLarge))),
     };
     let mut parts = line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else { return Ok(Some(Err(BadRequest::Malformed("malformed request line")))) };
-    let mut request = Request { method: method.to_string(), target: target.to_string(), keep_alive: version == "HTTP/1.1", range: None, if_range: None, if_none_match: None, body: Vec::new() };
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Ok(Some(Err(BadRequest::Malformed("malformed request line"))));
+    };
+    let mut request = Request {
+        method: method.to_string(),
+        target: target.to_string(),
+        keep_alive: version == "HTTP/1.1",
+        range: None,
+        if_range: None,
+        if_none_match: None,
+        body: Vec::new(),
+    };
     let keep = keep_body(method, target);
     let max_body = if keep { MAX_INBOX_BODY } else { MAX_BODY };
     let mut length: Option<u64> = None;
@@ -315,7 +361,9 @@ fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> boo
         if count >= MAX_HEADERS {
             return Ok(Some(Err(BadRequest::TooLarge)));
         }
-        let Some((name, value)) = header.split_once(':') else { return Ok(Some(Err(BadRequest::Malformed("malformed header line")))) };
+        let Some((name, value)) = header.split_once(':') else {
+            return Ok(Some(Err(BadRequest::Malformed("malformed header line"))));
+        };
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "connection" if value.eq_ignore_ascii_case("close") => request.keep_alive = false,
@@ -329,7 +377,9 @@ fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> boo
                     _ => return Ok(Some(Err(BadRequest::Malformed("invalid Content-Length")))),
                 };
                 if values.any(|v| v != Ok(first)) || length.is_some_and(|l| l != first) {
-                    return Ok(Some(Err(BadRequest::Malformed("conflicting Content-Length values"))));
+                    return Ok(Some(Err(BadRequest::Malformed(
+                        "conflicting Content-Length values",
+                    ))));
                 }
                 if first > max_body {
                     return Ok(Some(Err(BadRequest::BodyTooLarge)));
@@ -337,7 +387,9 @@ fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> boo
                 length = Some(first);
             }
             "transfer-encoding" => {
-                return Ok(Some(Err(BadRequest::Malformed("request bodies are not accepted"))));
+                return Ok(Some(Err(BadRequest::Malformed(
+                    "request bodies are not accepted",
+                ))));
             }
             "range" => request.range = Some(value.to_string()),
             "if-range" => request.if_range = Some(value.to_string()),
@@ -361,11 +413,15 @@ fn read_request(reader: &mut impl BufRead, keep_body: &dyn Fn(&str, &str) -> boo
 /// `Ok(None)` when the header is ignored (not bytes, or several ranges: the
 /// whole file is sent), `Err(())` when unsatisfiable.
 fn byte_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(spec) = header.trim().strip_prefix("bytes=") else { return Ok(None) };
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
     if spec.contains(',') {
         return Ok(None);
     }
-    let Some((first, last)) = spec.trim().split_once('-') else { return Ok(None) };
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
     let (first, last) = (first.trim(), last.trim());
     let range = if first.is_empty() {
         let suffix = digits(last)?;
@@ -376,7 +432,11 @@ fn byte_range(header: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
     } else {
         let first = digits(first)?;
         // A last position past the end (however large) means the end.
-        let last = if last.is_empty() { len.saturating_sub(1) } else { digits(last)?.min(len.saturating_sub(1)) };
+        let last = if last.is_empty() {
+            len.saturating_sub(1)
+        } else {
+            digits(last)?.min(len.saturating_sub(1))
+        };
         if first >= len || last < first {
             return Err(());
         }
@@ -391,13 +451,18 @@ fn digits(text: &str) -> Result<u64, ()> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(());
     }
-    Ok(text.bytes().fold(0u64, |n, b| n.saturating_mul(10).saturating_add(u64::from(b - b'0'))))
+    Ok(text.bytes().fold(0u64, |n, b| {
+        n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+    }))
 }
 
 /// Whether an `If-None-Match` list names `tag` (weak comparison, as RFC
 /// 9110 §13.1.2 asks), or is `*`.
 fn none_match_hits(header: &str, tag: &str) -> bool {
-    header.trim() == "*" || header.split(',').any(|t| t.trim().trim_start_matches("W/") == tag)
+    header.trim() == "*"
+        || header
+            .split(',')
+            .any(|t| t.trim().trim_start_matches("W/") == tag)
 }
 
 fn head(status: &str, kind: &str, length: u64, keep_alive: bool, extra: &[String]) -> Vec<u8> {
@@ -416,18 +481,27 @@ fn head(status: &str, kind: &str, length: u64, keep_alive: bool, extra: &[String
 fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let mut reader = BufReader::new(Deadline { stream: stream.try_clone()?, until: None });
+    let mut reader = BufReader::new(Deadline {
+        stream: stream.try_clone()?,
+        until: None,
+    });
     let mut stream = stream;
     loop {
         reader.get_mut().until = Some(std::time::Instant::now() + roots.head_deadline);
-        let keep_body = |method: &str, target: &str| roots.inbox.is_some() && method == "POST" && target.starts_with(INBOX);
+        let keep_body = |method: &str, target: &str| {
+            roots.inbox.is_some() && method == "POST" && target.starts_with(INBOX)
+        };
         let request = match read_request(&mut reader, &keep_body)? {
             None => return Ok(()),
             Some(Ok(request)) => request,
             Some(Err(bad)) => {
                 let (status, text) = match bad {
-                    BadRequest::TooLarge => ("431 Request Header Fields Too Large", "request too large\n"),
-                    BadRequest::BodyTooLarge => ("413 Content Too Large", "request body too large\n"),
+                    BadRequest::TooLarge => {
+                        ("431 Request Header Fields Too Large", "request too large\n")
+                    }
+                    BadRequest::BodyTooLarge => {
+                        ("413 Content Too Large", "request body too large\n")
+                    }
                     BadRequest::Malformed(why) => ("400 Bad Request", why),
                 };
                 stream.write_all(&head(status, "text/plain", text.len() as u64, false, &[]))?;
@@ -438,32 +512,77 @@ fn handle(stream: TcpStream, roots: &Roots) -> std::io::Result<()> {
         let keep_alive = request.keep_alive;
         let send_body = request.method != "HEAD";
         let (status, body, kind, extra): (&str, Body, &str, Vec<String>) =
-            if let (Some(inbox), Some(name)) = (roots.inbox.as_ref().filter(|_| request.method == "POST"), request.target.strip_prefix(INBOX)) {
-                let _ = inbox.lock().expect("inbox lock").send((name.to_string(), request.body));
-                ("204 No Content", Body::Bytes(Vec::new()), "text/plain", Vec::new())
+            if let (Some(inbox), Some(name)) = (
+                roots.inbox.as_ref().filter(|_| request.method == "POST"),
+                request.target.strip_prefix(INBOX),
+            ) {
+                let _ = inbox
+                    .lock()
+                    .expect("inbox lock")
+                    .send((name.to_string(), request.body));
+                (
+                    "204 No Content",
+                    Body::Bytes(Vec::new()),
+                    "text/plain",
+                    Vec::new(),
+                )
             } else if request.method != "GET" && request.method != "HEAD" {
-                ("405 Method Not Allowed", Body::Bytes(b"only GET and HEAD\n".to_vec()), "text/plain", vec!["Allow: GET, HEAD".into()])
+                (
+                    "405 Method Not Allowed",
+                    Body::Bytes(b"only GET and HEAD\n".to_vec()),
+                    "text/plain",
+                    vec!["Allow: GET, HEAD".into()],
+                )
             } else {
                 match respond(&request.target, roots) {
-                    None => ("404 Not Found", Body::Bytes(b"not found\n".to_vec()), "text/plain", Vec::new()),
+                    None => (
+                        "404 Not Found",
+                        Body::Bytes(b"not found\n".to_vec()),
+                        "text/plain",
+                        Vec::new(),
+                    ),
                     Some((Body::File(mut file, len), kind)) => {
                         let (tag, modified) = roots.validators(&mut file)?;
-                        let mut headers = vec!["Accept-Ranges: bytes".to_string(), format!("ETag: {tag}"), format!("Last-Modified: {modified}")];
+                        let mut headers = vec![
+                            "Accept-Ranges: bytes".to_string(),
+                            format!("ETag: {tag}"),
+                            format!("Last-Modified: {modified}"),
+                        ];
                         // A range of another version of the file (a rebuild
                         // between two requests) is never joined to this one:
                         // with `If-Range` that does not match, the whole file.
-                        let range = request.range.as_deref().filter(|_| request.if_range.as_deref().is_none_or(|v| v.trim() == tag || v.trim() == modified));
-                        if request.if_none_match.as_deref().is_some_and(|h| none_match_hits(h, &tag)) {
+                        let range = request.range.as_deref().filter(|_| {
+                            request
+                                .if_range
+                                .as_deref()
+                                .is_none_or(|v| v.trim() == tag || v.trim() == modified)
+                        });
+                        if request
+                            .if_none_match
+                            .as_deref()
+                            .is_some_and(|h| none_match_hits(h, &tag))
+                        {
                             ("304 Not Modified", Body::Empty(len), kind, headers)
                         } else {
                             match range.map_or(Ok(None), |r| byte_range(r, len)) {
                                 Ok(None) => ("200 OK", Body::File(file, len), kind, headers),
                                 Ok(Some((first, last))) => {
                                     file.seek(SeekFrom::Start(first))?;
-                                    headers.push(format!("Content-Range: bytes {first}-{last}/{len}"));
-                                    ("206 Partial Content", Body::File(file, last - first + 1), kind, headers)
+                                    headers
+                                        .push(format!("Content-Range: bytes {first}-{last}/{len}"));
+                                    (
+                                        "206 Partial Content",
+                                        Body::File(file, last - first + 1),
+                                        kind,
+                                        headers,
+                                    )
                                 }
-                                Err(()) => ("416 Range Not Satisfiable", Body::Bytes(Vec::new()), "text/plain", vec![format!("Content-Range: bytes */{len}")]),
+                                Err(()) => (
+                                    "416 Range Not Satisfiable",
+                                    Body::Bytes(Vec::new()),
+                                    "text/plain",
+                                    vec![format!("Content-Range: bytes */{len}")],
+                                ),
                             }
                         }
                     }
@@ -514,8 +633,12 @@ fn respond(target: &str, roots: &Roots) -> Option<(Body, &'static str)> {
     if let Some(rest) = path.strip_prefix("/_symb/") {
         let modules = roots.modules.as_deref()?;
         if path == LOCAL_CONFIG {
-            let config = serde_json::json!({"url": "/_symb/lib/transformers.min.js", "wasm": "/_symb/ort/"});
-            return Some((Body::Bytes(config.to_string().into_bytes()), "application/json"));
+            let config =
+                serde_json::json!({"url": "/_symb/lib/transformers.min.js", "wasm": "/_symb/ort/"});
+            return Some((
+                Body::Bytes(config.to_string().into_bytes()),
+                "application/json",
+            ));
         }
         let (base, file) = if let Some(file) = rest.strip_prefix("lib/") {
             (modules.join("@huggingface/transformers/dist"), file)
@@ -526,7 +649,10 @@ fn respond(target: &str, roots: &Roots) -> Option<(Body, &'static str)> {
         };
         // npm may link packages (workspaces, pnpm): the node_modules folder
         // bounds what is served, not the package's own folder.
-        return Body::file(&resolve(modules, &format!("{}/{file}", base.strip_prefix(modules).ok()?.display()))?);
+        return Body::file(&resolve(
+            modules,
+            &format!("{}/{file}", base.strip_prefix(modules).ok()?.display()),
+        )?);
     }
     Body::file(&resolve(&roots.folder, path)?)
 }
@@ -542,10 +668,15 @@ mod tests {
         let root = dir.path().join("dist");
         std::fs::create_dir_all(root.join("onnx")).unwrap();
         std::fs::write(root.join("index.html"), "<p>page</p>").unwrap();
-        std::fs::write(root.join("onnx/model.onnx"), (0..=255u8).collect::<Vec<u8>>()).unwrap();
+        std::fs::write(
+            root.join("onnx/model.onnx"),
+            (0..=255u8).collect::<Vec<u8>>(),
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.path().join("secret")).unwrap();
         std::fs::write(dir.path().join("secret/passwd"), "root:x:0:0").unwrap();
-        std::os::unix::fs::symlink(dir.path().join("secret/passwd"), root.join("leak.txt")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret/passwd"), root.join("leak.txt"))
+            .unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("etcdir")).unwrap();
         std::os::unix::fs::symlink(root.join("index.html"), root.join("inside.html")).unwrap();
         let root = root.canonicalize().unwrap();
@@ -555,9 +686,16 @@ mod tests {
     #[test]
     fn paths_cannot_leave_the_folder_by_dots_or_symlinks() {
         let (_dir, root) = folder();
-        assert_eq!(resolve(&root, "/onnx/model.onnx?x=1"), Some(root.join("onnx/model.onnx")));
+        assert_eq!(
+            resolve(&root, "/onnx/model.onnx?x=1"),
+            Some(root.join("onnx/model.onnx"))
+        );
         assert_eq!(resolve(&root, "/"), Some(root.join("index.html")));
-        assert_eq!(resolve(&root, "/inside.html"), Some(root.join("index.html")), "a link inside the folder is served");
+        assert_eq!(
+            resolve(&root, "/inside.html"),
+            Some(root.join("index.html")),
+            "a link inside the folder is served"
+        );
         assert_eq!(resolve(&root, "/../secret/passwd"), None);
         assert_eq!(resolve(&root, "/%2e%2e/secret/passwd"), None);
         assert_eq!(resolve(&root, "/leak.txt"), None);
@@ -576,18 +714,31 @@ mod tests {
         assert_eq!(byte_range("bytes=9-3", 100), Err(()));
         assert_eq!(byte_range("bytes=-0", 100), Err(()));
         assert_eq!(byte_range("bytes=x-1", 100), Err(()));
-        assert_eq!(byte_range("bytes=0-1,5-6", 100), Ok(None), "several ranges: the whole file");
+        assert_eq!(
+            byte_range("bytes=0-1,5-6", 100),
+            Ok(None),
+            "several ranges: the whole file"
+        );
         assert_eq!(byte_range("items=0-1", 100), Ok(None));
-        assert_eq!(byte_range("bytes=0-18446744073709551616", 100), Ok(Some((0, 99))), "a last position past u64 is the end");
+        assert_eq!(
+            byte_range("bytes=0-18446744073709551616", 100),
+            Ok(Some((0, 99))),
+            "a last position past u64 is the end"
+        );
         assert_eq!(byte_range("bytes=+5-9", 100), Err(()), "digits only");
-        assert_eq!(byte_range("bytes=-99999999999999999999999", 100), Ok(Some((0, 99))));
+        assert_eq!(
+            byte_range("bytes=-99999999999999999999999", 100),
+            Ok(Some((0, 99)))
+        );
     }
 
     /// Sends `request` raw and returns the whole response (the server closes).
     fn exchange(url: &str, request: &[u8]) -> String {
         let address = url.trim_start_matches("http://").trim_end_matches('/');
         let mut stream = TcpStream::connect(address).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let _ = stream.write_all(request);
         let mut response = Vec::new();
         let _ = stream.read_to_end(&mut response);
@@ -605,47 +756,107 @@ mod tests {
         let server = Server::bind(&root, 0, None).unwrap();
         let url = server.url();
         std::thread::spawn(move || server.run());
-        let get = |headers: &str| exchange(&url, format!("GET /onnx/model.onnx HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes());
-        let header = |response: &str, name: &str| response.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).map(str::to_string).unwrap_or_else(|| panic!("no {name} in {response}"));
+        let get = |headers: &str| {
+            exchange(
+                &url,
+                format!(
+                    "GET /onnx/model.onnx HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+        };
+        let header = |response: &str, name: &str| {
+            response
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("no {name} in {response}"))
+        };
         let first = get("");
         let tag = header(&first, "ETag");
         let bytes: Vec<u8> = (0..=255u8).collect();
         assert_eq!(tag, format!("\"{}\"", blake3::hash(&bytes).to_hex()));
         let modified = header(&first, "Last-Modified");
         assert!(modified.ends_with(" GMT"), "{modified}");
-        assert!(get(&format!("If-None-Match: {tag}\r\n")).starts_with("HTTP/1.1 304 Not Modified\r\n"));
+        assert!(
+            get(&format!("If-None-Match: {tag}\r\n")).starts_with("HTTP/1.1 304 Not Modified\r\n")
+        );
         assert!(get("If-None-Match: \"other\"\r\n").starts_with("HTTP/1.1 200"));
-        assert!(get(&format!("Range: bytes=10-19\r\nIf-Range: {tag}\r\n")).starts_with("HTTP/1.1 206"));
-        assert!(get(&format!("Range: bytes=10-19\r\nIf-Range: {modified}\r\n")).starts_with("HTTP/1.1 206"));
+        assert!(
+            get(&format!("Range: bytes=10-19\r\nIf-Range: {tag}\r\n")).starts_with("HTTP/1.1 206")
+        );
+        assert!(
+            get(&format!("Range: bytes=10-19\r\nIf-Range: {modified}\r\n"))
+                .starts_with("HTTP/1.1 206")
+        );
 
         // A rebuild: the same name, other bytes of the same length.
-        std::fs::write(root.join("onnx/model.onnx"), (0..=255u8).rev().collect::<Vec<u8>>()).unwrap();
+        std::fs::write(
+            root.join("onnx/model.onnx"),
+            (0..=255u8).rev().collect::<Vec<u8>>(),
+        )
+        .unwrap();
         let resumed = get(&format!("Range: bytes=10-19\r\nIf-Range: {tag}\r\n"));
-        assert!(resumed.starts_with("HTTP/1.1 200 OK\r\n") && resumed.contains("Content-Length: 256\r\n"), "{resumed}");
+        assert!(
+            resumed.starts_with("HTTP/1.1 200 OK\r\n")
+                && resumed.contains("Content-Length: 256\r\n"),
+            "{resumed}"
+        );
         assert_ne!(header(&resumed, "ETag"), tag);
-        assert!(get(&format!("If-None-Match: {tag}\r\n")).starts_with("HTTP/1.1 200"), "the old tag no longer matches");
+        assert!(
+            get(&format!("If-None-Match: {tag}\r\n")).starts_with("HTTP/1.1 200"),
+            "the old tag no longer matches"
+        );
 
-        for bad in ["Content-Length: 5\r\nContent-Length: 6\r\n", "Content-Length: +5\r\n", "Content-Length: 5, 6\r\n"] {
+        for bad in [
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: +5\r\n",
+            "Content-Length: 5, 6\r\n",
+        ] {
             assert!(get(bad).starts_with("HTTP/1.1 400"), "{bad}");
         }
         let big = get("Range: bytes=0-18446744073709551616\r\n");
-        assert!(big.starts_with("HTTP/1.1 206") && big.contains("Content-Range: bytes 0-255/256\r\n"), "{big}");
+        assert!(
+            big.starts_with("HTTP/1.1 206") && big.contains("Content-Range: bytes 0-255/256\r\n"),
+            "{big}"
+        );
     }
 
     #[test]
     fn posts_reach_the_inbox_only_where_there_is_one_and_a_dropped_server_stops() {
         let (_dir, root) = folder();
-        let post = |url: &str, name: &str, body: &str| exchange(url, format!("POST {INBOX}{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
+        let post = |url: &str, name: &str, body: &str| {
+            exchange(url, format!("POST {INBOX}{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+        };
         let plain = Server::bind(&root, 0, None).unwrap().spawn();
-        assert!(post(&plain.url, "a.json", "{}").starts_with("HTTP/1.1 405"), "no inbox: no posts");
+        assert!(
+            post(&plain.url, "a.json", "{}").starts_with("HTTP/1.1 405"),
+            "no inbox: no posts"
+        );
         let (sender, inbox) = std::sync::mpsc::channel();
-        let serving = Server::bind(&root, 0, None).unwrap().with_inbox(sender).spawn();
+        let serving = Server::bind(&root, 0, None)
+            .unwrap()
+            .with_inbox(sender)
+            .spawn();
         assert!(post(&serving.url, "a.json", "{\"x\": 1}").starts_with("HTTP/1.1 204"));
-        assert_eq!(inbox.recv_timeout(Duration::from_secs(5)).unwrap(), ("a.json".to_string(), b"{\"x\": 1}".to_vec()));
-        assert!(exchange(&serving.url, b"POST /index.html HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 405"), "elsewhere, posts are refused");
+        assert_eq!(
+            inbox.recv_timeout(Duration::from_secs(5)).unwrap(),
+            ("a.json".to_string(), b"{\"x\": 1}".to_vec())
+        );
+        assert!(
+            exchange(
+                &serving.url,
+                b"POST /index.html HTTP/1.1\r\nConnection: close\r\n\r\n"
+            )
+            .starts_with("HTTP/1.1 405"),
+            "elsewhere, posts are refused"
+        );
         let url = serving.url.clone();
         drop(serving);
-        assert!(TcpStream::connect(url.trim_start_matches("http://").trim_end_matches('/')).is_err(), "dropped: the port is closed");
+        assert!(
+            TcpStream::connect(url.trim_start_matches("http://").trim_end_matches('/')).is_err(),
+            "dropped: the port is closed"
+        );
     }
 
     #[test]
@@ -654,34 +865,73 @@ mod tests {
         let server = Server::bind(&root, 0, None).unwrap();
         let url = server.url();
         std::thread::spawn(move || server.run());
-        let get = |path: &str, headers: &str| exchange(&url, format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes());
+        let get = |path: &str, headers: &str| {
+            exchange(
+                &url,
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+        };
 
         let page = get("/", "");
-        assert!(page.starts_with("HTTP/1.1 200 OK\r\n") && page.ends_with("<p>page</p>"), "{page}");
-        assert!(page.contains("Cross-Origin-Embedder-Policy: require-corp") && page.contains("Cross-Origin-Opener-Policy: same-origin"), "{page}");
-        for path in ["/leak.txt", "/etcdir/passwd", "/../secret/passwd", "/%2e%2e/secret/passwd"] {
+        assert!(
+            page.starts_with("HTTP/1.1 200 OK\r\n") && page.ends_with("<p>page</p>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("Cross-Origin-Embedder-Policy: require-corp")
+                && page.contains("Cross-Origin-Opener-Policy: same-origin"),
+            "{page}"
+        );
+        for path in [
+            "/leak.txt",
+            "/etcdir/passwd",
+            "/../secret/passwd",
+            "/%2e%2e/secret/passwd",
+        ] {
             let response = get(path, "");
-            assert!(response.starts_with("HTTP/1.1 404") && !response.contains("root:x"), "{path}: {response}");
+            assert!(
+                response.starts_with("HTTP/1.1 404") && !response.contains("root:x"),
+                "{path}: {response}"
+            );
         }
 
         let part = get("/onnx/model.onnx", "Range: bytes=10-19\r\n");
-        assert!(part.starts_with("HTTP/1.1 206 Partial Content\r\n"), "{part}");
-        assert!(part.contains("Content-Range: bytes 10-19/256\r\n") && part.contains("Content-Length: 10\r\n"), "{part}");
+        assert!(
+            part.starts_with("HTTP/1.1 206 Partial Content\r\n"),
+            "{part}"
+        );
+        assert!(
+            part.contains("Content-Range: bytes 10-19/256\r\n")
+                && part.contains("Content-Length: 10\r\n"),
+            "{part}"
+        );
         let body = part.split("\r\n\r\n").nth(1).unwrap();
         assert_eq!(body.as_bytes(), (10..20u8).collect::<Vec<u8>>());
         let whole = get("/onnx/model.onnx", "");
-        assert!(whole.contains("Accept-Ranges: bytes") && whole.contains("Content-Length: 256\r\n"), "{whole}");
+        assert!(
+            whole.contains("Accept-Ranges: bytes") && whole.contains("Content-Length: 256\r\n"),
+            "{whole}"
+        );
         assert!(get("/onnx/model.onnx", "Range: bytes=300-\r\n").starts_with("HTTP/1.1 416"));
 
         assert!(get("/", "Content-Length: -5\r\n").starts_with("HTTP/1.1 400"));
         assert!(get("/", "Content-Length: 99999999999\r\n").starts_with("HTTP/1.1 413"));
-        assert!(get("/", &format!("X-Long: {}\r\n", "a".repeat(64 * 1024))).starts_with("HTTP/1.1 431"));
+        assert!(
+            get("/", &format!("X-Long: {}\r\n", "a".repeat(64 * 1024))).starts_with("HTTP/1.1 431")
+        );
         assert!(get("/", &"X-A: b\r\n".repeat(200)).starts_with("HTTP/1.1 431"));
-        assert!(exchange(&url, b"POST / HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(
+            exchange(&url, b"POST / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .starts_with("HTTP/1.1 405")
+        );
 
         // Half-sent requests hold at most MAX_CONNECTIONS threads: the next
         // connection is told to come back, not left waiting.
-        let address = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let address = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
         let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
             .map(|_| {
                 let mut s = TcpStream::connect(&address).unwrap();
@@ -700,7 +950,10 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(served, "the server serves again once the idle connections close");
+        assert!(
+            served,
+            "the server serves again once the idle connections close"
+        );
     }
 
     #[test]
@@ -708,7 +961,11 @@ mod tests {
         let (_dir, root) = folder();
         let mut server = Server::bind(&root, 0, None).unwrap();
         Arc::get_mut(&mut server.roots).unwrap().head_deadline = Duration::from_millis(600);
-        let address = server.url().trim_start_matches("http://").trim_end_matches('/').to_string();
+        let address = server
+            .url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
         std::thread::spawn(move || server.run());
         let mut stream = TcpStream::connect(&address).unwrap();
         let started = std::time::Instant::now();
@@ -722,10 +979,15 @@ mod tests {
         }
         let closed_after = closed_after.unwrap_or_else(|| {
             let mut rest = Vec::new();
-            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
             let _ = stream.read_to_end(&mut rest);
             started.elapsed()
         });
-        assert!(closed_after < Duration::from_secs(4), "the slow head held the connection for {closed_after:?}");
+        assert!(
+            closed_after < Duration::from_secs(4),
+            "the slow head held the connection for {closed_after:?}"
+        );
     }
 }

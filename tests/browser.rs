@@ -14,14 +14,38 @@ fn fixture() -> PathBuf {
 
 /// tests/js/browser.mjs: the page's result for one prompt and dtype (`None`:
 /// the page's choice), in a Chromium with a WebGPU adapter or without one.
-fn in_chromium(url: &str, prompt: &str, dtype: Option<&str>, webgpu: bool, max_new_tokens: usize, screenshot: &Path) -> serde_json::Value {
-    assert!(Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(), "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)");
+fn in_chromium(
+    url: &str,
+    prompt: &str,
+    dtype: Option<&str>,
+    webgpu: bool,
+    max_new_tokens: usize,
+    screenshot: &Path,
+) -> serde_json::Value {
+    assert!(
+        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
+        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
+    );
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(js.join("node_modules/playwright-core").is_dir(), "playwright-core is not installed: run `bash tests/setup.sh`");
+    assert!(
+        js.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `bash tests/setup.sh`"
+    );
     let request = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(request.path(), serde_json::json!({"prompt": prompt, "dtype": dtype, "max_new_tokens": max_new_tokens, "webgpu": webgpu}).to_string()).unwrap();
-    let out = Command::new("node").arg(js.join("browser.mjs")).arg(url).arg(request.path()).arg(screenshot).current_dir(&js).output().unwrap();
-    assert!(out.status.success(), "browser.mjs: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("node")
+        .arg(js.join("browser.mjs"))
+        .arg(url)
+        .arg(request.path())
+        .arg(screenshot)
+        .current_dir(&js)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "browser.mjs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -35,14 +59,27 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
         format!("[project]\nname = \"tiny-gpt2\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\naccuracy_level = 0\n", fixture().display()),
     )
     .unwrap();
-    let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(common::BIN)
+        .arg("build")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dist = dir.path().join("dist");
     let served = common::serve(&dist);
-    assert!(served.url.starts_with("http://127.0.0.1:"), "{}", served.url);
+    assert!(
+        served.url.starts_with("http://127.0.0.1:"),
+        "{}",
+        served.url
+    );
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
     let case = &golden["cases"][0];
     let prompt = case["prompt"].as_str().unwrap();
     for dtype in ["fp32", "fp16", "q8", "q4"] {
@@ -50,51 +87,147 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
         let result = in_chromium(&served.url, prompt, Some(dtype), false, 20, &shot);
         assert_eq!(result["state"], "done", "{dtype}: {result}");
         assert_eq!(result["device"], "wasm", "no WebGPU adapter: WebAssembly");
-        assert_eq!(result["crossOriginIsolated"], true, "COOP/COEP: multithreaded WebAssembly");
+        assert_eq!(
+            result["crossOriginIsolated"], true,
+            "COOP/COEP: multithreaded WebAssembly"
+        );
         for url in result["requests"].as_array().unwrap() {
-            assert!(url.as_str().unwrap().starts_with(&served.url), "{dtype}: a request left the server: {url}");
+            assert!(
+                url.as_str().unwrap().starts_with(&served.url),
+                "{dtype}: a request left the server: {url}"
+            );
         }
-        assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "a screenshot");
+        assert!(
+            std::fs::metadata(&shot).unwrap().len() > 10_000,
+            "a screenshot"
+        );
         for page in ["phone", "report", "report-phone"] {
-            assert!(std::fs::metadata(artifacts.join(format!("playground-{dtype}-{page}.png"))).unwrap().len() > 10_000, "a {page} screenshot");
+            assert!(
+                std::fs::metadata(artifacts.join(format!("playground-{dtype}-{page}.png")))
+                    .unwrap()
+                    .len()
+                    > 10_000,
+                "a {page} screenshot"
+            );
         }
         // Both pages fit a 390 px phone screen.
-        assert!(result["phoneWidth"]["playground"].as_u64().unwrap() <= 390 && result["phoneWidth"]["report"].as_u64().unwrap() <= 390, "{}", result["phoneWidth"]);
-        assert!(result["report"].as_str().unwrap().contains("ONNX files"), "report.html loads");
-        assert!(!result["examples"].as_array().unwrap().is_empty(), "example prompts: {result}");
+        assert!(
+            result["phoneWidth"]["playground"].as_u64().unwrap() <= 390
+                && result["phoneWidth"]["report"].as_u64().unwrap() <= 390,
+            "{}",
+            result["phoneWidth"]
+        );
+        assert!(
+            result["report"].as_str().unwrap().contains("ONNX files"),
+            "report.html loads"
+        );
+        assert!(
+            !result["examples"].as_array().unwrap().is_empty(),
+            "example prompts: {result}"
+        );
         let ids = result["ids"].as_array().unwrap();
         assert_eq!(ids.len(), 20, "{dtype}");
         // The streamed text ends as the whole decoded output, after the prompt.
-        assert!(result["output"].as_str().unwrap().starts_with(prompt) && result["output"].as_str().unwrap().len() > prompt.len(), "{}", result["output"]);
-        assert!(result["streamed"].as_u64().unwrap() > 1, "tokens streamed as they came: {result}");
+        assert!(
+            result["output"].as_str().unwrap().starts_with(prompt)
+                && result["output"].as_str().unwrap().len() > prompt.len(),
+            "{}",
+            result["output"]
+        );
+        assert!(
+            result["streamed"].as_u64().unwrap() > 1,
+            "tokens streamed as they came: {result}"
+        );
         let symb = common::onnx_generate(&dist, dtype, prompt, 20);
         match dtype {
             // Dynamic int8 rounds differently in ONNX Runtime's WebAssembly
             // and native builds: on this random-weight model a near-tie flips
             // a token after 9 to 20 (measured on the five golden prompts).
-            "q8" => assert_eq!(result["ids"].as_array().unwrap()[..8], symb.as_array().unwrap()[..8], "{dtype}: {} vs {symb}", result["ids"]),
+            "q8" => assert_eq!(
+                result["ids"].as_array().unwrap()[..8],
+                symb.as_array().unwrap()[..8],
+                "{dtype}: {} vs {symb}",
+                result["ids"]
+            ),
             // The same tokens as symb (ONNX Runtime, native).
             _ => assert_eq!(result["ids"], symb, "{dtype}"),
         }
         if dtype.starts_with("fp") {
-            assert_eq!(result["ids"], case["greedy_20"], "{dtype}: PyTorch's greedy tokens");
+            assert_eq!(
+                result["ids"], case["greedy_20"],
+                "{dtype}: PyTorch's greedy tokens"
+            );
         }
     }
     // Issue 17, test 3: the page picks the device. With SwiftShader's WebGPU
     // adapter it runs on WebGPU with the folder's WebGPU dtype (q4, from
     // config.json's device_config), and gives native ONNX Runtime's tokens
     // (accuracy_level 0); without an adapter, WebAssembly and its dtype (q8).
-    let result = in_chromium(&served.url, prompt, None, true, 20, &artifacts.join("playground-webgpu.png"));
-    assert_eq!((&result["state"], &result["device"], &result["dtype"]), (&"done".into(), &"webgpu".into(), &"q4".into()), "{result}");
-    assert!(result["status"].as_str().unwrap().contains("(q4 on WebGPU, greedy)"), "{}", result["status"]);
-    assert_eq!(result["ids"], common::onnx_generate(&dist, "q4", prompt, 20), "q4 on WebGPU against native ONNX Runtime");
-    let result = in_chromium(&served.url, prompt, None, false, 20, &artifacts.join("playground-wasm.png"));
-    assert_eq!((&result["state"], &result["device"], &result["dtype"]), (&"done".into(), &"wasm".into(), &"q8".into()), "{result}");
-    assert!(result["status"].as_str().unwrap().contains("(q8 on WebAssembly, greedy)"), "{}", result["status"]);
+    let result = in_chromium(
+        &served.url,
+        prompt,
+        None,
+        true,
+        20,
+        &artifacts.join("playground-webgpu.png"),
+    );
+    assert_eq!(
+        (&result["state"], &result["device"], &result["dtype"]),
+        (&"done".into(), &"webgpu".into(), &"q4".into()),
+        "{result}"
+    );
+    assert!(
+        result["status"]
+            .as_str()
+            .unwrap()
+            .contains("(q4 on WebGPU, greedy)"),
+        "{}",
+        result["status"]
+    );
+    assert_eq!(
+        result["ids"],
+        common::onnx_generate(&dist, "q4", prompt, 20),
+        "q4 on WebGPU against native ONNX Runtime"
+    );
+    let result = in_chromium(
+        &served.url,
+        prompt,
+        None,
+        false,
+        20,
+        &artifacts.join("playground-wasm.png"),
+    );
+    assert_eq!(
+        (&result["state"], &result["device"], &result["dtype"]),
+        (&"done".into(), &"wasm".into(), &"q8".into()),
+        "{result}"
+    );
+    assert!(
+        result["status"]
+            .as_str()
+            .unwrap()
+            .contains("(q8 on WebAssembly, greedy)"),
+        "{}",
+        result["status"]
+    );
     // fp16 on an adapter without shader-f16: said in words.
-    let result = in_chromium(&served.url, prompt, Some("fp16"), true, 20, &artifacts.join("playground-webgpu-fp16.png"));
+    let result = in_chromium(
+        &served.url,
+        prompt,
+        Some("fp16"),
+        true,
+        20,
+        &artifacts.join("playground-webgpu-fp16.png"),
+    );
     assert_eq!(result["state"], "error", "{result}");
-    assert!(result["status"].as_str().unwrap().contains("fp16 needs a GPU with shader-f16"), "{}", result["status"]);
+    assert!(
+        result["status"]
+            .as_str()
+            .unwrap()
+            .contains("fp16 needs a GPU with shader-f16"),
+        "{}",
+        result["status"]
+    );
 }
 
 /// Issue 13, test 4: the playground on a Llama-family folder (tiny-llama-sp:
@@ -111,13 +244,22 @@ fn the_playground_runs_a_llama_folder_in_chromium() {
         fixture.display()
     );
     std::fs::write(dir.path().join("symb.toml"), manifest).unwrap();
-    let out = Command::new(common::BIN).arg("build").current_dir(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(common::BIN)
+        .arg("build")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dist = dir.path().join("dist");
     let served = common::serve(&dist);
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();
     let case = &golden["cases"][0];
     let prompt = case["prompt"].as_str().unwrap();
     for dtype in ["fp32", "q4"] {
@@ -125,9 +267,16 @@ fn the_playground_runs_a_llama_folder_in_chromium() {
         let result = in_chromium(&served.url, prompt, Some(dtype), false, 20, &shot);
         assert_eq!(result["state"], "done", "{dtype}: {result}");
         for url in result["requests"].as_array().unwrap() {
-            assert!(url.as_str().unwrap().starts_with(&served.url), "{dtype}: a request left the server: {url}");
+            assert!(
+                url.as_str().unwrap().starts_with(&served.url),
+                "{dtype}: a request left the server: {url}"
+            );
         }
-        assert_eq!(result["ids"], common::onnx_generate(&dist, dtype, prompt, 20), "{dtype}: Chromium against symb");
+        assert_eq!(
+            result["ids"],
+            common::onnx_generate(&dist, dtype, prompt, 20),
+            "{dtype}: Chromium against symb"
+        );
         if dtype == "fp32" {
             assert_eq!(result["ids"], case["greedy_20"], "PyTorch's greedy tokens");
         }

@@ -15,12 +15,23 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     // Build it where it would be built: beside the committed demo corpus.
     let project = TestProject::new(1);
     std::fs::remove_dir_all(project.path("corpus")).unwrap();
-    project.write("corpus/symbiotic.txt", &std::fs::read_to_string(format!("{ROOT}/corpus/symbiotic.txt")).unwrap());
+    project.write(
+        "corpus/symbiotic.txt",
+        &std::fs::read_to_string(format!("{ROOT}/corpus/symbiotic.txt")).unwrap(),
+    );
     // With the cache folder as the repository keeps it (its `.gitignore`).
-    project.write("cache/.gitignore", &std::fs::read_to_string(format!("{ROOT}/cache/.gitignore")).unwrap());
+    project.write(
+        "cache/.gitignore",
+        &std::fs::read_to_string(format!("{ROOT}/cache/.gitignore")).unwrap(),
+    );
     // The full two epochs take about two minutes (README, bench): here a few steps.
     assert!(example.contains("epochs = 2 "));
-    project.write("symb.toml.example", &example.replace("epochs = 2 ", "max_steps = 4 ").replace("eval_every = 50 ", "eval_every = 2 "));
+    project.write(
+        "symb.toml.example",
+        &example
+            .replace("epochs = 2 ", "max_steps = 4 ")
+            .replace("eval_every = 50 ", "eval_every = 2 "),
+    );
     let build = project.build(&["-m", "symb.toml.example"]);
     assert_eq!(build.code, 0, "{}", build.stderr);
     assert_eq!(
@@ -46,39 +57,103 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
         ])
     );
     for dtype in ["fp32", "fp16", "q8", "q4", "q4f16"] {
-        let report: serde_json::Value = serde_json::from_str(&project.read(&format!("dist/reports/verify.{dtype}.json"))).unwrap();
-        assert!(report["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true), "{dtype}: {report}");
+        let report: serde_json::Value =
+            serde_json::from_str(&project.read(&format!("dist/reports/verify.{dtype}.json")))
+                .unwrap();
+        assert!(
+            report["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["passed"] == true),
+            "{dtype}: {report}"
+        );
         assert_eq!(report["prompts"].as_array().unwrap().len(), 16, "{dtype}");
     }
-    for file in ["model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_q4.onnx", "model_q4f16.onnx"] {
+    for file in [
+        "model.onnx",
+        "model_fp16.onnx",
+        "model_quantized.onnx",
+        "model_q4.onnx",
+        "model_q4f16.onnx",
+    ] {
         assert!(project.path("dist/onnx").join(file).is_file(), "{file}");
     }
-    let tokenizer: serde_json::Value = serde_json::from_str(&project.read("dist/tokenizer.json")).unwrap();
+    let tokenizer: serde_json::Value =
+        serde_json::from_str(&project.read("dist/tokenizer.json")).unwrap();
     assert_eq!(tokenizer["model"]["vocab"].as_object().unwrap().len(), 4000);
-    let config: serde_json::Value = serde_json::from_str(&project.read("dist/config.json")).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&project.read("dist/config.json")).unwrap();
     // The pad token is declared: by name for the tokenizer, by id in the config.
-    let tokenizer_config: serde_json::Value = serde_json::from_str(&project.read("dist/tokenizer_config.json")).unwrap();
+    let tokenizer_config: serde_json::Value =
+        serde_json::from_str(&project.read("dist/tokenizer_config.json")).unwrap();
     assert_eq!(tokenizer_config["pad_token"], "<pad>");
-    assert_eq!(config["pad_token_id"].as_u64(), tokenizer["added_tokens"].as_array().unwrap().iter().find(|t| t["content"] == "<pad>").and_then(|t| t["id"].as_u64()));
-    assert_eq!((config["n_layer"].as_u64(), config["n_embd"].as_u64(), config["vocab_size"].as_u64()), (Some(4), Some(128), Some(4000)));
-    let metrics: serde_json::Value = serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
+    assert_eq!(
+        config["pad_token_id"].as_u64(),
+        tokenizer["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["content"] == "<pad>")
+            .and_then(|t| t["id"].as_u64())
+    );
+    assert_eq!(
+        (
+            config["n_layer"].as_u64(),
+            config["n_embd"].as_u64(),
+            config["vocab_size"].as_u64()
+        ),
+        (Some(4), Some(128), Some(4000))
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
     assert_eq!(metrics["steps"], 4);
     // README.md: a model card for the Hub.
     let card = project.read("dist/README.md");
-    assert!(card.starts_with("---\nlibrary_name: transformers.js\npipeline_tag: text-generation\n") && card.contains("| q4 | `onnx/model_q4.onnx` |"), "{card}");
+    assert!(
+        card.starts_with("---\nlibrary_name: transformers.js\npipeline_tag: text-generation\n")
+            && card.contains("| q4 | `onnx/model_q4.onnx` |"),
+        "{card}"
+    );
     // report.html: the training and every file's verification, self-contained.
     let report = project.read("dist/report.html");
-    assert!(report.contains("Eval perplexity") && report.contains("<svg"), "training in the report");
-    for (dtype, file) in [("fp32", "model.onnx"), ("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx")] {
-        assert!(report.contains(&format!("<tr><td>{dtype}</td><td>onnx/{file}</td>")), "{dtype} row");
+    assert!(
+        report.contains("Eval perplexity") && report.contains("<svg"),
+        "training in the report"
+    );
+    for (dtype, file) in [
+        ("fp32", "model.onnx"),
+        ("q4", "model_q4.onnx"),
+        ("q4f16", "model_q4f16.onnx"),
+    ] {
+        assert!(
+            report.contains(&format!("<tr><td>{dtype}</td><td>onnx/{file}</td>")),
+            "{dtype} row"
+        );
     }
-    assert!(!report.contains("failed") && report.matches(" passed</td>").count() == 5, "every file verified");
-    assert!(!report.contains("src=\"http") && !report.contains("href=\"http"), "no external resource");
+    assert!(
+        !report.contains("failed") && report.matches(" passed</td>").count() == 5,
+        "every file verified"
+    );
+    assert!(
+        !report.contains("src=\"http") && !report.contains("href=\"http"),
+        "no external resource"
+    );
     // transformers.js loads the folder: each dtype's greedy tokens are
     // symb's, and its tokenizer is the Rust one on 2,000 corpus lines.
     let prompts: Vec<String> = ["Kan-ka", "Vo aestel", "Nouses"].map(String::from).to_vec();
-    let lines: Vec<String> = common::demo_lines().into_iter().skip(1000).take(2000).collect();
-    common::check_transformers_js(&project.path("dist"), &["fp32", "fp16", "q8", "q4", "q4f16"], &prompts, 32, &lines);
+    let lines: Vec<String> = common::demo_lines()
+        .into_iter()
+        .skip(1000)
+        .take(2000)
+        .collect();
+    common::check_transformers_js(
+        &project.path("dist"),
+        &["fp32", "fp16", "q8", "q4", "q4f16"],
+        &prompts,
+        32,
+        &lines,
+    );
 }
 
 #[test]
@@ -89,21 +164,49 @@ fn every_commented_section_of_the_example_is_valid() {
     // Everything but [vocab], which belongs to pretrained bases.
     let uncommented: String = example
         .lines()
-        .filter(|l| !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of"].iter().any(|p| l.starts_with(p)))
+        .filter(|l| {
+            !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
         .map(|l| {
-            let alternative = ["# prompt_field", "# completion_field"].iter().any(|p| l.starts_with(p));
-            if !alternative && (l.starts_with("# [") || (l.starts_with("# ") && l.contains(" = "))) { &l[2..] } else { l }
+            let alternative = ["# prompt_field", "# completion_field"]
+                .iter()
+                .any(|p| l.starts_with(p));
+            if !alternative && (l.starts_with("# [") || (l.starts_with("# ") && l.contains(" = ")))
+            {
+                &l[2..]
+            } else {
+                l
+            }
         })
         .map(|l| format!("{l}\n"))
         .collect();
     let project = TestProject::new(10);
-    std::fs::rename(project.path("corpus/a.txt"), project.path("corpus/symbiotic.txt")).unwrap();
+    std::fs::rename(
+        project.path("corpus/a.txt"),
+        project.path("corpus/symbiotic.txt"),
+    )
+    .unwrap();
     project.write("symb.toml", &uncommented);
-    let manifest = symb::manifest::load(&project.path("symb.toml")).unwrap_or_else(|e| panic!("{e}"));
-    assert!(manifest.base.is_some() && manifest.finetune.is_some() && manifest.export.is_some() && manifest.verify.is_some());
-    assert_eq!(manifest.verify.unwrap().tolerance[&symb::dtype::Dtype::Q4].top1_agreement, Some(0.9));
+    let manifest =
+        symb::manifest::load(&project.path("symb.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        manifest.base.is_some()
+            && manifest.finetune.is_some()
+            && manifest.export.is_some()
+            && manifest.verify.is_some()
+    );
+    assert_eq!(
+        manifest.verify.unwrap().tolerance[&symb::dtype::Dtype::Q4].top1_agreement,
+        Some(0.9)
+    );
     let graph = project.symb(&["graph"]);
-    assert!(graph.status.success(), "{}", String::from_utf8_lossy(&graph.stderr));
+    assert!(
+        graph.status.success(),
+        "{}",
+        String::from_utf8_lossy(&graph.stderr)
+    );
     let tree = String::from_utf8_lossy(&graph.stdout);
     for stage in ["export", "quantize.q4", "verify.fp32", "verify.q4"] {
         assert!(tree.contains(stage), "{stage} in {tree}");
@@ -113,14 +216,31 @@ fn every_commented_section_of_the_example_is_valid() {
 #[test]
 fn init_writes_the_recipe_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| Command::new(BIN).args(args).current_dir(dir.path()).output().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
     assert!(run(&["init"]).status.success());
     let written = std::fs::read_to_string(dir.path().join("symb.toml")).unwrap();
-    assert_eq!(written, std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap(), "the example is the `symbiotic` recipe");
+    assert_eq!(
+        written,
+        std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap(),
+        "the example is the `symbiotic` recipe"
+    );
     // The scaffold: a corpus folder with a note, and a .gitignore for what builds make.
-    assert!(std::fs::read_to_string(dir.path().join("corpus/README.md")).unwrap().contains("one document per line"));
+    assert!(
+        std::fs::read_to_string(dir.path().join("corpus/README.md"))
+            .unwrap()
+            .contains("one document per line")
+    );
     let ignore = std::fs::read_to_string(dir.path().join(".gitignore")).unwrap();
-    assert!(ignore.lines().any(|l| l == "/dist/") && ignore.lines().any(|l| l == "/cache/"), "{ignore}");
+    assert!(
+        ignore.lines().any(|l| l == "/dist/") && ignore.lines().any(|l| l == "/cache/"),
+        "{ignore}"
+    );
     // A user's .gitignore keeps its lines and gets only what it lacks.
     let other = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -129,7 +249,15 @@ fn init_writes_the_recipe_and_never_overwrites() {
 dist/",
     )
     .unwrap();
-    assert!(Command::new(BIN).args(["init", "--recipe", "gpt2-lora"]).current_dir(other.path()).output().unwrap().status.success());
+    assert!(
+        Command::new(BIN)
+            .args(["init", "--recipe", "gpt2-lora"])
+            .current_dir(other.path())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
     assert_eq!(
         std::fs::read_to_string(other.path().join(".gitignore")).unwrap(),
         "*.log
@@ -143,17 +271,27 @@ dist/
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     let unknown = run(&["init", "--recipe", "nope", "other.toml"]);
     assert_eq!(unknown.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown recipe `nope`; available: symbiotic"));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr)
+            .contains("unknown recipe `nope`; available: symbiotic")
+    );
     // Without a corpus the manifest says exactly what is missing.
     let build = run(&["build"]);
     assert_eq!(build.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&build.stderr).contains("`corpus/*.txt` in `corpus.files` matches no file"));
+    assert!(
+        String::from_utf8_lossy(&build.stderr)
+            .contains("`corpus/*.txt` in `corpus.files` matches no file")
+    );
 }
 
 #[test]
 fn a_missing_manifest_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN).args(["build", "-m", "nope.toml"]).current_dir(dir.path()).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["build", "-m", "nope.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the manifest `nope.toml`"));
 }

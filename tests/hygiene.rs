@@ -18,9 +18,18 @@ use std::process::Command;
 /// Every file git tracks (or, outside a git checkout, every file but build
 /// outputs and installed packages), relative to `root`.
 fn tracked_files(root: &Path) -> Vec<PathBuf> {
-    let listed = Command::new("git").arg("-C").arg(root).args(["ls-files", "-z"]).output();
+    let listed = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["ls-files", "-z"])
+        .output();
     match listed {
-        Ok(out) if out.status.success() => out.stdout.split(|b| *b == 0).filter(|name| !name.is_empty()).map(|name| PathBuf::from(String::from_utf8_lossy(name).into_owned())).collect(),
+        Ok(out) if out.status.success() => out
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|name| !name.is_empty())
+            .map(|name| PathBuf::from(String::from_utf8_lossy(name).into_owned()))
+            .collect(),
         _ => {
             let mut files = Vec::new();
             walk(root, Path::new(""), &mut files);
@@ -31,13 +40,24 @@ fn tracked_files(root: &Path) -> Vec<PathBuf> {
 }
 
 fn walk(root: &Path, relative: &Path, files: &mut Vec<PathBuf>) {
-    const SKIPPED: [&str; 6] = [".git", "target", "node_modules", "dist", "cache", "__pycache__"];
-    let Ok(entries) = std::fs::read_dir(root.join(relative)) else { return };
+    const SKIPPED: [&str; 6] = [
+        ".git",
+        "target",
+        "node_modules",
+        "dist",
+        "cache",
+        "__pycache__",
+    ];
+    let Ok(entries) = std::fs::read_dir(root.join(relative)) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let path = relative.join(&name);
         match entry.file_type() {
-            Ok(kind) if kind.is_dir() && !SKIPPED.iter().any(|s| name == *s) => walk(root, &path, files),
+            Ok(kind) if kind.is_dir() && !SKIPPED.iter().any(|s| name == *s) => {
+                walk(root, &path, files)
+            }
             Ok(kind) if kind.is_file() => files.push(path),
             _ => {}
         }
@@ -66,7 +86,14 @@ fn climbing_paths(text: &str) -> impl Iterator<Item = &str> {
     let is_path_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '_' | '-');
     text.split(move |c: char| !is_path_char(c)).filter(|word| {
         let components: Vec<Component> = Path::new(word).components().collect();
-        components.iter().rposition(|c| *c == Component::ParentDir).is_some_and(|last| components[last + 1..].iter().any(|c| matches!(c, Component::Normal(_))))
+        components
+            .iter()
+            .rposition(|c| *c == Component::ParentDir)
+            .is_some_and(|last| {
+                components[last + 1..]
+                    .iter()
+                    .any(|c| matches!(c, Component::Normal(_)))
+            })
     })
 }
 
@@ -75,14 +102,27 @@ fn climbing_paths(text: &str) -> impl Iterator<Item = &str> {
 const SYSTEM: [&str; 4] = ["/etc", "/proc", "/sys", "/dev"];
 
 /// What in `relative` (a file of `root`) names a path outside `root`.
-fn outside_references(root: &Path, relative: &Path, text: &str, forbidden_prefixes: &[String]) -> Vec<String> {
-    let mut found: Vec<String> = forbidden_prefixes.iter().filter(|prefix| text.contains(prefix.as_str())).map(|prefix| format!("the absolute path `{prefix}`")).collect();
+fn outside_references(
+    root: &Path,
+    relative: &Path,
+    text: &str,
+    forbidden_prefixes: &[String],
+) -> Vec<String> {
+    let mut found: Vec<String> = forbidden_prefixes
+        .iter()
+        .filter(|prefix| text.contains(prefix.as_str()))
+        .map(|prefix| format!("the absolute path `{prefix}`"))
+        .collect();
     let folder = root.join(relative).parent().unwrap_or(root).to_path_buf();
     for word in climbing_paths(text) {
         let word_from_root = word.trim_start_matches('/');
         let escapes = [normalize(&folder, word), normalize(root, word_from_root)]
             .into_iter()
-            .find(|target| !target.starts_with(root) && !SYSTEM.iter().any(|system| target.starts_with(system)) && target.exists());
+            .find(|target| {
+                !target.starts_with(root)
+                    && !SYSTEM.iter().any(|system| target.starts_with(system))
+                    && target.exists()
+            });
         if let Some(target) = escapes {
             found.push(format!("`{word}`, which is `{}`", target.display()));
         }
@@ -97,7 +137,10 @@ fn forbidden_prefixes(root: &Path) -> Vec<String> {
     if let Some(parent) = root.parent().filter(|p| p.parent().is_some()) {
         prefixes.push(format!("{}/", parent.display()));
     }
-    if let Some(home) = std::env::var_os("HOME").map(PathBuf::from).filter(|h| h.parent().is_some()) {
+    if let Some(home) = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|h| h.parent().is_some())
+    {
         prefixes.push(format!("{}/", home.display()));
     }
     prefixes
@@ -107,7 +150,9 @@ fn scan(root: &Path) -> Vec<String> {
     let prefixes = forbidden_prefixes(root);
     let mut problems = Vec::new();
     for relative in tracked_files(root) {
-        let Ok(bytes) = std::fs::read(root.join(&relative)) else { continue };
+        let Ok(bytes) = std::fs::read(root.join(&relative)) else {
+            continue;
+        };
         if bytes.iter().take(8192).any(|b| *b == 0) {
             continue; // binary: weights, tensors
         }
@@ -121,11 +166,22 @@ fn scan(root: &Path) -> Vec<String> {
 
 #[test]
 fn no_tracked_file_names_a_path_outside_the_repository() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).canonicalize().expect("the repository exists");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .canonicalize()
+        .expect("the repository exists");
     let files = tracked_files(&root);
-    assert!(files.len() > 50, "only {} files found under {}", files.len(), root.display());
+    assert!(
+        files.len() > 50,
+        "only {} files found under {}",
+        files.len(),
+        root.display()
+    );
     let problems = scan(&root);
-    assert!(problems.is_empty(), "tracked files reach outside the repository (copy what they need into it):\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "tracked files reach outside the repository (copy what they need into it):\n{}",
+        problems.join("\n")
+    );
 }
 
 /// The scan itself: it finds a fixture folder beside the repository, by a
@@ -137,13 +193,47 @@ fn the_scan_finds_paths_that_leave_the_repository() {
     let root = outer.path().join("repo");
     std::fs::create_dir_all(root.join("tests")).unwrap();
     std::fs::create_dir_all(outer.path().join("sibling-of-the-repo/fixtures")).unwrap();
-    std::fs::write(outer.path().join("sibling-of-the-repo/fixtures/x.json"), "{}").unwrap();
-    std::fs::write(root.join("tests/a.rs"), r#"PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sibling-of-the-repo/fixtures")"#).unwrap();
-    std::fs::write(root.join("tests/b.rs"), r#"concat!(env!("CARGO_MANIFEST_DIR"), "/../sibling-of-the-repo/fixtures/x.json")"#).unwrap();
-    std::fs::write(root.join("tests/c.rs"), r#"include_str!("../../sibling-of-the-repo/fixtures")"#).unwrap();
-    std::fs::write(root.join("tests/d.rs"), format!("open(\"{}/sibling-of-the-repo/fixtures\")", outer.path().display())).unwrap();
-    std::fs::write(root.join("tests/ok.rs"), r#"get("/../etc/passwd"); edit("../elsewhere"); include_str!("../README.md"); "a ... b""#).unwrap();
+    std::fs::write(
+        outer.path().join("sibling-of-the-repo/fixtures/x.json"),
+        "{}",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("tests/a.rs"),
+        r#"PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sibling-of-the-repo/fixtures")"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("tests/b.rs"),
+        r#"concat!(env!("CARGO_MANIFEST_DIR"), "/../sibling-of-the-repo/fixtures/x.json")"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("tests/c.rs"),
+        r#"include_str!("../../sibling-of-the-repo/fixtures")"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("tests/d.rs"),
+        format!(
+            "open(\"{}/sibling-of-the-repo/fixtures\")",
+            outer.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("tests/ok.rs"),
+        r#"get("/../etc/passwd"); edit("../elsewhere"); include_str!("../README.md"); "a ... b""#,
+    )
+    .unwrap();
     let problems = scan(&root);
-    let flagged: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
-    assert_eq!(flagged, ["tests/a.rs", "tests/b.rs", "tests/c.rs", "tests/d.rs"], "{problems:#?}");
+    let flagged: Vec<&str> = problems
+        .iter()
+        .map(|p| p.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        flagged,
+        ["tests/a.rs", "tests/b.rs", "tests/c.rs", "tests/d.rs"],
+        "{problems:#?}"
+    );
 }

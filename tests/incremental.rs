@@ -33,23 +33,63 @@ fn each_manifest_key_reruns_exactly_its_downstream() {
     let cases: &[(&str, &str, &[&str])] = &[
         // Comments, whitespace and key order are not settings.
         ("[corpus]\n", "[corpus]   # the corpus\n\n", &[]),
-        ("vocab_size = 400\nmin_frequency = 2", "min_frequency = 2\nvocab_size    = 400", &[]),
+        (
+            "vocab_size = 400\nmin_frequency = 2",
+            "min_frequency = 2\nvocab_size    = 400",
+            &[],
+        ),
         ("name = \"t\"", "name = \"renamed\"", &[]),
         // Settings the corpus reads but whose output is unchanged: early cutoff.
-        ("files = [\"corpus/*.txt\"]", "files = [\"corpus/a.txt\", \"corpus/[bc].txt\"]", &["corpus"]),
-        ("files = [\"corpus/*.txt\"]", "files = [\"corpus/*.txt\"]\nformat = \"text\"", &["corpus"]),
-        ("files = [\"corpus/*.txt\"]", "files = [\"corpus/*.txt\"]\ntext_field = \"body\"", &["corpus"]),
+        (
+            "files = [\"corpus/*.txt\"]",
+            "files = [\"corpus/a.txt\", \"corpus/[bc].txt\"]",
+            &["corpus"],
+        ),
+        (
+            "files = [\"corpus/*.txt\"]",
+            "files = [\"corpus/*.txt\"]\nformat = \"text\"",
+            &["corpus"],
+        ),
+        (
+            "files = [\"corpus/*.txt\"]",
+            "files = [\"corpus/*.txt\"]\ntext_field = \"body\"",
+            &["corpus"],
+        ),
         // Settings that change the corpus artifacts.
-        ("files = [\"corpus/*.txt\"]", "files = [\"corpus/a.txt\", \"corpus/b.txt\"]", &["corpus", "tokenizer"]),
-        ("eval_fraction = 0.1", "eval_fraction = 0.2", &["corpus", "tokenizer"]),
-        ("eval_fraction = 0.1", "eval_fraction = 0.0", &["corpus", "tokenizer"]),
+        (
+            "files = [\"corpus/*.txt\"]",
+            "files = [\"corpus/a.txt\", \"corpus/b.txt\"]",
+            &["corpus", "tokenizer"],
+        ),
+        (
+            "eval_fraction = 0.1",
+            "eval_fraction = 0.2",
+            &["corpus", "tokenizer"],
+        ),
+        (
+            "eval_fraction = 0.1",
+            "eval_fraction = 0.0",
+            &["corpus", "tokenizer"],
+        ),
         ("seed = 0", "seed = 1", &["corpus", "tokenizer"]),
         // Tokenizer settings.
         ("vocab_size = 400", "vocab_size = 500", &["tokenizer"]),
         ("min_frequency = 2", "min_frequency = 3", &["tokenizer"]),
-        ("pre_tokenizer = \"byte_level\"", "pre_tokenizer = \"metaspace\"", &["tokenizer"]),
-        ("pre_tokenizer = \"byte_level\"", "pre_tokenizer = \"whitespace\"", &["tokenizer"]),
-        ("special_tokens = [\"<|endoftext|>\", \"<pad>\"]", "special_tokens = [\"<|endoftext|>\", \"<pad>\", \"<unk>\"]", &["tokenizer"]),
+        (
+            "pre_tokenizer = \"byte_level\"",
+            "pre_tokenizer = \"metaspace\"",
+            &["tokenizer"],
+        ),
+        (
+            "pre_tokenizer = \"byte_level\"",
+            "pre_tokenizer = \"whitespace\"",
+            &["tokenizer"],
+        ),
+        (
+            "special_tokens = [\"<|endoftext|>\", \"<pad>\"]",
+            "special_tokens = [\"<|endoftext|>\", \"<pad>\", \"<unk>\"]",
+            &["tokenizer"],
+        ),
     ];
     for (from, to, expected) in cases {
         project.edit(from, to);
@@ -69,13 +109,23 @@ fn reasons_name_the_setting_and_its_values() {
     let status = project.symb(&["status"]);
     let text = String::from_utf8(status.stdout).unwrap();
     assert!(text.contains("Fresh corpus"), "{text}");
-    assert!(text.contains("Stale tokenizer: `tokenizer.vocab_size` changed 400 -> 450"), "{text}");
+    assert!(
+        text.contains("Stale tokenizer: `tokenizer.vocab_size` changed 400 -> 450"),
+        "{text}"
+    );
     let build = project.build_ok();
-    assert_eq!(build.reason("tokenizer"), "`tokenizer.vocab_size` changed 400 -> 450");
+    assert_eq!(
+        build.reason("tokenizer"),
+        "`tokenizer.vocab_size` changed 400 -> 450"
+    );
     project.edit("seed = 0", "seed = 3");
-    let status: serde_json::Value = serde_json::from_slice(&project.symb(&["status", "--json"]).stdout).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_slice(&project.symb(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["fresh"], false);
-    assert_eq!(status["stages"][0]["reason"], "`corpus.seed` changed 0 -> 3");
+    assert_eq!(
+        status["stages"][0]["reason"],
+        "`corpus.seed` changed 0 -> 3"
+    );
     assert_eq!(status["stages"][1]["reason"], "upstream `corpus` is stale");
 }
 
@@ -87,7 +137,10 @@ fn moving_the_output_runs_nothing_and_writes_the_new_folder() {
     let build = project.build_ok();
     assert_eq!(build.ran(), set(&[]));
     assert_eq!(build.last()["output_updated"], true);
-    assert_eq!(std::fs::read(project.path("web/out/tokenizer.json")).unwrap(), std::fs::read(project.path("dist/tokenizer.json")).unwrap());
+    assert_eq!(
+        std::fs::read(project.path("web/out/tokenizer.json")).unwrap(),
+        std::fs::read(project.path("dist/tokenizer.json")).unwrap()
+    );
 }
 
 #[test]
@@ -108,7 +161,12 @@ fn touching_a_corpus_file_reruns_nothing_and_one_changed_byte_reruns_corpus() {
     project.build_ok();
     let file = project.path("corpus/b.txt");
     let later = SystemTime::now() + Duration::from_secs(5);
-    std::fs::File::options().write(true).open(&file).unwrap().set_modified(later).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
     assert_eq!(project.build_ok().ran(), set(&[]));
 
     let mut bytes = std::fs::read(&file).unwrap();
@@ -118,7 +176,13 @@ fn touching_a_corpus_file_reruns_nothing_and_one_changed_byte_reruns_corpus() {
     let build = project.build_ok();
     assert_eq!(build.ran(), set(&["corpus", "tokenizer"]));
     assert_eq!(build.reason("corpus"), "`corpus/b.txt` changed");
-    assert!(build.reason("tokenizer").starts_with("upstream artifact `corpus/"), "{}", build.reason("tokenizer"));
+    assert!(
+        build
+            .reason("tokenizer")
+            .starts_with("upstream artifact `corpus/"),
+        "{}",
+        build.reason("tokenizer")
+    );
 }
 
 #[test]
@@ -128,7 +192,11 @@ fn a_corpus_edit_that_normalises_away_stops_at_the_corpus() {
     let text = project.read("corpus/a.txt");
     project.write("corpus/a.txt", &format!("\n  \n{text}\n\n"));
     let build = project.build_ok();
-    assert_eq!(build.ran(), set(&["corpus"]), "blank lines change the file, not the documents");
+    assert_eq!(
+        build.ran(),
+        set(&["corpus"]),
+        "blank lines change the file, not the documents"
+    );
     assert_eq!(build.with_status("cached"), set(&["tokenizer"]));
 }
 
@@ -150,12 +218,19 @@ fn target_builds_only_what_it_needs_and_force_reruns_one_stage() {
     let build = project.build(&["--target", "corpus"]);
     assert_eq!(build.code, 0);
     assert_eq!(build.ran(), set(&["corpus"]));
-    assert!(!project.path("dist").exists(), "a partial build leaves the output alone");
+    assert!(
+        !project.path("dist").exists(),
+        "a partial build leaves the output alone"
+    );
     let build = project.build_ok();
     assert_eq!(build.ran(), set(&["tokenizer"]));
     let build = project.build(&["--force", "corpus"]);
     assert_eq!(build.code, 0);
-    assert_eq!(build.ran(), set(&["corpus"]), "a forced stage with identical output leaves its dependents fresh");
+    assert_eq!(
+        build.ran(),
+        set(&["corpus"]),
+        "a forced stage with identical output leaves its dependents fresh"
+    );
     assert_eq!(build.reason("corpus"), "forced by `--force`");
     let unknown = project.build(&["--target", "nope"]);
     assert_eq!(unknown.code, 2);
@@ -179,14 +254,29 @@ fn gc_keeps_what_the_plan_uses() {
     project.edit("vocab_size = 400", "vocab_size = 420");
     project.build_ok();
     let dry = String::from_utf8(project.symb(&["gc", "--dry-run"]).stderr).unwrap();
-    assert!(dry.contains("Would remove 1 action records, 1 blobs and 0 abandoned checkpoints"), "{dry}");
+    assert!(
+        dry.contains("Would remove 1 action records, 1 blobs and 0 abandoned checkpoints"),
+        "{dry}"
+    );
     // A dry run lists what it would remove, by stage and artifact.
-    assert!(dry.contains("Would remove the record of `tokenizer` (key ") && dry.contains("Would remove `tokenizer/"), "{dry}");
+    assert!(
+        dry.contains("Would remove the record of `tokenizer` (key ")
+            && dry.contains("Would remove `tokenizer/"),
+        "{dry}"
+    );
     let gc = project.symb(&["gc"]);
     assert!(gc.status.success());
-    assert_eq!(project.build_ok().ran(), set(&[]), "what the plan uses survives gc");
+    assert_eq!(
+        project.build_ok().ran(),
+        set(&[]),
+        "what the plan uses survives gc"
+    );
     project.edit("vocab_size = 420", "vocab_size = 400");
-    assert_eq!(project.build_ok().ran(), set(&["tokenizer"]), "what it did not use is gone");
+    assert_eq!(
+        project.build_ok().ran(),
+        set(&["tokenizer"]),
+        "what it did not use is gone"
+    );
     let clean = project.symb(&["clean"]);
     assert!(clean.status.success());
     assert!(!project.path("dist").exists());
@@ -201,19 +291,37 @@ fn jsonl_and_csv_corpora_with_prompt_and_completion() {
     let mut jsonl = String::new();
     let mut csv = String::from("prompt,completion,other\n");
     for pair in lines[..200].chunks(2) {
-        jsonl.push_str(&serde_json::json!({"prompt": pair[0], "completion": pair[1], "id": 1}).to_string());
+        jsonl.push_str(
+            &serde_json::json!({"prompt": pair[0], "completion": pair[1], "id": 1}).to_string(),
+        );
         jsonl.push('\n');
-        csv.push_str(&format!("\"{}\",\"{}\",x\n", pair[0].replace('"', "\"\""), pair[1].replace('"', "\"\"")));
+        csv.push_str(&format!(
+            "\"{}\",\"{}\",x\n",
+            pair[0].replace('"', "\"\""),
+            pair[1].replace('"', "\"\"")
+        ));
     }
     project.write("data/pairs.jsonl", &jsonl);
     project.write("data/pairs.csv", &csv);
-    project.edit("files = [\"corpus/*.txt\"]", "files = [\"data/*\"]\nprompt_field = \"prompt\"\ncompletion_field = \"completion\"");
+    project.edit(
+        "files = [\"corpus/*.txt\"]",
+        "files = [\"data/*\"]\nprompt_field = \"prompt\"\ncompletion_field = \"completion\"",
+    );
     let build = project.build_ok();
     assert_eq!(build.ran(), set(&["corpus", "tokenizer"]));
-    project.edit("completion_field = \"completion\"", "completion_field = \"answer\"");
+    project.edit(
+        "completion_field = \"completion\"",
+        "completion_field = \"answer\"",
+    );
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    assert!(build.reason("corpus").contains("`data/pairs.csv`: no column `answer` (columns: prompt, completion, other)"), "{}", build.reason("corpus"));
+    assert!(
+        build
+            .reason("corpus")
+            .contains("`data/pairs.csv`: no column `answer` (columns: prompt, completion, other)"),
+        "{}",
+        build.reason("corpus")
+    );
 }
 
 mod property {
@@ -296,7 +404,9 @@ mod property {
 
     fn build(project: &TestProject) -> Project {
         let opened = Project::open(&project.path("symb.toml"), &[]).expect("valid manifest");
-        let report = opened.build(&Project::default_options(2), &Silent).expect("the cache works");
+        let report = opened
+            .build(&Project::default_options(2), &Silent)
+            .expect("the cache works");
         assert_eq!(report.exit_code(), 0, "{:?}", report.outcome);
         opened
     }
@@ -329,21 +439,41 @@ fn a_no_op_build_leaves_the_output_folder_untouched() {
     let project = TestProject::new(50);
     project.build_ok();
     let before = snapshot(&project.path("dist"));
-    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(project.path("dist")).unwrap());
+    let inode =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(project.path("dist")).unwrap());
     project.build_ok();
     assert_eq!(snapshot(&project.path("dist")), before);
-    assert_eq!(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(project.path("dist")).unwrap()), inode);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(project.path("dist")).unwrap()),
+        inode
+    );
 }
 
 #[test]
 fn a_new_cache_salt_reruns_everything_with_the_reason() {
     let project = TestProject::new(50);
     project.build_ok();
-    let salted = std::process::Command::new(common::BIN).args(["build", "--json"]).current_dir(project.dir.path()).env("SYMB_CACHE_SALT", "2026-11").output().unwrap();
+    let salted = std::process::Command::new(common::BIN)
+        .args(["build", "--json"])
+        .current_dir(project.dir.path())
+        .env("SYMB_CACHE_SALT", "2026-11")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8(salted.stdout).unwrap();
-    assert!(stdout.contains(r#""stage":"corpus","status":"ran","reason":"the cache salt changed `` -> `2026-11`""#), "{stdout}");
-    assert!(stdout.contains(r#""stage":"tokenizer","status":"cached""#) || stdout.contains(r#""stage":"tokenizer","status":"ran""#));
-    assert!(!stdout.contains(r#""stage":"tokenizer","status":"cached""#), "the salt is in every key: {stdout}");
+    assert!(
+        stdout.contains(
+            r#""stage":"corpus","status":"ran","reason":"the cache salt changed `` -> `2026-11`""#
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#""stage":"tokenizer","status":"cached""#)
+            || stdout.contains(r#""stage":"tokenizer","status":"ran""#)
+    );
+    assert!(
+        !stdout.contains(r#""stage":"tokenizer","status":"cached""#),
+        "the salt is in every key: {stdout}"
+    );
 }
 
 /// Keys hold content, never where it lies: the same manifest in two folders,
@@ -372,14 +502,39 @@ fn the_same_manifest_in_two_folders_has_the_same_keys() {
     copy_model(&a.path("models/tiny"));
     let outside = tempfile::tempdir().unwrap();
     copy_model(&outside.path().join("elsewhere/gpt2"));
-    let b = TestProject::with_manifest(&manifest(&outside.path().join("elsewhere/gpt2").display().to_string()), 30);
+    let b = TestProject::with_manifest(
+        &manifest(&outside.path().join("elsewhere/gpt2").display().to_string()),
+        30,
+    );
     let keys = |project: &TestProject| -> BTreeMap<String, String> {
         project.build_ok();
         let out = project.symb(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        status["stages"].as_array().unwrap().iter().filter(|s| s["stage"] != "bundle").map(|s| (s["stage"].as_str().unwrap().to_string(), s["key"].as_str().unwrap().to_string())).collect()
+        status["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["stage"] != "bundle")
+            .map(|s| {
+                (
+                    s["stage"].as_str().unwrap().to_string(),
+                    s["key"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
     };
     let (keys_a, keys_b) = (keys(&a), keys(&b));
-    assert_eq!(keys_a.keys().cloned().collect::<Vec<_>>(), ["base", "corpus", "export", "finetune", "merge", "reference", "verify.fp32"]);
+    assert_eq!(
+        keys_a.keys().cloned().collect::<Vec<_>>(),
+        [
+            "base",
+            "corpus",
+            "export",
+            "finetune",
+            "merge",
+            "reference",
+            "verify.fp32"
+        ]
+    );
     assert_eq!(keys_a, keys_b);
 }

@@ -15,7 +15,9 @@ use common::TestProject;
 const DTYPES: [&str; 7] = ["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"];
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// Random weights (the fixtures'): onnxruntime's own quantize_dynamic and
@@ -39,7 +41,10 @@ kl_divergence = 0.6
 
 fn manifest(name: &str, extra: &str) -> String {
     let targets = DTYPES.map(|d| format!("\"{d}\"")).join(", ");
-    format!("[project]\noutput = \"dist\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{targets}]\n{extra}\n{RANDOM_WEIGHT_TOLERANCES}", fixture(name).display())
+    format!(
+        "[project]\noutput = \"dist\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{targets}]\n{extra}\n{RANDOM_WEIGHT_TOLERANCES}",
+        fixture(name).display()
+    )
 }
 
 fn json(project: &TestProject, file: &str) -> serde_json::Value {
@@ -50,13 +55,21 @@ fn json(project: &TestProject, file: &str) -> serde_json::Value {
 fn llama_family_folders_build_every_dtype_verified_and_run_in_transformers_js() {
     // `quantize_embedding`: tiny-llama's embedding is the tied head's 4-bit
     // data; tiny-llama-sp's (untied) is quantized on its own.
-    for (name, extra) in [("tiny-llama-sp", "quantize_embedding = true"), ("tiny-qwen2", ""), ("tiny-llama", "quantize_embedding = true")] {
+    for (name, extra) in [
+        ("tiny-llama-sp", "quantize_embedding = true"),
+        ("tiny-qwen2", ""),
+        ("tiny-llama", "quantize_embedding = true"),
+    ] {
         let project = TestProject::with_manifest(&manifest(name, extra), 1);
         project.build_ok();
         let dist = project.path("dist");
         // (A failed verification fails the build.) fp32 is candle's forward pass.
         let fp32 = json(&project, "dist/reports/verify.fp32.json");
-        assert!(fp32["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4 && fp32["metrics"]["greedy_match"] == 1.0, "{name}: {fp32}");
+        assert!(
+            fp32["metrics"]["max_abs_error"].as_f64().unwrap() < 1e-4
+                && fp32["metrics"]["greedy_match"] == 1.0,
+            "{name}: {fp32}"
+        );
         // Seven projections in each of two layers, and the head, in 4 bits.
         for dtype in ["q4", "q4f16"] {
             let report = json(&project, &format!("dist/reports/quantize.{dtype}.json"));
@@ -64,30 +77,76 @@ fn llama_family_folders_build_every_dtype_verified_and_run_in_transformers_js() 
         }
         if !extra.is_empty() {
             for dtype in ["q4", "q4f16"] {
-                let file = if dtype == "q4" { "model_q4.onnx" } else { "model_q4f16.onnx" };
+                let file = if dtype == "q4" {
+                    "model_q4.onnx"
+                } else {
+                    "model_q4f16.onnx"
+                };
                 let model = symb::onnx::read_model(&dist.join("onnx").join(file)).unwrap();
                 let g = model.graph.as_ref().unwrap();
-                assert_eq!(g.node.iter().filter(|n| n.op_type.as_deref() == Some("GatherBlockQuantized")).count(), 1, "{name} {dtype}");
-                assert!(!g.initializer.iter().any(|t| t.name.as_deref() == Some("model.embed_tokens.weight")), "{name} {dtype}: no float embedding is left");
+                assert_eq!(
+                    g.node
+                        .iter()
+                        .filter(|n| n.op_type.as_deref() == Some("GatherBlockQuantized"))
+                        .count(),
+                    1,
+                    "{name} {dtype}"
+                );
+                assert!(
+                    !g.initializer
+                        .iter()
+                        .any(|t| t.name.as_deref() == Some("model.embed_tokens.weight")),
+                    "{name} {dtype}: no float embedding is left"
+                );
             }
         }
         let config = json(&project, "dist/config.json");
-        assert_eq!(config["model_type"], if name == "tiny-qwen2" { "qwen2" } else { "llama" });
+        assert_eq!(
+            config["model_type"],
+            if name == "tiny-qwen2" {
+                "qwen2"
+            } else {
+                "llama"
+            }
+        );
 
-        let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap()).unwrap();
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(name).join("golden.json")).unwrap(),
+        )
+        .unwrap();
         let cases = golden["cases"].as_array().unwrap();
-        let prompts: Vec<String> = cases.iter().map(|c| c["prompt"].as_str().unwrap().to_string()).collect();
+        let prompts: Vec<String> = cases
+            .iter()
+            .map(|c| c["prompt"].as_str().unwrap().to_string())
+            .collect();
         for case in cases {
             let ids = common::onnx_generate(&dist, "fp32", case["prompt"].as_str().unwrap(), 20);
-            assert_eq!(ids, case["greedy_20"], "{name}: symb's fp32 ONNX against PyTorch on {}", case["prompt"]);
+            assert_eq!(
+                ids, case["greedy_20"],
+                "{name}: symb's fp32 ONNX against PyTorch on {}",
+                case["prompt"]
+            );
         }
         let mut lines = common::demo_lines();
         lines.truncate(2000);
-        lines.extend(symb::stages::vocab::ENGLISH_SAMPLE.lines().map(str::to_string));
+        lines.extend(
+            symb::stages::vocab::ENGLISH_SAMPLE
+                .lines()
+                .map(str::to_string),
+        );
         let result = common::check_transformers_js(&dist, &DTYPES, &prompts, 20, &lines);
-        for (case, generation) in cases.iter().zip(result["generations"]["fp32"].as_array().unwrap()) {
-            assert_eq!(generation["input_ids"], case["input_ids"], "{name}: transformers.js's input ids");
-            assert_eq!(generation["generated_ids"], case["greedy_20"], "{name}: transformers.js fp32 against PyTorch");
+        for (case, generation) in cases
+            .iter()
+            .zip(result["generations"]["fp32"].as_array().unwrap())
+        {
+            assert_eq!(
+                generation["input_ids"], case["input_ids"],
+                "{name}: transformers.js's input ids"
+            );
+            assert_eq!(
+                generation["generated_ids"], case["greedy_20"],
+                "{name}: transformers.js fp32 against PyTorch"
+            );
         }
     }
 }
@@ -105,21 +164,47 @@ fn the_base_chat_template_and_specials_reach_the_output_folder() {
         }
     }
     let template = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}";
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.path().join("tokenizer_config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(base.path().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
     config["chat_template"] = template.into();
     config["pad_token"] = serde_json::json!({"__type": "AddedToken", "content": "<|im_end|>"});
-    config["additional_special_tokens"] = serde_json::json!(["<|im_start|>", "<|im_end|>", "<|not_a_token|>"]);
-    std::fs::write(base.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-    for vocab in ["", "\n[tokenizer]\nvocab_size = 500\n\n[vocab]\nstrategy = \"add_tokens\"\n"] {
-        let manifest = format!("[project]\noutput = \"dist\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n{vocab}\n[export]\ntargets = [\"fp32\"]\n", base.path().display());
+    config["additional_special_tokens"] =
+        serde_json::json!(["<|im_start|>", "<|im_end|>", "<|not_a_token|>"]);
+    std::fs::write(
+        base.path().join("tokenizer_config.json"),
+        config.to_string(),
+    )
+    .unwrap();
+    for vocab in [
+        "",
+        "\n[tokenizer]\nvocab_size = 500\n\n[vocab]\nstrategy = \"add_tokens\"\n",
+    ] {
+        let manifest = format!(
+            "[project]\noutput = \"dist\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n{vocab}\n[export]\ntargets = [\"fp32\"]\n",
+            base.path().display()
+        );
         let project = TestProject::with_manifest(&manifest, 100);
         project.build_ok();
         let out = json(&project, "dist/tokenizer_config.json");
         assert_eq!(out["chat_template"], template, "{vocab}");
         assert_eq!(out["pad_token"], "<|im_end|>", "a plain string");
-        assert_eq!(out["additional_special_tokens"], serde_json::json!(["<|im_start|>", "<|im_end|>"]), "tokens the tokenizer has");
+        assert_eq!(
+            out["additional_special_tokens"],
+            serde_json::json!(["<|im_start|>", "<|im_end|>"]),
+            "tokens the tokenizer has"
+        );
         assert!(out.get("added_tokens_decoder").is_none());
-        let lint = std::process::Command::new(common::BIN).arg("lint").arg(project.path("dist")).output().unwrap();
-        assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stderr));
+        let lint = std::process::Command::new(common::BIN)
+            .arg("lint")
+            .arg(project.path("dist"))
+            .output()
+            .unwrap();
+        assert!(
+            lint.status.success(),
+            "{}",
+            String::from_utf8_lossy(&lint.stderr)
+        );
     }
 }

@@ -13,7 +13,9 @@ fn fixture() -> PathBuf {
 }
 
 fn fixture_named(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 struct Case {
@@ -28,8 +30,12 @@ fn cases(golden: &str) -> Vec<Case> {
 }
 
 fn cases_of(dir: &Path, golden: &str) -> Vec<Case> {
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{golden}.json"))).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join(format!("{golden}.safetensors")), &Device::Cpu).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{golden}.json"))).unwrap())
+            .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join(format!("{golden}.safetensors")), &Device::Cpu)
+            .unwrap();
     json["cases"]
         .as_array()
         .unwrap()
@@ -45,11 +51,23 @@ fn cases_of(dir: &Path, golden: &str) -> Vec<Case> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn logits(model: &model::Model, ids: &[u32]) -> Tensor {
-    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     model.forward(&input, None).unwrap().squeeze(0).unwrap()
 }
 
@@ -63,12 +81,28 @@ fn check(model: &model::Model, golden: &str) {
 fn check_at(dir: &Path, model: &model::Model, golden: &str) {
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     for case in cases_of(dir, golden) {
-        let ids = tokenizer.encode(case.prompt.as_str(), true).unwrap().get_ids().to_vec();
-        assert_eq!(ids, case.input_ids, "{golden}: token ids of {:?}", case.prompt);
+        let ids = tokenizer
+            .encode(case.prompt.as_str(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(
+            ids, case.input_ids,
+            "{golden}: token ids of {:?}",
+            case.prompt
+        );
         let error = max_abs(&logits(model, &ids), &case.logits);
-        assert!(error < 1e-4, "{golden}: max abs logits error {error} on {:?}", case.prompt);
+        assert!(
+            error < 1e-4,
+            "{golden}: max abs logits error {error} on {:?}",
+            case.prompt
+        );
         let (generated, _) = model.greedy(&ids, 20, None).unwrap();
-        assert_eq!(generated, case.greedy, "{golden}: greedy tokens of {:?}", case.prompt);
+        assert_eq!(
+            generated, case.greedy,
+            "{golden}: greedy tokens of {:?}",
+            case.prompt
+        );
     }
 }
 
@@ -81,12 +115,18 @@ fn logits_and_greedy_tokens_match_pytorch() {
 fn the_peft_adapter_matches_pytorch_and_merging_changes_nothing() {
     let mut adapted = model::load_folder(&fixture()).unwrap();
     let modules = lora::load_adapter(&mut adapted, &fixture().join("lora")).unwrap();
-    assert_eq!(modules, ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]);
+    assert_eq!(
+        modules,
+        ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    );
     check(&adapted, "golden-lora");
     let mut merged = adapted.clone();
     assert_eq!(lora::merge(&mut merged).unwrap(), 2);
     for case in cases("golden-lora") {
-        let error = max_abs(&logits(&merged, &case.input_ids), &logits(&adapted, &case.input_ids));
+        let error = max_abs(
+            &logits(&merged, &case.input_ids),
+            &logits(&adapted, &case.input_ids),
+        );
         assert!(error < 1e-5, "merged vs adapter: {error}");
     }
 }
@@ -95,21 +135,39 @@ fn the_peft_adapter_matches_pytorch_and_merging_changes_nothing() {
 /// embedding replaced): tests/python/make_trainable_tokens_fixture.py.
 #[test]
 fn peft_trainable_tokens_match_pytorch_adapted_and_merged() {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-gpt2-trainable-tokens");
-    let golden = candle_core::safetensors::load(data.join("golden.safetensors"), &Device::Cpu).unwrap();
-    let ids: Vec<u32> = golden["input_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&i| i as u32).collect();
+    let data =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-gpt2-trainable-tokens");
+    let golden =
+        candle_core::safetensors::load(data.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = golden["input_ids"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
     let mut adapted = model::load_folder(&fixture()).unwrap();
     lora::load_adapter(&mut adapted, &data).unwrap();
-    assert_eq!(adapted.embedding().rows.as_ref().unwrap().indices, [4090, 4091, 4092, 4093, 4094, 4095]);
+    assert_eq!(
+        adapted.embedding().rows.as_ref().unwrap().indices,
+        [4090, 4091, 4092, 4093, 4094, 4095]
+    );
     let expected = golden["logits"].squeeze(0).unwrap();
     let error = max_abs(&logits(&adapted, &ids), &expected);
     assert!(error < 1e-4, "adapter: max abs logits error {error}");
     let base = model::load_folder(&fixture()).unwrap();
-    assert!(max_abs(&logits(&base, &ids), &expected) > 1.0, "the fixture changes the logits");
+    assert!(
+        max_abs(&logits(&base, &ids), &expected) > 1.0,
+        "the fixture changes the logits"
+    );
     let mut merged = adapted.clone();
     assert_eq!(lora::merge(&mut merged).unwrap(), 3);
     assert!(merged.embedding().rows.is_none());
-    let error = max_abs(&logits(&merged, &ids), &golden["merged_logits"].squeeze(0).unwrap());
+    let error = max_abs(
+        &logits(&merged, &ids),
+        &golden["merged_logits"].squeeze(0).unwrap(),
+    );
     assert!(error < 1e-4, "merged: max abs logits error {error}");
 }
 
@@ -127,10 +185,23 @@ fn check_kv_cache(dir: &Path) {
     let mut cache = model::KvCache::new(model.n_layer());
     let mut steps = Vec::new();
     for chunk in [&ids[..5], &ids[5..6], &ids[6..]] {
-        let input = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        steps.push(model.forward(&input, Some(&mut cache)).unwrap().squeeze(0).unwrap());
+        let input = Tensor::new(chunk, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        steps.push(
+            model
+                .forward(&input, Some(&mut cache))
+                .unwrap()
+                .squeeze(0)
+                .unwrap(),
+        );
     }
-    assert!(max_abs(&full, &Tensor::cat(&steps, 0).unwrap()) < 1e-5, "{}", dir.display());
+    assert!(
+        max_abs(&full, &Tensor::cat(&steps, 0).unwrap()) < 1e-5,
+        "{}",
+        dir.display()
+    );
 }
 
 /// One LoRA training step against PyTorch + PEFT: the loss, every gradient
@@ -147,30 +218,68 @@ fn check_training_step(dir: &Path, targets: &[&str]) {
     use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
     let name = dir.file_name().unwrap().to_string_lossy();
     let step = dir.join("train-step");
-    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("golden.json")).unwrap()).unwrap();
-    let batch: serde_json::Value = serde_json::from_slice(&std::fs::read(step.join("batch.json")).unwrap()).unwrap();
-    let load = |file: &str| candle_core::safetensors::load(step.join(file), &Device::Cpu).unwrap().into_iter().collect();
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step.join("golden.json")).unwrap()).unwrap();
+    let batch: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step.join("batch.json")).unwrap()).unwrap();
+    let load = |file: &str| {
+        candle_core::safetensors::load(step.join(file), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
     let init = load("lora_init.safetensors");
-    let (grads_golden, after_golden): (std::collections::BTreeMap<String, Tensor>, std::collections::BTreeMap<String, Tensor>) = (load("grads.safetensors"), load("after_adamw.safetensors"));
+    let (grads_golden, after_golden): (
+        std::collections::BTreeMap<String, Tensor>,
+        std::collections::BTreeMap<String, Tensor>,
+    ) = (load("grads.safetensors"), load("after_adamw.safetensors"));
     let mut model = model::load_folder(dir).unwrap();
-    let spec = LoraSpec { targets: targets.iter().map(|t| t.to_string()).collect(), rank: 4, alpha: 8.0, rslora: false };
+    let spec = LoraSpec {
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+    };
     let vars = attach_lora(&mut model, &spec, Some(&init), &mut Rng::new(0)).unwrap();
     let ids: Vec<Vec<u32>> = serde_json::from_value(batch["input_ids"].clone()).unwrap();
     let labels: Vec<Vec<u32>> = serde_json::from_value(batch["labels"].clone()).unwrap();
     let ids = Tensor::new(ids, &Device::Cpu).unwrap();
-    let labels = Tensor::new(labels, &Device::Cpu).unwrap().flatten_all().unwrap();
+    let labels = Tensor::new(labels, &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     let loss = model.loss(&ids, &labels, true).unwrap();
     let loss_value = loss.to_scalar::<f32>().unwrap() as f64;
-    assert!((loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5, "{name}: loss {loss_value} vs {}", golden["loss"]);
+    assert!(
+        (loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5,
+        "{name}: loss {loss_value} vs {}",
+        golden["loss"]
+    );
     let grads = loss.backward().unwrap();
     let named = vars.peft_tensors();
-    assert_eq!(named.keys().collect::<Vec<_>>(), grads_golden.keys().collect::<Vec<_>>(), "{name}");
+    assert_eq!(
+        named.keys().collect::<Vec<_>>(),
+        grads_golden.keys().collect::<Vec<_>>(),
+        "{name}"
+    );
     for (tensor_name, tensor) in &named {
-        let grad = grads.get(tensor).unwrap_or_else(|| panic!("{name}: no gradient reached `{tensor_name}`"));
+        let grad = grads
+            .get(tensor)
+            .unwrap_or_else(|| panic!("{name}: no gradient reached `{tensor_name}`"));
         let error = max_abs(grad, &grads_golden[tensor_name]);
         assert!(error < 1e-5, "{name}: gradient of {tensor_name}: {error}");
     }
-    let mut optimizer = AdamW::new(vars.vars(), AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
+    let mut optimizer = AdamW::new(
+        vars.vars(),
+        AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+    )
+    .unwrap();
     optimizer.step(&grads).unwrap();
     for (tensor_name, tensor) in vars.peft_tensors() {
         let error = max_abs(&tensor, &after_golden[&tensor_name]);
@@ -187,28 +296,66 @@ fn trainable_token_rows_get_the_gradient_of_the_replaced_embedding() {
     let ids = Tensor::new(&[[4090u32, 5, 4091, 17, 4095, 300, 4090, 9]], &Device::Cpu).unwrap();
     let labels = Tensor::new(&[5u32, 4091, 17, 4095, 300, 4090, 9, 4092], &Device::Cpu).unwrap();
     let mut model = model::load_folder(&fixture()).unwrap();
-    let mut vars = LoraVars { family: model.family(), modules: Default::default(), token_indices: Vec::new(), token_rows: Vec::new() };
-    vars.train_token_rows(&mut model, vec![4090, 4091, 4092, 4095]).unwrap();
+    let mut vars = LoraVars {
+        family: model.family(),
+        modules: Default::default(),
+        token_indices: Vec::new(),
+        token_rows: Vec::new(),
+    };
+    vars.train_token_rows(&mut model, vec![4090, 4091, 4092, 4095])
+        .unwrap();
     let (_, rows) = &vars.token_rows[0];
     rows.set(&(rows.as_tensor() * 1.5).unwrap()).unwrap();
-    let loss = |m: &model::Model| cross_entropy(&m.forward(&ids, None).unwrap().squeeze(0).unwrap(), &labels).unwrap();
+    let loss = |m: &model::Model| {
+        cross_entropy(&m.forward(&ids, None).unwrap().squeeze(0).unwrap(), &labels).unwrap()
+    };
     let fast = loss(&model);
-    let grad_fast = fast.backward().unwrap().get(rows.as_tensor()).unwrap().clone();
+    let grad_fast = fast
+        .backward()
+        .unwrap()
+        .get(rows.as_tensor())
+        .unwrap()
+        .clone();
 
     let mut plain = model.clone();
     let (_, wte) = plain.token_matrices_mut().remove(0);
     wte.weight = model.embedding().rows.as_ref().unwrap().apply().unwrap();
     wte.rows = None;
     let reference = loss(&plain);
-    let grad_reference = reference.backward().unwrap().get(rows.as_tensor()).unwrap().clone();
-    assert!((fast.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5);
-    assert!(max_abs(&grad_fast, &grad_reference) < 1e-5, "{}", max_abs(&grad_fast, &grad_reference));
-    assert!(max_abs(&grad_fast, &grad_fast.zeros_like().unwrap()) > 1e-4, "4092 appears only as a label, the others as inputs too");
+    let grad_reference = reference
+        .backward()
+        .unwrap()
+        .get(rows.as_tensor())
+        .unwrap()
+        .clone();
+    assert!(
+        (fast.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5
+    );
+    assert!(
+        max_abs(&grad_fast, &grad_reference) < 1e-5,
+        "{}",
+        max_abs(&grad_fast, &grad_reference)
+    );
+    assert!(
+        max_abs(&grad_fast, &grad_fast.zeros_like().unwrap()) > 1e-4,
+        "4092 appears only as a label, the others as inputs too"
+    );
     // The training path: the fused head + loss op with the rows as its second input.
     let fused = model.loss(&ids, &labels, true).unwrap();
-    assert!((fused.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5);
-    let grad_fused = fused.backward().unwrap().get(rows.as_tensor()).unwrap().clone();
-    assert!(max_abs(&grad_fused, &grad_reference) < 1e-5, "{}", max_abs(&grad_fused, &grad_reference));
+    assert!(
+        (fused.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5
+    );
+    let grad_fused = fused
+        .backward()
+        .unwrap()
+        .get(rows.as_tensor())
+        .unwrap()
+        .clone();
+    assert!(
+        max_abs(&grad_fused, &grad_reference) < 1e-5,
+        "{}",
+        max_abs(&grad_fused, &grad_reference)
+    );
 }
 
 // The Llama family: each fixture through the same checks as GPT-2's, and
@@ -228,14 +375,43 @@ fn llama_family_logits_and_greedy_tokens_match_pytorch() {
 #[test]
 fn llama_family_families_and_heads_are_read_from_the_config() {
     let family = |name: &str| model::load_folder(&fixture_named(name)).unwrap();
-    let (llama, sp, qwen) = (family("tiny-llama"), family("tiny-llama-sp"), family("tiny-qwen2"));
-    assert_eq!((llama.family(), sp.family(), qwen.family()), (model::Family::Llama, model::Family::Llama, model::Family::Qwen2));
-    let heads = |m: &mut model::Model| m.token_matrices_mut().into_iter().map(|(name, _)| name).collect::<Vec<_>>();
-    assert_eq!(heads(&mut llama.clone()), ["model.embed_tokens"], "SmolLM2-like: tied");
-    assert_eq!(heads(&mut sp.clone()), ["model.embed_tokens", "lm_head"], "TinyLlama-like: untied");
+    let (llama, sp, qwen) = (
+        family("tiny-llama"),
+        family("tiny-llama-sp"),
+        family("tiny-qwen2"),
+    );
+    assert_eq!(
+        (llama.family(), sp.family(), qwen.family()),
+        (
+            model::Family::Llama,
+            model::Family::Llama,
+            model::Family::Qwen2
+        )
+    );
+    let heads = |m: &mut model::Model| {
+        m.token_matrices_mut()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        heads(&mut llama.clone()),
+        ["model.embed_tokens"],
+        "SmolLM2-like: tied"
+    );
+    assert_eq!(
+        heads(&mut sp.clone()),
+        ["model.embed_tokens", "lm_head"],
+        "TinyLlama-like: untied"
+    );
     // Qwen2's q/k/v projections have biases; o_proj has none.
     let mut qwen = qwen;
-    let biased: Vec<String> = qwen.linears_mut(lora::LoraTarget(&["attn".to_string()])).into_iter().filter(|(_, l)| l.bias.is_some()).map(|(n, _)| n).collect();
+    let biased: Vec<String> = qwen
+        .linears_mut(lora::LoraTarget(&["attn".to_string()]))
+        .into_iter()
+        .filter(|(_, l)| l.bias.is_some())
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(biased.len(), 6, "{biased:?}");
     assert!(biased.iter().all(|n| !n.ends_with("o_proj")));
 }
@@ -251,12 +427,26 @@ fn llama_family_peft_adapters_match_pytorch_and_merging_changes_nothing() {
         let mut merged = adapted.clone();
         assert_eq!(lora::merge(&mut merged).unwrap(), 14);
         for case in cases_of(&dir, "golden-lora") {
-            let error = max_abs(&logits(&merged, &case.input_ids), &logits(&adapted, &case.input_ids));
+            let error = max_abs(
+                &logits(&merged, &case.input_ids),
+                &logits(&adapted, &case.input_ids),
+            );
             // float32 noise: two orders of rounding through two layers with
             // sharp attention (weights at 0.2). Measured 1.0e-5 to 1.6e-5 at
             // logits up to 7.8, about 2e-6 of the largest; GPT-2's is under 1e-5.
-            let largest = logits(&adapted, &case.input_ids).abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(error < 4e-6 * largest.max(1.0), "{name}: merged vs adapter: {error} at logits up to {largest}");
+            let largest = logits(&adapted, &case.input_ids)
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                error < 4e-6 * largest.max(1.0),
+                "{name}: merged vs adapter: {error} at logits up to {largest}"
+            );
         }
     }
 }
@@ -266,25 +456,50 @@ fn llama_family_left_padded_batches_match_pytorch() {
     for name in LLAMA_FIXTURES {
         let dir = fixture_named(name);
         let model = model::load_folder(&dir).unwrap();
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden-batch.json")).unwrap()).unwrap();
-        let golden = candle_core::safetensors::load(dir.join("golden-batch.safetensors"), &Device::Cpu).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("golden-batch.json")).unwrap()).unwrap();
+        let golden =
+            candle_core::safetensors::load(dir.join("golden-batch.safetensors"), &Device::Cpu)
+                .unwrap();
         let ids: Vec<Vec<u32>> = serde_json::from_value(json["input_ids"].clone()).unwrap();
         let mask: Vec<Vec<u32>> = serde_json::from_value(json["attention_mask"].clone()).unwrap();
-        let positions: Vec<Vec<u32>> = serde_json::from_value(json["position_ids"].clone()).unwrap();
+        let positions: Vec<Vec<u32>> =
+            serde_json::from_value(json["position_ids"].clone()).unwrap();
         let padding = model::LeftPadding::from_mask(&mask).unwrap();
         // Our position ids are PyTorch's.
         let t = ids[0].len();
-        assert_eq!(padding.positions(ids.len(), 0, t), positions.concat(), "{name}: position ids");
-        let out = model.forward_padded(&Tensor::new(ids.clone(), &Device::Cpu).unwrap(), None, &padding).unwrap();
+        assert_eq!(
+            padding.positions(ids.len(), 0, t),
+            positions.concat(),
+            "{name}: position ids"
+        );
+        let out = model
+            .forward_padded(
+                &Tensor::new(ids.clone(), &Device::Cpu).unwrap(),
+                None,
+                &padding,
+            )
+            .unwrap();
         let last = out.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
         let expected = golden.values().next().unwrap();
         let error = max_abs(&last, expected);
-        assert!(error < 1e-4, "{name}: last-position logits of the padded batch: {error}");
+        assert!(
+            error < 1e-4,
+            "{name}: last-position logits of the padded batch: {error}"
+        );
         // Batched greedy decoding gives each prompt's own greedy tokens.
-        let prompts: Vec<Vec<u32>> = ids.iter().zip(&padding.0).map(|(row, &pad)| row[pad..].to_vec()).collect();
+        let prompts: Vec<Vec<u32>> = ids
+            .iter()
+            .zip(&padding.0)
+            .map(|(row, &pad)| row[pad..].to_vec())
+            .collect();
         let (generated, _) = model.decode_batch(&prompts, 20, None, None).unwrap();
         for (case, tokens) in cases_of(&dir, "golden").iter().zip(&generated) {
-            assert_eq!(&case.greedy, tokens, "{name}: batched greedy tokens of {:?}", case.prompt);
+            assert_eq!(
+                &case.greedy, tokens,
+                "{name}: batched greedy tokens of {:?}",
+                case.prompt
+            );
         }
     }
 }

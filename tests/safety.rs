@@ -10,8 +10,13 @@ use common::{BIN, TestProject, set, snapshot};
 
 /// The manifest's `[project]` table with other `output` and `cache` lines.
 fn with_folders(project: &TestProject, output: &str, cache: Option<&str>) {
-    let cache = cache.map(|c| format!("cache = \"{c}\"\n")).unwrap_or_default();
-    project.edit("output = \"dist\"\n", &format!("output = \"{output}\"\n{cache}"));
+    let cache = cache
+        .map(|c| format!("cache = \"{c}\"\n"))
+        .unwrap_or_default();
+    project.edit(
+        "output = \"dist\"\n",
+        &format!("output = \"{output}\"\n{cache}"),
+    );
 }
 
 /// Everything a `--json` build said: its stderr and its events.
@@ -32,13 +37,27 @@ fn an_output_that_is_an_input_is_refused_and_the_corpus_stays() {
     with_folders(&project, "corpus", None);
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    assert!(build.stderr.contains("`project.output` = \"corpus\" overlaps the corpus file `corpus/a.txt`"), "{}", build.stderr);
-    assert!(build.stderr.contains("--> symb.toml:3:"), "the error points at the line: {}", build.stderr);
+    assert!(
+        build
+            .stderr
+            .contains("`project.output` = \"corpus\" overlaps the corpus file `corpus/a.txt`"),
+        "{}",
+        build.stderr
+    );
+    assert!(
+        build.stderr.contains("--> symb.toml:3:"),
+        "the error points at the line: {}",
+        build.stderr
+    );
     let clean = project.symb(&["clean"]);
     assert_eq!(clean.status.code(), Some(2), "{}", stderr(&clean));
     let mut expected = corpus.clone();
     expected.insert("notes.md".into(), b"my notes".to_vec());
-    assert_eq!(snapshot(&project.path("corpus")), expected, "the corpus is untouched");
+    assert_eq!(
+        snapshot(&project.path("corpus")),
+        expected,
+        "the corpus is untouched"
+    );
     assert!(!project.path("cache").exists(), "nothing was written");
 }
 
@@ -50,8 +69,16 @@ fn an_output_that_leads_outside_through_a_symlink_is_refused() {
     with_folders(&project, "lnk/dist", None);
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    assert!(build.stderr.contains("leads outside the project folder"), "{}", build.stderr);
-    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing was written outside");
+    assert!(
+        build.stderr.contains("leads outside the project folder"),
+        "{}",
+        build.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "nothing was written outside"
+    );
 }
 
 #[test]
@@ -61,7 +88,13 @@ fn a_folder_symb_did_not_make_is_refused_as_output_and_as_cache() {
     with_folders(&project, "docs", None);
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    assert!(build.stderr.contains("was not made by symb (it has no `.symb-output.json`)"), "{}", build.stderr);
+    assert!(
+        build
+            .stderr
+            .contains("was not made by symb (it has no `.symb-output.json`)"),
+        "{}",
+        build.stderr
+    );
     assert_eq!(project.read("docs/index.md"), "the user's docs");
 
     let project = TestProject::new(50);
@@ -69,7 +102,11 @@ fn a_folder_symb_did_not_make_is_refused_as_output_and_as_cache() {
     with_folders(&project, "dist", Some("notes"));
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    assert!(build.stderr.contains("holds files and is not a symb cache"), "{}", build.stderr);
+    assert!(
+        build.stderr.contains("holds files and is not a symb cache"),
+        "{}",
+        build.stderr
+    );
     assert_eq!(project.read("notes/todo.txt"), "keep me");
 }
 
@@ -86,10 +123,23 @@ fn a_cache_outside_the_project_works_and_clean_removes_only_what_symb_made() {
     std::fs::write(shared.join("README"), "the user's too").unwrap();
     let clean = project.symb(&["clean"]);
     assert!(clean.status.success(), "{}", stderr(&clean));
-    assert!(stderr(&clean).contains("Kept NOTES.md (not written by symb)"), "{}", stderr(&clean));
-    assert_eq!(snapshot(&project.path("dist")).into_keys().collect::<Vec<_>>(), [".symb-output.json", "NOTES.md"], "only symb's files went");
+    assert!(
+        stderr(&clean).contains("Kept NOTES.md (not written by symb)"),
+        "{}",
+        stderr(&clean)
+    );
+    assert_eq!(
+        snapshot(&project.path("dist"))
+            .into_keys()
+            .collect::<Vec<_>>(),
+        [".symb-output.json", "NOTES.md"],
+        "only symb's files went"
+    );
     assert!(!shared.join("v1").exists());
-    assert_eq!(std::fs::read_to_string(shared.join("README")).unwrap(), "the user's too");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("README")).unwrap(),
+        "the user's too"
+    );
     // The folder stays symb's (a marker listing nothing): the next build
     // takes it, and the user's file is still there.
     project.build_ok();
@@ -100,7 +150,13 @@ fn a_cache_outside_the_project_works_and_clean_removes_only_what_symb_made() {
     with_folders(&project, "dist", Some("corpus"));
     let build = project.build(&[]);
     assert_eq!(build.code, 2, "{}", build.stderr);
-    assert!(build.stderr.contains("`project.cache` overlaps the corpus file"), "{}", build.stderr);
+    assert!(
+        build
+            .stderr
+            .contains("`project.cache` overlaps the corpus file"),
+        "{}",
+        build.stderr
+    );
 }
 
 #[test]
@@ -121,14 +177,31 @@ fn the_users_file_in_the_output_survives_rebuilds_and_cache_verify_sees_edits() 
     let mut edited = good.clone();
     edited[10] ^= 0x01;
     std::fs::write(&path, &edited).unwrap();
-    std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     let verify = project.symb(&["cache", "verify"]);
     assert_eq!(verify.status.code(), Some(1), "{}", stderr(&verify));
-    assert!(stderr(&verify).contains("Changed `dist/tokenizer.json` differs from what symb wrote"), "{}", stderr(&verify));
-    assert!(stderr(&verify).contains("Kept `dist/NOTES.md`"), "{}", stderr(&verify));
+    assert!(
+        stderr(&verify).contains("Changed `dist/tokenizer.json` differs from what symb wrote"),
+        "{}",
+        stderr(&verify)
+    );
+    assert!(
+        stderr(&verify).contains("Kept `dist/NOTES.md`"),
+        "{}",
+        stderr(&verify)
+    );
     let build = project.build_ok();
     assert!(build.ran().is_empty());
-    assert_eq!(build.last()["output_updated"], true, "the edited file was noticed");
+    assert_eq!(
+        build.last()["output_updated"],
+        true,
+        "the edited file was noticed"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), good);
     assert!(project.symb(&["cache", "verify"]).status.success());
 }
@@ -138,17 +211,35 @@ fn cache_verify_reports_corruption_and_removes_it_only_with_repair() {
     let project = TestProject::new(50);
     project.build_ok();
     let blobs = project.path("cache/v1/blobs");
-    let blob = std::fs::read_dir(&blobs).unwrap().flatten().flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten()).next().unwrap().path();
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .next()
+        .unwrap()
+        .path();
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[0] ^= 0x20;
     std::fs::write(&blob, bytes).unwrap();
     let verify = project.symb(&["cache", "verify"]);
     assert_eq!(verify.status.code(), Some(1));
-    assert!(stderr(&verify).contains("does not match its content\n"), "{}", stderr(&verify));
-    assert!(stderr(&verify).contains("`symb cache verify --repair` removes"), "{}", stderr(&verify));
+    assert!(
+        stderr(&verify).contains("does not match its content\n"),
+        "{}",
+        stderr(&verify)
+    );
+    assert!(
+        stderr(&verify).contains("`symb cache verify --repair` removes"),
+        "{}",
+        stderr(&verify)
+    );
     assert!(blob.exists(), "nothing removed without --repair");
     let repair = project.symb(&["cache", "verify", "--repair"]);
-    assert!(stderr(&repair).contains("does not match its content (removed)"), "{}", stderr(&repair));
+    assert!(
+        stderr(&repair).contains("does not match its content (removed)"),
+        "{}",
+        stderr(&repair)
+    );
     assert!(!blob.exists());
     project.build_ok();
     assert!(project.symb(&["cache", "verify"]).status.success());
@@ -162,10 +253,18 @@ fn gc_removes_the_checkpoints_of_abandoned_keys() {
     std::fs::create_dir_all(&abandoned).unwrap();
     std::fs::write(abandoned.join("params.safetensors"), vec![0u8; 4096]).unwrap();
     let dry = project.symb(&["gc", "--dry-run"]);
-    assert!(stderr(&dry).contains("1 abandoned checkpoints"), "{}", stderr(&dry));
+    assert!(
+        stderr(&dry).contains("1 abandoned checkpoints"),
+        "{}",
+        stderr(&dry)
+    );
     assert!(abandoned.exists());
     let gc = project.symb(&["gc"]);
-    assert!(stderr(&gc).contains("1 abandoned checkpoints"), "{}", stderr(&gc));
+    assert!(
+        stderr(&gc).contains("1 abandoned checkpoints"),
+        "{}",
+        stderr(&gc)
+    );
     assert!(!abandoned.exists());
 }
 
@@ -176,12 +275,25 @@ fn gc_keeps_the_checkpoint_of_an_interrupted_training() {
     let project = TestProject::with_manifest(common::SCRATCH_TRAINING, 100);
     // Stop the build right after the finetune's artifacts are stored, before
     // its record: its checkpoints stay.
-    let crashed = Command::new(BIN).args(["build"]).current_dir(project.dir.path()).env("SYMB_FAULT", "after-blobs:finetune").output().unwrap();
+    let crashed = Command::new(BIN)
+        .args(["build"])
+        .current_dir(project.dir.path())
+        .env("SYMB_FAULT", "after-blobs:finetune")
+        .output()
+        .unwrap();
     assert!(!crashed.status.success());
     let checkpoints = project.path("cache/v1/checkpoints");
-    assert_eq!(std::fs::read_dir(&checkpoints).unwrap().count(), 1, "the interrupted finetune left its checkpoint");
+    assert_eq!(
+        std::fs::read_dir(&checkpoints).unwrap().count(),
+        1,
+        "the interrupted finetune left its checkpoint"
+    );
     let gc = project.symb(&["gc"]);
-    assert!(stderr(&gc).contains("0 abandoned checkpoints"), "{}", stderr(&gc));
+    assert!(
+        stderr(&gc).contains("0 abandoned checkpoints"),
+        "{}",
+        stderr(&gc)
+    );
     assert_eq!(std::fs::read_dir(&checkpoints).unwrap().count(), 1);
     project.build_ok();
 }
@@ -200,11 +312,21 @@ fn a_symlink_loop_in_the_corpus_reads_each_file_once() {
     let record = std::fs::read_dir(project.path("cache/v1/actions"))
         .unwrap()
         .flatten()
-        .map(|e| serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap())
+        .map(|e| {
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap()).unwrap()
+        })
         .find(|r| r["stage"] == "corpus")
         .unwrap();
-    let files: Vec<&String> = record["inputs"]["files"].as_object().unwrap().keys().collect();
-    assert_eq!(files, ["corpus/a.txt", "corpus/b.txt", "corpus/c.txt"], "each file once, by its first name");
+    let files: Vec<&String> = record["inputs"]["files"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(
+        files,
+        ["corpus/a.txt", "corpus/b.txt", "corpus/c.txt"],
+        "each file once, by its first name"
+    );
     assert_eq!(record["metrics"]["files"], 3);
 }
 
@@ -230,14 +352,21 @@ fn a_malformed_tokenizer_in_a_base_folder_fails_the_base_stage() {
     for file in ["config.json", "model.safetensors", "generation_config.json"] {
         std::fs::copy(fixture.join(file), base.join(file)).unwrap();
     }
-    std::fs::write(base.join("tokenizer.json"), r#"{"version": "1.0", "model": {"type": "BPE", "vocab": 7}}"#).unwrap();
+    std::fs::write(
+        base.join("tokenizer.json"),
+        r#"{"version": "1.0", "model": {"type": "BPE", "vocab": 7}}"#,
+    )
+    .unwrap();
     project.write("symb.toml", "[project]\nname = \"t\"\n\n[base]\nmodel = \"path:base\"\n\n[export]\ntargets = [\"fp32\"]\n");
     let build = project.build(&[]);
     let said = said(&build);
     assert_eq!(build.code, 2, "{said}");
     assert_eq!(build.with_status("failed"), set(&["base"]));
     assert!(build.ran().is_empty(), "{said}");
-    assert!(said.contains("tokenizer.json` is not a tokenizer the tokenizers library can load"), "{said}");
+    assert!(
+        said.contains("tokenizer.json` is not a tokenizer the tokenizers library can load"),
+        "{said}"
+    );
 }
 
 /// A full disk during training: the cache's checkpoint folder on a 64 KiB
@@ -247,22 +376,36 @@ fn a_malformed_tokenizer_in_a_base_folder_fails_the_base_stage() {
 #[test]
 fn a_full_disk_during_finetune_is_an_io_error_not_bad_input() {
     let project = TestProject::with_manifest(common::SCRATCH_TRAINING, 100);
-    let probe = Command::new("unshare").args(["--user", "--map-root-user", "--mount", "true"]).output();
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .output();
     if !probe.is_ok_and(|o| o.status.success()) {
         // Without mount namespaces there is no disk to fill here; the
         // message and exit code are checked by the model unit tests too.
-        eprintln!("skipped: `unshare --user --map-root-user --mount` is not allowed on this machine");
+        eprintln!(
+            "skipped: `unshare --user --map-root-user --mount` is not allowed on this machine"
+        );
         return;
     }
     let build = project.build(&["--target", "base"]);
     assert_eq!(build.code, 0, "{}", build.stderr);
     let checkpoints = project.path("cache/v1/checkpoints");
     std::fs::create_dir_all(&checkpoints).unwrap();
-    let script = format!("mount -t tmpfs -o size=64k tmpfs '{}' && exec '{BIN}' build", checkpoints.display());
-    let out = Command::new("unshare").args(["--user", "--map-root-user", "--mount", "sh", "-c", &script]).current_dir(project.dir.path()).output().unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=64k tmpfs '{}' && exec '{BIN}' build",
+        checkpoints.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+        .current_dir(project.dir.path())
+        .output()
+        .unwrap();
     let text = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("cannot write `") && text.contains("No space left on device"), "{text}");
+    assert!(
+        text.contains("cannot write `") && text.contains("No space left on device"),
+        "{text}"
+    );
     assert!(!text.contains("cannot read"), "{text}");
     // With space again, the build finishes.
     project.build_ok();
@@ -279,7 +422,9 @@ fn folders_kept_in_git_by_a_placeholder_are_used() {
     project.build_ok();
     assert!(project.path("cache/CACHEDIR.TAG").is_file());
     assert_eq!(project.read("cache/.gitignore"), "*\n!.gitignore\n");
-    assert!(project.path("dist/.symb-output.json").is_file() && project.path("dist/.gitkeep").is_file());
+    assert!(
+        project.path("dist/.symb-output.json").is_file() && project.path("dist/.gitkeep").is_file()
+    );
 }
 
 /// Where the output cannot be exchanged atomically, the old folder is moved
@@ -290,9 +435,17 @@ fn an_output_left_aside_by_a_crash_is_restored() {
     let project = TestProject::new(50);
     project.build_ok();
     let before = snapshot(&project.path("dist"));
-    std::fs::rename(project.path("dist"), project.path(".dist.symb-new-AbCdEf.old")).unwrap();
+    std::fs::rename(
+        project.path("dist"),
+        project.path(".dist.symb-new-AbCdEf.old"),
+    )
+    .unwrap();
     let build = project.build_ok();
-    assert_eq!(build.last()["output_updated"], false, "the folder came back as it was");
+    assert_eq!(
+        build.last()["output_updated"],
+        false,
+        "the folder came back as it was"
+    );
     assert_eq!(snapshot(&project.path("dist")), before);
     assert!(!project.path(".dist.symb-new-AbCdEf.old").exists());
 }

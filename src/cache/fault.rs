@@ -24,7 +24,11 @@ const FAULT_VAR: &str = "SYMB_FAULT";
 /// Aborts the process if `SYMB_FAULT` names `point`.
 pub fn point(point: &str) {
     static FAULT: OnceLock<Option<String>> = OnceLock::new();
-    if FAULT.get_or_init(|| std::env::var(FAULT_VAR).ok().filter(|v| !v.is_empty())).as_deref() == Some(point) {
+    if FAULT
+        .get_or_init(|| std::env::var(FAULT_VAR).ok().filter(|v| !v.is_empty()))
+        .as_deref()
+        == Some(point)
+    {
         eprintln!("symb: {FAULT_VAR}: aborting at `{point}`");
         std::process::abort();
     }

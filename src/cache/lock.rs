@@ -24,28 +24,51 @@ impl CacheLock {
     /// Takes the lock; if another process holds it, calls `on_wait` once and
     /// blocks until it is free.
     pub fn acquire(path: &Path, on_wait: impl FnOnce()) -> Result<Self, CacheError> {
-        let (file, read_only) = match OpenOptions::new().create(true).truncate(false).write(true).open(path) {
+        let (file, read_only) = match OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+        {
             Ok(file) => (Some(file), false),
-            Err(e) if matches!(e.kind(), ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied) => match File::open(path) {
-                Ok(file) => (Some(file), true),
-                Err(e) if e.kind() == ErrorKind::NotFound => (None, true),
-                Err(e) => return Err(CacheError::io(path, e)),
-            },
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ReadOnlyFilesystem | ErrorKind::PermissionDenied
+                ) =>
+            {
+                match File::open(path) {
+                    Ok(file) => (Some(file), true),
+                    Err(e) if e.kind() == ErrorKind::NotFound => (None, true),
+                    Err(e) => return Err(CacheError::io(path, e)),
+                }
+            }
             Err(e) => return Err(CacheError::write(path, e)),
         };
         if let Some(file) = &file {
-            let attempt = if read_only { file.try_lock_shared() } else { file.try_lock() };
+            let attempt = if read_only {
+                file.try_lock_shared()
+            } else {
+                file.try_lock()
+            };
             match attempt {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {
                     on_wait();
-                    let locked = if read_only { file.lock_shared() } else { file.lock() };
+                    let locked = if read_only {
+                        file.lock_shared()
+                    } else {
+                        file.lock()
+                    };
                     locked.map_err(|e| CacheError::io(path, e))?;
                 }
                 Err(TryLockError::Error(e)) => return Err(CacheError::io(path, e)),
             }
         }
-        Ok(CacheLock { _file: file, read_only })
+        Ok(CacheLock {
+            _file: file,
+            read_only,
+        })
     }
 
     /// True when the cache cannot be written by this process: only what

@@ -47,8 +47,7 @@ const BUCKET: &str = "v1";
 /// The Cache Directory Tagging Specification's file, as cargo writes in
 /// `target/`: backup tools skip the folder, and symb knows it as its own.
 pub const CACHEDIR_TAG: &str = "CACHEDIR.TAG";
-const CACHEDIR_TAG_TEXT: &str =
-    "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by symb.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
+const CACHEDIR_TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by symb.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
 
 /// A blake3 digest as lowercase hex.
 pub type Digest = String;
@@ -74,11 +73,17 @@ pub enum CacheError {
 
 impl CacheError {
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        CacheError::Io { path: path.into(), source }
+        CacheError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub fn write(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        CacheError::Write { path: path.into(), source }
+        CacheError::Write {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -125,8 +130,14 @@ impl Cache {
         // holding the lock empties `tmp/` while another may be opening it.
         fs::create_dir_all(root).map_err(|e| CacheError::write(root, e))?;
         let tag = root.join(CACHEDIR_TAG);
-        match fs::OpenOptions::new().write(true).create_new(true).open(&tag) {
-            Ok(mut file) => file.write_all(CACHEDIR_TAG_TEXT.as_bytes()).map_err(|e| CacheError::write(&tag, e))?,
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tag)
+        {
+            Ok(mut file) => file
+                .write_all(CACHEDIR_TAG_TEXT.as_bytes())
+                .map_err(|e| CacheError::write(&tag, e))?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             // A read-only cache that has its tag is still read.
             Err(_) if tag.is_file() => {}
@@ -137,7 +148,10 @@ impl Cache {
             let dir = bucket.join(sub);
             fs::create_dir_all(&dir).map_err(|e| CacheError::write(&dir, e))?;
         }
-        Ok(Cache { root: root.to_path_buf(), bucket })
+        Ok(Cache {
+            root: root.to_path_buf(),
+            bucket,
+        })
     }
 
     /// True when `root` holds a symb cache: symb's own tag (other tools,
@@ -145,7 +159,9 @@ impl Cache {
     /// (another build has just created it and is writing it, one write; no
     /// tool leaves a tag without its signature), or its bucket.
     pub fn is_cache(root: &Path) -> bool {
-        fs::read_to_string(root.join(CACHEDIR_TAG)).is_ok_and(|tag| tag.is_empty() || tag == CACHEDIR_TAG_TEXT) || root.join(BUCKET).join("blobs").is_dir()
+        fs::read_to_string(root.join(CACHEDIR_TAG))
+            .is_ok_and(|tag| tag.is_empty() || tag == CACHEDIR_TAG_TEXT)
+            || root.join(BUCKET).join("blobs").is_dir()
     }
 
     pub fn root(&self) -> &Path {
@@ -181,7 +197,11 @@ impl Cache {
         let entries = fs::read_dir(&tmp).map_err(|e| CacheError::io(&tmp, e))?;
         for entry in entries {
             let path = entry.map_err(|e| CacheError::io(&tmp, e))?.path();
-            let result = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let result = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
             result.map_err(|e| CacheError::io(&path, e))?;
         }
         Ok(())
@@ -189,7 +209,10 @@ impl Cache {
 
     /// A fresh, empty folder under `tmp/` for a stage to write its artifacts in.
     pub fn work_dir(&self, label: &str) -> Result<tempfile::TempDir, CacheError> {
-        tempfile::Builder::new().prefix(&format!("{label}-")).tempdir_in(self.tmp_dir()).map_err(|e| CacheError::write(self.tmp_dir(), e))
+        tempfile::Builder::new()
+            .prefix(&format!("{label}-"))
+            .tempdir_in(self.tmp_dir())
+            .map_err(|e| CacheError::write(self.tmp_dir(), e))
     }
 
     /// Where a stage with this key keeps checkpoints across killed builds.
@@ -220,7 +243,9 @@ impl Cache {
         }
         let parent = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(parent).map_err(|e| CacheError::write(parent, e))?;
-        fs::File::open(file).and_then(|f| f.sync_all()).map_err(|e| CacheError::io(file, e))?;
+        fs::File::open(file)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| CacheError::io(file, e))?;
         fs::rename(file, &dest).map_err(|e| CacheError::write(&dest, e))?;
         Ok(BlobRef { digest, size })
     }
@@ -238,7 +263,15 @@ impl Cache {
         let (digest, size) = hash_file(&path)?;
         if digest != blob.digest || size != blob.size {
             let _ = fs::remove_file(&path);
-            return Err(CacheError::Corrupt { path, what: format!("content hashes to {} ({size} bytes), expected {} ({} bytes)", short(&digest), short(&blob.digest), blob.size) });
+            return Err(CacheError::Corrupt {
+                path,
+                what: format!(
+                    "content hashes to {} ({size} bytes), expected {} ({} bytes)",
+                    short(&digest),
+                    short(&blob.digest),
+                    blob.size
+                ),
+            });
         }
         Ok(())
     }
@@ -258,13 +291,18 @@ impl Cache {
                 break;
             }
             hasher.update(&buf[..n]);
-            writer.write_all(&buf[..n]).map_err(|e| CacheError::io(dest, e))?;
+            writer
+                .write_all(&buf[..n])
+                .map_err(|e| CacheError::io(dest, e))?;
             size += n as u64;
         }
         let digest = hasher.finalize().to_hex().to_string();
         if digest != blob.digest || size != blob.size {
             let _ = fs::remove_file(&src);
-            return Err(CacheError::Corrupt { path: src, what: "content does not match its digest".into() });
+            return Err(CacheError::Corrupt {
+                path: src,
+                what: "content does not match its digest".into(),
+            });
         }
         writer.sync_all().map_err(|e| CacheError::io(dest, e))
     }
@@ -291,7 +329,9 @@ impl Cache {
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| CacheError::io(&dir, e))? {
             let path = entry.map_err(|e| CacheError::io(&dir, e))?.path();
-            let record = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let record = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             out.push((path, record));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -306,7 +346,11 @@ impl Cache {
             let prefix = prefix.map_err(|e| CacheError::io(&dir, e))?.path();
             for entry in fs::read_dir(&prefix).map_err(|e| CacheError::io(&prefix, e))? {
                 let path = entry.map_err(|e| CacheError::io(&prefix, e))?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
                 out.push((name, path));
             }
         }
@@ -318,16 +362,25 @@ impl Cache {
     /// is reported; with `repair` it is also removed, so that the next build
     /// recomputes it (a build also removes a corrupt blob it is about to use).
     pub fn verify(&self, repair: bool) -> Result<VerifyReport, CacheError> {
-        let mut report = VerifyReport { repaired: repair, ..VerifyReport::default() };
+        let mut report = VerifyReport {
+            repaired: repair,
+            ..VerifyReport::default()
+        };
         let remove = |path: &Path| {
-            if repair { fs::remove_file(path).map_err(|e| CacheError::io(path, e)) } else { Ok(()) }
+            if repair {
+                fs::remove_file(path).map_err(|e| CacheError::io(path, e))
+            } else {
+                Ok(())
+            }
         };
         for (name, path) in self.blobs()? {
             report.blobs += 1;
             let (digest, _) = hash_file(&path)?;
             if digest != name {
                 remove(&path)?;
-                report.corrupt.push(format!("blob {} does not match its content", short(&name)));
+                report
+                    .corrupt
+                    .push(format!("blob {} does not match its content", short(&name)));
             }
         }
         for (path, record) in self.actions()? {
@@ -335,12 +388,18 @@ impl Cache {
             match record {
                 None => {
                     remove(&path)?;
-                    report.corrupt.push(format!("action record `{}` is unreadable", path.display()));
+                    report
+                        .corrupt
+                        .push(format!("action record `{}` is unreadable", path.display()));
                 }
                 Some(record) => {
                     for (name, blob) in &record.outputs {
                         if !self.blob_present(blob) {
-                            report.missing.push(format!("{}: artifact `{name}` ({}) is missing; the stage will re-run", record.stage, short(&blob.digest)));
+                            report.missing.push(format!(
+                                "{}: artifact `{name}` ({}) is missing; the stage will re-run",
+                                record.stage,
+                                short(&blob.digest)
+                            ));
                         }
                     }
                 }
@@ -366,7 +425,9 @@ impl Cache {
                     let name = match &other {
                         Some(r) => {
                             for (artifact, blob) in &r.outputs {
-                                dropped_names.entry(blob.digest.clone()).or_insert_with(|| format!("{}/{artifact}", r.stage));
+                                dropped_names
+                                    .entry(blob.digest.clone())
+                                    .or_insert_with(|| format!("{}/{artifact}", r.stage));
                             }
                             format!("the record of `{}` (key {})", r.stage, short(&r.key))
                         }
@@ -391,7 +452,13 @@ impl Cache {
             let bytes = folder_size(&path);
             report.checkpoints_removed += 1;
             report.bytes_freed += bytes;
-            report.removed.push(GcEntry { what: format!("the checkpoints of an interrupted stage (key {})", short(&name)), bytes });
+            report.removed.push(GcEntry {
+                what: format!(
+                    "the checkpoints of an interrupted stage (key {})",
+                    short(&name)
+                ),
+                bytes,
+            });
             if !dry_run {
                 fs::remove_dir_all(&path).map_err(|e| CacheError::io(&path, e))?;
             }
@@ -445,15 +512,28 @@ pub struct GcEntry {
 
 /// The bytes of the files under `path`.
 fn folder_size(path: &Path) -> u64 {
-    let Ok(entries) = fs::read_dir(path) else { return fs::metadata(path).map_or(0, |m| m.len()) };
-    entries.flatten().map(|e| if e.file_type().is_ok_and(|t| t.is_dir()) { folder_size(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) }).sum()
+    let Ok(entries) = fs::read_dir(path) else {
+        return fs::metadata(path).map_or(0, |m| m.len());
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                folder_size(&e.path())
+            } else {
+                e.metadata().map_or(0, |m| m.len())
+            }
+        })
+        .sum()
 }
 
 /// blake3 of a file's bytes, streaming, with its length.
 pub fn hash_file(path: &Path) -> Result<(Digest, u64), CacheError> {
     let mut hasher = blake3::Hasher::new();
     let file = fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
-    hasher.update_reader(file).map_err(|e| CacheError::io(path, e))?;
+    hasher
+        .update_reader(file)
+        .map_err(|e| CacheError::io(path, e))?;
     let size = hasher.count();
     Ok((hasher.finalize().to_hex().to_string(), size))
 }

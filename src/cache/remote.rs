@@ -21,9 +21,16 @@ pub enum StoreError {
     #[error("{store}: {message}")]
     Remote { store: String, message: String },
     #[error("`{}`: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{store}: the blob {digest} has the content {actual}: not used")]
-    Corrupt { store: String, digest: String, actual: String },
+    Corrupt {
+        store: String,
+        digest: String,
+        actual: String,
+    },
 }
 
 /// What a store holds under a blob's name, against the blob's own bytes.
@@ -75,51 +82,94 @@ impl S3Store {
     /// standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let env: Vec<(String, String)> = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).filter(|(k, _)| k.starts_with("AWS_")).collect();
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .collect();
         Self::open_with(url, &env)
     }
 
     /// [`open`](Self::open) with the AWS variables given, not read from the
     /// environment.
     pub fn open_with(url: &str, variables: &[(String, String)]) -> Result<Self, StoreError> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| StoreError::Config(format!("the cache remote `{url}` is not an s3://bucket/prefix URL")))?;
+        let rest = url.strip_prefix("s3://").ok_or_else(|| {
+            StoreError::Config(format!(
+                "the cache remote `{url}` is not an s3://bucket/prefix URL"
+            ))
+        })?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(StoreError::Config(format!("the cache remote `{url}` names no bucket")));
+            return Err(StoreError::Config(format!(
+                "the cache remote `{url}` names no bucket"
+            )));
         }
         // The standard AWS variables, as `from_env` reads them, but an empty
         // one counts as unset (CI templates often set `AWS_ENDPOINT_URL: ""`).
         // A remote that is down must not stall a build: a few quick retries
         // (object_store's default retries for up to three minutes). Set
         // first: the variables below (AWS_ALLOW_HTTP) adjust these options.
-        let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: std::time::Duration::from_secs(20), backoff: object_store::BackoffConfig::default() };
-        let client = object_store::ClientOptions::new().with_connect_timeout(std::time::Duration::from_secs(5));
-        let mut builder = object_store::aws::AmazonS3Builder::new().with_retry(retry).with_client_options(client).with_bucket_name(bucket);
+        let retry = object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: std::time::Duration::from_secs(20),
+            backoff: object_store::BackoffConfig::default(),
+        };
+        let client = object_store::ClientOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(5));
+        let mut builder = object_store::aws::AmazonS3Builder::new()
+            .with_retry(retry)
+            .with_client_options(client)
+            .with_bucket_name(bucket);
         for (key, value) in variables {
             if key.starts_with("AWS_")
                 && !value.is_empty()
-                && let Ok(config) = key.to_ascii_lowercase().parse::<object_store::aws::AmazonS3ConfigKey>()
+                && let Ok(config) = key
+                    .to_ascii_lowercase()
+                    .parse::<object_store::aws::AmazonS3ConfigKey>()
             {
                 builder = builder.with_config(config, value);
             }
         }
-        if !variables.iter().any(|(k, v)| (k == "AWS_REGION" || k == "AWS_DEFAULT_REGION") && !v.is_empty()) {
+        if !variables
+            .iter()
+            .any(|(k, v)| (k == "AWS_REGION" || k == "AWS_DEFAULT_REGION") && !v.is_empty())
+        {
             builder = builder.with_region("us-east-1");
         }
-        let store = builder.build().map_err(|e| StoreError::Config(format!("the cache remote `{url}`: {}", redact(&e.to_string()))))?;
+        let store = builder.build().map_err(|e| {
+            StoreError::Config(format!(
+                "the cache remote `{url}`: {}",
+                redact(&e.to_string())
+            ))
+        })?;
         // Several threads upload at once (each blocks on its own request).
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("symb-s3").enable_all().build().map_err(|e| StoreError::Config(format!("cannot start the I/O runtime: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("symb-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Config(format!("cannot start the I/O runtime: {e}")))?;
         let prefix = prefix.trim_matches('/').to_string();
-        Ok(S3Store { store, prefix, url: url.to_string(), runtime })
+        Ok(S3Store {
+            store,
+            prefix,
+            url: url.to_string(),
+            runtime,
+        })
     }
 
     fn path(&self, tail: &str) -> object_store::path::Path {
-        if self.prefix.is_empty() { object_store::path::Path::from(format!("v1/{tail}")) } else { object_store::path::Path::from(format!("{}/v1/{tail}", self.prefix)) }
+        if self.prefix.is_empty() {
+            object_store::path::Path::from(format!("v1/{tail}"))
+        } else {
+            object_store::path::Path::from(format!("{}/v1/{tail}", self.prefix))
+        }
     }
 
     fn remote(&self, error: impl std::fmt::Display) -> StoreError {
-        StoreError::Remote { store: self.url.clone(), message: redact(&error.to_string()) }
+        StoreError::Remote {
+            store: self.url.clone(),
+            message: redact(&error.to_string()),
+        }
     }
 }
 
@@ -137,7 +187,9 @@ fn content_etag(path: &Path, part: Option<u64>) -> std::io::Result<String> {
         // One part: up to `part` bytes.
         let (mut hasher, mut read) = (md5::Md5::new(), 0u64);
         while read < part {
-            let want = buffer.len().min((part - read).min(usize::MAX as u64) as usize);
+            let want = buffer
+                .len()
+                .min((part - read).min(usize::MAX as u64) as usize);
             let n = file.read(&mut buffer[..want])?;
             if n == 0 {
                 break;
@@ -164,7 +216,11 @@ fn content_etag(path: &Path, part: Option<u64>) -> std::io::Result<String> {
 /// Drops anything that looks like a credential from a message.
 fn redact(message: &str) -> String {
     let mut out = message.to_string();
-    for var in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"] {
+    for var in [
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ACCESS_KEY_ID",
+    ] {
         if let Ok(value) = std::env::var(var)
             && !value.is_empty()
         {
@@ -192,7 +248,9 @@ impl Store for S3Store {
         match bytes.map_err(|e| self.remote(e))? {
             None => Ok(None),
             // A record that does not parse, or names another key, is no record.
-            Some(bytes) => Ok(serde_json::from_slice::<ActionRecord>(&bytes).ok().filter(|r| r.key == key)),
+            Some(bytes) => Ok(serde_json::from_slice::<ActionRecord>(&bytes)
+                .ok()
+                .filter(|r| r.key == key)),
         }
     }
 
@@ -224,11 +282,19 @@ impl Store for S3Store {
                 Err(e) => Err(self.remote(e)),
             }
         })?;
-        let Some(meta) = meta else { return Ok(Held::Missing) };
+        let Some(meta) = meta else {
+            return Ok(Held::Missing);
+        };
         if meta.size != blob.size {
             return Ok(Held::Differs);
         }
-        let Some(etag) = meta.e_tag.as_deref().map(|t| t.trim_matches('"').to_ascii_lowercase()) else { return Ok(Held::Same) };
+        let Some(etag) = meta
+            .e_tag
+            .as_deref()
+            .map(|t| t.trim_matches('"').to_ascii_lowercase())
+        else {
+            return Ok(Held::Same);
+        };
         let (md5, parts) = match etag.split_once('-') {
             Some((md5, parts)) => (md5, parts.parse::<u64>().ok()),
             None => (etag.as_str(), None),
@@ -236,19 +302,35 @@ impl Store for S3Store {
         if md5.len() != 32 || !md5.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(Held::Same);
         }
-        let expected = content_etag(local, parts.map(|_| PART as u64)).map_err(|e| StoreError::Io { path: local.to_path_buf(), source: e })?;
-        Ok(if expected == etag { Held::Same } else { Held::Differs })
+        let expected =
+            content_etag(local, parts.map(|_| PART as u64)).map_err(|e| StoreError::Io {
+                path: local.to_path_buf(),
+                source: e,
+            })?;
+        Ok(if expected == etag {
+            Held::Same
+        } else {
+            Held::Differs
+        })
     }
 
     fn get_blob(&self, blob: &BlobRef, dest: &Path) -> Result<(), StoreError> {
         use futures_util::StreamExt;
         use object_store::ObjectStoreExt;
         let path = self.path(&format!("blobs/{}", blob.digest));
-        let io = |e| StoreError::Io { path: dest.to_path_buf(), source: e };
+        let io = |e| StoreError::Io {
+            path: dest.to_path_buf(),
+            source: e,
+        };
         let mut file = std::io::BufWriter::new(std::fs::File::create(dest).map_err(io)?);
         let mut hasher = blake3::Hasher::new();
         self.runtime.block_on(async {
-            let mut stream = self.store.get(&path).await.map_err(|e| self.remote(e))?.into_stream();
+            let mut stream = self
+                .store
+                .get(&path)
+                .await
+                .map_err(|e| self.remote(e))?
+                .into_stream();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| self.remote(e))?;
                 hasher.update(&chunk);
@@ -256,11 +338,18 @@ impl Store for S3Store {
             }
             Ok::<_, StoreError>(())
         })?;
-        file.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+        file.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
         let actual = hasher.finalize().to_hex().to_string();
         if actual != blob.digest {
             let _ = std::fs::remove_file(dest);
-            return Err(StoreError::Corrupt { store: self.url.clone(), digest: blob.digest.clone(), actual });
+            return Err(StoreError::Corrupt {
+                store: self.url.clone(),
+                digest: blob.digest.clone(),
+                actual,
+            });
         }
         Ok(())
     }
@@ -269,17 +358,27 @@ impl Store for S3Store {
         use object_store::ObjectStoreExt;
         use std::io::Read;
         let path = self.path(&format!("blobs/{}", blob.digest));
-        let io = |e| StoreError::Io { path: src.to_path_buf(), source: e };
+        let io = |e| StoreError::Io {
+            path: src.to_path_buf(),
+            source: e,
+        };
         let mut file = std::fs::File::open(src).map_err(io)?;
         self.runtime.block_on(async {
             if blob.size <= MULTIPART_ABOVE {
                 let mut bytes = Vec::with_capacity(blob.size as usize);
                 file.read_to_end(&mut bytes).map_err(io)?;
-                self.store.put(&path, bytes.into()).await.map_err(|e| self.remote(e))?;
+                self.store
+                    .put(&path, bytes.into())
+                    .await
+                    .map_err(|e| self.remote(e))?;
                 return Ok(());
             }
             // In parts: the object appears only when the upload completes.
-            let upload = self.store.put_multipart(&path).await.map_err(|e| self.remote(e))?;
+            let upload = self
+                .store
+                .put_multipart(&path)
+                .await
+                .map_err(|e| self.remote(e))?;
             let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
             let mut buffer = vec![0u8; PART];
             loop {
@@ -287,7 +386,10 @@ impl Store for S3Store {
                 if n == 0 {
                     break;
                 }
-                writer.wait_for_capacity(4).await.map_err(|e| self.remote(e))?;
+                writer
+                    .wait_for_capacity(4)
+                    .await
+                    .map_err(|e| self.remote(e))?;
                 writer.write(&buffer[..n]);
             }
             writer.finish().await.map_err(|e| self.remote(e))?;
@@ -301,7 +403,9 @@ impl Store for S3Store {
         let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
         // Two machines committing the same key write records naming the same
         // blobs; the last one stays, and either is right.
-        self.runtime.block_on(self.store.put(&path, bytes.into())).map_err(|e| self.remote(e))?;
+        self.runtime
+            .block_on(self.store.put(&path, bytes.into()))
+            .map_err(|e| self.remote(e))?;
         Ok(())
     }
 }

@@ -36,8 +36,14 @@ pub struct StatCache {
 impl StatCache {
     /// Loads the stat cache; a missing or unreadable file gives an empty one.
     pub fn load(path: &Path) -> Self {
-        let entries = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        StatCache { entries, dirty: false }
+        let entries = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        StatCache {
+            entries,
+            dirty: false,
+        }
     }
 
     /// The digest of `path`'s content, from the cache when its stat matches.
@@ -58,7 +64,10 @@ impl StatCache {
         tracing::debug!(path = %path.display(), "hashing input file");
         let (digest, _) = hash_file(path)?;
         let entry = stat(digest.clone());
-        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
         if now_ns - entry.mtime_ns.max(entry.ctime_ns) > 1_000_000_000 {
             self.entries.insert(path.to_path_buf(), entry);
             self.dirty = true;

@@ -16,8 +16,14 @@ pub const RECIPES: [(&str, &str); 4] = [
     // The example at the repository's root is this recipe (one file, not two copies).
     ("symbiotic", include_str!("../../symb.toml.example")),
     ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml")),
-    ("smollm2-lora", include_str!("../../recipes/smollm2-lora.toml")),
-    ("qwen2.5-lora", include_str!("../../recipes/qwen2.5-lora.toml")),
+    (
+        "smollm2-lora",
+        include_str!("../../recipes/smollm2-lora.toml"),
+    ),
+    (
+        "qwen2.5-lora",
+        include_str!("../../recipes/qwen2.5-lora.toml"),
+    ),
 ];
 
 /// `symb --version`: the crate's version and the commit it was built from.
@@ -217,7 +223,15 @@ pub fn run(cli: Cli) -> i32 {
     } else {
         Mode::Human
     };
-    let needs_manifest = matches!(cli.command, Command::Build { .. } | Command::Status { .. } | Command::Graph { .. } | Command::Clean | Command::Gc { .. } | Command::Cache { .. });
+    let needs_manifest = matches!(
+        cli.command,
+        Command::Build { .. }
+            | Command::Status { .. }
+            | Command::Graph { .. }
+            | Command::Clean
+            | Command::Gc { .. }
+            | Command::Cache { .. }
+    );
     let manifest = if needs_manifest {
         match find_manifest(cli.manifest.as_deref()) {
             Ok(path) => path,
@@ -237,7 +251,18 @@ pub fn run(cli: Cli) -> i32 {
             let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &script);
             0
         }
-        Command::Build { targets, jobs, force, json } => build(&manifest, &targets, jobs, force, if json { Mode::Json } else { mode }),
+        Command::Build {
+            targets,
+            jobs,
+            force,
+            json,
+        } => build(
+            &manifest,
+            &targets,
+            jobs,
+            force,
+            if json { Mode::Json } else { mode },
+        ),
         Command::Status { json, exit_code } => match status(&manifest, json) {
             Ok(fresh) => i32::from(exit_code && !fresh),
             Err(e) => report::<()>(Err(e), json),
@@ -257,57 +282,108 @@ pub fn run(cli: Cli) -> i32 {
         ),
         Command::Init { recipe, path } => init(&recipe, &path),
         Command::Clean => report(
-            Project::open(&manifest, &[]).and_then(|p| p.clean()).map(|clean| {
-                for path in clean.removed {
-                    eprintln!("     Removed {}", path.display());
-                }
-                for path in clean.kept {
-                    eprintln!("        Kept {path} (not written by symb)");
-                }
-            }),
+            Project::open(&manifest, &[])
+                .and_then(|p| p.clean())
+                .map(|clean| {
+                    for path in clean.removed {
+                        eprintln!("     Removed {}", path.display());
+                    }
+                    for path in clean.kept {
+                        eprintln!("        Kept {path} (not written by symb)");
+                    }
+                }),
             false,
         ),
         Command::Gc { dry_run } => report(
-            Project::open(&manifest, &[]).and_then(|p| p.gc(&Project::default_options(1), dry_run)).map(|r| {
-                let verb = if dry_run { "Would remove" } else { "Removed" };
-                // A dry run lists each thing; a real one with -v.
-                if dry_run || mode == Mode::Verbose {
-                    for entry in &r.removed {
-                        eprintln!("{}", render::status(verb, render::Tone::Note, &format!("{} ({})", entry.what, render::bytes(entry.bytes))));
+            Project::open(&manifest, &[])
+                .and_then(|p| p.gc(&Project::default_options(1), dry_run))
+                .map(|r| {
+                    let verb = if dry_run { "Would remove" } else { "Removed" };
+                    // A dry run lists each thing; a real one with -v.
+                    if dry_run || mode == Mode::Verbose {
+                        for entry in &r.removed {
+                            eprintln!(
+                                "{}",
+                                render::status(
+                                    verb,
+                                    render::Tone::Note,
+                                    &format!("{} ({})", entry.what, render::bytes(entry.bytes))
+                                )
+                            );
+                        }
                     }
-                }
-                if mode != Mode::Quiet {
-                    eprintln!(
-                        "{}",
-                        render::status(
-                            verb,
-                            render::Tone::Good,
-                            &format!("{} action records, {} blobs and {} abandoned checkpoints ({})", r.actions_removed, r.blobs_removed, r.checkpoints_removed, render::bytes(r.bytes_freed))
-                        )
-                    );
-                }
-            }),
+                    if mode != Mode::Quiet {
+                        eprintln!(
+                            "{}",
+                            render::status(
+                                verb,
+                                render::Tone::Good,
+                                &format!(
+                                    "{} action records, {} blobs and {} abandoned checkpoints ({})",
+                                    r.actions_removed,
+                                    r.blobs_removed,
+                                    r.checkpoints_removed,
+                                    render::bytes(r.bytes_freed)
+                                )
+                            )
+                        );
+                    }
+                }),
             false,
         ),
-        Command::Generate { model, prompt, max_new_tokens, backend, dtype, adapter, temperature, top_k, seed, json } => {
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            backend,
+            dtype,
+            adapter,
+            temperature,
+            top_k,
+            seed,
+            json,
+        } => {
             if !(temperature >= 0.0 && temperature.is_finite()) {
-                eprintln!("error: `--temperature` must be 0 (greedy) or positive, not {temperature}");
+                eprintln!(
+                    "error: `--temperature` must be 0 (greedy) or positive, not {temperature}"
+                );
                 return 2;
             }
-            let sampling = (temperature > 0.0).then_some(crate::model::Sampling { temperature, top_k, seed });
-            generate(&model, &prompt, max_new_tokens, &backend, dtype, adapter.as_deref(), sampling.as_ref(), json)
+            let sampling = (temperature > 0.0).then_some(crate::model::Sampling {
+                temperature,
+                top_k,
+                seed,
+            });
+            generate(
+                &model,
+                &prompt,
+                max_new_tokens,
+                &backend,
+                dtype,
+                adapter.as_deref(),
+                sampling.as_ref(),
+                json,
+            )
         }
         Command::Lint { folder, json } => lint(&folder, json),
         Command::Worker { store, job, cache } => worker(&store, &job, cache),
-        Command::Serve { folder, port, transformers_js } => serve(&folder, port, transformers_js.as_deref()),
-        Command::Cache { command: CacheCommand::Push { json } } => match push(&manifest, json) {
+        Command::Serve {
+            folder,
+            port,
+            transformers_js,
+        } => serve(&folder, port, transformers_js.as_deref()),
+        Command::Cache {
+            command: CacheCommand::Push { json },
+        } => match push(&manifest, json) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("{e}");
                 e.exit_code()
             }
         },
-        Command::Cache { command: CacheCommand::Verify { repair } } => match Project::open(&manifest, &[]).and_then(|p| {
+        Command::Cache {
+            command: CacheCommand::Verify { repair },
+        } => match Project::open(&manifest, &[]).and_then(|p| {
             let label = p.manifest.project.output_label.clone();
             p.verify(repair).map(|r| (label, r))
         }) {
@@ -320,13 +396,17 @@ pub fn run(cli: Cli) -> i32 {
                     eprintln!("     Missing {line}");
                 }
                 for path in &folder.changed {
-                    eprintln!("     Changed `{output}/{path}` differs from what symb wrote; the next build rewrites it");
+                    eprintln!(
+                        "     Changed `{output}/{path}` differs from what symb wrote; the next build rewrites it"
+                    );
                 }
                 for path in &folder.missing {
                     eprintln!("     Missing `{output}/{path}`; the next build writes it again");
                 }
                 for path in &folder.foreign {
-                    eprintln!("        Kept `{output}/{path}` (not written by symb; builds carry it along)");
+                    eprintln!(
+                        "        Kept `{output}/{path}` (not written by symb; builds carry it along)"
+                    );
                 }
                 eprintln!(
                     "    Verified {} blobs, {} action records and {} output files: {} corrupt, {} missing, {} changed in `{output}`",
@@ -338,9 +418,14 @@ pub fn run(cli: Cli) -> i32 {
                     folder.changed.len(),
                 );
                 if !cache.corrupt.is_empty() && !cache.repaired {
-                    eprintln!("        Note `symb cache verify --repair` removes the corrupt entries; the stages that made them re-run at the next build");
+                    eprintln!(
+                        "        Note `symb cache verify --repair` removes the corrupt entries; the stages that made them re-run at the next build"
+                    );
                 }
-                let clean = cache.corrupt.is_empty() && cache.missing.is_empty() && folder.changed.is_empty() && folder.missing.is_empty();
+                let clean = cache.corrupt.is_empty()
+                    && cache.missing.is_empty()
+                    && folder.changed.is_empty()
+                    && folder.missing.is_empty();
                 if clean { 0 } else { 1 }
             }
             Err(e) => report::<()>(Err(e), false),
@@ -361,7 +446,8 @@ fn find_manifest(given: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = given {
         return Ok(path.to_path_buf());
     }
-    let here = std::env::current_dir().map_err(|e| format!("error: cannot read the current folder: {e}"))?;
+    let here = std::env::current_dir()
+        .map_err(|e| format!("error: cannot read the current folder: {e}"))?;
     let mut relative = PathBuf::new();
     for folder in here.ancestors() {
         if folder.join("symb.toml").is_file() {
@@ -372,7 +458,11 @@ fn find_manifest(given: Option<&Path>) -> Result<PathBuf, String> {
     Err(format!(
         "error: no `symb.toml` in `{}` or any folder above it\n  help: write one with `symb init` (or `symb init --recipe NAME`: {}), or name a manifest with `-m FILE`, e.g. `symb build -m symb.toml.example`",
         here.display(),
-        RECIPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        RECIPES
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
 }
 
@@ -382,7 +472,9 @@ fn report<T>(result: Result<T, ProjectError>, json: bool) -> i32 {
         Err(e) => {
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
-                out(serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}));
+                out(
+                    serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}),
+                );
             }
             e.exit_code()
         }
@@ -410,18 +502,32 @@ fn init_logging(verbose: u8) {
         0 | 1 => "warn",
         _ => "symb=debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(render::color()).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(render::color())
+        .with_target(false)
+        .try_init();
 }
 
-fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<String>, mode: Mode) -> i32 {
+fn build(
+    manifest: &Path,
+    targets: &[String],
+    jobs: Option<usize>,
+    force: Vec<String>,
+    mode: Mode,
+) -> i32 {
     let json = mode == Mode::Json;
     let project = match Project::open(manifest, targets) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
-                out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+                out(
+                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}),
+                );
             }
             return e.exit_code();
         }
@@ -431,35 +537,57 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
         match project.stages_named(&stage) {
             Ok(names) => forced.extend(names),
             Err(e) => {
-                eprintln!("{}", render::diagnostic(&format!("error: `--force {stage}`: {}", e.to_string().trim_start_matches("error: "))));
+                eprintln!(
+                    "{}",
+                    render::diagnostic(&format!(
+                        "error: `--force {stage}`: {}",
+                        e.to_string().trim_start_matches("error: ")
+                    ))
+                );
                 return 2;
             }
         }
     }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut options = BuildOptions { force: forced.into_iter().collect(), ..Project::default_options(jobs) };
+    let mut options = BuildOptions {
+        force: forced.into_iter().collect(),
+        ..Project::default_options(jobs)
+    };
     let reporter: &'static CliReporter = Box::leak(Box::new(CliReporter::new(mode)));
     let (remote, warning) = project.remote();
     if let Some(message) = warning {
-        crate::engine::Reporter::event(reporter, crate::engine::Event::RemoteWarning { message: &message });
+        crate::engine::Reporter::event(
+            reporter,
+            crate::engine::Event::RemoteWarning { message: &message },
+        );
     }
     let ray = match project.dispatch(remote.as_ref()) {
         Ok((dispatch, warning)) => {
             if let Some(message) = warning {
-                crate::engine::Reporter::event(reporter, crate::engine::Event::RemoteWarning { message: &message });
+                crate::engine::Reporter::event(
+                    reporter,
+                    crate::engine::Event::RemoteWarning { message: &message },
+                );
             }
             dispatch
         }
         Err(e) => {
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
-                out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+                out(
+                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}),
+                );
             }
             return e.exit_code();
         }
     };
     options.remote = remote;
-    options.dispatch = ray.clone().map(|(ray, fallback_local)| crate::engine::Dispatch { executor: ray, fallback_local });
+    options.dispatch = ray
+        .clone()
+        .map(|(ray, fallback_local)| crate::engine::Dispatch {
+            executor: ray,
+            fallback_local,
+        });
     // Ctrl-C, SIGTERM (CI cancelling, `timeout`, `docker stop`) and SIGHUP
     // alike: say what stopped and that the next build resumes; the cache
     // holds only whole results (written to a temporary name, then renamed),
@@ -474,7 +602,9 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
                 match result {
                     Ok(true) => eprintln!("{}", render::stopped_job(&job, ray.address())),
                     Ok(false) => {}
-                    Err(e) => eprintln!("warning: cannot stop Ray job {job}: {e}; it runs on, and the next build attaches to it"),
+                    Err(e) => eprintln!(
+                        "warning: cannot stop Ray job {job}: {e}; it runs on, and the next build attaches to it"
+                    ),
                 }
             }
         }
@@ -489,7 +619,9 @@ fn build(manifest: &Path, targets: &[String], jobs: Option<usize>, force: Vec<St
             reporter.clear();
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
-                out(serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}));
+                out(
+                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}),
+                );
             }
             e.exit_code()
         }
@@ -506,15 +638,34 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
     impl crate::engine::Reporter for Lines {
         fn event(&self, event: crate::engine::Event<'_>) {
             let line = match event {
-                crate::engine::Event::StageProgress { done, total, message, fields, .. } => {
+                crate::engine::Event::StageProgress {
+                    done,
+                    total,
+                    message,
+                    fields,
+                    ..
+                } => {
                     let mut last = self.0.lock().expect("progress lock");
-                    if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) && done < total {
+                    if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1))
+                        && done < total
+                    {
                         return;
                     }
                     *last = Some(std::time::Instant::now());
-                    WorkerLine::Progress { done, total, message: message.to_string(), fields: fields.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.to_string(), *v)).collect() }
+                    WorkerLine::Progress {
+                        done,
+                        total,
+                        message: message.to_string(),
+                        fields: fields
+                            .iter()
+                            .filter(|(_, v)| v.is_finite())
+                            .map(|(k, v)| (k.to_string(), *v))
+                            .collect(),
+                    }
                 }
-                crate::engine::Event::StageNote { message, .. } => WorkerLine::Note { message: message.to_string() },
+                crate::engine::Event::StageNote { message, .. } => WorkerLine::Note {
+                    message: message.to_string(),
+                },
                 _ => return,
             };
             out(serde_json::to_string(&line).expect("worker lines serialise"));
@@ -526,7 +677,11 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
             crate::engine::FailureClass::BadInput => 2,
             crate::engine::FailureClass::Verification => 3,
         };
-        out(serde_json::to_string(&WorkerLine::Error { class: error.class, message: error.message }).expect("worker lines serialise"));
+        out(serde_json::to_string(&WorkerLine::Error {
+            class: error.class,
+            message: error.message,
+        })
+        .expect("worker lines serialise"));
         code
     };
     let started = std::time::Instant::now();
@@ -534,19 +689,39 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
         let failed = |m: String| crate::engine::StageError::failed(m);
         let blob = job
             .split_once(':')
-            .and_then(|(digest, size)| Some(crate::cache::BlobRef { digest: digest.to_string(), size: size.parse().ok()? }))
+            .and_then(|(digest, size)| {
+                Some(crate::cache::BlobRef {
+                    digest: digest.to_string(),
+                    size: size.parse().ok()?,
+                })
+            })
             .ok_or_else(|| failed(format!("`--job {job}` is not DIGEST:SIZE")))?;
-        let store = crate::cache::S3Store::open(store).map_err(|e| failed(format!("the worker cannot open the store: {e}")))?;
-        let dir = cache.or_else(|| std::env::var_os("SYMB_WORKER_CACHE").map(PathBuf::from)).unwrap_or_else(|| std::env::temp_dir().join("symb-worker"));
+        let store = crate::cache::S3Store::open(store)
+            .map_err(|e| failed(format!("the worker cannot open the store: {e}")))?;
+        let dir = cache
+            .or_else(|| std::env::var_os("SYMB_WORKER_CACHE").map(PathBuf::from))
+            .unwrap_or_else(|| std::env::temp_dir().join("symb-worker"));
         let cache = crate::cache::Cache::open(&dir)?;
         let description = crate::engine::fetch_description(&cache, &store, &blob)?;
-        let stage = crate::stages::from_spec(&description.kind, &description.spec).map_err(|e| failed(format!("the job's `{}` stage: {e}", description.stage)))?;
+        let stage = crate::stages::from_spec(&description.kind, &description.spec)
+            .map_err(|e| failed(format!("the job's `{}` stage: {e}", description.stage)))?;
         let tools = Project::default_options(1).tools;
-        crate::engine::run_described(&cache, &store, &description, stage.as_ref(), &tools, &Lines(Default::default()))
+        crate::engine::run_described(
+            &cache,
+            &store,
+            &description,
+            stage.as_ref(),
+            &tools,
+            &Lines(Default::default()),
+        )
     })();
     match result {
         Ok(record) => {
-            out(serde_json::to_string(&WorkerLine::Done { key: record.key, seconds: started.elapsed().as_secs_f64() }).expect("worker lines serialise"));
+            out(serde_json::to_string(&WorkerLine::Done {
+                key: record.key,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+            .expect("worker lines serialise"));
             0
         }
         Err(error) => fail(error),
@@ -597,19 +772,37 @@ fn status(manifest: &Path, json: bool) -> Result<bool, ProjectError> {
     } else {
         for (state, &on_remote) in states.iter().zip(&served) {
             if state.fresh && remote.is_some() && !on_remote {
-                let next = if remote.as_ref().is_some_and(|r| r.write) { "the next build uploads it" } else { "the remote is read-only here: `symb cache push` uploads it" };
-                out(format!("{:>12} {} (local only: the cache remote lacks it; {next})", "Fresh", state.stage));
+                let next = if remote.as_ref().is_some_and(|r| r.write) {
+                    "the next build uploads it"
+                } else {
+                    "the remote is read-only here: `symb cache push` uploads it"
+                };
+                out(format!(
+                    "{:>12} {} (local only: the cache remote lacks it; {next})",
+                    "Fresh", state.stage
+                ));
             } else if state.fresh {
                 out(format!("{:>12} {}", "Fresh", state.stage));
             } else if on_remote {
-                out(format!("{:>12} {}: {} (the cache remote has it: the next build fetches it)", "Stale", state.stage, state.reason));
+                out(format!(
+                    "{:>12} {}: {} (the cache remote has it: the next build fetches it)",
+                    "Stale", state.stage, state.reason
+                ));
             } else {
                 out(format!("{:>12} {}: {}", "Stale", state.stage, state.reason));
             }
         }
         if let Some(drift) = drift.as_ref().filter(|d| !d.is_current()) {
             let output = &project.manifest.project.output_label;
-            let list = |files: &[String]| files.iter().take(5).map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ") + if files.len() > 5 { ", ..." } else { "" };
+            let list = |files: &[String]| {
+                files
+                    .iter()
+                    .take(5)
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + if files.len() > 5 { ", ..." } else { "" }
+            };
             let mut why = Vec::new();
             if drift.absent {
                 why.push("it is not there".to_string());
@@ -618,13 +811,20 @@ fn status(manifest: &Path, json: bool) -> Result<bool, ProjectError> {
                     why.push(format!("{} missing", list(&drift.missing)));
                 }
                 if !drift.differ.is_empty() {
-                    why.push(format!("{} not as built (edited, or left by another build)", list(&drift.differ)));
+                    why.push(format!(
+                        "{} not as built (edited, or left by another build)",
+                        list(&drift.differ)
+                    ));
                 }
                 if !drift.extra.is_empty() {
                     why.push(format!("{} no longer built", list(&drift.extra)));
                 }
             }
-            out(format!("{:>12} output `{output}`: {}; `symb build` writes it anew", "Stale", why.join("; ")));
+            out(format!(
+                "{:>12} output `{output}`: {}; `symb build` writes it anew",
+                "Stale",
+                why.join("; ")
+            ));
         }
     }
     Ok(states.iter().all(|s| s.fresh) && drift.as_ref().is_none_or(|d| d.is_current()))
@@ -635,69 +835,144 @@ fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
     let project = Project::open(manifest, &[])?;
     let (remote, warning) = project.remote();
     let Some(remote) = remote else {
-        eprintln!("error: {}", warning.unwrap_or_else(|| "no cache remote: set `[cache] remote` in the manifest or SYMB_CACHE_REMOTE".to_string()));
+        eprintln!(
+            "error: {}",
+            warning.unwrap_or_else(|| {
+                "no cache remote: set `[cache] remote` in the manifest or SYMB_CACHE_REMOTE"
+                    .to_string()
+            })
+        );
         return Ok(2);
     };
     let states = project.status(&Project::default_options(1))?;
-    let (mut pushed, mut bytes, mut corrupt, mut replaced) = (Vec::new(), 0u64, Vec::new(), Vec::new());
+    let (mut pushed, mut bytes, mut corrupt, mut replaced) =
+        (Vec::new(), 0u64, Vec::new(), Vec::new());
     let started = std::time::Instant::now();
-    let records: Vec<_> = states.iter().filter(|s| s.fresh).filter_map(|state| state.key.as_deref().and_then(|key| project.cache.lookup(key))).collect();
-    for (record, result) in records.iter().zip(crate::engine::upload_all(&project.cache, remote.store.as_ref(), &records)) {
+    let records: Vec<_> = states
+        .iter()
+        .filter(|s| s.fresh)
+        .filter_map(|state| {
+            state
+                .key
+                .as_deref()
+                .and_then(|key| project.cache.lookup(key))
+        })
+        .collect();
+    for (record, result) in records.iter().zip(crate::engine::upload_all(
+        &project.cache,
+        remote.store.as_ref(),
+        &records,
+    )) {
         match result.as_ref().map_err(|e| &**e) {
             Ok(sent) => {
                 bytes += sent.bytes;
-                replaced.extend(sent.replaced.iter().map(|digest| format!("{}: {digest}", record.stage)));
+                replaced.extend(
+                    sent.replaced
+                        .iter()
+                        .map(|digest| format!("{}: {digest}", record.stage)),
+                );
                 pushed.push(record.stage.clone());
             }
             // A local blob whose bytes are not its digest's is not sent (and
             // is removed: the next build rebuilds it); the others go on.
             Err(crate::engine::UploadError::Local(e)) => {
-                eprintln!("error: `{}` is not pushed: {e} (removed; `symb build` rebuilds it)", record.stage);
+                eprintln!(
+                    "error: `{}` is not pushed: {e} (removed; `symb build` rebuilds it)",
+                    record.stage
+                );
                 corrupt.push(record.stage.clone());
             }
             Err(e) => {
-                eprintln!("error: cannot push `{}` to the cache remote: {e}", record.stage);
+                eprintln!(
+                    "error: cannot push `{}` to the cache remote: {e}",
+                    record.stage
+                );
                 return Ok(1);
             }
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let rate = if seconds > 0.0 { bytes as f64 / 1e6 / seconds } else { 0.0 };
-    let unbuilt: Vec<&str> = states.iter().filter(|s| !s.fresh).map(|s| s.stage.as_str()).collect();
+    let rate = if seconds > 0.0 {
+        bytes as f64 / 1e6 / seconds
+    } else {
+        0.0
+    };
+    let unbuilt: Vec<&str> = states
+        .iter()
+        .filter(|s| !s.fresh)
+        .map(|s| s.stage.as_str())
+        .collect();
     if json {
         out(
             serde_json::json!({"pushed": pushed, "bytes": bytes, "seconds": seconds, "mb_per_second": rate, "replaced": replaced, "corrupt": corrupt, "not_built": unbuilt, "remote": remote.store.describe()}),
         );
     } else {
-        out(format!("{:>12} {} stages to {} ({} uploaded at {rate:.1} MB/s, the rest were there)", "Pushed", pushed.len(), remote.store.describe(), render::bytes(bytes)));
+        out(format!(
+            "{:>12} {} stages to {} ({} uploaded at {rate:.1} MB/s, the rest were there)",
+            "Pushed",
+            pushed.len(),
+            remote.store.describe(),
+            render::bytes(bytes)
+        ));
         for blob in &replaced {
-            out(format!("{:>12} {blob} (the remote held other bytes under its name)", "Replaced"));
+            out(format!(
+                "{:>12} {blob} (the remote held other bytes under its name)",
+                "Replaced"
+            ));
         }
         if !unbuilt.is_empty() {
-            out(format!("{:>12} {} (not built: run `symb build` first)", "Skipped", unbuilt.join(", ")));
+            out(format!(
+                "{:>12} {} (not built: run `symb build` first)",
+                "Skipped",
+                unbuilt.join(", ")
+            ));
         }
     }
     Ok(if corrupt.is_empty() { 0 } else { 1 })
 }
 
 #[allow(clippy::too_many_arguments)]
-fn generate(model: &Path, prompts: &[String], max_new_tokens: usize, backend: &str, dtype: Option<Dtype>, adapter: Option<&Path>, sampling: Option<&crate::model::Sampling>, json: bool) -> i32 {
+fn generate(
+    model: &Path,
+    prompts: &[String],
+    max_new_tokens: usize,
+    backend: &str,
+    dtype: Option<Dtype>,
+    adapter: Option<&Path>,
+    sampling: Option<&crate::model::Sampling>,
+    json: bool,
+) -> i32 {
     if backend == "onnx" || dtype.is_some() {
         if backend != "onnx" {
             eprintln!("error: `--dtype` picks an ONNX file: add `--backend onnx`");
             return 2;
         }
         if adapter.is_some() {
-            eprintln!("error: `--adapter` applies to `--backend candle`; an output folder's ONNX files have the adapter merged in");
+            eprintln!(
+                "error: `--adapter` applies to `--backend candle`; an output folder's ONNX files have the adapter merged in"
+            );
             return 2;
         }
-        let generations: Result<Vec<_>, _> = prompts.iter().map(|prompt| crate::verify::generate(model, dtype.unwrap_or(Dtype::Fp32), prompt, max_new_tokens, sampling)).collect();
+        let generations: Result<Vec<_>, _> = prompts
+            .iter()
+            .map(|prompt| {
+                crate::verify::generate(
+                    model,
+                    dtype.unwrap_or(Dtype::Fp32),
+                    prompt,
+                    max_new_tokens,
+                    sampling,
+                )
+            })
+            .collect();
         return match generations {
             Ok(generations) => print_generations(prompts, &generations, json),
             Err(e) => {
                 eprintln!("error: {e}");
                 match e {
-                    crate::verify::VerifyError::Model(crate::model::ModelError::Config(_) | crate::model::ModelError::Io { .. }) => 2,
+                    crate::verify::VerifyError::Model(
+                        crate::model::ModelError::Config(_) | crate::model::ModelError::Io { .. },
+                    ) => 2,
                     _ => 1,
                 }
             }
@@ -708,7 +983,9 @@ fn generate(model: &Path, prompts: &[String], max_new_tokens: usize, backend: &s
         Err(e) => {
             eprintln!("error: {e}");
             match e {
-                crate::model::ModelError::Candle(_) | crate::model::ModelError::Write { .. } | crate::model::ModelError::Network(_) => 1,
+                crate::model::ModelError::Candle(_)
+                | crate::model::ModelError::Write { .. }
+                | crate::model::ModelError::Network(_) => 1,
                 _ => 2,
             }
         }
@@ -717,20 +994,34 @@ fn generate(model: &Path, prompts: &[String], max_new_tokens: usize, backend: &s
 
 fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> i32 {
     if !folder.join("index.html").is_file() {
-        eprintln!("error: `{}` has no index.html: serve an output folder that `symb build` made with an `[export]` section", folder.display());
+        eprintln!(
+            "error: `{}` has no index.html: serve an output folder that `symb build` made with an `[export]` section",
+            folder.display()
+        );
         return 2;
     }
     let server = match crate::serve::Server::bind(folder, port, modules) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot serve `{}` on 127.0.0.1:{port}: {e}", folder.display());
+            eprintln!(
+                "error: cannot serve `{}` on 127.0.0.1:{port}: {e}",
+                folder.display()
+            );
             return 2;
         }
     };
     // The URL goes to stdout (scripts read it); the rest to stderr.
     out(server.url());
-    let source = if modules.is_some() { "this server (offline)" } else { "the URL in `[web] transformers_js`" };
-    eprintln!("     Serving `{}` at {} (transformers.js from {source}); Ctrl-C stops", folder.display(), server.url());
+    let source = if modules.is_some() {
+        "this server (offline)"
+    } else {
+        "the URL in `[web] transformers_js`"
+    };
+    eprintln!(
+        "     Serving `{}` at {} (transformers.js from {source}); Ctrl-C stops",
+        folder.display(),
+        server.url()
+    );
     match server.run() {
         Ok(()) => 0,
         Err(e) => {
@@ -753,15 +1044,26 @@ fn lint(folder: &Path, json: bool) -> i32 {
         eprintln!("error: {}/{finding}", folder.display());
     }
     if findings.is_empty() {
-        eprintln!("     Checked `{}`: transformers.js can load it", folder.display());
+        eprintln!(
+            "     Checked `{}`: transformers.js can load it",
+            folder.display()
+        );
         0
     } else {
-        eprintln!("error: `{}` has {} problem(s) for transformers.js", folder.display(), findings.len());
+        eprintln!(
+            "error: `{}` has {} problem(s) for transformers.js",
+            folder.display(),
+            findings.len()
+        );
         1
     }
 }
 
-fn print_generations(prompts: &[String], generations: &[crate::model::Generation], json: bool) -> i32 {
+fn print_generations(
+    prompts: &[String],
+    generations: &[crate::model::Generation],
+    json: bool,
+) -> i32 {
     for (prompt, generation) in prompts.iter().zip(generations) {
         if json {
             out(serde_json::to_string(generation).expect("generation serialises"));
@@ -775,14 +1077,23 @@ fn print_generations(prompts: &[String], generations: &[crate::model::Generation
 fn init(recipe: &str, path: &Path) -> i32 {
     let Some((_, text)) = RECIPES.iter().find(|(name, _)| *name == recipe) else {
         let names: Vec<&str> = RECIPES.iter().map(|(n, _)| *n).collect();
-        eprintln!("error: unknown recipe `{recipe}`; available: {}", names.join(", "));
+        eprintln!(
+            "error: unknown recipe `{recipe}`; available: {}",
+            names.join(", ")
+        );
         return 2;
     };
     if path.exists() {
-        eprintln!("error: `{}` already exists; symb init does not overwrite a manifest", path.display());
+        eprintln!(
+            "error: `{}` already exists; symb init does not overwrite a manifest",
+            path.display()
+        );
         return 2;
     }
-    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let written = (|| -> std::io::Result<Vec<String>> {
         std::fs::create_dir_all(folder)?;
         std::fs::write(path, text)?;
@@ -799,12 +1110,34 @@ fn init(recipe: &str, path: &Path) -> i32 {
         let existing = match std::fs::read_to_string(&ignore) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(std::io::Error::new(e.kind(), format!("`{}`: {e}; it was left as it is", ignore.display()))),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("`{}`: {e}; it was left as it is", ignore.display()),
+                ));
+            }
         };
-        let missing: Vec<&str> = ["/dist/", "/cache/"].into_iter().filter(|line| !existing.lines().any(|l| l.trim().trim_matches('/') == line.trim_matches('/'))).collect();
+        let missing: Vec<&str> = ["/dist/", "/cache/"]
+            .into_iter()
+            .filter(|line| {
+                !existing
+                    .lines()
+                    .any(|l| l.trim().trim_matches('/') == line.trim_matches('/'))
+            })
+            .collect();
         if !missing.is_empty() {
-            let separator = if existing.is_empty() || existing.ends_with('\n') { "" } else { "\n" };
-            std::fs::write(&ignore, format!("{existing}{separator}# symb's output folder and cache (rebuilt by `symb build`)\n{}\n", missing.join("\n")))?;
+            let separator = if existing.is_empty() || existing.ends_with('\n') {
+                ""
+            } else {
+                "\n"
+            };
+            std::fs::write(
+                &ignore,
+                format!(
+                    "{existing}{separator}# symb's output folder and cache (rebuilt by `symb build`)\n{}\n",
+                    missing.join("\n")
+                ),
+            )?;
             written.push(format!("`{}` ({})", ignore.display(), missing.join(", ")));
         }
         Ok(written)
@@ -814,7 +1147,14 @@ fn init(recipe: &str, path: &Path) -> i32 {
             for line in written {
                 eprintln!("{}", render::status("Created", render::Tone::Good, &line));
             }
-            eprintln!("{}", render::status("Next", render::Tone::Note, "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"));
+            eprintln!(
+                "{}",
+                render::status(
+                    "Next",
+                    render::Tone::Note,
+                    "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"
+                )
+            );
             0
         }
         Err(e) => {

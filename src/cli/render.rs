@@ -32,7 +32,11 @@ pub fn set_color(choice: ColorChoice) {
     let on = match choice {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb"),
+        ColorChoice::Auto => {
+            std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                && std::io::stderr().is_terminal()
+                && std::env::var("TERM").map_or(true, |t| t != "dumb")
+        }
     };
     COLOR.store(on, Ordering::Relaxed);
 }
@@ -100,8 +104,14 @@ pub struct CliReporter {
 
 impl CliReporter {
     pub fn new(mode: Mode) -> Self {
-        let bars = (mode == Mode::Human && std::io::stderr().is_terminal()).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        CliReporter { mode, bars, running: Mutex::new(BTreeMap::new()), plain: Mutex::new(BTreeMap::new()) }
+        let bars = (mode == Mode::Human && std::io::stderr().is_terminal())
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        CliReporter {
+            mode,
+            bars,
+            running: Mutex::new(BTreeMap::new()),
+            plain: Mutex::new(BTreeMap::new()),
+        }
     }
 
     fn line(&self, text: String) {
@@ -136,13 +146,19 @@ impl CliReporter {
                 _ => stage.clone(),
             })
             .collect();
-        let stopped = if what.is_empty() { "the build".to_string() } else { what.join(", ") };
+        let stopped = if what.is_empty() {
+            "the build".to_string()
+        } else {
+            what.join(", ")
+        };
         eprintln!(
             "{}",
             status(
                 "Interrupted",
                 Tone::Warn,
-                &format!("stopped {stopped}; finished stages are cached and a stage that checkpoints (finetune) resumes from its last checkpoint: run `symb build` again")
+                &format!(
+                    "stopped {stopped}; finished stages are cached and a stage that checkpoints (finetune) resumes from its last checkpoint: run `symb build` again"
+                )
             )
         );
     }
@@ -156,13 +172,31 @@ impl CliReporter {
     /// The closing lines of a build.
     pub fn finish(&self, project: &Project, report: &BuildReport) {
         self.clear();
-        let count = |status| report.outcome.stages.iter().filter(|s| s.status == status).count();
-        let (ran, cached, failed, skipped) = (count(StageStatus::Ran), count(StageStatus::Cached), count(StageStatus::Failed), count(StageStatus::Skipped));
+        let count = |status| {
+            report
+                .outcome
+                .stages
+                .iter()
+                .filter(|s| s.status == status)
+                .count()
+        };
+        let (ran, cached, failed, skipped) = (
+            count(StageStatus::Ran),
+            count(StageStatus::Cached),
+            count(StageStatus::Failed),
+            count(StageStatus::Skipped),
+        );
         let fetched = count(StageStatus::Fetched);
         let remote = count(StageStatus::Remote);
         let output = &project.manifest.project.output_label;
         if self.mode == Mode::Json {
-            let failed_stages: Vec<&str> = report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed).map(|s| s.stage.as_str()).collect();
+            let failed_stages: Vec<&str> = report
+                .outcome
+                .stages
+                .iter()
+                .filter(|s| s.status == StageStatus::Failed)
+                .map(|s| s.stage.as_str())
+                .collect();
             super::out(serde_json::json!({
                 "event": "build",
                 "status": if report.exit_code() == 0 { "ok" } else { "failed" },
@@ -175,9 +209,17 @@ impl CliReporter {
             }));
             return;
         }
-        for stage in report.outcome.stages.iter().filter(|s| s.status == StageStatus::Failed) {
+        for stage in report
+            .outcome
+            .stages
+            .iter()
+            .filter(|s| s.status == StageStatus::Failed)
+        {
             if let Some(error) = &stage.error {
-                self.always(format!("error: stage `{}` failed: {}", stage.stage, error.message));
+                self.always(format!(
+                    "error: stage `{}` failed: {}",
+                    stage.stage, error.message
+                ));
             }
         }
         let output_note = match report.output_updated {
@@ -190,10 +232,18 @@ impl CliReporter {
         };
         if self.mode == Mode::Verbose {
             for path in &report.kept {
-                self.line(status("Kept", Tone::Note, &format!("`{output}/{path}` (not written by symb)")));
+                self.line(status(
+                    "Kept",
+                    Tone::Note,
+                    &format!("`{output}/{path}` (not written by symb)"),
+                ));
             }
         }
-        let (word, tone) = if report.exit_code() == 0 { ("Finished", Tone::Good) } else { ("Failed", Tone::Bad) };
+        let (word, tone) = if report.exit_code() == 0 {
+            ("Finished", Tone::Good)
+        } else {
+            ("Failed", Tone::Bad)
+        };
         let mut parts = vec![format!("{ran} ran"), format!("{cached} cached")];
         if remote > 0 {
             parts.push(format!("{remote} ran remotely"));
@@ -207,30 +257,63 @@ impl CliReporter {
         if skipped > 0 {
             parts.push(format!("{skipped} skipped"));
         }
-        self.line(status(word, tone, &format!("{} in {:.2}s{output_note}", parts.join(", "), report.seconds)));
+        self.line(status(
+            word,
+            tone,
+            &format!(
+                "{} in {:.2}s{output_note}",
+                parts.join(", "),
+                report.seconds
+            ),
+        ));
     }
 }
 
 impl Reporter for CliReporter {
     fn event(&self, event: Event<'_>) {
         match event {
-            Event::WaitingForLock => self.line(status("Blocking", Tone::Note, "waiting for another build to release the cache lock")),
+            Event::WaitingForLock => self.line(status(
+                "Blocking",
+                Tone::Note,
+                "waiting for another build to release the cache lock",
+            )),
             Event::StageStarted { stage, reason } => {
-                self.plain.lock().expect("progress lock").insert(stage.to_string(), (Instant::now(), None, None));
+                self.plain
+                    .lock()
+                    .expect("progress lock")
+                    .insert(stage.to_string(), (Instant::now(), None, None));
                 match self.mode {
-                    Mode::Json => super::out(serde_json::json!({"event": "stage_started", "stage": stage, "reason": reason})),
-                    Mode::Verbose => self.line(status("Running", Tone::Good, &format!("{stage} ({reason})"))),
+                    Mode::Json => super::out(
+                        serde_json::json!({"event": "stage_started", "stage": stage, "reason": reason}),
+                    ),
+                    Mode::Verbose => self.line(status(
+                        "Running",
+                        Tone::Good,
+                        &format!("{stage} ({reason})"),
+                    )),
                     Mode::Human | Mode::Quiet => {}
                 }
                 if let Some(bars) = &self.bars {
                     let bar = bars.add(ProgressBar::new_spinner());
-                    bar.set_style(ProgressStyle::with_template("{spinner} {prefix:>10} {msg} [{elapsed}]").expect("template is valid"));
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} {prefix:>10} {msg} [{elapsed}]")
+                            .expect("template is valid"),
+                    );
                     bar.set_prefix(stage.to_string());
                     bar.enable_steady_tick(Duration::from_millis(120));
-                    self.running.lock().expect("bars lock").insert(stage.to_string(), bar);
+                    self.running
+                        .lock()
+                        .expect("bars lock")
+                        .insert(stage.to_string(), bar);
                 }
             }
-            Event::StageProgress { stage, done, total, message, fields } => {
+            Event::StageProgress {
+                stage,
+                done,
+                total,
+                message,
+                fields,
+            } => {
                 let now = Instant::now();
                 let due = {
                     let mut plain = self.plain.lock().expect("progress lock");
@@ -252,14 +335,28 @@ impl Reporter for CliReporter {
                         super::out(line);
                     }
                     Mode::Human | Mode::Verbose if self.bars.is_none() && due => {
-                        let of = if total > 0 { format!(" {done}/{total}") } else { String::new() };
-                        self.line(status("Progress", Tone::Note, &format!("{stage}{of}: {message}")));
+                        let of = if total > 0 {
+                            format!(" {done}/{total}")
+                        } else {
+                            String::new()
+                        };
+                        self.line(status(
+                            "Progress",
+                            Tone::Note,
+                            &format!("{stage}{of}: {message}"),
+                        ));
                     }
                     _ => {}
                 }
                 if let Some(bar) = self.running.lock().expect("bars lock").get(stage) {
                     if total > 0 && bar.length() != Some(total) {
-                        bar.set_style(ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} [{elapsed}]").expect("template is valid").progress_chars("=> "));
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "{prefix:>12} [{bar:30}] {pos}/{len} {msg} [{elapsed}]",
+                            )
+                            .expect("template is valid")
+                            .progress_chars("=> "),
+                        );
                         bar.set_length(total);
                     }
                     bar.set_position(done);
@@ -267,20 +364,40 @@ impl Reporter for CliReporter {
                 }
             }
             Event::StageNote { stage, message } => match self.mode {
-                Mode::Json => super::out(serde_json::json!({"event": "note", "stage": stage, "message": message})),
+                Mode::Json => super::out(
+                    serde_json::json!({"event": "note", "stage": stage, "message": message}),
+                ),
                 _ => self.line(status("Note", Tone::Note, &format!("{stage}: {message}"))),
             },
-            Event::StageJob { stage, job, message } => match self.mode {
-                Mode::Json => super::out(serde_json::json!({"event": "job", "stage": stage, "job": job, "message": message})),
+            Event::StageJob {
+                stage,
+                job,
+                message,
+            } => match self.mode {
+                Mode::Json => super::out(
+                    serde_json::json!({"event": "job", "stage": stage, "job": job, "message": message}),
+                ),
                 _ => self.line(status("Remote", Tone::Note, &format!("{stage}: {message}"))),
             },
             Event::StageFinished(outcome) => {
-                self.plain.lock().expect("progress lock").remove(&outcome.stage);
-                if let Some(bar) = self.running.lock().expect("bars lock").remove(&outcome.stage) {
+                self.plain
+                    .lock()
+                    .expect("progress lock")
+                    .remove(&outcome.stage);
+                if let Some(bar) = self
+                    .running
+                    .lock()
+                    .expect("bars lock")
+                    .remove(&outcome.stage)
+                {
                     bar.finish_and_clear();
                 }
                 // The reason: whole in -v, without digests otherwise.
-                let why = if outcome.reasons.is_empty() { outcome.reason.clone() } else { join(&outcome.reasons, self.mode != Mode::Verbose) };
+                let why = if outcome.reasons.is_empty() {
+                    outcome.reason.clone()
+                } else {
+                    join(&outcome.reasons, self.mode != Mode::Verbose)
+                };
                 match self.mode {
                     Mode::Json => {
                         let mut line = serde_json::json!({
@@ -291,7 +408,8 @@ impl Reporter for CliReporter {
                             "seconds": outcome.seconds,
                         });
                         if !outcome.reasons.is_empty() {
-                            line["reasons"] = serde_json::to_value(&outcome.reasons).expect("reasons serialise");
+                            line["reasons"] =
+                                serde_json::to_value(&outcome.reasons).expect("reasons serialise");
                         }
                         if outcome.status == StageStatus::Fetched {
                             line["bytes"] = outcome.fetched_bytes.into();
@@ -308,29 +426,80 @@ impl Reporter for CliReporter {
                         super::out(line)
                     }
                     Mode::Human | Mode::Verbose | Mode::Quiet => match outcome.status {
-                        StageStatus::Ran => self.line(status("Ran", Tone::Good, &format!("{} in {:.2}s ({why})", outcome.stage, outcome.seconds))),
-                        StageStatus::Fetched => {
-                            self.line(status("Fetched", Tone::Good, &format!("{} ({} {} in {:.2}s)", outcome.stage, bytes(outcome.fetched_bytes), outcome.reason, outcome.seconds)))
+                        StageStatus::Ran => self.line(status(
+                            "Ran",
+                            Tone::Good,
+                            &format!("{} in {:.2}s ({why})", outcome.stage, outcome.seconds),
+                        )),
+                        StageStatus::Fetched => self.line(status(
+                            "Fetched",
+                            Tone::Good,
+                            &format!(
+                                "{} ({} {} in {:.2}s)",
+                                outcome.stage,
+                                bytes(outcome.fetched_bytes),
+                                outcome.reason,
+                                outcome.seconds
+                            ),
+                        )),
+                        StageStatus::Remote => self.line(status(
+                            "Ran",
+                            Tone::Good,
+                            &format!(
+                                "{} remotely in {:.2}s (job {}; {why})",
+                                outcome.stage,
+                                outcome.seconds,
+                                outcome.job.as_deref().unwrap_or("?")
+                            ),
+                        )),
+                        StageStatus::Cached if self.mode == Mode::Verbose => {
+                            self.line(status("Fresh", Tone::Good, &outcome.stage))
                         }
-                        StageStatus::Remote => {
-                            self.line(status("Ran", Tone::Good, &format!("{} remotely in {:.2}s (job {}; {why})", outcome.stage, outcome.seconds, outcome.job.as_deref().unwrap_or("?"))))
-                        }
-                        StageStatus::Cached if self.mode == Mode::Verbose => self.line(status("Fresh", Tone::Good, &outcome.stage)),
                         StageStatus::Cached => {}
-                        StageStatus::Failed if why.is_empty() => self.always(status("Failed", Tone::Bad, &outcome.stage)),
-                        StageStatus::Failed => self.always(status("Failed", Tone::Bad, &format!("{} ({why})", outcome.stage))),
-                        StageStatus::Skipped => self.line(status("Skipped", Tone::Warn, &format!("{} ({})", outcome.stage, outcome.reason))),
+                        StageStatus::Failed if why.is_empty() => {
+                            self.always(status("Failed", Tone::Bad, &outcome.stage))
+                        }
+                        StageStatus::Failed => self.always(status(
+                            "Failed",
+                            Tone::Bad,
+                            &format!("{} ({why})", outcome.stage),
+                        )),
+                        StageStatus::Skipped => self.line(status(
+                            "Skipped",
+                            Tone::Warn,
+                            &format!("{} ({})", outcome.stage, outcome.reason),
+                        )),
                     },
                 }
             }
             Event::CorruptBlob { message } => self.always(status("Corrupt", Tone::Warn, message)),
-            Event::RemoteWarning { message } if self.mode == Mode::Json => super::out(serde_json::json!({"event": "warning", "message": message})),
+            Event::RemoteWarning { message } if self.mode == Mode::Json => {
+                super::out(serde_json::json!({"event": "warning", "message": message}))
+            }
             Event::RemoteWarning { message } => self.always(format!("warning: {message}")),
-            Event::Uploaded { store, records, bytes: sent, seconds } => {
-                let rate = if seconds > 0.0 { sent as f64 / 1e6 / seconds } else { 0.0 };
+            Event::Uploaded {
+                store,
+                records,
+                bytes: sent,
+                seconds,
+            } => {
+                let rate = if seconds > 0.0 {
+                    sent as f64 / 1e6 / seconds
+                } else {
+                    0.0
+                };
                 match self.mode {
-                    Mode::Json => super::out(serde_json::json!({"event": "upload", "store": store, "records": records, "bytes": sent, "seconds": seconds, "mb_per_second": rate})),
-                    _ => self.line(status("Uploaded", Tone::Good, &format!("{records} stages to {store} ({} in {seconds:.2}s, {rate:.1} MB/s)", bytes(sent)))),
+                    Mode::Json => super::out(
+                        serde_json::json!({"event": "upload", "store": store, "records": records, "bytes": sent, "seconds": seconds, "mb_per_second": rate}),
+                    ),
+                    _ => self.line(status(
+                        "Uploaded",
+                        Tone::Good,
+                        &format!(
+                            "{records} stages to {store} ({} in {seconds:.2}s, {rate:.1} MB/s)",
+                            bytes(sent)
+                        ),
+                    )),
                 }
             }
         }
@@ -339,7 +508,11 @@ impl Reporter for CliReporter {
 
 /// The line Ctrl-C prints for each remote job it stopped.
 pub fn stopped_job(job: &str, address: &str) -> String {
-    status("Stopped", Tone::Warn, &format!("Ray job {job} at {address}"))
+    status(
+        "Stopped",
+        Tone::Warn,
+        &format!("Ray job {job} at {address}"),
+    )
 }
 
 /// Bytes in a human unit.
@@ -351,5 +524,9 @@ pub fn bytes(n: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", units[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
 }

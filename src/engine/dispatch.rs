@@ -68,7 +68,10 @@ pub struct Dispatch {
 
 impl std::fmt::Debug for Dispatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dispatch").field("executor", &self.executor.describe()).field("fallback_local", &self.fallback_local).finish()
+        f.debug_struct("Dispatch")
+            .field("executor", &self.executor.describe())
+            .field("fallback_local", &self.fallback_local)
+            .finish()
     }
 }
 
@@ -99,24 +102,68 @@ pub struct Description {
 pub const DESCRIPTION_FORMAT: u32 = 1;
 
 /// Puts a stage's inputs and description in the store; returns the job.
-pub(super) fn describe(cache: &Cache, store: &dyn Store, stage: &dyn Stage, key: &str, inputs: &StageInputs, upstream: &[ActionRecord], force: bool) -> Result<Job, StageError> {
+pub(super) fn describe(
+    cache: &Cache,
+    store: &dyn Store,
+    stage: &dyn Stage,
+    key: &str,
+    inputs: &StageInputs,
+    upstream: &[ActionRecord],
+    force: bool,
+) -> Result<Job, StageError> {
     let name = stage.name();
-    let send_error = |e: &dyn std::fmt::Display| StageError::failed(format!("cannot send the inputs of `{name}` through the shared store: {e}"));
-    let spec = stage.spec().ok_or_else(|| StageError::failed(format!("`{name}` cannot run elsewhere: it has no description to send")))?;
+    let send_error = |e: &dyn std::fmt::Display| {
+        StageError::failed(format!(
+            "cannot send the inputs of `{name}` through the shared store: {e}"
+        ))
+    };
+    let spec = stage.spec().ok_or_else(|| {
+        StageError::failed(format!(
+            "`{name}` cannot run elsewhere: it has no description to send"
+        ))
+    })?;
     if let Some(file) = stage.files().first() {
-        return Err(StageError::failed(format!("`{name}` reads `{}` from the project folder, which a worker does not have: it cannot run elsewhere", file.label)));
+        return Err(StageError::failed(format!(
+            "`{name}` reads `{}` from the project folder, which a worker does not have: it cannot run elsewhere",
+            file.label
+        )));
     }
     for record in upstream {
-        super::executor::upload(cache, store, record, &Default::default()).map_err(|e| send_error(&e))?;
+        super::executor::upload(cache, store, record, &Default::default())
+            .map_err(|e| send_error(&e))?;
     }
     let work = cache.work_dir("dispatch")?;
-    let upstream = upstream.iter().flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.clone()))).collect();
-    let description = Description { format: DESCRIPTION_FORMAT, stage: name.to_string(), kind: stage.kind().to_string(), spec, key: key.to_string(), inputs: inputs.clone(), upstream, force };
+    let upstream = upstream
+        .iter()
+        .flat_map(|r| {
+            r.outputs
+                .iter()
+                .map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.clone()))
+        })
+        .collect();
+    let description = Description {
+        format: DESCRIPTION_FORMAT,
+        stage: name.to_string(),
+        kind: stage.kind().to_string(),
+        spec,
+        key: key.to_string(),
+        inputs: inputs.clone(),
+        upstream,
+        force,
+    };
     let path = work.path().join("description.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&description).expect("descriptions serialise")).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&description).expect("descriptions serialise"),
+    )
+    .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
     let blob = cache.put_file(&path)?;
     put(cache, store, &blob).map_err(|e| send_error(&e))?;
-    Ok(Job { stage: name.to_string(), key: key.to_string(), description: blob })
+    Ok(Job {
+        stage: name.to_string(),
+        key: key.to_string(),
+        description: blob,
+    })
 }
 
 fn put(cache: &Cache, store: &dyn Store, blob: &BlobRef) -> Result<(), crate::cache::StoreError> {
@@ -132,22 +179,43 @@ fn fetch_blob(cache: &Cache, store: &dyn Store, blob: &BlobRef) -> Result<PathBu
     if !cache.blob_present(blob) {
         let work = cache.work_dir("fetch")?;
         let file = work.path().join(&blob.digest);
-        store.get_blob(blob, &file).map_err(|e| StageError::failed(format!("cannot fetch {} from the cache remote: {e}", blob.digest)))?;
+        store.get_blob(blob, &file).map_err(|e| {
+            StageError::failed(format!(
+                "cannot fetch {} from the cache remote: {e}",
+                blob.digest
+            ))
+        })?;
         let stored = cache.put_file(&file)?;
         if stored != *blob {
-            return Err(StageError::failed(format!("the cache remote's blob {} does not match its name", blob.digest)));
+            return Err(StageError::failed(format!(
+                "the cache remote's blob {} does not match its name",
+                blob.digest
+            )));
         }
     }
     Ok(cache.blob_path(&blob.digest))
 }
 
 /// The worker's first step: the description in the blob `blob` of the store.
-pub fn fetch_description(cache: &Cache, store: &dyn Store, blob: &BlobRef) -> Result<Description, StageError> {
+pub fn fetch_description(
+    cache: &Cache,
+    store: &dyn Store,
+    blob: &BlobRef,
+) -> Result<Description, StageError> {
     let path = fetch_blob(cache, store, blob)?;
-    let bytes = std::fs::read(&path).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
-    let description: Description = serde_json::from_slice(&bytes).map_err(|e| StageError::failed(format!("the job's description {} is not one this symb reads: {e}", blob.digest)))?;
+    let bytes = std::fs::read(&path)
+        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
+    let description: Description = serde_json::from_slice(&bytes).map_err(|e| {
+        StageError::failed(format!(
+            "the job's description {} is not one this symb reads: {e}",
+            blob.digest
+        ))
+    })?;
     if description.format != DESCRIPTION_FORMAT {
-        return Err(StageError::failed(format!("the job's description has format {}; this symb reads format {DESCRIPTION_FORMAT}", description.format)));
+        return Err(StageError::failed(format!(
+            "the job's description has format {}; this symb reads format {DESCRIPTION_FORMAT}",
+            description.format
+        )));
     }
     Ok(description)
 }
@@ -155,7 +223,14 @@ pub fn fetch_description(cache: &Cache, store: &dyn Store, blob: &BlobRef) -> Re
 /// Runs a described stage on a worker: fetches its upstream artifacts,
 /// checks the key, runs it in `cache` and uploads blobs, then the record.
 /// `tools` are this symb's versions, as a local build puts in every key.
-pub fn run_described(cache: &Cache, store: &dyn Store, description: &Description, stage: &dyn Stage, tools: &BTreeMap<String, String>, reporter: &dyn Reporter) -> Result<ActionRecord, StageError> {
+pub fn run_described(
+    cache: &Cache,
+    store: &dyn Store,
+    description: &Description,
+    stage: &dyn Stage,
+    tools: &BTreeMap<String, String>,
+    reporter: &dyn Reporter,
+) -> Result<ActionRecord, StageError> {
     let started = Instant::now();
     let mut all_tools = tools.clone();
     all_tools.extend(stage.tools());
@@ -165,12 +240,19 @@ pub fn run_described(cache: &Cache, store: &dyn Store, description: &Description
         tools: all_tools,
         settings: stage.settings(),
         files: BTreeMap::new(),
-        upstream: description.upstream.iter().map(|(artifact, blob)| (artifact.clone(), blob.digest.clone())).collect(),
+        upstream: description
+            .upstream
+            .iter()
+            .map(|(artifact, blob)| (artifact.clone(), blob.digest.clone()))
+            .collect(),
         salt: description.inputs.salt.clone(),
     };
     let key = inputs.key();
     if key != description.key {
-        let why = join(&explain(&description.stage, &description.inputs, &inputs), false);
+        let why = join(
+            &explain(&description.stage, &description.inputs, &inputs),
+            false,
+        );
         return Err(StageError::failed(format!(
             "this worker would build `{}` under another key than the build that sent it ({why}): install the same symb on the workers as on the machine that builds",
             description.stage
@@ -181,7 +263,10 @@ pub fn run_described(cache: &Cache, store: &dyn Store, description: &Description
     if !description.force
         && let Ok(Some(record)) = store.lookup(&key)
     {
-        reporter.event(super::Event::StageNote { stage: &description.stage, message: "its record is already in the store: nothing to run" });
+        reporter.event(super::Event::StageNote {
+            stage: &description.stage,
+            message: "its record is already in the store: nothing to run",
+        });
         return Ok(record);
     }
     let record = match cache.lookup(&key).filter(|_| !description.force) {
@@ -194,6 +279,11 @@ pub fn run_described(cache: &Cache, store: &dyn Store, description: &Description
             super::executor::run_in(cache, stage, &key, &inputs, paths, started, reporter)?
         }
     };
-    super::executor::upload(cache, store, &record, &Default::default()).map_err(|e| StageError::failed(format!("cannot upload `{}` to the shared store: {e}", record.stage)))?;
+    super::executor::upload(cache, store, &record, &Default::default()).map_err(|e| {
+        StageError::failed(format!(
+            "cannot upload `{}` to the shared store: {e}",
+            record.stage
+        ))
+    })?;
     Ok(record)
 }

@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::dispatch::{Dispatch, DispatchError};
 use super::inputs::{DirtyReason, StageInputs, explain, join};
 use super::{Event, FailureClass, Plan, Reporter, Stage, StageContext, StageError};
-use crate::cache::{ActionRecord, BlobRef, Cache, CacheError, Held, StatCache, Store, StoreError, fault, write_json_atomic};
+use crate::cache::{
+    ActionRecord, BlobRef, Cache, CacheError, Held, StatCache, Store, StoreError, fault,
+    write_json_atomic,
+};
 
 /// A shared store behind the local cache: records missing here are looked
 /// up there (and their blobs fetched), and what runs here is uploaded to it
@@ -32,7 +35,10 @@ pub struct Remote {
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote").field("store", &self.store.describe()).field("write", &self.write).finish()
+        f.debug_struct("Remote")
+            .field("store", &self.store.describe())
+            .field("write", &self.write)
+            .finish()
     }
 }
 
@@ -94,7 +100,10 @@ pub struct BuildOutcome {
 impl BuildOutcome {
     /// The worst failure class among the stages, if any failed.
     pub fn failure(&self) -> Option<FailureClass> {
-        self.stages.iter().filter_map(|s| s.error.as_ref().map(|e| e.class)).max()
+        self.stages
+            .iter()
+            .filter_map(|s| s.error.as_ref().map(|e| e.class))
+            .max()
     }
 
     pub fn get(&self, stage: &str) -> Option<&StageOutcome> {
@@ -136,18 +145,36 @@ struct Shared<'a> {
 impl Shared<'_> {
     /// [`Cache::check_blob`], once a build for each blob.
     fn check_once(&self, blob: &BlobRef) -> Result<(), CacheError> {
-        if self.known_good.lock().expect("known-good lock").contains(&blob.digest) {
+        if self
+            .known_good
+            .lock()
+            .expect("known-good lock")
+            .contains(&blob.digest)
+        {
             return Ok(());
         }
         self.cache.check_blob(blob)?;
-        self.known_good.lock().expect("known-good lock").insert(blob.digest.clone());
+        self.known_good
+            .lock()
+            .expect("known-good lock")
+            .insert(blob.digest.clone());
         Ok(())
     }
 }
 
 impl<'a> Shared<'a> {
-    fn new(plan: &'a Plan, cache: &'a Cache, stat: &'a Mutex<StatCache>, project: &'a str, options: &'a BuildOptions, reporter: &'a dyn Reporter) -> Self {
-        let waiting_on = plan.stages().map(|s| (s.name().to_string(), s.dependencies().len())).collect();
+    fn new(
+        plan: &'a Plan,
+        cache: &'a Cache,
+        stat: &'a Mutex<StatCache>,
+        project: &'a str,
+        options: &'a BuildOptions,
+        reporter: &'a dyn Reporter,
+    ) -> Self {
+        let waiting_on = plan
+            .stages()
+            .map(|s| (s.name().to_string(), s.dependencies().len()))
+            .collect();
         Shared {
             plan,
             cache,
@@ -155,7 +182,10 @@ impl<'a> Shared<'a> {
             project,
             options,
             reporter,
-            state: Mutex::new(Schedule { waiting_on, outcomes: BTreeMap::new() }),
+            state: Mutex::new(Schedule {
+                waiting_on,
+                outcomes: BTreeMap::new(),
+            }),
             uploads: Mutex::new(None),
             remote_corrupt: Default::default(),
             remote_down: Default::default(),
@@ -171,14 +201,25 @@ struct Schedule {
 
 /// Runs the plan. Stage failures are in the outcome; an `Err` is returned
 /// only for failures of the cache itself.
-pub fn execute(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str, options: &BuildOptions, reporter: &dyn Reporter) -> Result<BuildOutcome, CacheError> {
+pub fn execute(
+    plan: &Plan,
+    cache: &Cache,
+    stat: &Mutex<StatCache>,
+    project: &str,
+    options: &BuildOptions,
+    reporter: &dyn Reporter,
+) -> Result<BuildOutcome, CacheError> {
     let shared = Shared::new(plan, cache, stat, project, options, reporter);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(options.jobs.max(1))
         .thread_name(|i| format!("symb-stage-{i}"))
         .build()
         .map_err(|e| CacheError::io("rayon thread pool", std::io::Error::other(e)))?;
-    let roots: Vec<String> = plan.stages().filter(|s| s.dependencies().is_empty()).map(|s| s.name().to_string()).collect();
+    let roots: Vec<String> = plan
+        .stages()
+        .filter(|s| s.dependencies().is_empty())
+        .map(|s| s.name().to_string())
+        .collect();
     std::thread::scope(|threads| {
         // What runs is uploaded beside the build, by a few threads (each
         // waits on its own request): a stage's dependents start at once;
@@ -194,13 +235,20 @@ pub fn execute(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &st
             threads.spawn(move || {
                 std::thread::scope(|uploaders| {
                     for _ in 0..UPLOAD_THREADS {
-                        uploaders.spawn(|| upload_loop(shared, remote.store.as_ref(), &receiver, &totals));
+                        uploaders.spawn(|| {
+                            upload_loop(shared, remote.store.as_ref(), &receiver, &totals)
+                        });
                     }
                 });
                 let totals = totals.into_inner().expect("upload totals lock");
                 if totals.records > 0 {
                     let seconds = totals.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                    reporter.event(Event::Uploaded { store: &remote.store.describe(), records: totals.records, bytes: totals.bytes, seconds });
+                    reporter.event(Event::Uploaded {
+                        store: &remote.store.describe(),
+                        records: totals.records,
+                        bytes: totals.bytes,
+                        seconds,
+                    });
                 }
             });
         }
@@ -212,14 +260,24 @@ pub fn execute(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &st
         // Closing the channel lets the uploader finish; the scope joins it.
         shared.uploads.lock().expect("uploads lock").take();
     });
-    let Schedule { mut outcomes, .. } = shared.state.into_inner().expect("no worker panicked holding the lock");
-    let stages = plan.names().into_iter().map(|n| outcomes.remove(n).expect("every stage finished")).collect();
+    let Schedule { mut outcomes, .. } = shared
+        .state
+        .into_inner()
+        .expect("no worker panicked holding the lock");
+    let stages = plan
+        .names()
+        .into_iter()
+        .map(|n| outcomes.remove(n).expect("every stage finished"))
+        .collect();
     Ok(BuildOutcome { stages })
 }
 
 fn spawn<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, name: String) {
     scope.spawn(move |scope| {
-        let stage = shared.plan.stage(&name).expect("scheduled stages are in the plan");
+        let stage = shared
+            .plan
+            .stage(&name)
+            .expect("scheduled stages are in the plan");
         let outcome = run_stage(shared, stage);
         shared.reporter.event(Event::StageFinished(&outcome));
         let ready: Vec<String> = {
@@ -227,7 +285,10 @@ fn spawn<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, name: String) {
             state.outcomes.insert(name.clone(), outcome);
             let mut ready = Vec::new();
             for dependent in shared.plan.dependents(&name) {
-                let count = state.waiting_on.get_mut(dependent).expect("dependents are in the plan");
+                let count = state
+                    .waiting_on
+                    .get_mut(dependent)
+                    .expect("dependents are in the plan");
                 *count -= 1;
                 if *count == 0 {
                     ready.push(dependent.to_string());
@@ -241,8 +302,25 @@ fn spawn<'s>(scope: &rayon::Scope<'s>, shared: &'s Shared<'s>, name: String) {
     });
 }
 
-fn outcome(stage: &str, status: StageStatus, reason: String, seconds: f64, record: Option<ActionRecord>, error: Option<StageError>) -> StageOutcome {
-    StageOutcome { stage: stage.to_string(), status, reason, reasons: Vec::new(), seconds, fetched_bytes: 0, record, error, job: None }
+fn outcome(
+    stage: &str,
+    status: StageStatus,
+    reason: String,
+    seconds: f64,
+    record: Option<ActionRecord>,
+    error: Option<StageError>,
+) -> StageOutcome {
+    StageOutcome {
+        stage: stage.to_string(),
+        status,
+        reason,
+        reasons: Vec::new(),
+        seconds,
+        fetched_bytes: 0,
+        record,
+        error,
+        job: None,
+    }
 }
 
 fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
@@ -257,13 +335,33 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
             match &done.record {
                 Some(record) => upstream.push(record.clone()),
                 None => {
-                    let why = if done.status == StageStatus::Skipped { "was skipped" } else { "failed" };
-                    return outcome(name, StageStatus::Skipped, format!("upstream `{dependency}` {why}"), 0.0, None, None);
+                    let why = if done.status == StageStatus::Skipped {
+                        "was skipped"
+                    } else {
+                        "failed"
+                    };
+                    return outcome(
+                        name,
+                        StageStatus::Skipped,
+                        format!("upstream `{dependency}` {why}"),
+                        0.0,
+                        None,
+                        None,
+                    );
                 }
             }
         }
     }
-    let failed = |reason: String, error: StageError| outcome(name, StageStatus::Failed, reason, started.elapsed().as_secs_f64(), None, Some(error));
+    let failed = |reason: String, error: StageError| {
+        outcome(
+            name,
+            StageStatus::Failed,
+            reason,
+            started.elapsed().as_secs_f64(),
+            None,
+            Some(error),
+        )
+    };
     let mut inputs = match current_inputs(shared, stage, &upstream) {
         Ok(inputs) => inputs,
         Err(e) => return failed(String::new(), StageError::bad_input(e.to_string())),
@@ -280,24 +378,49 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         }
         tracing::debug!(stage = name, "cache hit");
         shared.queue_upload(Upload::IfMissing(record.clone()));
-        return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
+        return outcome(
+            name,
+            StageStatus::Cached,
+            String::new(),
+            started.elapsed().as_secs_f64(),
+            Some(record),
+            None,
+        );
     }
     if !forced
         && let Some(remote) = &shared.options.remote
-        && !shared.remote_down.load(std::sync::atomic::Ordering::Relaxed)
+        && !shared
+            .remote_down
+            .load(std::sync::atomic::Ordering::Relaxed)
         && let Some((record, bytes)) = fetch(shared, remote.store.as_ref(), &key)
     {
         if let Err(e) = save_ref(shared.cache, shared.project, name, &key, &inputs) {
             return failed(String::new(), e.into());
         }
         let seconds = started.elapsed().as_secs_f64();
-        let done = outcome(name, StageStatus::Fetched, format!("from {}", remote.store.describe()), seconds, Some(record), None);
-        return StageOutcome { fetched_bytes: bytes, ..done };
+        let done = outcome(
+            name,
+            StageStatus::Fetched,
+            format!("from {}", remote.store.describe()),
+            seconds,
+            Some(record),
+            None,
+        );
+        return StageOutcome {
+            fetched_bytes: bytes,
+            ..done
+        };
     }
     let reasons = rerun_reasons(name, previous.as_ref(), &inputs, forced);
     let reason = join(&reasons, false);
-    shared.reporter.event(Event::StageStarted { stage: name, reason: &reason });
-    let failed = |reason: String, error: StageError| StageOutcome { reasons: reasons.clone(), ..failed(reason, error) };
+    shared.reporter.event(Event::StageStarted {
+        stage: name,
+        reason: &reason,
+    });
+    let failed = |reason: String, error: StageError| StageOutcome {
+        reasons: reasons.clone(),
+        ..failed(reason, error)
+    };
     // The upstream blobs are about to be read: re-hash them first.
     let paths = match ensure_inputs(shared, &mut upstream) {
         Ok((paths, rebuilt)) => {
@@ -309,29 +432,66 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
                 }
                 key = inputs.key();
                 if !forced && let Some(record) = shared.cache.lookup(&key) {
-                    return outcome(name, StageStatus::Cached, String::new(), started.elapsed().as_secs_f64(), Some(record), None);
+                    return outcome(
+                        name,
+                        StageStatus::Cached,
+                        String::new(),
+                        started.elapsed().as_secs_f64(),
+                        Some(record),
+                        None,
+                    );
                 }
             }
             paths
         }
         Err(error) => return failed(reason, error),
     };
-    if let Some(dispatch) = shared.options.dispatch.as_ref().filter(|d| d.executor.dispatches(name)) {
+    if let Some(dispatch) = shared
+        .options
+        .dispatch
+        .as_ref()
+        .filter(|d| d.executor.dispatches(name))
+    {
         match run_dispatched(shared, dispatch, stage, &key, &inputs, &upstream, forced) {
             Ok((record, job)) => {
                 let seconds = started.elapsed().as_secs_f64();
-                return StageOutcome { reasons, job: Some(job), ..outcome(name, StageStatus::Remote, reason, seconds, Some(record), None) };
+                return StageOutcome {
+                    reasons,
+                    job: Some(job),
+                    ..outcome(
+                        name,
+                        StageStatus::Remote,
+                        reason,
+                        seconds,
+                        Some(record),
+                        None,
+                    )
+                };
             }
             Err(DispatchError::Unreachable(message)) if dispatch.fallback_local => {
                 let message = format!("{message}; `{name}` runs here instead");
-                shared.reporter.event(Event::RemoteWarning { message: &message });
+                shared
+                    .reporter
+                    .event(Event::RemoteWarning { message: &message });
             }
-            Err(DispatchError::Unreachable(message)) => return failed(reason, StageError::failed(message)),
+            Err(DispatchError::Unreachable(message)) => {
+                return failed(reason, StageError::failed(message));
+            }
             Err(DispatchError::Failed(error)) => return failed(reason, error),
         }
     }
     match run_miss(shared, stage, &key, &inputs, paths, started) {
-        Ok(record) => StageOutcome { reasons, ..outcome(name, StageStatus::Ran, reason, record.seconds, Some(record), None) },
+        Ok(record) => StageOutcome {
+            reasons,
+            ..outcome(
+                name,
+                StageStatus::Ran,
+                reason,
+                record.seconds,
+                Some(record),
+                None,
+            )
+        },
         Err(error) => failed(reason, error),
     }
 }
@@ -341,15 +501,21 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
 /// the record and the bytes fetched. Any failure is a warning and a miss.
 fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRecord, u64)> {
     let warn = |message: String| {
-        shared.reporter.event(Event::RemoteWarning { message: &message });
+        shared
+            .reporter
+            .event(Event::RemoteWarning { message: &message });
         None
     };
     let record = match remote.lookup(key) {
         Ok(Some(record)) => record,
         Ok(None) => return None,
         Err(e) => {
-            shared.remote_down.store(true, std::sync::atomic::Ordering::Relaxed);
-            return warn(format!("the cache remote cannot be read: {e}; the build goes on locally without it"));
+            shared
+                .remote_down
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return warn(format!(
+                "the cache remote cannot be read: {e}; the build goes on locally without it"
+            ));
         }
     };
     let cache = shared.cache;
@@ -366,14 +532,30 @@ fn fetch(shared: &Shared<'_>, remote: &dyn Store, key: &str) -> Option<(ActionRe
         if let Err(e) = remote.get_blob(blob, &file) {
             let corrupt = matches!(e, StoreError::Corrupt { .. });
             if corrupt {
-                shared.remote_corrupt.lock().expect("remote-corrupt lock").insert(blob.digest.clone());
+                shared
+                    .remote_corrupt
+                    .lock()
+                    .expect("remote-corrupt lock")
+                    .insert(blob.digest.clone());
             }
-            let replaced = if corrupt && shared.options.remote.as_ref().is_some_and(|r| r.write) { ", and its bytes replace the remote's" } else { "" };
-            return warn(format!("cannot fetch `{}` from the cache remote: {e}; it runs here{replaced}", record.stage));
+            let replaced = if corrupt && shared.options.remote.as_ref().is_some_and(|r| r.write) {
+                ", and its bytes replace the remote's"
+            } else {
+                ""
+            };
+            return warn(format!(
+                "cannot fetch `{}` from the cache remote: {e}; it runs here{replaced}",
+                record.stage
+            ));
         }
         match cache.put_file(&file) {
             Ok(stored) if stored == *blob => bytes += blob.size,
-            Ok(_) => return warn(format!("the cache remote's blob {} does not match its record; it runs here", blob.digest)),
+            Ok(_) => {
+                return warn(format!(
+                    "the cache remote's blob {} does not match its record; it runs here",
+                    blob.digest
+                ));
+            }
             Err(e) => return warn(format!("cannot store a fetched blob: {e}")),
         }
     }
@@ -402,14 +584,19 @@ fn run_dispatched(
         ))));
     };
     let store = remote.store.as_ref();
-    let job = super::dispatch::describe(shared.cache, store, stage, key, inputs, upstream, forced).map_err(DispatchError::Failed)?;
+    let job = super::dispatch::describe(shared.cache, store, stage, key, inputs, upstream, forced)
+        .map_err(DispatchError::Failed)?;
     let id = dispatch.executor.run(&job, shared.reporter)?;
     match fetch(shared, store, key) {
         Some((record, _)) => {
-            save_ref(shared.cache, shared.project, name, key, inputs).map_err(|e| DispatchError::Failed(e.into()))?;
+            save_ref(shared.cache, shared.project, name, key, inputs)
+                .map_err(|e| DispatchError::Failed(e.into()))?;
             Ok((record, id))
         }
-        None => Err(DispatchError::Failed(StageError::failed(format!("job {id} finished, but {} holds no complete record of `{name}` under its key {key}", store.describe())))),
+        None => Err(DispatchError::Failed(StageError::failed(format!(
+            "job {id} finished, but {} holds no complete record of `{name}` under its key {key}",
+            store.describe()
+        )))),
     }
 }
 
@@ -444,7 +631,12 @@ impl Shared<'_> {
 /// One uploading thread: takes records until the build closes the queue.
 /// The first failure marks the remote down (one warning; the rest is not
 /// tried, and the next build uploads what this one could not).
-fn upload_loop(shared: &Shared<'_>, remote: &dyn Store, queue: &Mutex<std::sync::mpsc::Receiver<Upload>>, totals: &Mutex<UploadTotals>) {
+fn upload_loop(
+    shared: &Shared<'_>,
+    remote: &dyn Store,
+    queue: &Mutex<std::sync::mpsc::Receiver<Upload>>,
+    totals: &Mutex<UploadTotals>,
+) {
     use std::sync::atomic::Ordering;
     loop {
         let next = queue.lock().expect("upload queue lock").recv();
@@ -461,15 +653,24 @@ fn upload_loop(shared: &Shared<'_>, remote: &dyn Store, queue: &Mutex<std::sync:
             if check && remote.has_record(&record.key)? {
                 return Ok(None);
             }
-            let replace = shared.remote_corrupt.lock().expect("remote-corrupt lock").clone();
+            let replace = shared
+                .remote_corrupt
+                .lock()
+                .expect("remote-corrupt lock")
+                .clone();
             upload(shared.cache, remote, &record, &replace).map(Some)
         })();
         match result {
             Ok(None) => {}
             Ok(Some(done)) => {
                 for digest in &done.replaced {
-                    let message = format!("the cache remote held other bytes under the blob {digest} of `{}` (corrupt); replaced with this build's", record.stage);
-                    shared.reporter.event(Event::RemoteWarning { message: &message });
+                    let message = format!(
+                        "the cache remote held other bytes under the blob {digest} of `{}` (corrupt); replaced with this build's",
+                        record.stage
+                    );
+                    shared
+                        .reporter
+                        .event(Event::RemoteWarning { message: &message });
                 }
                 let mut totals = totals.lock().expect("upload totals lock");
                 totals.records += 1;
@@ -478,8 +679,13 @@ fn upload_loop(shared: &Shared<'_>, remote: &dyn Store, queue: &Mutex<std::sync:
             }
             Err(e) => {
                 if !shared.remote_down.swap(true, Ordering::Relaxed) {
-                    let message = format!("cannot upload `{}` to the cache remote: {e}; the build goes on without it (the next build uploads it)", record.stage);
-                    shared.reporter.event(Event::RemoteWarning { message: &message });
+                    let message = format!(
+                        "cannot upload `{}` to the cache remote: {e}; the build goes on without it (the next build uploads it)",
+                        record.stage
+                    );
+                    shared
+                        .reporter
+                        .event(Event::RemoteWarning { message: &message });
                 }
             }
         }
@@ -509,10 +715,18 @@ pub enum UploadError {
 /// Uploads a record's blobs that the remote lacks or holds with other bytes
 /// (and those in `replace`, found corrupt there), each re-hashed before it
 /// goes, then the record (last: the commit point).
-pub fn upload(cache: &Cache, remote: &dyn Store, record: &ActionRecord, replace: &BTreeSet<String>) -> Result<Uploaded, UploadError> {
+pub fn upload(
+    cache: &Cache,
+    remote: &dyn Store,
+    record: &ActionRecord,
+    replace: &BTreeSet<String>,
+) -> Result<Uploaded, UploadError> {
     let mut done = Uploaded::default();
     for blob in record.outputs.values() {
-        done.add(blob, send_blob(cache, remote, blob, replace.contains(&blob.digest))?);
+        done.add(
+            blob,
+            send_blob(cache, remote, blob, replace.contains(&blob.digest))?,
+        );
     }
     remote.commit(record)?;
     Ok(done)
@@ -539,9 +753,18 @@ impl Uploaded {
 }
 
 /// One blob to the remote unless it holds the same bytes (or `replace`).
-fn send_blob(cache: &Cache, remote: &dyn Store, blob: &BlobRef, replace: bool) -> Result<Sent, UploadError> {
+fn send_blob(
+    cache: &Cache,
+    remote: &dyn Store,
+    blob: &BlobRef,
+    replace: bool,
+) -> Result<Sent, UploadError> {
     let path = cache.blob_path(&blob.digest);
-    let held = if replace { Held::Differs } else { remote.blob_state(blob, &path)? };
+    let held = if replace {
+        Held::Differs
+    } else {
+        remote.blob_state(blob, &path)?
+    };
     let sent = match held {
         Held::Same => return Ok(Sent::Nothing),
         Held::Missing => Sent::New,
@@ -558,16 +781,30 @@ fn send_blob(cache: &Cache, remote: &dyn Store, blob: &BlobRef, replace: bool) -
 /// blobs all went. The results in the records' order (a failed blob fails
 /// every record that names it); a blob's bytes count for the first record
 /// that names it.
-pub fn upload_all(cache: &Cache, remote: &dyn Store, records: &[ActionRecord]) -> Vec<Result<Uploaded, std::sync::Arc<UploadError>>> {
-    let blobs: Vec<&BlobRef> = records.iter().flat_map(|r| r.outputs.values()).map(|b| (&b.digest, b)).collect::<BTreeMap<_, _>>().into_values().collect();
+pub fn upload_all(
+    cache: &Cache,
+    remote: &dyn Store,
+    records: &[ActionRecord],
+) -> Vec<Result<Uploaded, std::sync::Arc<UploadError>>> {
+    let blobs: Vec<&BlobRef> = records
+        .iter()
+        .flat_map(|r| r.outputs.values())
+        .map(|b| (&b.digest, b))
+        .collect::<BTreeMap<_, _>>()
+        .into_values()
+        .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let sent: Mutex<BTreeMap<String, Result<Sent, std::sync::Arc<UploadError>>>> = Mutex::default();
     std::thread::scope(|threads| {
         for _ in 0..UPLOAD_THREADS.min(blobs.len()) {
             threads.spawn(|| {
-                while let Some(blob) = blobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                while let Some(blob) =
+                    blobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
                     let result = send_blob(cache, remote, blob, false).map_err(std::sync::Arc::new);
-                    sent.lock().expect("sent lock").insert(blob.digest.clone(), result);
+                    sent.lock()
+                        .expect("sent lock")
+                        .insert(blob.digest.clone(), result);
                 }
             });
         }
@@ -583,57 +820,111 @@ pub fn upload_all(cache: &Cache, remote: &dyn Store, records: &[ActionRecord]) -
                     Err(e) => return Err(e.clone()),
                 }
             }
-            remote.commit(record).map_err(|e| std::sync::Arc::new(e.into()))?;
+            remote
+                .commit(record)
+                .map_err(|e| std::sync::Arc::new(e.into()))?;
             Ok(done)
         })
         .collect()
 }
 
 /// Why a stage whose key missed the cache must run.
-fn rerun_reasons(name: &str, previous: Option<&StageRef>, inputs: &StageInputs, forced: bool) -> Vec<DirtyReason> {
+fn rerun_reasons(
+    name: &str,
+    previous: Option<&StageRef>,
+    inputs: &StageInputs,
+    forced: bool,
+) -> Vec<DirtyReason> {
     if forced {
         return vec![DirtyReason::Forced];
     }
-    let Some(previous) = previous else { return vec![DirtyReason::NoPreviousBuild] };
+    let Some(previous) = previous else {
+        return vec![DirtyReason::NoPreviousBuild];
+    };
     let reasons = explain(name, &previous.inputs, inputs);
-    if reasons.is_empty() { vec![DirtyReason::CachedResultMissing] } else { reasons }
+    if reasons.is_empty() {
+        vec![DirtyReason::CachedResultMissing]
+    } else {
+        reasons
+    }
 }
 
 /// Re-hashes every upstream blob about to be read. A corrupt blob is deleted
 /// and its producer rebuilt (recursively), so corrupt bytes are never served.
 /// Returns the blob paths by `stage/artifact`, and whether anything was rebuilt.
-fn ensure_inputs(shared: &Shared<'_>, upstream: &mut [ActionRecord]) -> Result<(BTreeMap<String, PathBuf>, bool), StageError> {
+fn ensure_inputs(
+    shared: &Shared<'_>,
+    upstream: &mut [ActionRecord],
+) -> Result<(BTreeMap<String, PathBuf>, bool), StageError> {
     let mut rebuilt = false;
     for record in upstream.iter_mut() {
-        let corrupt = record.outputs.values().find_map(|blob| shared.check_once(blob).err());
+        let corrupt = record
+            .outputs
+            .values()
+            .find_map(|blob| shared.check_once(blob).err());
         if let Some(error) = corrupt {
             let message = format!("{error}; rebuilding `{}`", record.stage);
-            shared.reporter.event(Event::CorruptBlob { message: &message });
+            shared
+                .reporter
+                .event(Event::CorruptBlob { message: &message });
             *record = rebuild(shared, &record.stage)?;
             rebuilt = true;
         }
     }
-    let paths = upstream.iter().flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), shared.cache.blob_path(&blob.digest)))).collect();
+    let paths = upstream
+        .iter()
+        .flat_map(|r| {
+            r.outputs.iter().map(move |(artifact, blob)| {
+                (
+                    format!("{}/{artifact}", r.stage),
+                    shared.cache.blob_path(&blob.digest),
+                )
+            })
+        })
+        .collect();
     Ok((paths, rebuilt))
 }
 
 /// Runs a finished stage again because one of its blobs was found corrupt.
 fn rebuild(shared: &Shared<'_>, name: &str) -> Result<ActionRecord, StageError> {
-    let stage = shared.plan.stage(name).expect("records name stages of the plan");
+    let stage = shared
+        .plan
+        .stage(name)
+        .expect("records name stages of the plan");
     let mut upstream: Vec<ActionRecord> = {
         let state = shared.state.lock().expect("schedule lock");
-        stage.dependencies().iter().map(|d| state.outcomes[d].record.clone().expect("a finished upstream has a record")).collect()
+        stage
+            .dependencies()
+            .iter()
+            .map(|d| {
+                state.outcomes[d]
+                    .record
+                    .clone()
+                    .expect("a finished upstream has a record")
+            })
+            .collect()
     };
     let (paths, _) = ensure_inputs(shared, &mut upstream)?;
-    let inputs = current_inputs(shared, stage, &upstream).map_err(|e| StageError::bad_input(e.to_string()))?;
+    let inputs = current_inputs(shared, stage, &upstream)
+        .map_err(|e| StageError::bad_input(e.to_string()))?;
     let record = run_miss(shared, stage, &inputs.key(), &inputs, paths, Instant::now())?;
-    if let Some(done) = shared.state.lock().expect("schedule lock").outcomes.get_mut(name) {
+    if let Some(done) = shared
+        .state
+        .lock()
+        .expect("schedule lock")
+        .outcomes
+        .get_mut(name)
+    {
         done.record = Some(record.clone());
     }
     Ok(record)
 }
 
-fn current_inputs(shared: &Shared<'_>, stage: &dyn Stage, upstream: &[ActionRecord]) -> Result<StageInputs, CacheError> {
+fn current_inputs(
+    shared: &Shared<'_>,
+    stage: &dyn Stage,
+    upstream: &[ActionRecord],
+) -> Result<StageInputs, CacheError> {
     let mut files = BTreeMap::new();
     {
         let mut stat = shared.stat.lock().expect("stat cache lock");
@@ -643,16 +934,50 @@ fn current_inputs(shared: &Shared<'_>, stage: &dyn Stage, upstream: &[ActionReco
     }
     let mut tools = shared.options.tools.clone();
     tools.extend(stage.tools());
-    let upstream = upstream.iter().flat_map(|r| r.outputs.iter().map(move |(artifact, blob)| (format!("{}/{artifact}", r.stage), blob.digest.clone()))).collect();
-    Ok(StageInputs { kind: stage.kind().to_string(), version: stage.version(), tools, settings: stage.settings(), files, upstream, salt: shared.options.salt.clone() })
+    let upstream = upstream
+        .iter()
+        .flat_map(|r| {
+            r.outputs.iter().map(move |(artifact, blob)| {
+                (format!("{}/{artifact}", r.stage), blob.digest.clone())
+            })
+        })
+        .collect();
+    Ok(StageInputs {
+        kind: stage.kind().to_string(),
+        version: stage.version(),
+        tools,
+        settings: stage.settings(),
+        files,
+        upstream,
+        salt: shared.options.salt.clone(),
+    })
 }
 
 /// Runs a stage in a fresh work folder, stores its files as blobs and
 /// commits the action record (last).
-fn run_miss(shared: &Shared<'_>, stage: &dyn Stage, key: &str, inputs: &StageInputs, input_paths: BTreeMap<String, PathBuf>, started: Instant) -> Result<ActionRecord, StageError> {
-    let record = run_in(shared.cache, stage, key, inputs, input_paths, started, shared.reporter)?;
+fn run_miss(
+    shared: &Shared<'_>,
+    stage: &dyn Stage,
+    key: &str,
+    inputs: &StageInputs,
+    input_paths: BTreeMap<String, PathBuf>,
+    started: Instant,
+) -> Result<ActionRecord, StageError> {
+    let record = run_in(
+        shared.cache,
+        stage,
+        key,
+        inputs,
+        input_paths,
+        started,
+        shared.reporter,
+    )?;
     // `put_file` hashed these bytes as it stored them.
-    shared.known_good.lock().expect("known-good lock").extend(record.outputs.values().map(|b| b.digest.clone()));
+    shared
+        .known_good
+        .lock()
+        .expect("known-good lock")
+        .extend(record.outputs.values().map(|b| b.digest.clone()));
     save_ref(shared.cache, shared.project, stage.name(), key, inputs)?;
     shared.queue_upload(Upload::Ran(record.clone()));
     Ok(record)
@@ -670,7 +995,14 @@ pub(super) fn run_in(
 ) -> Result<ActionRecord, StageError> {
     let work = cache.work_dir(stage.name())?;
     let checkpoints = cache.checkpoint_dir(key);
-    let ctx = StageContext { stage: stage.name(), inputs: input_paths, files: stage.files(), out_dir: work.path(), checkpoints: checkpoints.clone(), reporter };
+    let ctx = StageContext {
+        stage: stage.name(),
+        inputs: input_paths,
+        files: stage.files(),
+        out_dir: work.path(),
+        checkpoints: checkpoints.clone(),
+        reporter,
+    };
     let _span = tracing::info_span!("stage", name = stage.name()).entered();
     let metrics = stage.run(&ctx);
     // What the stage freed goes back to the system before the next stage
@@ -678,12 +1010,19 @@ pub(super) fn run_in(
     release_freed_memory();
     let metrics = metrics?;
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "ran");
-    let mut produced: Vec<PathBuf> =
-        std::fs::read_dir(work.path()).map_err(|e| CacheError::io(work.path(), e))?.map(|entry| entry.map(|e| e.path())).collect::<Result<_, _>>().map_err(|e| CacheError::io(work.path(), e))?;
+    let mut produced: Vec<PathBuf> = std::fs::read_dir(work.path())
+        .map_err(|e| CacheError::io(work.path(), e))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CacheError::io(work.path(), e))?;
     produced.sort();
     let mut outputs = BTreeMap::new();
     for path in produced {
-        let artifact = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let artifact = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         outputs.insert(artifact, cache.put_file(&path)?);
     }
     let record = ActionRecord {
@@ -694,14 +1033,22 @@ pub(super) fn run_in(
         metrics,
         seconds: started.elapsed().as_secs_f64(),
     };
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "stored the artifacts");
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        "stored the artifacts"
+    );
     fault::point(&format!("after-blobs:{}", stage.name()));
     cache.commit(&record)?;
     fault::point(&format!("after-record:{}", stage.name()));
     if checkpoints.exists() {
         let _ = std::fs::remove_dir_all(&checkpoints);
     }
-    tracing::debug!(stage = stage.name(), key, artifacts = record.outputs.len(), "committed action record");
+    tracing::debug!(
+        stage = stage.name(),
+        key,
+        artifacts = record.outputs.len(),
+        "committed action record"
+    );
     Ok(record)
 }
 
@@ -714,9 +1061,22 @@ fn load_ref(cache: &Cache, project: &str, stage: &str) -> Option<StageRef> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn save_ref(cache: &Cache, project: &str, stage: &str, key: &str, inputs: &StageInputs) -> Result<(), CacheError> {
-    let reference = StageRef { key: key.to_string(), inputs: inputs.clone() };
-    write_json_atomic(&ref_path(cache, project, stage), &reference, &cache.tmp_dir())
+fn save_ref(
+    cache: &Cache,
+    project: &str,
+    stage: &str,
+    key: &str,
+    inputs: &StageInputs,
+) -> Result<(), CacheError> {
+    let reference = StageRef {
+        key: key.to_string(),
+        inputs: inputs.clone(),
+    };
+    write_json_atomic(
+        &ref_path(cache, project, stage),
+        &reference,
+        &cache.tmp_dir(),
+    )
 }
 
 /// Freshness of one stage without running anything.
@@ -736,15 +1096,29 @@ pub struct StageState {
 }
 
 /// What `build` would do, and why, without running a stage.
-pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str, options: &BuildOptions) -> Result<Vec<StageState>, CacheError> {
+pub fn status(
+    plan: &Plan,
+    cache: &Cache,
+    stat: &Mutex<StatCache>,
+    project: &str,
+    options: &BuildOptions,
+) -> Result<Vec<StageState>, CacheError> {
     let shared = Shared::new(plan, cache, stat, project, options, &super::Silent);
     let mut known: BTreeMap<String, Option<ActionRecord>> = BTreeMap::new();
     let mut states = Vec::new();
     for stage in plan.stages() {
         let name = stage.name();
         let previous = load_ref(cache, project, name);
-        let stale_upstream: Vec<String> = stage.dependencies().into_iter().filter(|d| known[d].is_none()).collect();
-        let upstream: Vec<ActionRecord> = stage.dependencies().iter().filter_map(|d| known[d].clone()).collect();
+        let stale_upstream: Vec<String> = stage
+            .dependencies()
+            .into_iter()
+            .filter(|d| known[d].is_none())
+            .collect();
+        let upstream: Vec<ActionRecord> = stage
+            .dependencies()
+            .iter()
+            .filter_map(|d| known[d].clone())
+            .collect();
         let mut inputs = current_inputs(&shared, stage, &upstream)?;
         let mut key = None;
         let (fresh, reasons, record) = if stale_upstream.is_empty() {
@@ -754,7 +1128,11 @@ pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str
             key = Some(current);
             match found {
                 Some(record) if !forced => (true, Vec::new(), Some(record)),
-                _ => (false, rerun_reasons(name, previous.as_ref(), &inputs, forced), None),
+                _ => (
+                    false,
+                    rerun_reasons(name, previous.as_ref(), &inputs, forced),
+                    None,
+                ),
             }
         } else {
             // Compare our own inputs only: upstream artifacts are not known yet.
@@ -768,11 +1146,21 @@ pub fn status(plan: &Plan, cache: &Cache, stat: &Mutex<StatCache>, project: &str
                 }
                 reasons = explain(name, &p.inputs, &inputs);
             }
-            reasons.extend(stale_upstream.iter().map(|s| DirtyReason::UpstreamStale { stage: s.clone() }));
+            reasons.extend(
+                stale_upstream
+                    .iter()
+                    .map(|s| DirtyReason::UpstreamStale { stage: s.clone() }),
+            );
             (false, reasons, None)
         };
         known.insert(name.to_string(), record);
-        states.push(StageState { stage: name.to_string(), fresh, reason: join(&reasons, false), reasons, key });
+        states.push(StageState {
+            stage: name.to_string(),
+            fresh,
+            reason: join(&reasons, false),
+            reasons,
+            key,
+        });
     }
     Ok(states)
 }

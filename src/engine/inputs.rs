@@ -49,13 +49,29 @@ pub enum DirtyReason {
     /// The stage's implementation (its kind or version) changed.
     Implementation { stage: String, from: u32, to: u32 },
     /// A tool that shapes the output (symb, a library) changed version; `None` where it was not used.
-    Tool { name: String, from: Option<String>, to: Option<String> },
+    Tool {
+        name: String,
+        from: Option<String>,
+        to: Option<String>,
+    },
     /// A manifest setting changed; `None` where it was not set.
-    Setting { key: String, from: Option<serde_json::Value>, to: Option<serde_json::Value> },
+    Setting {
+        key: String,
+        from: Option<serde_json::Value>,
+        to: Option<serde_json::Value>,
+    },
     /// An external file (the corpus, a base model's file) changed, appeared or went.
-    File { path: String, from: Option<Digest>, to: Option<Digest> },
+    File {
+        path: String,
+        from: Option<Digest>,
+        to: Option<Digest>,
+    },
     /// An artifact of an upstream stage changed, or is newly or no longer read.
-    Upstream { artifact: String, from: Option<Digest>, to: Option<Digest> },
+    Upstream {
+        artifact: String,
+        from: Option<Digest>,
+        to: Option<Digest>,
+    },
     /// An upstream stage is itself stale (in `status`: its artifacts are not known yet).
     UpstreamStale { stage: String },
     /// `SYMB_CACHE_SALT` changed.
@@ -66,9 +82,21 @@ impl DirtyReason {
     /// The reason without artifact digests, and with long values cut.
     pub fn brief(&self) -> String {
         match self {
-            DirtyReason::Upstream { artifact, from: Some(_), to: Some(_) } => format!("upstream artifact `{artifact}` changed"),
-            DirtyReason::Setting { key, from: Some(a), to: Some(b) } => format!("`{key}` changed {} -> {}", cut(&show(a)), cut(&show(b))),
-            DirtyReason::Setting { key, from: None, to: Some(b) } => format!("`{key}` set to {}", cut(&show(b))),
+            DirtyReason::Upstream {
+                artifact,
+                from: Some(_),
+                to: Some(_),
+            } => format!("upstream artifact `{artifact}` changed"),
+            DirtyReason::Setting {
+                key,
+                from: Some(a),
+                to: Some(b),
+            } => format!("`{key}` changed {} -> {}", cut(&show(a)), cut(&show(b))),
+            DirtyReason::Setting {
+                key,
+                from: None,
+                to: Some(b),
+            } => format!("`{key}` set to {}", cut(&show(b))),
             other => other.to_string(),
         }
     }
@@ -76,7 +104,11 @@ impl DirtyReason {
 
 fn cut(text: &str) -> String {
     const MAX: usize = 40;
-    if text.chars().count() <= MAX { text.to_string() } else { format!("{}…", text.chars().take(MAX - 1).collect::<String>()) }
+    if text.chars().count() <= MAX {
+        text.to_string()
+    } else {
+        format!("{}…", text.chars().take(MAX - 1).collect::<String>())
+    }
 }
 
 impl std::fmt::Display for DirtyReason {
@@ -86,51 +118,153 @@ impl std::fmt::Display for DirtyReason {
             DirtyReason::Forced => write!(f, "forced by `--force`"),
             DirtyReason::NoPreviousBuild => write!(f, "no previous build"),
             DirtyReason::CachedResultMissing => write!(f, "its cached result is missing"),
-            DirtyReason::Implementation { stage, from, to } => write!(f, "the implementation of `{stage}` changed (version {from} -> {to})"),
-            DirtyReason::Tool { name, from: Some(a), to: Some(b) } => write!(f, "`{name}` version changed {a} -> {b}"),
-            DirtyReason::Tool { name, from: None, to } => write!(f, "`{name}` {} is now used", to.as_deref().unwrap_or(absent)),
-            DirtyReason::Tool { name, from: Some(a), to: None } => write!(f, "`{name}` {a} is no longer used"),
-            DirtyReason::Setting { key, from: Some(a), to: Some(b) } => write!(f, "`{key}` changed {} -> {}", show(a), show(b)),
-            DirtyReason::Setting { key, from: None, to } => write!(f, "`{key}` set to {}", to.as_ref().map(show).unwrap_or_default()),
-            DirtyReason::Setting { key, from: Some(a), to: None } => write!(f, "`{key}` removed (was {})", show(a)),
-            DirtyReason::File { path, from: Some(_), to: Some(_) } => write!(f, "`{path}` changed"),
-            DirtyReason::File { path, from: None, .. } => write!(f, "`{path}` added"),
-            DirtyReason::File { path, from: Some(_), to: None } => write!(f, "`{path}` removed"),
-            DirtyReason::Upstream { artifact, from: Some(a), to: Some(b) } => write!(f, "upstream artifact `{artifact}` changed ({} -> {})", short(a), short(b)),
-            DirtyReason::Upstream { artifact, from: None, .. } => write!(f, "now reads upstream artifact `{artifact}`"),
-            DirtyReason::Upstream { artifact, from: Some(_), to: None } => write!(f, "no longer reads upstream artifact `{artifact}`"),
+            DirtyReason::Implementation { stage, from, to } => write!(
+                f,
+                "the implementation of `{stage}` changed (version {from} -> {to})"
+            ),
+            DirtyReason::Tool {
+                name,
+                from: Some(a),
+                to: Some(b),
+            } => write!(f, "`{name}` version changed {a} -> {b}"),
+            DirtyReason::Tool {
+                name,
+                from: None,
+                to,
+            } => write!(
+                f,
+                "`{name}` {} is now used",
+                to.as_deref().unwrap_or(absent)
+            ),
+            DirtyReason::Tool {
+                name,
+                from: Some(a),
+                to: None,
+            } => write!(f, "`{name}` {a} is no longer used"),
+            DirtyReason::Setting {
+                key,
+                from: Some(a),
+                to: Some(b),
+            } => write!(f, "`{key}` changed {} -> {}", show(a), show(b)),
+            DirtyReason::Setting {
+                key,
+                from: None,
+                to,
+            } => write!(
+                f,
+                "`{key}` set to {}",
+                to.as_ref().map(show).unwrap_or_default()
+            ),
+            DirtyReason::Setting {
+                key,
+                from: Some(a),
+                to: None,
+            } => write!(f, "`{key}` removed (was {})", show(a)),
+            DirtyReason::File {
+                path,
+                from: Some(_),
+                to: Some(_),
+            } => write!(f, "`{path}` changed"),
+            DirtyReason::File {
+                path, from: None, ..
+            } => write!(f, "`{path}` added"),
+            DirtyReason::File {
+                path,
+                from: Some(_),
+                to: None,
+            } => write!(f, "`{path}` removed"),
+            DirtyReason::Upstream {
+                artifact,
+                from: Some(a),
+                to: Some(b),
+            } => write!(
+                f,
+                "upstream artifact `{artifact}` changed ({} -> {})",
+                short(a),
+                short(b)
+            ),
+            DirtyReason::Upstream {
+                artifact,
+                from: None,
+                ..
+            } => write!(f, "now reads upstream artifact `{artifact}`"),
+            DirtyReason::Upstream {
+                artifact,
+                from: Some(_),
+                to: None,
+            } => write!(f, "no longer reads upstream artifact `{artifact}`"),
             DirtyReason::UpstreamStale { stage } => write!(f, "upstream `{stage}` is stale"),
-            DirtyReason::Salt { from, to } => write!(f, "the cache salt changed `{from}` -> `{to}`"),
+            DirtyReason::Salt { from, to } => {
+                write!(f, "the cache salt changed `{from}` -> `{to}`")
+            }
         }
     }
 }
 
 /// Reasons joined for one line.
 pub fn join(reasons: &[DirtyReason], brief: bool) -> String {
-    reasons.iter().map(|r| if brief { r.brief() } else { r.to_string() }).collect::<Vec<_>>().join("; ")
+    reasons
+        .iter()
+        .map(|r| if brief { r.brief() } else { r.to_string() })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Why `current` differs from `previous`, most specific first.
 pub fn explain(stage: &str, previous: &StageInputs, current: &StageInputs) -> Vec<DirtyReason> {
     let mut reasons = Vec::new();
     if previous.version != current.version || previous.kind != current.kind {
-        reasons.push(DirtyReason::Implementation { stage: stage.to_string(), from: previous.version, to: current.version });
+        reasons.push(DirtyReason::Implementation {
+            stage: stage.to_string(),
+            from: previous.version,
+            to: current.version,
+        });
     }
-    diff_maps(&previous.tools, &current.tools, &mut reasons, |name, from, to| DirtyReason::Tool { name, from, to });
-    diff_maps(&previous.settings, &current.settings, &mut reasons, |key, from, to| DirtyReason::Setting { key, from, to });
-    diff_maps(&previous.files, &current.files, &mut reasons, |path, from, to| DirtyReason::File { path, from, to });
-    diff_maps(&previous.upstream, &current.upstream, &mut reasons, |artifact, from, to| DirtyReason::Upstream { artifact, from, to });
+    diff_maps(
+        &previous.tools,
+        &current.tools,
+        &mut reasons,
+        |name, from, to| DirtyReason::Tool { name, from, to },
+    );
+    diff_maps(
+        &previous.settings,
+        &current.settings,
+        &mut reasons,
+        |key, from, to| DirtyReason::Setting { key, from, to },
+    );
+    diff_maps(
+        &previous.files,
+        &current.files,
+        &mut reasons,
+        |path, from, to| DirtyReason::File { path, from, to },
+    );
+    diff_maps(
+        &previous.upstream,
+        &current.upstream,
+        &mut reasons,
+        |artifact, from, to| DirtyReason::Upstream { artifact, from, to },
+    );
     if previous.salt != current.salt {
-        reasons.push(DirtyReason::Salt { from: previous.salt.clone(), to: current.salt.clone() });
+        reasons.push(DirtyReason::Salt {
+            from: previous.salt.clone(),
+            to: current.salt.clone(),
+        });
     }
     reasons
 }
 
 /// Each key whose value changed, appeared (`from` None) or went (`to` None).
-fn diff_maps<V: PartialEq + Clone>(previous: &BTreeMap<String, V>, current: &BTreeMap<String, V>, out: &mut Vec<DirtyReason>, reason: impl Fn(String, Option<V>, Option<V>) -> DirtyReason) {
+fn diff_maps<V: PartialEq + Clone>(
+    previous: &BTreeMap<String, V>,
+    current: &BTreeMap<String, V>,
+    out: &mut Vec<DirtyReason>,
+    reason: impl Fn(String, Option<V>, Option<V>) -> DirtyReason,
+) {
     for (key, new) in current {
         match previous.get(key) {
-            Some(old) if old != new => out.push(reason(key.clone(), Some(old.clone()), Some(new.clone()))),
+            Some(old) if old != new => {
+                out.push(reason(key.clone(), Some(old.clone()), Some(new.clone())))
+            }
             None => out.push(reason(key.clone(), None, Some(new.clone()))),
             _ => {}
         }
@@ -169,12 +303,20 @@ mod tests {
     fn reasons_name_the_setting_and_the_file() {
         let old = inputs();
         let mut new = inputs();
-        new.settings.insert("tokenizer.vocab_size".into(), serde_json::json!(12000));
+        new.settings
+            .insert("tokenizer.vocab_size".into(), serde_json::json!(12000));
         new.files.insert("corpus/a.txt".into(), "bb".into());
         new.files.insert("corpus/b.txt".into(), "cc".into());
         assert_eq!(
-            explain("tokenizer", &old, &new).iter().map(ToString::to_string).collect::<Vec<_>>(),
-            vec!["`tokenizer.vocab_size` changed 8000 -> 12000".to_string(), "`corpus/a.txt` changed".to_string(), "`corpus/b.txt` added".to_string(),]
+            explain("tokenizer", &old, &new)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            vec![
+                "`tokenizer.vocab_size` changed 8000 -> 12000".to_string(),
+                "`corpus/a.txt` changed".to_string(),
+                "`corpus/b.txt` added".to_string(),
+            ]
         );
         assert_ne!(old.key(), new.key());
         assert_eq!(old.key(), inputs().key());
@@ -182,14 +324,39 @@ mod tests {
 
     #[test]
     fn a_brief_reason_has_no_digest_and_no_long_value() {
-        let upstream = DirtyReason::Upstream { artifact: "merge/model.safetensors".into(), from: Some("a".repeat(64)), to: Some("b".repeat(64)) };
+        let upstream = DirtyReason::Upstream {
+            artifact: "merge/model.safetensors".into(),
+            from: Some("a".repeat(64)),
+            to: Some("b".repeat(64)),
+        };
         assert!(upstream.to_string().contains("aaaa"), "{upstream}");
-        assert_eq!(upstream.brief(), "upstream artifact `merge/model.safetensors` changed");
-        let long = serde_json::json!(["c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj"]);
-        let setting = DirtyReason::Setting { key: "finetune.targets".into(), from: Some(serde_json::json!("attn")), to: Some(long) };
-        assert!(setting.brief().ends_with('…') && setting.brief().chars().count() < setting.to_string().chars().count(), "{}", setting.brief());
-        let epochs = DirtyReason::Setting { key: "finetune.epochs".into(), from: Some(serde_json::json!(2)), to: Some(serde_json::json!(1)) };
+        assert_eq!(
+            upstream.brief(),
+            "upstream artifact `merge/model.safetensors` changed"
+        );
+        let long = serde_json::json!([
+            "c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj"
+        ]);
+        let setting = DirtyReason::Setting {
+            key: "finetune.targets".into(),
+            from: Some(serde_json::json!("attn")),
+            to: Some(long),
+        };
+        assert!(
+            setting.brief().ends_with('…')
+                && setting.brief().chars().count() < setting.to_string().chars().count(),
+            "{}",
+            setting.brief()
+        );
+        let epochs = DirtyReason::Setting {
+            key: "finetune.epochs".into(),
+            from: Some(serde_json::json!(2)),
+            to: Some(serde_json::json!(1)),
+        };
         assert_eq!(epochs.brief(), "`finetune.epochs` changed 2 -> 1");
-        assert_eq!(serde_json::to_value(&epochs).unwrap(), serde_json::json!({"kind": "setting", "key": "finetune.epochs", "from": 2, "to": 1}));
+        assert_eq!(
+            serde_json::to_value(&epochs).unwrap(),
+            serde_json::json!({"kind": "setting", "key": "finetune.epochs", "from": 2, "to": 1})
+        );
     }
 }

@@ -24,11 +24,17 @@ mod inputs;
 mod output;
 mod plan;
 
-pub use dispatch::{Description, Dispatch, DispatchError, Executor, Job, fetch_description, run_described};
-pub use executor::{BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, UploadError, Uploaded, execute, status, upload, upload_all};
+pub use dispatch::{
+    Description, Dispatch, DispatchError, Executor, Job, fetch_description, run_described,
+};
+pub use executor::{
+    BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, UploadError,
+    Uploaded, execute, status, upload, upload_all,
+};
 pub use inputs::{DirtyReason, StageInputs, explain, join};
 pub use output::{
-    AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputDrift, OutputFolder, OutputRefusal, OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files,
+    AssembleError, Assembled, OUTPUT_MARKER, OutputCheck, OutputDrift, OutputFolder, OutputRefusal,
+    OutputState, assemble_output, check_output, entries_besides_placeholders, foreign_files,
     inspect_output, mark_empty, output_drift, output_is_current, remove_owned, reusable_outputs,
 };
 pub use plan::{Plan, PlanError};
@@ -52,7 +58,9 @@ pub struct ExternalFile {
 }
 
 /// How a stage failure maps to the exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureClass {
     /// The stage itself failed (exit 1).
@@ -72,10 +80,16 @@ pub struct StageError {
 
 impl StageError {
     pub fn failed(message: impl Into<String>) -> Self {
-        StageError { class: FailureClass::Failed, message: message.into() }
+        StageError {
+            class: FailureClass::Failed,
+            message: message.into(),
+        }
     }
     pub fn bad_input(message: impl Into<String>) -> Self {
-        StageError { class: FailureClass::BadInput, message: message.into() }
+        StageError {
+            class: FailureClass::BadInput,
+            message: message.into(),
+        }
     }
 }
 
@@ -197,7 +211,15 @@ pub struct StageContext<'a> {
 impl StageContext<'_> {
     /// The path of an upstream artifact (read-only; it is a cache blob).
     pub fn input(&self, stage: &str, artifact: &str) -> Result<&Path, StageError> {
-        self.inputs.get(&format!("{stage}/{artifact}")).map(PathBuf::as_path).ok_or_else(|| StageError::failed(format!("stage `{}` has no input `{stage}/{artifact}`", self.stage)))
+        self.inputs
+            .get(&format!("{stage}/{artifact}"))
+            .map(PathBuf::as_path)
+            .ok_or_else(|| {
+                StageError::failed(format!(
+                    "stage `{}` has no input `{stage}/{artifact}`",
+                    self.stage
+                ))
+            })
     }
 
     /// The external files of this stage.
@@ -224,12 +246,21 @@ impl StageContext<'_> {
 
     /// Progress with named figures, which JSON output carries as fields.
     pub fn progress_with(&self, done: u64, total: u64, message: &str, fields: &[(&str, f64)]) {
-        self.reporter.event(Event::StageProgress { stage: self.stage, done, total, message, fields });
+        self.reporter.event(Event::StageProgress {
+            stage: self.stage,
+            done,
+            total,
+            message,
+            fields,
+        });
     }
 
     /// Says something once, on its own line.
     pub fn note(&self, message: &str) {
-        self.reporter.event(Event::StageNote { stage: self.stage, message });
+        self.reporter.event(Event::StageNote {
+            stage: self.stage,
+            message,
+        });
     }
 }
 

@@ -62,7 +62,11 @@ pub enum OutputRefusal {
     #[error(
         "`{path}` holds {entries} entries (`{example}`, ...) and was not made by symb (it has no `{OUTPUT_MARKER}`); symb replaces its output folder on every build, so it will not touch this one"
     )]
-    NotOurs { path: PathBuf, entries: usize, example: String },
+    NotOurs {
+        path: PathBuf,
+        entries: usize,
+        example: String,
+    },
     #[error("`{path}` is unreadable: {message}")]
     Unreadable { path: PathBuf, message: String },
 }
@@ -74,29 +78,46 @@ const PLACEHOLDERS: [&str; 3] = [".gitignore", ".gitkeep", ".keep"];
 /// The entries of `dir` other than [`PLACEHOLDERS`], sorted (none when it
 /// cannot be read).
 pub fn entries_besides_placeholders(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !PLACEHOLDERS.contains(&n.as_str())).collect();
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !PLACEHOLDERS.contains(&n.as_str()))
+        .collect();
     names.sort();
     names
 }
 
 /// Whether symb may write its output at `path`, and what it wrote there.
 pub fn inspect_output(path: &Path) -> Result<OutputFolder, OutputRefusal> {
-    let unreadable = |e: &dyn std::fmt::Display| OutputRefusal::Unreadable { path: path.to_path_buf(), message: e.to_string() };
+    let unreadable = |e: &dyn std::fmt::Display| OutputRefusal::Unreadable {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(OutputFolder::Absent),
         Err(e) => return Err(unreadable(&e)),
     };
     if meta.file_type().is_symlink() {
-        return Err(OutputRefusal::Symlink { path: path.to_path_buf() });
+        return Err(OutputRefusal::Symlink {
+            path: path.to_path_buf(),
+        });
     }
     if !meta.is_dir() {
-        return Err(OutputRefusal::NotAFolder { path: path.to_path_buf() });
+        return Err(OutputRefusal::NotAFolder {
+            path: path.to_path_buf(),
+        });
     }
     let marker = path.join(OUTPUT_MARKER);
     match fs::read(&marker) {
         Ok(bytes) => {
-            let marker: OutputMarker = serde_json::from_slice(&bytes).map_err(|e| OutputRefusal::Unreadable { path: marker.clone(), message: e.to_string() })?;
+            let marker: OutputMarker =
+                serde_json::from_slice(&bytes).map_err(|e| OutputRefusal::Unreadable {
+                    path: marker.clone(),
+                    message: e.to_string(),
+                })?;
             Ok(OutputFolder::Owned(marker.files))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -104,10 +125,17 @@ pub fn inspect_output(path: &Path) -> Result<OutputFolder, OutputRefusal> {
             let names = entries_besides_placeholders(path);
             match names.first() {
                 None => Ok(OutputFolder::Empty),
-                Some(first) => Err(OutputRefusal::NotOurs { path: path.to_path_buf(), entries: names.len(), example: first.clone() }),
+                Some(first) => Err(OutputRefusal::NotOurs {
+                    path: path.to_path_buf(),
+                    entries: names.len(),
+                    example: first.clone(),
+                }),
             }
         }
-        Err(e) => Err(OutputRefusal::Unreadable { path: marker, message: e.to_string() }),
+        Err(e) => Err(OutputRefusal::Unreadable {
+            path: marker,
+            message: e.to_string(),
+        }),
     }
 }
 
@@ -118,7 +146,9 @@ pub fn foreign_files(output: &Path, owned: &BTreeMap<String, BlobRef>) -> Vec<St
     let mut found = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(relative) = stack.pop() {
-        let Ok(entries) = fs::read_dir(output.join(&relative)) else { continue };
+        let Ok(entries) = fs::read_dir(output.join(&relative)) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = relative.join(entry.file_name());
             let label = path.to_string_lossy().into_owned();
@@ -139,34 +169,57 @@ pub fn foreign_files(output: &Path, owned: &BTreeMap<String, BlobRef>) -> Vec<St
 /// remove a file elsewhere).
 fn inside(folder: &Path, relative: &str) -> bool {
     let path = Path::new(relative);
-    if relative.is_empty() || !path.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+    if relative.is_empty()
+        || !path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
         return false;
     }
-    path.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()).all(|a| fs::symlink_metadata(folder.join(a)).is_ok_and(|m| m.is_dir()))
+    path.ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+        .all(|a| fs::symlink_metadata(folder.join(a)).is_ok_and(|m| m.is_dir()))
 }
 
 /// Removes from `folder` the files at `paths` (relative: what symb wrote
 /// there) and the marker, and the folders they leave empty; returns what is
 /// left, the user's (sorted).
-pub fn remove_owned<'a>(folder: &Path, paths: impl IntoIterator<Item = &'a str>) -> Result<Vec<String>, CacheError> {
-    let paths: Vec<&str> = paths.into_iter().filter(|relative| inside(folder, relative)).collect();
+pub fn remove_owned<'a>(
+    folder: &Path,
+    paths: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<String>, CacheError> {
+    let paths: Vec<&str> = paths
+        .into_iter()
+        .filter(|relative| inside(folder, relative))
+        .collect();
     for &relative in paths.iter().chain(&[OUTPUT_MARKER]) {
         if !inside(folder, relative) {
             continue;
         }
         let path = folder.join(relative);
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(CacheError::io(&path, e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CacheError::io(&path, e));
+            }
             _ => {}
         }
     }
-    let mut folders: Vec<&Path> = paths.iter().flat_map(|r| Path::new(r).ancestors().skip(1)).filter(|p| !p.as_os_str().is_empty()).collect();
+    let mut folders: Vec<&Path> = paths
+        .iter()
+        .flat_map(|r| Path::new(r).ancestors().skip(1))
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
     folders.sort_by_key(|p| (std::cmp::Reverse(p.components().count()), p.to_path_buf()));
     folders.dedup();
     for relative in folders {
         let _ = fs::remove_dir(folder.join(relative));
     }
-    let mut left: Vec<String> = fs::read_dir(folder).map_err(|e| CacheError::io(folder, e))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut left: Vec<String> = fs::read_dir(folder)
+        .map_err(|e| CacheError::io(folder, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     left.sort();
     Ok(left)
 }
@@ -174,7 +227,10 @@ pub fn remove_owned<'a>(folder: &Path, paths: impl IntoIterator<Item = &'a str>)
 /// Writes a marker that lists no files: the folder stays symb's, and all it
 /// holds is the user's.
 pub fn mark_empty(folder: &Path) -> Result<(), CacheError> {
-    let marker = OutputMarker { about: MARKER_ABOUT.into(), files: BTreeMap::new() };
+    let marker = OutputMarker {
+        about: MARKER_ABOUT.into(),
+        files: BTreeMap::new(),
+    };
     write_json_atomic(&folder.join(OUTPUT_MARKER), &marker, folder)
 }
 
@@ -202,12 +258,22 @@ pub struct OutputFile {
 
 impl OutputFile {
     fn written(blob: BlobRef, meta: &fs::Metadata) -> Self {
-        OutputFile { blob, mtime_ns: mtime_ns(meta), ctime_ns: ctime_ns(meta), inode: meta.ino() }
+        OutputFile {
+            blob,
+            mtime_ns: mtime_ns(meta),
+            ctime_ns: ctime_ns(meta),
+            inode: meta.ino(),
+        }
     }
 
     /// True when `meta` is still the file symb wrote from `blob`.
     fn untouched(&self, blob: &BlobRef, meta: &fs::Metadata) -> bool {
-        self.blob == *blob && meta.is_file() && meta.len() == blob.size && mtime_ns(meta) == self.mtime_ns && ctime_ns(meta) == self.ctime_ns && meta.ino() == self.inode
+        self.blob == *blob
+            && meta.is_file()
+            && meta.len() == blob.size
+            && mtime_ns(meta) == self.mtime_ns
+            && ctime_ns(meta) == self.ctime_ns
+            && meta.ino() == self.inode
     }
 }
 
@@ -216,17 +282,28 @@ fn state_path(cache: &Cache, project: &str) -> PathBuf {
 }
 
 fn previous_state(cache: &Cache, project: &str) -> Option<OutputState> {
-    fs::read(state_path(cache, project)).ok().and_then(|b| serde_json::from_slice::<OutputState>(&b).ok())
+    fs::read(state_path(cache, project))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<OutputState>(&b).ok())
 }
 
 /// The files of `wanted` that the current output already holds, untouched
 /// since symb wrote them: the next assembly links them instead of copying.
-pub fn reusable_outputs(cache: &Cache, project: &str, output: &Path, wanted: &BTreeMap<String, BlobRef>) -> BTreeSet<String> {
-    let Some(state) = previous_state(cache, project) else { return Default::default() };
+pub fn reusable_outputs(
+    cache: &Cache,
+    project: &str,
+    output: &Path,
+    wanted: &BTreeMap<String, BlobRef>,
+) -> BTreeSet<String> {
+    let Some(state) = previous_state(cache, project) else {
+        return Default::default();
+    };
     wanted
         .iter()
         .filter(|(path, blob)| {
-            let Some(file) = state.files.get(*path) else { return false };
+            let Some(file) = state.files.get(*path) else {
+                return false;
+            };
             fs::symlink_metadata(output.join(path)).is_ok_and(|meta| file.untouched(blob, &meta))
         })
         .map(|(path, _)| path.clone())
@@ -235,9 +312,18 @@ pub fn reusable_outputs(cache: &Cache, project: &str, output: &Path, wanted: &BT
 
 /// True when `output` still holds exactly the files `wanted` names, untouched
 /// since symb wrote them, and its marker.
-pub fn output_is_current(cache: &Cache, project: &str, output: &Path, wanted: &BTreeMap<String, BlobRef>) -> bool {
-    let Some(state) = previous_state(cache, project) else { return false };
-    state.files.len() == wanted.len() && reusable_outputs(cache, project, output, wanted).len() == wanted.len() && output.join(OUTPUT_MARKER).is_file()
+pub fn output_is_current(
+    cache: &Cache,
+    project: &str,
+    output: &Path,
+    wanted: &BTreeMap<String, BlobRef>,
+) -> bool {
+    let Some(state) = previous_state(cache, project) else {
+        return false;
+    };
+    state.files.len() == wanted.len()
+        && reusable_outputs(cache, project, output, wanted).len() == wanted.len()
+        && output.join(OUTPUT_MARKER).is_file()
 }
 
 /// How an output folder differs from what a build would write there.
@@ -263,15 +349,33 @@ impl OutputDrift {
 /// Compares `output` with `wanted` without writing anything: a file is
 /// taken as it was written when its stat is the one recorded after symb
 /// wrote it, and hashed otherwise.
-pub fn output_drift(cache: &Cache, project: &str, output: &Path, wanted: &BTreeMap<String, BlobRef>) -> OutputDrift {
+pub fn output_drift(
+    cache: &Cache,
+    project: &str,
+    output: &Path,
+    wanted: &BTreeMap<String, BlobRef>,
+) -> OutputDrift {
     let owned = match inspect_output(output) {
         Ok(OutputFolder::Owned(owned)) => owned,
-        Ok(OutputFolder::Absent) => return OutputDrift { absent: true, missing: wanted.keys().cloned().collect(), ..OutputDrift::default() },
+        Ok(OutputFolder::Absent) => {
+            return OutputDrift {
+                absent: true,
+                missing: wanted.keys().cloned().collect(),
+                ..OutputDrift::default()
+            };
+        }
         // An empty folder, or one symb cannot take: every file is missing.
         _ => BTreeMap::new(),
     };
     let untouched = reusable_outputs(cache, project, output, wanted);
-    let mut drift = OutputDrift { extra: owned.keys().filter(|path| !wanted.contains_key(*path)).cloned().collect(), ..OutputDrift::default() };
+    let mut drift = OutputDrift {
+        extra: owned
+            .keys()
+            .filter(|path| !wanted.contains_key(*path))
+            .cloned()
+            .collect(),
+        ..OutputDrift::default()
+    };
     for (path, blob) in wanted {
         if untouched.contains(path) && owned.get(path) == Some(blob) {
             continue;
@@ -297,7 +401,9 @@ pub enum AssembleError {
     #[error(transparent)]
     Refused(#[from] OutputRefusal),
     /// A file the user put in the output is where the build now writes one.
-    #[error("`{path}` in the output folder was not written by symb, and the build now writes a file there; move it away and build again")]
+    #[error(
+        "`{path}` in the output folder was not written by symb, and the build now writes a file there; move it away and build again"
+    )]
     Collision { path: String },
 }
 
@@ -310,19 +416,37 @@ pub struct Assembled {
 
 /// Builds the output folder from `files` (relative path -> blob), runs
 /// `check` on the new folder, and swaps it in only if `check` passes.
-pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTreeMap<String, BlobRef>, check: &dyn Fn(&Path) -> Result<(), String>) -> Result<Assembled, AssembleError> {
+pub fn assemble_output(
+    cache: &Cache,
+    project: &str,
+    output: &Path,
+    files: &BTreeMap<String, BlobRef>,
+    check: &dyn Fn(&Path) -> Result<(), String>,
+) -> Result<Assembled, AssembleError> {
     let owned = match inspect_output(output)? {
         OutputFolder::Owned(owned) => owned,
         OutputFolder::Absent | OutputFolder::Empty => BTreeMap::new(),
     };
     let kept = foreign_files(output, &owned);
-    if let Some(path) = kept.iter().find(|path| files.contains_key(*path) || path.as_str() == OUTPUT_MARKER) {
+    if let Some(path) = kept
+        .iter()
+        .find(|path| files.contains_key(*path) || path.as_str() == OUTPUT_MARKER)
+    {
         return Err(AssembleError::Collision { path: path.clone() });
     }
-    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
-    let name = output.file_name().and_then(|n| n.to_str()).unwrap_or("output");
-    let staging = tempfile::Builder::new().prefix(&format!(".{name}.symb-new-")).tempdir_in(parent).map_err(|e| CacheError::io(parent, e))?;
+    let name = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("output");
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}.symb-new-"))
+        .tempdir_in(parent)
+        .map_err(|e| CacheError::io(parent, e))?;
     // Files the old output holds unchanged are hard-linked into the new one
     // (the old folder keeps its own link until the swap): an edit to one
     // dtype's settings copies that dtype's files, not the whole folder.
@@ -337,14 +461,19 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         }
         let linked = match written.get(blob.digest.as_str()) {
             Some(first) => fs::hard_link(first, &dest).is_ok(),
-            None => reusable.contains(relative) && fs::hard_link(output.join(relative), &dest).is_ok(),
+            None => {
+                reusable.contains(relative) && fs::hard_link(output.join(relative), &dest).is_ok()
+            }
         };
         if !linked {
             cache.copy_blob_to(blob, &dest)?;
         }
         written.entry(blob.digest.as_str()).or_insert(dest);
     }
-    let marker = OutputMarker { about: MARKER_ABOUT.into(), files: files.clone() };
+    let marker = OutputMarker {
+        about: MARKER_ABOUT.into(),
+        files: files.clone(),
+    };
     write_json_atomic(&staging.path().join(OUTPUT_MARKER), &marker, staging.path())?;
     if let Err(findings) = check(staging.path()) {
         drop(staging);
@@ -353,7 +482,10 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         // build would take them for edited.
         if let Some(mut state) = previous_state(cache, project) {
             for relative in &reusable {
-                if let (Some(file), Ok(meta)) = (state.files.get_mut(relative), fs::symlink_metadata(output.join(relative))) {
+                if let (Some(file), Ok(meta)) = (
+                    state.files.get_mut(relative),
+                    fs::symlink_metadata(output.join(relative)),
+                ) {
                     file.ctime_ns = ctime_ns(&meta);
                 }
             }
@@ -372,10 +504,18 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
         }
     }
     let staged = staging.keep();
-    fs::File::open(&staged).and_then(|d| d.sync_all()).map_err(|e| CacheError::io(&staged, e))?;
+    fs::File::open(&staged)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CacheError::io(&staged, e))?;
     fault::point("output-staged");
     if output.exists() {
-        match rustix::fs::renameat_with(rustix::fs::CWD, &staged, rustix::fs::CWD, output, rustix::fs::RenameFlags::EXCHANGE) {
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &staged,
+            rustix::fs::CWD,
+            output,
+            rustix::fs::RenameFlags::EXCHANGE,
+        ) {
             Ok(()) => {}
             Err(_) => {
                 // Without an atomic exchange: the old folder moves aside
@@ -400,7 +540,11 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
             }
         }
         if stranded {
-            let name = staged.file_name().and_then(|n| n.to_str()).unwrap_or_default().replace(".symb-new-", ".symb-kept-");
+            let name = staged
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .replace(".symb-new-", ".symb-kept-");
             let _ = fs::rename(&staged, staged.with_file_name(name));
         } else {
             let _ = fs::remove_dir(&staged);
@@ -415,7 +559,9 @@ pub fn assemble_output(cache: &Cache, project: &str, output: &Path, files: &BTre
     for (relative, blob) in files {
         let path = output.join(relative);
         let meta = fs::symlink_metadata(&path).map_err(|e| CacheError::io(&path, e))?;
-        state.files.insert(relative.clone(), OutputFile::written(blob.clone(), &meta));
+        state
+            .files
+            .insert(relative.clone(), OutputFile::written(blob.clone(), &meta));
     }
     write_json_atomic(&state_path(cache, project), &state, &cache.tmp_dir())?;
     Ok(Assembled { kept })
@@ -440,7 +586,10 @@ pub fn check_output(output: &Path) -> Result<OutputCheck, OutputRefusal> {
         OutputFolder::Owned(owned) => owned,
         OutputFolder::Absent | OutputFolder::Empty => return Ok(OutputCheck::default()),
     };
-    let mut report = OutputCheck { foreign: foreign_files(output, &owned), ..OutputCheck::default() };
+    let mut report = OutputCheck {
+        foreign: foreign_files(output, &owned),
+        ..OutputCheck::default()
+    };
     for (relative, blob) in &owned {
         match crate::cache::hash_file(&output.join(relative)) {
             Ok((digest, size)) if digest == blob.digest && size == blob.size => report.checked += 1,

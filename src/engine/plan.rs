@@ -45,13 +45,21 @@ impl Plan {
         for node in nodes {
             for dependency in graph[node].dependencies() {
                 let Some(&from) = by_name.get(&dependency) else {
-                    return Err(PlanError::MissingDependency { stage: graph[node].name().to_string(), dependency });
+                    return Err(PlanError::MissingDependency {
+                        stage: graph[node].name().to_string(),
+                        dependency,
+                    });
                 };
                 graph.add_edge(from, node, ());
             }
         }
-        let order = stable_toposort(&graph).map_err(|n| PlanError::Cycle(graph[n].name().to_string()))?;
-        Ok(Plan { graph, by_name, order })
+        let order =
+            stable_toposort(&graph).map_err(|n| PlanError::Cycle(graph[n].name().to_string()))?;
+        Ok(Plan {
+            graph,
+            by_name,
+            order,
+        })
     }
 
     /// Keeps only the targets and what they need. A target is a stage name,
@@ -63,7 +71,11 @@ impl Plan {
         }
         let mut keep = BTreeSet::new();
         for target in targets {
-            let roots: Vec<NodeIndex> = self.resolve(target)?.iter().map(|name| self.by_name[*name]).collect();
+            let roots: Vec<NodeIndex> = self
+                .resolve(target)?
+                .iter()
+                .map(|name| self.by_name[*name])
+                .collect();
             for root in roots {
                 let reversed = Reversed(&self.graph);
                 let mut dfs = Dfs::new(reversed, root);
@@ -89,10 +101,24 @@ impl Plan {
     /// the stage of that name, or every stage whose last part it is (`q4`:
     /// `quantize.q4` and `verify.q4`). Unknown: an error listing the plan.
     pub fn resolve(&self, target: &str) -> Result<Vec<&str>, PlanError> {
-        let matches: Vec<&str> = self.names().into_iter().filter(|name| *name == target || name.rsplit_once('.').is_some_and(|(_, s)| s == target)).collect();
+        let matches: Vec<&str> = self
+            .names()
+            .into_iter()
+            .filter(|name| {
+                *name == target || name.rsplit_once('.').is_some_and(|(_, s)| s == target)
+            })
+            .collect();
         if matches.is_empty() {
-            let available = self.names().into_iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-            return Err(PlanError::UnknownTarget { target: target.to_string(), available });
+            let available = self
+                .names()
+                .into_iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(PlanError::UnknownTarget {
+                target: target.to_string(),
+                available,
+            });
         }
         Ok(matches)
     }
@@ -112,15 +138,24 @@ impl Plan {
 
     /// Direct dependents of a stage.
     pub fn dependents(&self, name: &str) -> Vec<&str> {
-        let Some(&index) = self.by_name.get(name) else { return Vec::new() };
-        let mut out: Vec<&str> = self.graph.neighbors(index).map(|i| self.graph[i].name()).collect();
+        let Some(&index) = self.by_name.get(name) else {
+            return Vec::new();
+        };
+        let mut out: Vec<&str> = self
+            .graph
+            .neighbors(index)
+            .map(|i| self.graph[i].name())
+            .collect();
         out.sort();
         out
     }
 
     /// Stages with no dependents (the ends of the graph).
     pub fn leaves(&self) -> Vec<&str> {
-        self.stages().filter(|s| self.dependents(s.name()).is_empty()).map(|s| s.name()).collect()
+        self.stages()
+            .filter(|s| self.dependents(s.name()).is_empty())
+            .map(|s| s.name())
+            .collect()
     }
 
     /// The graph in Graphviz DOT.
@@ -156,7 +191,10 @@ impl Plan {
     /// The graph as an indented tree from its roots, cargo-tree style.
     pub fn to_tree(&self) -> String {
         let mut out = String::new();
-        let roots: Vec<&dyn Stage> = self.stages().filter(|s| s.dependencies().is_empty()).collect();
+        let roots: Vec<&dyn Stage> = self
+            .stages()
+            .filter(|s| s.dependencies().is_empty())
+            .collect();
         for root in roots {
             self.tree_node(root.name(), "", true, true, &mut out);
         }
@@ -166,20 +204,49 @@ impl Plan {
     fn tree_node(&self, name: &str, prefix: &str, last: bool, top: bool, out: &mut String) {
         let stage = self.stage(name).expect("names come from the plan");
         let deps = stage.dependencies();
-        let also = if deps.len() > 1 { format!(" (also needs {})", deps.iter().filter(|d| *d != name).map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", ")) } else { String::new() };
+        let also = if deps.len() > 1 {
+            format!(
+                " (also needs {})",
+                deps.iter()
+                    .filter(|d| *d != name)
+                    .map(|d| format!("`{d}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            String::new()
+        };
         if top {
             out.push_str(&format!("{name}\n"));
         } else {
-            out.push_str(&format!("{prefix}{}{name}{also}\n", if last { "└── " } else { "├── " }));
+            out.push_str(&format!(
+                "{prefix}{}{name}{also}\n",
+                if last { "└── " } else { "├── " }
+            ));
         }
         let children = self.dependents(name);
-        let child_prefix = if top { String::new() } else { format!("{prefix}{}", if last { "    " } else { "│   " }) };
+        let child_prefix = if top {
+            String::new()
+        } else {
+            format!("{prefix}{}", if last { "    " } else { "│   " })
+        };
         for (i, child) in children.iter().enumerate() {
             // A stage with several parents is drawn under its first one only.
             let child_stage = self.stage(child).expect("names come from the plan");
-            let first_parent = child_stage.dependencies().into_iter().next().unwrap_or_default();
+            let first_parent = child_stage
+                .dependencies()
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             if first_parent != name {
-                out.push_str(&format!("{child_prefix}{}{child} (drawn under `{first_parent}`)\n", if i + 1 == children.len() { "└── " } else { "├── " }));
+                out.push_str(&format!(
+                    "{child_prefix}{}{child} (drawn under `{first_parent}`)\n",
+                    if i + 1 == children.len() {
+                        "└── "
+                    } else {
+                        "├── "
+                    }
+                ));
                 continue;
             }
             self.tree_node(child, &child_prefix, i + 1 == children.len(), false, out);
@@ -190,8 +257,15 @@ impl Plan {
 /// Kahn's algorithm, taking ready nodes in insertion order so that the
 /// order (and every listing of stages) is stable. Errs with a node on a cycle.
 fn stable_toposort<N>(graph: &DiGraph<N, ()>) -> Result<Vec<NodeIndex>, NodeIndex> {
-    let mut waiting: Vec<usize> = graph.node_indices().map(|n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
-    let mut ready: BinaryHeap<Reverse<NodeIndex>> = graph.node_indices().filter(|n| waiting[n.index()] == 0).map(Reverse).collect();
+    let mut waiting: Vec<usize> = graph
+        .node_indices()
+        .map(|n| graph.neighbors_directed(n, Direction::Incoming).count())
+        .collect();
+    let mut ready: BinaryHeap<Reverse<NodeIndex>> = graph
+        .node_indices()
+        .filter(|n| waiting[n.index()] == 0)
+        .map(Reverse)
+        .collect();
     let mut order = Vec::with_capacity(graph.node_count());
     while let Some(Reverse(node)) = ready.pop() {
         order.push(node);

@@ -26,24 +26,51 @@ pub struct ManifestError {
 
 impl ManifestError {
     /// An error at a byte span of the manifest's source.
-    pub fn at(file: &str, source: &str, span: Option<Range<usize>>, message: impl Into<String>) -> Self {
+    pub fn at(
+        file: &str,
+        source: &str,
+        span: Option<Range<usize>>,
+        message: impl Into<String>,
+    ) -> Self {
         let message = message.into();
         let Some(span) = span else {
-            return ManifestError { file: file.to_string(), location: None, snippet: None, message };
+            return ManifestError {
+                file: file.to_string(),
+                location: None,
+                snippet: None,
+                message,
+            };
         };
         let start = span.start.min(source.len());
         let line_start = source[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = source[start..].find('\n').map_or(source.len(), |i| start + i);
+        let line_end = source[start..]
+            .find('\n')
+            .map_or(source.len(), |i| start + i);
         let line_no = source[..start].matches('\n').count() + 1;
         let column = source[line_start..start].chars().count() + 1;
-        let text = source[line_start..line_end].trim_end_matches('\r').to_string();
-        let width = source[start..span.end.clamp(start, line_end)].chars().count().max(1);
-        ManifestError { file: file.to_string(), location: Some((line_no, column)), snippet: Some((text, column, width)), message }
+        let text = source[line_start..line_end]
+            .trim_end_matches('\r')
+            .to_string();
+        let width = source[start..span.end.clamp(start, line_end)]
+            .chars()
+            .count()
+            .max(1);
+        ManifestError {
+            file: file.to_string(),
+            location: Some((line_no, column)),
+            snippet: Some((text, column, width)),
+            message,
+        }
     }
 
     /// An error about the manifest as a whole (or a file it names).
     pub fn general(file: &str, message: impl Into<String>) -> Self {
-        ManifestError { file: file.to_string(), location: None, snippet: None, message: message.into() }
+        ManifestError {
+            file: file.to_string(),
+            location: None,
+            snippet: None,
+            message: message.into(),
+        }
     }
 }
 
@@ -57,7 +84,13 @@ impl fmt::Display for ManifestError {
                 if let Some((text, column, width)) = &self.snippet {
                     writeln!(f, "{:gutter$} |", "")?;
                     writeln!(f, "{line} | {text}")?;
-                    write!(f, "{:gutter$} | {}{}", "", " ".repeat(column - 1), "^".repeat(*width))?;
+                    write!(
+                        f,
+                        "{:gutter$} | {}{}",
+                        "",
+                        " ".repeat(column - 1),
+                        "^".repeat(*width)
+                    )?;
                 }
                 Ok(())
             }
@@ -75,7 +108,9 @@ pub struct Spans<'a> {
 
 impl<'a> Spans<'a> {
     pub fn new(source: &'a str) -> Self {
-        Spans { table: DeTable::parse(source).ok() }
+        Spans {
+            table: DeTable::parse(source).ok(),
+        }
     }
 
     /// The span of the value at `path` (`["tokenizer", "vocab_size"]`).
@@ -89,14 +124,20 @@ impl<'a> Spans<'a> {
         if let Some((key, _)) = self.find(path) {
             return Some(key);
         }
-        if path.len() > 1 { self.key(&path[..path.len() - 1]) } else { None }
+        if path.len() > 1 {
+            self.key(&path[..path.len() - 1])
+        } else {
+            None
+        }
     }
 
     fn find(&self, path: &[&str]) -> Option<(Range<usize>, Range<usize>)> {
         let mut table = self.table.as_ref()?.get_ref();
         let mut found = None;
         for (i, segment) in path.iter().enumerate() {
-            let (key, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *segment)?;
+            let (key, value) = table
+                .iter()
+                .find(|(k, _)| k.get_ref().as_ref() == *segment)?;
             found = Some((key.span(), value.span()));
             if i + 1 < path.len() {
                 match value.get_ref() {
@@ -113,7 +154,8 @@ impl<'a> Spans<'a> {
         fn search(table: &DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
             for (key, value) in table.iter() {
                 path.push(key.get_ref().to_string());
-                let contains = |r: Range<usize>| r.start <= offset && offset < r.end.max(r.start + 1);
+                let contains =
+                    |r: Range<usize>| r.start <= offset && offset < r.end.max(r.start + 1);
                 // A table's own span may not cover its body (a `[header]`
                 // table), so search inside tables before trusting spans.
                 if let DeValue::Table(inner) = value.get_ref()
@@ -138,5 +180,10 @@ impl<'a> Spans<'a> {
 
 /// The closest candidate to `word`, if one is close enough to suggest.
 pub fn suggest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
-    candidates.into_iter().map(|c| (strsim::jaro_winkler(word, c), c)).filter(|(score, _)| *score > 0.8).max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, c)| c)
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
 }

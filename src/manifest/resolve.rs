@@ -16,7 +16,10 @@ use crate::engine::ExternalFile;
 /// and groups (the finetune stage checks them against the model's family).
 pub fn lora_target_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Vec::new();
-    for name in crate::model::Family::ALL.iter().flat_map(|f| f.lora_targets()) {
+    for name in crate::model::Family::ALL
+        .iter()
+        .flat_map(|f| f.lora_targets())
+    {
         if !names.contains(name) {
             names.push(name);
         }
@@ -87,7 +90,8 @@ pub struct CacheRemote {
 }
 
 /// Where the playground page gets transformers.js by default.
-pub const TRANSFORMERS_JS_CDN: &str = "https://cdn.jsdelivr.net/npm/@huggingface/transformers@4.3.1/dist/transformers.min.js";
+pub const TRANSFORMERS_JS_CDN: &str =
+    "https://cdn.jsdelivr.net/npm/@huggingface/transformers@4.3.1/dist/transformers.min.js";
 
 /// `[web]`, resolved: the playground's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -253,7 +257,12 @@ pub struct Verify {
 impl Default for Verify {
     /// What a build verifies with when the manifest has no `[verify]`.
     fn default() -> Self {
-        Verify { prompts: RawPrompts::Count(16), max_new_tokens: 32, tolerance: BTreeMap::new(), browser: None }
+        Verify {
+            prompts: RawPrompts::Count(16),
+            max_new_tokens: 32,
+            tolerance: BTreeMap::new(),
+            browser: None,
+        }
     }
 }
 
@@ -321,38 +330,114 @@ impl Ctx<'_> {
     }
 }
 
-pub(super) fn resolve(path: &Path, display: &str, source: &str, spans: &Spans<'_>, raw: RawManifest) -> Result<Manifest, ManifestError> {
-    let cx = Ctx { display, source, spans };
-    let dir =
-        absolute(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))).map_err(|e| ManifestError::general(display, format!("cannot resolve the project folder: {e}")))?;
+pub(super) fn resolve(
+    path: &Path,
+    display: &str,
+    source: &str,
+    spans: &Spans<'_>,
+    raw: RawManifest,
+) -> Result<Manifest, ManifestError> {
+    let cx = Ctx {
+        display,
+        source,
+        spans,
+    };
+    let dir = absolute(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+    .map_err(|e| {
+        ManifestError::general(display, format!("cannot resolve the project folder: {e}"))
+    })?;
     let project = resolve_project(&cx, &dir, raw.project.unwrap_or_default())?;
-    let corpus = raw.corpus.map(|c| resolve_corpus(&cx, &dir, c)).transpose()?;
-    let tokenizer = raw.tokenizer.map(|t| resolve_tokenizer(&cx, t)).transpose()?;
+    let corpus = raw
+        .corpus
+        .map(|c| resolve_corpus(&cx, &dir, c))
+        .transpose()?;
+    let tokenizer = raw
+        .tokenizer
+        .map(|t| resolve_tokenizer(&cx, t))
+        .transpose()?;
     if tokenizer.is_some() && corpus.is_none() {
-        return Err(cx.at(&["tokenizer"], "`[tokenizer]` needs a `[corpus]` section to train on"));
+        return Err(cx.at(
+            &["tokenizer"],
+            "`[tokenizer]` needs a `[corpus]` section to train on",
+        ));
     }
     let base = raw.base.map(|b| resolve_base(&cx, &dir, b)).transpose()?;
     let vocab = raw.vocab.map(|v| resolve_vocab(&cx, v)).transpose()?;
-    let finetune = raw.finetune.map(|f| resolve_finetune(&cx, f, base.as_ref())).transpose()?;
-    let export = raw.export.map(|e| resolve_export(&cx, e, finetune.as_ref())).transpose()?;
-    let verify = raw.verify.map(|v| resolve_verify(&cx, &dir, v)).transpose()?;
+    let finetune = raw
+        .finetune
+        .map(|f| resolve_finetune(&cx, f, base.as_ref()))
+        .transpose()?;
+    let export = raw
+        .export
+        .map(|e| resolve_export(&cx, e, finetune.as_ref()))
+        .transpose()?;
+    let verify = raw
+        .verify
+        .map(|v| resolve_verify(&cx, &dir, v))
+        .transpose()?;
     let web = resolve_web(&cx, raw.web.unwrap_or_default(), export.as_ref())?;
     let cache_remote = match raw.cache.unwrap_or_default() {
-        RawCache { remote: Some(url), remote_write } => {
+        RawCache {
+            remote: Some(url),
+            remote_write,
+        } => {
             if !url.starts_with("s3://") || url.len() <= "s3://".len() {
-                return Err(cx.at(&["cache", "remote"], format!("`cache.remote` = \"{url}\" is not an s3://bucket/prefix URL")));
+                return Err(cx.at(
+                    &["cache", "remote"],
+                    format!("`cache.remote` = \"{url}\" is not an s3://bucket/prefix URL"),
+                ));
             }
-            Some(CacheRemote { url, write: remote_write.unwrap_or(true) })
+            Some(CacheRemote {
+                url,
+                write: remote_write.unwrap_or(true),
+            })
         }
-        RawCache { remote: None, remote_write: Some(_) } => return Err(cx.at(&["cache", "remote_write"], "`cache.remote_write` is set but `cache.remote` is not")),
-        RawCache { remote: None, remote_write: None } => None,
+        RawCache {
+            remote: None,
+            remote_write: Some(_),
+        } => {
+            return Err(cx.at(
+                &["cache", "remote_write"],
+                "`cache.remote_write` is set but `cache.remote` is not",
+            ));
+        }
+        RawCache {
+            remote: None,
+            remote_write: None,
+        } => None,
     };
-    let remote = raw.remote.map(|r| resolve_remote(&cx, r, finetune.as_ref())).transpose()?;
+    let remote = raw
+        .remote
+        .map(|r| resolve_remote(&cx, r, finetune.as_ref()))
+        .transpose()?;
     check_folders(&cx, path, &dir, &project, corpus.as_ref(), base.as_ref())?;
-    Ok(Manifest { path: path.to_path_buf(), display: display.to_string(), dir, project, corpus, tokenizer, base, vocab, finetune, export, verify, web, cache_remote, remote })
+    Ok(Manifest {
+        path: path.to_path_buf(),
+        display: display.to_string(),
+        dir,
+        project,
+        corpus,
+        tokenizer,
+        base,
+        vocab,
+        finetune,
+        export,
+        verify,
+        web,
+        cache_remote,
+        remote,
+    })
 }
 
-fn resolve_remote(cx: &Ctx<'_>, raw: RawRemote, finetune: Option<&Finetune>) -> Result<Remote, ManifestError> {
+fn resolve_remote(
+    cx: &Ctx<'_>,
+    raw: RawRemote,
+    finetune: Option<&Finetune>,
+) -> Result<Remote, ManifestError> {
     if let Some(address) = &raw.address
         && !(address.starts_with("http://") || address.starts_with("https://"))
     {
@@ -364,11 +449,19 @@ fn resolve_remote(cx: &Ctx<'_>, raw: RawRemote, finetune: Option<&Finetune>) -> 
         return Err(cx.at(&["remote", "address"], "`remote.address` holds a user name or password: symb prints the address in its messages, so keep credentials out of it"));
     }
     if raw.stages.is_empty() {
-        return Err(cx.at(&["remote", "stages"], format!("`remote.stages` is empty: name the stages to run remotely ({})", quoted(&REMOTE_STAGES))));
+        return Err(cx.at(
+            &["remote", "stages"],
+            format!(
+                "`remote.stages` is empty: name the stages to run remotely ({})",
+                quoted(&REMOTE_STAGES)
+            ),
+        ));
     }
     for stage in &raw.stages {
         if !REMOTE_STAGES.contains(&stage.as_str()) {
-            let hint = suggest(stage, REMOTE_STAGES.iter().copied()).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
+            let hint = suggest(stage, REMOTE_STAGES.iter().copied())
+                .map(|b| format!(", did you mean `{b}`?"))
+                .unwrap_or_default();
             return Err(cx.at(&["remote", "stages"], format!("`remote.stages`: `{stage}` cannot run remotely{hint}; the stages that can are {}", quoted(&REMOTE_STAGES))));
         }
         if stage == "finetune" && finetune.is_none_or(|f| f.method == FinetuneMethod::None) {
@@ -378,13 +471,19 @@ fn resolve_remote(cx: &Ctx<'_>, raw: RawRemote, finetune: Option<&Finetune>) -> 
     let mut resources = BTreeMap::new();
     for (stage, r) in raw.resources.unwrap_or_default() {
         if !raw.stages.contains(&stage) {
-            return Err(cx.at(&["remote", "resources", &stage], format!("`[remote.resources.{stage}]`: `{stage}` is not in `remote.stages`")));
+            return Err(cx.at(
+                &["remote", "resources", &stage],
+                format!("`[remote.resources.{stage}]`: `{stage}` is not in `remote.stages`"),
+            ));
         }
         for (key, value) in [("num_cpus", r.num_cpus), ("num_gpus", r.num_gpus)] {
             if let Some(v) = value
                 && !(v >= 0.0 && v.is_finite())
             {
-                return Err(cx.at(&["remote", "resources", &stage, key], format!("`remote.resources.{stage}.{key}` = {v} must be 0 or more")));
+                return Err(cx.at(
+                    &["remote", "resources", &stage, key],
+                    format!("`remote.resources.{stage}.{key}` = {v} must be 0 or more"),
+                ));
             }
         }
         let memory = match r.memory {
@@ -394,29 +493,51 @@ fn resolve_remote(cx: &Ctx<'_>, raw: RawRemote, finetune: Option<&Finetune>) -> 
                 cx.at(&["remote", "resources", &stage, "memory"], format!("`remote.resources.{stage}.memory` = \"{text}\" is not a size: write bytes, or a number with KB, MB, GB, KiB, MiB or GiB"))
             })?),
         };
-        resources.insert(stage, Resources { num_cpus: r.num_cpus, num_gpus: r.num_gpus, memory });
+        resources.insert(
+            stage,
+            Resources {
+                num_cpus: r.num_cpus,
+                num_gpus: r.num_gpus,
+                memory,
+            },
+        );
     }
     let worker_symb = raw.worker_symb.unwrap_or_else(|| "symb".to_string());
     if worker_symb.trim().is_empty() {
         return Err(cx.at(&["remote", "worker_symb"], "`remote.worker_symb` is empty: the symb command on the workers (default \"symb\", found on their PATH)"));
     }
-    Ok(Remote { engine: raw.engine, address: raw.address, stages: raw.stages, worker_symb, fallback_local: raw.fallback == Some(RemoteFallback::Local), resources })
+    Ok(Remote {
+        engine: raw.engine,
+        address: raw.address,
+        stages: raw.stages,
+        worker_symb,
+        fallback_local: raw.fallback == Some(RemoteFallback::Local),
+        resources,
+    })
 }
 
 /// Whether a URL carries `user[:password]@` before its host.
 pub fn has_user_info(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@'))
+    rest.split(['/', '?', '#'])
+        .next()
+        .is_some_and(|authority| authority.contains('@'))
 }
 
 fn quoted(names: &[&str]) -> String {
-    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// "16GiB", "512 MB", "2e9": bytes.
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
-    let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: f64 = number.trim().parse().ok()?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -436,7 +557,12 @@ fn parse_size(text: &str) -> Option<u64> {
 }
 
 fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project, ManifestError> {
-    let name = raw.name.clone().unwrap_or_else(|| dir.file_name().and_then(|n| n.to_str()).unwrap_or("symb").to_string());
+    let name = raw.name.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("symb")
+            .to_string()
+    });
     let output_label = raw.output.clone().unwrap_or_else(|| "dist".to_string());
     let output = normalize(&dir.join(&output_label));
     if !output.starts_with(dir) || output == dir {
@@ -447,20 +573,36 @@ fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project,
     }
     let cache = normalize(&dir.join(raw.cache.clone().unwrap_or_else(|| "cache".to_string())));
     if cache.starts_with(&output) || output.starts_with(&cache) {
-        return Err(cx.at(&["project", "cache"], "`project.cache` and `project.output` must be separate folders"));
+        return Err(cx.at(
+            &["project", "cache"],
+            "`project.cache` and `project.output` must be separate folders",
+        ));
     }
     if let Some(license) = &raw.license
-        && (license.is_empty() || !license.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '+')))
+        && (license.is_empty()
+            || !license
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '+')))
     {
         return Err(
             cx.at(&["project", "license"], format!("`project.license` = {license:?} is not a license id (as the Hugging Face Hub lists them: \"apache-2.0\", \"mit\", \"cc-by-4.0\", \"other\")"))
         );
     }
     let language = raw.language.unwrap_or_default();
-    if let Some(bad) = language.iter().find(|l| l.is_empty() || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+    if let Some(bad) = language
+        .iter()
+        .find(|l| l.is_empty() || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
         return Err(cx.at(&["project", "language"], format!("`project.language`: {bad:?} is not a language code (\"en\", \"fr\", or a private-use one such as \"x-symbiotic\")")));
     }
-    Ok(Project { name, output, output_label, cache, license: raw.license, language })
+    Ok(Project {
+        name,
+        output,
+        output_label,
+        cache,
+        license: raw.license,
+        language,
+    })
 }
 
 /// The output and cache folders, checked on the real filesystem (symlinks
@@ -469,7 +611,14 @@ fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project,
 /// folder) or the other; and each is symb's to write: absent, empty, or made
 /// by symb (the output's marker, the cache's `CACHEDIR.TAG`). The cache may
 /// live outside the project (one cache shared by several projects).
-fn check_folders(cx: &Ctx<'_>, manifest: &Path, dir: &Path, project: &Project, corpus: Option<&Corpus>, base: Option<&Base>) -> Result<(), ManifestError> {
+fn check_folders(
+    cx: &Ctx<'_>,
+    manifest: &Path,
+    dir: &Path,
+    project: &Project,
+    corpus: Option<&Corpus>,
+    base: Option<&Base>,
+) -> Result<(), ManifestError> {
     let label = &project.output_label;
     let real_dir = real_path(dir);
     let output = real_path(&project.output);
@@ -487,46 +636,92 @@ fn check_folders(cx: &Ctx<'_>, manifest: &Path, dir: &Path, project: &Project, c
     if cache.starts_with(&output) || output.starts_with(&cache) {
         return Err(cx.at(&["project", "cache"], "`project.cache` and `project.output` must be separate folders (after following symlinks)"));
     }
-    let mut inputs: Vec<(String, PathBuf)> = vec![(format!("the manifest `{}`", cx.display), real_path(manifest))];
+    let mut inputs: Vec<(String, PathBuf)> = vec![(
+        format!("the manifest `{}`", cx.display),
+        real_path(manifest),
+    )];
     if let Some(corpus) = corpus {
-        inputs.extend(corpus.files.iter().map(|f| (format!("the corpus file `{}`", f.label), real_path(&f.path))));
+        inputs.extend(
+            corpus
+                .files
+                .iter()
+                .map(|f| (format!("the corpus file `{}`", f.label), real_path(&f.path))),
+        );
     }
-    if let Some(Base { model: BaseModel::Path(folder), .. }) = base {
-        inputs.push((format!("the base model folder `{}`", folder.display()), real_path(folder)));
+    if let Some(Base {
+        model: BaseModel::Path(folder),
+        ..
+    }) = base
+    {
+        inputs.push((
+            format!("the base model folder `{}`", folder.display()),
+            real_path(folder),
+        ));
         // Its files may be links elsewhere (a Hub snapshot links into `blobs/`).
         for entry in std::fs::read_dir(folder).into_iter().flatten().flatten() {
-            inputs.push((format!("the base model file `{}`", entry.path().display()), real_path(&entry.path())));
+            inputs.push((
+                format!("the base model file `{}`", entry.path().display()),
+                real_path(&entry.path()),
+            ));
         }
     }
-    if let Some(Base { model: BaseModel::Gguf(file), .. }) = base {
-        inputs.push((format!("the base model file `{}`", file.display()), real_path(file)));
+    if let Some(Base {
+        model: BaseModel::Gguf(file),
+        ..
+    }) = base
+    {
+        inputs.push((
+            format!("the base model file `{}`", file.display()),
+            real_path(file),
+        ));
     }
     for (what, input) in &inputs {
         if input.starts_with(&output) || output.starts_with(input) {
             return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\" overlaps {what}; symb replaces its output folder on every build, so it must be a folder of its own")));
         }
         if input.starts_with(&cache) || cache.starts_with(input) {
-            return Err(cx.at(&["project", "cache"], format!("`project.cache` overlaps {what}; the cache must be a folder of its own")));
+            return Err(cx.at(
+                &["project", "cache"],
+                format!("`project.cache` overlaps {what}; the cache must be a folder of its own"),
+            ));
         }
     }
     if let Err(refusal) = crate::engine::inspect_output(&project.output) {
         let hint = match refusal {
-            crate::engine::OutputRefusal::NotOurs { .. } => "; choose another folder, or move its contents away yourself",
+            crate::engine::OutputRefusal::NotOurs { .. } => {
+                "; choose another folder, or move its contents away yourself"
+            }
             _ => "",
         };
-        return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\": {refusal}{hint}")));
+        return Err(cx.at(
+            &["project", "output"],
+            format!("`project.output` = \"{label}\": {refusal}{hint}"),
+        ));
     }
     // A path the filesystem refuses (a name too long, a file where a folder
     // goes) is the manifest's, as it is for the output.
     match std::fs::metadata(&project.cache) {
-        Ok(meta) if !meta.is_dir() => return Err(cx.at(&["project", "cache"], format!("`project.cache` = `{}` is a file, not a folder", project.cache.display()))),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(cx.at(
+                &["project", "cache"],
+                format!(
+                    "`project.cache` = `{}` is a file, not a folder",
+                    project.cache.display()
+                ),
+            ));
+        }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(cx.at(&["project", "cache"], format!("`project.cache` cannot be used: {e}")));
+            return Err(cx.at(
+                &["project", "cache"],
+                format!("`project.cache` cannot be used: {e}"),
+            ));
         }
         _ => {}
     }
     // A folder kept in git by a `.gitignore` alone counts as empty.
-    if !crate::engine::entries_besides_placeholders(&project.cache).is_empty() && !crate::cache::Cache::is_cache(&project.cache) {
+    if !crate::engine::entries_besides_placeholders(&project.cache).is_empty()
+        && !crate::cache::Cache::is_cache(&project.cache)
+    {
         return Err(cx.at(
             &["project", "cache"],
             format!("`project.cache` = `{}` holds files and is not a symb cache (it has no `CACHEDIR.TAG`); symb writes and deletes in its cache, so it will not use this folder: choose a new or empty one", project.cache.display()),
@@ -542,9 +737,15 @@ fn real_path(path: &Path) -> PathBuf {
     let mut rest = Vec::new();
     loop {
         if let Ok(real) = existing.canonicalize() {
-            return rest.iter().rev().fold(real, |acc: PathBuf, part| acc.join(part));
+            return rest
+                .iter()
+                .rev()
+                .fold(real, |acc: PathBuf, part| acc.join(part));
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -561,29 +762,61 @@ fn real_path(path: &Path) -> PathBuf {
 /// make it run away; symlinks to files are matched like files.
 fn glob_files(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
     let full = dir.join(pattern);
-    let full_text = full.to_str().ok_or_else(|| format!("corpus pattern `{pattern}` is not valid UTF-8"))?;
-    let compiled = glob::Pattern::new(full_text).map_err(|e| format!("`{pattern}` in `corpus.files` is not a valid glob: {e}"))?;
+    let full_text = full
+        .to_str()
+        .ok_or_else(|| format!("corpus pattern `{pattern}` is not valid UTF-8"))?;
+    let compiled = glob::Pattern::new(full_text)
+        .map_err(|e| format!("`{pattern}` in `corpus.files` is not a valid glob: {e}"))?;
     let is_literal = |part: &std::ffi::OsStr| !part.to_string_lossy().contains(['*', '?', '[']);
     let parts: Vec<_> = Path::new(pattern).components().collect();
-    let literal = parts.iter().take_while(|c| is_literal(c.as_os_str())).count();
-    let base = parts[..literal].iter().fold(dir.to_path_buf(), |acc, c| acc.join(c));
+    let literal = parts
+        .iter()
+        .take_while(|c| is_literal(c.as_os_str()))
+        .count();
+    let base = parts[..literal]
+        .iter()
+        .fold(dir.to_path_buf(), |acc, c| acc.join(c));
     if literal == parts.len() {
-        return Ok(if base.is_file() { vec![base] } else { Vec::new() });
+        return Ok(if base.is_file() {
+            vec![base]
+        } else {
+            Vec::new()
+        });
     }
-    let depth = if parts[literal..].iter().any(|c| c.as_os_str() == "**") { usize::MAX } else { parts.len() - literal };
-    let options = glob::MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: false };
+    let depth = if parts[literal..].iter().any(|c| c.as_os_str() == "**") {
+        usize::MAX
+    } else {
+        parts.len() - literal
+    };
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
     let mut found = Vec::new();
-    for entry in walkdir::WalkDir::new(&base).follow_links(false).min_depth(1).max_depth(depth) {
+    for entry in walkdir::WalkDir::new(&base)
+        .follow_links(false)
+        .min_depth(1)
+        .max_depth(depth)
+    {
         let entry = match entry {
             Ok(entry) => entry,
-            Err(e) if e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) && e.depth() == 0 => {
+            Err(e)
+                if e.io_error()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+                    && e.depth() == 0 =>
+            {
                 return Ok(Vec::new());
             }
             Err(e) => {
-                return Err(format!("cannot read `{}` (under `{pattern}`): {e}", e.path().unwrap_or(&base).display()));
+                return Err(format!(
+                    "cannot read `{}` (under `{pattern}`): {e}",
+                    e.path().unwrap_or(&base).display()
+                ));
             }
         };
-        let is_file = entry.file_type().is_file() || (entry.path_is_symlink() && entry.path().is_file());
+        let is_file =
+            entry.file_type().is_file() || (entry.path_is_symlink() && entry.path().is_file());
         if is_file && compiled.matches_path_with(entry.path(), options) {
             found.push(entry.into_path());
         }
@@ -595,7 +828,10 @@ fn glob_files(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
 fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, ManifestError> {
     let patterns = raw.files.ok_or_else(|| cx.at(&["corpus"], "missing key `files` in `[corpus]`: list the corpus files, e.g. `files = [\"corpus/*.txt\"]`"))?;
     if patterns.is_empty() {
-        return Err(cx.at(&["corpus", "files"], "`corpus.files` is empty: list at least one file or glob, e.g. \"corpus/*.txt\""));
+        return Err(cx.at(
+            &["corpus", "files"],
+            "`corpus.files` is empty: list at least one file or glob, e.g. \"corpus/*.txt\"",
+        ));
     }
     let mut seen = BTreeSet::new();
     let mut seen_real = BTreeSet::new();
@@ -612,7 +848,11 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
                 ));
             };
             matched += 1;
-            let label = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            let label = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
             // One file reached by two names (a symlink) is read once.
             let real = path.canonicalize().unwrap_or_else(|_| path.clone());
             if seen.insert(label.clone()) && seen_real.insert(real) {
@@ -620,7 +860,13 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
             }
         }
         if matched == 0 {
-            return Err(cx.at(&["corpus", "files"], format!("`{pattern}` in `corpus.files` matches no file (relative to `{}`)", dir.display())));
+            return Err(cx.at(
+                &["corpus", "files"],
+                format!(
+                    "`{pattern}` in `corpus.files` matches no file (relative to `{}`)",
+                    dir.display()
+                ),
+            ));
         }
     }
     files.sort_by(|a, b| a.label.cmp(&b.label));
@@ -631,10 +877,16 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
         }
         (_, Some(prompt), Some(completion)) => TextFields::PromptCompletion { prompt, completion },
         (_, Some(_), None) => {
-            return Err(cx.at(&["corpus", "prompt_field"], "`corpus.prompt_field` needs `corpus.completion_field` too"));
+            return Err(cx.at(
+                &["corpus", "prompt_field"],
+                "`corpus.prompt_field` needs `corpus.completion_field` too",
+            ));
         }
         (_, None, Some(_)) => {
-            return Err(cx.at(&["corpus", "completion_field"], "`corpus.completion_field` needs `corpus.prompt_field` too"));
+            return Err(cx.at(
+                &["corpus", "completion_field"],
+                "`corpus.completion_field` needs `corpus.prompt_field` too",
+            ));
         }
         (text, None, None) => TextFields::Text(text.unwrap_or_else(|| "text".to_string())),
     };
@@ -642,18 +894,33 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
     if !(0.0..1.0).contains(&eval_fraction) {
         return Err(cx.at(&["corpus", "eval_fraction"], format!("`corpus.eval_fraction` = {eval_fraction} is out of range: use a fraction from 0 (no eval split) up to, but not including, 1")));
     }
-    Ok(Corpus { patterns, files, format, fields, eval_fraction, seed: raw.seed.unwrap_or(0) })
+    Ok(Corpus {
+        patterns,
+        files,
+        format,
+        fields,
+        eval_fraction,
+        seed: raw.seed.unwrap_or(0),
+    })
 }
 
 fn resolve_tokenizer(cx: &Ctx<'_>, raw: RawTokenizer) -> Result<Tokenizer, ManifestError> {
-    let special_tokens = raw.special_tokens.unwrap_or_else(|| vec!["<|endoftext|>".to_string(), "<pad>".to_string()]);
+    let special_tokens = raw
+        .special_tokens
+        .unwrap_or_else(|| vec!["<|endoftext|>".to_string(), "<pad>".to_string()]);
     let mut seen = BTreeSet::new();
     for token in &special_tokens {
         if token.is_empty() {
-            return Err(cx.at(&["tokenizer", "special_tokens"], "`tokenizer.special_tokens` contains an empty string"));
+            return Err(cx.at(
+                &["tokenizer", "special_tokens"],
+                "`tokenizer.special_tokens` contains an empty string",
+            ));
         }
         if !seen.insert(token) {
-            return Err(cx.at(&["tokenizer", "special_tokens"], format!("`tokenizer.special_tokens` lists `{token}` twice")));
+            return Err(cx.at(
+                &["tokenizer", "special_tokens"],
+                format!("`tokenizer.special_tokens` lists `{token}` twice"),
+            ));
         }
     }
     let pre_tokenizer = raw.pre_tokenizer.unwrap_or(PreTokenizer::ByteLevel);
@@ -664,15 +931,34 @@ fn resolve_tokenizer(cx: &Ctx<'_>, raw: RawTokenizer) -> Result<Tokenizer, Manif
     };
     if vocab_size < floor {
         let why = match pre_tokenizer {
-            PreTokenizer::ByteLevel => format!("the byte alphabet (256) plus {} special tokens leave no room for a merge", special_tokens.len()),
-            _ => format!("{} special tokens leave no room for the alphabet", special_tokens.len()),
+            PreTokenizer::ByteLevel => format!(
+                "the byte alphabet (256) plus {} special tokens leave no room for a merge",
+                special_tokens.len()
+            ),
+            _ => format!(
+                "{} special tokens leave no room for the alphabet",
+                special_tokens.len()
+            ),
         };
-        return Err(cx.at(&["tokenizer", "vocab_size"], format!("`tokenizer.vocab_size` = {vocab_size} is too small: {why}; use at least {floor}")));
+        return Err(cx.at(
+            &["tokenizer", "vocab_size"],
+            format!(
+                "`tokenizer.vocab_size` = {vocab_size} is too small: {why}; use at least {floor}"
+            ),
+        ));
     }
     if vocab_size > u32::MAX as u64 {
-        return Err(cx.at(&["tokenizer", "vocab_size"], format!("`tokenizer.vocab_size` = {vocab_size} is too large")));
+        return Err(cx.at(
+            &["tokenizer", "vocab_size"],
+            format!("`tokenizer.vocab_size` = {vocab_size} is too large"),
+        ));
     }
-    Ok(Tokenizer { vocab_size, min_frequency: raw.min_frequency.unwrap_or(2), pre_tokenizer, special_tokens })
+    Ok(Tokenizer {
+        vocab_size,
+        min_frequency: raw.min_frequency.unwrap_or(2),
+        pre_tokenizer,
+        special_tokens,
+    })
 }
 
 fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, ManifestError> {
@@ -685,13 +971,20 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
             None => (hub, None),
         };
         let parts: Vec<&str> = repo.split('/').collect();
-        if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || revision.as_deref() == Some("") {
+        if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || revision.as_deref() == Some("")
+        {
             return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": a Hub model is written \"hf:owner/name\" or \"hf:owner/name@revision\"")));
         }
-        BaseModel::Hub { repo: repo.to_string(), revision }
+        BaseModel::Hub {
+            repo: repo.to_string(),
+            revision,
+        }
     } else if let Some(folder) = spec.strip_prefix("path:") {
         if folder.is_empty() {
-            return Err(cx.at(&["base", "model"], "`base.model` = \"path:\" names no folder"));
+            return Err(cx.at(
+                &["base", "model"],
+                "`base.model` = \"path:\" names no folder",
+            ));
         }
         let path = normalize(&dir.join(folder));
         if !path.join("config.json").is_file() {
@@ -704,7 +997,13 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
         }
         let path = normalize(&dir.join(file));
         if !path.is_file() {
-            return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": `{}` is not a file", path.display())));
+            return Err(cx.at(
+                &["base", "model"],
+                format!(
+                    "`base.model` = \"{spec}\": `{}` is not a file",
+                    path.display()
+                ),
+            ));
         }
         BaseModel::Gguf(path)
     } else {
@@ -720,77 +1019,139 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
     // Beyond the largest models there are (Llama 3's 405B: 126 layers,
     // 16,384 wide, 128 heads, a 131,072-token context): a typo, which would
     // otherwise end in a failed allocation.
-    let bounded = |key: &str, value: Option<u64>, default: u64, most: u64| -> Result<u64, ManifestError> {
-        let value = positive(key, value, default)?;
-        if value > most {
-            return Err(cx.at(&["base", key], format!("`base.{key}` = {value} is larger than symb takes ({most} at most)")));
-        }
-        Ok(value)
-    };
+    let bounded =
+        |key: &str, value: Option<u64>, default: u64, most: u64| -> Result<u64, ManifestError> {
+            let value = positive(key, value, default)?;
+            if value > most {
+                return Err(cx.at(
+                    &["base", key],
+                    format!("`base.{key}` = {value} is larger than symb takes ({most} at most)"),
+                ));
+            }
+            Ok(value)
+        };
     let n_layer = bounded("n_layer", raw.n_layer, 4, 256)?;
     let n_head = bounded("n_head", raw.n_head, 4, 256)?;
     let n_embd = bounded("n_embd", raw.n_embd, 128, 16_384)?;
     let n_positions = bounded("n_positions", raw.n_positions, 256, 131_072)?;
     if n_embd % n_head != 0 {
-        return Err(cx.at(&["base", "n_embd"], format!("`base.n_embd` = {n_embd} is not divisible by `base.n_head` = {n_head}")));
+        return Err(cx.at(
+            &["base", "n_embd"],
+            format!("`base.n_embd` = {n_embd} is not divisible by `base.n_head` = {n_head}"),
+        ));
     }
-    Ok(Base { model, architecture: raw.architecture.unwrap_or(Architecture::Gpt2), n_layer, n_head, n_embd, n_positions, seed: raw.seed.unwrap_or(0) })
+    Ok(Base {
+        model,
+        architecture: raw.architecture.unwrap_or(Architecture::Gpt2),
+        n_layer,
+        n_head,
+        n_embd,
+        n_positions,
+        seed: raw.seed.unwrap_or(0),
+    })
 }
 
 fn resolve_vocab(cx: &Ctx<'_>, raw: RawVocab) -> Result<Vocab, ManifestError> {
     let pad_to_multiple_of = raw.pad_to_multiple_of.unwrap_or(1);
     if pad_to_multiple_of == 0 {
-        return Err(cx.at(&["vocab", "pad_to_multiple_of"], "`vocab.pad_to_multiple_of` must be at least 1"));
+        return Err(cx.at(
+            &["vocab", "pad_to_multiple_of"],
+            "`vocab.pad_to_multiple_of` must be at least 1",
+        ));
     }
-    Ok(Vocab { strategy: raw.strategy.unwrap_or(VocabStrategy::AddTokens), init: raw.init.unwrap_or(VocabInit::Mean), pad_to_multiple_of })
+    Ok(Vocab {
+        strategy: raw.strategy.unwrap_or(VocabStrategy::AddTokens),
+        init: raw.init.unwrap_or(VocabInit::Mean),
+        pad_to_multiple_of,
+    })
 }
 
-fn resolve_finetune(cx: &Ctx<'_>, raw: RawFinetune, base: Option<&Base>) -> Result<Finetune, ManifestError> {
-    let at_least_one = |key: &str, value: Option<u64>, default: u64| -> Result<u64, ManifestError> {
-        let value = value.unwrap_or(default);
-        if value == 0 {
-            return Err(cx.at(&["finetune", key], format!("`finetune.{key}` must be at least 1")));
-        }
-        Ok(value)
-    };
+fn resolve_finetune(
+    cx: &Ctx<'_>,
+    raw: RawFinetune,
+    base: Option<&Base>,
+) -> Result<Finetune, ManifestError> {
+    let at_least_one =
+        |key: &str, value: Option<u64>, default: u64| -> Result<u64, ManifestError> {
+            let value = value.unwrap_or(default);
+            if value == 0 {
+                return Err(cx.at(
+                    &["finetune", key],
+                    format!("`finetune.{key}` must be at least 1"),
+                ));
+            }
+            Ok(value)
+        };
     let rank = at_least_one("rank", raw.rank, 8)?;
     if let Some(base) = base.filter(|b| b.model == BaseModel::Scratch)
         && rank > base.n_embd
     {
-        return Err(cx.at(&["finetune", "rank"], format!("`finetune.rank` = {rank} is larger than the model width `base.n_embd` = {}", base.n_embd)));
+        return Err(cx.at(
+            &["finetune", "rank"],
+            format!(
+                "`finetune.rank` = {rank} is larger than the model width `base.n_embd` = {}",
+                base.n_embd
+            ),
+        ));
     }
     let alpha = raw.alpha.unwrap_or(16.0);
     if alpha <= 0.0 {
-        return Err(cx.at(&["finetune", "alpha"], format!("`finetune.alpha` = {alpha} must be positive")));
+        return Err(cx.at(
+            &["finetune", "alpha"],
+            format!("`finetune.alpha` = {alpha} must be positive"),
+        ));
     }
     let dropout = raw.dropout.unwrap_or(0.05);
     if !(0.0..1.0).contains(&dropout) {
-        return Err(cx.at(&["finetune", "dropout"], format!("`finetune.dropout` = {dropout} must be in [0, 1)")));
+        return Err(cx.at(
+            &["finetune", "dropout"],
+            format!("`finetune.dropout` = {dropout} must be in [0, 1)"),
+        ));
     }
     // Unset: the base model's family's defaults (chosen when its config is known).
     let targets = match raw.targets {
-        Some(targets) if targets.is_empty() => return Err(cx.at(&["finetune", "targets"], "`finetune.targets` is empty: name at least one layer, e.g. \"c_attn\" or \"q_proj\"")),
+        Some(targets) if targets.is_empty() => return Err(cx.at(
+            &["finetune", "targets"],
+            "`finetune.targets` is empty: name at least one layer, e.g. \"c_attn\" or \"q_proj\"",
+        )),
         Some(targets) => targets,
         None => Vec::new(),
     };
     for target in &targets {
         let known = lora_target_names();
         if !known.contains(&target.as_str()) {
-            let hint = suggest(target, known.iter().copied()).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
-            return Err(cx.at(&["finetune", "targets"], format!("unknown LoRA target `{target}` in `finetune.targets`{hint} (known: {})", known.join(", "))));
+            let hint = suggest(target, known.iter().copied())
+                .map(|b| format!(", did you mean `{b}`?"))
+                .unwrap_or_default();
+            return Err(cx.at(
+                &["finetune", "targets"],
+                format!(
+                    "unknown LoRA target `{target}` in `finetune.targets`{hint} (known: {})",
+                    known.join(", ")
+                ),
+            ));
         }
     }
     let learning_rate = raw.learning_rate.unwrap_or(2e-4);
     if learning_rate <= 0.0 || !learning_rate.is_finite() {
-        return Err(cx.at(&["finetune", "learning_rate"], format!("`finetune.learning_rate` = {learning_rate} must be positive")));
+        return Err(cx.at(
+            &["finetune", "learning_rate"],
+            format!("`finetune.learning_rate` = {learning_rate} must be positive"),
+        ));
     }
     let weight_decay = raw.weight_decay.unwrap_or(0.0);
     if weight_decay < 0.0 {
-        return Err(cx.at(&["finetune", "weight_decay"], "`finetune.weight_decay` must not be negative"));
+        return Err(cx.at(
+            &["finetune", "weight_decay"],
+            "`finetune.weight_decay` must not be negative",
+        ));
     }
     let max_grad_norm = raw.max_grad_norm.unwrap_or(1.0);
     if max_grad_norm <= 0.0 {
-        return Err(cx.at(&["finetune", "max_grad_norm"], "`finetune.max_grad_norm` must be positive"));
+        return Err(cx.at(
+            &["finetune", "max_grad_norm"],
+            "`finetune.max_grad_norm` must be positive",
+        ));
     }
     let block_size = at_least_one("block_size", raw.block_size, 128)?;
     if let Some(base) = base.filter(|b| b.model == BaseModel::Scratch)
@@ -812,7 +1173,10 @@ fn resolve_finetune(cx: &Ctx<'_>, raw: RawFinetune, base: Option<&Base>) -> Resu
         batch_size: at_least_one("batch_size", raw.batch_size, 8)?,
         block_size,
         epochs: at_least_one("epochs", raw.epochs, 1)?,
-        max_steps: raw.max_steps.map(|s| at_least_one("max_steps", Some(s), 1)).transpose()?,
+        max_steps: raw
+            .max_steps
+            .map(|s| at_least_one("max_steps", Some(s), 1))
+            .transpose()?,
         gradient_accumulation: at_least_one("gradient_accumulation", raw.gradient_accumulation, 1)?,
         max_grad_norm,
         eval_every: at_least_one("eval_every", raw.eval_every, 100)?,
@@ -827,24 +1191,50 @@ fn check_dtype(cx: &Ctx<'_>, path: &[&str], dtype: &str) -> Result<Dtype, Manife
     if let Ok(dtype) = dtype.parse() {
         return Ok(dtype);
     }
-    let hint = suggest(dtype, Dtype::ALL.map(Dtype::name)).map(|b| format!(", did you mean `{b}`?")).unwrap_or_default();
-    Err(cx.at(path, format!("unknown dtype `{dtype}` in `{}`{hint} (known: {})", path.join("."), Dtype::list())))
+    let hint = suggest(dtype, Dtype::ALL.map(Dtype::name))
+        .map(|b| format!(", did you mean `{b}`?"))
+        .unwrap_or_default();
+    Err(cx.at(
+        path,
+        format!(
+            "unknown dtype `{dtype}` in `{}`{hint} (known: {})",
+            path.join("."),
+            Dtype::list()
+        ),
+    ))
 }
 
-fn resolve_export(cx: &Ctx<'_>, raw: RawExport, finetune: Option<&Finetune>) -> Result<Export, ManifestError> {
+fn resolve_export(
+    cx: &Ctx<'_>,
+    raw: RawExport,
+    finetune: Option<&Finetune>,
+) -> Result<Export, ManifestError> {
     let opset = raw.opset.unwrap_or(17);
     if !(17..=21).contains(&opset) {
-        return Err(cx.at(&["export", "opset"], format!("`export.opset` = {opset} is not supported: use 17 to 21")));
+        return Err(cx.at(
+            &["export", "opset"],
+            format!("`export.opset` = {opset} is not supported: use 17 to 21"),
+        ));
     }
-    let names = raw.targets.unwrap_or_else(|| Dtype::DEFAULT_TARGETS.map(|d| d.name().to_string()).to_vec());
+    let names = raw.targets.unwrap_or_else(|| {
+        Dtype::DEFAULT_TARGETS
+            .map(|d| d.name().to_string())
+            .to_vec()
+    });
     if names.is_empty() {
-        return Err(cx.at(&["export", "targets"], "`export.targets` is empty: name at least one dtype, e.g. \"fp32\""));
+        return Err(cx.at(
+            &["export", "targets"],
+            "`export.targets` is empty: name at least one dtype, e.g. \"fp32\"",
+        ));
     }
     let mut targets = Vec::new();
     for name in &names {
         let dtype = check_dtype(cx, &["export", "targets"], name)?;
         if targets.contains(&dtype) {
-            return Err(cx.at(&["export", "targets"], format!("`export.targets` lists `{dtype}` twice")));
+            return Err(cx.at(
+                &["export", "targets"],
+                format!("`export.targets` lists `{dtype}` twice"),
+            ));
         }
         targets.push(dtype);
     }
@@ -854,7 +1244,14 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport, finetune: Option<&Finetune>) -> 
     }
     let head_bits = match raw.head_bits {
         None => crate::quant::HeadBits::default(),
-        Some(n) => crate::quant::HeadBits::from_number(n).ok_or_else(|| cx.at(&["export", "head_bits"], format!("`export.head_bits` = {n}: use 4, 8 (the default) or 16 (the file's float type)")))?,
+        Some(n) => crate::quant::HeadBits::from_number(n).ok_or_else(|| {
+            cx.at(
+                &["export", "head_bits"],
+                format!(
+                    "`export.head_bits` = {n}: use 4, 8 (the default) or 16 (the file's float type)"
+                ),
+            )
+        })?,
     };
     let adapter = match raw.adapter.as_deref() {
         None => AdapterFiles::default(),
@@ -865,15 +1262,27 @@ fn resolve_export(cx: &Ctx<'_>, raw: RawExport, finetune: Option<&Finetune>) -> 
             )
         })?,
     };
-    if adapter == AdapterFiles::WithBase && finetune.is_none_or(|f| f.method != FinetuneMethod::Lora) {
+    if adapter == AdapterFiles::WithBase
+        && finetune.is_none_or(|f| f.method != FinetuneMethod::Lora)
+    {
         return Err(cx.at(&["export", "adapter"], "`export.adapter` = \"with-base\" ships a LoRA adapter's base, and this build trains no adapter (`finetune.method` = \"lora\")"));
     }
-    Ok(Export { opset, targets, quantize_embedding: raw.quantize_embedding.unwrap_or(false), head_bits, external_data: raw.external_data.unwrap_or(ExternalData::Auto), accuracy_level, adapter })
+    Ok(Export {
+        opset,
+        targets,
+        quantize_embedding: raw.quantize_embedding.unwrap_or(false),
+        head_bits,
+        external_data: raw.external_data.unwrap_or(ExternalData::Auto),
+        accuracy_level,
+        adapter,
+    })
 }
 
 fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web, ManifestError> {
     let built = |key: &'static str, name: Option<&str>| -> Result<Option<Dtype>, ManifestError> {
-        let dtype = name.map(|name| check_dtype(cx, &["web", key], name)).transpose()?;
+        let dtype = name
+            .map(|name| check_dtype(cx, &["web", key], name))
+            .transpose()?;
         if let (Some(dtype), Some(export)) = (dtype, export)
             && !export.targets.contains(&dtype)
         {
@@ -886,13 +1295,28 @@ fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web
     let webgpu_dtype = built("webgpu_dtype", raw.webgpu_dtype.as_deref())?;
     let max_new_tokens = raw.max_new_tokens.unwrap_or(32);
     if !(1..=4096).contains(&max_new_tokens) {
-        return Err(cx.at(&["web", "max_new_tokens"], format!("`web.max_new_tokens` = {max_new_tokens} must be between 1 and 4096")));
+        return Err(cx.at(
+            &["web", "max_new_tokens"],
+            format!("`web.max_new_tokens` = {max_new_tokens} must be between 1 and 4096"),
+        ));
     }
-    let transformers_js = raw.transformers_js.unwrap_or_else(|| TRANSFORMERS_JS_CDN.to_string());
-    if !(transformers_js.starts_with("https://") || transformers_js.starts_with("http://") || transformers_js.starts_with('/') || transformers_js.starts_with("./")) {
+    let transformers_js = raw
+        .transformers_js
+        .unwrap_or_else(|| TRANSFORMERS_JS_CDN.to_string());
+    if !(transformers_js.starts_with("https://")
+        || transformers_js.starts_with("http://")
+        || transformers_js.starts_with('/')
+        || transformers_js.starts_with("./"))
+    {
         return Err(cx.at(&["web", "transformers_js"], "`web.transformers_js` must be a URL (https://...) or a path on the server (/... or ./...)"));
     }
-    Ok(Web { dtype, webgpu_dtype, prompt: raw.prompt.unwrap_or_default(), max_new_tokens, transformers_js })
+    Ok(Web {
+        dtype,
+        webgpu_dtype,
+        prompt: raw.prompt.unwrap_or_default(),
+        max_new_tokens,
+        transformers_js,
+    })
 }
 
 fn resolve_browser(cx: &Ctx<'_>, dir: &Path, raw: RawBrowser) -> Result<Browser, ManifestError> {
@@ -909,7 +1333,10 @@ fn resolve_browser(cx: &Ctx<'_>, dir: &Path, raw: RawBrowser) -> Result<Browser,
         }
     }
     if devices.is_empty() {
-        return Err(cx.at(&key("devices"), "`verify.browser.devices` is empty: list webgpu, wasm or both"));
+        return Err(cx.at(
+            &key("devices"),
+            "`verify.browser.devices` is empty: list webgpu, wasm or both",
+        ));
     }
     let adapter = match raw.adapter.as_deref().unwrap_or("gpu") {
         "gpu" => Adapter::Gpu,
@@ -918,50 +1345,92 @@ fn resolve_browser(cx: &Ctx<'_>, dir: &Path, raw: RawBrowser) -> Result<Browser,
     };
     let prompts = raw.prompts.unwrap_or(4);
     if prompts == 0 {
-        return Err(cx.at(&key("prompts"), "`verify.browser.prompts` must be at least 1"));
+        return Err(cx.at(
+            &key("prompts"),
+            "`verify.browser.prompts` must be at least 1",
+        ));
     }
     let timeout_s = raw.timeout_s.unwrap_or(900);
     if timeout_s == 0 {
-        return Err(cx.at(&key("timeout_s"), "`verify.browser.timeout_s` must be at least 1"));
+        return Err(cx.at(
+            &key("timeout_s"),
+            "`verify.browser.timeout_s` must be at least 1",
+        ));
     }
     let transformers_js = raw.transformers_js.map(|p| normalize(&dir.join(p)));
-    Ok(Browser { devices, adapter, prompts: prompts as usize, chromium: raw.chromium.map(|p| normalize(&dir.join(p))), transformers_js, timeout: std::time::Duration::from_secs(timeout_s) })
+    Ok(Browser {
+        devices,
+        adapter,
+        prompts: prompts as usize,
+        chromium: raw.chromium.map(|p| normalize(&dir.join(p))),
+        transformers_js,
+        timeout: std::time::Duration::from_secs(timeout_s),
+    })
 }
 
 fn resolve_verify(cx: &Ctx<'_>, dir: &Path, raw: RawVerify) -> Result<Verify, ManifestError> {
     let prompts = raw.prompts.unwrap_or(RawPrompts::Count(16));
     match &prompts {
         RawPrompts::Count(0) => {
-            return Err(cx.at(&["verify", "prompts"], "`verify.prompts` must be at least 1"));
+            return Err(cx.at(
+                &["verify", "prompts"],
+                "`verify.prompts` must be at least 1",
+            ));
         }
         RawPrompts::List(list) if list.is_empty() || list.iter().any(String::is_empty) => {
-            return Err(cx.at(&["verify", "prompts"], "`verify.prompts` must list non-empty prompts"));
+            return Err(cx.at(
+                &["verify", "prompts"],
+                "`verify.prompts` must list non-empty prompts",
+            ));
         }
         _ => {}
     }
     let mut tolerance = BTreeMap::new();
     for (dtype, bounds) in raw.tolerance.unwrap_or_default() {
-        tolerance.insert(check_dtype(cx, &["verify", "tolerance", &dtype], &dtype)?, bounds.clone());
+        tolerance.insert(
+            check_dtype(cx, &["verify", "tolerance", &dtype], &dtype)?,
+            bounds.clone(),
+        );
         let dtype = dtype.as_str();
-        for (name, value) in [("top1_agreement", bounds.top1_agreement), ("greedy_match", bounds.greedy_match)] {
+        for (name, value) in [
+            ("top1_agreement", bounds.top1_agreement),
+            ("greedy_match", bounds.greedy_match),
+        ] {
             if let Some(v) = value
                 && !(0.0..=1.0).contains(&v)
             {
-                return Err(cx.at(&["verify", "tolerance", dtype, name], format!("`verify.tolerance.{dtype}.{name}` = {v} must be a fraction in [0, 1]")));
+                return Err(cx.at(
+                    &["verify", "tolerance", dtype, name],
+                    format!("`verify.tolerance.{dtype}.{name}` = {v} must be a fraction in [0, 1]"),
+                ));
             }
         }
-        for (name, value) in
-            [("max_abs_error", bounds.max_abs_error), ("max_relative_error", bounds.max_relative_error), ("kl_divergence", bounds.kl_divergence), ("perplexity_ratio", bounds.perplexity_ratio)]
-        {
+        for (name, value) in [
+            ("max_abs_error", bounds.max_abs_error),
+            ("max_relative_error", bounds.max_relative_error),
+            ("kl_divergence", bounds.kl_divergence),
+            ("perplexity_ratio", bounds.perplexity_ratio),
+        ] {
             if let Some(v) = value
                 && (v < 0.0 || !v.is_finite())
             {
-                return Err(cx.at(&["verify", "tolerance", dtype, name], format!("`verify.tolerance.{dtype}.{name}` = {v} must be a finite number >= 0")));
+                return Err(cx.at(
+                    &["verify", "tolerance", dtype, name],
+                    format!("`verify.tolerance.{dtype}.{name}` = {v} must be a finite number >= 0"),
+                ));
             }
         }
     }
-    let browser = raw.browser.map(|b| resolve_browser(cx, dir, b)).transpose()?;
-    Ok(Verify { prompts, max_new_tokens: raw.max_new_tokens.unwrap_or(32), tolerance, browser })
+    let browser = raw
+        .browser
+        .map(|b| resolve_browser(cx, dir, b))
+        .transpose()?;
+    Ok(Verify {
+        prompts,
+        max_new_tokens: raw.max_new_tokens.unwrap_or(32),
+        tolerance,
+        browser,
+    })
 }
 
 /// An absolute form of `path` without touching the filesystem beyond the cwd.

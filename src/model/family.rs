@@ -47,7 +47,14 @@ impl Family {
             Some(name) => Family::ALL
                 .into_iter()
                 .find(|f| f.model_type() == name)
-                .ok_or_else(|| ModelError::Unsupported(format!("`model_type` = \"{name}\": symb supports {}", Family::ALL.map(|f| format!("\"{}\"", f.model_type())).join(", ")))),
+                .ok_or_else(|| {
+                    ModelError::Unsupported(format!(
+                        "`model_type` = \"{name}\": symb supports {}",
+                        Family::ALL
+                            .map(|f| format!("\"{}\"", f.model_type()))
+                            .join(", ")
+                    ))
+                }),
         }
     }
 
@@ -56,8 +63,13 @@ impl Family {
     /// this error, not a missing field of GPT-2's).
     pub fn of_config(path: &Path) -> Result<Family> {
         let config: serde_json::Value = read_json(path)?;
-        Family::from_model_type(config.get("model_type").and_then(|t| t.as_str()))
-            .map_err(|e| ModelError::Unsupported(format!("`{}`: {}", path.display(), e.to_string().trim_start_matches("unsupported model: "))))
+        Family::from_model_type(config.get("model_type").and_then(|t| t.as_str())).map_err(|e| {
+            ModelError::Unsupported(format!(
+                "`{}`: {}",
+                path.display(),
+                e.to_string().trim_start_matches("unsupported model: ")
+            ))
+        })
     }
 
     /// The names `finetune.targets` may use for this family: its linear
@@ -65,7 +77,18 @@ impl Family {
     pub const fn lora_targets(self) -> &'static [&'static str] {
         match self {
             Family::Gpt2 => &["c_attn", "c_proj", "c_fc", "attn", "mlp", "all-linear"],
-            Family::Llama | Family::Qwen2 => &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "attn", "mlp", "all-linear"],
+            Family::Llama | Family::Qwen2 => &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+                "attn",
+                "mlp",
+                "all-linear",
+            ],
         }
     }
 
@@ -180,17 +203,33 @@ mod tests {
     fn model_types_choose_the_family_and_others_are_named_in_the_error() {
         assert_eq!(Family::from_model_type(Some("gpt2")).unwrap(), Family::Gpt2);
         assert_eq!(Family::from_model_type(None).unwrap(), Family::Gpt2);
-        let error = Family::from_model_type(Some("mamba")).unwrap_err().to_string();
-        assert_eq!(error, "unsupported model: `model_type` = \"mamba\": symb supports \"gpt2\", \"llama\", \"qwen2\"");
+        let error = Family::from_model_type(Some("mamba"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "unsupported model: `model_type` = \"mamba\": symb supports \"gpt2\", \"llama\", \"qwen2\""
+        );
     }
 
     #[test]
     fn gpt2_facts_are_pefts() {
         let gpt2 = Family::Gpt2;
-        assert_eq!(Family::token_rows_key(gpt2.embedding_module()), "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta");
+        assert_eq!(
+            Family::token_rows_key(gpt2.embedding_module()),
+            "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"
+        );
         assert!(gpt2.lora_selects("mlp", "mlp.c_proj") && !gpt2.lora_selects("mlp", "attn.c_proj"));
-        assert!(gpt2.lora_selects("c_proj", "attn.c_proj") && gpt2.lora_selects("c_proj", "mlp.c_proj"));
-        assert_eq!(gpt2.peft_target_modules(&["c_attn".into()]), serde_json::json!(["c_attn"]));
-        assert_eq!(gpt2.peft_target_modules(&["mlp".into(), "c_attn".into()]), serde_json::json!(".*\\.(mlp\\.c_fc|mlp\\.c_proj|\\w+\\.c_attn)$"));
+        assert!(
+            gpt2.lora_selects("c_proj", "attn.c_proj") && gpt2.lora_selects("c_proj", "mlp.c_proj")
+        );
+        assert_eq!(
+            gpt2.peft_target_modules(&["c_attn".into()]),
+            serde_json::json!(["c_attn"])
+        );
+        assert_eq!(
+            gpt2.peft_target_modules(&["mlp".into(), "c_attn".into()]),
+            serde_json::json!(".*\\.(mlp\\.c_fc|mlp\\.c_proj|\\w+\\.c_attn)$")
+        );
     }
 }

@@ -62,7 +62,9 @@ impl Reader<'_> {
     }
 
     fn u64(&self, key: &str) -> Result<Option<u64>> {
-        let Some(value) = self.get(key) else { return Ok(None) };
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
         let n = match value {
             Value::U8(v) => *v as u64,
             Value::U16(v) => *v as u64,
@@ -78,7 +80,8 @@ impl Reader<'_> {
     }
 
     fn required(&self, key: &str) -> Result<u64> {
-        self.u64(key)?.ok_or_else(|| self.error(format!("metadata `{key}` is missing")))
+        self.u64(key)?
+            .ok_or_else(|| self.error(format!("metadata `{key}` is missing")))
     }
 
     fn f64(&self, key: &str) -> Result<Option<f64>> {
@@ -94,7 +97,9 @@ impl Reader<'_> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(v)) => Ok(Some(*v)),
-            Some(other) => Err(self.error(format!("metadata `{key}` is {other:?}, not true or false"))),
+            Some(other) => {
+                Err(self.error(format!("metadata `{key}` is {other:?}, not true or false")))
+            }
         }
     }
 
@@ -108,7 +113,16 @@ impl Reader<'_> {
 
     fn strings(&self, key: &str) -> Result<Vec<&str>> {
         match self.get(key) {
-            Some(Value::Array(items)) => items.iter().map(|v| v.to_string().map(String::as_str).map_err(|_| self.error(format!("metadata `{key}` holds a value that is not a string")))).collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.to_string().map(String::as_str).map_err(|_| {
+                        self.error(format!(
+                            "metadata `{key}` holds a value that is not a string"
+                        ))
+                    })
+                })
+                .collect(),
             Some(_) => Err(self.error(format!("metadata `{key}` is not a list"))),
             None => Err(self.error(format!("metadata `{key}` is missing"))),
         }
@@ -123,7 +137,9 @@ impl Reader<'_> {
                     Value::U32(x) => Ok(*x as i64),
                     Value::I8(x) => Ok(*x as i64),
                     Value::U8(x) => Ok(*x as i64),
-                    _ => Err(self.error(format!("metadata `{key}` holds a value that is not an integer"))),
+                    _ => Err(self.error(format!(
+                        "metadata `{key}` holds a value that is not an integer"
+                    ))),
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
@@ -136,12 +152,24 @@ impl Reader<'_> {
 /// Reads the GGUF file at `path`.
 pub fn read(path: &Path) -> Result<Converted> {
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = Content::read(&mut file).map_err(|e| ModelError::Config(format!("`{}` is not a GGUF file symb can read: {}", path.display(), super::candle_message(&e))))?;
+    let content = Content::read(&mut file).map_err(|e| {
+        ModelError::Config(format!(
+            "`{}` is not a GGUF file symb can read: {}",
+            path.display(),
+            super::candle_message(&e)
+        ))
+    })?;
     let r = Reader { path, content };
-    let arch = r.string("general.architecture")?.ok_or_else(|| r.error("metadata `general.architecture` is missing"))?.to_string();
+    let arch = r
+        .string("general.architecture")?
+        .ok_or_else(|| r.error("metadata `general.architecture` is missing"))?
+        .to_string();
     let Some(&(_, model_type)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
         let known = ARCHITECTURES.map(|(a, _)| format!("\"{a}\"")).join(", ");
-        return Err(ModelError::Unsupported(format!("`{}`: the GGUF architecture \"{arch}\" is not one symb reads ({known})", path.display())));
+        return Err(ModelError::Unsupported(format!(
+            "`{}`: the GGUF architecture \"{arch}\" is not one symb reads ({known})",
+            path.display()
+        )));
     };
     let key = |name: &str| format!("{arch}.{name}");
     let hidden = r.required(&key("embedding_length"))?;
@@ -150,26 +178,44 @@ pub fn read(path: &Path) -> Result<Converted> {
     let kv_heads = r.u64(&key("attention.head_count_kv"))?.unwrap_or(heads);
     let intermediate = r.required(&key("feed_forward_length"))?;
     let context = r.required(&key("context_length"))?;
-    let eps = r.f64(&key("attention.layer_norm_rms_epsilon"))?.ok_or_else(|| r.error(format!("metadata `{}` is missing", key("attention.layer_norm_rms_epsilon"))))?;
+    let eps = r
+        .f64(&key("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| {
+            r.error(format!(
+                "metadata `{}` is missing",
+                key("attention.layer_norm_rms_epsilon")
+            ))
+        })?;
     let theta = r.f64(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
         return Err(r.error(format!("{hidden} wide with {heads} heads and {kv_heads} key-value heads is not a model symb can run")));
     }
-    if r.get(&key("rope.scaling.type")).is_some() || r.content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(ModelError::Unsupported(format!("`{}`: rotary position scaling (`rope_freqs`, `rope.scaling.*`) is not read from GGUF files yet", path.display())));
+    if r.get(&key("rope.scaling.type")).is_some()
+        || r.content.tensor_infos.contains_key("rope_freqs.weight")
+    {
+        return Err(ModelError::Unsupported(format!(
+            "`{}`: rotary position scaling (`rope_freqs`, `rope.scaling.*`) is not read from GGUF files yet",
+            path.display()
+        )));
     }
     let head_dim = hidden / heads;
     if let Some(rot) = r.u64(&key("rope.dimension_count"))?
         && rot != head_dim
     {
-        return Err(ModelError::Unsupported(format!("`{}`: rotary embedding over {rot} of {head_dim} dimensions per head (partial rotary) is not supported", path.display())));
+        return Err(ModelError::Unsupported(format!(
+            "`{}`: rotary embedding over {rot} of {head_dim} dimensions per head (partial rotary) is not supported",
+            path.display()
+        )));
     }
 
     // The weights.
     let names = tensor_names(layers, r.content.tensor_infos.contains_key("output.weight"));
     for gguf in r.content.tensor_infos.keys() {
         if !names.iter().any(|(g, _)| g == gguf) {
-            return Err(ModelError::Unsupported(format!("`{}`: the tensor `{gguf}` is not one a {arch} model symb runs has", path.display())));
+            return Err(ModelError::Unsupported(format!(
+                "`{}`: the tensor `{gguf}` is not one a {arch} model symb runs has",
+                path.display()
+            )));
         }
     }
     let mut tensors = BTreeMap::new();
@@ -183,11 +229,32 @@ pub fn read(path: &Path) -> Result<Converted> {
             return Err(r.error(format!("the tensor `{gguf}` is missing")));
         };
         *storage.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
-        let q = info.read(&mut file, r.content.tensor_data_offset, &Device::Cpu).map_err(|e| r.error(format!("cannot read the tensor `{gguf}`: {}", super::candle_message(&e))))?;
-        let mut t = q.dequantize(&Device::Cpu).map_err(|e| r.error(format!("cannot dequantize the tensor `{gguf}`: {}", super::candle_message(&e))))?;
+        let q = info
+            .read(&mut file, r.content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| {
+                r.error(format!(
+                    "cannot read the tensor `{gguf}`: {}",
+                    super::candle_message(&e)
+                ))
+            })?;
+        let mut t = q.dequantize(&Device::Cpu).map_err(|e| {
+            r.error(format!(
+                "cannot dequantize the tensor `{gguf}`: {}",
+                super::candle_message(&e)
+            ))
+        })?;
         if arch == "llama" && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight")) {
-            let n = if hf.ends_with("q_proj.weight") { heads } else { kv_heads };
-            t = unpermute(&t, n as usize).map_err(|e| r.error(format!("the tensor `{gguf}`: {}", super::candle_message(&e))))?;
+            let n = if hf.ends_with("q_proj.weight") {
+                heads
+            } else {
+                kv_heads
+            };
+            t = unpermute(&t, n as usize).map_err(|e| {
+                r.error(format!(
+                    "the tensor `{gguf}`: {}",
+                    super::candle_message(&e)
+                ))
+            })?;
         }
         tensors.insert(hf.clone(), t);
     }
@@ -198,9 +265,14 @@ pub fn read(path: &Path) -> Result<Converted> {
 
     // The tokenizer.
     let tok = tokenizer(&r)?;
-    let vocab_size = tensors["model.embed_tokens.weight"].dim(0).map_err(ModelError::Candle)?;
+    let vocab_size = tensors["model.embed_tokens.weight"]
+        .dim(0)
+        .map_err(ModelError::Candle)?;
     if tok.tokens > vocab_size {
-        return Err(r.error(format!("the tokenizer has {} tokens, the embedding {vocab_size} rows", tok.tokens)));
+        return Err(r.error(format!(
+            "the tokenizer has {} tokens, the embedding {vocab_size} rows",
+            tok.tokens
+        )));
     }
     let tied = !tensors.contains_key("lm_head.weight");
     let mut config = json!({
@@ -230,13 +302,30 @@ pub fn read(path: &Path) -> Result<Converted> {
     if let Some(pad) = tok.pad {
         config["pad_token_id"] = pad.into();
     }
-    let generation_config = json!({ "bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad });
-    Ok(Converted { config, generation_config, tokenizer: tok.json, tokenizer_config: tok.config, tensors, storage })
+    let generation_config =
+        json!({ "bos_token_id": tok.bos, "eos_token_id": tok.eos, "pad_token_id": tok.pad });
+    Ok(Converted {
+        config,
+        generation_config,
+        tokenizer: tok.json,
+        tokenizer_config: tok.config,
+        tensors,
+        storage,
+    })
 }
 
 /// llama.cpp's tensor names and transformers' for a model of `layers` blocks.
 fn tensor_names(layers: u64, untied: bool) -> Vec<(String, String)> {
-    let mut names = vec![("token_embd.weight".to_string(), "model.embed_tokens.weight".to_string()), ("output_norm.weight".to_string(), "model.norm.weight".to_string())];
+    let mut names = vec![
+        (
+            "token_embd.weight".to_string(),
+            "model.embed_tokens.weight".to_string(),
+        ),
+        (
+            "output_norm.weight".to_string(),
+            "model.norm.weight".to_string(),
+        ),
+    ];
     if untied {
         names.push(("output.weight".to_string(), "lm_head.weight".to_string()));
     }
@@ -268,7 +357,10 @@ fn tensor_names(layers: u64, untied: bool) -> Vec<(String, String)> {
 fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let half = rows / heads / 2;
-    w.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
+    w.reshape((heads, half, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
 }
 
 struct Tok {
@@ -290,12 +382,24 @@ fn pre_tokenizer(pre: &str) -> Option<(serde_json::Value, serde_json::Value, boo
     let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     // (normalizer, pre-tokenizer, ignore_merges)
     Some(match pre {
-        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => (serde_json::Value::Null, byte_level(true), false),
-        "smollm" | "starcoder" | "refact" | "codeshell" => {
-            (serde_json::Value::Null, json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}), false)
+        "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => {
+            (serde_json::Value::Null, byte_level(true), false)
         }
-        "llama-bpe" | "llama3" | "smaug-bpe" => (serde_json::Value::Null, json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}), true),
-        "qwen2" | "stablelm2" => (json!({"type": "NFC"}), json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}), false),
+        "smollm" | "starcoder" | "refact" | "codeshell" => (
+            serde_json::Value::Null,
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            false,
+        ),
+        "llama-bpe" | "llama3" | "smaug-bpe" => (
+            serde_json::Value::Null,
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}),
+            true,
+        ),
+        "qwen2" | "stablelm2" => (
+            json!({"type": "NFC"}),
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
+            false,
+        ),
         _ => return None,
     })
 }
@@ -304,7 +408,9 @@ fn pre_tokenizer(pre: &str) -> Option<(serde_json::Value, serde_json::Value, boo
 const PRE_NAMES: &str = "gpt2, smollm, starcoder, llama-bpe, qwen2";
 
 fn tokenizer(r: &Reader<'_>) -> Result<Tok> {
-    let model = r.string("tokenizer.ggml.model")?.ok_or_else(|| r.error("metadata `tokenizer.ggml.model` is missing: the file has no tokenizer"))?;
+    let model = r.string("tokenizer.ggml.model")?.ok_or_else(|| {
+        r.error("metadata `tokenizer.ggml.model` is missing: the file has no tokenizer")
+    })?;
     if model != "gpt2" {
         return Err(ModelError::Unsupported(format!(
             "`{}`: the GGUF tokenizer model \"{model}\" is not read yet (symb reads byte-level BPE tokenizers, \"gpt2\"); convert the model to a Hugging Face folder and use `base.model = \"path:...\"`",
@@ -312,15 +418,23 @@ fn tokenizer(r: &Reader<'_>) -> Result<Tok> {
         )));
     }
     let pre = r.string("tokenizer.ggml.pre")?.unwrap_or("default");
-    let (normalizer, pre_tokenizer, ignore_merges) =
-        pre_tokenizer(pre).ok_or_else(|| ModelError::Unsupported(format!("`{}`: the GGUF pre-tokenizer \"{pre}\" is not one symb reads ({PRE_NAMES})", r.path.display())))?;
+    let (normalizer, pre_tokenizer, ignore_merges) = pre_tokenizer(pre).ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "`{}`: the GGUF pre-tokenizer \"{pre}\" is not one symb reads ({PRE_NAMES})",
+            r.path.display()
+        ))
+    })?;
     let tokens = r.strings("tokenizer.ggml.tokens")?;
     let merges = r.strings("tokenizer.ggml.merges")?;
     let types = r.ints("tokenizer.ggml.token_type")?;
     if let Some(types) = &types
         && types.len() != tokens.len()
     {
-        return Err(r.error(format!("{} token types for {} tokens", types.len(), tokens.len())));
+        return Err(r.error(format!(
+            "{} token types for {} tokens",
+            types.len(),
+            tokens.len()
+        )));
     }
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     for (id, token) in tokens.iter().enumerate() {
@@ -330,19 +444,34 @@ fn tokenizer(r: &Reader<'_>) -> Result<Tok> {
     }
     let mut merge_list = Vec::with_capacity(merges.len());
     for m in &merges {
-        let (a, b) = m.split_once(' ').ok_or_else(|| r.error(format!("the merge `{m}` is not two tokens")))?;
-        if !vocab.contains_key(a) || !vocab.contains_key(b) || !vocab.contains_key(&format!("{a}{b}")) {
-            return Err(r.error(format!("the merge `{m}` names a token the vocabulary lacks")));
+        let (a, b) = m
+            .split_once(' ')
+            .ok_or_else(|| r.error(format!("the merge `{m}` is not two tokens")))?;
+        if !vocab.contains_key(a)
+            || !vocab.contains_key(b)
+            || !vocab.contains_key(&format!("{a}{b}"))
+        {
+            return Err(r.error(format!(
+                "the merge `{m}` names a token the vocabulary lacks"
+            )));
         }
         merge_list.push(json!([a, b]));
     }
     let id = |key: &str| -> Result<Option<u64>> {
         match r.u64(key)? {
-            Some(id) if id as usize >= tokens.len() => Err(r.error(format!("metadata `{key}` = {id} is past the {} tokens", tokens.len()))),
+            Some(id) if id as usize >= tokens.len() => Err(r.error(format!(
+                "metadata `{key}` = {id} is past the {} tokens",
+                tokens.len()
+            ))),
             other => Ok(other),
         }
     };
-    let (bos, eos, unk, pad) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?, id("tokenizer.ggml.unknown_token_id")?, id("tokenizer.ggml.padding_token_id")?);
+    let (bos, eos, unk, pad) = (
+        id("tokenizer.ggml.bos_token_id")?,
+        id("tokenizer.ggml.eos_token_id")?,
+        id("tokenizer.ggml.unknown_token_id")?,
+        id("tokenizer.ggml.padding_token_id")?,
+    );
     // Control tokens (type 3) are special; user-defined ones (4) are added
     // tokens matched as they are written.
     let mut added = Vec::new();
@@ -361,17 +490,30 @@ fn tokenizer(r: &Reader<'_>) -> Result<Tok> {
             if !add {
                 return Ok(None);
             }
-            let id = id.ok_or_else(|| r.error(format!("the tokenizer adds a {what} token but names none")))?;
+            let id = id.ok_or_else(|| {
+                r.error(format!("the tokenizer adds a {what} token but names none"))
+            })?;
             let token = tokens[id as usize].to_string();
-            specials.insert(token.clone(), json!({"id": token, "ids": [id], "tokens": [token]}));
+            specials.insert(
+                token.clone(),
+                json!({"id": token, "ids": [id], "tokens": [token]}),
+            );
             Ok(Some(token))
         };
         let (bos_token, eos_token) = (special(add_bos, bos, "BOS")?, special(add_eos, eos, "EOS")?);
         // The template of one sequence: its BOS, itself, its EOS.
         let sequence = |seq: &str, type_id: u32| -> Vec<serde_json::Value> {
-            let bos = bos_token.iter().map(|b| json!({"SpecialToken": {"id": b, "type_id": type_id}}));
-            let eos = eos_token.iter().map(|e| json!({"SpecialToken": {"id": e, "type_id": type_id}}));
-            bos.chain(std::iter::once(json!({"Sequence": {"id": seq, "type_id": type_id}}))).chain(eos).collect()
+            let bos = bos_token
+                .iter()
+                .map(|b| json!({"SpecialToken": {"id": b, "type_id": type_id}}));
+            let eos = eos_token
+                .iter()
+                .map(|e| json!({"SpecialToken": {"id": e, "type_id": type_id}}));
+            bos.chain(std::iter::once(
+                json!({"Sequence": {"id": seq, "type_id": type_id}}),
+            ))
+            .chain(eos)
+            .collect()
         };
         let single = sequence("A", 0);
         let pair: Vec<serde_json::Value> = single.iter().cloned().chain(sequence("B", 1)).collect();
@@ -412,7 +554,14 @@ fn tokenizer(r: &Reader<'_>) -> Result<Tok> {
     if let Some(template) = r.string("tokenizer.chat_template")? {
         config["chat_template"] = template.into();
     }
-    Ok(Tok { json, config, tokens: tokens.len(), bos, eos, pad })
+    Ok(Tok {
+        json,
+        config,
+        tokens: tokens.len(),
+        bos,
+        eos,
+        pad,
+    })
 }
 
 #[cfg(test)]
@@ -438,7 +587,12 @@ mod tests {
             }
         }
         let t = Tensor::from_vec(gguf, (rows, cols), &Device::Cpu).unwrap();
-        let back: Vec<f32> = unpermute(&t, heads).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let back: Vec<f32> = unpermute(&t, heads)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(back, hf);
     }
 

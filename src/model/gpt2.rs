@@ -61,16 +61,30 @@ impl Config {
     /// Checks what the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
         if Family::from_model_type(self.model_type.as_deref())? != Family::Gpt2 {
-            return Err(ModelError::Unsupported(format!("`model_type` = \"{}\" is not GPT-2", self.model_type.as_deref().unwrap_or_default())));
+            return Err(ModelError::Unsupported(format!(
+                "`model_type` = \"{}\" is not GPT-2",
+                self.model_type.as_deref().unwrap_or_default()
+            )));
         }
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(ModelError::Config(format!("`n_embd` = {} is not divisible by `n_head` = {}", self.n_embd, self.n_head)));
+            return Err(ModelError::Config(format!(
+                "`n_embd` = {} is not divisible by `n_head` = {}",
+                self.n_embd, self.n_head
+            )));
         }
-        if !matches!(self.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh" | "gelu") {
-            return Err(ModelError::Unsupported(format!("`activation_function` = \"{}\"", self.activation_function)));
+        if !matches!(
+            self.activation_function.as_str(),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu"
+        ) {
+            return Err(ModelError::Unsupported(format!(
+                "`activation_function` = \"{}\"",
+                self.activation_function
+            )));
         }
         if self.tie_word_embeddings == Some(false) {
-            return Err(ModelError::Unsupported("`tie_word_embeddings` = false (GPT-2's head is tied to `wte`)".to_string()));
+            return Err(ModelError::Unsupported(
+                "`tie_word_embeddings` = false (GPT-2's head is tied to `wte`)".to_string(),
+            ));
         }
         Ok(())
     }
@@ -86,7 +100,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+        Ok(LayerNorm {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -105,19 +123,41 @@ pub struct Attention {
 impl Attention {
     fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         let c = config.n_embd;
-        Ok(Attention { c_attn: conv1d(&vb.pp("c_attn"), c, 3 * c)?, c_proj: conv1d(&vb.pp("c_proj"), c, c)?, n_head: config.n_head, head_dim: config.head_dim() })
+        Ok(Attention {
+            c_attn: conv1d(&vb.pp("c_attn"), c, 3 * c)?,
+            c_proj: conv1d(&vb.pp("c_proj"), c, c)?,
+            n_head: config.n_head,
+            head_dim: config.head_dim(),
+        })
     }
 
     /// Causal self-attention; queries see the cached keys and those before them.
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, padding: &LeftPadding) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = match cache {
             // No cache (training, scoring): queries, keys and values are read in place.
-            None => super::attention::attention_packed(&qkv, self.n_head, self.n_head, scale, &padding.0)?,
+            None => super::attention::attention_packed(
+                &qkv,
+                self.n_head,
+                self.n_head,
+                scale,
+                &padding.0,
+            )?,
             Some(slot) => {
-                let split = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(D::Minus1, i * c, c)?.reshape((b, t, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?) };
+                let split = |i: usize| -> Result<Tensor> {
+                    Ok(qkv
+                        .narrow(D::Minus1, i * c, c)?
+                        .reshape((b, t, self.n_head, self.head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
                 let (k, v) = KvCache::append(Some(slot), split(1)?, split(2)?)?;
                 super::attention::attention(&split(0)?, &k, &v, scale, &padding.0)?
             }
@@ -136,13 +176,21 @@ pub struct Mlp {
 
 impl Mlp {
     fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
-        Ok(Mlp { c_fc: conv1d(&vb.pp("c_fc"), config.n_embd, config.inner())?, c_proj: conv1d(&vb.pp("c_proj"), config.inner(), config.n_embd)?, exact_gelu: config.activation_function == "gelu" })
+        Ok(Mlp {
+            c_fc: conv1d(&vb.pp("c_fc"), config.n_embd, config.inner())?,
+            c_proj: conv1d(&vb.pp("c_proj"), config.inner(), config.n_embd)?,
+            exact_gelu: config.activation_function == "gelu",
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?;
         // gelu_new (= gelu_pytorch_tanh): the tanh approximation GPT-2 uses.
-        let h = if self.exact_gelu { h.gelu_erf()? } else { super::ops::gelu_tanh(&h)? };
+        let h = if self.exact_gelu {
+            h.gelu_erf()?
+        } else {
+            super::ops::gelu_tanh(&h)?
+        };
         self.c_proj.forward(&h)
     }
 }
@@ -166,7 +214,12 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, padding: &LeftPadding) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, cache, padding)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
@@ -185,7 +238,10 @@ pub struct Gpt2 {
 
 /// A GPT-2 layer's weight and bias (every one has a bias).
 fn bias_of(linear: &mut Linear) -> (&mut Tensor, &mut Tensor) {
-    (&mut linear.weight, linear.bias.as_mut().expect("GPT-2's layers have biases"))
+    (
+        &mut linear.weight,
+        linear.bias.as_mut().expect("GPT-2's layers have biases"),
+    )
 }
 
 /// A `Conv1D` layer: weight `[in, out]`, with a bias.
@@ -198,9 +254,15 @@ impl Gpt2 {
     /// names (GPT2LMHeadModel) and bare ones (GPT2Model) are both accepted.
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         config.validate()?;
-        let vb = if vb.contains_tensor("transformer.wte.weight") { vb.pp("transformer") } else { vb };
+        let vb = if vb.contains_tensor("transformer.wte.weight") {
+            vb.pp("transformer")
+        } else {
+            vb
+        };
         let c = config.n_embd;
-        let blocks = (0..config.n_layer).map(|i| Block::load(vb.pp(format!("h.{i}")), config)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::load(vb.pp(format!("h.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Gpt2 {
             config: config.clone(),
             wte: TokenMatrix::new(vb.get((config.vocab_size, c), "wte.weight")?),
@@ -238,10 +300,17 @@ impl Gpt2 {
             normal(format!("h.{i}.attn.c_attn.weight"), &[c, 3 * c], STD)?;
             normal(format!("h.{i}.attn.c_proj.weight"), &[c, c], projection_std)?;
             normal(format!("h.{i}.mlp.c_fc.weight"), &[c, config.inner()], STD)?;
-            normal(format!("h.{i}.mlp.c_proj.weight"), &[config.inner(), c], projection_std)?;
+            normal(
+                format!("h.{i}.mlp.c_proj.weight"),
+                &[config.inner(), c],
+                projection_std,
+            )?;
         }
         let mut constant = |name: String, size: usize, value: f64| -> Result<()> {
-            tensors.insert(name, (Tensor::ones(size, DType::F32, &Device::Cpu)? * value)?);
+            tensors.insert(
+                name,
+                (Tensor::ones(size, DType::F32, &Device::Cpu)? * value)?,
+            );
             Ok(())
         };
         for i in 0..config.n_layer {
@@ -256,7 +325,10 @@ impl Gpt2 {
         }
         constant("ln_f.weight".into(), c, 1.0)?;
         constant("ln_f.bias".into(), c, 0.0)?;
-        Gpt2::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), config)
+        Gpt2::load(
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            config,
+        )
     }
 
     /// Calls `f` on every weight with its checkpoint name
@@ -266,7 +338,12 @@ impl Gpt2 {
         f("transformer.wpe.weight", &mut self.wpe)?;
         for (i, block) in self.blocks.iter_mut().enumerate() {
             let prefix = format!("transformer.h.{i}");
-            let Block { ln_1, attn, ln_2, mlp } = block;
+            let Block {
+                ln_1,
+                attn,
+                ln_2,
+                mlp,
+            } = block;
             let (c_attn, attn_proj) = (bias_of(&mut attn.c_attn), bias_of(&mut attn.c_proj));
             let (c_fc, mlp_proj) = (bias_of(&mut mlp.c_fc), bias_of(&mut mlp.c_proj));
             let weights = [
@@ -296,7 +373,12 @@ impl Gpt2 {
         let mut out = Vec::new();
         for (i, block) in self.blocks.iter_mut().enumerate() {
             let prefix = format!("transformer.h.{i}");
-            let layers = [("attn.c_attn", &mut block.attn.c_attn), ("attn.c_proj", &mut block.attn.c_proj), ("mlp.c_fc", &mut block.mlp.c_fc), ("mlp.c_proj", &mut block.mlp.c_proj)];
+            let layers = [
+                ("attn.c_attn", &mut block.attn.c_attn),
+                ("attn.c_proj", &mut block.attn.c_proj),
+                ("mlp.c_fc", &mut block.mlp.c_fc),
+                ("mlp.c_proj", &mut block.mlp.c_proj),
+            ];
             for (layer, linear) in layers {
                 if target.includes(Family::Gpt2, layer) {
                     out.push((format!("{prefix}.{layer}"), linear));
@@ -309,16 +391,29 @@ impl Gpt2 {
     /// The final hidden states `[b·t, n_embd]` (after `ln_f`) of
     /// `input_ids` `[b, t]`, continuing from `cache` (updated in place) when
     /// given, each row starting after its left padding.
-    pub fn hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>, padding: &LeftPadding) -> Result<Tensor> {
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if past + t > self.config.n_positions {
-            return Err(ModelError::Config(format!("{} positions exceed the model's context of {}", past + t, self.config.n_positions)));
+            return Err(ModelError::Config(format!(
+                "{} positions exceed the model's context of {}",
+                past + t,
+                self.config.n_positions
+            )));
         }
         let positions = Tensor::new(padding.positions(b, past, t), self.device())?;
         let ids = input_ids.flatten_all()?;
         let tokens = self.wte.embed(&ids)?.reshape((b, t, self.config.n_embd))?;
-        let mut x = (tokens + self.wpe.embedding(&positions)?.reshape((b, t, self.config.n_embd))?)?;
+        let mut x = (tokens
+            + self
+                .wpe
+                .embedding(&positions)?
+                .reshape((b, t, self.config.n_embd))?)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = block.forward(&x, layer_cache, padding)?;

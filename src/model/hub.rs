@@ -15,7 +15,11 @@ use super::{ModelError, Result};
 
 /// The Hub's address: `HF_ENDPOINT`, or huggingface.co.
 pub fn endpoint() -> String {
-    std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()).map(|e| e.trim_end_matches('/').to_string()).unwrap_or_else(|| "https://huggingface.co".to_string())
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .map(|e| e.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| "https://huggingface.co".to_string())
 }
 
 fn api(cache_dir: &Path) -> Result<Api> {
@@ -33,7 +37,9 @@ fn api(cache_dir: &Path) -> Result<Api> {
 fn hub_error(context: String, error: ApiError) -> ModelError {
     let message = format!("{context}: {error}");
     match &error {
-        ApiError::RequestError(inner) if matches!(**inner, ureq::Error::Status(..)) => ModelError::Config(message),
+        ApiError::RequestError(inner) if matches!(**inner, ureq::Error::Status(..)) => {
+            ModelError::Config(message)
+        }
         _ => ModelError::Network(message),
     }
 }
@@ -48,29 +54,64 @@ pub struct Resolved {
 /// Asks the Hub which commit `revision` of `repo` is, and which files it has.
 pub fn resolve(repo: &str, revision: &str, scratch: &Path) -> Result<Resolved> {
     let info = api(scratch)?
-        .repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()))
+        .repo(Repo::with_revision(
+            repo.to_string(),
+            RepoType::Model,
+            revision.to_string(),
+        ))
         .info()
-        .map_err(|e| hub_error(format!("cannot resolve `hf:{repo}@{revision}` at {}", endpoint()), e))?;
+        .map_err(|e| {
+            hub_error(
+                format!("cannot resolve `hf:{repo}@{revision}` at {}", endpoint()),
+                e,
+            )
+        })?;
     let mut files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     files.sort();
-    Ok(Resolved { commit: info.sha, files })
+    Ok(Resolved {
+        commit: info.sha,
+        files,
+    })
 }
 
 /// Downloads the model files of `repo` at `commit` into `cache_dir` (an
 /// interrupted download resumes from its `.part` file) and returns the folder.
 pub fn download(repo: &str, resolved: &Resolved, cache_dir: &Path) -> Result<PathBuf> {
     let api = api(cache_dir)?;
-    let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, resolved.commit.clone()));
+    let handle = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        resolved.commit.clone(),
+    ));
     let wanted = |f: &str| {
-        matches!(f, "config.json" | "tokenizer.json" | "tokenizer_config.json" | "generation_config.json" | "model.safetensors" | "model.safetensors.index.json")
-            || (f.starts_with("model-") && f.ends_with(".safetensors"))
+        matches!(
+            f,
+            "config.json"
+                | "tokenizer.json"
+                | "tokenizer_config.json"
+                | "generation_config.json"
+                | "model.safetensors"
+                | "model.safetensors.index.json"
+        ) || (f.starts_with("model-") && f.ends_with(".safetensors"))
     };
     let mut folder = None;
     for file in resolved.files.iter().filter(|f| wanted(f)) {
-        let path = handle.get(file).map_err(|e| hub_error(format!("cannot download `{file}` of `hf:{repo}` from {}", endpoint()), e))?;
+        let path = handle.get(file).map_err(|e| {
+            hub_error(
+                format!(
+                    "cannot download `{file}` of `hf:{repo}` from {}",
+                    endpoint()
+                ),
+                e,
+            )
+        })?;
         folder = path.parent().map(Path::to_path_buf);
     }
-    folder.ok_or_else(|| ModelError::Config(format!("`hf:{repo}` has none of config.json, model.safetensors, tokenizer.json")))
+    folder.ok_or_else(|| {
+        ModelError::Config(format!(
+            "`hf:{repo}` has none of config.json, model.safetensors, tokenizer.json"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -80,8 +121,20 @@ mod tests {
     #[test]
     fn a_missing_repository_is_the_inputs_fault_and_a_dead_network_is_not() {
         let status = ureq::Error::Status(404, ureq::Response::new(404, "Not Found", "").unwrap());
-        assert!(matches!(hub_error("cannot resolve".into(), ApiError::RequestError(Box::new(status))), ModelError::Config(_)));
-        let io = ApiError::IoError(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
-        assert!(matches!(hub_error("cannot resolve".into(), io), ModelError::Network(_)));
+        assert!(matches!(
+            hub_error(
+                "cannot resolve".into(),
+                ApiError::RequestError(Box::new(status))
+            ),
+            ModelError::Config(_)
+        ));
+        let io = ApiError::IoError(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        assert!(matches!(
+            hub_error("cannot resolve".into(), io),
+            ModelError::Network(_)
+        ));
     }
 }

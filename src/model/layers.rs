@@ -31,13 +31,28 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `weight` (and `bias` when `bias`) stored in `layout`.
-    pub fn load(vb: &candle_nn::VarBuilder, n_in: usize, n_out: usize, bias: bool, layout: WeightLayout) -> Result<Self> {
+    pub fn load(
+        vb: &candle_nn::VarBuilder,
+        n_in: usize,
+        n_out: usize,
+        bias: bool,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let weight = match layout {
             WeightLayout::InOut => vb.get((n_in, n_out), "weight")?,
             WeightLayout::OutIn => vb.get((n_out, n_in), "weight")?,
         };
-        let bias = if bias { Some(vb.get(n_out, "bias")?) } else { None };
-        Ok(Linear { weight, bias, layout, lora: None })
+        let bias = if bias {
+            Some(vb.get(n_out, "bias")?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            layout,
+            lora: None,
+        })
     }
 
     /// `(in, out)`.
@@ -64,7 +79,9 @@ impl Linear {
         let (n_in, n_out) = self.dims()?;
         let weight = self.in_out()?;
         let mut out_shape = x.dims().to_vec();
-        *out_shape.last_mut().expect("inputs have a feature dimension") = n_out;
+        *out_shape
+            .last_mut()
+            .expect("inputs have a feature dimension") = n_out;
         let rows = x.elem_count() / n_in;
         let frozen = !trains(&self.weight);
         // A frozen layer's frozen bias is added inside the fused ops; any
@@ -77,11 +94,26 @@ impl Linear {
             }
         };
         if let Some(lora) = self.lora.as_ref().filter(|_| frozen) {
-            return add_bias(super::ops::lora_linear(x, (&weight, fused_bias), &lora.a, &lora.b, lora.scale, lora.dropout_mask(x.dims())?)?);
+            return add_bias(super::ops::lora_linear(
+                x,
+                (&weight, fused_bias),
+                &lora.a,
+                &lora.b,
+                lora.scale,
+                lora.dropout_mask(x.dims())?,
+            )?);
         }
-        let mut y = add_bias(if frozen { super::ops::frozen_linear(x, &weight, fused_bias)? } else { x.reshape((rows, n_in))?.matmul(&weight)?.reshape(out_shape.as_slice())? })?;
+        let mut y = add_bias(if frozen {
+            super::ops::frozen_linear(x, &weight, fused_bias)?
+        } else {
+            x.reshape((rows, n_in))?
+                .matmul(&weight)?
+                .reshape(out_shape.as_slice())?
+        })?;
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(&x.reshape((rows, n_in))?)?.reshape(out_shape)?)?;
+            y = (y + lora
+                .forward(&x.reshape((rows, n_in))?)?
+                .reshape(out_shape)?)?;
         }
         Ok(y)
     }
@@ -89,10 +121,16 @@ impl Linear {
     /// Folds the LoRA update into the weight, in its stored layout; returns
     /// whether there was one.
     pub fn merge_lora(&mut self) -> Result<bool> {
-        let Some(lora) = self.lora.take() else { return Ok(false) };
+        let Some(lora) = self.lora.take() else {
+            return Ok(false);
+        };
         // In f64, rounded once: the merged weight is W + scale·B·A to the
         // nearest float32.
-        let delta = (lora.b.to_dtype(DType::F64)?.matmul(&lora.a.to_dtype(DType::F64)?)? * lora.scale)?;
+        let delta = (lora
+            .b
+            .to_dtype(DType::F64)?
+            .matmul(&lora.a.to_dtype(DType::F64)?)?
+            * lora.scale)?;
         let delta = match self.layout {
             WeightLayout::InOut => delta.t()?,
             WeightLayout::OutIn => delta,
@@ -122,12 +160,17 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layer: usize) -> Self {
-        KvCache { layers: vec![None; n_layer] }
+        KvCache {
+            layers: vec![None; n_layer],
+        }
     }
 
     /// How many positions the cache holds.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -135,10 +178,17 @@ impl KvCache {
     }
 
     /// Appends `k` and `v` to layer `i`'s; returns the whole keys and values.
-    pub fn append(slot: Option<&mut Option<(Tensor, Tensor)>>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn append(
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let Some(slot) = slot else { return Ok((k, v)) };
         let (k, v) = match slot.as_ref() {
-            Some((past_k, past_v)) => (Tensor::cat(&[past_k, &k], 2)?, Tensor::cat(&[past_v, &v], 2)?),
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[past_k, &k], 2)?,
+                Tensor::cat(&[past_v, &v], 2)?,
+            ),
             None => (k, v),
         };
         *slot = Some((k.clone(), v.clone()));
@@ -159,7 +209,9 @@ impl LeftPadding {
         for (row, m) in mask.iter().enumerate() {
             let pad = m.iter().take_while(|&&v| v == 0).count();
             if m[pad..].contains(&0) {
-                return Err(ModelError::Config(format!("row {row} of the attention mask is not left-padded (zeros, then ones)")));
+                return Err(ModelError::Config(format!(
+                    "row {row} of the attention mask is not left-padded (zeros, then ones)"
+                )));
             }
             pads.push(pad);
         }
@@ -170,9 +222,23 @@ impl LeftPadding {
     /// their padding (empty when no row needed any).
     pub fn pad(sequences: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, LeftPadding) {
         let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-        let rows = sequences.iter().map(|s| std::iter::repeat_n(pad_id, longest - s.len()).chain(s.iter().copied()).collect()).collect();
+        let rows = sequences
+            .iter()
+            .map(|s| {
+                std::iter::repeat_n(pad_id, longest - s.len())
+                    .chain(s.iter().copied())
+                    .collect()
+            })
+            .collect();
         let pads: Vec<usize> = sequences.iter().map(|s| longest - s.len()).collect();
-        (rows, if pads.iter().all(|&p| p == 0) { LeftPadding::default() } else { LeftPadding(pads) })
+        (
+            rows,
+            if pads.iter().all(|&p| p == 0) {
+                LeftPadding::default()
+            } else {
+                LeftPadding(pads)
+            },
+        )
     }
 
     /// The padding of row `b`.
@@ -188,7 +254,9 @@ impl LeftPadding {
 
     /// Position ids `[b·t]` for `t` positions after `past`.
     pub fn positions(&self, batch: usize, past: usize, t: usize) -> Vec<u32> {
-        (0..batch).flat_map(|b| (past..past + t).map(move |j| self.position(b, j) as u32)).collect()
+        (0..batch)
+            .flat_map(|b| (past..past + t).map(move |j| self.position(b, j) as u32))
+            .collect()
     }
 }
 
@@ -232,7 +300,13 @@ impl TokenMatrix {
     pub fn loss(&self, hidden: &Tensor, labels: &Tensor, grad: bool) -> Result<Tensor> {
         let cut = |t: Tensor| if grad { t } else { t.detach() };
         if let Some(rows) = &self.rows {
-            return super::ops::linear_cross_entropy_rows(&cut(hidden.clone()), &rows.masked, &rows.indices, &cut(rows.values.clone()), labels);
+            return super::ops::linear_cross_entropy_rows(
+                &cut(hidden.clone()),
+                &rows.masked,
+                &rows.indices,
+                &cut(rows.values.clone()),
+                labels,
+            );
         }
         if !trains(&self.weight) {
             return super::ops::linear_cross_entropy(&cut(hidden.clone()), &self.weight, labels);
@@ -242,17 +316,26 @@ impl TokenMatrix {
 
     /// Folds trainable rows into the weight; returns whether there were any.
     pub fn merge_rows(&mut self) -> Result<bool> {
-        let Some(rows) = self.rows.take() else { return Ok(false) };
+        let Some(rows) = self.rows.take() else {
+            return Ok(false);
+        };
         self.weight = rows.apply()?.detach();
         Ok(true)
     }
 
     /// Grows the matrix to `new_size` rows, the new ones starting as `init`
     /// says, drawn from `rng`.
-    pub fn grow(&mut self, new_size: usize, init: EmbeddingInit, rng: &mut super::train::Rng) -> Result<()> {
+    pub fn grow(
+        &mut self,
+        new_size: usize,
+        init: EmbeddingInit,
+        rng: &mut super::train::Rng,
+    ) -> Result<()> {
         let (old_size, width) = self.weight.dims2()?;
         if new_size < old_size {
-            return Err(ModelError::Config(format!("cannot shrink the embedding from {old_size} to {new_size} rows")));
+            return Err(ModelError::Config(format!(
+                "cannot shrink the embedding from {old_size} to {new_size} rows"
+            )));
         }
         if new_size == old_size {
             return Ok(());
@@ -292,10 +375,16 @@ impl TokenRows {
     pub fn new(matrix: &Tensor, indices: Vec<u32>, values: Tensor) -> Result<Self> {
         let (vocab, width) = matrix.dims2()?;
         if let Some(bad) = indices.iter().find(|&&i| i as usize >= vocab) {
-            return Err(ModelError::Config(format!("trainable token {bad} is outside the vocabulary of {vocab}")));
+            return Err(ModelError::Config(format!(
+                "trainable token {bad} is outside the vocabulary of {vocab}"
+            )));
         }
         if values.dims() != [indices.len(), width] {
-            return Err(ModelError::Config(format!("trainable token rows have shape {:?}, expected [{}, {width}]", values.dims(), indices.len())));
+            return Err(ModelError::Config(format!(
+                "trainable token rows have shape {:?}, expected [{}, {width}]",
+                values.dims(),
+                indices.len()
+            )));
         }
         let mut keep = vec![1f32; vocab];
         for &i in &indices {
@@ -304,8 +393,18 @@ impl TokenRows {
         let keep = Tensor::from_vec(keep, (vocab, 1), matrix.device())?.to_dtype(matrix.dtype())?;
         let masked = matrix.detach().broadcast_mul(&keep)?;
         let index = Tensor::new(indices.as_slice(), matrix.device())?;
-        let slot = indices.iter().enumerate().map(|(i, &id)| (id, i as u32)).collect();
-        Ok(TokenRows { indices, values, masked, index, slot })
+        let slot = indices
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i as u32))
+            .collect();
+        Ok(TokenRows {
+            indices,
+            values,
+            masked,
+            index,
+            slot,
+        })
     }
 
     /// The matrix with the rows replaced.
@@ -318,10 +417,20 @@ impl TokenRows {
     /// row appended), so backward touches only `values`.
     fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         let zero = self.indices.len() as u32;
-        let slots: Vec<u32> = ids.to_vec1::<u32>()?.iter().map(|id| self.slot.get(id).copied().unwrap_or(zero)).collect();
+        let slots: Vec<u32> = ids
+            .to_vec1::<u32>()?
+            .iter()
+            .map(|id| self.slot.get(id).copied().unwrap_or(zero))
+            .collect();
         let slots = Tensor::new(slots, ids.device())?;
         let width = self.values.dim(1)?;
-        let extended = Tensor::cat(&[&self.values, &Tensor::zeros((1, width), self.values.dtype(), self.values.device())?], 0)?;
+        let extended = Tensor::cat(
+            &[
+                &self.values,
+                &Tensor::zeros((1, width), self.values.dtype(), self.values.device())?,
+            ],
+            0,
+        )?;
         Ok((self.masked.embedding(ids)? + extended.embedding(&slots)?)?)
     }
 
@@ -357,12 +466,19 @@ impl Sampling {
     pub fn pick(&self, logits: &[f32], rng: &mut super::train::Rng) -> u32 {
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         // Largest first; ties by id, so a seed gives one sequence.
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         if self.top_k > 0 {
             order.truncate(self.top_k);
         }
         let max = logits[order[0] as usize] as f64;
-        let weights: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] as f64 - max) / self.temperature).exp()).collect();
+        let weights: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) / self.temperature).exp())
+            .collect();
         let mut target = rng.uniform() * weights.iter().sum::<f64>();
         for (&id, w) in order.iter().zip(&weights) {
             if target < *w {

@@ -81,10 +81,14 @@ fn default_activation() -> String {
 }
 
 /// A token id, or a list of them (the first is taken).
-fn one_or_first<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<u32>, D::Error> {
+fn one_or_first<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<u32>, D::Error> {
     let value = Option::<serde_json::Value>::deserialize(deserializer)?;
     Ok(match value {
-        Some(serde_json::Value::Array(ids)) => ids.first().and_then(|v| v.as_u64()).map(|v| v as u32),
+        Some(serde_json::Value::Array(ids)) => {
+            ids.first().and_then(|v| v.as_u64()).map(|v| v as u32)
+        }
         Some(v) => v.as_u64().map(|v| v as u32),
         None => None,
     })
@@ -92,7 +96,8 @@ fn one_or_first<'de, D: serde::Deserializer<'de>>(deserializer: D) -> std::resul
 
 impl Config {
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -107,23 +112,39 @@ impl Config {
     /// Checks what the forward pass relies on.
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.family()?, Family::Llama | Family::Qwen2) {
-            return Err(ModelError::Unsupported(format!("`model_type` = \"{}\" is not a Llama-family model", self.model_type.as_deref().unwrap_or_default())));
+            return Err(ModelError::Unsupported(format!(
+                "`model_type` = \"{}\" is not a Llama-family model",
+                self.model_type.as_deref().unwrap_or_default()
+            )));
         }
         let (heads, kv) = (self.num_attention_heads, self.kv_heads());
         if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
-            return Err(ModelError::Config(format!("`num_attention_heads` = {heads} is not a multiple of `num_key_value_heads` = {kv}")));
+            return Err(ModelError::Config(format!(
+                "`num_attention_heads` = {heads} is not a multiple of `num_key_value_heads` = {kv}"
+            )));
         }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
-            return Err(ModelError::Config(format!("`hidden_size` = {} is not divisible by `num_attention_heads` = {heads}", self.hidden_size)));
+            return Err(ModelError::Config(format!(
+                "`hidden_size` = {} is not divisible by `num_attention_heads` = {heads}",
+                self.hidden_size
+            )));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(ModelError::Config(format!("`head_dim` = {} is odd; rotary embeddings rotate pairs", self.head_dim())));
+            return Err(ModelError::Config(format!(
+                "`head_dim` = {} is odd; rotary embeddings rotate pairs",
+                self.head_dim()
+            )));
         }
         if self.hidden_act != "silu" {
-            return Err(ModelError::Unsupported(format!("`hidden_act` = \"{}\" (symb supports \"silu\")", self.hidden_act)));
+            return Err(ModelError::Unsupported(format!(
+                "`hidden_act` = \"{}\" (symb supports \"silu\")",
+                self.hidden_act
+            )));
         }
         if self.use_sliding_window {
-            return Err(ModelError::Unsupported("`use_sliding_window` = true".to_string()));
+            return Err(ModelError::Unsupported(
+                "`use_sliding_window` = true".to_string(),
+            ));
         }
         self.rope()?;
         Ok(())
@@ -133,12 +154,22 @@ impl Config {
     /// transformers' `ROPE_INIT_FUNCTIONS` compute them.
     pub fn rope(&self) -> Result<(Vec<f32>, f32)> {
         let d = self.head_dim();
-        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
         let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) else {
             return Ok((base.iter().map(|&f| f as f32).collect(), 1.0));
         };
-        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
-        let number = |key: &str| -> Result<f64> { scaling.get(key).and_then(|v| v.as_f64()).ok_or_else(|| ModelError::Config(format!("`rope_scaling` of type \"{kind}\" lacks `{key}`"))) };
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let number = |key: &str| -> Result<f64> {
+            scaling.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+                ModelError::Config(format!("`rope_scaling` of type \"{kind}\" lacks `{key}`"))
+            })
+        };
         // transformers computes the frequencies in float32.
         let base: Vec<f32> = base.iter().map(|&f| f as f32).collect();
         match kind {
@@ -169,7 +200,9 @@ impl Config {
                     .collect();
                 Ok((frequencies, 1.0))
             }
-            other => Err(ModelError::Unsupported(format!("`rope_scaling` type \"{other}\" (symb supports \"default\", \"linear\", \"llama3\")"))),
+            other => Err(ModelError::Unsupported(format!(
+                "`rope_scaling` type \"{other}\" (symb supports \"default\", \"linear\", \"llama3\")"
+            ))),
         }
     }
 }
@@ -183,7 +216,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: vb.get(size, "weight")?, eps })
+        Ok(RmsNorm {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -224,7 +260,14 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>, padding: &LeftPadding, rotary: &Rotary<'_>, past: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        padding: &LeftPadding,
+        rotary: &Rotary<'_>,
+        past: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let positions = padding.positions(b, past, t);
@@ -249,12 +292,23 @@ pub struct Mlp {
 
 impl Mlp {
     fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
-        let (c, i, bias) = (config.hidden_size, config.intermediate_size, config.mlp_bias);
-        Ok(Mlp { gate_proj: linear(&vb.pp("gate_proj"), c, i, bias)?, up_proj: linear(&vb.pp("up_proj"), c, i, bias)?, down_proj: linear(&vb.pp("down_proj"), i, c, bias)? })
+        let (c, i, bias) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.mlp_bias,
+        );
+        Ok(Mlp {
+            gate_proj: linear(&vb.pp("gate_proj"), c, i, bias)?,
+            up_proj: linear(&vb.pp("up_proj"), c, i, bias)?,
+            down_proj: linear(&vb.pp("down_proj"), i, c, bias)?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&super::ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&super::ops::silu_mul(
+            &self.gate_proj.forward(x)?,
+            &self.up_proj.forward(x)?,
+        )?)
     }
 }
 
@@ -316,14 +370,26 @@ impl Llama {
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
         config.validate()?;
         let family = config.family()?;
-        let head = (!config.tie_word_embeddings).then(|| vb.get((config.vocab_size, config.hidden_size), "lm_head.weight")).transpose()?.map(TokenMatrix::new);
-        let vb = if vb.contains_tensor("model.embed_tokens.weight") { vb.pp("model") } else { vb };
-        let layers = (0..config.num_hidden_layers).map(|i| Layer::load(vb.pp(format!("layers.{i}")), config, family)).collect::<Result<Vec<_>>>()?;
+        let head = (!config.tie_word_embeddings)
+            .then(|| vb.get((config.vocab_size, config.hidden_size), "lm_head.weight"))
+            .transpose()?
+            .map(TokenMatrix::new);
+        let vb = if vb.contains_tensor("model.embed_tokens.weight") {
+            vb.pp("model")
+        } else {
+            vb
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(vb.pp(format!("layers.{i}")), config, family))
+            .collect::<Result<Vec<_>>>()?;
         let (inv_freq, attention_scaling) = config.rope()?;
         Ok(Llama {
             config: config.clone(),
             family,
-            embed_tokens: TokenMatrix::new(vb.get((config.vocab_size, config.hidden_size), "embed_tokens.weight")?),
+            embed_tokens: TokenMatrix::new(vb.get(
+                (config.vocab_size, config.hidden_size),
+                "embed_tokens.weight",
+            )?),
             layers,
             norm: RmsNorm::load(vb.pp("norm"), config.hidden_size, config.rms_norm_eps)?,
             lm_head: head,
@@ -336,7 +402,11 @@ impl Llama {
     /// linear weights and the embedding ~ N(0, 0.02), biases 0, norms 1.
     pub fn scratch(config: &Config, rng: &mut super::train::Rng) -> Result<Self> {
         const STD: f64 = 0.02;
-        let (c, d, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+        let (c, d, i) = (
+            config.hidden_size,
+            config.head_dim(),
+            config.intermediate_size,
+        );
         let (h, kv) = (config.num_attention_heads, config.kv_heads());
         let family = config.family()?;
         let mut tensors = std::collections::HashMap::new();
@@ -363,7 +433,10 @@ impl Llama {
             normal("lm_head.weight".into(), &[config.vocab_size, c])?;
         }
         let mut constant = |name: String, size: usize, value: f64| -> Result<()> {
-            tensors.insert(name, (Tensor::ones(size, DType::F32, &Device::Cpu)? * value)?);
+            tensors.insert(
+                name,
+                (Tensor::ones(size, DType::F32, &Device::Cpu)? * value)?,
+            );
             Ok(())
         };
         for layer in 0..config.num_hidden_layers {
@@ -371,14 +444,21 @@ impl Llama {
             constant(format!("{prefix}.input_layernorm.weight"), c, 1.0)?;
             constant(format!("{prefix}.post_attention_layernorm.weight"), c, 1.0)?;
             for (name, out, _) in shapes {
-                let biased = if name.starts_with("mlp.") { config.mlp_bias } else { config.attention_bias || (family == Family::Qwen2 && name != "self_attn.o_proj") };
+                let biased = if name.starts_with("mlp.") {
+                    config.mlp_bias
+                } else {
+                    config.attention_bias || (family == Family::Qwen2 && name != "self_attn.o_proj")
+                };
                 if biased {
                     constant(format!("{prefix}.{name}.bias"), out, 0.0)?;
                 }
             }
         }
         constant("model.norm.weight".into(), c, 1.0)?;
-        Llama::load(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), config)
+        Llama::load(
+            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+            config,
+        )
     }
 
     pub fn device(&self) -> &Device {
@@ -409,8 +489,14 @@ impl Llama {
         f("model.embed_tokens.weight", &mut self.embed_tokens.weight)?;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let prefix = format!("model.layers.{i}");
-            f(&format!("{prefix}.input_layernorm.weight"), &mut layer.input_layernorm.weight)?;
-            f(&format!("{prefix}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm.weight)?;
+            f(
+                &format!("{prefix}.input_layernorm.weight"),
+                &mut layer.input_layernorm.weight,
+            )?;
+            f(
+                &format!("{prefix}.post_attention_layernorm.weight"),
+                &mut layer.post_attention_layernorm.weight,
+            )?;
             for (name, linear) in layer.linears_mut() {
                 f(&format!("{prefix}.{name}.weight"), &mut linear.weight)?;
                 if let Some(bias) = linear.bias.as_mut() {
@@ -442,20 +528,44 @@ impl Llama {
     /// The final hidden states `[b·t, hidden]` (after `norm`) of `input_ids`
     /// `[b, t]`, continuing from `cache` (updated in place) when given, each
     /// row starting after its left padding.
-    pub fn hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>, padding: &LeftPadding) -> Result<Tensor> {
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if past + t > self.config.max_position_embeddings {
-            return Err(ModelError::Config(format!("{} positions exceed the model's context of {}", past + t, self.config.max_position_embeddings)));
+            return Err(ModelError::Config(format!(
+                "{} positions exceed the model's context of {}",
+                past + t,
+                self.config.max_position_embeddings
+            )));
         }
         let c = self.config.hidden_size;
-        let mut x = self.embed_tokens.embed(&input_ids.flatten_all()?)?.reshape((b, t, c))?;
-        let rotary = Rotary { inv_freq: &self.inv_freq, scaling: self.attention_scaling };
+        let mut x = self
+            .embed_tokens
+            .embed(&input_ids.flatten_all()?)?
+            .reshape((b, t, c))?;
+        let rotary = Rotary {
+            inv_freq: &self.inv_freq,
+            scaling: self.attention_scaling,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let attended = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, layer_cache, padding, &rotary, past)?;
+            let attended = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x)?,
+                layer_cache,
+                padding,
+                &rotary,
+                past,
+            )?;
             x = (x + attended)?;
-            x = (&x + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?)?;
+            x = (&x
+                + layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&x)?)?)?;
         }
         Ok(self.norm.forward(&x)?.reshape((b * t, c))?)
     }

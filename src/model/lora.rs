@@ -27,7 +27,9 @@ impl LoraTarget<'_> {
     /// `family` (GPT-2: `attn.c_attn`, `mlp.c_fc`, ...; Llama:
     /// `self_attn.q_proj`, `mlp.gate_proj`, ...).
     pub fn includes(&self, family: Family, layer: &str) -> bool {
-        self.0.iter().any(|target| family.lora_selects(target, layer))
+        self.0
+            .iter()
+            .any(|target| family.lora_selects(target, layer))
     }
 }
 
@@ -60,7 +62,9 @@ impl Lora {
             Some((p, rng)) if *p > 0.0 => {
                 let mut rng = rng.lock().expect("dropout rng lock");
                 let keep = 1.0 - p;
-                Ok(Some(rng.tensor(dims, |r| if r.uniform() < keep { 1.0 / keep } else { 0.0 })?))
+                Ok(Some(rng.tensor(dims, |r| {
+                    if r.uniform() < keep { 1.0 / keep } else { 0.0 }
+                })?))
             }
             _ => Ok(None),
         }
@@ -87,53 +91,95 @@ pub struct AdapterConfig {
 
 impl AdapterConfig {
     pub fn scale(&self) -> f64 {
-        if self.use_rslora { self.lora_alpha / (self.r as f64).sqrt() } else { self.lora_alpha / self.r as f64 }
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
     }
 }
 
 /// Attaches a PEFT adapter folder to `model`; returns the adapted modules.
 pub fn load_adapter(model: &mut Model, dir: &Path) -> Result<Vec<String>> {
-    load_adapter_files(model, &dir.join("adapter_config.json"), &dir.join("adapter_model.safetensors"))
+    load_adapter_files(
+        model,
+        &dir.join("adapter_config.json"),
+        &dir.join("adapter_model.safetensors"),
+    )
 }
 
 /// Attaches a PEFT adapter given its two files.
-pub fn load_adapter_files(model: &mut Model, config_path: &Path, path: &Path) -> Result<Vec<String>> {
+pub fn load_adapter_files(
+    model: &mut Model,
+    config_path: &Path,
+    path: &Path,
+) -> Result<Vec<String>> {
     let config: AdapterConfig = read_json(config_path)?;
     if config.peft_type.as_deref().is_some_and(|t| t != "LORA") || config.use_dora {
-        return Err(ModelError::Unsupported(format!("`{}`: only plain LoRA adapters are supported", config_path.display())));
+        return Err(ModelError::Unsupported(format!(
+            "`{}`: only plain LoRA adapters are supported",
+            config_path.display()
+        )));
     }
     if config.r == 0 {
-        return Err(ModelError::Config(format!("`{}`: `r` is 0", config_path.display())));
+        return Err(ModelError::Config(format!(
+            "`{}`: `r` is 0",
+            config_path.display()
+        )));
     }
     let family = model.family();
     let device = model.device().clone();
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| ModelError::io_candle(path, e))?;
-    let ids = |value: &serde_json::Value| -> Result<Vec<u32>> { serde_json::from_value(value.clone()).map_err(|e| ModelError::io(config_path, e)) };
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| ModelError::io_candle(path, e))?;
+    let ids = |value: &serde_json::Value| -> Result<Vec<u32>> {
+        serde_json::from_value(value.clone()).map_err(|e| ModelError::io(config_path, e))
+    };
     // Token ids per module name: a plain list is the input embedding's;
     // a map names modules by a suffix of their path (`embed_tokens`, `lm_head`).
     let mut token_indices: Vec<(String, Vec<u32>)> = match &config.trainable_token_indices {
         None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(serde_json::Value::Object(map)) => map.iter().map(|(k, v)| Ok((k.clone(), ids(v)?))).collect::<Result<_>>()?,
+        Some(serde_json::Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), ids(v)?)))
+            .collect::<Result<_>>()?,
         Some(list) => vec![(family.embedding_module().to_string(), ids(list)?)],
     };
     for (module, matrix) in model.token_matrices_mut() {
         let key = Family::token_rows_key(module);
-        let listed = token_indices.iter().position(|(name, _)| module == name || module.ends_with(&format!(".{name}")));
+        let listed = token_indices
+            .iter()
+            .position(|(name, _)| module == name || module.ends_with(&format!(".{name}")));
         match (listed, tensors.remove(&key)) {
             (Some(i), Some(values)) => {
                 let (_, indices) = token_indices.remove(i);
                 let values = values.to_dtype(DType::F32)?.to_device(&device)?;
-                matrix.rows = Some(TokenRows::new(&matrix.weight, indices, values).map_err(|e| ModelError::Config(format!("`{}`: {e}", path.display())))?);
+                matrix.rows = Some(
+                    TokenRows::new(&matrix.weight, indices, values)
+                        .map_err(|e| ModelError::Config(format!("`{}`: {e}", path.display())))?,
+                );
             }
-            (Some(_), None) => return Err(ModelError::Config(format!("`{}` lists trainable tokens, but `{}` has no `{key}`", config_path.display(), path.display()))),
+            (Some(_), None) => {
+                return Err(ModelError::Config(format!(
+                    "`{}` lists trainable tokens, but `{}` has no `{key}`",
+                    config_path.display(),
+                    path.display()
+                )));
+            }
             (None, Some(_)) => {
-                return Err(ModelError::Config(format!("`{}` has trainable token rows `{key}`, but `{}` lists no `trainable_token_indices` for it", path.display(), config_path.display())));
+                return Err(ModelError::Config(format!(
+                    "`{}` has trainable token rows `{key}`, but `{}` lists no `trainable_token_indices` for it",
+                    path.display(),
+                    config_path.display()
+                )));
             }
             (None, None) => {}
         }
     }
     if let Some((module, _)) = token_indices.first() {
-        return Err(ModelError::Unsupported(format!("`{}`: trainable tokens on `{module}`: symb supports them on the token embedding and an untied head", config_path.display())));
+        return Err(ModelError::Unsupported(format!(
+            "`{}`: trainable tokens on `{module}`: symb supports them on the token embedding and an untied head",
+            config_path.display()
+        )));
     }
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, tensor) in tensors {
@@ -143,19 +189,37 @@ pub fn load_adapter_files(model: &mut Model, config_path: &Path, path: &Path) ->
         } else if let Some(m) = module.strip_suffix(".lora_B.weight") {
             (m, 1)
         } else {
-            return Err(ModelError::Unsupported(format!("`{}`: tensor `{name}` is not a LoRA A or B weight", path.display())));
+            return Err(ModelError::Unsupported(format!(
+                "`{}`: tensor `{name}` is not a LoRA A or B weight",
+                path.display()
+            )));
         };
         let entry = pairs.entry(module.to_string()).or_default();
         let tensor = tensor.to_dtype(DType::F32)?.to_device(model.device())?;
-        if which == 0 { entry.0 = Some(tensor) } else { entry.1 = Some(tensor) }
+        if which == 0 {
+            entry.0 = Some(tensor)
+        } else {
+            entry.1 = Some(tensor)
+        }
     }
-    let mut linears: BTreeMap<String, &mut super::Linear> = model.linears_mut(LoraTarget(&["all-linear".to_string()])).into_iter().collect();
+    let mut linears: BTreeMap<String, &mut super::Linear> = model
+        .linears_mut(LoraTarget(&["all-linear".to_string()]))
+        .into_iter()
+        .collect();
     let mut adapted = Vec::new();
     for (module, (a, b)) in pairs {
         let (Some(a), Some(b)) = (a, b) else {
-            return Err(ModelError::Config(format!("`{}`: `{module}` lacks its lora_A or lora_B weight", path.display())));
+            return Err(ModelError::Config(format!(
+                "`{}`: `{module}` lacks its lora_A or lora_B weight",
+                path.display()
+            )));
         };
-        let linear = linears.get_mut(&module).ok_or_else(|| ModelError::Config(format!("`{}`: the adapter targets `{module}`, which the model does not have", path.display())))?;
+        let linear = linears.get_mut(&module).ok_or_else(|| {
+            ModelError::Config(format!(
+                "`{}`: the adapter targets `{module}`, which the model does not have",
+                path.display()
+            ))
+        })?;
         let (n_in, n_out) = linear.dims()?;
         if a.dims() != [config.r, n_in] || b.dims() != [n_out, config.r] {
             return Err(ModelError::Config(format!(
@@ -167,7 +231,12 @@ pub fn load_adapter_files(model: &mut Model, config_path: &Path, path: &Path) ->
                 config.r
             )));
         }
-        linear.lora = Some(Lora { a, b, scale: config.scale(), dropout: None });
+        linear.lora = Some(Lora {
+            a,
+            b,
+            scale: config.scale(),
+            dropout: None,
+        });
         adapted.push(module);
     }
     Ok(adapted)
@@ -190,7 +259,14 @@ pub fn merge(model: &mut Model) -> Result<usize> {
 /// `family` (named `base`, as PEFT's `base_model_name_or_path`);
 /// `token_modules` are the modules whose rows of `trainable_tokens` train
 /// (the embedding, and an untied head).
-pub fn peft_config(family: Family, base: Option<&str>, spec: &super::train::LoraSpec, dropout: f64, trainable_tokens: &[u32], token_modules: &[String]) -> serde_json::Value {
+pub fn peft_config(
+    family: Family,
+    base: Option<&str>,
+    spec: &super::train::LoraSpec,
+    dropout: f64,
+    trainable_tokens: &[u32],
+    token_modules: &[String],
+) -> serde_json::Value {
     let targets = family.peft_target_modules(&spec.targets);
     serde_json::json!({
         "peft_type": "LORA",

@@ -50,7 +50,8 @@ pub enum ModelError {
 /// `RUST_BACKTRACE` is set, and without its path prefix.
 pub fn candle_message(error: &candle_core::Error) -> String {
     match error {
-        candle_core::Error::WithBacktrace { inner, .. } | candle_core::Error::WithPath { inner, .. } => candle_message(inner),
+        candle_core::Error::WithBacktrace { inner, .. }
+        | candle_core::Error::WithPath { inner, .. } => candle_message(inner),
         candle_core::Error::Context { inner, context } => {
             format!("{context}: {}", candle_message(inner))
         }
@@ -60,15 +61,24 @@ pub fn candle_message(error: &candle_core::Error) -> String {
 
 impl ModelError {
     pub fn io(path: &Path, error: impl std::fmt::Display) -> Self {
-        ModelError::Io { path: path.to_path_buf(), message: error.to_string() }
+        ModelError::Io {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        }
     }
 
     pub fn io_candle(path: &Path, error: candle_core::Error) -> Self {
-        ModelError::Io { path: path.to_path_buf(), message: candle_message(&error) }
+        ModelError::Io {
+            path: path.to_path_buf(),
+            message: candle_message(&error),
+        }
     }
 
     pub fn write(path: &Path, error: impl std::fmt::Display) -> Self {
-        ModelError::Write { path: path.to_path_buf(), message: error.to_string() }
+        ModelError::Write {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        }
     }
 }
 
@@ -89,12 +99,23 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let index: serde_json::Value = read_json(&index)?;
-        let mut files: Vec<PathBuf> = index["weight_map"].as_object().map(|m| m.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect()).unwrap_or_default();
+        let mut files: Vec<PathBuf> = index["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str())
+                    .map(|f| dir.join(f))
+                    .collect()
+            })
+            .unwrap_or_default();
         files.sort();
         files.dedup();
         return Ok(files);
     }
-    Err(ModelError::io(&single, "no `model.safetensors` (nor `model.safetensors.index.json`) in the model folder"))
+    Err(ModelError::io(
+        &single,
+        "no `model.safetensors` (nor `model.safetensors.index.json`) in the model folder",
+    ))
 }
 
 /// A model of any family symb supports. (Held once per stage, never in
@@ -120,7 +141,13 @@ impl ModelConfig {
             Family::Gpt2 => ModelConfig::Gpt2(read_json(path)?),
             Family::Llama | Family::Qwen2 => ModelConfig::Llama(read_json(path)?),
         };
-        config.validate().map_err(|e| ModelError::Config(format!("`{}`: {}", path.display(), e.to_string().trim_start_matches("unsupported model: "))))?;
+        config.validate().map_err(|e| {
+            ModelError::Config(format!(
+                "`{}`: {}",
+                path.display(),
+                e.to_string().trim_start_matches("unsupported model: ")
+            ))
+        })?;
         Ok(config)
     }
 
@@ -175,11 +202,20 @@ impl ModelConfig {
             ModelConfig::Llama(c) => {
                 let e = n(c.hidden_size);
                 let heads = n(c.num_attention_heads);
-                let head_dim = n(c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1)));
+                let head_dim = n(c
+                    .head_dim
+                    .unwrap_or(c.hidden_size / c.num_attention_heads.max(1)));
                 let kv = n(c.num_key_value_heads.unwrap_or(c.num_attention_heads));
-                let attention = e * heads * head_dim + 2 * e * kv * head_dim + heads * head_dim * e + (heads + 2 * kv) * head_dim;
+                let attention = e * heads * head_dim
+                    + 2 * e * kv * head_dim
+                    + heads * head_dim * e
+                    + (heads + 2 * kv) * head_dim;
                 let layer = attention + 3 * e * n(c.intermediate_size) + 2 * e;
-                let head = if c.tie_word_embeddings { 0 } else { n(c.vocab_size) * e };
+                let head = if c.tie_word_embeddings {
+                    0
+                } else {
+                    n(c.vocab_size) * e
+                };
                 n(c.vocab_size) * e + head + n(c.num_hidden_layers) * layer + e
             }
         }
@@ -205,8 +241,20 @@ impl ModelConfig {
 /// where neither can be read.
 pub fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let available = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024;
-    let read = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        * 1024;
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{name}"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
     match (read("memory.max"), read("memory.current")) {
         (Some(max), Some(current)) => Some(available.min(max.saturating_sub(current))),
         _ => Some(available),
@@ -217,10 +265,16 @@ pub fn available_memory() -> Option<u64> {
 /// starts (an allocation that fails aborts the process): `what` says what
 /// needs it, `fix` which settings make it smaller.
 pub fn check_memory(needed: u128, what: &str, fix: &str) -> Result<()> {
-    let Some(available) = available_memory() else { return Ok(()) };
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
     if needed > available as u128 {
         let gb = |b: u128| b as f64 / 1e9;
-        return Err(ModelError::Config(format!("{what} needs about {:.1} GB of memory, and this machine has {:.1} GB available: {fix}", gb(needed), gb(available as u128))));
+        return Err(ModelError::Config(format!(
+            "{what} needs about {:.1} GB of memory, and this machine has {:.1} GB available: {fix}",
+            gb(needed),
+            gb(available as u128)
+        )));
     }
     Ok(())
 }
@@ -345,7 +399,12 @@ impl Model {
     }
 
     /// Final hidden states `[b·t, width]`.
-    fn hidden(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, padding: &LeftPadding) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
         each_family!(self, m => m.hidden(input_ids, cache, padding))
     }
 
@@ -359,13 +418,24 @@ impl Model {
     /// after `padding.0[b]` positions, which no query sees, and its position
     /// ids count from there (transformers' `generate()` with
     /// `padding_side = "left"`).
-    pub fn forward_padded(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, padding: &LeftPadding) -> Result<Tensor> {
+    pub fn forward_padded(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if !padding.0.is_empty() && padding.0.len() != b {
-            return Err(ModelError::Config(format!("{} padding lengths for a batch of {b}", padding.0.len())));
+            return Err(ModelError::Config(format!(
+                "{} padding lengths for a batch of {b}",
+                padding.0.len()
+            )));
         }
         let hidden = self.hidden(input_ids, cache, padding)?;
-        Ok(self.head().logits(&hidden)?.reshape((b, t, self.vocab_size()))?)
+        Ok(self
+            .head()
+            .logits(&hidden)?
+            .reshape((b, t, self.vocab_size()))?)
     }
 
     /// Mean next-token loss of `input_ids` `[b, t]` against `labels` `[b·t]`;
@@ -379,13 +449,25 @@ impl Model {
     /// Greedy decoding with the KV cache: up to `max_new_tokens` ids, stopping
     /// after `eos` (included) as transformers' `generate()` does. Returns the
     /// new ids and the logits at the last prompt position.
-    pub fn greedy(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>) -> Result<(Vec<u32>, Vec<f32>)> {
+    pub fn greedy(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
         self.decode(prompt, max_new_tokens, eos, None)
     }
 
     /// Decoding with the KV cache, greedy or sampled (see [`greedy`](Self::greedy)).
-    pub fn decode(&self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>) -> Result<(Vec<u32>, Vec<f32>)> {
-        let (mut generated, mut logits) = self.decode_batch(&[prompt.to_vec()], max_new_tokens, eos, sampling)?;
+    pub fn decode(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        sampling: Option<&Sampling>,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        let (mut generated, mut logits) =
+            self.decode_batch(&[prompt.to_vec()], max_new_tokens, eos, sampling)?;
         Ok((generated.remove(0), logits.remove(0)))
     }
 
@@ -393,8 +475,15 @@ impl Model {
     /// KV cache, as transformers' `generate()` does; a row stops after its
     /// `eos`. Returns each row's new ids and its logits at the last prompt
     /// position.
-    pub fn decode_batch(&self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>) -> Result<Decoded> {
-        let (generated, prompt_logits, _) = self.decode_batch_inner(prompts, max_new_tokens, eos, sampling, false)?;
+    pub fn decode_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        sampling: Option<&Sampling>,
+    ) -> Result<Decoded> {
+        let (generated, prompt_logits, _) =
+            self.decode_batch_inner(prompts, max_new_tokens, eos, sampling, false)?;
         Ok((generated, prompt_logits))
     }
 
@@ -402,27 +491,56 @@ impl Model {
     /// row of each prompt: its prompt's positions, then one per new id fed
     /// back (all but the last): `[(prompt.len() + new.len() - 1) * vocab]`
     /// (the prompt's alone when nothing is generated).
-    pub fn decode_batch_logits(&self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>) -> Result<Decoded> {
-        let (generated, _, rows) = self.decode_batch_inner(prompts, max_new_tokens, eos, None, true)?;
+    pub fn decode_batch_logits(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+    ) -> Result<Decoded> {
+        let (generated, _, rows) =
+            self.decode_batch_inner(prompts, max_new_tokens, eos, None, true)?;
         Ok((generated, rows))
     }
 
     #[allow(clippy::type_complexity)]
-    fn decode_batch_inner(&self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, sampling: Option<&Sampling>, keep: bool) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    fn decode_batch_inner(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        sampling: Option<&Sampling>,
+        keep: bool,
+    ) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<f32>>)> {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-            return Err(ModelError::Config("the prompt encodes to no tokens".to_string()));
+            return Err(ModelError::Config(
+                "the prompt encodes to no tokens".to_string(),
+            ));
         }
         let pad_id = eos.unwrap_or(0);
         let (rows, padding) = LeftPadding::pad(prompts, pad_id);
         let longest = rows[0].len();
         let mut cache = KvCache::new(self.n_layer());
-        let logits = self.forward_padded(&Tensor::new(rows, self.device())?, Some(&mut cache), &padding)?;
+        let logits = self.forward_padded(
+            &Tensor::new(rows, self.device())?,
+            Some(&mut cache),
+            &padding,
+        )?;
         let mut kept: Vec<Vec<f32>> = if keep {
-            (0..prompts.len()).map(|b| logits.get(b)?.narrow(0, padding.of(b), longest - padding.of(b))?.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?
+            (0..prompts.len())
+                .map(|b| {
+                    logits
+                        .get(b)?
+                        .narrow(0, padding.of(b), longest - padding.of(b))?
+                        .flatten_all()?
+                        .to_vec1::<f32>()
+                })
+                .collect::<candle_core::Result<_>>()?
         } else {
             Vec::new()
         };
-        let mut last: Vec<Vec<f32>> = (0..prompts.len()).map(|b| logits.get(b)?.get(longest - 1)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+        let mut last: Vec<Vec<f32>> = (0..prompts.len())
+            .map(|b| logits.get(b)?.get(longest - 1)?.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
         let prompt_logits = last.clone();
         let mut generated = vec![Vec::new(); prompts.len()];
         let mut done = vec![max_new_tokens == 0; prompts.len()];
@@ -445,8 +563,14 @@ impl Model {
             if done.iter().all(|&d| d) {
                 break;
             }
-            let logits = self.forward_padded(&Tensor::new(next, self.device())?, Some(&mut cache), &padding)?;
-            last = (0..prompts.len()).map(|b| logits.get(b)?.get(0)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+            let logits = self.forward_padded(
+                &Tensor::new(next, self.device())?,
+                Some(&mut cache),
+                &padding,
+            )?;
+            last = (0..prompts.len())
+                .map(|b| logits.get(b)?.get(0)?.to_vec1::<f32>())
+                .collect::<candle_core::Result<_>>()?;
             if keep {
                 // A row's id was fed as its own (not its last) where it goes on.
                 for (b, row) in last.iter().enumerate() {
@@ -462,7 +586,12 @@ impl Model {
 
     /// Grows the token embedding (and an untied head) to `new_size` rows; the
     /// new rows start as `init` says, drawn from `rng`.
-    pub fn resize_token_embeddings(&mut self, new_size: usize, init: EmbeddingInit, rng: &mut train::Rng) -> Result<()> {
+    pub fn resize_token_embeddings(
+        &mut self,
+        new_size: usize,
+        init: EmbeddingInit,
+        rng: &mut train::Rng,
+    ) -> Result<()> {
         for (_, matrix) in self.token_matrices_mut() {
             matrix.grow(new_size, init, rng)?;
         }
@@ -500,9 +629,15 @@ pub fn load_files(config_path: &Path, files: &[PathBuf]) -> Result<Model> {
     let config = ModelConfig::read(config_path)?;
     // SAFETY: the files are memory-mapped read-only; symb does not modify
     // model files while it reads them.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, &Device::Cpu) }.map_err(|e| ModelError::io_candle(&files[0], e))?;
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, &Device::Cpu) }
+        .map_err(|e| ModelError::io_candle(&files[0], e))?;
     Model::load(vb, &config).map_err(|e| match e {
-        ModelError::Candle(inner) => ModelError::Config(format!("`{}` does not match `{}`: {}", files[0].display(), config_path.display(), candle_message(&inner))),
+        ModelError::Candle(inner) => ModelError::Config(format!(
+            "`{}` does not match `{}`: {}",
+            files[0].display(),
+            config_path.display(),
+            candle_message(&inner)
+        )),
         other => other,
     })
 }
@@ -521,16 +656,29 @@ pub struct Generation {
 /// Generation from a Hugging Face folder (greedy, or sampled), optionally
 /// with a PEFT adapter folder applied; several prompts decode as one
 /// left-padded batch.
-pub fn generate(dir: &Path, adapter: Option<&Path>, prompts: &[String], max_new_tokens: usize, sampling: Option<&Sampling>) -> Result<Vec<Generation>> {
+pub fn generate(
+    dir: &Path,
+    adapter: Option<&Path>,
+    prompts: &[String],
+    max_new_tokens: usize,
+    sampling: Option<&Sampling>,
+) -> Result<Vec<Generation>> {
     let mut model = load_folder(dir)?;
     if let Some(adapter) = adapter {
         lora::load_adapter(&mut model, adapter)?;
     }
     let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| ModelError::io(&tokenizer_path, e))?;
     // With the tokenizer's special tokens (a SentencePiece `<s>`), as
     // transformers and transformers.js encode a prompt by default.
-    let encode = |prompt: &String| -> Result<Vec<u32>> { Ok(tokenizer.encode(prompt.as_str(), true).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec()) };
+    let encode = |prompt: &String| -> Result<Vec<u32>> {
+        Ok(tokenizer
+            .encode(prompt.as_str(), true)
+            .map_err(|e| ModelError::io(&tokenizer_path, e))?
+            .get_ids()
+            .to_vec())
+    };
     let inputs: Vec<Vec<u32>> = prompts.iter().map(encode).collect::<Result<_>>()?;
     let eos = eos_token(dir, &model.config());
     let (generated, logits) = model.decode_batch(&inputs, max_new_tokens, eos, sampling)?;
@@ -539,8 +687,15 @@ pub fn generate(dir: &Path, adapter: Option<&Path>, prompts: &[String], max_new_
         .zip(generated)
         .zip(logits)
         .map(|((input_ids, generated_ids), logits)| {
-            let text = tokenizer.decode(&generated_ids, true).map_err(|e| ModelError::io(&tokenizer_path, e))?;
-            Ok(Generation { input_ids, generated_ids, text, logits })
+            let text = tokenizer
+                .decode(&generated_ids, true)
+                .map_err(|e| ModelError::io(&tokenizer_path, e))?;
+            Ok(Generation {
+                input_ids,
+                generated_ids,
+                text,
+                logits,
+            })
         })
         .collect()
 }
@@ -551,17 +706,36 @@ pub(crate) fn eos_token(dir: &Path, config: &ModelConfig) -> Option<u32> {
 }
 
 /// [`eos_token`] with the generation config's path given (or none).
-pub(crate) fn eos_token_from(generation_config: Option<&Path>, config: &ModelConfig) -> Option<u32> {
-    let from_generation = generation_config.and_then(|p| read_json::<serde_json::Value>(p).ok()).and_then(|g| g["eos_token_id"].as_u64().or_else(|| g["eos_token_id"][0].as_u64()));
-    from_generation.map(|id| id as u32).or(config.eos_token_id())
+pub(crate) fn eos_token_from(
+    generation_config: Option<&Path>,
+    config: &ModelConfig,
+) -> Option<u32> {
+    let from_generation = generation_config
+        .and_then(|p| read_json::<serde_json::Value>(p).ok())
+        .and_then(|g| {
+            g["eos_token_id"]
+                .as_u64()
+                .or_else(|| g["eos_token_id"][0].as_u64())
+        });
+    from_generation
+        .map(|id| id as u32)
+        .or(config.eos_token_id())
 }
 
 /// Writes tensors as safetensors (tensors sorted by name: byte-stable).
-pub fn save_safetensors(tensors: &std::collections::BTreeMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
+pub fn save_safetensors(
+    tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> Result<()> {
     // `{"format": "pt"}`, as transformers' `save_pretrained` writes it (some
     // loaders check it).
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata), path).map_err(|e| ModelError::write(path, e.to_string()))
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        Some(metadata),
+        path,
+    )
+    .map_err(|e| ModelError::write(path, e.to_string()))
 }
 
 #[cfg(test)]
@@ -573,7 +747,13 @@ mod tests {
     /// the target and renames it over; `tests/safety.rs` fills a real tmpfs.)
     #[test]
     fn a_full_disk_is_a_write_error() {
-        let error = ModelError::write(Path::new("/x/params.safetensors"), std::io::Error::from_raw_os_error(28));
-        assert_eq!(error.to_string(), "cannot write `/x/params.safetensors`: No space left on device (os error 28)");
+        let error = ModelError::write(
+            Path::new("/x/params.safetensors"),
+            std::io::Error::from_raw_os_error(28),
+        );
+        assert_eq!(
+            error.to_string(),
+            "cannot write `/x/params.safetensors`: No space left on device (os error 28)"
+        );
     }
 }

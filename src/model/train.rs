@@ -69,7 +69,11 @@ impl Rng {
     }
 
     /// A tensor of `len` values drawn by `draw`, shaped `shape`.
-    pub fn tensor(&mut self, shape: &[usize], mut draw: impl FnMut(&mut Self) -> f64) -> Result<Tensor> {
+    pub fn tensor(
+        &mut self,
+        shape: &[usize],
+        mut draw: impl FnMut(&mut Self) -> f64,
+    ) -> Result<Tensor> {
         let len = shape.iter().product();
         let values: Vec<f32> = (0..len).map(|_| draw(self) as f32).collect();
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
@@ -87,7 +91,11 @@ pub struct LoraSpec {
 
 impl LoraSpec {
     pub fn scale(&self) -> f64 {
-        if self.rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
     }
 }
 
@@ -105,7 +113,11 @@ pub struct LoraVars {
 impl LoraVars {
     /// Every variable, in a stable order (A then B, by module name; then the token rows).
     pub fn vars(&self) -> Vec<Var> {
-        self.modules.values().flat_map(|(a, b)| [a.clone(), b.clone()]).chain(self.token_rows.iter().map(|(_, v)| v.clone())).collect()
+        self.modules
+            .values()
+            .flat_map(|(a, b)| [a.clone(), b.clone()])
+            .chain(self.token_rows.iter().map(|(_, v)| v.clone()))
+            .collect()
     }
 
     /// Makes the rows `indices` of the model's token embedding (and of an
@@ -114,7 +126,11 @@ impl LoraVars {
         let index = Tensor::new(indices.as_slice(), model.device())?;
         for (module, matrix) in model.token_matrices_mut() {
             let var = Var::from_tensor(&matrix.weight.index_select(&index, 0)?)?;
-            matrix.rows = Some(TokenRows::new(&matrix.weight, indices.clone(), var.as_tensor().clone())?);
+            matrix.rows = Some(TokenRows::new(
+                &matrix.weight,
+                indices.clone(),
+                var.as_tensor().clone(),
+            )?);
             self.token_rows.push((module.to_string(), var));
         }
         self.token_indices = indices;
@@ -130,11 +146,20 @@ impl LoraVars {
     pub fn peft_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for (module, (a, b)) in &self.modules {
-            out.insert(format!("base_model.model.{module}.lora_A.weight"), a.as_tensor().clone());
-            out.insert(format!("base_model.model.{module}.lora_B.weight"), b.as_tensor().clone());
+            out.insert(
+                format!("base_model.model.{module}.lora_A.weight"),
+                a.as_tensor().clone(),
+            );
+            out.insert(
+                format!("base_model.model.{module}.lora_B.weight"),
+                b.as_tensor().clone(),
+            );
         }
         for (module, rows) in &self.token_rows {
-            out.insert(super::Family::token_rows_key(module), rows.as_tensor().clone());
+            out.insert(
+                super::Family::token_rows_key(module),
+                rows.as_tensor().clone(),
+            );
         }
         out
     }
@@ -143,7 +168,12 @@ impl LoraVars {
 /// Attaches trainable LoRA layers to the targeted linears. With `init`
 /// (PEFT-named tensors) they start from it; otherwise as PEFT initialises
 /// them: A ~ U(−1/√in, 1/√in) (kaiming-uniform with a = √5), B = 0.
-pub fn attach_lora(model: &mut Model, spec: &LoraSpec, init: Option<&BTreeMap<String, Tensor>>, rng: &mut Rng) -> Result<LoraVars> {
+pub fn attach_lora(
+    model: &mut Model,
+    spec: &LoraSpec,
+    init: Option<&BTreeMap<String, Tensor>>,
+    rng: &mut Rng,
+) -> Result<LoraVars> {
     let scale = spec.scale();
     let mut modules = BTreeMap::new();
     for (module, linear) in model.linears_mut(LoraTarget(&spec.targets)) {
@@ -152,23 +182,41 @@ pub fn attach_lora(model: &mut Model, spec: &LoraSpec, init: Option<&BTreeMap<St
             Some(tensors) => {
                 let get = |which: &str| -> Result<Tensor> {
                     let name = format!("base_model.model.{module}.lora_{which}.weight");
-                    tensors.get(&name).cloned().ok_or_else(|| ModelError::Config(format!("the initial adapter has no `{name}`")))
+                    tensors.get(&name).cloned().ok_or_else(|| {
+                        ModelError::Config(format!("the initial adapter has no `{name}`"))
+                    })
                 };
                 (get("A")?, get("B")?)
             }
             None => {
                 let bound = 1.0 / (n_in as f64).sqrt();
-                (rng.tensor(&[spec.rank, n_in], |r| (r.uniform() * 2.0 - 1.0) * bound)?, Tensor::zeros((n_out, spec.rank), DType::F32, &Device::Cpu)?)
+                (
+                    rng.tensor(&[spec.rank, n_in], |r| (r.uniform() * 2.0 - 1.0) * bound)?,
+                    Tensor::zeros((n_out, spec.rank), DType::F32, &Device::Cpu)?,
+                )
             }
         };
         let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        linear.lora = Some(Lora { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale, dropout: None });
+        linear.lora = Some(Lora {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale,
+            dropout: None,
+        });
         modules.insert(module, (a, b));
     }
     if modules.is_empty() {
-        return Err(ModelError::Config(format!("no layer matches the LoRA targets {:?}", spec.targets)));
+        return Err(ModelError::Config(format!(
+            "no layer matches the LoRA targets {:?}",
+            spec.targets
+        )));
     }
-    Ok(LoraVars { family: model.family(), modules, token_indices: Vec::new(), token_rows: Vec::new() })
+    Ok(LoraVars {
+        family: model.family(),
+        modules,
+        token_indices: Vec::new(),
+        token_rows: Vec::new(),
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -198,12 +246,20 @@ impl AdamW {
                 Ok((v, zeros.clone(), zeros))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { params, step: 0, state })
+        Ok(AdamW {
+            params,
+            step: 0,
+            state,
+        })
     }
 
     /// One step with the gradients in a GradStore (variables without one are left alone).
     pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        let grads: Vec<Option<Tensor>> = self.state.iter().map(|(var, _, _)| grads.get(var.as_tensor()).cloned()).collect();
+        let grads: Vec<Option<Tensor>> = self
+            .state
+            .iter()
+            .map(|(var, _, _)| grads.get(var.as_tensor()).cloned())
+            .collect();
         self.update(&grads)
     }
 
@@ -215,7 +271,13 @@ impl AdamW {
 
     fn update(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
-        let AdamWParams { lr, beta1, beta2, eps, weight_decay } = self.params;
+        let AdamWParams {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.params;
         let correction1 = 1.0 - beta1.powi(self.step as i32);
         let correction2 = 1.0 - beta2.powi(self.step as i32);
         for ((var, m, v), grad) in self.state.iter_mut().zip(grads) {

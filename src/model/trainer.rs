@@ -64,7 +64,10 @@ pub fn pack(documents: &[Vec<u32>], separator: Option<u32>, block_size: usize) -
         stream.extend_from_slice(doc);
         stream.extend(separator);
     }
-    stream.chunks_exact(block_size + 1).map(<[u32]>::to_vec).collect()
+    stream
+        .chunks_exact(block_size + 1)
+        .map(<[u32]>::to_vec)
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,14 +145,27 @@ pub fn evaluate(model: &Model, blocks: &[Vec<u32>], batch_size: usize) -> Result
 fn tensors(batch: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
     let inputs: Vec<Vec<u32>> = batch.iter().map(|b| b[..b.len() - 1].to_vec()).collect();
     let labels: Vec<u32> = batch.iter().flat_map(|b| b[1..].iter().copied()).collect();
-    Ok((Tensor::new(inputs, &Device::Cpu)?, Tensor::new(labels, &Device::Cpu)?))
+    Ok((
+        Tensor::new(inputs, &Device::Cpu)?,
+        Tensor::new(labels, &Device::Cpu)?,
+    ))
 }
 
 /// Trains `model` on `train` blocks; evaluates on `eval` blocks. With a
 /// `checkpoint_dir`, resumes from the checkpoint there and writes new ones.
-pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &[Vec<u32>], checkpoint_dir: Option<&Path>, mut progress: impl FnMut(&Progress<'_>)) -> Result<Trained> {
+pub fn train(
+    mut model: Model,
+    config: &TrainConfig,
+    train: &[Vec<u32>],
+    eval: &[Vec<u32>],
+    checkpoint_dir: Option<&Path>,
+    mut progress: impl FnMut(&Progress<'_>),
+) -> Result<Trained> {
     if train.is_empty() {
-        return Err(ModelError::Config(format!("the train split is shorter than one block of {} tokens", config.block_size + 1)));
+        return Err(ModelError::Config(format!(
+            "the train split is shorter than one block of {} tokens",
+            config.block_size + 1
+        )));
     }
     super::ops::keep_freed_memory();
     let mut init_rng = Rng::new(config.seed);
@@ -168,7 +184,16 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
                     }
                 }
             }
-            let mut vars: Vec<(String, Var)> = lora.modules.iter().flat_map(|(m, (a, b))| [(format!("{m}.lora_A"), a.clone()), (format!("{m}.lora_B"), b.clone())]).collect();
+            let mut vars: Vec<(String, Var)> = lora
+                .modules
+                .iter()
+                .flat_map(|(m, (a, b))| {
+                    [
+                        (format!("{m}.lora_A"), a.clone()),
+                        (format!("{m}.lora_B"), b.clone()),
+                    ]
+                })
+                .collect();
             for (module, rows) in &lora.token_rows {
                 vars.push((format!("{module}.trainable_tokens"), rows.clone()));
             }
@@ -185,10 +210,25 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
             (None, vars)
         }
     };
-    let mut optimizer = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), AdamWParams { lr: config.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: config.weight_decay })?;
+    let mut optimizer = AdamW::new(
+        vars.iter().map(|(_, v)| v.clone()).collect(),
+        AdamWParams {
+            lr: config.learning_rate,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: config.weight_decay,
+        },
+    )?;
     let per_epoch = train.len().div_ceil(config.batch_size);
-    let total_steps = config.max_steps.unwrap_or_else(|| (config.epochs * per_epoch).div_ceil(config.gradient_accumulation)).max(1);
-    let mut metrics = Metrics { total_steps, ..Metrics::default() };
+    let total_steps = config
+        .max_steps
+        .unwrap_or_else(|| (config.epochs * per_epoch).div_ceil(config.gradient_accumulation))
+        .max(1);
+    let mut metrics = Metrics {
+        total_steps,
+        ..Metrics::default()
+    };
     let mut best_eval: Option<f64> = None;
     let mut evals_without_improvement = 0;
     let mut start_step = 0;
@@ -221,15 +261,23 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
         for micro in 0..config.gradient_accumulation {
             let index = step * config.gradient_accumulation + micro;
             let epoch = index / per_epoch;
-            let order = orders.entry(epoch).or_insert_with(|| shuffled(train.len(), config.seed.wrapping_add(epoch as u64)));
+            let order = orders
+                .entry(epoch)
+                .or_insert_with(|| shuffled(train.len(), config.seed.wrapping_add(epoch as u64)));
             let position = (index % per_epoch) * config.batch_size;
-            let batch: Vec<Vec<u32>> = order[position..(position + config.batch_size).min(train.len())].iter().map(|&i| train[i].clone()).collect();
+            let batch: Vec<Vec<u32>> = order
+                [position..(position + config.batch_size).min(train.len())]
+                .iter()
+                .map(|&i| train[i].clone())
+                .collect();
             let (inputs, labels) = tensors(&batch)?;
             let loss = model.loss(&inputs, &labels, true)?;
             step_loss += loss.to_scalar::<f32>()? as f64 / config.gradient_accumulation as f64;
             let grads = loss.backward()?;
             for (slot, (name, var)) in accumulated.iter_mut().zip(&vars) {
-                let grad = grads.get(var.as_tensor()).ok_or_else(|| ModelError::Config(format!("no gradient reached `{name}`")))?;
+                let grad = grads
+                    .get(var.as_tensor())
+                    .ok_or_else(|| ModelError::Config(format!("no gradient reached `{name}`")))?;
                 let grad = (grad.detach() / config.gradient_accumulation as f64)?;
                 *slot = Some(match slot.take() {
                     Some(sum) => (sum + grad)?,
@@ -238,9 +286,13 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
             }
             step_tokens += labels.elem_count() as u64;
         }
-        let mut grads: Vec<Tensor> = accumulated.into_iter().map(|g| g.expect("every variable got a gradient")).collect();
+        let mut grads: Vec<Tensor> = accumulated
+            .into_iter()
+            .map(|g| g.expect("every variable got a gradient"))
+            .collect();
         clip(&mut grads, config.max_grad_norm)?;
-        optimizer.params.lr = config.learning_rate * lr_factor(config.schedule, step, config.warmup_steps, total_steps);
+        optimizer.params.lr = config.learning_rate
+            * lr_factor(config.schedule, step, config.warmup_steps, total_steps);
         optimizer.step_with(&grads)?;
         step += 1;
         metrics.steps = step;
@@ -250,7 +302,15 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
         let elapsed = started.elapsed().as_secs_f64();
         let tokens_per_second = tokens_this_run as f64 / elapsed.max(1e-9);
         let eta = elapsed / (step - start_step) as f64 * (total_steps - step) as f64;
-        progress(&Progress { step, total_steps, loss: step_loss, tokens_per_second, eta_seconds: eta, message: "training", resumed_from: start_step });
+        progress(&Progress {
+            step,
+            total_steps,
+            loss: step_loss,
+            tokens_per_second,
+            eta_seconds: eta,
+            message: "training",
+            resumed_from: start_step,
+        });
 
         if (step % config.eval_every == 0 || step == total_steps)
             && let Some(loss) = evaluate(&model, eval, config.batch_size)?
@@ -262,7 +322,10 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
             } else {
                 evals_without_improvement += 1;
             }
-            if config.early_stopping_patience.is_some_and(|p| evals_without_improvement >= p) {
+            if config
+                .early_stopping_patience
+                .is_some_and(|p| evals_without_improvement >= p)
+            {
                 metrics.stopped_early = true;
                 break;
             }
@@ -271,7 +334,13 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
             && step % config.checkpoint_every == 0
             && step < total_steps
         {
-            let state = CheckpointState { step, dropout_rng: dropout_rng.lock().expect("rng lock").state(), best_eval, evals_without_improvement, metrics: metrics.clone() };
+            let state = CheckpointState {
+                step,
+                dropout_rng: dropout_rng.lock().expect("rng lock").state(),
+                best_eval,
+                evals_without_improvement,
+                metrics: metrics.clone(),
+            };
             save_checkpoint(dir, &vars, &optimizer, &state)?;
         }
     }
@@ -281,7 +350,12 @@ pub fn train(mut model: Model, config: &TrainConfig, train: &[Vec<u32>], eval: &
             l.dropout = None;
         }
     }
-    Ok(Trained { model, lora, metrics, tokens_this_run })
+    Ok(Trained {
+        model,
+        lora,
+        metrics,
+        tokens_this_run,
+    })
 }
 
 /// PyTorch's `clip_grad_norm_`: scale all gradients when their global norm
@@ -312,7 +386,12 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
-fn save_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &AdamW, state: &CheckpointState) -> Result<()> {
+fn save_checkpoint(
+    dir: &Path,
+    vars: &[(String, Var)],
+    optimizer: &AdamW,
+    state: &CheckpointState,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::write(dir, e))?;
     let mut params = BTreeMap::new();
     let mut moments = BTreeMap::new();
@@ -339,38 +418,58 @@ fn save_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &AdamW, state:
     json["optimizer_step"] = optimizer.step.into();
     json["files"] = serde_json::json!({"params.safetensors": params_digest, "optimizer.safetensors": optimizer_digest});
     let tmp = dir.join("state.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&json).expect("json")).map_err(|e| ModelError::write(&tmp, e))?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&json).expect("json"))
+        .map_err(|e| ModelError::write(&tmp, e))?;
     std::fs::rename(&tmp, dir.join("state.json")).map_err(|e| ModelError::write(dir, e))
 }
 
 /// blake3 of a file, hex (as the cache names its blobs).
 fn file_digest(path: &Path) -> Result<String> {
-    crate::cache::hash_file(path).map(|(digest, _)| digest).map_err(|e| ModelError::io(path, e))
+    crate::cache::hash_file(path)
+        .map(|(digest, _)| digest)
+        .map_err(|e| ModelError::io(path, e))
 }
 
-fn load_checkpoint(dir: &Path, vars: &[(String, Var)], optimizer: &mut AdamW) -> Result<Option<CheckpointState>> {
+fn load_checkpoint(
+    dir: &Path,
+    vars: &[(String, Var)],
+    optimizer: &mut AdamW,
+) -> Result<Option<CheckpointState>> {
     let state_path = dir.join("state.json");
     if !state_path.is_file() {
         return Ok(None);
     }
     let json: serde_json::Value = read_json(&state_path)?;
-    let state: CheckpointState = serde_json::from_value(json.clone()).map_err(|e| ModelError::io(&state_path, e))?;
+    let state: CheckpointState =
+        serde_json::from_value(json.clone()).map_err(|e| ModelError::io(&state_path, e))?;
     // Tensors that are not the ones the state was written with (a crash
     // mid-save): start over rather than resume from a mixture.
     for name in ["params.safetensors", "optimizer.safetensors"] {
         let expected = json["files"][name].as_str();
         if expected.is_none() || file_digest(&dir.join(name)).ok().as_deref() != expected {
-            tracing::warn!("checkpoint `{}`: `{name}` does not match its state; training starts over", dir.display());
+            tracing::warn!(
+                "checkpoint `{}`: `{name}` does not match its state; training starts over",
+                dir.display()
+            );
             return Ok(None);
         }
     }
-    let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu).map_err(|e| ModelError::io_candle(dir, e))?;
-    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu).map_err(|e| ModelError::io_candle(dir, e))?;
+    let params = candle_core::safetensors::load(dir.join("params.safetensors"), &Device::Cpu)
+        .map_err(|e| ModelError::io_candle(dir, e))?;
+    let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
+        .map_err(|e| ModelError::io_candle(dir, e))?;
     for ((name, var), (_, m, v)) in vars.iter().zip(optimizer.state.iter_mut()) {
-        let missing = || ModelError::Config(format!("checkpoint `{}` lacks `{name}`", dir.display()));
+        let missing =
+            || ModelError::Config(format!("checkpoint `{}` lacks `{name}`", dir.display()));
         var.set(params.get(name).ok_or_else(missing)?)?;
-        *m = moments.get(&format!("{name}.m")).ok_or_else(missing)?.clone();
-        *v = moments.get(&format!("{name}.v")).ok_or_else(missing)?.clone();
+        *m = moments
+            .get(&format!("{name}.m"))
+            .ok_or_else(missing)?
+            .clone();
+        *v = moments
+            .get(&format!("{name}.v"))
+            .ok_or_else(missing)?
+            .clone();
     }
     optimizer.step = json["optimizer_step"].as_u64().unwrap_or(state.step as u64);
     Ok(Some(state))
@@ -391,13 +490,25 @@ mod tests {
                 state ^= state >> 7;
                 state ^= state << 17;
                 // Losses are f32s widened to f64, as training computes them.
-                (step, (f32::from_bits(0x3f80_0000 + (state as u32 % 0x0100_0000)) * 4.0) as f64)
+                (
+                    step,
+                    (f32::from_bits(0x3f80_0000 + (state as u32 % 0x0100_0000)) * 4.0) as f64,
+                )
             })
             .chain([(0, 7.5523223876953125)])
             .collect();
-        let metrics = super::Metrics { train_loss: losses.clone(), ..Default::default() };
-        let back: super::Metrics = serde_json::from_str(&serde_json::to_string(&metrics).unwrap()).unwrap();
-        let differ = back.train_loss.iter().zip(&losses).filter(|(a, b)| a.1.to_bits() != b.1.to_bits()).count();
+        let metrics = super::Metrics {
+            train_loss: losses.clone(),
+            ..Default::default()
+        };
+        let back: super::Metrics =
+            serde_json::from_str(&serde_json::to_string(&metrics).unwrap()).unwrap();
+        let differ = back
+            .train_loss
+            .iter()
+            .zip(&losses)
+            .filter(|(a, b)| a.1.to_bits() != b.1.to_bits())
+            .count();
         assert_eq!(differ, 0, "losses changed in a round trip through JSON");
     }
 }

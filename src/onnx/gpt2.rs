@@ -21,19 +21,27 @@ use super::{Attr, Dim, GraphBuilder, proto, tensor_f32};
 use crate::model::{Gpt2, ModelError};
 
 fn values(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
-    Ok((t.dims().to_vec(), t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+    Ok((
+        t.dims().to_vec(),
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+    ))
 }
 
 /// The model as an ONNX graph at standard opset `opset` (17 or later:
 /// LayerNormalization).
 /// A GPT-2 layer's bias.
 fn bias_of(linear: &crate::model::Linear) -> Result<&Tensor, ModelError> {
-    linear.bias.as_ref().ok_or_else(|| ModelError::Config("a GPT-2 linear layer has no bias".to_string()))
+    linear
+        .bias
+        .as_ref()
+        .ok_or_else(|| ModelError::Config("a GPT-2 linear layer has no bias".to_string()))
 }
 
 pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError> {
     if opset < 17 {
-        return Err(ModelError::Config(format!("opset {opset} has no LayerNormalization; use 17 or later")));
+        return Err(ModelError::Config(format!(
+            "opset {opset} has no LayerNormalization; use 17 or later"
+        )));
     }
     let c = &model.config;
     let (heads, width, head_dim) = (c.n_head as i64, c.n_embd as i64, c.head_dim() as i64);
@@ -42,14 +50,38 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
         let (dims, data) = values(t)?;
         Ok(g.initializer(tensor_f32(name, &dims, &data)))
     };
-    let (batch, seq, total, past_len) = (Dim::from("batch_size"), Dim::from("sequence_length"), Dim::from("total_sequence_length"), Dim::from("past_sequence_length"));
+    let (batch, seq, total, past_len) = (
+        Dim::from("batch_size"),
+        Dim::from("sequence_length"),
+        Dim::from("total_sequence_length"),
+        Dim::from("past_sequence_length"),
+    );
     let input_ids = g.input("input_ids", DataType::Int64, &[batch.clone(), seq.clone()]);
-    let attention_mask = g.input("attention_mask", DataType::Int64, &[batch.clone(), total.clone()]);
-    let position_ids = g.input("position_ids", DataType::Int64, &[batch.clone(), seq.clone()]);
-    let cache_dims = |len: &Dim| vec![batch.clone(), Dim::Fixed(heads), len.clone(), Dim::Fixed(head_dim)];
+    let attention_mask = g.input(
+        "attention_mask",
+        DataType::Int64,
+        &[batch.clone(), total.clone()],
+    );
+    let position_ids = g.input(
+        "position_ids",
+        DataType::Int64,
+        &[batch.clone(), seq.clone()],
+    );
+    let cache_dims = |len: &Dim| {
+        vec![
+            batch.clone(),
+            Dim::Fixed(heads),
+            len.clone(),
+            Dim::Fixed(head_dim),
+        ]
+    };
     for i in 0..c.n_layer {
         for kind in ["key", "value"] {
-            g.input(&format!("past_key_values.{i}.{kind}"), DataType::Float, &cache_dims(&past_len));
+            g.input(
+                &format!("past_key_values.{i}.{kind}"),
+                DataType::Float,
+                &cache_dims(&past_len),
+            );
         }
     }
 
@@ -66,40 +98,129 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
     let heads_shape = g.constant_i64(&[4], &[0, 0, heads, head_dim]);
     let merged_shape = g.constant_i64(&[3], &[0, 0, width]);
     let scale = g.constant_f32(&[], &[1.0 / (head_dim as f32).sqrt()]);
-    let (half, gelu_a, gelu_c, unit) = (g.constant_f32(&[], &[0.5]), g.constant_f32(&[], &[0.044_715]), g.constant_f32(&[], &[(2.0f32 / std::f32::consts::PI).sqrt()]), g.constant_f32(&[], &[1.0]));
+    let (half, gelu_a, gelu_c, unit) = (
+        g.constant_f32(&[], &[0.5]),
+        g.constant_f32(&[], &[0.044_715]),
+        g.constant_f32(&[], &[(2.0f32 / std::f32::consts::PI).sqrt()]),
+        g.constant_f32(&[], &[1.0]),
+    );
     let eps = c.layer_norm_epsilon as f32;
-    let layer_norm = |g: &mut GraphBuilder, x: &str, w: &str, b: &str| g.node("LayerNormalization", &[x, w, b], &[("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))]);
+    let layer_norm = |g: &mut GraphBuilder, x: &str, w: &str, b: &str| {
+        g.node(
+            "LayerNormalization",
+            &[x, w, b],
+            &[("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))],
+        )
+    };
     let linear = |g: &mut GraphBuilder, x: &str, w: &str, b: &str| {
         let product = g.node("MatMul", &[x, w], &[]);
         g.node("Add", &[&product, b], &[])
     };
     for (i, block) in model.blocks.iter().enumerate() {
         let p = format!("transformer.h.{i}");
-        let ln1 = (weight(&mut g, &format!("{p}.ln_1.weight"), &block.ln_1.weight)?, weight(&mut g, &format!("{p}.ln_1.bias"), &block.ln_1.bias)?);
-        let attn_w = (weight(&mut g, &format!("{p}.attn.c_attn.weight"), &block.attn.c_attn.weight)?, weight(&mut g, &format!("{p}.attn.c_attn.bias"), bias_of(&block.attn.c_attn)?)?);
-        let proj_w = (weight(&mut g, &format!("{p}.attn.c_proj.weight"), &block.attn.c_proj.weight)?, weight(&mut g, &format!("{p}.attn.c_proj.bias"), bias_of(&block.attn.c_proj)?)?);
-        let ln2 = (weight(&mut g, &format!("{p}.ln_2.weight"), &block.ln_2.weight)?, weight(&mut g, &format!("{p}.ln_2.bias"), &block.ln_2.bias)?);
-        let fc_w = (weight(&mut g, &format!("{p}.mlp.c_fc.weight"), &block.mlp.c_fc.weight)?, weight(&mut g, &format!("{p}.mlp.c_fc.bias"), bias_of(&block.mlp.c_fc)?)?);
-        let out_w = (weight(&mut g, &format!("{p}.mlp.c_proj.weight"), &block.mlp.c_proj.weight)?, weight(&mut g, &format!("{p}.mlp.c_proj.bias"), bias_of(&block.mlp.c_proj)?)?);
+        let ln1 = (
+            weight(&mut g, &format!("{p}.ln_1.weight"), &block.ln_1.weight)?,
+            weight(&mut g, &format!("{p}.ln_1.bias"), &block.ln_1.bias)?,
+        );
+        let attn_w = (
+            weight(
+                &mut g,
+                &format!("{p}.attn.c_attn.weight"),
+                &block.attn.c_attn.weight,
+            )?,
+            weight(
+                &mut g,
+                &format!("{p}.attn.c_attn.bias"),
+                bias_of(&block.attn.c_attn)?,
+            )?,
+        );
+        let proj_w = (
+            weight(
+                &mut g,
+                &format!("{p}.attn.c_proj.weight"),
+                &block.attn.c_proj.weight,
+            )?,
+            weight(
+                &mut g,
+                &format!("{p}.attn.c_proj.bias"),
+                bias_of(&block.attn.c_proj)?,
+            )?,
+        );
+        let ln2 = (
+            weight(&mut g, &format!("{p}.ln_2.weight"), &block.ln_2.weight)?,
+            weight(&mut g, &format!("{p}.ln_2.bias"), &block.ln_2.bias)?,
+        );
+        let fc_w = (
+            weight(
+                &mut g,
+                &format!("{p}.mlp.c_fc.weight"),
+                &block.mlp.c_fc.weight,
+            )?,
+            weight(
+                &mut g,
+                &format!("{p}.mlp.c_fc.bias"),
+                bias_of(&block.mlp.c_fc)?,
+            )?,
+        );
+        let out_w = (
+            weight(
+                &mut g,
+                &format!("{p}.mlp.c_proj.weight"),
+                &block.mlp.c_proj.weight,
+            )?,
+            weight(
+                &mut g,
+                &format!("{p}.mlp.c_proj.bias"),
+                bias_of(&block.mlp.c_proj)?,
+            )?,
+        );
 
         let h = layer_norm(&mut g, &x, &ln1.0, &ln1.1);
         let qkv = linear(&mut g, &h, &attn_w.0, &attn_w.1);
         let parts = g.node_n("Split", None, &[&qkv, &split], &[("axis", Attr::Int(2))], 3);
         let heads_of = |g: &mut GraphBuilder, t: &str| {
             let r = g.node("Reshape", &[t, &heads_shape], &[]);
-            g.node("Transpose", &[&r], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))])
+            g.node(
+                "Transpose",
+                &[&r],
+                &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            )
         };
-        let (q, k, v) = (heads_of(&mut g, &parts[0]), heads_of(&mut g, &parts[1]), heads_of(&mut g, &parts[2]));
+        let (q, k, v) = (
+            heads_of(&mut g, &parts[0]),
+            heads_of(&mut g, &parts[1]),
+            heads_of(&mut g, &parts[2]),
+        );
         let (present_k, present_v) = (format!("present.{i}.key"), format!("present.{i}.value"));
-        g.node_named("Concat", None, &[&format!("past_key_values.{i}.key"), &k], &[("axis", Attr::Int(2))], &[&present_k]);
-        g.node_named("Concat", None, &[&format!("past_key_values.{i}.value"), &v], &[("axis", Attr::Int(2))], &[&present_v]);
-        let kt = g.node("Transpose", &[&present_k], &[("perm", Attr::Ints(vec![0, 1, 3, 2]))]);
+        g.node_named(
+            "Concat",
+            None,
+            &[&format!("past_key_values.{i}.key"), &k],
+            &[("axis", Attr::Int(2))],
+            &[&present_k],
+        );
+        g.node_named(
+            "Concat",
+            None,
+            &[&format!("past_key_values.{i}.value"), &v],
+            &[("axis", Attr::Int(2))],
+            &[&present_v],
+        );
+        let kt = g.node(
+            "Transpose",
+            &[&present_k],
+            &[("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
         let scores = g.node("MatMul", &[&q, &kt], &[]);
         let scores = g.node("Mul", &[&scores, &scale], &[]);
         let scores = g.node("Add", &[&scores, &bias], &[]);
         let probs = g.node("Softmax", &[&scores], &[("axis", Attr::Int(-1))]);
         let context = g.node("MatMul", &[&probs, &present_v], &[]);
-        let context = g.node("Transpose", &[&context], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let context = g.node(
+            "Transpose",
+            &[&context],
+            &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
         let context = g.node("Reshape", &[&context, &merged_shape], &[]);
         let attn = linear(&mut g, &context, &proj_w.0, &proj_w.1);
         x = g.node("Add", &[&x, &attn], &[]);
@@ -129,14 +250,25 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
         let m = linear(&mut g, &activated, &out_w.0, &out_w.1);
         x = g.node("Add", &[&x, &m], &[]);
     }
-    let lnf = (weight(&mut g, "transformer.ln_f.weight", &model.ln_f.weight)?, weight(&mut g, "transformer.ln_f.bias", &model.ln_f.bias)?);
+    let lnf = (
+        weight(&mut g, "transformer.ln_f.weight", &model.ln_f.weight)?,
+        weight(&mut g, "transformer.ln_f.bias", &model.ln_f.bias)?,
+    );
     let x = layer_norm(&mut g, &x, &lnf.0, &lnf.1);
     let head = g.node("Transpose", &[&wte], &[("perm", Attr::Ints(vec![1, 0]))]);
     g.node_named("MatMul", None, &[&x, &head], &[], &["logits"]);
-    g.output("logits", DataType::Float, &[batch.clone(), seq.clone(), Dim::Fixed(c.vocab_size as i64)]);
+    g.output(
+        "logits",
+        DataType::Float,
+        &[batch.clone(), seq.clone(), Dim::Fixed(c.vocab_size as i64)],
+    );
     for i in 0..c.n_layer {
         for kind in ["key", "value"] {
-            g.output(&format!("present.{i}.{kind}"), DataType::Float, &cache_dims(&total));
+            g.output(
+                &format!("present.{i}.{kind}"),
+                DataType::Float,
+                &cache_dims(&total),
+            );
         }
     }
     Ok(g.finish(opset))

@@ -27,43 +27,91 @@ use super::{Attr, Dim, GraphBuilder, proto, tensor_f32};
 use crate::model::{Linear, Llama, ModelError};
 
 /// A linear layer's weight as an `[in, out]` initializer, and its bias.
-fn linear_weights(g: &mut GraphBuilder, name: &str, linear: &Linear) -> Result<(String, Option<String>), ModelError> {
+fn linear_weights(
+    g: &mut GraphBuilder,
+    name: &str,
+    linear: &Linear,
+) -> Result<(String, Option<String>), ModelError> {
     let (n_in, n_out) = linear.dims()?;
     let weight = match linear.layout {
         crate::model::layers::WeightLayout::OutIn => linear.weight.t()?,
         crate::model::layers::WeightLayout::InOut => linear.weight.clone(),
     };
-    let data = weight.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let data = weight
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let w = g.initializer(tensor_f32(&format!("{name}.weight"), &[n_in, n_out], &data));
     let b = match &linear.bias {
-        Some(bias) => Some(g.initializer(tensor_f32(&format!("{name}.bias"), &[n_out], &bias.to_dtype(DType::F32)?.to_vec1::<f32>()?))),
+        Some(bias) => Some(g.initializer(tensor_f32(
+            &format!("{name}.bias"),
+            &[n_out],
+            &bias.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        ))),
         None => None,
     };
     Ok((w, b))
 }
 
 fn vector(g: &mut GraphBuilder, name: &str, t: &Tensor) -> Result<String, ModelError> {
-    Ok(g.initializer(tensor_f32(name, t.dims(), &t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
+    Ok(g.initializer(tensor_f32(
+        name,
+        t.dims(),
+        &t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+    )))
 }
 
 /// The model as an ONNX graph at standard opset `opset` (17 to 21).
 pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError> {
     let c = &model.config;
-    let (heads, kv_heads, head_dim) = (c.num_attention_heads as i64, c.kv_heads() as i64, c.head_dim() as i64);
+    let (heads, kv_heads, head_dim) = (
+        c.num_attention_heads as i64,
+        c.kv_heads() as i64,
+        c.head_dim() as i64,
+    );
     let group = heads / kv_heads;
     let mut g = GraphBuilder::new(model.family.model_type());
-    let (batch, seq, total, past_len) = (Dim::from("batch_size"), Dim::from("sequence_length"), Dim::from("total_sequence_length"), Dim::from("past_sequence_length"));
+    let (batch, seq, total, past_len) = (
+        Dim::from("batch_size"),
+        Dim::from("sequence_length"),
+        Dim::from("total_sequence_length"),
+        Dim::from("past_sequence_length"),
+    );
     let input_ids = g.input("input_ids", DataType::Int64, &[batch.clone(), seq.clone()]);
-    let attention_mask = g.input("attention_mask", DataType::Int64, &[batch.clone(), total.clone()]);
-    let position_ids = g.input("position_ids", DataType::Int64, &[batch.clone(), seq.clone()]);
-    let cache_dims = |len: &Dim| vec![batch.clone(), Dim::Fixed(kv_heads), len.clone(), Dim::Fixed(head_dim)];
+    let attention_mask = g.input(
+        "attention_mask",
+        DataType::Int64,
+        &[batch.clone(), total.clone()],
+    );
+    let position_ids = g.input(
+        "position_ids",
+        DataType::Int64,
+        &[batch.clone(), seq.clone()],
+    );
+    let cache_dims = |len: &Dim| {
+        vec![
+            batch.clone(),
+            Dim::Fixed(kv_heads),
+            len.clone(),
+            Dim::Fixed(head_dim),
+        ]
+    };
     for i in 0..c.num_hidden_layers {
         for kind in ["key", "value"] {
-            g.input(&format!("past_key_values.{i}.{kind}"), DataType::Float, &cache_dims(&past_len));
+            g.input(
+                &format!("past_key_values.{i}.{kind}"),
+                DataType::Float,
+                &cache_dims(&past_len),
+            );
         }
     }
 
-    let embed = vector(&mut g, "model.embed_tokens.weight", &model.embed_tokens.weight)?;
+    let embed = vector(
+        &mut g,
+        "model.embed_tokens.weight",
+        &model.embed_tokens.weight,
+    )?;
     let mut x = g.node("Gather", &[&embed, &input_ids], &[("axis", Attr::Int(0))]);
 
     // Attention bias [batch, 1, 1, sequence, total]: causal and padding.
@@ -74,13 +122,20 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     // in float32 as transformers computes them.
     let (inv_freq, scaling) = model.rotary();
     let inv_freq = g.constant_f32(&[inv_freq.len()], inv_freq);
-    let positions = g.node("Cast", &[&position_ids], &[("to", Attr::Int(DataType::Float as i64))]);
+    let positions = g.node(
+        "Cast",
+        &[&position_ids],
+        &[("to", Attr::Int(DataType::Float as i64))],
+    );
     let last = g.constant_i64(&[1], &[-1]);
     let positions = g.node("Unsqueeze", &[&positions, &last], &[]);
     let freqs = g.node("Mul", &[&positions, &inv_freq], &[]);
     let angles = g.node("Concat", &[&freqs, &freqs], &[("axis", Attr::Int(-1))]);
     let angles = g.node("Unsqueeze", &[&angles, &axis_1], &[]);
-    let (mut cos, mut sin) = (g.node("Cos", &[&angles], &[]), g.node("Sin", &[&angles], &[]));
+    let (mut cos, mut sin) = (
+        g.node("Cos", &[&angles], &[]),
+        g.node("Sin", &[&angles], &[]),
+    );
     if scaling != 1.0 {
         let factor = g.constant_f32(&[], &[scaling]);
         cos = g.node("Mul", &[&cos, &factor], &[]);
@@ -102,9 +157,17 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     let rms_norm = |g: &mut GraphBuilder, x: &str, w: &str| {
         let square = g.node("Mul", &[x, x], &[]);
         let mean = if opset >= 18 {
-            g.node("ReduceMean", &[&square, &reduce_axes], &[("keepdims", Attr::Int(1))])
+            g.node(
+                "ReduceMean",
+                &[&square, &reduce_axes],
+                &[("keepdims", Attr::Int(1))],
+            )
         } else {
-            g.node("ReduceMean", &[&square], &[("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))])
+            g.node(
+                "ReduceMean",
+                &[&square],
+                &[("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+            )
         };
         let shifted = g.node("Add", &[&mean, &eps], &[]);
         let root = g.node("Sqrt", &[&shifted], &[]);
@@ -121,7 +184,11 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     let split_heads = |g: &mut GraphBuilder, t: &str, n: i64| {
         let shape = g.constant_i64(&[4], &[0, 0, n, head_dim]);
         let r = g.node("Reshape", &[t, &shape], &[]);
-        g.node("Transpose", &[&r], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))])
+        g.node(
+            "Transpose",
+            &[&r],
+            &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        )
     };
     // Queries [b, h, s, d] → [b, kv, group, s, d]; keys and values [b, kv, t, d] → [b, kv, 1, t, d].
     let grouped_shape = g.constant_i64(&[5], &[0, kv_heads, group, -1, head_dim]);
@@ -132,8 +199,16 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
 
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        let input_norm = vector(&mut g, &format!("{p}.input_layernorm.weight"), &layer.input_layernorm.weight)?;
-        let post_norm = vector(&mut g, &format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_layernorm.weight)?;
+        let input_norm = vector(
+            &mut g,
+            &format!("{p}.input_layernorm.weight"),
+            &layer.input_layernorm.weight,
+        )?;
+        let post_norm = vector(
+            &mut g,
+            &format!("{p}.post_attention_layernorm.weight"),
+            &layer.post_attention_layernorm.weight,
+        )?;
         let a = &layer.self_attn;
         let (q_w, k_w, v_w, o_w) = (
             linear_weights(&mut g, &format!("{p}.self_attn.q_proj"), &a.q_proj)?,
@@ -152,22 +227,46 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
         let q = linear(&mut g, &h, &q_w);
         let k = linear(&mut g, &h, &k_w);
         let v = linear(&mut g, &h, &v_w);
-        let (q, k, v) = (split_heads(&mut g, &q, heads), split_heads(&mut g, &k, kv_heads), split_heads(&mut g, &v, kv_heads));
+        let (q, k, v) = (
+            split_heads(&mut g, &q, heads),
+            split_heads(&mut g, &k, kv_heads),
+            split_heads(&mut g, &v, kv_heads),
+        );
         let (q, k) = (rotate(&mut g, &q), rotate(&mut g, &k));
         let (present_k, present_v) = (format!("present.{i}.key"), format!("present.{i}.value"));
-        g.node_named("Concat", None, &[&format!("past_key_values.{i}.key"), &k], &[("axis", Attr::Int(2))], &[&present_k]);
-        g.node_named("Concat", None, &[&format!("past_key_values.{i}.value"), &v], &[("axis", Attr::Int(2))], &[&present_v]);
+        g.node_named(
+            "Concat",
+            None,
+            &[&format!("past_key_values.{i}.key"), &k],
+            &[("axis", Attr::Int(2))],
+            &[&present_k],
+        );
+        g.node_named(
+            "Concat",
+            None,
+            &[&format!("past_key_values.{i}.value"), &v],
+            &[("axis", Attr::Int(2))],
+            &[&present_v],
+        );
         let q = g.node("Reshape", &[&q, &grouped_shape], &[]);
         let k = g.node("Unsqueeze", &[&present_k, &axis_2], &[]);
         let v = g.node("Unsqueeze", &[&present_v, &axis_2], &[]);
-        let kt = g.node("Transpose", &[&k], &[("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))]);
+        let kt = g.node(
+            "Transpose",
+            &[&k],
+            &[("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))],
+        );
         let scores = g.node("MatMul", &[&q, &kt], &[]);
         let scores = g.node("Mul", &[&scores, &scale], &[]);
         let scores = g.node("Add", &[&scores, &bias], &[]);
         let probs = g.node("Softmax", &[&scores], &[("axis", Attr::Int(-1))]);
         let context = g.node("MatMul", &[&probs, &v], &[]);
         let context = g.node("Reshape", &[&context, &heads_shape], &[]);
-        let context = g.node("Transpose", &[&context], &[("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let context = g.node(
+            "Transpose",
+            &[&context],
+            &[("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
         let context = g.node("Reshape", &[&context, &merged_shape], &[]);
         let attended = linear(&mut g, &context, &o_w);
         x = g.node("Add", &[&x, &attended], &[]);
@@ -186,16 +285,34 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     let head = match &model.lm_head {
         // Untied: `lm_head` as an [in, vocab] initializer.
         Some(head) => {
-            let data = head.weight.to_dtype(DType::F32)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            g.initializer(tensor_f32("lm_head.weight", &[c.hidden_size, c.vocab_size], &data))
+            let data = head
+                .weight
+                .to_dtype(DType::F32)?
+                .t()?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            g.initializer(tensor_f32(
+                "lm_head.weight",
+                &[c.hidden_size, c.vocab_size],
+                &data,
+            ))
         }
         None => g.node("Transpose", &[&embed], &[("perm", Attr::Ints(vec![1, 0]))]),
     };
     g.node_named("MatMul", None, &[&x, &head], &[], &["logits"]);
-    g.output("logits", DataType::Float, &[batch.clone(), seq.clone(), Dim::Fixed(c.vocab_size as i64)]);
+    g.output(
+        "logits",
+        DataType::Float,
+        &[batch.clone(), seq.clone(), Dim::Fixed(c.vocab_size as i64)],
+    );
     for i in 0..c.num_hidden_layers {
         for kind in ["key", "value"] {
-            g.output(&format!("present.{i}.{kind}"), DataType::Float, &cache_dims(&total));
+            g.output(
+                &format!("present.{i}.{kind}"),
+                DataType::Float,
+                &cache_dims(&total),
+            );
         }
     }
     Ok(g.finish(opset))

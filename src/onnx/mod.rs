@@ -74,7 +74,12 @@ fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> proto::ValueInfo
         name: Some(name.to_string()),
         r#type: Some(proto::TypeProto {
             denotation: None,
-            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor { elem_type: Some(elem_type as i32), shape: Some(proto::TensorShapeProto { dim }) })),
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: Some(elem_type as i32),
+                    shape: Some(proto::TensorShapeProto { dim }),
+                },
+            )),
         }),
         ..Default::default()
     }
@@ -86,7 +91,12 @@ fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> proto::ValueInfo
 /// + s`, and `k` not padding in `attention_mask`), the lowest float
 /// elsewhere rather than −∞, so a pad query's row stays finite. Shaped
 /// `[batch, 1.., sequence, total]`.
-pub fn attention_bias(g: &mut GraphBuilder, input_ids: &str, attention_mask: &str, rank: usize) -> String {
+pub fn attention_bias(
+    g: &mut GraphBuilder,
+    input_ids: &str,
+    attention_mask: &str,
+    rank: usize,
+) -> String {
     let one = g.constant_i64(&[], &[1]);
     let zero = g.constant_i64(&[], &[0]);
     let ids_shape = g.node("Shape", &[input_ids], &[]);
@@ -99,7 +109,11 @@ pub fn attention_bias(g: &mut GraphBuilder, input_ids: &str, attention_mask: &st
     let axis_1 = g.constant_i64(&[1], &[1]);
     let query_column = g.node("Unsqueeze", &[&queries, &axis_1], &[]);
     let causal = g.node("LessOrEqual", &[&keys, &query_column], &[]);
-    let padding = g.node("Cast", &[attention_mask], &[("to", Attr::Int(DataType::Bool as i64))]);
+    let padding = g.node(
+        "Cast",
+        &[attention_mask],
+        &[("to", Attr::Int(DataType::Bool as i64))],
+    );
     let middle: Vec<i64> = (1..rank as i64 - 1).collect();
     let axes = g.constant_i64(&[middle.len()], &middle);
     let padding = g.node("Unsqueeze", &[&padding, &axes], &[]);
@@ -110,7 +124,10 @@ pub fn attention_bias(g: &mut GraphBuilder, input_ids: &str, attention_mask: &st
 }
 
 /// The ONNX graph of `model` (its family's lowering), for transformers.js.
-pub fn export(model: &crate::model::Model, opset: i64) -> Result<proto::ModelProto, crate::model::ModelError> {
+pub fn export(
+    model: &crate::model::Model,
+    opset: i64,
+) -> Result<proto::ModelProto, crate::model::ModelError> {
     match model {
         crate::model::Model::Gpt2(m) => gpt2::export(m, opset),
         crate::model::Model::Llama(m) => llama::export(m, opset),
@@ -126,28 +143,59 @@ pub fn le_bytes<const N: usize, T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8
 }
 
 /// A tensor of `data_type` from its raw little-endian bytes.
-pub fn raw_tensor(name: &str, dims: &[usize], data_type: DataType, raw: Vec<u8>) -> proto::TensorProto {
-    proto::TensorProto { name: Some(name.to_string()), dims: dims.iter().map(|&d| d as i64).collect(), data_type: Some(data_type as i32), raw_data: Some(raw.into()), ..Default::default() }
+pub fn raw_tensor(
+    name: &str,
+    dims: &[usize],
+    data_type: DataType,
+    raw: Vec<u8>,
+) -> proto::TensorProto {
+    proto::TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw.into()),
+        ..Default::default()
+    }
 }
 
 /// A float tensor.
 pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> proto::TensorProto {
-    raw_tensor(name, dims, DataType::Float, le_bytes(data, f32::to_le_bytes))
+    raw_tensor(
+        name,
+        dims,
+        DataType::Float,
+        le_bytes(data, f32::to_le_bytes),
+    )
 }
 
 /// An int64 tensor.
 pub fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> proto::TensorProto {
-    raw_tensor(name, dims, DataType::Int64, le_bytes(data, i64::to_le_bytes))
+    raw_tensor(
+        name,
+        dims,
+        DataType::Int64,
+        le_bytes(data, i64::to_le_bytes),
+    )
 }
 
 /// One node: `op` (in `domain`, the standard one when `None`) from `inputs`
 /// to `outputs`, with attributes.
-pub fn node_proto(name: &str, op: &str, domain: Option<&str>, inputs: &[&str], attrs: &[(&str, Attr)], outputs: &[&str]) -> proto::NodeProto {
+pub fn node_proto(
+    name: &str,
+    op: &str,
+    domain: Option<&str>,
+    inputs: &[&str],
+    attrs: &[(&str, Attr)],
+    outputs: &[&str],
+) -> proto::NodeProto {
     use proto::attribute_proto::AttributeType as T;
     let attribute = attrs
         .iter()
         .map(|(name, value)| {
-            let mut a = proto::AttributeProto { name: Some(name.to_string()), ..Default::default() };
+            let mut a = proto::AttributeProto {
+                name: Some(name.to_string()),
+                ..Default::default()
+            };
             match value {
                 Attr::Int(v) => (a.i, a.r#type) = (Some(*v), Some(T::Int as i32)),
                 Attr::Float(v) => (a.f, a.r#type) = (Some(*v), Some(T::Float as i32)),
@@ -170,7 +218,13 @@ pub fn node_proto(name: &str, op: &str, domain: Option<&str>, inputs: &[&str], a
 
 impl GraphBuilder {
     pub fn new(name: &str) -> Self {
-        GraphBuilder { graph: proto::GraphProto { name: Some(name.to_string()), ..Default::default() }, counter: 0 }
+        GraphBuilder {
+            graph: proto::GraphProto {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            counter: 0,
+        }
     }
 
     pub fn input(&mut self, name: &str, elem_type: DataType, dims: &[Dim]) -> String {
@@ -207,9 +261,24 @@ impl GraphBuilder {
     }
 
     /// Adds a node with `outputs` fresh outputs; returns their names.
-    pub fn node_n(&mut self, op: &str, domain: Option<&str>, inputs: &[&str], attrs: &[(&str, Attr)], outputs: usize) -> Vec<String> {
-        let outs: Vec<String> = (0..outputs).map(|_| self.fresh(&op.to_lowercase())).collect();
-        self.node_named(op, domain, inputs, attrs, &outs.iter().map(String::as_str).collect::<Vec<_>>());
+    pub fn node_n(
+        &mut self,
+        op: &str,
+        domain: Option<&str>,
+        inputs: &[&str],
+        attrs: &[(&str, Attr)],
+        outputs: usize,
+    ) -> Vec<String> {
+        let outs: Vec<String> = (0..outputs)
+            .map(|_| self.fresh(&op.to_lowercase()))
+            .collect();
+        self.node_named(
+            op,
+            domain,
+            inputs,
+            attrs,
+            &outs.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         outs
     }
 
@@ -219,18 +288,38 @@ impl GraphBuilder {
     }
 
     /// Adds a node whose outputs have the given names (graph outputs).
-    pub fn node_named(&mut self, op: &str, domain: Option<&str>, inputs: &[&str], attrs: &[(&str, Attr)], outputs: &[&str]) {
+    pub fn node_named(
+        &mut self,
+        op: &str,
+        domain: Option<&str>,
+        inputs: &[&str],
+        attrs: &[(&str, Attr)],
+        outputs: &[&str],
+    ) {
         self.counter += 1;
         let name = format!("{op}_{}", self.counter);
-        self.graph.node.push(node_proto(&name, op, domain, inputs, attrs, outputs));
+        self.graph
+            .node
+            .push(node_proto(&name, op, domain, inputs, attrs, outputs));
     }
 
     /// The model: this graph with the standard opset `opset` (and the
     /// `com.microsoft` domain when a node uses it).
     pub fn finish(self, opset: i64) -> proto::ModelProto {
-        let mut opset_import = vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }];
-        if self.graph.node.iter().any(|n| n.domain.as_deref() == Some("com.microsoft")) {
-            opset_import.push(proto::OperatorSetIdProto { domain: Some("com.microsoft".to_string()), version: Some(1) });
+        let mut opset_import = vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(opset),
+        }];
+        if self
+            .graph
+            .node
+            .iter()
+            .any(|n| n.domain.as_deref() == Some("com.microsoft"))
+        {
+            opset_import.push(proto::OperatorSetIdProto {
+                domain: Some("com.microsoft".to_string()),
+                version: Some(1),
+            });
         }
         proto::ModelProto {
             ir_version: Some(IR_VERSION),
@@ -257,7 +346,9 @@ pub fn write_model(mut model: proto::ModelProto, path: &Path) -> std::io::Result
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     let total = model.encoded_len() as u64;
     if total >= external::PROTOBUF_LIMIT {
-        return Err(std::io::Error::other(format!("the ONNX model is {total} bytes, past protobuf's 2 GiB; write it with external data")));
+        return Err(std::io::Error::other(format!(
+            "the ONNX model is {total} bytes, past protobuf's 2 GiB; write it with external data"
+        )));
     }
     let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let graph = model.graph.take();
@@ -271,7 +362,12 @@ pub fn write_model(mut model: proto::ModelProto, path: &Path) -> std::io::Result
                 (t.encode_to_vec(), raw)
             })
             .collect();
-        let tensor_len = |meta: &[u8], raw: &Option<bytes::Bytes>| meta.len() + raw.as_ref().map_or(0, |r| key_len(9) + encoded_len_varint(r.len() as u64) + r.len());
+        let tensor_len = |meta: &[u8], raw: &Option<bytes::Bytes>| {
+            meta.len()
+                + raw.as_ref().map_or(0, |r| {
+                    key_len(9) + encoded_len_varint(r.len() as u64) + r.len()
+                })
+        };
         let graph_len = graph.encoded_len()
             + parts
                 .iter()
@@ -310,7 +406,9 @@ pub fn write_model(mut model: proto::ModelProto, path: &Path) -> std::io::Result
 /// share one mapping.
 pub fn read_model(path: &Path) -> std::io::Result<proto::ModelProto> {
     let bytes = bytes::Bytes::from_owner(shared_map(path)?);
-    proto::ModelProto::decode(bytes).map_err(|e| std::io::Error::other(format!("`{}` is not an ONNX model: {e}", path.display())))
+    proto::ModelProto::decode(bytes).map_err(|e| {
+        std::io::Error::other(format!("`{}` is not an ONNX model: {e}", path.display()))
+    })
 }
 
 /// A read-only mapping of a file, shared while any holder keeps it.

@@ -64,14 +64,19 @@ fn err(message: impl Into<String>) -> QuantError {
 
 fn floats(t: &TensorProto) -> Result<Vec<f32>> {
     if t.data_type != Some(DataType::Float as i32) {
-        return Err(err(format!("`{}` is not a float tensor", t.name.as_deref().unwrap_or("?"))));
+        return Err(err(format!(
+            "`{}` is not a float tensor",
+            t.name.as_deref().unwrap_or("?")
+        )));
     }
     match &t.raw_data {
         Some(raw) => {
             let mut out = vec![0f32; raw.len() / 4];
             if cfg!(target_endian = "little") {
                 // SAFETY: any bytes are a valid f32; `out` has exactly raw.len() / 4 * 4 bytes.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), out.len() * 4) };
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), out.len() * 4)
+                };
                 bytes.copy_from_slice(&raw[..out.len() * 4]);
             } else {
                 for (v, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
@@ -85,7 +90,9 @@ fn floats(t: &TensorProto) -> Result<Vec<f32>> {
 }
 
 fn bytes_of(t: &TensorProto) -> u64 {
-    t.raw_data.as_ref().map_or(0, |r| r.len() as u64) + 4 * t.float_data.len() as u64 + 8 * t.int64_data.len() as u64
+    t.raw_data.as_ref().map_or(0, |r| r.len() as u64)
+        + 4 * t.float_data.len() as u64
+        + 8 * t.int64_data.len() as u64
 }
 
 fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
@@ -107,7 +114,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { quantize_embedding: false, accuracy_level: ACCURACY_LEVEL, head_bits: HeadBits::default() }
+        Options {
+            quantize_embedding: false,
+            accuracy_level: ACCURACY_LEVEL,
+            head_bits: HeadBits::default(),
+        }
     }
 }
 
@@ -159,9 +170,20 @@ impl HeadBits {
 }
 
 /// Quantizes the fp32 export `model` to `dtype`.
-pub fn quantize(mut model: ModelProto, dtype: Dtype, options: Options) -> Result<(ModelProto, Report)> {
-    let before: u64 = model.graph.as_ref().map_or(0, |g| g.initializer.iter().map(bytes_of).sum());
-    let mut report = Report { dtype: dtype.name().to_string(), weight_bytes_before: before, ..Report::default() };
+pub fn quantize(
+    mut model: ModelProto,
+    dtype: Dtype,
+    options: Options,
+) -> Result<(ModelProto, Report)> {
+    let before: u64 = model
+        .graph
+        .as_ref()
+        .map_or(0, |g| g.initializer.iter().map(bytes_of).sum());
+    let mut report = Report {
+        dtype: dtype.name().to_string(),
+        weight_bytes_before: before,
+        ..Report::default()
+    };
     match dtype {
         Dtype::Fp32 => {}
         Dtype::Fp16 => to_fp16(&mut model, &mut report)?,
@@ -178,11 +200,24 @@ pub fn quantize(mut model: ModelProto, dtype: Dtype, options: Options) -> Result
             // The head in `head_bits`: a tied one (and with
             // `quantize_embedding` the embedding) from the embedding's rows.
             let head = options.head_bits.bits();
-            head_and_embedding(&mut model, &mut report, Bits::Four, head, options.quantize_embedding, options.accuracy_level)?;
+            head_and_embedding(
+                &mut model,
+                &mut report,
+                Bits::Four,
+                head,
+                options.quantize_embedding,
+                options.accuracy_level,
+            )?;
             if head.is_some() {
                 materialise_head(&mut model)?;
             }
-            matmul_nbits(&mut model, &mut report, Bits::Four, head, options.accuracy_level)?;
+            matmul_nbits(
+                &mut model,
+                &mut report,
+                Bits::Four,
+                head,
+                options.accuracy_level,
+            )?;
             if dtype == Dtype::Q4f16 {
                 to_fp16(&mut model, &mut report)?;
             }
@@ -190,7 +225,12 @@ pub fn quantize(mut model: ModelProto, dtype: Dtype, options: Options) -> Result
     }
     let g = model.graph.as_ref().expect("a graph");
     report.weight_bytes_after = g.initializer.iter().map(bytes_of).sum();
-    let count = |op: &str| g.node.iter().filter(|n| n.op_type.as_deref() == Some(op)).count();
+    let count = |op: &str| {
+        g.node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some(op))
+            .count()
+    };
     report.matmul_integer_nodes = count("MatMulInteger");
     report.matmul_nbits_nodes = count("MatMulNBits");
     report.matmul_float_nodes = count("MatMul");
@@ -201,7 +241,12 @@ pub fn quantize(mut model: ModelProto, dtype: Dtype, options: Options) -> Result
 /// against a new transposed initializer, so quantizers see the weight.
 fn materialise_head(model: &mut ModelProto) -> Result<()> {
     let g = graph_mut(model);
-    let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
+    let initializers: HashMap<String, usize> = g
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone().unwrap_or_default(), i))
+        .collect();
     let mut replaced = Vec::new();
     for (i, node) in g.node.iter().enumerate() {
         if node.op_type.as_deref() == Some("Transpose")
@@ -215,7 +260,8 @@ fn materialise_head(model: &mut ModelProto) -> Result<()> {
         let t = &g.initializer[source];
         let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
         let transposed = transpose(&floats(t)?, rows, cols);
-        g.initializer.push(tensor_f32(&output, &[cols, rows], &transposed));
+        g.initializer
+            .push(tensor_f32(&output, &[cols, rows], &transposed));
         g.node.remove(i);
     }
     Ok(())
@@ -239,17 +285,32 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// MatMul nodes whose second input is a 2-D float initializer: (node index, weight index).
 fn weight_matmuls(g: &proto::GraphProto) -> Vec<(usize, usize)> {
-    let initializers: HashMap<&str, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.as_deref().unwrap_or(""), i)).collect();
+    let initializers: HashMap<&str, usize> = g
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_deref().unwrap_or(""), i))
+        .collect();
     g.node
         .iter()
         .enumerate()
         .filter(|(_, n)| n.op_type.as_deref() == Some("MatMul"))
         .filter_map(|(i, n)| initializers.get(n.input[1].as_str()).map(|&w| (i, w)))
-        .filter(|&(_, w)| g.initializer[w].dims.len() == 2 && g.initializer[w].data_type == Some(DataType::Float as i32))
+        .filter(|&(_, w)| {
+            g.initializer[w].dims.len() == 2
+                && g.initializer[w].data_type == Some(DataType::Float as i32)
+        })
         .collect()
 }
 
-fn node(op: &str, domain: Option<&str>, inputs: &[&str], outputs: &[&str], attrs: &[(&str, Attr)], name: &str) -> NodeProto {
+fn node(
+    op: &str,
+    domain: Option<&str>,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: &[(&str, Attr)],
+    name: &str,
+) -> NodeProto {
     crate::onnx::node_proto(name, op, domain, inputs, attrs, outputs)
 }
 
@@ -269,8 +330,14 @@ fn splice(g: &mut proto::GraphProto, mut replacements: Vec<(usize, Vec<NodeProto
 
 /// Drops initializers nothing reads any more.
 fn prune(g: &mut proto::GraphProto) {
-    let used: HashSet<String> = g.node.iter().flat_map(|n| n.input.iter().cloned()).chain(g.output.iter().filter_map(|o| o.name.clone())).collect();
-    g.initializer.retain(|t| t.name.as_ref().is_some_and(|n| used.contains(n)));
+    let used: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(g.output.iter().filter_map(|o| o.name.clone()))
+        .collect();
+    g.initializer
+        .retain(|t| t.name.as_ref().is_some_and(|n| used.contains(n)));
 }
 
 /// One MatMul against a weight, as a rewrite sees it.
@@ -287,7 +354,11 @@ struct WeightMatMul<'a> {
 /// Replaces every MatMul against a float weight with the nodes `rewrite`
 /// returns (and adds its initializers), where it returns any; drops the
 /// weights no longer read.
-fn rewrite_weight_matmuls(model: &mut ModelProto, report: &mut Report, mut rewrite: impl FnMut(&WeightMatMul<'_>) -> Option<(Vec<NodeProto>, Vec<TensorProto>)>) -> Result<()> {
+fn rewrite_weight_matmuls(
+    model: &mut ModelProto,
+    report: &mut Report,
+    mut rewrite: impl FnMut(&WeightMatMul<'_>) -> Option<(Vec<NodeProto>, Vec<TensorProto>)>,
+) -> Result<()> {
     let g = graph_mut(model);
     let mut replacements = Vec::new();
     let mut new_initializers = Vec::new();
@@ -295,12 +366,17 @@ fn rewrite_weight_matmuls(model: &mut ModelProto, report: &mut Report, mut rewri
         let t = &g.initializer[w];
         let matmul = WeightMatMul {
             node: &g.node[index],
-            base: g.node[index].name.clone().unwrap_or_else(|| format!("matmul_{index}")),
+            base: g.node[index]
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("matmul_{index}")),
             name: t.name.clone().unwrap_or_default(),
             dims: t.dims.iter().map(|&d| d as usize).collect(),
             data: floats(t)?,
         };
-        let Some((nodes, initializers)) = rewrite(&matmul) else { continue };
+        let Some((nodes, initializers)) = rewrite(&matmul) else {
+            continue;
+        };
         report.weights_quantized += 1;
         report.parameters_quantized += matmul.data.len() as u64;
         replacements.push((index, nodes));
@@ -322,15 +398,36 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
             let hi = data.iter().copied().fold(0f32, f32::max);
             let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
             let zp = round(-lo / scale).clamp(0.0, 255.0) as u8;
-            (data.iter().map(|&v| (round(v / scale) + zp as f32).clamp(0.0, 255.0) as u8).collect(), scale, Some(zp))
+            (
+                data.iter()
+                    .map(|&v| (round(v / scale) + zp as f32).clamp(0.0, 255.0) as u8)
+                    .collect(),
+                scale,
+                Some(zp),
+            )
         } else {
             let max = data.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            (data.iter().map(|&v| round(v / scale).clamp(-127.0, 127.0) as i8 as u8).collect(), scale, None)
+            (
+                data.iter()
+                    .map(|&v| round(v / scale).clamp(-127.0, 127.0) as i8 as u8)
+                    .collect(),
+                scale,
+                None,
+            )
         };
         let q_name = format!("{name}_quantized");
         let scale_name = format!("{name}_scale");
-        new_initializers.push(raw_tensor(&q_name, dims, if unsigned { DataType::Uint8 } else { DataType::Int8 }, raw));
+        new_initializers.push(raw_tensor(
+            &q_name,
+            dims,
+            if unsigned {
+                DataType::Uint8
+            } else {
+                DataType::Int8
+            },
+            raw,
+        ));
         new_initializers.push(tensor_f32(&scale_name, &[], &[scale]));
         let mut inputs_mmi = vec![];
         let zp_name = format!("{name}_zero_point");
@@ -339,18 +436,61 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
         }
         let x = n.input[0].clone();
         let out = n.output[0].clone();
-        let (xq, xs, xz) = (format!("{out}_x_quantized"), format!("{out}_x_scale"), format!("{out}_x_zero_point"));
-        let (int_out, float_out, scale_out) = (format!("{out}_int32"), format!("{out}_float"), format!("{out}_scale"));
+        let (xq, xs, xz) = (
+            format!("{out}_x_quantized"),
+            format!("{out}_x_scale"),
+            format!("{out}_x_zero_point"),
+        );
+        let (int_out, float_out, scale_out) = (
+            format!("{out}_int32"),
+            format!("{out}_float"),
+            format!("{out}_scale"),
+        );
         inputs_mmi.extend([xq.as_str(), q_name.as_str(), xz.as_str()]);
         if zero_point.is_some() {
             inputs_mmi.push(zp_name.as_str());
         }
         let nodes = vec![
-            node("DynamicQuantizeLinear", None, &[&x], &[&xq, &xs, &xz], &[], &format!("{base}_quantize")),
-            node("MatMulInteger", None, &inputs_mmi, &[&int_out], &[], &format!("{base}_integer")),
-            node("Cast", None, &[&int_out], &[&float_out], &[("to", Attr::Int(DataType::Float as i64))], &format!("{base}_cast")),
-            node("Mul", None, &[&xs, &scale_name], &[&scale_out], &[], &format!("{base}_scales")),
-            node("Mul", None, &[&float_out, &scale_out], &[&out], &[], &format!("{base}_output")),
+            node(
+                "DynamicQuantizeLinear",
+                None,
+                &[&x],
+                &[&xq, &xs, &xz],
+                &[],
+                &format!("{base}_quantize"),
+            ),
+            node(
+                "MatMulInteger",
+                None,
+                &inputs_mmi,
+                &[&int_out],
+                &[],
+                &format!("{base}_integer"),
+            ),
+            node(
+                "Cast",
+                None,
+                &[&int_out],
+                &[&float_out],
+                &[("to", Attr::Int(DataType::Float as i64))],
+                &format!("{base}_cast"),
+            ),
+            node(
+                "Mul",
+                None,
+                &[&xs, &scale_name],
+                &[&scale_out],
+                &[],
+                &format!("{base}_scales"),
+            ),
+            node(
+                "Mul",
+                None,
+                &[&float_out, &scale_out],
+                &[&out],
+                &[],
+                &format!("{base}_output"),
+            ),
         ];
         Some((nodes, new_initializers))
     })
@@ -359,16 +499,46 @@ fn dynamic_int8(model: &mut ModelProto, unsigned: bool, report: &mut Report) -> 
 /// A MatMulNBits node (blocks of 32) computing `output = input · W` with W
 /// `[k, n]` packed in `b` and `scales`.
 #[allow(clippy::too_many_arguments)]
-fn matmul_nbits_node(input: &str, b: &str, scales: &str, output: &str, k: usize, n: usize, bits: Bits, accuracy_level: i64, name: &str) -> NodeProto {
+fn matmul_nbits_node(
+    input: &str,
+    b: &str,
+    scales: &str,
+    output: &str,
+    k: usize,
+    n: usize,
+    bits: Bits,
+    accuracy_level: i64,
+    name: &str,
+) -> NodeProto {
     let int = |v: usize| Attr::Int(v as i64);
-    let attrs = [("K", int(k)), ("N", int(n)), ("bits", int(bits.count())), ("block_size", int(32)), ("accuracy_level", Attr::Int(accuracy_level))];
-    node("MatMulNBits", Some("com.microsoft"), &[input, b, scales], &[output], &attrs, name)
+    let attrs = [
+        ("K", int(k)),
+        ("N", int(n)),
+        ("bits", int(bits.count())),
+        ("block_size", int(32)),
+        ("accuracy_level", Attr::Int(accuracy_level)),
+    ];
+    node(
+        "MatMulNBits",
+        Some("com.microsoft"),
+        &[input, b, scales],
+        &[output],
+        &attrs,
+        name,
+    )
 }
 
 /// Declares the `com.microsoft` operator domain (once).
 fn use_microsoft_domain(model: &mut ModelProto) {
-    if !model.opset_import.iter().any(|o| o.domain.as_deref() == Some("com.microsoft")) {
-        model.opset_import.push(proto::OperatorSetIdProto { domain: Some("com.microsoft".to_string()), version: Some(1) });
+    if !model
+        .opset_import
+        .iter()
+        .any(|o| o.domain.as_deref() == Some("com.microsoft"))
+    {
+        model.opset_import.push(proto::OperatorSetIdProto {
+            domain: Some("com.microsoft".to_string()),
+            version: Some(1),
+        });
     }
 }
 
@@ -424,11 +594,22 @@ fn pack_columns(columns: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Ve
     let mut packed = vec![0u8; n * blocks * per_block];
     let mut scales = vec![0f32; n * blocks];
     let (zero, top) = (bits.zero(), bits.top());
-    let columns = columns.chunks_exact(k).zip(packed.chunks_exact_mut(blocks * per_block)).zip(scales.chunks_exact_mut(blocks));
+    let columns = columns
+        .chunks_exact(k)
+        .zip(packed.chunks_exact_mut(blocks * per_block))
+        .zip(scales.chunks_exact_mut(blocks));
     for ((column, out), column_scales) in columns {
-        for ((block, out), scale_out) in column.chunks(BLOCK).zip(out.chunks_exact_mut(per_block)).zip(column_scales.iter_mut()) {
+        for ((block, out), scale_out) in column
+            .chunks(BLOCK)
+            .zip(out.chunks_exact_mut(per_block))
+            .zip(column_scales.iter_mut())
+        {
             let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let extreme = block.iter().copied().find(|v| v.abs() == largest).unwrap_or(0.0);
+            let extreme = block
+                .iter()
+                .copied()
+                .find(|v| v.abs() == largest)
+                .unwrap_or(0.0);
             let scale = extreme / -(zero as f32);
             *scale_out = scale;
             let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
@@ -472,15 +653,35 @@ fn round(v: f32) -> f32 {
 /// the head in float (`head` None) a tied head keeps its Transpose, and the
 /// embedding, when asked for, gets `body` bits of its own; an untied head
 /// is left to [`matmul_nbits`].
-fn head_and_embedding(model: &mut ModelProto, report: &mut Report, body: Bits, head: Option<Bits>, embedding: bool, accuracy_level: i64) -> Result<()> {
+fn head_and_embedding(
+    model: &mut ModelProto,
+    report: &mut Report,
+    body: Bits,
+    head: Option<Bits>,
+    embedding: bool,
+    accuracy_level: i64,
+) -> Result<()> {
     let g = graph_mut(model);
-    let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
-    let transpose = g.node.iter().position(|n| n.op_type.as_deref() == Some("Transpose") && initializers.contains_key(&n.input[0]));
+    let initializers: HashMap<String, usize> = g
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone().unwrap_or_default(), i))
+        .collect();
+    let transpose = g.node.iter().position(|n| {
+        n.op_type.as_deref() == Some("Transpose") && initializers.contains_key(&n.input[0])
+    });
     let tied = transpose.and_then(|transpose| {
         let wte_name = g.node[transpose].input[0].clone();
         let head_out = &g.node[transpose].output[0];
-        let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input[0] == wte_name)?;
-        let head_at = g.node.iter().position(|n| n.op_type.as_deref() == Some("MatMul") && &n.input[1] == head_out)?;
+        let gather = g
+            .node
+            .iter()
+            .position(|n| n.op_type.as_deref() == Some("Gather") && n.input[0] == wte_name)?;
+        let head_at = g
+            .node
+            .iter()
+            .position(|n| n.op_type.as_deref() == Some("MatMul") && &n.input[1] == head_out)?;
         Some((transpose, gather, head_at, wte_name))
     });
     let (Some((transpose, gather, head_at, wte_name)), Some(bits)) = (tied, head) else {
@@ -493,27 +694,67 @@ fn head_and_embedding(model: &mut ModelProto, report: &mut Report, body: Bits, h
     let wte = &g.initializer[initializers[&wte_name]];
     let (vocab, width) = (wte.dims[0] as usize, wte.dims[1] as usize);
     if embedding && width % 32 != 0 {
-        return Err(err(format!("a quantized embedding needs a width divisible by 32, and this model's is {width}")));
+        return Err(err(format!(
+            "a quantized embedding needs a width divisible by 32, and this model's is {width}"
+        )));
     }
     let rows = floats(wte)?;
     report.weights_quantized += 1;
     report.parameters_quantized += rows.len() as u64;
     let (packed, scales) = pack_columns(&rows, width, vocab, bits);
     let blocks = width.div_ceil(32);
-    let (x, logits) = (g.node[head_at].input[0].clone(), g.node[head_at].output[0].clone());
-    let head_node = |b: &str, s: &str| matmul_nbits_node(&x, b, s, &logits, width, vocab, bits, accuracy_level, "head_quantized");
+    let (x, logits) = (
+        g.node[head_at].input[0].clone(),
+        g.node[head_at].output[0].clone(),
+    );
+    let head_node = |b: &str, s: &str| {
+        matmul_nbits_node(
+            &x,
+            b,
+            s,
+            &logits,
+            width,
+            vocab,
+            bits,
+            accuracy_level,
+            "head_quantized",
+        )
+    };
     if !embedding {
         // The head alone, packed straight from the embedding's rows; the
         // Gather keeps the float embedding.
-        let (b_name, s_name) = (format!("{wte_name}_head_quantized"), format!("{wte_name}_head_scales"));
-        g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, bits.block_bytes()], DataType::Uint8, packed));
-        g.initializer.push(tensor_f32(&s_name, &[vocab, blocks], &scales));
-        splice(g, vec![(transpose, vec![]), (head_at, vec![head_node(&b_name, &s_name)])]);
+        let (b_name, s_name) = (
+            format!("{wte_name}_head_quantized"),
+            format!("{wte_name}_head_scales"),
+        );
+        g.initializer.push(raw_tensor(
+            &b_name,
+            &[vocab, blocks, bits.block_bytes()],
+            DataType::Uint8,
+            packed,
+        ));
+        g.initializer
+            .push(tensor_f32(&s_name, &[vocab, blocks], &scales));
+        splice(
+            g,
+            vec![
+                (transpose, vec![]),
+                (head_at, vec![head_node(&b_name, &s_name)]),
+            ],
+        );
         use_microsoft_domain(model);
         return Ok(());
     }
-    let (b_name, s_name, gathering) = gather_blockwise(g, gather, &wte_name, (vocab, width), packed, &scales, bits);
-    splice(g, vec![(gather, gathering), (transpose, vec![]), (head_at, vec![head_node(&b_name, &s_name)])]);
+    let (b_name, s_name, gathering) =
+        gather_blockwise(g, gather, &wte_name, (vocab, width), packed, &scales, bits);
+    splice(
+        g,
+        vec![
+            (gather, gathering),
+            (transpose, vec![]),
+            (head_at, vec![head_node(&b_name, &s_name)]),
+        ],
+    );
     prune(g);
     use_microsoft_domain(model);
     Ok(())
@@ -524,33 +765,94 @@ fn head_and_embedding(model: &mut ModelProto, report: &mut Report, body: Bits, h
 /// added to `g`, and the nodes that replace the Gather at `gather` with a
 /// GatherBlockQuantized over them; returns the packed data's and the
 /// scales' names too (a tied head reads the same bytes).
-fn gather_blockwise(g: &mut proto::GraphProto, gather: usize, wte_name: &str, (vocab, width): (usize, usize), packed: Vec<u8>, scales: &[f32], bits: Bits) -> (String, String, Vec<NodeProto>) {
+fn gather_blockwise(
+    g: &mut proto::GraphProto,
+    gather: usize,
+    wte_name: &str,
+    (vocab, width): (usize, usize),
+    packed: Vec<u8>,
+    scales: &[f32],
+    bits: Bits,
+) -> (String, String, Vec<NodeProto>) {
     let blocks = width.div_ceil(32);
-    let (b_name, s_name, zp_name) = (format!("{wte_name}_quantized"), format!("{wte_name}_scales"), format!("{wte_name}_zero_points"));
-    let (b_shape, s_shape) = (format!("{wte_name}_quantized_shape"), format!("{wte_name}_scales_shape"));
-    let (b_rows, s_rows) = (format!("{wte_name}_quantized_rows"), format!("{wte_name}_scales_rows"));
-    g.initializer.push(raw_tensor(&b_name, &[vocab, blocks, bits.block_bytes()], DataType::Uint8, packed));
-    g.initializer.push(tensor_f32(&s_name, &[vocab * blocks], scales));
+    let (b_name, s_name, zp_name) = (
+        format!("{wte_name}_quantized"),
+        format!("{wte_name}_scales"),
+        format!("{wte_name}_zero_points"),
+    );
+    let (b_shape, s_shape) = (
+        format!("{wte_name}_quantized_shape"),
+        format!("{wte_name}_scales_shape"),
+    );
+    let (b_rows, s_rows) = (
+        format!("{wte_name}_quantized_rows"),
+        format!("{wte_name}_scales_rows"),
+    );
+    g.initializer.push(raw_tensor(
+        &b_name,
+        &[vocab, blocks, bits.block_bytes()],
+        DataType::Uint8,
+        packed,
+    ));
+    g.initializer
+        .push(tensor_f32(&s_name, &[vocab * blocks], scales));
     // Zero points packed as the data is: two to a byte in 4 bits.
     let zero_points = match bits {
-        Bits::Four => raw_tensor(&zp_name, &[vocab, blocks.div_ceil(2)], DataType::Uint8, vec![0x88; vocab * blocks.div_ceil(2)]),
-        Bits::Eight => raw_tensor(&zp_name, &[vocab, blocks], DataType::Uint8, vec![bits.zero(); vocab * blocks]),
+        Bits::Four => raw_tensor(
+            &zp_name,
+            &[vocab, blocks.div_ceil(2)],
+            DataType::Uint8,
+            vec![0x88; vocab * blocks.div_ceil(2)],
+        ),
+        Bits::Eight => raw_tensor(
+            &zp_name,
+            &[vocab, blocks],
+            DataType::Uint8,
+            vec![bits.zero(); vocab * blocks],
+        ),
     };
     g.initializer.push(zero_points);
-    g.initializer.push(crate::onnx::tensor_i64(&b_shape, &[2], &[vocab as i64, (width * bits.count() / 8) as i64]));
-    g.initializer.push(crate::onnx::tensor_i64(&s_shape, &[2], &[vocab as i64, blocks as i64]));
+    g.initializer.push(crate::onnx::tensor_i64(
+        &b_shape,
+        &[2],
+        &[vocab as i64, (width * bits.count() / 8) as i64],
+    ));
+    g.initializer.push(crate::onnx::tensor_i64(
+        &s_shape,
+        &[2],
+        &[vocab as i64, blocks as i64],
+    ));
     let ids = g.node[gather].input[1].clone();
     let gathered = g.node[gather].output[0].clone();
     let int = |v: usize| Attr::Int(v as i64);
     let nodes = vec![
-        node("Reshape", None, &[&b_name, &b_shape], &[&b_rows], &[], "embedding_quantized_rows"),
-        node("Reshape", None, &[&s_name, &s_shape], &[&s_rows], &[], "embedding_scales_rows"),
+        node(
+            "Reshape",
+            None,
+            &[&b_name, &b_shape],
+            &[&b_rows],
+            &[],
+            "embedding_quantized_rows",
+        ),
+        node(
+            "Reshape",
+            None,
+            &[&s_name, &s_shape],
+            &[&s_rows],
+            &[],
+            "embedding_scales_rows",
+        ),
         node(
             "GatherBlockQuantized",
             Some("com.microsoft"),
             &[&b_rows, &ids, &s_rows, &zp_name],
             &[&gathered],
-            &[("gather_axis", int(0)), ("quantize_axis", int(1)), ("block_size", int(32)), ("bits", int(bits.count()))],
+            &[
+                ("gather_axis", int(0)),
+                ("quantize_axis", int(1)),
+                ("block_size", int(32)),
+                ("bits", int(bits.count())),
+            ],
             "embedding_quantized",
         ),
     ];
@@ -561,22 +863,41 @@ fn gather_blockwise(g: &mut proto::GraphProto, gather: usize, wte_name: &str, (v
 /// of its own, where the head does not share it.
 fn untied_embedding(model: &mut ModelProto, report: &mut Report, bits: Bits) -> Result<()> {
     let g = graph_mut(model);
-    let initializers: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone().unwrap_or_default(), i)).collect();
-    let gather = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gather") && n.input.get(1).map(String::as_str) == Some("input_ids") && initializers.contains_key(&n.input[0]));
-    let Some(gather) = gather else { return Err(err("a quantized embedding: the graph gathers no embedding initializer by `input_ids`")) };
+    let initializers: HashMap<String, usize> = g
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone().unwrap_or_default(), i))
+        .collect();
+    let gather = g.node.iter().position(|n| {
+        n.op_type.as_deref() == Some("Gather")
+            && n.input.get(1).map(String::as_str) == Some("input_ids")
+            && initializers.contains_key(&n.input[0])
+    });
+    let Some(gather) = gather else {
+        return Err(err(
+            "a quantized embedding: the graph gathers no embedding initializer by `input_ids`",
+        ));
+    };
     let wte_name = g.node[gather].input[0].clone();
     let wte = &g.initializer[initializers[&wte_name]];
     let (vocab, width) = (wte.dims[0] as usize, wte.dims[1] as usize);
     if width % 32 != 0 {
-        return Err(err(format!("a quantized embedding needs a width divisible by 32, and this model's is {width}")));
+        return Err(err(format!(
+            "a quantized embedding needs a width divisible by 32, and this model's is {width}"
+        )));
     }
     let rows = floats(wte)?;
     report.weights_quantized += 1;
     report.parameters_quantized += rows.len() as u64;
     let (packed, scales) = pack_columns(&rows, width, vocab, bits);
     // A tied head that stays float reads the float embedding still.
-    let keep = g.node.iter().any(|n| n.op_type.as_deref() == Some("Transpose") && n.input[0] == wte_name);
-    let (_, _, gathering) = gather_blockwise(g, gather, &wte_name, (vocab, width), packed, &scales, bits);
+    let keep = g
+        .node
+        .iter()
+        .any(|n| n.op_type.as_deref() == Some("Transpose") && n.input[0] == wte_name);
+    let (_, _, gathering) =
+        gather_blockwise(g, gather, &wte_name, (vocab, width), packed, &scales, bits);
     splice(g, vec![(gather, gathering)]);
     if !keep {
         prune(g);
@@ -587,15 +908,49 @@ fn untied_embedding(model: &mut ModelProto, report: &mut Report, bits: Bits) -> 
 
 /// Every MatMul against a float weight as MatMulNBits of `bits`; the head
 /// (the MatMul that writes `logits`) with `head` bits, or left float.
-fn matmul_nbits(model: &mut ModelProto, report: &mut Report, bits: Bits, head: Option<Bits>, accuracy_level: i64) -> Result<()> {
+fn matmul_nbits(
+    model: &mut ModelProto,
+    report: &mut Report,
+    bits: Bits,
+    head: Option<Bits>,
+    accuracy_level: i64,
+) -> Result<()> {
     rewrite_weight_matmuls(model, report, |m| {
-        let bits = if m.node.output[0] == "logits" { head? } else { bits };
+        let bits = if m.node.output[0] == "logits" {
+            head?
+        } else {
+            bits
+        };
         let (k, cols) = (m.dims[0], m.dims[1]);
         let (packed, scales) = pack(&m.data, k, cols, bits);
         let blocks = k.div_ceil(32);
-        let (b_name, s_name) = (format!("{}_quantized", m.name), format!("{}_scales", m.name));
-        let initializers = vec![raw_tensor(&b_name, &[cols, blocks, bits.block_bytes()], DataType::Uint8, packed), tensor_f32(&s_name, &[cols * blocks], &scales)];
-        Some((vec![matmul_nbits_node(&m.node.input[0], &b_name, &s_name, &m.node.output[0], k, cols, bits, accuracy_level, &format!("{}_quantized", m.base))], initializers))
+        let (b_name, s_name) = (
+            format!("{}_quantized", m.name),
+            format!("{}_scales", m.name),
+        );
+        let initializers = vec![
+            raw_tensor(
+                &b_name,
+                &[cols, blocks, bits.block_bytes()],
+                DataType::Uint8,
+                packed,
+            ),
+            tensor_f32(&s_name, &[cols * blocks], &scales),
+        ];
+        Some((
+            vec![matmul_nbits_node(
+                &m.node.input[0],
+                &b_name,
+                &s_name,
+                &m.node.output[0],
+                k,
+                cols,
+                bits,
+                accuracy_level,
+                &format!("{}_quantized", m.base),
+            )],
+            initializers,
+        ))
     })?;
     use_microsoft_domain(model);
     Ok(())
@@ -640,7 +995,10 @@ fn stored_int8(model: &mut ModelProto, report: &mut Report) -> Result<()> {
             kept.push(t);
             continue;
         };
-        if t.dims.len() != 2 || t.data_type != Some(DataType::Float as i32) || t.dims.iter().product::<i64>() < 1024 {
+        if t.dims.len() != 2
+            || t.data_type != Some(DataType::Float as i32)
+            || t.dims.iter().product::<i64>() < 1024
+        {
             kept.push(t);
             continue;
         }
@@ -654,14 +1012,24 @@ fn stored_int8(model: &mut ModelProto, report: &mut Report) -> Result<()> {
         let blocks = length / block;
         // Laid out so that a block is contiguous after a reshape: along
         // axis 1, [rows, blocks, block]; along axis 0, [blocks, block, cols].
-        let (q_shape, s_shape): (Vec<usize>, Vec<usize>) = if along == 1 { (vec![rows, blocks, block], vec![rows, blocks, 1]) } else { (vec![blocks, block, cols], vec![blocks, 1, cols]) };
+        let (q_shape, s_shape): (Vec<usize>, Vec<usize>) = if along == 1 {
+            (vec![rows, blocks, block], vec![rows, blocks, 1])
+        } else {
+            (vec![blocks, block, cols], vec![blocks, 1, cols])
+        };
         let mut quantized = vec![0u8; data.len()];
         let mut scales = vec![0f32; rows * cols / block];
         let index = |r: usize, c: usize| r * cols + c;
         for (b, scale_out) in scales.iter_mut().enumerate() {
             // Block b: along axis 1, row b / blocks, columns (b % blocks) * block..;
             // along axis 0, column b % cols, rows (b / cols) * block...
-            let at = |j: usize| if along == 1 { index(b / blocks, (b % blocks) * block + j) } else { index((b / cols) * block + j, b % cols) };
+            let at = |j: usize| {
+                if along == 1 {
+                    index(b / blocks, (b % blocks) * block + j)
+                } else {
+                    index((b / cols) * block + j, b % cols)
+                }
+            };
             let largest = (0..block).fold(0f32, |m, j| m.max(data[at(j)].abs()));
             let scale = if largest > 0.0 { largest / 127.0 } else { 1.0 };
             *scale_out = scale;
@@ -671,16 +1039,61 @@ fn stored_int8(model: &mut ModelProto, report: &mut Report) -> Result<()> {
         }
         let (q_name, s_name) = (format!("{name}_int8"), format!("{name}_scales"));
         let (shape_name, back_name) = (format!("{name}_blocks_shape"), format!("{name}_shape"));
-        let (cast, blocked, scaled) = (format!("{name}_float"), format!("{name}_blocked"), format!("{name}_dequantized"));
-        kept.push(raw_tensor(&q_name, &[rows, cols], DataType::Int8, quantized));
+        let (cast, blocked, scaled) = (
+            format!("{name}_float"),
+            format!("{name}_blocked"),
+            format!("{name}_dequantized"),
+        );
+        kept.push(raw_tensor(
+            &q_name,
+            &[rows, cols],
+            DataType::Int8,
+            quantized,
+        ));
         kept.push(tensor_f32(&s_name, &s_shape, &scales));
-        kept.push(crate::onnx::tensor_i64(&shape_name, &[3], &q_shape.iter().map(|&d| d as i64).collect::<Vec<_>>()));
-        kept.push(crate::onnx::tensor_i64(&back_name, &[2], &[rows as i64, cols as i64]));
+        kept.push(crate::onnx::tensor_i64(
+            &shape_name,
+            &[3],
+            &q_shape.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+        ));
+        kept.push(crate::onnx::tensor_i64(
+            &back_name,
+            &[2],
+            &[rows as i64, cols as i64],
+        ));
         chains.extend([
-            node("Cast", None, &[&q_name], &[&cast], &[("to", Attr::Int(DataType::Float as i64))], &format!("{name}_cast")),
-            node("Reshape", None, &[&cast, &shape_name], &[&blocked], &[], &format!("{name}_to_blocks")),
-            node("Mul", None, &[&blocked, &s_name], &[&scaled], &[], &format!("{name}_scale")),
-            node("Reshape", None, &[&scaled, &back_name], &[&name], &[], &format!("{name}_from_blocks")),
+            node(
+                "Cast",
+                None,
+                &[&q_name],
+                &[&cast],
+                &[("to", Attr::Int(DataType::Float as i64))],
+                &format!("{name}_cast"),
+            ),
+            node(
+                "Reshape",
+                None,
+                &[&cast, &shape_name],
+                &[&blocked],
+                &[],
+                &format!("{name}_to_blocks"),
+            ),
+            node(
+                "Mul",
+                None,
+                &[&blocked, &s_name],
+                &[&scaled],
+                &[],
+                &format!("{name}_scale"),
+            ),
+            node(
+                "Reshape",
+                None,
+                &[&scaled, &back_name],
+                &[&name],
+                &[],
+                &format!("{name}_from_blocks"),
+            ),
         ]);
     }
     g.initializer = kept;
@@ -701,7 +1114,10 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
             // The attention fill value (the lowest float) becomes −10⁴: at
             // −65504 a masked score would overflow to −∞, and a row with
             // every key masked would give NaN.
-            let halves: Vec<f16> = data.iter().map(|&v| f16::from_f32(if v <= -65504.0 { -1e4 } else { v.min(65504.0) })).collect();
+            let halves: Vec<f16> = data
+                .iter()
+                .map(|&v| f16::from_f32(if v <= -65504.0 { -1e4 } else { v.min(65504.0) }))
+                .collect();
             let raw = crate::onnx::le_bytes(&halves, f16::to_le_bytes);
             t.data_type = Some(DataType::Float16 as i32);
             t.raw_data = Some(raw.into());
@@ -709,8 +1125,18 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
         }
     }
     let is_float = |v: &proto::ValueInfoProto| matches!(v.r#type.as_ref().and_then(|t| t.value.as_ref()), Some(proto::type_proto::Value::TensorType(t)) if t.elem_type == Some(DataType::Float as i32));
-    let float_inputs: Vec<String> = g.input.iter().filter(|v| is_float(v)).filter_map(|v| v.name.clone()).collect();
-    let float_outputs: Vec<String> = g.output.iter().filter(|v| is_float(v)).filter_map(|v| v.name.clone()).collect();
+    let float_inputs: Vec<String> = g
+        .input
+        .iter()
+        .filter(|v| is_float(v))
+        .filter_map(|v| v.name.clone())
+        .collect();
+    let float_outputs: Vec<String> = g
+        .output
+        .iter()
+        .filter(|v| is_float(v))
+        .filter_map(|v| v.name.clone())
+        .collect();
     // Casts to float inside the graph now cast to fp16.
     for n in g.node.iter_mut() {
         if n.op_type.as_deref() == Some("Cast") {
@@ -721,7 +1147,15 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
             }
         }
     }
-    let rename: HashMap<String, String> = float_inputs.iter().map(|i| (i.clone(), format!("{i}_fp16"))).chain(float_outputs.iter().map(|o| (o.clone(), format!("{o}_fp16")))).collect();
+    let rename: HashMap<String, String> = float_inputs
+        .iter()
+        .map(|i| (i.clone(), format!("{i}_fp16")))
+        .chain(
+            float_outputs
+                .iter()
+                .map(|o| (o.clone(), format!("{o}_fp16"))),
+        )
+        .collect();
     for n in g.node.iter_mut() {
         for name in n.input.iter_mut().chain(n.output.iter_mut()) {
             if let Some(new) = rename.get(name.as_str()) {
@@ -731,10 +1165,24 @@ fn to_fp16(model: &mut ModelProto, report: &mut Report) -> Result<()> {
     }
     let mut head = Vec::new();
     for i in &float_inputs {
-        head.push(node("Cast", None, &[i], &[&rename[i]], &[("to", Attr::Int(DataType::Float16 as i64))], &format!("{i}_to_fp16")));
+        head.push(node(
+            "Cast",
+            None,
+            &[i],
+            &[&rename[i]],
+            &[("to", Attr::Int(DataType::Float16 as i64))],
+            &format!("{i}_to_fp16"),
+        ));
     }
     for o in &float_outputs {
-        g.node.push(node("Cast", None, &[&rename[o]], &[o], &[("to", Attr::Int(DataType::Float as i64))], &format!("{o}_to_fp32")));
+        g.node.push(node(
+            "Cast",
+            None,
+            &[&rename[o]],
+            &[o],
+            &[("to", Attr::Int(DataType::Float as i64))],
+            &format!("{o}_to_fp32"),
+        ));
     }
     head.append(&mut g.node);
     g.node = head;
@@ -753,7 +1201,22 @@ mod tests {
                 assert_eq!(t[c * rows + r], data[r * cols + c]);
             }
         }
-        for v in [0.0f32, 0.5, -0.5, 1.5, -1.5, 2.4999998, -2.5000002, 0.49999997, 7.5, -8.5, 126.5, 1e-8, -3.7, f32::MIN_POSITIVE] {
+        for v in [
+            0.0f32,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.4999998,
+            -2.5000002,
+            0.49999997,
+            7.5,
+            -8.5,
+            126.5,
+            1e-8,
+            -3.7,
+            f32::MIN_POSITIVE,
+        ] {
             assert_eq!(super::round(v), v.round(), "{v}");
         }
     }
@@ -761,19 +1224,29 @@ mod tests {
     #[test]
     fn the_block_packers_follow_their_definition() {
         let (k, n): (usize, usize) = (80, 7);
-        let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect();
         let blocks = k.div_ceil(32);
-        for (bits, zero, top) in [(super::Bits::Four, 8.0f32, 15.0f32), (super::Bits::Eight, 128.0, 255.0)] {
+        for (bits, zero, top) in [
+            (super::Bits::Four, 8.0f32, 15.0f32),
+            (super::Bits::Eight, 128.0, 255.0),
+        ] {
             let (packed, scales) = super::pack(&w, k, n, bits);
             assert_eq!(packed.len(), n * blocks * bits.block_bytes());
             for c in 0..n {
                 for b in 0..blocks {
                     let rows: Vec<usize> = (b * 32..(b * 32 + 32).min(k)).collect();
-                    let extreme = rows.iter().map(|&r| w[r * n + c]).fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                    let extreme = rows
+                        .iter()
+                        .map(|&r| w[r * n + c])
+                        .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
                     let scale = extreme / -zero;
                     assert_eq!(scales[c * blocks + b], scale);
                     for j in 0..32 {
-                        let q = rows.get(j).map_or(zero as u8, |&r| ((w[r * n + c] / scale).round() + zero).clamp(0.0, top) as u8);
+                        let q = rows.get(j).map_or(zero as u8, |&r| {
+                            ((w[r * n + c] / scale).round() + zero).clamp(0.0, top) as u8
+                        });
                         let at = (c * blocks + b) * bits.block_bytes();
                         let stored = match bits {
                             super::Bits::Four => {

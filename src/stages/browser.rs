@@ -36,21 +36,53 @@ pub struct BrowserStage {
 }
 
 impl BrowserStage {
-    pub fn new(browser: Browser, dtypes: Vec<Dtype>, verify: &Verify, model_stage: &'static str, transformers_js_url: String, corpus: bool) -> Self {
-        let tolerances = dtypes.iter().map(|&d| (d, verify::tolerance(d, verify.tolerance.get(&d)))).collect();
-        BrowserStage { browser, dtypes, model_stage, transformers_js_url, corpus, tolerances }
+    pub fn new(
+        browser: Browser,
+        dtypes: Vec<Dtype>,
+        verify: &Verify,
+        model_stage: &'static str,
+        transformers_js_url: String,
+        corpus: bool,
+    ) -> Self {
+        let tolerances = dtypes
+            .iter()
+            .map(|&d| (d, verify::tolerance(d, verify.tolerance.get(&d))))
+            .collect();
+        BrowserStage {
+            browser,
+            dtypes,
+            model_stage,
+            transformers_js_url,
+            corpus,
+            tolerances,
+        }
     }
 
     /// The lines the page tokenizes: the eval split's (at most
     /// [`TOKENIZED_LINES`]), the English sample, and the prompts.
-    fn lines(&self, ctx: &StageContext<'_>, reference: &verify::Reference) -> Result<Vec<String>, StageError> {
+    fn lines(
+        &self,
+        ctx: &StageContext<'_>,
+        reference: &verify::Reference,
+    ) -> Result<Vec<String>, StageError> {
         let mut lines = Vec::new();
         if self.corpus {
             let eval = super::corpus::read_documents(ctx.input("corpus", "eval.jsonl")?)?;
             lines.extend(super::vocab::lines(&eval).into_iter().take(TOKENIZED_LINES));
         }
-        lines.extend(super::vocab::ENGLISH_SAMPLE.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
-        lines.extend(reference.workload.prompts.iter().map(|(text, _)| text.clone()));
+        lines.extend(
+            super::vocab::ENGLISH_SAMPLE
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+        lines.extend(
+            reference
+                .workload
+                .prompts
+                .iter()
+                .map(|(text, _)| text.clone()),
+        );
         Ok(lines)
     }
 
@@ -63,8 +95,16 @@ impl BrowserStage {
             return Ok(PathBuf::from(path));
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
-        for name in ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"] {
-            if let Some(found) = std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file()) {
+        for name in [
+            "chromium",
+            "chromium-browser",
+            "google-chrome",
+            "google-chrome-stable",
+        ] {
+            if let Some(found) = std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+            {
                 return Ok(found);
             }
         }
@@ -78,8 +118,16 @@ impl BrowserStage {
         let chromium = self
             .chromium()
             .ok()
-            .and_then(|path| Command::new(path).arg("--version").stderr(Stdio::null()).output().ok())
-            .map_or("missing".to_string(), |out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+            .and_then(|path| {
+                Command::new(path)
+                    .arg("--version")
+                    .stderr(Stdio::null())
+                    .output()
+                    .ok()
+            })
+            .map_or("missing".to_string(), |out| {
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            });
         let library = match &self.browser.transformers_js {
             Some(modules) => std::fs::read(modules.join("@huggingface/transformers/package.json"))
                 .ok()
@@ -88,13 +136,24 @@ impl BrowserStage {
                 .unwrap_or_else(|| "missing".to_string()),
             None => self.transformers_js_url.clone(),
         };
-        [("chromium".to_string(), chromium), ("transformers.js".to_string(), library)].into()
+        [
+            ("chromium".to_string(), chromium),
+            ("transformers.js".to_string(), library),
+        ]
+        .into()
     }
 
     /// A folder transformers.js loads: the model's config and tokenizer,
     /// every ONNX file (with its data chunks), and the check page.
-    fn site(&self, ctx: &StageContext<'_>, dir: &Path, job: &serde_json::Value) -> Result<(), StageError> {
-        let io = |path: &Path, e: std::io::Error| StageError::failed(format!("cannot write `{}`: {e}", path.display()));
+    fn site(
+        &self,
+        ctx: &StageContext<'_>,
+        dir: &Path,
+        job: &serde_json::Value,
+    ) -> Result<(), StageError> {
+        let io = |path: &Path, e: std::io::Error| {
+            StageError::failed(format!("cannot write `{}`: {e}", path.display()))
+        };
         let onnx = dir.join("onnx");
         std::fs::create_dir_all(&onnx).map_err(|e| io(&onnx, e))?;
         let mut external = serde_json::Map::new();
@@ -104,22 +163,35 @@ impl BrowserStage {
             if !data.is_empty() {
                 external.insert(file.to_string(), data.len().into());
             }
-            for (name, path) in std::iter::once((file.to_string(), ctx.input(&stage, file)?)).chain(data) {
+            for (name, path) in
+                std::iter::once((file.to_string(), ctx.input(&stage, file)?)).chain(data)
+            {
                 link_or_copy(path, &onnx.join(name))?;
             }
         }
-        let mut config: serde_json::Value = crate::model::read_json(ctx.input(self.model_stage, "config.json")?).map_err(super::model::model_error)?;
-        config["transformers.js_config"] = serde_json::json!({ "use_external_data_format": external });
+        let mut config: serde_json::Value =
+            crate::model::read_json(ctx.input(self.model_stage, "config.json")?)
+                .map_err(super::model::model_error)?;
+        config["transformers.js_config"] =
+            serde_json::json!({ "use_external_data_format": external });
         write_json(&dir.join("config.json"), &config)?;
         let tokenizer = ctx.input(self.model_stage, "tokenizer.json")?;
         link_or_copy(tokenizer, &dir.join("tokenizer.json"))?;
         let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
-        write_json(&dir.join("tokenizer_config.json"), &super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, tokenizer, base)?)?;
+        write_json(
+            &dir.join("tokenizer_config.json"),
+            &super::model::tokenizer_config(
+                ctx.input(self.model_stage, "config.json")?,
+                tokenizer,
+                base,
+            )?,
+        )?;
         if let Ok(generation) = ctx.input(self.model_stage, "generation_config.json") {
             link_or_copy(generation, &dir.join("generation_config.json"))?;
         }
         write_json(&dir.join("check.json"), job)?;
-        std::fs::write(dir.join("check.html"), CHECK_PAGE).map_err(|e| io(&dir.join("check.html"), e))
+        std::fs::write(dir.join("check.html"), CHECK_PAGE)
+            .map_err(|e| io(&dir.join("check.html"), e))
     }
 }
 
@@ -128,19 +200,36 @@ const TOKENIZED_LINES: usize = 2000;
 
 /// Where transformers.js's ids differ from symb's: one line per text, the
 /// first `shown` of them.
-fn tokenizer_differences(tokenizer: &tokenizers::Tokenizer, lines: &[String], posted: &serde_json::Value, shown: usize) -> Result<Vec<String>, StageError> {
+fn tokenizer_differences(
+    tokenizer: &tokenizers::Tokenizer,
+    lines: &[String],
+    posted: &serde_json::Value,
+    shown: usize,
+) -> Result<Vec<String>, StageError> {
     if let Some(error) = posted["error"].as_str() {
-        return Err(StageError::failed(format!("transformers.js could not load the tokenizer: {error}")));
+        return Err(StageError::failed(format!(
+            "transformers.js could not load the tokenizer: {error}"
+        )));
     }
-    let theirs: Vec<Vec<u32>> = serde_json::from_value(posted["ids"].clone()).map_err(|e| StageError::failed(format!("the page's token ids: {e}")))?;
+    let theirs: Vec<Vec<u32>> = serde_json::from_value(posted["ids"].clone())
+        .map_err(|e| StageError::failed(format!("the page's token ids: {e}")))?;
     if theirs.len() != lines.len() {
-        return Err(StageError::failed(format!("the page tokenized {} of {} lines", theirs.len(), lines.len())));
+        return Err(StageError::failed(format!(
+            "the page tokenized {} of {} lines",
+            theirs.len(),
+            lines.len()
+        )));
     }
     let mut differences = Vec::new();
     for (line, theirs) in lines.iter().zip(&theirs) {
-        let ours = tokenizer.encode(line.as_str(), false).map_err(|e| StageError::failed(format!("cannot run the tokenizer: {e}")))?;
+        let ours = tokenizer
+            .encode(line.as_str(), false)
+            .map_err(|e| StageError::failed(format!("cannot run the tokenizer: {e}")))?;
         if ours.get_ids() != theirs.as_slice() {
-            differences.push(format!("    {line:?}: symb {:?}, transformers.js {theirs:?}", ours.get_ids()));
+            differences.push(format!(
+                "    {line:?}: symb {:?}, transformers.js {theirs:?}",
+                ours.get_ids()
+            ));
         }
     }
     let total = differences.len();
@@ -175,7 +264,10 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 fn floats(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 impl Stage for BrowserStage {
@@ -192,11 +284,26 @@ impl Stage for BrowserStage {
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
-        s.insert("devices".into(), serde_json::to_value(&self.browser.devices).expect("serialises"));
-        s.insert("adapter".into(), serde_json::to_value(self.browser.adapter).expect("serialises"));
+        s.insert(
+            "devices".into(),
+            serde_json::to_value(&self.browser.devices).expect("serialises"),
+        );
+        s.insert(
+            "adapter".into(),
+            serde_json::to_value(self.browser.adapter).expect("serialises"),
+        );
         s.insert("prompts".into(), self.browser.prompts.into());
-        s.insert("tolerance".into(), serde_json::to_value(&self.tolerances).expect("serialises"));
-        s.insert("page".into(), blake3::hash(CHECK_PAGE.as_bytes()).to_hex().to_string().into());
+        s.insert(
+            "tolerance".into(),
+            serde_json::to_value(&self.tolerances).expect("serialises"),
+        );
+        s.insert(
+            "page".into(),
+            blake3::hash(CHECK_PAGE.as_bytes())
+                .to_hex()
+                .to_string()
+                .into(),
+        );
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -212,48 +319,100 @@ impl Stage for BrowserStage {
         self.identities()
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        vec![("report.json".to_string(), "reports/browser.json".to_string())]
+        vec![(
+            "report.json".to_string(),
+            "reports/browser.json".to_string(),
+        )]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let chromium = self.chromium()?;
-        let reference: verify::Reference = crate::model::read_json(ctx.input("reference", "reference.json")?).map_err(super::model::model_error)?;
+        let reference: verify::Reference =
+            crate::model::read_json(ctx.input("reference", "reference.json")?)
+                .map_err(super::model::model_error)?;
         let count = self.browser.prompts.min(reference.greedy.len());
         let prompts: Vec<serde_json::Value> = (0..count)
             .map(|i| {
                 let ids = &reference.workload.prompts[i].1;
                 let greedy = &reference.greedy[i];
-                let follow: Vec<u32> = ids.iter().chain(&greedy[..greedy.len().saturating_sub(1)]).copied().collect();
+                let follow: Vec<u32> = ids
+                    .iter()
+                    .chain(&greedy[..greedy.len().saturating_sub(1)])
+                    .copied()
+                    .collect();
                 serde_json::json!({ "ids": ids, "follow": follow, "new_tokens": greedy.len() })
             })
             .collect();
         let devices: Vec<&str> = self.browser.devices.iter().map(|d| d.name()).collect();
         let lines = self.lines(ctx, &reference)?;
         let job = serde_json::json!({ "transformers_js": self.transformers_js_url, "devices": devices, "dtypes": self.dtypes, "prompts": prompts, "lines": lines });
-        let site = tempfile::Builder::new().prefix("symb-browser-").tempdir().map_err(|e| StageError::failed(format!("cannot create a temporary folder: {e}")))?;
+        let site = tempfile::Builder::new()
+            .prefix("symb-browser-")
+            .tempdir()
+            .map_err(|e| StageError::failed(format!("cannot create a temporary folder: {e}")))?;
         self.site(ctx, site.path(), &job)?;
         let (sender, inbox) = std::sync::mpsc::channel();
-        let server = crate::serve::Server::bind(site.path(), 0, self.browser.transformers_js.as_deref())
-            .map_err(|e| StageError::bad_input(format!("cannot serve the browser check (`verify.browser.transformers_js`?): {e}")))?
-            .with_inbox(sender)
-            .spawn();
-        let profile = tempfile::Builder::new().prefix("symb-chromium-").tempdir().map_err(|e| StageError::failed(format!("cannot create a temporary folder: {e}")))?;
+        let server =
+            crate::serve::Server::bind(site.path(), 0, self.browser.transformers_js.as_deref())
+                .map_err(|e| {
+                    StageError::bad_input(format!(
+                        "cannot serve the browser check (`verify.browser.transformers_js`?): {e}"
+                    ))
+                })?
+                .with_inbox(sender)
+                .spawn();
+        let profile = tempfile::Builder::new()
+            .prefix("symb-chromium-")
+            .tempdir()
+            .map_err(|e| StageError::failed(format!("cannot create a temporary folder: {e}")))?;
         let log_path = profile.path().join("chromium.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", log_path.display())))?;
+        let log = std::fs::File::create(&log_path).map_err(|e| {
+            StageError::failed(format!("cannot create `{}`: {e}", log_path.display()))
+        })?;
         let mut command = Command::new(&chromium);
         // A fresh profile, nothing of the user's; no sandbox, as root has
         // none to give (the page is symb's own, from 127.0.0.1).
-        command.arg("--headless").arg("--no-sandbox").arg(format!("--user-data-dir={}", profile.path().display()));
-        command.args(["--no-first-run", "--disable-sync", "--disable-background-networking", "--disable-component-update", "--enable-unsafe-webgpu"]);
+        command
+            .arg("--headless")
+            .arg("--no-sandbox")
+            .arg(format!("--user-data-dir={}", profile.path().display()));
+        command.args([
+            "--no-first-run",
+            "--disable-sync",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--enable-unsafe-webgpu",
+        ]);
         match self.browser.adapter {
-            Adapter::Swiftshader => command.args(["--use-webgpu-adapter=swiftshader", "--use-angle=swiftshader"]),
+            Adapter::Swiftshader => command.args([
+                "--use-webgpu-adapter=swiftshader",
+                "--use-angle=swiftshader",
+            ]),
             Adapter::Gpu => command.args(["--enable-features=Vulkan", "--ignore-gpu-blocklist"]),
         };
         command.arg(format!("{}check.html", server.url));
-        command.stdin(Stdio::null()).stdout(log.try_clone().map_err(|e| StageError::failed(e.to_string()))?).stderr(log);
+        command
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| StageError::failed(e.to_string()))?,
+            )
+            .stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let started = Instant::now();
-        let mut browser = Chromium(command.spawn().map_err(|e| StageError::bad_input(format!("cannot start `{}`: {e}", chromium.display())))?);
-        ctx.note(&format!("checking {} files on {} in {}", self.dtypes.len(), self.browser.devices.iter().map(|d| d.title()).collect::<Vec<_>>().join(" and "), chromium.display()));
+        let mut browser = Chromium(command.spawn().map_err(|e| {
+            StageError::bad_input(format!("cannot start `{}`: {e}", chromium.display()))
+        })?);
+        ctx.note(&format!(
+            "checking {} files on {} in {}",
+            self.dtypes.len(),
+            self.browser
+                .devices
+                .iter()
+                .map(|d| d.title())
+                .collect::<Vec<_>>()
+                .join(" and "),
+            chromium.display()
+        ));
         let mut posted: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let total = (self.dtypes.len() * devices.len()) as u64;
         loop {
@@ -261,15 +420,29 @@ impl Stage for BrowserStage {
                 Ok((name, _)) if name == "done" => break,
                 Ok((name, body)) => {
                     if name.ends_with(".json") && name != "about.json" {
-                        ctx.progress(posted.keys().filter(|k| k.ends_with(".json") && *k != "about.json").count() as u64 + 1, total, "files");
+                        ctx.progress(
+                            posted
+                                .keys()
+                                .filter(|k| k.ends_with(".json") && *k != "about.json")
+                                .count() as u64
+                                + 1,
+                            total,
+                            "files",
+                        );
                     }
                     posted.insert(name, body);
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => unreachable!("the server holds the sender"),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    unreachable!("the server holds the sender")
+                }
             }
             if let Ok(Some(status)) = browser.0.try_wait() {
-                return Err(StageError::failed(format!("Chromium ({}) exited ({status}) before the check finished:\n    {}", chromium.display(), tail(&log_path, 12))));
+                return Err(StageError::failed(format!(
+                    "Chromium ({}) exited ({status}) before the check finished:\n    {}",
+                    chromium.display(),
+                    tail(&log_path, 12)
+                )));
             }
             if started.elapsed() > self.browser.timeout {
                 return Err(StageError::failed(format!(
@@ -281,25 +454,39 @@ impl Stage for BrowserStage {
         }
         drop(browser);
         drop(server);
-        let json = |name: &str| posted.get(name).and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
+        let json = |name: &str| {
+            posted
+                .get(name)
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        };
         if let Some(failed) = json("failed.json") {
-            return Err(StageError::bad_input(format!("the browser check page could not run: {}", failed["error"].as_str().unwrap_or_default())));
+            return Err(StageError::bad_input(format!(
+                "the browser check page could not run: {}",
+                failed["error"].as_str().unwrap_or_default()
+            )));
         }
         let about = json("about.json").unwrap_or_default();
         let shader_f16 = about["shader_f16"] == true;
         let logits_path = ctx.input("reference", "logits.f32")?;
         let mut results = serde_json::Map::new();
-        let tokenizer = tokenizers::Tokenizer::from_file(ctx.input(self.model_stage, "tokenizer.json")?).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
-        let posted_tokens = json("tokens.json").unwrap_or_else(|| serde_json::json!({ "error": "the page posted no token ids" }));
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(ctx.input(self.model_stage, "tokenizer.json")?)
+                .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let posted_tokens = json("tokens.json")
+            .unwrap_or_else(|| serde_json::json!({ "error": "the page posted no token ids" }));
         let mut problems = tokenizer_differences(&tokenizer, &lines, &posted_tokens, 5)?;
         let mut speeds = Vec::new();
         for device in &self.browser.devices {
             let mut per_dtype = serde_json::Map::new();
             for dtype in &self.dtypes {
                 let name = format!("{}.{dtype}", device.name());
-                let run = json(&format!("{name}.json")).unwrap_or_else(|| serde_json::json!({ "error": "the page posted no result" }));
+                let run = json(&format!("{name}.json"))
+                    .unwrap_or_else(|| serde_json::json!({ "error": "the page posted no result" }));
                 let entry = if let Some(error) = run["error"].as_str() {
-                    let needs_f16 = *device == Device::Webgpu && !shader_f16 && (error.contains("does not support fp16") || error.contains("requires f16"));
+                    let needs_f16 = *device == Device::Webgpu
+                        && !shader_f16
+                        && (error.contains("does not support fp16")
+                            || error.contains("requires f16"));
                     if needs_f16 {
                         serde_json::json!({ "status": "unproven", "reason": "needs shader-f16, which this adapter lacks", "error": error })
                     } else {
@@ -307,19 +494,55 @@ impl Stage for BrowserStage {
                         serde_json::json!({ "status": "failed", "error": error })
                     }
                 } else {
-                    let generated: Vec<Vec<u32>> = serde_json::from_value(run["generated"].clone()).map_err(|e| StageError::failed(format!("{name}: the page's tokens: {e}")))?;
-                    let logits: Vec<Vec<f32>> = (0..count).map(|i| posted.get(&format!("{name}.{i}.f32")).map_or_else(Vec::new, |b| floats(b))).collect();
-                    let mut reader = std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| StageError::failed(format!("cannot open `{}`: {e}", logits_path.display())))?);
-                    let report =
-                        verify::compare_browser(&reference, &mut reader, &verify::BrowserRun { logits, generated }, &self.tolerances[dtype]).map_err(|e| StageError::failed(format!("{name}: {e}")))?;
+                    let generated: Vec<Vec<u32>> = serde_json::from_value(run["generated"].clone())
+                        .map_err(|e| {
+                            StageError::failed(format!("{name}: the page's tokens: {e}"))
+                        })?;
+                    let logits: Vec<Vec<f32>> = (0..count)
+                        .map(|i| {
+                            posted
+                                .get(&format!("{name}.{i}.f32"))
+                                .map_or_else(Vec::new, |b| floats(b))
+                        })
+                        .collect();
+                    let mut reader =
+                        std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| {
+                            StageError::failed(format!(
+                                "cannot open `{}`: {e}",
+                                logits_path.display()
+                            ))
+                        })?);
+                    let report = verify::compare_browser(
+                        &reference,
+                        &mut reader,
+                        &verify::BrowserRun { logits, generated },
+                        &self.tolerances[dtype],
+                    )
+                    .map_err(|e| StageError::failed(format!("{name}: {e}")))?;
                     for c in report.failures() {
-                        let relation = if c.kind == "max" { "above its maximum" } else { "below its minimum" };
-                        problems.push(format!("  {dtype} on {}: {} = {:.6} is {relation} {}", device.title(), c.metric, c.value, c.bound));
+                        let relation = if c.kind == "max" {
+                            "above its maximum"
+                        } else {
+                            "below its minimum"
+                        };
+                        problems.push(format!(
+                            "  {dtype} on {}: {} = {:.6} is {relation} {}",
+                            device.title(),
+                            c.metric,
+                            c.value,
+                            c.bound
+                        ));
                     }
-                    if let (Some(tokens), Some(seconds)) = (run["tokens"].as_f64(), run["seconds"].as_f64()) {
+                    if let (Some(tokens), Some(seconds)) =
+                        (run["tokens"].as_f64(), run["seconds"].as_f64())
+                    {
                         speeds.push(format!("{dtype} {:.1}", tokens / seconds.max(1e-9)));
                     }
-                    let status = if report.failures().next().is_some() { "failed" } else { "passed" };
+                    let status = if report.failures().next().is_some() {
+                        "failed"
+                    } else {
+                        "passed"
+                    };
                     let mut entry = serde_json::to_value(&report).expect("serialises");
                     entry["status"] = status.into();
                     entry
@@ -329,7 +552,11 @@ impl Stage for BrowserStage {
             results.insert(device.name().to_string(), per_dtype.into());
             if !speeds.is_empty() {
                 // Timings vary from run to run: said, not kept in the report (its bytes depend on the inputs only).
-                ctx.note(&format!("tokens/s on {}: {}", device.title(), speeds.join(", ")));
+                ctx.note(&format!(
+                    "tokens/s on {}: {}",
+                    device.title(),
+                    speeds.join(", ")
+                ));
                 speeds.clear();
             }
         }
@@ -343,7 +570,11 @@ impl Stage for BrowserStage {
         if !problems.is_empty() {
             return Err(StageError {
                 class: FailureClass::Verification,
-                message: format!("the browser check failed (transformers.js in Chromium against candle, {} prompts):\n{}\n  (the output folder was not updated)", count, problems.join("\n")),
+                message: format!(
+                    "the browser check failed (transformers.js in Chromium against candle, {} prompts):\n{}\n  (the output folder was not updated)",
+                    count,
+                    problems.join("\n")
+                ),
             });
         }
         write_json(&ctx.output("report.json"), &report)?;

@@ -62,13 +62,19 @@ const PAGE: &str = include_str!("../web/index.html");
 
 /// An upstream JSON artifact, if the stage has it.
 fn artifact_json(ctx: &StageContext<'_>, stage: &str, file: &str) -> Option<serde_json::Value> {
-    ctx.input(stage, file).ok().and_then(|p| crate::model::read_json(p).ok())
+    ctx.input(stage, file)
+        .ok()
+        .and_then(|p| crate::model::read_json(p).ok())
 }
 
 /// An ONNX file's size with its external data chunks.
 fn file_bytes(ctx: &StageContext<'_>, stage: &str, file: &str) -> u64 {
     let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    ctx.input(stage, file).map_or(0, size) + data_inputs(ctx, stage, file).iter().map(|(_, p)| size(p)).sum::<u64>()
+    ctx.input(stage, file).map_or(0, size)
+        + data_inputs(ctx, stage, file)
+            .iter()
+            .map(|(_, p)| size(p))
+            .sum::<u64>()
 }
 
 /// `template` with each `{{NAME}}` replaced by its value, in one pass (a
@@ -79,7 +85,12 @@ fn fill(template: &str, values: &[(&str, String)]) -> String {
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        match after.find("}}").and_then(|end| values.iter().find(|(name, _)| *name == &after[..end]).map(|(_, v)| (end, v))) {
+        match after.find("}}").and_then(|end| {
+            values
+                .iter()
+                .find(|(name, _)| *name == &after[..end])
+                .map(|(_, v)| (end, v))
+        }) {
             Some((end, value)) => {
                 out.push_str(value);
                 rest = &after[end + 2..];
@@ -97,25 +108,45 @@ fn fill(template: &str, values: &[(&str, String)]) -> String {
 /// A metric with `digits` decimals, or in scientific notation when that
 /// would show only zeros (fp32's errors of a few millionths).
 fn figure(value: f64, digits: usize) -> String {
-    if value != 0.0 && value.abs() < 0.5 * 10f64.powi(-(digits as i32)) { format!("{value:.1e}") } else { format!("{value:.digits$}") }
+    if value != 0.0 && value.abs() < 0.5 * 10f64.powi(-(digits as i32)) {
+        format!("{value:.1e}")
+    } else {
+        format!("{value:.digits$}")
+    }
 }
 
 fn html_escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 impl BundleStage {
     /// (the stage that writes it, its file name) for every dtype.
     fn files(&self) -> impl Iterator<Item = (String, &'static str)> + '_ {
-        self.dtypes.iter().map(|d| (d.producer_stage(), d.file_name()))
+        self.dtypes
+            .iter()
+            .map(|d| (d.producer_stage(), d.file_name()))
     }
 
     /// For each dtype, the earlier dtype whose file has the same bytes (q8
     /// and int8 are one file: transformers.js asks for each by its own name,
     /// so both names are written, as links to one file).
     fn twins(&self, ctx: &StageContext<'_>) -> Vec<Option<Dtype>> {
-        let paths: Vec<Option<&std::path::Path>> = self.files().map(|(stage, file)| ctx.input(&stage, file).ok()).collect();
-        (0..paths.len()).map(|i| paths[i].and_then(|p| (0..i).find(|&j| paths[j] == Some(p)).map(|j| self.dtypes[j]))).collect()
+        let paths: Vec<Option<&std::path::Path>> = self
+            .files()
+            .map(|(stage, file)| ctx.input(&stage, file).ok())
+            .collect();
+        (0..paths.len())
+            .map(|i| {
+                paths[i].and_then(|p| {
+                    (0..i)
+                        .find(|&j| paths[j] == Some(p))
+                        .map(|j| self.dtypes[j])
+                })
+            })
+            .collect()
     }
 
     /// `report.html`: one self-contained page (no server needed) with the
@@ -142,10 +173,16 @@ impl BundleStage {
                     number("final_perplexity"),
                     number("initial_eval_loss"),
                     number("final_eval_loss"),
-                    if m["stopped_early"] == true { "; stopped early" } else { "" }
+                    if m["stopped_early"] == true {
+                        "; stopped early"
+                    } else {
+                        ""
+                    }
                 );
             }
-            if let Ok(svg) = ctx.input("finetune", "loss.svg").and_then(|p| std::fs::read_to_string(p).map_err(|e| StageError::failed(e.to_string()))) {
+            if let Ok(svg) = ctx.input("finetune", "loss.svg").and_then(|p| {
+                std::fs::read_to_string(p).map_err(|e| StageError::failed(e.to_string()))
+            }) {
                 html.push_str(&svg);
             }
         }
@@ -153,7 +190,11 @@ impl BundleStage {
             && let Some(v) = json("vocab", "report.json")
         {
             let f = &v["fertility"];
-            let per_word = |x: &serde_json::Value| x["tokens_per_word"].as_f64().map_or(String::new(), |t| format!("{t:.2}"));
+            let per_word = |x: &serde_json::Value| {
+                x["tokens_per_word"]
+                    .as_f64()
+                    .map_or(String::new(), |t| format!("{t:.2}"))
+            };
             let _ = write!(
                 html,
                 "<h2>Vocabulary</h2><p><code>{}</code>: {} new tokens; the vocabulary grew from {} to {} rows. Tokens per word (fewer is better):</p><div class=\"scroll\"><table><tr><th>text</th><th>base tokenizer</th><th>after</th></tr><tr><td>eval split</td><td>{}</td><td>{}</td></tr><tr><td>English sample</td><td>{}</td><td>{}</td></tr></table></div><p>English lines without a new word that encode differently than before: {} of {}.</p>",
@@ -171,7 +212,11 @@ impl BundleStage {
         }
         html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed through the KV cache (the first alone, then the rest together; one at a time for q8, int8 and uint8, which scale their activations over each call); the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th>");
         // Each browser device: what the `browser` stage found, or that it did not run.
-        let browser = if self.browser.is_some() { json("browser", "report.json") } else { None };
+        let browser = if self.browser.is_some() {
+            json("browser", "report.json")
+        } else {
+            None
+        };
         let devices = self.browser.clone().unwrap_or_else(|| vec![Device::Webgpu]);
         for device in &devices {
             let _ = write!(html, "<th>{}</th>", device.title());
@@ -181,13 +226,21 @@ impl BundleStage {
             let bytes = file_bytes(ctx, &stage, file);
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
-            let same = twin.map_or(String::new(), |t| format!("<span class=\"bound\">the {t} file's bytes</span>"));
+            let same = twin.map_or(String::new(), |t| {
+                format!("<span class=\"bound\">the {t} file's bytes</span>")
+            });
             let checks = report["checks"].as_array().cloned().unwrap_or_default();
             // Each metric with its bound under it (≤ a maximum, ≥ a minimum).
             let cell = |k: &str, digits: usize| {
                 let value = m[k].as_f64().map_or("".to_string(), |v| figure(v, digits));
                 match checks.iter().find(|c| c["metric"] == k) {
-                    Some(c) => format!("{value}<span class=\"bound\">{} {}</span>", if c["kind"] == "max" { "≤" } else { "≥" }, c["bound"].as_f64().map_or(String::new(), |b| format!("{b}"))),
+                    Some(c) => format!(
+                        "{value}<span class=\"bound\">{} {}</span>",
+                        if c["kind"] == "max" { "≤" } else { "≥" },
+                        c["bound"]
+                            .as_f64()
+                            .map_or(String::new(), |b| format!("{b}"))
+                    ),
                     None => value,
                 }
             };
@@ -202,7 +255,11 @@ impl BundleStage {
             let _ = write!(
                 html,
                 "<tr><td>{dtype}{}</td><td>onnx/{file}{same}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td>",
-                if *dtype == self.dtype { " (default)" } else { "" },
+                if *dtype == self.dtype {
+                    " (default)"
+                } else {
+                    ""
+                },
                 bytes as f64 / 1e6,
                 cell("max_abs_error", 4),
                 cell("top1_agreement", 4),
@@ -211,8 +268,11 @@ impl BundleStage {
                 cell("greedy_match", 3),
             );
             for device in &devices {
-                let entry = browser.as_ref().map(|b| &b["devices"][device.name()][dtype.name()]);
-                let needs_f16 = *device == Device::Webgpu && matches!(dtype, Dtype::Fp16 | Dtype::Q4f16);
+                let entry = browser
+                    .as_ref()
+                    .map(|b| &b["devices"][device.name()][dtype.name()]);
+                let needs_f16 =
+                    *device == Device::Webgpu && matches!(dtype, Dtype::Fp16 | Dtype::Q4f16);
                 let text = match entry.map(|e| (e["status"].as_str().unwrap_or_default(), e)) {
                     Some(("passed", e)) => format!(
                         "passed<span class=\"bound\">top-1 {}, greedy {}</span>",
@@ -228,8 +288,15 @@ impl BundleStage {
             }
             html.push_str("</tr>");
         }
-        let adapter = browser.as_ref().map(|b| &b["adapter"]).filter(|a| a.is_object());
-        let shader_f16 = if browser.as_ref().is_some_and(|b| b["shader_f16"] == true) { "with" } else { "without" };
+        let adapter = browser
+            .as_ref()
+            .map(|b| &b["adapter"])
+            .filter(|a| a.is_object());
+        let shader_f16 = if browser.as_ref().is_some_and(|b| b["shader_f16"] == true) {
+            "with"
+        } else {
+            "without"
+        };
         let checked = match (&self.browser, adapter) {
             (Some(_), Some(a)) => format!(
                 "In the browser: each file run by transformers.js in headless Chromium (WebGPU adapter: {} {}, {shader_f16} shader-f16) on the first {} prompts, under the same bounds; details in <code>reports/browser.json</code>.",
@@ -244,7 +311,11 @@ impl BundleStage {
                 "In the browser: not checked in this build (add <code>[verify.browser]</code> to run every file in headless Chromium on WebGPU); fp16 and q4f16 need the GPU's shader-f16.".to_string()
             }
         };
-        let _ = write!(html, "</table></div><p>{checked} The page loads {} on WebAssembly and {} on WebGPU.</p>", self.dtype, self.webgpu_dtype);
+        let _ = write!(
+            html,
+            "</table></div><p>{checked} The page loads {} on WebAssembly and {} on WebGPU.</p>",
+            self.dtype, self.webgpu_dtype
+        );
         html.push_str("<p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
         Ok(html)
     }
@@ -253,20 +324,46 @@ impl BundleStage {
     /// Python that puts it on its base, when the base can be had.
     fn adapter_section(&self, ctx: &StageContext<'_>, adapter: &AdapterCard) -> String {
         let config = artifact_json(ctx, "finetune", "adapter_config.json").unwrap_or_default();
-        let vocab = if self.vocab { artifact_json(ctx, "vocab", "report.json") } else { None };
+        let vocab = if self.vocab {
+            artifact_json(ctx, "vocab", "report.json")
+        } else {
+            None
+        };
         let rows_in_adapter = !config["trainable_token_indices"].is_null();
-        let targets: Vec<String> = config["target_modules"].as_array().into_iter().flatten().filter_map(|t| t.as_str()).map(|t| format!("`{t}`")).collect();
-        let mut md = format!("\n## The LoRA adapter\n\n`adapter/` is the LoRA adapter in PEFT's format (rank {}, on {})", config["r"], targets.join(", "));
+        let targets: Vec<String> = config["target_modules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str())
+            .map(|t| format!("`{t}`"))
+            .collect();
+        let mut md = format!(
+            "\n## The LoRA adapter\n\n`adapter/` is the LoRA adapter in PEFT's format (rank {}, on {})",
+            config["r"],
+            targets.join(", ")
+        );
         if let (true, Some(v)) = (rows_in_adapter, &vocab) {
-            md.push_str(&format!(", with the embedding rows of the {} new tokens", v["new_tokens"]));
+            md.push_str(&format!(
+                ", with the embedding rows of the {} new tokens",
+                v["new_tokens"]
+            ));
         }
         md.push_str(". `model.safetensors` is the model with it merged. ");
         // The vocabulary the adapter's base has: (size, new rows as transformers starts them).
-        let grown = vocab.as_ref().map(|v| (v["vocab_size"].clone(), rows_in_adapter || v["init"] == "mean"));
+        let grown = vocab.as_ref().map(|v| {
+            (
+                v["vocab_size"].clone(),
+                rows_in_adapter || v["init"] == "mean",
+            )
+        });
         let base = match (&adapter.base, grown) {
             (_, grown) if adapter.with_base => {
-                let grew = grown.map_or(String::new(), |(n, _)| format!(" (the base, its vocabulary grown to {n} tokens)"));
-                md.push_str(&format!("`adapter/base/` holds the weights it was trained on{grew}. With PEFT:\n"));
+                let grew = grown.map_or(String::new(), |(n, _)| {
+                    format!(" (the base, its vocabulary grown to {n} tokens)")
+                });
+                md.push_str(&format!(
+                    "`adapter/base/` holds the weights it was trained on{grew}. With PEFT:\n"
+                ));
                 ("\"adapter/base\"".to_string(), String::new(), None)
             }
             (None, _) => {
@@ -280,18 +377,30 @@ impl BundleStage {
             (Some((args, comment)), grown) => {
                 md.push_str("To put it on its base yourself, with PEFT");
                 if grown.is_some() {
-                    let rows = if rows_in_adapter { "the adapter holds their rows" } else { "their rows start where symb started them, at the mean of the others" };
-                    md.push_str(&format!(" (the base's vocabulary grown to take the new tokens: {rows})"));
+                    let rows = if rows_in_adapter {
+                        "the adapter holds their rows"
+                    } else {
+                        "their rows start where symb started them, at the mean of the others"
+                    };
+                    md.push_str(&format!(
+                        " (the base's vocabulary grown to take the new tokens: {rows})"
+                    ));
                 }
                 md.push_str(":\n");
                 (args.clone(), comment.clone(), grown.map(|(n, _)| n))
             }
         };
         let (args, comment, resize) = base;
-        let comment = if comment.is_empty() { String::new() } else { format!("  # {comment}") };
+        let comment = if comment.is_empty() {
+            String::new()
+        } else {
+            format!("  # {comment}")
+        };
         md.push_str(&format!("\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\nbase = AutoModelForCausalLM.from_pretrained({args}){comment}\n"));
         if let Some(n) = resize {
-            md.push_str(&format!("base.resize_token_embeddings({n})  # config.json's vocab_size\n"));
+            md.push_str(&format!(
+                "base.resize_token_embeddings({n})  # config.json's vocab_size\n"
+            ));
         }
         md.push_str("model = PeftModel.from_pretrained(base, \"adapter\")\n```\n");
         md
@@ -303,10 +412,18 @@ impl BundleStage {
         use std::fmt::Write;
         let json = |stage: &str, file: &str| artifact_json(ctx, stage, file);
         let card = &self.card;
-        let prompt = if self.web.prompt.trim().is_empty() { self.examples(ctx).into_iter().next().unwrap_or_else(|| "Hello".to_string()) } else { self.web.prompt.clone() };
+        let prompt = if self.web.prompt.trim().is_empty() {
+            self.examples(ctx)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| "Hello".to_string())
+        } else {
+            self.web.prompt.clone()
+        };
         // YAML: every value a JSON string, which YAML reads as itself.
         let quote = |s: &str| serde_json::to_string(s).expect("a string");
-        let mut md = String::from("---\nlibrary_name: transformers.js\npipeline_tag: text-generation\n");
+        let mut md =
+            String::from("---\nlibrary_name: transformers.js\npipeline_tag: text-generation\n");
         if let Some(base) = &card.base_model {
             let _ = writeln!(md, "base_model: {}", quote(base));
         }
@@ -327,7 +444,12 @@ impl BundleStage {
         let _ = write!(md, "# {}\n\n{}", self.title, card.method);
         if !card.corpus.is_empty() {
             let files: Vec<String> = card.corpus.iter().map(|f| format!("`{f}`")).collect();
-            let joiner = if card.method.ends_with("from scratch") || card.method.ends_with("fine-tuned") { " on" } else { ", trained on" };
+            let joiner =
+                if card.method.ends_with("from scratch") || card.method.ends_with("fine-tuned") {
+                    " on"
+                } else {
+                    ", trained on"
+                };
             let _ = write!(md, "{joiner} {}", files.join(", "));
         }
         md.push_str(". Built with symb: every ONNX file below was run by ONNX Runtime and checked against the model's own forward pass (candle) before it was written.\n\n");
@@ -335,8 +457,14 @@ impl BundleStage {
             && let Some(m) = json("finetune", "metrics.json")
         {
             let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
-            let _ =
-                write!(md, "## Training\n\n{} steps on {} tokens; eval perplexity {:.1} before, {:.1} after.\n\n", m["steps"], m["tokens"], number("initial_perplexity"), number("final_perplexity"));
+            let _ = write!(
+                md,
+                "## Training\n\n{} steps on {} tokens; eval perplexity {:.1} before, {:.1} after.\n\n",
+                m["steps"],
+                m["tokens"],
+                number("initial_perplexity"),
+                number("final_perplexity")
+            );
         }
         md.push_str(
             "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 agreement | KL divergence | perplexity ratio | greedy match |\n|---|---|---|---|---|---|---|---|\n",
@@ -345,8 +473,14 @@ impl BundleStage {
             let bytes = file_bytes(ctx, &stage, file);
             let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
-            let cell = |k: &str, digits: usize| m[k].as_f64().map_or("".to_string(), |v| figure(v, digits));
-            let default = if *dtype == self.dtype { " (default)" } else { "" };
+            let cell = |k: &str, digits: usize| {
+                m[k].as_f64().map_or("".to_string(), |v| figure(v, digits))
+            };
+            let default = if *dtype == self.dtype {
+                " (default)"
+            } else {
+                ""
+            };
             let same = twin.map_or(String::new(), |t| format!(" (the {t} file's bytes)"));
             let _ = writeln!(
                 md,
@@ -399,8 +533,17 @@ impl BundleStage {
     fn examples(&self, ctx: &StageContext<'_>) -> Vec<String> {
         let reference = artifact_json(ctx, "reference", "reference.json").unwrap_or_default();
         let mut examples: Vec<String> = Vec::new();
-        for prompt in reference["workload"]["prompts"].as_array().into_iter().flatten() {
-            let words: Vec<&str> = prompt[0].as_str().unwrap_or_default().split_whitespace().take(6).collect();
+        for prompt in reference["workload"]["prompts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let words: Vec<&str> = prompt[0]
+                .as_str()
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(6)
+                .collect();
             let example = words.join(" ");
             if !example.is_empty() && !examples.contains(&example) && examples.len() < 4 {
                 examples.push(example);
@@ -412,10 +555,29 @@ impl BundleStage {
     /// The playground page (`index.html`): loads the folder with
     /// transformers.js and generates from a typed prompt, with tokens/s.
     fn page(&self, ctx: &StageContext<'_>) -> String {
-        let options: String = self.dtypes.iter().map(|&d| format!("<option value=\"{d}\"{}>{d}</option>", if d == self.dtype { " selected" } else { "" })).collect();
+        let options: String = self
+            .dtypes
+            .iter()
+            .map(|&d| {
+                format!(
+                    "<option value=\"{d}\"{}>{d}</option>",
+                    if d == self.dtype { " selected" } else { "" }
+                )
+            })
+            .collect();
         let examples = self.examples(ctx);
-        let sizes: BTreeMap<String, u64> = self.files().zip(&self.dtypes).map(|((stage, file), dtype)| (dtype.to_string(), file_bytes(ctx, &stage, file))).collect();
-        let shown = self.web.transformers_js.split('/').nth(2).unwrap_or(&self.web.transformers_js).to_string();
+        let sizes: BTreeMap<String, u64> = self
+            .files()
+            .zip(&self.dtypes)
+            .map(|((stage, file), dtype)| (dtype.to_string(), file_bytes(ctx, &stage, file)))
+            .collect();
+        let shown = self
+            .web
+            .transformers_js
+            .split('/')
+            .nth(2)
+            .unwrap_or(&self.web.transformers_js)
+            .to_string();
         // In a <script>: JSON with `<` escaped, so no `</script>` ends it early.
         let script_json = |v: &serde_json::Value| v.to_string().replace('<', "\\u003c");
         fill(
@@ -427,9 +589,17 @@ impl BundleStage {
                 ("TRANSFORMERS_JS_SHOWN", html_escape(&shown)),
                 ("PROMPT", html_escape(&self.web.prompt)),
                 ("DTYPE_OPTIONS", options),
-                ("DEVICE_DTYPES", script_json(&serde_json::json!({ "wasm": self.dtype, "webgpu": self.webgpu_dtype }))),
+                (
+                    "DEVICE_DTYPES",
+                    script_json(
+                        &serde_json::json!({ "wasm": self.dtype, "webgpu": self.webgpu_dtype }),
+                    ),
+                ),
                 ("MAX_NEW_TOKENS", self.web.max_new_tokens.to_string()),
-                ("TRANSFORMERS_JS_URL", script_json(&serde_json::json!(self.web.transformers_js))),
+                (
+                    "TRANSFORMERS_JS_URL",
+                    script_json(&serde_json::json!(self.web.transformers_js)),
+                ),
             ],
         )
     }
@@ -446,7 +616,10 @@ impl BundleStage {
 /// SmolLM2-135M and GPT-2 small shapes (`bench/web.py`), the reference
 /// workflow's q4 file alike; 4-bit is for WebGPU and native runtimes.
 pub fn default_dtype(targets: &[Dtype]) -> Dtype {
-    [Dtype::Q8, Dtype::Int8, Dtype::Uint8, Dtype::Fp32].into_iter().find(|d| targets.contains(d)).unwrap_or(targets[0])
+    [Dtype::Q8, Dtype::Int8, Dtype::Uint8, Dtype::Fp32]
+        .into_iter()
+        .find(|d| targets.contains(d))
+        .unwrap_or(targets[0])
 }
 
 /// The dtype a page loads on WebGPU: 4-bit (MatMulNBits has WebGPU
@@ -456,7 +629,18 @@ pub fn default_dtype(targets: &[Dtype]) -> Dtype {
 /// which most GPUs have and SwiftShader's software adapter has not, so
 /// symb's tests cannot prove them there.
 pub fn webgpu_dtype(targets: &[Dtype]) -> Dtype {
-    [Dtype::Q4, Dtype::Fp32, Dtype::Q8, Dtype::Int8, Dtype::Uint8, Dtype::Q4f16, Dtype::Fp16].into_iter().find(|d| targets.contains(d)).unwrap_or(targets[0])
+    [
+        Dtype::Q4,
+        Dtype::Fp32,
+        Dtype::Q8,
+        Dtype::Int8,
+        Dtype::Uint8,
+        Dtype::Q4f16,
+        Dtype::Fp16,
+    ]
+    .into_iter()
+    .find(|d| targets.contains(d))
+    .unwrap_or(targets[0])
 }
 
 impl Stage for BundleStage {
@@ -478,14 +662,26 @@ impl Stage for BundleStage {
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
-        s.insert("files".into(), self.files().map(|(_, f)| f).collect::<Vec<_>>().into());
+        s.insert(
+            "files".into(),
+            self.files().map(|(_, f)| f).collect::<Vec<_>>().into(),
+        );
         s.insert("dtype".into(), self.dtype.name().into());
         s.insert("webgpu_dtype".into(), self.webgpu_dtype.name().into());
         s.insert("project.name".into(), self.title.clone().into());
-        s.insert("card".into(), serde_json::to_value(&self.card).expect("serialises"));
-        s.insert("web".into(), serde_json::to_value(&self.web).expect("serialises"));
+        s.insert(
+            "card".into(),
+            serde_json::to_value(&self.card).expect("serialises"),
+        );
+        s.insert(
+            "web".into(),
+            serde_json::to_value(&self.web).expect("serialises"),
+        );
         // The page template is data: its digest keys the stage, so editing it rebuilds the page.
-        s.insert("page_template".into(), blake3::hash(PAGE.as_bytes()).to_hex().to_string().into());
+        s.insert(
+            "page_template".into(),
+            blake3::hash(PAGE.as_bytes()).to_hex().to_string().into(),
+        );
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -506,10 +702,21 @@ impl Stage for BundleStage {
     /// The model stage publishes a `config.json` (and merge a
     /// `tokenizer_config.json`) too; these, later in the plan, replace them.
     fn publishes(&self) -> Vec<(String, String)> {
-        ["config.json", "tokenizer_config.json", "index.html", "report.html", "README.md"].iter().map(|f| (f.to_string(), f.to_string())).collect()
+        [
+            "config.json",
+            "tokenizer_config.json",
+            "index.html",
+            "report.html",
+            "README.md",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), f.to_string()))
+        .collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let mut config: serde_json::Value = crate::model::read_json(ctx.input(self.model_stage, "config.json")?).map_err(super::model::model_error)?;
+        let mut config: serde_json::Value =
+            crate::model::read_json(ctx.input(self.model_stage, "config.json")?)
+                .map_err(super::model::model_error)?;
         let mut external = BTreeMap::new();
         for (stage, file) in self.files() {
             let chunks = data_inputs(ctx, &stage, file).len();
@@ -517,8 +724,12 @@ impl Stage for BundleStage {
                 external.insert(file.to_string(), chunks);
             }
         }
-        let object = config.as_object_mut().ok_or_else(|| StageError::failed("the model's config.json is not an object"))?;
-        let js = object.entry("transformers.js_config").or_insert_with(|| serde_json::json!({}));
+        let object = config
+            .as_object_mut()
+            .ok_or_else(|| StageError::failed("the model's config.json is not an object"))?;
+        let js = object
+            .entry("transformers.js_config")
+            .or_insert_with(|| serde_json::json!({}));
         if !js.is_object() {
             *js = serde_json::json!({});
         }
@@ -530,16 +741,26 @@ impl Stage for BundleStage {
         if external.is_empty() {
             js.remove("use_external_data_format");
         } else {
-            js.insert("use_external_data_format".into(), serde_json::to_value(&external).expect("serialises"));
+            js.insert(
+                "use_external_data_format".into(),
+                serde_json::to_value(&external).expect("serialises"),
+            );
         }
         let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
         let tokenizer_path = ctx.input(self.model_stage, "tokenizer.json")?;
-        let tokenizer_config = super::model::tokenizer_config(ctx.input(self.model_stage, "config.json")?, tokenizer_path, base)?;
+        let tokenizer_config = super::model::tokenizer_config(
+            ctx.input(self.model_stage, "config.json")?,
+            tokenizer_path,
+            base,
+        )?;
         // The pad token the tokenizer declares, by id, as transformers' configs have it.
         if let Some(pad) = tokenizer_config["pad_token"].as_str()
-            && config.get("pad_token_id").is_none_or(serde_json::Value::is_null)
+            && config
+                .get("pad_token_id")
+                .is_none_or(serde_json::Value::is_null)
         {
-            let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+            let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)
+                .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
             if let Some(id) = tokenizer.token_to_id(pad) {
                 config["pad_token_id"] = id.into();
             }
@@ -562,8 +783,14 @@ mod tests {
 
     #[test]
     fn fill_replaces_each_placeholder_once() {
-        let page = fill("<p>{{A}}</p><script>{{B}}</script>{{C}}", &[("A", "{{B}}".to_string()), ("B", "[1]".to_string())]);
-        assert_eq!(page, "<p>{{B}}</p><script>[1]</script>{{C}}", "a value is not filled again; an unknown name stays");
+        let page = fill(
+            "<p>{{A}}</p><script>{{B}}</script>{{C}}",
+            &[("A", "{{B}}".to_string()), ("B", "[1]".to_string())],
+        );
+        assert_eq!(
+            page, "<p>{{B}}</p><script>[1]</script>{{C}}",
+            "a value is not filled again; an unknown name stays"
+        );
     }
 
     #[test]

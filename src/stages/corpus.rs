@@ -41,8 +41,15 @@ impl Document {
 
 /// Reads a `train.jsonl` / `eval.jsonl` artifact.
 pub fn read_documents(path: &Path) -> Result<Vec<Document>, StageError> {
-    let text = std::fs::read_to_string(path).map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
-    text.lines().map(|line| serde_json::from_str(line).map_err(|e| StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display())))).collect()
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
+    text.lines()
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| {
+                StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display()))
+            })
+        })
+        .collect()
 }
 
 impl Stage for CorpusStage {
@@ -60,17 +67,26 @@ impl Stage for CorpusStage {
         let c = &self.corpus;
         let mut s = Settings::new();
         s.insert("corpus.files".into(), serde_json::json!(c.patterns));
-        s.insert("corpus.format".into(), serde_json::to_value(c.format).expect("enum serialises"));
+        s.insert(
+            "corpus.format".into(),
+            serde_json::to_value(c.format).expect("enum serialises"),
+        );
         match &c.fields {
             TextFields::Text(field) => {
                 s.insert("corpus.text_field".into(), serde_json::json!(field));
             }
             TextFields::PromptCompletion { prompt, completion } => {
                 s.insert("corpus.prompt_field".into(), serde_json::json!(prompt));
-                s.insert("corpus.completion_field".into(), serde_json::json!(completion));
+                s.insert(
+                    "corpus.completion_field".into(),
+                    serde_json::json!(completion),
+                );
             }
         }
-        s.insert("corpus.eval_fraction".into(), serde_json::json!(c.eval_fraction));
+        s.insert(
+            "corpus.eval_fraction".into(),
+            serde_json::json!(c.eval_fraction),
+        );
         s.insert("corpus.seed".into(), serde_json::json!(c.seed));
         s
     }
@@ -83,7 +99,8 @@ impl Stage for CorpusStage {
         let mut bytes = 0u64;
         for (i, file) in files.iter().enumerate() {
             ctx.progress(i as u64, files.len() as u64, &file.label);
-            let raw = std::fs::read(&file.path).map_err(|e| StageError::bad_input(format!("cannot read `{}`: {e}", file.label)))?;
+            let raw = std::fs::read(&file.path)
+                .map_err(|e| StageError::bad_input(format!("cannot read `{}`: {e}", file.label)))?;
             bytes += raw.len() as u64;
             let text = utf8(&file.label, &raw)?;
             // A byte-order mark (Windows editors write one) is no text.
@@ -91,8 +108,14 @@ impl Stage for CorpusStage {
             read_file(&self.corpus, file, text, &mut documents)?;
         }
         if documents.is_empty() {
-            let names = files.iter().map(|f| format!("`{}`", f.label)).collect::<Vec<_>>().join(", ");
-            return Err(StageError::bad_input(format!("the corpus is empty: {names} hold no documents (blank lines are skipped)")));
+            let names = files
+                .iter()
+                .map(|f| format!("`{}`", f.label))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(StageError::bad_input(format!(
+                "the corpus is empty: {names} hold no documents (blank lines are skipped)"
+            )));
         }
         let threshold = self.corpus.eval_fraction;
         let (mut train, mut eval) = (Vec::new(), Vec::new());
@@ -101,14 +124,26 @@ impl Stage for CorpusStage {
             let mut hasher = blake3::Hasher::new();
             hasher.update(&self.corpus.seed.to_le_bytes());
             hasher.update(line.as_bytes());
-            let draw = u64::from_le_bytes(hasher.finalize().as_bytes()[..8].try_into().expect("8 bytes")) as f64 / 2f64.powi(64);
-            if draw < threshold { eval.push(line) } else { train.push(line) }
+            let draw = u64::from_le_bytes(
+                hasher.finalize().as_bytes()[..8]
+                    .try_into()
+                    .expect("8 bytes"),
+            ) as f64
+                / 2f64.powi(64);
+            if draw < threshold {
+                eval.push(line)
+            } else {
+                train.push(line)
+            }
         }
         // An eval split asked for and not had fails here, before anything
         // trains (training's eval and verify read it), as a train/test split
         // that leaves its test part empty does in the libraries users know.
         if eval.is_empty() && threshold > 0.0 {
-            let distinct = train.iter().collect::<std::collections::BTreeSet<_>>().len();
+            let distinct = train
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
             return Err(StageError::bad_input(format!(
                 "the eval split is empty: `corpus.eval_fraction` = {threshold} of {} documents ({distinct} distinct) drew none (identical documents always land on the same side); add distinct documents, raise `corpus.eval_fraction`, or set it to 0 for no eval split (and list `verify.prompts` where the manifest has `[export]`)",
                 documents.len()
@@ -127,12 +162,15 @@ impl Stage for CorpusStage {
 }
 
 fn write_lines(path: &Path, lines: &[String]) -> Result<(), StageError> {
-    let file = std::fs::File::create(path).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
     let mut out = std::io::BufWriter::new(file);
     for line in lines {
-        writeln!(out, "{line}").map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        writeln!(out, "{line}")
+            .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
     }
-    out.flush().map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))
+    out.flush()
+        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))
 }
 
 /// Validates UTF-8, naming the line and column of the first bad byte.
@@ -189,7 +227,12 @@ fn lines(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Document>) -> Result<(), StageError> {
+fn read_file(
+    corpus: &Corpus,
+    file: &ExternalFile,
+    text: &str,
+    out: &mut Vec<Document>,
+) -> Result<(), StageError> {
     let label = &file.label;
     match format_of(corpus, file) {
         CorpusFormat::Text | CorpusFormat::Auto => {
@@ -199,7 +242,9 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
                     return Err(too_long(label, i + 1, line.len()));
                 }
                 if !line.is_empty() {
-                    out.push(Document::Text { text: line.to_string() });
+                    out.push(Document::Text {
+                        text: line.to_string(),
+                    });
                 }
             }
         }
@@ -211,21 +256,32 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
                 if line.len() > MAX_DOCUMENT_BYTES {
                     return Err(too_long(label, i + 1, line.len()));
                 }
-                let at = |what: String| StageError::bad_input(format!("`{label}`:{}: {what}", i + 1));
-                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
+                let at =
+                    |what: String| StageError::bad_input(format!("`{label}`:{}: {what}", i + 1));
+                let value: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
                 let field = |name: &str| -> Result<String, StageError> {
                     match value.get(name) {
                         Some(serde_json::Value::String(s)) => Ok(s.clone()),
                         Some(_) => Err(at(format!("field `{name}` is not a string"))),
-                        None => Err(at(format!("no field `{name}`; set `corpus.text_field` (or `prompt_field` + `completion_field`) to the record's field names"))),
+                        None => Err(at(format!(
+                            "no field `{name}`; set `corpus.text_field` (or `prompt_field` + `completion_field`) to the record's field names"
+                        ))),
                     }
                 };
                 push_record(&corpus.fields, field, out)?;
             }
         }
         CorpusFormat::Csv => {
-            let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
-            let headers = reader.headers().map_err(|e| StageError::bad_input(format!("`{label}`: cannot read the CSV header: {e}")))?.clone();
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(true)
+                .from_reader(text.as_bytes());
+            let headers = reader
+                .headers()
+                .map_err(|e| {
+                    StageError::bad_input(format!("`{label}`: cannot read the CSV header: {e}"))
+                })?
+                .clone();
             for record in reader.records() {
                 let record = record.map_err(|e| {
                     let line = e.position().map_or(0, |p| p.line());
@@ -236,11 +292,17 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
                     return Err(too_long(label, line as usize, record.as_slice().len()));
                 }
                 let field = |name: &str| -> Result<String, StageError> {
-                    let column = headers
-                        .iter()
-                        .position(|h| h == name)
-                        .ok_or_else(|| StageError::bad_input(format!("`{label}`: no column `{name}` (columns: {})", headers.iter().collect::<Vec<_>>().join(", "))))?;
-                    record.get(column).map(str::to_string).ok_or_else(|| StageError::bad_input(format!("`{label}`:{line}: the row has no column `{name}`")))
+                    let column = headers.iter().position(|h| h == name).ok_or_else(|| {
+                        StageError::bad_input(format!(
+                            "`{label}`: no column `{name}` (columns: {})",
+                            headers.iter().collect::<Vec<_>>().join(", ")
+                        ))
+                    })?;
+                    record.get(column).map(str::to_string).ok_or_else(|| {
+                        StageError::bad_input(format!(
+                            "`{label}`:{line}: the row has no column `{name}`"
+                        ))
+                    })
                 };
                 push_record(&corpus.fields, field, out)?;
             }
@@ -249,7 +311,11 @@ fn read_file(corpus: &Corpus, file: &ExternalFile, text: &str, out: &mut Vec<Doc
     Ok(())
 }
 
-fn push_record(fields: &TextFields, field: impl Fn(&str) -> Result<String, StageError>, out: &mut Vec<Document>) -> Result<(), StageError> {
+fn push_record(
+    fields: &TextFields,
+    field: impl Fn(&str) -> Result<String, StageError>,
+    out: &mut Vec<Document>,
+) -> Result<(), StageError> {
     match fields {
         TextFields::Text(name) => {
             let text = field(name)?;
@@ -258,7 +324,10 @@ fn push_record(fields: &TextFields, field: impl Fn(&str) -> Result<String, Stage
             }
         }
         TextFields::PromptCompletion { prompt, completion } => {
-            out.push(Document::PromptCompletion { prompt: field(prompt)?, completion: field(completion)? });
+            out.push(Document::PromptCompletion {
+                prompt: field(prompt)?,
+                completion: field(completion)?,
+            });
         }
     }
     Ok(())

@@ -21,12 +21,20 @@ fn policy(external_data: ExternalData) -> Policy {
 /// The artifacts of one ONNX file: the file, then every data chunk it may have.
 fn onnx_artifacts(file: &str) -> Vec<(String, String)> {
     let mut files = vec![(file.to_string(), format!("onnx/{file}"))];
-    files.extend((0..MAX_CHUNKS).map(|i| external::data_file_name(file, i)).map(|name| (name.clone(), format!("onnx/{name}"))));
+    files.extend(
+        (0..MAX_CHUNKS)
+            .map(|i| external::data_file_name(file, i))
+            .map(|name| (name.clone(), format!("onnx/{name}"))),
+    );
     files
 }
 
 /// The data chunks of `file` that stage `stage` wrote, as (name, path).
-pub(super) fn data_inputs<'a>(ctx: &'a StageContext<'_>, stage: &str, file: &str) -> Vec<(String, &'a std::path::Path)> {
+pub(super) fn data_inputs<'a>(
+    ctx: &'a StageContext<'_>,
+    stage: &str,
+    file: &str,
+) -> Vec<(String, &'a std::path::Path)> {
     (0..MAX_CHUNKS)
         .map_while(|i| {
             let name = external::data_file_name(file, i);
@@ -35,10 +43,19 @@ pub(super) fn data_inputs<'a>(ctx: &'a StageContext<'_>, stage: &str, file: &str
         .collect()
 }
 
-fn write_onnx(model: crate::onnx::proto::ModelProto, path: &std::path::Path, policy: Policy) -> Result<Written, StageError> {
-    let written = external::write(model, path, policy).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+fn write_onnx(
+    model: crate::onnx::proto::ModelProto,
+    path: &std::path::Path,
+    policy: Policy,
+) -> Result<Written, StageError> {
+    let written = external::write(model, path, policy)
+        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
     if written.data_files.len() > MAX_CHUNKS {
-        return Err(StageError::failed(format!("`{}` needs {} external data files; transformers.js reads at most {MAX_CHUNKS}", path.display(), written.data_files.len())));
+        return Err(StageError::failed(format!(
+            "`{}` needs {} external data files; transformers.js reads at most {MAX_CHUNKS}",
+            path.display(),
+            written.data_files.len()
+        )));
     }
     Ok(written)
 }
@@ -63,7 +80,10 @@ impl Stage for ExportStage {
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("export.opset".into(), self.export.opset.into());
-        s.insert("export.external_data".into(), serde_json::to_value(self.export.external_data).expect("serialises"));
+        s.insert(
+            "export.external_data".into(),
+            serde_json::to_value(self.export.external_data).expect("serialises"),
+        );
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -80,12 +100,22 @@ impl Stage for ExportStage {
         let t = std::time::Instant::now();
         let model = super::model::load_model(ctx, stage)?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "loaded the model");
-        let graph = crate::onnx::export(&model, self.export.opset as i64).map_err(super::model::model_error)?;
+        let graph = crate::onnx::export(&model, self.export.opset as i64)
+            .map_err(super::model::model_error)?;
         drop(model);
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "built the graph");
         let nodes = graph.graph.as_ref().map_or(0, |g| g.node.len());
-        let matmuls = graph.graph.as_ref().map_or(0, |g| g.node.iter().filter(|n| n.op_type.as_deref() == Some("MatMul")).count());
-        let written = write_onnx(graph, &ctx.output("model.onnx"), policy(self.export.external_data))?;
+        let matmuls = graph.graph.as_ref().map_or(0, |g| {
+            g.node
+                .iter()
+                .filter(|n| n.op_type.as_deref() == Some("MatMul"))
+                .count()
+        });
+        let written = write_onnx(
+            graph,
+            &ctx.output("model.onnx"),
+            policy(self.export.external_data),
+        )?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "wrote the file");
         Ok(
             serde_json::json!({ "bytes": written.total_bytes(), "model_bytes": written.model_bytes, "data_files": written.data_files, "nodes": nodes, "matmul_nodes": matmuls, "opset": self.export.opset }),
@@ -103,7 +133,12 @@ pub struct QuantizeStage {
 
 impl QuantizeStage {
     pub fn new(dtype: Dtype, options: crate::quant::Options, external_data: ExternalData) -> Self {
-        QuantizeStage { dtype, options, external_data, name: dtype.producer_stage() }
+        QuantizeStage {
+            dtype,
+            options,
+            external_data,
+            name: dtype.producer_stage(),
+        }
     }
 }
 
@@ -126,12 +161,21 @@ impl Stage for QuantizeStage {
             s.insert("export.quantize_embedding".into(), true.into());
         }
         if self.dtype.is_4bit() {
-            s.insert("export.head_bits".into(), self.options.head_bits.number().into());
+            s.insert(
+                "export.head_bits".into(),
+                self.options.head_bits.number().into(),
+            );
         }
         if self.dtype.uses_blocks() && self.options.accuracy_level != crate::quant::ACCURACY_LEVEL {
-            s.insert("export.accuracy_level".into(), self.options.accuracy_level.into());
+            s.insert(
+                "export.accuracy_level".into(),
+                self.options.accuracy_level.into(),
+            );
         }
-        s.insert("export.external_data".into(), serde_json::to_value(self.external_data).expect("serialises"));
+        s.insert(
+            "export.external_data".into(),
+            serde_json::to_value(self.external_data).expect("serialises"),
+        );
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -139,18 +183,30 @@ impl Stage for QuantizeStage {
     }
     fn publishes(&self) -> Vec<(String, String)> {
         let mut files = onnx_artifacts(self.dtype.file_name());
-        files.push(("report.json".to_string(), format!("reports/quantize.{}.json", self.dtype)));
+        files.push((
+            "report.json".to_string(),
+            format!("reports/quantize.{}.json", self.dtype),
+        ));
         files
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let source = ctx.input("export", "model.onnx")?;
         let data = data_inputs(ctx, "export", "model.onnx");
-        let fp32_bytes = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0) + data.iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>();
+        let fp32_bytes = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0)
+            + data
+                .iter()
+                .map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len()))
+                .sum::<u64>();
         let t = std::time::Instant::now();
-        let fp32 = external::read(source, |location| data.iter().find(|(name, _)| name == location).map(|(_, p)| p.to_path_buf()))
-            .map_err(|e| StageError::failed(format!("cannot read the fp32 export: {e}")))?;
+        let fp32 = external::read(source, |location| {
+            data.iter()
+                .find(|(name, _)| name == location)
+                .map(|(_, p)| p.to_path_buf())
+        })
+        .map_err(|e| StageError::failed(format!("cannot read the fp32 export: {e}")))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "read the fp32 export");
-        let (model, report) = crate::quant::quantize(fp32, self.dtype, self.options).map_err(|e| StageError::failed(e.to_string()))?;
+        let (model, report) = crate::quant::quantize(fp32, self.dtype, self.options)
+            .map_err(|e| StageError::failed(e.to_string()))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "quantized");
         let file = self.dtype.file_name();
         let written = write_onnx(model, &ctx.output(file), policy(self.external_data))?;

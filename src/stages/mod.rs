@@ -11,7 +11,9 @@ pub mod vocab;
 
 use crate::dtype::Dtype;
 use crate::engine::{Plan, Stage};
-use crate::manifest::{AdapterFiles, BaseModel, FinetuneMethod, Manifest, ManifestError, VocabStrategy};
+use crate::manifest::{
+    AdapterFiles, BaseModel, FinetuneMethod, Manifest, ManifestError, VocabStrategy,
+};
 
 /// Where a model stage (`base`, `vocab`) puts its model in the output folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,15 +34,34 @@ impl ModelPublish {
     /// (artifact, output path) for a model stage's files; `grew`: the stage
     /// grew the base's vocabulary.
     pub fn files(self, grew: bool) -> Vec<(String, String)> {
-        const MODEL: [&str; 4] = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"];
+        const MODEL: [&str; 4] = [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+        ];
         const TOKENIZER: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
-        let under = |folder: &str, files: &[&str]| files.iter().map(|f| (f.to_string(), format!("{folder}{f}"))).collect::<Vec<_>>();
-        let tokenizer = if grew { under("adapter/", &TOKENIZER) } else { Vec::new() };
+        let under = |folder: &str, files: &[&str]| {
+            files
+                .iter()
+                .map(|f| (f.to_string(), format!("{folder}{f}")))
+                .collect::<Vec<_>>()
+        };
+        let tokenizer = if grew {
+            under("adapter/", &TOKENIZER)
+        } else {
+            Vec::new()
+        };
         match self {
             ModelPublish::Nowhere => Vec::new(),
             ModelPublish::Root => under("", &MODEL),
             ModelPublish::AdapterTokenizer => tokenizer,
-            ModelPublish::AdapterBase => [under("adapter/base/", &MODEL), under("adapter/base/", &["tokenizer_config.json"]), tokenizer].concat(),
+            ModelPublish::AdapterBase => [
+                under("adapter/base/", &MODEL),
+                under("adapter/base/", &["tokenizer_config.json"]),
+                tokenizer,
+            ]
+            .concat(),
         }
     }
 }
@@ -50,16 +71,30 @@ impl ModelPublish {
 pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
     if let Some(corpus) = &manifest.corpus {
-        stages.push(Box::new(corpus::CorpusStage { corpus: corpus.clone() }));
+        stages.push(Box::new(corpus::CorpusStage {
+            corpus: corpus.clone(),
+        }));
     }
     if let Some(tokenizer) = &manifest.tokenizer {
-        stages.push(Box::new(tokenizer::TokenizerStage { tokenizer: tokenizer.clone() }));
+        stages.push(Box::new(tokenizer::TokenizerStage {
+            tokenizer: tokenizer.clone(),
+        }));
     }
     let error = |message: &str| ManifestError::general(&manifest.display, message);
-    let finetune = manifest.finetune.as_ref().filter(|f| f.method != FinetuneMethod::None);
-    let vocab = manifest.vocab.as_ref().filter(|v| v.strategy != VocabStrategy::None);
+    let finetune = manifest
+        .finetune
+        .as_ref()
+        .filter(|f| f.method != FinetuneMethod::None);
+    let vocab = manifest
+        .vocab
+        .as_ref()
+        .filter(|v| v.strategy != VocabStrategy::None);
     let lora = finetune.is_some_and(|f| f.method == FinetuneMethod::Lora);
-    let with_base = lora && manifest.export.as_ref().is_some_and(|e| e.adapter == AdapterFiles::WithBase);
+    let with_base = lora
+        && manifest
+            .export
+            .as_ref()
+            .is_some_and(|e| e.adapter == AdapterFiles::WithBase);
     // The last model stage before training is the adapter's base.
     let publish = |last: bool| match () {
         _ if !last => ModelPublish::Nowhere,
@@ -72,20 +107,28 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     if let Some(base) = &manifest.base {
         match &base.model {
             BaseModel::Scratch if manifest.tokenizer.is_none() => {
-                return Err(error("`base.model` = \"scratch\" needs a `[tokenizer]` section: a new model takes the tokenizer trained for it"));
+                return Err(error(
+                    "`base.model` = \"scratch\" needs a `[tokenizer]` section: a new model takes the tokenizer trained for it",
+                ));
             }
             BaseModel::Scratch if vocab.is_some() => {
                 return Err(error(
                     "`[vocab]` adds tokens to a pretrained base, but `base.model` = \"scratch\" is built with the trained tokenizer already; remove `[vocab]` or set `vocab.strategy = \"none\"`",
                 ));
             }
-            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_some() && vocab.is_none() => {
+            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. }
+                if manifest.tokenizer.is_some() && vocab.is_none() =>
+            {
                 return Err(error(
                     "a `[tokenizer]` with a pretrained base needs a `[vocab]` section (`strategy = \"add_tokens\"` or `\"extend_bpe\"`) to add its tokens to the base's tokenizer; or comment `[tokenizer]` out to fine-tune with the base's own tokenizer",
                 ));
             }
-            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. } if manifest.tokenizer.is_none() && vocab.is_some() => {
-                return Err(error("`[vocab]` adds the tokens of a trained tokenizer to the base's: add a `[tokenizer]` section to train one"));
+            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. }
+                if manifest.tokenizer.is_none() && vocab.is_some() =>
+            {
+                return Err(error(
+                    "`[vocab]` adds the tokens of a trained tokenizer to the base's: add a `[tokenizer]` section to train one",
+                ));
             }
             _ => {}
         }
@@ -95,57 +138,120 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             _ => Vec::new(),
         };
         let hub = match &base.model {
-            BaseModel::Hub { repo, revision } => Some(resolve_hub(manifest, repo, revision.as_deref().unwrap_or("main"))),
+            BaseModel::Hub { repo, revision } => Some(resolve_hub(
+                manifest,
+                repo,
+                revision.as_deref().unwrap_or("main"),
+            )),
             _ => None,
         };
-        stages.push(Box::new(model::BaseStage { base: base.clone(), files, hub, publish: publish(vocab.is_none()) }));
+        stages.push(Box::new(model::BaseStage {
+            base: base.clone(),
+            files,
+            hub,
+            publish: publish(vocab.is_none()),
+        }));
         if let Some(vocab) = vocab {
             if manifest.corpus.is_none() {
-                return Err(error("`[vocab]` needs a `[corpus]`: its report measures the new tokens on the eval split"));
+                return Err(error(
+                    "`[vocab]` needs a `[corpus]`: its report measures the new tokens on the eval split",
+                ));
             }
-            stages.push(Box::new(vocab::VocabStage { vocab: vocab.clone(), publish: publish(true) }));
+            stages.push(Box::new(vocab::VocabStage {
+                vocab: vocab.clone(),
+                publish: publish(true),
+            }));
             model_stage = "vocab";
         }
     } else if vocab.is_some() {
-        return Err(error("`[vocab]` needs a `[base]` model whose tokenizer it extends"));
+        return Err(error(
+            "`[vocab]` needs a `[base]` model whose tokenizer it extends",
+        ));
     }
     if let Some(finetune) = finetune {
         if manifest.corpus.is_none() || manifest.base.is_none() {
-            return Err(error("`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train"));
+            return Err(error(
+                "`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train",
+            ));
         }
         let base_name = manifest.base.as_ref().and_then(|b| match &b.model {
             BaseModel::Hub { repo, .. } => Some(repo.clone()),
             // Not the folder's path or name: keys hold no location.
             BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Scratch => None,
         });
-        stages.push(Box::new(model::FinetuneStage { finetune: finetune.clone(), model_stage, base_name }));
-        stages.push(Box::new(model::MergeStage { lora: finetune.method == FinetuneMethod::Lora, model_stage }));
+        stages.push(Box::new(model::FinetuneStage {
+            finetune: finetune.clone(),
+            model_stage,
+            base_name,
+        }));
+        stages.push(Box::new(model::MergeStage {
+            lora: finetune.method == FinetuneMethod::Lora,
+            model_stage,
+        }));
     }
     if let Some(export) = &manifest.export {
         if manifest.base.is_none() {
             return Err(error("`[export]` converts a model: add a `[base]` section"));
         }
-        let model_stage = if finetune.is_some() { "merge" } else { model_stage };
-        stages.push(Box::new(export::ExportStage { export: export.clone(), model_stage }));
+        let model_stage = if finetune.is_some() {
+            "merge"
+        } else {
+            model_stage
+        };
+        stages.push(Box::new(export::ExportStage {
+            export: export.clone(),
+            model_stage,
+        }));
         for &dtype in export.targets.iter().filter(|t| **t != Dtype::Fp32) {
-            let options = crate::quant::Options { quantize_embedding: export.quantize_embedding, accuracy_level: export.accuracy_level as i64, head_bits: export.head_bits };
-            stages.push(Box::new(export::QuantizeStage::new(dtype, options, export.external_data)));
+            let options = crate::quant::Options {
+                quantize_embedding: export.quantize_embedding,
+                accuracy_level: export.accuracy_level as i64,
+                head_bits: export.head_bits,
+            };
+            stages.push(Box::new(export::QuantizeStage::new(
+                dtype,
+                options,
+                export.external_data,
+            )));
         }
         // Every file is verified; `[verify]` only tunes how.
         let settings = manifest.verify.clone().unwrap_or_default();
-        if let Some(dtype) = settings.tolerance.keys().find(|d| !export.targets.contains(d)) {
-            return Err(error(&format!("`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build")));
+        if let Some(dtype) = settings
+            .tolerance
+            .keys()
+            .find(|d| !export.targets.contains(d))
+        {
+            return Err(error(&format!(
+                "`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build"
+            )));
         }
-        stages.push(Box::new(verify::ReferenceStage { verify: settings.clone(), model_stage, corpus: manifest.corpus.is_some() }));
+        stages.push(Box::new(verify::ReferenceStage {
+            verify: settings.clone(),
+            model_stage,
+            corpus: manifest.corpus.is_some(),
+        }));
         for &dtype in &export.targets {
             stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone())));
         }
         let browser = settings.browser.clone();
         if let Some(browser) = &browser {
-            stages.push(Box::new(browser::BrowserStage::new(browser.clone(), export.targets.clone(), &settings, model_stage, manifest.web.transformers_js.clone(), manifest.corpus.is_some())));
+            stages.push(Box::new(browser::BrowserStage::new(
+                browser.clone(),
+                export.targets.clone(),
+                &settings,
+                model_stage,
+                manifest.web.transformers_js.clone(),
+                manifest.corpus.is_some(),
+            )));
         }
-        let dtype = manifest.web.dtype.unwrap_or_else(|| bundle::default_dtype(&export.targets));
-        let webgpu_dtype = manifest.web.webgpu_dtype.unwrap_or_else(|| bundle::webgpu_dtype(&export.targets));
+        let dtype = manifest
+            .web
+            .dtype
+            .unwrap_or_else(|| bundle::default_dtype(&export.targets));
+        let webgpu_dtype = manifest
+            .web
+            .webgpu_dtype
+            .unwrap_or_else(|| bundle::webgpu_dtype(&export.targets));
         let model_stage_has_vocab = stages.iter().any(|s| s.name() == "vocab");
         stages.push(Box::new(bundle::BundleStage {
             model_stage,
@@ -160,10 +266,15 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             card: card(manifest),
         }));
     } else if manifest.verify.is_some() {
-        return Err(error("`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section"));
+        return Err(error(
+            "`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section",
+        ));
     }
     if stages.is_empty() {
-        return Err(ManifestError::general(&manifest.display, "the manifest asks for nothing to build: add a `[corpus]` and a `[tokenizer]` section"));
+        return Err(ManifestError::general(
+            &manifest.display,
+            "the manifest asks for nothing to build: add a `[corpus]` and a `[tokenizer]` section",
+        ));
     }
     Plan::new(stages).map_err(|e| ManifestError::general(&manifest.display, e.to_string()))
 }
@@ -172,18 +283,31 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
 pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>, String> {
     match kind {
         "finetune" => Ok(Box::new(model::FinetuneStage::from_spec(spec)?)),
-        other => Err(format!("a `{other}` stage cannot run on a worker; this symb runs {} there", crate::manifest::REMOTE_STAGES.join(", "))),
+        other => Err(format!(
+            "a `{other}` stage cannot run on a worker; this symb runs {} there",
+            crate::manifest::REMOTE_STAGES.join(", ")
+        )),
     }
 }
 
 /// Resolves a Hub revision to its commit, recording the answer in the cache;
 /// offline, the last recorded answer is used. An error is kept for the base
 /// stage to report when it runs, so commands that run nothing work offline.
-fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate::model::hub::Resolved, crate::engine::StageError> {
+fn resolve_hub(
+    manifest: &Manifest,
+    repo: &str,
+    revision: &str,
+) -> Result<crate::model::hub::Resolved, crate::engine::StageError> {
     use crate::model::hub;
     let cache = crate::cache::Cache::open(&manifest.project.cache)?;
-    let record = cache.refs_dir("hub").join(format!("{}@{}.json", repo.replace('/', "--"), revision.replace('/', "--")));
-    let recorded: Option<hub::Resolved> = std::fs::read(&record).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let record = cache.refs_dir("hub").join(format!(
+        "{}@{}.json",
+        repo.replace('/', "--"),
+        revision.replace('/', "--")
+    ));
+    let recorded: Option<hub::Resolved> = std::fs::read(&record)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let pinned = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
     if pinned && let Some(resolved) = recorded.clone() {
         return Ok(resolved);
@@ -197,12 +321,17 @@ fn resolve_hub(manifest: &Manifest, repo: &str, revision: &str) -> Result<crate:
         }
         Err(error) => match recorded {
             Some(resolved) => {
-                tracing::warn!("{error}; using the commit resolved before, {}", resolved.commit);
+                tracing::warn!(
+                    "{error}; using the commit resolved before, {}",
+                    resolved.commit
+                );
                 Ok(resolved)
             }
             None => {
                 let mut error = model::model_error(error);
-                error.message.push_str(" (set HF_ENDPOINT for a mirror, or check the network)");
+                error
+                    .message
+                    .push_str(" (set HF_ENDPOINT for a mirror, or check the network)");
                 Err(error)
             }
         },
@@ -225,27 +354,53 @@ fn card(manifest: &Manifest) -> bundle::Card {
     let base_words = match base.map(|b| &b.model) {
         Some(BaseModel::Hub { repo, .. }) => format!("`{repo}`"),
         Some(BaseModel::Path(_)) => "a local model".to_string(),
-        Some(BaseModel::Gguf(file)) => format!("`{}` (GGUF)", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()),
+        Some(BaseModel::Gguf(file)) => format!(
+            "`{}` (GGUF)",
+            file.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ),
         Some(BaseModel::Scratch) => {
             let b = base.expect("a base");
             let family = match b.architecture {
                 crate::manifest::Architecture::Gpt2 => "GPT-2",
                 crate::manifest::Architecture::Llama => "Llama",
             };
-            format!("a {family} model ({} layer{}, width {})", b.n_layer, if b.n_layer == 1 { "" } else { "s" }, b.n_embd)
+            format!(
+                "a {family} model ({} layer{}, width {})",
+                b.n_layer,
+                if b.n_layer == 1 { "" } else { "s" },
+                b.n_embd
+            )
         }
         None => "a model".to_string(),
     };
     let scratch = matches!(base.map(|b| &b.model), Some(BaseModel::Scratch));
     let capital = |words: &str| words[..1].to_ascii_uppercase() + &words[1..];
     let (method, trained) = match &manifest.finetune {
-        Some(f) if f.method == FinetuneMethod::Lora => (format!("LoRA (rank {}) on {base_words}", f.rank), true),
-        Some(f) if f.method == FinetuneMethod::Full && scratch => (format!("{} trained from scratch", capital(&base_words)), true),
-        Some(f) if f.method == FinetuneMethod::Full => (format!("All weights of {base_words} fine-tuned"), true),
-        _ if scratch => (format!("{} with random weights (nothing trains it: no `[finetune]`), converted", capital(&base_words)), false),
+        Some(f) if f.method == FinetuneMethod::Lora => {
+            (format!("LoRA (rank {}) on {base_words}", f.rank), true)
+        }
+        Some(f) if f.method == FinetuneMethod::Full && scratch => (
+            format!("{} trained from scratch", capital(&base_words)),
+            true,
+        ),
+        Some(f) if f.method == FinetuneMethod::Full => {
+            (format!("All weights of {base_words} fine-tuned"), true)
+        }
+        _ if scratch => (
+            format!(
+                "{} with random weights (nothing trains it: no `[finetune]`), converted",
+                capital(&base_words)
+            ),
+            false,
+        ),
         _ => (format!("{}, converted", capital(&base_words)), false),
     };
-    let lora = manifest.finetune.as_ref().is_some_and(|f| f.method == FinetuneMethod::Lora);
+    let lora = manifest
+        .finetune
+        .as_ref()
+        .is_some_and(|f| f.method == FinetuneMethod::Lora);
     let adapter = lora.then(|| bundle::AdapterCard {
         base: base.and_then(|b| match &b.model {
             BaseModel::Hub { repo, revision } => {
@@ -270,7 +425,15 @@ fn card(manifest: &Manifest) -> bundle::Card {
         language: manifest.project.language.clone(),
         base_model,
         method,
-        corpus: if trained { manifest.corpus.as_ref().map(|c| c.patterns.clone()).unwrap_or_default() } else { Vec::new() },
+        corpus: if trained {
+            manifest
+                .corpus
+                .as_ref()
+                .map(|c| c.patterns.clone())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -296,7 +459,10 @@ mod tests {
         let rebuilt = super::from_spec("finetune", &serde_json::from_str(&sent).unwrap()).unwrap();
         assert_eq!(rebuilt.settings(), stage.settings());
         assert_eq!(rebuilt.dependencies(), stage.dependencies());
-        assert_eq!((rebuilt.kind(), rebuilt.version(), rebuilt.tools()), (stage.kind(), stage.version(), stage.tools()));
+        assert_eq!(
+            (rebuilt.kind(), rebuilt.version(), rebuilt.tools()),
+            (stage.kind(), stage.version(), stage.tools())
+        );
         assert!(super::from_spec("export", &serde_json::json!({})).is_err());
     }
 }

@@ -35,7 +35,10 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::tokenizer::SplitDelimiterBehavior;
-use tokenizers::{AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder, TokenizerImpl};
+use tokenizers::{
+    AddedToken, DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder,
+    TokenizerImpl,
+};
 
 use super::corpus::{Document, read_documents};
 use crate::engine::{Settings, Stage, StageContext, StageError};
@@ -48,7 +51,13 @@ pub struct TokenizerStage {
     pub tokenizer: Tokenizer,
 }
 
-type Bpe = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+type Bpe = TokenizerImpl<
+    BPE,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 impl Stage for TokenizerStage {
     fn name(&self) -> &str {
@@ -63,10 +72,22 @@ impl Stage for TokenizerStage {
     fn settings(&self) -> Settings {
         let t = &self.tokenizer;
         let mut s = Settings::new();
-        s.insert("tokenizer.vocab_size".into(), serde_json::json!(t.vocab_size));
-        s.insert("tokenizer.min_frequency".into(), serde_json::json!(t.min_frequency));
-        s.insert("tokenizer.pre_tokenizer".into(), serde_json::to_value(t.pre_tokenizer).expect("enum serialises"));
-        s.insert("tokenizer.special_tokens".into(), serde_json::json!(t.special_tokens));
+        s.insert(
+            "tokenizer.vocab_size".into(),
+            serde_json::json!(t.vocab_size),
+        );
+        s.insert(
+            "tokenizer.min_frequency".into(),
+            serde_json::json!(t.min_frequency),
+        );
+        s.insert(
+            "tokenizer.pre_tokenizer".into(),
+            serde_json::to_value(t.pre_tokenizer).expect("enum serialises"),
+        );
+        s.insert(
+            "tokenizer.special_tokens".into(),
+            serde_json::json!(t.special_tokens),
+        );
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -92,15 +113,38 @@ impl Stage for TokenizerStage {
         // 1-in-64 sample guards it; the character-level pre-tokenizers can
         // lose text, so every line is checked. (Checking all 660k lines of a
         // 43 MB corpus took longer than training.)
-        let stride = if self.tokenizer.pre_tokenizer == PreTokenizer::ByteLevel { 64 } else { 1 };
-        let lines: Vec<&str> = train.iter().chain(&eval).flat_map(Document::texts).step_by(stride).collect();
+        let stride = if self.tokenizer.pre_tokenizer == PreTokenizer::ByteLevel {
+            64
+        } else {
+            1
+        };
+        let lines: Vec<&str> = train
+            .iter()
+            .chain(&eval)
+            .flat_map(Document::texts)
+            .step_by(stride)
+            .collect();
         check_round_trip(&tokenizer, &lines, self.tokenizer.pre_tokenizer)?;
         let round_trip_seconds = started.elapsed().as_secs_f64();
-        let tokens: usize = eval.par_iter().flat_map_iter(Document::texts).map(|t| tokenizer.encode(t, false).map(|e| e.len()).unwrap_or(0)).sum();
-        let words: usize = eval.iter().flat_map(Document::texts).map(|t| t.split_whitespace().count()).sum();
-        let json = tokenizer.to_string(true).map_err(|e| StageError::failed(format!("cannot serialise the tokenizer: {e}")))?;
-        let merges = serde_json::from_str::<serde_json::Value>(&json).ok().and_then(|v| v["model"]["merges"].as_array().map(Vec::len)).unwrap_or(0);
-        std::fs::write(ctx.output("tokenizer.json"), json).map_err(|e| StageError::failed(format!("cannot write tokenizer.json: {e}")))?;
+        let tokens: usize = eval
+            .par_iter()
+            .flat_map_iter(Document::texts)
+            .map(|t| tokenizer.encode(t, false).map(|e| e.len()).unwrap_or(0))
+            .sum();
+        let words: usize = eval
+            .iter()
+            .flat_map(Document::texts)
+            .map(|t| t.split_whitespace().count())
+            .sum();
+        let json = tokenizer
+            .to_string(true)
+            .map_err(|e| StageError::failed(format!("cannot serialise the tokenizer: {e}")))?;
+        let merges = serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|v| v["model"]["merges"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        std::fs::write(ctx.output("tokenizer.json"), json)
+            .map_err(|e| StageError::failed(format!("cannot write tokenizer.json: {e}")))?;
         let reached = tokenizer.get_vocab_size(true);
         if (reached as u64) < self.tokenizer.vocab_size {
             ctx.note(&format!(
@@ -121,29 +165,54 @@ impl Stage for TokenizerStage {
 
 /// Trains the BPE tokenizer on the train documents; the character alphabet
 /// (for character-level pre-tokenizers) also covers the eval documents.
-pub fn train_bpe(settings: &Tokenizer, train: &[Document], eval: &[Document]) -> Result<Bpe, StageError> {
-    let (pre_tokenizer, decoder, alphabet): (PreTokenizerWrapper, DecoderWrapper, HashSet<char>) = match settings.pre_tokenizer {
-        PreTokenizer::ByteLevel => {
-            let byte_level = ByteLevel::new(false, true, true);
-            (byte_level.into(), byte_level.into(), ByteLevel::alphabet().into_iter().collect())
-        }
-        PreTokenizer::Metaspace => {
-            let metaspace = Metaspace::new('▁', PrependScheme::First, true);
-            let mut alphabet = characters(train.iter().chain(eval));
-            alphabet.remove(&' ');
-            alphabet.insert('▁');
-            (metaspace.clone().into(), metaspace.into(), alphabet)
-        }
-        PreTokenizer::Whitespace => {
-            let split = Split::new(SplitPattern::Regex(r"\s*\S+|\s+".to_string()), SplitDelimiterBehavior::Isolated, true)
-                .map_err(|e| StageError::failed(format!("cannot build the whitespace pre-tokenizer: {e}")))?;
-            (split.into(), Fuse::new().into(), characters(train.iter().chain(eval)))
-        }
-    };
+pub fn train_bpe(
+    settings: &Tokenizer,
+    train: &[Document],
+    eval: &[Document],
+) -> Result<Bpe, StageError> {
+    let (pre_tokenizer, decoder, alphabet): (PreTokenizerWrapper, DecoderWrapper, HashSet<char>) =
+        match settings.pre_tokenizer {
+            PreTokenizer::ByteLevel => {
+                let byte_level = ByteLevel::new(false, true, true);
+                (
+                    byte_level.into(),
+                    byte_level.into(),
+                    ByteLevel::alphabet().into_iter().collect(),
+                )
+            }
+            PreTokenizer::Metaspace => {
+                let metaspace = Metaspace::new('▁', PrependScheme::First, true);
+                let mut alphabet = characters(train.iter().chain(eval));
+                alphabet.remove(&' ');
+                alphabet.insert('▁');
+                (metaspace.clone().into(), metaspace.into(), alphabet)
+            }
+            PreTokenizer::Whitespace => {
+                let split = Split::new(
+                    SplitPattern::Regex(r"\s*\S+|\s+".to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    true,
+                )
+                .map_err(|e| {
+                    StageError::failed(format!("cannot build the whitespace pre-tokenizer: {e}"))
+                })?;
+                (
+                    split.into(),
+                    Fuse::new().into(),
+                    characters(train.iter().chain(eval)),
+                )
+            }
+        };
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(settings.vocab_size as usize)
         .min_frequency(settings.min_frequency)
-        .special_tokens(settings.special_tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect())
+        .special_tokens(
+            settings
+                .special_tokens
+                .iter()
+                .map(|t| AddedToken::from(t.clone(), true))
+                .collect(),
+        )
         .initial_alphabet(alphabet)
         .show_progress(false)
         .build();
@@ -156,21 +225,32 @@ pub fn train_bpe(settings: &Tokenizer, train: &[Document], eval: &[Document]) ->
         .build()
         .map_err(|e| StageError::failed(format!("cannot build the tokenizer: {e}")))?;
     let texts: Vec<&str> = train.iter().flat_map(Document::texts).collect();
-    tokenizer.train(&mut trainer, texts.into_iter()).map_err(|e| StageError::failed(format!("BPE training failed: {e}")))?;
+    tokenizer
+        .train(&mut trainer, texts.into_iter())
+        .map_err(|e| StageError::failed(format!("BPE training failed: {e}")))?;
     Ok(tokenizer)
 }
 
 fn characters<'a>(docs: impl Iterator<Item = &'a Document>) -> HashSet<char> {
-    docs.flat_map(Document::texts).flat_map(str::chars).collect()
+    docs.flat_map(Document::texts)
+        .flat_map(str::chars)
+        .collect()
 }
 
 /// Fails with the first line that does not decode back to itself.
-fn check_round_trip(tokenizer: &Bpe, lines: &[&str], pre_tokenizer: PreTokenizer) -> Result<(), StageError> {
+fn check_round_trip(
+    tokenizer: &Bpe,
+    lines: &[&str],
+    pre_tokenizer: PreTokenizer,
+) -> Result<(), StageError> {
     let failures: Vec<(usize, String)> = lines
         .par_iter()
         .enumerate()
         .filter_map(|(i, line)| {
-            let decoded = tokenizer.encode(*line, false).and_then(|e| tokenizer.decode(e.get_ids(), false)).unwrap_or_else(|e| format!("<error: {e}>"));
+            let decoded = tokenizer
+                .encode(*line, false)
+                .and_then(|e| tokenizer.decode(e.get_ids(), false))
+                .unwrap_or_else(|e| format!("<error: {e}>"));
             (decoded != *line).then_some((i, decoded))
         })
         .collect();

@@ -44,7 +44,13 @@ pub struct VerifyStage {
 impl VerifyStage {
     pub fn new(dtype: Dtype, verify: Verify) -> Self {
         let tolerance = verify::tolerance(dtype, verify.tolerance.get(&dtype));
-        VerifyStage { dtype, verify, name: dtype.verify_stage(), file: dtype.file_name(), tolerance }
+        VerifyStage {
+            dtype,
+            verify,
+            name: dtype.verify_stage(),
+            file: dtype.file_name(),
+            tolerance,
+        }
     }
 
     /// The stage that wrote the file, and the file.
@@ -55,14 +61,31 @@ impl VerifyStage {
 
 impl ReferenceStage {
     /// The prompts and perplexity windows, as token ids.
-    fn workload(&self, ctx: &StageContext<'_>, tokenizer: &tokenizers::Tokenizer, context: usize, eos: Option<u32>) -> Result<Workload, StageError> {
+    fn workload(
+        &self,
+        ctx: &StageContext<'_>,
+        tokenizer: &tokenizers::Tokenizer,
+        context: usize,
+        eos: Option<u32>,
+    ) -> Result<Workload, StageError> {
         let texts: Vec<String> = if self.corpus {
-            read_documents(ctx.input("corpus", "eval.jsonl")?)?.iter().filter_map(|d| d.texts().first().map(|t| t.to_string())).collect()
+            read_documents(ctx.input("corpus", "eval.jsonl")?)?
+                .iter()
+                .filter_map(|d| d.texts().first().map(|t| t.to_string()))
+                .collect()
         } else {
-            super::vocab::ENGLISH_SAMPLE.lines().map(str::to_string).collect()
+            super::vocab::ENGLISH_SAMPLE
+                .lines()
+                .map(str::to_string)
+                .collect()
         };
-        let encode =
-            |text: &str| -> Result<Vec<u32>, StageError> { Ok(tokenizer.encode(text, true).map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?.get_ids().to_vec()) };
+        let encode = |text: &str| -> Result<Vec<u32>, StageError> {
+            Ok(tokenizer
+                .encode(text, true)
+                .map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?
+                .get_ids()
+                .to_vec())
+        };
         let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
         let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
         let candidates: Vec<String> = match &self.verify.prompts {
@@ -71,21 +94,28 @@ impl ReferenceStage {
                 let usable: Vec<&String> = texts.iter().filter(|t| !t.trim().is_empty()).collect();
                 let n = (*n as usize).min(usable.len());
                 // Spread through the split rather than its first lines.
-                (0..n).map(|i| usable[i * usable.len() / n].clone()).collect()
+                (0..n)
+                    .map(|i| usable[i * usable.len() / n].clone())
+                    .collect()
             }
         };
         let mut prompts = Vec::new();
         for text in candidates {
             let mut ids = encode(&text)?;
             if ids.is_empty() {
-                return Err(StageError::bad_input(format!("the verify prompt {text:?} encodes to no tokens")));
+                return Err(StageError::bad_input(format!(
+                    "the verify prompt {text:?} encodes to no tokens"
+                )));
             }
             ids.truncate(longest);
             let shown = tokenizer.decode(&ids, false).unwrap_or(text);
             prompts.push((shown, ids));
         }
         if prompts.is_empty() {
-            return Err(StageError::bad_input("no verify prompts: the eval split is empty; list prompts in `verify.prompts`".to_string()));
+            return Err(StageError::bad_input(
+                "no verify prompts: the eval split is empty; list prompts in `verify.prompts`"
+                    .to_string(),
+            ));
         }
         // Shortest first (ties in their order): a batch is padded to its
         // longest prompt, so batches of like lengths pad least, in candle and
@@ -101,14 +131,25 @@ impl ReferenceStage {
             stream.extend(encode(text)?);
             stream.extend(eos);
         }
-        let windows = stream.chunks(window).filter(|w| w.len() >= 2).take(PERPLEXITY_TOKENS.div_ceil(window)).map(<[u32]>::to_vec).collect();
-        Ok(Workload { prompts, windows, max_new_tokens, eos })
+        let windows = stream
+            .chunks(window)
+            .filter(|w| w.len() >= 2)
+            .take(PERPLEXITY_TOKENS.div_ceil(window))
+            .map(<[u32]>::to_vec)
+            .collect();
+        Ok(Workload {
+            prompts,
+            windows,
+            max_new_tokens,
+            eos,
+        })
     }
 }
 
 pub(super) fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), StageError> {
     if std::fs::hard_link(from, to).is_err() {
-        std::fs::copy(from, to).map_err(|e| StageError::failed(format!("cannot copy `{}`: {e}", from.display())))?;
+        std::fs::copy(from, to)
+            .map_err(|e| StageError::failed(format!("cannot copy `{}`: {e}", from.display())))?;
     }
     Ok(())
 }
@@ -128,8 +169,14 @@ impl Stage for ReferenceStage {
     }
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
-        s.insert("verify.prompts".into(), serde_json::to_value(&self.verify.prompts).expect("prompts serialise"));
-        s.insert("verify.max_new_tokens".into(), self.verify.max_new_tokens.into());
+        s.insert(
+            "verify.prompts".into(),
+            serde_json::to_value(&self.verify.prompts).expect("prompts serialise"),
+        );
+        s.insert(
+            "verify.max_new_tokens".into(),
+            self.verify.max_new_tokens.into(),
+        );
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -146,17 +193,35 @@ impl Stage for ReferenceStage {
         let stage = self.model_stage;
         let model = super::model::load_model(ctx, stage)?;
         let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
-        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
-        let eos = model::eos_token_from(ctx.input(stage, "generation_config.json").ok(), &model.config());
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)
+            .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let eos = model::eos_token_from(
+            ctx.input(stage, "generation_config.json").ok(),
+            &model.config(),
+        );
         let work = self.workload(ctx, &tokenizer, model.context(), eos)?;
         let (prompts, windows) = (work.prompts.len(), work.windows.len());
         let path = ctx.output(LOGITS);
-        let file = std::fs::File::create(&path).map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
+        let file = std::fs::File::create(&path)
+            .map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
         let mut logits = std::io::BufWriter::new(file);
-        let reference =
-            verify::reference(&model, work, &mut logits, |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows in candle")).map_err(|e| StageError::failed(e.to_string()))?;
-        logits.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
-        write_json(&ctx.output("reference.json"), &serde_json::to_value(&reference).expect("the reference serialises"))?;
+        let reference = verify::reference(&model, work, &mut logits, |done, total| {
+            ctx.progress(
+                done as u64,
+                total as u64,
+                "prompts and eval windows in candle",
+            )
+        })
+        .map_err(|e| StageError::failed(e.to_string()))?;
+        logits
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        write_json(
+            &ctx.output("reference.json"),
+            &serde_json::to_value(&reference).expect("the reference serialises"),
+        )?;
         Ok(serde_json::json!({ "prompts": prompts, "windows": windows }))
     }
 }
@@ -182,7 +247,10 @@ impl Stage for VerifyStage {
     fn settings(&self) -> Settings {
         let mut s = Settings::new();
         s.insert("dtype".into(), self.dtype.name().into());
-        s.insert(format!("verify.tolerance.{}", self.dtype), serde_json::to_value(&self.tolerance).expect("tolerance serialises"));
+        s.insert(
+            format!("verify.tolerance.{}", self.dtype),
+            serde_json::to_value(&self.tolerance).expect("tolerance serialises"),
+        );
         s
     }
     fn dependencies(&self) -> Vec<String> {
@@ -192,12 +260,20 @@ impl Stage for VerifyStage {
         BTreeMap::from([("onnxruntime".to_string(), runtime::identity())])
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        vec![("report.json".to_string(), format!("reports/verify.{}.json", self.dtype))]
+        vec![(
+            "report.json".to_string(),
+            format!("reports/verify.{}.json", self.dtype),
+        )]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let reference: verify::Reference = model::read_json(ctx.input("reference", "reference.json")?).map_err(super::model::model_error)?;
+        let reference: verify::Reference =
+            model::read_json(ctx.input("reference", "reference.json")?)
+                .map_err(super::model::model_error)?;
         let logits_path = ctx.input("reference", LOGITS)?;
-        let mut logits = std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| StageError::failed(format!("cannot open `{}`: {e}", logits_path.display())))?);
+        let mut logits =
+            std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| {
+                StageError::failed(format!("cannot open `{}`: {e}", logits_path.display()))
+            })?);
         let (source, artifact) = self.source();
         let path = ctx.input(&source, artifact)?;
         // With external data, ONNX Runtime reads the chunks by name beside the
@@ -209,7 +285,9 @@ impl Stage for VerifyStage {
             path.to_path_buf()
         } else {
             let _ = std::fs::remove_dir_all(&staging);
-            std::fs::create_dir_all(&staging).map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", staging.display())))?;
+            std::fs::create_dir_all(&staging).map_err(|e| {
+                StageError::failed(format!("cannot create `{}`: {e}", staging.display()))
+            })?;
             for (name, blob) in std::iter::once((artifact.to_string(), path)).chain(data) {
                 link_or_copy(blob, &staging.join(name))?;
             }
@@ -220,12 +298,18 @@ impl Stage for VerifyStage {
         // engine runs up to `jobs` at once, and its pool has `jobs` threads.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = verify::session::Threads::shared(cores, rayon::current_num_threads());
-        let runtime_error = |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
+        let runtime_error =
+            |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
         tracing::debug!("loaded the ONNX file in ONNX Runtime");
-        let report = verify::verify(&mut onnx, &reference, &mut logits, &self.tolerance, verify::Stepping::for_dtype(self.dtype), |done, total| {
-            ctx.progress(done as u64, total as u64, "prompts and eval windows")
-        })
+        let report = verify::verify(
+            &mut onnx,
+            &reference,
+            &mut logits,
+            &self.tolerance,
+            verify::Stepping::for_dtype(self.dtype),
+            |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"),
+        )
         .map_err(|e| StageError::failed(format!("{}: {e}", self.file)))?;
         let mut json = serde_json::to_value(&report).expect("report serialises");
         json["dtype"] = self.dtype.name().into();
@@ -238,10 +322,23 @@ impl Stage for VerifyStage {
             let lines: Vec<String> = failures
                 .iter()
                 .map(|c| {
-                    let (relation, by) = if c.kind == "max" { ("above its maximum", c.value - c.bound) } else { ("below its minimum", c.bound - c.value) };
-                    let set = overridden.and_then(|o| serde_json::to_value(o).ok()).is_some_and(|o| !o[c.metric].is_null());
-                    let origin = if set { format!("set in `[verify.tolerance.{}]`", self.dtype) } else { "symb's default".to_string() };
-                    format!("  {}: {} = {:.6} is {relation} {} ({origin}) by {:.6}", self.dtype, c.metric, c.value, c.bound, by)
+                    let (relation, by) = if c.kind == "max" {
+                        ("above its maximum", c.value - c.bound)
+                    } else {
+                        ("below its minimum", c.bound - c.value)
+                    };
+                    let set = overridden
+                        .and_then(|o| serde_json::to_value(o).ok())
+                        .is_some_and(|o| !o[c.metric].is_null());
+                    let origin = if set {
+                        format!("set in `[verify.tolerance.{}]`", self.dtype)
+                    } else {
+                        "symb's default".to_string()
+                    };
+                    format!(
+                        "  {}: {} = {:.6} is {relation} {} ({origin}) by {:.6}",
+                        self.dtype, c.metric, c.value, c.bound, by
+                    )
                 })
                 .collect();
             return Err(StageError {

