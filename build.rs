@@ -4,6 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
     commit();
+    locked_versions()?;
     let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
     // Tensor bytes as `bytes::Bytes`: a model decoded from a mapped file
     // points into it instead of copying every weight.
@@ -41,4 +42,29 @@ fn commit() {
             }
         }
     }
+}
+
+/// `SYMB_LOCKED_<NAME>`: the version Cargo.lock pins for each library whose
+/// version enters stage keys, so that a key names the library that built
+/// the artifact and cannot drift from it.
+fn locked_versions() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    let lock = std::fs::read_to_string("Cargo.lock")
+        .map_err(|e| format!("symb's build reads Cargo.lock for the versions in its keys: {e}"))?;
+    for (package, var) in [("candle-core", "CANDLE"), ("tokenizers", "TOKENIZERS")] {
+        let name = format!("name = \"{package}\"\n");
+        let mut versions = lock.split("[[package]]\n").filter_map(|entry| {
+            let rest = entry.strip_prefix(&name)?;
+            let line = rest.lines().find(|l| l.starts_with("version = "))?;
+            Some(line["version = ".len()..].trim_matches('"').to_string())
+        });
+        let version = versions
+            .next()
+            .ok_or(format!("Cargo.lock has no `{package}`"))?;
+        if let Some(other) = versions.next() {
+            return Err(format!("Cargo.lock has two `{package}`s ({version} and {other})").into());
+        }
+        println!("cargo:rustc-env=SYMB_LOCKED_{var}={version}");
+    }
+    Ok(())
 }

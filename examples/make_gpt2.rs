@@ -5,7 +5,7 @@
 //!     cargo run --release --example make_gpt2 -- OUT LAYERS WIDTH HEADS VOCAB TOKENIZER_JSON
 
 use symb::model::gpt2::{Config, Gpt2};
-use symb::model::train::Rng;
+use symb::model::rng::Rng;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();

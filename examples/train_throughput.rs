@@ -10,7 +10,9 @@
 
 use candle_core::{Device, Tensor};
 use symb::model::gpt2::{Config, Gpt2};
-use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
+use symb::model::lora::LoraSpec;
+use symb::model::rng::Rng;
+use symb::model::train::{AdamW, AdamWParams, attach_lora};
 use symb::model::{Llama, Model, llama};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

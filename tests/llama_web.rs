@@ -130,7 +130,7 @@ fn llama_family_folders_build_every_dtype_verified_and_run_in_transformers_js() 
         let mut lines = common::demo_lines();
         lines.truncate(2000);
         lines.extend(
-            symb::stages::vocab::ENGLISH_SAMPLE
+            symb::stages::shared::ENGLISH_SAMPLE
                 .lines()
                 .map(str::to_string),
         );

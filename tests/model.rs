@@ -215,7 +215,9 @@ fn one_lora_training_step_matches_pytorch() {
 /// initial tensors): the loss, every gradient and every tensor after AdamW
 /// within 1e-5 of PyTorch's. The training path: the fused head + loss op.
 fn check_training_step(dir: &Path, targets: &[&str]) {
-    use symb::model::train::{AdamW, AdamWParams, LoraSpec, Rng, attach_lora};
+    use symb::model::lora::LoraSpec;
+    use symb::model::rng::Rng;
+    use symb::model::train::{AdamW, AdamWParams, attach_lora};
     let name = dir.file_name().unwrap().to_string_lossy();
     let step = dir.join("train-step");
     let golden: serde_json::Value =

@@ -201,7 +201,7 @@ fn the_recorded_tokenizers_version_is_the_one_built() {
         .and_then(|v| v.split('"').next());
     assert_eq!(
         version,
-        Some(symb::stages::tokenizer::TOKENIZERS_VERSION),
+        Some(symb::stages::shared::TOKENIZERS_VERSION),
         "update TOKENIZERS_VERSION: it is part of every tokenizer key"
     );
 }

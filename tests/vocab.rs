@@ -156,7 +156,7 @@ fn add_tokens_keeps_other_text_and_lowers_fertility() {
     let new_ids: serde_json::Value = json(&project, "dist/reports/vocab.json");
     assert!(new_ids["tokenizer_size"].as_u64().unwrap() as usize == 4096 + new_tokens);
     let english = project.path("english.txt");
-    std::fs::write(&english, symb::stages::vocab::ENGLISH_SAMPLE).unwrap();
+    std::fs::write(&english, symb::stages::shared::ENGLISH_SAMPLE).unwrap();
     let checked = python_check(
         &fixture().join("tokenizer.json"),
         &project.path("dist/tokenizer.json"),
@@ -415,7 +415,7 @@ fn sentencepiece_base_add_tokens_keeps_other_text_and_grows_both_untied_matrices
     assert_eq!(f["english"]["of_those_encoded_differently"], 0, "{report}");
     // Python's tokenizers: English encodes as with the base, corpus lines round-trip.
     let english = project.path("english.txt");
-    std::fs::write(&english, symb::stages::vocab::ENGLISH_SAMPLE).unwrap();
+    std::fs::write(&english, symb::stages::shared::ENGLISH_SAMPLE).unwrap();
     let checked = python_check(
         &fixture.join("tokenizer.json"),
         &project.path("dist/tokenizer.json"),

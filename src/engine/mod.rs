@@ -23,13 +23,12 @@ mod executor;
 mod inputs;
 mod output;
 mod plan;
+mod upload;
+mod worker;
 
-pub use dispatch::{
-    Description, Dispatch, DispatchError, Executor, Job, fetch_description, run_described,
-};
+pub use dispatch::{Description, Dispatch, DispatchError, Executor, Job, fetch_description};
 pub use executor::{
-    BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, UploadError,
-    Uploaded, execute, status, upload, upload_all,
+    BuildOptions, BuildOutcome, Remote, StageOutcome, StageState, StageStatus, execute, status,
 };
 pub use inputs::{DirtyReason, StageInputs, explain, join};
 pub use output::{
@@ -38,6 +37,8 @@ pub use output::{
     inspect_output, mark_empty, output_drift, output_is_current, remove_owned, reusable_outputs,
 };
 pub use plan::{Plan, PlanError};
+pub use upload::{UploadError, Uploaded, upload, upload_all};
+pub use worker::run_described;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -740,7 +740,7 @@ mod tests {
     }
 
     fn random(shape: &[usize], seed: u64) -> Var {
-        let mut rng = crate::model::train::Rng::new(seed);
+        let mut rng = crate::model::rng::Rng::new(seed);
         Var::from_tensor(&rng.tensor(shape, |r| r.uniform() * 2.0 - 1.0).unwrap()).unwrap()
     }
 

@@ -285,7 +285,7 @@ impl Gpt2 {
     /// A new GPT-2 initialised as transformers does (`_init_weights`):
     /// weights and embeddings ~ N(0, 0.02), the two `c_proj` weights
     /// ~ N(0, 0.02 / √(2·n_layer)), biases 0, LayerNorm weights 1.
-    pub fn scratch(config: &Config, rng: &mut super::train::Rng) -> Result<Self> {
+    pub fn scratch(config: &Config, rng: &mut super::rng::Rng) -> Result<Self> {
         const STD: f64 = 0.02;
         let c = config.n_embd;
         let mut tensors = std::collections::HashMap::new();

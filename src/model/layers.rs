@@ -8,7 +8,7 @@
 
 use candle_core::{D, DType, Tensor};
 
-use super::lora::Lora;
+use super::lora::{Lora, TokenRows};
 use super::{ModelError, Result};
 
 /// How a checkpoint stores a linear layer's weight.
@@ -329,7 +329,7 @@ impl TokenMatrix {
         &mut self,
         new_size: usize,
         init: EmbeddingInit,
-        rng: &mut super::train::Rng,
+        rng: &mut super::rng::Rng,
     ) -> Result<()> {
         let (old_size, width) = self.weight.dims2()?;
         if new_size < old_size {
@@ -356,92 +356,6 @@ impl TokenMatrix {
     }
 }
 
-/// Rows of a token matrix replaced by `values`, as PEFT's
-/// `trainable_token_indices` does (`index_copy`; the values are rows, not
-/// deltas, whatever PEFT's tensor name says).
-#[derive(Debug, Clone)]
-pub struct TokenRows {
-    pub indices: Vec<u32>,
-    /// `[indices.len(), width]`
-    pub values: Tensor,
-    /// The matrix with those rows zeroed (a constant).
-    masked: Tensor,
-    index: Tensor,
-    /// Token id → its row in `values`.
-    slot: std::collections::HashMap<u32, u32>,
-}
-
-impl TokenRows {
-    pub fn new(matrix: &Tensor, indices: Vec<u32>, values: Tensor) -> Result<Self> {
-        let (vocab, width) = matrix.dims2()?;
-        if let Some(bad) = indices.iter().find(|&&i| i as usize >= vocab) {
-            return Err(ModelError::Config(format!(
-                "trainable token {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        if values.dims() != [indices.len(), width] {
-            return Err(ModelError::Config(format!(
-                "trainable token rows have shape {:?}, expected [{}, {width}]",
-                values.dims(),
-                indices.len()
-            )));
-        }
-        let mut keep = vec![1f32; vocab];
-        for &i in &indices {
-            keep[i as usize] = 0.0;
-        }
-        let keep = Tensor::from_vec(keep, (vocab, 1), matrix.device())?.to_dtype(matrix.dtype())?;
-        let masked = matrix.detach().broadcast_mul(&keep)?;
-        let index = Tensor::new(indices.as_slice(), matrix.device())?;
-        let slot = indices
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| (id, i as u32))
-            .collect();
-        Ok(TokenRows {
-            indices,
-            values,
-            masked,
-            index,
-            slot,
-        })
-    }
-
-    /// The matrix with the rows replaced.
-    pub fn apply(&self) -> Result<Tensor> {
-        Ok(self.masked.index_add(&self.index, &self.values, 0)?)
-    }
-
-    /// Rows for `ids` `[n]`: the frozen rows gathered, plus the trainable
-    /// rows where an id is one of them (a gather from `values` with a zero
-    /// row appended), so backward touches only `values`.
-    fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
-        let zero = self.indices.len() as u32;
-        let slots: Vec<u32> = ids
-            .to_vec1::<u32>()?
-            .iter()
-            .map(|id| self.slot.get(id).copied().unwrap_or(zero))
-            .collect();
-        let slots = Tensor::new(slots, ids.device())?;
-        let width = self.values.dim(1)?;
-        let extended = Tensor::cat(
-            &[
-                &self.values,
-                &Tensor::zeros((1, width), self.values.dtype(), self.values.device())?,
-            ],
-            0,
-        )?;
-        Ok((self.masked.embedding(ids)? + extended.embedding(&slots)?)?)
-    }
-
-    /// Logits over `hidden` `[n, width]`: the frozen rows' logits, with the
-    /// trainable rows' columns added in.
-    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let frozen = super::ops::frozen_matmul(hidden, &self.masked.t()?)?;
-        Ok(frozen.index_add(&self.index, &hidden.matmul(&self.values.t()?)?, 1)?)
-    }
-}
-
 /// How the rows a vocabulary adds to the embedding start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmbeddingInit {
@@ -463,7 +377,7 @@ pub struct Sampling {
 
 impl Sampling {
     /// Draws a token from `softmax(logits / temperature)` over the `top_k` largest.
-    pub fn pick(&self, logits: &[f32], rng: &mut super::train::Rng) -> u32 {
+    pub fn pick(&self, logits: &[f32], rng: &mut super::rng::Rng) -> u32 {
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         // Largest first; ties by id, so a seed gives one sequence.
         order.sort_by(|&a, &b| {

@@ -400,7 +400,7 @@ impl Llama {
 
     /// A new model initialised as transformers does (`_init_weights`):
     /// linear weights and the embedding ~ N(0, 0.02), biases 0, norms 1.
-    pub fn scratch(config: &Config, rng: &mut super::train::Rng) -> Result<Self> {
+    pub fn scratch(config: &Config, rng: &mut super::rng::Rng) -> Result<Self> {
         const STD: f64 = 0.02;
         let (c, d, i) = (
             config.hidden_size,

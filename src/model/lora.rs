@@ -13,9 +13,113 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::layers::TokenRows;
-use super::train::Rng;
+use super::rng::Rng;
 use super::{Family, Model, ModelError, Result, read_json};
+
+/// LoRA settings.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub targets: Vec<String>,
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// Rows of a token matrix replaced by `values`, as PEFT's
+/// `trainable_token_indices` does (`index_copy`; the values are rows, not
+/// deltas, whatever PEFT's tensor name says).
+#[derive(Debug, Clone)]
+pub struct TokenRows {
+    pub indices: Vec<u32>,
+    /// `[indices.len(), width]`
+    pub values: Tensor,
+    /// The matrix with those rows zeroed (a constant).
+    pub(super) masked: Tensor,
+    index: Tensor,
+    /// Token id → its row in `values`.
+    slot: std::collections::HashMap<u32, u32>,
+}
+
+impl TokenRows {
+    pub fn new(matrix: &Tensor, indices: Vec<u32>, values: Tensor) -> Result<Self> {
+        let (vocab, width) = matrix.dims2()?;
+        if let Some(bad) = indices.iter().find(|&&i| i as usize >= vocab) {
+            return Err(ModelError::Config(format!(
+                "trainable token {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if values.dims() != [indices.len(), width] {
+            return Err(ModelError::Config(format!(
+                "trainable token rows have shape {:?}, expected [{}, {width}]",
+                values.dims(),
+                indices.len()
+            )));
+        }
+        let mut keep = vec![1f32; vocab];
+        for &i in &indices {
+            keep[i as usize] = 0.0;
+        }
+        let keep = Tensor::from_vec(keep, (vocab, 1), matrix.device())?.to_dtype(matrix.dtype())?;
+        let masked = matrix.detach().broadcast_mul(&keep)?;
+        let index = Tensor::new(indices.as_slice(), matrix.device())?;
+        let slot = indices
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i as u32))
+            .collect();
+        Ok(TokenRows {
+            indices,
+            values,
+            masked,
+            index,
+            slot,
+        })
+    }
+
+    /// The matrix with the rows replaced.
+    pub fn apply(&self) -> Result<Tensor> {
+        Ok(self.masked.index_add(&self.index, &self.values, 0)?)
+    }
+
+    /// Rows for `ids` `[n]`: the frozen rows gathered, plus the trainable
+    /// rows where an id is one of them (a gather from `values` with a zero
+    /// row appended), so backward touches only `values`.
+    pub(super) fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        let zero = self.indices.len() as u32;
+        let slots: Vec<u32> = ids
+            .to_vec1::<u32>()?
+            .iter()
+            .map(|id| self.slot.get(id).copied().unwrap_or(zero))
+            .collect();
+        let slots = Tensor::new(slots, ids.device())?;
+        let width = self.values.dim(1)?;
+        let extended = Tensor::cat(
+            &[
+                &self.values,
+                &Tensor::zeros((1, width), self.values.dtype(), self.values.device())?,
+            ],
+            0,
+        )?;
+        Ok((self.masked.embedding(ids)? + extended.embedding(&slots)?)?)
+    }
+
+    /// Logits over `hidden` `[n, width]`: the frozen rows' logits, with the
+    /// trainable rows' columns added in.
+    pub(super) fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let frozen = super::ops::frozen_matmul(hidden, &self.masked.t()?)?;
+        Ok(frozen.index_add(&self.index, &hidden.matmul(&self.values.t()?)?, 1)?)
+    }
+}
 
 /// The linear layers a list of target names selects (layer names and
 /// groups, as [`Family::lora_targets`] lists them).
@@ -262,7 +366,7 @@ pub fn merge(model: &mut Model) -> Result<usize> {
 pub fn peft_config(
     family: Family,
     base: Option<&str>,
-    spec: &super::train::LoraSpec,
+    spec: &LoraSpec,
     dropout: f64,
     trainable_tokens: &[u32],
     token_modules: &[String],

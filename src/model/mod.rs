@@ -15,6 +15,7 @@ pub mod layers;
 pub mod llama;
 pub mod lora;
 pub mod ops;
+pub mod rng;
 pub mod train;
 pub mod trainer;
 
@@ -299,7 +300,7 @@ impl Model {
     }
 
     /// A new model of `config`'s family and shape, initialised as transformers does.
-    pub fn scratch(config: &ModelConfig, rng: &mut train::Rng) -> Result<Self> {
+    pub fn scratch(config: &ModelConfig, rng: &mut rng::Rng) -> Result<Self> {
         Ok(match config {
             ModelConfig::Gpt2(c) => Model::Gpt2(Gpt2::scratch(c, rng)?),
             ModelConfig::Llama(c) => Model::Llama(Llama::scratch(c, rng)?),
@@ -544,7 +545,7 @@ impl Model {
         let prompt_logits = last.clone();
         let mut generated = vec![Vec::new(); prompts.len()];
         let mut done = vec![max_new_tokens == 0; prompts.len()];
-        let mut rng = sampling.map(|s| train::Rng::new(s.seed));
+        let mut rng = sampling.map(|s| rng::Rng::new(s.seed));
         let mut length = longest;
         while !done.iter().all(|&d| d) && length < self.context() {
             let mut next = Vec::with_capacity(prompts.len());
@@ -590,7 +591,7 @@ impl Model {
         &mut self,
         new_size: usize,
         init: EmbeddingInit,
-        rng: &mut train::Rng,
+        rng: &mut rng::Rng,
     ) -> Result<()> {
         for (_, matrix) in self.token_matrices_mut() {
             matrix.grow(new_size, init, rng)?;

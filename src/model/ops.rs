@@ -1275,12 +1275,22 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(logits.contiguous()?.apply_op1(CrossEntropy { labels })?)
 }
 
+/// The same loss from primitive ops (the reference the fused op is tested against).
+pub fn cross_entropy_reference(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(candle_core::D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_sum)?;
+    let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::*;
-    use crate::model::train::{Rng, cross_entropy_reference};
+    use crate::model::rng::Rng;
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

@@ -1,102 +1,24 @@
-//! Training pieces: the loss, LoRA parameters as trainable variables, AdamW,
-//! and a seeded random source.
+//! Training pieces: the loss, LoRA parameters as trainable variables and
+//! AdamW.
 //!
 //! AdamW is written here rather than taken from candle-nn because resuming a
 //! run from a checkpoint needs the optimizer's moments and step count, which
 //! candle-nn keeps private. The update is PyTorch's: decoupled weight decay
 //! `θ ← θ(1 − lr·λ)`, then `θ ← θ − lr · m̂ / (√v̂ + ε)` with bias correction.
-//!
-//! The random source is SplitMix64, written out so that a seed gives the same
-//! numbers whatever the versions of the `rand` crates: seeded runs must give
-//! byte-identical adapters.
 
 use std::collections::BTreeMap;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
-use super::layers::TokenRows;
-use super::lora::{Lora, LoraTarget};
+use super::lora::TokenRows;
+use super::lora::{Lora, LoraSpec, LoraTarget};
+use super::rng::Rng;
 use super::{Model, ModelError, Result};
 
 /// Mean next-token cross-entropy: `logits` `[n, vocab]`, `labels` `[n]` (u32);
 /// the fused op of [`super::ops`].
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     super::ops::cross_entropy(logits, labels)
-}
-
-/// The same loss from primitive ops (the reference the fused op is tested against).
-pub fn cross_entropy_reference(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let log_probs = shifted.broadcast_sub(&log_sum)?;
-    let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?;
-    Ok(picked.mean_all()?.neg()?)
-}
-
-/// A deterministic random source (SplitMix64).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    /// The generator's state, to checkpoint it (`Rng::new(state)` resumes).
-    pub fn state(&self) -> u64 {
-        self.0
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// A tensor of `len` values drawn by `draw`, shaped `shape`.
-    pub fn tensor(
-        &mut self,
-        shape: &[usize],
-        mut draw: impl FnMut(&mut Self) -> f64,
-    ) -> Result<Tensor> {
-        let len = shape.iter().product();
-        let values: Vec<f32> = (0..len).map(|_| draw(self) as f32).collect();
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
-    }
-}
-
-/// LoRA settings.
-#[derive(Debug, Clone)]
-pub struct LoraSpec {
-    pub targets: Vec<String>,
-    pub rank: usize,
-    pub alpha: f64,
-    pub rslora: bool,
-}
-
-impl LoraSpec {
-    pub fn scale(&self) -> f64 {
-        if self.rslora {
-            self.alpha / (self.rank as f64).sqrt()
-        } else {
-            self.alpha / self.rank as f64
-        }
-    }
 }
 
 /// The trainable LoRA variables of a model, by PEFT module name.

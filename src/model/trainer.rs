@@ -16,7 +16,9 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::Model;
-use super::train::{AdamW, AdamWParams, LoraSpec, LoraVars, Rng, attach_lora};
+use super::lora::LoraSpec;
+use super::rng::Rng;
+use super::train::{AdamW, AdamWParams, LoraVars, attach_lora};
 use super::{ModelError, Result, read_json, save_safetensors};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

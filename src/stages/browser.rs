@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::export::data_inputs;
-use super::model::write_json;
-use super::verify::link_or_copy;
+use super::shared::{data_inputs, link_or_copy, write_json};
 use crate::dtype::Dtype;
 use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
 use crate::manifest::{Adapter, Browser, Device, RawTolerance, Verify};
@@ -67,11 +65,15 @@ impl BrowserStage {
     ) -> Result<Vec<String>, StageError> {
         let mut lines = Vec::new();
         if self.corpus {
-            let eval = super::corpus::read_documents(ctx.input("corpus", "eval.jsonl")?)?;
-            lines.extend(super::vocab::lines(&eval).into_iter().take(TOKENIZED_LINES));
+            let eval = super::shared::read_documents(ctx.input("corpus", "eval.jsonl")?)?;
+            lines.extend(
+                super::shared::document_lines(&eval)
+                    .into_iter()
+                    .take(TOKENIZED_LINES),
+            );
         }
         lines.extend(
-            super::vocab::ENGLISH_SAMPLE
+            super::shared::ENGLISH_SAMPLE
                 .lines()
                 .filter(|l| !l.trim().is_empty())
                 .map(str::to_string),
@@ -171,7 +173,7 @@ impl BrowserStage {
         }
         let mut config: serde_json::Value =
             crate::model::read_json(ctx.input(self.model_stage, "config.json")?)
-                .map_err(super::model::model_error)?;
+                .map_err(super::shared::model_error)?;
         config["transformers.js_config"] =
             serde_json::json!({ "use_external_data_format": external });
         write_json(&dir.join("config.json"), &config)?;
@@ -180,7 +182,7 @@ impl BrowserStage {
         let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
         write_json(
             &dir.join("tokenizer_config.json"),
-            &super::model::tokenizer_config(
+            &super::shared::tokenizer_config(
                 ctx.input(self.model_stage, "config.json")?,
                 tokenizer,
                 base,
@@ -328,7 +330,7 @@ impl Stage for BrowserStage {
         let chromium = self.chromium()?;
         let reference: verify::Reference =
             crate::model::read_json(ctx.input("reference", "reference.json")?)
-                .map_err(super::model::model_error)?;
+                .map_err(super::shared::model_error)?;
         let count = self.browser.prompts.min(reference.greedy.len());
         let prompts: Vec<serde_json::Value> = (0..count)
             .map(|i| {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::export::data_inputs;
+use super::shared::data_inputs;
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError};
 use crate::manifest::Device;
@@ -716,7 +716,7 @@ impl Stage for BundleStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value =
             crate::model::read_json(ctx.input(self.model_stage, "config.json")?)
-                .map_err(super::model::model_error)?;
+                .map_err(super::shared::model_error)?;
         let mut external = BTreeMap::new();
         for (stage, file) in self.files() {
             let chunks = data_inputs(ctx, &stage, file).len();
@@ -748,7 +748,7 @@ impl Stage for BundleStage {
         }
         let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
         let tokenizer_path = ctx.input(self.model_stage, "tokenizer.json")?;
-        let tokenizer_config = super::model::tokenizer_config(
+        let tokenizer_config = super::shared::tokenizer_config(
             ctx.input(self.model_stage, "config.json")?,
             tokenizer_path,
             base,
@@ -765,14 +765,14 @@ impl Stage for BundleStage {
                 config["pad_token_id"] = id.into();
             }
         }
-        super::model::write_json(&ctx.output("config.json"), &config)?;
-        super::model::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
+        super::shared::write_json(&ctx.output("config.json"), &config)?;
+        super::shared::write_json(&ctx.output("tokenizer_config.json"), &tokenizer_config)?;
         let page = ctx.output("index.html");
-        std::fs::write(&page, self.page(ctx)).map_err(|e| super::model::io(&page, e))?;
+        std::fs::write(&page, self.page(ctx)).map_err(|e| super::shared::io(&page, e))?;
         let report = ctx.output("report.html");
-        std::fs::write(&report, self.report(ctx)?).map_err(|e| super::model::io(&report, e))?;
+        std::fs::write(&report, self.report(ctx)?).map_err(|e| super::shared::io(&report, e))?;
         let card = ctx.output("README.md");
-        std::fs::write(&card, self.card(ctx)).map_err(|e| super::model::io(&card, e))?;
+        std::fs::write(&card, self.card(ctx)).map_err(|e| super::shared::io(&card, e))?;
         Ok(serde_json::json!({ "dtype": self.dtype, "external_data": external }))
     }
 }

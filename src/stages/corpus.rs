@@ -12,44 +12,12 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
+use super::shared::Document;
 use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
 use crate::manifest::{Corpus, CorpusFormat, TextFields};
 
 pub struct CorpusStage {
     pub corpus: Corpus,
-}
-
-/// One document of the corpus.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Document {
-    Text { text: String },
-    PromptCompletion { prompt: String, completion: String },
-}
-
-impl Document {
-    /// The document's texts, each a training sequence for the tokenizer.
-    pub fn texts(&self) -> Vec<&str> {
-        match self {
-            Document::Text { text } => vec![text],
-            Document::PromptCompletion { prompt, completion } => vec![prompt, completion],
-        }
-    }
-}
-
-/// Reads a `train.jsonl` / `eval.jsonl` artifact.
-pub fn read_documents(path: &Path) -> Result<Vec<Document>, StageError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
-    text.lines()
-        .map(|line| {
-            serde_json::from_str(line).map_err(|e| {
-                StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display()))
-            })
-        })
-        .collect()
 }
 
 impl Stage for CorpusStage {

@@ -1,10 +1,15 @@
 //! The stage kinds, and the one place that turns a manifest into a plan.
 
+pub mod base;
 pub mod browser;
 pub mod bundle;
 pub mod corpus;
 pub mod export;
-pub mod model;
+pub mod finetune;
+pub mod merge;
+pub mod quantize;
+pub mod reference;
+pub mod shared;
 pub mod tokenizer;
 pub mod verify;
 pub mod vocab;
@@ -133,8 +138,8 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             _ => {}
         }
         let files = match &base.model {
-            BaseModel::Path(dir) => model::folder_files(dir),
-            BaseModel::Gguf(file) => model::gguf_files(file),
+            BaseModel::Path(dir) => base::folder_files(dir),
+            BaseModel::Gguf(file) => base::gguf_files(file),
             _ => Vec::new(),
         };
         let hub = match &base.model {
@@ -145,7 +150,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             )),
             _ => None,
         };
-        stages.push(Box::new(model::BaseStage {
+        stages.push(Box::new(base::BaseStage {
             base: base.clone(),
             files,
             hub,
@@ -179,12 +184,12 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             // Not the folder's path or name: keys hold no location.
             BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Scratch => None,
         });
-        stages.push(Box::new(model::FinetuneStage {
+        stages.push(Box::new(finetune::FinetuneStage {
             finetune: finetune.clone(),
             model_stage,
             base_name,
         }));
-        stages.push(Box::new(model::MergeStage {
+        stages.push(Box::new(merge::MergeStage {
             lora: finetune.method == FinetuneMethod::Lora,
             model_stage,
         }));
@@ -208,7 +213,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
                 accuracy_level: export.accuracy_level as i64,
                 head_bits: export.head_bits,
             };
-            stages.push(Box::new(export::QuantizeStage::new(
+            stages.push(Box::new(quantize::QuantizeStage::new(
                 dtype,
                 options,
                 export.external_data,
@@ -225,7 +230,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
                 "`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build"
             )));
         }
-        stages.push(Box::new(verify::ReferenceStage {
+        stages.push(Box::new(reference::ReferenceStage {
             verify: settings.clone(),
             model_stage,
             corpus: manifest.corpus.is_some(),
@@ -282,7 +287,7 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
 /// A stage rebuilt from the description a build sent (on a worker).
 pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>, String> {
     match kind {
-        "finetune" => Ok(Box::new(model::FinetuneStage::from_spec(spec)?)),
+        "finetune" => Ok(Box::new(finetune::FinetuneStage::from_spec(spec)?)),
         other => Err(format!(
             "a `{other}` stage cannot run on a worker; this symb runs {} there",
             crate::manifest::REMOTE_STAGES.join(", ")
@@ -328,7 +333,7 @@ fn resolve_hub(
                 Ok(resolved)
             }
             None => {
-                let mut error = model::model_error(error);
+                let mut error = shared::model_error(error);
                 error
                     .message
                     .push_str(" (set HF_ENDPOINT for a mirror, or check the network)");

@@ -40,12 +40,9 @@ use tokenizers::{
     TokenizerImpl,
 };
 
-use super::corpus::{Document, read_documents};
+use super::shared::{Document, TOKENIZERS_VERSION, read_documents};
 use crate::engine::{Settings, Stage, StageContext, StageError};
 use crate::manifest::{PreTokenizer, Tokenizer};
-
-/// The `tokenizers` crate version that shapes the artifact (part of the key).
-pub const TOKENIZERS_VERSION: &str = "0.23.2";
 
 pub struct TokenizerStage {
     pub tokenizer: Tokenizer,

@@ -32,15 +32,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
-use super::corpus::{Document, read_documents};
+use super::shared::{ENGLISH_SAMPLE, document_lines, read_documents};
 use crate::engine::{Settings, Stage, StageContext, StageError};
 use crate::manifest::{Vocab, VocabInit, VocabStrategy};
 use crate::model::EmbeddingInit;
-use crate::model::train::Rng;
+use crate::model::rng::Rng;
 use crate::model::{self, ModelError};
-
-/// English text for the fertility report: a language the base knows.
-pub const ENGLISH_SAMPLE: &str = include_str!("english.txt");
 
 /// The seed of the new rows' noise: fixed, so the artifact depends only on
 /// the settings and inputs.
@@ -531,19 +528,6 @@ fn first_lossy(
     Ok(None)
 }
 
-pub(super) fn lines(docs: &[Document]) -> Vec<String> {
-    docs.iter()
-        .flat_map(|d| match d {
-            Document::Text { text } => vec![text.clone()],
-            Document::PromptCompletion { prompt, completion } => {
-                vec![prompt.clone(), completion.clone()]
-            }
-        })
-        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| !l.trim().is_empty())
-        .collect()
-}
-
 impl Stage for VocabStage {
     fn name(&self) -> &str {
         "vocab"
@@ -581,7 +565,7 @@ impl Stage for VocabStage {
         ]
     }
     fn tools(&self) -> BTreeMap<String, String> {
-        super::model::tools()
+        super::shared::tools()
     }
     fn publishes(&self) -> Vec<(String, String)> {
         let mut files = vec![("report.json".to_string(), "reports/vocab.json".to_string())];
@@ -598,7 +582,7 @@ impl Stage for VocabStage {
         let mut left_out = 0;
         let (tokenizer, added) = match self.vocab.strategy {
             VocabStrategy::AddTokens => {
-                let train = lines(&read_documents(ctx.input("corpus", "train.jsonl")?)?);
+                let train = document_lines(&read_documents(ctx.input("corpus", "train.jsonl")?)?);
                 let (tokenizer, added, undecodable) = add_tokens(&base, &new, &train)
                     .map_err(|e| tokenizer_error("cannot add the tokens", e))?;
                 left_out = undecodable;
@@ -627,7 +611,7 @@ impl Stage for VocabStage {
             .map_err(|e| tokenizer_error("cannot write tokenizer.json", e))?;
 
         // Weights: the embedding grows to cover every id, padded.
-        let mut model = super::model::load_model(ctx, "base")?;
+        let mut model = super::shared::load_model(ctx, "base")?;
         let old_size = model.vocab_size();
         let needed = (tokenizer.get_vocab_size(true)).max(old_size);
         let multiple = self.vocab.pad_to_multiple_of as usize;
@@ -638,20 +622,20 @@ impl Stage for VocabStage {
         };
         model
             .resize_token_embeddings(new_size, init, &mut Rng::new(INIT_SEED))
-            .map_err(super::model::model_error)?;
-        let parameters = super::model::save_weights(&model, ctx)?["parameters"].clone();
+            .map_err(super::shared::model_error)?;
+        let parameters = super::shared::save_weights(&model, ctx)?["parameters"].clone();
         let mut config: Value = model::read_json(ctx.input("base", "config.json")?)
             .map_err(|e: ModelError| StageError::failed(e.to_string()))?;
         config["vocab_size"] = new_size.into();
-        super::model::write_json(&ctx.output("config.json"), &config)?;
+        super::shared::write_json(&ctx.output("config.json"), &config)?;
         for file in ["generation_config.json", "tokenizer_config.json"] {
             if let Ok(from) = ctx.input("base", file) {
-                super::model::copy(from, &ctx.output(file))?;
+                super::shared::copy(from, &ctx.output(file))?;
             }
         }
 
         // The report: fertility before and after, losslessness, English kept.
-        let eval = lines(&read_documents(ctx.input("corpus", "eval.jsonl")?)?);
+        let eval = document_lines(&read_documents(ctx.input("corpus", "eval.jsonl")?)?);
         let english: Vec<String> = ENGLISH_SAMPLE.lines().map(str::to_string).collect();
         let report_error = |e: String| tokenizer_error("cannot measure fertility", e);
         for texts in [&eval, &english] {
@@ -691,7 +675,7 @@ impl Stage for VocabStage {
             }
         }
         let new_ids: Vec<u32> = added.iter().map(|(id, _)| *id).collect();
-        super::model::write_json(
+        super::shared::write_json(
             &ctx.output("new_tokens.json"),
             &json!({ "ids": new_ids, "tokens": added.iter().map(|(_, t)| t).collect::<Vec<_>>() }),
         )?;
@@ -720,7 +704,7 @@ impl Stage for VocabStage {
                 },
             },
         });
-        super::model::write_json(&ctx.output("report.json"), &report)?;
+        super::shared::write_json(&ctx.output("report.json"), &report)?;
         let per_word = |v: &Value| v["tokens_per_word"].as_f64().unwrap_or(0.0);
         let f = &report["fertility"];
         Ok(json!({
@@ -733,19 +717,6 @@ impl Stage for VocabStage {
             "english_tokens_per_word_after": per_word(&f["english"]["extended"]),
         }))
     }
-}
-
-/// The new token ids a `vocab` stage wrote.
-pub fn read_new_tokens(path: &std::path::Path) -> Result<Vec<u32>, StageError> {
-    let json: HashMap<String, Value> =
-        model::read_json(path).map_err(|e| StageError::failed(e.to_string()))?;
-    Ok(json
-        .get("ids")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_u64().map(|i| i as u32))
-        .collect())
 }
 
 #[cfg(test)]

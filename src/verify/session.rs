@@ -8,7 +8,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use super::runtime::{RuntimeError, environment};
-use crate::model::train::Rng;
+use crate::model::rng::Rng;
 use crate::model::{LeftPadding, Sampling};
 
 /// The KV cache between calls: one `present.*` value per `past_key_values.*`

@@ -1,0 +1,372 @@
+//! Stage `base`: the base model as a Hugging Face folder's files
+//! (`config.json`, `model.safetensors`, `tokenizer.json`,
+//! `generation_config.json`, `tokenizer_config.json`): a local folder
+//! (validated by loading it), a Hub repository at a resolved commit, a GGUF
+//! file dequantized, or a model of the manifest's size initialised from a
+//! seed, whose tokenizer is the one the `tokenizer` stage trained.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::shared::{copy, model_error, save_weights, write_json};
+use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
+use crate::manifest::{Architecture, Base, BaseModel};
+use crate::model::rng::Rng;
+use crate::model::{self, ModelConfig};
+
+pub struct BaseStage {
+    pub base: Base,
+    /// For a local folder: its files.
+    pub files: Vec<ExternalFile>,
+    /// For a Hub model: its revision resolved to a commit (or why it could not be).
+    pub hub: Option<Result<model::hub::Resolved, StageError>>,
+    /// Where the output folder gets the base model.
+    pub publish: super::ModelPublish,
+}
+
+/// The files of a local model folder that a build reads, labelled
+/// `base.model/<name>` wherever the folder is: keys hold the files' content,
+/// never where they lie, so the same model in another folder or on another
+/// machine gives the same keys (and a shared cache's artifacts).
+pub fn folder_files(dir: &Path) -> Vec<ExternalFile> {
+    let mut names = vec![
+        "config.json".to_string(),
+        "tokenizer.json".to_string(),
+        "generation_config.json".to_string(),
+        "tokenizer_config.json".to_string(),
+    ];
+    if let Ok(weights) = model::weight_files(dir) {
+        names.extend(
+            weights
+                .iter()
+                .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string)),
+        );
+        if dir.join("model.safetensors.index.json").is_file() {
+            names.push("model.safetensors.index.json".to_string());
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| dir.join(&name))
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            ExternalFile {
+                label: format!("base.model/{name}"),
+                path,
+            }
+        })
+        .collect()
+}
+
+impl Stage for BaseStage {
+    fn name(&self) -> &str {
+        "base"
+    }
+    fn kind(&self) -> &'static str {
+        "base"
+    }
+    fn version(&self) -> u32 {
+        // 2: a matching safetensors file is copied as it is. 3: written
+        // safetensors carry `{"format": "pt"}`.
+        3
+    }
+    fn settings(&self) -> Settings {
+        let b = &self.base;
+        let mut s = Settings::new();
+        // A local folder is keyed by its files' content (`files()`), not its path.
+        let model = match &b.model {
+            BaseModel::Path(_) => serde_json::json!("path"),
+            BaseModel::Gguf(_) => serde_json::json!("gguf"),
+            other => serde_json::to_value(other).expect("serialises"),
+        };
+        s.insert("base.model".into(), model);
+        if let Some(hub) = &self.hub {
+            s.insert(
+                "base.commit".into(),
+                hub.as_ref().ok().map(|r| r.commit.clone()).into(),
+            );
+        }
+        if b.model == BaseModel::Scratch {
+            s.insert(
+                "base.architecture".into(),
+                serde_json::to_value(b.architecture).expect("serialises"),
+            );
+            for (key, value) in [
+                ("n_layer", b.n_layer),
+                ("n_head", b.n_head),
+                ("n_embd", b.n_embd),
+                ("n_positions", b.n_positions),
+                ("seed", b.seed),
+            ] {
+                s.insert(format!("base.{key}"), value.into());
+            }
+        }
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        if self.base.model == BaseModel::Scratch {
+            vec!["tokenizer".to_string()]
+        } else {
+            Vec::new()
+        }
+    }
+    fn files(&self) -> &[ExternalFile] {
+        &self.files
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        super::shared::tools()
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        self.publish.files(false)
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        match &self.base.model {
+            BaseModel::Scratch => self.scratch(ctx),
+            BaseModel::Path(dir) => {
+                let names: Vec<&str> = self
+                    .files
+                    .iter()
+                    .filter_map(|f| f.path.file_name().and_then(|n| n.to_str()))
+                    .collect();
+                copy_folder(dir, &names, ctx)
+            }
+            BaseModel::Gguf(file) => from_gguf(file, ctx),
+            BaseModel::Hub { repo, .. } => {
+                let resolved = match &self.hub {
+                    Some(Ok(resolved)) => resolved,
+                    Some(Err(error)) => return Err(error.clone()),
+                    None => return Err(StageError::failed("the Hub model was not resolved")),
+                };
+                // The download goes to the checkpoint folder: a killed build resumes it.
+                let folder =
+                    model::hub::download(repo, resolved, &ctx.checkpoint_dir().join("hub"))
+                        .map_err(model_error)?;
+                let names: Vec<&str> = resolved.files.iter().map(String::as_str).collect();
+                copy_folder(&folder, &names, ctx)
+            }
+        }
+    }
+}
+
+/// Validates a model folder by loading it, then writes its config and
+/// tokenizer files and its weights (one file, checkpoint names) as artifacts.
+fn copy_folder(
+    dir: &Path,
+    names: &[&str],
+    ctx: &StageContext<'_>,
+) -> Result<serde_json::Value, StageError> {
+    let model = model::load_folder(dir).map_err(model_error)?;
+    let tokenizer = dir.join("tokenizer.json");
+    if !tokenizer.is_file() {
+        return Err(StageError::bad_input(format!(
+            "the base model folder `{}` has no `tokenizer.json`",
+            dir.display()
+        )));
+    }
+    // Caught here, not at verify after export ran: the tokenizer loads.
+    if let Err(e) = tokenizers::Tokenizer::from_file(&tokenizer) {
+        return Err(StageError::bad_input(format!(
+            "`{}` is not a tokenizer the tokenizers library can load: {e}",
+            tokenizer.display()
+        )));
+    }
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+    ] {
+        if names.contains(&name) && dir.join(name).is_file() {
+            copy(&dir.join(name), &ctx.output(name))?;
+        }
+    }
+    // A single float32 file holding exactly the model's tensors under their
+    // checkpoint names is copied as it is (500 MB for GPT-2 small: a copy,
+    // not a re-serialisation); anything else is written anew.
+    let tensors = model.named_tensors();
+    let single = dir.join("model.safetensors");
+    if single.is_file() && safetensors_matches(&single, &tensors) {
+        copy(&single, &ctx.output("model.safetensors"))?;
+        let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
+        return Ok(
+            serde_json::json!({ "parameters": parameters, "vocab_size": model.vocab_size(), "weights": "copied" }),
+        );
+    }
+    save_weights(&model, ctx)
+}
+
+/// The files of a `gguf:` base: the file itself, keyed by its content
+/// under its name (not its folder).
+pub fn gguf_files(file: &Path) -> Vec<ExternalFile> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    vec![ExternalFile {
+        label: format!("base.model/{name}"),
+        path: file.to_path_buf(),
+    }]
+}
+
+/// A `gguf:` base: the file read into a Hugging Face folder (see
+/// [`model::gguf`]), then loaded as any folder is, to check it.
+fn from_gguf(file: &Path, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+    let converted = model::gguf::read(file).map_err(model_error)?;
+    let parameters: usize = converted.tensors.values().map(|t| t.elem_count()).sum();
+    model::check_memory(
+        parameters as u128 * 4 * 2,
+        &format!("the GGUF model's {parameters} parameters in float32"),
+        "use a smaller model",
+    )
+    .map_err(model_error)?;
+    for (name, value) in [
+        ("config.json", &converted.config),
+        ("generation_config.json", &converted.generation_config),
+        ("tokenizer.json", &converted.tokenizer),
+        ("tokenizer_config.json", &converted.tokenizer_config),
+    ] {
+        write_json(&ctx.output(name), value)?;
+    }
+    model::save_safetensors(&converted.tensors, &ctx.output("model.safetensors"))
+        .map_err(model_error)?;
+    drop(converted.tensors);
+    // What was written loads, as a model and as a tokenizer.
+    let folder = ctx
+        .output("config.json")
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let model = model::load_folder(&folder).map_err(model_error)?;
+    tokenizers::Tokenizer::from_file(ctx.output("tokenizer.json")).map_err(|e| {
+        StageError::failed(format!(
+            "the tokenizer read from `{}` does not load: {e}",
+            file.display()
+        ))
+    })?;
+    Ok(
+        serde_json::json!({ "parameters": parameters, "vocab_size": model.vocab_size(), "weights": "gguf", "storage": converted.storage }),
+    )
+}
+
+/// Whether the safetensors file at `path` holds exactly `tensors`: the same
+/// names, float32, the same shapes (read from its header only).
+fn safetensors_matches(path: &Path, tensors: &BTreeMap<String, candle_core::Tensor>) -> bool {
+    use std::io::Read;
+    let header = || -> Option<serde_json::Map<String, serde_json::Value>> {
+        let mut file = std::fs::File::open(path).ok()?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).ok()?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return None;
+        }
+        let mut json = vec![0u8; len as usize];
+        file.read_exact(&mut json).ok()?;
+        serde_json::from_slice(&json).ok()
+    };
+    let Some(mut header) = header() else {
+        return false;
+    };
+    header.remove("__metadata__");
+    header.len() == tensors.len()
+        && tensors.iter().all(|(name, t)| {
+            header.get(name).is_some_and(|h| {
+                h["dtype"] == "F32"
+                    && h["shape"].as_array().is_some_and(|s| {
+                        s.iter()
+                            .map(|d| d.as_u64().unwrap_or(u64::MAX) as usize)
+                            .eq(t.dims().iter().copied())
+                    })
+            })
+        })
+}
+
+impl BaseStage {
+    fn scratch(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let tokenizer_path = ctx.input("tokenizer", "tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)
+            .map_err(|e| StageError::failed(format!("cannot load the trained tokenizer: {e}")))?;
+        let eos = tokenizer
+            .token_to_id("<|endoftext|>")
+            .or_else(|| tokenizer.get_added_tokens_decoder().keys().min().copied());
+        let b = &self.base;
+        let config = scratch_config(b, tokenizer.get_vocab_size(true), eos);
+        // Its weights, and as much again while they are initialised and saved.
+        let parameters = config.parameters();
+        model::check_memory(
+            parameters * 4 * 2,
+            &format!("a new model of {parameters} parameters"),
+            "lower `base.n_embd`, `base.n_layer` or `base.n_positions`",
+        )
+        .map_err(model_error)?;
+        let model = model::Model::scratch(&config, &mut Rng::new(b.seed)).map_err(model_error)?;
+        let metrics = save_weights(&model, ctx)?;
+        let mut json = match &config {
+            ModelConfig::Gpt2(c) => serde_json::to_value(c),
+            ModelConfig::Llama(c) => serde_json::to_value(c),
+        }
+        .expect("config serialises");
+        json["architectures"] = serde_json::json!([model.family().architecture()]);
+        json["initializer_range"] = 0.02.into();
+        json["torch_dtype"] = "float32".into();
+        write_json(&ctx.output("config.json"), &json)?;
+        write_json(
+            &ctx.output("generation_config.json"),
+            &serde_json::json!({"bos_token_id": eos, "eos_token_id": eos}),
+        )?;
+        copy(tokenizer_path, &ctx.output("tokenizer.json"))?;
+        Ok(metrics)
+    }
+}
+
+/// The config of a from-scratch model of the manifest's architecture and size.
+fn scratch_config(b: &Base, vocab_size: usize, eos: Option<u32>) -> ModelConfig {
+    let (n_layer, n_head, n_embd, n_positions) = (
+        b.n_layer as usize,
+        b.n_head as usize,
+        b.n_embd as usize,
+        b.n_positions as usize,
+    );
+    match b.architecture {
+        Architecture::Gpt2 => ModelConfig::Gpt2(model::gpt2::Config {
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+            activation_function: "gelu_new".to_string(),
+            bos_token_id: eos,
+            eos_token_id: eos,
+            model_type: Some("gpt2".to_string()),
+            tie_word_embeddings: Some(true),
+        }),
+        // SmolLM2's choices: a tied head, an MLP about 8/3 as wide (to a multiple of 64).
+        Architecture::Llama => ModelConfig::Llama(model::llama::Config {
+            vocab_size,
+            hidden_size: n_embd,
+            intermediate_size: (8 * n_embd / 3).div_ceil(64) * 64,
+            num_hidden_layers: n_layer,
+            num_attention_heads: n_head,
+            num_key_value_heads: Some(n_head),
+            head_dim: Some(n_embd / n_head),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: n_positions,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            hidden_act: "silu".to_string(),
+            bos_token_id: eos,
+            eos_token_id: eos,
+            model_type: Some("llama".to_string()),
+            use_sliding_window: false,
+        }),
+    }
+}

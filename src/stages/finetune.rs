@@ -1,0 +1,570 @@
+//! Stage `finetune`: trains the model on the corpus (LoRA or all weights)
+//! and writes a PEFT adapter or the full weights, `metrics.json` and
+//! `loss.svg`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::shared::{Document, io, load_base, model_error, read_documents, write_json};
+use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::manifest::{Finetune, FinetuneMethod};
+use crate::model::lora::LoraSpec;
+use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
+use crate::model::{self, ModelConfig, lora};
+
+pub struct FinetuneStage {
+    pub finetune: Finetune,
+    /// The stage whose model it trains: `base`, or `vocab` when one grew it.
+    pub model_stage: &'static str,
+    /// What the adapter names as its base (`base_model_name_or_path`): the
+    /// Hub id. A local folder is named by its config's `_name_or_path` (what
+    /// transformers saved it from) when that is not a path of a machine.
+    pub base_name: Option<String>,
+}
+
+impl FinetuneStage {
+    /// The stage from its [`Stage::spec`], on a worker.
+    pub fn from_spec(spec: &serde_json::Value) -> Result<Self, String> {
+        let finetune = serde_json::from_value(spec["finetune"].clone())
+            .map_err(|e| format!("`finetune`: {e}"))?;
+        let model_stage = match spec["model_stage"].as_str() {
+            Some("base") => "base",
+            Some("vocab") => "vocab",
+            other => {
+                return Err(format!(
+                    "`model_stage` {other:?} is neither `base` nor `vocab`"
+                ));
+            }
+        };
+        let base_name = serde_json::from_value(spec["base_name"].clone())
+            .map_err(|e| format!("`base_name`: {e}"))?;
+        Ok(FinetuneStage {
+            finetune,
+            model_stage,
+            base_name,
+        })
+    }
+
+    fn train_config(&self, trainable_tokens: Vec<u32>) -> TrainConfig {
+        let f = &self.finetune;
+        let method = match f.method {
+            FinetuneMethod::Full | FinetuneMethod::None => Method::Full,
+            FinetuneMethod::Lora => Method::Lora {
+                spec: LoraSpec {
+                    targets: f.targets.clone(),
+                    rank: f.rank as usize,
+                    alpha: f.alpha,
+                    rslora: f.rslora,
+                },
+                dropout: f.dropout,
+            },
+        };
+        TrainConfig {
+            method,
+            learning_rate: f.learning_rate,
+            weight_decay: f.weight_decay,
+            schedule: match f.schedule {
+                crate::manifest::Schedule::Cosine => Schedule::Cosine,
+                crate::manifest::Schedule::Linear => Schedule::Linear,
+                crate::manifest::Schedule::Constant => Schedule::Constant,
+            },
+            warmup_steps: f.warmup_steps as usize,
+            batch_size: f.batch_size as usize,
+            block_size: f.block_size as usize,
+            epochs: f.epochs as usize,
+            max_steps: f.max_steps.map(|s| s as usize),
+            gradient_accumulation: f.gradient_accumulation as usize,
+            max_grad_norm: f.max_grad_norm,
+            eval_every: f.eval_every as usize,
+            early_stopping_patience: f.early_stopping_patience.map(|p| p as usize),
+            checkpoint_every: f.checkpoint_every as usize,
+            seed: f.seed,
+            trainable_tokens,
+        }
+    }
+}
+
+/// The LoRA targets for a model of `family`: the family's defaults when the
+/// manifest names none, and an error naming the setting when it names a
+/// layer the family does not have.
+fn check_targets(family: model::Family, targets: &mut Vec<String>) -> Result<(), StageError> {
+    if targets.is_empty() {
+        *targets = family
+            .default_lora_targets()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+    }
+    let known = family.lora_targets();
+    if let Some(bad) = targets.iter().find(|t| !known.contains(&t.as_str())) {
+        return Err(StageError::bad_input(format!(
+            "`finetune.targets`: `{bad}` is not a layer of a {family} model; {family} has {}",
+            known.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn tokenize(
+    tokenizer: &tokenizers::Tokenizer,
+    docs: &[Document],
+) -> Result<Vec<Vec<u32>>, StageError> {
+    let texts: Vec<String> = docs
+        .iter()
+        .map(|d| match d {
+            Document::Text { text } => text.clone(),
+            Document::PromptCompletion { prompt, completion } => format!("{prompt}\n{completion}"),
+        })
+        .collect();
+    // With the tokenizer's special tokens (a SentencePiece `<s>`), as
+    // transformers encodes text by default.
+    let encodings = tokenizer
+        .encode_batch(texts, true)
+        .map_err(|e| StageError::failed(format!("cannot tokenize the corpus: {e}")))?;
+    Ok(encodings
+        .into_iter()
+        .map(|e| e.get_ids().to_vec())
+        .collect())
+}
+
+impl FinetuneStage {
+    /// LoRA on a model whose vocabulary grew trains the new rows too.
+    fn trains_new_tokens(&self) -> bool {
+        self.model_stage == "vocab"
+            && self.finetune.method == FinetuneMethod::Lora
+            && self.finetune.train_new_tokens
+    }
+}
+
+impl Stage for FinetuneStage {
+    fn name(&self) -> &str {
+        "finetune"
+    }
+    fn kind(&self) -> &'static str {
+        "finetune"
+    }
+    fn version(&self) -> u32 {
+        // 3: the adapter names its base; safetensors carry `{"format": "pt"}`.
+        // 4: the loss plot has axes, ticks, a grid and a legend.
+        4
+    }
+    fn settings(&self) -> Settings {
+        let f = &self.finetune;
+        let mut s = Settings::new();
+        s.insert(
+            "finetune.method".into(),
+            serde_json::to_value(f.method).expect("serialises"),
+        );
+        if f.method == FinetuneMethod::Lora {
+            s.insert("base.model".into(), serde_json::json!(self.base_name));
+        }
+        if f.method == FinetuneMethod::Lora {
+            s.insert("finetune.rank".into(), f.rank.into());
+            s.insert("finetune.alpha".into(), f.alpha.into());
+            s.insert("finetune.dropout".into(), f.dropout.into());
+            s.insert("finetune.rslora".into(), f.rslora.into());
+            s.insert("finetune.targets".into(), serde_json::json!(f.targets));
+        }
+        for (key, value) in [
+            ("learning_rate", f.learning_rate),
+            ("weight_decay", f.weight_decay),
+            ("max_grad_norm", f.max_grad_norm),
+        ] {
+            s.insert(format!("finetune.{key}"), value.into());
+        }
+        s.insert(
+            "finetune.schedule".into(),
+            serde_json::to_value(f.schedule).expect("serialises"),
+        );
+        for (key, value) in [
+            ("warmup_steps", f.warmup_steps),
+            ("batch_size", f.batch_size),
+            ("block_size", f.block_size),
+            ("epochs", f.epochs),
+            ("gradient_accumulation", f.gradient_accumulation),
+            ("eval_every", f.eval_every),
+            ("checkpoint_every", f.checkpoint_every),
+            ("seed", f.seed),
+        ] {
+            s.insert(format!("finetune.{key}"), value.into());
+        }
+        s.insert("finetune.max_steps".into(), serde_json::json!(f.max_steps));
+        s.insert(
+            "finetune.early_stopping_patience".into(),
+            serde_json::json!(f.early_stopping_patience),
+        );
+        if self.trains_new_tokens() {
+            s.insert("finetune.train_new_tokens".into(), true.into());
+        }
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        vec!["corpus".to_string(), self.model_stage.to_string()]
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        Some(
+            serde_json::json!({"finetune": self.finetune, "model_stage": self.model_stage, "base_name": self.base_name}),
+        )
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        let mut files = vec![
+            (
+                "metrics.json".to_string(),
+                "training/metrics.json".to_string(),
+            ),
+            ("loss.svg".to_string(), "training/loss.svg".to_string()),
+        ];
+        if self.finetune.method == FinetuneMethod::Lora {
+            for file in ["adapter_config.json", "adapter_model.safetensors"] {
+                files.push((file.to_string(), format!("adapter/{file}")));
+            }
+        }
+        files
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        super::shared::tools()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        self.check_memory(ctx)?;
+        let (model, tokenizer) = load_base(ctx, self.model_stage)?;
+        let trainable_tokens = if self.trains_new_tokens() {
+            super::shared::read_new_tokens(ctx.input("vocab", "new_tokens.json")?)?
+        } else {
+            Vec::new()
+        };
+        let config = self.train_config(trainable_tokens);
+        if config.block_size > model.context() {
+            return Err(StageError::bad_input(format!(
+                "`finetune.block_size` = {} is longer than the base model's context ({} positions)",
+                config.block_size,
+                model.context()
+            )));
+        }
+        let mut config = config;
+        if let Method::Lora { spec, .. } = &mut config.method {
+            check_targets(model.family(), &mut spec.targets)?;
+            if spec.rank > model.width() {
+                return Err(StageError::bad_input(format!(
+                    "`finetune.rank` = {} is larger than the base model's width ({})",
+                    spec.rank,
+                    model.width()
+                )));
+            }
+        }
+        let base_name = self.base_name.clone().or_else(|| {
+            let config: serde_json::Value =
+                model::read_json(ctx.input(self.model_stage, "config.json").ok()?).ok()?;
+            config["_name_or_path"]
+                .as_str()
+                .filter(|n| !n.is_empty() && !Path::new(n).is_absolute() && !n.starts_with('.'))
+                .map(str::to_string)
+        });
+        let separator = model.config().eos_token_id();
+        let train_docs = read_documents(ctx.input("corpus", "train.jsonl")?)?;
+        let eval_docs = read_documents(ctx.input("corpus", "eval.jsonl")?)?;
+        let train_blocks = pack(
+            &tokenize(&tokenizer, &train_docs)?,
+            separator,
+            config.block_size,
+        );
+        let eval_blocks = pack(
+            &tokenize(&tokenizer, &eval_docs)?,
+            separator,
+            config.block_size,
+        );
+        let started = std::time::Instant::now();
+        let noted = std::cell::Cell::new(false);
+        let trained = train(
+            model,
+            &config,
+            &train_blocks,
+            &eval_blocks,
+            Some(ctx.checkpoint_dir()),
+            |p: &Progress<'_>| {
+                if p.resumed_from > 0 && !noted.replace(true) {
+                    ctx.note(&format!(
+                        "resumed from step {} of {} (a checkpoint of an interrupted build)",
+                        p.resumed_from, p.total_steps
+                    ));
+                }
+                let fields = [
+                    ("loss", p.loss),
+                    ("tokens_per_second", p.tokens_per_second),
+                    ("eta_s", p.eta_seconds),
+                ];
+                ctx.progress_with(
+                    p.step as u64,
+                    p.total_steps as u64,
+                    &format!(
+                        "loss {:.3}, {:.0} tokens/s, ETA {:.0}s",
+                        p.loss, p.tokens_per_second, p.eta_seconds
+                    ),
+                    &fields,
+                );
+            },
+        )
+        .map_err(model_error)?;
+        let seconds = started.elapsed().as_secs_f64();
+        match (&config.method, &trained.lora) {
+            (Method::Lora { spec, dropout }, Some(lora)) => {
+                write_json(
+                    &ctx.output("adapter_config.json"),
+                    &lora::peft_config(
+                        trained.model.family(),
+                        base_name.as_deref(),
+                        spec,
+                        *dropout,
+                        &config.trainable_tokens,
+                        &lora.token_modules(),
+                    ),
+                )?;
+                model::save_safetensors(
+                    &lora.peft_tensors(),
+                    &ctx.output("adapter_model.safetensors"),
+                )
+                .map_err(model_error)?;
+            }
+            _ => model::save_safetensors(
+                &trained.model.named_tensors(),
+                &ctx.output("model.safetensors"),
+            )
+            .map_err(model_error)?,
+        }
+        let m = &trained.metrics;
+        let first = m.eval_loss.first().map(|e| e.1);
+        let last = m.eval_loss.last().map(|e| e.1);
+        // The artifact holds only what the seed determines; timings and
+        // whether the run resumed go to the record's metrics.
+        let metrics = serde_json::json!({
+            "steps": m.steps,
+            "total_steps": m.total_steps,
+            "tokens": m.tokens,
+            "train_blocks": train_blocks.len(),
+            "eval_blocks": eval_blocks.len(),
+            "initial_eval_loss": first,
+            "final_eval_loss": last,
+            "initial_perplexity": first.map(f64::exp),
+            "final_perplexity": last.map(f64::exp),
+            "stopped_early": m.stopped_early,
+            "train_loss": m.train_loss,
+            "eval_loss": m.eval_loss,
+        });
+        write_json(&ctx.output("metrics.json"), &metrics)?;
+        std::fs::write(
+            ctx.output("loss.svg"),
+            loss_svg(&m.train_loss, &m.eval_loss),
+        )
+        .map_err(|e| io(&ctx.output("loss.svg"), e))?;
+        let mut summary = metrics;
+        let object = summary.as_object_mut().expect("an object");
+        object.retain(|k, _| k != "train_loss" && k != "eval_loss");
+        object.insert("resumed_from_step".into(), m.resumed_from.into());
+        object.insert("seconds_this_run".into(), seconds.into());
+        object.insert(
+            "tokens_per_second".into(),
+            (trained.tokens_this_run as f64 / seconds.max(1e-9)).into(),
+        );
+        Ok(summary)
+    }
+}
+
+/// Round tick positions covering `lo..=hi`: steps of 1, 2 or 5 times a
+/// power of ten, about `count` of them.
+fn ticks(lo: f64, hi: f64, count: usize) -> Vec<f64> {
+    let raw = (hi - lo) / count.max(1) as f64;
+    if !(raw > 0.0 && raw.is_finite()) {
+        return vec![lo];
+    }
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let multiple = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .find(|m| m * magnitude >= raw)
+        .unwrap_or(10.0);
+    let step = multiple * magnitude;
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    // i·multiple·10^e, divided rather than multiplied for e < 0 so that the
+    // values are the round decimals (2.4, not 2.4000000000000004).
+    let value = |i: i64| {
+        if magnitude < 1.0 {
+            i as f64 * multiple / (1.0 / magnitude).round()
+        } else {
+            i as f64 * multiple * magnitude
+        }
+    };
+    (first..=last).map(value).collect()
+}
+
+/// The loss curves as a small standalone SVG: training loss per step (a
+/// line) and eval loss (dots), on axes with ticks, a grid and labels.
+pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
+    use std::fmt::Write;
+    let (width, height) = (640.0, 360.0);
+    let (left, right, top, bottom) = (56.0, 16.0, 36.0, 44.0);
+    let max_step = train
+        .iter()
+        .chain(eval)
+        .map(|p| p.0)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let values = train
+        .iter()
+        .chain(eval)
+        .map(|p| p.1)
+        .filter(|v| v.is_finite());
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if lo < hi {
+        (lo, hi)
+    } else if lo <= hi {
+        (lo - 1.0, lo + 1.0)
+    } else {
+        (0.0, 1.0)
+    };
+    let margin = (hi - lo) * 0.05;
+    let (lo, hi) = (lo - margin, hi + margin);
+    let x = |step: f64| left + step / max_step * (width - left - right);
+    let y = |v: f64| height - bottom - (v - lo) / (hi - lo) * (height - top - bottom);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/>"
+    );
+    // Grid and ticks.
+    let digits = if hi - lo < 0.5 { 3 } else { 2 };
+    for v in ticks(lo, hi, 5) {
+        let _ = write!(
+            svg,
+            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.digits$}</text>",
+            width - right,
+            y(v),
+            y(v),
+            left - 6.0,
+            y(v) + 4.0
+        );
+    }
+    for s in ticks(0.0, max_step, 6)
+        .into_iter()
+        .filter(|s| s.fract() == 0.0)
+    {
+        let _ = write!(
+            svg,
+            "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s}</text>",
+            x(s),
+            x(s),
+            height - bottom,
+            x(s),
+            height - bottom + 16.0
+        );
+    }
+    // Axes and their labels.
+    let _ = write!(
+        svg,
+        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#333\"/><line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\
+<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">step</text><text transform=\"rotate(-90)\" x=\"{:.1}\" y=\"14\" text-anchor=\"middle\">loss (nats per token)</text>",
+        height - bottom,
+        width - right,
+        height - bottom,
+        height - bottom,
+        (left + width - right) / 2.0,
+        height - 8.0,
+        -(top + height - bottom) / 2.0,
+    );
+    // The curves.
+    let line: Vec<String> = train
+        .iter()
+        .filter(|p| p.1.is_finite())
+        .map(|&(s, v)| format!("{:.1},{:.1}", x(s as f64), y(v)))
+        .collect();
+    let _ = write!(
+        svg,
+        "<polyline fill=\"none\" stroke=\"#00798c\" stroke-width=\"1.5\" points=\"{}\"/>",
+        line.join(" ")
+    );
+    for &(s, v) in eval.iter().filter(|p| p.1.is_finite()) {
+        let _ = write!(
+            svg,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d1495b\"/>",
+            x(s as f64),
+            y(v)
+        );
+    }
+    // The legend.
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"18\" y2=\"18\" stroke=\"#00798c\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"22\">training loss</text><circle cx=\"{:.1}\" cy=\"18\" r=\"4\" fill=\"#d1495b\"/><text x=\"{:.1}\" y=\"22\">eval loss</text></svg>",
+        left + 20.0,
+        left + 26.0,
+        left + 130.0,
+        left + 140.0
+    );
+    svg
+}
+
+#[cfg(test)]
+mod svg_tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(
+            ticks(0.0, 100.0, 5),
+            vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+        );
+        assert_eq!(ticks(2.31, 3.07, 5), vec![2.4, 2.6, 2.8, 3.0]);
+        assert_eq!(ticks(0.0, 7.0, 6), vec![0.0, 2.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn the_loss_plot_has_axes_ticks_grid_labels_and_a_legend() {
+        let train: Vec<(usize, f64)> = (1..=40).map(|s| (s, 5.0 - s as f64 * 0.05)).collect();
+        let svg = loss_svg(&train, &[(0, 5.1), (20, 4.1), (40, 3.2)]);
+        assert!(svg.contains(">step</text>") && svg.contains(">loss (nats per token)</text>"));
+        assert!(svg.contains(">training loss</text>") && svg.contains(">eval loss</text>"));
+        assert!(
+            svg.contains(">40</text>") && svg.contains(">3.50</text>"),
+            "{svg}"
+        );
+        assert_eq!(
+            svg.matches("<circle").count(),
+            4,
+            "three eval points and the legend's"
+        );
+        assert!(svg.matches("stroke=\"#e5e5e5\"").count() >= 8, "grid lines");
+    }
+}
+
+impl FinetuneStage {
+    /// Refuses a training that cannot fit in memory before the model is
+    /// loaded: the weights, the optimizer's state (AdamW: a gradient and two
+    /// moments per trained parameter) and, at the least, each layer's
+    /// activations and the logits of one batch.
+    fn check_memory(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let config =
+            ModelConfig::read(ctx.input(self.model_stage, "config.json")?).map_err(model_error)?;
+        let f = &self.finetune;
+        let parameters = config.parameters();
+        let trained = if f.method == FinetuneMethod::Lora {
+            0
+        } else {
+            parameters
+        };
+        let tokens = f.batch_size as u128 * f.block_size as u128;
+        let activations = tokens
+            * (config.n_layer() as u128 * config.width() as u128 * 8
+                + config.vocab_size() as u128 * 3);
+        let needed = (parameters + 3 * trained + activations) * 4;
+        let fix = if f.method == FinetuneMethod::Lora {
+            "lower `finetune.batch_size` or `finetune.block_size` (or choose a smaller base)"
+        } else {
+            "lower `finetune.batch_size` or `finetune.block_size`, or train with `finetune.method = \"lora\"`"
+        };
+        model::check_memory(
+            needed,
+            &format!(
+                "training {parameters} parameters on batches of {} x {} tokens",
+                f.batch_size, f.block_size
+            ),
+            fix,
+        )
+        .map_err(model_error)
+    }
+}

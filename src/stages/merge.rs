@@ -1,0 +1,90 @@
+//! Stage `merge`: folds the adapter into the weights: a folder Python
+//! transformers loads.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::shared::{copy, load_base, model_error, tokenizer_config, write_json};
+use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::model::{self, lora};
+
+pub struct MergeStage {
+    pub lora: bool,
+    /// The stage whose model the adapter was trained on.
+    pub model_stage: &'static str,
+}
+
+impl Stage for MergeStage {
+    fn name(&self) -> &str {
+        "merge"
+    }
+    fn kind(&self) -> &'static str {
+        "merge"
+    }
+    fn version(&self) -> u32 {
+        // 2: the pad token declared in tokenizer_config.json; safetensors
+        // carry `{"format": "pt"}`. 3: `model_input_names` in
+        // tokenizer_config.json, and `add_bos_token` where the tokenizer adds one.
+        3
+    }
+    fn settings(&self) -> Settings {
+        Settings::new()
+    }
+    fn dependencies(&self) -> Vec<String> {
+        vec![self.model_stage.to_string(), "finetune".to_string()]
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        super::shared::tools()
+    }
+    fn publishes(&self) -> Vec<(String, String)> {
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), f.to_string()))
+        .collect()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let weights: PathBuf = if self.lora {
+            let (mut model, _) = load_base(ctx, self.model_stage)?;
+            lora::load_adapter_files(
+                &mut model,
+                ctx.input("finetune", "adapter_config.json")?,
+                ctx.input("finetune", "adapter_model.safetensors")?,
+            )
+            .map_err(model_error)?;
+            lora::merge(&mut model).map_err(model_error)?;
+            model::save_safetensors(&model.named_tensors(), &ctx.output("model.safetensors"))
+                .map_err(model_error)?;
+            ctx.output("model.safetensors")
+        } else {
+            let trained = ctx.input("finetune", "model.safetensors")?;
+            copy(trained, &ctx.output("model.safetensors"))?;
+            ctx.output("model.safetensors")
+        };
+        for file in ["config.json", "generation_config.json", "tokenizer.json"] {
+            match ctx.input(self.model_stage, file) {
+                Ok(from) => {
+                    copy(from, &ctx.output(file))?;
+                }
+                Err(_) if file == "generation_config.json" => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
+        write_json(
+            &ctx.output("tokenizer_config.json"),
+            &tokenizer_config(
+                &ctx.output("config.json"),
+                &ctx.output("tokenizer.json"),
+                base,
+            )?,
+        )?;
+        let size = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
+        Ok(serde_json::json!({ "model_bytes": size }))
+    }
+}

@@ -1,0 +1,186 @@
+//! Stage `reference`: the verification workload (prompts and perplexity
+//! windows, as token ids) and candle's answers to it: greedy tokens, the
+//! logits along them, the log-likelihood of each window.
+
+use std::collections::BTreeMap;
+
+use super::shared::{REFERENCE_LOGITS, read_documents, write_json};
+use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::manifest::{RawPrompts, Verify};
+use crate::model;
+use crate::verify::{self, Workload};
+
+/// Tokens of the eval split scored for perplexity (in windows).
+const PERPLEXITY_TOKENS: usize = 4096;
+/// Longest perplexity window.
+const WINDOW: usize = 128;
+/// Longest prompt, in tokens.
+const PROMPT_TOKENS: usize = 48;
+
+/// The workload and candle's side of it, shared by every `verify.<dtype>`.
+pub struct ReferenceStage {
+    pub verify: Verify,
+    /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
+    pub model_stage: &'static str,
+    /// Whether prompts come from the corpus's eval split (else an English sample).
+    pub corpus: bool,
+}
+
+impl ReferenceStage {
+    /// The prompts and perplexity windows, as token ids.
+    fn workload(
+        &self,
+        ctx: &StageContext<'_>,
+        tokenizer: &tokenizers::Tokenizer,
+        context: usize,
+        eos: Option<u32>,
+    ) -> Result<Workload, StageError> {
+        let texts: Vec<String> = if self.corpus {
+            read_documents(ctx.input("corpus", "eval.jsonl")?)?
+                .iter()
+                .filter_map(|d| d.texts().first().map(|t| t.to_string()))
+                .collect()
+        } else {
+            super::shared::ENGLISH_SAMPLE
+                .lines()
+                .map(str::to_string)
+                .collect()
+        };
+        let encode = |text: &str| -> Result<Vec<u32>, StageError> {
+            Ok(tokenizer
+                .encode(text, true)
+                .map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?
+                .get_ids()
+                .to_vec())
+        };
+        let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
+        let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
+        let candidates: Vec<String> = match &self.verify.prompts {
+            RawPrompts::List(list) => list.clone(),
+            RawPrompts::Count(n) => {
+                let usable: Vec<&String> = texts.iter().filter(|t| !t.trim().is_empty()).collect();
+                let n = (*n as usize).min(usable.len());
+                // Spread through the split rather than its first lines.
+                (0..n)
+                    .map(|i| usable[i * usable.len() / n].clone())
+                    .collect()
+            }
+        };
+        let mut prompts = Vec::new();
+        for text in candidates {
+            let mut ids = encode(&text)?;
+            if ids.is_empty() {
+                return Err(StageError::bad_input(format!(
+                    "the verify prompt {text:?} encodes to no tokens"
+                )));
+            }
+            ids.truncate(longest);
+            let shown = tokenizer.decode(&ids, false).unwrap_or(text);
+            prompts.push((shown, ids));
+        }
+        if prompts.is_empty() {
+            return Err(StageError::bad_input(
+                "no verify prompts: the eval split is empty; list prompts in `verify.prompts`"
+                    .to_string(),
+            ));
+        }
+        // Shortest first (ties in their order): a batch is padded to its
+        // longest prompt, so batches of like lengths pad least, in candle and
+        // in every `verify.<dtype>` (GPT-2 small's 15 English prompts of 26
+        // to 46 tokens: 610 prefill positions instead of 669).
+        prompts.sort_by_key(|(_, ids)| ids.len());
+        let window = WINDOW.min(context);
+        let mut stream = Vec::new();
+        for text in &texts {
+            if stream.len() >= PERPLEXITY_TOKENS + window {
+                break;
+            }
+            stream.extend(encode(text)?);
+            stream.extend(eos);
+        }
+        let windows = stream
+            .chunks(window)
+            .filter(|w| w.len() >= 2)
+            .take(PERPLEXITY_TOKENS.div_ceil(window))
+            .map(<[u32]>::to_vec)
+            .collect();
+        Ok(Workload {
+            prompts,
+            windows,
+            max_new_tokens,
+            eos,
+        })
+    }
+}
+
+impl Stage for ReferenceStage {
+    fn name(&self) -> &str {
+        "reference"
+    }
+    fn kind(&self) -> &'static str {
+        "reference"
+    }
+    fn version(&self) -> u32 {
+        // 2: candle's greedy tokens and its logits along them. 3: those
+        // logits from its decoding (prefill and cache steps), not a second pass.
+        // 4: the prompts shortest first.
+        4
+    }
+    fn settings(&self) -> Settings {
+        let mut s = Settings::new();
+        s.insert(
+            "verify.prompts".into(),
+            serde_json::to_value(&self.verify.prompts).expect("prompts serialise"),
+        );
+        s.insert(
+            "verify.max_new_tokens".into(),
+            self.verify.max_new_tokens.into(),
+        );
+        s
+    }
+    fn dependencies(&self) -> Vec<String> {
+        let mut deps = vec![self.model_stage.to_string()];
+        if self.corpus {
+            deps.push("corpus".to_string());
+        }
+        deps
+    }
+    fn tools(&self) -> BTreeMap<String, String> {
+        super::shared::tools()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let stage = self.model_stage;
+        let model = super::shared::load_model(ctx, stage)?;
+        let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)
+            .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let eos = model::eos_token_from(
+            ctx.input(stage, "generation_config.json").ok(),
+            &model.config(),
+        );
+        let work = self.workload(ctx, &tokenizer, model.context(), eos)?;
+        let (prompts, windows) = (work.prompts.len(), work.windows.len());
+        let path = ctx.output(REFERENCE_LOGITS);
+        let file = std::fs::File::create(&path)
+            .map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
+        let mut logits = std::io::BufWriter::new(file);
+        let reference = verify::reference(&model, work, &mut logits, |done, total| {
+            ctx.progress(
+                done as u64,
+                total as u64,
+                "prompts and eval windows in candle",
+            )
+        })
+        .map_err(|e| StageError::failed(e.to_string()))?;
+        logits
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        write_json(
+            &ctx.output("reference.json"),
+            &serde_json::to_value(&reference).expect("the reference serialises"),
+        )?;
+        Ok(serde_json::json!({ "prompts": prompts, "windows": windows }))
+    }
+}

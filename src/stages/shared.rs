@@ -1,0 +1,365 @@
+//! What the stages share and none owns: the errors of the layers below as
+//! stage errors, writing artifacts, reading the artifacts one stage hands
+//! another (the corpus's documents, a model folder and its tokenizer
+//! config, the vocab's new tokens, an ONNX file's external data chunks),
+//! the English sample, and the library versions that enter keys.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::engine::{StageContext, StageError};
+use crate::manifest::ExternalData;
+use crate::model::{self, ModelConfig, ModelError};
+use crate::onnx::external::{self, Policy, Written};
+
+/// The tokenizers version that shapes tokenizer artifacts (part of the
+/// keys), as Cargo.lock pins it.
+pub const TOKENIZERS_VERSION: &str = env!("SYMB_LOCKED_TOKENIZERS");
+
+/// The candle version that shapes the model artifacts (part of the keys),
+/// as Cargo.lock pins it.
+pub const CANDLE_VERSION: &str = env!("SYMB_LOCKED_CANDLE");
+
+/// A model error as a stage error: a bad file is the user's input (exit 2),
+/// a failed write or network the machine's (exit 1).
+pub fn model_error(e: ModelError) -> StageError {
+    match e {
+        ModelError::Candle(_) | ModelError::Write { .. } | ModelError::Network(_) => {
+            StageError::failed(e.to_string())
+        }
+        _ => StageError::bad_input(e.to_string()),
+    }
+}
+
+/// A failed write of `path`.
+pub fn io(path: &Path, e: std::io::Error) -> StageError {
+    StageError::failed(format!("cannot write `{}`: {e}", path.display()))
+}
+
+/// Copies `from` (an input: a model folder's file, or an upstream artifact)
+/// to `to` (an artifact), saying which side failed.
+pub fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
+    let mut source = std::fs::File::open(from)
+        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", from.display())))?;
+    let mut dest = std::fs::File::create(to).map_err(|e| io(to, e))?;
+    std::io::copy(&mut source, &mut dest).map_err(|e| {
+        StageError::failed(format!(
+            "cannot copy `{}` to `{}`: {e}",
+            from.display(),
+            to.display()
+        ))
+    })?;
+    Ok(())
+}
+
+/// Writes `value` as pretty JSON: an artifact.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), StageError> {
+    let mut text = serde_json::to_string_pretty(value).expect("json serialises");
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| io(path, e))
+}
+
+/// The library versions that shape a model stage's artifacts.
+pub fn tools() -> BTreeMap<String, String> {
+    [
+        ("candle".to_string(), CANDLE_VERSION.to_string()),
+        ("tokenizers".to_string(), TOKENIZERS_VERSION.to_string()),
+    ]
+    .into()
+}
+
+/// The fields of a base model's `tokenizer_config.json` carried into the
+/// output's: its chat template and the special tokens it names. (Its
+/// `added_tokens_decoder` is not: tokenizer.json holds the added tokens,
+/// new ones included.)
+const CARRIED: [&str; 5] = [
+    "chat_template",
+    "pad_token",
+    "unk_token",
+    "additional_special_tokens",
+    "padding_side",
+];
+
+/// The `tokenizer_config.json` for a model's config and tokenizer: what
+/// transformers and transformers.js need (special tokens as plain strings,
+/// no clean-up of spaces, the context length), with the base's chat
+/// template and the special tokens it names when `base` is its
+/// `tokenizer_config.json`.
+pub fn tokenizer_config(
+    config_path: &Path,
+    tokenizer_path: &Path,
+    base: Option<&Path>,
+) -> Result<serde_json::Value, StageError> {
+    let config = ModelConfig::read(config_path).map_err(model_error)?;
+    let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)
+        .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+    let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+    // The tokenizer model's own unknown token (SentencePiece-style `<unk>`), else the eos.
+    let json: serde_json::Value = model::read_json(tokenizer_path).map_err(model_error)?;
+    let unk = json["model"]["unk_token"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| token(config.eos_token_id()));
+    let mut out = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        // What the ONNX graph and the model take: without it, Python's
+        // AutoTokenizer returns `token_type_ids` too, and GPT-2 adds their
+        // embedding (`wte[0]`) to every position.
+        "model_input_names": ["input_ids", "attention_mask"],
+        "bos_token": token(config.bos_token_id()),
+        "eos_token": token(config.eos_token_id()),
+        "unk_token": unk,
+        "model_max_length": config.context(),
+        "clean_up_tokenization_spaces": false,
+    });
+    // transformers.js's text-generation pipeline adds the special tokens
+    // only when the config says the tokenizer adds a BOS (or an EOS), where
+    // Python's adds what tokenizer.json's post-processor adds: a model
+    // whose prompts start with its BOS (SmolLM2, Llama) got other prompts in
+    // the page and wrote other text.
+    let probe = |special: bool| {
+        tokenizer
+            .encode("a", special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| StageError::failed(format!("cannot run the tokenizer: {e}")))
+    };
+    let (plain, special) = (probe(false)?, probe(true)?);
+    if special.len() > plain.len() {
+        if special.first() == config.bos_token_id().as_ref() && plain.first() != special.first() {
+            out["add_bos_token"] = true.into();
+        }
+        if special.last() == config.eos_token_id().as_ref() && plain.last() != special.last() {
+            out["add_eos_token"] = true.into();
+        }
+    }
+    if let Some(base) = base {
+        let base: serde_json::Value = model::read_json(base).map_err(model_error)?;
+        // A token is written as a string, or as transformers' AddedToken object.
+        let plain = |v: &serde_json::Value| {
+            v.as_str()
+                .or_else(|| v["content"].as_str())
+                .map(str::to_string)
+        };
+        let known = |t: &String| tokenizer.token_to_id(t).is_some();
+        for key in CARRIED {
+            let value = match (key, &base[key]) {
+                (_, serde_json::Value::Null) => continue,
+                ("pad_token" | "unk_token", v) => {
+                    plain(v).filter(known).map(serde_json::Value::from)
+                }
+                ("additional_special_tokens", serde_json::Value::Array(list)) => Some(
+                    list.iter()
+                        .filter_map(plain)
+                        .filter(known)
+                        .collect::<Vec<_>>()
+                        .into(),
+                ),
+                (_, v) => Some(v.clone()),
+            };
+            if let Some(value) = value {
+                out[key] = value;
+            }
+        }
+    }
+    // A `<pad>` the tokenizer has (symb's recipes make one) is the pad
+    // token, unless the base named another.
+    if out["pad_token"].is_null()
+        && tokenizer
+            .get_added_vocabulary()
+            .get_vocab()
+            .contains_key("<pad>")
+    {
+        out["pad_token"] = "<pad>".into();
+    }
+    Ok(out)
+}
+
+/// Writes the weights (one file, checkpoint names); returns the stage metrics.
+pub fn save_weights(
+    model: &model::Model,
+    ctx: &StageContext<'_>,
+) -> Result<serde_json::Value, StageError> {
+    let tensors = model.named_tensors();
+    model::save_safetensors(&tensors, &ctx.output("model.safetensors")).map_err(model_error)?;
+    let parameters: usize = tensors.values().map(|t| t.elem_count()).sum();
+    Ok(serde_json::json!({ "parameters": parameters, "vocab_size": model.vocab_size() }))
+}
+
+/// The model a model stage (`base`, `vocab`, `merge`) wrote: its
+/// `config.json` and `model.safetensors` artifacts, loaded.
+pub fn load_model(ctx: &StageContext<'_>, stage: &str) -> Result<model::Model, StageError> {
+    model::load_files(
+        ctx.input(stage, "config.json")?,
+        &[ctx.input(stage, "model.safetensors")?.to_path_buf()],
+    )
+    .map_err(model_error)
+}
+
+/// Loads the model to train from the artifacts of `stage`.
+pub fn load_base(
+    ctx: &StageContext<'_>,
+    stage: &str,
+) -> Result<(model::Model, tokenizers::Tokenizer), StageError> {
+    let model = load_model(ctx, stage)?;
+    let tokenizer = tokenizers::Tokenizer::from_file(ctx.input(stage, "tokenizer.json")?)
+        .map_err(|e| StageError::failed(format!("cannot load the base tokenizer: {e}")))?;
+    Ok((model, tokenizer))
+}
+
+/// One document of the corpus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Document {
+    Text { text: String },
+    PromptCompletion { prompt: String, completion: String },
+}
+
+impl Document {
+    /// The document's texts, each a training sequence for the tokenizer.
+    pub fn texts(&self) -> Vec<&str> {
+        match self {
+            Document::Text { text } => vec![text],
+            Document::PromptCompletion { prompt, completion } => vec![prompt, completion],
+        }
+    }
+}
+
+/// Reads a `train.jsonl` / `eval.jsonl` artifact.
+pub fn read_documents(path: &Path) -> Result<Vec<Document>, StageError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
+    text.lines()
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| {
+                StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display()))
+            })
+        })
+        .collect()
+}
+
+/// transformers.js reads at most this many data chunks per file.
+pub const MAX_CHUNKS: usize = 100;
+
+/// Where an ONNX file's initializers go, from `export.external_data`.
+pub fn policy(external_data: ExternalData) -> Policy {
+    match external_data {
+        ExternalData::Auto => Policy::Auto,
+        ExternalData::Always => Policy::Always,
+    }
+}
+
+/// The artifacts of one ONNX file: the file, then every data chunk it may have.
+pub fn onnx_artifacts(file: &str) -> Vec<(String, String)> {
+    let mut files = vec![(file.to_string(), format!("onnx/{file}"))];
+    files.extend(
+        (0..MAX_CHUNKS)
+            .map(|i| external::data_file_name(file, i))
+            .map(|name| (name.clone(), format!("onnx/{name}"))),
+    );
+    files
+}
+
+/// The data chunks of `file` that stage `stage` wrote, as (name, path).
+pub fn data_inputs<'a>(
+    ctx: &'a StageContext<'_>,
+    stage: &str,
+    file: &str,
+) -> Vec<(String, &'a std::path::Path)> {
+    (0..MAX_CHUNKS)
+        .map_while(|i| {
+            let name = external::data_file_name(file, i);
+            ctx.input(stage, &name).ok().map(|path| (name, path))
+        })
+        .collect()
+}
+
+/// Writes an ONNX file (and its data chunks), refusing more chunks than
+/// transformers.js reads.
+pub fn write_onnx(
+    model: crate::onnx::proto::ModelProto,
+    path: &std::path::Path,
+    policy: Policy,
+) -> Result<Written, StageError> {
+    let written = external::write(model, path, policy)
+        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    if written.data_files.len() > MAX_CHUNKS {
+        return Err(StageError::failed(format!(
+            "`{}` needs {} external data files; transformers.js reads at most {MAX_CHUNKS}",
+            path.display(),
+            written.data_files.len()
+        )));
+    }
+    Ok(written)
+}
+
+/// Hard-links `from` to `to` where the file system allows, else copies it.
+pub fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), StageError> {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to)
+            .map_err(|e| StageError::failed(format!("cannot copy `{}`: {e}", from.display())))?;
+    }
+    Ok(())
+}
+
+/// The `reference` stage's artifact: candle's logits over the prompts and
+/// its greedy tokens (see [`crate::verify::reference`]).
+pub const REFERENCE_LOGITS: &str = "logits.f32";
+
+/// English text, a language every base knows: the vocab stage's fertility
+/// report, the reference's prompts without a corpus, the browser's tokenizer check.
+pub const ENGLISH_SAMPLE: &str = include_str!("english.txt");
+
+/// The new token ids a `vocab` stage wrote.
+pub fn read_new_tokens(path: &std::path::Path) -> Result<Vec<u32>, StageError> {
+    let json: HashMap<String, Value> =
+        model::read_json(path).map_err(|e| StageError::failed(e.to_string()))?;
+    Ok(json
+        .get("ids")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64().map(|i| i as u32))
+        .collect())
+}
+
+/// The non-blank lines of documents' texts.
+pub fn document_lines(docs: &[Document]) -> Vec<String> {
+    docs.iter()
+        .flat_map(|d| match d {
+            Document::Text { text } => vec![text.clone()],
+            Document::PromptCompletion { prompt, completion } => {
+                vec![prompt.clone(), completion.clone()]
+            }
+        })
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_writes_and_networks_exit_1_and_bad_files_2() {
+        let class = |e: ModelError| model_error(e).class;
+        assert_eq!(
+            class(ModelError::write(
+                Path::new("/x"),
+                std::io::Error::from_raw_os_error(28)
+            )),
+            crate::engine::FailureClass::Failed
+        );
+        assert_eq!(
+            class(ModelError::Network("connection refused".into())),
+            crate::engine::FailureClass::Failed
+        );
+        assert_eq!(
+            class(ModelError::io(Path::new("/x/config.json"), "invalid JSON")),
+            crate::engine::FailureClass::BadInput
+        );
+    }
+}
