@@ -42,19 +42,22 @@ pub enum ProjectError {
 }
 
 impl ProjectError {
-    /// The process exit code: 2 for a bad manifest or arguments, 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    /// Whose fault it is: the input's (a bad manifest, target or output
+    /// path) or the machine's.
+    pub fn class(&self) -> FailureClass {
         match self {
-            ProjectError::Manifest(_) | ProjectError::Plan(_) | ProjectError::NotATarget(_) => 2,
+            ProjectError::Manifest(_) | ProjectError::Plan(_) | ProjectError::NotATarget(_) => {
+                FailureClass::BadInput
+            }
             // The output path is the manifest's choice, unless it could not be read.
             ProjectError::Output { unreadable, .. } => {
                 if *unreadable {
-                    1
+                    FailureClass::Failed
                 } else {
-                    2
+                    FailureClass::BadInput
                 }
             }
-            ProjectError::Cache(_) | ProjectError::Lint { .. } => 1,
+            ProjectError::Cache(_) | ProjectError::Lint { .. } => FailureClass::Failed,
         }
     }
 }
@@ -80,18 +83,6 @@ pub struct BuildReport {
     /// new one.
     pub kept: Vec<String>,
     pub seconds: f64,
-}
-
-impl BuildReport {
-    /// 0 ok, 1 a stage failed, 2 bad input, 3 a verification missed.
-    pub fn exit_code(&self) -> i32 {
-        match self.outcome.failure() {
-            None => 0,
-            Some(FailureClass::Failed) => 1,
-            Some(FailureClass::BadInput) => 2,
-            Some(FailureClass::Verification) => 3,
-        }
-    }
 }
 
 impl Project {

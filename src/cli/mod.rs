@@ -1,6 +1,9 @@
 //! The command line: argument parsing, and the only place that prints.
 
+mod exit;
 mod render;
+
+pub use exit::Exit;
 
 use std::path::{Path, PathBuf};
 
@@ -213,7 +216,7 @@ pub enum CacheCommand {
 }
 
 /// Runs the command; returns the process exit code.
-pub fn run(cli: Cli) -> i32 {
+pub fn run(cli: Cli) -> Exit {
     render::set_color(cli.color);
     init_logging(cli.verbose);
     let mode = if cli.quiet {
@@ -237,7 +240,7 @@ pub fn run(cli: Cli) -> i32 {
             Ok(path) => path,
             Err(message) => {
                 eprintln!("{}", render::diagnostic(&message));
-                return 2;
+                return Exit::BadInput;
             }
         }
     } else {
@@ -249,7 +252,7 @@ pub fn run(cli: Cli) -> i32 {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "symb", &mut script);
             let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), &script);
-            0
+            Exit::Success
         }
         Command::Build {
             targets,
@@ -264,7 +267,13 @@ pub fn run(cli: Cli) -> i32 {
             if json { Mode::Json } else { mode },
         ),
         Command::Status { json, exit_code } => match status(&manifest, json) {
-            Ok(fresh) => i32::from(exit_code && !fresh),
+            Ok(fresh) => {
+                if exit_code && !fresh {
+                    Exit::Failed
+                } else {
+                    Exit::Success
+                }
+            }
             Err(e) => report::<()>(Err(e), json),
         },
         Command::Graph { dot, mermaid } => report(
@@ -347,7 +356,7 @@ pub fn run(cli: Cli) -> i32 {
                 eprintln!(
                     "error: `--temperature` must be 0 (greedy) or positive, not {temperature}"
                 );
-                return 2;
+                return Exit::BadInput;
             }
             let sampling = (temperature > 0.0).then_some(crate::model::Sampling {
                 temperature,
@@ -378,7 +387,7 @@ pub fn run(cli: Cli) -> i32 {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("{e}");
-                e.exit_code()
+                Exit::from(e.class())
             }
         },
         Command::Cache {
@@ -426,7 +435,7 @@ pub fn run(cli: Cli) -> i32 {
                     && cache.missing.is_empty()
                     && folder.changed.is_empty()
                     && folder.missing.is_empty();
-                if clean { 0 } else { 1 }
+                if clean { Exit::Success } else { Exit::Failed }
             }
             Err(e) => report::<()>(Err(e), false),
         },
@@ -466,17 +475,17 @@ fn find_manifest(given: Option<&Path>) -> Result<PathBuf, String> {
     ))
 }
 
-fn report<T>(result: Result<T, ProjectError>, json: bool) -> i32 {
+fn report<T>(result: Result<T, ProjectError>, json: bool) -> Exit {
     match result {
-        Ok(_) => 0,
+        Ok(_) => Exit::Success,
         Err(e) => {
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
                 out(
-                    serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}),
+                    serde_json::json!({"event": "error", "message": e.to_string(), "exit_code": Exit::from(e.class()).code()}),
                 );
             }
-            e.exit_code()
+            Exit::from(e.class())
         }
     }
 }
@@ -518,7 +527,7 @@ fn build(
     jobs: Option<usize>,
     force: Vec<String>,
     mode: Mode,
-) -> i32 {
+) -> Exit {
     let json = mode == Mode::Json;
     let project = match Project::open(manifest, targets) {
         Ok(p) => p,
@@ -526,10 +535,10 @@ fn build(
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
                 out(
-                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}),
+                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": Exit::from(e.class()).code()}),
                 );
             }
-            return e.exit_code();
+            return Exit::from(e.class());
         }
     };
     let mut forced = Vec::new();
@@ -544,7 +553,7 @@ fn build(
                         e.to_string().trim_start_matches("error: ")
                     ))
                 );
-                return 2;
+                return Exit::BadInput;
             }
         }
     }
@@ -575,10 +584,10 @@ fn build(
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
                 out(
-                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}),
+                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": Exit::from(e.class()).code()}),
                 );
             }
-            return e.exit_code();
+            return Exit::from(e.class());
         }
     };
     options.remote = remote;
@@ -608,29 +617,29 @@ fn build(
                 }
             }
         }
-        std::process::exit(128 + signal);
+        std::process::exit(Exit::Signal(signal).code());
     });
     match project.build(&options, reporter) {
         Ok(report) => {
             reporter.finish(&project, &report);
-            report.exit_code()
+            Exit::of(report.outcome.failure())
         }
         Err(e) => {
             reporter.clear();
             eprintln!("{}", render::diagnostic(&e.to_string()));
             if json {
                 out(
-                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": e.exit_code()}),
+                    serde_json::json!({"event": "build", "status": "failed", "error": e.to_string(), "exit_code": Exit::from(e.class()).code()}),
                 );
             }
-            e.exit_code()
+            Exit::from(e.class())
         }
     }
 }
 
 /// `symb worker`: runs one described stage, printing JSON lines for the
 /// build that waits on it (progress, then `done` or `error`).
-fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
+fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> Exit {
     use crate::ray::WorkerLine;
     /// Progress at most once a second (the build reads the whole log each
     /// time), and the last step; finite figures only (JSON has no NaN).
@@ -672,11 +681,7 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
         }
     }
     let fail = |error: crate::engine::StageError| {
-        let code = match error.class {
-            crate::engine::FailureClass::Failed => 1,
-            crate::engine::FailureClass::BadInput => 2,
-            crate::engine::FailureClass::Verification => 3,
-        };
+        let code = Exit::from(error.class);
         out(serde_json::to_string(&WorkerLine::Error {
             class: error.class,
             message: error.message,
@@ -722,7 +727,7 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> i32 {
                 seconds: started.elapsed().as_secs_f64(),
             })
             .expect("worker lines serialise"));
-            0
+            Exit::Success
         }
         Err(error) => fail(error),
     }
@@ -831,7 +836,7 @@ fn status(manifest: &Path, json: bool) -> Result<bool, ProjectError> {
 }
 
 /// `symb cache push`: every built stage of the plan, to the remote.
-fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
+fn push(manifest: &Path, json: bool) -> Result<Exit, ProjectError> {
     let project = Project::open(manifest, &[])?;
     let (remote, warning) = project.remote();
     let Some(remote) = remote else {
@@ -842,7 +847,7 @@ fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
                     .to_string()
             })
         );
-        return Ok(2);
+        return Ok(Exit::BadInput);
     };
     let states = project.status(&Project::default_options(1))?;
     let (mut pushed, mut bytes, mut corrupt, mut replaced) =
@@ -887,7 +892,7 @@ fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
                     "error: cannot push `{}` to the cache remote: {e}",
                     record.stage
                 );
-                return Ok(1);
+                return Ok(Exit::Failed);
             }
         }
     }
@@ -928,7 +933,11 @@ fn push(manifest: &Path, json: bool) -> Result<i32, ProjectError> {
             ));
         }
     }
-    Ok(if corrupt.is_empty() { 0 } else { 1 })
+    Ok(if corrupt.is_empty() {
+        Exit::Success
+    } else {
+        Exit::Failed
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -941,17 +950,17 @@ fn generate(
     adapter: Option<&Path>,
     sampling: Option<&crate::model::Sampling>,
     json: bool,
-) -> i32 {
+) -> Exit {
     if backend == "onnx" || dtype.is_some() {
         if backend != "onnx" {
             eprintln!("error: `--dtype` picks an ONNX file: add `--backend onnx`");
-            return 2;
+            return Exit::BadInput;
         }
         if adapter.is_some() {
             eprintln!(
                 "error: `--adapter` applies to `--backend candle`; an output folder's ONNX files have the adapter merged in"
             );
-            return 2;
+            return Exit::BadInput;
         }
         let generations: Result<Vec<_>, _> = prompts
             .iter()
@@ -972,8 +981,8 @@ fn generate(
                 match e {
                     crate::verify::VerifyError::Model(
                         crate::model::ModelError::Config(_) | crate::model::ModelError::Io { .. },
-                    ) => 2,
-                    _ => 1,
+                    ) => Exit::BadInput,
+                    _ => Exit::Failed,
                 }
             }
         };
@@ -985,20 +994,20 @@ fn generate(
             match e {
                 crate::model::ModelError::Candle(_)
                 | crate::model::ModelError::Write { .. }
-                | crate::model::ModelError::Network(_) => 1,
-                _ => 2,
+                | crate::model::ModelError::Network(_) => Exit::Failed,
+                _ => Exit::BadInput,
             }
         }
     }
 }
 
-fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> i32 {
+fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> Exit {
     if !folder.join("index.html").is_file() {
         eprintln!(
             "error: `{}` has no index.html: serve an output folder that `symb build` made with an `[export]` section",
             folder.display()
         );
-        return 2;
+        return Exit::BadInput;
     }
     let server = match crate::serve::Server::bind(folder, port, modules) {
         Ok(s) => s,
@@ -1007,7 +1016,7 @@ fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> i32 {
                 "error: cannot serve `{}` on 127.0.0.1:{port}: {e}",
                 folder.display()
             );
-            return 2;
+            return Exit::BadInput;
         }
     };
     // The URL goes to stdout (scripts read it); the rest to stderr.
@@ -1023,18 +1032,18 @@ fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> i32 {
         server.url()
     );
     match server.run() {
-        Ok(()) => 0,
+        Ok(()) => Exit::Success,
         Err(e) => {
             eprintln!("error: {e}");
-            1
+            Exit::Failed
         }
     }
 }
 
-fn lint(folder: &Path, json: bool) -> i32 {
+fn lint(folder: &Path, json: bool) -> Exit {
     if !folder.is_dir() {
         eprintln!("error: `{}` is not a folder", folder.display());
-        return 2;
+        return Exit::BadInput;
     }
     let findings = crate::lint::lint(folder);
     if json {
@@ -1048,14 +1057,14 @@ fn lint(folder: &Path, json: bool) -> i32 {
             "     Checked `{}`: transformers.js can load it",
             folder.display()
         );
-        0
+        Exit::Success
     } else {
         eprintln!(
             "error: `{}` has {} problem(s) for transformers.js",
             folder.display(),
             findings.len()
         );
-        1
+        Exit::Failed
     }
 }
 
@@ -1063,7 +1072,7 @@ fn print_generations(
     prompts: &[String],
     generations: &[crate::model::Generation],
     json: bool,
-) -> i32 {
+) -> Exit {
     for (prompt, generation) in prompts.iter().zip(generations) {
         if json {
             out(serde_json::to_string(generation).expect("generation serialises"));
@@ -1071,24 +1080,24 @@ fn print_generations(
             out(format!("{prompt}{}", generation.text));
         }
     }
-    0
+    Exit::Success
 }
 
-fn init(recipe: &str, path: &Path) -> i32 {
+fn init(recipe: &str, path: &Path) -> Exit {
     let Some((_, text)) = RECIPES.iter().find(|(name, _)| *name == recipe) else {
         let names: Vec<&str> = RECIPES.iter().map(|(n, _)| *n).collect();
         eprintln!(
             "error: unknown recipe `{recipe}`; available: {}",
             names.join(", ")
         );
-        return 2;
+        return Exit::BadInput;
     };
     if path.exists() {
         eprintln!(
             "error: `{}` already exists; symb init does not overwrite a manifest",
             path.display()
         );
-        return 2;
+        return Exit::BadInput;
     }
     let folder = path
         .parent()
@@ -1155,11 +1164,11 @@ fn init(recipe: &str, path: &Path) -> i32 {
                     "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"
                 )
             );
-            0
+            Exit::Success
         }
         Err(e) => {
             eprintln!("error: cannot write `{}`: {e}", path.display());
-            1
+            Exit::Failed
         }
     }
 }

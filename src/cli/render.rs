@@ -199,8 +199,8 @@ impl CliReporter {
                 .collect();
             super::out(serde_json::json!({
                 "event": "build",
-                "status": if report.exit_code() == 0 { "ok" } else { "failed" },
-                "exit_code": report.exit_code(),
+                "status": if report.outcome.failure().is_none() { "ok" } else { "failed" },
+                "exit_code": super::Exit::of(report.outcome.failure()).code(),
                 "ran": ran, "remote": remote, "cached": cached, "fetched": fetched, "failed": failed_stages, "skipped": skipped,
                 "output": output,
                 "output_updated": report.output_updated,
@@ -225,7 +225,7 @@ impl CliReporter {
         let output_note = match report.output_updated {
             Some(true) => format!("; output `{output}` updated"),
             Some(false) => format!("; output `{output}` up to date"),
-            None if report.exit_code() == 0 => {
+            None if report.outcome.failure().is_none() => {
                 format!("; output `{output}` not assembled for a partial build")
             }
             None => format!("; output `{output}` left as it was"),
@@ -239,7 +239,7 @@ impl CliReporter {
                 ));
             }
         }
-        let (word, tone) = if report.exit_code() == 0 {
+        let (word, tone) = if report.outcome.failure().is_none() {
             ("Finished", Tone::Good)
         } else {
             ("Failed", Tone::Bad)
