@@ -14,9 +14,6 @@ use crate::engine::{
 use crate::manifest::{self, Manifest, ManifestError};
 use crate::stages;
 
-/// symb's own version, part of every stage key.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
     #[error("{0}")]
@@ -141,7 +138,7 @@ impl Project {
     pub fn default_options(jobs: usize) -> BuildOptions {
         BuildOptions {
             jobs,
-            tools: [("symb".to_string(), VERSION.to_string())].into(),
+            tools: [("symb".to_string(), crate::VERSION.to_string())].into(),
             salt: std::env::var("SYMB_CACHE_SALT").unwrap_or_default(),
             ..BuildOptions::default()
         }

@@ -5,9 +5,9 @@
 //! A module is a file (`src/engine/executor.rs` is `engine::executor`, a
 //! `mod.rs` its folder). Its references are the `crate::…` and `super::…`
 //! paths in its code (comments aside), braces expanded, each taken to the
-//! longest module it names. A module and its own submodules are one unit
-//! (a folder's `mod.rs` re-exports its parts, and they use its items), so
-//! references between them do not count.
+//! longest module it names, and in a folder's `mod.rs` the parts it names
+//! bare (`executor::execute`). A part that uses its folder's items
+//! (`super::Stage`) does not count: that is how a folder is built.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -129,7 +129,7 @@ fn expand(head: &str, rest: &str, found: &mut Vec<Vec<String>>) {
     }
 }
 
-/// Module -> the modules its code names (outside its own subtree).
+/// Module -> the modules its code names.
 fn references(files: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Module>> {
     let longest = |path: &[String]| {
         (0..=path.len())
@@ -137,11 +137,29 @@ fn references(files: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Mod
             .map(|n| path[..n].to_vec())
             .find(|m| files.contains_key(m))
     };
-    let related = |a: &Module, b: &Module| a.starts_with(b) || b.starts_with(a);
+    // A part using its folder's items (`super::Stage`) is the folder's own
+    // structure; the folder using a part's items is a dependency like any.
+    let inside = |part: &Module, folder: &Module| part.starts_with(folder);
     let mut edges = BTreeMap::new();
     for (module, text) in files {
+        let code = code(text);
         let mut targets = BTreeSet::new();
-        for path in paths(&code(text)) {
+        // A folder names its parts without `crate::` or `super::`.
+        for part in files
+            .keys()
+            .filter(|p| p.len() == module.len() + 1 && p.starts_with(module))
+        {
+            let name = format!("{}::", part[module.len()]);
+            let named = code.match_indices(&name).any(|(at, _)| {
+                at == 0
+                    || !code.as_bytes()[at - 1].is_ascii_alphanumeric()
+                        && !matches!(code.as_bytes()[at - 1], b'_' | b':')
+            });
+            if named {
+                targets.insert(part.clone());
+            }
+        }
+        for path in paths(&code) {
             // `super` is the module's parent (from a file and from a `mod.rs` alike).
             let ups = path.iter().take_while(|s| *s == "super").count();
             let mut resolved = if ups == 0 {
@@ -150,7 +168,7 @@ fn references(files: &BTreeMap<Module, String>) -> BTreeMap<Module, BTreeSet<Mod
                 module[..module.len().saturating_sub(ups)].to_vec()
             };
             resolved.extend(path[ups.max(1)..].iter().cloned());
-            if let Some(target) = longest(&resolved).filter(|t| !related(module, t)) {
+            if let Some(target) = longest(&resolved).filter(|t| t != module && !inside(module, t)) {
                 targets.insert(target);
             }
         }
@@ -268,7 +286,8 @@ fn no_stage_file_reaches_into_another_stages() {
 }
 
 /// The checks find what they look for: a cycle between siblings, one made
-/// through a `use super::{…}` group, and none between a folder and its parts.
+/// through a `use super::{…}` group, one through a folder's bare use of its
+/// part, and none where a part uses its folder's items.
 #[test]
 fn the_checks_find_cycles_through_paths_and_groups() {
     let module = |s: &str| {
@@ -309,4 +328,60 @@ fn the_checks_find_cycles_through_paths_and_groups() {
         ("a::c", "let s = \"crate::a::b\";"),
     ]);
     assert!(found.is_empty(), "{found:?}");
+    // A folder that names a part bare, whose code reaches back through another module.
+    let found = build(&[
+        ("", ""),
+        ("a", "pub use b::X;"),
+        ("a::b", "use crate::c::Y;"),
+        ("c", "fn f() { crate::a::Z }"),
+    ]);
+    assert_eq!(
+        found,
+        vec![vec![
+            "a -> a::b".to_string(),
+            "a::b -> c".to_string(),
+            "c -> a".to_string()
+        ]]
+    );
+}
+
+/// lib.rs lists the modules bottom up: none uses one listed below it.
+#[test]
+fn each_module_uses_only_those_lib_rs_lists_above_it() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let lib = std::fs::read_to_string(root.join("lib.rs")).unwrap();
+    let order: Vec<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! - [`"))
+        .filter_map(|l| l.split_once('`').map(|(name, _)| name.to_string()))
+        .collect();
+    let declared: BTreeSet<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub mod "))
+        .map(|l| l.trim_end_matches(';').to_string())
+        .collect();
+    assert_eq!(
+        order.iter().cloned().collect::<BTreeSet<_>>(),
+        declared,
+        "lib.rs's list names each module once"
+    );
+    let rank = |m: &Module| {
+        m.first()
+            .and_then(|top| order.iter().position(|o| o == top))
+    };
+    let mut upward = Vec::new();
+    for (from, targets) in references(&sources(&root)) {
+        for to in targets {
+            if let (Some(a), Some(b)) = (rank(&from), rank(&to))
+                && b > a
+            {
+                upward.push(format!("{} -> {}", from.join("::"), to.join("::")));
+            }
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "modules that use one lib.rs lists below them:\n{}",
+        upward.join("\n")
+    );
 }

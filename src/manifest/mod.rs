@@ -10,7 +10,7 @@ mod resolve;
 pub use error::{ManifestError, suggest};
 pub use raw::{
     Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts,
-    RawTolerance, RemoteEngine, RemoteFallback, Schedule, VocabInit, VocabStrategy,
+    RemoteEngine, RemoteFallback, VocabInit, VocabStrategy,
 };
 pub use resolve::{
     Adapter, AdapterFiles, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest,

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::model::trainer::Schedule;
+use crate::verify::Tolerance;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawManifest {
@@ -191,14 +194,6 @@ pub enum FinetuneMethod {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Schedule {
-    Cosine,
-    Linear,
-    Constant,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFinetune {
@@ -260,7 +255,7 @@ pub enum RawPrompts {
 pub struct RawVerify {
     pub prompts: Option<RawPrompts>,
     pub max_new_tokens: Option<u64>,
-    pub tolerance: Option<BTreeMap<String, RawTolerance>>,
+    pub tolerance: Option<BTreeMap<String, Tolerance>>,
     pub browser: Option<RawBrowser>,
 }
 
@@ -274,18 +269,4 @@ pub struct RawBrowser {
     pub chromium: Option<String>,
     pub transformers_js: Option<String>,
     pub timeout_s: Option<u64>,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTolerance {
-    pub max_abs_error: Option<f64>,
-    /// The largest logit error of a position over its largest logit's
-    /// magnitude: a trained model's logits are larger than a random one's,
-    /// and so are its rounding errors.
-    pub max_relative_error: Option<f64>,
-    pub top1_agreement: Option<f64>,
-    pub kl_divergence: Option<f64>,
-    pub perplexity_ratio: Option<f64>,
-    pub greedy_match: Option<f64>,
 }

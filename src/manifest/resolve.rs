@@ -10,6 +10,8 @@ use super::error::{ManifestError, Spans, suggest};
 use super::raw::*;
 use crate::dtype::Dtype;
 use crate::engine::ExternalFile;
+use crate::model::trainer::Schedule;
+use crate::verify::Tolerance;
 
 /// Layer names LoRA may target.
 /// The LoRA target names `finetune.targets` accepts: every family's layers
@@ -249,7 +251,7 @@ pub struct Verify {
     pub prompts: RawPrompts,
     pub max_new_tokens: u64,
     /// dtype -> tolerance overrides.
-    pub tolerance: BTreeMap<Dtype, RawTolerance>,
+    pub tolerance: BTreeMap<Dtype, Tolerance>,
     /// `[verify.browser]`: the files checked in a browser too.
     pub browser: Option<Browser>,
 }

@@ -21,7 +21,8 @@ use super::rng::Rng;
 use super::train::{AdamW, AdamWParams, LoraVars, attach_lora};
 use super::{ModelError, Result, read_json, save_safetensors};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The learning rate after warmup (`finetune.schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
     Cosine,

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use super::shared::{data_inputs, link_or_copy, write_json};
 use crate::dtype::Dtype;
 use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
-use crate::manifest::{Adapter, Browser, Device, RawTolerance, Verify};
+use crate::manifest::{Adapter, Browser, Device, Verify};
 use crate::verify;
+use crate::verify::Tolerance;
 
 /// The page Chromium opens (served beside the model's files).
 const CHECK_PAGE: &str = include_str!("../web/check.html");
@@ -30,7 +31,7 @@ pub struct BrowserStage {
     pub transformers_js_url: String,
     /// Whether the build has a corpus, whose eval lines the page tokenizes.
     pub corpus: bool,
-    tolerances: BTreeMap<Dtype, RawTolerance>,
+    tolerances: BTreeMap<Dtype, Tolerance>,
 }
 
 impl BrowserStage {

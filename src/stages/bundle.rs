@@ -159,7 +159,7 @@ impl BundleStage {
         let _ = write!(
             html,
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} · symb report</title><style>body{{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}.scroll{{overflow-x:auto}}svg{{max-width:100%;height:auto}}.bound{{color:#777;font-size:.8em;display:block}}</style></head><body><h1>{title}</h1><p>Built by symb {} (no date or machine here: the same inputs give the same bytes).</p>",
-            crate::project::VERSION
+            crate::VERSION
         );
         if self.finetune {
             if let Some(m) = json("finetune", "metrics.json") {

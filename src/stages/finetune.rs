@@ -9,7 +9,7 @@ use super::shared::{Document, io, load_base, model_error, read_documents, write_
 use crate::engine::{Settings, Stage, StageContext, StageError};
 use crate::manifest::{Finetune, FinetuneMethod};
 use crate::model::lora::LoraSpec;
-use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
+use crate::model::trainer::{Method, Progress, TrainConfig, pack, train};
 use crate::model::{self, ModelConfig, lora};
 
 pub struct FinetuneStage {
@@ -63,11 +63,7 @@ impl FinetuneStage {
             method,
             learning_rate: f.learning_rate,
             weight_decay: f.weight_decay,
-            schedule: match f.schedule {
-                crate::manifest::Schedule::Cosine => Schedule::Cosine,
-                crate::manifest::Schedule::Linear => Schedule::Linear,
-                crate::manifest::Schedule::Constant => Schedule::Constant,
-            },
+            schedule: f.schedule,
             warmup_steps: f.warmup_steps as usize,
             batch_size: f.batch_size as usize,
             block_size: f.block_size as usize,

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use super::shared::{REFERENCE_LOGITS, link_or_copy, write_json};
 use crate::dtype::Dtype;
 use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
-use crate::manifest::{RawTolerance, Verify};
+use crate::manifest::Verify;
 use crate::model;
+use crate::verify::Tolerance;
 use crate::verify::{self, runtime};
 
 pub struct VerifyStage {
@@ -17,7 +18,7 @@ pub struct VerifyStage {
     pub verify: Verify,
     name: String,
     file: &'static str,
-    tolerance: RawTolerance,
+    tolerance: Tolerance,
 }
 
 impl VerifyStage {

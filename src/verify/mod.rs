@@ -20,9 +20,24 @@ pub mod session;
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::Dtype;
-use crate::manifest::RawTolerance;
 use crate::model::{LeftPadding, Model};
 use session::{OnnxLm, argmax};
+
+/// The bounds a file must meet (`[verify.tolerance.D]`); a bound left out is
+/// not checked.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerance {
+    pub max_abs_error: Option<f64>,
+    /// The largest logit error of a position over its largest logit's
+    /// magnitude: a trained model's logits are larger than a random one's,
+    /// and so are its rounding errors.
+    pub max_relative_error: Option<f64>,
+    pub top1_agreement: Option<f64>,
+    pub kl_divergence: Option<f64>,
+    pub perplexity_ratio: Option<f64>,
+    pub greedy_match: Option<f64>,
+}
 
 /// The tolerance of each dtype when `[verify.tolerance.D]` says nothing,
 /// set from measurement on the random-weight fixture (the hard case for
@@ -45,20 +60,19 @@ use session::{OnnxLm, argmax};
 /// scaled by 1.1 (tests/verify.rs). Greedy decoding is checked for fp32
 /// only: after one near-tie flips a token the rest of a quantized decode
 /// differs legitimately.
-pub fn default_tolerance(dtype: Dtype) -> RawTolerance {
-    let t = |max_abs_error, top1_agreement, kl_divergence, perplexity_ratio, greedy_match| {
-        RawTolerance {
+pub fn default_tolerance(dtype: Dtype) -> Tolerance {
+    let t =
+        |max_abs_error, top1_agreement, kl_divergence, perplexity_ratio, greedy_match| Tolerance {
             max_abs_error,
             max_relative_error: None,
             top1_agreement: Some(top1_agreement),
             kl_divergence: Some(kl_divergence),
             perplexity_ratio: Some(perplexity_ratio),
             greedy_match,
-        }
-    };
+        };
     match dtype {
         Dtype::Fp32 => t(Some(1e-3), 0.999, 1e-6, 1.0001, Some(0.95)),
-        Dtype::Fp16 => RawTolerance {
+        Dtype::Fp16 => Tolerance {
             max_relative_error: Some(0.02),
             ..t(None, 0.98, 1e-4, 1.005, None)
         },
@@ -598,7 +612,7 @@ pub fn verify(
     onnx: &mut OnnxLm,
     reference: &Reference,
     logits: &mut impl std::io::Read,
-    tolerance: &RawTolerance,
+    tolerance: &Tolerance,
     stepping: Stepping,
     progress: impl Fn(usize, usize),
 ) -> Result<Report, VerifyError> {
@@ -786,7 +800,7 @@ pub fn compare_browser(
     reference: &Reference,
     logits: &mut impl std::io::Read,
     run: &BrowserRun,
-    tolerance: &RawTolerance,
+    tolerance: &Tolerance,
 ) -> Result<BrowserReport, VerifyError> {
     let vocab = reference.vocab;
     if run.logits.len() != run.generated.len() || run.logits.len() > reference.greedy.len() {
@@ -835,7 +849,7 @@ pub fn compare_browser(
     };
     let checks = checks(
         &metrics,
-        &RawTolerance {
+        &Tolerance {
             perplexity_ratio: None,
             ..tolerance.clone()
         },
@@ -849,7 +863,7 @@ pub fn compare_browser(
 }
 
 /// Each bound that is set, against its metric. NaN fails every check.
-pub fn checks(metrics: &Metrics, tolerance: &RawTolerance) -> Vec<Check> {
+pub fn checks(metrics: &Metrics, tolerance: &Tolerance) -> Vec<Check> {
     let mut checks = Vec::new();
     let mut check = |metric, value: f64, bound: Option<f64>, kind| {
         if let Some(bound) = bound {
@@ -907,7 +921,7 @@ pub fn checks(metrics: &Metrics, tolerance: &RawTolerance) -> Vec<Check> {
 }
 
 /// `[verify.tolerance.D]` over the defaults, field by field.
-pub fn tolerance(dtype: Dtype, overrides: Option<&RawTolerance>) -> RawTolerance {
+pub fn tolerance(dtype: Dtype, overrides: Option<&Tolerance>) -> Tolerance {
     let mut t = default_tolerance(dtype);
     if let Some(o) = overrides {
         t.max_abs_error = o.max_abs_error.or(t.max_abs_error);
@@ -995,7 +1009,7 @@ mod tests {
             perplexity_ratio: f64::NAN,
             greedy_match: f64::NAN,
         };
-        let all = RawTolerance {
+        let all = Tolerance {
             max_abs_error: Some(1.0),
             max_relative_error: Some(1.0),
             top1_agreement: Some(0.0),
@@ -1006,7 +1020,7 @@ mod tests {
         assert!(checks(&metrics, &all).iter().all(|c| !c.passed));
         let t = tolerance(
             Dtype::Q4,
-            Some(&RawTolerance {
+            Some(&Tolerance {
                 top1_agreement: Some(0.5),
                 ..Default::default()
             }),
