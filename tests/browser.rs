@@ -2,6 +2,7 @@
 //! playwright-core), served by `symb serve` with a local transformers.js:
 //! it generates what symb generates, and nothing leaves 127.0.0.1 (issue 5,
 //! test 2). The screenshot is kept in target/test-artifacts/.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

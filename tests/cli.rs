@@ -1,5 +1,6 @@
 //! The newcomer's path: the example manifest, `symb init`, and the commands
 //! around a build.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Bad input: each error is short, names the file, line and key, exits
 //! with 2, and leaves the cache and the previous output as they were.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

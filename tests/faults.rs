@@ -6,6 +6,7 @@
 //! crash the output folder is whole and `cache verify` is clean; each next
 //! build goes on from where the last one died, and the last one's output
 //! equals an uninterrupted build's.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

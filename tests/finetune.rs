@@ -1,6 +1,7 @@
 //! The model stages end to end: a scratch model trained on the constructed
 //! language, LoRA on the PyTorch fixture, determinism, and resuming a killed
 //! build from its checkpoint.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

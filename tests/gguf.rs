@@ -4,6 +4,7 @@
 //! (tests/fixtures/smollm2/make_reference.py): transformers' own GGUF
 //! conversion for the weights and the logits, llama.cpp's tokenizer (the
 //! file's own runtime) for the ids.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

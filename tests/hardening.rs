@@ -3,6 +3,7 @@
 //! Ctrl-C, corpus files with a byte-order mark or old Mac line ends, an eval
 //! split emptied by identical documents, a tokenizer short of its
 //! vocabulary, a read-only cache, and a cache path the filesystem refuses.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

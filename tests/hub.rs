@@ -1,6 +1,7 @@
 //! `base.model = "hf:owner/name[@revision]"` against a local server in the
 //! Hub's URL layout (there is no internet here): resolved to a commit,
 //! downloaded once, cached by commit, usable offline afterwards.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

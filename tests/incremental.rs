@@ -1,6 +1,7 @@
 //! Incremental behaviour: each manifest key re-runs exactly what depends on
 //! it, edits that change nothing re-run nothing, and random edit sequences
 //! give the same output as a from-scratch build.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

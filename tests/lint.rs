@@ -1,5 +1,6 @@
 //! `symb lint`: the folder checks that transformers.js needs, on a converted
 //! fixture and on copies of it broken one way each (issue 5, test 3).
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

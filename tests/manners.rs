@@ -4,6 +4,7 @@
 //! stage names alike in `--target` and `--force`, progress and notes as
 //! JSON events, Ctrl-C that says what it stopped (and the next build
 //! resumes), completions and `--version` with the commit.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! tests/fixtures: GPT-2, and the Llama family (tiny-llama: SmolLM2-like,
 //! GQA, tied; tiny-llama-sp: SentencePiece with byte fallback, MQA, llama3
 //! rope scaling, untied; tiny-qwen2: q/k/v biases).
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 use std::path::{Path, PathBuf};
 

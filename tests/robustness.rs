@@ -1,5 +1,6 @@
 //! Crashes, corruption and concurrency: a killed build, a flipped byte in
 //! the cache and two simultaneous builds all end with a correct output.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Nothing of the user's is ever deleted, overwritten or read twice: the
 //! output and cache folders are symb's own, inputs fail early with a clear
 //! error, and a failed write is reported as one (issue 11).
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

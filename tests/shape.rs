@@ -8,6 +8,7 @@
 //! longest module it names, and in a folder's `mod.rs` the parts it names
 //! bare (`executor::execute`). A part that uses its folder's items
 //! (`super::Stage`) does not count: that is how a folder is built.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

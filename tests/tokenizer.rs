@@ -1,6 +1,7 @@
 //! The tokenizer stage against independent references: separate processes
 //! (determinism), the `tokenizers` crate loading the artifact (round trip),
 //! and the Python `tokenizers` library (same model, same ids).
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

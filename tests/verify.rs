@@ -1,6 +1,7 @@
 //! Stage `verify.<dtype>` and `symb generate --backend onnx`: ONNX Runtime
 //! (through `ort`, the library provisioned as a user gets it) against
 //! candle, and against PyTorch's golden tokens.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The output folder in transformers.js (Node, onnxruntime-node): a
 //! conversion of the PyTorch fixture, every dtype (issue 5, test 1).
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

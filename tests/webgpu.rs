@@ -2,6 +2,7 @@
 //! device, in a real headless Chromium with SwiftShader's WebGPU adapter (no
 //! GPU needed), held to bounds against PyTorch's logits and tokens, against
 //! the same file in WebAssembly and against native ONNX Runtime.
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 mod common;
 

@@ -495,39 +495,6 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
     svg
 }
 
-#[cfg(test)]
-mod svg_tests {
-    use super::*;
-
-    #[test]
-    fn ticks_are_round_and_cover_the_range() {
-        assert_eq!(
-            ticks(0.0, 100.0, 5),
-            vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
-        );
-        assert_eq!(ticks(2.31, 3.07, 5), vec![2.4, 2.6, 2.8, 3.0]);
-        assert_eq!(ticks(0.0, 7.0, 6), vec![0.0, 2.0, 4.0, 6.0]);
-    }
-
-    #[test]
-    fn the_loss_plot_has_axes_ticks_grid_labels_and_a_legend() {
-        let train: Vec<(usize, f64)> = (1..=40).map(|s| (s, 5.0 - s as f64 * 0.05)).collect();
-        let svg = loss_svg(&train, &[(0, 5.1), (20, 4.1), (40, 3.2)]);
-        assert!(svg.contains(">step</text>") && svg.contains(">loss (nats per token)</text>"));
-        assert!(svg.contains(">training loss</text>") && svg.contains(">eval loss</text>"));
-        assert!(
-            svg.contains(">40</text>") && svg.contains(">3.50</text>"),
-            "{svg}"
-        );
-        assert_eq!(
-            svg.matches("<circle").count(),
-            4,
-            "three eval points and the legend's"
-        );
-        assert!(svg.matches("stroke=\"#e5e5e5\"").count() >= 8, "grid lines");
-    }
-}
-
 impl FinetuneStage {
     /// Refuses a training that cannot fit in memory before the model is
     /// loaded: the weights, the optimizer's state (AdamW: a gradient and two
@@ -562,5 +529,38 @@ impl FinetuneStage {
             fix,
         )
         .map_err(model_error)
+    }
+}
+
+#[cfg(test)]
+mod svg_tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(
+            ticks(0.0, 100.0, 5),
+            vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+        );
+        assert_eq!(ticks(2.31, 3.07, 5), vec![2.4, 2.6, 2.8, 3.0]);
+        assert_eq!(ticks(0.0, 7.0, 6), vec![0.0, 2.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn the_loss_plot_has_axes_ticks_grid_labels_and_a_legend() {
+        let train: Vec<(usize, f64)> = (1..=40).map(|s| (s, 5.0 - s as f64 * 0.05)).collect();
+        let svg = loss_svg(&train, &[(0, 5.1), (20, 4.1), (40, 3.2)]);
+        assert!(svg.contains(">step</text>") && svg.contains(">loss (nats per token)</text>"));
+        assert!(svg.contains(">training loss</text>") && svg.contains(">eval loss</text>"));
+        assert!(
+            svg.contains(">40</text>") && svg.contains(">3.50</text>"),
+            "{svg}"
+        );
+        assert_eq!(
+            svg.matches("<circle").count(),
+            4,
+            "three eval points and the legend's"
+        );
+        assert!(svg.matches("stroke=\"#e5e5e5\"").count() >= 8, "grid lines");
     }
 }

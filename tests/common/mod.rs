@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a project in a temp folder, the
 //! symb binary run in it, and readers for its JSON events and outputs.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // a test: a panic is how it fails
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
