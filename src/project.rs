@@ -61,6 +61,8 @@ impl ProjectError {
 
 pub struct Project {
     pub manifest: Manifest,
+    /// Its Hub base's commit, resolved once before planning.
+    hub: Option<stages::HubCommit>,
     pub plan: Plan,
     pub cache: Cache,
     /// Identifies this project's refs in a (possibly shared) cache.
@@ -86,7 +88,8 @@ impl Project {
     /// Loads the manifest and plans the build (restricted to `targets`).
     pub fn open(manifest_path: &Path, targets: &[String]) -> Result<Self, ProjectError> {
         let manifest = manifest::load(manifest_path)?;
-        let plan = stages::plan(&manifest)?;
+        let hub = stages::resolve_hub(&manifest);
+        let plan = stages::plan(&manifest, hub.as_ref())?;
         for target in targets {
             plan.resolve(target)
                 .map_err(|e| not_a_target(&manifest, target, e))?;
@@ -105,6 +108,7 @@ impl Project {
             .to_string();
         Ok(Project {
             manifest,
+            hub,
             plan,
             cache,
             id,
@@ -115,7 +119,7 @@ impl Project {
     /// The stages `--force NAME` means: as `--target NAME` does, in the
     /// whole plan; with `--target`, those of them this build runs.
     pub fn stages_named(&self, name: &str) -> Result<Vec<String>, ProjectError> {
-        let full = stages::plan(&self.manifest)?;
+        let full = stages::plan(&self.manifest, self.hub.as_ref())?;
         let named = full
             .resolve(name)
             .map_err(|e| not_a_target(&self.manifest, name, e))?;

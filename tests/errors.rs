@@ -482,3 +482,55 @@ fn a_training_larger_than_the_machine_is_refused_before_it_starts() {
         "{reason}"
     );
 }
+
+/// The rules between sections (what a stage needs from the others) point at
+/// the section or key that breaks them, as every other manifest error does.
+#[test]
+fn rules_between_sections_point_at_their_line() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2");
+    let head = format!(
+        "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n",
+        fixture.display()
+    );
+    let cases = [
+        // (what follows the head, the line the error points at, what it says)
+        (
+            "\n[export]\ntargets = [\"fp32\"]\n\n[verify.tolerance.q8]\nkl_divergence = 0.1\n",
+            "symb.toml:13:1",
+            "`[verify.tolerance.q8]` sets bounds for `q8`, which `export.targets` does not build",
+        ),
+        (
+            "\n[vocab]\nstrategy = \"add_tokens\"\n",
+            "symb.toml:10:1",
+            "`[vocab]` adds the tokens of a trained tokenizer to the base's",
+        ),
+        (
+            "\n[tokenizer]\nvocab_size = 300\n",
+            "symb.toml:10:1",
+            "a `[tokenizer]` with a pretrained base needs a `[vocab]` section",
+        ),
+        (
+            "\n[verify]\nprompts = 2\n",
+            "symb.toml:10:1",
+            "`[verify]` checks the ONNX files that `[export]` writes",
+        ),
+    ];
+    for (tail, at, message) in cases {
+        let project = TestProject::with_manifest(&(head.clone() + tail), 10);
+        let run = project.symb(&["build"]);
+        let stderr = String::from_utf8(run.stderr).unwrap();
+        assert_eq!(run.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("error: {message}"))
+                && stderr.contains(&format!("--> {at}")),
+            "{tail}: {stderr}"
+        );
+    }
+    let scratch = "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"scratch\"\n";
+    let project = TestProject::with_manifest(scratch, 10);
+    let stderr = String::from_utf8(project.symb(&["build"]).stderr).unwrap();
+    assert!(
+        stderr.contains("needs a `[tokenizer]` section") && stderr.contains("--> symb.toml:8:9"),
+        "{stderr}"
+    );
+}

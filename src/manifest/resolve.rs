@@ -417,7 +417,7 @@ pub(super) fn resolve(
         .map(|r| resolve_remote(&cx, r, finetune.as_ref()))
         .transpose()?;
     check_folders(&cx, path, &dir, &project, corpus.as_ref(), base.as_ref())?;
-    Ok(Manifest {
+    let manifest = Manifest {
         path: path.to_path_buf(),
         display: display.to_string(),
         dir,
@@ -432,7 +432,75 @@ pub(super) fn resolve(
         web,
         cache_remote,
         remote,
-    })
+    };
+    check_sections(&cx, &manifest)?;
+    Ok(manifest)
+}
+
+/// The rules between sections: what each stage needs from the others.
+fn check_sections(cx: &Ctx<'_>, m: &Manifest) -> Result<(), ManifestError> {
+    let vocab = m
+        .vocab
+        .as_ref()
+        .filter(|v| v.strategy != VocabStrategy::None);
+    let finetune = m
+        .finetune
+        .as_ref()
+        .filter(|f| f.method != FinetuneMethod::None);
+    if let Some(base) = &m.base {
+        let pretrained = base.model != BaseModel::Scratch;
+        match (pretrained, m.tokenizer.is_some(), vocab.is_some()) {
+            (false, false, _) => return Err(cx.at(&["base", "model"], "`base.model` = \"scratch\" needs a `[tokenizer]` section: a new model takes the tokenizer trained for it")),
+            (false, true, true) => return Err(cx.at(&["vocab"], "`[vocab]` adds tokens to a pretrained base, but `base.model` = \"scratch\" is built with the trained tokenizer already; remove `[vocab]` or set `vocab.strategy = \"none\"`")),
+            (true, true, false) => return Err(cx.at(&["tokenizer"], "a `[tokenizer]` with a pretrained base needs a `[vocab]` section (`strategy = \"add_tokens\"` or `\"extend_bpe\"`) to add its tokens to the base's tokenizer; or comment `[tokenizer]` out to fine-tune with the base's own tokenizer")),
+            (true, false, true) => return Err(cx.at(&["vocab"], "`[vocab]` adds the tokens of a trained tokenizer to the base's: add a `[tokenizer]` section to train one")),
+            _ => {}
+        }
+        if vocab.is_some() && m.corpus.is_none() {
+            return Err(cx.at(&["vocab"], "`[vocab]` needs a `[corpus]`: its report measures the new tokens on the eval split"));
+        }
+    } else if vocab.is_some() {
+        return Err(cx.at(
+            &["vocab"],
+            "`[vocab]` needs a `[base]` model whose tokenizer it extends",
+        ));
+    }
+    if finetune.is_some() && (m.corpus.is_none() || m.base.is_none()) {
+        return Err(cx.at(
+            &["finetune"],
+            "`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train",
+        ));
+    }
+    match &m.export {
+        Some(_) if m.base.is_none() => {
+            return Err(cx.at(
+                &["export"],
+                "`[export]` converts a model: add a `[base]` section",
+            ));
+        }
+        Some(export) => {
+            let tolerance = m.verify.as_ref().map(|v| &v.tolerance);
+            if let Some(dtype) = tolerance
+                .into_iter()
+                .flat_map(|t| t.keys())
+                .find(|d| !export.targets.contains(d))
+            {
+                return Err(cx.at(&["verify", "tolerance", dtype.name()], format!("`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build")));
+            }
+        }
+        None if m.verify.is_some() => return Err(cx.at(
+            &["verify"],
+            "`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section",
+        )),
+        None => {}
+    }
+    if m.corpus.is_none() && m.tokenizer.is_none() && m.base.is_none() {
+        return Err(ManifestError::general(
+            cx.display,
+            "the manifest asks for nothing to build: add a `[corpus]` and a `[tokenizer]` section",
+        ));
+    }
+    Ok(())
 }
 
 fn resolve_remote(

@@ -71,9 +71,15 @@ impl ModelPublish {
     }
 }
 
-/// The stages a manifest asks for. A section whose stage this version of symb
+/// A Hub base's revision resolved to a commit, or why it could not be (the
+/// `base` stage reports it when it runs, so commands that run nothing work
+/// offline).
+pub type HubCommit = Result<crate::model::hub::Resolved, crate::engine::StageError>;
+
+/// The stages a manifest asks for, given its Hub base's commit
+/// ([`resolve_hub`] finds it): a pure function of the two. A section whose stage this version of symb
 /// does not have yet is refused rather than silently ignored.
-pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
+pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, ManifestError> {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
     if let Some(corpus) = &manifest.corpus {
         stages.push(Box::new(corpus::CorpusStage {
@@ -85,7 +91,6 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             tokenizer: tokenizer.clone(),
         }));
     }
-    let error = |message: &str| ManifestError::general(&manifest.display, message);
     let finetune = manifest
         .finetune
         .as_ref()
@@ -110,44 +115,17 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
     };
     let mut model_stage = "base";
     if let Some(base) = &manifest.base {
-        match &base.model {
-            BaseModel::Scratch if manifest.tokenizer.is_none() => {
-                return Err(error(
-                    "`base.model` = \"scratch\" needs a `[tokenizer]` section: a new model takes the tokenizer trained for it",
-                ));
-            }
-            BaseModel::Scratch if vocab.is_some() => {
-                return Err(error(
-                    "`[vocab]` adds tokens to a pretrained base, but `base.model` = \"scratch\" is built with the trained tokenizer already; remove `[vocab]` or set `vocab.strategy = \"none\"`",
-                ));
-            }
-            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. }
-                if manifest.tokenizer.is_some() && vocab.is_none() =>
-            {
-                return Err(error(
-                    "a `[tokenizer]` with a pretrained base needs a `[vocab]` section (`strategy = \"add_tokens\"` or `\"extend_bpe\"`) to add its tokens to the base's tokenizer; or comment `[tokenizer]` out to fine-tune with the base's own tokenizer",
-                ));
-            }
-            BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Hub { .. }
-                if manifest.tokenizer.is_none() && vocab.is_some() =>
-            {
-                return Err(error(
-                    "`[vocab]` adds the tokens of a trained tokenizer to the base's: add a `[tokenizer]` section to train one",
-                ));
-            }
-            _ => {}
-        }
         let files = match &base.model {
             BaseModel::Path(dir) => base::folder_files(dir),
             BaseModel::Gguf(file) => base::gguf_files(file),
             _ => Vec::new(),
         };
         let hub = match &base.model {
-            BaseModel::Hub { repo, revision } => Some(resolve_hub(
-                manifest,
-                repo,
-                revision.as_deref().unwrap_or("main"),
-            )),
+            BaseModel::Hub { .. } => Some(hub.cloned().unwrap_or_else(|| {
+                Err(crate::engine::StageError::failed(
+                    "the Hub revision was not resolved before planning",
+                ))
+            })),
             _ => None,
         };
         stages.push(Box::new(base::BaseStage {
@@ -157,28 +135,14 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             publish: publish(vocab.is_none()),
         }));
         if let Some(vocab) = vocab {
-            if manifest.corpus.is_none() {
-                return Err(error(
-                    "`[vocab]` needs a `[corpus]`: its report measures the new tokens on the eval split",
-                ));
-            }
             stages.push(Box::new(vocab::VocabStage {
                 vocab: vocab.clone(),
                 publish: publish(true),
             }));
             model_stage = "vocab";
         }
-    } else if vocab.is_some() {
-        return Err(error(
-            "`[vocab]` needs a `[base]` model whose tokenizer it extends",
-        ));
     }
     if let Some(finetune) = finetune {
-        if manifest.corpus.is_none() || manifest.base.is_none() {
-            return Err(error(
-                "`[finetune]` needs a `[corpus]` to train on and a `[base]` model to train",
-            ));
-        }
         let base_name = manifest.base.as_ref().and_then(|b| match &b.model {
             BaseModel::Hub { repo, .. } => Some(repo.clone()),
             // Not the folder's path or name: keys hold no location.
@@ -195,9 +159,6 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         }));
     }
     if let Some(export) = &manifest.export {
-        if manifest.base.is_none() {
-            return Err(error("`[export]` converts a model: add a `[base]` section"));
-        }
         let model_stage = if finetune.is_some() {
             "merge"
         } else {
@@ -221,15 +182,6 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
         }
         // Every file is verified; `[verify]` only tunes how.
         let settings = manifest.verify.clone().unwrap_or_default();
-        if let Some(dtype) = settings
-            .tolerance
-            .keys()
-            .find(|d| !export.targets.contains(d))
-        {
-            return Err(error(&format!(
-                "`[verify.tolerance.{dtype}]` sets bounds for `{dtype}`, which `export.targets` does not build"
-            )));
-        }
         stages.push(Box::new(reference::ReferenceStage {
             verify: settings.clone(),
             model_stage,
@@ -270,16 +222,6 @@ pub fn plan(manifest: &Manifest) -> Result<Plan, ManifestError> {
             browser: browser.map(|b| b.devices),
             card: card(manifest),
         }));
-    } else if manifest.verify.is_some() {
-        return Err(error(
-            "`[verify]` checks the ONNX files that `[export]` writes: add an `[export]` section",
-        ));
-    }
-    if stages.is_empty() {
-        return Err(ManifestError::general(
-            &manifest.display,
-            "the manifest asks for nothing to build: add a `[corpus]` and a `[tokenizer]` section",
-        ));
     }
     Plan::new(stages).map_err(|e| ManifestError::general(&manifest.display, e.to_string()))
 }
@@ -292,54 +234,6 @@ pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>,
             "a `{other}` stage cannot run on a worker; this symb runs {} there",
             crate::manifest::REMOTE_STAGES.join(", ")
         )),
-    }
-}
-
-/// Resolves a Hub revision to its commit, recording the answer in the cache;
-/// offline, the last recorded answer is used. An error is kept for the base
-/// stage to report when it runs, so commands that run nothing work offline.
-fn resolve_hub(
-    manifest: &Manifest,
-    repo: &str,
-    revision: &str,
-) -> Result<crate::model::hub::Resolved, crate::engine::StageError> {
-    use crate::model::hub;
-    let cache = crate::cache::Cache::open(&manifest.project.cache)?;
-    let record = cache.refs_dir("hub").join(format!(
-        "{}@{}.json",
-        repo.replace('/', "--"),
-        revision.replace('/', "--")
-    ));
-    let recorded: Option<hub::Resolved> = std::fs::read(&record)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let pinned = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
-    if pinned && let Some(resolved) = recorded.clone() {
-        return Ok(resolved);
-    }
-    match hub::resolve(repo, revision, &cache.tmp_dir()) {
-        Ok(resolved) => {
-            if recorded.as_ref() != Some(&resolved) {
-                crate::cache::write_json_atomic(&record, &resolved, &cache.tmp_dir())?;
-            }
-            Ok(resolved)
-        }
-        Err(error) => match recorded {
-            Some(resolved) => {
-                tracing::warn!(
-                    "{error}; using the commit resolved before, {}",
-                    resolved.commit
-                );
-                Ok(resolved)
-            }
-            None => {
-                let mut error = shared::model_error(error);
-                error
-                    .message
-                    .push_str(" (set HF_ENDPOINT for a mirror, or check the network)");
-                Err(error)
-            }
-        },
     }
 }
 
@@ -442,6 +336,64 @@ fn card(manifest: &Manifest) -> bundle::Card {
     }
 }
 
+/// The commit a Hub base's revision names (from the Hub, or as resolved
+/// before when it cannot be reached); `None` for any other base. The one
+/// step before planning that may use the network.
+pub fn resolve_hub(manifest: &Manifest) -> Option<HubCommit> {
+    match manifest.base.as_ref().map(|b| &b.model) {
+        Some(BaseModel::Hub { repo, revision }) => Some(resolve_hub_revision(
+            manifest,
+            repo,
+            revision.as_deref().unwrap_or("main"),
+        )),
+        _ => None,
+    }
+}
+
+/// Resolves a Hub revision to its commit, recording the answer in the cache;
+/// offline, the last recorded answer is used. An error is kept for the base
+/// stage to report when it runs, so commands that run nothing work offline.
+fn resolve_hub_revision(manifest: &Manifest, repo: &str, revision: &str) -> HubCommit {
+    use crate::model::hub;
+    let cache = crate::cache::Cache::open(&manifest.project.cache)?;
+    let record = cache.refs_dir("hub").join(format!(
+        "{}@{}.json",
+        repo.replace('/', "--"),
+        revision.replace('/', "--")
+    ));
+    let recorded: Option<hub::Resolved> = std::fs::read(&record)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let pinned = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
+    if pinned && let Some(resolved) = recorded.clone() {
+        return Ok(resolved);
+    }
+    match hub::resolve(repo, revision, &cache.tmp_dir()) {
+        Ok(resolved) => {
+            if recorded.as_ref() != Some(&resolved) {
+                crate::cache::write_json_atomic(&record, &resolved, &cache.tmp_dir())?;
+            }
+            Ok(resolved)
+        }
+        Err(error) => match recorded {
+            Some(resolved) => {
+                tracing::warn!(
+                    "{error}; using the commit resolved before, {}",
+                    resolved.commit
+                );
+                Ok(resolved)
+            }
+            None => {
+                let mut error = shared::model_error(error);
+                error
+                    .message
+                    .push_str(" (set HF_ENDPOINT for a mirror, or check the network)");
+                Err(error)
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// What a worker rebuilds from a finetune stage's spec (sent as JSON
@@ -458,7 +410,7 @@ mod tests {
         let path = dir.path().join("symb.toml");
         std::fs::write(&path, text).unwrap();
         let manifest = crate::manifest::load(&path).unwrap();
-        let plan = super::plan(&manifest).unwrap();
+        let plan = super::plan(&manifest, None).unwrap();
         let stage = plan.stage("finetune").unwrap();
         let sent = serde_json::to_string(&stage.spec().unwrap()).unwrap();
         let rebuilt = super::from_spec("finetune", &serde_json::from_str(&sent).unwrap()).unwrap();
