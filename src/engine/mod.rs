@@ -100,6 +100,40 @@ impl From<CacheError> for StageError {
     }
 }
 
+/// A stage's [`Settings`], derived from its serialised form: each field is
+/// a setting named as the manifest names it, and a struct's fields one level
+/// down as `section.field` (`finetune.learning_rate`). A field whose
+/// serialised name starts with `@` shapes how the stage runs, not what it
+/// writes (where the output folder gets a file, which upstream stage it
+/// reads, whose artifacts the key holds by digest), and stays out of the key;
+/// its doc says why.
+pub fn settings_of(stage: &impl serde::Serialize) -> Settings {
+    let value = serde_json::to_value(stage).expect("a stage's settings serialise to JSON");
+    let serde_json::Value::Object(fields) = value else {
+        panic!("a stage's settings serialise to a JSON object, not {value}");
+    };
+    let mut settings = Settings::new();
+    for (name, value) in fields.into_iter().filter(|(n, _)| !n.starts_with('@')) {
+        match value {
+            serde_json::Value::Object(inner) => {
+                for (field, value) in inner.into_iter().filter(|(n, _)| !n.starts_with('@')) {
+                    settings.insert(format!("{name}.{field}"), value);
+                }
+            }
+            value => {
+                settings.insert(name, value);
+            }
+        }
+    }
+    settings
+}
+
+/// A stage's description for another machine ([`Stage::spec`]): its
+/// serialised form, every field, `@` ones included.
+pub fn spec_of(stage: &impl serde::Serialize) -> Option<serde_json::Value> {
+    Some(serde_json::to_value(stage).expect("a stage serialises to JSON"))
+}
+
 /// One node of the build graph.
 pub trait Stage: Send + Sync {
     /// The stage's name in the plan: `corpus`, `quantize.q4`.
@@ -108,7 +142,8 @@ pub trait Stage: Send + Sync {
     fn kind(&self) -> &'static str;
     /// The implementation version: bump it when the same inputs give other bytes.
     fn version(&self) -> u32;
-    /// Every setting that changes the output, keyed by its manifest key.
+    /// Every setting that changes the output, keyed by its manifest key
+    /// (a stage that is its settings returns [`settings_of`] itself).
     fn settings(&self) -> Settings;
     /// Names of the stages whose artifacts this one reads.
     fn dependencies(&self) -> Vec<String> {

@@ -142,7 +142,7 @@ pub struct Corpus {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Tokenizer {
     pub vocab_size: u64,
     pub min_frequency: u64,
@@ -174,7 +174,7 @@ pub struct Base {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Vocab {
     pub strategy: VocabStrategy,
     pub init: VocabInit,

@@ -3,14 +3,25 @@
 
 use std::collections::BTreeMap;
 
-use super::shared::{onnx_artifacts, policy, write_onnx};
-use crate::engine::{Settings, Stage, StageContext, StageError};
-use crate::manifest::Export;
+use super::shared::{ModelStage, onnx_artifacts, policy, write_onnx};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
+use crate::manifest::ExternalData;
 
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ExportStage {
-    pub export: Export,
-    /// The stage whose model folder it converts: `merge`, `vocab` or `base`.
-    pub model_stage: &'static str,
+    pub export: ExportSettings,
+    /// The stage whose model folder it converts (`merge`, `vocab` or
+    /// `base`): its artifacts are keyed by digest.
+    #[serde(rename = "@model_stage")]
+    pub model_stage: ModelStage,
+}
+
+/// What of `[export]` shapes the fp32 file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExportSettings {
+    pub opset: u64,
+    pub external_data: ExternalData,
 }
 
 impl Stage for ExportStage {
@@ -25,16 +36,13 @@ impl Stage for ExportStage {
         2
     }
     fn settings(&self) -> Settings {
-        let mut s = Settings::new();
-        s.insert("export.opset".into(), self.export.opset.into());
-        s.insert(
-            "export.external_data".into(),
-            serde_json::to_value(self.export.external_data).expect("serialises"),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec![self.model_stage.to_string()]
+        vec![self.model_stage.name().to_string()]
     }
     fn tools(&self) -> BTreeMap<String, String> {
         super::shared::tools()
@@ -43,7 +51,7 @@ impl Stage for ExportStage {
         onnx_artifacts("model.onnx")
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let stage = self.model_stage;
+        let stage = self.model_stage.name();
         let t = std::time::Instant::now();
         let model = super::shared::load_model(ctx, stage)?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "loaded the model");

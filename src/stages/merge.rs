@@ -4,14 +4,21 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::shared::{copy, load_base, model_error, tokenizer_config, write_json};
-use crate::engine::{Settings, Stage, StageContext, StageError};
+use super::shared::{ModelStage, copy, load_base, model_error, tokenizer_config, write_json};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::model::{self, lora};
 
+/// The stage is its settings: none of its own (what it merges is its inputs).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MergeStage {
+    /// Whether an adapter is folded in (else the trained weights are
+    /// copied): the inputs it reads differ, and their digests are keyed.
+    #[serde(rename = "@lora")]
     pub lora: bool,
-    /// The stage whose model the adapter was trained on.
-    pub model_stage: &'static str,
+    /// The stage whose model the adapter was trained on: its artifacts are
+    /// keyed by digest.
+    #[serde(rename = "@model_stage")]
+    pub model_stage: ModelStage,
 }
 
 impl Stage for MergeStage {
@@ -28,10 +35,13 @@ impl Stage for MergeStage {
         3
     }
     fn settings(&self) -> Settings {
-        Settings::new()
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec![self.model_stage.to_string(), "finetune".to_string()]
+        vec![self.model_stage.name().to_string(), "finetune".to_string()]
     }
     fn tools(&self) -> BTreeMap<String, String> {
         super::shared::tools()
@@ -50,7 +60,7 @@ impl Stage for MergeStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let weights: PathBuf = if self.lora {
-            let (mut model, _) = load_base(ctx, self.model_stage)?;
+            let (mut model, _) = load_base(ctx, self.model_stage.name())?;
             lora::load_adapter_files(
                 &mut model,
                 ctx.input("finetune", "adapter_config.json")?,
@@ -67,7 +77,7 @@ impl Stage for MergeStage {
             ctx.output("model.safetensors")
         };
         for file in ["config.json", "generation_config.json", "tokenizer.json"] {
-            match ctx.input(self.model_stage, file) {
+            match ctx.input(self.model_stage.name(), file) {
                 Ok(from) => {
                     copy(from, &ctx.output(file))?;
                 }
@@ -75,7 +85,9 @@ impl Stage for MergeStage {
                 Err(e) => return Err(e),
             }
         }
-        let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
+        let base = ctx
+            .input(self.model_stage.name(), "tokenizer_config.json")
+            .ok();
         write_json(
             &ctx.output("tokenizer_config.json"),
             &tokenizer_config(

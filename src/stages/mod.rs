@@ -19,9 +19,10 @@ use crate::engine::{Plan, Stage};
 use crate::manifest::{
     AdapterFiles, BaseModel, FinetuneMethod, Manifest, ManifestError, VocabStrategy,
 };
+use shared::ModelStage;
 
 /// Where a model stage (`base`, `vocab`) puts its model in the output folder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ModelPublish {
     /// Nowhere: a later stage's model is the folder's.
     Nowhere,
@@ -113,7 +114,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
         _ if lora => ModelPublish::AdapterTokenizer,
         _ => ModelPublish::Nowhere,
     };
-    let mut model_stage = "base";
+    let mut model_stage = ModelStage::Base;
     if let Some(base) = &manifest.base {
         let files = match &base.model {
             BaseModel::Path(dir) => base::folder_files(dir),
@@ -139,7 +140,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
                 vocab: vocab.clone(),
                 publish: publish(true),
             }));
-            model_stage = "vocab";
+            model_stage = ModelStage::Vocab;
         }
     }
     if let Some(finetune) = finetune {
@@ -150,7 +151,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
         });
         stages.push(Box::new(finetune::FinetuneStage {
             finetune: finetune.clone(),
-            model_stage,
+            model_stage: model_stage.name(),
             base_name,
         }));
         stages.push(Box::new(merge::MergeStage {
@@ -160,12 +161,15 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
     }
     if let Some(export) = &manifest.export {
         let model_stage = if finetune.is_some() {
-            "merge"
+            ModelStage::Merge
         } else {
             model_stage
         };
         stages.push(Box::new(export::ExportStage {
-            export: export.clone(),
+            export: export::ExportSettings {
+                opset: export.opset,
+                external_data: export.external_data,
+            },
             model_stage,
         }));
         for &dtype in export.targets.iter().filter(|t| **t != Dtype::Fp32) {
@@ -183,7 +187,10 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
         // Every file is verified; `[verify]` only tunes how.
         let settings = manifest.verify.clone().unwrap_or_default();
         stages.push(Box::new(reference::ReferenceStage {
-            verify: settings.clone(),
+            verify: reference::ReferenceSettings {
+                prompts: settings.prompts.clone(),
+                max_new_tokens: settings.max_new_tokens,
+            },
             model_stage,
             corpus: manifest.corpus.is_some(),
         }));
@@ -196,7 +203,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
                 browser.clone(),
                 export.targets.clone(),
                 &settings,
-                model_stage,
+                model_stage.name(),
                 manifest.web.transformers_js.clone(),
                 manifest.corpus.is_some(),
             )));
@@ -211,7 +218,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             .unwrap_or_else(|| bundle::webgpu_dtype(&export.targets));
         let model_stage_has_vocab = stages.iter().any(|s| s.name() == "vocab");
         stages.push(Box::new(bundle::BundleStage {
-            model_stage,
+            model_stage: model_stage.name(),
             dtypes: export.targets.clone(),
             dtype,
             webgpu_dtype,
@@ -228,8 +235,21 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
 
 /// A stage rebuilt from the description a build sent (on a worker).
 pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>, String> {
+    fn parse<T: Stage + serde::de::DeserializeOwned + 'static>(
+        spec: &serde_json::Value,
+    ) -> Result<Box<dyn Stage>, String> {
+        T::deserialize(spec)
+            .map(|stage| Box::new(stage) as Box<dyn Stage>)
+            .map_err(|e| e.to_string())
+    }
     match kind {
         "finetune" => Ok(Box::new(finetune::FinetuneStage::from_spec(spec)?)),
+        "tokenizer" => parse::<tokenizer::TokenizerStage>(spec),
+        "vocab" => parse::<vocab::VocabStage>(spec),
+        "merge" => parse::<merge::MergeStage>(spec),
+        "export" => parse::<export::ExportStage>(spec),
+        "quantize" => parse::<quantize::QuantizeStage>(spec),
+        "reference" => parse::<reference::ReferenceStage>(spec),
         other => Err(format!(
             "a `{other}` stage cannot run on a worker; this symb runs {} there",
             crate::manifest::REMOTE_STAGES.join(", ")
@@ -420,6 +440,143 @@ mod tests {
             (rebuilt.kind(), rebuilt.version(), rebuilt.tools()),
             (stage.kind(), stage.version(), stage.tools())
         );
-        assert!(super::from_spec("export", &serde_json::json!({})).is_err());
+        assert!(super::from_spec("corpus", &serde_json::json!({})).is_err());
+    }
+
+    /// The stage kinds that are their settings (the rest build theirs by
+    /// hand for now: finetune, corpus, base, verify, browser, bundle).
+    const DERIVED: [&str; 6] = [
+        "tokenizer",
+        "vocab",
+        "merge",
+        "export",
+        "quantize",
+        "reference",
+    ];
+
+    /// The paths to the leaves of a stage's serialised form, `@` fields aside
+    /// (an array is one leaf).
+    fn leaves(value: &serde_json::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (name, value) in fields.iter().filter(|(n, _)| !n.starts_with('@')) {
+                    path.push(name.clone());
+                    leaves(value, path, out);
+                    path.pop();
+                }
+            }
+            _ => out.push(path.clone()),
+        }
+    }
+
+    /// Other values for a leaf, of its own type where it has one.
+    fn variants(leaf: &serde_json::Value) -> Vec<serde_json::Value> {
+        use serde_json::{Value, json};
+        match leaf {
+            Value::Bool(b) => vec![json!(!b)],
+            Value::Number(n) if n.is_u64() => vec![json!(n.as_u64().unwrap() + 1)],
+            Value::Number(n) if n.is_i64() => vec![json!(n.as_i64().unwrap() + 1)],
+            Value::Number(n) => vec![json!(n.as_f64().unwrap() * 1.5 + 0.25)],
+            Value::String(s) => vec![json!(format!("{s}x"))],
+            Value::Array(items) => {
+                let mut longer = items.clone();
+                longer.push(items.last().cloned().unwrap_or(json!("x")));
+                let mut out = vec![Value::Array(longer)];
+                if !items.is_empty() {
+                    out.push(Value::Array(items[..items.len() - 1].to_vec()));
+                }
+                out
+            }
+            Value::Null | Value::Object(_) => vec![json!(1), json!("x"), json!(true), json!([])],
+        }
+    }
+
+    /// The variants serde names when it refuses one (`unknown variant `x`,
+    /// expected one of `a`, `b``).
+    fn named_variants(error: &str) -> Vec<serde_json::Value> {
+        let Some(expected) = error.split("expected").nth(1) else {
+            return Vec::new();
+        };
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|v| serde_json::json!(v))
+            .collect()
+    }
+
+    /// Every field of a stage that is its settings enters its key: each leaf
+    /// of the stage's serialised form (its `@` fields aside), changed,
+    /// changes `settings()`, so the key. The cases come from the stage's own
+    /// form, not from a list: a field added to a stage is covered the day
+    /// it is added.
+    #[test]
+    fn every_field_of_a_stage_enters_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("corpus")).unwrap();
+        std::fs::write(dir.path().join("corpus/a.txt"), "ka ta\n").unwrap();
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let text = format!(
+            "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[tokenizer]\nvocab_size = 600\nspecial_tokens = [\"<a>\"]\n\n\
+             [base]\nmodel = \"path:{}\"\n\n[vocab]\nstrategy = \"add_tokens\"\n\n[finetune]\nmethod = \"lora\"\n\n\
+             [export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"int8\", \"q4\", \"q4f16\"]\nquantize_embedding = true\naccuracy_level = 0\n\n\
+             [verify]\nprompts = [\"ka\", \"ta\"]\nmax_new_tokens = 5\n",
+            fixture.display()
+        );
+        std::fs::write(dir.path().join("symb.toml"), text).unwrap();
+        let manifest = crate::manifest::load(&dir.path().join("symb.toml")).unwrap();
+        let plan = super::plan(&manifest, None).unwrap();
+        let mut kinds = std::collections::BTreeSet::new();
+        for stage in plan.stages().filter(|s| DERIVED.contains(&s.kind())) {
+            let (name, kind) = (stage.name(), stage.kind());
+            kinds.insert(kind);
+            let spec = stage
+                .spec()
+                .unwrap_or_else(|| panic!("`{name}` has no spec"));
+            let rebuild = |spec: &serde_json::Value| super::from_spec(kind, spec);
+            assert_eq!(
+                rebuild(&spec).unwrap().settings(),
+                stage.settings(),
+                "`{name}` survives its own spec"
+            );
+            let mut paths = Vec::new();
+            leaves(&spec, &mut Vec::new(), &mut paths);
+            for path in paths {
+                let pointer = format!("/{}", path.join("/"));
+                let leaf = spec.pointer(&pointer).unwrap().clone();
+                let mut tried = Vec::new();
+                let mut candidates = variants(&leaf);
+                let mut changed = false;
+                while let Some(candidate) = candidates.pop() {
+                    if candidate == leaf || tried.contains(&candidate) {
+                        continue;
+                    }
+                    tried.push(candidate.clone());
+                    let mut edited = spec.clone();
+                    *edited.pointer_mut(&pointer).unwrap() = candidate;
+                    match rebuild(&edited) {
+                        Ok(other) => {
+                            changed = other.settings() != stage.settings();
+                            if changed {
+                                break;
+                            }
+                        }
+                        Err(error) => candidates.extend(named_variants(&error)),
+                    }
+                }
+                eprintln!("{name}: {}", path.join("."));
+                assert!(
+                    changed,
+                    "`{name}`: changing `{}` ({leaf}; tried {tried:?}) leaves its key as it was",
+                    path.join(".")
+                );
+            }
+        }
+        assert_eq!(
+            kinds,
+            DERIVED.into_iter().collect(),
+            "the manifest plans every kind"
+        );
     }
 }

@@ -3,25 +3,61 @@
 
 use super::shared::{data_inputs, onnx_artifacts, policy, write_onnx};
 use crate::dtype::Dtype;
-use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::ExternalData;
 use crate::onnx::external::{self};
 
-/// Stage `quantize.<dtype>`: one quantized file from the fp32 export.
+/// Stage `quantize.<dtype>`: one quantized file from the fp32 export. The
+/// stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QuantizeStage {
     pub dtype: Dtype,
-    pub options: crate::quant::Options,
-    pub external_data: ExternalData,
+    pub export: QuantizeSettings,
+    /// The stage's name in the plan, from the dtype.
+    #[serde(rename = "@name")]
     name: String,
+}
+
+/// What of `[export]` shapes one quantized file: each option only where
+/// the dtype has it, and `accuracy_level` only when not the default.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QuantizeSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize_embedding: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_bits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_level: Option<i64>,
+    pub external_data: ExternalData,
 }
 
 impl QuantizeStage {
     pub fn new(dtype: Dtype, options: crate::quant::Options, external_data: ExternalData) -> Self {
+        let export = QuantizeSettings {
+            quantize_embedding: (options.quantize_embedding && dtype.is_4bit()).then_some(true),
+            head_bits: dtype.is_4bit().then(|| options.head_bits.number()),
+            accuracy_level: (dtype.uses_blocks()
+                && options.accuracy_level != crate::quant::ACCURACY_LEVEL)
+                .then_some(options.accuracy_level),
+            external_data,
+        };
         QuantizeStage {
             dtype,
-            options,
-            external_data,
+            export,
             name: dtype.producer_stage(),
+        }
+    }
+
+    /// The quantizer's options from the settings.
+    fn options(&self) -> crate::quant::Options {
+        let e = &self.export;
+        crate::quant::Options {
+            quantize_embedding: e.quantize_embedding.unwrap_or(false),
+            accuracy_level: e.accuracy_level.unwrap_or(crate::quant::ACCURACY_LEVEL),
+            head_bits: e
+                .head_bits
+                .and_then(crate::quant::HeadBits::from_number)
+                .unwrap_or_default(),
         }
     }
 }
@@ -39,28 +75,10 @@ impl Stage for QuantizeStage {
         4
     }
     fn settings(&self) -> Settings {
-        let mut s = Settings::new();
-        s.insert("dtype".into(), self.dtype.name().into());
-        if self.options.quantize_embedding && self.dtype.is_4bit() {
-            s.insert("export.quantize_embedding".into(), true.into());
-        }
-        if self.dtype.is_4bit() {
-            s.insert(
-                "export.head_bits".into(),
-                self.options.head_bits.number().into(),
-            );
-        }
-        if self.dtype.uses_blocks() && self.options.accuracy_level != crate::quant::ACCURACY_LEVEL {
-            s.insert(
-                "export.accuracy_level".into(),
-                self.options.accuracy_level.into(),
-            );
-        }
-        s.insert(
-            "export.external_data".into(),
-            serde_json::to_value(self.external_data).expect("serialises"),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
         vec!["export".to_string()]
@@ -89,11 +107,11 @@ impl Stage for QuantizeStage {
         })
         .map_err(|e| StageError::failed(format!("cannot read the fp32 export: {e}")))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "read the fp32 export");
-        let (model, report) = crate::quant::quantize(fp32, self.dtype, self.options)
+        let (model, report) = crate::quant::quantize(fp32, self.dtype, self.options())
             .map_err(|e| StageError::failed(e.to_string()))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "quantized");
         let file = self.dtype.file_name();
-        let written = write_onnx(model, &ctx.output(file), policy(self.external_data))?;
+        let written = write_onnx(model, &ctx.output(file), policy(self.export.external_data))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "wrote the file");
         let size = written.total_bytes();
         let mut json = serde_json::to_value(&report).expect("report serialises");

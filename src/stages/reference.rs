@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::shared::{REFERENCE_LOGITS, read_documents, write_json};
-use crate::engine::{Settings, Stage, StageContext, StageError};
-use crate::manifest::{RawPrompts, Verify};
+use super::shared::{ModelStage, REFERENCE_LOGITS, read_documents, write_json};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
+use crate::manifest::RawPrompts;
 use crate::model;
 use crate::verify::{self, Workload};
 
@@ -18,12 +18,25 @@ const WINDOW: usize = 128;
 const PROMPT_TOKENS: usize = 48;
 
 /// The workload and candle's side of it, shared by every `verify.<dtype>`.
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ReferenceStage {
-    pub verify: Verify,
-    /// The stage whose model folder candle runs: `merge`, `vocab` or `base`.
-    pub model_stage: &'static str,
-    /// Whether prompts come from the corpus's eval split (else an English sample).
+    pub verify: ReferenceSettings,
+    /// The stage whose model folder candle runs (`merge`, `vocab` or
+    /// `base`): its artifacts are keyed by digest.
+    #[serde(rename = "@model_stage")]
+    pub model_stage: ModelStage,
+    /// Whether prompts come from the corpus's eval split (else an English
+    /// sample): the eval split is an input, keyed by digest.
+    #[serde(rename = "@corpus")]
     pub corpus: bool,
+}
+
+/// What of `[verify]` shapes the workload.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReferenceSettings {
+    pub prompts: RawPrompts,
+    pub max_new_tokens: u64,
 }
 
 impl ReferenceStage {
@@ -127,19 +140,13 @@ impl Stage for ReferenceStage {
         4
     }
     fn settings(&self) -> Settings {
-        let mut s = Settings::new();
-        s.insert(
-            "verify.prompts".into(),
-            serde_json::to_value(&self.verify.prompts).expect("prompts serialise"),
-        );
-        s.insert(
-            "verify.max_new_tokens".into(),
-            self.verify.max_new_tokens.into(),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.to_string()];
+        let mut deps = vec![self.model_stage.name().to_string()];
         if self.corpus {
             deps.push("corpus".to_string());
         }
@@ -149,7 +156,7 @@ impl Stage for ReferenceStage {
         super::shared::tools()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let stage = self.model_stage;
+        let stage = self.model_stage.name();
         let model = super::shared::load_model(ctx, stage)?;
         let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)

@@ -15,6 +15,26 @@ use crate::manifest::ExternalData;
 use crate::model::{self, ModelConfig, ModelError};
 use crate::onnx::external::{self, Policy, Written};
 
+/// The stage whose model folder another stage reads: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelStage {
+    Base,
+    Vocab,
+    Merge,
+}
+
+impl ModelStage {
+    /// The stage's name in the plan.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelStage::Base => "base",
+            ModelStage::Vocab => "vocab",
+            ModelStage::Merge => "merge",
+        }
+    }
+}
+
 /// The tokenizers version that shapes tokenizer artifacts (part of the
 /// keys), as Cargo.lock pins it.
 pub const TOKENIZERS_VERSION: &str = env!("SYMB_LOCKED_TOKENIZERS");

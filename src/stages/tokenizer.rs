@@ -41,9 +41,11 @@ use tokenizers::{
 };
 
 use super::shared::{Document, TOKENIZERS_VERSION, read_documents};
-use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{PreTokenizer, Tokenizer};
 
+/// `[tokenizer]`: the stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TokenizerStage {
     pub tokenizer: Tokenizer,
 }
@@ -67,25 +69,10 @@ impl Stage for TokenizerStage {
         1
     }
     fn settings(&self) -> Settings {
-        let t = &self.tokenizer;
-        let mut s = Settings::new();
-        s.insert(
-            "tokenizer.vocab_size".into(),
-            serde_json::json!(t.vocab_size),
-        );
-        s.insert(
-            "tokenizer.min_frequency".into(),
-            serde_json::json!(t.min_frequency),
-        );
-        s.insert(
-            "tokenizer.pre_tokenizer".into(),
-            serde_json::to_value(t.pre_tokenizer).expect("enum serialises"),
-        );
-        s.insert(
-            "tokenizer.special_tokens".into(),
-            serde_json::json!(t.special_tokens),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
         vec!["corpus".to_string()]

@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
 use super::shared::{ENGLISH_SAMPLE, document_lines, read_documents};
-use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{Vocab, VocabInit, VocabStrategy};
 use crate::model::EmbeddingInit;
 use crate::model::rng::Rng;
@@ -43,9 +43,12 @@ use crate::model::{self, ModelError};
 /// the settings and inputs.
 const INIT_SEED: u64 = 0x0C0B_5EED;
 
+/// `[vocab]`: the stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VocabStage {
     pub vocab: Vocab,
-    /// Where the output folder gets this model.
+    /// Where the output folder gets this model: not what the stage writes.
+    #[serde(rename = "@publish")]
     pub publish: super::ModelPublish,
 }
 
@@ -541,21 +544,10 @@ impl Stage for VocabStage {
         3
     }
     fn settings(&self) -> Settings {
-        let v = &self.vocab;
-        let mut s = Settings::new();
-        s.insert(
-            "vocab.strategy".into(),
-            serde_json::to_value(v.strategy).expect("serialises"),
-        );
-        s.insert(
-            "vocab.init".into(),
-            serde_json::to_value(v.init).expect("serialises"),
-        );
-        s.insert(
-            "vocab.pad_to_multiple_of".into(),
-            v.pad_to_multiple_of.into(),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
         vec![
