@@ -49,7 +49,7 @@ use crate::cache::CacheError;
 pub type Settings = BTreeMap<String, serde_json::Value>;
 
 /// A file outside the cache that a stage reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExternalFile {
     /// The path as shown to the user and recorded in keys: relative to the
     /// project folder, with `/` separators.

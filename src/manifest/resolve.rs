@@ -122,21 +122,32 @@ pub struct Project {
     pub language: Vec<String>,
 }
 
-/// Which fields of a jsonl or csv record make a document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Which fields of a jsonl or csv record make a document (named as the
+/// manifest names them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(untagged)]
 pub enum TextFields {
-    Text(String),
-    PromptCompletion { prompt: String, completion: String },
+    Text {
+        text_field: String,
+    },
+    PromptCompletion {
+        prompt_field: String,
+        completion_field: String,
+    },
 }
 
-#[derive(Debug, Clone)]
+/// `[corpus]`: the corpus stage's settings.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Corpus {
-    /// The glob patterns as written.
+    /// The glob patterns as written (`corpus.files`).
+    #[serde(rename = "files")]
     pub patterns: Vec<String>,
-    /// The files they matched, sorted, without duplicates.
+    /// The files they matched, sorted, without duplicates: keyed by their
+    /// content (the stage's `files()`), not by where they are.
+    #[serde(rename = "@files")]
     pub files: Vec<ExternalFile>,
     pub format: CorpusFormat,
+    #[serde(flatten)]
     pub fields: TextFields,
     pub eval_fraction: f64,
     pub seed: u64,
@@ -945,7 +956,10 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
             return Err(cx.at(&["corpus", "text_field"], "set either `corpus.text_field` or `corpus.prompt_field` + `corpus.completion_field`, not both"));
         }
-        (_, Some(prompt), Some(completion)) => TextFields::PromptCompletion { prompt, completion },
+        (_, Some(prompt), Some(completion)) => TextFields::PromptCompletion {
+            prompt_field: prompt,
+            completion_field: completion,
+        },
         (_, Some(_), None) => {
             return Err(cx.at(
                 &["corpus", "prompt_field"],
@@ -958,7 +972,9 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
                 "`corpus.completion_field` needs `corpus.prompt_field` too",
             ));
         }
-        (text, None, None) => TextFields::Text(text.unwrap_or_else(|| "text".to_string())),
+        (text, None, None) => TextFields::Text {
+            text_field: text.unwrap_or_else(|| "text".to_string()),
+        },
     };
     let eval_fraction = raw.eval_fraction.unwrap_or(0.05);
     if !(0.0..1.0).contains(&eval_fraction) {

@@ -13,9 +13,13 @@ use std::io::Write;
 use std::path::Path;
 
 use super::shared::Document;
-use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
+use crate::engine::{
+    ExternalFile, Settings, Stage, StageContext, StageError, settings_of, spec_of,
+};
 use crate::manifest::{Corpus, CorpusFormat, TextFields};
 
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CorpusStage {
     pub corpus: Corpus,
 }
@@ -32,31 +36,10 @@ impl Stage for CorpusStage {
         2
     }
     fn settings(&self) -> Settings {
-        let c = &self.corpus;
-        let mut s = Settings::new();
-        s.insert("corpus.files".into(), serde_json::json!(c.patterns));
-        s.insert(
-            "corpus.format".into(),
-            serde_json::to_value(c.format).expect("enum serialises"),
-        );
-        match &c.fields {
-            TextFields::Text(field) => {
-                s.insert("corpus.text_field".into(), serde_json::json!(field));
-            }
-            TextFields::PromptCompletion { prompt, completion } => {
-                s.insert("corpus.prompt_field".into(), serde_json::json!(prompt));
-                s.insert(
-                    "corpus.completion_field".into(),
-                    serde_json::json!(completion),
-                );
-            }
-        }
-        s.insert(
-            "corpus.eval_fraction".into(),
-            serde_json::json!(c.eval_fraction),
-        );
-        s.insert("corpus.seed".into(), serde_json::json!(c.seed));
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn files(&self) -> &[ExternalFile] {
         &self.corpus.files
@@ -285,13 +268,16 @@ fn push_record(
     out: &mut Vec<Document>,
 ) -> Result<(), StageError> {
     match fields {
-        TextFields::Text(name) => {
+        TextFields::Text { text_field: name } => {
             let text = field(name)?;
             if !text.trim().is_empty() {
                 out.push(Document::Text { text });
             }
         }
-        TextFields::PromptCompletion { prompt, completion } => {
+        TextFields::PromptCompletion {
+            prompt_field: prompt,
+            completion_field: completion,
+        } => {
             out.push(Document::PromptCompletion {
                 prompt: field(prompt)?,
                 completion: field(completion)?,

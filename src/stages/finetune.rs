@@ -5,58 +5,118 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::shared::{Document, io, load_base, model_error, read_documents, write_json};
-use crate::engine::{Settings, Stage, StageContext, StageError};
+use super::shared::{Document, ModelStage, io, load_base, model_error, read_documents, write_json};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{Finetune, FinetuneMethod};
 use crate::model::lora::LoraSpec;
-use crate::model::trainer::{Method, Progress, TrainConfig, pack, train};
+use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
 use crate::model::{self, ModelConfig, lora};
 
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FinetuneStage {
-    pub finetune: Finetune,
-    /// The stage whose model it trains: `base`, or `vocab` when one grew it.
-    pub model_stage: &'static str,
-    /// What the adapter names as its base (`base_model_name_or_path`): the
-    /// Hub id. A local folder is named by its config's `_name_or_path` (what
-    /// transformers saved it from) when that is not a path of a machine.
-    pub base_name: Option<String>,
+    pub finetune: FinetuneSettings,
+    /// With LoRA: the base the adapter names (`base_model_name_or_path`),
+    /// keyed as `base.model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<AdapterBase>,
+    /// The stage whose model it trains (`base`, or `vocab` when one grew
+    /// it): its artifacts are keyed by digest.
+    #[serde(rename = "@model_stage")]
+    pub model_stage: ModelStage,
+}
+
+/// What the adapter names as its base: the Hub id. A local folder is named
+/// by its config's `_name_or_path` (what transformers saved it from) when
+/// that is not a path of a machine.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AdapterBase {
+    pub model: Option<String>,
+}
+
+/// What of `[finetune]` shapes the adapter or the weights: LoRA's settings
+/// only with LoRA, `train_new_tokens` only where it applies (LoRA after a
+/// `vocab` stage).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FinetuneSettings {
+    pub method: FinetuneMethod,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    pub batch_size: u64,
+    pub block_size: u64,
+    pub epochs: u64,
+    pub gradient_accumulation: u64,
+    pub eval_every: u64,
+    pub checkpoint_every: u64,
+    pub seed: u64,
+    pub max_steps: Option<u64>,
+    pub early_stopping_patience: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub train_new_tokens: bool,
+}
+
+/// `[finetune]`'s LoRA settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LoraSettings {
+    pub rank: u64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    pub targets: Vec<String>,
 }
 
 impl FinetuneStage {
-    /// The stage from its [`Stage::spec`], on a worker.
-    pub fn from_spec(spec: &serde_json::Value) -> Result<Self, String> {
-        let finetune = serde_json::from_value(spec["finetune"].clone())
-            .map_err(|e| format!("`finetune`: {e}"))?;
-        let model_stage = match spec["model_stage"].as_str() {
-            Some("base") => "base",
-            Some("vocab") => "vocab",
-            other => {
-                return Err(format!(
-                    "`model_stage` {other:?} is neither `base` nor `vocab`"
-                ));
-            }
-        };
-        let base_name = serde_json::from_value(spec["base_name"].clone())
-            .map_err(|e| format!("`base_name`: {e}"))?;
-        Ok(FinetuneStage {
-            finetune,
+    /// The stage for `[finetune]`, training the model of `model_stage`.
+    pub fn new(f: &Finetune, model_stage: ModelStage, base_name: Option<String>) -> Self {
+        let lora = f.method == FinetuneMethod::Lora;
+        FinetuneStage {
+            finetune: FinetuneSettings {
+                method: f.method,
+                lora: lora.then(|| LoraSettings {
+                    rank: f.rank,
+                    alpha: f.alpha,
+                    dropout: f.dropout,
+                    rslora: f.rslora,
+                    targets: f.targets.clone(),
+                }),
+                learning_rate: f.learning_rate,
+                weight_decay: f.weight_decay,
+                max_grad_norm: f.max_grad_norm,
+                schedule: f.schedule,
+                warmup_steps: f.warmup_steps,
+                batch_size: f.batch_size,
+                block_size: f.block_size,
+                epochs: f.epochs,
+                gradient_accumulation: f.gradient_accumulation,
+                eval_every: f.eval_every,
+                checkpoint_every: f.checkpoint_every,
+                seed: f.seed,
+                max_steps: f.max_steps,
+                early_stopping_patience: f.early_stopping_patience,
+                train_new_tokens: lora && model_stage == ModelStage::Vocab && f.train_new_tokens,
+            },
+            base: lora.then_some(AdapterBase { model: base_name }),
             model_stage,
-            base_name,
-        })
+        }
     }
 
     fn train_config(&self, trainable_tokens: Vec<u32>) -> TrainConfig {
         let f = &self.finetune;
-        let method = match f.method {
-            FinetuneMethod::Full | FinetuneMethod::None => Method::Full,
-            FinetuneMethod::Lora => Method::Lora {
+        let method = match &f.lora {
+            None => Method::Full,
+            Some(l) => Method::Lora {
                 spec: LoraSpec {
-                    targets: f.targets.clone(),
-                    rank: f.rank as usize,
-                    alpha: f.alpha,
-                    rslora: f.rslora,
+                    targets: l.targets.clone(),
+                    rank: l.rank as usize,
+                    alpha: l.alpha,
+                    rslora: l.rslora,
                 },
-                dropout: f.dropout,
+                dropout: l.dropout,
             },
         };
         TrainConfig {
@@ -123,15 +183,6 @@ fn tokenize(
         .collect())
 }
 
-impl FinetuneStage {
-    /// LoRA on a model whose vocabulary grew trains the new rows too.
-    fn trains_new_tokens(&self) -> bool {
-        self.model_stage == "vocab"
-            && self.finetune.method == FinetuneMethod::Lora
-            && self.finetune.train_new_tokens
-    }
-}
-
 impl Stage for FinetuneStage {
     fn name(&self) -> &str {
         "finetune"
@@ -145,62 +196,13 @@ impl Stage for FinetuneStage {
         4
     }
     fn settings(&self) -> Settings {
-        let f = &self.finetune;
-        let mut s = Settings::new();
-        s.insert(
-            "finetune.method".into(),
-            serde_json::to_value(f.method).expect("serialises"),
-        );
-        if f.method == FinetuneMethod::Lora {
-            s.insert("base.model".into(), serde_json::json!(self.base_name));
-        }
-        if f.method == FinetuneMethod::Lora {
-            s.insert("finetune.rank".into(), f.rank.into());
-            s.insert("finetune.alpha".into(), f.alpha.into());
-            s.insert("finetune.dropout".into(), f.dropout.into());
-            s.insert("finetune.rslora".into(), f.rslora.into());
-            s.insert("finetune.targets".into(), serde_json::json!(f.targets));
-        }
-        for (key, value) in [
-            ("learning_rate", f.learning_rate),
-            ("weight_decay", f.weight_decay),
-            ("max_grad_norm", f.max_grad_norm),
-        ] {
-            s.insert(format!("finetune.{key}"), value.into());
-        }
-        s.insert(
-            "finetune.schedule".into(),
-            serde_json::to_value(f.schedule).expect("serialises"),
-        );
-        for (key, value) in [
-            ("warmup_steps", f.warmup_steps),
-            ("batch_size", f.batch_size),
-            ("block_size", f.block_size),
-            ("epochs", f.epochs),
-            ("gradient_accumulation", f.gradient_accumulation),
-            ("eval_every", f.eval_every),
-            ("checkpoint_every", f.checkpoint_every),
-            ("seed", f.seed),
-        ] {
-            s.insert(format!("finetune.{key}"), value.into());
-        }
-        s.insert("finetune.max_steps".into(), serde_json::json!(f.max_steps));
-        s.insert(
-            "finetune.early_stopping_patience".into(),
-            serde_json::json!(f.early_stopping_patience),
-        );
-        if self.trains_new_tokens() {
-            s.insert("finetune.train_new_tokens".into(), true.into());
-        }
-        s
+        settings_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec!["corpus".to_string(), self.model_stage.to_string()]
+        vec!["corpus".to_string(), self.model_stage.name().to_string()]
     }
     fn spec(&self) -> Option<serde_json::Value> {
-        Some(
-            serde_json::json!({"finetune": self.finetune, "model_stage": self.model_stage, "base_name": self.base_name}),
-        )
+        spec_of(self)
     }
     fn publishes(&self) -> Vec<(String, String)> {
         let mut files = vec![
@@ -222,8 +224,8 @@ impl Stage for FinetuneStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         self.check_memory(ctx)?;
-        let (model, tokenizer) = load_base(ctx, self.model_stage)?;
-        let trainable_tokens = if self.trains_new_tokens() {
+        let (model, tokenizer) = load_base(ctx, self.model_stage.name())?;
+        let trainable_tokens = if self.finetune.train_new_tokens {
             super::shared::read_new_tokens(ctx.input("vocab", "new_tokens.json")?)?
         } else {
             Vec::new()
@@ -247,14 +249,19 @@ impl Stage for FinetuneStage {
                 )));
             }
         }
-        let base_name = self.base_name.clone().or_else(|| {
-            let config: serde_json::Value =
-                model::read_json(ctx.input(self.model_stage, "config.json").ok()?).ok()?;
-            config["_name_or_path"]
-                .as_str()
-                .filter(|n| !n.is_empty() && !Path::new(n).is_absolute() && !n.starts_with('.'))
-                .map(str::to_string)
-        });
+        let base_name = self
+            .base
+            .as_ref()
+            .and_then(|b| b.model.clone())
+            .or_else(|| {
+                let config: serde_json::Value =
+                    model::read_json(ctx.input(self.model_stage.name(), "config.json").ok()?)
+                        .ok()?;
+                config["_name_or_path"]
+                    .as_str()
+                    .filter(|n| !n.is_empty() && !Path::new(n).is_absolute() && !n.starts_with('.'))
+                    .map(str::to_string)
+            });
         let separator = model.config().eos_token_id();
         let train_docs = read_documents(ctx.input("corpus", "train.jsonl")?)?;
         let eval_docs = read_documents(ctx.input("corpus", "eval.jsonl")?)?;
@@ -501,8 +508,8 @@ impl FinetuneStage {
     /// moments per trained parameter) and, at the least, each layer's
     /// activations and the logits of one batch.
     fn check_memory(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let config =
-            ModelConfig::read(ctx.input(self.model_stage, "config.json")?).map_err(model_error)?;
+        let config = ModelConfig::read(ctx.input(self.model_stage.name(), "config.json")?)
+            .map_err(model_error)?;
         let f = &self.finetune;
         let parameters = config.parameters();
         let trained = if f.method == FinetuneMethod::Lora {

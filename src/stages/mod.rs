@@ -149,11 +149,11 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             // Not the folder's path or name: keys hold no location.
             BaseModel::Path(_) | BaseModel::Gguf(_) | BaseModel::Scratch => None,
         });
-        stages.push(Box::new(finetune::FinetuneStage {
-            finetune: finetune.clone(),
-            model_stage: model_stage.name(),
+        stages.push(Box::new(finetune::FinetuneStage::new(
+            finetune,
+            model_stage,
             base_name,
-        }));
+        )));
         stages.push(Box::new(merge::MergeStage {
             lora: finetune.method == FinetuneMethod::Lora,
             model_stage,
@@ -195,7 +195,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             corpus: manifest.corpus.is_some(),
         }));
         for &dtype in &export.targets {
-            stages.push(Box::new(verify::VerifyStage::new(dtype, settings.clone())));
+            stages.push(Box::new(verify::VerifyStage::new(dtype, &settings)));
         }
         let browser = settings.browser.clone();
         if let Some(browser) = &browser {
@@ -243,13 +243,15 @@ pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>,
             .map_err(|e| e.to_string())
     }
     match kind {
-        "finetune" => Ok(Box::new(finetune::FinetuneStage::from_spec(spec)?)),
+        "finetune" => parse::<finetune::FinetuneStage>(spec),
+        "corpus" => parse::<corpus::CorpusStage>(spec),
         "tokenizer" => parse::<tokenizer::TokenizerStage>(spec),
         "vocab" => parse::<vocab::VocabStage>(spec),
         "merge" => parse::<merge::MergeStage>(spec),
         "export" => parse::<export::ExportStage>(spec),
         "quantize" => parse::<quantize::QuantizeStage>(spec),
         "reference" => parse::<reference::ReferenceStage>(spec),
+        "verify" => parse::<verify::VerifyStage>(spec),
         other => Err(format!(
             "a `{other}` stage cannot run on a worker; this symb runs {} there",
             crate::manifest::REMOTE_STAGES.join(", ")
@@ -444,14 +446,17 @@ mod tests {
     }
 
     /// The stage kinds that are their settings (the rest build theirs by
-    /// hand for now: finetune, corpus, base, verify, browser, bundle).
-    const DERIVED: [&str; 6] = [
+    /// hand for now: base, browser, bundle).
+    const DERIVED: [&str; 9] = [
+        "corpus",
+        "finetune",
         "tokenizer",
         "vocab",
         "merge",
         "export",
         "quantize",
         "reference",
+        "verify",
     ];
 
     /// The paths to the leaves of a stage's serialised form, `@` fields aside

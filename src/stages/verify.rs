@@ -7,35 +7,50 @@ use std::collections::BTreeMap;
 
 use super::shared::{REFERENCE_LOGITS, link_or_copy, write_json};
 use crate::dtype::Dtype;
-use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
+use crate::engine::{
+    FailureClass, Settings, Stage, StageContext, StageError, settings_of, spec_of,
+};
 use crate::manifest::Verify;
 use crate::model;
 use crate::verify::Tolerance;
 use crate::verify::{self, runtime};
 
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VerifyStage {
     pub dtype: Dtype,
-    pub verify: Verify,
+    pub verify: VerifySettings,
+    /// The bounds `[verify.tolerance.D]` itself set: what a failure names as
+    /// the bound's origin, not what is checked (`verify.tolerance` is).
+    #[serde(rename = "@overrides")]
+    overrides: Option<Tolerance>,
+    /// The stage's name in the plan, from the dtype.
+    #[serde(rename = "@name")]
     name: String,
-    file: &'static str,
-    tolerance: Tolerance,
+}
+
+/// The bounds the file must meet: `[verify.tolerance.D]` over symb's defaults.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VerifySettings {
+    pub tolerance: Tolerance,
 }
 
 impl VerifyStage {
-    pub fn new(dtype: Dtype, verify: Verify) -> Self {
-        let tolerance = verify::tolerance(dtype, verify.tolerance.get(&dtype));
+    pub fn new(dtype: Dtype, verify: &Verify) -> Self {
+        let overrides = verify.tolerance.get(&dtype).cloned();
         VerifyStage {
             dtype,
-            verify,
+            verify: VerifySettings {
+                tolerance: verify::tolerance(dtype, overrides.as_ref()),
+            },
+            overrides,
             name: dtype.verify_stage(),
-            file: dtype.file_name(),
-            tolerance,
         }
     }
 
     /// The stage that wrote the file, and the file.
     fn source(&self) -> (String, &'static str) {
-        (self.dtype.producer_stage(), self.file)
+        (self.dtype.producer_stage(), self.dtype.file_name())
     }
 }
 
@@ -54,17 +69,15 @@ impl Stage for VerifyStage {
         // 5: ONNX follows candle's greedy tokens, all of candle's side from
         // `reference`. 6: ONNX goes along those tokens in three calls (the
         // first token alone, then the rest together) unless the file scales
-        // its activations over each call.
-        6
+        // its activations over each call. 7: the stage is its settings (its
+        // bounds keyed as `verify.tolerance`).
+        7
     }
     fn settings(&self) -> Settings {
-        let mut s = Settings::new();
-        s.insert("dtype".into(), self.dtype.name().into());
-        s.insert(
-            format!("verify.tolerance.{}", self.dtype),
-            serde_json::to_value(&self.tolerance).expect("tolerance serialises"),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
         vec!["reference".to_string(), self.source().0]
@@ -111,27 +124,29 @@ impl Stage for VerifyStage {
         // engine runs up to `jobs` at once, and its pool has `jobs` threads.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = verify::session::Threads::shared(cores, rayon::current_num_threads());
-        let runtime_error =
-            |e: runtime::RuntimeError| StageError::failed(format!("{}: {e}", self.file));
+        let runtime_error = |e: runtime::RuntimeError| {
+            StageError::failed(format!("{}: {e}", self.dtype.file_name()))
+        };
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
         tracing::debug!("loaded the ONNX file in ONNX Runtime");
         let report = verify::verify(
             &mut onnx,
             &reference,
             &mut logits,
-            &self.tolerance,
+            &self.verify.tolerance,
             verify::Stepping::for_dtype(self.dtype),
             |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"),
         )
-        .map_err(|e| StageError::failed(format!("{}: {e}", self.file)))?;
+        .map_err(|e| StageError::failed(format!("{}: {e}", self.dtype.file_name())))?;
         let mut json = serde_json::to_value(&report).expect("report serialises");
         json["dtype"] = self.dtype.name().into();
-        json["file"] = format!("onnx/{}", self.file).into();
+        json["file"] = format!("onnx/{}", self.dtype.file_name()).into();
         json["onnxruntime"] = runtime::identity().into();
-        json["tolerance"] = serde_json::to_value(&self.tolerance).expect("tolerance serialises");
+        json["tolerance"] =
+            serde_json::to_value(&self.verify.tolerance).expect("tolerance serialises");
         let failures: Vec<_> = report.failures().collect();
         if !failures.is_empty() {
-            let overridden = self.verify.tolerance.get(&self.dtype);
+            let overridden = self.overrides.as_ref();
             let lines: Vec<String> = failures
                 .iter()
                 .map(|c| {
@@ -158,7 +173,7 @@ impl Stage for VerifyStage {
                 class: FailureClass::Verification,
                 message: format!(
                     "onnx/{} (dtype {}) failed verification against candle:\n{}\n  (the output folder was not updated; loosen the bound in `[verify.tolerance.{}]` if this loss is acceptable)",
-                    self.file,
+                    self.dtype.file_name(),
                     self.dtype,
                     lines.join("\n"),
                     self.dtype
