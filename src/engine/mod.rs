@@ -72,7 +72,7 @@ pub enum FailureClass {
     Verification,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("{message}")]
 pub struct StageError {
     pub class: FailureClass,

@@ -96,7 +96,7 @@ pub const TRANSFORMERS_JS_CDN: &str =
     "https://cdn.jsdelivr.net/npm/@huggingface/transformers@4.3.1/dist/transformers.min.js";
 
 /// `[web]`, resolved: the playground's defaults.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Web {
     /// The dtype transformers.js loads by default (`None`: symb picks one of the targets).
     pub dtype: Option<Dtype>,
@@ -161,7 +161,7 @@ pub struct Tokenizer {
     pub special_tokens: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BaseModel {
     Scratch,
@@ -304,7 +304,7 @@ impl Device {
 }
 
 /// The WebGPU adapter Chromium gives the page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Adapter {
     /// The machine's GPU.
@@ -314,17 +314,23 @@ pub enum Adapter {
 }
 
 /// `[verify.browser]`, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Browser {
     pub devices: Vec<Device>,
     pub adapter: Adapter,
     /// How many of verify's prompts (the first ones).
     pub prompts: usize,
-    /// The Chromium binary (`None`: `$CHROMIUM`, else one on the PATH).
+    /// The Chromium binary (`None`: `$CHROMIUM`, else one on the PATH):
+    /// keyed by its version (the stage's tools), not its path.
+    #[serde(rename = "@chromium")]
     pub chromium: Option<PathBuf>,
     /// A `node_modules` folder with transformers.js and onnxruntime-web
-    /// (`None`: `web.transformers_js`, a URL).
+    /// (`None`: `web.transformers_js`, a URL): keyed by the library's
+    /// version (the stage's tools), not its path.
+    #[serde(rename = "@transformers_js")]
     pub transformers_js: Option<PathBuf>,
+    /// How long the check may take: not what it finds.
+    #[serde(rename = "@timeout")]
     pub timeout: std::time::Duration,
 }
 

@@ -9,19 +9,121 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::shared::{copy, model_error, save_weights, write_json};
-use crate::engine::{ExternalFile, Settings, Stage, StageContext, StageError};
+use crate::engine::{
+    ExternalFile, Settings, Stage, StageContext, StageError, settings_of, spec_of,
+};
 use crate::manifest::{Architecture, Base, BaseModel};
 use crate::model::rng::Rng;
 use crate::model::{self, ModelConfig};
 
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BaseStage {
-    pub base: Base,
-    /// For a local folder: its files.
+    pub base: BaseSettings,
+    /// Where the model is: a folder or a GGUF file is keyed by its content
+    /// (`files`), never by where it lies; a Hub repository as `base.model`.
+    #[serde(rename = "@model")]
+    pub model: BaseModel,
+    /// For a local folder or GGUF file: its files, keyed by content.
+    #[serde(rename = "@files")]
     pub files: Vec<ExternalFile>,
-    /// For a Hub model: its revision resolved to a commit (or why it could not be).
+    /// For a Hub model: its revision resolved to a commit (keyed as
+    /// `base.commit`), or why it could not be (reported when it runs).
+    #[serde(rename = "@hub")]
     pub hub: Option<Result<model::hub::Resolved, StageError>>,
-    /// Where the output folder gets the base model.
+    /// Where the output folder gets the base model: not what it holds.
+    #[serde(rename = "@publish")]
     pub publish: super::ModelPublish,
+}
+
+/// What of `[base]` shapes the model's files.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BaseSettings {
+    pub model: BaseKind,
+    /// A Hub base's commit (`null`: the Hub could not be asked).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub commit: Option<Option<String>>,
+    /// A model from scratch: its shape and seed.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<ScratchShape>,
+}
+
+/// What kind of base it is (a Hub repository by name and revision).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseKind {
+    Scratch,
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+    Path,
+    Gguf,
+}
+
+/// A model from scratch: `[base]`'s architecture, size and seed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ScratchShape {
+    pub architecture: Architecture,
+    pub n_layer: u64,
+    pub n_head: u64,
+    pub n_embd: u64,
+    pub n_positions: u64,
+    pub seed: u64,
+}
+
+/// A field that is there, `null` included, is `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
+impl BaseStage {
+    /// The stage for `[base]`.
+    pub fn new(
+        base: &Base,
+        files: Vec<ExternalFile>,
+        hub: Option<Result<model::hub::Resolved, StageError>>,
+        publish: super::ModelPublish,
+    ) -> Self {
+        let kind = match &base.model {
+            BaseModel::Scratch => BaseKind::Scratch,
+            BaseModel::Hub { repo, revision } => BaseKind::Hub {
+                repo: repo.clone(),
+                revision: revision.clone(),
+            },
+            BaseModel::Path(_) => BaseKind::Path,
+            BaseModel::Gguf(_) => BaseKind::Gguf,
+        };
+        let scratch = (kind == BaseKind::Scratch).then_some(ScratchShape {
+            architecture: base.architecture,
+            n_layer: base.n_layer,
+            n_head: base.n_head,
+            n_embd: base.n_embd,
+            n_positions: base.n_positions,
+            seed: base.seed,
+        });
+        BaseStage {
+            base: BaseSettings {
+                model: kind,
+                commit: hub
+                    .as_ref()
+                    .map(|h| h.as_ref().ok().map(|r| r.commit.clone())),
+                scratch,
+            },
+            model: base.model.clone(),
+            files,
+            hub,
+            publish,
+        }
+    }
 }
 
 /// The files of a local model folder that a build reads, labelled
@@ -75,40 +177,13 @@ impl Stage for BaseStage {
         3
     }
     fn settings(&self) -> Settings {
-        let b = &self.base;
-        let mut s = Settings::new();
-        // A local folder is keyed by its files' content (`files()`), not its path.
-        let model = match &b.model {
-            BaseModel::Path(_) => serde_json::json!("path"),
-            BaseModel::Gguf(_) => serde_json::json!("gguf"),
-            other => serde_json::to_value(other).expect("serialises"),
-        };
-        s.insert("base.model".into(), model);
-        if let Some(hub) = &self.hub {
-            s.insert(
-                "base.commit".into(),
-                hub.as_ref().ok().map(|r| r.commit.clone()).into(),
-            );
-        }
-        if b.model == BaseModel::Scratch {
-            s.insert(
-                "base.architecture".into(),
-                serde_json::to_value(b.architecture).expect("serialises"),
-            );
-            for (key, value) in [
-                ("n_layer", b.n_layer),
-                ("n_head", b.n_head),
-                ("n_embd", b.n_embd),
-                ("n_positions", b.n_positions),
-                ("seed", b.seed),
-            ] {
-                s.insert(format!("base.{key}"), value.into());
-            }
-        }
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        if self.base.model == BaseModel::Scratch {
+        if self.model == BaseModel::Scratch {
             vec!["tokenizer".to_string()]
         } else {
             Vec::new()
@@ -124,7 +199,7 @@ impl Stage for BaseStage {
         self.publish.files(false)
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        match &self.base.model {
+        match &self.model {
             BaseModel::Scratch => self.scratch(ctx),
             BaseModel::Path(dir) => {
                 let names: Vec<&str> = self
@@ -293,7 +368,9 @@ impl BaseStage {
         let eos = tokenizer
             .token_to_id("<|endoftext|>")
             .or_else(|| tokenizer.get_added_tokens_decoder().keys().min().copied());
-        let b = &self.base;
+        let b = self.base.scratch.as_ref().ok_or_else(|| {
+            StageError::failed("a scratch base's stage has no shape (`base.n_layer`, ...)")
+        })?;
         let config = scratch_config(b, tokenizer.get_vocab_size(true), eos);
         // Its weights, and as much again while they are initialised and saved.
         let parameters = config.parameters();
@@ -324,7 +401,7 @@ impl BaseStage {
 }
 
 /// The config of a from-scratch model of the manifest's architecture and size.
-fn scratch_config(b: &Base, vocab_size: usize, eos: Option<u32>) -> ModelConfig {
+fn scratch_config(b: &ScratchShape, vocab_size: usize, eos: Option<u32>) -> ModelConfig {
     let (n_layer, n_head, n_embd, n_positions) = (
         b.n_layer as usize,
         b.n_head as usize,

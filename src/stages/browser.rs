@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::shared::{data_inputs, link_or_copy, write_json};
+use super::shared::{ModelStage, data_inputs, link_or_copy, write_json};
 use crate::dtype::Dtype;
-use crate::engine::{FailureClass, Settings, Stage, StageContext, StageError};
+use crate::engine::{
+    FailureClass, Settings, Stage, StageContext, StageError, settings_of, spec_of,
+};
 use crate::manifest::{Adapter, Browser, Device, Verify};
 use crate::verify;
 use crate::verify::Tolerance;
@@ -22,16 +24,29 @@ use crate::verify::Tolerance;
 /// The page Chromium opens (served beside the model's files).
 const CHECK_PAGE: &str = include_str!("../web/check.html");
 
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BrowserStage {
     pub browser: Browser,
+    /// Each file's bounds, as its `verify.<dtype>` has them.
+    pub tolerance: BTreeMap<Dtype, Tolerance>,
+    /// The check page's digest: editing the page checks again.
+    pub page: String,
+    /// The files it checks: their producers' artifacts are keyed by digest.
+    #[serde(rename = "@dtypes")]
     pub dtypes: Vec<Dtype>,
-    /// The stage whose config and tokenizer the folder has: `merge`, `vocab` or `base`.
-    pub model_stage: &'static str,
-    /// `web.transformers_js`: where the page gets the library without a local copy.
+    /// The stage whose config and tokenizer the folder has (`merge`,
+    /// `vocab` or `base`): its artifacts are keyed by digest.
+    #[serde(rename = "@model_stage")]
+    pub model_stage: ModelStage,
+    /// `web.transformers_js`, where the page gets the library without a
+    /// local copy: keyed by the library's version (the stage's tools).
+    #[serde(rename = "@transformers_js_url")]
     pub transformers_js_url: String,
-    /// Whether the build has a corpus, whose eval lines the page tokenizes.
+    /// Whether the build has a corpus, whose eval lines the page tokenizes:
+    /// the eval split is an input, keyed by digest.
+    #[serde(rename = "@corpus")]
     pub corpus: bool,
-    tolerances: BTreeMap<Dtype, Tolerance>,
 }
 
 impl BrowserStage {
@@ -39,21 +54,22 @@ impl BrowserStage {
         browser: Browser,
         dtypes: Vec<Dtype>,
         verify: &Verify,
-        model_stage: &'static str,
+        model_stage: ModelStage,
         transformers_js_url: String,
         corpus: bool,
     ) -> Self {
-        let tolerances = dtypes
+        let tolerance = dtypes
             .iter()
             .map(|&d| (d, verify::tolerance(d, verify.tolerance.get(&d))))
             .collect();
         BrowserStage {
             browser,
+            tolerance,
+            page: blake3::hash(CHECK_PAGE.as_bytes()).to_hex().to_string(),
             dtypes,
             model_stage,
             transformers_js_url,
             corpus,
-            tolerances,
         }
     }
 
@@ -173,23 +189,25 @@ impl BrowserStage {
             }
         }
         let mut config: serde_json::Value =
-            crate::model::read_json(ctx.input(self.model_stage, "config.json")?)
+            crate::model::read_json(ctx.input(self.model_stage.name(), "config.json")?)
                 .map_err(super::shared::model_error)?;
         config["transformers.js_config"] =
             serde_json::json!({ "use_external_data_format": external });
         write_json(&dir.join("config.json"), &config)?;
-        let tokenizer = ctx.input(self.model_stage, "tokenizer.json")?;
+        let tokenizer = ctx.input(self.model_stage.name(), "tokenizer.json")?;
         link_or_copy(tokenizer, &dir.join("tokenizer.json"))?;
-        let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
+        let base = ctx
+            .input(self.model_stage.name(), "tokenizer_config.json")
+            .ok();
         write_json(
             &dir.join("tokenizer_config.json"),
             &super::shared::tokenizer_config(
-                ctx.input(self.model_stage, "config.json")?,
+                ctx.input(self.model_stage.name(), "config.json")?,
                 tokenizer,
                 base,
             )?,
         )?;
-        if let Ok(generation) = ctx.input(self.model_stage, "generation_config.json") {
+        if let Ok(generation) = ctx.input(self.model_stage.name(), "generation_config.json") {
             link_or_copy(generation, &dir.join("generation_config.json"))?;
         }
         write_json(&dir.join("check.json"), job)?;
@@ -282,35 +300,18 @@ impl Stage for BrowserStage {
     }
     fn version(&self) -> u32 {
         // 2: the folder it checks has `model_input_names` in
-        // tokenizer_config.json. 3: the page tokenizes the eval lines.
-        3
+        // tokenizer_config.json. 3: the page tokenizes the eval lines. 4: the
+        // stage is its settings (`browser.devices`, `tolerance.<dtype>`).
+        4
     }
     fn settings(&self) -> Settings {
-        let mut s = Settings::new();
-        s.insert(
-            "devices".into(),
-            serde_json::to_value(&self.browser.devices).expect("serialises"),
-        );
-        s.insert(
-            "adapter".into(),
-            serde_json::to_value(self.browser.adapter).expect("serialises"),
-        );
-        s.insert("prompts".into(), self.browser.prompts.into());
-        s.insert(
-            "tolerance".into(),
-            serde_json::to_value(&self.tolerances).expect("serialises"),
-        );
-        s.insert(
-            "page".into(),
-            blake3::hash(CHECK_PAGE.as_bytes())
-                .to_hex()
-                .to_string()
-                .into(),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.to_string(), "reference".to_string()];
+        let mut deps = vec![self.model_stage.name().to_string(), "reference".to_string()];
         if self.corpus {
             deps.push("corpus".to_string());
         }
@@ -473,7 +474,7 @@ impl Stage for BrowserStage {
         let logits_path = ctx.input("reference", "logits.f32")?;
         let mut results = serde_json::Map::new();
         let tokenizer =
-            tokenizers::Tokenizer::from_file(ctx.input(self.model_stage, "tokenizer.json")?)
+            tokenizers::Tokenizer::from_file(ctx.input(self.model_stage.name(), "tokenizer.json")?)
                 .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
         let posted_tokens = json("tokens.json")
             .unwrap_or_else(|| serde_json::json!({ "error": "the page posted no token ids" }));
@@ -519,7 +520,7 @@ impl Stage for BrowserStage {
                         &reference,
                         &mut reader,
                         &verify::BrowserRun { logits, generated },
-                        &self.tolerances[dtype],
+                        &self.tolerance[dtype],
                     )
                     .map_err(|e| StageError::failed(format!("{name}: {e}")))?;
                     for c in report.failures() {

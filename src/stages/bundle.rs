@@ -5,14 +5,18 @@
 
 use std::collections::BTreeMap;
 
-use super::shared::data_inputs;
+use super::shared::{ModelStage, data_inputs};
 use crate::dtype::Dtype;
-use crate::engine::{Settings, Stage, StageContext, StageError};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::Device;
 
+/// The stage is its settings.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BundleStage {
-    /// The stage whose model folder was exported.
-    pub model_stage: &'static str,
+    /// The stage whose model folder was exported: its artifacts are keyed
+    /// by digest.
+    #[serde(rename = "@model_stage")]
+    pub model_stage: ModelStage,
     /// Every dtype target, in plan order.
     pub dtypes: Vec<Dtype>,
     /// The dtype transformers.js loads when a page names none.
@@ -30,10 +34,17 @@ pub struct BundleStage {
     pub vocab: bool,
     /// What the model card says beyond the reports.
     pub card: Card,
+    /// The page template's digest: editing the template rebuilds the page.
+    pub page_template: String,
+}
+
+/// The digest of the playground page's template.
+pub fn page_template() -> String {
+    blake3::hash(PAGE.as_bytes()).to_hex().to_string()
 }
 
 /// The model card's facts from the manifest.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Card {
     pub license: Option<String>,
     pub language: Vec<String>,
@@ -48,7 +59,7 @@ pub struct Card {
 }
 
 /// How the card puts a LoRA adapter back on its base with PEFT.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AdapterCard {
     /// The arguments of transformers' `AutoModelForCausalLM.from_pretrained`
     /// that load the base as the manifest took it, and a comment on them;
@@ -657,35 +668,17 @@ impl Stage for BundleStage {
         // device (WebAssembly, WebGPU); the page picks the device. 9:
         // report.html says how verify goes along candle's tokens. 10:
         // `model_input_names` (and `add_bos_token` where the tokenizer
-        // adds one) in tokenizer_config.json.
-        10
+        // adds one) in tokenizer_config.json. 11: the stage is its settings.
+        11
     }
     fn settings(&self) -> Settings {
-        let mut s = Settings::new();
-        s.insert(
-            "files".into(),
-            self.files().map(|(_, f)| f).collect::<Vec<_>>().into(),
-        );
-        s.insert("dtype".into(), self.dtype.name().into());
-        s.insert("webgpu_dtype".into(), self.webgpu_dtype.name().into());
-        s.insert("project.name".into(), self.title.clone().into());
-        s.insert(
-            "card".into(),
-            serde_json::to_value(&self.card).expect("serialises"),
-        );
-        s.insert(
-            "web".into(),
-            serde_json::to_value(&self.web).expect("serialises"),
-        );
-        // The page template is data: its digest keys the stage, so editing it rebuilds the page.
-        s.insert(
-            "page_template".into(),
-            blake3::hash(PAGE.as_bytes()).to_hex().to_string().into(),
-        );
-        s
+        settings_of(self)
+    }
+    fn spec(&self) -> Option<serde_json::Value> {
+        spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.to_string(), "reference".to_string()];
+        let mut deps = vec![self.model_stage.name().to_string(), "reference".to_string()];
         if self.vocab {
             deps.push("vocab".to_string());
         }
@@ -715,7 +708,7 @@ impl Stage for BundleStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value =
-            crate::model::read_json(ctx.input(self.model_stage, "config.json")?)
+            crate::model::read_json(ctx.input(self.model_stage.name(), "config.json")?)
                 .map_err(super::shared::model_error)?;
         let mut external = BTreeMap::new();
         for (stage, file) in self.files() {
@@ -746,10 +739,12 @@ impl Stage for BundleStage {
                 serde_json::to_value(&external).expect("serialises"),
             );
         }
-        let base = ctx.input(self.model_stage, "tokenizer_config.json").ok();
-        let tokenizer_path = ctx.input(self.model_stage, "tokenizer.json")?;
+        let base = ctx
+            .input(self.model_stage.name(), "tokenizer_config.json")
+            .ok();
+        let tokenizer_path = ctx.input(self.model_stage.name(), "tokenizer.json")?;
         let tokenizer_config = super::shared::tokenizer_config(
-            ctx.input(self.model_stage, "config.json")?,
+            ctx.input(self.model_stage.name(), "config.json")?,
             tokenizer_path,
             base,
         )?;

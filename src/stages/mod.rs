@@ -129,12 +129,12 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             })),
             _ => None,
         };
-        stages.push(Box::new(base::BaseStage {
-            base: base.clone(),
+        stages.push(Box::new(base::BaseStage::new(
+            base,
             files,
             hub,
-            publish: publish(vocab.is_none()),
-        }));
+            publish(vocab.is_none()),
+        )));
         if let Some(vocab) = vocab {
             stages.push(Box::new(vocab::VocabStage {
                 vocab: vocab.clone(),
@@ -203,7 +203,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
                 browser.clone(),
                 export.targets.clone(),
                 &settings,
-                model_stage.name(),
+                model_stage,
                 manifest.web.transformers_js.clone(),
                 manifest.corpus.is_some(),
             )));
@@ -218,7 +218,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             .unwrap_or_else(|| bundle::webgpu_dtype(&export.targets));
         let model_stage_has_vocab = stages.iter().any(|s| s.name() == "vocab");
         stages.push(Box::new(bundle::BundleStage {
-            model_stage: model_stage.name(),
+            model_stage,
             dtypes: export.targets.clone(),
             dtype,
             webgpu_dtype,
@@ -228,6 +228,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             vocab: model_stage_has_vocab,
             browser: browser.map(|b| b.devices),
             card: card(manifest),
+            page_template: bundle::page_template(),
         }));
     }
     Plan::new(stages).map_err(|e| ManifestError::general(&manifest.display, e.to_string()))
@@ -244,6 +245,9 @@ pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>,
     }
     match kind {
         "finetune" => parse::<finetune::FinetuneStage>(spec),
+        "base" => parse::<base::BaseStage>(spec),
+        "browser" => parse::<browser::BrowserStage>(spec),
+        "bundle" => parse::<bundle::BundleStage>(spec),
         "corpus" => parse::<corpus::CorpusStage>(spec),
         "tokenizer" => parse::<tokenizer::TokenizerStage>(spec),
         "vocab" => parse::<vocab::VocabStage>(spec),
@@ -445,9 +449,11 @@ mod tests {
         assert!(super::from_spec("corpus", &serde_json::json!({})).is_err());
     }
 
-    /// The stage kinds that are their settings (the rest build theirs by
-    /// hand for now: base, browser, bundle).
-    const DERIVED: [&str; 9] = [
+    /// Every stage kind.
+    const DERIVED: [&str; 12] = [
+        "base",
+        "browser",
+        "bundle",
         "corpus",
         "finetune",
         "tokenizer",
@@ -487,8 +493,14 @@ mod tests {
                 let mut longer = items.clone();
                 longer.push(items.last().cloned().unwrap_or(json!("x")));
                 let mut out = vec![Value::Array(longer)];
-                if !items.is_empty() {
+                if let Some(first) = items.first() {
                     out.push(Value::Array(items[..items.len() - 1].to_vec()));
+                    // The same length, its first item changed (a tuple).
+                    for other in variants(first) {
+                        let mut same = items.clone();
+                        same[0] = other;
+                        out.push(Value::Array(same));
+                    }
                 }
                 out
             }
@@ -526,14 +538,26 @@ mod tests {
             "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[tokenizer]\nvocab_size = 600\nspecial_tokens = [\"<a>\"]\n\n\
              [base]\nmodel = \"path:{}\"\n\n[vocab]\nstrategy = \"add_tokens\"\n\n[finetune]\nmethod = \"lora\"\n\n\
              [export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"int8\", \"q4\", \"q4f16\"]\nquantize_embedding = true\naccuracy_level = 0\n\n\
-             [verify]\nprompts = [\"ka\", \"ta\"]\nmax_new_tokens = 5\n",
+             [verify]\nprompts = [\"ka\", \"ta\"]\nmax_new_tokens = 5\n\n[verify.tolerance.q8]\nkl_divergence = 0.5\n\n[verify.browser]\ndevices = [\"webgpu\", \"wasm\"]\nprompts = 1\n",
             fixture.display()
         );
-        std::fs::write(dir.path().join("symb.toml"), text).unwrap();
-        let manifest = crate::manifest::load(&dir.path().join("symb.toml")).unwrap();
-        let plan = super::plan(&manifest, None).unwrap();
+        // A scratch model trained whole, and a Hub base whose commit is known.
+        let scratch = "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[tokenizer]\nvocab_size = 300\n\n\
+                       [base]\nmodel = \"scratch\"\narchitecture = \"llama\"\nn_layer = 2\n\n[finetune]\nmethod = \"full\"\n";
+        let hub = "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"hf:org/model\"\n";
+        let commit: super::HubCommit = Ok(crate::model::hub::Resolved {
+            commit: "0123456789abcdef0123456789abcdef01234567".to_string(),
+            files: vec!["config.json".to_string()],
+        });
+        let mut plans = Vec::new();
+        for (text, hub) in [(text.as_str(), None), (scratch, None), (hub, Some(&commit))] {
+            std::fs::write(dir.path().join("symb.toml"), text).unwrap();
+            let manifest = crate::manifest::load(&dir.path().join("symb.toml")).unwrap();
+            plans.push(super::plan(&manifest, hub).unwrap());
+        }
         let mut kinds = std::collections::BTreeSet::new();
-        for stage in plan.stages().filter(|s| DERIVED.contains(&s.kind())) {
+        let stages = plans.iter().flat_map(|p| p.stages());
+        for stage in stages.filter(|s| DERIVED.contains(&s.kind())) {
             let (name, kind) = (stage.name(), stage.kind());
             kinds.insert(kind);
             let spec = stage
