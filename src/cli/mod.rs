@@ -708,7 +708,7 @@ fn worker(store: &str, job: &str, cache: Option<PathBuf>) -> Exit {
             .unwrap_or_else(|| std::env::temp_dir().join("symb-worker"));
         let cache = crate::cache::Cache::open(&dir)?;
         let description = crate::engine::fetch_description(&cache, &store, &blob)?;
-        let stage = crate::stages::from_spec(&description.kind, &description.spec)
+        let stage = crate::stages::StageKind::rebuild(&description.kind, &description.spec)
             .map_err(|e| failed(format!("the job's `{}` stage: {e}", description.stage)))?;
         let tools = Project::default_options(1).tools;
         crate::engine::run_described(

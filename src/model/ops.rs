@@ -1,16 +1,32 @@
 //! Custom candle ops for training on the CPU, where candle's generic
-//! backward pays for work nobody needs:
+//! backward pays for work nobody needs. Each is one node with an analytic
+//! backward (f32):
 //!
-//! - [`frozen_matmul`]: `x · W` for a weight that does not train. candle's
-//!   matmul backward always computes both operands' gradients; with LoRA that
-//!   is `xᵀ · grad` for every frozen weight and the tied head, as much work
-//!   as the forward pass and a weight-sized buffer each. This op returns the
-//!   input's gradient only.
+//! - [`frozen_matmul`], [`frozen_linear`]: `x · W` (and `+ b`) for a weight
+//!   that does not train. candle's matmul backward always computes both
+//!   operands' gradients; with LoRA that is `xᵀ · grad` for every frozen
+//!   weight and the tied head, as much work as the forward pass and a
+//!   weight-sized buffer each. These return the input's gradient only.
+//! - [`lora_linear`]: a frozen linear layer with its LoRA adapter (and the
+//!   adapter's dropout mask) in one node.
+//! - [`gelu_tanh`] (GPT-2's `gelu_new`), [`silu_mul`] (Llama's gated MLP),
+//!   [`layer_norm`], [`rms_norm`]: activations and norms without the
+//!   intermediates candle's composed ops keep for backward.
+//! - [`split_heads`]: `[b, t, h·d]` to `[b, h, t, d]`, with the rotary
+//!   embedding applied on the way when given its frequencies.
 //! - [`cross_entropy`]: mean next-token loss over `[n, vocab]` logits in one
 //!   pass per row (log-sum-exp), with the gradient `(softmax − onehot) / n`
-//!   written in one buffer. Built from primitive ops it kept four logits-sized
-//!   intermediates alive until backward (236 MB each at a 57,689 vocabulary
-//!   and 1,024 positions).
+//!   written in one buffer. Built from primitive ops
+//!   ([`cross_entropy_reference`], which the tests hold it to) it kept four
+//!   logits-sized intermediates alive until backward (236 MB each at a 57,689
+//!   vocabulary and 1,024 positions).
+//! - [`linear_cross_entropy`], [`linear_cross_entropy_rows`]: the loss of
+//!   `hidden · headᵀ` a chunk of rows at a time, never holding the logits;
+//!   the second with the new tokens' rows of the head trained.
+//!
+//! And the process settings training wants: [`keep_freed_memory`] (the
+//! allocator keeps activation-sized blocks instead of unmapping them) and
+//! [`configure_threads`] (candle's own pool stops spinning beside rayon's).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};

@@ -234,32 +234,50 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
     Plan::new(stages).map_err(|e| ManifestError::general(&manifest.display, e.to_string()))
 }
 
-/// A stage rebuilt from the description a build sent (on a worker).
-pub fn from_spec(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>, String> {
-    fn parse<T: Stage + serde::de::DeserializeOwned + 'static>(
-        spec: &serde_json::Value,
-    ) -> Result<Box<dyn Stage>, String> {
-        T::deserialize(spec)
-            .map(|stage| Box::new(stage) as Box<dyn Stage>)
-            .map_err(|e| e.to_string())
+/// Every stage kind, each its settings: the one closed set a worker
+/// rebuilds a stage from (a variant's name is its stage's [`Stage::kind`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "stage", rename_all = "snake_case")]
+pub enum StageKind {
+    Corpus(corpus::CorpusStage),
+    Tokenizer(tokenizer::TokenizerStage),
+    Base(base::BaseStage),
+    Vocab(vocab::VocabStage),
+    Finetune(finetune::FinetuneStage),
+    Merge(merge::MergeStage),
+    Export(export::ExportStage),
+    Quantize(quantize::QuantizeStage),
+    Reference(reference::ReferenceStage),
+    Verify(verify::VerifyStage),
+    Browser(browser::BrowserStage),
+    Bundle(bundle::BundleStage),
+}
+
+impl StageKind {
+    /// The stage a build described ([`Stage::kind`] and [`Stage::spec`]),
+    /// rebuilt on a worker.
+    pub fn rebuild(kind: &str, spec: &serde_json::Value) -> Result<Box<dyn Stage>, String> {
+        let tagged = serde_json::json!({ "kind": kind, "stage": spec });
+        let stage: StageKind = serde_json::from_value(tagged)
+            .map_err(|e| format!("this symb cannot rebuild the `{kind}` stage it was sent: {e}"))?;
+        Ok(stage.into_stage())
     }
-    match kind {
-        "finetune" => parse::<finetune::FinetuneStage>(spec),
-        "base" => parse::<base::BaseStage>(spec),
-        "browser" => parse::<browser::BrowserStage>(spec),
-        "bundle" => parse::<bundle::BundleStage>(spec),
-        "corpus" => parse::<corpus::CorpusStage>(spec),
-        "tokenizer" => parse::<tokenizer::TokenizerStage>(spec),
-        "vocab" => parse::<vocab::VocabStage>(spec),
-        "merge" => parse::<merge::MergeStage>(spec),
-        "export" => parse::<export::ExportStage>(spec),
-        "quantize" => parse::<quantize::QuantizeStage>(spec),
-        "reference" => parse::<reference::ReferenceStage>(spec),
-        "verify" => parse::<verify::VerifyStage>(spec),
-        other => Err(format!(
-            "a `{other}` stage cannot run on a worker; this symb runs {} there",
-            crate::manifest::REMOTE_STAGES.join(", ")
-        )),
+
+    pub fn into_stage(self) -> Box<dyn Stage> {
+        match self {
+            StageKind::Corpus(s) => Box::new(s),
+            StageKind::Tokenizer(s) => Box::new(s),
+            StageKind::Base(s) => Box::new(s),
+            StageKind::Vocab(s) => Box::new(s),
+            StageKind::Finetune(s) => Box::new(s),
+            StageKind::Merge(s) => Box::new(s),
+            StageKind::Export(s) => Box::new(s),
+            StageKind::Quantize(s) => Box::new(s),
+            StageKind::Reference(s) => Box::new(s),
+            StageKind::Verify(s) => Box::new(s),
+            StageKind::Browser(s) => Box::new(s),
+            StageKind::Bundle(s) => Box::new(s),
+        }
     }
 }
 
@@ -439,14 +457,15 @@ mod tests {
         let plan = super::plan(&manifest, None).unwrap();
         let stage = plan.stage("finetune").unwrap();
         let sent = serde_json::to_string(&stage.spec().unwrap()).unwrap();
-        let rebuilt = super::from_spec("finetune", &serde_json::from_str(&sent).unwrap()).unwrap();
+        let rebuilt =
+            super::StageKind::rebuild("finetune", &serde_json::from_str(&sent).unwrap()).unwrap();
         assert_eq!(rebuilt.settings(), stage.settings());
         assert_eq!(rebuilt.dependencies(), stage.dependencies());
         assert_eq!(
             (rebuilt.kind(), rebuilt.version(), rebuilt.tools()),
             (stage.kind(), stage.version(), stage.tools())
         );
-        assert!(super::from_spec("corpus", &serde_json::json!({})).is_err());
+        assert!(super::StageKind::rebuild("corpus", &serde_json::json!({})).is_err());
     }
 
     /// Every stage kind.
@@ -563,7 +582,7 @@ mod tests {
             let spec = stage
                 .spec()
                 .unwrap_or_else(|| panic!("`{name}` has no spec"));
-            let rebuild = |spec: &serde_json::Value| super::from_spec(kind, spec);
+            let rebuild = |spec: &serde_json::Value| super::StageKind::rebuild(kind, spec);
             assert_eq!(
                 rebuild(&spec).unwrap().settings(),
                 stage.settings(),
