@@ -1,11 +1,7 @@
 //! GPT-2 lowered to ONNX with a KV cache, named as transformers.js reads it.
 //!
-//! Inputs: int64 `input_ids` `[batch_size, sequence_length]`,
-//! `attention_mask` `[batch_size, total_sequence_length]` and `position_ids`
-//! `[batch_size, sequence_length]`; float `past_key_values.{i}.key|value`
-//! `[batch_size, n_head, past_sequence_length, head_dim]` (length 0 on the
-//! first step). Outputs: `logits` `[batch_size, sequence_length, vocab]` and
-//! `present.{i}.key|value` (the past with this step appended).
+//! Inputs and outputs are the decoder contract ([`super::Decoder`]), the
+//! cache `n_head` heads wide.
 //!
 //! The attention bias combines the causal mask (query `s` sees keys up to
 //! `past + s`) with the padding mask, so left-padded batches work; masked
@@ -16,8 +12,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::proto::tensor_proto::DataType;
-use super::{Attr, Dim, GraphBuilder, proto, tensor_f32};
+use super::{Attr, Decoder, GraphBuilder, proto, tensor_f32};
 use crate::model::{Gpt2, ModelError};
 
 fn values(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
@@ -50,49 +45,18 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
         let (dims, data) = values(t)?;
         Ok(g.initializer(tensor_f32(name, &dims, &data)))
     };
-    let (batch, seq, total, past_len) = (
-        Dim::from("batch_size"),
-        Dim::from("sequence_length"),
-        Dim::from("total_sequence_length"),
-        Dim::from("past_sequence_length"),
-    );
-    let input_ids = g.input("input_ids", DataType::Int64, &[batch.clone(), seq.clone()]);
-    let attention_mask = g.input(
-        "attention_mask",
-        DataType::Int64,
-        &[batch.clone(), total.clone()],
-    );
-    let position_ids = g.input(
-        "position_ids",
-        DataType::Int64,
-        &[batch.clone(), seq.clone()],
-    );
-    let cache_dims = |len: &Dim| {
-        vec![
-            batch.clone(),
-            Dim::Fixed(heads),
-            len.clone(),
-            Dim::Fixed(head_dim),
-        ]
-    };
-    for i in 0..c.n_layer {
-        for kind in ["key", "value"] {
-            g.input(
-                &format!("past_key_values.{i}.{kind}"),
-                DataType::Float,
-                &cache_dims(&past_len),
-            );
-        }
-    }
+    let io = Decoder::inputs(&mut g, c.n_layer, heads, head_dim);
+    let (input_ids, attention_mask, position_ids) =
+        (&io.input_ids, &io.attention_mask, &io.position_ids);
 
     let wte = weight(&mut g, "transformer.wte.weight", &model.wte.weight)?;
     let wpe = weight(&mut g, "transformer.wpe.weight", &model.wpe)?;
-    let tokens = g.node("Gather", &[&wte, &input_ids], &[("axis", Attr::Int(0))]);
-    let positions = g.node("Gather", &[&wpe, &position_ids], &[("axis", Attr::Int(0))]);
+    let tokens = g.node("Gather", &[&wte, input_ids], &[("axis", Attr::Int(0))]);
+    let positions = g.node("Gather", &[&wpe, position_ids], &[("axis", Attr::Int(0))]);
     let mut x = g.node("Add", &[&tokens, &positions], &[]);
 
     // Attention bias [batch, 1, sequence, total]: causal and padding.
-    let bias = super::attention_bias(&mut g, &input_ids, &attention_mask, 4);
+    let bias = super::attention_bias(&mut g, input_ids, attention_mask, 4);
 
     let split = g.constant_i64(&[3], &[width, width, width]);
     let heads_shape = g.constant_i64(&[4], &[0, 0, heads, head_dim]);
@@ -191,21 +155,7 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
             heads_of(&mut g, &parts[1]),
             heads_of(&mut g, &parts[2]),
         );
-        let (present_k, present_v) = (format!("present.{i}.key"), format!("present.{i}.value"));
-        g.node_named(
-            "Concat",
-            None,
-            &[&format!("past_key_values.{i}.key"), &k],
-            &[("axis", Attr::Int(2))],
-            &[&present_k],
-        );
-        g.node_named(
-            "Concat",
-            None,
-            &[&format!("past_key_values.{i}.value"), &v],
-            &[("axis", Attr::Int(2))],
-            &[&present_v],
-        );
+        let (present_k, present_v) = io.append(&mut g, i, &k, &v);
         let kt = g.node(
             "Transpose",
             &[&present_k],
@@ -256,20 +206,6 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
     );
     let x = layer_norm(&mut g, &x, &lnf.0, &lnf.1);
     let head = g.node("Transpose", &[&wte], &[("perm", Attr::Ints(vec![1, 0]))]);
-    g.node_named("MatMul", None, &[&x, &head], &[], &["logits"]);
-    g.output(
-        "logits",
-        DataType::Float,
-        &[batch.clone(), seq.clone(), Dim::Fixed(c.vocab_size as i64)],
-    );
-    for i in 0..c.n_layer {
-        for kind in ["key", "value"] {
-            g.output(
-                &format!("present.{i}.{kind}"),
-                DataType::Float,
-                &cache_dims(&total),
-            );
-        }
-    }
+    io.outputs(&mut g, &x, &head, c.vocab_size);
     Ok(g.finish(opset))
 }

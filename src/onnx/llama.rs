@@ -2,12 +2,8 @@
 //! cache, named as transformers.js reads it, in standard ONNX ops (what
 //! optimum writes for these models).
 //!
-//! Inputs: int64 `input_ids` `[batch_size, sequence_length]`,
-//! `attention_mask` `[batch_size, total_sequence_length]` and `position_ids`
-//! `[batch_size, sequence_length]`; float `past_key_values.{i}.key|value`
-//! `[batch_size, num_key_value_heads, past_sequence_length, head_dim]`.
-//! Outputs: `logits` `[batch_size, sequence_length, vocab]` and
-//! `present.{i}.key|value`. The cache holds the key-value heads only: the
+//! Inputs and outputs are the decoder contract ([`super::Decoder`]). The
+//! cache holds the `num_key_value_heads` key-value heads only: the
 //! query heads of a group are stacked against their shared head
 //! (`[b, kv, group, s, d]` against `[b, kv, 1, d, total]`, MatMul
 //! broadcasting), so nothing is repeated.
@@ -23,7 +19,7 @@
 use candle_core::{DType, Tensor};
 
 use super::proto::tensor_proto::DataType;
-use super::{Attr, Dim, GraphBuilder, proto, tensor_f32};
+use super::{Attr, Decoder, GraphBuilder, proto, tensor_f32};
 use crate::model::{Linear, Llama, ModelError};
 
 /// A linear layer's weight as an `[in, out]` initializer, and its bias.
@@ -72,50 +68,19 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     );
     let group = heads / kv_heads;
     let mut g = GraphBuilder::new(model.family.model_type());
-    let (batch, seq, total, past_len) = (
-        Dim::from("batch_size"),
-        Dim::from("sequence_length"),
-        Dim::from("total_sequence_length"),
-        Dim::from("past_sequence_length"),
-    );
-    let input_ids = g.input("input_ids", DataType::Int64, &[batch.clone(), seq.clone()]);
-    let attention_mask = g.input(
-        "attention_mask",
-        DataType::Int64,
-        &[batch.clone(), total.clone()],
-    );
-    let position_ids = g.input(
-        "position_ids",
-        DataType::Int64,
-        &[batch.clone(), seq.clone()],
-    );
-    let cache_dims = |len: &Dim| {
-        vec![
-            batch.clone(),
-            Dim::Fixed(kv_heads),
-            len.clone(),
-            Dim::Fixed(head_dim),
-        ]
-    };
-    for i in 0..c.num_hidden_layers {
-        for kind in ["key", "value"] {
-            g.input(
-                &format!("past_key_values.{i}.{kind}"),
-                DataType::Float,
-                &cache_dims(&past_len),
-            );
-        }
-    }
+    let io = Decoder::inputs(&mut g, c.num_hidden_layers, kv_heads, head_dim);
+    let (input_ids, attention_mask, position_ids) =
+        (&io.input_ids, &io.attention_mask, &io.position_ids);
 
     let embed = vector(
         &mut g,
         "model.embed_tokens.weight",
         &model.embed_tokens.weight,
     )?;
-    let mut x = g.node("Gather", &[&embed, &input_ids], &[("axis", Attr::Int(0))]);
+    let mut x = g.node("Gather", &[&embed, input_ids], &[("axis", Attr::Int(0))]);
 
     // Attention bias [batch, 1, 1, sequence, total]: causal and padding.
-    let bias = super::attention_bias(&mut g, &input_ids, &attention_mask, 5);
+    let bias = super::attention_bias(&mut g, input_ids, attention_mask, 5);
     let axis_1 = g.constant_i64(&[1], &[1]);
 
     // cos and sin [batch, 1, sequence, head_dim] from the position ids,
@@ -124,7 +89,7 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     let inv_freq = g.constant_f32(&[inv_freq.len()], inv_freq);
     let positions = g.node(
         "Cast",
-        &[&position_ids],
+        &[position_ids],
         &[("to", Attr::Int(DataType::Float as i64))],
     );
     let last = g.constant_i64(&[1], &[-1]);
@@ -233,21 +198,7 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
             split_heads(&mut g, &v, kv_heads),
         );
         let (q, k) = (rotate(&mut g, &q), rotate(&mut g, &k));
-        let (present_k, present_v) = (format!("present.{i}.key"), format!("present.{i}.value"));
-        g.node_named(
-            "Concat",
-            None,
-            &[&format!("past_key_values.{i}.key"), &k],
-            &[("axis", Attr::Int(2))],
-            &[&present_k],
-        );
-        g.node_named(
-            "Concat",
-            None,
-            &[&format!("past_key_values.{i}.value"), &v],
-            &[("axis", Attr::Int(2))],
-            &[&present_v],
-        );
+        let (present_k, present_v) = io.append(&mut g, i, &k, &v);
         let q = g.node("Reshape", &[&q, &grouped_shape], &[]);
         let k = g.node("Unsqueeze", &[&present_k, &axis_2], &[]);
         let v = g.node("Unsqueeze", &[&present_v, &axis_2], &[]);
@@ -300,20 +251,6 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
         }
         None => g.node("Transpose", &[&embed], &[("perm", Attr::Ints(vec![1, 0]))]),
     };
-    g.node_named("MatMul", None, &[&x, &head], &[], &["logits"]);
-    g.output(
-        "logits",
-        DataType::Float,
-        &[batch.clone(), seq.clone(), Dim::Fixed(c.vocab_size as i64)],
-    );
-    for i in 0..c.num_hidden_layers {
-        for kind in ["key", "value"] {
-            g.output(
-                &format!("present.{i}.{kind}"),
-                DataType::Float,
-                &cache_dims(&total),
-            );
-        }
-    }
+    io.outputs(&mut g, &x, &head, c.vocab_size);
     Ok(g.finish(opset))
 }
