@@ -495,7 +495,11 @@ impl Executor for RayExecutor {
                         .map(|l| format!("; {l}"))
                         .unwrap_or_default()
                 );
-                return Err(DispatchError::Failed(StageError { class, message }));
+                return Err(DispatchError::Failed(StageError {
+                    class,
+                    message,
+                    source: None,
+                }));
             }
             // No word from the worker: it was lost (killed, out of memory, a
             // node that went away) or never started. Once more, then fail.

@@ -151,7 +151,7 @@ pub(super) fn describe(
         &path,
         serde_json::to_vec_pretty(&description).expect("descriptions serialise"),
     )
-    .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+    .map_err(|e| StageError::failed(format!("cannot write `{}`", path.display())).because(e))?;
     let blob = cache.put_file(&path)?;
     put(cache, store, &blob).map_err(|e| send_error(&e))?;
     Ok(Job {
@@ -180,9 +180,10 @@ pub(super) fn fetch_blob(
         let file = work.path().join(&blob.digest);
         store.get_blob(blob, &file).map_err(|e| {
             StageError::failed(format!(
-                "cannot fetch {} from the cache remote: {e}",
+                "cannot fetch {} from the cache remote",
                 blob.digest
             ))
+            .because(e)
         })?;
         let stored = cache.put_file(&file)?;
         if stored != *blob {
@@ -203,12 +204,13 @@ pub fn fetch_description(
 ) -> Result<Description, StageError> {
     let path = fetch_blob(cache, store, blob)?;
     let bytes = std::fs::read(&path)
-        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
+        .map_err(|e| StageError::failed(format!("cannot read `{}`", path.display())).because(e))?;
     let description: Description = serde_json::from_slice(&bytes).map_err(|e| {
         StageError::failed(format!(
-            "the job's description {} is not one this symb reads: {e}",
+            "the job's description {} is not one this symb reads",
             blob.digest
         ))
+        .because(e)
     })?;
     if description.format != DESCRIPTION_FORMAT {
         return Err(StageError::failed(format!(

@@ -365,7 +365,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
     };
     let mut inputs = match current_inputs(shared, stage, &upstream) {
         Ok(inputs) => inputs,
-        Err(e) => return failed(String::new(), StageError::bad_input(e.to_string())),
+        Err(e) => return failed(String::new(), StageError::bad_input_from(e)),
     };
     let mut key = inputs.key();
     tracing::debug!(stage = name, key = %key, "computed stage key");
@@ -429,7 +429,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
                 // An upstream stage was rebuilt from scratch; its bytes may differ.
                 match current_inputs(shared, stage, &upstream) {
                     Ok(new) => inputs = new,
-                    Err(e) => return failed(reason, StageError::bad_input(e.to_string())),
+                    Err(e) => return failed(reason, StageError::bad_input_from(e)),
                 }
                 key = inputs.key();
                 if !forced && let Some(record) = shared.cache.lookup(&key) {
@@ -767,8 +767,7 @@ fn rebuild(shared: &Shared<'_>, name: &str) -> Result<ActionRecord, StageError> 
             .collect()
     };
     let (paths, _) = ensure_inputs(shared, &mut upstream)?;
-    let inputs = current_inputs(shared, stage, &upstream)
-        .map_err(|e| StageError::bad_input(e.to_string()))?;
+    let inputs = current_inputs(shared, stage, &upstream).map_err(StageError::bad_input_from)?;
     let record = run_miss(shared, stage, &inputs.key(), &inputs, paths, Instant::now())?;
     if let Some(done) = shared
         .state

@@ -72,31 +72,74 @@ pub enum FailureClass {
     Verification,
 }
 
-#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
-#[error("{message}")]
+/// Why a stage failed: whose fault it is, what went wrong (the cause's
+/// words included), and the cause itself where there is one.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StageError {
     pub class: FailureClass,
     pub message: String,
+    /// The error that caused it (not sent between machines: a worker sends
+    /// its words, in `message`).
+    #[serde(skip)]
+    pub source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for StageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl StageError {
-    pub fn failed(message: impl Into<String>) -> Self {
+    fn new(class: FailureClass, message: String) -> Self {
         StageError {
-            class: FailureClass::Failed,
-            message: message.into(),
+            class,
+            message,
+            source: None,
         }
     }
+    /// The machine failed (exit 1).
+    pub fn failed(message: impl Into<String>) -> Self {
+        StageError::new(FailureClass::Failed, message.into())
+    }
+    /// The input is wrong (exit 2).
     pub fn bad_input(message: impl Into<String>) -> Self {
-        StageError {
-            class: FailureClass::BadInput,
-            message: message.into(),
-        }
+        StageError::new(FailureClass::BadInput, message.into())
+    }
+    /// A file missed its bounds (exit 3).
+    pub fn verification(message: impl Into<String>) -> Self {
+        StageError::new(FailureClass::Verification, message.into())
+    }
+    /// The machine failed with `error`, in its own words.
+    pub fn failed_from(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StageError::failed(error.to_string()).with_source(error)
+    }
+    /// The input is wrong, as `error` says.
+    pub fn bad_input_from(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StageError::bad_input(error.to_string()).with_source(error)
+    }
+    /// Caused by `error`, whose words follow the message (`message: error`).
+    pub fn because(mut self, error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.message = format!("{}: {error}", self.message);
+        self.with_source(error)
+    }
+    fn with_source(mut self, error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(std::sync::Arc::new(error));
+        self
     }
 }
 
 impl From<CacheError> for StageError {
     fn from(e: CacheError) -> Self {
-        StageError::failed(e.to_string())
+        StageError::failed_from(e)
     }
 }
 

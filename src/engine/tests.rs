@@ -754,3 +754,30 @@ fn a_worker_refuses_a_description_whose_key_it_would_not_compute() {
         "{message}"
     );
 }
+
+/// A stage error says its cause in its words and keeps the cause itself, so
+/// `source()` walks from what the stage was doing to what failed under it.
+#[test]
+fn a_stage_error_keeps_its_cause() {
+    use std::error::Error;
+    let cause = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+    let error = StageError::failed("cannot read `corpus/a.txt`").because(cause);
+    assert_eq!(
+        error.to_string(),
+        "cannot read `corpus/a.txt`: no such file"
+    );
+    let source = error.source().expect("the cause is kept");
+    assert_eq!(source.to_string(), "no such file");
+    let io = source
+        .downcast_ref::<std::io::Error>()
+        .expect("as the io::Error it was");
+    assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    // In its own words, and whose fault it was.
+    let error = StageError::bad_input_from(std::io::Error::other("bad bytes"));
+    assert_eq!(
+        (error.class, error.to_string().as_str()),
+        (FailureClass::BadInput, "bad bytes")
+    );
+    assert!(error.source().is_some());
+    assert!(StageError::failed("plain").source().is_none());
+}

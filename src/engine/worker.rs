@@ -73,9 +73,10 @@ pub fn run_described(
     };
     super::upload::upload(cache, store, &record, &Default::default()).map_err(|e| {
         StageError::failed(format!(
-            "cannot upload `{}` to the shared store: {e}",
+            "cannot upload `{}` to the shared store",
             record.stage
         ))
+        .because(e)
     })?;
     Ok(record)
 }

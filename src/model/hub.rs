@@ -28,7 +28,10 @@ fn api(cache_dir: &Path) -> Result<Api> {
         .with_progress(false)
         .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
         .build()
-        .map_err(|e| ModelError::Config(format!("cannot set up the Hub client: {e}")))
+        .map_err(|e| ModelError::Invalid {
+            message: "cannot set up the Hub client".to_string(),
+            source: Box::new(e),
+        })
 }
 
 /// A Hub error with `context`: an HTTP status (no such repository or

@@ -257,10 +257,12 @@ pub fn load_adapter_files(
             (Some(i), Some(values)) => {
                 let (_, indices) = token_indices.remove(i);
                 let values = values.to_dtype(DType::F32)?.to_device(&device)?;
-                matrix.rows = Some(
-                    TokenRows::new(&matrix.weight, indices, values)
-                        .map_err(|e| ModelError::Config(format!("`{}`: {e}", path.display())))?,
-                );
+                matrix.rows = Some(TokenRows::new(&matrix.weight, indices, values).map_err(
+                    |e| ModelError::Invalid {
+                        message: format!("`{}`", path.display()),
+                        source: Box::new(e),
+                    },
+                )?);
             }
             (Some(_), None) => {
                 return Err(ModelError::Config(format!(

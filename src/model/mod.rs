@@ -38,6 +38,14 @@ pub enum ModelError {
     Write { path: PathBuf, message: String },
     #[error("{0}")]
     Config(String),
+    /// A file or setting that does not hold what it must, with the error
+    /// that said so.
+    #[error("{message}: {source}")]
+    Invalid {
+        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The network or a server failed (not the input): exit 1.
     #[error("{0}")]
     Network(String),

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::shared::{ModelStage, data_inputs, link_or_copy, write_json};
 use crate::dtype::Dtype;
-use crate::engine::{
-    FailureClass, Settings, Stage, StageContext, StageError, settings_of, spec_of,
-};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{Adapter, Browser, Device, Verify};
 use crate::verify;
 use crate::verify::Tolerance;
@@ -171,7 +169,7 @@ impl BrowserStage {
         job: &serde_json::Value,
     ) -> Result<(), StageError> {
         let io = |path: &Path, e: std::io::Error| {
-            StageError::failed(format!("cannot write `{}`: {e}", path.display()))
+            StageError::failed(format!("cannot write `{}`", path.display())).because(e)
         };
         let onnx = dir.join("onnx");
         std::fs::create_dir_all(&onnx).map_err(|e| io(&onnx, e))?;
@@ -233,7 +231,7 @@ fn tokenizer_differences(
         )));
     }
     let theirs: Vec<Vec<u32>> = serde_json::from_value(posted["ids"].clone())
-        .map_err(|e| StageError::failed(format!("the page's token ids: {e}")))?;
+        .map_err(|e| StageError::failed("the page's token ids").because(e))?;
     if theirs.len() != lines.len() {
         return Err(StageError::failed(format!(
             "the page tokenized {} of {} lines",
@@ -352,25 +350,26 @@ impl Stage for BrowserStage {
         let site = tempfile::Builder::new()
             .prefix("symb-browser-")
             .tempdir()
-            .map_err(|e| StageError::failed(format!("cannot create a temporary folder: {e}")))?;
+            .map_err(|e| StageError::failed("cannot create a temporary folder").because(e))?;
         self.site(ctx, site.path(), &job)?;
         let (sender, inbox) = std::sync::mpsc::channel();
         let server =
             crate::serve::Server::bind(site.path(), 0, self.browser.transformers_js.as_deref())
                 .map_err(|e| {
-                    StageError::bad_input(format!(
-                        "cannot serve the browser check (`verify.browser.transformers_js`?): {e}"
-                    ))
+                    StageError::bad_input(
+                        "cannot serve the browser check (`verify.browser.transformers_js`?)",
+                    )
+                    .because(e)
                 })?
                 .with_inbox(sender)
                 .spawn();
         let profile = tempfile::Builder::new()
             .prefix("symb-chromium-")
             .tempdir()
-            .map_err(|e| StageError::failed(format!("cannot create a temporary folder: {e}")))?;
+            .map_err(|e| StageError::failed("cannot create a temporary folder").because(e))?;
         let log_path = profile.path().join("chromium.log");
         let log = std::fs::File::create(&log_path).map_err(|e| {
-            StageError::failed(format!("cannot create `{}`: {e}", log_path.display()))
+            StageError::failed(format!("cannot create `{}`", log_path.display())).because(e)
         })?;
         let mut command = Command::new(&chromium);
         // A fresh profile, nothing of the user's; no sandbox, as root has
@@ -396,15 +395,12 @@ impl Stage for BrowserStage {
         command.arg(format!("{}check.html", server.url));
         command
             .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|e| StageError::failed(e.to_string()))?,
-            )
+            .stdout(log.try_clone().map_err(StageError::failed_from)?)
             .stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let started = Instant::now();
         let mut browser = Chromium(command.spawn().map_err(|e| {
-            StageError::bad_input(format!("cannot start `{}`: {e}", chromium.display()))
+            StageError::bad_input(format!("cannot start `{}`", chromium.display())).because(e)
         })?);
         ctx.note(&format!(
             "checking {} files on {} in {}",
@@ -500,7 +496,7 @@ impl Stage for BrowserStage {
                 } else {
                     let generated: Vec<Vec<u32>> = serde_json::from_value(run["generated"].clone())
                         .map_err(|e| {
-                            StageError::failed(format!("{name}: the page's tokens: {e}"))
+                            StageError::failed(format!("{name}: the page's tokens")).because(e)
                         })?;
                     let logits: Vec<Vec<f32>> = (0..count)
                         .map(|i| {
@@ -511,10 +507,8 @@ impl Stage for BrowserStage {
                         .collect();
                     let mut reader =
                         std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| {
-                            StageError::failed(format!(
-                                "cannot open `{}`: {e}",
-                                logits_path.display()
-                            ))
+                            StageError::failed(format!("cannot open `{}`", logits_path.display()))
+                                .because(e)
                         })?);
                     let report = verify::compare_browser(
                         &reference,
@@ -522,7 +516,7 @@ impl Stage for BrowserStage {
                         &verify::BrowserRun { logits, generated },
                         &self.tolerance[dtype],
                     )
-                    .map_err(|e| StageError::failed(format!("{name}: {e}")))?;
+                    .map_err(|e| StageError::failed(name.to_string()).because(e))?;
                     for c in report.failures() {
                         let relation = if c.kind == "max" {
                             "above its maximum"
@@ -572,14 +566,11 @@ impl Stage for BrowserStage {
             "devices": results,
         });
         if !problems.is_empty() {
-            return Err(StageError {
-                class: FailureClass::Verification,
-                message: format!(
-                    "the browser check failed (transformers.js in Chromium against candle, {} prompts):\n{}\n  (the output folder was not updated)",
-                    count,
-                    problems.join("\n")
-                ),
-            });
+            return Err(StageError::verification(format!(
+                "the browser check failed (transformers.js in Chromium against candle, {} prompts):\n{}\n  (the output folder was not updated)",
+                count,
+                problems.join("\n")
+            )));
         }
         write_json(&ctx.output("report.json"), &report)?;
         Ok(serde_json::json!({ "prompts": count }))

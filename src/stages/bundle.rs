@@ -191,9 +191,10 @@ impl BundleStage {
                     }
                 );
             }
-            if let Ok(svg) = ctx.input("finetune", "loss.svg").and_then(|p| {
-                std::fs::read_to_string(p).map_err(|e| StageError::failed(e.to_string()))
-            }) {
+            if let Ok(svg) = ctx
+                .input("finetune", "loss.svg")
+                .and_then(|p| std::fs::read_to_string(p).map_err(StageError::failed_from))
+            {
                 html.push_str(&svg);
             }
         }

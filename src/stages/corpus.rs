@@ -50,8 +50,9 @@ impl Stage for CorpusStage {
         let mut bytes = 0u64;
         for (i, file) in files.iter().enumerate() {
             ctx.progress(i as u64, files.len() as u64, &file.label);
-            let raw = std::fs::read(&file.path)
-                .map_err(|e| StageError::bad_input(format!("cannot read `{}`: {e}", file.label)))?;
+            let raw = std::fs::read(&file.path).map_err(|e| {
+                StageError::bad_input(format!("cannot read `{}`", file.label)).because(e)
+            })?;
             bytes += raw.len() as u64;
             let text = utf8(&file.label, &raw)?;
             // A byte-order mark (Windows editors write one) is no text.
@@ -114,14 +115,15 @@ impl Stage for CorpusStage {
 
 fn write_lines(path: &Path, lines: &[String]) -> Result<(), StageError> {
     let file = std::fs::File::create(path)
-        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        .map_err(|e| StageError::failed(format!("cannot write `{}`", path.display())).because(e))?;
     let mut out = std::io::BufWriter::new(file);
     for line in lines {
-        writeln!(out, "{line}")
-            .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        writeln!(out, "{line}").map_err(|e| {
+            StageError::failed(format!("cannot write `{}`", path.display())).because(e)
+        })?;
     }
     out.flush()
-        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))
+        .map_err(|e| StageError::failed(format!("cannot write `{}`", path.display())).because(e))
 }
 
 /// Validates UTF-8, naming the line and column of the first bad byte.
@@ -230,13 +232,14 @@ fn read_file(
             let headers = reader
                 .headers()
                 .map_err(|e| {
-                    StageError::bad_input(format!("`{label}`: cannot read the CSV header: {e}"))
+                    StageError::bad_input(format!("`{label}`: cannot read the CSV header"))
+                        .because(e)
                 })?
                 .clone();
             for record in reader.records() {
                 let record = record.map_err(|e| {
                     let line = e.position().map_or(0, |p| p.line());
-                    StageError::bad_input(format!("`{label}`:{line}: invalid CSV: {e}"))
+                    StageError::bad_input(format!("`{label}`:{line}: invalid CSV")).because(e)
                 })?;
                 let line = record.position().map_or(0, |p| p.line());
                 if record.as_slice().len() > MAX_DOCUMENT_BYTES {

@@ -105,10 +105,10 @@ impl Stage for QuantizeStage {
                 .find(|(name, _)| name == location)
                 .map(|(_, p)| p.to_path_buf())
         })
-        .map_err(|e| StageError::failed(format!("cannot read the fp32 export: {e}")))?;
+        .map_err(|e| StageError::failed("cannot read the fp32 export").because(e))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "read the fp32 export");
         let (model, report) = crate::quant::quantize(fp32, self.dtype, self.options())
-            .map_err(|e| StageError::failed(e.to_string()))?;
+            .map_err(StageError::failed_from)?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "quantized");
         let file = self.dtype.file_name();
         let written = write_onnx(model, &ctx.output(file), policy(self.export.external_data))?;

@@ -168,8 +168,9 @@ impl Stage for ReferenceStage {
         let work = self.workload(ctx, &tokenizer, model.context(), eos)?;
         let (prompts, windows) = (work.prompts.len(), work.windows.len());
         let path = ctx.output(REFERENCE_LOGITS);
-        let file = std::fs::File::create(&path)
-            .map_err(|e| StageError::failed(format!("cannot create `{}`: {e}", path.display())))?;
+        let file = std::fs::File::create(&path).map_err(|e| {
+            StageError::failed(format!("cannot create `{}`", path.display())).because(e)
+        })?;
         let mut logits = std::io::BufWriter::new(file);
         let reference = verify::reference(&model, work, &mut logits, |done, total| {
             ctx.progress(
@@ -178,12 +179,14 @@ impl Stage for ReferenceStage {
                 "prompts and eval windows in candle",
             )
         })
-        .map_err(|e| StageError::failed(e.to_string()))?;
+        .map_err(StageError::failed_from)?;
         logits
             .into_inner()
             .map_err(|e| e.into_error())
             .and_then(|f| f.sync_all())
-            .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+            .map_err(|e| {
+                StageError::failed(format!("cannot write `{}`", path.display())).because(e)
+            })?;
         write_json(
             &ctx.output("reference.json"),
             &serde_json::to_value(&reference).expect("the reference serialises"),

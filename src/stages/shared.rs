@@ -48,29 +48,30 @@ pub const CANDLE_VERSION: &str = env!("SYMB_LOCKED_CANDLE");
 pub fn model_error(e: ModelError) -> StageError {
     match e {
         ModelError::Candle(_) | ModelError::Write { .. } | ModelError::Network(_) => {
-            StageError::failed(e.to_string())
+            StageError::failed_from(e)
         }
-        _ => StageError::bad_input(e.to_string()),
+        _ => StageError::bad_input_from(e),
     }
 }
 
 /// A failed write of `path`.
 pub fn io(path: &Path, e: std::io::Error) -> StageError {
-    StageError::failed(format!("cannot write `{}`: {e}", path.display()))
+    StageError::failed(format!("cannot write `{}`", path.display())).because(e)
 }
 
 /// Copies `from` (an input: a model folder's file, or an upstream artifact)
 /// to `to` (an artifact), saying which side failed.
 pub fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
     let mut source = std::fs::File::open(from)
-        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", from.display())))?;
+        .map_err(|e| StageError::failed(format!("cannot read `{}`", from.display())).because(e))?;
     let mut dest = std::fs::File::create(to).map_err(|e| io(to, e))?;
     std::io::copy(&mut source, &mut dest).map_err(|e| {
         StageError::failed(format!(
-            "cannot copy `{}` to `{}`: {e}",
+            "cannot copy `{}` to `{}`",
             from.display(),
             to.display()
         ))
+        .because(e)
     })?;
     Ok(())
 }
@@ -250,11 +251,12 @@ impl Document {
 /// Reads a `train.jsonl` / `eval.jsonl` artifact.
 pub fn read_documents(path: &Path) -> Result<Vec<Document>, StageError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| StageError::failed(format!("cannot read `{}`: {e}", path.display())))?;
+        .map_err(|e| StageError::failed(format!("cannot read `{}`", path.display())).because(e))?;
     text.lines()
         .map(|line| {
             serde_json::from_str(line).map_err(|e| {
-                StageError::failed(format!("corrupt corpus artifact `{}`: {e}", path.display()))
+                StageError::failed(format!("corrupt corpus artifact `{}`", path.display()))
+                    .because(e)
             })
         })
         .collect()
@@ -304,7 +306,7 @@ pub fn write_onnx(
     policy: Policy,
 ) -> Result<Written, StageError> {
     let written = external::write(model, path, policy)
-        .map_err(|e| StageError::failed(format!("cannot write `{}`: {e}", path.display())))?;
+        .map_err(|e| StageError::failed(format!("cannot write `{}`", path.display())).because(e))?;
     if written.data_files.len() > MAX_CHUNKS {
         return Err(StageError::failed(format!(
             "`{}` needs {} external data files; transformers.js reads at most {MAX_CHUNKS}",
@@ -318,8 +320,9 @@ pub fn write_onnx(
 /// Hard-links `from` to `to` where the file system allows, else copies it.
 pub fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), StageError> {
     if std::fs::hard_link(from, to).is_err() {
-        std::fs::copy(from, to)
-            .map_err(|e| StageError::failed(format!("cannot copy `{}`: {e}", from.display())))?;
+        std::fs::copy(from, to).map_err(|e| {
+            StageError::failed(format!("cannot copy `{}`", from.display())).because(e)
+        })?;
     }
     Ok(())
 }
@@ -334,8 +337,7 @@ pub const ENGLISH_SAMPLE: &str = include_str!("english.txt");
 
 /// The new token ids a `vocab` stage wrote.
 pub fn read_new_tokens(path: &std::path::Path) -> Result<Vec<u32>, StageError> {
-    let json: HashMap<String, Value> =
-        model::read_json(path).map_err(|e| StageError::failed(e.to_string()))?;
+    let json: HashMap<String, Value> = model::read_json(path).map_err(StageError::failed_from)?;
     Ok(json
         .get("ids")
         .and_then(Value::as_array)

@@ -128,7 +128,7 @@ impl Stage for TokenizerStage {
             .and_then(|v| v["model"]["merges"].as_array().map(Vec::len))
             .unwrap_or(0);
         std::fs::write(ctx.output("tokenizer.json"), json)
-            .map_err(|e| StageError::failed(format!("cannot write tokenizer.json: {e}")))?;
+            .map_err(|e| StageError::failed("cannot write tokenizer.json").because(e))?;
         let reached = tokenizer.get_vocab_size(true);
         if (reached as u64) < self.tokenizer.vocab_size {
             ctx.note(&format!(

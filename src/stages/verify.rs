@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 
 use super::shared::{REFERENCE_LOGITS, link_or_copy, write_json};
 use crate::dtype::Dtype;
-use crate::engine::{
-    FailureClass, Settings, Stage, StageContext, StageError, settings_of, spec_of,
-};
+use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::Verify;
 use crate::model;
 use crate::verify::Tolerance;
@@ -98,7 +96,7 @@ impl Stage for VerifyStage {
         let logits_path = ctx.input("reference", REFERENCE_LOGITS)?;
         let mut logits =
             std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| {
-                StageError::failed(format!("cannot open `{}`: {e}", logits_path.display()))
+                StageError::failed(format!("cannot open `{}`", logits_path.display())).because(e)
             })?);
         let (source, artifact) = self.source();
         let path = ctx.input(&source, artifact)?;
@@ -112,7 +110,7 @@ impl Stage for VerifyStage {
         } else {
             let _ = std::fs::remove_dir_all(&staging);
             std::fs::create_dir_all(&staging).map_err(|e| {
-                StageError::failed(format!("cannot create `{}`: {e}", staging.display()))
+                StageError::failed(format!("cannot create `{}`", staging.display())).because(e)
             })?;
             for (name, blob) in std::iter::once((artifact.to_string(), path)).chain(data) {
                 link_or_copy(blob, &staging.join(name))?;
@@ -124,9 +122,8 @@ impl Stage for VerifyStage {
         // engine runs up to `jobs` at once, and its pool has `jobs` threads.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = verify::session::Threads::shared(cores, rayon::current_num_threads());
-        let runtime_error = |e: runtime::RuntimeError| {
-            StageError::failed(format!("{}: {e}", self.dtype.file_name()))
-        };
+        let runtime_error =
+            |e: runtime::RuntimeError| StageError::failed(self.dtype.file_name()).because(e);
         let mut onnx = verify::session::OnnxLm::load(path, threads).map_err(runtime_error)?;
         tracing::debug!("loaded the ONNX file in ONNX Runtime");
         let report = verify::verify(
@@ -137,7 +134,7 @@ impl Stage for VerifyStage {
             verify::Stepping::for_dtype(self.dtype),
             |done, total| ctx.progress(done as u64, total as u64, "prompts and eval windows"),
         )
-        .map_err(|e| StageError::failed(format!("{}: {e}", self.dtype.file_name())))?;
+        .map_err(|e| StageError::failed(self.dtype.file_name()).because(e))?;
         let mut json = serde_json::to_value(&report).expect("report serialises");
         json["dtype"] = self.dtype.name().into();
         json["file"] = format!("onnx/{}", self.dtype.file_name()).into();
@@ -169,16 +166,13 @@ impl Stage for VerifyStage {
                     )
                 })
                 .collect();
-            return Err(StageError {
-                class: FailureClass::Verification,
-                message: format!(
-                    "onnx/{} (dtype {}) failed verification against candle:\n{}\n  (the output folder was not updated; loosen the bound in `[verify.tolerance.{}]` if this loss is acceptable)",
-                    self.dtype.file_name(),
-                    self.dtype,
-                    lines.join("\n"),
-                    self.dtype
-                ),
-            });
+            return Err(StageError::verification(format!(
+                "onnx/{} (dtype {}) failed verification against candle:\n{}\n  (the output folder was not updated; loosen the bound in `[verify.tolerance.{}]` if this loss is acceptable)",
+                self.dtype.file_name(),
+                self.dtype,
+                lines.join("\n"),
+                self.dtype
+            )));
         }
         write_json(&ctx.output("report.json"), &json)?;
         Ok(serde_json::json!({

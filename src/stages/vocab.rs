@@ -37,7 +37,7 @@ use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec
 use crate::manifest::{Vocab, VocabInit, VocabStrategy};
 use crate::model::EmbeddingInit;
 use crate::model::rng::Rng;
-use crate::model::{self, ModelError};
+use crate::model::{self};
 
 /// The seed of the new rows' noise: fixed, so the artifact depends only on
 /// the settings and inputs.
@@ -587,7 +587,7 @@ impl Stage for VocabStage {
             }
             VocabStrategy::ExtendBpe => {
                 let read = |p: &std::path::Path| -> Result<Value, StageError> {
-                    model::read_json(p).map_err(|e| StageError::failed(e.to_string()))
+                    model::read_json(p).map_err(StageError::failed_from)
                 };
                 let (json, added) = extend_bpe(&read(base_path)?, &read(new_path)?)
                     .map_err(StageError::bad_input)?;
@@ -616,8 +616,8 @@ impl Stage for VocabStage {
             .resize_token_embeddings(new_size, init, &mut Rng::new(INIT_SEED))
             .map_err(super::shared::model_error)?;
         let parameters = super::shared::save_weights(&model, ctx)?["parameters"].clone();
-        let mut config: Value = model::read_json(ctx.input("base", "config.json")?)
-            .map_err(|e: ModelError| StageError::failed(e.to_string()))?;
+        let mut config: Value =
+            model::read_json(ctx.input("base", "config.json")?).map_err(StageError::failed_from)?;
         config["vocab_size"] = new_size.into();
         super::shared::write_json(&ctx.output("config.json"), &config)?;
         for file in ["generation_config.json", "tokenizer_config.json"] {
