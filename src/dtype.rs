@@ -80,16 +80,29 @@ impl Dtype {
 
     /// The stage that writes this dtype's file: `export` for fp32,
     /// `quantize.<dtype>` for the others.
-    pub fn producer_stage(self) -> String {
+    pub const fn producer_stage(self) -> &'static str {
         match self {
-            Dtype::Fp32 => "export".to_string(),
-            other => format!("quantize.{other}"),
+            Dtype::Fp32 => "export",
+            Dtype::Fp16 => "quantize.fp16",
+            Dtype::Q8 => "quantize.q8",
+            Dtype::Int8 => "quantize.int8",
+            Dtype::Uint8 => "quantize.uint8",
+            Dtype::Q4 => "quantize.q4",
+            Dtype::Q4f16 => "quantize.q4f16",
         }
     }
 
     /// The stage that checks this dtype's file: `verify.<dtype>`.
-    pub fn verify_stage(self) -> String {
-        format!("verify.{self}")
+    pub const fn verify_stage(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "verify.fp32",
+            Dtype::Fp16 => "verify.fp16",
+            Dtype::Q8 => "verify.q8",
+            Dtype::Int8 => "verify.int8",
+            Dtype::Uint8 => "verify.uint8",
+            Dtype::Q4 => "verify.q4",
+            Dtype::Q4f16 => "verify.q4f16",
+        }
     }
 
     /// 4-bit blocks (q4, q4f16): where `quantize_embedding` and
@@ -154,6 +167,14 @@ mod tests {
         assert_eq!(Dtype::Fp32.producer_stage(), "export");
         assert_eq!(Dtype::Q4f16.producer_stage(), "quantize.q4f16");
         assert_eq!(Dtype::Uint8.verify_stage(), "verify.uint8");
+        for dtype in Dtype::ALL {
+            let producer = match dtype {
+                Dtype::Fp32 => "export".to_string(),
+                other => format!("quantize.{other}"),
+            };
+            assert_eq!(dtype.producer_stage(), producer);
+            assert_eq!(dtype.verify_stage(), format!("verify.{dtype}"));
+        }
         assert_eq!(
             "q3".parse::<Dtype>().unwrap_err().to_string(),
             "`q3` is not a dtype (known: fp32, fp16, q8, int8, uint8, q4, q4f16)"

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::shared::{copy, model_error, save_weights, write_json};
+use super::shared::{
+    Artifact, TRAINED_TOKENIZER, copy, model_error, save_weights, write_json, writers,
+};
 use crate::engine::{
     ExternalFile, Settings, Stage, StageContext, StageError, settings_of, spec_of,
 };
@@ -164,6 +166,16 @@ pub fn folder_files(dir: &Path) -> Vec<ExternalFile> {
         .collect()
 }
 
+impl BaseStage {
+    /// What it reads: a scratch model's tokenizer.
+    fn inputs(&self) -> Vec<Artifact> {
+        match self.model {
+            BaseModel::Scratch => vec![TRAINED_TOKENIZER],
+            _ => Vec::new(),
+        }
+    }
+}
+
 impl Stage for BaseStage {
     fn name(&self) -> &str {
         "base"
@@ -183,11 +195,7 @@ impl Stage for BaseStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        if self.model == BaseModel::Scratch {
-            vec!["tokenizer".to_string()]
-        } else {
-            Vec::new()
-        }
+        writers(&self.inputs())
     }
     fn files(&self) -> &[ExternalFile] {
         &self.files
@@ -362,7 +370,7 @@ fn safetensors_matches(path: &Path, tensors: &BTreeMap<String, candle_core::Tens
 
 impl BaseStage {
     fn scratch(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let tokenizer_path = ctx.input("tokenizer", "tokenizer.json")?;
+        let tokenizer_path = TRAINED_TOKENIZER.path(ctx)?;
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)
             .map_err(|e| StageError::failed(format!("cannot load the trained tokenizer: {e}")))?;
         let eos = tokenizer

@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::shared::{ModelStage, data_inputs, link_or_copy, write_json};
+use super::shared::{
+    Artifact, EVAL, ModelStage, REFERENCE_LOGITS, WORKLOAD, data_inputs, link_or_copy, write_json,
+    writers,
+};
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{Adapter, Browser, Device, Verify};
@@ -80,7 +83,7 @@ impl BrowserStage {
     ) -> Result<Vec<String>, StageError> {
         let mut lines = Vec::new();
         if self.corpus {
-            let eval = super::shared::read_documents(ctx.input("corpus", "eval.jsonl")?)?;
+            let eval = super::shared::read_documents(EVAL.path(ctx)?)?;
             lines.extend(
                 super::shared::document_lines(&eval)
                     .into_iter()
@@ -176,23 +179,23 @@ impl BrowserStage {
         let mut external = serde_json::Map::new();
         for dtype in &self.dtypes {
             let (stage, file) = (dtype.producer_stage(), dtype.file_name());
-            let data = data_inputs(ctx, &stage, file);
+            let data = data_inputs(ctx, stage, file);
             if !data.is_empty() {
                 external.insert(file.to_string(), data.len().into());
             }
             for (name, path) in
-                std::iter::once((file.to_string(), ctx.input(&stage, file)?)).chain(data)
+                std::iter::once((file.to_string(), ctx.input(stage, file)?)).chain(data)
             {
                 link_or_copy(path, &onnx.join(name))?;
             }
         }
         let mut config: serde_json::Value =
-            crate::model::read_json(ctx.input(self.model_stage.name(), "config.json")?)
+            crate::model::read_json(self.model_stage.file("config.json").path(ctx)?)
                 .map_err(super::shared::model_error)?;
         config["transformers.js_config"] =
             serde_json::json!({ "use_external_data_format": external });
         write_json(&dir.join("config.json"), &config)?;
-        let tokenizer = ctx.input(self.model_stage.name(), "tokenizer.json")?;
+        let tokenizer = self.model_stage.file("tokenizer.json").path(ctx)?;
         link_or_copy(tokenizer, &dir.join("tokenizer.json"))?;
         let base = ctx
             .input(self.model_stage.name(), "tokenizer_config.json")
@@ -200,12 +203,12 @@ impl BrowserStage {
         write_json(
             &dir.join("tokenizer_config.json"),
             &super::shared::tokenizer_config(
-                ctx.input(self.model_stage.name(), "config.json")?,
+                self.model_stage.file("config.json").path(ctx)?,
                 tokenizer,
                 base,
             )?,
         )?;
-        if let Ok(generation) = ctx.input(self.model_stage.name(), "generation_config.json") {
+        if let Ok(generation) = self.model_stage.file("generation_config.json").path(ctx) {
             link_or_copy(generation, &dir.join("generation_config.json"))?;
         }
         write_json(&dir.join("check.json"), job)?;
@@ -289,6 +292,24 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+impl BrowserStage {
+    /// What it reads: the folder's config and tokenizer, the reference's
+    /// answers, the eval split, and every file.
+    fn inputs(&self) -> Vec<Artifact> {
+        let mut inputs = vec![
+            self.model_stage.file("config.json"),
+            self.model_stage.file("tokenizer.json"),
+            WORKLOAD,
+            REFERENCE_LOGITS,
+        ];
+        if self.corpus {
+            inputs.push(EVAL);
+        }
+        inputs.extend(self.dtypes.iter().map(|&d| Artifact::onnx(d)));
+        inputs
+    }
+}
+
 impl Stage for BrowserStage {
     fn name(&self) -> &str {
         "browser"
@@ -309,13 +330,7 @@ impl Stage for BrowserStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.name().to_string(), "reference".to_string()];
-        if self.corpus {
-            deps.push("corpus".to_string());
-        }
-        deps.extend(self.dtypes.iter().map(|d| d.producer_stage()));
-        deps.dedup();
-        deps
+        writers(&self.inputs())
     }
     fn tools(&self) -> BTreeMap<String, String> {
         self.identities()
@@ -329,8 +344,7 @@ impl Stage for BrowserStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let chromium = self.chromium()?;
         let reference: verify::Reference =
-            crate::model::read_json(ctx.input("reference", "reference.json")?)
-                .map_err(super::shared::model_error)?;
+            crate::model::read_json(WORKLOAD.path(ctx)?).map_err(super::shared::model_error)?;
         let count = self.browser.prompts.min(reference.greedy.len());
         let prompts: Vec<serde_json::Value> = (0..count)
             .map(|i| {
@@ -467,10 +481,10 @@ impl Stage for BrowserStage {
         }
         let about = json("about.json").unwrap_or_default();
         let shader_f16 = about["shader_f16"] == true;
-        let logits_path = ctx.input("reference", "logits.f32")?;
+        let logits_path = REFERENCE_LOGITS.path(ctx)?;
         let mut results = serde_json::Map::new();
         let tokenizer =
-            tokenizers::Tokenizer::from_file(ctx.input(self.model_stage.name(), "tokenizer.json")?)
+            tokenizers::Tokenizer::from_file(self.model_stage.file("tokenizer.json").path(ctx)?)
                 .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
         let posted_tokens = json("tokens.json")
             .unwrap_or_else(|| serde_json::json!({ "error": "the page posted no token ids" }));

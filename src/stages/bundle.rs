@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use super::shared::{ModelStage, data_inputs};
+use super::shared::{
+    Artifact, BROWSER_REPORT, ModelStage, TRAINING_METRICS, VOCAB_REPORT, WORKLOAD, data_inputs,
+    writers,
+};
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::Device;
@@ -135,7 +138,7 @@ fn html_escape(text: &str) -> String {
 
 impl BundleStage {
     /// (the stage that writes it, its file name) for every dtype.
-    fn files(&self) -> impl Iterator<Item = (String, &'static str)> + '_ {
+    fn files(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
         self.dtypes
             .iter()
             .map(|d| (d.producer_stage(), d.file_name()))
@@ -147,7 +150,7 @@ impl BundleStage {
     fn twins(&self, ctx: &StageContext<'_>) -> Vec<Option<Dtype>> {
         let paths: Vec<Option<&std::path::Path>> = self
             .files()
-            .map(|(stage, file)| ctx.input(&stage, file).ok())
+            .map(|(stage, file)| ctx.input(stage, file).ok())
             .collect();
         (0..paths.len())
             .map(|i| {
@@ -235,8 +238,8 @@ impl BundleStage {
         }
         html.push_str("</tr>");
         for (((stage, file), dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
-            let bytes = file_bytes(ctx, &stage, file);
-            let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
+            let bytes = file_bytes(ctx, stage, file);
+            let report = json(dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
             let same = twin.map_or(String::new(), |t| {
                 format!("<span class=\"bound\">the {t} file's bytes</span>")
@@ -482,8 +485,8 @@ impl BundleStage {
             "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 agreement | KL divergence | perplexity ratio | greedy match |\n|---|---|---|---|---|---|---|---|\n",
         );
         for (((stage, file), dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
-            let bytes = file_bytes(ctx, &stage, file);
-            let report = json(&dtype.verify_stage(), "report.json").unwrap_or_default();
+            let bytes = file_bytes(ctx, stage, file);
+            let report = json(dtype.verify_stage(), "report.json").unwrap_or_default();
             let m = &report["metrics"];
             let cell = |k: &str, digits: usize| {
                 m[k].as_f64().map_or("".to_string(), |v| figure(v, digits))
@@ -581,7 +584,7 @@ impl BundleStage {
         let sizes: BTreeMap<String, u64> = self
             .files()
             .zip(&self.dtypes)
-            .map(|((stage, file), dtype)| (dtype.to_string(), file_bytes(ctx, &stage, file)))
+            .map(|((stage, file), dtype)| (dtype.to_string(), file_bytes(ctx, stage, file)))
             .collect();
         let shown = self
             .web
@@ -655,6 +658,30 @@ pub fn webgpu_dtype(targets: &[Dtype]) -> Dtype {
     .unwrap_or(targets[0])
 }
 
+impl BundleStage {
+    /// What it reads: the model's config and tokenizer, the reference's
+    /// workload, every file and its report, and what the other stages report.
+    fn inputs(&self) -> Vec<Artifact> {
+        let mut inputs = vec![
+            self.model_stage.file("config.json"),
+            self.model_stage.file("tokenizer.json"),
+            WORKLOAD,
+        ];
+        if self.vocab {
+            inputs.push(VOCAB_REPORT);
+        }
+        inputs.extend(self.dtypes.iter().map(|&d| Artifact::onnx(d)));
+        inputs.extend(self.dtypes.iter().map(|&d| Artifact::verify_report(d)));
+        if self.browser.is_some() {
+            inputs.push(BROWSER_REPORT);
+        }
+        if self.finetune {
+            inputs.push(TRAINING_METRICS);
+        }
+        inputs
+    }
+}
+
 impl Stage for BundleStage {
     fn name(&self) -> &str {
         "bundle"
@@ -679,19 +706,7 @@ impl Stage for BundleStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.name().to_string(), "reference".to_string()];
-        if self.vocab {
-            deps.push("vocab".to_string());
-        }
-        deps.extend(self.files().map(|(stage, _)| stage));
-        deps.extend(self.dtypes.iter().map(|d| d.verify_stage()));
-        if self.browser.is_some() {
-            deps.push("browser".to_string());
-        }
-        if self.finetune {
-            deps.push("finetune".to_string());
-        }
-        deps
+        writers(&self.inputs())
     }
     /// The model stage publishes a `config.json` (and merge a
     /// `tokenizer_config.json`) too; these, later in the plan, replace them.
@@ -709,11 +724,11 @@ impl Stage for BundleStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let mut config: serde_json::Value =
-            crate::model::read_json(ctx.input(self.model_stage.name(), "config.json")?)
+            crate::model::read_json(self.model_stage.file("config.json").path(ctx)?)
                 .map_err(super::shared::model_error)?;
         let mut external = BTreeMap::new();
         for (stage, file) in self.files() {
-            let chunks = data_inputs(ctx, &stage, file).len();
+            let chunks = data_inputs(ctx, stage, file).len();
             if chunks > 0 {
                 external.insert(file.to_string(), chunks);
             }
@@ -743,9 +758,9 @@ impl Stage for BundleStage {
         let base = ctx
             .input(self.model_stage.name(), "tokenizer_config.json")
             .ok();
-        let tokenizer_path = ctx.input(self.model_stage.name(), "tokenizer.json")?;
+        let tokenizer_path = self.model_stage.file("tokenizer.json").path(ctx)?;
         let tokenizer_config = super::shared::tokenizer_config(
-            ctx.input(self.model_stage.name(), "config.json")?,
+            self.model_stage.file("config.json").path(ctx)?,
             tokenizer_path,
             base,
         )?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::shared::{ModelStage, onnx_artifacts, policy, write_onnx};
+use super::shared::{Artifact, ModelStage, onnx_artifacts, policy, write_onnx, writers};
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::ExternalData;
 
@@ -24,6 +24,13 @@ pub struct ExportSettings {
     pub external_data: ExternalData,
 }
 
+impl ExportStage {
+    /// What it reads: the model.
+    fn inputs(&self) -> Vec<Artifact> {
+        self.model_stage.model().to_vec()
+    }
+}
+
 impl Stage for ExportStage {
     fn name(&self) -> &str {
         "export"
@@ -42,7 +49,7 @@ impl Stage for ExportStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec![self.model_stage.name().to_string()]
+        writers(&self.inputs())
     }
     fn tools(&self) -> BTreeMap<String, String> {
         super::shared::tools()

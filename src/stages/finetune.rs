@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::shared::{Document, ModelStage, io, load_base, model_error, read_documents, write_json};
+use super::shared::{
+    Artifact, Document, EVAL, ModelStage, NEW_TOKENS, TRAIN, io, load_base, model_error,
+    read_documents, write_json, writers,
+};
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{Finetune, FinetuneMethod};
 use crate::model::lora::LoraSpec;
@@ -183,6 +186,18 @@ fn tokenize(
         .collect())
 }
 
+impl FinetuneStage {
+    /// What it reads: the corpus and the model (and the new tokens' ids).
+    fn inputs(&self) -> Vec<Artifact> {
+        let mut inputs = vec![TRAIN, EVAL];
+        inputs.extend(self.model_stage.model());
+        if self.finetune.train_new_tokens {
+            inputs.push(NEW_TOKENS);
+        }
+        inputs
+    }
+}
+
 impl Stage for FinetuneStage {
     fn name(&self) -> &str {
         "finetune"
@@ -199,7 +214,7 @@ impl Stage for FinetuneStage {
         settings_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec!["corpus".to_string(), self.model_stage.name().to_string()]
+        writers(&self.inputs())
     }
     fn spec(&self) -> Option<serde_json::Value> {
         spec_of(self)
@@ -226,7 +241,7 @@ impl Stage for FinetuneStage {
         self.check_memory(ctx)?;
         let (model, tokenizer) = load_base(ctx, self.model_stage.name())?;
         let trainable_tokens = if self.finetune.train_new_tokens {
-            super::shared::read_new_tokens(ctx.input("vocab", "new_tokens.json")?)?
+            super::shared::read_new_tokens(NEW_TOKENS.path(ctx)?)?
         } else {
             Vec::new()
         };
@@ -255,16 +270,15 @@ impl Stage for FinetuneStage {
             .and_then(|b| b.model.clone())
             .or_else(|| {
                 let config: serde_json::Value =
-                    model::read_json(ctx.input(self.model_stage.name(), "config.json").ok()?)
-                        .ok()?;
+                    model::read_json(self.model_stage.file("config.json").path(ctx).ok()?).ok()?;
                 config["_name_or_path"]
                     .as_str()
                     .filter(|n| !n.is_empty() && !Path::new(n).is_absolute() && !n.starts_with('.'))
                     .map(str::to_string)
             });
         let separator = model.config().eos_token_id();
-        let train_docs = read_documents(ctx.input("corpus", "train.jsonl")?)?;
-        let eval_docs = read_documents(ctx.input("corpus", "eval.jsonl")?)?;
+        let train_docs = read_documents(TRAIN.path(ctx)?)?;
+        let eval_docs = read_documents(EVAL.path(ctx)?)?;
         let train_blocks = pack(
             &tokenize(&tokenizer, &train_docs)?,
             separator,
@@ -508,7 +522,7 @@ impl FinetuneStage {
     /// moments per trained parameter) and, at the least, each layer's
     /// activations and the logits of one batch.
     fn check_memory(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let config = ModelConfig::read(ctx.input(self.model_stage.name(), "config.json")?)
+        let config = ModelConfig::read(self.model_stage.file("config.json").path(ctx)?)
             .map_err(model_error)?;
         let f = &self.finetune;
         let parameters = config.parameters();

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::shared::{ModelStage, copy, load_base, model_error, tokenizer_config, write_json};
+use super::shared::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, ModelStage, TRAINED_WEIGHTS, copy, load_base,
+    model_error, tokenizer_config, write_json, writers,
+};
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::model::{self, lora};
 
@@ -19,6 +22,19 @@ pub struct MergeStage {
     /// keyed by digest.
     #[serde(rename = "@model_stage")]
     pub model_stage: ModelStage,
+}
+
+impl MergeStage {
+    /// What it reads: the model and what training made of it.
+    fn inputs(&self) -> Vec<Artifact> {
+        let mut inputs = self.model_stage.model().to_vec();
+        if self.lora {
+            inputs.extend([ADAPTER_CONFIG, ADAPTER_WEIGHTS]);
+        } else {
+            inputs.push(TRAINED_WEIGHTS);
+        }
+        inputs
+    }
 }
 
 impl Stage for MergeStage {
@@ -41,7 +57,7 @@ impl Stage for MergeStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec![self.model_stage.name().to_string(), "finetune".to_string()]
+        writers(&self.inputs())
     }
     fn tools(&self) -> BTreeMap<String, String> {
         super::shared::tools()
@@ -63,8 +79,8 @@ impl Stage for MergeStage {
             let (mut model, _) = load_base(ctx, self.model_stage.name())?;
             lora::load_adapter_files(
                 &mut model,
-                ctx.input("finetune", "adapter_config.json")?,
-                ctx.input("finetune", "adapter_model.safetensors")?,
+                ADAPTER_CONFIG.path(ctx)?,
+                ADAPTER_WEIGHTS.path(ctx)?,
             )
             .map_err(model_error)?;
             lora::merge(&mut model).map_err(model_error)?;
@@ -72,7 +88,7 @@ impl Stage for MergeStage {
                 .map_err(model_error)?;
             ctx.output("model.safetensors")
         } else {
-            let trained = ctx.input("finetune", "model.safetensors")?;
+            let trained = TRAINED_WEIGHTS.path(ctx)?;
             copy(trained, &ctx.output("model.safetensors"))?;
             ctx.output("model.safetensors")
         };

@@ -1,7 +1,9 @@
 //! Stage `quantize.D`: the fp32 export in dtype D, by the quantizers of
 //! `crate::quant`, with its report.
 
-use super::shared::{data_inputs, onnx_artifacts, policy, write_onnx};
+use super::shared::{
+    Artifact, FP32_ONNX, data_inputs, onnx_artifacts, policy, write_onnx, writers,
+};
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::ExternalData;
@@ -13,9 +15,6 @@ use crate::onnx::external::{self};
 pub struct QuantizeStage {
     pub dtype: Dtype,
     pub export: QuantizeSettings,
-    /// The stage's name in the plan, from the dtype.
-    #[serde(rename = "@name")]
-    name: String,
 }
 
 /// What of `[export]` shapes one quantized file: each option only where
@@ -41,11 +40,7 @@ impl QuantizeStage {
                 .then_some(options.accuracy_level),
             external_data,
         };
-        QuantizeStage {
-            dtype,
-            export,
-            name: dtype.producer_stage(),
-        }
+        QuantizeStage { dtype, export }
     }
 
     /// The quantizer's options from the settings.
@@ -62,9 +57,16 @@ impl QuantizeStage {
     }
 }
 
+impl QuantizeStage {
+    /// What it reads: the fp32 export.
+    fn inputs(&self) -> Vec<Artifact> {
+        vec![FP32_ONNX]
+    }
+}
+
 impl Stage for QuantizeStage {
     fn name(&self) -> &str {
-        &self.name
+        self.dtype.producer_stage()
     }
     fn kind(&self) -> &'static str {
         "quantize"
@@ -81,7 +83,7 @@ impl Stage for QuantizeStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec!["export".to_string()]
+        writers(&self.inputs())
     }
     fn publishes(&self) -> Vec<(String, String)> {
         let mut files = onnx_artifacts(self.dtype.file_name());
@@ -92,7 +94,7 @@ impl Stage for QuantizeStage {
         files
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let source = ctx.input("export", "model.onnx")?;
+        let source = FP32_ONNX.path(ctx)?;
         let data = data_inputs(ctx, "export", "model.onnx");
         let fp32_bytes = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0)
             + data

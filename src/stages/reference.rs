@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::shared::{ModelStage, REFERENCE_LOGITS, read_documents, write_json};
+use super::shared::{
+    Artifact, EVAL, ModelStage, REFERENCE_LOGITS, read_documents, write_json, writers,
+};
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::RawPrompts;
 use crate::model;
@@ -49,7 +51,7 @@ impl ReferenceStage {
         eos: Option<u32>,
     ) -> Result<Workload, StageError> {
         let texts: Vec<String> = if self.corpus {
-            read_documents(ctx.input("corpus", "eval.jsonl")?)?
+            read_documents(EVAL.path(ctx)?)?
                 .iter()
                 .filter_map(|d| d.texts().first().map(|t| t.to_string()))
                 .collect()
@@ -126,6 +128,17 @@ impl ReferenceStage {
     }
 }
 
+impl ReferenceStage {
+    /// What it reads: the model, and the eval split for its prompts.
+    fn inputs(&self) -> Vec<Artifact> {
+        let mut inputs = self.model_stage.model().to_vec();
+        if self.corpus {
+            inputs.push(EVAL);
+        }
+        inputs
+    }
+}
+
 impl Stage for ReferenceStage {
     fn name(&self) -> &str {
         "reference"
@@ -146,11 +159,7 @@ impl Stage for ReferenceStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        let mut deps = vec![self.model_stage.name().to_string()];
-        if self.corpus {
-            deps.push("corpus".to_string());
-        }
-        deps
+        writers(&self.inputs())
     }
     fn tools(&self) -> BTreeMap<String, String> {
         super::shared::tools()
@@ -167,7 +176,7 @@ impl Stage for ReferenceStage {
         );
         let work = self.workload(ctx, &tokenizer, model.context(), eos)?;
         let (prompts, windows) = (work.prompts.len(), work.windows.len());
-        let path = ctx.output(REFERENCE_LOGITS);
+        let path = ctx.output(REFERENCE_LOGITS.file);
         let file = std::fs::File::create(&path).map_err(|e| {
             StageError::failed(format!("cannot create `{}`", path.display())).because(e)
         })?;

@@ -26,14 +26,92 @@ pub enum ModelStage {
 
 impl ModelStage {
     /// The stage's name in the plan.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             ModelStage::Base => "base",
             ModelStage::Vocab => "vocab",
             ModelStage::Merge => "merge",
         }
     }
+
+    /// One file of the model folder it writes (`config.json`, ...).
+    pub const fn file(self, file: &'static str) -> Artifact {
+        Artifact::new(self.name(), file)
+    }
+
+    /// The files a stage that loads the model reads.
+    pub fn model(self) -> [Artifact; 3] {
+        ["config.json", "model.safetensors", "tokenizer.json"].map(|f| self.file(f))
+    }
 }
+
+/// An artifact one stage writes and another reads: the writer's name in the
+/// plan and the file's name among its outputs. A stage declares what it
+/// reads, and its dependencies are the writers of that ([`writers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Artifact {
+    pub stage: &'static str,
+    pub file: &'static str,
+}
+
+impl Artifact {
+    pub const fn new(stage: &'static str, file: &'static str) -> Self {
+        Artifact { stage, file }
+    }
+
+    /// Its path, in a stage that reads it.
+    pub fn path<'a>(self, ctx: &'a StageContext<'_>) -> Result<&'a Path, StageError> {
+        ctx.input(self.stage, self.file)
+    }
+
+    /// A dtype's ONNX file (its data chunks beside it: [`data_inputs`]).
+    pub const fn onnx(dtype: crate::dtype::Dtype) -> Self {
+        Artifact::new(dtype.producer_stage(), dtype.file_name())
+    }
+
+    /// A dtype's verification report.
+    pub const fn verify_report(dtype: crate::dtype::Dtype) -> Self {
+        Artifact::new(dtype.verify_stage(), "report.json")
+    }
+}
+
+/// The stages that write `inputs`, each once, in order: a stage's dependencies.
+pub fn writers(inputs: &[Artifact]) -> Vec<String> {
+    let mut stages: Vec<String> = Vec::new();
+    for input in inputs {
+        if !stages.iter().any(|s| s == input.stage) {
+            stages.push(input.stage.to_string());
+        }
+    }
+    stages
+}
+
+/// The corpus's train split (`Document`s, one JSON object a line).
+pub const TRAIN: Artifact = Artifact::new("corpus", "train.jsonl");
+/// The corpus's eval split.
+pub const EVAL: Artifact = Artifact::new("corpus", "eval.jsonl");
+/// The tokenizer trained on the corpus.
+pub const TRAINED_TOKENIZER: Artifact = Artifact::new("tokenizer", "tokenizer.json");
+/// The ids the vocab stage added.
+pub const NEW_TOKENS: Artifact = Artifact::new("vocab", "new_tokens.json");
+/// The vocab stage's report (fertility, sizes).
+pub const VOCAB_REPORT: Artifact = Artifact::new("vocab", "report.json");
+/// A LoRA adapter in PEFT's files.
+pub const ADAPTER_CONFIG: Artifact = Artifact::new("finetune", "adapter_config.json");
+pub const ADAPTER_WEIGHTS: Artifact = Artifact::new("finetune", "adapter_model.safetensors");
+/// All weights, trained.
+pub const TRAINED_WEIGHTS: Artifact = Artifact::new("finetune", "model.safetensors");
+/// The training's losses and counts.
+pub const TRAINING_METRICS: Artifact = Artifact::new("finetune", "metrics.json");
+/// The fp32 export.
+pub const FP32_ONNX: Artifact = Artifact::new("export", "model.onnx");
+/// The verification workload: prompts and windows as token ids, candle's greedy tokens.
+pub const WORKLOAD: Artifact = Artifact::new("reference", "reference.json");
+/// candle's logits over the prompts and its greedy tokens (see
+/// [`crate::verify::reference`]).
+pub const REFERENCE_LOGITS: Artifact = Artifact::new("reference", "logits.f32");
+/// The browser check's report.
+pub const BROWSER_REPORT: Artifact = Artifact::new("browser", "report.json");
 
 /// The tokenizers version that shapes tokenizer artifacts (part of the
 /// keys), as Cargo.lock pins it.
@@ -326,10 +404,6 @@ pub fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), 
     }
     Ok(())
 }
-
-/// The `reference` stage's artifact: candle's logits over the prompts and
-/// its greedy tokens (see [`crate::verify::reference`]).
-pub const REFERENCE_LOGITS: &str = "logits.f32";
 
 /// English text, a language every base knows: the vocab stage's fertility
 /// report, the reference's prompts without a corpus, the browser's tokenizer check.

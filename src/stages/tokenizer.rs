@@ -40,7 +40,7 @@ use tokenizers::{
     TokenizerImpl,
 };
 
-use super::shared::{Document, TOKENIZERS_VERSION, read_documents};
+use super::shared::{Artifact, Document, EVAL, TOKENIZERS_VERSION, TRAIN, read_documents, writers};
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{PreTokenizer, Tokenizer};
 
@@ -57,6 +57,13 @@ type Bpe = TokenizerImpl<
     PostProcessorWrapper,
     DecoderWrapper,
 >;
+
+impl TokenizerStage {
+    /// What it reads: the corpus's splits.
+    fn inputs(&self) -> Vec<Artifact> {
+        vec![TRAIN, EVAL]
+    }
+}
 
 impl Stage for TokenizerStage {
     fn name(&self) -> &str {
@@ -75,7 +82,7 @@ impl Stage for TokenizerStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec!["corpus".to_string()]
+        writers(&self.inputs())
     }
     fn tools(&self) -> std::collections::BTreeMap<String, String> {
         [("tokenizers".to_string(), TOKENIZERS_VERSION.to_string())].into()
@@ -84,8 +91,8 @@ impl Stage for TokenizerStage {
         vec![("tokenizer.json".to_string(), "tokenizer.json".to_string())]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let train = read_documents(ctx.input("corpus", "train.jsonl")?)?;
-        let eval = read_documents(ctx.input("corpus", "eval.jsonl")?)?;
+        let train = read_documents(TRAIN.path(ctx)?)?;
+        let eval = read_documents(EVAL.path(ctx)?)?;
         ctx.progress(0, 2, "training BPE");
         let started = std::time::Instant::now();
         let tokenizer = train_bpe(&self.tokenizer, &train, &eval)?;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::shared::{REFERENCE_LOGITS, link_or_copy, write_json};
+use super::shared::{Artifact, REFERENCE_LOGITS, WORKLOAD, link_or_copy, write_json, writers};
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::Verify;
@@ -22,9 +22,6 @@ pub struct VerifyStage {
     /// the bound's origin, not what is checked (`verify.tolerance` is).
     #[serde(rename = "@overrides")]
     overrides: Option<Tolerance>,
-    /// The stage's name in the plan, from the dtype.
-    #[serde(rename = "@name")]
-    name: String,
 }
 
 /// The bounds the file must meet: `[verify.tolerance.D]` over symb's defaults.
@@ -42,19 +39,25 @@ impl VerifyStage {
                 tolerance: verify::tolerance(dtype, overrides.as_ref()),
             },
             overrides,
-            name: dtype.verify_stage(),
         }
     }
 
     /// The stage that wrote the file, and the file.
-    fn source(&self) -> (String, &'static str) {
+    fn source(&self) -> (&'static str, &'static str) {
         (self.dtype.producer_stage(), self.dtype.file_name())
+    }
+}
+
+impl VerifyStage {
+    /// What it reads: the reference's answers and the file.
+    fn inputs(&self) -> Vec<Artifact> {
+        vec![WORKLOAD, REFERENCE_LOGITS, Artifact::onnx(self.dtype)]
     }
 }
 
 impl Stage for VerifyStage {
     fn name(&self) -> &str {
-        &self.name
+        self.dtype.verify_stage()
     }
     fn kind(&self) -> &'static str {
         "verify"
@@ -78,7 +81,7 @@ impl Stage for VerifyStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec!["reference".to_string(), self.source().0]
+        writers(&self.inputs())
     }
     fn tools(&self) -> BTreeMap<String, String> {
         BTreeMap::from([("onnxruntime".to_string(), runtime::identity())])
@@ -91,19 +94,18 @@ impl Stage for VerifyStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let reference: verify::Reference =
-            model::read_json(ctx.input("reference", "reference.json")?)
-                .map_err(super::shared::model_error)?;
-        let logits_path = ctx.input("reference", REFERENCE_LOGITS)?;
+            model::read_json(WORKLOAD.path(ctx)?).map_err(super::shared::model_error)?;
+        let logits_path = REFERENCE_LOGITS.path(ctx)?;
         let mut logits =
             std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| {
                 StageError::failed(format!("cannot open `{}`", logits_path.display())).because(e)
             })?);
         let (source, artifact) = self.source();
-        let path = ctx.input(&source, artifact)?;
+        let path = ctx.input(source, artifact)?;
         // With external data, ONNX Runtime reads the chunks by name beside the
         // model (and refuses symbolic links out of its folder): the cache's
         // blobs are hard-linked under those names, in the cache.
-        let data = super::shared::data_inputs(ctx, &source, artifact);
+        let data = super::shared::data_inputs(ctx, source, artifact);
         let staging = ctx.checkpoint_dir().join("onnx");
         let path = if data.is_empty() {
             path.to_path_buf()

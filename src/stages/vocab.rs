@@ -32,7 +32,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
-use super::shared::{ENGLISH_SAMPLE, document_lines, read_documents};
+use super::shared::{
+    Artifact, ENGLISH_SAMPLE, EVAL, ModelStage, TRAIN, TRAINED_TOKENIZER, document_lines,
+    read_documents, writers,
+};
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::{Vocab, VocabInit, VocabStrategy};
 use crate::model::EmbeddingInit;
@@ -531,6 +534,17 @@ fn first_lossy(
     Ok(None)
 }
 
+impl VocabStage {
+    /// What it reads: the corpus, the trained tokenizer, the base.
+    fn inputs(&self) -> Vec<Artifact> {
+        [
+            vec![TRAIN, EVAL, TRAINED_TOKENIZER],
+            ModelStage::Base.model().to_vec(),
+        ]
+        .concat()
+    }
+}
+
 impl Stage for VocabStage {
     fn name(&self) -> &str {
         "vocab"
@@ -550,11 +564,7 @@ impl Stage for VocabStage {
         spec_of(self)
     }
     fn dependencies(&self) -> Vec<String> {
-        vec![
-            "corpus".to_string(),
-            "tokenizer".to_string(),
-            "base".to_string(),
-        ]
+        writers(&self.inputs())
     }
     fn tools(&self) -> BTreeMap<String, String> {
         super::shared::tools()
@@ -565,8 +575,8 @@ impl Stage for VocabStage {
         files
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError> {
-        let base_path = ctx.input("base", "tokenizer.json")?;
-        let new_path = ctx.input("tokenizer", "tokenizer.json")?;
+        let base_path = ModelStage::Base.file("tokenizer.json").path(ctx)?;
+        let new_path = TRAINED_TOKENIZER.path(ctx)?;
         let base = Tokenizer::from_file(base_path)
             .map_err(|e| tokenizer_error("cannot load the base tokenizer", e))?;
         let new = Tokenizer::from_file(new_path)
@@ -574,7 +584,7 @@ impl Stage for VocabStage {
         let mut left_out = 0;
         let (tokenizer, added) = match self.vocab.strategy {
             VocabStrategy::AddTokens => {
-                let train = document_lines(&read_documents(ctx.input("corpus", "train.jsonl")?)?);
+                let train = document_lines(&read_documents(TRAIN.path(ctx)?)?);
                 let (tokenizer, added, undecodable) = add_tokens(&base, &new, &train)
                     .map_err(|e| tokenizer_error("cannot add the tokens", e))?;
                 left_out = undecodable;
@@ -616,8 +626,8 @@ impl Stage for VocabStage {
             .resize_token_embeddings(new_size, init, &mut Rng::new(INIT_SEED))
             .map_err(super::shared::model_error)?;
         let parameters = super::shared::save_weights(&model, ctx)?["parameters"].clone();
-        let mut config: Value =
-            model::read_json(ctx.input("base", "config.json")?).map_err(StageError::failed_from)?;
+        let mut config: Value = model::read_json(ModelStage::Base.file("config.json").path(ctx)?)
+            .map_err(StageError::failed_from)?;
         config["vocab_size"] = new_size.into();
         super::shared::write_json(&ctx.output("config.json"), &config)?;
         for file in ["generation_config.json", "tokenizer_config.json"] {
@@ -627,7 +637,7 @@ impl Stage for VocabStage {
         }
 
         // The report: fertility before and after, losslessness, English kept.
-        let eval = document_lines(&read_documents(ctx.input("corpus", "eval.jsonl")?)?);
+        let eval = document_lines(&read_documents(EVAL.path(ctx)?)?);
         let english: Vec<String> = ENGLISH_SAMPLE.lines().map(str::to_string).collect();
         let report_error = |e: String| tokenizer_error("cannot measure fertility", e);
         for texts in [&eval, &english] {
