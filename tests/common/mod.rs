@@ -428,9 +428,30 @@ fn weed() -> PathBuf {
 }
 
 impl Seaweed {
+    /// A SeaweedFS server with `bucket`, on free ports. A start that fails
+    /// (a port taken between choosing it and binding it, a server that exits)
+    /// is tried again on other ports, up to three times.
     pub fn start(bucket: &str) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Seaweed::try_start(bucket) {
+                Ok(server) => return server,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("SeaweedFS did not start:\n{}", failures.join("\n"));
+    }
+
+    fn try_start(bucket: &str) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
-        let (master, volume, filer, s3) = (free_port(), free_port(), free_port(), free_port());
+        let ports: BTreeSet<u16> = std::iter::repeat_with(free_port).take(4).collect();
+        let ports: Vec<u16> = ports.into_iter().collect();
+        // Four ports, none another's gRPC port (+10000).
+        if ports.len() < 4 || ports.iter().any(|p| ports.contains(&(p + 10000))) {
+            return Err("two of the chosen ports clash".to_string());
+        }
+        let (master, volume, filer, s3) = (ports[0], ports[1], ports[2], ports[3]);
+        let log = dir.path().join("weed.log");
         let child = Command::new(weed())
             // No Iceberg or Lance listeners (fixed ports), no telemetry.
             .args([
@@ -450,25 +471,32 @@ impl Seaweed {
             .arg(format!("-s3.port={s3}"))
             .current_dir(dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("weed starts");
-        let server = Seaweed {
+        let mut server = Seaweed {
             child,
             s3_port: s3,
             _dir: dir,
         };
+        let tail = |log: &Path| {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(5)..].join("\n    ")
+        };
         // Ready when a bucket can be made (unsigned: the server has no identities).
         let started = Instant::now();
         while http(s3, "PUT", &format!("/{bucket}")) != Some(200) {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!("weed exited ({status}):\n    {}", tail(&log)));
+            }
             // Three servers start at once when the remote tests run together on two cores.
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "SeaweedFS did not start in 120 s"
-            );
+            if started.elapsed() > Duration::from_secs(120) {
+                return Err(format!("no bucket after 120 s:\n    {}", tail(&log)));
+            }
             std::thread::sleep(Duration::from_millis(300));
         }
-        server
+        Ok(server)
     }
 
     pub fn endpoint(&self) -> String {
