@@ -178,14 +178,12 @@ impl BrowserStage {
         std::fs::create_dir_all(&onnx).map_err(|e| io(&onnx, e))?;
         let mut external = serde_json::Map::new();
         for dtype in &self.dtypes {
-            let (stage, file) = (dtype.producer_stage(), dtype.file_name());
-            let data = data_inputs(ctx, stage, file);
+            let model = Artifact::onnx(*dtype);
+            let (file, data) = (model.file, data_inputs(ctx, model));
             if !data.is_empty() {
                 external.insert(file.to_string(), data.len().into());
             }
-            for (name, path) in
-                std::iter::once((file.to_string(), ctx.input(stage, file)?)).chain(data)
-            {
+            for (name, path) in std::iter::once((file.to_string(), model.path(ctx)?)).chain(data) {
                 link_or_copy(path, &onnx.join(name))?;
             }
         }

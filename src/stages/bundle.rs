@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::shared::{
-    Artifact, BROWSER_REPORT, ModelStage, TRAINING_METRICS, VOCAB_REPORT, WORKLOAD, data_inputs,
-    writers,
+    ADAPTER_CONFIG, Artifact, BROWSER_REPORT, ModelStage, TRAINING_METRICS, VOCAB_REPORT, WORKLOAD,
+    data_inputs, writers,
 };
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
@@ -75,17 +75,18 @@ pub struct AdapterCard {
 const PAGE: &str = include_str!("../web/index.html");
 
 /// An upstream JSON artifact, if the stage has it.
-fn artifact_json(ctx: &StageContext<'_>, stage: &str, file: &str) -> Option<serde_json::Value> {
-    ctx.input(stage, file)
+fn artifact_json(ctx: &StageContext<'_>, artifact: Artifact) -> Option<serde_json::Value> {
+    artifact
+        .path(ctx)
         .ok()
         .and_then(|p| crate::model::read_json(p).ok())
 }
 
 /// An ONNX file's size with its external data chunks.
-fn file_bytes(ctx: &StageContext<'_>, stage: &str, file: &str) -> u64 {
+fn file_bytes(ctx: &StageContext<'_>, onnx: Artifact) -> u64 {
     let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    ctx.input(stage, file).map_or(0, size)
-        + data_inputs(ctx, stage, file)
+    onnx.path(ctx).map_or(0, size)
+        + data_inputs(ctx, onnx)
             .iter()
             .map(|(_, p)| size(p))
             .sum::<u64>()
@@ -137,21 +138,17 @@ fn html_escape(text: &str) -> String {
 }
 
 impl BundleStage {
-    /// (the stage that writes it, its file name) for every dtype.
-    fn files(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
-        self.dtypes
-            .iter()
-            .map(|d| (d.producer_stage(), d.file_name()))
+    /// Every dtype's ONNX file.
+    fn files(&self) -> impl Iterator<Item = Artifact> + '_ {
+        self.dtypes.iter().map(|&d| Artifact::onnx(d))
     }
 
     /// For each dtype, the earlier dtype whose file has the same bytes (q8
     /// and int8 are one file: transformers.js asks for each by its own name,
     /// so both names are written, as links to one file).
     fn twins(&self, ctx: &StageContext<'_>) -> Vec<Option<Dtype>> {
-        let paths: Vec<Option<&std::path::Path>> = self
-            .files()
-            .map(|(stage, file)| ctx.input(stage, file).ok())
-            .collect();
+        let paths: Vec<Option<&std::path::Path>> =
+            self.files().map(|onnx| onnx.path(ctx).ok()).collect();
         (0..paths.len())
             .map(|i| {
                 paths[i].and_then(|p| {
@@ -167,7 +164,7 @@ impl BundleStage {
     /// training curve and perplexity, each file's size and its verification.
     fn report(&self, ctx: &StageContext<'_>) -> Result<String, StageError> {
         use std::fmt::Write;
-        let json = |stage: &str, file: &str| artifact_json(ctx, stage, file);
+        let json = |artifact| artifact_json(ctx, artifact);
         let mut html = String::new();
         let title = html_escape(&self.title);
         let _ = write!(
@@ -176,7 +173,7 @@ impl BundleStage {
             crate::VERSION
         );
         if self.finetune {
-            if let Some(m) = json("finetune", "metrics.json") {
+            if let Some(m) = json(TRAINING_METRICS) {
                 let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
                 let _ = write!(
                     html,
@@ -202,7 +199,7 @@ impl BundleStage {
             }
         }
         if self.vocab
-            && let Some(v) = json("vocab", "report.json")
+            && let Some(v) = json(VOCAB_REPORT)
         {
             let f = &v["fertility"];
             let per_word = |x: &serde_json::Value| {
@@ -228,7 +225,7 @@ impl BundleStage {
         html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed through the KV cache (the first alone, then the rest together; one at a time for q8, int8 and uint8, which scale their activations over each call); the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th>");
         // Each browser device: what the `browser` stage found, or that it did not run.
         let browser = if self.browser.is_some() {
-            json("browser", "report.json")
+            json(BROWSER_REPORT)
         } else {
             None
         };
@@ -237,9 +234,9 @@ impl BundleStage {
             let _ = write!(html, "<th>{}</th>", device.title());
         }
         html.push_str("</tr>");
-        for (((stage, file), dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
-            let bytes = file_bytes(ctx, stage, file);
-            let report = json(dtype.verify_stage(), "report.json").unwrap_or_default();
+        for ((onnx, dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
+            let (bytes, file) = (file_bytes(ctx, onnx), onnx.file);
+            let report = json(Artifact::verify_report(*dtype)).unwrap_or_default();
             let m = &report["metrics"];
             let same = twin.map_or(String::new(), |t| {
                 format!("<span class=\"bound\">the {t} file's bytes</span>")
@@ -338,9 +335,9 @@ impl BundleStage {
     /// The card's section on the LoRA adapter: what `adapter/` holds and the
     /// Python that puts it on its base, when the base can be had.
     fn adapter_section(&self, ctx: &StageContext<'_>, adapter: &AdapterCard) -> String {
-        let config = artifact_json(ctx, "finetune", "adapter_config.json").unwrap_or_default();
+        let config = artifact_json(ctx, ADAPTER_CONFIG).unwrap_or_default();
         let vocab = if self.vocab {
-            artifact_json(ctx, "vocab", "report.json")
+            artifact_json(ctx, VOCAB_REPORT)
         } else {
             None
         };
@@ -425,7 +422,7 @@ impl BundleStage {
     /// what the model is, each file's verification, how to load it).
     fn card(&self, ctx: &StageContext<'_>) -> String {
         use std::fmt::Write;
-        let json = |stage: &str, file: &str| artifact_json(ctx, stage, file);
+        let json = |artifact| artifact_json(ctx, artifact);
         let card = &self.card;
         let prompt = if self.web.prompt.trim().is_empty() {
             self.examples(ctx)
@@ -469,7 +466,7 @@ impl BundleStage {
         }
         md.push_str(". Built with symb: every ONNX file below was run by ONNX Runtime and checked against the model's own forward pass (candle) before it was written.\n\n");
         if self.finetune
-            && let Some(m) = json("finetune", "metrics.json")
+            && let Some(m) = json(TRAINING_METRICS)
         {
             let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
             let _ = write!(
@@ -484,9 +481,9 @@ impl BundleStage {
         md.push_str(
             "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 agreement | KL divergence | perplexity ratio | greedy match |\n|---|---|---|---|---|---|---|---|\n",
         );
-        for (((stage, file), dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
-            let bytes = file_bytes(ctx, stage, file);
-            let report = json(dtype.verify_stage(), "report.json").unwrap_or_default();
+        for ((onnx, dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
+            let (bytes, file) = (file_bytes(ctx, onnx), onnx.file);
+            let report = json(Artifact::verify_report(*dtype)).unwrap_or_default();
             let m = &report["metrics"];
             let cell = |k: &str, digits: usize| {
                 m[k].as_f64().map_or("".to_string(), |v| figure(v, digits))
@@ -546,7 +543,7 @@ impl BundleStage {
     /// eval split), a few words each, since nobody can guess a sentence in a
     /// new language.
     fn examples(&self, ctx: &StageContext<'_>) -> Vec<String> {
-        let reference = artifact_json(ctx, "reference", "reference.json").unwrap_or_default();
+        let reference = artifact_json(ctx, WORKLOAD).unwrap_or_default();
         let mut examples: Vec<String> = Vec::new();
         for prompt in reference["workload"]["prompts"]
             .as_array()
@@ -584,7 +581,7 @@ impl BundleStage {
         let sizes: BTreeMap<String, u64> = self
             .files()
             .zip(&self.dtypes)
-            .map(|((stage, file), dtype)| (dtype.to_string(), file_bytes(ctx, stage, file)))
+            .map(|(onnx, dtype)| (dtype.to_string(), file_bytes(ctx, onnx)))
             .collect();
         let shown = self
             .web
@@ -727,10 +724,10 @@ impl Stage for BundleStage {
             crate::model::read_json(self.model_stage.file("config.json").path(ctx)?)
                 .map_err(super::shared::model_error)?;
         let mut external = BTreeMap::new();
-        for (stage, file) in self.files() {
-            let chunks = data_inputs(ctx, stage, file).len();
+        for onnx in self.files() {
+            let chunks = data_inputs(ctx, onnx).len();
             if chunks > 0 {
-                external.insert(file.to_string(), chunks);
+                external.insert(onnx.file.to_string(), chunks);
             }
         }
         let object = config

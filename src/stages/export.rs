@@ -58,9 +58,8 @@ impl Stage for ExportStage {
         onnx_artifacts("model.onnx")
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let stage = self.model_stage.name();
         let t = std::time::Instant::now();
-        let model = super::shared::load_model(ctx, stage)?;
+        let model = super::shared::load_model(ctx, self.model_stage)?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "loaded the model");
         let graph = crate::onnx::export(&model, self.export.opset as i64)
             .map_err(super::shared::model_error)?;

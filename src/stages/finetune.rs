@@ -239,7 +239,7 @@ impl Stage for FinetuneStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         self.check_memory(ctx)?;
-        let (model, tokenizer) = load_base(ctx, self.model_stage.name())?;
+        let (model, tokenizer) = load_base(ctx, self.model_stage)?;
         let trainable_tokens = if self.finetune.train_new_tokens {
             super::shared::read_new_tokens(NEW_TOKENS.path(ctx)?)?
         } else {

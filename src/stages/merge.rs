@@ -76,7 +76,7 @@ impl Stage for MergeStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let weights: PathBuf = if self.lora {
-            let (mut model, _) = load_base(ctx, self.model_stage.name())?;
+            let (mut model, _) = load_base(ctx, self.model_stage)?;
             lora::load_adapter_files(
                 &mut model,
                 ADAPTER_CONFIG.path(ctx)?,
@@ -93,7 +93,7 @@ impl Stage for MergeStage {
             ctx.output("model.safetensors")
         };
         for file in ["config.json", "generation_config.json", "tokenizer.json"] {
-            match ctx.input(self.model_stage.name(), file) {
+            match self.model_stage.file(file).path(ctx) {
                 Ok(from) => {
                     copy(from, &ctx.output(file))?;
                 }

@@ -95,7 +95,7 @@ impl Stage for QuantizeStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let source = FP32_ONNX.path(ctx)?;
-        let data = data_inputs(ctx, "export", "model.onnx");
+        let data = data_inputs(ctx, FP32_ONNX);
         let fp32_bytes = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0)
             + data
                 .iter()

@@ -165,13 +165,15 @@ impl Stage for ReferenceStage {
         super::shared::tools()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
-        let stage = self.model_stage.name();
-        let model = super::shared::load_model(ctx, stage)?;
-        let tokenizer_path = ctx.input(stage, "tokenizer.json")?;
+        let model = super::shared::load_model(ctx, self.model_stage)?;
+        let tokenizer_path = self.model_stage.file("tokenizer.json").path(ctx)?;
         let tokenizer = tokenizers::Tokenizer::from_file(tokenizer_path)
             .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
         let eos = model::eos_token_from(
-            ctx.input(stage, "generation_config.json").ok(),
+            self.model_stage
+                .file("generation_config.json")
+                .path(ctx)
+                .ok(),
             &model.config(),
         );
         let work = self.workload(ctx, &tokenizer, model.context(), eos)?;

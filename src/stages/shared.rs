@@ -289,10 +289,10 @@ pub fn save_weights(
 
 /// The model a model stage (`base`, `vocab`, `merge`) wrote: its
 /// `config.json` and `model.safetensors` artifacts, loaded.
-pub fn load_model(ctx: &StageContext<'_>, stage: &str) -> Result<model::Model, StageError> {
+pub fn load_model(ctx: &StageContext<'_>, stage: ModelStage) -> Result<model::Model, StageError> {
     model::load_files(
-        ctx.input(stage, "config.json")?,
-        &[ctx.input(stage, "model.safetensors")?.to_path_buf()],
+        stage.file("config.json").path(ctx)?,
+        &[stage.file("model.safetensors").path(ctx)?.to_path_buf()],
     )
     .map_err(model_error)
 }
@@ -300,10 +300,10 @@ pub fn load_model(ctx: &StageContext<'_>, stage: &str) -> Result<model::Model, S
 /// Loads the model to train from the artifacts of `stage`.
 pub fn load_base(
     ctx: &StageContext<'_>,
-    stage: &str,
+    stage: ModelStage,
 ) -> Result<(model::Model, tokenizers::Tokenizer), StageError> {
     let model = load_model(ctx, stage)?;
-    let tokenizer = tokenizers::Tokenizer::from_file(ctx.input(stage, "tokenizer.json")?)
+    let tokenizer = tokenizers::Tokenizer::from_file(stage.file("tokenizer.json").path(ctx)?)
         .map_err(|e| StageError::failed(format!("cannot load the base tokenizer: {e}")))?;
     Ok((model, tokenizer))
 }
@@ -362,16 +362,12 @@ pub fn onnx_artifacts(file: &str) -> Vec<(String, String)> {
     files
 }
 
-/// The data chunks of `file` that stage `stage` wrote, as (name, path).
-pub fn data_inputs<'a>(
-    ctx: &'a StageContext<'_>,
-    stage: &str,
-    file: &str,
-) -> Vec<(String, &'a std::path::Path)> {
+/// The data chunks written beside an ONNX file, as (name, path).
+pub fn data_inputs<'a>(ctx: &'a StageContext<'_>, onnx: Artifact) -> Vec<(String, &'a Path)> {
     (0..MAX_CHUNKS)
         .map_while(|i| {
-            let name = external::data_file_name(file, i);
-            ctx.input(stage, &name).ok().map(|path| (name, path))
+            let name = external::data_file_name(onnx.file, i);
+            ctx.input(onnx.stage, &name).ok().map(|path| (name, path))
         })
         .collect()
 }

@@ -41,11 +41,6 @@ impl VerifyStage {
             overrides,
         }
     }
-
-    /// The stage that wrote the file, and the file.
-    fn source(&self) -> (&'static str, &'static str) {
-        (self.dtype.producer_stage(), self.dtype.file_name())
-    }
 }
 
 impl VerifyStage {
@@ -100,12 +95,12 @@ impl Stage for VerifyStage {
             std::io::BufReader::new(std::fs::File::open(logits_path).map_err(|e| {
                 StageError::failed(format!("cannot open `{}`", logits_path.display())).because(e)
             })?);
-        let (source, artifact) = self.source();
-        let path = ctx.input(source, artifact)?;
+        let onnx = Artifact::onnx(self.dtype);
+        let path = onnx.path(ctx)?;
         // With external data, ONNX Runtime reads the chunks by name beside the
         // model (and refuses symbolic links out of its folder): the cache's
         // blobs are hard-linked under those names, in the cache.
-        let data = super::shared::data_inputs(ctx, source, artifact);
+        let data = super::shared::data_inputs(ctx, onnx);
         let staging = ctx.checkpoint_dir().join("onnx");
         let path = if data.is_empty() {
             path.to_path_buf()
@@ -114,10 +109,10 @@ impl Stage for VerifyStage {
             std::fs::create_dir_all(&staging).map_err(|e| {
                 StageError::failed(format!("cannot create `{}`", staging.display())).because(e)
             })?;
-            for (name, blob) in std::iter::once((artifact.to_string(), path)).chain(data) {
+            for (name, blob) in std::iter::once((onnx.file.to_string(), path)).chain(data) {
                 link_or_copy(blob, &staging.join(name))?;
             }
-            staging.join(artifact)
+            staging.join(onnx.file)
         };
         let path = path.as_path();
         // The cores shared with the stages that run beside this one: the

@@ -613,7 +613,7 @@ impl Stage for VocabStage {
             .map_err(|e| tokenizer_error("cannot write tokenizer.json", e))?;
 
         // Weights: the embedding grows to cover every id, padded.
-        let mut model = super::shared::load_model(ctx, "base")?;
+        let mut model = super::shared::load_model(ctx, ModelStage::Base)?;
         let old_size = model.vocab_size();
         let needed = (tokenizer.get_vocab_size(true)).max(old_size);
         let multiple = self.vocab.pad_to_multiple_of as usize;
@@ -631,7 +631,7 @@ impl Stage for VocabStage {
         config["vocab_size"] = new_size.into();
         super::shared::write_json(&ctx.output("config.json"), &config)?;
         for file in ["generation_config.json", "tokenizer_config.json"] {
-            if let Ok(from) = ctx.input("base", file) {
+            if let Ok(from) = ModelStage::Base.file(file).path(ctx) {
                 super::shared::copy(from, &ctx.output(file))?;
             }
         }
