@@ -4,34 +4,33 @@
 //!
 //!     cargo run --release --example make_gpt2 -- OUT LAYERS WIDTH HEADS VOCAB TOKENIZER_JSON
 
-use symb::model::gpt2::{Config, Gpt2};
+use symb::model::families::gpt2::GPT2;
 use symb::model::rng::Rng;
+use symb::model::{Dims, Model};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [out, layers, width, heads, vocab, tokenizer] = &args[..] else {
         return Err("usage: make_gpt2 OUT LAYERS WIDTH HEADS VOCAB TOKENIZER_JSON".into());
     };
-    let config = Config {
+    let (width, heads): (usize, usize) = (width.parse()?, heads.parse()?);
+    let dims = Dims {
         vocab_size: vocab.parse()?,
-        n_positions: 1024,
-        n_embd: width.parse()?,
-        n_layer: layers.parse()?,
-        n_head: heads.parse()?,
-        n_inner: None,
-        layer_norm_epsilon: 1e-5,
-        activation_function: "gelu_new".into(),
-        bos_token_id: Some(0),
-        eos_token_id: Some(0),
-        model_type: Some("gpt2".into()),
-        tie_word_embeddings: Some(true),
+        context: 1024,
+        width,
+        layers: layers.parse()?,
+        heads,
+        kv_heads: heads,
+        head_dim: width / heads.max(1),
+        inner: None,
     };
-    let model = symb::model::Model::Gpt2(Gpt2::scratch(&config, &mut Rng::new(0))?);
+    let config = GPT2.scratch_config(&dims, Some(0))?;
+    let model = Model::scratch(&config, &mut Rng::new(0))?;
     let out = std::path::Path::new(out);
     std::fs::create_dir_all(out)?;
     symb::model::save_safetensors(&model.named_tensors(), &out.join("model.safetensors"))?;
-    let mut json = serde_json::to_value(&config)?;
-    json["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    let mut json = config.json.clone();
+    json["architectures"] = serde_json::json!([GPT2.class()]);
     std::fs::write(
         out.join("config.json"),
         serde_json::to_string_pretty(&json)?,

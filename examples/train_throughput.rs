@@ -9,11 +9,11 @@
 //! one warm-up step) and the peak resident memory of the process.
 
 use candle_core::{Device, Tensor};
-use symb::model::gpt2::{Config, Gpt2};
+use symb::model::families::{gpt2::GPT2, llama::LLAMA};
 use symb::model::lora::LoraSpec;
 use symb::model::rng::Rng;
 use symb::model::train::{AdamW, AdamWParams, attach_lora};
-use symb::model::{Llama, Model, llama};
+use symb::model::{Dims, Model};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     symb::model::ops::configure_threads();
@@ -23,50 +23,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (batch, block) = (8, 128);
     symb::model::ops::keep_freed_memory();
     let mut rng = Rng::new(0);
-    let (mut model, targets, vocab_size, steps) = match (family.as_str(), &numbers[..]) {
-        ("gpt2", &[n_layer, n_embd, n_head, vocab_size, steps]) => {
-            let config = Config {
+    // The family's own scratch config of these dimensions (the
+    // throughput does not depend on its other settings).
+    let (family, dims, targets, steps) = match (family.as_str(), &numbers[..]) {
+        ("gpt2", &[layers, width, heads, vocab_size, steps]) => {
+            let dims = Dims {
                 vocab_size,
-                n_positions: 1024,
-                n_embd,
-                n_layer,
-                n_head,
-                n_inner: None,
-                layer_norm_epsilon: 1e-5,
-                activation_function: "gelu_new".into(),
-                bos_token_id: None,
-                eos_token_id: None,
-                model_type: Some("gpt2".into()),
-                tie_word_embeddings: Some(true),
+                context: 1024,
+                width,
+                layers,
+                heads,
+                kv_heads: heads,
+                head_dim: width / heads.max(1),
+                inner: None,
             };
-            (Model::Gpt2(Gpt2::scratch(&config, &mut rng)?), vec!["c_attn".to_string()], vocab_size, steps)
+            (GPT2, dims, vec!["c_attn"], steps)
         }
-        ("llama", &[layers, hidden, heads, kv_heads, intermediate, vocab_size, steps]) => {
-            let config = llama::Config {
+        ("llama", &[layers, width, heads, kv_heads, inner, vocab_size, steps]) => {
+            let dims = Dims {
                 vocab_size,
-                hidden_size: hidden,
-                intermediate_size: intermediate,
-                num_hidden_layers: layers,
-                num_attention_heads: heads,
-                num_key_value_heads: Some(kv_heads),
-                head_dim: None,
-                rms_norm_eps: 1e-5,
-                rope_theta: 100_000.0,
-                rope_scaling: None,
-                max_position_embeddings: 2048,
-                tie_word_embeddings: true,
-                attention_bias: false,
-                mlp_bias: false,
-                hidden_act: "silu".into(),
-                bos_token_id: None,
-                eos_token_id: None,
-                model_type: Some("llama".into()),
-                use_sliding_window: false,
+                context: 2048,
+                width,
+                layers,
+                heads,
+                kv_heads,
+                head_dim: width / heads.max(1),
+                inner: Some(inner),
             };
-            (Model::Llama(Llama::scratch(&config, &mut rng)?), vec!["q_proj".to_string(), "v_proj".to_string()], vocab_size, steps)
+            (LLAMA, dims, vec!["q_proj", "v_proj"], steps)
         }
-        _ => return Err("usage: train_throughput gpt2 LAYERS WIDTH HEADS VOCAB STEPS | llama LAYERS WIDTH HEADS KV_HEADS INTERMEDIATE VOCAB STEPS".into()),
+        _ => {
+            return Err(concat!(
+                "usage: train_throughput gpt2 LAYERS WIDTH HEADS VOCAB STEPS",
+                " | llama LAYERS WIDTH HEADS KV_HEADS INTERMEDIATE VOCAB STEPS"
+            )
+            .into());
+        }
     };
+    let vocab_size = dims.vocab_size;
+    let mut model = Model::scratch(&family.scratch_config(&dims, None)?, &mut rng)?;
+    let targets: Vec<String> = targets.into_iter().map(String::from).collect();
     let spec = LoraSpec {
         targets,
         rank: 8,

@@ -8,8 +8,9 @@
 //! - [`cache`]: the content-addressed artifact store, local and shared (S3);
 //! - [`engine`]: the graph of stages, their keys, the executor and the reasons for each re-run;
 //! - [`dtype`]: the closed set of export dtypes and everything named after one;
-//! - [`model`]: the model families in candle, LoRA, training, Hub and GGUF loading;
-//! - [`onnx`]: the ONNX protobuf types, a graph builder and each family's lowering;
+//! - [`onnx`]: the ONNX protobuf types, a graph builder and the decoder contract;
+//! - [`model`]: the model families in candle (each with its ONNX lowering), LoRA,
+//!   training, Hub and GGUF loading;
 //! - [`quant`]: the quantizers over ONNX graphs (fp16, q8, int8/uint8, q4, q4f16);
 //! - [`verify`]: an ONNX file in ONNX Runtime against the model's own forward pass;
 //! - [`lint`]: an output folder against what transformers.js needs to load it;

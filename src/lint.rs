@@ -137,7 +137,12 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             match map.as_object() {
                 Some(map) => external = map.clone(),
                 None if map.as_bool() == Some(false) => {}
-                None => add("config.json", "`transformers.js_config.use_external_data_format` should map each file to its chunk count".into()),
+                None => add(
+                    "config.json",
+                    "`transformers.js_config.use_external_data_format` \
+                    should map each file to its chunk count"
+                        .into(),
+                ),
             }
         }
     }
@@ -261,7 +266,9 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
                 add(
                     "tokenizer.json",
                     format!(
-                        "{} added tokens have `single_word` (`{first}`, ...), which transformers.js ignores: it matches them inside words too, and gives other ids than Python",
+                        "{} added tokens have `single_word` (`{first}`, ...), which \
+                            transformers.js ignores: it matches them inside words too, and gives \
+                            other ids than Python",
                         single_word.len()
                     ),
                 );
@@ -269,7 +276,13 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             if t["pre_tokenizer"].to_string().contains(r#""split":true"#)
                 && t["pre_tokenizer"].to_string().contains("Metaspace")
             {
-                add("tokenizer.json", "a `Metaspace` pre-tokenizer with `split: true`, which transformers.js ignores: it would see the text as one piece and give other ids than Python".into());
+                add(
+                    "tokenizer.json",
+                    "a `Metaspace` pre-tokenizer with `split: true`, which \
+                    transformers.js ignores: it would see the text as one piece and give other ids \
+                    than Python"
+                        .into(),
+                );
             }
         }
     }
@@ -292,7 +305,9 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
             {
                 add(
                     "tokenizer_config.json",
-                    "`model_input_names` is missing or names `token_type_ids`: Python's AutoTokenizer would return token type ids, which the model does not take; write [\"input_ids\", \"attention_mask\"]"
+                    "`model_input_names` is missing or names `token_type_ids`: Python's \
+                        AutoTokenizer would return token type ids, which the model does not take; \
+                        write [\"input_ids\", \"attention_mask\"]"
                         .into(),
                 );
             }
@@ -307,7 +322,12 @@ pub fn lint(folder: &Path) -> Vec<Finding> {
                 }
             }
             if t["clean_up_tokenization_spaces"] == true {
-                add("tokenizer_config.json", "`clean_up_tokenization_spaces` is true: decoding would change the text (\" .\" becomes \".\")".into());
+                add(
+                    "tokenizer_config.json",
+                    "`clean_up_tokenization_spaces` is true: decoding \
+                    would change the text (\" .\" becomes \".\")"
+                        .into(),
+                );
             }
         }
     }
@@ -405,7 +425,8 @@ fn lint_graph(
         let past_name = past.name.as_deref().unwrap_or("");
         if d.len() != 4 || d[1].is_none() || d[3].is_none() {
             add(format!(
-                "`{past_name}` should be [batch_size, heads, past_sequence_length, head_dim] with numeric heads and head_dim"
+                "`{past_name}` should be [batch_size, heads, past_sequence_length, head_dim] with \
+                    numeric heads and head_dim"
             ));
             break;
         }
@@ -414,7 +435,8 @@ fn lint_graph(
         {
             let (h, hd) = (d[1].unwrap_or(0), d[3].unwrap_or(0));
             add(format!(
-                "`{past_name}` holds {h} heads of {hd}, but config.json gives {heads} (`{key}`) of {head_dim}: transformers.js would feed an empty cache of the config's shape"
+                "`{past_name}` holds {h} heads of {hd}, but config.json gives {heads} (`{key}`) of \
+                    {head_dim}: transformers.js would feed an empty cache of the config's shape"
             ));
             break;
         }
@@ -425,7 +447,8 @@ fn lint_graph(
         && n as usize != graph_layers
     {
         add(format!(
-            "the graph has {graph_layers} layers of KV cache, but config.json says `{key}` = {n}: transformers.js would feed {} past inputs",
+            "the graph has {graph_layers} layers of KV cache, but config.json says `{key}` = {n}: \
+                transformers.js would feed {} past inputs",
             2 * n
         ));
     }
@@ -436,7 +459,8 @@ fn lint_graph(
         .count();
     if external_tensors > 0 && !external.contains_key(name) {
         add(format!(
-            "keeps {external_tensors} tensors in external data, but config.json's `transformers.js_config.use_external_data_format` does not name it"
+            "keeps {external_tensors} tensors in external data, but config.json's \
+                `transformers.js_config.use_external_data_format` does not name it"
         ));
     }
 }

@@ -213,7 +213,11 @@ impl Project {
             .ok()
             .filter(|v| !v.is_empty());
         let Some(address) = from_env.or_else(|| config.address.clone()) else {
-            return Err(error("`[remote]` has no `address`: set `remote.address` (Ray's dashboard, such as \"http://head:8265\") or SYMB_REMOTE_ADDRESS".to_string()));
+            return Err(error(
+                "`[remote]` has no `address`: set `remote.address` (Ray's dashboard, \
+                such as \"http://head:8265\") or SYMB_REMOTE_ADDRESS"
+                    .to_string(),
+            ));
         };
         if !(address.starts_with("http://") || address.starts_with("https://")) {
             return Err(error(format!(
@@ -221,26 +225,46 @@ impl Project {
             )));
         }
         if crate::manifest::has_user_info(&address) {
-            return Err(error("SYMB_REMOTE_ADDRESS holds a user name or password: symb prints the address in its messages, so give Ray's address without them".to_string()));
+            return Err(error(
+                "SYMB_REMOTE_ADDRESS holds a user name or password: symb prints the \
+                address in its messages, so give Ray's address without them"
+                    .to_string(),
+            ));
         }
         let store = match remote {
             Some(remote) if remote.write => remote.store.describe(),
             _ if config.fallback_local => {
-                return Ok((None, Some("`[remote]` stages run here (`fallback = \"local\"`): they need a writable cache remote, and this build has none".to_string())));
+                return Ok((
+                    None,
+                    Some(
+                        "`[remote]` stages run here (`fallback = \"local\"`): they \
+                    need a writable cache remote, and this build has none"
+                            .to_string(),
+                    ),
+                ));
             }
             Some(_) => {
                 return Err(error(
-                    "`[remote]` stages read their inputs from the cache remote and write their results there, but it is read-only (`remote_write = false` or SYMB_CACHE_REMOTE_WRITE=0)".to_string(),
+                    "`[remote]` stages read their inputs from the cache remote and write their \
+                        results there, but it is read-only (`remote_write = false` or \
+                        SYMB_CACHE_REMOTE_WRITE=0)"
+                        .to_string(),
                 ));
             }
             None if self.manifest.cache_remote.is_some()
                 || std::env::var("SYMB_CACHE_REMOTE").is_ok_and(|v| !v.is_empty()) =>
             {
-                return Err(error("`[remote]` stages need the cache remote, which cannot be opened (see the warning above)".to_string()));
+                return Err(error(
+                    "`[remote]` stages need the cache remote, which cannot be opened \
+                    (see the warning above)"
+                        .to_string(),
+                ));
             }
             None => {
                 return Err(error(
-                    "`[remote]` stages send their inputs and get their results through the shared cache: set `[cache] remote` (or SYMB_CACHE_REMOTE) to an s3:// URL the workers can read too"
+                    "`[remote]` stages send their inputs and get their results through the shared \
+                        cache: set `[cache] remote` (or SYMB_CACHE_REMOTE) to an s3:// URL the \
+                        workers can read too"
                         .to_string(),
                 ));
             }
@@ -563,7 +587,8 @@ fn not_a_target(manifest: &manifest::Manifest, name: &str, error: PlanError) -> 
                 .unwrap_or_default()
         )),
         Ok(dtype) => ProjectError::NotATarget(format!(
-            "`{dtype}` is an ONNX dtype, and this manifest has no `[export]` section; add one with `targets = [\"{dtype}\"]`"
+            "`{dtype}` is an ONNX dtype, and this manifest has no `[export]` section; add one with \
+                `targets = [\"{dtype}\"]`"
         )),
         Err(_) => error.into(),
     }

@@ -125,7 +125,8 @@ impl Server {
             let lib = m.join("@huggingface/transformers/dist/transformers.min.js");
             if !lib.is_file() {
                 return Err(std::io::Error::other(format!(
-                    "`{}` has no @huggingface/transformers/dist/transformers.min.js (give the node_modules folder of `npm install @huggingface/transformers`)",
+                    "`{}` has no @huggingface/transformers/dist/transformers.min.js (give the \
+                        node_modules folder of `npm install @huggingface/transformers`)",
                     m.display()
                 )));
             }
@@ -467,7 +468,10 @@ fn none_match_hits(header: &str, tag: &str) -> bool {
 
 fn head(status: &str, kind: &str, length: u64, keep_alive: bool, extra: &[String]) -> Vec<u8> {
     let mut text = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {length}\r\nCross-Origin-Opener-Policy: same-origin\r\nCross-Origin-Embedder-Policy: require-corp\r\nCross-Origin-Resource-Policy: same-origin\r\nCache-Control: no-store\r\nConnection: {}\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: \
+            {length}\r\nCross-Origin-Opener-Policy: same-origin\r\nCross-Origin-Embedder-Policy: \
+            require-corp\r\nCross-Origin-Resource-Policy: same-origin\r\nCache-Control: \
+            no-store\r\nConnection: {}\r\n",
         if keep_alive { "keep-alive" } else { "close" }
     );
     for line in extra {
@@ -826,7 +830,15 @@ mod tests {
     fn posts_reach_the_inbox_only_where_there_is_one_and_a_dropped_server_stops() {
         let (_dir, root) = folder();
         let post = |url: &str, name: &str, body: &str| {
-            exchange(url, format!("POST {INBOX}{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+            exchange(
+                url,
+                format!(
+                    "POST {INBOX}{name} HTTP/1.1\r\nHost: x\r\nContent-Length: \
+                {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
         };
         let plain = Server::bind(&root, 0, None).unwrap().spawn();
         assert!(

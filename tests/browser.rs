@@ -57,7 +57,12 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
         dir.path().join("symb.toml"),
         // accuracy_level 0: native ONNX Runtime computes MatMulNBits in fp32,
         // as its WebAssembly build always does.
-        format!("[project]\nname = \"tiny-gpt2\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\naccuracy_level = 0\n", fixture().display()),
+        format!(
+            "[project]\nname = \"tiny-gpt2\"\n\n[base]\nmodel = \
+            \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \
+            \"q4\"]\naccuracy_level = 0\n",
+            fixture().display()
+        ),
     )
     .unwrap();
     let out = Command::new(common::BIN)
@@ -71,7 +76,9 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
         String::from_utf8_lossy(&out.stderr)
     );
     let dist = dir.path().join("dist");
-    let served = common::serve(&dist);
+    // As a user serves it: transformers.js and ONNX Runtime's files come
+    // from the folder's `web/`, and nothing leaves the server.
+    let served = common::serve_bundled(&dist);
     assert!(
         served.url.starts_with("http://127.0.0.1:"),
         "{}",
@@ -96,6 +103,21 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
             assert!(
                 url.as_str().unwrap().starts_with(&served.url),
                 "{dtype}: a request left the server: {url}"
+            );
+        }
+        for file in [
+            "web/transformers.min.js",
+            "web/ort-wasm-simd-threaded.asyncify.wasm",
+        ] {
+            let url = format!("{}/{file}", served.url.trim_end_matches('/'));
+            assert!(
+                result["requests"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == &url),
+                "{dtype}: the page loads {file} from the folder: {}",
+                result["requests"]
             );
         }
         assert!(

@@ -110,7 +110,8 @@ fn card_gives_symbs_text(fixture: &str, dtype: &str) {
     };
     let project = TestProject::with_manifest(
         &format!(
-            "[project]\nname = \"card\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = {targets:?}\n\n[web]\nmax_new_tokens = 12\n",
+            "[project]\nname = \"card\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \
+                \"path:{}\"\n\n[export]\ntargets = {targets:?}\n\n[web]\nmax_new_tokens = 12\n",
             fixture.display()
         ),
         30,
@@ -144,7 +145,8 @@ fn card_gives_symbs_text(fixture: &str, dtype: &str) {
     )
     .unwrap();
     let setup = format!(
-        "import {{ env }} from '@huggingface/transformers';\nenv.allowLocalModels = true;\nenv.allowRemoteModels = false;\nenv.localModelPath = {};\n",
+        "import {{ env }} from '@huggingface/transformers';\nenv.allowLocalModels = \
+            true;\nenv.allowRemoteModels = false;\nenv.localModelPath = {};\n",
         serde_json::to_string(project.dir.path().to_str().unwrap()).unwrap()
     );
     std::fs::write(

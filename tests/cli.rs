@@ -54,7 +54,9 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
             "verify.q8",
             "verify.q4",
             "verify.q4f16",
-            "bundle"
+            "bundle",
+            "verify.tokenizer",
+            "web"
         ])
     );
     for dtype in ["fp32", "fp16", "q8", "q4", "q4f16"] {

@@ -278,7 +278,8 @@ error: unknown dtype `q5` in `web.dtype` (known: fp32, fp16, q8, int8, uint8, q4
 #[test]
 fn a_webgpu_dtype_the_folder_lacks() {
     assert_rejected(
-        |p| p.write("symb.toml", &format!("{}\n[export]\ntargets = [\"fp32\", \"q4\"]\n\n[web]\nwebgpu_dtype = \"q4f16\"\n", p.read("symb.toml"))),
+        |p| p.write("symb.toml", &format!("{}\n[export]\ntargets = [\"fp32\", \
+            \"q4\"]\n\n[web]\nwebgpu_dtype = \"q4f16\"\n", p.read("symb.toml"))),
         r#"
 error: `web.webgpu_dtype` = "q4f16" is not in `export.targets` (fp32, q4): the page would load a file the folder lacks
   --> symb.toml:20:16

@@ -212,7 +212,8 @@ fn an_eval_split_emptied_by_identical_documents_fails_in_corpus() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2");
     let project = TestProject::with_manifest(
         &format!(
-            "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\"]\n",
+            "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \
+                \"path:{}\"\n\n[export]\ntargets = [\"fp32\"]\n",
             fixture.display()
         ),
         10,
@@ -232,7 +233,13 @@ fn an_eval_split_emptied_by_identical_documents_fails_in_corpus() {
         .unwrap();
     assert_eq!(corpus["status"], "failed");
     let reason = corpus["reason"].as_str().unwrap();
-    assert!(reason.contains("the eval split is empty: `corpus.eval_fraction` = 0.05 of 150 documents (1 distinct) drew none"), "{reason}");
+    assert!(
+        reason.contains(
+            "the eval split is empty: `corpus.eval_fraction` = 0.05 of 150 \
+        documents (1 distinct) drew none"
+        ),
+        "{reason}"
+    );
     assert!(
         reason.contains("add distinct documents, raise `corpus.eval_fraction`, or set it to 0"),
         "{reason}"

@@ -277,7 +277,9 @@ fn the_gpt2_lora_recipe_builds_against_the_hub() {
             "verify.fp32",
             "verify.q8",
             "verify.q4",
-            "bundle"
+            "bundle",
+            "verify.tokenizer",
+            "web"
         ])
     );
     assert!(
@@ -398,7 +400,9 @@ fn the_llama_family_recipes_build_to_a_web_folder_against_the_hub() {
                 "verify.fp32",
                 "verify.q8",
                 "verify.q4",
-                "bundle"
+                "bundle",
+                "verify.tokenizer",
+                "web"
             ]),
             "{recipe}"
         );

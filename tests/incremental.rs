@@ -372,7 +372,9 @@ mod property {
             let pre = ["byte_level", "metaspace", "whitespace"][self.pre_tokenizer as usize];
             let fraction = [0.0, 0.1, 0.3][self.eval_fraction as usize];
             format!(
-                "{}[corpus]\nfiles = [\"corpus/*.txt\"]\neval_fraction = {fraction:?}\nseed = {}\n[tokenizer]\nvocab_size = {}\nmin_frequency = {}\npre_tokenizer = \"{pre}\"\n",
+                "{}[corpus]\nfiles = [\"corpus/*.txt\"]\neval_fraction = {fraction:?}\nseed = \
+                    {}\n[tokenizer]\nvocab_size = {}\nmin_frequency = {}\npre_tokenizer = \
+                    \"{pre}\"\n",
                 "# a comment\n".repeat(self.comments),
                 self.seed,
                 self.vocab_size,
@@ -487,7 +489,10 @@ fn the_same_manifest_in_two_folders_has_the_same_keys() {
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2");
     let manifest = |model: &str| {
         format!(
-            "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\neval_fraction = 0.1\n\n[base]\nmodel = \"path:{model}\"\n\n[finetune]\nmethod = \"lora\"\nbatch_size = 2\nblock_size = 16\nmax_steps = 2\n\n[export]\ntargets = [\"fp32\"]\n"
+            "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\neval_fraction = \
+                0.1\n\n[base]\nmodel = \"path:{model}\"\n\n[finetune]\nmethod = \
+                \"lora\"\nbatch_size = 2\nblock_size = 16\nmax_steps = 2\n\n[export]\ntargets = \
+                [\"fp32\"]\n"
         )
     };
     let copy_model = |to: &std::path::Path| {
@@ -534,7 +539,9 @@ fn the_same_manifest_in_two_folders_has_the_same_keys() {
             "finetune",
             "merge",
             "reference",
-            "verify.fp32"
+            "verify.fp32",
+            "verify.tokenizer",
+            "web"
         ]
     );
     assert_eq!(keys_a, keys_b);

@@ -17,7 +17,16 @@ fn fixture() -> PathBuf {
 /// The fixture converted to fp32 and q4 (built once per test).
 fn converted() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\n", fixture().display())).unwrap();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!(
+            "[project]\nname = \
+        \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \
+        \"q4\"]\n",
+            fixture().display()
+        ),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_symb"))
         .arg("build")
         .current_dir(dir.path())
@@ -187,7 +196,14 @@ fn a_built_folder_passes_and_each_defect_is_named() {
     let copy = broken(&dist, |d| {
         std::fs::remove_file(d.join("onnx/model_q4.onnx")).unwrap()
     });
-    assert!(lint(copy.path()).1.contains("`transformers.js_config.device_config.webgpu.dtype` is `q4`, but onnx/ has no file for it (it has: fp32)"), "{}", lint(copy.path()).1);
+    assert!(
+        lint(copy.path()).1.contains(
+            "`transformers.js_config.device_config.webgpu.dtype` is \
+        `q4`, but onnx/ has no file for it (it has: fp32)"
+        ),
+        "{}",
+        lint(copy.path()).1
+    );
 }
 
 /// A Llama-family folder (grouped-query cache: 2 key-value heads of 16) lints
@@ -198,7 +214,16 @@ fn a_built_folder_passes_and_each_defect_is_named() {
 fn the_kv_heads_and_head_dim_of_the_config_must_match_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let llama = fixture().with_file_name("tiny-llama");
-    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\"]\n", llama.display())).unwrap();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!(
+            "[project]\nname = \
+        \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = \
+        [\"fp32\"]\n",
+            llama.display()
+        ),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_symb"))
         .arg("build")
         .current_dir(dir.path())

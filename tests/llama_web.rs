@@ -43,7 +43,8 @@ kl_divergence = 0.6
 fn manifest(name: &str, extra: &str) -> String {
     let targets = DTYPES.map(|d| format!("\"{d}\"")).join(", ");
     format!(
-        "[project]\noutput = \"dist\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{targets}]\n{extra}\n{RANDOM_WEIGHT_TOLERANCES}",
+        "[project]\noutput = \"dist\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = \
+            [{targets}]\n{extra}\n{RANDOM_WEIGHT_TOLERANCES}",
         fixture(name).display()
     )
 }
@@ -164,7 +165,8 @@ fn the_base_chat_template_and_specials_reach_the_output_folder() {
             std::fs::copy(entry.path(), base.path().join(entry.file_name())).unwrap();
         }
     }
-    let template = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}";
+    let template = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ \
+        message['content'] }}<|im_end|>\n{% endfor %}";
     let mut config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(base.path().join("tokenizer_config.json")).unwrap(),
     )
@@ -183,7 +185,8 @@ fn the_base_chat_template_and_specials_reach_the_output_folder() {
         "\n[tokenizer]\nvocab_size = 500\n\n[vocab]\nstrategy = \"add_tokens\"\n",
     ] {
         let manifest = format!(
-            "[project]\noutput = \"dist\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:{}\"\n{vocab}\n[export]\ntargets = [\"fp32\"]\n",
+            "[project]\noutput = \"dist\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel \
+                = \"path:{}\"\n{vocab}\n[export]\ntargets = [\"fp32\"]\n",
             base.path().display()
         );
         let project = TestProject::with_manifest(&manifest, 100);

@@ -386,9 +386,9 @@ fn llama_family_families_and_heads_are_read_from_the_config() {
     assert_eq!(
         (llama.family(), sp.family(), qwen.family()),
         (
-            model::Family::Llama,
-            model::Family::Llama,
-            model::Family::Qwen2
+            model::families::llama::LLAMA,
+            model::families::llama::LLAMA,
+            model::families::llama::QWEN2
         )
     );
     let heads = |m: &mut model::Model| {

@@ -24,7 +24,7 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn the_fixture_exported_runs_in_onnx_runtime_as_pytorch_does() {
     let model = model::load_folder(&fixture()).unwrap();
-    let onnx = symb::onnx::export(&model, 17).unwrap();
+    let onnx = model.to_onnx(17).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.onnx");
     symb::onnx::save(&onnx, &path).unwrap();
@@ -130,7 +130,16 @@ fn check_against_golden_of(fixture: &std::path::Path, model_path: &std::path::Pa
 #[test]
 fn a_base_and_export_manifest_converts_the_folder() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\nopset = 17\ntargets = [\"fp32\"]\n", fixture().display())).unwrap();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!(
+            "[project]\nname = \
+        \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\nopset = 17\ntargets = \
+        [\"fp32\"]\n",
+            fixture().display()
+        ),
+    )
+    .unwrap();
     let bin = env!("CARGO_BIN_EXE_symb");
     let out = Command::new(bin)
         .args(["build", "--json"])
@@ -153,7 +162,15 @@ fn a_base_and_export_manifest_converts_the_folder() {
     ran.sort();
     assert_eq!(
         ran,
-        ["base", "bundle", "export", "reference", "verify.fp32"]
+        [
+            "base",
+            "bundle",
+            "export",
+            "reference",
+            "verify.fp32",
+            "verify.tokenizer",
+            "web"
+        ]
     );
     let verified: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("dist/reports/verify.fp32.json")).unwrap(),
@@ -243,7 +260,8 @@ fn a_trained_model_exports_after_merge() {
     std::fs::write(
         dir.path().join("symb.toml"),
         "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[tokenizer]\nvocab_size = 400\n\n[base]\nmodel = \"scratch\"\nn_layer = 2\nn_head = 2\nn_embd = 32\nn_positions = 64\n\n\
-         [finetune]\nmethod = \"full\"\nlearning_rate = 3e-3\nbatch_size = 4\nblock_size = 32\nmax_steps = 10\neval_every = 10\n\n[export]\ntargets = [\"fp32\"]\n",
+         [finetune]\nmethod = \"full\"\nlearning_rate = 3e-3\nbatch_size = 4\nblock_size = \
+             32\nmax_steps = 10\neval_every = 10\n\n[export]\ntargets = [\"fp32\"]\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_symb"))
@@ -297,7 +315,7 @@ fn a_trained_model_exports_after_merge() {
 #[test]
 fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     let model = model::load_folder(&fixture()).unwrap();
-    let fp32 = symb::onnx::export(&model, 17).unwrap();
+    let fp32 = model.to_onnx(17).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (cases, logits, request) = golden_request(dir.path(), 4);
     let linear = 4 * model.n_layer() + 1;
@@ -518,7 +536,12 @@ fn external_data_files_load_and_the_config_names_them() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("symb.toml"),
-        format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\nexternal_data = \"always\"\n", fixture().display()),
+        format!(
+            "[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets \
+            = [\"fp32\", \"fp16\", \"q8\", \"q4\"]\nexternal_data = \
+            \"always\"\n",
+            fixture().display()
+        ),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_symb"))
@@ -608,7 +631,7 @@ fn llama_family_exports_run_in_onnx_runtime_as_pytorch_does() {
     ] {
         let dir = fixture().with_file_name(name);
         let model = model::load_folder(&dir).unwrap();
-        let onnx = symb::onnx::export(&model, opset).unwrap();
+        let onnx = model.to_onnx(opset).unwrap();
         let out = tempfile::tempdir().unwrap();
         let path = out.path().join("model.onnx");
         symb::onnx::save(&onnx, &path).unwrap();

@@ -19,7 +19,9 @@ fn fixture() -> PathBuf {
 fn project(remote: &str) -> TestProject {
     let project = TestProject::with_manifest(
         &format!(
-            "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"path:model\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\n\n[cache]\nremote = \"{remote}\"\n"
+            "[project]\nname = \"t\"\n\n[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \
+                \"path:model\"\n\n[export]\ntargets = [\"fp32\", \"q4\"]\n\n[cache]\nremote = \
+                \"{remote}\"\n"
         ),
         30,
     );
@@ -129,7 +131,7 @@ fn output(project: &TestProject) -> Vec<(PathBuf, Vec<u8>)> {
     files
 }
 
-const STAGES: [&str; 8] = [
+const STAGES: [&str; 10] = [
     "corpus",
     "base",
     "export",
@@ -138,6 +140,8 @@ const STAGES: [&str; 8] = [
     "verify.fp32",
     "verify.q4",
     "bundle",
+    "verify.tokenizer",
+    "web",
 ];
 
 /// A fresh checkout builds nothing that another already built: every stage
@@ -237,7 +241,7 @@ fn a_fresh_checkout_fetches_every_stage_and_builds_the_same_folder() {
         .collect();
     assert_eq!(
         on_remote,
-        ["corpus", "base"],
+        ["corpus", "base", "web"],
         "the stages whose keys are known before anything is built: {status}"
     );
     let fetched = build(&e, &endpoint, &[]);

@@ -358,12 +358,17 @@ fn a_malformed_tokenizer_in_a_base_folder_fails_the_base_stage() {
         r#"{"version": "1.0", "model": {"type": "BPE", "vocab": 7}}"#,
     )
     .unwrap();
-    project.write("symb.toml", "[project]\nname = \"t\"\n\n[base]\nmodel = \"path:base\"\n\n[export]\ntargets = [\"fp32\"]\n");
+    project.write(
+        "symb.toml",
+        "[project]\nname = \"t\"\n\n[base]\nmodel = \
+        \"path:base\"\n\n[export]\ntargets = [\"fp32\"]\n",
+    );
     let build = project.build(&[]);
     let said = said(&build);
     assert_eq!(build.code, 2, "{said}");
     assert_eq!(build.with_status("failed"), set(&["base"]));
-    assert!(build.ran().is_empty(), "{said}");
+    // Only what does not depend on the base (the page's transformers.js) may run.
+    assert!(build.ran().iter().all(|s| s == "web"), "{said}");
     assert!(
         said.contains("tokenizer.json` is not a tokenizer the tokenizers library can load"),
         "{said}"

@@ -26,8 +26,17 @@ fn golden() -> Vec<serde_json::Value> {
 fn converter(targets: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{}]\n", fixture().display(), targets.join(", ")))
-        .unwrap();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!(
+            "[project]\nname = \
+        \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = \
+        [{}]\n",
+            fixture().display(),
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
     dir
 }
 
@@ -69,7 +78,13 @@ fn a_tolerance_too_tight_fails_with_exit_3_and_the_output_folder_is_untouched() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("(dtype q8)"), "{stderr}");
-    assert!(stderr.contains(&format!("q8: max_abs_error = {error:.6} is above its maximum 0.001 (set in `[verify.tolerance.q8]`)")), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "q8: max_abs_error = {error:.6} is above its maximum 0.001 \
+        (set in `[verify.tolerance.q8]`)"
+        )),
+        "{stderr}"
+    );
     assert!(stderr.contains("output `dist` left as it was"), "{stderr}");
     assert_eq!(
         common::snapshot(&dir.path().join("dist")),
@@ -192,7 +207,7 @@ fn default_tolerances_catch_a_damaged_file_that_still_runs() {
     let model = model::load_folder(&fixture()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.onnx");
-    let mut graph = symb::onnx::export(&model, 17).unwrap();
+    let mut graph = model.to_onnx(17).unwrap();
     symb::onnx::save(&graph, &good).unwrap();
     let weight = graph
         .graph
@@ -361,7 +376,7 @@ fn batched_onnx_decoding_gives_each_prompt_what_it_gets_alone() {
         let model = model::load_folder(&fixture).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.onnx");
-        symb::onnx::save(&symb::onnx::export(&model, 17).unwrap(), &path).unwrap();
+        symb::onnx::save(&model.to_onnx(17).unwrap(), &path).unwrap();
         let mut onnx = OnnxLm::load(&path, Threads::shared(2, 1)).unwrap();
         let prompts: Vec<Vec<u32>> = vec![
             vec![5, 9, 31, 7, 2, 40],
@@ -557,4 +572,145 @@ fn every_dtype_of_the_fixture_passes_its_verification() {
             _ => assert_eq!((nbits, integer), (0, 0), "{dtype}"),
         }
     }
+}
+
+/// Issue 32: the tokenizer is checked where it runs. transformers.js (the
+/// bundled browser build, in Node) tokenizes the eval lines, the English
+/// sample and the prompts as symb does; a tokenizer that transformers.js
+/// reads otherwise (an added token with `single_word`, which it ignores)
+/// fails the build with exit 3, naming the lines, and the output folder
+/// stays as the last good build left it. The folder carries transformers.js
+/// and ONNX Runtime Web's files (`web/`), which the page imports.
+#[test]
+fn a_tokenizer_transformers_js_reads_otherwise_fails_verify_and_the_folder_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        if fixture().join(file).is_file() {
+            std::fs::copy(fixture().join(file), model.join(file)).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        "[project]\nname = \"t\"\n\n[base]\nmodel = \"path:model\"\n\n[export]\n\
+        targets = [\"fp32\"]\n",
+    )
+    .unwrap();
+    let out = symb(dir.path(), &["build"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dist = dir.path().join("dist");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dist.join("reports/verify.tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["checked"], true, "{report}");
+    assert_eq!(report["differing_lines"], 0, "{report}");
+    // No corpus: the English sample.
+    assert!(report["lines"].as_u64().unwrap() >= 10, "{report}");
+    for (file, bytes) in [
+        ("transformers.min.js", 586_230),
+        ("ort-wasm-simd-threaded.asyncify.mjs", 53_057),
+        ("ort-wasm-simd-threaded.asyncify.wasm", 26_861_777),
+    ] {
+        let len = std::fs::metadata(dist.join("web").join(file))
+            .unwrap()
+            .len();
+        assert_eq!(len, bytes, "web/{file}");
+    }
+    let page = std::fs::read_to_string(dist.join("index.html")).unwrap();
+    assert!(
+        page.contains("\"./web/transformers.min.js\"") && !page.contains("cdn.jsdelivr"),
+        "the page imports the folder's transformers.js"
+    );
+    let before = common::snapshot(&dist);
+
+    // An added token transformers.js matches inside words too.
+    let path = model.join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let id = tokenizer["model"]["vocab"]["ou"].clone();
+    assert!(id.is_u64(), "the fixture's vocabulary has `ou`");
+    tokenizer["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": id, "content": "ou", "single_word": true, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": false
+        }));
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let out = symb(dir.path(), &["build"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("verify.tokenizer")
+            && stderr.contains("does not tokenize as symb's in transformers.js")
+            && stderr.contains("transformers.js ["),
+        "{stderr}"
+    );
+    assert!(stderr.contains("output `dist` left as it was"), "{stderr}");
+    assert_eq!(common::snapshot(&dist), before, "the output folder changed");
+}
+
+/// A transformers.js tarball that is not the one the registry published is
+/// refused, and nothing is installed.
+#[test]
+fn a_transformers_js_tarball_with_the_wrong_integrity_installs_nothing() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            use std::io::{Read, Write};
+            let mut stream = stream.unwrap();
+            let mut request = [0u8; 4096];
+            let n = stream.read(&mut request).unwrap_or(0);
+            let line = String::from_utf8_lossy(&request[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            seen.lock().unwrap().push(line);
+            let body = b"\x1f\x8b not the package";
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(body);
+        }
+    });
+    let tools = tempfile::tempdir().unwrap();
+    let error = symb::verify::transformers_js::provision(
+        tools.path(),
+        &format!("http://127.0.0.1:{port}/"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("has integrity sha512-")
+            && error.contains("not the registry's sha512-5+voSeUCFK6PCKlY15dPhNOKq3")
+            && error.contains("nothing was installed"),
+        "{error}"
+    );
+    assert_eq!(
+        requests.lock().unwrap().as_slice(),
+        ["GET /@huggingface/transformers/-/transformers-4.3.1.tgz HTTP/1.1"],
+        "the registry's tarball path"
+    );
+    let installed: Vec<_> = common::walk(tools.path())
+        .into_iter()
+        .filter(|p| !p.ends_with(".lock"))
+        .collect();
+    assert!(installed.is_empty(), "left behind: {installed:?}");
 }

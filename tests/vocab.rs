@@ -299,8 +299,9 @@ eval_every = 10
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let rows = &adapter
-        [&symb::model::Family::token_rows_key(symb::model::Family::Gpt2.embedding_module())];
+    let rows = &adapter[&symb::model::Family::token_rows_key(
+        symb::model::families::gpt2::GPT2.embedding_module(),
+    )];
     assert_eq!(rows.dims(), [new_ids.len(), 64]);
 
     // The merged embedding: old rows untouched, new rows trained away from
@@ -655,6 +656,6 @@ eval_every = 15
         );
         // The merged folder runs, and is what the base plus the adapter compute.
         let merged_model = symb::model::load_folder(&project.path("dist")).unwrap();
-        assert_eq!(merged_model.family(), symb::model::Family::Llama);
+        assert_eq!(merged_model.family(), symb::model::families::llama::LLAMA);
     }
 }

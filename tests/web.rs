@@ -16,8 +16,17 @@ fn transformers_js_runs_every_dtype_of_the_converted_fixture_as_symb_and_pytorch
     let dtypes = ["fp32", "fp16", "q8", "int8", "uint8", "q4", "q4f16"];
     let dir = tempfile::tempdir().unwrap();
     let targets: Vec<String> = dtypes.iter().map(|t| format!("\"{t}\"")).collect();
-    std::fs::write(dir.path().join("symb.toml"), format!("[project]\nname = \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [{}]\n", fixture().display(), targets.join(", ")))
-        .unwrap();
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!(
+            "[project]\nname = \
+        \"convert\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = \
+        [{}]\n",
+            fixture().display(),
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
     let out = Command::new(common::BIN)
         .arg("build")
         .current_dir(dir.path())

@@ -357,7 +357,9 @@ fn the_build_checks_every_file_on_webgpu_when_asked() {
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
     let manifest = format!(
         // head_bits 4: the bound below was measured with a 4-bit head.
-        "[project]\nname = \"webgpu\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = [\"fp32\", \"q4\", \"q4f16\"]\naccuracy_level = 0\nhead_bits = 4\n\n[verify.browser]\nadapter = \"swiftshader\"\ntransformers_js = \"{}\"\n",
+        "[project]\nname = \"webgpu\"\n\n[base]\nmodel = \"path:{}\"\n\n[export]\ntargets = \
+            [\"fp32\", \"q4\", \"q4f16\"]\naccuracy_level = 0\nhead_bits = \
+            4\n\n[verify.browser]\nadapter = \"swiftshader\"\ntransformers_js = \"{}\"\n",
         fixture().display(),
         modules.display()
     );
@@ -456,7 +458,9 @@ fn a_tokenizer_the_browser_reads_otherwise_fails_the_browser_check() {
     }
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
     let manifest = format!(
-        "[project]\nname = \"divergent\"\n\n[base]\nmodel = \"path:base\"\n\n[export]\ntargets = [\"fp32\"]\n\n[verify.browser]\ndevices = [\"wasm\"]\nprompts = 1\ntransformers_js = \"{}\"\n",
+        "[project]\nname = \"divergent\"\n\n[base]\nmodel = \"path:base\"\n\n[export]\ntargets = \
+            [\"fp32\"]\n\n[verify.browser]\ndevices = [\"wasm\"]\nprompts = 1\ntransformers_js = \
+            \"{}\"\n",
         modules.display()
     );
     std::fs::write(dir.path().join("symb.toml"), &manifest).unwrap();

@@ -47,7 +47,9 @@ const BUCKET: &str = "v1";
 /// The Cache Directory Tagging Specification's file, as cargo writes in
 /// `target/`: backup tools skip the folder, and symb knows it as its own.
 pub const CACHEDIR_TAG: &str = "CACHEDIR.TAG";
-const CACHEDIR_TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by symb.\n# For information about cache directory tags see https://bford.info/cachedir/\n";
+const CACHEDIR_TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n# This file is a \
+    cache directory tag created by symb.\n# For information about cache directory tags see \
+    https://bford.info/cachedir/\n";
 
 /// A blake3 digest as lowercase hex.
 pub type Digest = String;

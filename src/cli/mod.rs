@@ -33,7 +33,8 @@ pub const RECIPES: [(&str, &str); 4] = [
 pub const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SYMB_COMMIT"), ")");
 
 #[derive(Debug, Parser)]
-#[command(name = "symb", version = LONG_VERSION, about = "From a corpus of a new language to a language model running in a web browser")]
+#[command(name = "symb", version = LONG_VERSION, about = "From a corpus of a new language to a \
+    language model running in a web browser")]
 pub struct Cli {
     /// The manifest (default: `symb.toml` in this folder or the nearest one above it).
     #[arg(short = 'm', long = "manifest", global = true, value_name = "FILE")]
@@ -418,7 +419,8 @@ pub fn run(cli: Cli) -> Exit {
                     );
                 }
                 eprintln!(
-                    "    Verified {} blobs, {} action records and {} output files: {} corrupt, {} missing, {} changed in `{output}`",
+                    "    Verified {} blobs, {} action records and {} output files: {} corrupt, {} \
+                        missing, {} changed in `{output}`",
                     cache.blobs,
                     cache.actions,
                     folder.checked,
@@ -428,7 +430,8 @@ pub fn run(cli: Cli) -> Exit {
                 );
                 if !cache.corrupt.is_empty() && !cache.repaired {
                     eprintln!(
-                        "        Note `symb cache verify --repair` removes the corrupt entries; the stages that made them re-run at the next build"
+                        "        Note `symb cache verify --repair` removes the corrupt entries; \
+                            the stages that made them re-run at the next build"
                     );
                 }
                 let clean = cache.corrupt.is_empty()
@@ -465,7 +468,9 @@ fn find_manifest(given: Option<&Path>) -> Result<PathBuf, String> {
         relative.push("..");
     }
     Err(format!(
-        "error: no `symb.toml` in `{}` or any folder above it\n  help: write one with `symb init` (or `symb init --recipe NAME`: {}), or name a manifest with `-m FILE`, e.g. `symb build -m symb.toml.example`",
+        "error: no `symb.toml` in `{}` or any folder above it\n  help: write one with `symb init` \
+            (or `symb init --recipe NAME`: {}), or name a manifest with `-m FILE`, e.g. `symb \
+            build -m symb.toml.example`",
         here.display(),
         RECIPES
             .iter()
@@ -958,7 +963,8 @@ fn generate(
         }
         if adapter.is_some() {
             eprintln!(
-                "error: `--adapter` applies to `--backend candle`; an output folder's ONNX files have the adapter merged in"
+                "error: `--adapter` applies to `--backend candle`; an output folder's ONNX files \
+                    have the adapter merged in"
             );
             return Exit::BadInput;
         }
@@ -1023,6 +1029,8 @@ fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> Exit {
     out(server.url());
     let source = if modules.is_some() {
         "this server (offline)"
+    } else if folder.join("web/transformers.min.js").is_file() {
+        "the folder's web/ (offline)"
     } else {
         "the URL in `[web] transformers_js`"
     };

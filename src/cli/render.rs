@@ -157,7 +157,8 @@ impl CliReporter {
                 "Interrupted",
                 Tone::Warn,
                 &format!(
-                    "stopped {stopped}; finished stages are cached and a stage that checkpoints (finetune) resumes from its last checkpoint: run `symb build` again"
+                    "stopped {stopped}; finished stages are cached and a stage that checkpoints \
+                        (finetune) resumes from its last checkpoint: run `symb build` again"
                 )
             )
         );

@@ -663,7 +663,8 @@ fn upload_loop(
             Ok(Some(done)) => {
                 for digest in &done.replaced {
                     let message = format!(
-                        "the cache remote held other bytes under the blob {digest} of `{}` (corrupt); replaced with this build's",
+                        "the cache remote held other bytes under the blob {digest} of `{}` \
+                            (corrupt); replaced with this build's",
                         record.stage
                     );
                     shared
@@ -678,7 +679,8 @@ fn upload_loop(
             Err(e) => {
                 if !shared.remote_down.swap(true, Ordering::Relaxed) {
                     let message = format!(
-                        "cannot upload `{}` to the cache remote: {e}; the build goes on without it (the next build uploads it)",
+                        "cannot upload `{}` to the cache remote: {e}; the build goes on without it \
+                            (the next build uploads it)",
                         record.stage
                     );
                     shared

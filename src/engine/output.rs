@@ -60,7 +60,9 @@ pub enum OutputRefusal {
     #[error("`{path}` is a symlink; name the folder it points to")]
     Symlink { path: PathBuf },
     #[error(
-        "`{path}` holds {entries} entries (`{example}`, ...) and was not made by symb (it has no `{OUTPUT_MARKER}`); symb replaces its output folder on every build, so it will not touch this one"
+        "`{path}` holds {entries} entries (`{example}`, ...) and was not made by symb (it has no \
+            `{OUTPUT_MARKER}`); symb replaces its output folder on every build, so it will not \
+            touch this one"
     )]
     NotOurs {
         path: PathBuf,
@@ -234,7 +236,8 @@ pub fn mark_empty(folder: &Path) -> Result<(), CacheError> {
     write_json_atomic(&folder.join(OUTPUT_MARKER), &marker, folder)
 }
 
-const MARKER_ABOUT: &str = "This folder was written by `symb build`, which replaces it on every build. Files it does not list are yours: symb carries them into each new folder.";
+const MARKER_ABOUT: &str = "This folder was written by `symb build`, which replaces it on every \
+    build. Files it does not list are yours: symb carries them into each new folder.";
 
 /// What the output folder held when symb last wrote it.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -402,7 +405,8 @@ pub enum AssembleError {
     Refused(#[from] OutputRefusal),
     /// A file the user put in the output is where the build now writes one.
     #[error(
-        "`{path}` in the output folder was not written by symb, and the build now writes a file there; move it away and build again"
+        "`{path}` in the output folder was not written by symb, and the build now writes a file \
+            there; move it away and build again"
     )]
     Collision { path: String },
 }

@@ -46,7 +46,8 @@ pub fn run_described(
             false,
         );
         return Err(StageError::failed(format!(
-            "this worker would build `{}` under another key than the build that sent it ({why}): install the same symb on the workers as on the machine that builds",
+            "this worker would build `{}` under another key than the build that sent it ({why}): \
+                install the same symb on the workers as on the machine that builds",
             description.stage
         )));
     }

@@ -14,8 +14,8 @@ pub use raw::{
 };
 pub use resolve::{
     Adapter, AdapterFiles, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest,
-    Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN, TextFields, Tokenizer, Verify,
-    Vocab, Web, has_user_info,
+    Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN, TextFields, Tokenizer,
+    TransformersJs, Verify, Vocab, Web, has_user_info,
 };
 
 use std::path::Path;

@@ -92,8 +92,7 @@ pub struct CacheRemote {
 }
 
 /// Where the playground page gets transformers.js by default.
-pub const TRANSFORMERS_JS_CDN: &str =
-    "https://cdn.jsdelivr.net/npm/@huggingface/transformers@4.3.1/dist/transformers.min.js";
+pub const TRANSFORMERS_JS_CDN: &str = crate::verify::transformers_js::CDN;
 
 /// `[web]`, resolved: the playground's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -104,8 +103,48 @@ pub struct Web {
     pub webgpu_dtype: Option<Dtype>,
     pub prompt: String,
     pub max_new_tokens: u64,
-    /// The URL of transformers.min.js the page imports (unless `symb serve` has a local copy).
-    pub transformers_js: String,
+    /// Where the page imports transformers.js from (unless `symb serve` has a local copy).
+    pub transformers_js: TransformersJs,
+}
+
+/// Where the playground page gets transformers.js: `web.transformers_js`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransformersJs {
+    /// `"bundle"` (the default): its files in the output folder's `web/`,
+    /// so the page works with no network.
+    Bundle,
+    /// A URL of `transformers.min.js` (the CDN's, or a path on the server).
+    Url(String),
+}
+
+impl TransformersJs {
+    /// The module the page imports.
+    pub fn url(&self) -> &str {
+        match self {
+            TransformersJs::Bundle => "./web/transformers.min.js",
+            TransformersJs::Url(url) => url,
+        }
+    }
+}
+
+impl Serialize for TransformersJs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TransformersJs::Bundle => s.serialize_str("bundle"),
+            TransformersJs::Url(url) => s.serialize_str(url),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TransformersJs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok(if text == "bundle" {
+            TransformersJs::Bundle
+        } else {
+            TransformersJs::Url(text)
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -467,14 +506,45 @@ fn check_sections(cx: &Ctx<'_>, m: &Manifest) -> Result<(), ManifestError> {
     if let Some(base) = &m.base {
         let pretrained = base.model != BaseModel::Scratch;
         match (pretrained, m.tokenizer.is_some(), vocab.is_some()) {
-            (false, false, _) => return Err(cx.at(&["base", "model"], "`base.model` = \"scratch\" needs a `[tokenizer]` section: a new model takes the tokenizer trained for it")),
-            (false, true, true) => return Err(cx.at(&["vocab"], "`[vocab]` adds tokens to a pretrained base, but `base.model` = \"scratch\" is built with the trained tokenizer already; remove `[vocab]` or set `vocab.strategy = \"none\"`")),
-            (true, true, false) => return Err(cx.at(&["tokenizer"], "a `[tokenizer]` with a pretrained base needs a `[vocab]` section (`strategy = \"add_tokens\"` or `\"extend_bpe\"`) to add its tokens to the base's tokenizer; or comment `[tokenizer]` out to fine-tune with the base's own tokenizer")),
-            (true, false, true) => return Err(cx.at(&["vocab"], "`[vocab]` adds the tokens of a trained tokenizer to the base's: add a `[tokenizer]` section to train one")),
+            (false, false, _) => {
+                return Err(cx.at(
+                    &["base", "model"],
+                    "`base.model` = \"scratch\" \
+                needs a `[tokenizer]` section: a new model takes the tokenizer trained for it",
+                ));
+            }
+            (false, true, true) => {
+                return Err(cx.at(
+                    &["vocab"],
+                    "`[vocab]` adds tokens to a \
+                pretrained base, but `base.model` = \"scratch\" is built with the trained \
+                tokenizer already; remove `[vocab]` or set `vocab.strategy = \"none\"`",
+                ));
+            }
+            (true, true, false) => {
+                return Err(cx.at(
+                    &["tokenizer"],
+                    "a `[tokenizer]` with a \
+                pretrained base needs a `[vocab]` section (`strategy = \"add_tokens\"` or \
+                `\"extend_bpe\"`) to add its tokens to the base's tokenizer; or comment \
+                `[tokenizer]` out to fine-tune with the base's own tokenizer",
+                ));
+            }
+            (true, false, true) => {
+                return Err(cx.at(
+                    &["vocab"],
+                    "`[vocab]` adds the tokens of a \
+                trained tokenizer to the base's: add a `[tokenizer]` section to train one",
+                ));
+            }
             _ => {}
         }
         if vocab.is_some() && m.corpus.is_none() {
-            return Err(cx.at(&["vocab"], "`[vocab]` needs a `[corpus]`: its report measures the new tokens on the eval split"));
+            return Err(cx.at(
+                &["vocab"],
+                "`[vocab]` needs a `[corpus]`: its report measures the \
+                new tokens on the eval split",
+            ));
         }
     } else if vocab.is_some() {
         return Err(cx.at(
@@ -528,12 +598,22 @@ fn resolve_remote(
     if let Some(address) = &raw.address
         && !(address.starts_with("http://") || address.starts_with("https://"))
     {
-        return Err(cx.at(&["remote", "address"], format!("`remote.address` = \"{address}\" is not an http:// or https:// URL (Ray's dashboard address, such as \"http://head:8265\")")));
+        return Err(cx.at(
+            &["remote", "address"],
+            format!(
+                "`remote.address` = \"{address}\" is not \
+            an http:// or https:// URL (Ray's dashboard address, such as \"http://head:8265\")"
+            ),
+        ));
     }
     if let Some(address) = &raw.address
         && has_user_info(address)
     {
-        return Err(cx.at(&["remote", "address"], "`remote.address` holds a user name or password: symb prints the address in its messages, so keep credentials out of it"));
+        return Err(cx.at(
+            &["remote", "address"],
+            "`remote.address` holds a user name or password: \
+            symb prints the address in its messages, so keep credentials out of it",
+        ));
     }
     if raw.stages.is_empty() {
         return Err(cx.at(
@@ -549,10 +629,22 @@ fn resolve_remote(
             let hint = suggest(stage, REMOTE_STAGES.iter().copied())
                 .map(|b| format!(", did you mean `{b}`?"))
                 .unwrap_or_default();
-            return Err(cx.at(&["remote", "stages"], format!("`remote.stages`: `{stage}` cannot run remotely{hint}; the stages that can are {}", quoted(&REMOTE_STAGES))));
+            return Err(cx.at(
+                &["remote", "stages"],
+                format!(
+                    "`remote.stages`: `{stage}` cannot run \
+                remotely{hint}; the stages that can are {}",
+                    quoted(&REMOTE_STAGES)
+                ),
+            ));
         }
         if stage == "finetune" && finetune.is_none_or(|f| f.method == FinetuneMethod::None) {
-            return Err(cx.at(&["remote", "stages"], "`remote.stages` names `finetune`, but this manifest trains nothing: add a `[finetune]` section or remove it from `remote.stages`"));
+            return Err(cx.at(
+                &["remote", "stages"],
+                "`remote.stages` names `finetune`, but this \
+                manifest trains nothing: add a `[finetune]` section or remove it from \
+                `remote.stages`",
+            ));
         }
     }
     let mut resources = BTreeMap::new();
@@ -591,7 +683,11 @@ fn resolve_remote(
     }
     let worker_symb = raw.worker_symb.unwrap_or_else(|| "symb".to_string());
     if worker_symb.trim().is_empty() {
-        return Err(cx.at(&["remote", "worker_symb"], "`remote.worker_symb` is empty: the symb command on the workers (default \"symb\", found on their PATH)"));
+        return Err(cx.at(
+            &["remote", "worker_symb"],
+            "`remote.worker_symb` is empty: the symb \
+            command on the workers (default \"symb\", found on their PATH)",
+        ));
     }
     Ok(Remote {
         engine: raw.engine,
@@ -655,7 +751,12 @@ fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project,
     if !output.starts_with(dir) || output == dir {
         return Err(cx.at(
             &["project", "output"],
-            format!("`project.output` = \"{output_label}\" is outside the project folder; symb replaces this folder on every build, so it must be a folder inside `{}`", dir.display()),
+            format!(
+                "`project.output` = \"{output_label}\" is outside the project folder; symb \
+                replaces this folder on every build, so it must be a folder inside \
+                `{}`",
+                dir.display()
+            ),
         ));
     }
     let cache = normalize(&dir.join(raw.cache.clone().unwrap_or_else(|| "cache".to_string())));
@@ -671,16 +772,27 @@ fn resolve_project(cx: &Ctx<'_>, dir: &Path, raw: RawProject) -> Result<Project,
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '+')))
     {
-        return Err(
-            cx.at(&["project", "license"], format!("`project.license` = {license:?} is not a license id (as the Hugging Face Hub lists them: \"apache-2.0\", \"mit\", \"cc-by-4.0\", \"other\")"))
-        );
+        return Err(cx.at(
+            &["project", "license"],
+            format!(
+                "`project.license` = {license:?} is not a \
+                license id (as the Hugging Face Hub lists them: \"apache-2.0\", \"mit\", \
+                \"cc-by-4.0\", \"other\")"
+            ),
+        ));
     }
     let language = raw.language.unwrap_or_default();
     if let Some(bad) = language
         .iter()
         .find(|l| l.is_empty() || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
     {
-        return Err(cx.at(&["project", "language"], format!("`project.language`: {bad:?} is not a language code (\"en\", \"fr\", or a private-use one such as \"x-symbiotic\")")));
+        return Err(cx.at(
+            &["project", "language"],
+            format!(
+                "`project.language`: {bad:?} is not a \
+            language code (\"en\", \"fr\", or a private-use one such as \"x-symbiotic\")"
+            ),
+        ));
     }
     Ok(Project {
         name,
@@ -713,7 +825,9 @@ fn check_folders(
         return Err(cx.at(
             &["project", "output"],
             format!(
-                "`project.output` = \"{label}\" leads outside the project folder, to `{}`, through a symlink; symb replaces this folder on every build, so it must be a folder inside `{}`",
+                "`project.output` = \"{label}\" leads outside the project folder, to `{}`, through \
+                    a symlink; symb replaces this folder on every build, so it must be a folder \
+                    inside `{}`",
                 output.display(),
                 real_dir.display()
             ),
@@ -721,7 +835,11 @@ fn check_folders(
     }
     let cache = real_path(&project.cache);
     if cache.starts_with(&output) || output.starts_with(&cache) {
-        return Err(cx.at(&["project", "cache"], "`project.cache` and `project.output` must be separate folders (after following symlinks)"));
+        return Err(cx.at(
+            &["project", "cache"],
+            "`project.cache` and `project.output` must be \
+            separate folders (after following symlinks)",
+        ));
     }
     let mut inputs: Vec<(String, PathBuf)> = vec![(
         format!("the manifest `{}`", cx.display),
@@ -764,7 +882,14 @@ fn check_folders(
     }
     for (what, input) in &inputs {
         if input.starts_with(&output) || output.starts_with(input) {
-            return Err(cx.at(&["project", "output"], format!("`project.output` = \"{label}\" overlaps {what}; symb replaces its output folder on every build, so it must be a folder of its own")));
+            return Err(cx.at(
+                &["project", "output"],
+                format!(
+                    "`project.output` = \"{label}\" \
+                overlaps {what}; symb replaces its output folder on every build, so it must be a \
+                folder of its own"
+                ),
+            ));
         }
         if input.starts_with(&cache) || cache.starts_with(input) {
             return Err(cx.at(
@@ -811,7 +936,12 @@ fn check_folders(
     {
         return Err(cx.at(
             &["project", "cache"],
-            format!("`project.cache` = `{}` holds files and is not a symb cache (it has no `CACHEDIR.TAG`); symb writes and deletes in its cache, so it will not use this folder: choose a new or empty one", project.cache.display()),
+            format!(
+                "`project.cache` = `{}` holds files and is not a symb cache (it has no \
+                `CACHEDIR.TAG`); symb writes and deletes in its cache, so it will not use this \
+                folder: choose a new or empty one",
+                project.cache.display()
+            ),
         ));
     }
     Ok(())
@@ -913,7 +1043,13 @@ fn glob_files(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
 }
 
 fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, ManifestError> {
-    let patterns = raw.files.ok_or_else(|| cx.at(&["corpus"], "missing key `files` in `[corpus]`: list the corpus files, e.g. `files = [\"corpus/*.txt\"]`"))?;
+    let patterns = raw.files.ok_or_else(|| {
+        cx.at(
+            &["corpus"],
+            "missing key `files` in `[corpus]`: \
+        list the corpus files, e.g. `files = [\"corpus/*.txt\"]`",
+        )
+    })?;
     if patterns.is_empty() {
         return Err(cx.at(
             &["corpus", "files"],
@@ -931,7 +1067,12 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
             let Ok(relative) = path.strip_prefix(dir) else {
                 return Err(cx.at(
                     &["corpus", "files"],
-                    format!("`{pattern}` in `corpus.files` matches `{}`, outside the project folder; copy the corpus into the project so builds are reproducible", path.display()),
+                    format!(
+                        "`{pattern}` in `corpus.files` matches `{}`, outside the project \
+                        folder; copy the corpus into the project so builds are \
+                        reproducible",
+                        path.display()
+                    ),
                 ));
             };
             matched += 1;
@@ -960,7 +1101,11 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
     let format = raw.format.unwrap_or(CorpusFormat::Auto);
     let fields = match (raw.text_field, raw.prompt_field, raw.completion_field) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return Err(cx.at(&["corpus", "text_field"], "set either `corpus.text_field` or `corpus.prompt_field` + `corpus.completion_field`, not both"));
+            return Err(cx.at(
+                &["corpus", "text_field"],
+                "set either `corpus.text_field` or \
+                `corpus.prompt_field` + `corpus.completion_field`, not both",
+            ));
         }
         (_, Some(prompt), Some(completion)) => TextFields::PromptCompletion {
             prompt_field: prompt,
@@ -984,7 +1129,14 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
     };
     let eval_fraction = raw.eval_fraction.unwrap_or(0.05);
     if !(0.0..1.0).contains(&eval_fraction) {
-        return Err(cx.at(&["corpus", "eval_fraction"], format!("`corpus.eval_fraction` = {eval_fraction} is out of range: use a fraction from 0 (no eval split) up to, but not including, 1")));
+        return Err(cx.at(
+            &["corpus", "eval_fraction"],
+            format!(
+                "`corpus.eval_fraction` = \
+            {eval_fraction} is out of range: use a fraction from 0 (no eval split) up to, but not \
+            including, 1"
+            ),
+        ));
     }
     Ok(Corpus {
         patterns,
@@ -1065,7 +1217,13 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
         let parts: Vec<&str> = repo.split('/').collect();
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) || revision.as_deref() == Some("")
         {
-            return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": a Hub model is written \"hf:owner/name\" or \"hf:owner/name@revision\"")));
+            return Err(cx.at(
+                &["base", "model"],
+                format!(
+                    "`base.model` = \"{spec}\": a Hub model \
+                is written \"hf:owner/name\" or \"hf:owner/name@revision\""
+                ),
+            ));
         }
         BaseModel::Hub {
             repo: repo.to_string(),
@@ -1080,7 +1238,14 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
         }
         let path = normalize(&dir.join(folder));
         if !path.join("config.json").is_file() {
-            return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\": `{}` is not a model folder (it has no `config.json`)", path.display())));
+            return Err(cx.at(
+                &["base", "model"],
+                format!(
+                    "`base.model` = \"{spec}\": `{}` is not a \
+                model folder (it has no `config.json`)",
+                    path.display()
+                ),
+            ));
         }
         BaseModel::Path(path)
     } else if let Some(file) = spec.strip_prefix("gguf:") {
@@ -1099,7 +1264,14 @@ fn resolve_base(cx: &Ctx<'_>, dir: &Path, raw: RawBase) -> Result<Base, Manifest
         }
         BaseModel::Gguf(path)
     } else {
-        return Err(cx.at(&["base", "model"], format!("`base.model` = \"{spec}\" is not understood: use \"scratch\", \"hf:owner/name[@revision]\", \"path:folder\" or \"gguf:file.gguf\"")));
+        return Err(cx.at(
+            &["base", "model"],
+            format!(
+                "`base.model` = \"{spec}\" is not understood: \
+            use \"scratch\", \"hf:owner/name[@revision]\", \"path:folder\" or \
+            \"gguf:file.gguf\""
+            ),
+        ));
     };
     let positive = |key: &str, value: Option<u64>, default: u64| -> Result<u64, ManifestError> {
         let value = value.unwrap_or(default);
@@ -1249,7 +1421,15 @@ fn resolve_finetune(
     if let Some(base) = base.filter(|b| b.model == BaseModel::Scratch)
         && block_size > base.n_positions
     {
-        return Err(cx.at(&["finetune", "block_size"], format!("`finetune.block_size` = {block_size} is longer than the model's context `base.n_positions` = {}", base.n_positions)));
+        return Err(cx.at(
+            &["finetune", "block_size"],
+            format!(
+                "`finetune.block_size` = \
+            {block_size} is longer than the model's context `base.n_positions` = \
+            {}",
+                base.n_positions
+            ),
+        ));
     }
     Ok(Finetune {
         method: raw.method.unwrap_or(FinetuneMethod::Lora),
@@ -1332,7 +1512,13 @@ fn resolve_export(
     }
     let accuracy_level = raw.accuracy_level.unwrap_or(4);
     if accuracy_level > 4 {
-        return Err(cx.at(&["export", "accuracy_level"], format!("`export.accuracy_level` = {accuracy_level} is not a MatMulNBits level: use 0 (fp32) to 4 (int8)")));
+        return Err(cx.at(
+            &["export", "accuracy_level"],
+            format!(
+                "`export.accuracy_level` = \
+            {accuracy_level} is not a MatMulNBits level: use 0 (fp32) to 4 (int8)"
+            ),
+        ));
     }
     let head_bits = match raw.head_bits {
         None => crate::quant::HeadBits::default(),
@@ -1345,19 +1531,28 @@ fn resolve_export(
             )
         })?,
     };
-    let adapter = match raw.adapter.as_deref() {
-        None => AdapterFiles::default(),
-        Some(name) => AdapterFiles::ALL.into_iter().find(|a| a.name() == name).ok_or_else(|| {
-            cx.at(
+    let adapter =
+        match raw.adapter.as_deref() {
+            None => AdapterFiles::default(),
+            Some(name) => AdapterFiles::ALL
+                .into_iter()
+                .find(|a| a.name() == name)
+                .ok_or_else(|| {
+                    cx.at(
                 &["export", "adapter"],
-                format!("`export.adapter` = \"{name}\": use \"alone\" (the default: the adapter's files) or \"with-base\" (and the base it was trained on, in `adapter/base/`)"),
+                format!("`export.adapter` = \"{name}\": use \"alone\" (the default: the adapter's \
+                    files) or \"with-base\" (and the base it was trained on, in `adapter/base/`)"),
             )
-        })?,
-    };
+                })?,
+        };
     if adapter == AdapterFiles::WithBase
         && finetune.is_none_or(|f| f.method != FinetuneMethod::Lora)
     {
-        return Err(cx.at(&["export", "adapter"], "`export.adapter` = \"with-base\" ships a LoRA adapter's base, and this build trains no adapter (`finetune.method` = \"lora\")"));
+        return Err(cx.at(
+            &["export", "adapter"],
+            "`export.adapter` = \"with-base\" ships a LoRA \
+            adapter's base, and this build trains no adapter (`finetune.method` = \"lora\")",
+        ));
     }
     Ok(Export {
         opset,
@@ -1379,7 +1574,15 @@ fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web
             && !export.targets.contains(&dtype)
         {
             let targets: Vec<&str> = export.targets.iter().map(|d| d.name()).collect();
-            return Err(cx.at(&["web", key], format!("`web.{key}` = \"{dtype}\" is not in `export.targets` ({}): the page would load a file the folder lacks", targets.join(", "))));
+            return Err(cx.at(
+                &["web", key],
+                format!(
+                    "`web.{key}` = \"{dtype}\" is not in \
+                `export.targets` ({}): the page would load a file the folder \
+                lacks",
+                    targets.join(", ")
+                ),
+            ));
         }
         Ok(dtype)
     };
@@ -1392,16 +1595,28 @@ fn resolve_web(cx: &Ctx<'_>, raw: RawWeb, export: Option<&Export>) -> Result<Web
             format!("`web.max_new_tokens` = {max_new_tokens} must be between 1 and 4096"),
         ));
     }
-    let transformers_js = raw
-        .transformers_js
-        .unwrap_or_else(|| TRANSFORMERS_JS_CDN.to_string());
-    if !(transformers_js.starts_with("https://")
-        || transformers_js.starts_with("http://")
-        || transformers_js.starts_with('/')
-        || transformers_js.starts_with("./"))
-    {
-        return Err(cx.at(&["web", "transformers_js"], "`web.transformers_js` must be a URL (https://...) or a path on the server (/... or ./...)"));
-    }
+    let transformers_js = match raw.transformers_js {
+        None => TransformersJs::Bundle,
+        Some(text) if text == "bundle" => TransformersJs::Bundle,
+        Some(url)
+            if url.starts_with("https://")
+                || url.starts_with("http://")
+                || url.starts_with('/')
+                || url.starts_with("./") =>
+        {
+            TransformersJs::Url(url)
+        }
+        Some(_) => {
+            return Err(cx.at(
+                &["web", "transformers_js"],
+                format!(
+                    "`web.transformers_js` must be \"bundle\" (its files in the output folder: \
+                    the page works offline), a URL (https://..., such as \"{TRANSFORMERS_JS_CDN}\") \
+                    or a path on the server (/... or ./...)"
+                ),
+            ));
+        }
+    };
     Ok(Web {
         dtype,
         webgpu_dtype,
@@ -1418,7 +1633,15 @@ fn resolve_browser(cx: &Ctx<'_>, dir: &Path, raw: RawBrowser) -> Result<Browser,
         let device = match name.as_str() {
             "webgpu" => Device::Webgpu,
             "wasm" => Device::Wasm,
-            other => return Err(cx.at(&key("devices"), format!("`{other}` in `verify.browser.devices` is not a browser device (known: webgpu, wasm)"))),
+            other => {
+                return Err(cx.at(
+                    &key("devices"),
+                    format!(
+                        "`{other}` in \
+                `verify.browser.devices` is not a browser device (known: webgpu, wasm)"
+                    ),
+                ));
+            }
         };
         if !devices.contains(&device) {
             devices.push(device);
@@ -1433,7 +1656,15 @@ fn resolve_browser(cx: &Ctx<'_>, dir: &Path, raw: RawBrowser) -> Result<Browser,
     let adapter = match raw.adapter.as_deref().unwrap_or("gpu") {
         "gpu" => Adapter::Gpu,
         "swiftshader" => Adapter::Swiftshader,
-        other => return Err(cx.at(&key("adapter"), format!("`verify.browser.adapter` = \"{other}\" is not an adapter (gpu: the machine's GPU; swiftshader: WebGPU in software)"))),
+        other => {
+            return Err(cx.at(
+                &key("adapter"),
+                format!(
+                    "`verify.browser.adapter` = \"{other}\" \
+            is not an adapter (gpu: the machine's GPU; swiftshader: WebGPU in software)"
+                ),
+            ));
+        }
     };
     let prompts = raw.prompts.unwrap_or(4);
     if prompts == 0 {

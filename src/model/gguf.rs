@@ -188,7 +188,10 @@ pub fn read(path: &Path) -> Result<Converted> {
         })?;
     let theta = r.f64(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-        return Err(r.error(format!("{hidden} wide with {heads} heads and {kv_heads} key-value heads is not a model symb can run")));
+        return Err(r.error(format!(
+            "{hidden} wide with {heads} heads and {kv_heads} key-value \
+            heads is not a model symb can run"
+        )));
     }
     if r.get(&key("rope.scaling.type")).is_some()
         || r.content.tensor_infos.contains_key("rope_freqs.weight")
@@ -275,8 +278,9 @@ pub fn read(path: &Path) -> Result<Converted> {
         )));
     }
     let tied = !tensors.contains_key("lm_head.weight");
+    let class = super::Family::from_model_type(Some(model_type))?.class();
     let mut config = json!({
-        "architectures": [if model_type == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" }],
+        "architectures": [class],
         "model_type": model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
@@ -413,7 +417,9 @@ fn tokenizer(r: &Reader<'_>) -> Result<Tok> {
     })?;
     if model != "gpt2" {
         return Err(ModelError::Unsupported(format!(
-            "`{}`: the GGUF tokenizer model \"{model}\" is not read yet (symb reads byte-level BPE tokenizers, \"gpt2\"); convert the model to a Hugging Face folder and use `base.model = \"path:...\"`",
+            "`{}`: the GGUF tokenizer model \"{model}\" is not read yet (symb reads byte-level BPE \
+                tokenizers, \"gpt2\"); convert the model to a Hugging Face folder and use \
+                `base.model = \"path:...\"`",
             r.path.display()
         )));
     }

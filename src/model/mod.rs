@@ -1,18 +1,17 @@
-//! Models in candle: one file per family (`gpt2.rs`, `llama.rs`), the
-//! pieces they share (`layers.rs`), LoRA, training, and loading a Hugging
-//! Face model folder (`config.json`, `model.safetensors` or its shards,
-//! `tokenizer.json`).
+//! Models in candle: one folder per family (`families/gpt2/`,
+//! `families/llama/`), the pieces they share (`layers.rs`, `attention.rs`,
+//! `ops.rs`), LoRA, training, and loading a Hugging Face model folder
+//! (`config.json`, `model.safetensors` or its shards, `tokenizer.json`), a
+//! Hub repository or a GGUF file.
 //!
 //! [`Model`] is the seam: everything outside this folder holds a `Model`
 //! and asks it, or its [`Family`], for what differs between architectures.
 
 pub mod attention;
-pub mod family;
+pub mod families;
 pub mod gguf;
-pub mod gpt2;
 pub mod hub;
 pub mod layers;
-pub mod llama;
 pub mod lora;
 pub mod ops;
 pub mod rng;
@@ -24,10 +23,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use family::Family;
-pub use gpt2::Gpt2;
+pub use families::{Dims, Family, ModelConfig};
 pub use layers::{EmbeddingInit, KvCache, LeftPadding, Linear, Sampling, TokenMatrix};
-pub use llama::Llama;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -127,121 +124,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     ))
 }
 
-/// A model of any family symb supports. (Held once per stage, never in
-/// bulk: the variants' sizes do not matter.)
-#[derive(Debug, Clone)]
-#[allow(clippy::large_enum_variant)]
-pub enum Model {
-    Gpt2(Gpt2),
-    Llama(Llama),
-}
+/// A model of any family symb supports: its family's [`Network`](families::Network).
+#[derive(Debug)]
+pub struct Model(Box<dyn families::Network>);
 
-/// A model's `config.json`, read as its family's.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelConfig {
-    Gpt2(gpt2::Config),
-    Llama(llama::Config),
-}
-
-impl ModelConfig {
-    /// Reads `config.json`, choosing the family by `model_type`.
-    pub fn read(path: &Path) -> Result<Self> {
-        let config = match Family::of_config(path)? {
-            Family::Gpt2 => ModelConfig::Gpt2(read_json(path)?),
-            Family::Llama | Family::Qwen2 => ModelConfig::Llama(read_json(path)?),
-        };
-        config.validate().map_err(|e| {
-            ModelError::Config(format!(
-                "`{}`: {}",
-                path.display(),
-                e.to_string().trim_start_matches("unsupported model: ")
-            ))
-        })?;
-        Ok(config)
-    }
-
-    fn validate(&self) -> Result<()> {
-        match self {
-            ModelConfig::Gpt2(c) => c.validate(),
-            ModelConfig::Llama(c) => c.validate(),
-        }
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            ModelConfig::Gpt2(c) => c.vocab_size,
-            ModelConfig::Llama(c) => c.vocab_size,
-        }
-    }
-
-    /// The longest sequence the model takes.
-    pub fn context(&self) -> usize {
-        match self {
-            ModelConfig::Gpt2(c) => c.n_positions,
-            ModelConfig::Llama(c) => c.max_position_embeddings,
-        }
-    }
-
-    /// The hidden width.
-    pub fn width(&self) -> usize {
-        match self {
-            ModelConfig::Gpt2(c) => c.n_embd,
-            ModelConfig::Llama(c) => c.hidden_size,
-        }
-    }
-
-    pub fn n_layer(&self) -> usize {
-        match self {
-            ModelConfig::Gpt2(c) => c.n_layer,
-            ModelConfig::Llama(c) => c.num_hidden_layers,
-        }
-    }
-
-    /// How many parameters a model of this config holds (a tied head
-    /// counted once), without building it; u128, so that no setting,
-    /// however large, overflows it.
-    pub fn parameters(&self) -> u128 {
-        let n = |v: usize| v as u128;
-        match self {
-            ModelConfig::Gpt2(c) => {
-                let (e, inner) = (n(c.n_embd), n(c.n_inner.unwrap_or(4 * c.n_embd)));
-                let layer = e * 3 * e + 3 * e + e * e + e + 2 * e * inner + inner + e + 4 * e;
-                n(c.vocab_size) * e + n(c.n_positions) * e + n(c.n_layer) * layer + 2 * e
-            }
-            ModelConfig::Llama(c) => {
-                let e = n(c.hidden_size);
-                let heads = n(c.num_attention_heads);
-                let head_dim = n(c
-                    .head_dim
-                    .unwrap_or(c.hidden_size / c.num_attention_heads.max(1)));
-                let kv = n(c.num_key_value_heads.unwrap_or(c.num_attention_heads));
-                let attention = e * heads * head_dim
-                    + 2 * e * kv * head_dim
-                    + heads * head_dim * e
-                    + (heads + 2 * kv) * head_dim;
-                let layer = attention + 3 * e * n(c.intermediate_size) + 2 * e;
-                let head = if c.tie_word_embeddings {
-                    0
-                } else {
-                    n(c.vocab_size) * e
-                };
-                n(c.vocab_size) * e + head + n(c.num_hidden_layers) * layer + e
-            }
-        }
-    }
-
-    pub fn eos_token_id(&self) -> Option<u32> {
-        match self {
-            ModelConfig::Gpt2(c) => c.eos_token_id,
-            ModelConfig::Llama(c) => c.eos_token_id,
-        }
-    }
-
-    pub fn bos_token_id(&self) -> Option<u32> {
-        match self {
-            ModelConfig::Gpt2(c) => c.bos_token_id,
-            ModelConfig::Llama(c) => c.bos_token_id,
-        }
+impl Clone for Model {
+    fn clone(&self) -> Self {
+        Model(self.0.boxed_clone())
     }
 }
 
@@ -288,106 +177,68 @@ pub fn check_memory(needed: u128, what: &str, fix: &str) -> Result<()> {
     Ok(())
 }
 
-/// Calls the same method on whichever family a [`Model`] holds.
-macro_rules! each_family {
-    ($model:expr, $m:ident => $body:expr) => {
-        match $model {
-            Model::Gpt2($m) => $body,
-            Model::Llama($m) => $body,
-        }
-    };
-}
-
 impl Model {
     /// Loads from a VarBuilder over a checkpoint, by `config`'s family.
     pub fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
-        Ok(match config {
-            ModelConfig::Gpt2(c) => Model::Gpt2(Gpt2::load(vb, c)?),
-            ModelConfig::Llama(c) => Model::Llama(Llama::load(vb, c)?),
-        })
+        Ok(Model(config.family.load(config, vb)?))
     }
 
     /// A new model of `config`'s family and shape, initialised as transformers does.
     pub fn scratch(config: &ModelConfig, rng: &mut rng::Rng) -> Result<Self> {
-        Ok(match config {
-            ModelConfig::Gpt2(c) => Model::Gpt2(Gpt2::scratch(c, rng)?),
-            ModelConfig::Llama(c) => Model::Llama(Llama::scratch(c, rng)?),
-        })
+        Ok(Model(config.family.scratch(config, rng)?))
     }
 
     pub fn family(&self) -> Family {
-        match self {
-            Model::Gpt2(_) => Family::Gpt2,
-            Model::Llama(m) => m.family,
-        }
+        self.0.family()
     }
 
     /// The model's config (with its current vocabulary size).
     pub fn config(&self) -> ModelConfig {
-        match self {
-            Model::Gpt2(m) => ModelConfig::Gpt2(m.config.clone()),
-            Model::Llama(m) => ModelConfig::Llama(m.config.clone()),
-        }
+        self.0.config()
     }
 
     pub fn device(&self) -> &Device {
-        each_family!(self, m => m.device())
+        self.0.device()
     }
 
     pub fn vocab_size(&self) -> usize {
         self.head().vocab_size()
     }
 
+    /// The longest sequence the model takes.
     pub fn context(&self) -> usize {
-        match self {
-            Model::Gpt2(m) => m.config.n_positions,
-            Model::Llama(m) => m.config.max_position_embeddings,
-        }
+        self.0.dims().context
     }
 
+    /// The hidden width.
     pub fn width(&self) -> usize {
-        match self {
-            Model::Gpt2(m) => m.config.n_embd,
-            Model::Llama(m) => m.config.hidden_size,
-        }
+        self.0.dims().width
     }
 
     pub fn n_layer(&self) -> usize {
-        match self {
-            Model::Gpt2(m) => m.config.n_layer,
-            Model::Llama(m) => m.config.num_hidden_layers,
-        }
+        self.0.dims().layers
     }
 
     /// The matrix the logits come from (the embedding when tied).
     pub fn head(&self) -> &TokenMatrix {
-        match self {
-            Model::Gpt2(m) => &m.wte,
-            Model::Llama(m) => m.head(),
-        }
+        self.0.head()
     }
 
     /// The input embedding.
     pub fn embedding(&self) -> &TokenMatrix {
-        match self {
-            Model::Gpt2(m) => &m.wte,
-            Model::Llama(m) => &m.embed_tokens,
-        }
+        self.0.embedding()
     }
 
     /// The token matrices under their module names: the input embedding
     /// first, then an untied head. PEFT's trainable tokens replace rows of each.
     pub fn token_matrices_mut(&mut self) -> Vec<(&'static str, &mut TokenMatrix)> {
-        match self {
-            Model::Gpt2(m) => vec![("transformer.wte", &mut m.wte)],
-            Model::Llama(m) => m.token_matrices_mut(),
-        }
+        self.0.token_matrices_mut()
     }
 
     /// Calls `f` on every weight with its checkpoint name, in a fixed order
     /// (a tied head is not repeated).
-    pub fn visit_mut(&mut self, f: impl FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
-        each_family!(self, m => m.visit_mut(f))
+    pub fn visit_mut(&mut self, mut f: impl FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        self.0.visit_mut(&mut f)
     }
 
     /// Every weight under its checkpoint name.
@@ -404,7 +255,7 @@ impl Model {
 
     /// The linear layers `target` selects, with their PEFT module names.
     pub fn linears_mut(&mut self, target: lora::LoraTarget) -> Vec<(String, &mut Linear)> {
-        each_family!(self, m => m.linears_mut(target))
+        self.0.linears_mut(target)
     }
 
     /// Final hidden states `[b·t, width]`.
@@ -414,7 +265,7 @@ impl Model {
         cache: Option<&mut KvCache>,
         padding: &LeftPadding,
     ) -> Result<Tensor> {
-        each_family!(self, m => m.hidden(input_ids, cache, padding))
+        self.0.hidden(input_ids, cache, padding)
     }
 
     /// Logits `[b, t, vocab]` for `input_ids` `[b, t]`, continuing from
@@ -604,11 +455,14 @@ impl Model {
         for (_, matrix) in self.token_matrices_mut() {
             matrix.grow(new_size, init, rng)?;
         }
-        match self {
-            Model::Gpt2(m) => m.config.vocab_size = new_size,
-            Model::Llama(m) => m.config.vocab_size = new_size,
-        }
+        self.0.set_vocab_size(new_size);
         Ok(())
+    }
+
+    /// The model as an ONNX graph at standard opset `opset` (its family's
+    /// lowering), for transformers.js.
+    pub fn to_onnx(&self, opset: i64) -> Result<crate::onnx::proto::ModelProto> {
+        self.0.lower(opset)
     }
 }
 

@@ -3,12 +3,10 @@
 //! contract transformers.js holds a text-generation graph to ([`Decoder`]),
 //! and writing.
 //!
-//! Each family's lowering lives beside it (`gpt2.rs`, `llama.rs`) and fills
-//! the contract.
+//! Each family's lowering lives in its folder (`model/families/*/onnx.rs`)
+//! and fills the contract with the pieces here.
 
 pub mod external;
-pub mod gpt2;
-pub mod llama;
 
 use std::io::Write;
 use std::path::Path;
@@ -234,17 +232,6 @@ pub fn attention_bias(
     let open = g.constant_f32(&[], &[0.0]);
     let closed = g.constant_f32(&[], &[f32::MIN]);
     g.node("Where", &[&allowed, &open, &closed], &[])
-}
-
-/// The ONNX graph of `model` (its family's lowering), for transformers.js.
-pub fn export(
-    model: &crate::model::Model,
-    opset: i64,
-) -> Result<proto::ModelProto, crate::model::ModelError> {
-    match model {
-        crate::model::Model::Gpt2(m) => gpt2::export(m, opset),
-        crate::model::Model::Llama(m) => llama::export(m, opset),
-    }
 }
 
 pub fn le_bytes<const N: usize, T: Copy>(data: &[T], to_bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {

@@ -379,7 +379,7 @@ impl BaseStage {
         let b = self.base.scratch.as_ref().ok_or_else(|| {
             StageError::failed("a scratch base's stage has no shape (`base.n_layer`, ...)")
         })?;
-        let config = scratch_config(b, tokenizer.get_vocab_size(true), eos);
+        let config = scratch_config(b, tokenizer.get_vocab_size(true), eos).map_err(model_error)?;
         // Its weights, and as much again while they are initialised and saved.
         let parameters = config.parameters();
         model::check_memory(
@@ -390,12 +390,8 @@ impl BaseStage {
         .map_err(model_error)?;
         let model = model::Model::scratch(&config, &mut Rng::new(b.seed)).map_err(model_error)?;
         let metrics = save_weights(&model, ctx)?;
-        let mut json = match &config {
-            ModelConfig::Gpt2(c) => serde_json::to_value(c),
-            ModelConfig::Llama(c) => serde_json::to_value(c),
-        }
-        .expect("config serialises");
-        json["architectures"] = serde_json::json!([model.family().architecture()]);
+        let mut json = config.json.clone();
+        json["architectures"] = serde_json::json!([model.family().class()]);
         json["initializer_range"] = 0.02.into();
         json["torch_dtype"] = "float32".into();
         write_json(&ctx.output("config.json"), &json)?;
@@ -409,49 +405,25 @@ impl BaseStage {
 }
 
 /// The config of a from-scratch model of the manifest's architecture and size.
-fn scratch_config(b: &ScratchShape, vocab_size: usize, eos: Option<u32>) -> ModelConfig {
-    let (n_layer, n_head, n_embd, n_positions) = (
-        b.n_layer as usize,
-        b.n_head as usize,
-        b.n_embd as usize,
-        b.n_positions as usize,
-    );
-    match b.architecture {
-        Architecture::Gpt2 => ModelConfig::Gpt2(model::gpt2::Config {
-            vocab_size,
-            n_positions,
-            n_embd,
-            n_layer,
-            n_head,
-            n_inner: None,
-            layer_norm_epsilon: 1e-5,
-            activation_function: "gelu_new".to_string(),
-            bos_token_id: eos,
-            eos_token_id: eos,
-            model_type: Some("gpt2".to_string()),
-            tie_word_embeddings: Some(true),
-        }),
-        // SmolLM2's choices: a tied head, an MLP about 8/3 as wide (to a multiple of 64).
-        Architecture::Llama => ModelConfig::Llama(model::llama::Config {
-            vocab_size,
-            hidden_size: n_embd,
-            intermediate_size: (8 * n_embd / 3).div_ceil(64) * 64,
-            num_hidden_layers: n_layer,
-            num_attention_heads: n_head,
-            num_key_value_heads: Some(n_head),
-            head_dim: Some(n_embd / n_head),
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            max_position_embeddings: n_positions,
-            tie_word_embeddings: true,
-            attention_bias: false,
-            mlp_bias: false,
-            hidden_act: "silu".to_string(),
-            bos_token_id: eos,
-            eos_token_id: eos,
-            model_type: Some("llama".to_string()),
-            use_sliding_window: false,
-        }),
-    }
+fn scratch_config(
+    b: &ScratchShape,
+    vocab_size: usize,
+    eos: Option<u32>,
+) -> model::Result<ModelConfig> {
+    let family = match b.architecture {
+        Architecture::Gpt2 => model::families::gpt2::GPT2,
+        Architecture::Llama => model::families::llama::LLAMA,
+    };
+    let (width, heads) = (b.n_embd as usize, b.n_head as usize);
+    let dims = model::Dims {
+        vocab_size,
+        context: b.n_positions as usize,
+        width,
+        layers: b.n_layer as usize,
+        heads,
+        kv_heads: heads,
+        head_dim: width / heads.max(1),
+        inner: None,
+    };
+    family.scratch_config(&dims, eos)
 }

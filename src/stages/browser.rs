@@ -13,14 +13,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::shared::{
-    Artifact, EVAL, ModelStage, REFERENCE_LOGITS, WORKLOAD, data_inputs, link_or_copy, write_json,
-    writers,
+    Artifact, EVAL, ModelStage, REFERENCE_LOGITS, WEB_FOLDER, WORKLOAD, data_inputs, io,
+    link_or_copy, tokenized_lines, tokenizer_differences, write_json, writers,
 };
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
-use crate::manifest::{Adapter, Browser, Device, Verify};
-use crate::verify;
-use crate::verify::Tolerance;
+use crate::manifest::{Adapter, Browser, Device, TransformersJs, Verify};
+use crate::verify::{self, Tolerance, transformers_js};
 
 /// The page Chromium opens (served beside the model's files).
 const CHECK_PAGE: &str = include_str!("../web/check.html");
@@ -41,9 +40,10 @@ pub struct BrowserStage {
     #[serde(rename = "@model_stage")]
     pub model_stage: ModelStage,
     /// `web.transformers_js`, where the page gets the library without a
-    /// local copy: keyed by the library's version (the stage's tools).
+    /// local copy (bundled: the pinned files, served beside the page):
+    /// keyed by the library's version (the stage's tools).
     #[serde(rename = "@transformers_js_url")]
-    pub transformers_js_url: String,
+    pub transformers_js_url: TransformersJs,
     /// Whether the build has a corpus, whose eval lines the page tokenizes:
     /// the eval split is an input, keyed by digest.
     #[serde(rename = "@corpus")]
@@ -56,7 +56,7 @@ impl BrowserStage {
         dtypes: Vec<Dtype>,
         verify: &Verify,
         model_stage: ModelStage,
-        transformers_js_url: String,
+        transformers_js_url: TransformersJs,
         corpus: bool,
     ) -> Self {
         let tolerance = dtypes
@@ -72,38 +72,6 @@ impl BrowserStage {
             transformers_js_url,
             corpus,
         }
-    }
-
-    /// The lines the page tokenizes: the eval split's (at most
-    /// [`TOKENIZED_LINES`]), the English sample, and the prompts.
-    fn lines(
-        &self,
-        ctx: &StageContext<'_>,
-        reference: &verify::Reference,
-    ) -> Result<Vec<String>, StageError> {
-        let mut lines = Vec::new();
-        if self.corpus {
-            let eval = super::shared::read_documents(EVAL.path(ctx)?)?;
-            lines.extend(
-                super::shared::document_lines(&eval)
-                    .into_iter()
-                    .take(TOKENIZED_LINES),
-            );
-        }
-        lines.extend(
-            super::shared::ENGLISH_SAMPLE
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_string),
-        );
-        lines.extend(
-            reference
-                .workload
-                .prompts
-                .iter()
-                .map(|(text, _)| text.clone()),
-        );
-        Ok(lines)
     }
 
     /// The Chromium to start: the setting, `$CHROMIUM`, or one on the PATH.
@@ -129,7 +97,9 @@ impl BrowserStage {
             }
         }
         Err(StageError::bad_input(
-            "`[verify.browser]` needs Chromium and none was found (chromium, chromium-browser, google-chrome on the PATH): install it (`apt-get install chromium`), set `CHROMIUM`, or set `verify.browser.chromium`",
+            "`[verify.browser]` needs Chromium and none was found (chromium, chromium-browser, \
+                google-chrome on the PATH): install it (`apt-get install chromium`), set \
+                `CHROMIUM`, or set `verify.browser.chromium`",
         ))
     }
 
@@ -154,7 +124,10 @@ impl BrowserStage {
                 .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
                 .and_then(|p| p["version"].as_str().map(str::to_string))
                 .unwrap_or_else(|| "missing".to_string()),
-            None => self.transformers_js_url.clone(),
+            None => match &self.transformers_js_url {
+                TransformersJs::Bundle => transformers_js::identity(),
+                TransformersJs::Url(url) => url.clone(),
+            },
         };
         [
             ("chromium".to_string(), chromium),
@@ -213,55 +186,6 @@ impl BrowserStage {
         std::fs::write(dir.join("check.html"), CHECK_PAGE)
             .map_err(|e| io(&dir.join("check.html"), e))
     }
-}
-
-/// The most eval lines the page tokenizes.
-const TOKENIZED_LINES: usize = 2000;
-
-/// Where transformers.js's ids differ from symb's: one line per text, the
-/// first `shown` of them.
-fn tokenizer_differences(
-    tokenizer: &tokenizers::Tokenizer,
-    lines: &[String],
-    posted: &serde_json::Value,
-    shown: usize,
-) -> Result<Vec<String>, StageError> {
-    if let Some(error) = posted["error"].as_str() {
-        return Err(StageError::failed(format!(
-            "transformers.js could not load the tokenizer: {error}"
-        )));
-    }
-    let theirs: Vec<Vec<u32>> = serde_json::from_value(posted["ids"].clone())
-        .map_err(|e| StageError::failed("the page's token ids").because(e))?;
-    if theirs.len() != lines.len() {
-        return Err(StageError::failed(format!(
-            "the page tokenized {} of {} lines",
-            theirs.len(),
-            lines.len()
-        )));
-    }
-    let mut differences = Vec::new();
-    for (line, theirs) in lines.iter().zip(&theirs) {
-        let ours = tokenizer
-            .encode(line.as_str(), false)
-            .map_err(|e| StageError::failed(format!("cannot run the tokenizer: {e}")))?;
-        if ours.get_ids() != theirs.as_slice() {
-            differences.push(format!(
-                "    {line:?}: symb {:?}, transformers.js {theirs:?}",
-                ours.get_ids()
-            ));
-        }
-    }
-    let total = differences.len();
-    differences.truncate(shown);
-    if total > shown {
-        differences.push(format!("    ... and {} more", total - shown));
-    }
-    Ok(if total == 0 {
-        Vec::new()
-    } else {
-        std::iter::once(format!("  the tokenizer gives other ids in transformers.js than in symb on {total} of {} lines:", lines.len())).chain(differences).collect()
-    })
 }
 
 /// Chromium, killed (with its children: its process group) when dropped.
@@ -357,13 +281,40 @@ impl Stage for BrowserStage {
             })
             .collect();
         let devices: Vec<&str> = self.browser.devices.iter().map(|d| d.name()).collect();
-        let lines = self.lines(ctx, &reference)?;
-        let job = serde_json::json!({ "transformers_js": self.transformers_js_url, "devices": devices, "dtypes": self.dtypes, "prompts": prompts, "lines": lines });
+        let texts: Vec<String> = reference
+            .workload
+            .prompts
+            .iter()
+            .map(|(text, _)| text.clone())
+            .collect();
+        let lines = tokenized_lines(ctx, self.corpus, &texts)?;
+        // Bundled and no local copy: the pinned files, served beside the page.
+        let bundled = self.browser.transformers_js.is_none()
+            && self.transformers_js_url == TransformersJs::Bundle;
+        let job = serde_json::json!({
+            "transformers_js": self.transformers_js_url.url(),
+            "wasm": bundled.then_some(WEB_FOLDER),
+            "devices": devices,
+            "dtypes": self.dtypes,
+            "prompts": prompts,
+            "lines": lines,
+        });
         let site = tempfile::Builder::new()
             .prefix("symb-browser-")
             .tempdir()
             .map_err(|e| StageError::failed("cannot create a temporary folder").because(e))?;
         self.site(ctx, site.path(), &job)?;
+        if bundled {
+            let library = transformers_js::library().map_err(|e| {
+                StageError::failed("cannot provide transformers.js for the browser check")
+                    .because(e)
+            })?;
+            let web = site.path().join(WEB_FOLDER);
+            std::fs::create_dir_all(&web).map_err(|e| io(&web, e))?;
+            for (name, path) in library.files() {
+                link_or_copy(&path, &web.join(name))?;
+            }
+        }
         let (sender, inbox) = std::sync::mpsc::channel();
         let server =
             crate::serve::Server::bind(site.path(), 0, self.browser.transformers_js.as_deref())
@@ -458,7 +409,8 @@ impl Stage for BrowserStage {
             }
             if started.elapsed() > self.browser.timeout {
                 return Err(StageError::failed(format!(
-                    "the browser check did not finish in {} s (`verify.browser.timeout_s`); Chromium's log ends:\n    {}",
+                    "the browser check did not finish in {} s (`verify.browser.timeout_s`); \
+                        Chromium's log ends:\n    {}",
                     self.browser.timeout.as_secs(),
                     tail(&log_path, 12)
                 )));
@@ -486,7 +438,7 @@ impl Stage for BrowserStage {
                 .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
         let posted_tokens = json("tokens.json")
             .unwrap_or_else(|| serde_json::json!({ "error": "the page posted no token ids" }));
-        let mut problems = tokenizer_differences(&tokenizer, &lines, &posted_tokens, 5)?;
+        let (_, mut problems) = tokenizer_differences(&tokenizer, &lines, &posted_tokens, 5)?;
         let mut speeds = Vec::new();
         for device in &self.browser.devices {
             let mut per_dtype = serde_json::Map::new();
@@ -500,7 +452,8 @@ impl Stage for BrowserStage {
                         && (error.contains("does not support fp16")
                             || error.contains("requires f16"));
                     if needs_f16 {
-                        serde_json::json!({ "status": "unproven", "reason": "needs shader-f16, which this adapter lacks", "error": error })
+                        serde_json::json!({ "status": "unproven", "reason": "needs shader-f16, \
+                            which this adapter lacks", "error": error })
                     } else {
                         problems.push(format!("  {dtype} on {}: {error}", device.title()));
                         serde_json::json!({ "status": "failed", "error": error })
@@ -579,7 +532,8 @@ impl Stage for BrowserStage {
         });
         if !problems.is_empty() {
             return Err(StageError::verification(format!(
-                "the browser check failed (transformers.js in Chromium against candle, {} prompts):\n{}\n  (the output folder was not updated)",
+                "the browser check failed (transformers.js in Chromium against candle, {} \
+                    prompts):\n{}\n  (the output folder was not updated)",
                 count,
                 problems.join("\n")
             )));

@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 
 use super::shared::{
-    ADAPTER_CONFIG, Artifact, BROWSER_REPORT, ModelStage, TRAINING_METRICS, VOCAB_REPORT, WORKLOAD,
-    data_inputs, writers,
+    ADAPTER_CONFIG, Artifact, BROWSER_REPORT, ModelStage, TRAINING_METRICS, VOCAB_REPORT,
+    WEB_FOLDER, WORKLOAD, data_inputs, writers,
 };
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
-use crate::manifest::Device;
+use crate::manifest::{Device, TransformersJs};
 
 /// The stage is its settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -169,7 +169,12 @@ impl BundleStage {
         let title = html_escape(&self.title);
         let _ = write!(
             html,
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} · symb report</title><style>body{{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}.scroll{{overflow-x:auto}}svg{{max-width:100%;height:auto}}.bound{{color:#777;font-size:.8em;display:block}}</style></head><body><h1>{title}</h1><p>Built by symb {} (no date or machine here: the same inputs give the same bytes).</p>",
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} · symb \
+                report</title><style>body{{font:15px/1.5 \
+                system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 \
+                1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid \
+                #ddd;padding:.3rem \
+                .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}.scroll{{overflow-x:auto}}svg{{max-width:100%;height:auto}}.bound{{color:#777;font-size:.8em;display:block}}</style></head><body><h1>{title}</h1><p>Built by symb {} (no date or machine here: the same inputs give the same bytes).</p>",
             crate::VERSION
         );
         if self.finetune {
@@ -177,7 +182,8 @@ impl BundleStage {
                 let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
                 let _ = write!(
                     html,
-                    "<h2>Training</h2><p>{} steps, {} tokens. Eval perplexity {:.1} before, {:.1} after (eval loss {:.3} → {:.3}){}.</p>",
+                    "<h2>Training</h2><p>{} steps, {} tokens. Eval perplexity {:.1} before, {:.1} \
+                        after (eval loss {:.3} → {:.3}){}.</p>",
                     m["steps"],
                     m["tokens"],
                     number("initial_perplexity"),
@@ -209,7 +215,13 @@ impl BundleStage {
             };
             let _ = write!(
                 html,
-                "<h2>Vocabulary</h2><p><code>{}</code>: {} new tokens; the vocabulary grew from {} to {} rows. Tokens per word (fewer is better):</p><div class=\"scroll\"><table><tr><th>text</th><th>base tokenizer</th><th>after</th></tr><tr><td>eval split</td><td>{}</td><td>{}</td></tr><tr><td>English sample</td><td>{}</td><td>{}</td></tr></table></div><p>English lines without a new word that encode differently than before: {} of {}.</p>",
+                "<h2>Vocabulary</h2><p><code>{}</code>: {} new tokens; the vocabulary grew from {} \
+                    to {} rows. Tokens per word (fewer is better):</p><div \
+                    class=\"scroll\"><table><tr><th>text</th><th>base \
+                    tokenizer</th><th>after</th></tr><tr><td>eval \
+                    split</td><td>{}</td><td>{}</td></tr><tr><td>English \
+                    sample</td><td>{}</td><td>{}</td></tr></table></div><p>English lines without a \
+                    new word that encode differently than before: {} of {}.</p>",
                 v["strategy"].as_str().unwrap_or_default(),
                 v["new_tokens"],
                 v["base_vocab_size"],
@@ -222,7 +234,17 @@ impl BundleStage {
                 f["english"]["lines_without_new_words"],
             );
         }
-        html.push_str("<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the model's forward pass in candle on the same prompts: one prefill pass, then candle's greedy tokens fed through the KV cache (the first alone, then the rest together; one at a time for q8, int8 and uint8, which scale their activations over each call); the greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding gives before the two first differ.</p><div class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity ratio</th><th>greedy match</th><th>checks</th>");
+        html.push_str(
+            "<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the \
+            model's forward pass in candle on the same prompts: one prefill pass, then candle's \
+            greedy tokens fed through the KV cache (the first alone, then the rest together; one \
+            at a time for q8, int8 and uint8, which scale their activations over each call); the \
+            greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding \
+            gives before the two first differ.</p><div \
+            class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs \
+            error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity \
+            ratio</th><th>greedy match</th><th>checks</th>",
+        );
         // Each browser device: what the `browser` stage found, or that it did not run.
         let browser = if self.browser.is_some() {
             json(BROWSER_REPORT)
@@ -288,12 +310,24 @@ impl BundleStage {
                 let text = match entry.map(|e| (e["status"].as_str().unwrap_or_default(), e)) {
                     Some(("passed", e)) => format!(
                         "passed<span class=\"bound\">top-1 {}, greedy {}</span>",
-                        e["metrics"]["top1_agreement"].as_f64().map_or(String::new(), |v| figure(v, 4)),
-                        e["metrics"]["greedy_match"].as_f64().map_or(String::new(), |v| figure(v, 3))
+                        e["metrics"]["top1_agreement"]
+                            .as_f64()
+                            .map_or(String::new(), |v| figure(v, 4)),
+                        e["metrics"]["greedy_match"]
+                            .as_f64()
+                            .map_or(String::new(), |v| figure(v, 3))
                     ),
-                    Some(("unproven", _)) => "unproven<span class=\"bound\">needs shader-f16, which the adapter lacked</span>".to_string(),
-                    Some((status, _)) if !status.is_empty() => format!("<span class=\"fail\">{}</span>", html_escape(status)),
-                    _ if needs_f16 => "not checked<span class=\"bound\">needs shader-f16</span>".to_string(),
+                    Some(("unproven", _)) => "unproven<span class=\"bound\">needs shader-f16, \
+                        which the adapter lacked</span>"
+                        .to_string(),
+                    Some((status, _)) if !status.is_empty() => format!(
+                        "<span \
+                        class=\"fail\">{}</span>",
+                        html_escape(status)
+                    ),
+                    _ if needs_f16 => {
+                        "not checked<span class=\"bound\">needs shader-f16</span>".to_string()
+                    }
                     _ => "not checked".to_string(),
                 };
                 let _ = write!(html, "<td>{text}</td>");
@@ -311,16 +345,26 @@ impl BundleStage {
         };
         let checked = match (&self.browser, adapter) {
             (Some(_), Some(a)) => format!(
-                "In the browser: each file run by transformers.js in headless Chromium (WebGPU adapter: {} {}, {shader_f16} shader-f16) on the first {} prompts, under the same bounds; details in <code>reports/browser.json</code>.",
+                "In the browser: each file run by transformers.js in headless Chromium (WebGPU \
+                    adapter: {} {}, {shader_f16} shader-f16) on the first {} prompts, under the \
+                    same bounds; details in <code>reports/browser.json</code>.",
                 html_escape(a["vendor"].as_str().unwrap_or_default()),
                 html_escape(a["architecture"].as_str().unwrap_or_default()),
-                browser.as_ref().map_or(serde_json::Value::Null, |b| b["prompts"].clone())
+                browser
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, |b| b["prompts"].clone())
             ),
             (Some(_), None) => {
-                "In the browser: each file run by transformers.js in headless Chromium (no WebGPU adapter), under the same bounds; details in <code>reports/browser.json</code>.".to_string()
+                "In the browser: each file run by transformers.js in headless Chromium (no WebGPU \
+                    adapter), under the same bounds; details in \
+                    <code>reports/browser.json</code>."
+                    .to_string()
             }
             (None, _) => {
-                "In the browser: not checked in this build (add <code>[verify.browser]</code> to run every file in headless Chromium on WebGPU); fp16 and q4f16 need the GPU's shader-f16.".to_string()
+                "In the browser: not checked in this build (add <code>[verify.browser]</code> to \
+                    run every file in headless Chromium on WebGPU); fp16 and q4f16 need the GPU's \
+                    shader-f16."
+                    .to_string()
             }
         };
         let _ = write!(
@@ -328,7 +372,11 @@ impl BundleStage {
             "</table></div><p>{checked} The page loads {} on WebAssembly and {} on WebGPU.</p>",
             self.dtype, self.webgpu_dtype
         );
-        html.push_str("<p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; details in <code>reports/verify.D.json</code>. Try the model: <a href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n");
+        html.push_str(
+            "<p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; \
+            details in <code>reports/verify.D.json</code>. Try the model: <a \
+            href=\"index.html\">the playground</a> (<code>symb serve</code>).</p></body></html>\n",
+        );
         Ok(html)
     }
 
@@ -379,11 +427,20 @@ impl BundleStage {
                 ("\"adapter/base\"".to_string(), String::new(), None)
             }
             (None, _) => {
-                md.push_str("Its base is the random weights symb started from, which this folder does not hold: `[export] adapter = \"with-base\"` puts them in `adapter/base/`.\n");
+                md.push_str(
+                    "Its base is the random weights symb started from, which this folder \
+                    does not hold: `[export] adapter = \"with-base\"` puts them in \
+                    `adapter/base/`.\n",
+                );
                 return md;
             }
             (Some(_), Some((_, false))) => {
-                md.push_str("Its base's new rows started from symb's random draw (`vocab.init = \"normal\"`) and the adapter does not hold them (`finetune.train_new_tokens = false`): `[export] adapter = \"with-base\"` puts that base in `adapter/base/`.\n");
+                md.push_str(
+                    "Its base's new rows started from symb's random draw (`vocab.init = \
+                    \"normal\"`) and the adapter does not hold them (`finetune.train_new_tokens = \
+                    false`): `[export] adapter = \"with-base\"` puts that base in \
+                    `adapter/base/`.\n",
+                );
                 return md;
             }
             (Some((args, comment)), grown) => {
@@ -408,7 +465,11 @@ impl BundleStage {
         } else {
             format!("  # {comment}")
         };
-        md.push_str(&format!("\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\nbase = AutoModelForCausalLM.from_pretrained({args}){comment}\n"));
+        md.push_str(&format!(
+            "\n```python\nfrom peft import PeftModel\nfrom transformers import \
+            AutoModelForCausalLM\n\nbase = \
+            AutoModelForCausalLM.from_pretrained({args}){comment}\n"
+        ));
         if let Some(n) = resize {
             md.push_str(&format!(
                 "base.resize_token_embeddings({n})  # config.json's vocab_size\n"
@@ -464,7 +525,10 @@ impl BundleStage {
                 };
             let _ = write!(md, "{joiner} {}", files.join(", "));
         }
-        md.push_str(". Built with symb: every ONNX file below was run by ONNX Runtime and checked against the model's own forward pass (candle) before it was written.\n\n");
+        md.push_str(
+            ". Built with symb: every ONNX file below was run by ONNX Runtime and checked \
+            against the model's own forward pass (candle) before it was written.\n\n",
+        );
         if self.finetune
             && let Some(m) = json(TRAINING_METRICS)
         {
@@ -479,7 +543,9 @@ impl BundleStage {
             );
         }
         md.push_str(
-            "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 agreement | KL divergence | perplexity ratio | greedy match |\n|---|---|---|---|---|---|---|---|\n",
+            "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 \
+                agreement | KL divergence | perplexity ratio | greedy match \
+                |\n|---|---|---|---|---|---|---|---|\n",
         );
         for ((onnx, dtype), twin) in self.files().zip(&self.dtypes).zip(self.twins(ctx)) {
             let (bytes, file) = (file_bytes(ctx, onnx), onnx.file);
@@ -583,13 +649,11 @@ impl BundleStage {
             .zip(&self.dtypes)
             .map(|(onnx, dtype)| (dtype.to_string(), file_bytes(ctx, onnx)))
             .collect();
-        let shown = self
-            .web
-            .transformers_js
-            .split('/')
-            .nth(2)
-            .unwrap_or(&self.web.transformers_js)
-            .to_string();
+        let library = &self.web.transformers_js;
+        let (shown, wasm) = match library {
+            TransformersJs::Bundle => ("this folder (web/)".to_string(), Some(WEB_FOLDER)),
+            TransformersJs::Url(url) => (url.split('/').nth(2).unwrap_or(url).to_string(), None),
+        };
         // In a <script>: JSON with `<` escaped, so no `</script>` ends it early.
         let script_json = |v: &serde_json::Value| v.to_string().replace('<', "\\u003c");
         fill(
@@ -610,7 +674,11 @@ impl BundleStage {
                 ("MAX_NEW_TOKENS", self.web.max_new_tokens.to_string()),
                 (
                     "TRANSFORMERS_JS_URL",
-                    script_json(&serde_json::json!(self.web.transformers_js)),
+                    script_json(&serde_json::json!(library.url())),
+                ),
+                (
+                    "TRANSFORMERS_JS_WASM",
+                    script_json(&serde_json::json!(wasm)),
                 ),
             ],
         )
@@ -752,9 +820,7 @@ impl Stage for BundleStage {
                 serde_json::to_value(&external).expect("serialises"),
             );
         }
-        let base = ctx
-            .input(self.model_stage.name(), "tokenizer_config.json")
-            .ok();
+        let base = self.model_stage.optional_file(ctx, "tokenizer_config.json");
         let tokenizer_path = self.model_stage.file("tokenizer.json").path(ctx)?;
         let tokenizer_config = super::shared::tokenizer_config(
             self.model_stage.file("config.json").path(ctx)?,

@@ -97,7 +97,11 @@ impl Stage for CorpusStage {
                 .collect::<std::collections::BTreeSet<_>>()
                 .len();
             return Err(StageError::bad_input(format!(
-                "the eval split is empty: `corpus.eval_fraction` = {threshold} of {} documents ({distinct} distinct) drew none (identical documents always land on the same side); add distinct documents, raise `corpus.eval_fraction`, or set it to 0 for no eval split (and list `verify.prompts` where the manifest has `[export]`)",
+                "the eval split is empty: `corpus.eval_fraction` = {threshold} of {} documents \
+                    ({distinct} distinct) drew none (identical documents always land on the same \
+                    side); add distinct documents, raise `corpus.eval_fraction`, or set it to 0 \
+                    for no eval split (and list `verify.prompts` where the manifest has \
+                    `[export]`)",
                 documents.len()
             )));
         }
@@ -133,7 +137,11 @@ fn utf8<'a>(label: &str, raw: &'a [u8]) -> Result<&'a str, StageError> {
         let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
         let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
-        StageError::bad_input(format!("`{label}`:{line}:{column}: not valid UTF-8 (byte 0x{:02x}); convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`", raw[e.valid_up_to()]))
+        StageError::bad_input(format!(
+            "`{label}`:{line}:{column}: not valid UTF-8 (byte 0x{:02x}); \
+            convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`",
+            raw[e.valid_up_to()]
+        ))
     })
 }
 
@@ -155,7 +163,9 @@ pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
 
 fn too_long(label: &str, line: usize, bytes: usize) -> StageError {
     StageError::bad_input(format!(
-        "`{label}`:{line}: a document of {bytes} bytes, over the bound of {} bytes (1 MiB) for one document (a line of a text file, a record of JSONL or CSV); split it, e.g. one sentence or paragraph per line",
+        "`{label}`:{line}: a document of {bytes} bytes, over the bound of {} bytes (1 MiB) for one \
+            document (a line of a text file, a record of JSONL or CSV); split it, e.g. one \
+            sentence or paragraph per line",
         MAX_DOCUMENT_BYTES
     ))
 }
@@ -218,7 +228,8 @@ fn read_file(
                         Some(serde_json::Value::String(s)) => Ok(s.clone()),
                         Some(_) => Err(at(format!("field `{name}` is not a string"))),
                         None => Err(at(format!(
-                            "no field `{name}`; set `corpus.text_field` (or `prompt_field` + `completion_field`) to the record's field names"
+                            "no field `{name}`; set `corpus.text_field` (or `prompt_field` + \
+                                `completion_field`) to the record's field names"
                         ))),
                     }
                 };

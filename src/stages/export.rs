@@ -61,7 +61,8 @@ impl Stage for ExportStage {
         let t = std::time::Instant::now();
         let model = super::shared::load_model(ctx, self.model_stage)?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "loaded the model");
-        let graph = crate::onnx::export(&model, self.export.opset as i64)
+        let graph = model
+            .to_onnx(self.export.opset as i64)
             .map_err(super::shared::model_error)?;
         drop(model);
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "built the graph");

@@ -443,14 +443,17 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
     let x = |step: f64| left + step / max_step * (width - left - right);
     let y = |v: f64| height - bottom - (v - lo) / (hi - lo) * (height - top - bottom);
     let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/>"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" \
+            width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" \
+            font-size=\"12\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/>"
     );
     // Grid and ticks.
     let digits = if hi - lo < 0.5 { 3 } else { 2 };
     for v in ticks(lo, hi, 5) {
         let _ = write!(
             svg,
-            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.digits$}</text>",
+            "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text \
+                x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.digits$}</text>",
             width - right,
             y(v),
             y(v),
@@ -464,7 +467,8 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
     {
         let _ = write!(
             svg,
-            "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s}</text>",
+            "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#e5e5e5\"/><text \
+                x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s}</text>",
             x(s),
             x(s),
             height - bottom,
@@ -476,7 +480,8 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
     let _ = write!(
         svg,
         "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#333\"/><line x1=\"{left}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\
-<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">step</text><text transform=\"rotate(-90)\" x=\"{:.1}\" y=\"14\" text-anchor=\"middle\">loss (nats per token)</text>",
+<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">step</text><text transform=\"rotate(-90)\" \
+    x=\"{:.1}\" y=\"14\" text-anchor=\"middle\">loss (nats per token)</text>",
         height - bottom,
         width - right,
         height - bottom,
@@ -507,7 +512,10 @@ pub fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
     // The legend.
     let _ = writeln!(
         svg,
-        "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"18\" y2=\"18\" stroke=\"#00798c\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"22\">training loss</text><circle cx=\"{:.1}\" cy=\"18\" r=\"4\" fill=\"#d1495b\"/><text x=\"{:.1}\" y=\"22\">eval loss</text></svg>",
+        "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"18\" y2=\"18\" stroke=\"#00798c\" \
+            stroke-width=\"2\"/><text x=\"{:.1}\" y=\"22\">training loss</text><circle \
+            cx=\"{:.1}\" cy=\"18\" r=\"4\" fill=\"#d1495b\"/><text x=\"{:.1}\" y=\"22\">eval \
+            loss</text></svg>",
         left + 20.0,
         left + 26.0,
         left + 130.0,

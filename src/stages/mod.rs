@@ -12,7 +12,9 @@ pub mod reference;
 pub mod shared;
 pub mod tokenizer;
 pub mod verify;
+pub mod verify_tokenizer;
 pub mod vocab;
+pub mod web;
 
 use crate::dtype::Dtype;
 use crate::engine::{Plan, Stage};
@@ -230,6 +232,15 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             card: card(manifest),
             page_template: bundle::page_template(),
         }));
+        if manifest.web.transformers_js == crate::manifest::TransformersJs::Bundle {
+            stages.push(Box::new(web::WebStage::default()));
+        }
+        // The tokenizer where it runs: transformers.js over the folder's files.
+        stages.push(Box::new(verify_tokenizer::VerifyTokenizerStage::new(
+            model_stage,
+            manifest.corpus.is_some(),
+            &settings.prompts,
+        )));
     }
     Plan::new(stages).map_err(|e| ManifestError::general(&manifest.display, e.to_string()))
 }
@@ -251,6 +262,8 @@ pub enum StageKind {
     Verify(verify::VerifyStage),
     Browser(browser::BrowserStage),
     Bundle(bundle::BundleStage),
+    Web(web::WebStage),
+    VerifyTokenizer(verify_tokenizer::VerifyTokenizerStage),
 }
 
 impl StageKind {
@@ -277,6 +290,8 @@ impl StageKind {
             StageKind::Verify(s) => Box::new(s),
             StageKind::Browser(s) => Box::new(s),
             StageKind::Bundle(s) => Box::new(s),
+            StageKind::Web(s) => Box::new(s),
+            StageKind::VerifyTokenizer(s) => Box::new(s),
         }
     }
 }
@@ -347,20 +362,40 @@ fn card(manifest: &Manifest) -> bundle::Card {
     let adapter = lora.then(|| bundle::AdapterCard {
         base: base.and_then(|b| match &b.model {
             BaseModel::Hub { repo, revision } => {
-                let revision = revision.as_ref().map_or(String::new(), |r| format!(", revision={}", python_string(r)));
+                let revision = revision.as_ref().map_or(String::new(), |r| {
+                    format!(", revision={}", python_string(r))
+                });
                 Some((format!("{}{revision}", python_string(repo)), String::new()))
             }
             BaseModel::Gguf(file) => {
-                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                Some((format!("\".\", gguf_file={}", python_string(&name)), "the folder that holds the file; needs `pip install gguf`: transformers dequantizes it as symb did".to_string()))
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Some((
+                    format!("\".\", gguf_file={}", python_string(&name)),
+                    "the folder that holds \
+                    the file; needs `pip install gguf`: transformers dequantizes it as symb \
+                    did"
+                    .to_string(),
+                ))
             }
             BaseModel::Path(dir) => {
-                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                Some((python_string(&name), "the folder symb.toml's base.model names".to_string()))
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Some((
+                    python_string(&name),
+                    "the folder symb.toml's base.model names".to_string(),
+                ))
             }
             BaseModel::Scratch => None,
         }),
-        with_base: manifest.export.as_ref().is_some_and(|e| e.adapter == AdapterFiles::WithBase),
+        with_base: manifest
+            .export
+            .as_ref()
+            .is_some_and(|e| e.adapter == AdapterFiles::WithBase),
     });
     bundle::Card {
         adapter,
@@ -469,7 +504,7 @@ mod tests {
     }
 
     /// Every stage kind.
-    const DERIVED: [&str; 12] = [
+    const DERIVED: [&str; 14] = [
         "base",
         "browser",
         "bundle",
@@ -482,6 +517,8 @@ mod tests {
         "quantize",
         "reference",
         "verify",
+        "verify_tokenizer",
+        "web",
     ];
 
     /// The paths to the leaves of a stage's serialised form, `@` fields aside
@@ -557,12 +594,15 @@ mod tests {
             "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[tokenizer]\nvocab_size = 600\nspecial_tokens = [\"<a>\"]\n\n\
              [base]\nmodel = \"path:{}\"\n\n[vocab]\nstrategy = \"add_tokens\"\n\n[finetune]\nmethod = \"lora\"\n\n\
              [export]\ntargets = [\"fp32\", \"fp16\", \"q8\", \"int8\", \"q4\", \"q4f16\"]\nquantize_embedding = true\naccuracy_level = 0\n\n\
-             [verify]\nprompts = [\"ka\", \"ta\"]\nmax_new_tokens = 5\n\n[verify.tolerance.q8]\nkl_divergence = 0.5\n\n[verify.browser]\ndevices = [\"webgpu\", \"wasm\"]\nprompts = 1\n",
+             [verify]\nprompts = [\"ka\", \"ta\"]\nmax_new_tokens = \
+                 5\n\n[verify.tolerance.q8]\nkl_divergence = 0.5\n\n[verify.browser]\ndevices = \
+                 [\"webgpu\", \"wasm\"]\nprompts = 1\n",
             fixture.display()
         );
         // A scratch model trained whole, and a Hub base whose commit is known.
         let scratch = "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[tokenizer]\nvocab_size = 300\n\n\
-                       [base]\nmodel = \"scratch\"\narchitecture = \"llama\"\nn_layer = 2\n\n[finetune]\nmethod = \"full\"\n";
+                       [base]\nmodel = \"scratch\"\narchitecture = \"llama\"\nn_layer = \
+                           2\n\n[finetune]\nmethod = \"full\"\n";
         let hub = "[corpus]\nfiles = [\"corpus/*.txt\"]\n\n[base]\nmodel = \"hf:org/model\"\n";
         let commit: super::HubCommit = Ok(crate::model::hub::Resolved {
             commit: "0123456789abcdef0123456789abcdef01234567".to_string(),

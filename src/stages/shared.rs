@@ -39,6 +39,12 @@ impl ModelStage {
         Artifact::new(self.name(), file)
     }
 
+    /// A file of the stage's that it may not have written (a base without
+    /// a `tokenizer_config.json`).
+    pub fn optional_file<'a>(self, ctx: &'a StageContext<'_>, file: &str) -> Option<&'a Path> {
+        ctx.input(self.name(), file).ok()
+    }
+
     /// The files a stage that loads the model reads.
     pub fn model(self) -> [Artifact; 3] {
         ["config.json", "model.safetensors", "tokenizer.json"].map(|f| self.file(f))
@@ -401,6 +407,10 @@ pub fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), 
     Ok(())
 }
 
+/// Where the `web` stage puts transformers.js in the output folder, and the
+/// page finds it.
+pub const WEB_FOLDER: &str = "web/";
+
 /// English text, a language every base knows: the vocab stage's fertility
 /// report, the reference's prompts without a corpus, the browser's tokenizer check.
 pub const ENGLISH_SAMPLE: &str = include_str!("english.txt");
@@ -429,6 +439,89 @@ pub fn document_lines(docs: &[Document]) -> Vec<String> {
         .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
         .filter(|l| !l.trim().is_empty())
         .collect()
+}
+
+/// The lines a tokenizer check tokenizes where the model runs: the eval
+/// split's (at most [`TOKENIZED_LINES`], when the build has a corpus), the
+/// English sample, and `prompts`.
+pub fn tokenized_lines(
+    ctx: &StageContext<'_>,
+    corpus: bool,
+    prompts: &[String],
+) -> Result<Vec<String>, StageError> {
+    let mut lines = Vec::new();
+    if corpus {
+        let eval = read_documents(EVAL.path(ctx)?)?;
+        lines.extend(document_lines(&eval).into_iter().take(TOKENIZED_LINES));
+    }
+    lines.extend(
+        ENGLISH_SAMPLE
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string),
+    );
+    lines.extend(prompts.iter().cloned());
+    Ok(lines)
+}
+
+/// The most eval lines a tokenizer check tokenizes.
+pub const TOKENIZED_LINES: usize = 2000;
+
+/// Where transformers.js's ids differ from symb's: one line per text, the
+/// first `shown` of them, and how many lines differ. `posted` is `{"ids":
+/// [[...], ...]}` (one list per line, no special tokens added) or
+/// `{"error": "..."}`.
+pub fn tokenizer_differences(
+    tokenizer: &tokenizers::Tokenizer,
+    lines: &[String],
+    posted: &serde_json::Value,
+    shown: usize,
+) -> Result<(usize, Vec<String>), StageError> {
+    if let Some(error) = posted["error"].as_str() {
+        return Err(StageError::failed(format!(
+            "transformers.js could not load the tokenizer: {error}"
+        )));
+    }
+    let theirs: Vec<Vec<u32>> = serde_json::from_value(posted["ids"].clone())
+        .map_err(|e| StageError::failed("transformers.js's token ids").because(e))?;
+    if theirs.len() != lines.len() {
+        return Err(StageError::failed(format!(
+            "transformers.js tokenized {} of {} lines",
+            theirs.len(),
+            lines.len()
+        )));
+    }
+    let mut differences = Vec::new();
+    for (line, theirs) in lines.iter().zip(&theirs) {
+        let ours = tokenizer
+            .encode(line.as_str(), false)
+            .map_err(|e| StageError::failed(format!("cannot run the tokenizer: {e}")))?;
+        if ours.get_ids() != theirs.as_slice() {
+            differences.push(format!(
+                "    {line:?}: symb {:?}, transformers.js {theirs:?}",
+                ours.get_ids()
+            ));
+        }
+    }
+    let total = differences.len();
+    differences.truncate(shown);
+    if total > shown {
+        differences.push(format!("    ... and {} more", total - shown));
+    }
+    Ok((
+        total,
+        if total == 0 {
+            Vec::new()
+        } else {
+            std::iter::once(format!(
+                "  the tokenizer gives other ids in transformers.js than in symb \
+            on {total} of {} lines:",
+                lines.len()
+            ))
+            .chain(differences)
+            .collect()
+        },
+    ))
 }
 
 #[cfg(test)]

@@ -139,7 +139,9 @@ impl Stage for TokenizerStage {
         let reached = tokenizer.get_vocab_size(true);
         if (reached as u64) < self.tokenizer.vocab_size {
             ctx.note(&format!(
-                "the tokenizer reached {reached} tokens of the {} that `tokenizer.vocab_size` asks for: the corpus has no more pairs seen `tokenizer.min_frequency` = {} times; a larger corpus, or a smaller vocab_size, gives a model with no unused rows",
+                "the tokenizer reached {reached} tokens of the {} that `tokenizer.vocab_size` asks \
+                    for: the corpus has no more pairs seen `tokenizer.min_frequency` = {} times; a \
+                    larger corpus, or a smaller vocab_size, gives a model with no unused rows",
                 self.tokenizer.vocab_size, self.tokenizer.min_frequency
             ));
         }

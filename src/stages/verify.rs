@@ -164,7 +164,9 @@ impl Stage for VerifyStage {
                 })
                 .collect();
             return Err(StageError::verification(format!(
-                "onnx/{} (dtype {}) failed verification against candle:\n{}\n  (the output folder was not updated; loosen the bound in `[verify.tolerance.{}]` if this loss is acceptable)",
+                "onnx/{} (dtype {}) failed verification against candle:\n{}\n  (the output folder \
+                    was not updated; loosen the bound in `[verify.tolerance.{}]` if this loss is \
+                    acceptable)",
                 self.dtype.file_name(),
                 self.dtype,
                 lines.join("\n"),

@@ -139,7 +139,8 @@ pub fn add_tokens(
             .find(|t| t.trim_start_matches('▁').contains('▁'))
         {
             return Err(format!(
-                "`add_tokens` splits text into words, and the base has tokens that span words (`{spanning}`); use `vocab.strategy = \"extend_bpe\"`"
+                "`add_tokens` splits text into words, and the base has tokens that span words \
+                    (`{spanning}`); use `vocab.strategy = \"extend_bpe\"`"
             ));
         }
         let split = json!({"type": "Split", "pattern": {"Regex": WORD_SPLIT}, "behavior": "Isolated", "invert": false});

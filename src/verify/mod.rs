@@ -16,6 +16,7 @@
 
 pub mod runtime;
 pub mod session;
+pub mod transformers_js;
 
 use serde::{Deserialize, Serialize};
 

@@ -145,7 +145,7 @@ pub fn identity() -> String {
 }
 
 /// The per-user folder for tools symb fetches.
-fn tools_dir() -> Result<PathBuf, RuntimeError> {
+pub(crate) fn tools_dir() -> Result<PathBuf, RuntimeError> {
     let var = |name: &str| {
         std::env::var_os(name)
             .filter(|v| !v.is_empty())
@@ -161,7 +161,13 @@ fn tools_dir() -> Result<PathBuf, RuntimeError> {
     } else {
         var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))
     };
-    base.map(|b| b.join("symb")).ok_or_else(|| RuntimeError::Provision("no cache folder for ONNX Runtime: set `SYMB_TOOLS_DIR` or `HOME`, or name the library in `ORT_DYLIB_PATH`".into()))
+    base.map(|b| b.join("symb")).ok_or_else(|| {
+        RuntimeError::Provision(
+            "no cache folder for the tools symb fetches (ONNX Runtime, transformers.js): set \
+            `SYMB_TOOLS_DIR` or `HOME` (or name ONNX Runtime's library in `ORT_DYLIB_PATH`)"
+                .into(),
+        )
+    })
 }
 
 fn wheel_for_host() -> Result<&'static Wheel, RuntimeError> {
@@ -169,7 +175,13 @@ fn wheel_for_host() -> Result<&'static Wheel, RuntimeError> {
     WHEELS
         .iter()
         .find(|w| w.os == os && w.arch == arch)
-        .ok_or_else(|| RuntimeError::Provision(format!("symb has no ONNX Runtime {VERSION} download for {os}/{arch}; install ONNX Runtime {VERSION} and set `ORT_DYLIB_PATH` to its library")))
+        .ok_or_else(|| {
+            RuntimeError::Provision(format!(
+                "symb has no ONNX Runtime {VERSION} \
+            download for {os}/{arch}; install ONNX Runtime {VERSION} and set `ORT_DYLIB_PATH` to \
+            its library"
+            ))
+        })
 }
 
 /// The library under `dir`, fetched from PyPI and checked if it is not there
@@ -209,7 +221,8 @@ pub fn provision_from(dir: &Path, url: &str) -> Result<PathBuf, RuntimeError> {
     let digest = download(url, &mut wheel_file)?;
     if digest != wheel.sha256 {
         return Err(RuntimeError::Provision(format!(
-            "the ONNX Runtime wheel from {url} has sha256 {digest}, not the published {}; nothing was installed (a proxy or mirror altered it?)",
+            "the ONNX Runtime wheel from {url} has sha256 {digest}, not the published {}; nothing \
+                was installed (a proxy or mirror altered it?)",
             wheel.sha256
         )));
     }
@@ -265,38 +278,46 @@ pub fn provision_from(dir: &Path, url: &str) -> Result<PathBuf, RuntimeError> {
 
 /// Streams `url` into `file`; returns the sha256 of what came.
 fn download(url: &str, file: &mut std::fs::File) -> Result<String, RuntimeError> {
+    let mut hasher = Sha256::new();
+    stream(url, file, |chunk| hasher.update(chunk)).map_err(|e| {
+        RuntimeError::Provision(format!(
+            "cannot fetch ONNX Runtime {VERSION} from {url}: {e}\n  offline? install ONNX Runtime \
+                {VERSION} (its library is in the PyPI wheel at onnxruntime/capi/) and set \
+                `ORT_DYLIB_PATH` to it"
+        ))
+    })?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Streams `url` into `file`, each chunk also to `seen` (a digest); the
+/// error says what failed, in words.
+pub(crate) fn stream(
+    url: &str,
+    file: &mut std::fs::File,
+    mut seen: impl FnMut(&[u8]),
+) -> Result<(), String> {
     let agent = ureq::AgentBuilder::new()
         .try_proxy_from_env(true)
         .timeout_connect(std::time::Duration::from_secs(30))
         .build();
-    let fail = |e: String| {
-        RuntimeError::Provision(format!(
-            "cannot fetch ONNX Runtime {VERSION} from {url}: {e}\n  offline? install ONNX Runtime {VERSION} (its library is in the PyPI wheel at onnxruntime/capi/) and set `ORT_DYLIB_PATH` to it"
-        ))
-    };
-    let response = agent.get(url).call().map_err(|e| {
-        fail(match e {
-            ureq::Error::Status(code, _) => format!("HTTP status {code}"),
-            ureq::Error::Transport(t) => format!(
-                "{}{}",
-                t.kind(),
-                t.message().map(|m| format!(": {m}")).unwrap_or_default()
-            ),
-        })
+    let response = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => format!("HTTP status {code}"),
+        ureq::Error::Transport(t) => format!(
+            "{}{}",
+            t.kind(),
+            t.message().map(|m| format!(": {m}")).unwrap_or_default()
+        ),
     })?;
     let mut reader = response.into_reader();
-    let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let n = reader.read(&mut buffer).map_err(|e| fail(e.to_string()))?;
+        let n = reader.read(&mut buffer).map_err(|e| e.to_string())?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        hasher.update(&buffer[..n]);
-        file.write_all(&buffer[..n])
-            .map_err(|e| fail(e.to_string()))?;
+        seen(&buffer[..n]);
+        file.write_all(&buffer[..n]).map_err(|e| e.to_string())?;
     }
-    Ok(hex(&hasher.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {

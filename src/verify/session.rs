@@ -287,7 +287,7 @@ impl OnnxLm {
     }
 
     /// Decoding with the cache, greedy or sampled exactly as candle's
-    /// [`Gpt2::decode`](crate::model::Gpt2::decode) samples: up to
+    /// [`Model::decode`](crate::model::Model::decode) samples: up to
     /// `max_new_tokens` ids, stopping after `eos` (included) or at `context`.
     /// Returns the ids and the logits at the last prompt position.
     pub fn decode(

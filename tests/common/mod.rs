@@ -222,7 +222,8 @@ pub fn transformers_js(
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     assert!(
         js.join("node_modules/@huggingface/transformers").is_dir(),
-        "transformers.js is not installed: run `bash tests/setup.sh` (npm ci in tests/js with ONNXRUNTIME_NODE_INSTALL=skip)"
+        "transformers.js is not installed: run `bash tests/setup.sh` (npm ci in tests/js with \
+            ONNXRUNTIME_NODE_INSTALL=skip)"
     );
     let request = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(request.path(), serde_json::json!({"dtypes": dtypes, "prompts": prompts, "max_new_tokens": max_new_tokens, "lines": lines}).to_string()).unwrap();
@@ -346,11 +347,22 @@ impl Drop for Served {
     }
 }
 
+/// `symb serve FOLDER` with the tests' own transformers.js (`tests/js`).
 pub fn serve(folder: &Path) -> Served {
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules");
+    serve_with(folder, &["--transformers-js".as_ref(), modules.as_os_str()])
+}
+
+/// `symb serve FOLDER` as a user runs it: the page imports the folder's own
+/// transformers.js (`web/`).
+pub fn serve_bundled(folder: &Path) -> Served {
+    serve_with(folder, &[])
+}
+
+fn serve_with(folder: &Path, args: &[&std::ffi::OsStr]) -> Served {
     let mut child = Command::new(BIN)
-        .args(["serve", "--port", "0", "--transformers-js"])
-        .arg(&modules)
+        .args(["serve", "--port", "0"])
+        .args(args)
         .arg(folder)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -516,7 +528,13 @@ pub fn http_with(port: u16, method: &str, path: &str, body: &[u8]) -> Option<u16
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: \
+        {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .ok()?;
     stream.write_all(body).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;

@@ -9,203 +9,18 @@
 //! linear weights are stored `[out, in]`.
 //!
 //! RMSNorm, RoPE and the SiLU gate are custom ops with an analytic backward
-//! ([`super::ops`]); grouped-query attention never repeats the keys: the
+//! ([`ops`]); grouped-query attention never repeats the keys: the
 //! queries of a group are stacked against their shared key-value head.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Serialize};
 
-use super::Family;
-use super::layers::{KvCache, LeftPadding, Linear, TokenMatrix, WeightLayout};
-use super::lora::LoraTarget;
-use super::{ModelError, Result};
-
-/// The parts of `config.json` a Llama or Qwen2 model needs.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    /// Key-value heads (grouped-query attention); defaults to the query heads.
-    #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    pub head_dim: Option<usize>,
-    #[serde(default = "default_rms_norm_eps")]
-    pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
-    /// `{"rope_type": "llama3", "factor": 8.0, ...}`, or null.
-    #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
-    #[serde(default = "default_max_positions")]
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    /// Llama: biases on all four attention projections.
-    #[serde(default)]
-    pub attention_bias: bool,
-    #[serde(default)]
-    pub mlp_bias: bool,
-    #[serde(default = "default_activation")]
-    pub hidden_act: String,
-    #[serde(default, deserialize_with = "one_or_first")]
-    pub bos_token_id: Option<u32>,
-    /// The end-of-sequence id (the first, when the config lists several).
-    #[serde(default, deserialize_with = "one_or_first")]
-    pub eos_token_id: Option<u32>,
-    #[serde(default)]
-    pub model_type: Option<String>,
-    /// Qwen2's sliding-window attention (symb supports it switched off).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub use_sliding_window: bool,
-}
-
-fn default_rms_norm_eps() -> f64 {
-    1e-6
-}
-
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
-
-fn default_max_positions() -> usize {
-    2048
-}
-
-fn default_activation() -> String {
-    "silu".to_string()
-}
-
-/// A token id, or a list of them (the first is taken).
-fn one_or_first<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> std::result::Result<Option<u32>, D::Error> {
-    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
-    Ok(match value {
-        Some(serde_json::Value::Array(ids)) => {
-            ids.first().and_then(|v| v.as_u64()).map(|v| v as u32)
-        }
-        Some(v) => v.as_u64().map(|v| v as u32),
-        None => None,
-    })
-}
-
-impl Config {
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
-    }
-
-    pub fn kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-
-    /// The family the config's `model_type` names.
-    pub fn family(&self) -> Result<Family> {
-        Family::from_model_type(self.model_type.as_deref())
-    }
-
-    /// Checks what the forward pass relies on.
-    pub fn validate(&self) -> Result<()> {
-        if !matches!(self.family()?, Family::Llama | Family::Qwen2) {
-            return Err(ModelError::Unsupported(format!(
-                "`model_type` = \"{}\" is not a Llama-family model",
-                self.model_type.as_deref().unwrap_or_default()
-            )));
-        }
-        let (heads, kv) = (self.num_attention_heads, self.kv_heads());
-        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
-            return Err(ModelError::Config(format!(
-                "`num_attention_heads` = {heads} is not a multiple of `num_key_value_heads` = {kv}"
-            )));
-        }
-        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
-            return Err(ModelError::Config(format!(
-                "`hidden_size` = {} is not divisible by `num_attention_heads` = {heads}",
-                self.hidden_size
-            )));
-        }
-        if !self.head_dim().is_multiple_of(2) {
-            return Err(ModelError::Config(format!(
-                "`head_dim` = {} is odd; rotary embeddings rotate pairs",
-                self.head_dim()
-            )));
-        }
-        if self.hidden_act != "silu" {
-            return Err(ModelError::Unsupported(format!(
-                "`hidden_act` = \"{}\" (symb supports \"silu\")",
-                self.hidden_act
-            )));
-        }
-        if self.use_sliding_window {
-            return Err(ModelError::Unsupported(
-                "`use_sliding_window` = true".to_string(),
-            ));
-        }
-        self.rope()?;
-        Ok(())
-    }
-
-    /// The rotary frequencies `[head_dim / 2]` and the attention factor, as
-    /// transformers' `ROPE_INIT_FUNCTIONS` compute them.
-    pub fn rope(&self) -> Result<(Vec<f32>, f32)> {
-        let d = self.head_dim();
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
-        let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) else {
-            return Ok((base.iter().map(|&f| f as f32).collect(), 1.0));
-        };
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(|t| t.as_str())
-            .unwrap_or("default");
-        let number = |key: &str| -> Result<f64> {
-            scaling.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
-                ModelError::Config(format!("`rope_scaling` of type \"{kind}\" lacks `{key}`"))
-            })
-        };
-        // transformers computes the frequencies in float32.
-        let base: Vec<f32> = base.iter().map(|&f| f as f32).collect();
-        match kind {
-            "default" => Ok((base, 1.0)),
-            "linear" => {
-                let factor = number("factor")? as f32;
-                Ok((base.iter().map(|f| f / factor).collect(), 1.0))
-            }
-            "llama3" => {
-                let factor = number("factor")? as f32;
-                let low = number("low_freq_factor")? as f32;
-                let high = number("high_freq_factor")? as f32;
-                let old_context = number("original_max_position_embeddings")? as f32;
-                let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
-                let frequencies = base
-                    .iter()
-                    .map(|&f| {
-                        let wavelen = 2.0 * std::f32::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old_context / wavelen - low) / (high - low);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect();
-                Ok((frequencies, 1.0))
-            }
-            other => Err(ModelError::Unsupported(format!(
-                "`rope_scaling` type \"{other}\" (symb supports \"default\", \"linear\", \"llama3\")"
-            ))),
-        }
-    }
-}
+use super::{Config, QWEN2};
+use crate::model::families::{Dims, Family, ModelConfig, Network};
+use crate::model::layers::{KvCache, LeftPadding, Linear, TokenMatrix, WeightLayout};
+use crate::model::lora::LoraTarget;
+use crate::model::{ModelError, Result, attention, ops, rng::Rng};
+use crate::onnx::proto::ModelProto;
 
 /// RMSNorm (one custom op with its backward).
 #[derive(Debug, Clone)]
@@ -223,7 +38,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::ops::rms_norm(x, &self.weight, self.eps)
+        ops::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -248,7 +63,7 @@ impl Attention {
     fn load(vb: VarBuilder, config: &Config, family: Family) -> Result<Self> {
         let (c, d) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
-        let qkv_bias = config.attention_bias || family == Family::Qwen2;
+        let qkv_bias = config.attention_bias || family == QWEN2;
         Ok(Attention {
             q_proj: linear(&vb.pp("q_proj"), c, heads * d, qkv_bias)?,
             k_proj: linear(&vb.pp("k_proj"), c, kv_heads * d, qkv_bias)?,
@@ -273,12 +88,12 @@ impl Attention {
         let positions = padding.positions(b, past, t);
         let rotate = Some((positions.as_slice(), rotary.inv_freq, rotary.scaling));
         // [b, heads, t, d], queries and keys rotated (one node each).
-        let q = super::ops::split_heads(&self.q_proj.forward(x)?, h, rotate)?;
-        let k = super::ops::split_heads(&self.k_proj.forward(x)?, kv, rotate)?;
-        let v = super::ops::split_heads(&self.v_proj.forward(x)?, kv, None)?;
+        let q = ops::split_heads(&self.q_proj.forward(x)?, h, rotate)?;
+        let k = ops::split_heads(&self.k_proj.forward(x)?, kv, rotate)?;
+        let v = ops::split_heads(&self.v_proj.forward(x)?, kv, None)?;
         let (k, v) = KvCache::append(cache, k, v)?;
         // [b, t, heads · d]: query head i reads key-value head i / (h / kv).
-        let out = super::attention::attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), &padding.0)?;
+        let out = attention::attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), &padding.0)?;
         self.o_proj.forward(&out)
     }
 }
@@ -305,7 +120,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&super::ops::silu_mul(
+        self.down_proj.forward(&ops::silu_mul(
             &self.gate_proj.forward(x)?,
             &self.up_proj.forward(x)?,
         )?)
@@ -400,7 +215,7 @@ impl Llama {
 
     /// A new model initialised as transformers does (`_init_weights`):
     /// linear weights and the embedding ~ N(0, 0.02), biases 0, norms 1.
-    pub fn scratch(config: &Config, rng: &mut super::rng::Rng) -> Result<Self> {
+    pub fn scratch(config: &Config, rng: &mut Rng) -> Result<Self> {
         const STD: f64 = 0.02;
         let (c, d, i) = (
             config.hidden_size,
@@ -447,7 +262,7 @@ impl Llama {
                 let biased = if name.starts_with("mlp.") {
                     config.mlp_bias
                 } else {
-                    config.attention_bias || (family == Family::Qwen2 && name != "self_attn.o_proj")
+                    config.attention_bias || (family == QWEN2 && name != "self_attn.o_proj")
                 };
                 if biased {
                     constant(format!("{prefix}.{name}.bias"), out, 0.0)?;
@@ -459,10 +274,6 @@ impl Llama {
             VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
             config,
         )
-    }
-
-    pub fn device(&self) -> &Device {
-        self.embed_tokens.weight.device()
     }
 
     /// The rotary frequencies `[head_dim / 2]` and the attention factor.
@@ -568,5 +379,64 @@ impl Llama {
                     .forward(&layer.post_attention_layernorm.forward(&x)?)?)?;
         }
         Ok(self.norm.forward(&x)?.reshape((b * t, c))?)
+    }
+}
+
+impl Network for Llama {
+    fn family(&self) -> Family {
+        self.family
+    }
+
+    fn config(&self) -> ModelConfig {
+        self.config.model_config(self.family)
+    }
+
+    fn dims(&self) -> Dims {
+        self.config.dims()
+    }
+
+    fn device(&self) -> &Device {
+        self.embed_tokens.weight.device()
+    }
+
+    fn embedding(&self) -> &TokenMatrix {
+        &self.embed_tokens
+    }
+
+    fn head(&self) -> &TokenMatrix {
+        Llama::head(self)
+    }
+
+    fn token_matrices_mut(&mut self) -> Vec<(&'static str, &mut TokenMatrix)> {
+        Llama::token_matrices_mut(self)
+    }
+
+    fn set_vocab_size(&mut self, size: usize) {
+        self.config.vocab_size = size;
+    }
+
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        Llama::visit_mut(self, f)
+    }
+
+    fn linears_mut(&mut self, target: LoraTarget) -> Vec<(String, &mut Linear)> {
+        Llama::linears_mut(self, target)
+    }
+
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
+        Llama::hidden(self, input_ids, cache, padding)
+    }
+
+    fn lower(&self, opset: i64) -> Result<ModelProto> {
+        super::onnx::export(self, opset)
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Network> {
+        Box::new(self.clone())
     }
 }

@@ -2,7 +2,7 @@
 //! cache, named as transformers.js reads it, in standard ONNX ops (what
 //! optimum writes for these models).
 //!
-//! Inputs and outputs are the decoder contract ([`super::Decoder`]). The
+//! Inputs and outputs are the decoder contract ([`Decoder`](crate::onnx::Decoder)). The
 //! cache holds the `num_key_value_heads` key-value heads only: the
 //! query heads of a group are stacked against their shared head
 //! (`[b, kv, group, s, d]` against `[b, kv, 1, d, total]`, MatMul
@@ -18,9 +18,11 @@
 
 use candle_core::{DType, Tensor};
 
-use super::proto::tensor_proto::DataType;
-use super::{Attr, Decoder, GraphBuilder, proto, tensor_f32};
-use crate::model::{Linear, Llama, ModelError};
+use super::Llama;
+use crate::model::layers::WeightLayout;
+use crate::model::{Linear, ModelError};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::{Attr, Decoder, GraphBuilder, attention_bias, proto, tensor_f32};
 
 /// A linear layer's weight as an `[in, out]` initializer, and its bias.
 fn linear_weights(
@@ -30,8 +32,8 @@ fn linear_weights(
 ) -> Result<(String, Option<String>), ModelError> {
     let (n_in, n_out) = linear.dims()?;
     let weight = match linear.layout {
-        crate::model::layers::WeightLayout::OutIn => linear.weight.t()?,
-        crate::model::layers::WeightLayout::InOut => linear.weight.clone(),
+        WeightLayout::OutIn => linear.weight.t()?,
+        WeightLayout::InOut => linear.weight.clone(),
     };
     let data = weight
         .to_dtype(DType::F32)?
@@ -80,7 +82,7 @@ pub fn export(model: &Llama, opset: i64) -> Result<proto::ModelProto, ModelError
     let mut x = g.node("Gather", &[&embed, input_ids], &[("axis", Attr::Int(0))]);
 
     // Attention bias [batch, 1, 1, sequence, total]: causal and padding.
-    let bias = super::attention_bias(&mut g, input_ids, attention_mask, 5);
+    let bias = attention_bias(&mut g, input_ids, attention_mask, 5);
     let axis_1 = g.constant_i64(&[1], &[1]);
 
     // cos and sin [batch, 1, sequence, head_dim] from the position ids,

@@ -1,6 +1,6 @@
 //! GPT-2 lowered to ONNX with a KV cache, named as transformers.js reads it.
 //!
-//! Inputs and outputs are the decoder contract ([`super::Decoder`]), the
+//! Inputs and outputs are the decoder contract ([`Decoder`](crate::onnx::Decoder)), the
 //! cache `n_head` heads wide.
 //!
 //! The attention bias combines the causal mask (query `s` sees keys up to
@@ -12,8 +12,9 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{Attr, Decoder, GraphBuilder, proto, tensor_f32};
-use crate::model::{Gpt2, ModelError};
+use super::Gpt2;
+use crate::model::{Linear, ModelError};
+use crate::onnx::{Attr, Decoder, GraphBuilder, attention_bias, proto, tensor_f32};
 
 fn values(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
     Ok((
@@ -25,7 +26,7 @@ fn values(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
 /// The model as an ONNX graph at standard opset `opset` (17 or later:
 /// LayerNormalization).
 /// A GPT-2 layer's bias.
-fn bias_of(linear: &crate::model::Linear) -> Result<&Tensor, ModelError> {
+fn bias_of(linear: &Linear) -> Result<&Tensor, ModelError> {
     linear
         .bias
         .as_ref()
@@ -56,7 +57,7 @@ pub fn export(model: &Gpt2, opset: i64) -> Result<proto::ModelProto, ModelError>
     let mut x = g.node("Add", &[&tokens, &positions], &[]);
 
     // Attention bias [batch, 1, sequence, total]: causal and padding.
-    let bias = super::attention_bias(&mut g, input_ids, attention_mask, 4);
+    let bias = attention_bias(&mut g, input_ids, attention_mask, 4);
 
     let split = g.constant_i64(&[3], &[width, width, width]);
     let heads_shape = g.constant_i64(&[4], &[0, 0, heads, head_dim]);

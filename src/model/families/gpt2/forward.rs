@@ -10,85 +10,13 @@
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
 
-use super::Family;
-use super::layers::{KvCache, LeftPadding, Linear, TokenMatrix, WeightLayout};
-use super::lora::LoraTarget;
-use super::{ModelError, Result};
-
-/// The parts of `config.json` GPT-2 needs.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-pub struct Config {
-    pub vocab_size: usize,
-    pub n_positions: usize,
-    pub n_embd: usize,
-    pub n_layer: usize,
-    pub n_head: usize,
-    #[serde(default)]
-    pub n_inner: Option<usize>,
-    #[serde(default = "default_epsilon")]
-    pub layer_norm_epsilon: f64,
-    #[serde(default = "default_activation")]
-    pub activation_function: String,
-    #[serde(default)]
-    pub bos_token_id: Option<u32>,
-    #[serde(default)]
-    pub eos_token_id: Option<u32>,
-    #[serde(default)]
-    pub model_type: Option<String>,
-    #[serde(default)]
-    pub tie_word_embeddings: Option<bool>,
-}
-
-fn default_epsilon() -> f64 {
-    1e-5
-}
-
-fn default_activation() -> String {
-    "gelu_new".to_string()
-}
-
-impl Config {
-    pub fn inner(&self) -> usize {
-        self.n_inner.unwrap_or(4 * self.n_embd)
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
-    }
-
-    /// Checks what the forward pass relies on.
-    pub fn validate(&self) -> Result<()> {
-        if Family::from_model_type(self.model_type.as_deref())? != Family::Gpt2 {
-            return Err(ModelError::Unsupported(format!(
-                "`model_type` = \"{}\" is not GPT-2",
-                self.model_type.as_deref().unwrap_or_default()
-            )));
-        }
-        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(ModelError::Config(format!(
-                "`n_embd` = {} is not divisible by `n_head` = {}",
-                self.n_embd, self.n_head
-            )));
-        }
-        if !matches!(
-            self.activation_function.as_str(),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu"
-        ) {
-            return Err(ModelError::Unsupported(format!(
-                "`activation_function` = \"{}\"",
-                self.activation_function
-            )));
-        }
-        if self.tie_word_embeddings == Some(false) {
-            return Err(ModelError::Unsupported(
-                "`tie_word_embeddings` = false (GPT-2's head is tied to `wte`)".to_string(),
-            ));
-        }
-        Ok(())
-    }
-}
+use super::{Config, GPT2};
+use crate::model::families::{Dims, Family, ModelConfig, Network};
+use crate::model::layers::{KvCache, LeftPadding, Linear, TokenMatrix, WeightLayout};
+use crate::model::lora::LoraTarget;
+use crate::model::{ModelError, Result, attention, ops, rng::Rng};
+use crate::onnx::proto::ModelProto;
 
 /// LayerNorm (one custom op with its backward; candle's fused one has none).
 #[derive(Debug, Clone)]
@@ -108,7 +36,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -143,13 +71,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = match cache {
             // No cache (training, scoring): queries, keys and values are read in place.
-            None => super::attention::attention_packed(
-                &qkv,
-                self.n_head,
-                self.n_head,
-                scale,
-                &padding.0,
-            )?,
+            None => attention::attention_packed(&qkv, self.n_head, self.n_head, scale, &padding.0)?,
             Some(slot) => {
                 let split = |i: usize| -> Result<Tensor> {
                     Ok(qkv
@@ -159,7 +81,7 @@ impl Attention {
                         .contiguous()?)
                 };
                 let (k, v) = KvCache::append(Some(slot), split(1)?, split(2)?)?;
-                super::attention::attention(&split(0)?, &k, &v, scale, &padding.0)?
+                attention::attention(&split(0)?, &k, &v, scale, &padding.0)?
             }
         };
         self.c_proj.forward(&out)
@@ -189,7 +111,7 @@ impl Mlp {
         let h = if self.exact_gelu {
             h.gelu_erf()?
         } else {
-            super::ops::gelu_tanh(&h)?
+            ops::gelu_tanh(&h)?
         };
         self.c_proj.forward(&h)
     }
@@ -272,20 +194,10 @@ impl Gpt2 {
         })
     }
 
-    /// The family this model belongs to (what its PEFT names and LoRA
-    /// targets are).
-    pub const fn family(&self) -> Family {
-        Family::Gpt2
-    }
-
-    pub fn device(&self) -> &Device {
-        self.wte.weight.device()
-    }
-
     /// A new GPT-2 initialised as transformers does (`_init_weights`):
     /// weights and embeddings ~ N(0, 0.02), the two `c_proj` weights
     /// ~ N(0, 0.02 / √(2·n_layer)), biases 0, LayerNorm weights 1.
-    pub fn scratch(config: &Config, rng: &mut super::rng::Rng) -> Result<Self> {
+    pub fn scratch(config: &Config, rng: &mut Rng) -> Result<Self> {
         const STD: f64 = 0.02;
         let c = config.n_embd;
         let mut tensors = std::collections::HashMap::new();
@@ -380,7 +292,7 @@ impl Gpt2 {
                 ("mlp.c_proj", &mut block.mlp.c_proj),
             ];
             for (layer, linear) in layers {
-                if target.includes(Family::Gpt2, layer) {
+                if target.includes(GPT2, layer) {
                     out.push((format!("{prefix}.{layer}"), linear));
                 }
             }
@@ -420,5 +332,64 @@ impl Gpt2 {
         }
         let x = self.ln_f.forward(&x)?;
         Ok(x.reshape((b * t, self.config.n_embd))?)
+    }
+}
+
+impl Network for Gpt2 {
+    fn family(&self) -> Family {
+        GPT2
+    }
+
+    fn config(&self) -> ModelConfig {
+        self.config.model_config()
+    }
+
+    fn dims(&self) -> Dims {
+        self.config.dims()
+    }
+
+    fn device(&self) -> &Device {
+        self.wte.weight.device()
+    }
+
+    fn embedding(&self) -> &TokenMatrix {
+        &self.wte
+    }
+
+    fn head(&self) -> &TokenMatrix {
+        &self.wte
+    }
+
+    fn token_matrices_mut(&mut self) -> Vec<(&'static str, &mut TokenMatrix)> {
+        vec![("transformer.wte", &mut self.wte)]
+    }
+
+    fn set_vocab_size(&mut self, size: usize) {
+        self.config.vocab_size = size;
+    }
+
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        Gpt2::visit_mut(self, f)
+    }
+
+    fn linears_mut(&mut self, target: LoraTarget) -> Vec<(String, &mut Linear)> {
+        Gpt2::linears_mut(self, target)
+    }
+
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        padding: &LeftPadding,
+    ) -> Result<Tensor> {
+        Gpt2::hidden(self, input_ids, cache, padding)
+    }
+
+    fn lower(&self, opset: i64) -> Result<ModelProto> {
+        super::onnx::export(self, opset)
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Network> {
+        Box::new(self.clone())
     }
 }
