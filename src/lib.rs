@@ -8,6 +8,7 @@
 //! - [`cache`]: the content-addressed artifact store, local and shared (S3);
 //! - [`engine`]: the graph of stages, their keys, the executor and the reasons for each re-run;
 //! - [`dtype`]: the closed set of export dtypes and everything named after one;
+//! - [`chat`]: chat templates, rendered as Python transformers renders them;
 //! - [`onnx`]: the ONNX protobuf types, a graph builder and the decoder contract;
 //! - [`model`]: the model families in candle (each with its ONNX lowering), LoRA,
 //!   training, Hub and GGUF loading;
@@ -25,6 +26,7 @@
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod cache;
+pub mod chat;
 pub mod cli;
 pub mod dtype;
 pub mod engine;

@@ -360,6 +360,20 @@ max_new_tokens = 4
                 report["checks"]
             );
         }
+        // The build itself checked its tokenizer in transformers.js, on its
+        // eval lines.
+        let tokens: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dist.join("reports/verify.tokenizer.json")).unwrap(),
+        )
+        .unwrap();
+        eprintln!("{strategy} verify.tokenizer: {tokens}");
+        assert!(
+            tokens["checked"] == true
+                && tokens["differing_lines"] == 0
+                // The eval lines and the English sample (15 lines).
+                && tokens["lines"].as_u64().unwrap() > 15,
+            "{strategy}: {tokens}"
+        );
         let prompt = held_out[0]
             .split_whitespace()
             .take(4)

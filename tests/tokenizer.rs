@@ -206,3 +206,151 @@ fn the_recorded_tokenizers_version_is_the_one_built() {
         "update TOKENIZERS_VERSION: it is part of every tokenizer key"
     );
 }
+
+/// Issue 34, test 1: symb renders the chat templates of the families it
+/// supports (SmolLM2's ChatML, Llama 3.2's header ids with its date and
+/// tools, TinyLlama's Zephyr) exactly as Python transformers'
+/// `apply_chat_template` does: with and without a system message and the
+/// generation prompt, on multi-turn conversations, with text that needs
+/// trimming and non-ASCII words; and a template's own `raise_exception`
+/// reaches the caller with its words.
+#[test]
+fn chat_templates_render_as_transformers_renders_them() {
+    use symb::chat::{ChatTemplate, Message, Render};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
+    let read = |name: &str| std::fs::read_to_string(fixtures.join(name)).unwrap();
+    let templates = [
+        (
+            "smollm2",
+            read("smollm2.jinja"),
+            "<|im_start|>",
+            "<|im_end|>",
+        ),
+        (
+            "llama3_2",
+            read("llama3_2.jinja"),
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+        ),
+        ("zephyr", read("zephyr.jinja"), "<s>", "</s>"),
+        (
+            "raises",
+            "{% for m in messages %}{% if m.role == 'system' %}\
+            {{ raise_exception('no system messages, please') }}{% endif %}\
+            {{ m.content.strip() + '|' }}{% endfor %}"
+                .to_string(),
+            "<s>",
+            "</s>",
+        ),
+    ];
+    let m = Message::new;
+    let conversations = [
+        vec![
+            m("system", "Answer in Symbiotic.  "),
+            m("user", " Kan-ka nouses-ni? "),
+            m("assistant", "Ordo krishata, naistour pa.\nKa ŕo."),
+            m("user", "And in English?"),
+        ],
+        vec![
+            m("user", "Translate: the house"),
+            m("assistant", "naistour"),
+            m("user", "and the river?"),
+            m("assistant", "  ŕiva  "),
+        ],
+        vec![m("user", "Hello")],
+    ];
+    let tools = serde_json::json!([{
+        "type": "function",
+        "function": {
+            "name": "translate",
+            "description": "Translate a text into Symbiotic",
+            "parameters": {
+                "type": "object",
+                "properties": {"text": {"type": "string", "description": "the text"}},
+                "required": ["text"]
+            }
+        }
+    }]);
+    let mut cases = Vec::new();
+    for (name, template, bos, eos) in &templates {
+        for messages in &conversations {
+            for add_generation_prompt in [false, true] {
+                let mut kwargs = vec![serde_json::Map::new()];
+                if *name == "llama3_2" {
+                    let mut dated = serde_json::Map::new();
+                    dated.insert("date_string".into(), "01 Jan 2026".into());
+                    let mut with_tools = serde_json::Map::new();
+                    with_tools.insert("tools".into(), tools.clone());
+                    with_tools.insert("tools_in_user_message".into(), false.into());
+                    kwargs.extend([dated, with_tools]);
+                }
+                for kwargs in kwargs {
+                    cases.push(serde_json::json!({
+                        "name": name, "template": template, "messages": messages,
+                        "add_generation_prompt": add_generation_prompt,
+                        "bos_token": bos, "eos_token": eos, "kwargs": kwargs,
+                    }));
+                }
+            }
+        }
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&cases).unwrap()).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/render_chat.py");
+    // Python's `strftime_now` is the local time; symb's is UTC.
+    let out = python()
+        .env("TZ", "UTC")
+        .arg(&script)
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "render_chat.py (transformers: python3 -m pip install -r tests/requirements.txt): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(python.len(), cases.len());
+    let (mut rendered, mut raised) = (0, 0);
+    for (case, theirs) in cases.iter().zip(&python) {
+        let template = ChatTemplate::new(case["template"].as_str().unwrap()).unwrap();
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let options = Render {
+            add_generation_prompt: case["add_generation_prompt"] == true,
+            special_tokens: [
+                (
+                    "bos_token".to_string(),
+                    case["bos_token"].as_str().unwrap().to_string(),
+                ),
+                (
+                    "eos_token".to_string(),
+                    case["eos_token"].as_str().unwrap().to_string(),
+                ),
+            ]
+            .into(),
+            extra: case["kwargs"].as_object().unwrap().clone(),
+        };
+        let ours = template.render(&messages, &options);
+        let label = format!(
+            "{} {} messages, generation prompt {}, {}",
+            case["name"],
+            messages.len(),
+            options.add_generation_prompt,
+            case["kwargs"]
+        );
+        match (&ours, theirs.get("text"), theirs.get("error")) {
+            (Ok(text), Some(expected), _) => {
+                assert_eq!(text, expected.as_str().unwrap(), "{label}");
+                rendered += 1;
+            }
+            (Err(symb::chat::ChatError::Raised(message)), None, Some(error)) => {
+                assert_eq!(message, error.as_str().unwrap(), "{label}");
+                raised += 1;
+            }
+            _ => panic!("{label}: symb {ours:?}, transformers {theirs}"),
+        }
+    }
+    eprintln!("{rendered} renderings equal transformers', {raised} refusals alike");
+    assert!(rendered >= 30 && raised >= 2, "{rendered} {raised}");
+}
