@@ -47,6 +47,20 @@ pub enum ChatError {
     /// Rendering failed otherwise (an undefined value used, a bad filter).
     #[error("the chat template failed: {message} (line {line})")]
     Render { line: usize, message: String },
+    /// The template does not write a conversation as its turns one after
+    /// another, so what an assistant wrote cannot be told from the rest.
+    #[error("{0}")]
+    Turns(String),
+}
+
+/// A conversation rendered for training: its text, and the byte ranges of
+/// the text that train.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    /// Each assistant message's span, in order: from the start of its
+    /// content through the end-of-turn text that closes it.
+    pub assistant: Vec<std::ops::Range<usize>>,
 }
 
 /// `raise_exception`'s message, carried through minijinja's error.
@@ -137,6 +151,59 @@ impl ChatTemplate {
                 message: detail(&e),
             }
         })
+    }
+}
+
+impl ChatTemplate {
+    /// The whole conversation, and where each assistant message is in it.
+    /// The spans are found by rendering, as the template writes them: the
+    /// conversation up to an assistant message with the generation prompt
+    /// is where its content starts, and the conversation through it ends
+    /// with its content and `end_of_turn` (`<|im_end|>`, `<|eot_id|>`,
+    /// `</s>`), after which nothing trains (ChatML's newline).
+    pub fn render_for_training(
+        &self,
+        messages: &[Message],
+        options: &Render,
+        end_of_turn: &str,
+    ) -> Result<Rendered, ChatError> {
+        let with = |prompt: bool| Render {
+            add_generation_prompt: prompt,
+            ..options.clone()
+        };
+        let text = self.render(messages, &with(false))?;
+        let mut assistant = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            if message.role != "assistant" {
+                continue;
+            }
+            if i == 0 {
+                return Err(ChatError::Turns(
+                    "the conversation starts with an assistant turn: nothing asked for it".into(),
+                ));
+            }
+            let before = self.render(&messages[..i], &with(true))?;
+            let through = self.render(&messages[..=i], &with(false))?;
+            if !through.starts_with(&before) || !text.starts_with(&through) {
+                return Err(ChatError::Turns(format!(
+                    "the chat template does not write turn {} after the turns before it as it \
+                    writes them alone (with the generation prompt), so its tokens cannot be found",
+                    i + 1
+                )));
+            }
+            let span = &through[before.len()..];
+            let end = span
+                .rfind(end_of_turn)
+                .map(|at| at + end_of_turn.len())
+                .ok_or_else(|| {
+                    ChatError::Turns(format!(
+                        "the chat template does not end assistant turn {} with {end_of_turn:?}",
+                        i + 1
+                    ))
+                })?;
+            assistant.push(before.len()..before.len() + end);
+        }
+        Ok(Rendered { text, assistant })
     }
 }
 

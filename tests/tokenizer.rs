@@ -354,3 +354,77 @@ fn chat_templates_render_as_transformers_renders_them() {
     eprintln!("{rendered} renderings equal transformers', {raised} refusals alike");
     assert!(rendered >= 30 && raised >= 2, "{rendered} {raised}");
 }
+
+/// Issue 34: the tokens that train are found by rendering. Each assistant
+/// message's span is its content as the template writes it (Llama 3.2 trims
+/// it) through the end-of-turn token that closes it, and nothing of the
+/// role headers, the system or the user turns; a conversation that opens
+/// with the assistant is refused.
+#[test]
+fn assistant_spans_are_the_assistant_turns_and_their_end_of_turn() {
+    use symb::chat::{ChatError, ChatTemplate, Message, Render};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
+    let m = Message::new;
+    let conversation = [
+        m("system", "Answer in Symbiotic."),
+        m("user", "Kan-ka nouses-ni?"),
+        m("assistant", " Ordo krishata, naistour pa.\nKa ŕo. "),
+        m("user", "And the river?"),
+        m("assistant", "ŕiva"),
+    ];
+    for (file, bos, eot, trims) in [
+        ("smollm2.jinja", "<|im_start|>", "<|im_end|>", false),
+        ("llama3_2.jinja", "<|begin_of_text|>", "<|eot_id|>", true),
+        ("zephyr.jinja", "<s>", "</s>", false),
+    ] {
+        let template =
+            ChatTemplate::new(&std::fs::read_to_string(fixtures.join(file)).unwrap()).unwrap();
+        let options = Render {
+            special_tokens: [
+                ("bos_token".to_string(), bos.to_string()),
+                ("eos_token".to_string(), eot.to_string()),
+            ]
+            .into(),
+            ..Render::default()
+        };
+        let rendered = template
+            .render_for_training(&conversation, &options, eot)
+            .unwrap();
+        assert_eq!(
+            rendered.text,
+            template.render(&conversation, &options).unwrap(),
+            "{file}"
+        );
+        let spans: Vec<&str> = rendered
+            .assistant
+            .iter()
+            .map(|r| &rendered.text[r.clone()])
+            .collect();
+        let expected: Vec<String> = conversation
+            .iter()
+            .filter(|m| m.role == "assistant")
+            .map(|m| {
+                let content = if trims { m.content.trim() } else { &m.content };
+                format!("{content}{eot}")
+            })
+            .collect();
+        assert_eq!(spans, expected, "{file}");
+        // What does not train: the rest, with every other turn in it whole.
+        let mut rest = rendered.text.clone();
+        for range in rendered.assistant.iter().rev() {
+            rest.replace_range(range.clone(), "|");
+        }
+        for turn in conversation.iter().filter(|m| m.role != "assistant") {
+            assert!(rest.contains(&turn.content), "{file}: {rest:?}");
+        }
+        assert!(
+            !rest.contains("krishata") && !rest.contains("ŕiva"),
+            "{file}: {rest:?}"
+        );
+        let opening = template.render_for_training(&conversation[2..3], &options, eot);
+        assert!(
+            matches!(opening, Err(ChatError::Turns(_))),
+            "{file}: {opening:?}"
+        );
+    }
+}
