@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::shared::{
     Artifact, EVAL, ModelStage, REFERENCE_LOGITS, WEB_FOLDER, WORKLOAD, data_inputs, io,
-    link_or_copy, tokenized_lines, tokenizer_differences, write_json, writers,
+    link_or_copy, on_path, tokenized_lines, tokenizer_differences, write_json, writers,
 };
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
@@ -82,19 +82,13 @@ impl BrowserStage {
         if let Some(path) = std::env::var_os("CHROMIUM") {
             return Ok(PathBuf::from(path));
         }
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        for name in [
+        if let Some(found) = on_path(&[
             "chromium",
             "chromium-browser",
             "google-chrome",
             "google-chrome-stable",
-        ] {
-            if let Some(found) = std::env::split_paths(&path)
-                .map(|dir| dir.join(name))
-                .find(|p| p.is_file())
-            {
-                return Ok(found);
-            }
+        ]) {
+            return Ok(found);
         }
         Err(StageError::bad_input(
             "`[verify.browser]` needs Chromium and none was found (chromium, chromium-browser, \

@@ -407,6 +407,16 @@ pub fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), 
     Ok(())
 }
 
+/// The first of `names` in a folder of the `PATH`.
+pub fn on_path(names: &[&str]) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
 /// Where the `web` stage puts transformers.js in the output folder, and the
 /// page finds it.
 pub const WEB_FOLDER: &str = "web/";

@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use super::shared::{
-    Artifact, EVAL, ModelStage, io, tokenized_lines, tokenizer_config, tokenizer_differences,
-    write_json, writers,
+    Artifact, EVAL, ModelStage, io, on_path, tokenized_lines, tokenizer_config,
+    tokenizer_differences, write_json, writers,
 };
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
 use crate::manifest::RawPrompts;
@@ -78,10 +78,7 @@ fn node() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("NODE").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(path));
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("node"))
-        .find(|p| p.is_file())
+    on_path(&["node"])
 }
 
 /// Node's version (`v22.11.0`), or `None` where it does not run.

@@ -41,13 +41,9 @@ impl Stage for WebStage {
         spec_of(self)
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        transformers_js::Library {
-            dir: Default::default(),
-        }
-        .files()
-        .into_iter()
-        .map(|(name, _)| (name.to_string(), format!("{WEB_FOLDER}{name}")))
-        .collect()
+        transformers_js::file_names()
+            .map(|name| (name.to_string(), format!("{WEB_FOLDER}{name}")))
+            .collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let library = transformers_js::library().map_err(|e| {

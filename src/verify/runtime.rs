@@ -258,22 +258,36 @@ pub fn provision_from(dir: &Path, url: &str) -> Result<PathBuf, RuntimeError> {
             wheel.member, wheel.library_sha256
         )));
     }
+    install(staged, &path)?;
+    Ok(path)
+}
+
+/// Puts a fully written temporary file in place as `path`: synced, readable
+/// by every user of a shared cache folder (a temporary file is 0600), and
+/// renamed over in one step.
+pub(crate) fn install(
+    mut staged: tempfile::NamedTempFile,
+    path: &Path,
+) -> Result<(), RuntimeError> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        RuntimeError::Provision(format!("cannot {what} `{}`: {e}", p.display()))
+    };
     staged
-        .as_file()
-        .sync_all()
+        .as_file_mut()
+        .flush()
+        .and_then(|()| staged.as_file().sync_all())
         .map_err(|e| io("write", staged.path(), e))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        // Readable by every user of a shared cache folder (a temporary file is 0600).
         let _ = staged
             .as_file()
             .set_permissions(std::fs::Permissions::from_mode(0o644));
     }
     staged
-        .persist(&path)
-        .map_err(|e| io("install", &path, e.error))?;
-    Ok(path)
+        .persist(path)
+        .map_err(|e| io("install", path, e.error))?;
+    Ok(())
 }
 
 /// Streams `url` into `file`; returns the sha256 of what came.

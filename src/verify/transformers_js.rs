@@ -9,13 +9,13 @@
 //! `npm_config_registry` (npm's own setting) names a mirror. Later runs
 //! only check the files' sizes.
 
-use std::io::{Seek, Write};
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use sha2::{Digest, Sha512};
 
-use super::runtime::{RuntimeError, stream, tools_dir};
+use super::runtime::{RuntimeError, install, stream, tools_dir};
 
 /// One npm package's tarball, and what is taken out of it.
 struct Package {
@@ -79,15 +79,18 @@ impl Library {
 
     /// Every file, by name: what a page's `web/` folder holds.
     pub fn files(&self) -> Vec<(&'static str, PathBuf)> {
-        PACKAGES
-            .iter()
-            .flat_map(|p| p.files)
-            .map(|(member, _)| {
-                let name = file_name(member);
-                (name, self.dir.join(name))
-            })
+        file_names()
+            .map(|name| (name, self.dir.join(name)))
             .collect()
     }
+}
+
+/// The names of the files a page's `web/` folder holds.
+pub fn file_names() -> impl Iterator<Item = &'static str> {
+    PACKAGES
+        .iter()
+        .flat_map(|p| p.files)
+        .map(|(member, _)| file_name(member))
 }
 
 fn file_name(member: &'static str) -> &'static str {
@@ -196,22 +199,7 @@ fn fetch(package: &Package, folder: &Path, registry: &str) -> Result<(), Runtime
                 "`{member}` in {what} has {copied} bytes, not {bytes}; nothing was installed"
             )));
         }
-        staged
-            .as_file_mut()
-            .flush()
-            .and_then(|()| staged.as_file().sync_all())
-            .map_err(|e| io("write", staged.path(), e))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // Readable by every user of a shared cache folder (a temporary file is 0600).
-            let _ = staged
-                .as_file()
-                .set_permissions(std::fs::Permissions::from_mode(0o644));
-        }
-        staged
-            .persist(&target)
-            .map_err(|e| io("install", &target, e.error))?;
+        install(staged, &target)?;
         found.push(member);
     }
     if let Some((missing, _)) = package.files.iter().find(|(m, _)| !found.contains(m)) {
