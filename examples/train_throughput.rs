@@ -90,6 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let loss = model.loss(
             &ids.narrow(1, 0, block)?,
             &ids.narrow(1, 1, block)?.flatten_all()?,
+            &symb::model::RowLayout::default(),
             true,
         )?;
         let forward = started.elapsed();

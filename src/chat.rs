@@ -93,6 +93,16 @@ pub struct Render {
 
 const NAME: &str = "chat_template";
 
+/// ChatML as Qwen2 and SmolLM2 write it, without a default system message:
+/// the template of a model symb trains from scratch (`chat.template =
+/// "chatml"`).
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + \
+    message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ \
+    '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// ChatML's special tokens: a turn's start and its end.
+pub const CHATML_TOKENS: [&str; 2] = ["<|im_start|>", "<|im_end|>"];
+
 impl ChatTemplate {
     /// Compiles `source`; a template that does not parse says where.
     pub fn new(source: &str) -> Result<Self, ChatError> {
@@ -205,6 +215,75 @@ impl ChatTemplate {
         }
         Ok(Rendered { text, assistant })
     }
+}
+
+impl ChatTemplate {
+    /// The text that ends an assistant's turn: the first of `special`
+    /// (the tokenizer's special tokens) that the template writes after an
+    /// assistant message's content (`<|im_end|>`, `<|eot_id|>`, `</s>`).
+    pub fn end_of_turn(&self, options: &Render, special: &[String]) -> Result<String, ChatError> {
+        const MARK: &str = "\u{E000}symb\u{E000}";
+        let messages = [Message::new("user", "Hi"), Message::new("assistant", MARK)];
+        let text = self.render(&messages, options)?;
+        let after = text
+            .find(MARK)
+            .map(|at| &text[at + MARK.len()..])
+            .ok_or_else(|| {
+                ChatError::Turns("the chat template does not write the assistant's messages".into())
+            })?;
+        special
+            .iter()
+            .filter(|t| !t.is_empty())
+            .filter_map(|t| after.find(t.as_str()).map(|at| (at, t)))
+            .min_by_key(|(at, t)| (*at, std::cmp::Reverse(t.len())))
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| {
+                ChatError::Turns(format!(
+                    "the chat template ends an assistant's turn with {:?}, which holds none of the \
+                    tokenizer's special tokens; a model must end its turn with one token",
+                    after.lines().next().unwrap_or("")
+                ))
+            })
+    }
+}
+
+/// A model folder's chat template (`tokenizer_config.json`'s
+/// `chat_template`, else `chat_template.jinja`) and the special tokens it
+/// renders with; `None` when the folder has none.
+pub fn folder_template(dir: &std::path::Path) -> Result<Option<(ChatTemplate, Render)>, ChatError> {
+    let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let source = match &config["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+    .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let mut render = Render {
+        add_generation_prompt: true,
+        ..Render::default()
+    };
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        // A string, or transformers' AddedToken object.
+        let token = config[key]
+            .as_str()
+            .or_else(|| config[key]["content"].as_str());
+        if let Some(token) = token {
+            render
+                .special_tokens
+                .insert(key.to_string(), token.to_string());
+        }
+    }
+    Ok(Some((ChatTemplate::new(&source)?, render)))
 }
 
 /// An error's own words, without minijinja's location suffix.

@@ -251,7 +251,9 @@ fn check_training_step(dir: &Path, targets: &[&str]) {
         .unwrap()
         .flatten_all()
         .unwrap();
-    let loss = model.loss(&ids, &labels, true).unwrap();
+    let loss = model
+        .loss(&ids, &labels, &symb::model::RowLayout::default(), true)
+        .unwrap();
     let loss_value = loss.to_scalar::<f32>().unwrap() as f64;
     assert!(
         (loss_value - golden["loss"].as_f64().unwrap()).abs() < 1e-5,
@@ -344,7 +346,9 @@ fn trainable_token_rows_get_the_gradient_of_the_replaced_embedding() {
         "4092 appears only as a label, the others as inputs too"
     );
     // The training path: the fused head + loss op with the rows as its second input.
-    let fused = model.loss(&ids, &labels, true).unwrap();
+    let fused = model
+        .loss(&ids, &labels, &symb::model::RowLayout::default(), true)
+        .unwrap();
     assert!(
         (fused.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5
     );
@@ -468,7 +472,7 @@ fn llama_family_left_padded_batches_match_pytorch() {
         let mask: Vec<Vec<u32>> = serde_json::from_value(json["attention_mask"].clone()).unwrap();
         let positions: Vec<Vec<u32>> =
             serde_json::from_value(json["position_ids"].clone()).unwrap();
-        let padding = model::LeftPadding::from_mask(&mask).unwrap();
+        let padding = model::RowLayout::from_mask(&mask).unwrap();
         // Our position ids are PyTorch's.
         let t = ids[0].len();
         assert_eq!(
@@ -493,8 +497,8 @@ fn llama_family_left_padded_batches_match_pytorch() {
         // Batched greedy decoding gives each prompt's own greedy tokens.
         let prompts: Vec<Vec<u32>> = ids
             .iter()
-            .zip(&padding.0)
-            .map(|(row, &pad)| row[pad..].to_vec())
+            .enumerate()
+            .map(|(b, row)| row[padding.of(b)..].to_vec())
             .collect();
         let (generated, _) = model.decode_batch(&prompts, 20, None, None).unwrap();
         for (case, tokens) in cases_of(&dir, "golden").iter().zip(&generated) {
@@ -521,5 +525,96 @@ fn llama_family_kv_cache_gives_the_full_forward_logits() {
 fn llama_family_one_lora_training_step_matches_pytorch() {
     for name in LLAMA_FIXTURES {
         check_training_step(&fixture_named(name), &["q_proj", "v_proj"]);
+    }
+}
+
+/// Conversations packed into one block (each attending only to itself,
+/// positions from 0) give the loss and the gradients of every weight that
+/// they give run one at a time, weighted by their trained tokens; padding
+/// rows to the longest in a batch changes nothing either. Both families
+/// (GPT-2: learned positions and the fused projection; Llama: rotary
+/// positions and grouped heads).
+#[test]
+fn packed_conversations_train_as_if_each_ran_alone() {
+    use symb::model::trainer::{Masked, batch_loss, pack_sequences};
+    for name in ["tiny-gpt2", "tiny-llama"] {
+        let mut model = model::load_folder(&fixture_named(name)).unwrap();
+        let mut vars = Vec::new();
+        model
+            .visit_mut(|name, tensor| {
+                let var = candle_core::Var::from_tensor(tensor)?;
+                *tensor = var.as_tensor().clone();
+                vars.push((name.to_string(), var));
+                Ok(())
+            })
+            .unwrap();
+        // Lengths 9, 14, 5, 20 with masks of assorted spans (one trains every
+        // token, one a single token).
+        let mut rng = 7u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let sequences: Vec<Masked> = [(9, 3..7), (14, 0..14), (5, 4..5), (20, 6..18)]
+            .into_iter()
+            .map(|(n, span)| Masked {
+                ids: (0..n).map(|_| (next() % 200) as u32 + 3).collect(),
+                trained: (0..n).map(|i| span.contains(&i)).collect(),
+            })
+            .collect();
+        let blocks = pack_sequences(&sequences, 64);
+        assert_eq!(blocks.len(), 1, "{name}: all four fit one block of 64");
+        assert_eq!(blocks[0].sequences, vec![19, 13, 8, 4]);
+        let packed = batch_loss(&model, &blocks, true).unwrap();
+        let packed_grads = packed.backward().unwrap();
+        // One at a time: each its own block, its loss weighted by its share
+        // of the trained tokens.
+        let total: usize = blocks[0].trained();
+        let (mut loss, mut grads): (f64, Vec<Option<Tensor>>) = (0.0, vec![None; vars.len()]);
+        for sequence in &sequences {
+            let alone = pack_sequences(std::slice::from_ref(sequence), 64);
+            let weight = alone[0].trained() as f64 / total as f64;
+            let l = batch_loss(&model, &alone, true).unwrap();
+            loss += l.to_scalar::<f32>().unwrap() as f64 * weight;
+            let g = l.backward().unwrap();
+            for (slot, (_, var)) in grads.iter_mut().zip(&vars) {
+                let part = (g.get(var.as_tensor()).unwrap() * weight).unwrap();
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + part).unwrap(),
+                    None => part,
+                });
+            }
+        }
+        let packed_loss = packed.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (packed_loss - loss).abs() < 1e-5,
+            "{name}: packed loss {packed_loss}, one by one {loss}"
+        );
+        for ((var_name, var), alone) in vars.iter().zip(&grads) {
+            let (a, b) = (
+                packed_grads.get(var.as_tensor()).unwrap(),
+                alone.as_ref().unwrap(),
+            );
+            let scale = max_abs(b, &b.zeros_like().unwrap()).max(1e-3);
+            assert!(
+                max_abs(a, b) < 1e-4 * scale,
+                "{name}: the gradient of `{var_name}` differs by {} (largest {scale})",
+                max_abs(a, b)
+            );
+        }
+        // Two blocks of unequal length in one batch: the shorter is padded,
+        // and the loss is still the token-weighted mean.
+        let two = pack_sequences(&sequences, 24);
+        assert!(two.len() >= 2 && two.iter().any(|b| b.inputs.len() < 24));
+        let batched = batch_loss(&model, &two, false)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(
+            (batched - loss).abs() < 1e-5,
+            "{name}: padded batch {batched}, {loss}"
+        );
     }
 }

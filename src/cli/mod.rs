@@ -142,8 +142,28 @@ pub enum Command {
         model: PathBuf,
         /// The text to continue; give it several times to decode the prompts
         /// as one left-padded batch (one line, or one JSON object, each).
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
         prompt: Vec<String>,
+        /// Talk to a chat model: the messages (`--system`, `--user`, or
+        /// `--messages`) rendered with the folder's chat template, the reply
+        /// decoded to its end of turn.
+        #[arg(long)]
+        chat: bool,
+        /// With `--chat`: the system message.
+        #[arg(long, requires = "chat", value_name = "TEXT")]
+        system: Option<String>,
+        /// With `--chat`: the user's message.
+        #[arg(
+            long,
+            requires = "chat",
+            value_name = "TEXT",
+            conflicts_with = "messages"
+        )]
+        user: Option<String>,
+        /// With `--chat`: a JSON file of the conversation so far, a list of
+        /// `{"role", "content"}` messages (or `{"messages": [...]}`).
+        #[arg(long, requires = "chat", value_name = "FILE")]
+        messages: Option<PathBuf>,
         #[arg(long, default_value_t = 32, value_name = "N")]
         max_new_tokens: usize,
         /// `candle` runs the model folder itself; `onnx` runs an output folder's ONNX file.
@@ -344,6 +364,10 @@ pub fn run(cli: Cli) -> Exit {
         Command::Generate {
             model,
             prompt,
+            chat,
+            system,
+            user,
+            messages,
             max_new_tokens,
             backend,
             dtype,
@@ -364,9 +388,21 @@ pub fn run(cli: Cli) -> Exit {
                 top_k,
                 seed,
             });
+            let (prompt, special) = if chat {
+                match chat_prompt(&model, system, user, messages.as_deref()) {
+                    Ok(rendered) => (vec![rendered], false),
+                    Err(message) => {
+                        eprintln!("error: {message}");
+                        return Exit::BadInput;
+                    }
+                }
+            } else {
+                (prompt, true)
+            };
             generate(
                 &model,
                 &prompt,
+                special,
                 max_new_tokens,
                 &backend,
                 dtype,
@@ -949,6 +985,7 @@ fn push(manifest: &Path, json: bool) -> Result<Exit, ProjectError> {
 fn generate(
     model: &Path,
     prompts: &[String],
+    special: bool,
     max_new_tokens: usize,
     backend: &str,
     dtype: Option<Dtype>,
@@ -977,6 +1014,7 @@ fn generate(
                     prompt,
                     max_new_tokens,
                     sampling,
+                    special,
                 )
             })
             .collect();
@@ -993,7 +1031,7 @@ fn generate(
             }
         };
     }
-    match crate::model::generate(model, adapter, prompts, max_new_tokens, sampling) {
+    match crate::model::generate(model, adapter, prompts, max_new_tokens, sampling, special) {
         Ok(generations) => print_generations(prompts, &generations, json),
         Err(e) => {
             eprintln!("error: {e}");
@@ -1005,6 +1043,72 @@ fn generate(
             }
         }
     }
+}
+
+/// `generate --chat`'s prompt: the messages rendered with the folder's chat
+/// template, with the generation prompt.
+fn chat_prompt(
+    model: &Path,
+    system: Option<String>,
+    user: Option<String>,
+    file: Option<&Path>,
+) -> Result<String, String> {
+    use crate::chat::Message;
+    let (template, render) = crate::chat::folder_template(model)
+        .map_err(|e| format!("`{}`: {e}", model.display()))?
+        .ok_or_else(|| {
+            format!(
+                "`{}` has no chat template (tokenizer_config.json's `chat_template`, or \
+                chat_template.jinja): `--chat` talks to a chat model; use `--prompt` to continue \
+                text",
+                model.display()
+            )
+        })?;
+    let mut messages: Vec<Message> = Vec::new();
+    if let Some(system) = system {
+        messages.push(Message::new("system", &system));
+    }
+    match (user, file) {
+        (Some(user), _) => messages.push(Message::new("user", &user)),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read `{}`: {e}", file.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("`{}`: invalid JSON: {e}", file.display()))?;
+            let list = value.get("messages").unwrap_or(&value).clone();
+            let read: Vec<Message> = serde_json::from_value(list).map_err(|e| {
+                format!(
+                    "`{}`: not a list of {{\"role\", \"content\"}} messages: {e}",
+                    file.display()
+                )
+            })?;
+            if let Some(bad) = read
+                .iter()
+                .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant"))
+            {
+                return Err(format!(
+                    "`{}`: role `{}` is not one of system, user, assistant",
+                    file.display(),
+                    bad.role
+                ));
+            }
+            if !messages.is_empty() && read.iter().any(|m| m.role == "system") {
+                return Err(format!(
+                    "`{}` has a system message, and `--system` gives another",
+                    file.display()
+                ));
+            }
+            messages.extend(read);
+        }
+        (None, None) => {
+            return Err(
+                "`--chat` needs the user's message: `--user TEXT` or `--messages FILE`".into(),
+            );
+        }
+    }
+    template
+        .render(&messages, &render)
+        .map_err(|e| format!("`{}`: {e}", model.display()))
 }
 
 fn serve(folder: &Path, port: u16, modules: Option<&Path>) -> Exit {

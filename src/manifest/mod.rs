@@ -10,12 +10,12 @@ mod resolve;
 pub use error::{ManifestError, suggest};
 pub use raw::{
     Architecture, CorpusFormat, ExternalData, FinetuneMethod, PreTokenizer, RawPrompts,
-    RemoteEngine, RemoteFallback, VocabInit, VocabStrategy,
+    RemoteEngine, RemoteFallback, TrainOn, VocabInit, VocabStrategy,
 };
 pub use resolve::{
-    Adapter, AdapterFiles, Base, BaseModel, Browser, Corpus, Device, Export, Finetune, Manifest,
-    Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN, TextFields, Tokenizer,
-    TransformersJs, Verify, Vocab, Web, has_user_info,
+    Adapter, AdapterFiles, Base, BaseModel, Browser, Chat, ChatTemplateSource, Corpus, Device,
+    Export, Finetune, Manifest, Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN,
+    TextFields, Tokenizer, TransformersJs, Verify, Vocab, Web, has_user_info,
 };
 
 use std::path::Path;

@@ -21,6 +21,7 @@ pub struct RawManifest {
     pub export: Option<RawExport>,
     pub verify: Option<RawVerify>,
     pub web: Option<RawWeb>,
+    pub chat: Option<RawChat>,
     pub cache: Option<RawCache>,
     pub remote: Option<RawRemote>,
 }
@@ -113,6 +114,27 @@ pub enum CorpusFormat {
     Text,
     Jsonl,
     Csv,
+    /// JSONL records of `{"messages": [{"role", "content"}, ...]}`.
+    Chat,
+}
+
+/// `[chat]`: how conversations become training text.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChat {
+    /// `"base"`, `"chatml"`, or a path to a `.jinja` file.
+    pub template: Option<String>,
+    pub train_on: Option<TrainOn>,
+}
+
+/// Which tokens of a conversation train: `chat.train_on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOn {
+    /// The assistant's turns, each through its end-of-turn token.
+    Assistant,
+    /// Every token.
+    All,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,7 +145,9 @@ pub struct RawCorpus {
     pub text_field: Option<String>,
     pub prompt_field: Option<String>,
     pub completion_field: Option<String>,
+    pub messages_field: Option<String>,
     pub eval_fraction: Option<f64>,
+    pub eval_files: Option<Vec<String>>,
     pub seed: Option<u64>,
 }
 

@@ -54,6 +54,8 @@ pub struct Manifest {
     pub export: Option<Export>,
     pub verify: Option<Verify>,
     pub web: Web,
+    /// `[chat]`: set when the corpus holds conversations, or `[chat]` is given.
+    pub chat: Option<Chat>,
     /// `[cache] remote`, before `SYMB_CACHE_REMOTE` (which wins).
     pub cache_remote: Option<CacheRemote>,
     /// `[remote]`: stages run as jobs elsewhere.
@@ -173,6 +175,10 @@ pub enum TextFields {
         prompt_field: String,
         completion_field: String,
     },
+    /// Conversations: a list of `{"role", "content"}` messages.
+    Messages {
+        messages_field: String,
+    },
 }
 
 /// `[corpus]`: the corpus stage's settings.
@@ -189,7 +195,36 @@ pub struct Corpus {
     #[serde(flatten)]
     pub fields: TextFields,
     pub eval_fraction: f64,
+    /// The labels of the files (among `files`) that are the eval split
+    /// (`corpus.eval_files`), instead of a drawn fraction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval_files: Vec<String>,
     pub seed: u64,
+}
+
+/// `[chat]`, resolved: present when the corpus holds conversations (or
+/// `[chat]` makes prompt/completion records ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Chat {
+    pub template: ChatTemplateSource,
+    pub train_on: TrainOn,
+}
+
+/// Where the chat template comes from: `chat.template`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatTemplateSource {
+    /// The base model's (`tokenizer_config.json`'s `chat_template`, or its
+    /// `chat_template.jinja`); ChatML for a model trained from scratch.
+    Base,
+    /// ChatML (`<|im_start|>role\n...<|im_end|>`).
+    Chatml,
+    /// A `.jinja` file's text (keyed by it, not by where it is).
+    File {
+        #[serde(skip)]
+        label: String,
+        source: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -413,10 +448,11 @@ pub(super) fn resolve(
         .corpus
         .map(|c| resolve_corpus(&cx, &dir, c))
         .transpose()?;
-    let tokenizer = raw
+    let mut tokenizer = raw
         .tokenizer
         .map(|t| resolve_tokenizer(&cx, t))
         .transpose()?;
+
     if tokenizer.is_some() && corpus.is_none() {
         return Err(cx.at(
             &["tokenizer"],
@@ -424,6 +460,25 @@ pub(super) fn resolve(
         ));
     }
     let base = raw.base.map(|b| resolve_base(&cx, &dir, b)).transpose()?;
+    let mut chat = resolve_chat(&cx, &dir, raw.chat, corpus.as_ref())?;
+    // A model trained from scratch has no template of its own: ChatML, whose
+    // two tokens its tokenizer gets.
+    if let Some(chat) = &mut chat
+        && base.as_ref().is_some_and(|b| b.model == BaseModel::Scratch)
+    {
+        if chat.template == ChatTemplateSource::Base {
+            chat.template = ChatTemplateSource::Chatml;
+        }
+        if let Some(tokenizer) = &mut tokenizer
+            && chat.template == ChatTemplateSource::Chatml
+        {
+            for token in crate::chat::CHATML_TOKENS {
+                if !tokenizer.special_tokens.iter().any(|t| t == token) {
+                    tokenizer.special_tokens.push(token.to_string());
+                }
+            }
+        }
+    }
     let vocab = raw.vocab.map(|v| resolve_vocab(&cx, v)).transpose()?;
     let finetune = raw
         .finetune
@@ -486,6 +541,7 @@ pub(super) fn resolve(
         export,
         verify,
         web,
+        chat,
         cache_remote,
         remote,
     };
@@ -1042,33 +1098,27 @@ fn glob_files(dir: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
     Ok(found)
 }
 
-fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, ManifestError> {
-    let patterns = raw.files.ok_or_else(|| {
-        cx.at(
-            &["corpus"],
-            "missing key `files` in `[corpus]`: \
-        list the corpus files, e.g. `files = [\"corpus/*.txt\"]`",
-        )
-    })?;
-    if patterns.is_empty() {
-        return Err(cx.at(
-            &["corpus", "files"],
-            "`corpus.files` is empty: list at least one file or glob, e.g. \"corpus/*.txt\"",
-        ));
-    }
+/// The files `patterns` (the value of `[corpus] key`) match in `dir`,
+/// each once, as external files labelled by their path in the project.
+fn resolve_files(
+    cx: &Ctx<'_>,
+    dir: &Path,
+    key: &str,
+    patterns: &[String],
+) -> Result<Vec<ExternalFile>, ManifestError> {
     let mut seen = BTreeSet::new();
     let mut seen_real = BTreeSet::new();
     let mut files = Vec::new();
-    for pattern in &patterns {
-        let matches = glob_files(dir, pattern).map_err(|e| cx.at(&["corpus", "files"], e))?;
+    for pattern in patterns {
+        let matches = glob_files(dir, pattern).map_err(|e| cx.at(&["corpus", key], e))?;
         let mut matched = 0;
         for path in matches {
             let path = normalize(&path);
             let Ok(relative) = path.strip_prefix(dir) else {
                 return Err(cx.at(
-                    &["corpus", "files"],
+                    &["corpus", key],
                     format!(
-                        "`{pattern}` in `corpus.files` matches `{}`, outside the project \
+                        "`{pattern}` in `corpus.{key}` matches `{}`, outside the project \
                         folder; copy the corpus into the project so builds are \
                         reproducible",
                         path.display()
@@ -1089,17 +1139,117 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
         }
         if matched == 0 {
             return Err(cx.at(
-                &["corpus", "files"],
+                &["corpus", key],
                 format!(
-                    "`{pattern}` in `corpus.files` matches no file (relative to `{}`)",
+                    "`{pattern}` in `corpus.{key}` matches no file (relative to `{}`)",
                     dir.display()
                 ),
             ));
         }
     }
+    Ok(files)
+}
+
+/// Whether the first record of a JSONL file holds a `messages` list (a
+/// file of conversations, in OpenAI's form).
+fn holds_conversations(file: &ExternalFile) -> bool {
+    if !(file.label.ends_with(".jsonl") || file.label.ends_with(".ndjson")) {
+        return false;
+    }
+    let Ok(text) = std::fs::read_to_string(&file.path) else {
+        return false;
+    };
+    let Some(first) = text.lines().find(|l| !l.trim().is_empty()) else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(first.trim_start_matches('\u{feff}'))
+        .is_ok_and(|v| v.get("text").is_none() && v.get("messages").is_some_and(|m| m.is_array()))
+}
+
+fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, ManifestError> {
+    let patterns = raw.files.ok_or_else(|| {
+        cx.at(
+            &["corpus"],
+            "missing key `files` in `[corpus]`: \
+        list the corpus files, e.g. `files = [\"corpus/*.txt\"]`",
+        )
+    })?;
+    if patterns.is_empty() {
+        return Err(cx.at(
+            &["corpus", "files"],
+            "`corpus.files` is empty: list at least one file or glob, e.g. \"corpus/*.txt\"",
+        ));
+    }
+    let mut files = resolve_files(cx, dir, "files", &patterns)?;
+    let mut eval_files = Vec::new();
+    if let Some(eval_patterns) = &raw.eval_files {
+        if raw.eval_fraction.is_some() {
+            return Err(cx.at(
+                &["corpus", "eval_files"],
+                "set either `corpus.eval_files` (a held-out set) or `corpus.eval_fraction` (a \
+                share drawn from `corpus.files`), not both",
+            ));
+        }
+        if eval_patterns.is_empty() {
+            return Err(cx.at(
+                &["corpus", "eval_files"],
+                "`corpus.eval_files` is empty: list the held-out files, or remove the key to \
+                draw `corpus.eval_fraction` of the corpus",
+            ));
+        }
+        for file in resolve_files(cx, dir, "eval_files", eval_patterns)? {
+            if files.iter().any(|f| f.label == file.label) {
+                return Err(cx.at(
+                    &["corpus", "eval_files"],
+                    format!(
+                        "`{}` is in both `corpus.files` and `corpus.eval_files`: a held-out \
+                        file cannot also train",
+                        file.label
+                    ),
+                ));
+            }
+            eval_files.push(file.label.clone());
+            files.push(file);
+        }
+    }
     files.sort_by(|a, b| a.label.cmp(&b.label));
-    let format = raw.format.unwrap_or(CorpusFormat::Auto);
+    let mut format = raw.format.unwrap_or(CorpusFormat::Auto);
+    let explicit_fields =
+        raw.text_field.is_some() || raw.prompt_field.is_some() || raw.completion_field.is_some();
+    if raw.messages_field.is_some() && explicit_fields {
+        return Err(cx.at(
+            &["corpus", "messages_field"],
+            "set `corpus.messages_field` (conversations) or `corpus.text_field` / \
+            `corpus.prompt_field` + `corpus.completion_field`, not both",
+        ));
+    }
+    if format == CorpusFormat::Auto
+        && !explicit_fields
+        && (raw.messages_field.is_some() || files.iter().any(holds_conversations))
+    {
+        format = CorpusFormat::Chat;
+    }
+    if raw.messages_field.is_some() && !matches!(format, CorpusFormat::Chat) {
+        return Err(cx.at(
+            &["corpus", "messages_field"],
+            "`corpus.messages_field` names the conversations of `format = \"chat\"` records; \
+            this corpus is not chat",
+        ));
+    }
     let fields = match (raw.text_field, raw.prompt_field, raw.completion_field) {
+        _ if format == CorpusFormat::Chat => {
+            if explicit_fields {
+                return Err(cx.at(
+                    &["corpus", "format"],
+                    "`corpus.format = \"chat\"` reads `messages` records; set \
+                    `corpus.messages_field` to name another field, not `text_field` or \
+                    `prompt_field`",
+                ));
+            }
+            TextFields::Messages {
+                messages_field: raw.messages_field.unwrap_or_else(|| "messages".to_string()),
+            }
+        }
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
             return Err(cx.at(
                 &["corpus", "text_field"],
@@ -1127,7 +1277,11 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
             text_field: text.unwrap_or_else(|| "text".to_string()),
         },
     };
-    let eval_fraction = raw.eval_fraction.unwrap_or(0.05);
+    let eval_fraction = if raw.eval_files.is_some() {
+        0.0
+    } else {
+        raw.eval_fraction.unwrap_or(0.05)
+    };
     if !(0.0..1.0).contains(&eval_fraction) {
         return Err(cx.at(
             &["corpus", "eval_fraction"],
@@ -1144,8 +1298,75 @@ fn resolve_corpus(cx: &Ctx<'_>, dir: &Path, raw: RawCorpus) -> Result<Corpus, Ma
         format,
         fields,
         eval_fraction,
+        eval_files,
         seed: raw.seed.unwrap_or(0),
     })
+}
+
+/// `[chat]`: on with conversations in the corpus (its defaults) or with the
+/// section (which makes prompt/completion records conversations).
+fn resolve_chat(
+    cx: &Ctx<'_>,
+    dir: &Path,
+    raw: Option<RawChat>,
+    corpus: Option<&Corpus>,
+) -> Result<Option<Chat>, ManifestError> {
+    let conversations = corpus.is_some_and(|c| c.format == CorpusFormat::Chat);
+    let Some(raw) = raw else {
+        return Ok(conversations.then_some(Chat {
+            template: ChatTemplateSource::Base,
+            train_on: TrainOn::Assistant,
+        }));
+    };
+    match corpus.map(|c| &c.fields) {
+        None => return Err(cx.at(&["chat"], "`[chat]` needs a `[corpus]` of conversations")),
+        Some(TextFields::Text { .. }) => {
+            return Err(cx.at(
+                &["chat"],
+                "`[chat]` needs conversations (`corpus.format = \"chat\"`, records of \
+                `messages`) or prompt/completion records (`corpus.prompt_field` + \
+                `corpus.completion_field`); this corpus is plain text",
+            ));
+        }
+        Some(_) => {}
+    }
+    let template = match raw.template.as_deref() {
+        None | Some("base") => ChatTemplateSource::Base,
+        Some("chatml") => ChatTemplateSource::Chatml,
+        Some(path) => {
+            let full = dir.join(path);
+            let source = std::fs::read_to_string(&full).map_err(|e| {
+                cx.at(
+                    &["chat", "template"],
+                    format!(
+                        "`chat.template` = \"{path}\": cannot read `{}` ({e}); use \"base\" \
+                        (the base model's template), \"chatml\", or the path of a .jinja file",
+                        full.display()
+                    ),
+                )
+            })?;
+            if let Err(e) = crate::chat::ChatTemplate::new(&source) {
+                let detail = match &e {
+                    crate::chat::ChatError::Syntax { line, message } => {
+                        format!("`{path}`:{line}: {message}")
+                    }
+                    other => format!("`{path}`: {other}"),
+                };
+                return Err(cx.at(
+                    &["chat", "template"],
+                    format!("`chat.template`: the template does not parse: {detail}"),
+                ));
+            }
+            ChatTemplateSource::File {
+                label: path.to_string(),
+                source,
+            }
+        }
+    };
+    Ok(Some(Chat {
+        template,
+        train_on: raw.train_on.unwrap_or(TrainOn::Assistant),
+    }))
 }
 
 fn resolve_tokenizer(cx: &Ctx<'_>, raw: RawTokenizer) -> Result<Tokenizer, ManifestError> {

@@ -27,6 +27,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tens
 use rayon::prelude::*;
 
 use super::Result;
+use super::layers::RowLayout;
 
 /// Where one batch row keeps its heads: element `(head, position, e)` of
 /// the row's slice is at `offset + head · head_stride + position · row`.
@@ -141,19 +142,18 @@ unsafe fn gemm(
     }
 }
 
-/// The keys query `i` of batch row `b` sees: `start..end`.
-fn visible(dims: &Dims, pads: &[usize], b: usize, i: usize) -> (usize, usize) {
-    (
-        pads.get(b).copied().unwrap_or(0),
-        (dims.past() + i + 1).min(dims.s),
-    )
+/// The keys query `i` of batch row `b` sees: `start..end`, from its
+/// sequence's start (or the row's padding) through itself.
+fn visible(dims: &Dims, rows: &RowLayout, b: usize, i: usize) -> (usize, usize) {
+    let j = dims.past() + i;
+    (rows.start(b, j), (j + 1).min(dims.s))
 }
 
 /// One batch row's forward: its probabilities `[h, t, s]` and its output
 /// `[t, h · d]`, from its queries, keys and values.
 fn forward_row(
     dims: &Dims,
-    (scale, pads, b): (f32, &[usize], usize),
+    (scale, rows, b): (f32, &RowLayout, usize),
     [(q, qh), (k, kh), (v, vh)]: [(&[f32], Heads); 3],
     probs: &mut [f32],
     out: &mut [f32],
@@ -179,7 +179,7 @@ fn forward_row(
             );
         }
         for i in 0..t {
-            let (start, end) = visible(dims, pads, b, i);
+            let (start, end) = visible(dims, rows, b, i);
             super::ops::causal_row(
                 &scores[i * s..(i + 1) * s],
                 &mut p[i * s..(i + 1) * s],
@@ -294,7 +294,7 @@ struct Attention {
     dims: Dims,
     inputs: Inputs,
     scale: f32,
-    pads: Vec<usize>,
+    rows: RowLayout,
     /// The forward's probabilities `[b, h, t, s]`, for backward.
     probs: Mutex<Option<Vec<f32>>>,
 }
@@ -415,7 +415,7 @@ impl Attention {
                     (batch_row(k, b, lens[1]), kh),
                     (batch_row(v, b, lens[2]), vh),
                 ];
-                forward_row(&self.dims, (self.scale, &self.pads, b), inputs, probs, out);
+                forward_row(&self.dims, (self.scale, &self.rows, b), inputs, probs, out);
             });
         *self.probs.lock().expect("attention probabilities") = Some(probs);
         Ok((CpuStorage::F32(out), Shape::from((batch, t, heads * d))))
@@ -594,28 +594,28 @@ impl CustomOp3 for SeparateOp {
     }
 }
 
-fn check(batch: usize, heads: usize, kv_heads: usize, pads: &[usize]) -> Result<()> {
+fn check(batch: usize, heads: usize, kv_heads: usize, s: usize, rows: &RowLayout) -> Result<()> {
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(super::ModelError::Config(format!(
             "attention: {heads} query heads cannot share {kv_heads} key-value heads"
         )));
     }
-    if !pads.is_empty() && pads.len() != batch {
-        return Err(super::ModelError::Config(format!(
-            "attention: {} padding lengths for a batch of {batch}",
-            pads.len()
-        )));
-    }
-    Ok(())
+    rows.check(batch, s)
 }
 
 /// Attention over queries `q` `[b, h, t, d]` and keys and values `k`, `v`
-/// `[b, kv, s, d]` (`s ≥ t`; the first `s − t` keys are the cache's), with
-/// `pads` the left padding per batch row (empty: none). Returns `[b, t, h · d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, pads: &[usize]) -> Result<Tensor> {
+/// `[b, kv, s, d]` (`s ≥ t`; the first `s − t` keys are the cache's), each
+/// batch row laid out as `rows` says. Returns `[b, t, h · d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: &RowLayout,
+) -> Result<Tensor> {
     let (batch, heads, t, d) = q.dims4()?;
     let (_, kv_heads, s, _) = k.dims4()?;
-    check(batch, heads, kv_heads, pads)?;
+    check(batch, heads, kv_heads, s, rows)?;
     if k.dims() != [batch, kv_heads, s, d] || v.dims() != k.dims() || s < t {
         return Err(super::ModelError::Config(format!(
             "attention: queries {:?}, keys {:?}, values {:?}",
@@ -636,7 +636,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, pads: &[usize])
         dims,
         inputs: Inputs::Separate,
         scale: scale as f32,
-        pads: pads.to_vec(),
+        rows: rows.clone(),
         probs: Mutex::new(None),
     });
     Ok(q.contiguous()?
@@ -644,17 +644,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, pads: &[usize])
 }
 
 /// Attention over a fused projection `qkv` `[b, t, (h + 2·kv) · d]`
-/// (queries, then keys, then values; no cache), with `pads` the left
-/// padding per batch row (empty: none). Returns `[b, t, h · d]`.
+/// (queries, then keys, then values; no cache), each batch row laid out as
+/// `rows` says. Returns `[b, t, h · d]`.
 pub fn attention_packed(
     qkv: &Tensor,
     heads: usize,
     kv_heads: usize,
     scale: f64,
-    pads: &[usize],
+    rows: &RowLayout,
 ) -> Result<Tensor> {
     let (batch, t, width) = qkv.dims3()?;
-    check(batch, heads, kv_heads, pads)?;
+    check(batch, heads, kv_heads, t, rows)?;
     let d = width / (heads + 2 * kv_heads);
     if d * (heads + 2 * kv_heads) != width {
         return Err(super::ModelError::Config(format!(
@@ -673,7 +673,7 @@ pub fn attention_packed(
         dims,
         inputs: Inputs::Packed,
         scale: scale as f32,
-        pads: pads.to_vec(),
+        rows: rows.clone(),
         probs: Mutex::new(None),
     });
     Ok(qkv.contiguous()?.apply_op1(op)?)
@@ -688,7 +688,7 @@ mod tests {
     /// Attention from candle's primitives: the reference. The mask adds
     /// −∞ to the keys a query may not see; a query that sees none gets a
     /// zero row (its softmax is taken over a finite mask, then multiplied by 0).
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, pads: &[usize]) -> Tensor {
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: &RowLayout) -> Tensor {
         let (b, h, t, d) = q.dims4().unwrap();
         let (_, kv, s, _) = k.dims4().unwrap();
         let group = h / kv;
@@ -709,7 +709,7 @@ mod tests {
         let (mut mask, mut keep) = (Vec::new(), Vec::new());
         for row in 0..b {
             for i in 0..t {
-                let (start, end) = (pads.get(row).copied().unwrap_or(0), s - t + i + 1);
+                let (start, end) = (rows.start(row, s - t + i), s - t + i + 1);
                 keep.push(if start < end { 1f32 } else { 0.0 });
                 mask.extend((0..s).map(|j| {
                     if start >= end || (start..end).contains(&j) {
@@ -759,7 +759,7 @@ mod tests {
 
     /// Forward and all three gradients against the composed form, for a
     /// loss that weighs every output differently.
-    fn agrees(b: usize, h: usize, kv: usize, t: usize, past: usize, d: usize, pads: &[usize]) {
+    fn agrees(b: usize, h: usize, kv: usize, t: usize, past: usize, d: usize, rows: &RowLayout) {
         let s = past + t;
         let (q, k, v) = (
             random(&[b, h, t, d], 1),
@@ -768,8 +768,8 @@ mod tests {
         );
         let weights = random(&[b, t, h * d], 4).as_tensor().detach();
         let scale = 1.0 / (d as f64).sqrt();
-        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, pads).unwrap();
-        let theirs = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, pads);
+        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, rows).unwrap();
+        let theirs = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, rows);
         assert!(
             max_diff(&ours, &theirs) < 1e-5,
             "forward differs by {}",
@@ -802,13 +802,63 @@ mod tests {
 
     #[test]
     fn matches_primitives_causal() {
-        agrees(2, 4, 4, 7, 0, 8, &[]);
+        agrees(2, 4, 4, 7, 0, 8, &RowLayout::default());
     }
 
     #[test]
     fn matches_primitives_grouped_heads_with_a_cache_and_padding() {
-        agrees(3, 6, 2, 5, 3, 4, &[0, 2, 6]);
-        agrees(2, 3, 1, 1, 9, 8, &[1, 0]);
+        agrees(3, 6, 2, 5, 3, 4, &RowLayout::padded(vec![0, 2, 6]));
+        agrees(2, 3, 1, 1, 9, 8, &RowLayout::padded(vec![1, 0]));
+    }
+
+    #[test]
+    fn matches_primitives_packed_sequences() {
+        agrees(
+            2,
+            4,
+            2,
+            9,
+            0,
+            8,
+            &RowLayout::packed(&[vec![3, 4, 2], vec![9]]),
+        );
+        agrees(1, 2, 2, 6, 0, 4, &RowLayout::packed(&[vec![1, 1, 4]]));
+    }
+
+    /// Each sequence of a packed row gives what it gives alone, output and
+    /// gradients: none sees another.
+    #[test]
+    fn a_packed_row_is_its_sequences_run_alone() {
+        let (h, kv, d, lengths) = (4, 2, 8, [3usize, 5, 2]);
+        let t: usize = lengths.iter().sum();
+        let qkv = random(&[1, t, (h + 2 * kv) * d], 11);
+        let weights = random(&[1, t, h * d], 12).as_tensor().detach();
+        let rows = RowLayout::packed(&[lengths.to_vec()]);
+        let packed = attention_packed(qkv.as_tensor(), h, kv, 0.3, &rows).unwrap();
+        let grads = (&packed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dqkv = grads.get(qkv.as_tensor()).unwrap();
+        let mut at = 0;
+        for n in lengths {
+            let part = qkv.as_tensor().narrow(1, at, n).unwrap().detach();
+            let part = Var::from_tensor(&part).unwrap();
+            let alone =
+                attention_packed(part.as_tensor(), h, kv, 0.3, &RowLayout::default()).unwrap();
+            assert!(max_diff(&alone, &packed.narrow(1, at, n).unwrap()) < 1e-6);
+            let g = (&alone * &weights.narrow(1, at, n).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let d_alone = g.get(part.as_tensor()).unwrap();
+            assert!(max_diff(d_alone, &dqkv.narrow(1, at, n).unwrap()) < 1e-6);
+            at += n;
+        }
     }
 
     #[test]
@@ -819,7 +869,14 @@ mod tests {
             random(&[2, h, t, d], 8),
             random(&[2, h, t, d], 9),
         );
-        let out = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, &[2, 0]).unwrap();
+        let out = attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            0.5,
+            &RowLayout::padded(vec![2, 0]),
+        )
+        .unwrap();
         // Row 0: queries 0 and 1 are padding; query 2 sees key 2 only, so
         // its output is value 2 of each head.
         let row0 = out.get(0).unwrap();
@@ -849,7 +906,7 @@ mod tests {
             &k.as_tensor().narrow(0, 1, 1).unwrap(),
             &v.as_tensor().narrow(0, 1, 1).unwrap(),
             0.5,
-            &[],
+            &RowLayout::default(),
         )
         .unwrap();
         assert_eq!(
@@ -879,7 +936,7 @@ mod tests {
                 .contiguous()
                 .unwrap()
         };
-        let pads = [1, 0];
+        let pads = RowLayout::padded(vec![1, 0]);
         let packed = attention_packed(qkv.as_tensor(), h, kv, 0.5, &pads).unwrap();
         let separate =
             attention(&heads(0, h), &heads(h, kv), &heads(h + kv, kv), 0.5, &pads).unwrap();
@@ -906,7 +963,7 @@ mod tests {
     #[test]
     fn backward_runs_again_on_the_same_graph() {
         let qkv = random(&[2, 3, 3 * 8], 10);
-        let loss = attention_packed(qkv.as_tensor(), 2, 2, 0.5, &[])
+        let loss = attention_packed(qkv.as_tensor(), 2, 2, 0.5, &RowLayout::default())
             .unwrap()
             .sqr()
             .unwrap()
@@ -926,21 +983,21 @@ mod tests {
     fn bad_shapes_are_errors() {
         let q = Tensor::zeros((1, 4, 2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         let k = Tensor::zeros((1, 3, 2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(attention(&q, &k, &k, 1.0, &[]).is_err());
+        assert!(attention(&q, &k, &k, 1.0, &RowLayout::default()).is_err());
         let k = Tensor::zeros((1, 2, 1, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(
-            attention(&q, &k, &k, 1.0, &[]).is_err(),
+            attention(&q, &k, &k, 1.0, &RowLayout::default()).is_err(),
             "fewer keys than queries"
         );
         let qkv = Tensor::zeros((1, 2, 30), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(attention_packed(&qkv, 4, 4, 1.0, &[]).is_err());
+        assert!(attention_packed(&qkv, 4, 4, 1.0, &RowLayout::default()).is_err());
         assert!(
             attention_packed(
                 &Tensor::zeros((2, 2, 24), candle_core::DType::F32, &Device::Cpu).unwrap(),
                 4,
                 4,
                 1.0,
-                &[0]
+                &RowLayout::padded(vec![0])
             )
             .is_err()
         );

@@ -196,13 +196,49 @@ impl KvCache {
     }
 }
 
-/// Where each row of a batch starts: the count of left-padding positions
-/// (transformers' and transformers.js's `padding_side = "left"`). Empty for
-/// an unpadded batch.
+/// How each row of a batch is laid out: after its left padding (transformers'
+/// and transformers.js's `padding_side = "left"`), or as several sequences
+/// packed one after another, none attending to another and each counting
+/// its positions from 0 (training on conversations). Empty: one sequence a
+/// row, unpadded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LeftPadding(pub Vec<usize>);
+pub struct RowLayout {
+    pads: Vec<usize>,
+    /// Packed rows: for each position of each row, where its sequence starts.
+    starts: Vec<Vec<u32>>,
+}
 
-impl LeftPadding {
+impl RowLayout {
+    /// Rows after `pads` positions of left padding each.
+    pub fn padded(pads: Vec<usize>) -> Self {
+        RowLayout {
+            pads,
+            starts: Vec::new(),
+        }
+    }
+
+    /// Rows of sequences packed end to end: `lengths[b]` are row `b`'s
+    /// sequence lengths, in order (they sum to the row's length).
+    pub fn packed(lengths: &[Vec<usize>]) -> Self {
+        let starts = lengths
+            .iter()
+            .map(|row| {
+                let mut at = 0u32;
+                row.iter()
+                    .flat_map(|&n| {
+                        let start = at;
+                        at += n as u32;
+                        std::iter::repeat_n(start, n)
+                    })
+                    .collect()
+            })
+            .collect();
+        RowLayout {
+            pads: Vec::new(),
+            starts,
+        }
+    }
+
     /// From an attention mask `[b][t]` of zeros then ones.
     pub fn from_mask(mask: &[Vec<u32>]) -> Result<Self> {
         let mut pads = Vec::with_capacity(mask.len());
@@ -215,12 +251,12 @@ impl LeftPadding {
             }
             pads.push(pad);
         }
-        Ok(LeftPadding(pads))
+        Ok(RowLayout::padded(pads))
     }
 
     /// `sequences` padded on the left with `pad_id` to the longest, and
     /// their padding (empty when no row needed any).
-    pub fn pad(sequences: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, LeftPadding) {
+    pub fn pad(sequences: &[Vec<u32>], pad_id: u32) -> (Vec<Vec<u32>>, RowLayout) {
         let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
         let rows = sequences
             .iter()
@@ -234,22 +270,42 @@ impl LeftPadding {
         (
             rows,
             if pads.iter().all(|&p| p == 0) {
-                LeftPadding::default()
+                RowLayout::default()
             } else {
-                LeftPadding(pads)
+                RowLayout::padded(pads)
             },
         )
     }
 
-    /// The padding of row `b`.
+    /// The rows it describes (0: any number, each one unpadded sequence).
+    pub fn rows(&self) -> usize {
+        self.pads.len().max(self.starts.len())
+    }
+
+    /// Whether rows hold packed sequences.
+    pub fn is_packed(&self) -> bool {
+        !self.starts.is_empty()
+    }
+
+    /// The left padding of row `b`.
     pub fn of(&self, b: usize) -> usize {
-        self.0.get(b).copied().unwrap_or(0)
+        self.pads.get(b).copied().unwrap_or(0)
+    }
+
+    /// The first position that absolute index `j` of row `b` sees (and
+    /// counts its position from): its sequence's start, or the row's padding.
+    pub fn start(&self, b: usize, j: usize) -> usize {
+        match self.starts.get(b) {
+            Some(starts) => starts.get(j).map_or(0, |&s| s as usize),
+            None => self.of(b),
+        }
     }
 
     /// The position id of absolute index `j` in row `b`: `cumsum(mask) − 1`,
-    /// clamped at 0 as transformers' `generate()` builds it.
+    /// clamped at 0 as transformers' `generate()` builds it; in a packed
+    /// row, counted from its sequence's start.
     pub fn position(&self, b: usize, j: usize) -> usize {
-        j.saturating_sub(self.of(b))
+        j.saturating_sub(self.start(b, j))
     }
 
     /// Position ids `[b·t]` for `t` positions after `past`.
@@ -257,6 +313,26 @@ impl LeftPadding {
         (0..batch)
             .flat_map(|b| (past..past + t).map(move |j| self.position(b, j) as u32))
             .collect()
+    }
+
+    /// Checks that it describes a batch of `batch` rows of `s` positions.
+    pub fn check(&self, batch: usize, s: usize) -> Result<()> {
+        if !self.pads.is_empty() && self.pads.len() != batch {
+            return Err(ModelError::Config(format!(
+                "{} padding lengths for a batch of {batch}",
+                self.pads.len()
+            )));
+        }
+        if self.is_packed()
+            && (self.starts.len() != batch || self.starts.iter().any(|r| r.len() != s))
+        {
+            return Err(ModelError::Config(format!(
+                "packed sequences for {} rows of {:?} positions, in a batch of {batch} x {s}",
+                self.starts.len(),
+                self.starts.iter().map(Vec::len).collect::<Vec<_>>()
+            )));
+        }
+        Ok(())
     }
 }
 

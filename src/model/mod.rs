@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use families::{Dims, Family, ModelConfig};
-pub use layers::{EmbeddingInit, KvCache, LeftPadding, Linear, Sampling, TokenMatrix};
+pub use layers::{EmbeddingInit, KvCache, Linear, RowLayout, Sampling, TokenMatrix};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -127,6 +127,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// A model of any family symb supports: its family's [`Network`](families::Network).
 #[derive(Debug)]
 pub struct Model(Box<dyn families::Network>);
+
+/// A label that trains nothing (PyTorch's `-100`): [`Model::loss`] leaves
+/// its position out.
+pub const IGNORE: u32 = u32::MAX;
 
 impl Clone for Model {
     fn clone(&self) -> Self {
@@ -263,7 +267,7 @@ impl Model {
         &self,
         input_ids: &Tensor,
         cache: Option<&mut KvCache>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         self.0.hidden(input_ids, cache, padding)
     }
@@ -271,26 +275,21 @@ impl Model {
     /// Logits `[b, t, vocab]` for `input_ids` `[b, t]`, continuing from
     /// `cache` (updated in place) when given.
     pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.forward_padded(input_ids, cache, &LeftPadding::default())
+        self.forward_padded(input_ids, cache, &RowLayout::default())
     }
 
     /// [`forward`](Self::forward) over a left-padded batch: row `b` starts
-    /// after `padding.0[b]` positions, which no query sees, and its position
+    /// after `padding.of(b)` positions, which no query sees, and its position
     /// ids count from there (transformers' `generate()` with
     /// `padding_side = "left"`).
     pub fn forward_padded(
         &self,
         input_ids: &Tensor,
         cache: Option<&mut KvCache>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if !padding.0.is_empty() && padding.0.len() != b {
-            return Err(ModelError::Config(format!(
-                "{} padding lengths for a batch of {b}",
-                padding.0.len()
-            )));
-        }
+        padding.check(b, t + cache.as_ref().map_or(0, |c| c.len()))?;
         let hidden = self.hidden(input_ids, cache, padding)?;
         Ok(self
             .head()
@@ -301,9 +300,37 @@ impl Model {
     /// Mean next-token loss of `input_ids` `[b, t]` against `labels` `[b·t]`;
     /// `grad` says whether backward will run (otherwise the graph is cut).
     /// With a frozen head the logits are never kept (a fused op).
-    pub fn loss(&self, input_ids: &Tensor, labels: &Tensor, grad: bool) -> Result<Tensor> {
-        let hidden = self.hidden(input_ids, None, &LeftPadding::default())?;
-        self.head().loss(&hidden, labels, grad)
+    /// Labels [`IGNORE`] count for nothing (the loss is the mean over the
+    /// others, PyTorch's `ignore_index`); their hidden states never reach
+    /// the head. Rows are laid out as `rows` says (packed sequences, each
+    /// alone).
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        rows: &RowLayout,
+        grad: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        rows.check(b, t)?;
+        let hidden = self.hidden(input_ids, None, rows)?;
+        let all = labels.to_vec1::<u32>()?;
+        if !all.contains(&IGNORE) {
+            return self.head().loss(&hidden, labels, grad);
+        }
+        let kept: Vec<u32> = (0..all.len() as u32)
+            .filter(|&i| all[i as usize] != IGNORE)
+            .collect();
+        if kept.is_empty() {
+            return Err(ModelError::Config(
+                "a batch whose labels are all ignored has no loss".into(),
+            ));
+        }
+        let labels: Vec<u32> = kept.iter().map(|&i| all[i as usize]).collect();
+        let device = hidden.device().clone();
+        let hidden = hidden.index_select(&Tensor::new(kept, &device)?, 0)?;
+        self.head()
+            .loss(&hidden, &Tensor::new(labels, &device)?, grad)
     }
 
     /// Greedy decoding with the KV cache: up to `max_new_tokens` ids, stopping
@@ -377,7 +404,7 @@ impl Model {
             ));
         }
         let pad_id = eos.unwrap_or(0);
-        let (rows, padding) = LeftPadding::pad(prompts, pad_id);
+        let (rows, padding) = RowLayout::pad(prompts, pad_id);
         let longest = rows[0].len();
         let mut cache = KvCache::new(self.n_layer());
         let logits = self.forward_padded(
@@ -518,13 +545,15 @@ pub struct Generation {
 
 /// Generation from a Hugging Face folder (greedy, or sampled), optionally
 /// with a PEFT adapter folder applied; several prompts decode as one
-/// left-padded batch.
+/// left-padded batch. `special`: whether the tokenizer adds its special
+/// tokens to a prompt (not to a chat template's rendering, which holds them).
 pub fn generate(
     dir: &Path,
     adapter: Option<&Path>,
     prompts: &[String],
     max_new_tokens: usize,
     sampling: Option<&Sampling>,
+    special: bool,
 ) -> Result<Vec<Generation>> {
     let mut model = load_folder(dir)?;
     if let Some(adapter) = adapter {
@@ -537,7 +566,7 @@ pub fn generate(
     // transformers and transformers.js encode a prompt by default.
     let encode = |prompt: &String| -> Result<Vec<u32>> {
         Ok(tokenizer
-            .encode(prompt.as_str(), true)
+            .encode(prompt.as_str(), special)
             .map_err(|e| ModelError::io(&tokenizer_path, e))?
             .get_ids()
             .to_vec())

@@ -19,7 +19,7 @@ use super::Model;
 use super::lora::LoraSpec;
 use super::rng::Rng;
 use super::train::{AdamW, AdamWParams, LoraVars, attach_lora};
-use super::{ModelError, Result, read_json, save_safetensors};
+use super::{IGNORE, ModelError, Result, RowLayout, read_json, save_safetensors};
 
 /// The learning rate after warmup (`finetune.schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,8 +60,26 @@ pub struct TrainConfig {
     pub trainable_tokens: Vec<u32>,
 }
 
-/// Token streams cut into blocks of `block_size + 1` (inputs and shifted labels).
-pub fn pack(documents: &[Vec<u32>], separator: Option<u32>, block_size: usize) -> Vec<Vec<u32>> {
+/// One row of training data: the input ids, their labels (each the next
+/// token, or [`IGNORE`] where nothing trains) and the lengths of the
+/// sequences packed in it, end to end (empty: one sequence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub inputs: Vec<u32>,
+    pub labels: Vec<u32>,
+    pub sequences: Vec<usize>,
+}
+
+impl Block {
+    /// The positions whose labels train.
+    pub fn trained(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE).count()
+    }
+}
+
+/// Token streams joined (each followed by `separator`) and cut into blocks
+/// of `block_size` inputs, every position trained.
+pub fn pack(documents: &[Vec<u32>], separator: Option<u32>, block_size: usize) -> Vec<Block> {
     let mut stream = Vec::new();
     for doc in documents {
         stream.extend_from_slice(doc);
@@ -69,8 +87,66 @@ pub fn pack(documents: &[Vec<u32>], separator: Option<u32>, block_size: usize) -
     }
     stream
         .chunks_exact(block_size + 1)
-        .map(<[u32]>::to_vec)
+        .map(|chunk| Block {
+            inputs: chunk[..block_size].to_vec(),
+            labels: chunk[1..].to_vec(),
+            sequences: Vec::new(),
+        })
         .collect()
+}
+
+/// One sequence to train on as a whole (a conversation): its ids and, for
+/// each, whether the model learns to predict it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Masked {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+}
+
+impl Masked {
+    /// Its inputs and labels: label `i` is id `i + 1`, or [`IGNORE`].
+    fn example(&self) -> (Vec<u32>, Vec<u32>) {
+        let n = self.ids.len().saturating_sub(1);
+        let labels = (1..=n)
+            .map(|i| if self.trained[i] { self.ids[i] } else { IGNORE })
+            .collect();
+        (self.ids[..n].to_vec(), labels)
+    }
+}
+
+/// Sequences packed into blocks of at most `block_size` inputs without
+/// splitting any (first fit, longest first: LLaMA-Factory's packing): each
+/// block lists its sequences' lengths, so that none attends to another and
+/// each counts positions from 0. Every sequence must have at most
+/// `block_size + 1` ids and at least one trained label.
+pub fn pack_sequences(sequences: &[Masked], block_size: usize) -> Vec<Block> {
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
+    let mut blocks: Vec<Block> = Vec::new();
+    for i in order {
+        let (inputs, labels) = sequences[i].example();
+        if inputs.is_empty() {
+            continue;
+        }
+        let fits = blocks
+            .iter()
+            .position(|b| b.inputs.len() + inputs.len() <= block_size);
+        let block = match fits {
+            Some(at) => &mut blocks[at],
+            None => {
+                blocks.push(Block {
+                    inputs: Vec::new(),
+                    labels: Vec::new(),
+                    sequences: Vec::new(),
+                });
+                blocks.last_mut().expect("just pushed")
+            }
+        };
+        block.sequences.push(inputs.len());
+        block.inputs.extend(inputs);
+        block.labels.extend(labels);
+    }
+    blocks
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -131,27 +207,80 @@ pub fn lr_factor(schedule: Schedule, k: usize, warmup: usize, total: usize) -> f
     }
 }
 
-/// Mean loss over `blocks`, without gradients.
-pub fn evaluate(model: &Model, blocks: &[Vec<u32>], batch_size: usize) -> Result<Option<f64>> {
-    if blocks.is_empty() {
-        return Ok(None);
-    }
-    let mut total = 0.0;
+/// Mean loss over the trained positions of `blocks` (each position
+/// weighs the same), without gradients.
+pub fn evaluate(model: &Model, blocks: &[Block], batch_size: usize) -> Result<Option<f64>> {
+    let (mut total, mut count) = (0.0, 0usize);
     for batch in blocks.chunks(batch_size) {
-        let (inputs, labels) = tensors(batch)?;
-        let loss = model.loss(&inputs, &labels, false)?.to_scalar::<f32>()? as f64;
-        total += loss * batch.len() as f64;
+        let trained: usize = batch.iter().map(Block::trained).sum();
+        if trained == 0 {
+            continue;
+        }
+        let loss = batch_loss(model, batch, false)?.to_scalar::<f32>()? as f64;
+        total += loss * trained as f64;
+        count += trained;
     }
-    Ok(Some(total / blocks.len() as f64))
+    Ok((count > 0).then(|| total / count as f64))
 }
 
-fn tensors(batch: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
-    let inputs: Vec<Vec<u32>> = batch.iter().map(|b| b[..b.len() - 1].to_vec()).collect();
-    let labels: Vec<u32> = batch.iter().flat_map(|b| b[1..].iter().copied()).collect();
+/// The mean loss over the trained positions of `batch` (blocks of packed
+/// sequences or not, padded to the longest); `grad`: whether backward runs.
+pub fn batch_loss(model: &Model, batch: &[Block], grad: bool) -> Result<Tensor> {
+    let (inputs, labels, rows) = tensors(batch)?;
+    model.loss(&inputs, &labels, &rows, grad)
+}
+
+/// A batch's inputs `[b, t]`, labels `[b·t]` and row layout: rows shorter
+/// than the longest are padded on the right with a sequence of their own
+/// that trains nothing.
+fn tensors(batch: &[Block]) -> Result<(Tensor, Tensor, RowLayout)> {
+    let longest = batch.iter().map(|b| b.inputs.len()).max().unwrap_or(0);
+    let packed = batch
+        .iter()
+        .any(|b| !b.sequences.is_empty() || b.inputs.len() < longest);
+    let (mut inputs, mut labels, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
+    for block in batch {
+        let pad = longest - block.inputs.len();
+        inputs.push(
+            block
+                .inputs
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, pad))
+                .collect::<Vec<u32>>(),
+        );
+        labels.extend(
+            block
+                .labels
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(IGNORE, pad)),
+        );
+        let mut row = if block.sequences.is_empty() {
+            vec![block.inputs.len()]
+        } else {
+            block.sequences.clone()
+        };
+        if pad > 0 {
+            row.push(pad);
+        }
+        lengths.push(row);
+    }
+    let rows = if packed {
+        RowLayout::packed(&lengths)
+    } else {
+        RowLayout::default()
+    };
     Ok((
         Tensor::new(inputs, &Device::Cpu)?,
         Tensor::new(labels, &Device::Cpu)?,
+        rows,
     ))
+}
+
+/// The batch's real (not padding) input positions.
+fn real_tokens(batch: &[Block]) -> u64 {
+    batch.iter().map(|b| b.inputs.len() as u64).sum()
 }
 
 /// Trains `model` on `train` blocks; evaluates on `eval` blocks. With a
@@ -159,8 +288,8 @@ fn tensors(batch: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
 pub fn train(
     mut model: Model,
     config: &TrainConfig,
-    train: &[Vec<u32>],
-    eval: &[Vec<u32>],
+    train: &[Block],
+    eval: &[Block],
     checkpoint_dir: Option<&Path>,
     mut progress: impl FnMut(&Progress<'_>),
 ) -> Result<Trained> {
@@ -169,6 +298,11 @@ pub fn train(
             "the train split is shorter than one block of {} tokens",
             config.block_size + 1
         )));
+    }
+    if train.iter().all(|b| b.trained() == 0) {
+        return Err(ModelError::Config(
+            "no position of the train split trains (every label is masked)".into(),
+        ));
     }
     super::ops::keep_freed_memory();
     let mut init_rng = Rng::new(config.seed);
@@ -268,13 +402,16 @@ pub fn train(
                 .entry(epoch)
                 .or_insert_with(|| shuffled(train.len(), config.seed.wrapping_add(epoch as u64)));
             let position = (index % per_epoch) * config.batch_size;
-            let batch: Vec<Vec<u32>> = order
+            let batch: Vec<Block> = order
                 [position..(position + config.batch_size).min(train.len())]
                 .iter()
                 .map(|&i| train[i].clone())
+                .filter(|b| b.trained() > 0)
                 .collect();
-            let (inputs, labels) = tensors(&batch)?;
-            let loss = model.loss(&inputs, &labels, true)?;
+            if batch.is_empty() {
+                continue;
+            }
+            let loss = batch_loss(&model, &batch, true)?;
             step_loss += loss.to_scalar::<f32>()? as f64 / config.gradient_accumulation as f64;
             let grads = loss.backward()?;
             for (slot, (name, var)) in accumulated.iter_mut().zip(&vars) {
@@ -287,12 +424,14 @@ pub fn train(
                     None => grad,
                 });
             }
-            step_tokens += labels.elem_count() as u64;
+            step_tokens += real_tokens(&batch);
         }
+        // A micro-batch with nothing to train adds no gradient.
         let mut grads: Vec<Tensor> = accumulated
             .into_iter()
-            .map(|g| g.expect("every variable got a gradient"))
-            .collect();
+            .zip(&vars)
+            .map(|(g, (_, var))| g.map_or_else(|| var.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
         clip(&mut grads, config.max_grad_norm)?;
         optimizer.params.lr = config.learning_rate
             * lr_factor(config.schedule, step, config.warmup_steps, total_steps);

@@ -6,13 +6,17 @@
 //! content, so adding a file moves no existing document across the split, and
 //! duplicate documents always land on the same side (no train/eval leakage).
 //!
+//! Files of `corpus.eval_files` go to eval whole, and nothing is drawn.
+//!
 //! Artifacts: `train.jsonl` and `eval.jsonl`, one JSON document per line,
-//! `{"text": ...}` or `{"prompt": ..., "completion": ...}`.
+//! `{"text": ...}`, `{"prompt": ..., "completion": ...}` or `{"messages":
+//! [...]}`.
 
 use std::io::Write;
 use std::path::Path;
 
 use super::shared::Document;
+use crate::chat::Message;
 use crate::engine::{
     ExternalFile, Settings, Stage, StageContext, StageError, settings_of, spec_of,
 };
@@ -46,7 +50,7 @@ impl Stage for CorpusStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let files = ctx.files();
-        let mut documents = Vec::new();
+        let mut documents: Vec<(Document, bool)> = Vec::new();
         let mut bytes = 0u64;
         for (i, file) in files.iter().enumerate() {
             ctx.progress(i as u64, files.len() as u64, &file.label);
@@ -57,11 +61,21 @@ impl Stage for CorpusStage {
             let text = utf8(&file.label, &raw)?;
             // A byte-order mark (Windows editors write one) is no text.
             let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-            read_file(&self.corpus, file, text, &mut documents)?;
+            let mut read = Vec::new();
+            read_file(&self.corpus, file, text, &mut read)?;
+            let held_out = self.corpus.eval_files.contains(&file.label);
+            if held_out && read.is_empty() {
+                return Err(StageError::bad_input(format!(
+                    "`{}` (in `corpus.eval_files`) holds no documents",
+                    file.label
+                )));
+            }
+            documents.extend(read.into_iter().map(|d| (d, held_out)));
         }
-        if documents.is_empty() {
+        if documents.iter().all(|(_, held_out)| *held_out) {
             let names = files
                 .iter()
+                .filter(|f| !self.corpus.eval_files.contains(&f.label))
                 .map(|f| format!("`{}`", f.label))
                 .collect::<Vec<_>>()
                 .join(", ");
@@ -71,11 +85,25 @@ impl Stage for CorpusStage {
         }
         let threshold = self.corpus.eval_fraction;
         let (mut train, mut eval) = (Vec::new(), Vec::new());
-        for doc in &documents {
+        for (doc, held_out) in &documents {
+            if *held_out {
+                eval.push(serde_json::to_string(doc).expect("documents serialise"));
+                continue;
+            }
             let line = serde_json::to_string(doc).expect("documents serialise");
+            // Drawn by content, not by where it was read: the same
+            // conversation twice lands on one side.
+            let content = match doc {
+                Document::Chat { messages, .. } => serde_json::to_string(&Document::Chat {
+                    messages: messages.clone(),
+                    at: None,
+                })
+                .expect("documents serialise"),
+                _ => line.clone(),
+            };
             let mut hasher = blake3::Hasher::new();
             hasher.update(&self.corpus.seed.to_le_bytes());
-            hasher.update(line.as_bytes());
+            hasher.update(content.as_bytes());
             let draw = u64::from_le_bytes(
                 hasher.finalize().as_bytes()[..8]
                     .try_into()
@@ -102,7 +130,7 @@ impl Stage for CorpusStage {
                     side); add distinct documents, raise `corpus.eval_fraction`, or set it to 0 \
                     for no eval split (and list `verify.prompts` where the manifest has \
                     `[export]`)",
-                documents.len()
+                train.len()
             )));
         }
         write_lines(&ctx.output("train.jsonl"), &train)?;
@@ -147,6 +175,9 @@ fn utf8<'a>(label: &str, raw: &'a [u8]) -> Result<&'a str, StageError> {
 
 fn format_of(corpus: &Corpus, file: &ExternalFile) -> CorpusFormat {
     match corpus.format {
+        CorpusFormat::Auto if matches!(corpus.fields, TextFields::Messages { .. }) => {
+            CorpusFormat::Chat
+        }
         CorpusFormat::Auto => match file.label.rsplit('.').next() {
             Some("jsonl") | Some("ndjson") => CorpusFormat::Jsonl,
             Some("csv") => CorpusFormat::Csv,
@@ -211,6 +242,37 @@ fn read_file(
                 }
             }
         }
+        CorpusFormat::Chat => {
+            if !(label.ends_with(".jsonl")
+                || label.ends_with(".ndjson")
+                || label.ends_with(".json"))
+            {
+                return Err(StageError::bad_input(format!(
+                    "`{label}`: `corpus.format = \"chat\"` reads JSONL files, one conversation \
+                    (`{{\"messages\": [...]}}`) a line; this file is not `.jsonl`"
+                )));
+            }
+            let field = match &corpus.fields {
+                TextFields::Messages { messages_field } => messages_field.as_str(),
+                _ => "messages",
+            };
+            for (i, line) in lines(text).enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                if line.len() > MAX_DOCUMENT_BYTES {
+                    return Err(too_long(label, i + 1, line.len()));
+                }
+                let at =
+                    |what: String| StageError::bad_input(format!("`{label}`:{}: {what}", i + 1));
+                let value: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
+                out.push(Document::Chat {
+                    messages: conversation(&value, field).map_err(at)?,
+                    at: Some(format!("{label}:{}", i + 1)),
+                });
+            }
+        }
         CorpusFormat::Jsonl => {
             for (i, line) in lines(text).enumerate() {
                 if line.trim().is_empty() {
@@ -227,6 +289,16 @@ fn read_file(
                     match value.get(name) {
                         Some(serde_json::Value::String(s)) => Ok(s.clone()),
                         Some(_) => Err(at(format!("field `{name}` is not a string"))),
+                        None if value.get("messages").is_some_and(|m| m.is_array()) => {
+                            Err(at(format!(
+                                "no field `{name}`, but `messages`: the record is a conversation; \
+                                set `corpus.format = \"chat\"` (and remove `corpus.{}`)",
+                                match &corpus.fields {
+                                    TextFields::PromptCompletion { .. } => "prompt_field",
+                                    _ => "text_field",
+                                }
+                            )))
+                        }
                         None => Err(at(format!(
                             "no field `{name}`; set `corpus.text_field` (or `prompt_field` + \
                                 `completion_field`) to the record's field names"
@@ -276,6 +348,89 @@ fn read_file(
     Ok(())
 }
 
+/// The messages of a chat record, checked: roles system, user or
+/// assistant, string contents, at most one system message and only first.
+fn conversation(value: &serde_json::Value, field: &str) -> Result<Vec<Message>, String> {
+    let list = match value.get(field) {
+        Some(serde_json::Value::Array(list)) => list,
+        Some(other) => {
+            return Err(format!(
+                "`{field}` is not a list of messages (it is {})",
+                json_kind(other)
+            ));
+        }
+        None => {
+            return Err(format!(
+                "no field `{field}`: a chat record is `{{\"{field}\": [{{\"role\": \"user\", \
+                \"content\": \"...\"}}, ...]}}`{}",
+                if field == "messages" {
+                    "; set `corpus.messages_field` if the record names it otherwise"
+                } else {
+                    ""
+                }
+            ));
+        }
+    };
+    if list.is_empty() {
+        return Err(format!(
+            "`{field}` is empty: a conversation needs a message"
+        ));
+    }
+    let mut messages = Vec::with_capacity(list.len());
+    for (n, message) in list.iter().enumerate() {
+        let n = n + 1;
+        let role = match message.get("role") {
+            Some(serde_json::Value::String(role)) => role.as_str(),
+            Some(other) => {
+                return Err(format!(
+                    "message {n}: `role` is {}, not a string",
+                    json_kind(other)
+                ));
+            }
+            None => return Err(format!("message {n} has no `role`")),
+        };
+        if !matches!(role, "system" | "user" | "assistant") {
+            return Err(format!(
+                "message {n}: role `{role}` is not one of system, user, assistant"
+            ));
+        }
+        let content = match message.get("content") {
+            Some(serde_json::Value::String(content)) => content,
+            Some(other) => {
+                return Err(format!(
+                    "message {n}: `content` is {}, not a string",
+                    json_kind(other)
+                ));
+            }
+            None => return Err(format!("message {n} has no `content`")),
+        };
+        if role == "system" && n > 1 {
+            return Err(format!(
+                "message {n}: a system message after the first message{}; a conversation has at \
+                most one, first",
+                if messages.iter().any(|m: &Message| m.role == "system") {
+                    " (a second system message)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        messages.push(Message::new(role, content));
+    }
+    Ok(messages)
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 fn push_record(
     fields: &TextFields,
     field: impl Fn(&str) -> Result<String, StageError>,
@@ -297,6 +452,8 @@ fn push_record(
                 completion: field(completion)?,
             });
         }
+        // Conversations are read by `CorpusFormat::Chat`, never as fields.
+        TextFields::Messages { .. } => {}
     }
     Ok(())
 }

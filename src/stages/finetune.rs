@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::shared::{
-    Artifact, Document, EVAL, ModelStage, NEW_TOKENS, TRAIN, io, load_base, model_error,
+    Artifact, ChatSpec, Document, EVAL, ModelStage, NEW_TOKENS, TRAIN, io, load_base, model_error,
     read_documents, write_json, writers,
 };
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
-use crate::manifest::{Finetune, FinetuneMethod};
+use crate::manifest::{Chat, Finetune, FinetuneMethod, TrainOn};
 use crate::model::lora::LoraSpec;
-use crate::model::trainer::{Method, Progress, Schedule, TrainConfig, pack, train};
+use crate::model::trainer::{
+    Block, Masked, Method, Progress, Schedule, TrainConfig, pack, pack_sequences, train,
+};
 use crate::model::{self, ModelConfig, lora};
 
 /// The stage is its settings.
@@ -27,6 +29,9 @@ pub struct FinetuneStage {
     /// it): its artifacts are keyed by digest.
     #[serde(rename = "@model_stage")]
     pub model_stage: ModelStage,
+    /// With conversations: the template they are rendered with and what trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<Chat>,
 }
 
 /// What the adapter names as its base: the Hub id. A local folder is named
@@ -75,7 +80,12 @@ pub struct LoraSettings {
 
 impl FinetuneStage {
     /// The stage for `[finetune]`, training the model of `model_stage`.
-    pub fn new(f: &Finetune, model_stage: ModelStage, base_name: Option<String>) -> Self {
+    pub fn new(
+        f: &Finetune,
+        model_stage: ModelStage,
+        base_name: Option<String>,
+        chat: Option<Chat>,
+    ) -> Self {
         let lora = f.method == FinetuneMethod::Lora;
         FinetuneStage {
             finetune: FinetuneSettings {
@@ -105,6 +115,7 @@ impl FinetuneStage {
             },
             base: lora.then_some(AdapterBase { model: base_name }),
             model_stage,
+            chat,
         }
     }
 
@@ -173,6 +184,12 @@ fn tokenize(
         .map(|d| match d {
             Document::Text { text } => text.clone(),
             Document::PromptCompletion { prompt, completion } => format!("{prompt}\n{completion}"),
+            // Conversations are rendered with the chat template (`chat_blocks`).
+            Document::Chat { messages, .. } => messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
         })
         .collect();
     // With the tokenizer's special tokens (a SentencePiece `<s>`), as
@@ -279,16 +296,49 @@ impl Stage for FinetuneStage {
         let separator = model.config().eos_token_id();
         let train_docs = read_documents(TRAIN.path(ctx)?)?;
         let eval_docs = read_documents(EVAL.path(ctx)?)?;
-        let train_blocks = pack(
-            &tokenize(&tokenizer, &train_docs)?,
-            separator,
-            config.block_size,
-        );
-        let eval_blocks = pack(
-            &tokenize(&tokenizer, &eval_docs)?,
-            separator,
-            config.block_size,
-        );
+        let mut counts = serde_json::Map::new();
+        let (train_blocks, eval_blocks) = match &self.chat {
+            None => (
+                pack(
+                    &tokenize(&tokenizer, &train_docs)?,
+                    separator,
+                    config.block_size,
+                ),
+                pack(
+                    &tokenize(&tokenizer, &eval_docs)?,
+                    separator,
+                    config.block_size,
+                ),
+            ),
+            Some(chat) => {
+                let spec = ChatSpec::resolve(ctx, self.model_stage, chat, &tokenizer)?;
+                let mut blocks = Vec::new();
+                for (split, docs) in [("train", &train_docs), ("eval", &eval_docs)] {
+                    let (sequences, count) =
+                        conversations(&spec, chat.train_on, &tokenizer, docs, config.block_size)?;
+                    if split == "train" && sequences.is_empty() {
+                        return Err(StageError::bad_input(match chat.train_on {
+                            TrainOn::Assistant => format!(
+                                "`chat.train_on` = \"assistant\", but none of the {} \
+                                conversations of the train split has an assistant turn to train \
+                                on; add the replies, or set `chat.train_on = \"all\"`",
+                                count.conversations
+                            ),
+                            TrainOn::All => {
+                                "the train split has no conversation to train on".into()
+                            }
+                        }));
+                    }
+                    if let Some(note) = count.note(split, config.block_size) {
+                        ctx.note(&note);
+                    }
+                    counts.insert(split.into(), serde_json::to_value(&count).expect("counts"));
+                    blocks.push(pack_sequences(&sequences, config.block_size));
+                }
+                let eval = blocks.pop().expect("two splits");
+                (blocks.pop().expect("two splits"), eval)
+            }
+        };
         let started = std::time::Instant::now();
         let noted = std::cell::Cell::new(false);
         let trained = train(
@@ -358,6 +408,7 @@ impl Stage for FinetuneStage {
             "tokens": m.tokens,
             "train_blocks": train_blocks.len(),
             "eval_blocks": eval_blocks.len(),
+            "trained_tokens": train_blocks.iter().map(Block::trained).sum::<usize>(),
             "initial_eval_loss": first,
             "final_eval_loss": last,
             "initial_perplexity": first.map(f64::exp),
@@ -366,6 +417,10 @@ impl Stage for FinetuneStage {
             "train_loss": m.train_loss,
             "eval_loss": m.eval_loss,
         });
+        let mut metrics = metrics;
+        if !counts.is_empty() {
+            metrics["conversations"] = counts.into();
+        }
         write_json(&ctx.output("metrics.json"), &metrics)?;
         std::fs::write(
             ctx.output("loss.svg"),
@@ -383,6 +438,132 @@ impl Stage for FinetuneStage {
         );
         Ok(summary)
     }
+}
+
+/// What became of a split's conversations.
+#[derive(Debug, Default, serde::Serialize)]
+struct ConversationCounts {
+    conversations: usize,
+    /// Trained as they are.
+    kept: usize,
+    /// Without an assistant turn (with `train_on = "assistant"`): skipped.
+    no_assistant_turn: usize,
+    /// Longer than a block: cut to `block_size + 1` tokens, later turns lost.
+    truncated: usize,
+    /// Longer than a block, with nothing to train in the part that fits: skipped.
+    skipped_too_long: usize,
+}
+
+impl ConversationCounts {
+    /// The build's note, when a conversation did not train whole.
+    fn note(&self, split: &str, block_size: usize) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.no_assistant_turn > 0 {
+            parts.push(format!(
+                "{} without an assistant turn were skipped (nothing to train on)",
+                self.no_assistant_turn
+            ));
+        }
+        if self.truncated > 0 {
+            parts.push(format!(
+                "{} longer than `finetune.block_size` = {block_size} tokens were truncated to it \
+                (their later turns do not count)",
+                self.truncated
+            ));
+        }
+        if self.skipped_too_long > 0 {
+            parts.push(format!(
+                "{} were skipped: nothing they train fits in {block_size} tokens",
+                self.skipped_too_long
+            ));
+        }
+        (!parts.is_empty()).then(|| {
+            format!(
+                "{split} split, {} conversations: {}",
+                self.conversations,
+                parts.join("; ")
+            )
+        })
+    }
+}
+
+/// The documents as conversations rendered with the chat template and
+/// tokenized, each token marked trained when it overlaps a trained span of
+/// the text (as transformers' `return_assistant_tokens_mask` marks them):
+/// the assistant turns with `train_on = "assistant"`, else all of it.
+fn conversations(
+    spec: &ChatSpec,
+    train_on: TrainOn,
+    tokenizer: &tokenizers::Tokenizer,
+    docs: &[Document],
+    block_size: usize,
+) -> Result<(Vec<Masked>, ConversationCounts), StageError> {
+    let mut count = ConversationCounts::default();
+    let mut sequences = Vec::new();
+    for (n, doc) in docs.iter().enumerate() {
+        let at = || {
+            doc.at()
+                .map_or_else(|| format!("document {}", n + 1), |a| format!("`{a}`"))
+        };
+        let Some(messages) = doc.conversation() else {
+            return Err(StageError::bad_input(format!(
+                "{}: plain text in a chat corpus; every record must be a conversation (or a \
+                prompt/completion pair)",
+                at()
+            )));
+        };
+        count.conversations += 1;
+        let refused = |e: crate::chat::ChatError| StageError::bad_input(format!("{}: {e}", at()));
+        let (text, spans) = match train_on {
+            TrainOn::Assistant => {
+                let rendered = spec
+                    .template
+                    .render_for_training(&messages, &spec.render, &spec.end_of_turn)
+                    .map_err(refused)?;
+                (rendered.text, rendered.assistant)
+            }
+            TrainOn::All => {
+                let text = spec
+                    .template
+                    .render(&messages, &spec.render)
+                    .map_err(refused)?;
+                let all = 0..text.len();
+                (text, vec![all])
+            }
+        };
+        if spans.is_empty() {
+            count.no_assistant_turn += 1;
+            continue;
+        }
+        // As apply_chat_template tokenizes: the template writes any BOS itself.
+        let encoding = tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| StageError::failed(format!("cannot tokenize a conversation: {e}")))?;
+        let mut ids = encoding.get_ids().to_vec();
+        let mut trained: Vec<bool> = encoding
+            .get_offsets()
+            .iter()
+            .map(|&(start, end)| {
+                end > start && spans.iter().any(|s| start < s.end && end > s.start)
+            })
+            .collect();
+        if ids.len() > block_size + 1 {
+            ids.truncate(block_size + 1);
+            trained.truncate(block_size + 1);
+            if !trained[1..].contains(&true) {
+                count.skipped_too_long += 1;
+                continue;
+            }
+            count.truncated += 1;
+        } else if ids.len() < 2 || !trained[1..].contains(&true) {
+            count.no_assistant_turn += 1;
+            continue;
+        } else {
+            count.kept += 1;
+        }
+        sequences.push(Masked { ids, trained });
+    }
+    Ok((sequences, count))
 }
 
 /// Round tick positions covering `lo..=hi`: steps of 1, 2 or 5 times a

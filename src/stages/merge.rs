@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::shared::{
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, ModelStage, TRAINED_WEIGHTS, copy, load_base,
-    model_error, tokenizer_config, write_json, writers,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, Artifact, ChatSpec, ModelStage, TRAINED_WEIGHTS, copy,
+    load_base, model_error, tokenizer_config, write_json, writers,
 };
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
+use crate::manifest::Chat;
 use crate::model::{self, lora};
 
 /// The stage is its settings: none of its own (what it merges is its inputs).
@@ -22,6 +23,10 @@ pub struct MergeStage {
     /// keyed by digest.
     #[serde(rename = "@model_stage")]
     pub model_stage: ModelStage,
+    /// A chat model: the template it was trained with goes into the folder,
+    /// and its end-of-turn token ends generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<Chat>,
 }
 
 impl MergeStage {
@@ -63,16 +68,20 @@ impl Stage for MergeStage {
         super::shared::tools()
     }
     fn publishes(&self) -> Vec<(String, String)> {
-        [
+        let mut files = vec![
             "config.json",
             "generation_config.json",
             "model.safetensors",
             "tokenizer.json",
             "tokenizer_config.json",
-        ]
-        .iter()
-        .map(|f| (f.to_string(), f.to_string()))
-        .collect()
+        ];
+        if self.chat.is_some() {
+            files.push(CHAT_TEMPLATE_FILE);
+        }
+        files
+            .iter()
+            .map(|f| (f.to_string(), f.to_string()))
+            .collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
         let weights: PathBuf = if self.lora {
@@ -104,15 +113,66 @@ impl Stage for MergeStage {
         let base = ctx
             .input(self.model_stage.name(), "tokenizer_config.json")
             .ok();
-        write_json(
-            &ctx.output("tokenizer_config.json"),
-            &tokenizer_config(
-                &ctx.output("config.json"),
-                &ctx.output("tokenizer.json"),
-                base,
-            )?,
+        let chat = match &self.chat {
+            Some(chat) => {
+                let tokenizer = tokenizers::Tokenizer::from_file(ctx.output("tokenizer.json"))
+                    .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+                let spec = ChatSpec::resolve(ctx, self.model_stage, chat, &tokenizer)?;
+                end_turns(ctx, &spec)?;
+                Some(spec)
+            }
+            None => None,
+        };
+        let mut config = tokenizer_config(
+            &ctx.output("config.json"),
+            &ctx.output("tokenizer.json"),
+            base,
         )?;
+        if let Some(spec) = &chat {
+            // Where transformers (4.43 on) and transformers.js read it; and
+            // a file of its own, as transformers 4.50 on saves it.
+            config["chat_template"] = spec.source.clone().into();
+            std::fs::write(ctx.output(CHAT_TEMPLATE_FILE), &spec.source)
+                .map_err(|e| super::shared::io(&ctx.output(CHAT_TEMPLATE_FILE), e))?;
+        }
+        write_json(&ctx.output("tokenizer_config.json"), &config)?;
         let size = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
         Ok(serde_json::json!({ "model_bytes": size }))
     }
+}
+
+/// The chat template's own file in a model folder.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// A chat model ends its replies with the end-of-turn token: `config.json`'s
+/// `eos_token_id` is it (and so the tokenizer config's `eos_token`), and
+/// `generation_config.json` lists it first, then the ids it listed before
+/// (transformers and transformers.js stop at any of them).
+fn end_turns(ctx: &StageContext<'_>, spec: &ChatSpec) -> Result<(), StageError> {
+    let id = spec.end_of_turn_id;
+    let path = ctx.output("config.json");
+    let mut config: serde_json::Value = model::read_json(&path).map_err(model_error)?;
+    let before = config["eos_token_id"].clone();
+    config["eos_token_id"] = id.into();
+    write_json(&path, &config)?;
+    let path = ctx.output("generation_config.json");
+    let mut generation: serde_json::Value = if path.is_file() {
+        model::read_json(&path).map_err(model_error)?
+    } else {
+        serde_json::json!({ "bos_token_id": config["bos_token_id"] })
+    };
+    let mut ids = vec![u64::from(id)];
+    for old in [&generation["eos_token_id"], &before] {
+        let listed: Vec<u64> = match old {
+            serde_json::Value::Array(list) => list.iter().filter_map(|v| v.as_u64()).collect(),
+            other => other.as_u64().into_iter().collect(),
+        };
+        for old in listed {
+            if !ids.contains(&old) {
+                ids.push(old);
+            }
+        }
+    }
+    generation["eos_token_id"] = ids.into();
+    write_json(&path, &generation)
 }

@@ -155,10 +155,12 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             finetune,
             model_stage,
             base_name,
+            manifest.chat.clone(),
         )));
         stages.push(Box::new(merge::MergeStage {
             lora: finetune.method == FinetuneMethod::Lora,
             model_stage,
+            chat: manifest.chat.clone(),
         }));
     }
     if let Some(export) = &manifest.export {

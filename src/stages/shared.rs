@@ -318,8 +318,20 @@ pub fn load_base(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Document {
-    Text { text: String },
-    PromptCompletion { prompt: String, completion: String },
+    Text {
+        text: String,
+    },
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
+    /// A conversation, in OpenAI's form, and where it was read
+    /// (`file:line`, for messages about it).
+    Chat {
+        messages: Vec<crate::chat::Message>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
+    },
 }
 
 impl Document {
@@ -328,7 +340,125 @@ impl Document {
         match self {
             Document::Text { text } => vec![text],
             Document::PromptCompletion { prompt, completion } => vec![prompt, completion],
+            Document::Chat { messages, .. } => {
+                messages.iter().map(|m| m.content.as_str()).collect()
+            }
         }
+    }
+
+    /// The conversation it is in a chat build: its messages, or a
+    /// prompt/completion record's. Plain text is none.
+    pub fn conversation(&self) -> Option<Vec<crate::chat::Message>> {
+        match self {
+            Document::Text { .. } => None,
+            // One user turn and one assistant turn.
+            Document::PromptCompletion { prompt, completion } => Some(vec![
+                crate::chat::Message::new("user", prompt),
+                crate::chat::Message::new("assistant", completion),
+            ]),
+            Document::Chat { messages, .. } => Some(messages.clone()),
+        }
+    }
+
+    /// Where it was read, for a conversation.
+    pub fn at(&self) -> Option<&str> {
+        match self {
+            Document::Chat { at, .. } => at.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// The chat template a build trains with and ships, compiled, with what
+/// it renders with and the token that ends an assistant's turn.
+pub struct ChatSpec {
+    pub source: String,
+    pub template: crate::chat::ChatTemplate,
+    /// `bos_token`, `eos_token`, ... as the tokenizer config names them.
+    pub render: crate::chat::Render,
+    pub end_of_turn: String,
+    pub end_of_turn_id: u32,
+}
+
+impl ChatSpec {
+    /// The template `chat` names, for the model of `stage` (its
+    /// `tokenizer_config.json` holds the base's template) and its tokenizer.
+    pub fn resolve(
+        ctx: &StageContext<'_>,
+        stage: ModelStage,
+        chat: &crate::manifest::Chat,
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> Result<ChatSpec, StageError> {
+        use crate::manifest::ChatTemplateSource;
+        let base_config: Option<serde_json::Value> = stage
+            .optional_file(ctx, "tokenizer_config.json")
+            .map(|p| model::read_json(p).map_err(model_error))
+            .transpose()?;
+        let source = match &chat.template {
+            ChatTemplateSource::Chatml => crate::chat::CHATML.to_string(),
+            ChatTemplateSource::File { source, .. } => source.clone(),
+            ChatTemplateSource::Base => base_config
+                .as_ref()
+                .and_then(|c| template_of(&c["chat_template"]))
+                .ok_or_else(|| {
+                    StageError::bad_input(
+                        "`chat.template` = \"base\", but the base model has no chat template \
+                        (its tokenizer_config.json has no `chat_template`); set `chat.template = \
+                        \"chatml\"` (its tokens `<|im_start|>` and `<|im_end|>` must be in the \
+                        tokenizer) or the path of a .jinja file",
+                    )
+                })?,
+        };
+        let template = crate::chat::ChatTemplate::new(&source)
+            .map_err(|e| StageError::bad_input(format!("`chat.template`: {e}")))?;
+        let config = tokenizer_config(
+            stage.file("config.json").path(ctx)?,
+            stage.file("tokenizer.json").path(ctx)?,
+            stage.optional_file(ctx, "tokenizer_config.json"),
+        )?;
+        let mut render = crate::chat::Render::default();
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            if let Some(token) = config[key].as_str() {
+                render
+                    .special_tokens
+                    .insert(key.to_string(), token.to_string());
+            }
+        }
+        let special: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+            .collect();
+        let end_of_turn = template
+            .end_of_turn(&render, &special)
+            .map_err(|e| StageError::bad_input(format!("`chat.template`: {e}")))?;
+        let end_of_turn_id = tokenizer.token_to_id(&end_of_turn).ok_or_else(|| {
+            StageError::bad_input(format!(
+                "`chat.template` ends turns with `{end_of_turn}`, which is not a token of the tokenizer"
+            ))
+        })?;
+        Ok(ChatSpec {
+            source,
+            template,
+            render,
+            end_of_turn,
+            end_of_turn_id,
+        })
+    }
+}
+
+/// A `chat_template` value: a string, or transformers' list of named
+/// templates (the `default` one).
+pub fn template_of(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => None,
     }
 }
 
@@ -440,12 +570,7 @@ pub fn read_new_tokens(path: &std::path::Path) -> Result<Vec<u32>, StageError> {
 /// The non-blank lines of documents' texts.
 pub fn document_lines(docs: &[Document]) -> Vec<String> {
     docs.iter()
-        .flat_map(|d| match d {
-            Document::Text { text } => vec![text.clone()],
-            Document::PromptCompletion { prompt, completion } => {
-                vec![prompt.clone(), completion.clone()]
-            }
-        })
+        .flat_map(Document::texts)
         .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
         .filter(|l| !l.trim().is_empty())
         .collect()

@@ -21,7 +21,7 @@ pub mod transformers_js;
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::Dtype;
-use crate::model::{LeftPadding, Model};
+use crate::model::{Model, RowLayout};
 use session::{OnnxLm, argmax};
 
 /// The bounds a file must meet (`[verify.tolerance.D]`); a bound left out is
@@ -182,6 +182,7 @@ pub fn generate(
     prompt: &str,
     max_new_tokens: usize,
     sampling: Option<&crate::model::Sampling>,
+    special: bool,
 ) -> Result<crate::model::Generation, VerifyError> {
     use crate::model::ModelError;
     let path = dir.join("onnx").join(dtype.file_name());
@@ -207,7 +208,7 @@ pub fn generate(
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| ModelError::io(&tokenizer_path, e))?;
     let input_ids = tokenizer
-        .encode(prompt, true)
+        .encode(prompt, special)
         .map_err(|e| ModelError::io(&tokenizer_path, e))?
         .get_ids()
         .to_vec();
@@ -471,7 +472,7 @@ fn reference_batch(work: &Workload, vocab: usize) -> usize {
 /// candle's logits for each sequence (`[len * vocab]` each), the sequences
 /// left-padded into one batch (with id 0, which no query sees).
 fn reference_logits(model: &Model, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, VerifyError> {
-    let (rows, padding) = LeftPadding::pad(sequences, 0);
+    let (rows, padding) = RowLayout::pad(sequences, 0);
     let longest = rows[0].len();
     let logits = model.forward_padded(
         &candle_core::Tensor::new(rows, model.device())?,
@@ -493,7 +494,7 @@ fn reference_logits(model: &Model, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32
 
 /// ONNX Runtime's logits for each sequence, as [`reference_logits`].
 fn onnx_logits(onnx: &mut OnnxLm, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, VerifyError> {
-    let (rows, padding) = LeftPadding::pad(sequences, 0);
+    let (rows, padding) = RowLayout::pad(sequences, 0);
     let (longest, vocab) = (rows[0].len(), onnx.vocab);
     let (logits, _) = onnx.run_batch(&rows, &padding, onnx.empty_past_for(rows.len())?)?;
     Ok(sequences

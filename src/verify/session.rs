@@ -9,7 +9,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use super::runtime::{RuntimeError, environment};
 use crate::model::rng::Rng;
-use crate::model::{LeftPadding, Sampling};
+use crate::model::{RowLayout, Sampling};
 
 /// The KV cache between calls: one `present.*` value per `past_key_values.*`
 /// input, in the graph's input order.
@@ -209,7 +209,7 @@ impl OnnxLm {
     /// Runs `ids` (one sequence) after `past`: the logits of every new
     /// position (`[ids.len() * vocab]`) and the grown cache.
     pub fn run(&mut self, ids: &[u32], past: Past) -> Result<(Vec<f32>, Past), RuntimeError> {
-        self.run_batch(&[ids.to_vec()], &LeftPadding::default(), past)
+        self.run_batch(&[ids.to_vec()], &RowLayout::default(), past)
     }
 
     /// Runs a left-padded batch: `rows` of one length after `past`, row `b`
@@ -219,7 +219,7 @@ impl OnnxLm {
     pub fn run_batch(
         &mut self,
         rows: &[Vec<u32>],
-        padding: &LeftPadding,
+        padding: &RowLayout,
         past: Past,
     ) -> Result<(Vec<f32>, Past), RuntimeError> {
         let (b, t) = (rows.len(), rows[0].len());
@@ -480,14 +480,14 @@ impl OnnxLm {
         &mut self,
         prompts: &[Vec<u32>],
         pad_id: u32,
-    ) -> Result<(Vec<Decoded>, LeftPadding, Past), RuntimeError> {
+    ) -> Result<(Vec<Decoded>, RowLayout, Past), RuntimeError> {
         if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
             return Err(RuntimeError::Ort(
                 "the prompt encodes to no tokens".to_string(),
             ));
         }
         let vocab = self.vocab;
-        let (rows, padding) = LeftPadding::pad(prompts, pad_id);
+        let (rows, padding) = RowLayout::pad(prompts, pad_id);
         let longest = rows[0].len();
         let (logits, past) =
             self.run_batch(&rows, &padding, self.empty_past_for(prompts.len())?)?;

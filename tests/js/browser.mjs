@@ -5,11 +5,18 @@
 //
 // REQUEST: {"prompt", "dtype" (optional: else the page's choice for its
 // device), "max_new_tokens", "runs" (optional), "webgpu" (optional: Chromium
-// with SwiftShader's WebGPU adapter)}. Prints JSON: {"state", "device" (the
-// one the page used), "dtype",
+// with SwiftShader's WebGPU adapter), "chat" (optional: the user's messages,
+// one string or a list, for a page in chat mode; else the prompt), "system"
+// (optional: the chat's system prompt)}. Prints JSON: {"state", "mode"
+// ("chat" where the folder's tokenizer has a chat template, else "text"),
+// "device" (the one the page used), "dtype",
 // "status", "ids", "output" (the text shown), "streamed" (how many pieces
 // the streamer delivered while generating), "examples" (the example
-// prompts), "requests" (every URL the page asked for), "crossOriginIsolated",
+// prompts), "chat" (in chat mode, a turn per message: {"message", "reply"
+// (the assistant bubble's text), "done" (its data-done), "eos" (whether it
+// ended at the end-of-turn token), "streamed", "seconds" (from the click on
+// Send to the finished reply), "ids" (the reply's tokens)}), "requests"
+// (every URL the page asked for), "crossOriginIsolated",
 // "console", "phoneWidth" ({playground, report}: the content's width at 390
 // px), "report" (report.html's text)}. Screenshots: SCREENSHOT, and beside it
 // -phone, -report and -report-phone.
@@ -37,10 +44,42 @@ try {
   await page.goto(url);
   const settled = (states) => page.waitForFunction((s) => s.includes(document.body.dataset.state), states, { timeout: 300_000 });
   await settled(['ready', 'error']);
-  if ((await page.evaluate(() => document.body.dataset.state)) === 'ready') {
-    await page.fill('#prompt', request.prompt);
+  result.mode = await page.evaluate(() => document.body.dataset.mode);
+  const ready = (await page.evaluate(() => document.body.dataset.state)) === 'ready';
+  if (ready) {
     if (request.dtype) await page.selectOption('#dtype', request.dtype);
     await page.fill('#max', String(request.max_new_tokens));
+  }
+  if (ready && result.mode === 'chat') {
+    // A chat: each message sent in turn, each reply awaited in its bubble.
+    result.chat = [];
+    if (request.system) await page.fill('#system', request.system);
+    for (const message of [request.chat ?? request.prompt].flat()) {
+      const turn = result.chat.length + 1;
+      await page.fill('#message', message);
+      const start = performance.now();
+      await page.click('#send');
+      await page.waitForFunction(
+        (n) => document.querySelectorAll('.bubble.assistant[data-done="true"]').length >= n || document.body.dataset.state === 'error',
+        turn,
+        { timeout: 300_000 },
+      );
+      const seconds = (performance.now() - start) / 1000;
+      if ((await page.evaluate(() => document.body.dataset.state)) === 'error') break;
+      const bubble = page.locator('.bubble.assistant').nth(turn - 1);
+      const ids = await page.textContent('#ids');
+      result.chat.push({
+        message,
+        reply: await bubble.textContent(),
+        done: (await bubble.getAttribute('data-done')) === 'true',
+        eos: (await bubble.getAttribute('data-eos')) === 'true',
+        streamed: Number(await bubble.getAttribute('data-streamed')),
+        seconds,
+        ids: ids ? JSON.parse(ids) : null,
+      });
+    }
+  } else if (ready) {
+    await page.fill('#prompt', request.prompt);
     // `runs` > 1: the same generation again (the first one warms ONNX Runtime up).
     for (let run = 0; run < (request.runs ?? 1); run++) {
       await page.evaluate(() => { document.body.dataset.state = 'ready'; });

@@ -18,7 +18,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{KvCache, LeftPadding, Linear, TokenMatrix};
+use super::layers::{KvCache, Linear, RowLayout, TokenMatrix};
 use super::lora::LoraTarget;
 use super::{ModelError, Result, read_json, rng::Rng};
 use crate::onnx::proto::ModelProto;
@@ -123,7 +123,7 @@ pub trait Network: std::fmt::Debug + Send + Sync {
         &self,
         input_ids: &Tensor,
         cache: Option<&mut KvCache>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor>;
 
     /// The network as an ONNX graph at standard opset `opset`, filling the

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 
 use super::{Config, GPT2};
 use crate::model::families::{Dims, Family, ModelConfig, Network};
-use crate::model::layers::{KvCache, LeftPadding, Linear, TokenMatrix, WeightLayout};
+use crate::model::layers::{KvCache, Linear, RowLayout, TokenMatrix, WeightLayout};
 use crate::model::lora::LoraTarget;
 use crate::model::{ModelError, Result, attention, ops, rng::Rng};
 use crate::onnx::proto::ModelProto;
@@ -64,14 +64,14 @@ impl Attention {
         &self,
         x: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = match cache {
             // No cache (training, scoring): queries, keys and values are read in place.
-            None => attention::attention_packed(&qkv, self.n_head, self.n_head, scale, &padding.0)?,
+            None => attention::attention_packed(&qkv, self.n_head, self.n_head, scale, padding)?,
             Some(slot) => {
                 let split = |i: usize| -> Result<Tensor> {
                     Ok(qkv
@@ -81,7 +81,7 @@ impl Attention {
                         .contiguous()?)
                 };
                 let (k, v) = KvCache::append(Some(slot), split(1)?, split(2)?)?;
-                attention::attention(&split(0)?, &k, &v, scale, &padding.0)?
+                attention::attention(&split(0)?, &k, &v, scale, padding)?
             }
         };
         self.c_proj.forward(&out)
@@ -140,7 +140,7 @@ impl Block {
         &self,
         x: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, cache, padding)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
@@ -307,7 +307,7 @@ impl Gpt2 {
         &self,
         input_ids: &Tensor,
         mut cache: Option<&mut KvCache>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
@@ -380,7 +380,7 @@ impl Network for Gpt2 {
         &self,
         input_ids: &Tensor,
         cache: Option<&mut KvCache>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         Gpt2::hidden(self, input_ids, cache, padding)
     }

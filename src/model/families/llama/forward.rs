@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 
 use super::{Config, QWEN2};
 use crate::model::families::{Dims, Family, ModelConfig, Network};
-use crate::model::layers::{KvCache, LeftPadding, Linear, TokenMatrix, WeightLayout};
+use crate::model::layers::{KvCache, Linear, RowLayout, TokenMatrix, WeightLayout};
 use crate::model::lora::LoraTarget;
 use crate::model::{ModelError, Result, attention, ops, rng::Rng};
 use crate::onnx::proto::ModelProto;
@@ -79,7 +79,7 @@ impl Attention {
         &self,
         x: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
         rotary: &Rotary<'_>,
         past: usize,
     ) -> Result<Tensor> {
@@ -93,7 +93,7 @@ impl Attention {
         let v = ops::split_heads(&self.v_proj.forward(x)?, kv, None)?;
         let (k, v) = KvCache::append(cache, k, v)?;
         // [b, t, heads · d]: query head i reads key-value head i / (h / kv).
-        let out = attention::attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), &padding.0)?;
+        let out = attention::attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), padding)?;
         self.o_proj.forward(&out)
     }
 }
@@ -343,7 +343,7 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         mut cache: Option<&mut KvCache>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
@@ -427,7 +427,7 @@ impl Network for Llama {
         &self,
         input_ids: &Tensor,
         cache: Option<&mut KvCache>,
-        padding: &LeftPadding,
+        padding: &RowLayout,
     ) -> Result<Tensor> {
         Llama::hidden(self, input_ids, cache, padding)
     }
