@@ -255,6 +255,16 @@ pub fn folder_template(dir: &std::path::Path) -> Result<Option<(ChatTemplate, Re
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
+    let file = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+    config_template(&config, file)
+}
+
+/// The chat template a `tokenizer_config.json` holds (else `file`'s), with
+/// the special tokens it names, rendering with the generation prompt.
+pub fn config_template(
+    config: &serde_json::Value,
+    file: Option<String>,
+) -> Result<Option<(ChatTemplate, Render)>, ChatError> {
     let source = match &config["chat_template"] {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(list) => list
@@ -264,7 +274,7 @@ pub fn folder_template(dir: &std::path::Path) -> Result<Option<(ChatTemplate, Re
             .map(str::to_string),
         _ => None,
     }
-    .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+    .or(file);
     let Some(source) = source else {
         return Ok(None);
     };

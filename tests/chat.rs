@@ -230,3 +230,200 @@ fn bad_conversations_and_templates_are_refused_at_their_line() {
     );
     assert_eq!(snapshot(&project.path("dist")), before);
 }
+
+/// A small scratch model trained on the demo's conversations, in ChatML,
+/// at the shape a test can afford; `max_new_tokens` for every client.
+const SCRATCH_CHAT: &str = r#"[project]
+name = "tiny-chat"
+
+[corpus]
+files = ["corpus/chat.jsonl"]
+eval_files = ["corpus/chat_eval.jsonl"]
+
+[tokenizer]
+vocab_size = 600
+
+[base]
+model = "scratch"
+n_layer = 2
+n_head = 2
+n_embd = 64
+n_positions = 160
+
+[finetune]
+method = "full"
+learning_rate = 3e-3
+warmup_steps = 10
+batch_size = 8
+block_size = 128
+max_steps = 120
+eval_every = 60
+
+[export]
+targets = ["fp32", "q8"]
+
+[verify]
+prompts = 4
+
+[web]
+dtype = "fp32"
+"#;
+
+const REPLY_TOKENS: usize = 48;
+
+fn scratch_chat_project() -> TestProject {
+    let project = TestProject::with_manifest(SCRATCH_CHAT, 0);
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let take = |name: &str, n: usize| -> String {
+        std::fs::read_to_string(corpus.join(name))
+            .unwrap()
+            .lines()
+            .take(n)
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    project.write("corpus/chat.jsonl", &take("chat.jsonl", 600));
+    project.write("corpus/chat_eval.jsonl", &take("chat_eval.jsonl", 30));
+    project
+}
+
+fn generate_chat(dist: &Path, user: &str, onnx: bool) -> serde_json::Value {
+    let n = REPLY_TOKENS.to_string();
+    let mut args = vec![
+        "generate",
+        "--chat",
+        "--user",
+        user,
+        "--json",
+        "--max-new-tokens",
+        &n,
+    ];
+    if onnx {
+        args.extend(["--backend", "onnx", "--dtype", "fp32"]);
+    }
+    let out = std::process::Command::new(common::BIN)
+        .args(&args)
+        .arg("--model")
+        .arg(dist)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The chat model from conversations to the page: ChatML's tokens in the
+/// trained tokenizer, `symb generate --chat` (candle and ONNX Runtime) ends
+/// its reply at `<|im_end|>`; transformers.js in Node renders the folder's
+/// template to Python transformers' ids and its pipeline answers a
+/// `messages` input with symb's tokens, stopping there; the playground in
+/// headless Chromium is a chat whose reply appears and stops.
+#[test]
+fn a_scratch_chat_model_answers_and_stops_in_symb_node_and_chromium() {
+    let project = scratch_chat_project();
+    project.build_ok();
+    let dist = project.path("dist");
+    let tokenizer = tokenizers::Tokenizer::from_file(dist.join("tokenizer.json")).unwrap();
+    let end = tokenizer
+        .token_to_id("<|im_end|>")
+        .expect("ChatML's tokens were added");
+    assert!(tokenizer.token_to_id("<|im_start|>").is_some());
+    let m = metrics(&project);
+    assert!(
+        m["final_eval_loss"].as_f64().unwrap() < m["initial_eval_loss"].as_f64().unwrap() * 0.5,
+        "{m}"
+    );
+    let user = "Translate to English: Tosoulso-ka merael-ni nunzaeima .";
+    let candle = generate_chat(&dist, user, false);
+    let ids: Vec<u64> = serde_json::from_value(candle["generated_ids"].clone()).unwrap();
+    assert_eq!(
+        ids.last(),
+        Some(&u64::from(end)),
+        "the reply ends at <|im_end|>: {candle}"
+    );
+    assert!(ids.len() < REPLY_TOKENS);
+    let onnx = generate_chat(&dist, user, true);
+    assert_eq!(onnx["generated_ids"], candle["generated_ids"]);
+    assert_eq!(onnx["input_ids"], candle["input_ids"]);
+    // transformers.js in Node, on the folder as it ships.
+    let messages = tempfile::NamedTempFile::new().unwrap();
+    let conversation = serde_json::json!([{"role": "user", "content": user}]);
+    std::fs::write(messages.path(), conversation.to_string()).unwrap();
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    let out = std::process::Command::new("node")
+        .arg(js.join("chat.mjs"))
+        .arg(&dist)
+        .arg(messages.path())
+        .arg("fp32")
+        .arg(REPLY_TOKENS.to_string())
+        .current_dir(&js)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(node["template_ids"], candle["input_ids"], "{node}");
+    assert_eq!(node["reply_ids"], candle["generated_ids"], "{node}");
+    assert_eq!(node["stopped_at_eos"], true);
+    // Python transformers renders and tokenizes the folder's template alike.
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys\nfrom transformers import AutoTokenizer\n\
+             t = AutoTokenizer.from_pretrained(sys.argv[1])\n\
+             ids = t.apply_chat_template(json.loads(sys.argv[2]), add_generation_prompt=True, tokenize=True)\n\
+             ids = ids['input_ids'] if isinstance(ids, dict) or hasattr(ids, 'keys') else ids\n\
+             print(json.dumps(list(ids)))",
+        ])
+        .arg(&dist)
+        .arg(conversation.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python_ids: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(python_ids, node["template_ids"]);
+    // The playground, served as a user serves it, is a chat.
+    let served = common::serve_bundled(&dist);
+    let request = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        request.path(),
+        serde_json::json!({"chat": user, "system": "", "max_new_tokens": REPLY_TOKENS, "webgpu": false})
+            .to_string(),
+    )
+    .unwrap();
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let out = std::process::Command::new("node")
+        .arg(js.join("browser.mjs"))
+        .arg(&served.url)
+        .arg(request.path())
+        .arg(artifacts.join("chat-playground.png"))
+        .current_dir(&js)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "browser.mjs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(page["mode"], "chat", "{page}");
+    let turn = &page["chat"][0];
+    assert_eq!(turn["done"], true, "{page}");
+    assert_eq!(
+        turn["eos"], true,
+        "the reply stops at the end of the turn: {page}"
+    );
+    assert_eq!(turn["ids"], candle["generated_ids"], "{page}");
+    assert!(!turn["reply"].as_str().unwrap().trim().is_empty());
+}

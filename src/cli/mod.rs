@@ -15,7 +15,7 @@ use crate::project::{Project, ProjectError};
 use render::{CliReporter, Mode};
 
 /// The recipes `symb init --recipe NAME` can write.
-pub const RECIPES: [(&str, &str); 4] = [
+pub const RECIPES: [(&str, &str); 6] = [
     // The example at the repository's root is this recipe (one file, not two copies).
     ("symbiotic", include_str!("../../symb.toml.example")),
     ("gpt2-lora", include_str!("../../recipes/gpt2-lora.toml")),
@@ -26,6 +26,21 @@ pub const RECIPES: [(&str, &str); 4] = [
     (
         "qwen2.5-lora",
         include_str!("../../recipes/qwen2.5-lora.toml"),
+    ),
+    ("chat", include_str!("../../recipes/chat.toml")),
+    (
+        "smollm2-chat",
+        include_str!("../../recipes/smollm2-chat.toml"),
+    ),
+];
+
+/// The demo's conversations (`corpus/gen_symbiotic.py --chat`), which
+/// `symb init` writes for a recipe that reads them.
+const CHAT_CORPUS: [(&str, &str); 2] = [
+    ("chat.jsonl", include_str!("../../corpus/chat.jsonl")),
+    (
+        "chat_eval.jsonl",
+        include_str!("../../corpus/chat_eval.jsonl"),
     ),
 ];
 
@@ -1226,6 +1241,17 @@ fn init(recipe: &str, path: &Path) -> Exit {
             std::fs::write(corpus.join("README.md"), CORPUS_NOTE)?;
             written.push(format!("`{}` (put your text here)", corpus.display()));
         }
+        // A chat recipe starts with the demo's conversations, so that it
+        // builds as it is.
+        if text.contains("corpus/chat.jsonl") {
+            for (name, conversations) in CHAT_CORPUS {
+                let file = corpus.join(name);
+                if !file.exists() {
+                    std::fs::write(&file, conversations)?;
+                    written.push(format!("`{}` (the demo's conversations)", file.display()));
+                }
+            }
+        }
         // Built things stay out of version control: append what is missing.
         let ignore = folder.join(".gitignore");
         let existing = match std::fs::read_to_string(&ignore) {
@@ -1273,7 +1299,12 @@ fn init(recipe: &str, path: &Path) -> Exit {
                 render::status(
                     "Next",
                     render::Tone::Note,
-                    "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"
+                    if text.contains("corpus/chat.jsonl") {
+                        "run `symb build`; then replace `corpus/chat.jsonl` with your conversations \
+                        (one `{\"messages\": [...]}` a line)"
+                    } else {
+                        "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"
+                    }
                 )
             );
             Exit::Success
@@ -1292,7 +1323,9 @@ reads it (`corpus/*.txt` in the recipes):\n\n\
 - `.txt`: one document per line;\n\
 - `.jsonl`: one JSON object per line, with a `text` field, or `prompt` and `completion`\n\
   (other names: `[corpus] text_field`, `prompt_field`, `completion_field`);\n\
-- `.csv`: a header row naming the columns, as for `.jsonl`.\n\n\
+- `.csv`: a header row naming the columns, as for `.jsonl`;\n\
+- conversations (`[corpus] format = \"chat\"`): `.jsonl`, one `{\"messages\": [{\"role\":\n\
+  \"user\", \"content\": \"...\"}, {\"role\": \"assistant\", ...}]}` a line.\n\n\
 A part of it (`eval_fraction`, 5% by default) is held out to measure the model\n\
 and to give the playground its example prompts. A few megabytes are enough to\n\
 start: `python3 corpus/gen_symbiotic.py` in symb's repository writes one in a\n\

@@ -197,6 +197,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             },
             model_stage,
             corpus: manifest.corpus.is_some(),
+            chat: manifest.chat.is_some() && finetune.is_some(),
         }));
         for &dtype in &export.targets {
             stages.push(Box::new(verify::VerifyStage::new(dtype, &settings)));

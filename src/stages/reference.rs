@@ -32,6 +32,10 @@ pub struct ReferenceStage {
     /// sample): the eval split is an input, keyed by digest.
     #[serde(rename = "@corpus")]
     pub corpus: bool,
+    /// A chat model: prompts are eval conversations rendered with its
+    /// template (the folder's `tokenizer_config.json`, keyed by digest).
+    #[serde(rename = "@chat", default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat: bool,
 }
 
 /// What of `[verify]` shapes the workload.
@@ -50,6 +54,9 @@ impl ReferenceStage {
         context: usize,
         eos: Option<u32>,
     ) -> Result<Workload, StageError> {
+        if self.chat {
+            return self.chat_workload(ctx, tokenizer, context, eos);
+        }
         let texts: Vec<String> = if self.corpus {
             read_documents(EVAL.path(ctx)?)?
                 .iter()
@@ -129,11 +136,117 @@ impl ReferenceStage {
 }
 
 impl ReferenceStage {
+    /// A chat model's workload: each eval conversation up to its last
+    /// assistant turn, rendered with the generation prompt, is a prompt (its
+    /// last tokens when long: the turn header must stay); the whole
+    /// conversations give the perplexity windows.
+    fn chat_workload(
+        &self,
+        ctx: &StageContext<'_>,
+        tokenizer: &tokenizers::Tokenizer,
+        context: usize,
+        eos: Option<u32>,
+    ) -> Result<Workload, StageError> {
+        let config: serde_json::Value =
+            crate::model::read_json(self.model_stage.file("tokenizer_config.json").path(ctx)?)
+                .map_err(super::shared::model_error)?;
+        let (template, render) = crate::chat::config_template(&config, None)
+            .ok()
+            .flatten()
+            .ok_or_else(|| StageError::failed("the chat model's folder has no chat template"))?;
+        let whole = crate::chat::Render {
+            add_generation_prompt: false,
+            ..render.clone()
+        };
+        let encode = |text: &str| -> Result<Vec<u32>, StageError> {
+            Ok(tokenizer
+                .encode(text, false)
+                .map_err(|e| StageError::failed(format!("cannot tokenize a verify prompt: {e}")))?
+                .get_ids()
+                .to_vec())
+        };
+        let conversations: Vec<Vec<crate::chat::Message>> = if self.corpus {
+            read_documents(EVAL.path(ctx)?)?
+                .iter()
+                .filter_map(super::shared::Document::conversation)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
+        let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
+        let asked: Vec<Vec<crate::chat::Message>> = match &self.verify.prompts {
+            RawPrompts::List(list) => list
+                .iter()
+                .map(|p| vec![crate::chat::Message::new("user", p)])
+                .collect(),
+            RawPrompts::Count(n) => {
+                let usable: Vec<Vec<crate::chat::Message>> = conversations
+                    .iter()
+                    .filter_map(|c| {
+                        let last = c.iter().rposition(|m| m.role == "assistant")?;
+                        (last > 0).then(|| c[..last].to_vec())
+                    })
+                    .collect();
+                let n = (*n as usize).min(usable.len());
+                (0..n)
+                    .map(|i| usable[i * usable.len() / n].clone())
+                    .collect()
+            }
+        };
+        let mut prompts = Vec::new();
+        for messages in asked {
+            let text = template
+                .render(&messages, &render)
+                .map_err(|e| StageError::bad_input(format!("`chat.template`: {e}")))?;
+            let mut ids = encode(&text)?;
+            if ids.len() > longest {
+                ids.drain(..ids.len() - longest);
+            }
+            let shown = tokenizer.decode(&ids, false).unwrap_or(text);
+            prompts.push((shown, ids));
+        }
+        if prompts.is_empty() {
+            return Err(StageError::bad_input(
+                "no verify prompts: no eval conversation has an assistant turn; list prompts in \
+                `verify.prompts`",
+            ));
+        }
+        prompts.sort_by_key(|(_, ids)| ids.len());
+        let window = WINDOW.min(context);
+        let mut stream = Vec::new();
+        for messages in &conversations {
+            if stream.len() >= PERPLEXITY_TOKENS + window {
+                break;
+            }
+            if let Ok(text) = template.render(messages, &whole) {
+                stream.extend(encode(&text)?);
+            }
+        }
+        let windows = stream
+            .chunks(window)
+            .filter(|w| w.len() >= 2)
+            .take(PERPLEXITY_TOKENS.div_ceil(window))
+            .map(<[u32]>::to_vec)
+            .collect();
+        Ok(Workload {
+            prompts,
+            windows,
+            max_new_tokens,
+            eos,
+        })
+    }
+}
+
+impl ReferenceStage {
     /// What it reads: the model, and the eval split for its prompts.
     fn inputs(&self) -> Vec<Artifact> {
         let mut inputs = self.model_stage.model().to_vec();
         if self.corpus {
             inputs.push(EVAL);
+        }
+        if self.chat {
+            inputs.push(self.model_stage.file("tokenizer_config.json"));
         }
         inputs
     }
