@@ -101,6 +101,7 @@ fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
     if path.starts_with("/api/models/") && path.contains("/revision/") {
         let siblings: Vec<_> = FILES
             .iter()
+            .chain(instruct(path).then_some(&"tokenizer_config.json"))
             .map(|f| serde_json::json!({"rfilename": f}))
             .chain([serde_json::json!({"rfilename": "README.md"})])
             .collect();
@@ -115,9 +116,20 @@ fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
         .split_once("/resolve/")
         .and_then(|(_, rest)| rest.split_once('/'))
         .map(|(_, f)| f.to_string());
-    match file.filter(|f| FILES.contains(&f.as_str())) {
+    match file
+        .filter(|f| FILES.contains(&f.as_str()) || (instruct(path) && f == "tokenizer_config.json"))
+    {
         Some(file) => {
-            let data = std::fs::read(dir.join(&file)).unwrap();
+            let mut data = std::fs::read(dir.join(&file)).unwrap();
+            // The instruct model's config holds its chat template (SmolLM2's ChatML).
+            if instruct(path) && file == "tokenizer_config.json" {
+                let mut config: serde_json::Value = serde_json::from_slice(&data).unwrap();
+                config["chat_template"] =
+                    std::fs::read_to_string(fixture().with_file_name("chat").join("smollm2.jinja"))
+                        .unwrap()
+                        .into();
+                data = serde_json::to_vec_pretty(&config).unwrap();
+            }
             let etag = blake3::hash(&data).to_hex().to_string();
             let (start, end) = range
                 .map(|(s, e)| (s, e.unwrap_or(data.len() - 1).min(data.len() - 1)))
@@ -134,12 +146,19 @@ fn respond(path: &str, range: Option<(usize, Option<usize>)>) -> Vec<u8> {
 
 /// The Hub ids symb's README lists as known to work, and the fixture that
 /// stands for each (same family, tokenizer kind and head).
-const LLAMA_REPOS: [(&str, &str); 4] = [
+const LLAMA_REPOS: [(&str, &str); 5] = [
     ("HuggingFaceTB/SmolLM2-135M", "tiny-llama"),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "tiny-llama"),
     ("Qwen/Qwen2.5-0.5B", "tiny-qwen2"),
     ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "tiny-llama-sp"),
     ("meta-llama/Llama-3.2-1B", "tiny-llama-sp"),
 ];
+
+/// Whether `path` is the instruct model's, whose repository also has a
+/// `tokenizer_config.json` (with its chat template).
+fn instruct(path: &str) -> bool {
+    path.contains("/SmolLM2-135M-Instruct/")
+}
 
 fn fixture_for(path: &str) -> PathBuf {
     let repo = path
@@ -351,6 +370,67 @@ fn llama_family_hub_ids_resolve_download_and_generate() {
             "{id}"
         );
     }
+}
+
+/// `symb init --recipe smollm2-chat` builds against the Hub (the instruct
+/// model served as the Llama fixture with SmolLM2's chat template): LoRA on
+/// the demo's conversations in the base's own template, and a chat folder
+/// whose turns end at `<|im_end|>`.
+#[test]
+fn the_smollm2_chat_recipe_builds_a_chat_folder_against_the_hub() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().unwrap();
+    let init = std::process::Command::new(common::BIN)
+        .args(["init", "--recipe", "smollm2-chat"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let project = TestProject { dir };
+    assert!(
+        project.path("corpus/chat.jsonl").is_file(),
+        "the demo's conversations"
+    );
+    // A test's budget: a few steps on 200 conversations.
+    let few: String = project
+        .read("corpus/chat.jsonl")
+        .lines()
+        .take(200)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    project.write("corpus/chat.jsonl", &few);
+    project.edit("epochs = 1\n", "max_steps = 3\n");
+    project.edit("block_size = 256", "block_size = 128");
+    project.write("symb.toml", &(project.read("symb.toml") + "\n[verify.tolerance.q8]\ntop1_agreement = 0.7\n[verify.tolerance.q4]\ntop1_agreement = 0.2\nkl_divergence = 1.0\n"));
+    let build = build(&project, &hub.endpoint());
+    assert_eq!(build.code, 0, "{}\n{:?}", build.stderr, build.events);
+    assert!(build.ran().contains("finetune") && build.ran().contains("bundle"));
+    let config: serde_json::Value =
+        serde_json::from_str(&project.read("dist/tokenizer_config.json")).unwrap();
+    let template =
+        std::fs::read_to_string(fixture().with_file_name("chat").join("smollm2.jinja")).unwrap();
+    assert_eq!(
+        config["chat_template"],
+        template.as_str(),
+        "the base's own template"
+    );
+    assert_eq!(config["eos_token"], "<|im_end|>");
+    assert_eq!(project.read("dist/chat_template.jinja"), template);
+    let generation: serde_json::Value =
+        serde_json::from_str(&project.read("dist/generation_config.json")).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(project.path("dist/tokenizer.json")).unwrap();
+    assert_eq!(
+        generation["eos_token_id"][0],
+        tokenizer.token_to_id("<|im_end|>").unwrap()
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
+    assert_eq!(metrics["conversations"]["train"]["conversations"], 200);
+    assert!(metrics["trained_tokens"].as_u64().unwrap() > 0);
 }
 
 /// `symb init --recipe smollm2-lora` and `--recipe qwen2.5-lora` build
