@@ -348,6 +348,48 @@ fn a_scratch_chat_model_answers_and_stops_in_symb_node_and_chromium() {
     let onnx = generate_chat(&dist, user, true);
     assert_eq!(onnx["generated_ids"], candle["generated_ids"]);
     assert_eq!(onnx["input_ids"], candle["input_ids"]);
+    // The conversation from a file: the same prompt as from the flags.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]}).to_string(),
+    )
+    .unwrap();
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(common::BIN)
+            .args([
+                "generate",
+                "--chat",
+                "--json",
+                "--max-new-tokens",
+                "4",
+                "--model",
+            ])
+            .arg(&dist)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let from_file = run(&["--messages", file.path().to_str().unwrap()]);
+    let from_flags = run(&["--system", "Be brief.", "--user", user]);
+    assert_eq!(from_file["input_ids"], from_flags["input_ids"]);
+    // Verify's prompts are eval conversations, rendered to the assistant's turn.
+    let report = read_json(&dist.join("reports/verify.fp32.json"));
+    for prompt in report["prompts"].as_array().unwrap() {
+        assert!(
+            prompt["text"]
+                .as_str()
+                .unwrap()
+                .ends_with("<|im_start|>assistant\n"),
+            "{prompt}"
+        );
+    }
     // transformers.js in Node, on the folder as it ships.
     let messages = tempfile::NamedTempFile::new().unwrap();
     let conversation = serde_json::json!([{"role": "user", "content": user}]);

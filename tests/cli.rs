@@ -164,16 +164,25 @@ fn every_commented_section_of_the_example_is_valid() {
     // Uncommenting the model sections gives a manifest the validator accepts
     // and a plan with every stage.
     let example = std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap();
-    // Everything but [vocab], which belongs to pretrained bases.
+    // Everything but [vocab], which belongs to pretrained bases, and
+    // [chat], which belongs to conversations.
     let uncommented: String = example
         .lines()
         .filter(|l| {
-            !["# [vocab]", "# strategy", "# init", "# pad_to_multiple_of"]
-                .iter()
-                .any(|p| l.starts_with(p))
+            ![
+                "# [vocab]",
+                "# strategy",
+                "# init",
+                "# pad_to_multiple_of",
+                "# [chat]",
+                "# template",
+                "# train_on",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
         })
         .map(|l| {
-            let alternative = ["# prompt_field", "# completion_field"]
+            let alternative = ["# prompt_field", "# completion_field", "# eval_files"]
                 .iter()
                 .any(|p| l.starts_with(p));
             if !alternative && (l.starts_with("# [") || (l.starts_with("# ") && l.contains(" = ")))
@@ -278,6 +287,35 @@ dist/
         String::from_utf8_lossy(&unknown.stderr)
             .contains("unknown recipe `nope`; available: symbiotic")
     );
+    // The chat recipe comes with the demo's conversations and plans as it is.
+    let chat = tempfile::tempdir().unwrap();
+    let init = Command::new(BIN)
+        .args(["init", "--recipe", "chat"])
+        .current_dir(chat.path())
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    for name in ["chat.jsonl", "chat_eval.jsonl"] {
+        assert_eq!(
+            std::fs::read(chat.path().join("corpus").join(name)).unwrap(),
+            std::fs::read(format!("{ROOT}/corpus/{name}")).unwrap()
+        );
+    }
+    let status = Command::new(BIN)
+        .args(["status", "--json"])
+        .current_dir(chat.path())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stdout).contains("finetune"));
     // Without a corpus the manifest says exactly what is missing.
     let build = run(&["build"]);
     assert_eq!(build.status.code(), Some(2));
