@@ -259,13 +259,10 @@ pub fn folder_template(dir: &std::path::Path) -> Result<Option<(ChatTemplate, Re
     config_template(&config, file)
 }
 
-/// The chat template a `tokenizer_config.json` holds (else `file`'s), with
-/// the special tokens it names, rendering with the generation prompt.
-pub fn config_template(
-    config: &serde_json::Value,
-    file: Option<String>,
-) -> Result<Option<(ChatTemplate, Render)>, ChatError> {
-    let source = match &config["chat_template"] {
+/// A `chat_template` value: a string, or transformers' list of named
+/// templates (the `default` one).
+pub fn template_source(value: &serde_json::Value) -> Option<String> {
+    match value {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(list) => list
             .iter()
@@ -274,7 +271,15 @@ pub fn config_template(
             .map(str::to_string),
         _ => None,
     }
-    .or(file);
+}
+
+/// The chat template a `tokenizer_config.json` holds (else `file`'s), with
+/// the special tokens it names, rendering with the generation prompt.
+pub fn config_template(
+    config: &serde_json::Value,
+    file: Option<String>,
+) -> Result<Option<(ChatTemplate, Render)>, ChatError> {
+    let source = template_source(&config["chat_template"]).or(file);
     let Some(source) = source else {
         return Ok(None);
     };

@@ -23,31 +23,11 @@ fn in_chromium(
     max_new_tokens: usize,
     screenshot: &Path,
 ) -> serde_json::Value {
-    assert!(
-        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
-        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
-    );
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(
-        js.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `bash tests/setup.sh`"
-    );
-    let request = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(request.path(), serde_json::json!({"prompt": prompt, "dtype": dtype, "max_new_tokens": max_new_tokens, "webgpu": webgpu}).to_string()).unwrap();
-    let out = Command::new("node")
-        .arg(js.join("browser.mjs"))
-        .arg(url)
-        .arg(request.path())
-        .arg(screenshot)
-        .current_dir(&js)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "browser.mjs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::browser_page(
+        url,
+        &serde_json::json!({"prompt": prompt, "dtype": dtype, "max_new_tokens": max_new_tokens, "webgpu": webgpu}),
+        screenshot,
+    )
 }
 
 #[test]

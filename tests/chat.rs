@@ -436,29 +436,13 @@ fn a_scratch_chat_model_answers_and_stops_in_symb_node_and_chromium() {
     assert_eq!(python_ids, node["template_ids"]);
     // The playground, served as a user serves it, is a chat.
     let served = common::serve_bundled(&dist);
-    let request = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        request.path(),
-        serde_json::json!({"chat": user, "system": "", "max_new_tokens": REPLY_TOKENS, "webgpu": false})
-            .to_string(),
-    )
-    .unwrap();
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let out = std::process::Command::new("node")
-        .arg(js.join("browser.mjs"))
-        .arg(&served.url)
-        .arg(request.path())
-        .arg(artifacts.join("chat-playground.png"))
-        .current_dir(&js)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "browser.mjs: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let page = common::browser_page(
+        &served.url,
+        &serde_json::json!({"chat": user, "system": "", "max_new_tokens": REPLY_TOKENS, "webgpu": false}),
+        &artifacts.join("chat-playground.png"),
     );
-    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(page["mode"], "chat", "{page}");
     let turn = &page["chat"][0];
     assert_eq!(turn["done"], true, "{page}");

@@ -106,32 +106,15 @@ impl ReferenceStage {
                     .to_string(),
             ));
         }
-        // Shortest first (ties in their order): a batch is padded to its
-        // longest prompt, so batches of like lengths pad least, in candle and
-        // in every `verify.<dtype>` (GPT-2 small's 15 English prompts of 26
-        // to 46 tokens: 610 prefill positions instead of 669).
-        prompts.sort_by_key(|(_, ids)| ids.len());
-        let window = WINDOW.min(context);
         let mut stream = Vec::new();
         for text in &texts {
-            if stream.len() >= PERPLEXITY_TOKENS + window {
+            if stream.len() >= PERPLEXITY_TOKENS + WINDOW.min(context) {
                 break;
             }
             stream.extend(encode(text)?);
             stream.extend(eos);
         }
-        let windows = stream
-            .chunks(window)
-            .filter(|w| w.len() >= 2)
-            .take(PERPLEXITY_TOKENS.div_ceil(window))
-            .map(<[u32]>::to_vec)
-            .collect();
-        Ok(Workload {
-            prompts,
-            windows,
-            max_new_tokens,
-            eos,
-        })
+        Ok(workload(prompts, &stream, context, max_new_tokens, eos))
     }
 }
 
@@ -212,29 +195,44 @@ impl ReferenceStage {
                 `verify.prompts`",
             ));
         }
-        prompts.sort_by_key(|(_, ids)| ids.len());
-        let window = WINDOW.min(context);
         let mut stream = Vec::new();
         for messages in &conversations {
-            if stream.len() >= PERPLEXITY_TOKENS + window {
+            if stream.len() >= PERPLEXITY_TOKENS + WINDOW.min(context) {
                 break;
             }
             if let Ok(text) = template.render(messages, &whole) {
                 stream.extend(encode(&text)?);
             }
         }
-        let windows = stream
-            .chunks(window)
-            .filter(|w| w.len() >= 2)
-            .take(PERPLEXITY_TOKENS.div_ceil(window))
-            .map(<[u32]>::to_vec)
-            .collect();
-        Ok(Workload {
-            prompts,
-            windows,
-            max_new_tokens,
-            eos,
-        })
+        Ok(workload(prompts, &stream, context, max_new_tokens, eos))
+    }
+}
+
+/// The workload of `prompts` and of perplexity windows cut from `stream`.
+fn workload(
+    mut prompts: Vec<(String, Vec<u32>)>,
+    stream: &[u32],
+    context: usize,
+    max_new_tokens: usize,
+    eos: Option<u32>,
+) -> Workload {
+    // Shortest first (ties in their order): a batch is padded to its
+    // longest prompt, so batches of like lengths pad least, in candle and
+    // in every `verify.<dtype>` (GPT-2 small's 15 English prompts of 26
+    // to 46 tokens: 610 prefill positions instead of 669).
+    prompts.sort_by_key(|(_, ids)| ids.len());
+    let window = WINDOW.min(context);
+    let windows = stream
+        .chunks(window)
+        .filter(|w| w.len() >= 2)
+        .take(PERPLEXITY_TOKENS.div_ceil(window))
+        .map(<[u32]>::to_vec)
+        .collect();
+    Workload {
+        prompts,
+        windows,
+        max_new_tokens,
+        eos,
     }
 }
 

@@ -399,7 +399,7 @@ impl ChatSpec {
             ChatTemplateSource::File { source, .. } => source.clone(),
             ChatTemplateSource::Base => base_config
                 .as_ref()
-                .and_then(|c| template_of(&c["chat_template"]))
+                .and_then(|c| crate::chat::template_source(&c["chat_template"]))
                 .ok_or_else(|| {
                     StageError::bad_input(
                         "`chat.template` = \"base\", but the base model has no chat template \
@@ -445,20 +445,6 @@ impl ChatSpec {
             end_of_turn,
             end_of_turn_id,
         })
-    }
-}
-
-/// A `chat_template` value: a string, or transformers' list of named
-/// templates (the `default` one).
-pub fn template_of(value: &serde_json::Value) -> Option<String> {
-    match value {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t["name"] == "default")
-            .and_then(|t| t["template"].as_str())
-            .map(str::to_string),
-        _ => None,
     }
 }
 

@@ -320,6 +320,41 @@ pub fn check_transformers_js(
     result
 }
 
+/// tests/js/browser.mjs: the playground at `url` in a headless Chromium,
+/// asked `request` (a prompt, or a chat message; the dtype, the device);
+/// its result.
+pub fn browser_page(
+    url: &str,
+    request: &serde_json::Value,
+    screenshot: &Path,
+) -> serde_json::Value {
+    assert!(
+        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
+        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
+    );
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(
+        js.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `bash tests/setup.sh`"
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), request.to_string()).unwrap();
+    let out = Command::new("node")
+        .arg(js.join("browser.mjs"))
+        .arg(url)
+        .arg(file.path())
+        .arg(screenshot)
+        .current_dir(&js)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "browser.mjs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Every file under `dir`, recursively.
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
