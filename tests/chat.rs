@@ -119,6 +119,37 @@ fn said(build: &common::Build) -> String {
     format!("{}\n{}", build.stderr, events.join("\n"))
 }
 
+/// A base folder that keeps its chat template in `chat_template.jinja`
+/// (transformers 4.50 on), with `template = "base"`: the template reaches
+/// the output folder, and its turns end where it says.
+#[test]
+fn a_base_template_in_chat_template_jinja_is_the_base_template() {
+    let project = llama_chat_project();
+    let fixture = fixtures().join("tiny-llama");
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::create_dir_all(project.path("model")).unwrap();
+        std::fs::copy(fixture.join(file), project.path("model").join(file)).unwrap();
+    }
+    let template = std::fs::read_to_string(fixtures().join("chat/smollm2.jinja")).unwrap();
+    project.write("model/chat_template.jinja", &template);
+    let manifest = project
+        .read("symb.toml")
+        .replace(&format!("path:{}", fixture.display()), "path:model")
+        .replace("template = \"chatml\"", "template = \"base\"");
+    project.write("symb.toml", &manifest);
+    project.build_ok();
+    let config = read_json(&project.path("dist/tokenizer_config.json"));
+    assert_eq!(config["chat_template"], template.as_str());
+    assert_eq!(config["eos_token"], "<|im_end|>");
+    assert_eq!(project.read("dist/chat_template.jinja"), template);
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }

@@ -92,6 +92,7 @@ pub fn download(repo: &str, resolved: &Resolved, cache_dir: &Path) -> Result<Pat
             "config.json"
                 | "tokenizer.json"
                 | "tokenizer_config.json"
+                | "chat_template.jinja"
                 | "generation_config.json"
                 | "model.safetensors"
                 | "model.safetensors.index.json"

@@ -138,6 +138,8 @@ pub fn folder_files(dir: &Path) -> Vec<ExternalFile> {
         "tokenizer.json".to_string(),
         "generation_config.json".to_string(),
         "tokenizer_config.json".to_string(),
+        // The chat template in a file of its own, as transformers 4.50 on saves it.
+        "chat_template.jinja".to_string(),
     ];
     if let Ok(weights) = model::weight_files(dir) {
         names.extend(
@@ -265,6 +267,23 @@ fn copy_folder(
     ] {
         if names.contains(&name) && dir.join(name).is_file() {
             copy(&dir.join(name), &ctx.output(name))?;
+        }
+    }
+    // A chat template saved as `chat_template.jinja` joins tokenizer_config.json,
+    // where the stages after this one (and transformers.js) read it.
+    let jinja = dir.join("chat_template.jinja");
+    if names.contains(&"chat_template.jinja") && jinja.is_file() {
+        let out = ctx.output("tokenizer_config.json");
+        let mut config: serde_json::Value = if out.is_file() {
+            model::read_json(&out).map_err(model_error)?
+        } else {
+            serde_json::json!({})
+        };
+        if config["chat_template"].is_null() {
+            config["chat_template"] = std::fs::read_to_string(&jinja)
+                .map_err(|e| super::shared::io(&jinja, e))?
+                .into();
+            super::shared::write_json(&out, &config)?;
         }
     }
     // A single float32 file holding exactly the model's tensors under their
