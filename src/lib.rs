@@ -12,8 +12,9 @@
 //! - [`onnx`]: the ONNX protobuf types, a graph builder and the decoder contract;
 //! - [`model`]: the model families in candle (each with its ONNX lowering), LoRA,
 //!   training, Hub and GGUF loading;
-//! - [`quant`]: the quantizers over ONNX graphs (fp16, q8, int8/uint8, q4, q4f16);
 //! - [`verify`]: an ONNX file in ONNX Runtime against the model's own forward pass;
+//! - [`quant`]: the quantizers over ONNX graphs (fp16, q8, int8/uint8, q4, q4f16),
+//!   the 4-bit ones calibrated on activations ONNX Runtime measures;
 //! - [`lint`]: an output folder against what transformers.js needs to load it;
 //! - [`serve`]: an output folder and its playground over HTTP on 127.0.0.1;
 //! - [`manifest`]: `symb.toml` parsed and validated, every error at its line;

@@ -46,6 +46,7 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
             "export",
             "quantize.fp16",
             "quantize.q8",
+            "calibrate",
             "quantize.q4",
             "quantize.q4f16",
             "reference",

@@ -336,8 +336,13 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
             quantize_embedding: embedding,
             ..Default::default()
         };
-        let (quantized, report) =
-            symb::quant::quantize(fp32.clone(), dtype.parse().unwrap(), options).unwrap();
+        let (quantized, report) = symb::quant::quantize(
+            fp32.clone(),
+            dtype.parse().unwrap(),
+            options,
+            &symb::quant::Blocks::default(),
+        )
+        .unwrap();
         if embedding {
             let g = quantized.graph.as_ref().unwrap();
             assert_eq!(

@@ -131,10 +131,11 @@ fn output(project: &TestProject) -> Vec<(PathBuf, Vec<u8>)> {
     files
 }
 
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 11] = [
     "corpus",
     "base",
     "export",
+    "calibrate",
     "quantize.q4",
     "reference",
     "verify.fp32",

@@ -334,7 +334,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         for dependency in stage.dependencies() {
             let done = &state.outcomes[&dependency];
             match &done.record {
-                Some(record) => upstream.push(record.clone()),
+                Some(record) => upstream.push(read_by(stage, record.clone())),
                 None => {
                     let why = if done.status == StageStatus::Skipped {
                         "was skipped"
@@ -423,7 +423,7 @@ fn run_stage(shared: &Shared<'_>, stage: &dyn Stage) -> StageOutcome {
         ..failed(reason, error)
     };
     // The upstream blobs are about to be read: re-hash them first.
-    let paths = match ensure_inputs(shared, &mut upstream) {
+    let paths = match ensure_inputs(shared, stage, &mut upstream) {
         Ok((paths, rebuilt)) => {
             if rebuilt {
                 // An upstream stage was rebuilt from scratch; its bytes may differ.
@@ -713,11 +713,21 @@ fn rerun_reasons(
     }
 }
 
-/// Re-hashes every upstream blob about to be read. A corrupt blob is deleted
-/// and its producer rebuilt (recursively), so corrupt bytes are never served.
-/// Returns the blob paths by `stage/artifact`, and whether anything was rebuilt.
+/// `record` with only the outputs `stage` reads.
+fn read_by(stage: &dyn Stage, mut record: ActionRecord) -> ActionRecord {
+    record
+        .outputs
+        .retain(|artifact, _| stage.reads(&record.stage, artifact));
+    record
+}
+
+/// Re-hashes every upstream blob `stage` is about to read. A corrupt blob is
+/// deleted and its producer rebuilt (recursively), so corrupt bytes are never
+/// served. Returns the blob paths by `stage/artifact`, and whether anything
+/// was rebuilt.
 fn ensure_inputs(
     shared: &Shared<'_>,
+    stage: &dyn Stage,
     upstream: &mut [ActionRecord],
 ) -> Result<(BTreeMap<String, PathBuf>, bool), StageError> {
     let mut rebuilt = false;
@@ -731,7 +741,7 @@ fn ensure_inputs(
             shared
                 .reporter
                 .event(Event::CorruptBlob { message: &message });
-            *record = rebuild(shared, &record.stage)?;
+            *record = read_by(stage, rebuild(shared, &record.stage)?);
             rebuilt = true;
         }
     }
@@ -761,14 +771,17 @@ fn rebuild(shared: &Shared<'_>, name: &str) -> Result<ActionRecord, StageError> 
             .dependencies()
             .iter()
             .map(|d| {
-                state.outcomes[d]
-                    .record
-                    .clone()
-                    .expect("a finished upstream has a record")
+                read_by(
+                    stage,
+                    state.outcomes[d]
+                        .record
+                        .clone()
+                        .expect("a finished upstream has a record"),
+                )
             })
             .collect()
     };
-    let (paths, _) = ensure_inputs(shared, &mut upstream)?;
+    let (paths, _) = ensure_inputs(shared, stage, &mut upstream)?;
     let inputs = current_inputs(shared, stage, &upstream).map_err(StageError::bad_input_from)?;
     let record = run_miss(shared, stage, &inputs.key(), &inputs, paths, Instant::now())?;
     if let Some(done) = shared
@@ -980,7 +993,7 @@ pub fn status(
         let upstream: Vec<ActionRecord> = stage
             .dependencies()
             .iter()
-            .filter_map(|d| known[d].clone())
+            .filter_map(|d| known[d].clone().map(|r| read_by(stage, r)))
             .collect();
         let mut inputs = current_inputs(&shared, stage, &upstream)?;
         let mut key = None;

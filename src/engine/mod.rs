@@ -192,6 +192,13 @@ pub trait Stage: Send + Sync {
     fn dependencies(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Whether it reads `artifact` of its dependency `stage`: only what it
+    /// reads enters its key and its work's inputs, so a dependency's other
+    /// files can change without running it again (default: all of them).
+    fn reads(&self, stage: &str, artifact: &str) -> bool {
+        let _ = (stage, artifact);
+        true
+    }
     /// External files this stage reads (resolved when the plan is made).
     fn files(&self) -> &[ExternalFile] {
         &[]

@@ -148,6 +148,80 @@ fn early_cutoff_in_a_diamond() {
     assert_eq!(with_status(&outcome, StageStatus::Cached), ["a", "c"]);
 }
 
+/// A stage that writes `out` (its value's first character) and `note` (the
+/// whole value); with `only_out` it reads its dependencies' `out` alone.
+struct TwoFiles {
+    name: &'static str,
+    deps: Vec<String>,
+    value: String,
+    only_out: bool,
+}
+
+impl Stage for TwoFiles {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn kind(&self) -> &'static str {
+        "two-files"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn settings(&self) -> Settings {
+        [("value".to_string(), serde_json::json!(self.value))].into()
+    }
+    fn dependencies(&self) -> Vec<String> {
+        self.deps.clone()
+    }
+    fn reads(&self, _stage: &str, artifact: &str) -> bool {
+        !self.only_out || artifact == "out"
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let mut text = String::new();
+        for dep in &self.deps {
+            text.push_str(&std::fs::read_to_string(ctx.input(dep, "out")?).unwrap());
+            if self.only_out && ctx.input(dep, "note").is_ok() {
+                return Err(StageError::failed("was handed a file it does not read"));
+            }
+        }
+        text.push_str(&self.value[..1]);
+        std::fs::write(ctx.output("out"), text).unwrap();
+        std::fs::write(ctx.output("note"), &self.value).unwrap();
+        Ok(serde_json::json!({}))
+    }
+}
+
+#[test]
+fn a_file_a_stage_does_not_read_neither_keys_it_nor_reaches_it() {
+    let env = Env::new();
+    let stages = |value: &str, only_out: bool| -> Vec<Box<dyn Stage>> {
+        let stage = |name, deps: &[&str], value: &str, only_out| {
+            Box::new(TwoFiles {
+                name,
+                deps: deps.iter().map(|d| d.to_string()).collect(),
+                value: value.to_string(),
+                only_out,
+            }) as Box<dyn Stage>
+        };
+        vec![
+            stage("a", &[], value, false),
+            stage("b", &["a"], "b", only_out),
+        ]
+    };
+    assert_eq!(
+        with_status(&env.run(stages("x1", true), 1), StageStatus::Ran),
+        ["a", "b"]
+    );
+    // `a`'s note changes, its `out` does not: `b` reads only `out`.
+    let outcome = env.run(stages("x2", true), 1);
+    assert_eq!(with_status(&outcome, StageStatus::Ran), ["a"]);
+    assert_eq!(with_status(&outcome, StageStatus::Cached), ["b"]);
+    // A stage that reads both runs again when the note changes.
+    env.run(stages("x3", false), 1);
+    let outcome = env.run(stages("x4", false), 1);
+    assert_eq!(with_status(&outcome, StageStatus::Ran), ["a", "b"]);
+}
+
 #[test]
 fn a_failure_skips_its_dependents_only() {
     let env = Env::new();

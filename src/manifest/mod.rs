@@ -13,9 +13,9 @@ pub use raw::{
     RemoteEngine, RemoteFallback, TrainOn, VocabInit, VocabStrategy,
 };
 pub use resolve::{
-    Adapter, AdapterFiles, Base, BaseModel, Browser, Chat, ChatTemplateSource, Corpus, Device,
-    Export, Finetune, Manifest, Project, REMOTE_STAGES, Remote, Resources, TRANSFORMERS_JS_CDN,
-    TextFields, Tokenizer, TransformersJs, Verify, Vocab, Web, has_user_info,
+    Adapter, AdapterFiles, Base, BaseModel, Browser, Calibration, Chat, ChatTemplateSource, Corpus,
+    Device, Export, Finetune, Manifest, Project, REMOTE_STAGES, Remote, Resources,
+    TRANSFORMERS_JS_CDN, TextFields, Tokenizer, TransformersJs, Verify, Vocab, Web, has_user_info,
 };
 
 use std::path::Path;

@@ -254,6 +254,8 @@ pub struct RawExport {
     pub external_data: Option<ExternalData>,
     pub accuracy_level: Option<u64>,
     pub adapter: Option<String>,
+    pub calibration: Option<String>,
+    pub mixed: Option<bool>,
 }
 
 /// When ONNX initializers go to `model*.onnx_data` files.

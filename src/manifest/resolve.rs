@@ -305,6 +305,20 @@ pub struct Export {
     pub accuracy_level: u64,
     /// What the output folder's `adapter/` holds beside a LoRA adapter.
     pub adapter: AdapterFiles,
+    /// What the 4-bit files' blocks are chosen with.
+    pub calibration: Calibration,
+    /// The 4-bit files hold 8-bit weights where their bounds need them.
+    pub mixed: bool,
+}
+
+/// `export.calibration`: the data the 4-bit quantizers see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Calibration {
+    /// The corpus's train split (the default with a corpus): GPTQ.
+    Corpus,
+    /// None: each block rounded to nearest (RTN; the default without one).
+    None,
 }
 
 /// `export.adapter`: whether a LoRA adapter ships with the weights it was
@@ -486,7 +500,7 @@ pub(super) fn resolve(
         .transpose()?;
     let export = raw
         .export
-        .map(|e| resolve_export(&cx, e, finetune.as_ref()))
+        .map(|e| resolve_export(&cx, e, finetune.as_ref(), corpus.is_some()))
         .transpose()?;
     let verify = raw
         .verify
@@ -1701,6 +1715,7 @@ fn resolve_export(
     cx: &Ctx<'_>,
     raw: RawExport,
     finetune: Option<&Finetune>,
+    corpus: bool,
 ) -> Result<Export, ManifestError> {
     let opset = raw.opset.unwrap_or(17);
     if !(17..=21).contains(&opset) {
@@ -1775,7 +1790,40 @@ fn resolve_export(
             adapter's base, and this build trains no adapter (`finetune.method` = \"lora\")",
         ));
     }
+    let calibration = match raw.calibration.as_deref() {
+        None if corpus => Calibration::Corpus,
+        None | Some("none") => Calibration::None,
+        Some("corpus") if corpus => Calibration::Corpus,
+        Some("corpus") => {
+            return Err(cx.at(
+                &["export", "calibration"],
+                "`export.calibration` = \"corpus\" calibrates on the corpus's train split, and \
+                this manifest has no `[corpus]`; add one, or set \"none\" (round to nearest)",
+            ));
+        }
+        Some(other) => {
+            return Err(cx.at(
+                &["export", "calibration"],
+                format!(
+                    "`export.calibration` = \"{other}\": use \"corpus\" (the 4-bit blocks \
+                    chosen with the train split's activations, GPTQ; the default with a corpus) \
+                    or \"none\" (round to nearest)"
+                ),
+            ));
+        }
+    };
+    let mixed = raw.mixed.unwrap_or(false);
+    if mixed && calibration == Calibration::None {
+        return Err(cx.at(
+            &["export", "mixed"],
+            "`export.mixed` measures each candidate file on the train split's calibration \
+            windows, and `export.calibration` is \"none\" (or there is no `[corpus]`); set \
+            `export.calibration = \"corpus\"`",
+        ));
+    }
     Ok(Export {
+        calibration,
+        mixed,
         opset,
         targets,
         quantize_embedding: raw.quantize_embedding.unwrap_or(false),

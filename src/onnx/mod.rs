@@ -60,7 +60,7 @@ pub struct GraphBuilder {
     counter: usize,
 }
 
-fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> proto::ValueInfoProto {
+pub fn value_info(name: &str, elem_type: DataType, dims: &[Dim]) -> proto::ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| Dimension {

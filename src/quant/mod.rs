@@ -18,6 +18,10 @@
 //! quantized files carry the head as its own transposed initializer (the
 //! export multiplies by `Transpose(wte)`, which no quantizer can reach).
 
+pub mod calibrate;
+pub mod gptq;
+pub mod mixed;
+
 use std::collections::{HashMap, HashSet};
 
 use half::f16;
@@ -43,6 +47,8 @@ pub struct Report {
     pub weights_quantized: usize,
     /// Their element count.
     pub parameters_quantized: u64,
+    /// Of those, the ones whose blocks GPTQ chose with their input's Hessian.
+    pub weights_calibrated: usize,
     /// Bytes of initializer data before and after.
     pub weight_bytes_before: u64,
     pub weight_bytes_after: u64,
@@ -169,11 +175,74 @@ impl HeadBits {
     }
 }
 
-/// Quantizes the fp32 export `model` to `dtype`.
+/// A weight's blocks (B, scales) and whether GPTQ chose them.
+type Made = (Vec<u8>, Vec<f32>, bool);
+
+/// How the 4-bit dtypes make each weight's blocks: with GPTQ where the
+/// calibration has the weight's input (else by rounding to nearest), in the
+/// bits `bits` gives the weight (by the name of its MatMul's output;
+/// `logits` for the head) or else the dtype's, and once: blocks made for
+/// one file are kept for the next (a search assembles many).
+#[derive(Debug, Default)]
+pub struct Blocks<'a> {
+    pub calibration: Option<&'a calibrate::Calibration>,
+    pub bits: HashMap<String, Bits>,
+    made: std::sync::Mutex<HashMap<(String, Bits), Made>>,
+}
+
+impl<'a> Blocks<'a> {
+    /// Blocks chosen with `calibration` where given, in the dtype's bits.
+    pub fn new(calibration: Option<&'a calibrate::Calibration>) -> Self {
+        Blocks {
+            calibration,
+            ..Blocks::default()
+        }
+    }
+
+    fn bits_of(&self, output: &str, default: Bits) -> Bits {
+        self.bits.get(output).copied().unwrap_or(default)
+    }
+
+    /// The blocks (B, scales) of the weight written to `output` whose
+    /// `columns` (`n` of `k`) multiply `input`, and whether GPTQ chose them.
+    fn pack(
+        &self,
+        output: &str,
+        columns: impl FnOnce() -> Vec<f32>,
+        (k, n): (usize, usize),
+        bits: Bits,
+        input: &str,
+    ) -> (Vec<u8>, Vec<f32>, bool) {
+        let key = (output.to_string(), bits);
+        if let Some(made) = self.made.lock().expect("blocks lock").get(&key) {
+            return made.clone();
+        }
+        let columns = columns();
+        let made = match self.calibration.and_then(|c| c.hessians.get(input)) {
+            Some(h) if h.k == k => {
+                let (b, s) = gptq::pack_columns(&columns, k, n, bits, h, true);
+                (b, s, true)
+            }
+            _ => {
+                let (b, s) = pack_columns(&columns, k, n, bits);
+                (b, s, false)
+            }
+        };
+        self.made
+            .lock()
+            .expect("blocks lock")
+            .insert(key, made.clone());
+        made
+    }
+}
+
+/// Quantizes the fp32 export `model` to `dtype`, the 4-bit dtypes' blocks
+/// made as `blocks` says.
 pub fn quantize(
     mut model: ModelProto,
     dtype: Dtype,
     options: Options,
+    blocks: &Blocks<'_>,
 ) -> Result<(ModelProto, Report)> {
     let before: u64 = model
         .graph
@@ -199,7 +268,10 @@ pub fn quantize(
         Dtype::Q4 | Dtype::Q4f16 => {
             // The head in `head_bits`: a tied one (and with
             // `quantize_embedding` the embedding) from the embedding's rows.
-            let head = options.head_bits.bits();
+            let head = options
+                .head_bits
+                .bits()
+                .map(|b| blocks.bits_of(HEAD_OUTPUT, b));
             head_and_embedding(
                 &mut model,
                 &mut report,
@@ -207,6 +279,7 @@ pub fn quantize(
                 head,
                 options.quantize_embedding,
                 options.accuracy_level,
+                blocks,
             )?;
             if head.is_some() {
                 materialise_head(&mut model)?;
@@ -217,6 +290,7 @@ pub fn quantize(
                 Bits::Four,
                 head,
                 options.accuracy_level,
+                blocks,
             )?;
             if dtype == Dtype::Q4f16 {
                 to_fp16(&mut model, &mut report)?;
@@ -543,7 +617,7 @@ fn use_microsoft_domain(model: &mut ModelProto) {
 }
 
 /// Bits per weight in a MatMulNBits block of 32: 4 or 8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum Bits {
     Four,
     Eight,
@@ -588,7 +662,6 @@ pub fn pack(w: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Vec<f32>) {
 /// symmetric blockwise quantizer); rows past `k` pad with z (zero). Four
 /// bits pack two to a byte, the first in the low half.
 fn pack_columns(columns: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Vec<f32>) {
-    const BLOCK: usize = 32;
     let blocks = k.div_ceil(BLOCK);
     let per_block = bits.block_bytes();
     let mut packed = vec![0u8; n * blocks * per_block];
@@ -617,32 +690,36 @@ fn pack_columns(columns: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Ve
             for (q, &v) in q.iter_mut().zip(block) {
                 *q = (round(v * inverse) + zero as f32).clamp(0.0, top) as u8;
             }
-            match bits {
-                Bits::Four => {
-                    for (j, byte) in out.iter_mut().enumerate() {
-                        *byte = q[2 * j] | (q[2 * j + 1] << 4);
-                    }
-                }
-                Bits::Eight => out.copy_from_slice(&q),
-            }
+            write_block(&q, out, bits);
         }
     }
     (packed, scales)
+}
+
+/// Values in a MatMulNBits block.
+const BLOCK: usize = 32;
+
+/// The output of the MatMul that computes the head (the decoder contract's).
+pub const HEAD_OUTPUT: &str = "logits";
+
+/// One block's stored values `q` into its bytes: four bits two to a byte,
+/// the first in the low half.
+fn write_block(q: &[u8; BLOCK], out: &mut [u8], bits: Bits) {
+    match bits {
+        Bits::Four => {
+            for (j, byte) in out.iter_mut().enumerate() {
+                *byte = q[2 * j] | (q[2 * j + 1] << 4);
+            }
+        }
+        Bits::Eight => out.copy_from_slice(q),
+    }
 }
 
 /// `v.round()` (half away from zero) for |v| < 2³¹, without a libm call:
 /// the quantizers round every weight.
 #[inline]
 fn round(v: f32) -> f32 {
-    let t = v as i32 as f32;
-    let f = v - t;
-    if f >= 0.5 {
-        t + 1.0
-    } else if f <= -0.5 {
-        t - 1.0
-    } else {
-        t
-    }
+    symb_kernels::round(v)
 }
 
 /// The head and the embedding in blocks: a tied head (`MatMul(x,
@@ -660,6 +737,7 @@ fn head_and_embedding(
     head: Option<Bits>,
     embedding: bool,
     accuracy_level: i64,
+    blocks: &Blocks<'_>,
 ) -> Result<()> {
     let g = graph_mut(model);
     let initializers: HashMap<String, usize> = g
@@ -698,15 +776,16 @@ fn head_and_embedding(
             "a quantized embedding needs a width divisible by 32, and this model's is {width}"
         )));
     }
-    let rows = floats(wte)?;
     report.weights_quantized += 1;
-    report.parameters_quantized += rows.len() as u64;
-    let (packed, scales) = pack_columns(&rows, width, vocab, bits);
-    let blocks = width.div_ceil(32);
+    report.parameters_quantized += (vocab * width) as u64;
     let (x, logits) = (
         g.node[head_at].input[0].clone(),
         g.node[head_at].output[0].clone(),
     );
+    let rows = || floats(wte).unwrap_or_default();
+    let (packed, scales, calibrated) = blocks.pack(&logits, rows, (width, vocab), bits, &x);
+    report.weights_calibrated += usize::from(calibrated);
+    let blocks = width.div_ceil(32);
     let head_node = |b: &str, s: &str| {
         matmul_nbits_node(
             &x,
@@ -914,15 +993,21 @@ fn matmul_nbits(
     bits: Bits,
     head: Option<Bits>,
     accuracy_level: i64,
+    blocks: &Blocks<'_>,
 ) -> Result<()> {
+    let mut calibrated = 0;
     rewrite_weight_matmuls(model, report, |m| {
-        let bits = if m.node.output[0] == "logits" {
+        let output = &m.node.output[0];
+        let bits = if output == HEAD_OUTPUT {
             head?
         } else {
-            bits
+            blocks.bits_of(output, bits)
         };
         let (k, cols) = (m.dims[0], m.dims[1]);
-        let (packed, scales) = pack(&m.data, k, cols, bits);
+        let columns = || transpose(&m.data, k, cols);
+        let (packed, scales, gptq) =
+            blocks.pack(output, columns, (k, cols), bits, &m.node.input[0]);
+        calibrated += usize::from(gptq);
         let blocks = k.div_ceil(32);
         let (b_name, s_name) = (
             format!("{}_quantized", m.name),
@@ -952,6 +1037,7 @@ fn matmul_nbits(
             initializers,
         ))
     })?;
+    report.weights_calibrated += calibrated;
     use_microsoft_domain(model);
     Ok(())
 }

@@ -130,6 +130,86 @@ fn figure(value: f64, digits: usize) -> String {
     }
 }
 
+/// A mixed search's candidates (`mixed` of a quantize report) as an SVG:
+/// size across, KL on the calibration windows up (log scale), the bound
+/// dashed, the chosen file filled.
+fn candidates_svg(mixed: &serde_json::Value, bound: Option<f64>) -> String {
+    use std::fmt::Write;
+    let points: Vec<(f64, f64, bool)> = mixed["candidates"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter_map(|c| {
+                    Some((
+                        c["bytes"].as_f64()? / 1e6,
+                        c["kl_divergence"].as_f64()?.max(1e-12),
+                        c["eight_bit"] == mixed["chosen"],
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if points.is_empty() {
+        return String::new();
+    }
+    let (w, h, pad) = (560.0, 240.0, 48.0);
+    let calibration_bound = mixed["calibration_bounds"]["kl_divergence"].as_f64();
+    let ys = points
+        .iter()
+        .map(|p| p.1.log10())
+        .chain(bound.map(f64::log10))
+        .chain(calibration_bound.map(f64::log10));
+    let (y0, y1) = ys.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+    let (x0, x1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let sx = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * pad);
+    let sy = |y: f64| h - pad - (y.log10() - y0) / (y1 - y0).max(1e-9) * (h - 2.0 * pad);
+    let mut svg = format!(
+        "<svg viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"candidate files: size and KL\" \
+        font-size=\"13\"><text x=\"{pad}\" y=\"16\">KL on the calibration windows (log) against \
+        MB</text><line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/>",
+        h - pad,
+        w - pad,
+        h - pad
+    );
+    for (b, label) in [(bound, "bound"), (calibration_bound, "searched for")] {
+        if let Some(b) = b {
+            let y = sy(b);
+            let _ = write!(
+                svg,
+                "<line x1=\"{pad}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#b00020\" \
+                stroke-dasharray=\"4 3\"/><text x=\"{}\" y=\"{:.1}\" fill=\"#b00020\">{label} \
+                {}</text>",
+                w - pad,
+                pad + 4.0,
+                y - 4.0,
+                figure(b, 6)
+            );
+        }
+    }
+    for (x, y, chosen) in &points {
+        let _ = write!(
+            svg,
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"5\" fill=\"{}\" stroke=\"#0b57d0\"><title>{x:.2} \
+            MB, KL {}</title></circle>",
+            sx(*x),
+            sy(*y),
+            if *chosen { "#0b57d0" } else { "white" },
+            figure(*y, 6)
+        );
+    }
+    let _ = write!(
+        svg,
+        "<text x=\"{pad}\" y=\"{}\">{x0:.2} MB</text><text x=\"{}\" y=\"{}\" \
+        text-anchor=\"end\">{x1:.2} MB</text></svg>",
+        h - pad + 18.0,
+        w - pad,
+        h - pad + 18.0
+    );
+    svg
+}
+
 fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -372,6 +452,7 @@ impl BundleStage {
             "</table></div><p>{checked} The page loads {} on WebAssembly and {} on WebGPU.</p>",
             self.dtype, self.webgpu_dtype
         );
+        html.push_str(&self.four_bit_section(ctx));
         html.push_str(
             "<p>Bounds per dtype: <code>[verify.tolerance.D]</code> or symb's defaults; \
             details in <code>reports/verify.D.json</code>. Try the model: <a \
@@ -382,6 +463,76 @@ impl BundleStage {
 
     /// The card's section on the LoRA adapter: what `adapter/` holds and the
     /// Python that puts it on its base, when the base can be had.
+    /// How each 4-bit file's blocks were made (`reports/quantize.D.json`):
+    /// calibrated or rounded, and a mixed file's weights in 8 bits, its size
+    /// beside every weight in 4 and in 8 bits, and its candidates' size and
+    /// KL on the calibration windows, drawn.
+    fn four_bit_section(&self, ctx: &StageContext<'_>) -> String {
+        use std::fmt::Write;
+        let mut html = String::new();
+        for dtype in self.dtypes.iter().filter(|d| d.is_4bit()) {
+            let Some(q) = artifact_json(ctx, Artifact::new(dtype.producer_stage(), "report.json"))
+            else {
+                continue;
+            };
+            if html.is_empty() {
+                html.push_str("<h2>4-bit files</h2>");
+            }
+            let how = match q["calibration_tokens"].as_u64() {
+                Some(tokens) if tokens > 0 => format!(
+                    "{} of {} weights' blocks chosen by GPTQ with their inputs over {tokens} tokens                     of the train split",
+                    q["weights_calibrated"], q["weights_quantized"]
+                ),
+                _ => "every block rounded to nearest (no calibration)".to_string(),
+            };
+            let _ = write!(
+                html,
+                "<p><code>{}</code>: {how}.",
+                html_escape(dtype.file_name())
+            );
+            let m = &q["mixed"];
+            if !m.is_object() {
+                html.push_str("</p>");
+                continue;
+            }
+            let mb = |v: &serde_json::Value| format!("{:.2}", v.as_f64().unwrap_or(0.0) / 1e6);
+            let weights = m["weights"].as_array().cloned().unwrap_or_default();
+            let eight: Vec<String> = weights
+                .iter()
+                .filter(|w| w["bits"] == 8)
+                .map(|w| {
+                    format!(
+                        "<code>{}</code>",
+                        html_escape(w["weight"].as_str().unwrap_or(""))
+                    )
+                })
+                .collect();
+            let bound = m["bounds"]["kl_divergence"].as_f64();
+            let _ = write!(
+                html,
+                " Mixed: {} of {} weights in 8-bit blocks{}{}: {} MB, against {} MB with every                 weight in 4 bits and {} MB with every one in 8. In 8 bits: {}.</p>",
+                eight.len(),
+                weights.len(),
+                bound.map_or(String::new(), |b| format!(" to meet KL ≤ {}", figure(b, 6))),
+                if m["met"] == true {
+                    ""
+                } else {
+                    " (not met on the calibration windows even with all of them)"
+                },
+                mb(&q["file_bytes"]),
+                mb(&m["uniform_4bit_bytes"]),
+                mb(&m["uniform_8bit_bytes"]),
+                if eight.is_empty() {
+                    "none".to_string()
+                } else {
+                    eight.join(", ")
+                }
+            );
+            html.push_str(&candidates_svg(m, bound));
+        }
+        html
+    }
+
     fn adapter_section(&self, ctx: &StageContext<'_>, adapter: &AdapterCard) -> String {
         let config = artifact_json(ctx, ADAPTER_CONFIG).unwrap_or_default();
         let vocab = if self.vocab {
@@ -737,6 +888,12 @@ impl BundleStage {
         }
         inputs.extend(self.dtypes.iter().map(|&d| Artifact::onnx(d)));
         inputs.extend(self.dtypes.iter().map(|&d| Artifact::verify_report(d)));
+        inputs.extend(
+            self.dtypes
+                .iter()
+                .filter(|d| d.is_4bit())
+                .map(|d| Artifact::new(d.producer_stage(), "report.json")),
+        );
         if self.browser.is_some() {
             inputs.push(BROWSER_REPORT);
         }
@@ -762,7 +919,8 @@ impl Stage for BundleStage {
         // report.html says how verify goes along candle's tokens. 10:
         // `model_input_names` (and `add_bos_token` where the tokenizer
         // adds one) in tokenizer_config.json. 11: the stage is its settings.
-        11
+        // 12: report.html's 4-bit section.
+        12
     }
     fn settings(&self) -> Settings {
         settings_of(self)

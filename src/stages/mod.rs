@@ -3,6 +3,7 @@
 pub mod base;
 pub mod browser;
 pub mod bundle;
+pub mod calibrate;
 pub mod corpus;
 pub mod export;
 pub mod finetune;
@@ -176,7 +177,25 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             },
             model_stage,
         }));
+        let calibrated = export.calibration == crate::manifest::Calibration::Corpus
+            && export.targets.iter().any(|t| t.is_4bit());
+        if calibrated {
+            stages.push(Box::new(calibrate::CalibrateStage::new(
+                model_stage,
+                manifest.chat.is_some() && finetune.is_some(),
+            )));
+        }
+        // Every file is verified; `[verify]` only tunes how.
+        let settings = manifest.verify.clone().unwrap_or_default();
         for &dtype in export.targets.iter().filter(|t| **t != Dtype::Fp32) {
+            let mixed = export.mixed.then(|| {
+                let t = crate::verify::tolerance(dtype, settings.tolerance.get(&dtype));
+                crate::quant::mixed::Bounds {
+                    kl_divergence: t.kl_divergence,
+                    top1_agreement: t.top1_agreement,
+                    perplexity_ratio: t.perplexity_ratio,
+                }
+            });
             let options = crate::quant::Options {
                 quantize_embedding: export.quantize_embedding,
                 accuracy_level: export.accuracy_level as i64,
@@ -186,10 +205,10 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
                 dtype,
                 options,
                 export.external_data,
+                export.calibration,
+                mixed,
             )));
         }
-        // Every file is verified; `[verify]` only tunes how.
-        let settings = manifest.verify.clone().unwrap_or_default();
         stages.push(Box::new(reference::ReferenceStage {
             verify: reference::ReferenceSettings {
                 prompts: settings.prompts.clone(),

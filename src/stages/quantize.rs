@@ -6,7 +6,7 @@ use super::shared::{
 };
 use crate::dtype::Dtype;
 use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec_of};
-use crate::manifest::ExternalData;
+use crate::manifest::{Calibration, ExternalData};
 use crate::onnx::external::{self};
 
 /// Stage `quantize.<dtype>`: one quantized file from the fp32 export. The
@@ -28,10 +28,24 @@ pub struct QuantizeSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy_level: Option<i64>,
     pub external_data: ExternalData,
+    /// A 4-bit file's blocks chosen with the corpus's activations (GPTQ),
+    /// read from the `calibrate` stage's Hessians.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub calibrated: bool,
+    /// A 4-bit file with 8-bit weights where these bounds need them
+    /// (`export.mixed`; the dtype's verify tolerance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mixed: Option<crate::quant::mixed::Bounds>,
 }
 
 impl QuantizeStage {
-    pub fn new(dtype: Dtype, options: crate::quant::Options, external_data: ExternalData) -> Self {
+    pub fn new(
+        dtype: Dtype,
+        options: crate::quant::Options,
+        external_data: ExternalData,
+        calibration: Calibration,
+        mixed: Option<crate::quant::mixed::Bounds>,
+    ) -> Self {
         let export = QuantizeSettings {
             quantize_embedding: (options.quantize_embedding && dtype.is_4bit()).then_some(true),
             head_bits: dtype.is_4bit().then(|| options.head_bits.number()),
@@ -39,6 +53,8 @@ impl QuantizeStage {
                 && options.accuracy_level != crate::quant::ACCURACY_LEVEL)
                 .then_some(options.accuracy_level),
             external_data,
+            calibrated: dtype.is_4bit() && calibration == Calibration::Corpus,
+            mixed: mixed.filter(|_| dtype.is_4bit() && calibration == Calibration::Corpus),
         };
         QuantizeStage { dtype, export }
     }
@@ -60,7 +76,11 @@ impl QuantizeStage {
 impl QuantizeStage {
     /// What it reads: the fp32 export.
     fn inputs(&self) -> Vec<Artifact> {
-        vec![FP32_ONNX]
+        let mut inputs = vec![FP32_ONNX];
+        if self.export.calibrated {
+            inputs.push(super::shared::HESSIANS);
+        }
+        inputs
     }
 }
 
@@ -109,8 +129,53 @@ impl Stage for QuantizeStage {
         })
         .map_err(|e| StageError::failed("cannot read the fp32 export").because(e))?;
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "read the fp32 export");
-        let (model, report) = crate::quant::quantize(fp32, self.dtype, self.options())
-            .map_err(StageError::failed_from)?;
+        let calibration = self
+            .export
+            .calibrated
+            .then(|| {
+                super::shared::HESSIANS
+                    .path(ctx)
+                    .and_then(|p| crate::quant::calibrate::load(p).map_err(StageError::failed_from))
+            })
+            .transpose()?;
+        let started = std::time::Instant::now();
+        let (model, report, search) = match (self.export.mixed, &calibration) {
+            (Some(bounds), Some(calibration)) => {
+                let windows: Vec<Vec<u32>> =
+                    std::fs::read(super::shared::CALIBRATION_WINDOWS.path(ctx)?)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .and_then(|v| serde_json::from_value(v["ids"].clone()).ok())
+                        .ok_or_else(|| StageError::failed("the calibration windows do not read"))?;
+                let scratch = tempfile::tempdir()
+                    .map_err(|e| StageError::failed("cannot make a scratch folder").because(e))?;
+                let threads = crate::verify::session::Threads::shared(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    rayon::current_num_threads(),
+                );
+                let (model, report, search) = crate::quant::mixed::search(
+                    &fp32,
+                    self.dtype,
+                    self.options(),
+                    calibration,
+                    &windows,
+                    bounds,
+                    scratch.path(),
+                    threads,
+                    |message| ctx.progress(0, 0, message),
+                )
+                .map_err(StageError::failed_from)?;
+                (model, report, Some(search))
+            }
+            _ => {
+                let blocks = crate::quant::Blocks::new(calibration.as_ref());
+                let (model, report) =
+                    crate::quant::quantize(fp32, self.dtype, self.options(), &blocks)
+                        .map_err(StageError::failed_from)?;
+                (model, report, None)
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
         tracing::debug!(seconds = t.elapsed().as_secs_f64(), "quantized");
         let file = self.dtype.file_name();
         let written = write_onnx(model, &ctx.output(file), policy(self.export.external_data))?;
@@ -120,8 +185,15 @@ impl Stage for QuantizeStage {
         json["file"] = file.into();
         json["file_bytes"] = size.into();
         json["fp32_file_bytes"] = fp32_bytes.into();
+
+        if let Some(search) = &search {
+            json["mixed"] = serde_json::to_value(search).expect("the search serialises");
+        }
+        json["calibration_tokens"] = calibration.as_ref().map_or(0, |c| c.tokens).into();
         json["data_files"] = serde_json::to_value(&written.data_files).expect("serialises");
+        // The report holds no timing: the same inputs give the same bytes.
         super::shared::write_json(&ctx.output("report.json"), &json)?;
+        json["seconds"] = seconds.into();
         Ok(json)
     }
 }

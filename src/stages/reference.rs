@@ -106,14 +106,13 @@ impl ReferenceStage {
                     .to_string(),
             ));
         }
-        let mut stream = Vec::new();
-        for text in &texts {
-            if stream.len() >= PERPLEXITY_TOKENS + WINDOW.min(context) {
-                break;
-            }
-            stream.extend(encode(text)?);
-            stream.extend(eos);
-        }
+        let stream = super::shared::token_stream(
+            texts.iter().map(|t| t.as_str().into()),
+            tokenizer,
+            true,
+            eos,
+            PERPLEXITY_TOKENS + WINDOW.min(context),
+        )?;
         Ok(workload(prompts, &stream, context, max_new_tokens, eos))
     }
 }
@@ -195,15 +194,15 @@ impl ReferenceStage {
                 `verify.prompts`",
             ));
         }
-        let mut stream = Vec::new();
-        for messages in &conversations {
-            if stream.len() >= PERPLEXITY_TOKENS + WINDOW.min(context) {
-                break;
-            }
-            if let Ok(text) = template.render(messages, &whole) {
-                stream.extend(encode(&text)?);
-            }
-        }
+        let stream = super::shared::token_stream(
+            conversations
+                .iter()
+                .filter_map(|m| template.render(m, &whole).ok().map(Into::into)),
+            tokenizer,
+            false,
+            None,
+            PERPLEXITY_TOKENS + WINDOW.min(context),
+        )?;
         Ok(workload(prompts, &stream, context, max_new_tokens, eos))
     }
 }

@@ -111,6 +111,10 @@ pub const TRAINED_WEIGHTS: Artifact = Artifact::new("finetune", "model.safetenso
 pub const TRAINING_METRICS: Artifact = Artifact::new("finetune", "metrics.json");
 /// The fp32 export.
 pub const FP32_ONNX: Artifact = Artifact::new("export", "model.onnx");
+/// The Hessian of each weight input over the calibration windows.
+pub const HESSIANS: Artifact = Artifact::new("calibrate", "hessians.safetensors");
+/// The calibration windows' token ids and counts.
+pub const CALIBRATION_WINDOWS: Artifact = Artifact::new("calibrate", "calibration.json");
 /// The verification workload: prompts and windows as token ids, candle's greedy tokens.
 pub const WORKLOAD: Artifact = Artifact::new("reference", "reference.json");
 /// candle's logits over the prompts and its greedy tokens (see
@@ -446,6 +450,30 @@ impl ChatSpec {
             end_of_turn_id,
         })
     }
+}
+
+/// `texts` encoded one after another (with the tokenizer's special tokens
+/// when `add_special`; a rendered conversation has them already), each
+/// followed by `eos`, until the stream holds `limit` ids.
+pub fn token_stream<'a>(
+    texts: impl IntoIterator<Item = std::borrow::Cow<'a, str>>,
+    tokenizer: &tokenizers::Tokenizer,
+    add_special: bool,
+    eos: Option<u32>,
+    limit: usize,
+) -> Result<Vec<u32>, StageError> {
+    let mut stream = Vec::new();
+    for text in texts {
+        if stream.len() >= limit {
+            break;
+        }
+        let encoding = tokenizer
+            .encode(text.as_ref(), add_special)
+            .map_err(|e| StageError::failed(format!("cannot tokenize the corpus: {e}")))?;
+        stream.extend(encoding.get_ids());
+        stream.extend(eos);
+    }
+    Ok(stream)
 }
 
 /// Reads a `train.jsonl` / `eval.jsonl` artifact.

@@ -19,6 +19,9 @@ pub struct Past {
     pub len: usize,
 }
 
+/// Logits, the grown cache and the values of the outputs asked for.
+pub type Captured = (Vec<f32>, Past, Vec<Vec<f32>>);
+
 /// One decoder graph in a session.
 pub struct OnnxLm {
     session: Session,
@@ -222,6 +225,19 @@ impl OnnxLm {
         padding: &RowLayout,
         past: Past,
     ) -> Result<(Vec<f32>, Past), RuntimeError> {
+        let (logits, past, _) = self.run_capturing(rows, padding, past, &[])?;
+        Ok((logits, past))
+    }
+
+    /// [`run_batch`](Self::run_batch), also returning the values of the
+    /// graph's float outputs `extra` (flat, in their order).
+    pub fn run_capturing(
+        &mut self,
+        rows: &[Vec<u32>],
+        padding: &RowLayout,
+        past: Past,
+        extra: &[String],
+    ) -> Result<Captured, RuntimeError> {
         let (b, t) = (rows.len(), rows[0].len());
         debug_assert!(rows.iter().all(|r| r.len() == t));
         let total = past.len + t;
@@ -283,7 +299,16 @@ impl OnnxLm {
             .iter()
             .map(|name| outputs.remove(name).expect("checked at load"))
             .collect();
-        Ok((logits, Past { values, len: total }))
+        let captured = extra
+            .iter()
+            .map(|name| {
+                let value = outputs.get(name.as_str()).ok_or_else(|| {
+                    RuntimeError::Ort(format!("the graph has no `{name}` output"))
+                })?;
+                Ok(value.try_extract_tensor::<f32>()?.1.to_vec())
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        Ok((logits, Past { values, len: total }, captured))
     }
 
     /// Decoding with the cache, greedy or sampled exactly as candle's
