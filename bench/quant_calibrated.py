@@ -24,6 +24,8 @@ construction and process(), the model already loaded and not yet saved, GPTQ's
 calibration forward passes included; --quant-threads bounds their threads):
   ort-rtn        algo DEFAULT (round to nearest), is_symmetric=True,
                  accuracy_level=4: no zero points (MatMulNBits' implicit 8).
+  ort-rtn-asym   the same with is_symmetric=False: a 4-bit zero point per
+                 block (uint8, two per byte), 1/40 larger.   [not by default]
   ort-gptq       algo GPTQ, GPTQWeightOnlyQuantConfig(calibration_data_reader,
                  percdamp=0.01, block_size=128 (GPTQ's column block, not the
                  group), actorder=False, mse=False, perchannel=True), with
@@ -135,6 +137,7 @@ BITS, BLOCK, ACCURACY_LEVEL = 4, 32, 4
 # name -> (algorithm column, description)
 ORT_VARIANTS = {
     "ort-rtn": ("RTN sym", "MatMulNBitsQuantizer default algo (RTN), block 32, is_symmetric=True, accuracy_level=4"),
+    "ort-rtn-asym": ("RTN asym", "as ort-rtn with is_symmetric=False (4-bit zero points)"),
     "ort-gptq": ("GPTQ sym", "MatMulNBitsQuantizer + GPTQWeightOnlyQuantConfig(percdamp 0.01, block_size 128, actorder False), block 32, "
                              "is_symmetric=True, accuracy_level=4, calibrated"),
     "ort-gptq-asym": ("GPTQ asym", "as ort-gptq with is_symmetric=False (4-bit zero points)"),
@@ -344,7 +347,8 @@ def make_variant(name, fp32, path, feeds, args):
             q = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK, is_symmetric=symmetric,
                                      accuracy_level=ACCURACY_LEVEL, algo_config=config)
         else:
-            q = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK, is_symmetric=True, accuracy_level=ACCURACY_LEVEL)
+            q = MatMulNBitsQuantizer(model, bits=BITS, block_size=BLOCK, is_symmetric=name == "ort-rtn",
+                                     accuracy_level=ACCURACY_LEVEL)
         q.process()
         seconds = time.perf_counter() - start
         if gptq:
@@ -376,6 +380,9 @@ def blocks(path):
         zps.add("none" if zp is None else
                 ("uint8" if inits[zp].data_type == onnx.TensorProto.UINT8 else
                  onnx.helper.tensor_dtype_to_np_dtype(inits[zp].data_type).name) if zp in inits else "input")
+    # symb's affine blocks: the offsets ride on a float MatMul beside the MatMulNBits (`<weight>_offsets`).
+    if any(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1].endswith("_offsets") for n in model.graph.node):
+        zps = {"float offsets (MatMul)" if z == "none" else z for z in zps}
     return len(nodes), ",".join(sorted(kinds)) or "-", ",".join(sorted(zps)) or "-", ",".join(map(str, sorted(levels))) or "-"
 
 

@@ -16,9 +16,9 @@ pub enum Dtype {
     Fp32,
     /// Weights and compute in half precision; inputs and outputs stay fp32.
     Fp16,
-    /// Weight-only 8 bits: every weight, the head and the embedding in
-    /// 8-bit blocks of 32 (`MatMulNBits` and `GatherBlockQuantized`
-    /// `bits = 8`, symmetric); activations stay float.
+    /// Weight-only 8 bits: every weight, the head and the embedding held as
+    /// int8 in blocks of 32 (symmetric) and turned back into floats by
+    /// constant Cast and Mul; activations stay float.
     Q8,
     /// Dynamic int8 of the MatMul weights (`quantize_dynamic`, QInt8).
     Int8,

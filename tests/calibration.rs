@@ -89,6 +89,62 @@ fn calibrated_q4_moves_the_logits_less_than_rounding_to_nearest() {
             kl <= 0.6 * kl_rtn,
             "{architecture}: calibrated KL {kl} against RTN's {kl_rtn}"
         );
+
+        // Affine blocks (a scale and an offset each), calibrated: closer
+        // still, in a larger file; the calibration is reused.
+        project.edit("calibration = \"none\"", "q4_blocks = \"affine\"");
+        let build = project.build_ok();
+        assert!(!build.ran().contains("calibrate"), "{:?}", build.ran());
+        let affine_quantize = report(&project, "quantize.q4");
+        let affine = report(&project, "verify.q4")["metrics"]["kl_divergence"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            affine_quantize["weights_affine"].as_u64().unwrap() > 0,
+            "{affine_quantize}"
+        );
+        assert!(affine_quantize["weights_calibrated"].as_u64().unwrap() > 0);
+        let (bytes, affine_bytes) = (
+            quantize["file_bytes"].as_u64().unwrap(),
+            affine_quantize["file_bytes"].as_u64().unwrap(),
+        );
+        eprintln!(
+            "{architecture}: affine calibrated KL {affine:.3e} ({:.2}x symmetric's), \
+            {affine_bytes} bytes against {bytes}",
+            affine / kl
+        );
+        assert!(affine_bytes > bytes);
+        assert!(
+            affine < kl,
+            "{architecture}: affine KL {affine} against symmetric's {kl}"
+        );
+    }
+}
+
+/// The q4 file of `dist` in a headless Chromium, on WebAssembly and on
+/// WebGPU (SwiftShader): each gives `symb generate --backend onnx`'s greedy
+/// tokens (the file's MatMulNBits at `accuracy_level` 0, which both
+/// browser devices and native ONNX Runtime compute in fp32).
+fn check_chromium(dist: &std::path::Path, prompts: &[String]) {
+    let served = common::serve(dist);
+    let out = tempfile::tempdir().unwrap();
+    let devices = ["wasm", "webgpu"];
+    let result =
+        common::chromium_devices(&served.url, true, &devices, &["q4"], prompts, 8, out.path());
+    assert_eq!(
+        result["adapter"]["architecture"], "swiftshader",
+        "a WebGPU adapter (SwiftShader): {result}"
+    );
+    for device in devices {
+        let run = &result["runs"][device]["q4"];
+        assert!(run.get("error").is_none(), "q4 on {device}: {run}");
+        for (case, prompt) in run["cases"].as_array().unwrap().iter().zip(prompts) {
+            let native = common::onnx_generate(dist, "q4", prompt, 8);
+            assert_eq!(
+                case["ids"], native,
+                "q4 on {device} against native ONNX Runtime for {prompt:?}"
+            );
+        }
     }
 }
 
@@ -131,7 +187,8 @@ fn the_corpus_reruns_calibration_and_the_eval_split_does_not() {
     );
 }
 
-/// `export.calibration = "corpus"` without a corpus names the setting.
+/// `export.calibration = "corpus"` without a corpus names the setting; so
+/// does an unknown `export.q4_blocks`.
 #[test]
 fn corpus_calibration_without_a_corpus_is_refused_at_its_line() {
     let project = TestProject::with_manifest(
@@ -158,12 +215,24 @@ calibration = "corpus"
         "{}",
         build.stderr
     );
+    // An unknown block layout: its line, and the two there are.
+    project.edit("calibration = \"corpus\"", "q4_blocks = \"asymmetric\"");
+    let build = project.build(&[]);
+    assert_eq!(build.code, 2, "{}", build.stderr);
+    assert!(
+        build.stderr.contains("symb.toml:13")
+            && build.stderr.contains("\"symmetric\"")
+            && build.stderr.contains("\"affine\""),
+        "{}",
+        build.stderr
+    );
 }
 
 /// Issue 35, tests 2 and 3: with a q4 KL bound between uniform q4's and
 /// q8's, q4 fails its check (exit 3); with `mixed = true` the build passes
 /// with a q4 file smaller than q8's that meets the bound on the eval split,
-/// and transformers.js in Node gives its tokens as symb does.
+/// and transformers.js in Node gives its tokens as symb does, as it does in
+/// Chromium on WebAssembly and WebGPU; the same with affine blocks.
 #[test]
 fn a_mixed_q4_meets_a_bound_uniform_q4_misses_in_fewer_bytes_than_q8() {
     let project = TestProject::with_manifest(
@@ -171,7 +240,8 @@ fn a_mixed_q4_meets_a_bound_uniform_q4_misses_in_fewer_bytes_than_q8() {
             "targets = [\"fp32\", \"q4\"]",
             // The embedding in blocks too, shared with the tied head: this
             // small model's embedding is a third of its weights.
-            "targets = [\"fp32\", \"q8\", \"q4\"]\nquantize_embedding = true",
+            // Level 0: the browsers' arithmetic, so their tokens are native's.
+            "targets = [\"fp32\", \"q8\", \"q4\"]\nquantize_embedding = true\naccuracy_level = 0",
         ),
         900,
     );
@@ -242,4 +312,26 @@ fn a_mixed_q4_meets_a_bound_uniform_q4_misses_in_fewer_bytes_than_q8() {
 
     let prompts: Vec<String> = common::demo_lines()[2800..2803].to_vec();
     common::check_transformers_js(&project.path("dist"), &["q4"], &prompts, 8, &prompts);
+    check_chromium(&project.path("dist"), &prompts);
+
+    // Affine 4-bit blocks beside the 8-bit ones: the search runs again and
+    // the file meets the bound, in Node and in Chromium as natively.
+    project.edit("mixed = true", "mixed = true\nq4_blocks = \"affine\"");
+    let build = project.build_ok();
+    assert!(!build.ran().contains("calibrate"), "{:?}", build.ran());
+    let affine = report(&project, "quantize.q4");
+    assert!(affine["weights_affine"].as_u64().unwrap() > 0, "{affine}");
+    eprintln!(
+        "affine mixed q4: KL {:.3e}, {} bytes, {} weights in 8 bits",
+        kl("q4"),
+        affine["file_bytes"],
+        affine["mixed"]["chosen"]
+    );
+    assert!(
+        kl("q4") <= bound,
+        "affine mixed q4's KL {} > {bound}",
+        kl("q4")
+    );
+    common::check_transformers_js(&project.path("dist"), &["q4"], &prompts, 8, &prompts);
+    check_chromium(&project.path("dist"), &prompts);
 }

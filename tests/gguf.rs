@@ -344,6 +344,16 @@ max_new_tokens = 4
             vocab["new_tokens"].as_u64().unwrap() > 100,
             "{strategy}: {vocab}"
         );
+        // The file is Q4_1: q4's body in affine blocks (the default for
+        // such a base) holds its grid exactly, and GPTQ is left nothing to do.
+        let quantize: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dist.join("reports/quantize.q4.json")).unwrap())
+                .unwrap();
+        assert_eq!(quantize["weights_affine"], 210, "{strategy}: {quantize}");
+        assert!(
+            quantize["weights_calibrated"].as_u64().unwrap() <= 1,
+            "{strategy}: only the head is off the grid: {quantize}"
+        );
         for dtype in ["fp32", "fp16", "q8", "q4"] {
             let report: serde_json::Value = serde_json::from_slice(
                 &std::fs::read(dist.join(format!("reports/verify.{dtype}.json"))).unwrap(),

@@ -86,12 +86,17 @@ fn llama_family_folders_build_every_dtype_verified_and_run_in_transformers_js() 
                 };
                 let model = symb::onnx::read_model(&dist.join("onnx").join(file)).unwrap();
                 let g = model.graph.as_ref().unwrap();
-                assert_eq!(
-                    g.node
+                // The embedding's 4 or 8 bits are gathered as bytes and decoded in
+                // standard ops (onnxruntime-web's WebAssembly has no GatherBlockQuantized).
+                assert!(
+                    g.node.iter().any(|n| n.op_type.as_deref() == Some("Gather")
+                        && n.input[0] == "model.embed_tokens.weight_quantized"),
+                    "{name} {dtype}"
+                );
+                assert!(
+                    !g.node
                         .iter()
-                        .filter(|n| n.op_type.as_deref() == Some("GatherBlockQuantized"))
-                        .count(),
-                    1,
+                        .any(|n| n.op_type.as_deref() == Some("GatherBlockQuantized")),
                     "{name} {dtype}"
                 );
                 assert!(

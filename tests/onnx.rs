@@ -328,29 +328,42 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
         ("q4f16", 4.0, 0.4),
         ("q4+embedding", 4.0, 0.4),
         ("q4f16+embedding", 4.0, 0.4),
+        ("q4+affine", 4.0, 0.4),
+        ("q4f16+affine", 4.0, 0.4),
     ] {
-        let (dtype, embedding) = label
-            .split_once('+')
-            .map_or((label, false), |(d, _)| (d, true));
+        let (dtype, variant) = label.split_once('+').unwrap_or((label, ""));
+        let embedding = variant == "embedding";
+        let layout = if variant == "affine" {
+            symb::quant::Layout::Affine
+        } else {
+            symb::quant::Layout::Symmetric
+        };
         let options = symb::quant::Options {
             quantize_embedding: embedding,
+            layout,
             ..Default::default()
         };
         let (quantized, report) = symb::quant::quantize(
             fp32.clone(),
             dtype.parse().unwrap(),
             options,
-            &symb::quant::Blocks::default(),
+            &symb::quant::Blocks::new(None, layout),
         )
         .unwrap();
         if embedding {
             let g = quantized.graph.as_ref().unwrap();
-            assert_eq!(
-                g.node
+            // The embedding's 4 or 8 bits are gathered as bytes and decoded in
+            // standard ops (onnxruntime-web's WebAssembly has no GatherBlockQuantized).
+            assert!(
+                g.node.iter().any(|n| n.op_type.as_deref() == Some("Gather")
+                    && n.input[0] == "transformer.wte.weight_quantized"),
+                "{label}"
+            );
+            assert!(
+                !g.node
                     .iter()
-                    .filter(|n| n.op_type.as_deref() == Some("GatherBlockQuantized"))
-                    .count(),
-                1
+                    .any(|n| n.op_type.as_deref() == Some("GatherBlockQuantized")),
+                "{label}"
             );
             assert!(
                 !g.initializer
@@ -390,6 +403,9 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
             "q4" | "q4f16" => assert_eq!(report.matmul_nbits_nodes, linear, "{report:?}"),
             _ => {}
         }
+        // Affine: every body weight whose width tiles into blocks (the
+        // tied head stays symmetric: the embedding may share its blocks).
+        assert_eq!(report.weights_affine > 0, variant == "affine", "{report:?}");
         assert!(
             report.weight_bytes_after < report.weight_bytes_before,
             "{report:?}"
@@ -438,15 +454,17 @@ fn every_dtype_runs_in_onnx_runtime_near_pytorch() {
     }
 }
 
-/// The 4-bit packing is exact: ONNX Runtime's MatMulNBits over our packed
-/// weights equals an fp32 MatMul over the same weights dequantized here
-/// (w = (q − 8) · scale, B `[N, blocks, 16]`, two values per byte, low
-/// nibble first), on a K that is not a multiple of the block.
+/// The 4-bit packing is exact: ONNX Runtime runs symb's q4 graph of one
+/// MatMul as an fp32 MatMul over the same weights dequantized here from the
+/// blocks (B `[N, blocks, 16]`, two values per byte, low nibble first):
+/// symmetric, w = (q − 8) · scale, on a K that is not a multiple of the
+/// block (one MatMulNBits); affine, w = (q − 8) · scale + offset (MatMulNBits
+/// plus the input's block sums times the offsets).
 #[test]
 fn q4_packing_matches_onnx_runtime_exactly() {
     use symb::onnx::proto::tensor_proto::DataType;
-    use symb::onnx::{Attr, Dim, GraphBuilder, tensor_f32};
-    let (k, n) = (80usize, 24usize);
+    use symb::onnx::{Dim, GraphBuilder, tensor_f32};
+    use symb::quant::{Bits, Blocks, Layout, Options};
     let mut state = 1u64;
     let mut next = || {
         state = state
@@ -454,82 +472,93 @@ fn q4_packing_matches_onnx_runtime_exactly() {
             .wrapping_add(1442695040888963407);
         ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     };
-    let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
-    let (packed, scales) = symb::quant::pack(&w, k, n, symb::quant::Bits::Four);
-    let blocks = k.div_ceil(32);
-    let mut dequantized = vec![0f32; k * n];
-    for col in 0..n {
-        for row in 0..k {
-            let (b, j) = (row / 32, row % 32);
-            let byte = packed[(col * blocks + b) * 16 + j / 2];
-            let q = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
-            dequantized[row * n + col] = (q as f32 - 8.0) * scales[col * blocks + b];
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let graph = |nbits: bool| {
-        let mut g = GraphBuilder::new("one");
-        let x = g.input(
-            "x",
-            DataType::Float,
-            &[Dim::from("rows"), Dim::Fixed(k as i64)],
-        );
-        if nbits {
-            let b = g.initializer(symb::onnx::proto::TensorProto {
-                name: Some("B".into()),
-                dims: vec![n as i64, blocks as i64, 16],
-                data_type: Some(DataType::Uint8 as i32),
-                raw_data: Some(packed.clone().into()),
-                ..Default::default()
-            });
-            let s = g.initializer(tensor_f32("scales", &[n * blocks], &scales));
-            g.node_named(
-                "MatMulNBits",
-                Some("com.microsoft"),
-                &[&x, &b, &s],
-                &[
-                    ("K", Attr::Int(k as i64)),
-                    ("N", Attr::Int(n as i64)),
-                    ("bits", Attr::Int(4)),
-                    ("block_size", Attr::Int(32)),
-                ],
-                &["y"],
-            );
-        } else {
-            let w = g.initializer(tensor_f32("W", &[k, n], &dequantized));
-            g.node_named("MatMul", None, &[&x, &w], &[], &["y"]);
+    for (layout, k, ops) in [
+        (Layout::Symmetric, 80usize, vec!["MatMulNBits"]),
+        (
+            Layout::Affine,
+            96,
+            vec!["MatMul", "MatMulNBits", "MatMul", "Add"],
+        ),
+    ] {
+        let n = 24usize;
+        // Shifted so that the blocks do not straddle zero evenly.
+        let w: Vec<f32> = (0..k * n).map(|_| next() + 0.3).collect();
+        let packed = symb::quant::pack(&w, k, n, Bits::Four, layout);
+        assert_eq!(packed.offsets.is_some(), layout == Layout::Affine);
+        let blocks = k.div_ceil(32);
+        let mut dequantized = vec![0f32; k * n];
+        for col in 0..n {
+            for row in 0..k {
+                let (b, j) = (row / 32, row % 32);
+                let byte = packed.data[(col * blocks + b) * 16 + j / 2];
+                let q = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+                let offset = packed.offsets.as_ref().map_or(0.0, |o| o[col * blocks + b]);
+                dequantized[row * n + col] =
+                    (q as f32 - 8.0) * packed.scales[col * blocks + b] + offset;
+            }
         }
-        g.output(
-            "y",
-            DataType::Float,
-            &[Dim::from("rows"), Dim::Fixed(n as i64)],
+        let graph = |w: &[f32]| {
+            let mut g = GraphBuilder::new("one");
+            let x = g.input(
+                "x",
+                DataType::Float,
+                &[Dim::from("rows"), Dim::Fixed(k as i64)],
+            );
+            let w = g.initializer(tensor_f32("W", &[k, n], w));
+            g.node_named("MatMul", None, &[&x, &w], &[], &["y"]);
+            g.output(
+                "y",
+                DataType::Float,
+                &[Dim::from("rows"), Dim::Fixed(n as i64)],
+            );
+            g.finish(17)
+        };
+        // Level 0: fp32 compute, as the dense MatMul's.
+        let options = Options {
+            layout,
+            accuracy_level: 0,
+            ..Options::default()
+        };
+        let (quantized, report) = symb::quant::quantize(
+            graph(&w),
+            symb::dtype::Dtype::Q4,
+            options,
+            &Blocks::new(None, layout),
+        )
+        .unwrap();
+        let g = quantized.graph.as_ref().unwrap();
+        let found: Vec<&str> = g.node.iter().filter_map(|n| n.op_type.as_deref()).collect();
+        assert_eq!(found, ops, "{layout:?}");
+        assert_eq!(report.weights_affine, usize::from(layout == Layout::Affine));
+        let script = "import sys, numpy as np, onnxruntime as ort\n\
+                      x = np.random.default_rng(0).standard_normal((5, int(sys.argv[3]))).astype(np.float32)\n\
+                      a, b = (ort.InferenceSession(p, providers=['CPUExecutionProvider']).run(['y'], {'x': x})[0] for p in sys.argv[1:3])\n\
+                      print(float(np.abs(a - b).max()))";
+        symb::onnx::save(&quantized, &dir.path().join("nbits.onnx")).unwrap();
+        symb::onnx::save(&graph(&dequantized), &dir.path().join("dense.onnx")).unwrap();
+        let out = Command::new("python3")
+            .args(["-c", script])
+            .arg(dir.path().join("nbits.onnx"))
+            .arg(dir.path().join("dense.onnx"))
+            .arg(k.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        g.finish(17)
-    };
-    let script = "import sys, numpy as np, onnxruntime as ort\n\
-                  x = np.random.default_rng(0).standard_normal((5, int(sys.argv[3]))).astype(np.float32)\n\
-                  a, b = (ort.InferenceSession(p, providers=['CPUExecutionProvider']).run(['y'], {'x': x})[0] for p in sys.argv[1:3])\n\
-                  print(float(np.abs(a - b).max()))";
-    symb::onnx::save(&graph(true), &dir.path().join("nbits.onnx")).unwrap();
-    symb::onnx::save(&graph(false), &dir.path().join("dense.onnx")).unwrap();
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .arg(dir.path().join("nbits.onnx"))
-        .arg(dir.path().join("dense.onnx"))
-        .arg(k.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let error: f32 = String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(error < 1e-5, "MatMulNBits vs dequantized MatMul: {error}");
+        let error: f32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            error < 1e-5,
+            "{layout:?}: ONNX Runtime vs dequantized MatMul: {error}"
+        );
+    }
 }
 
 /// `export.external_data = "always"`: every file keeps its weights in

@@ -36,7 +36,7 @@ fn golden_logits() -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// tests/js/devices.mjs on `url`: each device x dtype's tokens and logits.
+/// tests/js/devices.mjs on `url` with the golden prompts.
 fn in_chromium(
     url: &str,
     webgpu: bool,
@@ -44,32 +44,11 @@ fn in_chromium(
     dtypes: &[&str],
     out: &Path,
 ) -> serde_json::Value {
-    assert!(
-        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
-        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
-    );
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(
-        js.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `bash tests/setup.sh`"
-    );
-    let prompts: Vec<serde_json::Value> = golden().iter().map(|c| c["prompt"].clone()).collect();
-    let request = out.join("request.json");
-    std::fs::write(&request, serde_json::json!({"webgpu": webgpu, "devices": devices, "dtypes": dtypes, "prompts": prompts, "max_new_tokens": 20}).to_string()).unwrap();
-    let result = Command::new("node")
-        .arg(js.join("devices.mjs"))
-        .arg(url)
-        .arg(&request)
-        .arg(out)
-        .current_dir(&js)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "devices.mjs: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    serde_json::from_slice(&result.stdout).unwrap()
+    let prompts: Vec<String> = golden()
+        .iter()
+        .map(|c| c["prompt"].as_str().unwrap().to_string())
+        .collect();
+    common::chromium_devices(url, webgpu, devices, dtypes, &prompts, 20, out)
 }
 
 fn floats(path: &serde_json::Value) -> Vec<f32> {

@@ -256,6 +256,7 @@ pub struct RawExport {
     pub adapter: Option<String>,
     pub calibration: Option<String>,
     pub mixed: Option<bool>,
+    pub q4_blocks: Option<String>,
 }
 
 /// When ONNX initializers go to `model*.onnx_data` files.

@@ -309,6 +309,8 @@ pub struct Export {
     pub calibration: Calibration,
     /// The 4-bit files hold 8-bit weights where their bounds need them.
     pub mixed: bool,
+    /// The 4-bit blocks' layout.
+    pub q4_blocks: crate::quant::Layout,
 }
 
 /// `export.calibration`: the data the 4-bit quantizers see.
@@ -500,7 +502,7 @@ pub(super) fn resolve(
         .transpose()?;
     let export = raw
         .export
-        .map(|e| resolve_export(&cx, e, finetune.as_ref(), corpus.is_some()))
+        .map(|e| resolve_export(&cx, e, finetune.as_ref(), corpus.is_some(), base.as_ref()))
         .transpose()?;
     let verify = raw
         .verify
@@ -1716,6 +1718,7 @@ fn resolve_export(
     raw: RawExport,
     finetune: Option<&Finetune>,
     corpus: bool,
+    base: Option<&Base>,
 ) -> Result<Export, ManifestError> {
     let opset = raw.opset.unwrap_or(17);
     if !(17..=21).contains(&opset) {
@@ -1821,9 +1824,32 @@ fn resolve_export(
             `export.calibration = \"corpus\"`",
         ));
     }
+    let q4_blocks = match raw.q4_blocks.as_deref() {
+        // A GGUF base in Q4_1 keeps its grid: affine blocks hold it exactly.
+        None => match base.map(|b| &b.model) {
+            Some(BaseModel::Gguf(file)) if crate::model::gguf::stored_in_q4_1(file) => {
+                crate::quant::Layout::Affine
+            }
+            _ => crate::quant::Layout::Symmetric,
+        },
+        Some("symmetric") => crate::quant::Layout::Symmetric,
+        Some("affine") => crate::quant::Layout::Affine,
+        Some(other) => {
+            return Err(cx.at(
+                &["export", "q4_blocks"],
+                format!(
+                    "`export.q4_blocks` = \"{other}\": use \"symmetric\" (a scale per block \
+                    of 32, 20 bytes; the default) or \"affine\" (a scale and an offset per \
+                    block, 24 bytes: the layout of GGUF's Q4_1 and K-quants; the default for \
+                    a GGUF base stored in Q4_1)"
+                ),
+            ));
+        }
+    };
     Ok(Export {
         calibration,
         mixed,
+        q4_blocks,
         opset,
         targets,
         quantize_embedding: raw.quantize_embedding.unwrap_or(false),

@@ -27,6 +27,30 @@ use serde_json::json;
 
 use super::{ModelError, Result};
 
+/// Whether most of the matrices of the GGUF file at `path` are stored in
+/// Q4_1 (per block of 32 along the input: `d * q + m`, q from 0 to 15,
+/// the block's least value at 0 and its largest at 15), which affine 4-bit
+/// blocks hold exactly. Reads the header only; a file it cannot read is
+/// not (the base stage reports why).
+pub fn stored_in_q4_1(path: &Path) -> bool {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(content) = Content::read(&mut file) else {
+        return false;
+    };
+    let matrices: Vec<_> = content
+        .tensor_infos
+        .values()
+        .filter(|t| t.shape.dims().len() == 2)
+        .collect();
+    let q4_1 = matrices
+        .iter()
+        .filter(|t| t.ggml_dtype == candle_core::quantized::GgmlDType::Q4_1)
+        .count();
+    2 * q4_1 > matrices.len()
+}
+
 /// A GGUF file read into a Hugging Face layout.
 pub struct Converted {
     /// `config.json`.

@@ -5,12 +5,12 @@
 //! calibration tokens, so that the layer's output on those tokens moves as
 //! little as it can. Each block of 32 gets its scale when its first value is
 //! reached (from the values as the earlier errors left them), searched for
-//! the least `H`-diagonal-weighted error; the file's layout is RTN's
-//! (symmetric, zero point implied), so the file's size is the same.
+//! the least `H`-diagonal-weighted error; the blocks' layout is RTN's
+//! (symmetric or affine), so the file's size is the same.
 
 use rayon::prelude::*;
 
-use super::{BLOCK, Bits, write_block};
+use super::{BLOCK, Bits, Packed};
 
 /// The input's Hessian `Σ xᵀx` over calibration tokens, `[k, k]` row-major.
 #[derive(Debug, Clone)]
@@ -24,7 +24,7 @@ const SHRINK: [f32; 8] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65];
 
 /// Rows done together: each row of the inverse's factor is read once for
 /// all of them.
-const TILE: usize = 8;
+const TILE: usize = 32;
 
 /// GPTQ's damping: this share of the mean diagonal is added to it.
 const DAMP: f64 = 0.01;
@@ -69,51 +69,39 @@ fn inverse_factor(h: &Hessian) -> Option<Vec<f32>> {
 }
 
 /// The blocks of a weight given column by column (`columns`: `n` columns
-/// of `k`, as [`super::pack_columns`] takes them), chosen with `h`, the
-/// Hessian of the weight's input (`[k, k]`). Returns MatMulNBits' B and
-/// scales, as `pack_columns` does; with `h` the identity and no scale
-/// search, its bytes are RTN's.
+/// of `k`, as [`super::pack_columns`] takes them) on `grid`, chosen with
+/// `h`, the Hessian of the weight's input (`[k, k]`); with `h` the
+/// identity and no scale search, they are RTN's.
 pub fn pack_columns(
     columns: &[f32],
     k: usize,
     n: usize,
     bits: Bits,
+    grid: symb_kernels::Grid,
     h: &Hessian,
     search: bool,
-) -> (Vec<u8>, Vec<f32>) {
+) -> Packed {
     assert_eq!(h.k, k, "the Hessian's size is the weight's input width");
     let Some(u) = inverse_factor(h) else {
-        return super::pack_columns(columns, k, n, bits);
+        return super::pack_columns(columns, k, n, bits, grid);
     };
     let diag: Vec<f32> = (0..k).map(|i| h.values[i * k + i] as f32).collect();
     let blocks = k.div_ceil(BLOCK);
-    let per_block = bits.block_bytes();
-    let mut packed = vec![0u8; n * blocks * per_block];
-    let mut scales = vec![0f32; n * blocks];
-    let grid = symb_kernels::Grid {
-        zero: bits.zero() as f32,
-        top: bits.top(),
-    };
+    let mut codes = vec![bits.zero(); n * blocks * BLOCK];
+    let mut steps = vec![symb_kernels::Step::default(); n * blocks];
     let shrink: &[f32] = if search { &SHRINK } else { &SHRINK[..1] };
     columns
         .par_chunks(TILE * k)
-        .zip(packed.par_chunks_mut(TILE * blocks * per_block))
-        .zip(scales.par_chunks_mut(TILE * blocks))
-        .for_each(|((tile, packed), scales)| {
-            let rows = tile.len() / k;
+        .zip(codes.par_chunks_mut(TILE * blocks * BLOCK))
+        .zip(steps.par_chunks_mut(TILE * blocks))
+        .for_each(|((tile, codes), steps)| {
             let mut w = tile.to_vec();
-            let mut codes = vec![bits.zero(); rows * blocks * BLOCK];
-            symb_kernels::gptq_rows(
-                &mut w, k, &u, &diag, grid, shrink, BLOCK, &mut codes, scales,
-            );
-            for (q, out) in codes
-                .chunks_exact(BLOCK)
-                .zip(packed.chunks_exact_mut(per_block))
-            {
-                write_block(q.try_into().expect("a block"), out, bits);
-            }
+            symb_kernels::gptq_rows(&mut w, k, &u, &diag, grid, shrink, BLOCK, codes, steps);
         });
-    (packed, scales)
+    Packed {
+        calibrated: true,
+        ..Packed::new(&codes, &steps, bits, grid)
+    }
 }
 
 #[cfg(test)]
@@ -168,25 +156,6 @@ mod tests {
         Hessian { k, values }
     }
 
-    /// Column `c`'s weights as the blocks give them back.
-    fn dequantize(packed: &[u8], scales: &[f32], k: usize, n: usize, bits: Bits) -> Vec<f32> {
-        let blocks = k.div_ceil(BLOCK);
-        let per = bits.block_bytes();
-        let mut out = vec![0f32; n * k];
-        for c in 0..n {
-            for i in 0..k {
-                let (b, j) = (i / BLOCK, i % BLOCK);
-                let bytes = &packed[(c * blocks + b) * per..(c * blocks + b + 1) * per];
-                let q = match bits {
-                    Bits::Four => (bytes[j / 2] >> (4 * (j % 2))) & 0xF,
-                    Bits::Eight => bytes[j],
-                };
-                out[c * k + i] = (q as f32 - bits.zero() as f32) * scales[c * blocks + b];
-            }
-        }
-        out
-    }
-
     /// Σ over tokens and outputs of (x · (w - q))².
     fn output_error(x: &[f32], t: usize, w: &[f32], q: &[f32], k: usize, n: usize) -> f64 {
         let mut total = 0f64;
@@ -202,6 +171,14 @@ mod tests {
         total
     }
 
+    fn grid(bits: Bits, affine: bool) -> symb_kernels::Grid {
+        symb_kernels::Grid {
+            zero: bits.zero() as f32,
+            top: bits.top(),
+            affine,
+        }
+    }
+
     #[test]
     fn with_uncorrelated_inputs_and_no_search_it_is_rtn() {
         let (k, n) = (96, 5);
@@ -211,10 +188,20 @@ mod tests {
             values[i * k + i] = 2.0;
         }
         let h = Hessian { k, values };
-        for bits in [Bits::Four, Bits::Eight] {
+        for (bits, affine) in [
+            (Bits::Four, false),
+            (Bits::Eight, false),
+            (Bits::Four, true),
+        ] {
+            let g = grid(bits, affine);
+            let gptq = pack_columns(&w, k, n, bits, g, &h, false);
+            assert!(gptq.calibrated);
             assert_eq!(
-                pack_columns(&w, k, n, bits, &h, false),
-                super::super::pack_columns(&w, k, n, bits)
+                Packed {
+                    calibrated: false,
+                    ..gptq
+                },
+                super::super::pack_columns(&w, k, n, bits, g)
             );
         }
     }
@@ -225,16 +212,54 @@ mod tests {
         let x = activations(t, k);
         let h = hessian(&x, t, k);
         let w = noise(2, k * n);
-        let (p, s) = super::super::pack_columns(&w, k, n, Bits::Four);
-        let rtn = output_error(&x, t, &w, &dequantize(&p, &s, k, n, Bits::Four), k, n);
-        for search in [false, true] {
-            let (p, s) = pack_columns(&w, k, n, Bits::Four, &h, search);
-            let gptq = output_error(&x, t, &w, &dequantize(&p, &s, k, n, Bits::Four), k, n);
-            assert!(
-                gptq < 0.5 * rtn,
-                "search {search}: GPTQ's output error {gptq} against RTN's {rtn}"
-            );
+        for affine in [false, true] {
+            let g = grid(Bits::Four, affine);
+            let rtn = super::super::pack_columns(&w, k, n, Bits::Four, g);
+            let rtn = output_error(&x, t, &w, &rtn.dequantize(k, n, Bits::Four), k, n);
+            for search in [false, true] {
+                let p = pack_columns(&w, k, n, Bits::Four, g, &h, search);
+                let gptq = output_error(&x, t, &w, &p.dequantize(k, n, Bits::Four), k, n);
+                assert!(
+                    gptq < 0.5 * rtn,
+                    "affine {affine}, search {search}: GPTQ's output error {gptq} against RTN's {rtn}"
+                );
+            }
         }
+    }
+
+    /// At a width of several of the factorisations' panels (and not a
+    /// multiple of one): `(UᵀU) · H_damped = I` by two matrix products.
+    #[test]
+    fn the_inverse_factor_holds_across_panels() {
+        let (t, k) = (400, 150);
+        let x = activations(t, k);
+        let h = hessian(&x, t, k);
+        let u = inverse_factor(&h).unwrap();
+        let mean = (0..k).map(|i| h.values[i * k + i]).sum::<f64>() / k as f64;
+        let mut uu = vec![0f64; k * k];
+        for a in 0..k {
+            for i in 0..k {
+                let ui = u[a * k + i] as f64;
+                if ui != 0.0 {
+                    for m in 0..k {
+                        uu[i * k + m] += ui * u[a * k + m] as f64;
+                    }
+                }
+            }
+        }
+        let mut worst = 0f64;
+        for i in 0..k {
+            for j in 0..k {
+                let s: f64 = (0..k)
+                    .map(|m| {
+                        let hd = h.values[m * k + j] + if m == j { DAMP * mean } else { 0.0 };
+                        uu[i * k + m] * hd
+                    })
+                    .sum();
+                worst = worst.max((s - if i == j { 1.0 } else { 0.0 }).abs());
+            }
+        }
+        assert!(worst < 1e-3, "{worst}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct Bounds {
 
 /// The share of each bound's room a candidate may use on the calibration
 /// windows: the eval split is other text.
-pub const MARGIN: f64 = 0.75;
+pub const MARGIN: f64 = 0.5;
 
 impl Bounds {
     /// The bounds a candidate must meet on the calibration windows.
@@ -139,7 +139,7 @@ pub fn search(
     if windows.is_empty() {
         return Err(err("no calibration windows to measure candidates on"));
     }
-    let mut blocks = Blocks::new(Some(calibration));
+    let mut blocks = Blocks::new(Some(calibration), options.layout);
     let mut weights = costs(fp32, options, &blocks)?;
     progress("the fp32 graph on the calibration windows");
     let reference = logits(fp32.clone(), &windows, scratch, threads)?;
@@ -305,13 +305,21 @@ fn costs(fp32: &ModelProto, options: Options, blocks: &Blocks<'_>) -> Result<Vec
             continue;
         };
         let owned = columns.clone();
-        let (packed, scales, _) =
-            blocks.pack(output, move || owned, (k, cols), Bits::Four, &n.input[0]);
+        // A tied head's blocks are symmetric (the embedding may share them).
+        let tied = !initializers.contains_key(n.input[1].as_str());
+        let packed = blocks.pack(
+            output,
+            move || owned,
+            (k, cols),
+            Bits::Four,
+            &n.input[0],
+            !tied,
+        );
         let diag: Vec<f64> = match blocks.calibration.and_then(|c| c.hessians.get(&n.input[0])) {
             Some(h) if h.k == k => (0..k).map(|i| h.values[i * k + i]).collect(),
             _ => vec![1.0; k],
         };
-        let restored = dequantize(&packed, &scales, k, cols, Bits::Four);
+        let restored = packed.dequantize(k, cols, Bits::Four);
         let (mut error, mut total) = (0f64, 0f64);
         for (w, q) in columns.chunks(k).zip(restored.chunks(k)) {
             for i in 0..k {
@@ -330,26 +338,6 @@ fn costs(fp32: &ModelProto, options: Options, blocks: &Blocks<'_>) -> Result<Vec
         });
     }
     Ok(weights)
-}
-
-/// Blocks back to values, column by column.
-fn dequantize(packed: &[u8], scales: &[f32], k: usize, n: usize, bits: Bits) -> Vec<f32> {
-    let blocks = k.div_ceil(super::BLOCK);
-    let per = bits.block_bytes();
-    let zero = bits.zero() as f32;
-    let mut out = vec![0f32; n * k];
-    for c in 0..n {
-        for i in 0..k {
-            let (b, j) = (i / super::BLOCK, i % super::BLOCK);
-            let bytes = &packed[(c * blocks + b) * per..];
-            let q = match bits {
-                Bits::Four => (bytes[j / 2] >> (4 * (j % 2))) & 0xF,
-                Bits::Eight => bytes[j],
-            };
-            out[c * k + i] = (q as f32 - zero) * scales[c * blocks + b];
-        }
-    }
-    out
 }
 
 /// A model's size as written.

@@ -49,6 +49,9 @@ pub struct Report {
     pub parameters_quantized: u64,
     /// Of those, the ones whose blocks GPTQ chose with their input's Hessian.
     pub weights_calibrated: usize,
+    /// Of those, the ones in affine blocks (`export.q4_blocks`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub weights_affine: usize,
     /// Bytes of initializer data before and after.
     pub weight_bytes_before: u64,
     pub weight_bytes_after: u64,
@@ -101,6 +104,10 @@ fn bytes_of(t: &TensorProto) -> u64 {
         + 8 * t.int64_data.len() as u64
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
     model.graph.as_mut().expect("an exported model has a graph")
 }
@@ -109,13 +116,15 @@ fn graph_mut(model: &mut ModelProto) -> &mut proto::GraphProto {
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// With q4 and q4f16: the token embedding in 4 bits too
-    /// (`com.microsoft.GatherBlockQuantized`), sharing its packed data with
+    /// (decoded after the gather, in standard ops), sharing its packed data with
     /// the tied head's MatMulNBits.
     pub quantize_embedding: bool,
     /// MatMulNBits' `accuracy_level` (0 to 4; see [`ACCURACY_LEVEL`]).
     pub accuracy_level: i64,
     /// With q4 and q4f16: the head's precision.
     pub head_bits: HeadBits,
+    /// With q4 and q4f16: the 4-bit blocks' layout.
+    pub layout: Layout,
 }
 
 impl Default for Options {
@@ -124,6 +133,7 @@ impl Default for Options {
             quantize_embedding: false,
             accuracy_level: ACCURACY_LEVEL,
             head_bits: HeadBits::default(),
+            layout: Layout::default(),
         }
     }
 }
@@ -176,7 +186,94 @@ impl HeadBits {
 }
 
 /// A weight's blocks (B, scales) and whether GPTQ chose them.
-type Made = (Vec<u8>, Vec<f32>, bool);
+/// A weight `[k, n]` in MatMulNBits' blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    /// B: `[n, blocks, 32 * bits / 8]`.
+    pub data: Vec<u8>,
+    /// `[n, blocks]`.
+    pub scales: Vec<f32>,
+    /// Affine blocks' offsets, `[n, blocks]`: block `b` of column `c`
+    /// stands for `(q - z) * scale + offset`.
+    pub offsets: Option<Vec<f32>>,
+    /// Chosen by GPTQ with the input's Hessian.
+    pub calibrated: bool,
+}
+
+impl Packed {
+    /// The weight the blocks stand for, column by column (`n` of `k`).
+    pub fn dequantize(&self, k: usize, n: usize, bits: Bits) -> Vec<f32> {
+        let blocks = k.div_ceil(BLOCK);
+        let per = bits.block_bytes();
+        let zero = bits.zero() as f32;
+        let mut out = vec![0f32; n * k];
+        for c in 0..n {
+            for i in 0..k {
+                let (b, j) = (i / BLOCK, i % BLOCK);
+                let bytes = &self.data[(c * blocks + b) * per..];
+                let q = match bits {
+                    Bits::Four => (bytes[j / 2] >> (4 * (j % 2))) & 0xF,
+                    Bits::Eight => bytes[j],
+                };
+                let offset = self.offsets.as_ref().map_or(0.0, |o| o[c * blocks + b]);
+                out[c * k + i] = (q as f32 - zero) * self.scales[c * blocks + b] + offset;
+            }
+        }
+        out
+    }
+
+    /// From each block's stored values (`codes`, 32 per block, column by
+    /// column) and steps on `grid`.
+    fn new(
+        codes: &[u8],
+        steps: &[symb_kernels::Step],
+        bits: Bits,
+        grid: symb_kernels::Grid,
+    ) -> Packed {
+        let mut data = vec![0u8; steps.len() * bits.block_bytes()];
+        for (q, out) in codes
+            .chunks_exact(BLOCK)
+            .zip(data.chunks_exact_mut(bits.block_bytes()))
+        {
+            write_block(q.try_into().expect("a block"), out, bits);
+        }
+        Packed {
+            data,
+            scales: steps.iter().map(|s| s.scale).collect(),
+            offsets: grid
+                .affine
+                .then(|| steps.iter().map(|s| s.offset).collect()),
+            calibrated: false,
+        }
+    }
+}
+
+/// Whether `packed` gives back `columns` (`n` of `k`) to within float
+/// rounding: each value within a thousandth of its block's step.
+fn exact(packed: &Packed, columns: &[f32], k: usize, n: usize, bits: Bits) -> bool {
+    let back = packed.dequantize(k, n, bits);
+    let blocks = k.div_ceil(BLOCK);
+    columns.iter().zip(&back).enumerate().all(|(i, (w, q))| {
+        let step = packed.scales[(i / k) * blocks + (i % k) / BLOCK].abs();
+        (w - q).abs() <= 1e-3 * step
+    })
+}
+
+/// How a 4-bit block stands for its 32 weights (`export.q4_blocks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// `(q - 8) * scale`: MatMulNBits alone (onnxruntime's symmetric
+    /// blocks), 20 bytes per 32 weights.
+    #[default]
+    Symmetric,
+    /// `(q - 8) * scale + offset`, from the block's least value to its
+    /// largest (the layout of GGUF's Q4_1 and K-quants): MatMulNBits plus a
+    /// MatMul of the input's block sums by the offsets, 24 bytes per 32
+    /// weights. Weights whose input width is not a multiple of 32 stay
+    /// symmetric.
+    Affine,
+}
 
 /// How the 4-bit dtypes make each weight's blocks: with GPTQ where the
 /// calibration has the weight's input (else by rounding to nearest), in the
@@ -187,15 +284,28 @@ type Made = (Vec<u8>, Vec<f32>, bool);
 pub struct Blocks<'a> {
     pub calibration: Option<&'a calibrate::Calibration>,
     pub bits: HashMap<String, Bits>,
-    made: std::sync::Mutex<HashMap<(String, Bits), Made>>,
+    /// The 4-bit blocks' layout.
+    pub layout: Layout,
+    made: std::sync::Mutex<HashMap<(String, Bits), Packed>>,
 }
 
 impl<'a> Blocks<'a> {
     /// Blocks chosen with `calibration` where given, in the dtype's bits.
-    pub fn new(calibration: Option<&'a calibrate::Calibration>) -> Self {
+    pub fn new(calibration: Option<&'a calibrate::Calibration>, layout: Layout) -> Self {
         Blocks {
             calibration,
+            layout,
             ..Blocks::default()
+        }
+    }
+
+    /// The grid of a weight `k` long in `bits`: affine only in 4 bits and
+    /// where blocks tile `k` (the offsets' sums read whole blocks).
+    fn grid(&self, bits: Bits, k: usize) -> symb_kernels::Grid {
+        symb_kernels::Grid {
+            zero: bits.zero() as f32,
+            top: bits.top(),
+            affine: self.layout == Layout::Affine && bits == Bits::Four && k.is_multiple_of(BLOCK),
         }
     }
 
@@ -203,8 +313,8 @@ impl<'a> Blocks<'a> {
         self.bits.get(output).copied().unwrap_or(default)
     }
 
-    /// The blocks (B, scales) of the weight written to `output` whose
-    /// `columns` (`n` of `k`) multiply `input`, and whether GPTQ chose them.
+    /// The blocks of the weight written to `output` whose `columns` (`n`
+    /// of `k`) multiply `input`.
     fn pack(
         &self,
         output: &str,
@@ -212,21 +322,23 @@ impl<'a> Blocks<'a> {
         (k, n): (usize, usize),
         bits: Bits,
         input: &str,
-    ) -> (Vec<u8>, Vec<f32>, bool) {
+        may_be_affine: bool,
+    ) -> Packed {
         let key = (output.to_string(), bits);
         if let Some(made) = self.made.lock().expect("blocks lock").get(&key) {
             return made.clone();
         }
         let columns = columns();
+        let mut grid = self.grid(bits, k);
+        grid.affine &= may_be_affine;
+        let rtn = pack_columns(&columns, k, n, bits, grid);
         let made = match self.calibration.and_then(|c| c.hessians.get(input)) {
-            Some(h) if h.k == k => {
-                let (b, s) = gptq::pack_columns(&columns, k, n, bits, h, true);
-                (b, s, true)
+            // Blocks that hold the weight as it is (a GGUF base's grid in
+            // affine blocks) leave GPTQ nothing to correct.
+            Some(h) if h.k == k && !exact(&rtn, &columns, k, n, bits) => {
+                gptq::pack_columns(&columns, k, n, bits, grid, h, true)
             }
-            _ => {
-                let (b, s) = pack_columns(&columns, k, n, bits);
-                (b, s, false)
-            }
+            _ => rtn,
         };
         self.made
             .lock()
@@ -647,53 +759,35 @@ impl Bits {
     }
 }
 
-/// Packs `w` `[k, n]` as MatMulNBits' B `[n, blocks, 32 * bits / 8]` and
-/// scales `[n, blocks]`.
-pub fn pack(w: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Vec<f32>) {
+/// Packs `w` `[k, n]` in MatMulNBits' blocks of `bits`, laid out as
+/// `layout` says, by round to nearest.
+pub fn pack(w: &[f32], k: usize, n: usize, bits: Bits, layout: Layout) -> Packed {
     // Transposed once (tiled) so that each column's values are adjacent.
-    pack_columns(&transpose(w, k, n), k, n, bits)
+    let grid = Blocks::new(None, layout).grid(bits, k);
+    pack_columns(&transpose(w, k, n), k, n, bits, grid)
 }
 
 /// [`pack`] of a weight given column by column: `columns` holds `n`
 /// columns of `k` values each (W transposed, or a tied embedding's rows).
-/// Each block of 32 gets scale m / -z, m its value of largest magnitude (the
-/// first such) and z the implied zero point (8 for 4 bits, 128 for 8), and
-/// q = round(w / scale) + z clamped to the stored range (onnxruntime's
-/// symmetric blockwise quantizer); rows past `k` pad with z (zero). Four
-/// bits pack two to a byte, the first in the low half.
-fn pack_columns(columns: &[f32], k: usize, n: usize, bits: Bits) -> (Vec<u8>, Vec<f32>) {
+/// On a symmetric grid each block of 32 gets scale m / -z, m its value of
+/// largest magnitude (the first such) and z the implied zero point (8 for 4
+/// bits, 128 for 8), and q = round(w / scale) + z clamped to the stored
+/// range (onnxruntime's symmetric blockwise quantizer); on an affine one,
+/// scale (max - min) / 15 and offset min + 8 * scale, and q = round((w -
+/// offset) / scale) + 8. Rows past `k` pad with z. Four bits pack two to a
+/// byte, the first in the low half.
+fn pack_columns(
+    columns: &[f32],
+    k: usize,
+    n: usize,
+    bits: Bits,
+    grid: symb_kernels::Grid,
+) -> Packed {
     let blocks = k.div_ceil(BLOCK);
-    let per_block = bits.block_bytes();
-    let mut packed = vec![0u8; n * blocks * per_block];
-    let mut scales = vec![0f32; n * blocks];
-    let (zero, top) = (bits.zero(), bits.top());
-    let columns = columns
-        .chunks_exact(k)
-        .zip(packed.chunks_exact_mut(blocks * per_block))
-        .zip(scales.chunks_exact_mut(blocks));
-    for ((column, out), column_scales) in columns {
-        for ((block, out), scale_out) in column
-            .chunks(BLOCK)
-            .zip(out.chunks_exact_mut(per_block))
-            .zip(column_scales.iter_mut())
-        {
-            let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let extreme = block
-                .iter()
-                .copied()
-                .find(|v| v.abs() == largest)
-                .unwrap_or(0.0);
-            let scale = extreme / -(zero as f32);
-            *scale_out = scale;
-            let inverse = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            let mut q = [zero; BLOCK];
-            for (q, &v) in q.iter_mut().zip(block) {
-                *q = (round(v * inverse) + zero as f32).clamp(0.0, top) as u8;
-            }
-            write_block(&q, out, bits);
-        }
-    }
-    (packed, scales)
+    let mut codes = vec![bits.zero(); n * blocks * BLOCK];
+    let mut steps = vec![symb_kernels::Step::default(); n * blocks];
+    symb_kernels::round_rows(columns, k, grid, BLOCK, &mut codes, &mut steps);
+    Packed::new(&codes, &steps, bits, grid)
 }
 
 /// Values in a MatMulNBits block.
@@ -726,7 +820,7 @@ fn round(v: f32) -> f32 {
 /// Transpose(wte))`) becomes MatMulNBits over the embedding's rows (B
 /// `[vocab, blocks, bytes]` holds row `v` of `wte` blocked along the width,
 /// which is column `v` of `wteᵀ`), and with `embedding` the `Gather(wte,
-/// ids)` becomes GatherBlockQuantized over the same bytes and scales. With
+/// ids)` gathers and decodes the same bytes and scales. With
 /// the head in float (`head` None) a tied head keeps its Transpose, and the
 /// embedding, when asked for, gets `body` bits of its own; an untied head
 /// is left to [`matmul_nbits`].
@@ -783,7 +877,13 @@ fn head_and_embedding(
         g.node[head_at].output[0].clone(),
     );
     let rows = || floats(wte).unwrap_or_default();
-    let (packed, scales, calibrated) = blocks.pack(&logits, rows, (width, vocab), bits, &x);
+    // Symmetric: the embedding's gather may read the same blocks, with no offsets.
+    let Packed {
+        data: packed,
+        scales,
+        calibrated,
+        ..
+    } = blocks.pack(&logits, rows, (width, vocab), bits, &x, false);
     report.weights_calibrated += usize::from(calibrated);
     let blocks = width.div_ceil(32);
     let head_node = |b: &str, s: &str| {
@@ -840,10 +940,13 @@ fn head_and_embedding(
 }
 
 /// The initializers of an embedding `[vocab, width]` in blocks of `bits`
-/// (`packed` and `scales` from [`pack_columns`], explicit zero points)
-/// added to `g`, and the nodes that replace the Gather at `gather` with a
-/// GatherBlockQuantized over them; returns the packed data's and the
-/// scales' names too (a tied head reads the same bytes).
+/// (`packed` and `scales` from [`pack_columns`]) added to `g`, and the
+/// nodes that replace the Gather at `gather` with a gather of each id's
+/// blocks and scales and their decoding, `(q - z) * scale` (four-bit
+/// values split from their bytes by Div, Floor and Sub), in standard ops:
+/// onnxruntime-web's WebAssembly build has no GatherBlockQuantized
+/// kernel. Returns the packed data's and the scales' names (a tied head's
+/// MatMulNBits reads the same bytes).
 fn gather_blockwise(
     g: &mut proto::GraphProto,
     gather: usize,
@@ -853,20 +956,9 @@ fn gather_blockwise(
     scales: &[f32],
     bits: Bits,
 ) -> (String, String, Vec<NodeProto>) {
-    let blocks = width.div_ceil(32);
-    let (b_name, s_name, zp_name) = (
-        format!("{wte_name}_quantized"),
-        format!("{wte_name}_scales"),
-        format!("{wte_name}_zero_points"),
-    );
-    let (b_shape, s_shape) = (
-        format!("{wte_name}_quantized_shape"),
-        format!("{wte_name}_scales_shape"),
-    );
-    let (b_rows, s_rows) = (
-        format!("{wte_name}_quantized_rows"),
-        format!("{wte_name}_scales_rows"),
-    );
+    let blocks = width.div_ceil(BLOCK);
+    let name = |suffix: &str| format!("{wte_name}_{suffix}");
+    let (b_name, s_name) = (name("quantized"), name("scales"));
     g.initializer.push(raw_tensor(
         &b_name,
         &[vocab, blocks, bits.block_bytes()],
@@ -875,66 +967,97 @@ fn gather_blockwise(
     ));
     g.initializer
         .push(tensor_f32(&s_name, &[vocab * blocks], scales));
-    // Zero points packed as the data is: two to a byte in 4 bits.
-    let zero_points = match bits {
-        Bits::Four => raw_tensor(
-            &zp_name,
-            &[vocab, blocks.div_ceil(2)],
-            DataType::Uint8,
-            vec![0x88; vocab * blocks.div_ceil(2)],
-        ),
-        Bits::Eight => raw_tensor(
-            &zp_name,
-            &[vocab, blocks],
-            DataType::Uint8,
-            vec![bits.zero(); vocab * blocks],
-        ),
-    };
-    g.initializer.push(zero_points);
-    g.initializer.push(crate::onnx::tensor_i64(
-        &b_shape,
-        &[2],
-        &[vocab as i64, (width * bits.count() / 8) as i64],
-    ));
-    g.initializer.push(crate::onnx::tensor_i64(
-        &s_shape,
-        &[2],
-        &[vocab as i64, blocks as i64],
-    ));
+    let constants = [
+        crate::onnx::tensor_i64(&name("scales_shape"), &[2], &[vocab as i64, blocks as i64]),
+        crate::onnx::tensor_i64(&name("last_axis"), &[1], &[-1]),
+        crate::onnx::tensor_i64(&name("codes_shape"), &[4], &[0, 0, 0, BLOCK as i64]),
+        crate::onnx::tensor_i64(&name("rows_shape"), &[3], &[0, 0, width as i64]),
+        tensor_f32(&name("sixteen"), &[], &[16.0]),
+        tensor_f32(&name("zero_point"), &[], &[bits.zero() as f32]),
+    ];
+    g.initializer.extend(constants);
     let ids = g.node[gather].input[1].clone();
     let gathered = g.node[gather].output[0].clone();
-    let int = |v: usize| Attr::Int(v as i64);
-    let nodes = vec![
-        node(
-            "Reshape",
-            None,
-            &[&b_name, &b_shape],
-            &[&b_rows],
-            &[],
-            "embedding_quantized_rows",
-        ),
-        node(
-            "Reshape",
-            None,
-            &[&s_name, &s_shape],
-            &[&s_rows],
-            &[],
-            "embedding_scales_rows",
-        ),
-        node(
-            "GatherBlockQuantized",
-            Some("com.microsoft"),
-            &[&b_rows, &ids, &s_rows, &zp_name],
-            &[&gathered],
-            &[
-                ("gather_axis", int(0)),
-                ("quantize_axis", int(1)),
-                ("block_size", int(32)),
-                ("bits", int(bits.count())),
-            ],
-            "embedding_quantized",
-        ),
-    ];
+    let mut nodes = Vec::new();
+    let mut op = |op: &str, inputs: &[String], output: &str, attrs: &[(&str, Attr)]| {
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        nodes.push(node(op, None, &inputs, &[output], attrs, output));
+        output.to_string()
+    };
+    // Each id's scales `[.., blocks, 1]` and bytes `[.., blocks, bytes]`.
+    let rows = op(
+        "Reshape",
+        &[s_name.clone(), name("scales_shape")],
+        &name("scale_rows"),
+        &[],
+    );
+    let step = op(
+        "Gather",
+        &[rows, ids.clone()],
+        &name("gathered_scales"),
+        &[],
+    );
+    let step = op(
+        "Unsqueeze",
+        &[step, name("last_axis")],
+        &name("token_scales"),
+        &[],
+    );
+    let bytes = op(
+        "Gather",
+        &[b_name.clone(), ids],
+        &name("gathered_bytes"),
+        &[],
+    );
+    let to_float = [("to", Attr::Int(DataType::Float as i64))];
+    let bytes = op("Cast", &[bytes], &name("byte_values"), &to_float);
+    let codes = match bits {
+        Bits::Eight => bytes,
+        // Two values a byte, the first in the low half.
+        Bits::Four => {
+            let high = op(
+                "Div",
+                &[bytes.clone(), name("sixteen")],
+                &name("sixteenths"),
+                &[],
+            );
+            let high = op("Floor", &[high], &name("high_values"), &[]);
+            let shifted = op(
+                "Mul",
+                &[high.clone(), name("sixteen")],
+                &name("high_part"),
+                &[],
+            );
+            let low = op("Sub", &[bytes, shifted], &name("low_values"), &[]);
+            let low = op(
+                "Unsqueeze",
+                &[low, name("last_axis")],
+                &name("low_pairs"),
+                &[],
+            );
+            let high = op(
+                "Unsqueeze",
+                &[high, name("last_axis")],
+                &name("high_pairs"),
+                &[],
+            );
+            let pairs = op(
+                "Concat",
+                &[low, high],
+                &name("value_pairs"),
+                &[("axis", Attr::Int(-1))],
+            );
+            op(
+                "Reshape",
+                &[pairs, name("codes_shape")],
+                &name("codes"),
+                &[],
+            )
+        }
+    };
+    let centred = op("Sub", &[codes, name("zero_point")], &name("centred"), &[]);
+    let values = op("Mul", &[centred, step], &name("values"), &[]);
+    op("Reshape", &[values, name("rows_shape")], &gathered, &[]);
     (b_name, s_name, nodes)
 }
 
@@ -969,7 +1092,17 @@ fn untied_embedding(model: &mut ModelProto, report: &mut Report, bits: Bits) -> 
     let rows = floats(wte)?;
     report.weights_quantized += 1;
     report.parameters_quantized += rows.len() as u64;
-    let (packed, scales) = pack_columns(&rows, width, vocab, bits);
+    let Packed {
+        data: packed,
+        scales,
+        ..
+    } = pack_columns(
+        &rows,
+        width,
+        vocab,
+        bits,
+        Blocks::new(None, Layout::Symmetric).grid(bits, width),
+    );
     // A tied head that stays float reads the float embedding still.
     let keep = g
         .node
@@ -995,9 +1128,14 @@ fn matmul_nbits(
     accuracy_level: i64,
     blocks: &Blocks<'_>,
 ) -> Result<()> {
-    let mut calibrated = 0;
+    let (mut calibrated, mut affine) = (0, 0);
+    // Affine blocks' offsets multiply the input's sums over each block:
+    // `x · ones`, the ones `[k, k / 32]` one per width, the sums one per input.
+    let mut ones: HashSet<usize> = HashSet::new();
+    let mut sums: HashSet<String> = HashSet::new();
     rewrite_weight_matmuls(model, report, |m| {
         let output = &m.node.output[0];
+        let input = &m.node.input[0];
         let bits = if output == HEAD_OUTPUT {
             head?
         } else {
@@ -1005,39 +1143,93 @@ fn matmul_nbits(
         };
         let (k, cols) = (m.dims[0], m.dims[1]);
         let columns = || transpose(&m.data, k, cols);
-        let (packed, scales, gptq) =
-            blocks.pack(output, columns, (k, cols), bits, &m.node.input[0]);
-        calibrated += usize::from(gptq);
-        let blocks = k.div_ceil(32);
+        let packed = blocks.pack(output, columns, (k, cols), bits, input, true);
+        calibrated += usize::from(packed.calibrated);
+        let count = k.div_ceil(BLOCK);
         let (b_name, s_name) = (
             format!("{}_quantized", m.name),
             format!("{}_scales", m.name),
         );
-        let initializers = vec![
+        let mut initializers = vec![
             raw_tensor(
                 &b_name,
-                &[cols, blocks, bits.block_bytes()],
+                &[cols, count, bits.block_bytes()],
                 DataType::Uint8,
-                packed,
+                packed.data,
             ),
-            tensor_f32(&s_name, &[cols * blocks], &scales),
+            tensor_f32(&s_name, &[cols * count], &packed.scales),
         ];
-        Some((
-            vec![matmul_nbits_node(
-                &m.node.input[0],
+        let name = format!("{}_quantized", m.base);
+        let Some(offsets) = packed.offsets else {
+            let nbits = matmul_nbits_node(
+                input,
                 &b_name,
                 &s_name,
-                &m.node.output[0],
+                output,
                 k,
                 cols,
                 bits,
                 accuracy_level,
-                &format!("{}_quantized", m.base),
-            )],
-            initializers,
-        ))
+                &name,
+            );
+            return Some((vec![nbits], initializers));
+        };
+        affine += 1;
+        let (ones_name, sums_name) = (format!("block_ones_{k}"), format!("{input}_block_sums"));
+        let mut nodes = Vec::new();
+        if ones.insert(k) {
+            let mut e = vec![0f32; k * count];
+            for i in 0..k {
+                e[i * count + i / BLOCK] = 1.0;
+            }
+            initializers.push(tensor_f32(&ones_name, &[k, count], &e));
+        }
+        if sums.insert(input.clone()) {
+            nodes.push(node(
+                "MatMul",
+                None,
+                &[input, &ones_name],
+                &[&sums_name],
+                &[],
+                &format!("{name}_block_sums"),
+            ));
+        }
+        // Offsets `[blocks, n]`: row b holds each column's offset of block b.
+        let o_name = format!("{}_offsets", m.name);
+        let o = transpose(&offsets, cols, count);
+        initializers.push(tensor_f32(&o_name, &[count, cols], &o));
+        let (scaled, shifted) = (format!("{output}_scaled"), format!("{output}_shifted"));
+        nodes.push(matmul_nbits_node(
+            input,
+            &b_name,
+            &s_name,
+            &scaled,
+            k,
+            cols,
+            bits,
+            accuracy_level,
+            &name,
+        ));
+        nodes.push(node(
+            "MatMul",
+            None,
+            &[&sums_name, &o_name],
+            &[&shifted],
+            &[],
+            &format!("{name}_offsets"),
+        ));
+        nodes.push(node(
+            "Add",
+            None,
+            &[&scaled, &shifted],
+            &[output],
+            &[],
+            &format!("{name}_affine"),
+        ));
+        Some((nodes, initializers))
     })?;
     report.weights_calibrated += calibrated;
+    report.weights_affine += affine;
     use_microsoft_domain(model);
     Ok(())
 }
@@ -1318,7 +1510,13 @@ mod tests {
             (super::Bits::Four, 8.0f32, 15.0f32),
             (super::Bits::Eight, 128.0, 255.0),
         ] {
-            let (packed, scales) = super::pack(&w, k, n, bits);
+            let super::Packed {
+                data: packed,
+                scales,
+                offsets,
+                ..
+            } = super::pack(&w, k, n, bits, super::Layout::Symmetric);
+            assert_eq!(offsets, None);
             assert_eq!(packed.len(), n * blocks * bits.block_bytes());
             for c in 0..n {
                 for b in 0..blocks {
@@ -1346,5 +1544,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Weights on GGUF's Q4_1 grid (per block of 32: `d * q + m`, q from 0
+    /// to 15, both ends used) come back from affine blocks as they were;
+    /// symmetric blocks cannot hold them.
+    #[test]
+    fn affine_blocks_hold_a_q4_1_grid_exactly() {
+        let (k, n) = (64usize, 6usize);
+        let mut w = vec![0f32; k * n];
+        for c in 0..n {
+            for b in 0..k / 32 {
+                let d = 0.01 + 0.003 * (c * 2 + b) as f32;
+                let m = -0.05 - 0.01 * c as f32 + 0.02 * b as f32;
+                for j in 0..32 {
+                    let q = match j {
+                        0 => 0,
+                        1 => 15,
+                        _ => (j * 7 + c * 3 + b) % 16,
+                    };
+                    w[(b * 32 + j) * n + c] = d * q as f32 + m;
+                }
+            }
+        }
+        let worst = |layout| {
+            let packed = super::pack(&w, k, n, super::Bits::Four, layout);
+            let back = packed.dequantize(k, n, super::Bits::Four);
+            (0..k * n).fold(0f32, |m, i| {
+                let (r, c) = (i / n, i % n);
+                m.max((back[c * k + r] - w[i]).abs())
+            })
+        };
+        let affine = worst(super::Layout::Affine);
+        let symmetric = worst(super::Layout::Symmetric);
+        assert!(affine < 1e-6, "affine: {affine}");
+        assert!(symmetric > 1e-3, "symmetric: {symmetric}");
     }
 }

@@ -200,6 +200,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
                 quantize_embedding: export.quantize_embedding,
                 accuracy_level: export.accuracy_level as i64,
                 head_bits: export.head_bits,
+                layout: export.q4_blocks,
             };
             stages.push(Box::new(quantize::QuantizeStage::new(
                 dtype,

@@ -36,6 +36,9 @@ pub struct QuantizeSettings {
     /// (`export.mixed`; the dtype's verify tolerance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mixed: Option<crate::quant::mixed::Bounds>,
+    /// A 4-bit file's blocks when not symmetric (`export.q4_blocks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q4_blocks: Option<crate::quant::Layout>,
 }
 
 impl QuantizeStage {
@@ -55,6 +58,8 @@ impl QuantizeStage {
             external_data,
             calibrated: dtype.is_4bit() && calibration == Calibration::Corpus,
             mixed: mixed.filter(|_| dtype.is_4bit() && calibration == Calibration::Corpus),
+            q4_blocks: Some(options.layout)
+                .filter(|l| dtype.is_4bit() && *l != crate::quant::Layout::Symmetric),
         };
         QuantizeStage { dtype, export }
     }
@@ -69,6 +74,7 @@ impl QuantizeStage {
                 .head_bits
                 .and_then(crate::quant::HeadBits::from_number)
                 .unwrap_or_default(),
+            layout: e.q4_blocks.unwrap_or_default(),
         }
     }
 }
@@ -94,7 +100,9 @@ impl Stage for QuantizeStage {
     fn version(&self) -> u32 {
         // 3: the tied head's 4 bits packed from the embedding rows; streamed writes.
         // 4: q8 is weight-only 8-bit blocks; the 4-bit files' head in `head_bits`.
-        4
+        // 5: a 4-bit embedding gathered as bytes and decoded in standard ops
+        //    (no GatherBlockQuantized); GPTQ's errors applied in batches.
+        5
     }
     fn settings(&self) -> Settings {
         settings_of(self)
@@ -168,7 +176,7 @@ impl Stage for QuantizeStage {
                 (model, report, Some(search))
             }
             _ => {
-                let blocks = crate::quant::Blocks::new(calibration.as_ref());
+                let blocks = crate::quant::Blocks::new(calibration.as_ref(), self.options().layout);
                 let (model, report) =
                     crate::quant::quantize(fp32, self.dtype, self.options(), &blocks)
                         .map_err(StageError::failed_from)?;

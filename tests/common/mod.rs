@@ -320,6 +320,47 @@ pub fn check_transformers_js(
     result
 }
 
+/// tests/js/devices.mjs on `url` (a folder served by `symb serve`): each
+/// device x dtype's greedy tokens and logits for `prompts`, in a headless
+/// Chromium (with SwiftShader's WebGPU adapter when `webgpu`).
+pub fn chromium_devices(
+    url: &str,
+    webgpu: bool,
+    devices: &[&str],
+    dtypes: &[&str],
+    prompts: &[String],
+    max_new_tokens: usize,
+    out: &Path,
+) -> serde_json::Value {
+    assert!(
+        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
+        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
+    );
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(
+        js.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `bash tests/setup.sh`"
+    );
+    let request = out.join("request.json");
+    let body = serde_json::json!({"webgpu": webgpu, "devices": devices, "dtypes": dtypes,
+        "prompts": prompts, "max_new_tokens": max_new_tokens});
+    std::fs::write(&request, body.to_string()).unwrap();
+    let result = Command::new("node")
+        .arg(js.join("devices.mjs"))
+        .arg(url)
+        .arg(&request)
+        .arg(out)
+        .current_dir(&js)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "devices.mjs: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    serde_json::from_slice(&result.stdout).unwrap()
+}
+
 /// tests/js/browser.mjs: the playground at `url` in a headless Chromium,
 /// asked `request` (a prompt, or a chat message; the dtype, the device);
 /// its result.
