@@ -286,7 +286,7 @@ pub struct Blocks<'a> {
     pub bits: HashMap<String, Bits>,
     /// The 4-bit blocks' layout.
     pub layout: Layout,
-    made: std::sync::Mutex<HashMap<(String, Bits), Packed>>,
+    made: std::sync::Mutex<HashMap<(String, Bits, bool), Packed>>,
 }
 
 impl<'a> Blocks<'a> {
@@ -324,13 +324,13 @@ impl<'a> Blocks<'a> {
         input: &str,
         may_be_affine: bool,
     ) -> Packed {
-        let key = (output.to_string(), bits);
+        let mut grid = self.grid(bits, k);
+        grid.affine &= may_be_affine;
+        let key = (output.to_string(), bits, grid.affine);
         if let Some(made) = self.made.lock().expect("blocks lock").get(&key) {
             return made.clone();
         }
         let columns = columns();
-        let mut grid = self.grid(bits, k);
-        grid.affine &= may_be_affine;
         let rtn = pack_columns(&columns, k, n, bits, grid);
         let made = match self.calibration.and_then(|c| c.hessians.get(input)) {
             // Blocks that hold the weight as it is (a GGUF base's grid in
@@ -419,7 +419,18 @@ pub fn quantize(
     };
     report.matmul_integer_nodes = count("MatMulInteger");
     report.matmul_nbits_nodes = count("MatMulNBits");
-    report.matmul_float_nodes = count("MatMul");
+    // Not the float MatMuls of affine blocks' sums and offsets.
+    report.matmul_float_nodes = g
+        .node
+        .iter()
+        .filter(|n| {
+            n.op_type.as_deref() == Some("MatMul")
+                && !n
+                    .input
+                    .get(1)
+                    .is_some_and(|w| w.starts_with("block_ones_") || w.ends_with("_offsets"))
+        })
+        .count();
     Ok((model, report))
 }
 
@@ -882,8 +893,9 @@ fn head_and_embedding(
         data: packed,
         scales,
         calibrated,
-        ..
+        offsets,
     } = blocks.pack(&logits, rows, (width, vocab), bits, &x, false);
+    debug_assert!(offsets.is_none(), "blocks packed symmetric have no offsets");
     report.weights_calibrated += usize::from(calibrated);
     let blocks = width.div_ceil(32);
     let head_node = |b: &str, s: &str| {
@@ -970,12 +982,19 @@ fn gather_blockwise(
     let constants = [
         crate::onnx::tensor_i64(&name("scales_shape"), &[2], &[vocab as i64, blocks as i64]),
         crate::onnx::tensor_i64(&name("last_axis"), &[1], &[-1]),
-        crate::onnx::tensor_i64(&name("codes_shape"), &[4], &[0, 0, 0, BLOCK as i64]),
         crate::onnx::tensor_i64(&name("rows_shape"), &[3], &[0, 0, width as i64]),
-        tensor_f32(&name("sixteen"), &[], &[16.0]),
         tensor_f32(&name("zero_point"), &[], &[bits.zero() as f32]),
     ];
     g.initializer.extend(constants);
+    if bits == Bits::Four {
+        g.initializer
+            .push(tensor_f32(&name("sixteen"), &[], &[16.0]));
+        g.initializer.push(crate::onnx::tensor_i64(
+            &name("codes_shape"),
+            &[4],
+            &[0, 0, 0, BLOCK as i64],
+        ));
+    }
     let ids = g.node[gather].input[1].clone();
     let gathered = g.node[gather].output[0].clone();
     let mut nodes = Vec::new();
