@@ -226,6 +226,50 @@ fn every_commented_section_of_the_example_is_valid() {
     }
 }
 
+/// `symb init p1` makes the folder and the project inside it, named after
+/// it, as `cargo new` does; `symb build` there finds its manifest; `-q`
+/// prints nothing.
+#[test]
+fn init_dir_makes_the_project_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = Command::new(BIN)
+        .args(["init", "-q", "p1"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert!(
+        init.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let p1 = dir.path().join("p1");
+    let manifest = std::fs::read_to_string(p1.join("symb.toml")).unwrap();
+    assert!(manifest.contains("name = \"p1\""), "{manifest}");
+    assert!(p1.join("corpus").is_dir() && p1.join(".gitignore").is_file());
+    assert!(!dir.path().join("corpus").exists(), "nothing beside p1");
+    std::fs::write(
+        p1.join("corpus/text.txt"),
+        common::demo_lines()[..300].join("\n") + "\n",
+    )
+    .unwrap();
+    let build = Command::new(BIN)
+        .args(["build", "--target", "tokenizer"])
+        .current_dir(&p1)
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    assert!(p1.join("cache").is_dir(), "the cache is the project's");
+}
+
 #[test]
 fn init_writes_the_recipe_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
@@ -238,8 +282,17 @@ fn init_writes_the_recipe_and_never_overwrites() {
     };
     assert!(run(&["init"]).status.success());
     let written = std::fs::read_to_string(dir.path().join("symb.toml")).unwrap();
+    // The project is named after its folder; the rest is the recipe.
+    let folder = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let named = format!("name = \"{folder}\"");
+    assert!(written.contains(&named), "{written}");
     assert_eq!(
-        written,
+        written.replacen(&named, "name = \"symbiotic\"", 1),
         std::fs::read_to_string(format!("{ROOT}/symb.toml.example")).unwrap(),
         "the example is the `symbiotic` recipe"
     );
@@ -284,10 +337,16 @@ dist/
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     let unknown = run(&["init", "--recipe", "nope", "other.toml"]);
     assert_eq!(unknown.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(
-        String::from_utf8_lossy(&unknown.stderr)
-            .contains("unknown recipe `nope`; available: symbiotic")
+        stderr.contains("nope") && stderr.contains("symbiotic") && stderr.contains("gpt2-lora"),
+        "{stderr}"
     );
+    // `init --help` lists the recipes.
+    let help = String::from_utf8_lossy(&run(&["init", "--help"]).stdout).into_owned();
+    for (name, _) in symb::cli::RECIPES {
+        assert!(help.contains(name), "{name} in {help}");
+    }
     // The chat recipe comes with the demo's conversations and plans as it is.
     let chat = tempfile::tempdir().unwrap();
     let init = Command::new(BIN)

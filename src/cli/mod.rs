@@ -108,14 +108,19 @@ pub enum Command {
         #[arg(long)]
         mermaid: bool,
     },
-    /// Write a symb.toml from a recipe into the current folder.
+    /// Start a project from a recipe: DIR/symb.toml (DIR made if missing,
+    /// as `cargo new` does), DIR/corpus/ and DIR/.gitignore.
     Init {
         /// The recipe to start from.
-        #[arg(long, default_value = "symbiotic")]
+        #[arg(long, default_value = "symbiotic", value_parser = clap::builder::PossibleValuesParser::new(RECIPES.map(|(name, _)| name)))]
         recipe: String,
-        /// Where to write the manifest.
-        #[arg(default_value = "symb.toml")]
-        path: PathBuf,
+        /// The project's folder (default: this one); the project is named
+        /// after it. A path ending in `.toml` names the manifest itself.
+        #[arg(value_name = "DIR")]
+        path: Option<PathBuf>,
+        /// Print only errors.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Remove the output folder (if symb made it) and the cache's contents.
     Clean,
@@ -325,7 +330,11 @@ pub fn run(cli: Cli) -> Exit {
             }),
             false,
         ),
-        Command::Init { recipe, path } => init(&recipe, &path),
+        Command::Init {
+            recipe,
+            path,
+            quiet,
+        } => init(&recipe, path.as_deref(), quiet),
         Command::Clean => report(
             Project::open(&manifest, &[])
                 .and_then(|p| p.clean())
@@ -1210,7 +1219,37 @@ fn print_generations(
     Exit::Success
 }
 
-fn init(recipe: &str, path: &Path) -> Exit {
+/// The recipe's manifest with its `[project] name` set to `name`.
+fn named(text: &str, name: &str) -> String {
+    let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut done = false;
+    let mut out: String = text
+        .lines()
+        .map(|line| {
+            if !done && line.starts_with("name = \"") {
+                done = true;
+                let comment = line.find(" #").map_or("", |i| &line[i..]);
+                format!("name = \"{escaped}\"{comment}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    if text.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+fn init(recipe: &str, path: Option<&Path>, quiet: bool) -> Exit {
+    // DIR/symb.toml; a `.toml` path is the manifest itself (its folder the project's).
+    let path = match path {
+        None => PathBuf::from("symb.toml"),
+        Some(p) if p.extension().is_some_and(|e| e == "toml") => p.to_path_buf(),
+        Some(dir) => dir.join("symb.toml"),
+    };
+    let path = path.as_path();
     let Some((_, text)) = RECIPES.iter().find(|(name, _)| *name == recipe) else {
         let names: Vec<&str> = RECIPES.iter().map(|(n, _)| *n).collect();
         eprintln!(
@@ -1232,7 +1271,17 @@ fn init(recipe: &str, path: &Path) -> Exit {
         .unwrap_or(Path::new("."));
     let written = (|| -> std::io::Result<Vec<String>> {
         std::fs::create_dir_all(folder)?;
-        std::fs::write(path, text)?;
+        // The project is named after its folder, as `cargo new` names a package.
+        let name = std::path::absolute(folder)
+            .ok()
+            .and_then(|f| {
+                f.components()
+                    .next_back()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            })
+            .filter(|n| !n.is_empty() && n != "/");
+        let text = name.map_or_else(|| text.to_string(), |n| named(text, &n));
+        std::fs::write(path, &text)?;
         let mut written = vec![format!("`{}` from the `{recipe}` recipe", path.display())];
         // The corpus folder the recipes read, with a note on what goes there.
         let corpus = folder.join("corpus");
@@ -1290,23 +1339,23 @@ fn init(recipe: &str, path: &Path) -> Exit {
         Ok(written)
     })();
     match written {
+        Ok(_) if quiet => Exit::Success,
         Ok(written) => {
             for line in written {
                 eprintln!("{}", render::status("Created", render::Tone::Good, &line));
             }
-            eprintln!(
-                "{}",
-                render::status(
-                    "Next",
-                    render::Tone::Note,
-                    if text.contains("corpus/chat.jsonl") {
-                        "run `symb build`; then replace `corpus/chat.jsonl` with your conversations \
-                        (one `{\"messages\": [...]}` a line)"
-                    } else {
-                        "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"
-                    }
-                )
-            );
+            let next = if text.contains("corpus/chat.jsonl") {
+                "run `symb build`; then replace `corpus/chat.jsonl` with your conversations \
+                (one `{\"messages\": [...]}` a line)"
+            } else {
+                "put your corpus in `corpus/*.txt` (one document per line), then run `symb build`"
+            };
+            let next = if folder == Path::new(".") {
+                next.to_string()
+            } else {
+                format!("`cd {}`, then {next}", folder.display())
+            };
+            eprintln!("{}", render::status("Next", render::Tone::Note, &next));
             Exit::Success
         }
         Err(e) => {
