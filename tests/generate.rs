@@ -252,3 +252,61 @@ fn llama_family_generation_matches_pytorch_alone_and_batched() {
         }
     }
 }
+
+/// Inside a project, `--model` defaults to its output folder (from a
+/// subfolder too, as the manifest is found); outside one, or before a
+/// build, the error says what to do.
+#[test]
+fn inside_a_project_the_model_is_its_output_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |cwd: &Path, args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (code, _, stderr) = run(dir.path(), &["generate", "--prompt", "Hello"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--model PATH"), "{stderr}");
+
+    std::fs::write(
+        dir.path().join("symb.toml"),
+        format!(
+            "[project]\nname = \"g\"\noutput = \"dist\"\n\n[base]\nmodel = \"path:{}\"\n\n\
+             [export]\ntargets = [\"fp32\"]\n",
+            fixture().display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run(dir.path(), &["generate", "--prompt", "Hello"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("holds no model yet") && stderr.contains("symb build"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = run(dir.path(), &["build"]);
+    assert_eq!(code, 0, "{stderr}");
+    let args = [
+        "generate",
+        "--prompt",
+        "Hello",
+        "--json",
+        "--max-new-tokens",
+        "8",
+    ];
+    let (code, named, stderr) = generate(&dir.path().join("dist"), &args[1..]);
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    for cwd in [dir.path().to_path_buf(), dir.path().join("sub")] {
+        let (code, found, stderr) = run(&cwd, &args);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(found, named, "from {}", cwd.display());
+    }
+}

@@ -157,9 +157,11 @@ pub enum Command {
     /// Generation from a model folder (greedy, or sampled with `--temperature`),
     /// to try a model from the terminal.
     Generate {
-        /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+        /// A Hugging Face model folder (config.json, model.safetensors,
+        /// tokenizer.json); default: the output folder of the project
+        /// here (the nearest `symb.toml`).
         #[arg(long, value_name = "PATH")]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// The text to continue; give it several times to decode the prompts
         /// as one left-padded batch (one line, or one JSON object, each).
         #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
@@ -407,6 +409,13 @@ pub fn run(cli: Cli) -> Exit {
                 );
                 return Exit::BadInput;
             }
+            let model = match model.map_or_else(project_output, Ok) {
+                Ok(model) => model,
+                Err(message) => {
+                    eprintln!("{message}");
+                    return Exit::BadInput;
+                }
+            };
             let sampling = (temperature > 0.0).then_some(crate::model::Sampling {
                 temperature,
                 top_k,
@@ -538,6 +547,23 @@ fn find_manifest(given: Option<&Path>) -> Result<PathBuf, String> {
             .collect::<Vec<_>>()
             .join(", ")
     ))
+}
+
+/// The output folder of the project here (`symb generate` without `--model`).
+fn project_output() -> Result<PathBuf, String> {
+    let manifest = find_manifest(None)
+        .map_err(|e| format!("{e}\n  help: or name a model folder with `--model PATH`"))?;
+    let resolved = crate::manifest::load(&manifest).map_err(|e| e.to_string())?;
+    let output = resolved.project.output;
+    if !output.join("config.json").is_file() {
+        return Err(format!(
+            "error: `{}` (the output folder of `{}`) holds no model yet\n  help: run `symb build` \
+            first, or name a model folder with `--model PATH`",
+            output.display(),
+            manifest.display()
+        ));
+    }
+    Ok(output)
 }
 
 fn report<T>(result: Result<T, ProjectError>, json: bool) -> Exit {
