@@ -258,6 +258,12 @@ fn an_unreachable_hub_is_a_clear_error() {
         "{reason}"
     );
     assert!(reason.contains("Connection refused"), "{reason}");
+    // Offline, what works instead: a downloaded folder as `path:`.
+    assert!(
+        reason.contains("\"path:FOLDER\"")
+            && reason.contains("huggingface-cli download symb-test/tiny-gpt2"),
+        "{reason}"
+    );
     // Commands that run nothing still work offline.
     assert!(project.symb(&["graph"]).status.success());
 }

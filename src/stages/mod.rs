@@ -487,9 +487,11 @@ fn resolve_hub_revision(manifest: &Manifest, repo: &str, revision: &str) -> HubC
             }
             None => {
                 let mut error = shared::model_error(error);
-                error
-                    .message
-                    .push_str(" (set HF_ENDPOINT for a mirror, or check the network)");
+                error.message.push_str(&format!(
+                    " (set HF_ENDPOINT for a mirror, or check the network; offline, a \
+                        downloaded copy of the model's folder works as `base.model = \
+                        \"path:FOLDER\"`, e.g. from `huggingface-cli download {repo}`)"
+                ));
                 Err(error)
             }
         },
