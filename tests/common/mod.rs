@@ -320,6 +320,21 @@ pub fn check_transformers_js(
     result
 }
 
+/// tests/js, where the Chromium runners are, once Debian's chromium and
+/// playwright-core are known to be there.
+fn chromium_runner() -> PathBuf {
+    assert!(
+        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
+        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
+    );
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(
+        js.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `bash tests/setup.sh`"
+    );
+    js
+}
+
 /// tests/js/devices.mjs on `url` (a folder served by `symb serve`): each
 /// device x dtype's greedy tokens and logits for `prompts`, in a headless
 /// Chromium (with SwiftShader's WebGPU adapter when `webgpu`).
@@ -332,15 +347,7 @@ pub fn chromium_devices(
     max_new_tokens: usize,
     out: &Path,
 ) -> serde_json::Value {
-    assert!(
-        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
-        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
-    );
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(
-        js.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `bash tests/setup.sh`"
-    );
+    let js = chromium_runner();
     let request = out.join("request.json");
     let body = serde_json::json!({"webgpu": webgpu, "devices": devices, "dtypes": dtypes,
         "prompts": prompts, "max_new_tokens": max_new_tokens});
@@ -369,15 +376,7 @@ pub fn browser_page(
     request: &serde_json::Value,
     screenshot: &Path,
 ) -> serde_json::Value {
-    assert!(
-        Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
-        "Debian's chromium is not installed: `apt-get install chromium` (or set CHROMIUM)"
-    );
-    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    assert!(
-        js.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `bash tests/setup.sh`"
-    );
+    let js = chromium_runner();
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), request.to_string()).unwrap();
     let out = Command::new("node")
