@@ -124,12 +124,39 @@ fn the_served_playground_generates_in_chromium_what_symb_generates() {
             result["report"].as_str().unwrap().contains("ONNX files"),
             "report.html loads"
         );
+        // No column of the report out of sight: at 1280 px the table fits,
+        // on a phone each file is a card.
+        assert_eq!(
+            (
+                result["hiddenColumns"]["desktop"].as_u64(),
+                result["hiddenColumns"]["phone"].as_u64()
+            ),
+            (Some(0), Some(0)),
+            "{}",
+            result["hiddenColumns"]
+        );
         assert!(
             !result["examples"].as_array().unwrap().is_empty(),
             "example prompts: {result}"
         );
         let ids = result["ids"].as_array().unwrap();
         assert_eq!(ids.len(), 20, "{dtype}");
+        // The time to the first token apart (the prefill, and a first call's
+        // warm-up); the speed over the tokens after it.
+        let (ttft, rate) = (
+            result["speed"]["ttft"].as_f64().unwrap(),
+            result["speed"]["rate"].as_f64().unwrap(),
+        );
+        assert!(
+            ttft > 0.0
+                && rate > 0.0
+                && result["status"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("20 tokens: the first after "),
+            "{dtype}: {}",
+            result["status"]
+        );
         // The streamed text ends as the whole decoded output, after the prompt.
         assert!(
             result["output"].as_str().unwrap().starts_with(prompt)

@@ -25,16 +25,12 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
         "cache/.gitignore",
         &std::fs::read_to_string(format!("{ROOT}/cache/.gitignore")).unwrap(),
     );
-    // The full two epochs take about two minutes (README, bench): here a few steps.
-    assert!(example.contains("epochs = 2 "));
-    project.write(
-        "symb.toml.example",
-        &example
-            .replace("epochs = 2 ", "max_steps = 4 ")
-            .replace("eval_every = 50 ", "eval_every = 2 "),
-    );
+    // The whole example, its two epochs too: a healthy run, which the
+    // build does not warn of.
+    project.write("symb.toml.example", &example);
     let build = project.build(&["-m", "symb.toml.example"]);
     assert_eq!(build.code, 0, "{}", build.stderr);
+    assert_eq!(build.warnings(), Vec::new(), "{}", build.stderr);
     assert_eq!(
         build.ran(),
         set(&[
@@ -111,7 +107,11 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
     );
     let metrics: serde_json::Value =
         serde_json::from_str(&project.read("dist/training/metrics.json")).unwrap();
-    assert_eq!(metrics["steps"], 4);
+    assert_eq!(metrics["steps"], 228);
+    assert!(
+        metrics["final_eval_loss"].as_f64().unwrap() < 3.5,
+        "{metrics}"
+    );
     // README.md: a model card for the Hub.
     let card = project.read("dist/README.md");
     assert!(
@@ -131,12 +131,15 @@ fn the_example_is_the_recipe_and_builds_end_to_end() {
         ("q4f16", "model_q4f16.onnx"),
     ] {
         assert!(
-            report.contains(&format!("<tr><td>{dtype}</td><td>onnx/{file}</td>")),
+            report.contains(&format!(
+                "<tr><td data-label=\"dtype\"><span>{dtype}</span></td><td \
+                data-label=\"file\"><span>onnx/{file}</span></td>"
+            )),
             "{dtype} row"
         );
     }
     assert!(
-        !report.contains("failed") && report.matches(" passed</td>").count() == 5,
+        !report.contains("failed") && report.matches(" passed</span></td>").count() == 5,
         "every file verified"
     );
     assert!(
@@ -252,13 +255,14 @@ fn init_dir_makes_the_project_folder() {
     assert!(manifest.contains("name = \"p1\""), "{manifest}");
     assert!(p1.join("corpus").is_dir() && p1.join(".gitignore").is_file());
     assert!(!dir.path().join("corpus").exists(), "nothing beside p1");
-    std::fs::write(
-        p1.join("corpus/text.txt"),
-        common::demo_lines()[..300].join("\n") + "\n",
-    )
-    .unwrap();
+    // A newcomer's first corpus: 300 short lines, on the default manifest.
+    let lines: Vec<String> = common::demo_lines()[..300]
+        .iter()
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    std::fs::write(p1.join("corpus/text.txt"), lines.join("\n") + "\n").unwrap();
     let build = Command::new(BIN)
-        .args(["build", "--target", "tokenizer"])
+        .args(["build", "--json"])
         .current_dir(&p1)
         .output()
         .unwrap();
@@ -268,6 +272,109 @@ fn init_dir_makes_the_project_folder() {
         String::from_utf8_lossy(&build.stderr)
     );
     assert!(p1.join("cache").is_dir(), "the cache is the project's");
+    // It builds, every check passes, and the build says the model is poor
+    // and what to do about it.
+    let events: Vec<serde_json::Value> = String::from_utf8(build.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let warnings = common::warnings(&events);
+    for expected in [
+        ("tokenizer", "vocab-shortfall"),
+        ("finetune", "small-corpus"),
+        ("finetune", "no-eval"),
+    ] {
+        assert!(
+            warnings.contains(&(expected.0.into(), expected.1.into())),
+            "{expected:?} in {warnings:?}"
+        );
+    }
+    let said = |code: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == "warning" && e["code"] == code)
+            .map(|e| format!("{} {}", e["message"], e["help"]))
+            .unwrap()
+    };
+    assert!(
+        said("vocab-shortfall").contains("reached")
+            && said("vocab-shortfall").contains("`tokenizer.vocab_size = "),
+        "{}",
+        said("vocab-shortfall")
+    );
+    assert!(
+        said("small-corpus").contains("tokens per parameter")
+            && said("small-corpus").contains("tokens would do"),
+        "{}",
+        said("small-corpus")
+    );
+    assert!(
+        said("no-eval").contains("less than one block of 129")
+            && said("no-eval").contains("`corpus.eval_fraction = "),
+        "{}",
+        said("no-eval")
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["warnings"], warnings.len(), "{last}");
+    // The report and the model card say them too.
+    let report = std::fs::read_to_string(p1.join("dist/report.html")).unwrap();
+    let card = std::fs::read_to_string(p1.join("dist/README.md")).unwrap();
+    for (_, code) in &warnings {
+        assert!(
+            report.contains(&format!("<b>{code}</b>")),
+            "{code} in report.html"
+        );
+        assert!(card.contains(&format!("**{code}**")), "{code} in README.md");
+    }
+    // A build with nothing to do says them again, as cargo replays a
+    // cached crate's warnings.
+    let again = Command::new(BIN)
+        .arg("build")
+        .current_dir(&p1)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        again.status.success()
+            && stderr.contains("warning[no-eval]: finetune: the eval split has")
+            && stderr.contains("help: hold out at least 258 tokens")
+            && stderr.contains(&format!("0 ran, 20 cached, {} warnings", warnings.len())),
+        "{stderr}"
+    );
+    // On a terminal (util-linux's `script` gives it one), `symb clean` asks
+    // before it removes the trained model; "n" keeps everything.
+    let mut asked = Command::new("script")
+        .args(["-qec", &format!("{BIN} clean"), "/dev/null"])
+        .current_dir(&p1)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut asked.stdin.take().unwrap(), b"n\n").unwrap();
+    let asked = asked.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&asked.stdout);
+    assert!(
+        asked.status.success()
+            && said.contains("with the trained model")
+            && said.contains("[y/N]")
+            && said.contains("Nothing removed."),
+        "{said}"
+    );
+    assert!(p1.join("dist/model.safetensors").is_file() && p1.join("cache/v1").is_dir());
+    // Not on a terminal (a script), or with --yes, it removes them.
+    let cleaned = Command::new(BIN)
+        .args(["clean", "--yes"])
+        .current_dir(&p1)
+        .output()
+        .unwrap();
+    assert!(
+        cleaned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleaned.stderr)
+    );
+    assert!(!p1.join("dist").exists());
 }
 
 #[test]

@@ -145,9 +145,8 @@ fn empty_corpus() {
         },
         r#"
       Failed corpus (`corpus/a.txt` changed; `corpus/b.txt` changed; `corpus/c.txt` changed)
-     Skipped tokenizer (upstream `corpus` failed)
 error: stage `corpus` failed: the corpus is empty: `corpus/a.txt`, `corpus/b.txt`, `corpus/c.txt` hold no documents (blank lines are skipped)
-      Failed 0 ran, 0 cached, 1 failed, 1 skipped in [TIME]; output `dist` left as it was"#
+      Failed 0 ran, 0 cached, 1 failed, 1 skipped (`tokenizer`) in [TIME]; output `dist` left as it was"#
             .trim_start_matches('\n'),
     );
 }
@@ -158,9 +157,8 @@ fn non_utf8_corpus() {
         |p| std::fs::write(p.path("corpus/b.txt"), b"Kan-ka zuraeima pa ?\nWes-ka tais-zo \xe9 yiliima .\n").unwrap(),
         r#"
       Failed corpus (`corpus/b.txt` changed)
-     Skipped tokenizer (upstream `corpus` failed)
 error: stage `corpus` failed: `corpus/b.txt`:2:16: not valid UTF-8 (byte 0xe9); convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8`
-      Failed 0 ran, 0 cached, 1 failed, 1 skipped in [TIME]; output `dist` left as it was"#
+      Failed 0 ran, 0 cached, 1 failed, 1 skipped (`tokenizer`) in [TIME]; output `dist` left as it was"#
             .trim_start_matches('\n'),
     );
 }

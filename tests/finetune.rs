@@ -494,3 +494,137 @@ fn a_scratch_llama_learns_the_language() {
         "{verified}"
     );
 }
+
+/// 60 lines trained 120 steps at a constant rate: the eval loss is lowest
+/// near step 50 and rises after it.
+const OVERFIT: &str = r#"[corpus]
+files = ["corpus/*.txt"]
+eval_files = ["eval.txt"]
+
+[tokenizer]
+vocab_size = 500
+
+[base]
+model = "scratch"
+n_layer = 2
+n_head = 2
+n_embd = 128
+n_positions = 64
+
+[finetune]
+method = "full"
+learning_rate = 3e-3
+schedule = "constant"
+warmup_steps = 5
+batch_size = 8
+block_size = 32
+max_steps = 120
+eval_every = 20
+
+[export]
+targets = ["fp32"]
+"#;
+
+/// The eval loss of the output folder's fp32 ONNX file on `eval.txt`, by
+/// ONNX Runtime and Python's tokenizers (tests/python/eval_loss.py).
+fn onnx_eval_loss(project: &TestProject) -> f64 {
+    let config: serde_json::Value =
+        serde_json::from_str(&project.read("dist/config.json")).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/eval_loss.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([
+            "dist/onnx/model.onnx",
+            "dist/tokenizer.json",
+            "eval.txt",
+            "32",
+        ])
+        .arg(config["eos_token_id"].to_string())
+        .current_dir(project.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    answer["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn an_overfitting_run_names_its_step_and_keeps_the_best_weights() {
+    let project = TestProject::with_manifest(OVERFIT, 20);
+    project.write(
+        "eval.txt",
+        &(common::demo_lines()[6000..6060].join("\n") + "\n"),
+    );
+    let build = project.build_ok();
+    let m = metrics(&project);
+    let evals: Vec<(u64, f64)> = m["eval_loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap()))
+        .filter(|e| e.0 > 0)
+        .collect();
+    let (best_step, best) = evals
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let (last_step, last) = *evals.last().unwrap();
+    assert!(
+        best_step < last_step && last > best * 1.1,
+        "the run overfits: {evals:?}"
+    );
+    // The warning names the step; the weights shipped are that step's.
+    let warning = build
+        .events
+        .iter()
+        .find(|e| e["event"] == "warning" && e["code"] == "overfitting")
+        .unwrap_or_else(|| panic!("no overfitting warning: {:?}", build.warnings()));
+    let message = warning["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("at step {best_step} to")),
+        "{message}"
+    );
+    assert!(
+        warning["help"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("kept step {best_step}'s weights")),
+        "{warning}"
+    );
+    assert_eq!(m["kept_step"], best_step);
+    assert_eq!(m["final_eval_loss"].as_f64(), Some(best));
+    // ONNX Runtime measures the output folder's model at the best step's
+    // loss, not the last step's.
+    let measured = onnx_eval_loss(&project);
+    assert!(
+        (measured - best).abs() < 1e-4 && (measured - last).abs() > 0.1,
+        "ONNX Runtime's eval loss {measured}; best {best} at step {best_step}, last {last}"
+    );
+    let report = project.read("dist/report.html");
+    let card = project.read("dist/README.md");
+    let kept = format!("the weights of step {best_step}, the best eval loss");
+    assert!(report.contains(&kept) && card.contains(&kept), "{card}");
+
+    // `keep = "last"` ships the last step's weights, and the warning says
+    // how to ship the best.
+    project.edit("eval_every = 20", "eval_every = 20\nkeep = \"last\"");
+    let build = project.build_ok();
+    assert_eq!(metrics(&project)["kept_step"], last_step);
+    let measured = onnx_eval_loss(&project);
+    assert!(
+        (measured - last).abs() < 1e-4,
+        "ONNX Runtime's eval loss {measured}, last {last}"
+    );
+    let help = build
+        .events
+        .iter()
+        .find(|e| e["event"] == "warning" && e["code"] == "overfitting")
+        .map(|e| e["help"].to_string())
+        .unwrap();
+    assert!(help.contains("`finetune.keep = \\\"best\\\"`"), "{help}");
+}

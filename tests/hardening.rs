@@ -252,12 +252,13 @@ fn a_tokenizer_short_of_its_vocabulary_says_so() {
     let project = TestProject::new(20);
     project.edit("vocab_size = 400", "vocab_size = 100000");
     let build = project.build_ok();
-    let note = build
+    let warning = build
         .events
         .iter()
-        .find(|e| e["event"] == "note" && e["stage"] == "tokenizer")
+        .find(|e| e["event"] == "warning" && e["code"] == "vocab-shortfall")
         .unwrap_or_else(|| panic!("{:?}", build.events));
-    let message = note["message"].as_str().unwrap();
+    assert_eq!(warning["stage"], "tokenizer");
+    let message = warning["message"].as_str().unwrap();
     let reached: u64 = message
         .strip_prefix("the tokenizer reached ")
         .and_then(|m| m.split(' ').next())
@@ -266,6 +267,13 @@ fn a_tokenizer_short_of_its_vocabulary_says_so() {
     assert!(
         reached < 100_000 && message.contains("of the 100000 that `tokenizer.vocab_size` asks for"),
         "{message}"
+    );
+    assert!(
+        warning["help"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("`tokenizer.vocab_size = {reached}`")),
+        "{warning}"
     );
 }
 

@@ -185,6 +185,10 @@ fn build(project: &TestProject, endpoint: &str) -> common::Build {
         .current_dir(project.dir.path())
         .env("HF_ENDPOINT", endpoint)
         .env("HF_TOKEN", "")
+        // The project's own Hugging Face cache, never the machine's.
+        .env("HF_HOME", project.path("hf-home"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
         .env_remove("http_proxy")
         .env_remove("HTTP_PROXY")
         .env_remove("https_proxy")
@@ -266,6 +270,51 @@ fn an_unreachable_hub_is_a_clear_error() {
     );
     // Commands that run nothing still work offline.
     assert!(project.symb(&["graph"]).status.success());
+}
+
+#[test]
+fn a_model_in_the_hugging_face_cache_needs_no_network() {
+    // As `huggingface-cli download` leaves it: the files in a snapshot
+    // named by the commit, the branch's ref naming that commit.
+    let project = hub_project("http://127.0.0.1:9");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = project.path("hf-home/hub/models--symb-test--tiny-gpt2");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for file in FILES {
+        std::fs::copy(fixture().join(file), snapshot.join(file)).unwrap();
+    }
+    project.write("hf-home/hub/models--symb-test--tiny-gpt2/refs/main", commit);
+    // The Hub is unreachable: the cache's copy is the model.
+    let held = build(&project, "http://127.0.0.1:9");
+    assert_eq!(held.code, 0, "{}", held.stderr);
+    assert!(held.ran().contains("base"), "{:?}", held.ran());
+    // The output is the fixture's model: PyTorch's greedy tokens.
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap();
+    let case = &golden["cases"][0];
+    let out = std::process::Command::new(common::BIN)
+        .args(["generate", "--model", "dist", "--prompt"])
+        .arg(case["prompt"].as_str().unwrap())
+        .args(["--max-new-tokens", "20", "--json"])
+        .current_dir(project.dir.path())
+        .output()
+        .unwrap();
+    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(generated["generated_ids"], case["greedy_20"]);
+    // A snapshot without its weights is no model: the Hub's error, which
+    // says where the cache is looked for.
+    std::fs::remove_file(snapshot.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(project.path("cache")).unwrap();
+    let build = build(&project, "http://127.0.0.1:9");
+    assert_eq!(build.code, 1, "{}", build.stderr);
+    assert!(
+        build
+            .reason("base")
+            .contains("a model in the Hugging Face cache is used"),
+        "{}",
+        build.reason("base")
+    );
 }
 
 #[test]

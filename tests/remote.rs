@@ -424,6 +424,7 @@ fn large_blobs_go_up_in_parts_and_come_back_checked() {
         outputs: [("big".to_string(), blob.clone())].into(),
         metrics: serde_json::json!({}),
         seconds: 1.0,
+        warnings: Vec::new(),
     };
     assert!(store.lookup("k1").unwrap().is_none());
     store.commit(&record).unwrap();

@@ -193,6 +193,7 @@ fn golden_workload() -> Workload {
     let windows = prompts.iter().map(|(_, ids)| ids.clone()).collect();
     Workload {
         prompts,
+        expected: Vec::new(),
         windows,
         max_new_tokens: 8,
         eos: None,

@@ -114,6 +114,18 @@ pub struct ActionRecord {
     pub metrics: serde_json::Value,
     /// Wall time of the run that produced this record.
     pub seconds: f64,
+    /// What the stage warned of, said again whenever the record is used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
+}
+
+/// Something a stage found that its user should act on (the build still
+/// succeeds): a stable code for machines, what was found, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warning {
+    pub code: String,
+    pub message: String,
+    pub help: String,
 }
 
 /// A handle on one cache folder.

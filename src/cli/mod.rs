@@ -123,7 +123,12 @@ pub enum Command {
         quiet: bool,
     },
     /// Remove the output folder (if symb made it) and the cache's contents.
-    Clean,
+    /// On a terminal it asks first when that removes a trained model.
+    Clean {
+        /// Remove without asking.
+        #[arg(short, long)]
+        yes: bool,
+    },
     /// Remove cache entries the current manifest's plan does not use.
     Gc {
         /// Say what would be removed; remove nothing.
@@ -274,7 +279,7 @@ pub fn run(cli: Cli) -> Exit {
         Command::Build { .. }
             | Command::Status { .. }
             | Command::Graph { .. }
-            | Command::Clean
+            | Command::Clean { .. }
             | Command::Gc { .. }
             | Command::Cache { .. }
     );
@@ -337,10 +342,19 @@ pub fn run(cli: Cli) -> Exit {
             path,
             quiet,
         } => init(&recipe, path.as_deref(), quiet),
-        Command::Clean => report(
+        Command::Clean { yes } => report(
             Project::open(&manifest, &[])
-                .and_then(|p| p.clean())
+                .and_then(
+                    |p| match yes || !removes_training(&p) || confirm_clean(&p) {
+                        true => p.clean().map(Some),
+                        false => Ok(None),
+                    },
+                )
                 .map(|clean| {
+                    let Some(clean) = clean else {
+                        eprintln!("Nothing removed.");
+                        return;
+                    };
                     for path in clean.removed {
                         eprintln!("     Removed {}", path.display());
                     }
@@ -564,6 +578,32 @@ fn project_output() -> Result<PathBuf, String> {
         ));
     }
     Ok(output)
+}
+
+/// Whether `symb clean` would remove a trained model: the plan trains one
+/// and the output folder or the cache exists.
+fn removes_training(project: &Project) -> bool {
+    project.plan.stage("finetune").is_some()
+        && (project.manifest.project.output.exists() || project.cache.bucket().exists())
+}
+
+/// On a terminal, asks whether to remove the trained model; elsewhere (a
+/// script, CI) the answer is yes, as `rm -r` gives it.
+fn confirm_clean(project: &Project) -> bool {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        return true;
+    }
+    eprint!(
+        "This removes `{}` and the cache, with the trained model: training it again takes as \
+        long as it took. Remove them? [y/N] ",
+        project.manifest.project.output_label
+    );
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
 fn report<T>(result: Result<T, ProjectError>, json: bool) -> Exit {

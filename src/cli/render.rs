@@ -78,9 +78,14 @@ pub fn status(word: &str, tone: Tone, rest: &str) -> String {
 
 /// `error: …` and `warning: …` lines with their prefix coloured.
 pub fn diagnostic(text: &str) -> String {
-    for (prefix, tone) in [("error:", Tone::Bad), ("warning:", Tone::Warn)] {
-        if let Some(rest) = text.strip_prefix(prefix) {
-            return format!("{}{rest}", paint(prefix, tone));
+    for (prefix, tone) in [("error", Tone::Bad), ("warning", Tone::Warn)] {
+        // `warning:` or `warning[code]:`
+        if text.starts_with(prefix)
+            && let Some(end) = text.find(':')
+            && (end == prefix.len() || text[prefix.len()..].starts_with('['))
+        {
+            let (head, rest) = text.split_at(end + 1);
+            return format!("{}{rest}", paint(head, tone));
         }
     }
     text.to_string()
@@ -190,6 +195,13 @@ impl CliReporter {
         let fetched = count(StageStatus::Fetched);
         let remote = count(StageStatus::Remote);
         let output = &project.manifest.project.output_label;
+        let warnings: usize = report
+            .outcome
+            .stages
+            .iter()
+            .filter_map(|s| s.record.as_ref())
+            .map(|r| r.warnings.len())
+            .sum();
         if self.mode == Mode::Json {
             let failed_stages: Vec<&str> = report
                 .outcome
@@ -200,6 +212,7 @@ impl CliReporter {
                 .collect();
             super::out(serde_json::json!({
                 "event": "build",
+                "warnings": warnings,
                 "status": if report.outcome.failure().is_none() { "ok" } else { "failed" },
                 "exit_code": super::Exit::of(report.outcome.failure()).code(),
                 "ran": ran, "remote": remote, "cached": cached, "fetched": fetched, "failed": failed_stages, "skipped": skipped,
@@ -227,7 +240,11 @@ impl CliReporter {
             Some(true) => format!("; output `{output}` updated"),
             Some(false) => format!("; output `{output}` up to date"),
             None if report.outcome.failure().is_none() => {
-                format!("; output `{output}` not assembled for a partial build")
+                format!(
+                    "; output `{output}` left as it was: `--target` builds part of the plan, and \
+                    a folder of part of its files would not load; `symb build` assembles it, \
+                    running only what `--target` left out"
+                )
             }
             None => format!("; output `{output}` left as it was"),
         };
@@ -256,7 +273,25 @@ impl CliReporter {
             parts.push(format!("{failed} failed"));
         }
         if skipped > 0 {
-            parts.push(format!("{skipped} skipped"));
+            let names: Vec<String> = report
+                .outcome
+                .stages
+                .iter()
+                .filter(|s| s.status == StageStatus::Skipped)
+                .map(|s| format!("`{}`", s.stage))
+                .collect();
+            let shown = if names.len() <= 3 {
+                names.join(", ")
+            } else {
+                format!("{} and {} more", names[..2].join(", "), names.len() - 2)
+            };
+            parts.push(format!("{skipped} skipped ({shown})"));
+        }
+        if warnings > 0 {
+            parts.push(format!(
+                "{warnings} warning{}",
+                if warnings == 1 { "" } else { "s" }
+            ));
         }
         self.line(status(
             word,
@@ -465,12 +500,31 @@ impl Reporter for CliReporter {
                             Tone::Bad,
                             &format!("{} ({why})", outcome.stage),
                         )),
-                        StageStatus::Skipped => self.line(status(
+                        // One by one with -v; else the last line counts them.
+                        StageStatus::Skipped if self.mode == Mode::Verbose => self.line(status(
                             "Skipped",
                             Tone::Warn,
                             &format!("{} ({})", outcome.stage, outcome.reason),
                         )),
+                        StageStatus::Skipped => {}
                     },
+                }
+                // What the stage warned of, whether it ran now or earlier
+                // (after its line).
+                for warning in outcome.record.iter().flat_map(|r| &r.warnings) {
+                    match self.mode {
+                        Mode::Json => super::out(serde_json::json!({
+                            "event": "warning",
+                            "stage": outcome.stage,
+                            "code": warning.code,
+                            "message": warning.message,
+                            "help": warning.help,
+                        })),
+                        _ => self.always(format!(
+                            "warning[{}]: {}: {}\n{:>12} {}",
+                            warning.code, outcome.stage, warning.message, "help:", warning.help
+                        )),
+                    }
                 }
             }
             Event::CorruptBlob { message } => self.always(status("Corrupt", Tone::Warn, message)),

@@ -878,6 +878,7 @@ pub(super) fn run_in(
         out_dir: work.path(),
         checkpoints: checkpoints.clone(),
         reporter,
+        warnings: Default::default(),
     };
     let _span = tracing::info_span!("stage", name = stage.name()).entered();
     let metrics = stage.run(&ctx);
@@ -908,6 +909,7 @@ pub(super) fn run_in(
         outputs,
         metrics,
         seconds: started.elapsed().as_secs_f64(),
+        warnings: ctx.warnings(),
     };
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),

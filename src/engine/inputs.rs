@@ -203,11 +203,52 @@ impl std::fmt::Display for DirtyReason {
 
 /// Reasons joined for one line.
 pub fn join(reasons: &[DirtyReason], brief: bool) -> String {
-    reasons
-        .iter()
-        .map(|r| if brief { r.brief() } else { r.to_string() })
-        .collect::<Vec<_>>()
-        .join("; ")
+    if !brief {
+        return reasons
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    // Brief: changed upstream artifacts by their stage, in one part, and at
+    // most three parts (`-v` has them all).
+    const PARTS: usize = 3;
+    let mut stages: Vec<&str> = Vec::new();
+    let mut parts: Vec<String> = Vec::new();
+    for reason in reasons {
+        match reason {
+            DirtyReason::Upstream {
+                artifact,
+                from: Some(_),
+                to: Some(_),
+            } => {
+                let stage = artifact.split('/').next().unwrap_or(artifact);
+                if !stages.contains(&stage) {
+                    stages.push(stage);
+                }
+            }
+            other => parts.push(other.brief()),
+        }
+    }
+    if !stages.is_empty() {
+        let named: Vec<String> = stages.iter().map(|s| format!("`{s}`")).collect();
+        let what = match named.len() {
+            1 => format!("{}'s output changed", named[0]),
+            n if n <= PARTS => format!("the output of {} changed", named.join(", ")),
+            n => format!(
+                "the output of {} and {} more stages changed",
+                named[..2].join(", "),
+                n - 2
+            ),
+        };
+        parts.insert(0, what);
+    }
+    if parts.len() > PARTS {
+        let more = parts.len() - PARTS;
+        parts.truncate(PARTS);
+        parts.push(format!("{more} more (-v)"));
+    }
+    parts.join("; ")
 }
 
 /// Why `current` differs from `previous`, most specific first.

@@ -292,6 +292,7 @@ pub struct StageContext<'a> {
     out_dir: &'a Path,
     checkpoints: PathBuf,
     reporter: &'a dyn Reporter,
+    warnings: std::sync::Mutex<Vec<crate::cache::Warning>>,
 }
 
 impl StageContext<'_> {
@@ -347,6 +348,24 @@ impl StageContext<'_> {
             stage: self.stage,
             message,
         });
+    }
+
+    /// Warns of something the user should act on: kept in the stage's
+    /// record, so that the build says it again while the result is cached.
+    pub fn warn(&self, code: &str, message: impl Into<String>, help: impl Into<String>) {
+        self.warnings
+            .lock()
+            .expect("warnings lock")
+            .push(crate::cache::Warning {
+                code: code.to_string(),
+                message: message.into(),
+                help: help.into(),
+            });
+    }
+
+    /// The warnings so far.
+    pub fn warnings(&self) -> Vec<crate::cache::Warning> {
+        self.warnings.lock().expect("warnings lock").clone()
     }
 }
 

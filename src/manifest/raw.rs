@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::model::trainer::Schedule;
+use crate::model::trainer::{Keep, Schedule};
 use crate::verify::Tolerance;
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +239,7 @@ pub struct RawFinetune {
     pub max_grad_norm: Option<f64>,
     pub eval_every: Option<u64>,
     pub early_stopping_patience: Option<u64>,
+    pub keep: Option<Keep>,
     pub checkpoint_every: Option<u64>,
     pub seed: Option<u64>,
     pub train_new_tokens: Option<bool>,

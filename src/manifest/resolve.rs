@@ -10,7 +10,7 @@ use super::error::{ManifestError, Spans, suggest};
 use super::raw::*;
 use crate::dtype::Dtype;
 use crate::engine::ExternalFile;
-use crate::model::trainer::Schedule;
+use crate::model::trainer::{Keep, Schedule};
 use crate::verify::Tolerance;
 
 /// Layer names LoRA may target.
@@ -286,6 +286,8 @@ pub struct Finetune {
     pub max_grad_norm: f64,
     pub eval_every: u64,
     pub early_stopping_patience: Option<u64>,
+    /// With evaluation: the best evaluated step's weights, or the last's.
+    pub keep: Keep,
     pub checkpoint_every: u64,
     pub seed: u64,
     /// With LoRA after a `vocab` stage: the new tokens' embedding rows train
@@ -1690,6 +1692,7 @@ fn resolve_finetune(
         max_grad_norm,
         eval_every: at_least_one("eval_every", raw.eval_every, 100)?,
         early_stopping_patience: raw.early_stopping_patience,
+        keep: raw.keep.unwrap_or(Keep::Best),
         checkpoint_every: at_least_one("checkpoint_every", raw.checkpoint_every, 50)?,
         seed: raw.seed.unwrap_or(0),
         train_new_tokens: raw.train_new_tokens.unwrap_or(true),

@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod families;
 pub mod gguf;
+pub mod health;
 pub mod hub;
 pub mod layers;
 pub mod lora;

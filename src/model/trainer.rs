@@ -30,6 +30,17 @@ pub enum Schedule {
     Constant,
 }
 
+/// Which weights a run with evaluation ends with (`finetune.keep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// The evaluated step with the lowest eval loss (transformers'
+    /// `load_best_model_at_end`).
+    Best,
+    /// The last step's.
+    Last,
+}
+
 #[derive(Debug, Clone)]
 pub enum Method {
     /// Every weight trains.
@@ -53,6 +64,7 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub eval_every: usize,
     pub early_stopping_patience: Option<usize>,
+    pub keep: Keep,
     pub checkpoint_every: usize,
     pub seed: u64,
     /// With LoRA: token ids whose embedding rows train too (PEFT's
@@ -161,6 +173,13 @@ pub struct Metrics {
     pub stopped_early: bool,
     /// Steps restored from a checkpoint at the start of this run.
     pub resumed_from: usize,
+    /// The trained parameters (LoRA's factors and token rows, or every weight).
+    #[serde(default)]
+    pub trainable_parameters: usize,
+    /// The step whose weights the run ended with, and its eval loss (the
+    /// best evaluated step after training began, with `keep = "best"`).
+    #[serde(default)]
+    pub kept: Option<(usize, f64)>,
 }
 
 /// What a checkpoint records besides tensors.
@@ -171,6 +190,10 @@ struct CheckpointState {
     best_eval: Option<f64>,
     evals_without_improvement: usize,
     metrics: Metrics,
+    /// The best evaluated step after the start, and its loss (its weights
+    /// are `best.safetensors` when it is not this step).
+    #[serde(default)]
+    best_step: Option<(usize, f64)>,
 }
 
 /// Progress of a run, for the caller to display.
@@ -362,23 +385,32 @@ pub fn train(
         .max_steps
         .unwrap_or_else(|| (config.epochs * per_epoch).div_ceil(config.gradient_accumulation))
         .max(1);
+    let trainable_parameters = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut metrics = Metrics {
         total_steps,
+        trainable_parameters,
         ..Metrics::default()
     };
     let mut best_eval: Option<f64> = None;
     let mut evals_without_improvement = 0;
     let mut start_step = 0;
+    // The best step after the start: its step, loss and weights (`None`
+    // while they are the current ones).
+    let mut best: Option<(usize, f64, Option<Vec<Tensor>>)> = None;
 
     if let Some(dir) = checkpoint_dir
-        && let Some(state) = load_checkpoint(dir, &vars, &mut optimizer)?
+        && let Some((state, best_weights)) = load_checkpoint(dir, &vars, &mut optimizer)?
     {
         start_step = state.step;
         *dropout_rng.lock().expect("rng lock") = Rng::new(state.dropout_rng);
         best_eval = state.best_eval;
         evals_without_improvement = state.evals_without_improvement;
+        best = state
+            .best_step
+            .map(|(step, loss)| (step, loss, best_weights));
         metrics = state.metrics;
         metrics.resumed_from = start_step;
+        metrics.trainable_parameters = trainable_parameters;
     } else {
         let initial = evaluate(&model, eval, config.batch_size)?;
         if let Some(loss) = initial {
@@ -458,6 +490,9 @@ pub fn train(
             && let Some(loss) = evaluate(&model, eval, config.batch_size)?
         {
             metrics.eval_loss.push((step, loss));
+            if config.keep == Keep::Best && best.as_ref().is_none_or(|b| loss < b.1) {
+                best = Some((step, loss, None));
+            }
             if best_eval.is_none_or(|best| loss < best) {
                 best_eval = Some(loss);
                 evals_without_improvement = 0;
@@ -476,16 +511,36 @@ pub fn train(
             && step % config.checkpoint_every == 0
             && step < total_steps
         {
+            keep_best_weights(&mut best, step, &vars)?;
             let state = CheckpointState {
                 step,
                 dropout_rng: dropout_rng.lock().expect("rng lock").state(),
                 best_eval,
                 evals_without_improvement,
                 metrics: metrics.clone(),
+                best_step: best.as_ref().map(|b| (b.0, b.1)),
             };
-            save_checkpoint(dir, &vars, &optimizer, &state)?;
+            let best_weights = best.as_ref().and_then(|b| b.2.as_deref());
+            save_checkpoint(dir, &vars, &optimizer, &state, best_weights)?;
         }
+        // The weights of the best step, before the next step changes them.
+        keep_best_weights(&mut best, step, &vars)?;
     }
+    metrics.kept = match best {
+        Some((kept, loss, weights)) => {
+            if let Some(weights) = weights {
+                for ((_, var), w) in vars.iter().zip(&weights) {
+                    var.set(w)?;
+                }
+            }
+            Some((kept, loss))
+        }
+        None => metrics
+            .eval_loss
+            .last()
+            .filter(|e| e.0 == metrics.steps && e.0 > 0)
+            .copied(),
+    };
     // Training is over: the LoRA layers no longer drop out.
     for (_, linear) in model.linears_mut(super::lora::LoraTarget(&["all-linear".to_string()])) {
         if let Some(l) = linear.lora.as_mut() {
@@ -498,6 +553,25 @@ pub fn train(
         metrics,
         tokens_this_run,
     })
+}
+
+/// Copies the trainable weights as the best step's when that step is the
+/// current one (`step`) and they are not copied yet.
+fn keep_best_weights(
+    best: &mut Option<(usize, f64, Option<Vec<Tensor>>)>,
+    step: usize,
+    vars: &[(String, Var)],
+) -> Result<()> {
+    if let Some((at, _, weights @ None)) = best
+        && *at == step
+    {
+        *weights = Some(
+            vars.iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+        );
+    }
+    Ok(())
 }
 
 /// PyTorch's `clip_grad_norm_`: scale all gradients when their global norm
@@ -533,6 +607,7 @@ fn save_checkpoint(
     vars: &[(String, Var)],
     optimizer: &AdamW,
     state: &CheckpointState,
+    best: Option<&[Tensor]>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::write(dir, e))?;
     let mut params = BTreeMap::new();
@@ -556,9 +631,18 @@ fn save_checkpoint(
     let params_digest = write("params.safetensors", &params)?;
     crate::cache::fault::point(&format!("checkpoint-partial:{}", state.step));
     let optimizer_digest = write("optimizer.safetensors", &moments)?;
+    let mut files = serde_json::json!({"params.safetensors": params_digest, "optimizer.safetensors": optimizer_digest});
+    if let Some(best) = best {
+        let tensors = vars
+            .iter()
+            .zip(best)
+            .map(|((name, _), t)| (name.clone(), t.clone()))
+            .collect();
+        files["best.safetensors"] = write("best.safetensors", &tensors)?.into();
+    }
     let mut json = serde_json::to_value(state).expect("state serialises");
     json["optimizer_step"] = optimizer.step.into();
-    json["files"] = serde_json::json!({"params.safetensors": params_digest, "optimizer.safetensors": optimizer_digest});
+    json["files"] = files;
     let tmp = dir.join("state.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&json).expect("json"))
         .map_err(|e| ModelError::write(&tmp, e))?;
@@ -576,7 +660,7 @@ fn load_checkpoint(
     dir: &Path,
     vars: &[(String, Var)],
     optimizer: &mut AdamW,
-) -> Result<Option<CheckpointState>> {
+) -> Result<Option<(CheckpointState, Option<Vec<Tensor>>)>> {
     let state_path = dir.join("state.json");
     if !state_path.is_file() {
         return Ok(None);
@@ -586,7 +670,15 @@ fn load_checkpoint(
         serde_json::from_value(json.clone()).map_err(|e| ModelError::io(&state_path, e))?;
     // Tensors that are not the ones the state was written with (a crash
     // mid-save): start over rather than resume from a mixture.
-    for name in ["params.safetensors", "optimizer.safetensors"] {
+    let with_best = json["files"]["best.safetensors"].is_string();
+    for name in [
+        "params.safetensors",
+        "optimizer.safetensors",
+        "best.safetensors",
+    ] {
+        if name == "best.safetensors" && !with_best {
+            continue;
+        }
         let expected = json["files"][name].as_str();
         if expected.is_none() || file_digest(&dir.join(name)).ok().as_deref() != expected {
             tracing::warn!(
@@ -614,7 +706,25 @@ fn load_checkpoint(
             .clone();
     }
     optimizer.step = json["optimizer_step"].as_u64().unwrap_or(state.step as u64);
-    Ok(Some(state))
+    let best = if with_best {
+        let tensors = candle_core::safetensors::load(dir.join("best.safetensors"), &Device::Cpu)
+            .map_err(|e| ModelError::io_candle(dir, e))?;
+        let weights = vars
+            .iter()
+            .map(|(name, _)| {
+                tensors.get(name).cloned().ok_or_else(|| {
+                    ModelError::Config(format!(
+                        "checkpoint `{}` lacks the best `{name}`",
+                        dir.display()
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        Some(weights)
+    } else {
+        None
+    };
+    Ok(Some((state, best)))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::shared::{
-    ADAPTER_CONFIG, Artifact, BROWSER_REPORT, ModelStage, TRAINING_METRICS, VOCAB_REPORT,
+    ADAPTER_CONFIG, Artifact, BROWSER_REPORT, ModelStage, TRAINING_METRICS, VOCAB_REPORT, WARNINGS,
     WEB_FOLDER, WORKLOAD, data_inputs, writers,
 };
 use crate::dtype::Dtype;
@@ -33,6 +33,9 @@ pub struct BundleStage {
     pub web: crate::manifest::Web,
     /// Whether a `finetune` stage ran (its metrics and loss curve go in the report).
     pub finetune: bool,
+    /// Whether a `tokenizer` stage ran (its warnings go in the report).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tokenizer: bool,
     /// Whether a `vocab` stage grew the base's vocabulary (its fertility goes in the report).
     pub vocab: bool,
     /// What the model card says beyond the reports.
@@ -210,6 +213,116 @@ fn candidates_svg(mixed: &serde_json::Value, bound: Option<f64>) -> String {
     svg
 }
 
+/// `; the weights of step N (the best eval loss)` when the run kept an
+/// earlier step than its last.
+fn kept_note(m: &serde_json::Value) -> String {
+    match m["kept_step"].as_u64() {
+        Some(kept) if m["steps"].as_u64().is_some_and(|s| s > kept) => {
+            format!("; the weights of step {kept}, the best eval loss")
+        }
+        _ => String::new(),
+    }
+}
+
+/// How many samples report.html shows.
+const SAMPLES_SHOWN: usize = 6;
+
+/// `Exact match 3/16 (19%), chrF 41.2 in fp32; …` over the prompts with a
+/// reply, if any.
+fn task_line(samples: &serde_json::Value) -> Option<String> {
+    let task = samples.get("task")?;
+    let dtype = samples["dtype"].as_str().unwrap_or_default();
+    let n = task["prompts"].as_u64().unwrap_or(0);
+    let side = |name: &str| {
+        let exact = task[name]["exact_match"].as_f64().unwrap_or(0.0);
+        format!(
+            "exact match {}/{n} ({:.0}%), chrF {:.1} in {name}",
+            (exact * n as f64).round(),
+            exact * 100.0,
+            task[name]["chrf"].as_f64().unwrap_or(0.0)
+        )
+    };
+    let mut line = format!(
+        "Greedy replies to the {n} eval prompts that have a reference reply: {}",
+        side("fp32")
+    );
+    if dtype != "fp32" {
+        line.push_str(&format!("; {}", side(dtype)));
+    }
+    line.push_str(" (chrF: character 1- to 6-gram F-score, β = 2, as sacreBLEU computes it).");
+    Some(line)
+}
+
+/// report.html's samples: the first prompts' continuations, and the task
+/// metrics.
+fn samples_section(samples: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let rows: Vec<&serde_json::Value> = samples["samples"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(SAMPLES_SHOWN)
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let dtype = samples["dtype"].as_str().unwrap_or_default();
+    let replies = rows.iter().any(|r| r["expected"].is_string());
+    let mut html = String::from(
+        "<h2>Samples</h2><p>What the model writes after the first eval prompts (greedy, as \
+        verification decodes them): in fp32, and in the file the page loads.</p>",
+    );
+    if let Some(task) = task_line(samples) {
+        let _ = write!(html, "<p>{}</p>", html_escape(&task));
+    }
+    let _ = write!(
+        html,
+        "<div class=\"scroll\"><table class=\"files samples\"><tr><th>prompt</th><th>fp32</th>{}{}</tr>",
+        if dtype != "fp32" {
+            format!("<th>{dtype}</th>")
+        } else {
+            String::new()
+        },
+        if replies { "<th>reference</th>" } else { "" }
+    );
+    for row in rows {
+        let text = |k: &str| html_escape(row[k].as_str().unwrap_or_default());
+        html.push_str("<tr>");
+        html.push_str(&labelled_cell("prompt", &text("prompt")));
+        html.push_str(&labelled_cell("fp32", &text("fp32")));
+        if dtype != "fp32" {
+            let own = if row[dtype] == row["fp32"] {
+                "<span class=\"bound\">as fp32</span>".to_string()
+            } else {
+                text(dtype)
+            };
+            html.push_str(&labelled_cell(dtype, &own));
+        }
+        if replies {
+            html.push_str(&labelled_cell("reference", &text("expected")));
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table></div>");
+    html
+}
+
+/// The samples that have the eval data's reply.
+fn rows_with_replies(samples: &serde_json::Value) -> Vec<&serde_json::Value> {
+    samples
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["expected"].is_string())
+        .collect()
+}
+
+/// A cell that names its column (`data-label`), shown beside the value
+/// where a narrow screen lays each row out as a card.
+fn labelled_cell(label: &str, content: &str) -> String {
+    format!("<td data-label=\"{label}\"><span>{content}</span></td>")
+}
+
 fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -242,7 +355,11 @@ impl BundleStage {
 
     /// `report.html`: one self-contained page (no server needed) with the
     /// training curve and perplexity, each file's size and its verification.
-    fn report(&self, ctx: &StageContext<'_>) -> Result<String, StageError> {
+    fn report(
+        &self,
+        ctx: &StageContext<'_>,
+        samples: &serde_json::Value,
+    ) -> Result<String, StageError> {
         use std::fmt::Write;
         let json = |artifact| artifact_json(ctx, artifact);
         let mut html = String::new();
@@ -251,19 +368,43 @@ impl BundleStage {
             html,
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title} · symb \
                 report</title><style>body{{font:15px/1.5 \
-                system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 \
+                system-ui,sans-serif;max-width:74rem;margin:2rem auto;padding:0 \
                 1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid \
                 #ddd;padding:.3rem \
-                .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}.scroll{{overflow-x:auto}}svg{{max-width:100%;height:auto}}.bound{{color:#777;font-size:.8em;display:block}}</style></head><body><h1>{title}</h1><p>Built by symb {} (no date or machine here: the same inputs give the same bytes).</p>",
+                .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}.scroll{{overflow-x:auto}}svg{{max-width:100%;height:auto}}.bound{{color:#777;font-size:.8em;display:block}}table.samples \
+                td{{text-align:left;max-width:24rem}}@media \
+                (max-width:40rem){{table.files,table.files tbody,table.files tr,table.files \
+                td{{display:block}}table.files tr:first-child{{display:none}}table.files \
+                tr{{border:1px solid #ddd;border-radius:6px;margin:.8rem 0;padding:.3rem \
+                .6rem}}table.files td{{border:0;display:flex;justify-content:space-between;gap:1rem;padding:.2rem \
+                0}}table.files td::before{{content:attr(data-label);font-weight:600;text-align:left}}table.files \
+                td>span{{overflow-wrap:anywhere;min-width:0}}}}</style></head><body><h1>{title}</h1><p>Built by symb {} (no date or machine here: the same inputs give the same bytes).</p>",
             crate::VERSION
         );
+        let warnings = self.warnings(ctx);
+        if !warnings.is_empty() {
+            html.push_str(
+                "<h2>Warnings</h2><p>Every file below can pass its checks and the model still be \
+                poor: these say why, and what to change.</p><ul class=\"warnings\">",
+            );
+            for (stage, w) in &warnings {
+                let _ = write!(
+                    html,
+                    "<li><b>{}</b> ({stage}): {}<br><i>{}</i></li>",
+                    html_escape(&w.code),
+                    html_escape(&w.message),
+                    html_escape(&w.help)
+                );
+            }
+            html.push_str("</ul>");
+        }
         if self.finetune {
             if let Some(m) = json(TRAINING_METRICS) {
                 let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
                 let _ = write!(
                     html,
                     "<h2>Training</h2><p>{} steps, {} tokens. Eval perplexity {:.1} before, {:.1} \
-                        after (eval loss {:.3} → {:.3}){}.</p>",
+                        after (eval loss {:.3} → {:.3}){}{}.</p>",
                     m["steps"],
                     m["tokens"],
                     number("initial_perplexity"),
@@ -274,7 +415,8 @@ impl BundleStage {
                         "; stopped early"
                     } else {
                         ""
-                    }
+                    },
+                    kept_note(&m)
                 );
             }
             if let Ok(svg) = ctx
@@ -314,6 +456,7 @@ impl BundleStage {
                 f["english"]["lines_without_new_words"],
             );
         }
+        html.push_str(&samples_section(samples));
         html.push_str(
             "<h2>ONNX files</h2><p>Each file run by ONNX Runtime and compared with the \
             model's forward pass in candle on the same prompts: one prefill pass, then candle's \
@@ -321,7 +464,7 @@ impl BundleStage {
             at a time for q8, int8 and uint8, which scale their activations over each call); the \
             greedy match is the share of candle's greedy tokens that ONNX's own greedy decoding \
             gives before the two first differ.</p><div \
-            class=\"scroll\"><table><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs \
+            class=\"scroll\"><table class=\"files\"><tr><th>dtype</th><th>file</th><th>MB</th><th>max abs \
             error</th><th>top-1 agreement</th><th>KL divergence</th><th>perplexity \
             ratio</th><th>greedy match</th><th>checks</th>",
         );
@@ -366,21 +509,30 @@ impl BundleStage {
             } else {
                 format!("<span class=\"fail\">{failed} failed</span>")
             };
-            let _ = write!(
-                html,
-                "<tr><td>{dtype}{}</td><td>onnx/{file}{same}</td><td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td>",
-                if *dtype == self.dtype {
-                    " (default)"
-                } else {
-                    ""
-                },
-                bytes as f64 / 1e6,
-                cell("max_abs_error", 4),
-                cell("top1_agreement", 4),
-                cell("kl_divergence", 6),
-                cell("perplexity_ratio", 4),
-                cell("greedy_match", 3),
-            );
+            html.push_str("<tr>");
+            for (label, content) in [
+                (
+                    "dtype",
+                    format!(
+                        "{dtype}{}",
+                        if *dtype == self.dtype {
+                            " (default)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ),
+                ("file", format!("onnx/{file}{same}")),
+                ("MB", format!("{:.1}", bytes as f64 / 1e6)),
+                ("max abs error", cell("max_abs_error", 4)),
+                ("top-1 agreement", cell("top1_agreement", 4)),
+                ("KL divergence", cell("kl_divergence", 6)),
+                ("perplexity ratio", cell("perplexity_ratio", 4)),
+                ("greedy match", cell("greedy_match", 3)),
+                ("checks", verdict.clone()),
+            ] {
+                html.push_str(&labelled_cell(label, &content));
+            }
             for device in &devices {
                 let entry = browser
                     .as_ref()
@@ -410,7 +562,7 @@ impl BundleStage {
                     }
                     _ => "not checked".to_string(),
                 };
-                let _ = write!(html, "<td>{text}</td>");
+                html.push_str(&labelled_cell(device.title(), &text));
             }
             html.push_str("</tr>");
         }
@@ -632,7 +784,7 @@ impl BundleStage {
 
     /// `README.md`: a Hugging Face model card (YAML metadata for the Hub,
     /// what the model is, each file's verification, how to load it).
-    fn card(&self, ctx: &StageContext<'_>) -> String {
+    fn card(&self, ctx: &StageContext<'_>, samples: &serde_json::Value) -> String {
         use std::fmt::Write;
         let json = |artifact| artifact_json(ctx, artifact);
         let card = &self.card;
@@ -686,12 +838,51 @@ impl BundleStage {
             let number = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
             let _ = write!(
                 md,
-                "## Training\n\n{} steps on {} tokens; eval perplexity {:.1} before, {:.1} after.\n\n",
+                "## Training\n\n{} steps on {} tokens; eval perplexity {:.1} before, {:.1} \
+                after{}.\n\n",
                 m["steps"],
                 m["tokens"],
                 number("initial_perplexity"),
-                number("final_perplexity")
+                number("final_perplexity"),
+                kept_note(&m)
             );
+        }
+        let warnings = self.warnings(ctx);
+        if !warnings.is_empty() {
+            md.push_str("## Warnings\n\n");
+            for (stage, w) in &warnings {
+                let _ = writeln!(
+                    md,
+                    "- **{}** ({stage}): {}. What to do: {}.",
+                    w.code, w.message, w.help
+                );
+            }
+            md.push('\n');
+        }
+        if let Some(task) = task_line(samples) {
+            let _ = write!(md, "## Task metrics\n\n{task}\n\n");
+        }
+        let shown: Vec<&serde_json::Value> = samples["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(3)
+            .collect();
+        if !shown.is_empty() {
+            let _ = write!(
+                md,
+                "## Samples\n\nGreedy continuations of eval prompts ({}):\n\n",
+                self.dtype
+            );
+            for row in shown {
+                let _ = writeln!(
+                    md,
+                    "- {} → {}",
+                    quote(row["prompt"].as_str().unwrap_or_default()),
+                    quote(row[self.dtype.name()].as_str().unwrap_or_default())
+                );
+            }
+            md.push('\n');
         }
         md.push_str(
             "## Files and their verification\n\n| dtype | file | MB | max abs error | top-1 \
@@ -767,18 +958,94 @@ impl BundleStage {
             .into_iter()
             .flatten()
         {
-            let words: Vec<&str> = prompt[0]
+            // The first words (half the line's, at most six): a prompt the
+            // model can go on with, not a sentence that has ended.
+            let all: Vec<&str> = prompt[0]
                 .as_str()
                 .unwrap_or_default()
                 .split_whitespace()
-                .take(6)
                 .collect();
+            let words: Vec<&str> = all[..(all.len() / 2).clamp(all.len().min(1), 6)].to_vec();
             let example = words.join(" ");
             if !example.is_empty() && !examples.contains(&example) && examples.len() < 4 {
                 examples.push(example);
             }
         }
         examples
+    }
+
+    /// What the model writes after the first eval prompts, in fp32 (candle)
+    /// and in the page's dtype (ONNX Runtime), beside the eval data's reply;
+    /// with replies, exact match and chrF over every prompt that has one.
+    fn samples(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
+        let reference = artifact_json(ctx, WORKLOAD).unwrap_or_default();
+        let verify = artifact_json(ctx, Artifact::verify_report(self.dtype)).unwrap_or_default();
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(self.model_stage.file("tokenizer.json").path(ctx)?)
+                .map_err(|e| StageError::failed(format!("cannot load the tokenizer: {e}")))?;
+        let eos = reference["workload"]["eos"].as_u64();
+        let reply = |tokens: &serde_json::Value| -> String {
+            let ids: Vec<u32> = tokens
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_u64())
+                .filter(|&t| Some(t) != eos)
+                .map(|t| t as u32)
+                .collect();
+            tokenizer
+                .decode(&ids, true)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let empty = Vec::new();
+        let prompts = reference["workload"]["prompts"]
+            .as_array()
+            .unwrap_or(&empty);
+        let expected = reference["workload"]["expected"]
+            .as_array()
+            .unwrap_or(&empty);
+        let greedy = reference["greedy"].as_array().unwrap_or(&empty);
+        let onnx = verify["prompts"].as_array().unwrap_or(&empty);
+        let mut rows = Vec::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let fp32 = reply(&greedy.get(i).cloned().unwrap_or_default());
+            let own = onnx
+                .get(i)
+                .map(|p| &p["onnx_greedy"])
+                .filter(|g| g.is_array());
+            let in_dtype = own.map_or_else(|| fp32.clone(), reply);
+            rows.push(serde_json::json!({
+                "prompt": prompt[0],
+                "fp32": fp32,
+                self.dtype.name(): in_dtype,
+                "expected": expected.get(i).and_then(|e| e.as_str()).map(str::trim),
+            }));
+        }
+        let mut samples = serde_json::json!({ "dtype": self.dtype, "samples": rows });
+        let answered: Vec<&serde_json::Value> = rows_with_replies(&samples["samples"]);
+        if !answered.is_empty() {
+            let mut task = serde_json::json!({ "prompts": answered.len() });
+            for side in ["fp32", self.dtype.name()] {
+                let pairs: Vec<(&str, &str)> = answered
+                    .iter()
+                    .map(|r| {
+                        (
+                            r[side].as_str().unwrap_or_default(),
+                            r["expected"].as_str().unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                let exact = pairs.iter().filter(|(a, b)| a == b).count();
+                task[side] = serde_json::json!({
+                    "exact_match": exact as f64 / pairs.len() as f64,
+                    "chrf": crate::model::health::chrf(pairs.iter().copied()),
+                });
+            }
+            samples["task"] = task;
+        }
+        Ok(samples)
     }
 
     /// The playground page (`index.html`): loads the folder with
@@ -900,7 +1167,29 @@ impl BundleStage {
         if self.finetune {
             inputs.push(TRAINING_METRICS);
         }
+        inputs.extend(self.warning_files());
         inputs
+    }
+
+    /// The `warnings.json` of each stage here that warns.
+    fn warning_files(&self) -> impl Iterator<Item = Artifact> + '_ {
+        WARNINGS.into_iter().filter(|w| match w.stage {
+            "tokenizer" => self.tokenizer,
+            "finetune" => self.finetune,
+            _ => true,
+        })
+    }
+
+    /// What the stages warned of, with the stage's name.
+    fn warnings(&self, ctx: &StageContext<'_>) -> Vec<(&'static str, crate::cache::Warning)> {
+        self.warning_files()
+            .flat_map(|w| {
+                let list: Vec<crate::cache::Warning> = artifact_json(ctx, w)
+                    .and_then(|v| serde_json::from_value(v).ok())
+                    .unwrap_or_default();
+                list.into_iter().map(move |x| (w.stage, x))
+            })
+            .collect()
     }
 }
 
@@ -919,8 +1208,9 @@ impl Stage for BundleStage {
         // report.html says how verify goes along candle's tokens. 10:
         // `model_input_names` (and `add_bos_token` where the tokenizer
         // adds one) in tokenizer_config.json. 11: the stage is its settings.
-        // 12: report.html's 4-bit section.
-        12
+        // 12: report.html's 4-bit section. 13: the warnings, the kept step,
+        // the samples and task metrics; each row a card on a phone.
+        13
     }
     fn settings(&self) -> Settings {
         settings_of(self)
@@ -943,6 +1233,10 @@ impl Stage for BundleStage {
         ]
         .iter()
         .map(|f| (f.to_string(), f.to_string()))
+        .chain([(
+            "samples.json".to_string(),
+            "reports/samples.json".to_string(),
+        )])
         .collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<serde_json::Value, StageError> {
@@ -1002,9 +1296,12 @@ impl Stage for BundleStage {
         let page = ctx.output("index.html");
         std::fs::write(&page, self.page(ctx)).map_err(|e| super::shared::io(&page, e))?;
         let report = ctx.output("report.html");
-        std::fs::write(&report, self.report(ctx)?).map_err(|e| super::shared::io(&report, e))?;
+        let samples = self.samples(ctx)?;
+        super::shared::write_json(&ctx.output("samples.json"), &samples)?;
+        std::fs::write(&report, self.report(ctx, &samples)?)
+            .map_err(|e| super::shared::io(&report, e))?;
         let card = ctx.output("README.md");
-        std::fs::write(&card, self.card(ctx)).map_err(|e| super::shared::io(&card, e))?;
+        std::fs::write(&card, self.card(ctx, &samples)).map_err(|e| super::shared::io(&card, e))?;
         Ok(serde_json::json!({ "dtype": self.dtype, "external_data": external }))
     }
 }

@@ -13,7 +13,7 @@ use crate::engine::{Settings, Stage, StageContext, StageError, settings_of, spec
 use crate::manifest::{Chat, Finetune, FinetuneMethod, TrainOn};
 use crate::model::lora::LoraSpec;
 use crate::model::trainer::{
-    Block, Masked, Method, Progress, Schedule, TrainConfig, pack, pack_sequences, train,
+    Block, Keep, Masked, Method, Progress, Schedule, TrainConfig, pack, pack_sequences, train,
 };
 use crate::model::{self, ModelConfig, lora};
 
@@ -64,6 +64,7 @@ pub struct FinetuneSettings {
     pub seed: u64,
     pub max_steps: Option<u64>,
     pub early_stopping_patience: Option<u64>,
+    pub keep: Keep,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub train_new_tokens: bool,
 }
@@ -111,6 +112,7 @@ impl FinetuneStage {
                 seed: f.seed,
                 max_steps: f.max_steps,
                 early_stopping_patience: f.early_stopping_patience,
+                keep: f.keep,
                 train_new_tokens: lora && model_stage == ModelStage::Vocab && f.train_new_tokens,
             },
             base: lora.then_some(AdapterBase { model: base_name }),
@@ -147,6 +149,7 @@ impl FinetuneStage {
             max_grad_norm: f.max_grad_norm,
             eval_every: f.eval_every as usize,
             early_stopping_patience: f.early_stopping_patience.map(|p| p as usize),
+            keep: f.keep,
             checkpoint_every: f.checkpoint_every as usize,
             seed: f.seed,
             trainable_tokens,
@@ -224,8 +227,9 @@ impl Stage for FinetuneStage {
     }
     fn version(&self) -> u32 {
         // 3: the adapter names its base; safetensors carry `{"format": "pt"}`.
-        // 4: the loss plot has axes, ticks, a grid and a legend.
-        4
+        // 4: the loss plot has axes, ticks, a grid and a legend. 5: `keep`;
+        // warnings.json.
+        5
     }
     fn settings(&self) -> Settings {
         settings_of(self)
@@ -297,19 +301,22 @@ impl Stage for FinetuneStage {
         let train_docs = read_documents(TRAIN.path(ctx)?)?;
         let eval_docs = read_documents(EVAL.path(ctx)?)?;
         let mut counts = serde_json::Map::new();
+        // The eval split's tokens before packing (a split shorter than a
+        // block packs to none).
+        let mut eval_tokens = 0;
         let (train_blocks, eval_blocks) = match &self.chat {
-            None => (
-                pack(
-                    &tokenize(&tokenizer, &train_docs)?,
-                    separator,
-                    config.block_size,
-                ),
-                pack(
-                    &tokenize(&tokenizer, &eval_docs)?,
-                    separator,
-                    config.block_size,
-                ),
-            ),
+            None => {
+                let eval = tokenize(&tokenizer, &eval_docs)?;
+                eval_tokens = eval.iter().map(|d| d.len() + 1).sum();
+                (
+                    pack(
+                        &tokenize(&tokenizer, &train_docs)?,
+                        separator,
+                        config.block_size,
+                    ),
+                    pack(&eval, separator, config.block_size),
+                )
+            }
             Some(chat) => {
                 let spec = ChatSpec::resolve(ctx, self.model_stage, chat, &tokenizer)?;
                 let mut blocks = Vec::new();
@@ -332,6 +339,9 @@ impl Stage for FinetuneStage {
                     if let Some(note) = count.note(split, config.block_size) {
                         ctx.note(&note);
                     }
+                    if split == "eval" {
+                        eval_tokens = sequences.iter().map(|s| s.ids.len()).sum();
+                    }
                     counts.insert(split.into(), serde_json::to_value(&count).expect("counts"));
                     blocks.push(pack_sequences(&sequences, config.block_size));
                 }
@@ -339,6 +349,8 @@ impl Stage for FinetuneStage {
                 (blocks.pop().expect("two splits"), eval)
             }
         };
+        let unigram_loss =
+            model::health::unigram_loss(&train_blocks, &eval_blocks, model.vocab_size());
         let started = std::time::Instant::now();
         let noted = std::cell::Cell::new(false);
         let trained = train(
@@ -398,8 +410,24 @@ impl Stage for FinetuneStage {
             .map_err(model_error)?,
         }
         let m = &trained.metrics;
+        let trained_tokens = train_blocks.iter().map(Block::trained).sum::<usize>();
+        let findings = model::health::findings(&model::health::Run {
+            train_tokens: trained_tokens,
+            train_documents: train_docs.len(),
+            eval_tokens,
+            eval_blocks: eval_blocks.len(),
+            block_size: config.block_size,
+            lora: self.finetune.lora.is_some(),
+            keep: self.finetune.keep,
+            metrics: m,
+            unigram_loss,
+        });
+        for f in &findings {
+            ctx.warn(f.code, &f.message, &f.help);
+        }
         let first = m.eval_loss.first().map(|e| e.1);
-        let last = m.eval_loss.last().map(|e| e.1);
+        // The loss of the weights the run ended with.
+        let last = m.kept.map(|k| k.1).or(m.eval_loss.last().map(|e| e.1));
         // The artifact holds only what the seed determines; timings and
         // whether the run resumed go to the record's metrics.
         let metrics = serde_json::json!({
@@ -408,7 +436,11 @@ impl Stage for FinetuneStage {
             "tokens": m.tokens,
             "train_blocks": train_blocks.len(),
             "eval_blocks": eval_blocks.len(),
-            "trained_tokens": train_blocks.iter().map(Block::trained).sum::<usize>(),
+            "trained_tokens": trained_tokens,
+            "trainable_parameters": m.trainable_parameters,
+            "keep": self.finetune.keep,
+            "kept_step": m.kept.map(|k| k.0),
+            "unigram_eval_loss": unigram_loss,
             "initial_eval_loss": first,
             "final_eval_loss": last,
             "initial_perplexity": first.map(f64::exp),
@@ -417,6 +449,7 @@ impl Stage for FinetuneStage {
             "train_loss": m.train_loss,
             "eval_loss": m.eval_loss,
         });
+        super::shared::write_warnings(ctx)?;
         let mut metrics = metrics;
         if !counts.is_empty() {
             metrics["conversations"] = counts.into();

@@ -250,6 +250,7 @@ pub fn plan(manifest: &Manifest, hub: Option<&HubCommit>) -> Result<Plan, Manife
             title: manifest.project.name.clone(),
             web: manifest.web.clone(),
             finetune: finetune.is_some(),
+            tokenizer: manifest.tokenizer.is_some(),
             vocab: model_stage_has_vocab,
             browser: browser.map(|b| b.devices),
             card: card(manifest),
@@ -470,6 +471,13 @@ fn resolve_hub_revision(manifest: &Manifest, repo: &str, revision: &str) -> HubC
     if pinned && let Some(resolved) = recorded.clone() {
         return Ok(resolved);
     }
+    // What the Hugging Face cache holds, first where no network is needed.
+    let held = hub::cached(repo, revision).map(|(resolved, _)| resolved);
+    if (pinned || hub::offline())
+        && let Some(resolved) = held.clone()
+    {
+        return Ok(resolved);
+    }
     match hub::resolve(repo, revision, &cache.tmp_dir()) {
         Ok(resolved) => {
             if recorded.as_ref() != Some(&resolved) {
@@ -477,7 +485,7 @@ fn resolve_hub_revision(manifest: &Manifest, repo: &str, revision: &str) -> HubC
             }
             Ok(resolved)
         }
-        Err(error) => match recorded {
+        Err(error) => match recorded.or(held) {
             Some(resolved) => {
                 tracing::warn!(
                     "{error}; using the commit resolved before, {}",
@@ -488,9 +496,10 @@ fn resolve_hub_revision(manifest: &Manifest, repo: &str, revision: &str) -> HubC
             None => {
                 let mut error = shared::model_error(error);
                 error.message.push_str(&format!(
-                    " (set HF_ENDPOINT for a mirror, or check the network; offline, a \
-                        downloaded copy of the model's folder works as `base.model = \
-                        \"path:FOLDER\"`, e.g. from `huggingface-cli download {repo}`)"
+                    " (set HF_ENDPOINT for a mirror, or check the network; offline, a model \
+                        in the Hugging Face cache is used, `huggingface-cli download {repo}` \
+                        puts it there, and a downloaded copy of the model's folder works as \
+                        `base.model = \"path:FOLDER\"`)"
                 ));
                 Err(error)
             }

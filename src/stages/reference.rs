@@ -57,11 +57,27 @@ impl ReferenceStage {
         if self.chat {
             return self.chat_workload(ctx, tokenizer, context, eos);
         }
-        let texts: Vec<String> = if self.corpus {
+        // Each eval document's first text, and its completion if it has one.
+        let documents: Vec<(String, Option<String>)> = if self.corpus {
             read_documents(EVAL.path(ctx)?)?
                 .iter()
-                .filter_map(|d| d.texts().first().map(|t| t.to_string()))
+                .filter_map(|d| {
+                    let texts = d.texts();
+                    let first = texts.first()?.to_string();
+                    let completion = match d {
+                        super::shared::Document::PromptCompletion { completion, .. } => {
+                            Some(completion.clone())
+                        }
+                        _ => None,
+                    };
+                    Some((first, completion))
+                })
                 .collect()
+        } else {
+            Vec::new()
+        };
+        let texts: Vec<String> = if self.corpus {
+            documents.iter().map(|d| d.0.clone()).collect()
         } else {
             super::shared::ENGLISH_SAMPLE
                 .lines()
@@ -77,10 +93,21 @@ impl ReferenceStage {
         };
         let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
         let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
-        let candidates: Vec<String> = match &self.verify.prompts {
-            RawPrompts::List(list) => list.clone(),
+        let candidates: Vec<(String, Option<String>)> = match &self.verify.prompts {
+            RawPrompts::List(list) => list.iter().map(|p| (p.clone(), None)).collect(),
             RawPrompts::Count(n) => {
-                let usable: Vec<&String> = texts.iter().filter(|t| !t.trim().is_empty()).collect();
+                let usable: Vec<(String, Option<String>)> = if self.corpus {
+                    documents
+                        .into_iter()
+                        .filter(|d| !d.0.trim().is_empty())
+                        .collect()
+                } else {
+                    texts
+                        .iter()
+                        .filter(|t| !t.trim().is_empty())
+                        .map(|t| (t.clone(), None))
+                        .collect()
+                };
                 let n = (*n as usize).min(usable.len());
                 // Spread through the split rather than its first lines.
                 (0..n)
@@ -89,7 +116,9 @@ impl ReferenceStage {
             }
         };
         let mut prompts = Vec::new();
-        for text in candidates {
+        let mut expected = Vec::new();
+        for (text, completion) in candidates {
+            expected.push(completion);
             let mut ids = encode(&text)?;
             if ids.is_empty() {
                 return Err(StageError::bad_input(format!(
@@ -113,7 +142,14 @@ impl ReferenceStage {
             eos,
             PERPLEXITY_TOKENS + WINDOW.min(context),
         )?;
-        Ok(workload(prompts, &stream, context, max_new_tokens, eos))
+        Ok(workload(
+            prompts,
+            expected,
+            &stream,
+            context,
+            max_new_tokens,
+            eos,
+        ))
     }
 }
 
@@ -157,17 +193,18 @@ impl ReferenceStage {
         };
         let max_new_tokens = (self.verify.max_new_tokens as usize).min(context.saturating_sub(2));
         let longest = PROMPT_TOKENS.min(context - max_new_tokens).max(1);
-        let asked: Vec<Vec<crate::chat::Message>> = match &self.verify.prompts {
+        // Each prompt's messages, and the eval conversation's reply.
+        let asked: Vec<(Vec<crate::chat::Message>, Option<String>)> = match &self.verify.prompts {
             RawPrompts::List(list) => list
                 .iter()
-                .map(|p| vec![crate::chat::Message::new("user", p)])
+                .map(|p| (vec![crate::chat::Message::new("user", p)], None))
                 .collect(),
             RawPrompts::Count(n) => {
-                let usable: Vec<Vec<crate::chat::Message>> = conversations
+                let usable: Vec<(Vec<crate::chat::Message>, Option<String>)> = conversations
                     .iter()
                     .filter_map(|c| {
                         let last = c.iter().rposition(|m| m.role == "assistant")?;
-                        (last > 0).then(|| c[..last].to_vec())
+                        (last > 0).then(|| (c[..last].to_vec(), Some(c[last].content.clone())))
                     })
                     .collect();
                 let n = (*n as usize).min(usable.len());
@@ -177,7 +214,9 @@ impl ReferenceStage {
             }
         };
         let mut prompts = Vec::new();
-        for messages in asked {
+        let mut expected = Vec::new();
+        for (messages, reply) in asked {
+            expected.push(reply);
             let text = template
                 .render(&messages, &render)
                 .map_err(|e| StageError::bad_input(format!("`chat.template`: {e}")))?;
@@ -203,13 +242,22 @@ impl ReferenceStage {
             None,
             PERPLEXITY_TOKENS + WINDOW.min(context),
         )?;
-        Ok(workload(prompts, &stream, context, max_new_tokens, eos))
+        Ok(workload(
+            prompts,
+            expected,
+            &stream,
+            context,
+            max_new_tokens,
+            eos,
+        ))
     }
 }
 
-/// The workload of `prompts` and of perplexity windows cut from `stream`.
+/// The workload of `prompts` (each with the eval data's reply, if any) and
+/// of perplexity windows cut from `stream`.
 fn workload(
-    mut prompts: Vec<(String, Vec<u32>)>,
+    prompts: Vec<(String, Vec<u32>)>,
+    expected: Vec<Option<String>>,
     stream: &[u32],
     context: usize,
     max_new_tokens: usize,
@@ -219,7 +267,15 @@ fn workload(
     // longest prompt, so batches of like lengths pad least, in candle and
     // in every `verify.<dtype>` (GPT-2 small's 15 English prompts of 26
     // to 46 tokens: 610 prefill positions instead of 669).
-    prompts.sort_by_key(|(_, ids)| ids.len());
+    let mut paired: Vec<_> = prompts.into_iter().zip(expected).collect();
+    paired.sort_by_key(|((_, ids), _)| ids.len());
+    let (prompts, expected): (Vec<_>, Vec<_>) = paired.into_iter().unzip();
+    // No reply at all: none recorded.
+    let expected = if expected.iter().all(Option::is_none) {
+        Vec::new()
+    } else {
+        expected
+    };
     let window = WINDOW.min(context);
     let windows = stream
         .chunks(window)
@@ -229,6 +285,7 @@ fn workload(
         .collect();
     Workload {
         prompts,
+        expected,
         windows,
         max_new_tokens,
         eos,
@@ -259,8 +316,9 @@ impl Stage for ReferenceStage {
     fn version(&self) -> u32 {
         // 2: candle's greedy tokens and its logits along them. 3: those
         // logits from its decoding (prefill and cache steps), not a second pass.
-        // 4: the prompts shortest first.
-        4
+        // 4: the prompts shortest first. 5: warnings.json; the eval data's
+        // replies.
+        5
     }
     fn settings(&self) -> Settings {
         settings_of(self)
@@ -308,6 +366,25 @@ impl Stage for ReferenceStage {
             .map_err(|e| {
                 StageError::failed(format!("cannot write `{}`", path.display())).because(e)
             })?;
+        let continuations: Vec<(String, String, Vec<u32>)> = reference
+            .workload
+            .prompts
+            .iter()
+            .zip(&reference.greedy)
+            .map(|((shown, _), greedy)| {
+                let tokens: Vec<u32> = greedy
+                    .iter()
+                    .copied()
+                    .filter(|&t| Some(t) != reference.workload.eos)
+                    .collect();
+                let text = tokenizer.decode(&tokens, true).unwrap_or_default();
+                (shown.clone(), text, tokens)
+            })
+            .collect();
+        if let Some(f) = model::health::repetition(&continuations) {
+            ctx.warn(f.code, f.message, f.help);
+        }
+        super::shared::write_warnings(ctx)?;
         write_json(
             &ctx.output("reference.json"),
             &serde_json::to_value(&reference).expect("the reference serialises"),

@@ -98,6 +98,13 @@ pub const TRAIN: Artifact = Artifact::new("corpus", "train.jsonl");
 pub const EVAL: Artifact = Artifact::new("corpus", "eval.jsonl");
 /// The tokenizer trained on the corpus.
 pub const TRAINED_TOKENIZER: Artifact = Artifact::new("tokenizer", "tokenizer.json");
+/// The warnings of the stages that warn, for the report and the card (see
+/// [`write_warnings`]).
+pub const WARNINGS: [Artifact; 3] = [
+    Artifact::new("tokenizer", "warnings.json"),
+    Artifact::new("finetune", "warnings.json"),
+    Artifact::new("reference", "warnings.json"),
+];
 /// The ids the vocab stage added.
 pub const NEW_TOKENS: Artifact = Artifact::new("vocab", "new_tokens.json");
 /// The vocab stage's report (fertility, sizes).
@@ -122,6 +129,15 @@ pub const WORKLOAD: Artifact = Artifact::new("reference", "reference.json");
 pub const REFERENCE_LOGITS: Artifact = Artifact::new("reference", "logits.f32");
 /// The browser check's report.
 pub const BROWSER_REPORT: Artifact = Artifact::new("browser", "report.json");
+
+/// Writes the stage's warnings so far as its `warnings.json` (a list,
+/// maybe empty), which report.html and the model card show.
+pub fn write_warnings(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    write_json(
+        &ctx.output("warnings.json"),
+        &serde_json::to_value(ctx.warnings()).expect("warnings serialise"),
+    )
+}
 
 /// The tokenizers version that shapes tokenizer artifacts (part of the
 /// keys), as Cargo.lock pins it.

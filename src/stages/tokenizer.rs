@@ -73,7 +73,8 @@ impl Stage for TokenizerStage {
         "tokenizer"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: warnings.json.
+        2
     }
     fn settings(&self) -> Settings {
         settings_of(self)
@@ -138,13 +139,21 @@ impl Stage for TokenizerStage {
             .map_err(|e| StageError::failed("cannot write tokenizer.json").because(e))?;
         let reached = tokenizer.get_vocab_size(true);
         if (reached as u64) < self.tokenizer.vocab_size {
-            ctx.note(&format!(
-                "the tokenizer reached {reached} tokens of the {} that `tokenizer.vocab_size` asks \
-                    for: the corpus has no more pairs seen `tokenizer.min_frequency` = {} times; a \
-                    larger corpus, or a smaller vocab_size, gives a model with no unused rows",
-                self.tokenizer.vocab_size, self.tokenizer.min_frequency
-            ));
+            ctx.warn(
+                "vocab-shortfall",
+                format!(
+                    "the tokenizer reached {reached} tokens of the {} that `tokenizer.vocab_size` \
+                    asks for: the corpus has no more pairs seen `tokenizer.min_frequency` = {} \
+                    times",
+                    self.tokenizer.vocab_size, self.tokenizer.min_frequency
+                ),
+                format!(
+                    "add text, or set `tokenizer.vocab_size = {reached}` to say what this corpus \
+                    gives; a lower `tokenizer.min_frequency` merges rarer pairs"
+                ),
+            );
         }
+        super::shared::write_warnings(ctx)?;
         Ok(serde_json::json!({
             "vocab_size": tokenizer.get_vocab_size(true),
             "merges": merges,

@@ -66,8 +66,9 @@ impl Stage for VerifyStage {
         // `reference`. 6: ONNX goes along those tokens in three calls (the
         // first token alone, then the rest together) unless the file scales
         // its activations over each call. 7: the stage is its settings (its
-        // bounds keyed as `verify.tolerance`).
-        7
+        // bounds keyed as `verify.tolerance`). 8: where ONNX's greedy tokens
+        // leave candle's, its own continuation.
+        8
     }
     fn settings(&self) -> Settings {
         settings_of(self)

@@ -87,6 +87,10 @@ pub fn default_tolerance(dtype: Dtype) -> Tolerance {
 pub struct Workload {
     /// (text, ids) per prompt.
     pub prompts: Vec<(String, Vec<u32>)>,
+    /// The eval data's own reply to each prompt, where it has one (a
+    /// completion, an assistant turn).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected: Vec<Option<String>>,
     /// Windows of the eval split for perplexity.
     pub windows: Vec<Vec<u32>>,
     pub max_new_tokens: usize,
@@ -113,6 +117,9 @@ pub struct PromptResult {
     pub matched: usize,
     /// ONNX Runtime's token where the two first differ.
     pub onnx_at_divergence: Option<u32>,
+    /// ONNX Runtime's own greedy tokens, where they differ from candle's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onnx_greedy: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -692,9 +699,24 @@ pub fn verify(
                 reference_greedy: generated,
                 matched,
                 onnx_at_divergence,
+                onnx_greedy: None,
             });
         }
         progress(prompts.len(), total);
+    }
+    // Where the file's greedy tokens leave candle's, its own continuation
+    // (what a page shows).
+    for (result, (_, ids)) in prompts.iter_mut().zip(&work.prompts) {
+        if result.matched < result.reference_greedy.len() {
+            let (own, _) = onnx.decode(
+                ids,
+                work.max_new_tokens,
+                work.eos,
+                ids.len() + work.max_new_tokens,
+                None,
+            )?;
+            result.onnx_greedy = Some(own);
+        }
     }
     if logits
         .read(&mut [0u8; 1])
@@ -1046,6 +1068,7 @@ mod tests {
         // One prompt of 2 tokens, candle's greedy [2, 0]: 3 rows of 3 logits.
         let workload = Workload {
             prompts: vec![("p".into(), vec![1, 2])],
+            expected: Vec::new(),
             windows: vec![],
             max_new_tokens: 2,
             eos: None,

@@ -21,6 +21,20 @@ pub fn demo_lines() -> Vec<String> {
         .collect()
 }
 
+/// The (stage, code) of each `warning` event of a `--json` build.
+pub fn warnings(events: &[serde_json::Value]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "warning" && e["code"].is_string())
+        .map(|e| {
+            (
+                e["stage"].as_str().unwrap_or_default().to_string(),
+                e["code"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// The small manifest most tests start from.
 pub const MANIFEST: &str = r#"[project]
 name = "t"
@@ -174,6 +188,11 @@ impl Build {
             .find(|e| e["event"] == "stage" && e["stage"] == stage)
             .map(|e| e["reason"].as_str().unwrap().to_string())
             .unwrap_or_default()
+    }
+
+    /// The build's warnings: (stage, code), in order.
+    pub fn warnings(&self) -> Vec<(String, String)> {
+        warnings(&self.events)
     }
 
     pub fn last(&self) -> &serde_json::Value {

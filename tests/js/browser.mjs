@@ -17,7 +17,10 @@
 // ended at the end-of-turn token), "streamed", "seconds" (from the click on
 // Send to the finished reply), "ids" (the reply's tokens)}), "requests"
 // (every URL the page asked for), "crossOriginIsolated",
-// "console", "phoneWidth" ({playground, report}: the content's width at 390
+// "console", "speed" ({ttft, rate}: seconds to the first token, tokens/s
+// after it), "hiddenColumns" ({phone, desktop}: how many pixels of the
+// report's widest table scroll out of sight at 390 and 1280 px),
+// "phoneWidth" ({playground, report}: the content's width at 390
 // px), "report" (report.html's text)}. Screenshots: SCREENSHOT, and beside it
 // -phone, -report and -report-phone.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -91,6 +94,8 @@ try {
   result.device = await page.evaluate(() => document.body.dataset.device);
   result.dtype = await page.inputValue('#dtype');
   result.status = await page.textContent('#status');
+  // Seconds to the first token, and tokens/s after it.
+  result.speed = await page.evaluate(() => ({ ttft: Number(document.body.dataset.ttft), rate: Number(document.body.dataset.rate) }));
   const ids = await page.textContent('#ids');
   result.ids = ids ? JSON.parse(ids) : null;
   result.crossOriginIsolated = await page.evaluate(() => crossOriginIsolated);
@@ -108,7 +113,13 @@ try {
   result.phoneWidth.report = await page.evaluate(width);
   result.report = await page.textContent('body');
   await page.screenshot({ path: screenshot.replace(/\.png$/, '-report-phone.png'), fullPage: true });
+  // Columns that scroll out of sight: how much wider each table is than
+  // what shows of it (0: every column in view).
+  const hidden = () =>
+    Math.max(0, ...[...document.querySelectorAll('.scroll')].map((s) => s.scrollWidth - s.clientWidth));
+  result.hiddenColumns = { phone: await page.evaluate(hidden) };
   await page.setViewportSize({ width: 1280, height: 900 });
+  result.hiddenColumns.desktop = await page.evaluate(hidden);
   await page.screenshot({ path: screenshot.replace(/\.png$/, '-report.png'), fullPage: true });
 } finally {
   await context.close();
