@@ -666,3 +666,33 @@ fn the_shared_cache_heals_and_uploads_what_it_missed() {
         again.events
     );
 }
+
+/// An `https://` remote speaks TLS: the build's one TLS stack (rustls on
+/// ring) is installed for object_store's client, so the request starts with
+/// a TLS handshake record, and a server that hangs up is an error, not a
+/// panic.
+#[test]
+fn an_https_remote_speaks_tls() {
+    use symb::cache::{S3Store, Store};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let first_byte = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut stream, &mut first).unwrap();
+        first[0]
+    });
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let variables: Vec<(String, String)> = [
+        ("AWS_ACCESS_KEY_ID", "symb-test"),
+        ("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-4711"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let store = S3Store::open_with("s3://bucket/p", &variables).unwrap();
+    assert!(store.has_record("k1").is_err(), "the server hung up");
+    assert_eq!(first_byte.join().unwrap(), 0x16, "a TLS handshake record");
+}

@@ -113,6 +113,9 @@ impl S3Store {
             retry_timeout: std::time::Duration::from_secs(20),
             backoff: object_store::BackoffConfig::default(),
         };
+        // TLS through rustls on ring, the one provider in the build (see
+        // Cargo.toml); installed once per process, here where it is needed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = object_store::ClientOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(5));
         let mut builder = object_store::aws::AmazonS3Builder::new()
