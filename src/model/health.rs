@@ -11,7 +11,11 @@ use super::trainer::{Block, Keep, Metrics};
 pub const TOKENS_PER_PARAMETER: f64 = 0.05;
 
 /// The same for LoRA, a tenth: its factors adapt a model that already
-/// knows a language.
+/// knows a language. SmolLM2-135M-Instruct's rank-16 adapter on every
+/// projection, with the demo language's new token rows, trains 7.30M
+/// parameters on 110,208 tokens (0.015 per parameter) and learns (eval loss
+/// 7.86 to 4.76, the corpus's unigram model 5.65), which 0.05 would call too
+/// little.
 pub const TOKENS_PER_LORA_PARAMETER: f64 = 0.005;
 
 /// Relative rise of the eval loss over its best that counts as overfitting
@@ -413,6 +417,11 @@ mod tests {
                 .contains("90 tokens, less than one block of 129")
         );
         assert!(found[1].help.contains("corpus.eval_fraction = 0.05"));
+        // 0.007 tokens per parameter is enough for LoRA's (0.005), not below it.
+        r.lora = true;
+        assert_eq!(codes(&findings(&r)), ["no-eval"]);
+        r.train_tokens = 4_000;
+        assert!(findings(&r)[0].help.contains("4,500 tokens would do"));
 
         // Eval rises from step 50 while training falls.
         let train: Vec<(usize, f64)> = (1..=200).map(|s| (s, 6.0 - s as f64 / 50.0)).collect();

@@ -372,7 +372,7 @@ impl BundleStage {
                 1rem}}table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid \
                 #ddd;padding:.3rem \
                 .6rem;text-align:right}}th{{background:#f5f5f7}}td:first-child,th:first-child{{text-align:left}}.fail{{color:#b00020;font-weight:600}}.scroll{{overflow-x:auto}}svg{{max-width:100%;height:auto}}.bound{{color:#777;font-size:.8em;display:block}}table.samples \
-                td{{text-align:left;max-width:24rem}}@media \
+                td,table.samples th{{text-align:left;max-width:24rem;overflow-wrap:anywhere}}@media \
                 (max-width:40rem){{table.files,table.files tbody,table.files tr,table.files \
                 td{{display:block}}table.files tr:first-child{{display:none}}table.files \
                 tr{{border:1px solid #ddd;border-radius:6px;margin:.8rem 0;padding:.3rem \

@@ -138,7 +138,9 @@ impl Stage for TokenizerStage {
         std::fs::write(ctx.output("tokenizer.json"), json)
             .map_err(|e| StageError::failed("cannot write tokenizer.json").because(e))?;
         let reached = tokenizer.get_vocab_size(true);
-        if (reached as u64) < self.tokenizer.vocab_size {
+        // A few percent short is the corpus's own size (SmolLM2's recipe on
+        // the demo corpus reaches 7,862 of 8,000): not worth a warning.
+        if (reached as f64) < SHORTFALL * self.tokenizer.vocab_size as f64 {
             ctx.warn(
                 "vocab-shortfall",
                 format!(
@@ -164,6 +166,9 @@ impl Stage for TokenizerStage {
         }))
     }
 }
+
+/// The share of `tokenizer.vocab_size` below which the build warns.
+const SHORTFALL: f64 = 0.95;
 
 /// Trains the BPE tokenizer on the train documents; the character alphabet
 /// (for character-level pre-tokenizers) also covers the eval documents.
