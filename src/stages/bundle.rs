@@ -307,16 +307,6 @@ fn samples_section(samples: &serde_json::Value) -> String {
     html
 }
 
-/// The samples that have the eval data's reply.
-fn rows_with_replies(samples: &serde_json::Value) -> Vec<&serde_json::Value> {
-    samples
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["expected"].is_string())
-        .collect()
-}
-
 /// A cell that names its column (`data-label`), shown beside the value
 /// where a narrow screen lays each row out as a card.
 fn labelled_cell(label: &str, content: &str) -> String {
@@ -1023,10 +1013,11 @@ impl BundleStage {
                 "expected": expected.get(i).and_then(|e| e.as_str()).map(str::trim),
             }));
         }
-        let mut samples = serde_json::json!({ "dtype": self.dtype, "samples": rows });
-        let answered: Vec<&serde_json::Value> = rows_with_replies(&samples["samples"]);
+        let answered: Vec<&serde_json::Value> =
+            rows.iter().filter(|r| r["expected"].is_string()).collect();
+        let mut task = serde_json::Value::Null;
         if !answered.is_empty() {
-            let mut task = serde_json::json!({ "prompts": answered.len() });
+            task = serde_json::json!({ "prompts": answered.len() });
             for side in ["fp32", self.dtype.name()] {
                 let pairs: Vec<(&str, &str)> = answered
                     .iter()
@@ -1043,6 +1034,9 @@ impl BundleStage {
                     "chrf": crate::model::health::chrf(pairs.iter().copied()),
                 });
             }
+        }
+        let mut samples = serde_json::json!({ "dtype": self.dtype, "samples": rows });
+        if !task.is_null() {
             samples["task"] = task;
         }
         Ok(samples)

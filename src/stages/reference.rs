@@ -57,33 +57,28 @@ impl ReferenceStage {
         if self.chat {
             return self.chat_workload(ctx, tokenizer, context, eos);
         }
-        // Each eval document's first text, and its completion if it has one.
+        // Each eval document's first text and its completion, if it has one
+        // (without a corpus, the English sample's lines).
         let documents: Vec<(String, Option<String>)> = if self.corpus {
             read_documents(EVAL.path(ctx)?)?
                 .iter()
                 .filter_map(|d| {
-                    let texts = d.texts();
-                    let first = texts.first()?.to_string();
                     let completion = match d {
                         super::shared::Document::PromptCompletion { completion, .. } => {
                             Some(completion.clone())
                         }
                         _ => None,
                     };
-                    Some((first, completion))
+                    Some((d.texts().first()?.to_string(), completion))
                 })
                 .collect()
         } else {
-            Vec::new()
-        };
-        let texts: Vec<String> = if self.corpus {
-            documents.iter().map(|d| d.0.clone()).collect()
-        } else {
             super::shared::ENGLISH_SAMPLE
                 .lines()
-                .map(str::to_string)
+                .map(|l| (l.to_string(), None))
                 .collect()
         };
+        let texts: Vec<String> = documents.iter().map(|d| d.0.clone()).collect();
         let encode = |text: &str| -> Result<Vec<u32>, StageError> {
             Ok(tokenizer
                 .encode(text, true)
@@ -96,18 +91,10 @@ impl ReferenceStage {
         let candidates: Vec<(String, Option<String>)> = match &self.verify.prompts {
             RawPrompts::List(list) => list.iter().map(|p| (p.clone(), None)).collect(),
             RawPrompts::Count(n) => {
-                let usable: Vec<(String, Option<String>)> = if self.corpus {
-                    documents
-                        .into_iter()
-                        .filter(|d| !d.0.trim().is_empty())
-                        .collect()
-                } else {
-                    texts
-                        .iter()
-                        .filter(|t| !t.trim().is_empty())
-                        .map(|t| (t.clone(), None))
-                        .collect()
-                };
+                let usable: Vec<(String, Option<String>)> = documents
+                    .into_iter()
+                    .filter(|d| !d.0.trim().is_empty())
+                    .collect();
                 let n = (*n as usize).min(usable.len());
                 // Spread through the split rather than its first lines.
                 (0..n)
